@@ -1,0 +1,1 @@
+"""moetier.serve"""
