@@ -12,8 +12,8 @@ computes is ``compute_tier`` (weights must be in it, or streamed through it, to 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Mapping
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "int4", "fp4")
 
@@ -94,5 +94,5 @@ class Machine:
                 return float(self.flops[p])
         raise KeyError(f"machine {self.name!r} has no compute figure for {precision!r}")
 
-    def with_changes(self, **kw) -> "Machine":
+    def with_changes(self, **kw) -> Machine:
         return replace(self, **kw)
