@@ -54,6 +54,9 @@ ARCHITECTURES: dict[str, str] = {
 }
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
 def supported_summary() -> str:
     """One line listing the supported model types and architectures (for error messages)."""
     return (
@@ -113,7 +116,9 @@ class ModelSpec:
     o_proj_bias: bool
     qk_norm: str  # "none" | "head" (qwen3, llama4) | "full" (olmoe)
     sliding_window: int | None
-    layer_types: tuple[str, ...]  # "full_attention" | "sliding_attention" per layer
+    # per layer: "full_attention" | "sliding_attention" (sliding_window) |
+    # "chunked_attention" (llama4: attention within blocks of raw["attention_chunk_size"])
+    layer_types: tuple[str, ...]
     attention_sinks: bool  # gpt_oss
 
     # --- misc ---
@@ -279,6 +284,7 @@ def spec_from_config(cfg: Mapping[str, Any], name: str = "model", source: str = 
     sinks = False
     swiglu_limit: float | None = None
     n_mtp = 0
+    default_layer_types: tuple[str, ...] | None = None
     shared_n, shared_inter, shared_gate = 0, 0, False
     n_exp, top_k, exp_inter = 0, 0, 0
     moe_layers = [False] * n_layers
@@ -303,33 +309,49 @@ def spec_from_config(cfg: Mapping[str, Any], name: str = "model", source: str = 
         topk_group = f.int("topk_group", 1)
         corr_bias = topk_method == "noaux_tc"
         attention = "mla"
-        q_lora = f.int("q_lora_rank", None)
+        # null (HF) or 0 (DeepSeek's own inference configs) both mean "no low-rank Q projection"
+        q_lora = f.int("q_lora_rank", None, min_value=0) or None
         kv_lora = f.int("kv_lora_rank")
         nope = f.int("qk_nope_head_dim")
         rope_d = f.int("qk_rope_head_dim")
         v_d = f.int("v_head_dim")
         head_dim = v_d
-        n_mtp = f.int("num_nextn_predict_layers", 0, min_value=0)
+        n_mtp = f.int("num_nextn_predict_layers", f.int("num_mtp_layers", 0, min_value=0), min_value=0)
         if n_exp and n_exp % n_group:
             raise ConfigError(f"{source}: field 'n_group' ({n_group}) must divide n_routed_experts ({n_exp})")
         if topk_group > n_group:
             raise ConfigError(f"{source}: field 'topk_group' ({topk_group}) exceeds n_group ({n_group})")
     elif family in ("qwen2_moe", "qwen3_moe"):
-        n_exp = f.int("num_experts", 0, min_value=0)
+        # transformers 5.x writes qwen3_moe configs with num_local_experts instead of num_experts
+        n_exp = f.int("num_experts", f.int("num_local_experts", 0, min_value=0), min_value=0)
         exp_inter = f.int("moe_intermediate_size") if n_exp else 0
         step = f.int("decoder_sparse_step", 1)
-        mlp_only = set(cfg.get("mlp_only_layers") or [])
+        mlp_only_raw = cfg.get("mlp_only_layers") or []
+        if not isinstance(mlp_only_raw, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_layers for i in mlp_only_raw
+        ):
+            raise ConfigError(
+                f"{source}: field 'mlp_only_layers' must be a list of layer indices in [0, {n_layers})"
+            )
+        mlp_only = set(mlp_only_raw)
         moe_layers = [
             bool(n_exp) and i not in mlp_only and (i + 1) % step == 0 for i in range(n_layers)
         ]
         norm_topk = f.bool("norm_topk_prob", False)
         if family == "qwen2_moe":
-            shared_inter = f.int("shared_expert_intermediate_size", 0, min_value=0)
+            # every Qwen2-MoE layer has a gated shared expert (transformers builds it unconditionally)
+            shared_inter = f.int("shared_expert_intermediate_size", min_value=0) if n_exp else 0
             shared_n = 1 if shared_inter else 0
             shared_gate = bool(shared_inter)
-            attn_bias, o_bias = f.bool("qkv_bias", True), False
+            attn_bias, o_bias = f.bool("qkv_bias", True), False  # q/k/v biased, o_proj not
             if f.bool("use_sliding_window", False):
                 sliding = f.int("sliding_window", None)
+                # transformers' Qwen2MoeConfig: odd-numbered layers below max_window_layers slide
+                max_window = f.int("max_window_layers", 28, min_value=0)
+                default_layer_types = tuple(
+                    "sliding_attention" if (i + 1) % 2 and i < max_window else "full_attention"
+                    for i in range(n_layers)
+                )
         else:
             qk_norm = "head"
             attn_bias = o_bias = f.bool("attention_bias", False)
@@ -353,8 +375,12 @@ def spec_from_config(cfg: Mapping[str, Any], name: str = "model", source: str = 
         moe_layers = [True] * n_layers
         norm_topk = True  # softmax over the top-k router logits
         router_bias = True
-        attn_bias, o_bias = True, True
+        attn_bias = o_bias = f.bool("attention_bias", True)
         sliding = f.int("sliding_window", None)
+        # transformers' GptOssConfig default: even layers slide, odd layers attend fully
+        default_layer_types = tuple(
+            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)
+        )
         sinks = True
         swiglu_limit = f.float("swiglu_limit", 7.0)
     elif family == "llama4":
@@ -363,21 +389,37 @@ def spec_from_config(cfg: Mapping[str, Any], name: str = "model", source: str = 
         inter = f.int("intermediate_size_mlp", inter)
         step = f.int("interleave_moe_layer_step", 1)
         explicit = cfg.get("moe_layers")
-        if explicit:
+        if explicit is not None:
+            if not isinstance(explicit, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_layers for i in explicit
+            ):
+                raise ConfigError(
+                    f"{source}: field 'moe_layers' must be a list of layer indices in [0, {n_layers})"
+                )
             ids = set(explicit)
             moe_layers = [i in ids for i in range(n_layers)]
         else:
             moe_layers = [(i + 1) % step == 0 for i in range(n_layers)]
         shared_n, shared_inter = 1, exp_inter  # one always-on shared expert per MoE layer
         scoring = "sigmoid"
+        # Llama-4's q/k norm is a weightless L2 norm per head (Llama4TextL2Norm), on RoPE layers only
         qk_norm = "head" if f.bool("use_qk_norm", True) else "none"
+        # transformers' Llama4TextConfig: no_rope_layers[i] == 1 means layer i uses RoPE and
+        # chunked attention; every no_rope_layer_interval-th layer is NoPE with full attention.
+        interval = f.int("no_rope_layer_interval", 4)
+        no_rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
+        if not isinstance(no_rope, list) or len(no_rope) != n_layers:
+            raise ConfigError(f"{source}: field 'no_rope_layers' must list one 0/1 entry per layer ({n_layers})")
+        default_layer_types = tuple("chunked_attention" if r else "full_attention" for r in no_rope)
     elif family == "llama":
         attn_bias = o_bias = f.bool("attention_bias", False)
     else:  # pragma: no cover - guarded by _family_of
         raise UnsupportedModelError(f"{source}: unsupported family {family}")
 
     if n_exp:
-        top_k = f.int("num_experts_per_tok", cfg.get("experts_per_token", ...))
+        # gpt_oss configs also carry the original name `experts_per_token`
+        key = "experts_per_token" if not f.has("num_experts_per_tok") and f.has("experts_per_token") else None
+        top_k = f.int(key or "num_experts_per_tok")
         if top_k > n_exp:
             raise ConfigError(
                 f"{source}: field 'num_experts_per_tok' ({top_k}) is larger than the number of "
@@ -393,12 +435,26 @@ def spec_from_config(cfg: Mapping[str, Any], name: str = "model", source: str = 
                 f"{source}: field 'layer_types' must list one entry per layer ({n_layers})"
             )
         layer_types = tuple(str(t) for t in layer_types_raw)
-    elif sliding is not None and family != "mixtral":
+        bad = sorted(set(layer_types) - set(LAYER_TYPES))
+        if bad:
+            raise ConfigError(
+                f"{source}: field 'layer_types' has unsupported entries {bad}; expected {', '.join(LAYER_TYPES)}"
+            )
+    elif default_layer_types is not None:
+        layer_types = default_layer_types
+    elif sliding is not None:  # mixtral, qwen3_moe: every layer slides
         layer_types = ("sliding_attention",) * n_layers
     else:
         layer_types = ("full_attention",) * n_layers
 
     rope_scaling = cfg.get("rope_scaling")
+    # transformers 5.x writes rope_theta and the scaling into one `rope_parameters` object
+    rope_params = cfg.get("rope_parameters")
+    if rope_params is not None and not isinstance(rope_params, Mapping):
+        raise ConfigError(f"{source}: field 'rope_parameters' must be an object or null")
+    rope_params = dict(rope_params or {})
+    if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+        rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
     if rope_scaling is not None and not isinstance(rope_scaling, Mapping):
         raise ConfigError(f"{source}: field 'rope_scaling' must be an object or null")
     default_max_pos = 4096
@@ -441,10 +497,13 @@ def spec_from_config(cfg: Mapping[str, Any], name: str = "model", source: str = 
         sliding_window=sliding,
         layer_types=layer_types,
         attention_sinks=sinks,
-        rope_theta=f.float("rope_theta", 10000.0),
+        rope_theta=f.float("rope_theta", _Fields(rope_params, source).float("rope_theta", 10000.0)),
         rope_scaling=MappingProxyType(dict(rope_scaling)) if rope_scaling else None,
         max_position_embeddings=f.int("max_position_embeddings", default_max_pos),
-        rms_norm_eps=f.float("rms_norm_eps", 1e-6 if family != "olmoe" else 1e-5),
+        # defaults follow transformers' config classes per family
+        rms_norm_eps=f.float(
+            "rms_norm_eps", 1e-5 if family in ("mixtral", "olmoe", "gpt_oss", "llama4") else 1e-6
+        ),
         tie_word_embeddings=_Fields(top, source).bool(
             "tie_word_embeddings", f.bool("tie_word_embeddings", False)
         ),

@@ -27,6 +27,10 @@ class MemoryTier:
     read_bw: float  # bytes/s, peak (multiply by Efficiency.memory for sustained)
     latency_s: float = 0.0  # fixed cost per access / transfer
     write_bw: float | None = None
+    # FLOP/s of a processor that can compute on weights *in place* in this tier (e.g. the host
+    # CPU next to host DRAM: Fiddler-style offload computes a missed expert there instead of
+    # moving it). None = nothing computes here; weights must move to the compute tier.
+    compute_flops: float | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks (not run in CI). See bench/README.md."""

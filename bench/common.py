@@ -1,0 +1,129 @@
+"""Shared benchmark plumbing: cgroup v1 memory caps, page-cache drops, medians, provenance.
+
+Every engine is measured as its own process; when a memory cap applies, that process runs
+inside a fresh cgroup v1 memory group (page cache included in the cap, as the kernel
+charges it), so moetier, llama.cpp's mmap and transformers face the same limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cgroup_available() -> bool:
+    return (CGROUP_ROOT / "cgroup.procs").exists() and os.access(CGROUP_ROOT, os.W_OK)
+
+
+def drop_caches() -> bool:
+    """Drop the page cache (root only). Returns False when not permitted."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class CappedResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    cgroup_peak_bytes: int | None  # memory.max_usage_in_bytes (RSS + page cache charged)
+    oom_killed: bool
+
+
+def run_capped(cmd: Sequence[str], limit_bytes: int | None, *, timeout: float = 1800,
+               env: dict[str, str] | None = None, cwd: str | None = None) -> CappedResult:
+    """Run ``cmd`` in a new cgroup v1 memory group limited to ``limit_bytes`` (None = no cap)."""
+    group = None
+    if limit_bytes is not None:
+        if not cgroup_available():
+            raise RuntimeError("cgroup v1 memory controller is not writable here; cannot cap memory")
+        group = CGROUP_ROOT / f"moetier-bench-{uuid.uuid4().hex[:8]}"
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(int(limit_bytes)))
+        try:  # no swap escape hatch
+            (group / "memory.memsw.limit_in_bytes").write_text(str(int(limit_bytes)))
+        except OSError:
+            pass
+    procs = str(group / "cgroup.procs") if group else None
+
+    def _enter() -> None:
+        if procs:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
+                           env=env, cwd=cwd, preexec_fn=_enter if procs else None)
+        wall = time.perf_counter() - t0
+        peak = oom = None
+        if group:
+            peak = int((group / "memory.max_usage_in_bytes").read_text())
+            oom = "oom_kill 1" in (group / "memory.oom_control").read_text() or p.returncode in (-9, 137)
+        return CappedResult(p.returncode, p.stdout, p.stderr, wall, peak, bool(oom))
+    finally:
+        if group:
+            for _ in range(50):
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def provenance() -> dict:
+    """Machine and versions, stored beside every result."""
+    import importlib.metadata as md
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "versions": {p: ver(p) for p in ("moetier", "torch", "transformers", "accelerate", "llama_cpp_python",
+                                         "numpy", "safetensors")},
+    }
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps({"provenance": provenance(), **payload}, indent=2, sort_keys=False) + "\n")
+    return out

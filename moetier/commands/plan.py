@@ -1,0 +1,95 @@
+"""``moetier plan MODEL --machine M``: place a model on one machine and predict tokens/s.
+
+Thin: parses arguments and calls :mod:`moetier.planner.roofline` (the single-machine planner).
+``--what-if KEY=VALUE`` re-plans with one resource changed and prints before/after with the
+new binding resource. ``--devices N`` (N > 1) hands over to the cluster planner.
+
+Cluster hook contract (``moetier.planner.cluster``, both optional):
+``add_plan_arguments(parser)`` adds cluster-only options (it must not re-add the options below);
+``run_plan_command(args) -> int`` runs ``moetier plan ... --devices N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from moetier.planner import roofline
+from moetier.planner.machines import get_machine
+from moetier.spec import resolve_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="place a model on a machine's memory tiers and predict decode/prefill tokens/s",
+        description="Place the always-on weights in the nearest tier that holds them and the routed "
+        "experts by hotness in the rest; predict decode and prefill tokens/s from the compute / "
+        "memory / communication triangle and name the binding resource.",
+    )
+    p.add_argument("model", metavar="MODEL", help="catalog name, config.json or model directory")
+    p.add_argument("--machine", required=True,
+                   help="built-in name (see `moetier machines`), 'cpu' (measured), or a .toml/.yaml file")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--context", type=int, default=roofline.DEFAULT_CONTEXT,
+                   help=f"tokens in each sequence's KV cache / prompt length (default {roofline.DEFAULT_CONTEXT})")
+    p.add_argument("--precision", default="bf16",
+                   help="bf16 | fp8 | int8 | int4 | fp4 | fp32 | mixed:attention=bf16,experts=int4")
+    p.add_argument("--fast-mem", default=None, metavar="BYTES",
+                   help="cap the fast tiers' capacity, e.g. 24GB")
+    p.add_argument("--cache", default=None, metavar="BYTES",
+                   help="cap the expert bytes held in the fast tiers (expert cache size)")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="expert-selection profile [moe_layers, experts] (.npy, .csv or .json)")
+    p.add_argument("--what-if", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one resource and compare: sram=230MB, hbm_bw=2x, link_bw=100GB/s, "
+                   "flops=2x, cache=10GB, host_flops=2T, batch=64 ... (repeatable)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="add compute, memory and communication times instead of taking the max")
+    p.add_argument("--devices", type=int, default=None,
+                   help="plan an N-device deployment (cluster planner); default: one machine")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    try:  # cluster-only options come from the cluster planner (hook contract in the module doc)
+        from moetier.planner import cluster
+    except ImportError:  # pragma: no cover - cluster planner absent in this build
+        cluster = None
+    if cluster is not None and hasattr(cluster, "add_plan_arguments"):
+        cluster.add_plan_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.devices is not None and args.devices != 1:
+        return _cluster(args)
+    spec = resolve_model(args.model)
+    machine = get_machine(args.machine)
+    profile = roofline.load_profile(args.profile, spec) if args.profile else None
+    kw = dict(batch=args.batch, context=args.context, precision=args.precision, fast_mem=args.fast_mem,
+              cache_bytes=args.cache, profile=profile, overlap=not args.no_overlap)
+    if args.what_if:
+        results = roofline.what_if(spec, machine, args.what_if, **kw)
+        if args.json:
+            print(json.dumps({"before": results[0].before.to_json(),
+                              "what_if": [w.to_json() for w in results]}, indent=2))
+        else:
+            print(roofline.format_what_if(results))
+        return 0
+    result = roofline.plan(spec, machine, **kw)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(roofline.format_plan(result))
+    return 0
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    """Hand over to the cluster planner (moetier.planner.cluster) when it provides a CLI hook."""
+    from moetier.planner import cluster
+
+    hook = getattr(cluster, "run_plan_command", None)
+    if hook is None:
+        print("moetier: error: --devices: the cluster planner has no CLI hook yet "
+              "(moetier.planner.cluster.run_plan_command)", file=sys.stderr)
+        return 2
+    return int(hook(args) or 0)

@@ -1,0 +1,43 @@
+"""``moetier probe [--refresh] [--json]``: measure this computer (the ``cpu`` machine)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from moetier.planner import probe
+from moetier.planner.machines import fmt_bytes, fmt_si
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "probe",
+        help="measure this computer: memory and disk bandwidth, cores, RAM, matmul FLOP/s",
+        description="Measure this computer (cached in the user cache dir; MOETIER_CACHE_DIR overrides). "
+        "The figures become the 'cpu' machine of `moetier plan --machine cpu`.",
+    )
+    p.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
+    p.add_argument("--json", action="store_true", help="print the JSON record")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    rec, cached = probe.get_probe(refresh=args.refresh)
+    if args.json:
+        print(json.dumps({**rec, "from_cache": cached, "cache_path": str(probe.cache_path())}, indent=2))
+        return 0
+    where = f"cached {rec.get('timestamp_utc', '?')}" if cached else f"measured in {rec['probe_seconds']:.1f} s"
+    print(f"probe of {rec.get('host', '?')} ({where}; cache {probe.cache_path()}; --refresh re-measures)")
+    rows = [
+        ("cores", f"{rec.get('cores_usable')} usable / {rec.get('cores_logical')} logical"
+                  f" / {rec.get('cores_physical') or '?'} physical"),
+        ("RAM", f"{fmt_bytes(rec['ram_bytes'])} ({fmt_bytes(rec.get('ram_available_bytes'))} available)"),
+        ("memory read", fmt_si(rec["memory_read_bw"], "B/s")),
+        ("disk read", f"{fmt_si(rec['disk_read_bw'], 'B/s')} ({rec.get('disk_method')}, {rec.get('disk_dir')})"),
+        ("disk free", fmt_bytes(rec["disk_free_bytes"])),
+        ("matmul fp32", fmt_si(rec["matmul_flops"]["fp32"], "FLOP/s")),
+        ("matmul bf16", fmt_si(rec["matmul_flops"]["bf16"], "FLOP/s")),
+    ]
+    for k, v in rows:
+        print(f"  {k:12s} {v}")
+    return 0

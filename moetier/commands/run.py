@@ -1,0 +1,92 @@
+"""``moetier run [MODEL_DIR] --prompt TEXT``: stream a completion, then print speed and memory.
+
+Extension point: :func:`add_load_arguments` adds the options that configure loading and
+:func:`load_kwargs` turns them into ``moetier.load(**kwargs)``; other parts (the weight
+hierarchy's ``--max-ram``/``--policy``/...) extend these two functions, and both ``run``
+and ``chat`` use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+# hooks: (add_arguments(parser), kwargs(args) -> dict) registered by other modules
+LOAD_OPTION_HOOKS: list[tuple[Any, Any]] = []
+
+
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", default=None,
+                   help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weight/activation precision (auto: bfloat16 for bf16 checkpoints)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    for add, _ in LOAD_OPTION_HOOKS:
+        add(p)
+
+
+def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"dtype": args.dtype, "threads": args.threads}
+    for _, get in LOAD_OPTION_HOOKS:
+        kw.update(get(args))
+    return kw
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="generate text from a prompt and report speed",
+                       description="Generate a completion, streaming it, then print prefill/decode "
+                                   "tokens per second and peak RSS.")
+    add_load_arguments(p)
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_sampling_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.set_defaults(func=main)
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def main(args: argparse.Namespace) -> int:
+    import moetier
+
+    model = moetier.load(args.model_dir, **load_kwargs(args))
+    ids = model.encode_prompt(args.prompt, chat=args.chat)
+
+    def stream(s: str) -> None:
+        sys.stdout.write(s)
+        sys.stdout.flush()
+
+    res = model.generate_ids(ids, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                             stop=args.stop, on_text=None if args.json else stream)
+    rss = peak_rss_bytes()
+    if args.json:
+        print(json.dumps({
+            "text": res.text,
+            "finish_reason": res.finish_reason,
+            "prompt_tokens": len(res.prompt_ids),
+            "completion_tokens": len(res.ids),
+            "prefill_tokens_per_s": res.prefill_tokens_per_s,
+            "decode_tokens_per_s": res.decode_tokens_per_s,
+            "peak_rss_bytes": rss,
+        }))
+    else:
+        print()
+        print(f"\n[{len(res.prompt_ids)} prompt tokens, {len(res.ids)} generated, finish: {res.finish_reason}] "
+              f"prefill {res.prefill_tokens_per_s:.1f} tok/s, decode {res.decode_tokens_per_s:.1f} tok/s, "
+              f"peak RSS {rss / 2**20:.0f} MiB", file=sys.stderr)
+    return 0

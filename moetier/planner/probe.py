@@ -1,0 +1,252 @@
+"""Measure this computer: the ``cpu`` machine (``moetier probe``).
+
+``probe(...) -> dict`` measures, in a few seconds:
+
+* memory read bandwidth (best of several full passes of a reduction over a buffer much
+  larger than the caches, all cores via torch's intra-op threads),
+* disk read bandwidth with ``O_DIRECT`` on a temporary file written in the cache dir (so the
+  page cache is bypassed; falls back to ``posix_fadvise(DONTNEED)`` where O_DIRECT is not
+  supported, and says so in ``disk_method``),
+* cores, RAM, free disk space,
+* dense matmul FLOP/s in fp32 and bf16 through torch.
+
+Results are cached as JSON with a timestamp in the user cache dir:
+``$MOETIER_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/moetier``, else ``~/.cache/moetier``
+(file ``probe.json``). ``cpu_machine(refresh=False)`` turns the cached figures into a
+:class:`Machine` with tiers ``dram -> ssd`` (compute in dram) and efficiency 1.0 everywhere,
+because the figures are already sustained measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moetier.errors import MoetierError
+from moetier.planner.hardware import Efficiency, Machine, MemoryTier
+
+PROBE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProbeSizes:
+    """Work sizes; the defaults keep a probe under ~20 s on a small machine."""
+
+    mem_bytes: int = 256 * 2**20
+    mem_repeats: int = 5
+    disk_bytes: int = 256 * 2**20
+    disk_block: int = 8 * 2**20
+    matmul_n: int = 1024
+    matmul_seconds: float = 0.5
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("MOETIER_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "moetier"
+
+
+def cache_path() -> Path:
+    return cache_dir() / "probe.json"
+
+
+# --------------------------------------------------------------------------------------
+# measurements
+
+
+def measure_memory_bw(nbytes: int, repeats: int) -> float:
+    """Sustained read bandwidth (bytes/s): best pass of a sum over ``nbytes`` of float32."""
+    import torch
+
+    n = max(1, nbytes // 4)
+    x = torch.ones(n, dtype=torch.float32)
+    x.sum()  # warm: page in
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return n * 4 / max(best, 1e-9)
+
+
+def measure_disk_bw(directory: Path, nbytes: int, block: int) -> tuple[float, str]:
+    """Sequential read bandwidth (bytes/s) of a fresh temp file, page cache bypassed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    block = max(4096, block - block % 4096)
+    nbytes = max(block, nbytes - nbytes % block)
+    fd, name = tempfile.mkstemp(prefix="probe-", suffix=".bin", dir=directory)
+    try:
+        chunk = os.urandom(min(block, 1 << 20)) * (block // min(block, 1 << 20))
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(nbytes // block):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT requires
+        method = "fadvise-DONTNEED"
+        rfd = -1
+        if getattr(os, "O_DIRECT", 0):
+            try:
+                rfd = os.open(name, os.O_RDONLY | os.O_DIRECT)
+                os.preadv(rfd, [buf], 0)  # some filesystems (tmpfs) refuse O_DIRECT reads
+                method = "O_DIRECT"
+            except OSError:
+                if rfd >= 0:
+                    os.close(rfd)
+                rfd = -1
+        if rfd < 0:
+            rfd = os.open(name, os.O_RDONLY)
+        try:
+            if method != "O_DIRECT" and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            off = 0
+            while off < nbytes:
+                got = os.preadv(rfd, [buf], off)
+                if got <= 0:
+                    break
+                off += got
+            dt = time.perf_counter() - t0
+        finally:
+            os.close(rfd)
+            buf.close()
+        return off / max(dt, 1e-9), method
+    finally:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+
+
+def measure_matmul_flops(dtype: str, n: int, seconds: float) -> float:
+    """Dense ``n x n @ n x n`` FLOP/s (2 n^3 per product) in fp32 or bf16."""
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a = torch.randn(n, n).to(dt)
+    b = torch.randn(n, n).to(dt)
+    a @ b  # warm up
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        el = time.perf_counter() - t0
+        if el >= seconds or reps >= 1000:
+            break
+    return 2.0 * n**3 * reps / el
+
+
+def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dict[str, Any]:
+    """Run all measurements; returns the JSON-ready record (SI units)."""
+    import psutil
+    import torch
+
+    sizes = sizes or ProbeSizes()
+    directory = directory or cache_dir()
+    t_start = time.perf_counter()
+    mem_bw = measure_memory_bw(sizes.mem_bytes, sizes.mem_repeats)
+    disk_bw, disk_method = measure_disk_bw(directory, sizes.disk_bytes, sizes.disk_block)
+    f32 = measure_matmul_flops("fp32", sizes.matmul_n, sizes.matmul_seconds)
+    bf16 = measure_matmul_flops("bf16", sizes.matmul_n, sizes.matmul_seconds)
+    vm = psutil.virtual_memory()
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        affinity = os.cpu_count() or 1
+    return {
+        "version": PROBE_VERSION,
+        "timestamp": time.time(),
+        "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(),
+        "cpu_model": platform.processor() or platform.machine(),
+        "cores_logical": os.cpu_count() or 1,
+        "cores_usable": affinity,
+        "cores_physical": psutil.cpu_count(logical=False) or None,
+        "torch_threads": torch.get_num_threads(),
+        "ram_bytes": float(vm.total),
+        "ram_available_bytes": float(vm.available),
+        "disk_free_bytes": float(shutil.disk_usage(directory).free),
+        "disk_dir": str(directory),
+        "memory_read_bw": mem_bw,
+        "disk_read_bw": disk_bw,
+        "disk_method": disk_method,
+        "matmul_flops": {"fp32": f32, "bf16": bf16},
+        "sizes": {"mem_bytes": sizes.mem_bytes, "disk_bytes": sizes.disk_bytes, "matmul_n": sizes.matmul_n},
+        "probe_seconds": time.perf_counter() - t_start,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# cache
+
+
+def load_cached() -> dict[str, Any] | None:
+    p = cache_path()
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # a corrupt cache is re-measured, never an error
+    if not isinstance(data, dict) or data.get("version") != PROBE_VERSION:
+        return None
+    need = ("memory_read_bw", "disk_read_bw", "matmul_flops", "ram_bytes", "disk_free_bytes", "timestamp")
+    if any(k not in data for k in need):
+        return None
+    return data
+
+
+def get_probe(refresh: bool = False, sizes: ProbeSizes | None = None) -> tuple[dict[str, Any], bool]:
+    """(record, from_cache). Measures and writes the cache when missing or ``refresh``."""
+    if not refresh:
+        cached = load_cached()
+        if cached is not None:
+            return cached, True
+    rec = probe(sizes)
+    p = cache_path()
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(rec, indent=2), encoding="utf-8")
+        tmp.replace(p)
+    except OSError as e:
+        raise MoetierError(f"probe cache {p}: cannot write ({e}); set MOETIER_CACHE_DIR to a writable dir") from None
+    return rec, False
+
+
+def machine_from_probe(rec: dict[str, Any]) -> Machine:
+    """The measured ``cpu`` Machine: dram (compute) -> ssd."""
+    ts = rec.get("timestamp_utc", "?")
+    return Machine(
+        name="cpu",
+        tiers=(
+            MemoryTier("dram", float(rec["ram_bytes"]), float(rec["memory_read_bw"])),
+            MemoryTier("ssd", float(rec["disk_free_bytes"]), float(rec["disk_read_bw"])),
+        ),
+        flops={k: float(v) for k, v in rec["matmul_flops"].items()},
+        efficiency=Efficiency(compute=1.0, memory=1.0, link=1.0),
+        compute_tier="dram",
+        confidence="M",
+        source=f"moetier probe {ts} on {rec.get('host', '?')} (cache {cache_path()})",
+        notes=(
+            f"measured: {rec.get('cores_usable', '?')} usable cores, memory read by torch sum, disk read "
+            f"{rec.get('disk_method', '?')}, matmul n={rec.get('sizes', {}).get('matmul_n', '?')}",
+            "efficiency 1.0: figures are already sustained measurements",
+            "ssd capacity = free space in the cache dir's filesystem",
+        ),
+    )
+
+
+def cpu_machine(refresh: bool = False, sizes: ProbeSizes | None = None) -> Machine:
+    rec, _ = get_probe(refresh=refresh, sizes=sizes)
+    return machine_from_probe(rec)

@@ -1,0 +1,257 @@
+"""``moetier.load()`` and the :class:`Model` object: logits, step (flat batch), generate.
+
+Loading is in two independent parts: the always-on weights (attention, embeddings, norms,
+routers, dense and shared FFNs) are read into the model; routed experts are exposed through
+an :class:`~moetier.models.base.ExpertReader` and served by an ``ExpertProvider`` built by
+``expert_provider_factory(spec, reader)`` (default: every expert in RAM).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetier.errors import ConfigError, MoetierError, WeightError
+from moetier.generation import GenerationResult, Sampler, SamplingParams, TextStream
+from moetier.layers.attention import Sequence
+from moetier.layers.moe import RouterObserver
+from moetier.models.base import (
+    DecoderLM,
+    ExpertProvider,
+    ExpertProviderFactory,
+    ExpertReader,
+    InMemoryExpertProvider,
+    load_dense_weights,
+)
+from moetier.models.registry import model_class
+from moetier.spec import ModelSpec, load_spec
+from moetier.tokenizer import Tokenizer
+from moetier.weights.safetensors_io import SafetensorsIndex
+
+EMBEDDED_DIR = Path(__file__).parent / "data" / "embedded"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, spec: ModelSpec) -> torch.dtype:
+    """'auto' = bfloat16 for bf16 checkpoints, float32 otherwise."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ConfigError(f"dtype {dtype}: expected torch.float32 or torch.bfloat16")
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if spec.torch_dtype == "bfloat16" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_provider(spec: ModelSpec, reader: ExpertReader) -> ExpertProvider:
+    return InMemoryExpertProvider.from_reader(spec, reader)
+
+
+def load(
+    path: str | Path | None = None,
+    dtype: str | torch.dtype = "auto",
+    expert_provider_factory: ExpertProviderFactory | None = None,
+    tokenizer: bool = True,
+    threads: int | None = None,
+    check_finite: bool = True,
+) -> Model:
+    """Load a checkpoint directory (``None`` = the embedded model) for inference.
+
+    dtype: "auto" | "float32" | "bfloat16" (weights and activations).
+    expert_provider_factory: ``(spec, reader) -> ExpertProvider``; default keeps all in RAM.
+    tokenizer: False to skip tokenizer.json (ids-only use).
+    threads: torch intra-op threads (default: torch's choice).
+    """
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    d = Path(path) if path is not None else EMBEDDED_DIR
+    if not d.is_dir():
+        if path is None:
+            raise MoetierError(f"{d}: the embedded model is not installed (pass a model directory)")
+        raise ConfigError(f"{d}: not a model directory (expected config.json, *.safetensors, tokenizer.json)")
+    spec = load_spec(d)
+    cls = model_class(spec)
+    dt = resolve_dtype(dtype, spec)
+    tok = None
+    if tokenizer:
+        eos = spec.raw.get("eos_token_id")
+        extra = [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
+        tok = Tokenizer(d, extra_eos_ids=extra)
+    index = SafetensorsIndex(d)
+    with torch.device("meta"):
+        net = cls(spec)
+    reader = net.make_expert_reader(index, dt) if spec.is_moe else None  # validates expert headers
+    load_dense_weights(net, index, dt, check_finite=check_finite)
+    provider: ExpertProvider | None = None
+    if reader is not None:
+        provider = (expert_provider_factory or default_provider)(spec, reader)
+        net.attach(provider)
+    return Model(spec, net, tok, provider, reader, d)
+
+
+class Model:
+    """A loaded model. Thread-unsafe; one forward at a time."""
+
+    def __init__(self, spec: ModelSpec, net: DecoderLM, tokenizer: Tokenizer | None,
+                 provider: ExpertProvider | None, reader: ExpertReader | None, path: Path):
+        self.spec, self.net, self._tokenizer = spec, net, tokenizer
+        self.provider, self.expert_reader, self.path = provider, reader, path
+
+    # ----- basics -----
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise MoetierError(f"{self.path}: model was loaded with tokenizer=False")
+        return self._tokenizer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.dtype
+
+    def new_sequence(self, capacity: int = 0) -> Sequence:
+        return Sequence(self.spec.num_layers, capacity=capacity)
+
+    def _ids(self, token_ids: Seq[int] | torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.spec.vocab_size):
+            raise MoetierError(f"token ids must be in [0, {self.spec.vocab_size}); got {t.min()}..{t.max()}")
+        return t
+
+    @torch.inference_mode()
+    def step(self, items: Seq[tuple[Sequence, Seq[int] | torch.Tensor]], all_logits: bool = False) -> torch.Tensor:
+        """One forward of a flat batch: [(sequence, new token ids)] -> float32 logits.
+
+        Returns [len(items), V] (last new token per sequence) or, with ``all_logits``,
+        [total new tokens, V] in item order.
+        """
+        batch = []
+        for seq, toks in items:
+            t = self._ids(toks)
+            batch.append((seq, t))
+            seq.tokens.extend(t.tolist())
+        return self.net(batch, all_logits=all_logits)
+
+    def logits(self, token_ids: Seq[int] | torch.Tensor) -> torch.Tensor:
+        """Full prefill of a fresh sequence: [len, vocab] float32."""
+        seq = self.new_sequence(capacity=len(token_ids))
+        return self.step([(seq, token_ids)], all_logits=True)
+
+    # ----- routing hooks -----
+    def add_router_observer(self, fn: RouterObserver) -> None:
+        """``fn(layer, topk_ids [T, k], topk_weights [T, k])`` after every MoE routing."""
+        self.net.observers.append(fn)
+
+    def remove_router_observer(self, fn: RouterObserver) -> None:
+        self.net.observers.remove(fn)
+
+    @torch.inference_mode()
+    def route(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply layer ``layer``'s router to ``hidden`` [T, H] (normed input of that layer's FFN)."""
+        block = self.net.moe_blocks().get(layer)
+        if block is None:
+            raise MoetierError(f"layer {layer} is not an MoE layer (MoE layers: {list(self.spec.moe_layer_ids)})")
+        return block.route(hidden.to(self.dtype))
+
+    # ----- generation -----
+    def encode_prompt(self, prompt: str | Seq[Mapping[str, Any]], chat: bool = False) -> list[int]:
+        tok = self.tokenizer
+        if not isinstance(prompt, str):
+            return tok.encode(tok.apply_chat_template(prompt), add_special_tokens=False)
+        if chat:
+            return tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]),
+                              add_special_tokens=False)
+        return tok.encode(prompt)
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        prompt_ids: Seq[int],
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Seq[str] | None = None,
+        stop_ids: Seq[int] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        on_token: Callable[[int], None] | None = None,
+        sequence: Sequence | None = None,
+    ) -> GenerationResult:
+        """Decode up to ``max_tokens`` after ``prompt_ids``.
+
+        Stops on an eos id (``tokenizer.eos_token_ids`` + ``stop_ids``), a stop string
+        (requires the tokenizer; the text is cut before it) or ``max_tokens``.
+        """
+        if max_tokens < 0:
+            raise MoetierError(f"max_tokens must be >= 0, got {max_tokens}")
+        if not len(prompt_ids) and sequence is None:
+            raise MoetierError("the prompt is empty (no tokens)")
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
+        eos = set(stop_ids or ())
+        if self._tokenizer is not None:
+            eos |= set(self._tokenizer.eos_token_ids)
+        stream = TextStream(self._tokenizer.decode, stop or ()) if self._tokenizer is not None else None
+        seq = sequence or self.new_sequence(capacity=len(prompt_ids) + max_tokens)
+        out: list[int] = []
+        finish = "length"
+        t0 = time.perf_counter()
+        prefill_s, decode_s, steps = 0.0, 0.0, 0
+        if max_tokens > 0:
+            logits = self.step([(seq, prompt_ids)])
+            prefill_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            while True:
+                tok = int(sampler(logits)[0])
+                if tok in eos:
+                    finish = "eos"
+                    break
+                out.append(tok)
+                if on_token is not None:
+                    on_token(tok)
+                if stream is not None:
+                    piece = stream.push(tok)
+                    if piece and on_text is not None:
+                        on_text(piece)
+                    if stream.stopped:
+                        finish = "stop"
+                        break
+                if len(out) >= max_tokens:
+                    break
+                logits = self.step([(seq, [tok])])
+                steps += 1
+            decode_s = time.perf_counter() - t1
+        text = ""
+        if stream is not None:
+            if finish != "stop":
+                rest = stream.flush()
+                if rest and on_text is not None:
+                    on_text(rest)
+            text = stream.text
+        return GenerationResult(list(prompt_ids), out, text, finish, prefill_s, decode_s, steps)
+
+    def generate(
+        self,
+        prompt: str | Seq[Mapping[str, Any]],
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Seq[str] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        chat: bool = False,
+    ) -> str:
+        """Generate text after ``prompt`` (a string, or chat messages rendered by the template)."""
+        ids = self.encode_prompt(prompt, chat=chat)
+        return self.generate_ids(ids, max_tokens, temperature, top_k, top_p, seed, stop=stop,
+                                 on_text=on_text).text
+
+
+__all__ = ["EMBEDDED_DIR", "Model", "WeightError", "load"]

@@ -1,0 +1,209 @@
+"""The FastAPI application of ``moetier serve`` and how to run it.
+
+:func:`build_app` wires a loaded model into an :class:`~moetier.serve.engine.Engine` (started
+and stopped with the app's lifespan), the routes, OpenAI-shaped error handlers and a one-line
+access log per request. :func:`serve` runs it with uvicorn (loopback by default);
+:class:`BackgroundServer` runs it on a thread (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from moetier.serve.engine import Engine, ModelBackend, OpenAIServing
+from moetier.serve.metrics import ServeMetrics
+from moetier.serve.protocol import ServeError, error_body
+from moetier.serve.routes import router
+
+log = logging.getLogger("moetier.serve")
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+KNOWN_ENDPOINTS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"})
+
+
+class AccessLog:
+    """Pure ASGI middleware: one log line per HTTP request (+ per-endpoint request counters)."""
+
+    def __init__(self, app: Any, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = {"code": 500}
+        scope.setdefault("state", {})
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            path = scope.get("path", "")
+            endpoint = (
+                path if path in KNOWN_ENDPOINTS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+            )
+            self.metrics.observe_request(endpoint, status["code"])
+            client = scope.get("client") or ("-", 0)
+            extra = ""
+            handle = scope["state"].get("handle")
+            if handle is not None:
+                extra = (
+                    f" id={handle.id} prompt_tokens={len(handle.prompt_ids)} "
+                    f"completion_tokens={handle.completion_tokens} finish={handle.finish_reason or '-'}"
+                )
+            log.info(
+                '%s:%s "%s %s" %d %.3fs%s',
+                client[0],
+                client[1],
+                scope.get("method", "-"),
+                path,
+                status["code"],
+                time.perf_counter() - t0,
+                extra,
+            )
+
+
+def _error_response(status: int, body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(body, status_code=status)
+
+
+def build_app(
+    model: Any,
+    *,
+    model_name: str = "moetier",
+    api_key: str | None = None,
+    max_queue: int = 64,
+    max_batch: int = 16,
+    max_step_tokens: int = 2048,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    backend: ModelBackend | None = None,
+) -> FastAPI:
+    """The ASGI app serving ``model`` (a runtime Model) under the name ``model_name``."""
+    metrics = ServeMetrics()
+    engine = Engine(
+        backend or ModelBackend(model),
+        max_queue=max_queue,
+        max_batch=max_batch,
+        max_step_tokens=max_step_tokens,
+        metrics=metrics,
+    )
+    serving = OpenAIServing(engine, model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="moetier", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serving = serving
+    app.state.api_key = api_key or None
+    app.state.max_body_bytes = max_body_bytes
+    app.include_router(router)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        return _error_response(exc.status, exc.body())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            msg = f"Unknown endpoint: {request.method} {request.url.path}"
+            code = "unknown_url"
+        elif exc.status_code == 405:
+            msg = f"Method {request.method} is not allowed on {request.url.path}"
+            code = "method_not_allowed"
+        else:
+            msg, code = str(exc.detail), None
+        return _error_response(exc.status_code, error_body(msg, code=code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(400, error_body(f"Invalid request: {exc.errors()}"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return _error_response(
+            500, error_body(f"Internal server error: {type(exc).__name__}", type="server_error", code="internal_error")
+        )
+
+    app.add_middleware(AccessLog, metrics=metrics)
+    return app
+
+
+def _configure_logging(level: str) -> None:
+    logger = logging.getLogger("moetier.serve")
+    if not logger.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(h)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run ``app`` with uvicorn until interrupted (our access log replaces uvicorn's)."""
+    _configure_logging(log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """Run an app with uvicorn on a thread on a free loopback port (tests, benchmarks)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning"):
+        self.app = app
+        self.host = host
+        self.port = port or free_port(host)
+        cfg = uvicorn.Config(app, host=host, port=self.port, log_level=log_level, access_log=False, lifespan="on")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, name="moetier-uvicorn", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {self.base_url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,114 @@
+"""Tokenizer: ``tokenizer.json`` (HF tokenizers) + ``tokenizer_config.json`` (special tokens,
+chat template). Chat templates are rendered with a sandboxed jinja2 environment."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from moetier.errors import WeightError
+
+
+def _token_str(v: Any) -> str | None:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, Mapping) and isinstance(v.get("content"), str):
+        return v["content"]
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightError(f"{path}: not valid JSON ({e})") from None
+
+
+class Tokenizer:
+    def __init__(self, directory: str | Path, extra_eos_ids: Sequence[int] = ()):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        d = Path(directory)
+        tj = d / "tokenizer.json"
+        if not tj.exists():
+            raise WeightError(f"{tj}: missing (moetier needs a tokenizer.json next to config.json)")
+        try:
+            self._tok = HFTokenizer.from_file(str(tj))
+        except Exception as e:  # the Rust parser raises plain Exceptions
+            raise WeightError(f"{tj}: cannot be parsed as a tokenizers file ({e})") from None
+        cfg_path = d / "tokenizer_config.json"
+        cfg = _read_json(cfg_path) if cfg_path.exists() else {}
+        if not isinstance(cfg, dict):
+            raise WeightError(f"{cfg_path}: expected a JSON object")
+        self.config = cfg
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = _token_str(cfg.get("eos_token"))
+        self.chat_template = self._find_template(d, cfg)
+        eos: list[int] = []
+        if self.eos_token is not None:
+            tid = self._tok.token_to_id(self.eos_token)
+            if tid is not None:
+                eos.append(tid)
+        gen = d / "generation_config.json"
+        if gen.exists():
+            g = _read_json(gen)
+            ge = g.get("eos_token_id") if isinstance(g, dict) else None
+            eos += [ge] if isinstance(ge, int) else [i for i in (ge or []) if isinstance(i, int)]
+        eos += list(extra_eos_ids)
+        vocab = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(i for i in eos if 0 <= i < vocab))
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+
+    @staticmethod
+    def _find_template(d: Path, cfg: Mapping[str, Any]) -> str | None:
+        jinja = d / "chat_template.jinja"
+        if jinja.exists():
+            return jinja.read_text(encoding="utf-8")
+        t = cfg.get("chat_template")
+        if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+            named = {x.get("name"): x.get("template") for x in t if isinstance(x, Mapping)}
+            t = named.get("default") or next(iter(named.values()), None)
+        if t is None and (d / "chat_template.json").exists():
+            t = _read_json(d / "chat_template.json").get("chat_template")
+        return t if isinstance(t, str) else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """Render ``messages`` with the checkpoint's chat template (sandboxed jinja2)."""
+        if self.chat_template is None:
+            raise WeightError("tokenizer_config.json: no 'chat_template' (this model has no chat format)")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg: str) -> None:
+            raise TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            tmpl = env.from_string(self.chat_template)
+            return tmpl.render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
+            )
+        except TemplateError as e:
+            raise WeightError(f"tokenizer_config.json: chat_template failed to render ({e})") from None

@@ -1,0 +1,95 @@
+"""The probe: measurements (tiny sizes), JSON cache in MOETIER_CACHE_DIR, the cpu machine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moetier.cli import main
+from moetier.planner import machines, probe
+
+TINY = probe.ProbeSizes(mem_bytes=4 * 2**20, mem_repeats=2, disk_bytes=2 * 2**20, disk_block=2**20,
+                        matmul_n=64, matmul_seconds=0.02)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("MOETIER_CACHE_DIR", str(d))
+    return d
+
+
+def test_cache_dir_honours_env(cache):
+    assert probe.cache_dir() == cache
+    assert probe.cache_path() == cache / "probe.json"
+
+
+def test_probe_measures_and_caches(cache, monkeypatch):
+    rec, cached = probe.get_probe(sizes=TINY)
+    assert not cached
+    assert (cache / "probe.json").is_file()
+    on_disk = json.loads((cache / "probe.json").read_text())
+    assert on_disk["timestamp"] == rec["timestamp"]
+    for k in ("memory_read_bw", "disk_read_bw", "ram_bytes", "disk_free_bytes"):
+        assert rec[k] > 0, k
+    assert rec["matmul_flops"]["fp32"] > 0 and rec["matmul_flops"]["bf16"] > 0
+    assert rec["cores_usable"] >= 1
+    assert rec["disk_method"] in ("O_DIRECT", "fadvise-DONTNEED")
+    assert not list(cache.glob("probe-*.bin")), "temp file must be removed"
+
+    # second call: served from the cache, nothing measured
+    def boom(*a, **k):
+        raise AssertionError("should not re-measure")
+
+    monkeypatch.setattr(probe, "probe", boom)
+    rec2, cached2 = probe.get_probe(sizes=TINY)
+    assert cached2 and rec2["timestamp"] == rec["timestamp"]
+    m = machines.get_machine("cpu")
+    assert m.confidence == "M"
+    assert [t.name for t in m.tiers] == ["dram", "ssd"] and m.compute_tier_name == "dram"
+    assert m.tier("dram").read_bw == rec["memory_read_bw"]
+    assert m.flops["bf16"] == rec["matmul_flops"]["bf16"]
+    assert m.efficiency.compute == 1.0
+
+
+def test_refresh_remeasures(cache):
+    rec, _ = probe.get_probe(sizes=TINY)
+    rec2, cached = probe.get_probe(refresh=True, sizes=TINY)
+    assert not cached and rec2["timestamp"] >= rec["timestamp"]
+    assert json.loads(probe.cache_path().read_text())["timestamp"] == rec2["timestamp"]
+
+
+def test_corrupt_or_old_cache_is_remeasured(cache):
+    cache.mkdir(parents=True)
+    probe.cache_path().write_text("{not json")
+    assert probe.load_cached() is None
+    probe.cache_path().write_text(json.dumps({"version": -1}))
+    assert probe.load_cached() is None
+    rec, cached = probe.get_probe(sizes=TINY)
+    assert not cached and probe.load_cached()["timestamp"] == rec["timestamp"]
+
+
+def _fake_record() -> dict:
+    return {"version": probe.PROBE_VERSION, "timestamp": 1.0, "timestamp_utc": "1970-01-01T00:00:01Z",
+            "host": "fake", "cores_usable": 2, "cores_logical": 2, "cores_physical": 2,
+            "ram_bytes": 16e9, "ram_available_bytes": 8e9, "disk_free_bytes": 1e12, "disk_dir": "/x",
+            "memory_read_bw": 20e9, "disk_read_bw": 2e9, "disk_method": "O_DIRECT",
+            "matmul_flops": {"fp32": 1e11, "bf16": 2e11}, "sizes": {}, "probe_seconds": 1.0}
+
+
+def test_probe_cli_reads_cache(cache, capsys):
+    cache.mkdir(parents=True)
+    probe.cache_path().write_text(json.dumps(_fake_record()))
+    assert main(["probe", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["from_cache"] is True and d["memory_read_bw"] == 20e9
+    assert main(["probe"]) == 0
+    out = capsys.readouterr().out
+    assert "20 GB/s" in out and "2 GB/s" in out and "cached" in out
+
+
+def test_disk_bandwidth_small_file(tmp_path):
+    bw, method = probe.measure_disk_bw(tmp_path, 2 * 2**20, 2**20)
+    assert bw > 0 and method in ("O_DIRECT", "fadvise-DONTNEED")
+    assert list(tmp_path.iterdir()) == []
