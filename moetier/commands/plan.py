@@ -4,8 +4,8 @@ Thin: parses arguments and calls :mod:`moetier.planner.roofline` (the single-mac
 ``--what-if KEY=VALUE`` re-plans with one resource changed and prints before/after with the
 new binding resource. ``--devices N`` (N > 1) hands over to the cluster planner.
 
-Cluster hook contract (``moetier.planner.cluster``, both optional):
-``add_plan_arguments(parser)`` adds cluster-only options (it must not re-add the options below);
+Cluster hook (``moetier.planner.cluster``): ``add_cluster_args(parser)`` adds the cluster-only
+options (skipping flags already defined here), ``wants_cluster(args)`` decides the hand-over and
 ``run_plan_command(args) -> int`` runs ``moetier plan ... --devices N``.
 """
 
@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from moetier.errors import ConfigError
+from moetier.planner import cluster as cluster_planner
 from moetier.planner import roofline
 from moetier.planner.machines import get_machine
 from moetier.spec import resolve_model
@@ -35,13 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, default=roofline.DEFAULT_CONTEXT,
                    help=f"tokens in each sequence's KV cache / prompt length (default {roofline.DEFAULT_CONTEXT})")
     p.add_argument("--precision", default="bf16",
-                   help="bf16 | fp8 | int8 | int4 | fp4 | fp32 | mixed:attention=bf16,experts=int4")
+                   help="bf16 | fp8 | int8 | int4 | fp4 | fp32 | mixed:attention=bf16,experts=int4 | "
+                   "checkpoint (the catalog model's stored format)")
     p.add_argument("--fast-mem", default=None, metavar="BYTES",
                    help="cap the fast tiers' capacity, e.g. 24GB")
     p.add_argument("--cache", default=None, metavar="BYTES",
                    help="cap the expert bytes held in the fast tiers (expert cache size)")
     p.add_argument("--profile", default=None, metavar="FILE",
-                   help="expert-selection profile [moe_layers, experts] (.npy, .csv or .json)")
+                   help="expert-selection profile [moe_layers, experts] (.npy, .csv, .json) or a routing "
+                   "trace (.npz/.jsonl): hot experts are placed nearest")
     p.add_argument("--what-if", action="append", default=[], metavar="KEY=VALUE",
                    help="change one resource and compare: sram=230MB, hbm_bw=2x, link_bw=100GB/s, "
                    "flops=2x, cache=10GB, host_flops=2T, batch=64 ... (repeatable)")
@@ -50,22 +54,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--devices", type=int, default=None,
                    help="plan an N-device deployment (cluster planner); default: one machine")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    try:  # cluster-only options come from the cluster planner (hook contract in the module doc)
-        from moetier.planner import cluster
-    except ImportError:  # pragma: no cover - cluster planner absent in this build
-        cluster = None
-    if cluster is not None and hasattr(cluster, "add_plan_arguments"):
-        cluster.add_plan_arguments(p)
+    cluster_planner.add_cluster_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.devices is not None and args.devices != 1:
+    args.precision = _precision(args)
+    if (args.devices is not None and args.devices != 1) or cluster_planner.wants_cluster(args):
         return _cluster(args)
     spec = resolve_model(args.model)
     machine = get_machine(args.machine)
     profile = roofline.load_profile(args.profile, spec) if args.profile else None
-    kw = dict(batch=args.batch, context=args.context, precision=args.precision, fast_mem=args.fast_mem,
+    kw = dict(batch=args.batch, context=args.context, precision=_precision(args), fast_mem=args.fast_mem,
               cache_bytes=args.cache, profile=profile, overlap=not args.no_overlap)
     if args.what_if:
         results = roofline.what_if(spec, machine, args.what_if, **kw)
@@ -81,6 +81,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(roofline.format_plan(result))
     return 0
+
+
+def _precision(args: argparse.Namespace) -> str:
+    if args.precision != "checkpoint":
+        return args.precision
+    from pathlib import Path
+
+    from moetier import catalog
+
+    if Path(args.model).exists() or args.model not in catalog.names():
+        raise ConfigError(f"--precision checkpoint: {args.model!r} is not a catalog model; give a precision "
+                          "such as bf16, fp8, int4 or mixed:experts=fp4")
+    return catalog.entry(args.model).checkpoint_precision
 
 
 def _cluster(args: argparse.Namespace) -> int:

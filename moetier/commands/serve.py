@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
+from moetier.commands.run import add_load_arguments, load_kwargs
 from moetier.errors import MoetierError
+from moetier.weights.plan import parse_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,21 +22,16 @@ def register(sub: argparse._SubParsersAction) -> None:
             "continuously at decode-step granularity. Binds 127.0.0.1 unless --host is given."
         ),
     )
-    p.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        metavar="MODEL_DIR",
-        help="checkpoint directory (config.json + safetensors); default: the embedded model",
-    )
+    add_load_arguments(p)  # MODEL_DIR, --dtype, --threads and the weight hierarchy's options
+    if "--max-ram" not in p._option_string_actions:  # fallback until a load hook provides it
+        p.add_argument(
+            "--max-ram",
+            default=None,
+            metavar="SIZE",
+            help="RAM budget for weights, e.g. 8G (needs the weight hierarchy)",
+        )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument(
-        "--max-ram",
-        default=None,
-        metavar="SIZE",
-        help="RAM budget for weights, e.g. 8G (routed experts beyond it stay on disk)",
-    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("MOETIER_API_KEY"),
@@ -68,10 +66,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _bytes(value: str, what: str) -> int:
-    from moetier.weights.plan import parse_bytes
+def _load_opts(args: argparse.Namespace) -> dict[str, Any]:
+    import inspect
 
-    return parse_bytes(value, what)
+    from moetier.runtime import load
+
+    opts = load_kwargs(args)
+    if getattr(args, "max_ram", None) is not None and "max_ram" not in opts:
+        # no load hook consumed --max-ram: pass it through only if the runtime accepts it
+        if "max_ram" not in inspect.signature(load).parameters:
+            raise MoetierError("--max-ram: this runtime has no weight hierarchy to apply a RAM budget to")
+        opts["max_ram"] = parse_bytes(args.max_ram, "--max-ram")
+    return opts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,18 +90,16 @@ def run(args: argparse.Namespace) -> int:
             raise MoetierError(f"{flag}: must be at least 1, got {v}")
     if not 0 <= args.port <= 65535:
         raise MoetierError(f"--port: expected 0..65535, got {args.port}")
-    max_body = _bytes(args.max_body, "--max-body")
-    opts = {}
-    if args.max_ram is not None:
-        opts["max_ram"] = _bytes(args.max_ram, "--max-ram")
-    if args.model is not None and not Path(args.model).is_dir():
-        raise MoetierError(f"MODEL_DIR: {args.model} is not a directory")
+    max_body = parse_bytes(args.max_body, "--max-body")
+    if args.model_dir is not None and not Path(args.model_dir).is_dir():
+        raise MoetierError(f"MODEL_DIR: {args.model_dir} is not a directory")
+    opts = _load_opts(args)
 
     import moetier
     from moetier.serve.app import build_app, serve
 
-    model = moetier.load(args.model, **opts)
-    name = args.served_model_name or (Path(args.model).resolve().name if args.model else "moetier-embedded")
+    model = moetier.load(args.model_dir, **opts)
+    name = args.served_model_name or (Path(args.model_dir).resolve().name if args.model_dir else "moetier-embedded")
     app = build_app(
         model,
         model_name=name,

@@ -70,7 +70,7 @@ def _policies(text: str) -> list[str]:
 
 
 def predict_speed(trace_model: str | None, model: str | None, machine: str, capacity: int, hit_rate: float,
-                  precision: str) -> dict[str, Any]:
+                  precision: str, num_experts: int | None = None) -> dict[str, Any]:
     """Hit rate -> predicted decode tokens/s through the planner (roofline)."""
     try:
         from moetier.planner.machines import get_machine
@@ -86,6 +86,9 @@ def predict_speed(trace_model: str | None, model: str | None, machine: str, capa
         raise MoetierError(f"--machine: the trace's model {trace_model!r} is not in the moetier catalog; "
                            "name it with --model (see `moetier models`)")
     spec = resolve_model(name)
+    if num_experts is not None and spec.num_experts != num_experts:
+        raise MoetierError(f"--model {spec.name}: has {spec.num_experts} routed experts per layer but the trace "
+                           f"has {num_experts}; the hit rate would not transfer")
     cen = census(spec, precision)
     cache_bytes = float(capacity * spec.num_moe_layers * cen.expert_bytes)
     mach = get_machine(machine)
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         obj = res.to_json()
         if args.machine:
             obj["prediction"] = predict_speed(trace.meta.get("model"), args.model, args.machine, cap,
-                                              res.hit_rate, args.precision)
+                                              res.hit_rate, args.precision, trace.num_experts)
         results.append(obj)
     head = {"trace": str(args.trace), "model": trace.meta.get("model"), "num_experts": trace.num_experts,
             "top_k": trace.top_k, "rows": len(trace), "rows_dropped": trace.meta.get("rows_dropped", 0)}

@@ -43,10 +43,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 from moetier.errors import MoetierError
 from moetier.planner import eplb
@@ -93,7 +92,7 @@ class Layout:
     mtp_acceptance: float = 0.0
     a2a: str = "auto"
 
-    def resolved(self) -> "Layout":
+    def resolved(self) -> Layout:
         ep = self.ep if self.ep is not None else self.devices
         tp = self.tp
         dp = self.dp if self.dp is not None else max(1, self.devices // max(tp, 1))
@@ -107,6 +106,14 @@ def _positive(name: str, v: float, integer: bool = False) -> None:
 
 
 def validate(layout: Layout, spec: ModelSpec, machine: Machine) -> Layout:
+    """Fill the defaults (ep, dp) and check every parameter; raises ClusterError naming it."""
+    if layout.tp is not None and layout.tp > 0 and layout.devices > 0 and layout.devices % layout.tp:
+        raise ClusterError(f"tp ({layout.tp}) must divide devices ({layout.devices})")
+    if layout.ep is None and spec.is_moe and layout.devices > spec.num_experts + layout.redundant_experts:
+        # more devices than expert slots: several expert-parallel groups, each a full copy
+        slots = spec.num_experts + layout.redundant_experts
+        ep = max(d for d in range(1, slots + 1) if layout.devices % d == 0)
+        layout = replace(layout, ep=ep)
     lay = layout.resolved()
     _positive("devices", lay.devices, True)
     _positive("tp", lay.tp, True)
@@ -615,7 +622,7 @@ def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision
         notes.append("MTP draft layer compute not counted (verification tokens are)")
     return ClusterResult(
         model=spec.name, machine=machine.name, layout=lay, calibration=cal,
-        tokens_per_step=out_tokens, computed_tokens_per_step=(lay.batch if not decode else out_tokens),
+        tokens_per_step=out_tokens, computed_tokens_per_step=T,
         step_s=step, compute_s=compute_s, memory_s=memory_s, comm_s=comm_s, hidden_s=hidden,
         imbalance=imb, ops=ops, comm=comm, tp_comm_s=tp_comm_s, weight_bytes=weights, kv_bytes=kv,
         capacity_bytes=cap, feasible=feasible, devices_per_node=max(1, machine.devices_per_node),
@@ -773,7 +780,7 @@ def summary_lines(r: ClusterResult) -> list[str]:
         + (f", cached {lay.cached_fraction:.1%}" if lay.cached_fraction else "")
         + (f", {lay.redundant_experts} redundant experts" if lay.redundant_experts else "")
         + (", two-batch overlap" if lay.two_batch_overlap else ", no overlap"),
-        f"  tokens/s per device {r.tokens_per_s_per_device:,.0f} | per node ({r.devices_per_node} devices) "
+        f"  tokens/s per device {r.tokens_per_s_per_device:,.0f} | per node of {r.devices_per_node} "
         f"{r.tokens_per_s_per_node:,.0f} | per user {r.tokens_per_s_per_user:,.1f}"
         + (f" (TTFT {r.ttft_s:.2f} s)" if lay.phase == "prefill" else ""),
         f"  step {r.step_s * 1e3:.2f} ms = compute {r.compute_s * 1e3:.2f} + memory {r.memory_s * 1e3:.2f} "
@@ -792,9 +799,9 @@ def explain_lines(r: ClusterResult) -> list[str]:
     lay = r.layout
     cal = r.calibration
     out = ["arithmetic (per device, per step):", f"  factors: {cal.describe()}"]
-    out.append(f"  tokens computed this step: {r.computed_tokens_per_step if lay.phase == 'prefill' else lay.batch * (1 + lay.mtp_tokens):,.0f}"
-               + (f"; counted input tokens incl. cache hits: {r.tokens_per_step:,.0f}" if lay.phase == "prefill" else
-                  f"; output tokens: {r.tokens_per_step:,.1f}"))
+    counted = (f"counted input tokens incl. cache hits: {r.tokens_per_step:,.0f}" if lay.phase == "prefill"
+               else f"output tokens: {r.tokens_per_step:,.1f}")
+    out.append(f"  tokens computed this step: {r.computed_tokens_per_step:,.0f}; {counted}")
     out.append(f"  {'operation':24s} {'FLOPs':>10s} {'bytes':>10s} {'t_compute':>10s} {'t_memory':>10s}  binds")
     for o in r.ops:
         out.append(f"  {o.name:24s} {_si(o.flops, 'F'):>10s} {_si(o.bytes, 'B'):>10s} "
@@ -810,7 +817,7 @@ def explain_lines(r: ClusterResult) -> list[str]:
                    f"x imbalance {r.imbalance:.3f}")
         out.append(f"    scale-out {_si(c.scale_out_bytes, 'B')} -> {c.scale_out_s * 1e6:.1f} us; scale-up "
                    f"{_si(c.scale_up_bytes, 'B')} -> {c.scale_up_s * 1e6:.1f} us; latency {c.latency_s * 1e6:.0f} us; "
-                   f"{c.frac_inside:.0%} of remote pairs stay inside the scale-up domain; binds: {c.link}")
+                   f"{c.frac_inside:.0%} of remote copies stay inside the scale-up domain; binds: {c.link}")
         out.append(f"    x {r.comm_s and round((r.comm_s - r.tp_comm_s) / c.time_s)} MoE layers = "
                    f"{(r.comm_s - r.tp_comm_s) * 1e3:.2f} ms")
     if r.tp_comm_s:
@@ -821,3 +828,163 @@ def explain_lines(r: ClusterResult) -> list[str]:
     out.append(f"  step = {r.compute_s * 1e3:.2f} + {r.memory_s * 1e3:.2f} + {r.comm_s * 1e3:.2f} - "
                f"{r.hidden_s * 1e3:.2f} = {r.step_s * 1e3:.2f} ms; binding resource: {r.bottleneck}")
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# command line (hooked into `moetier plan` by moetier/commands/plan.py)
+
+_CLUSTER_FLAGS = ("ep", "dp", "tp", "phase", "search")
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    """Add the cluster options to ``moetier plan`` (skips any flag the parser already has)."""
+    g = parser.add_argument_group("cluster planner (used with --devices N, or any of these)")
+    have = set(parser._option_string_actions)
+
+    def add(flag: str, **kw: Any) -> None:
+        if flag not in have:
+            g.add_argument(flag, **kw)
+
+    add("--devices", type=int, default=None, help="devices in the deployment")
+    add("--ep", type=int, default=None, help="expert-parallel group size (default: devices)")
+    add("--dp", type=int, default=None, help="attention data-parallel groups (default: devices / tp)")
+    add("--tp", type=int, default=None, help="attention tensor-parallel ranks (default 1)")
+    add("--phase", choices=PHASES, default=None, help="decode (default) or prefill")
+    add("--batch-per-device", type=float, default=None,
+        help="decode: requests per device; prefill: new tokens per device per step")
+    add("--cached-fraction", type=float, default=0.0, help="prefill: share of prompt tokens from a KV cache")
+    add("--redundant-experts", type=int, default=0, help="extra expert slots for replicas of hot experts")
+    add("--imbalance", type=float, default=None, help="override max/mean expert load per device")
+    add("--routing-profile", default=None, metavar="FILE",
+        help="per-expert loads: JSON list / {'loads': [...]} or a routing-trace .jsonl")
+    add("--zipf", type=float, default=0.0, help="routing skew as a Zipf exponent (0 = uniform)")
+    add("--dispatch-dtype", choices=("fp8", "bf16"), default="fp8", help="all-to-all dispatch format")
+    add("--combine-dtype", choices=("fp8", "bf16"), default="bf16", help="all-to-all combine format")
+    add("--kv-dtype", choices=("fp8", "bf16", "fp16", "fp32"), default="bf16", help="KV-cache format")
+    add("--mtp-tokens", type=int, default=0, help="decode: speculative (MTP) tokens verified per step")
+    add("--mtp-acceptance", type=float, default=0.0, help="decode: acceptance rate of each draft token")
+    add("--a2a", choices=A2A_MODES, default="auto",
+        help="all-to-all style: direct pairs (decode default) or dedup per domain (prefill default)")
+    add("--search", action="store_true", help="search tp/ep/replicas/overlap/batch for max tokens/s per node")
+    add("--target-tps-per-user", type=float, default=None, help="--search: minimum tokens/s per user")
+    add("--explain", action="store_true", help="print the arithmetic behind the prediction")
+    add("--what-if-plot", default=None, metavar="PNG",
+        help="write the triangle's shares as one resource is scaled (see --what-if-scale)")
+    add("--what-if-scale", default="hbm_bw", choices=("hbm_bw", "flops", "scale_up_bw", "scale_out_bw"),
+        help="resource scaled 1x..32x for --what-if-plot (default hbm_bw)")
+
+
+def wants_cluster(args: argparse.Namespace) -> bool:
+    """True when ``moetier plan`` should hand over to the cluster planner."""
+    if getattr(args, "devices", None) not in (None, 1):
+        return True
+    return any(getattr(args, f, None) not in (None, False) for f in _CLUSTER_FLAGS)
+
+
+def layout_from_args(args: argparse.Namespace, spec: ModelSpec, machine: Machine) -> Layout:
+    devices = getattr(args, "devices", None) or 1
+    phase = getattr(args, "phase", None) or "decode"
+    batch = getattr(args, "batch_per_device", None)
+    if batch is None:
+        b = getattr(args, "batch", None)
+        batch = float(b) if b not in (None, 1) else (64.0 if phase == "decode" else 16384.0)
+    lay = Layout(
+        devices=devices, phase=phase, ep=getattr(args, "ep", None), dp=getattr(args, "dp", None),
+        tp=getattr(args, "tp", None) or 1, batch=batch, context=float(getattr(args, "context", 4096)),
+        cached_fraction=getattr(args, "cached_fraction", 0.0) or 0.0,
+        redundant_experts=getattr(args, "redundant_experts", 0) or 0,
+        imbalance=getattr(args, "imbalance", None), routing_zipf=getattr(args, "zipf", 0.0) or 0.0,
+        two_batch_overlap=not getattr(args, "no_overlap", False),
+        dispatch_dtype=getattr(args, "dispatch_dtype", "fp8"), combine_dtype=getattr(args, "combine_dtype", "bf16"),
+        kv_dtype=getattr(args, "kv_dtype", "bf16"), mtp_tokens=getattr(args, "mtp_tokens", 0) or 0,
+        mtp_acceptance=getattr(args, "mtp_acceptance", 0.0) or 0.0, a2a=getattr(args, "a2a", "auto"),
+    )
+    lay = validate(lay, spec, machine)
+    prof = getattr(args, "routing_profile", None)
+    if prof and spec.is_moe and lay.ep > 1:
+        loads = eplb.load_profile(prof)
+        if len(loads) != spec.num_experts:
+            raise ClusterError(f"--routing-profile {prof}: {len(loads)} experts, but {spec.name} has "
+                               f"{spec.num_experts} routed experts per layer")
+        red = lay.redundant_experts
+        placement = eplb.place(loads, lay.ep, red) if red else eplb.static_placement(loads, lay.ep)
+        lay = replace(lay, placement_imbalance=placement.imbalance)
+    return lay
+
+
+def imbalance_cost(spec: ModelSpec, machine: Machine, r: ClusterResult, *, precision: str,
+                   calibration: Calibration | None = None) -> ClusterResult | None:
+    """The same layout with perfectly balanced expert load (to price the imbalance)."""
+    if not spec.is_moe or r.imbalance <= 1.0 + 1e-9:
+        return None
+    return plan_cluster(spec, machine, replace(r.layout, imbalance=1.0), precision=precision,
+                        calibration=calibration)
+
+
+def run_plan_command(args: argparse.Namespace) -> int:
+    """``moetier plan MODEL --machine M --devices N ...``: the cluster planner's CLI entry."""
+    from moetier.planner import whatif_cluster
+    from moetier.planner.machines import get_machine
+    from moetier.spec import resolve_model
+
+    spec = resolve_model(args.model)
+    machine = get_machine(args.machine)
+    precision = getattr(args, "precision", "fp8") or "fp8"
+    lay = layout_from_args(args, spec, machine)
+    as_json = bool(getattr(args, "json", False))
+    doc: dict[str, Any] = {}
+    text: list[str] = []
+
+    if getattr(args, "search", False):
+        target = getattr(args, "target_tps_per_user", None)
+        if target is None:
+            raise ClusterError("--search needs --target-tps-per-user X")
+        sr = search(spec, machine, lay, target, precision=precision)
+        if sr.best is None:
+            raise ClusterError(f"--search: no layout of {lay.devices} x {machine.name} reaches {target:g} "
+                               f"tokens/s per user and fits ({sr.considered} layouts tried)")
+        doc["search"] = {"considered": sr.considered, "feasible": sr.feasible,
+                         "top": [t.to_json() for t in sr.top]}
+        text.append(f"searched {sr.considered} layouts ({sr.feasible} meet {target:g} tok/s/user and fit); top:")
+        text.append(f"  {'ep':>5s} {'dp':>5s} {'tp':>3s} {'copies':>6s} {'overlap':>7s} {'batch':>8s} "
+                    f"{'tok/s/device':>12s} {'tok/s/node':>11s} {'tok/s/user':>10s}  bottleneck")
+        for t in sr.top:
+            tl = t.layout
+            text.append(f"  {tl.ep:5d} {tl.dp:5d} {tl.tp:3d} {tl.redundant_experts:6d} "
+                        f"{'on' if tl.two_batch_overlap else 'off':>7s} {tl.batch:8.1f} "
+                        f"{t.tokens_per_s_per_device:12,.0f} {t.tokens_per_s_per_node:11,.0f} "
+                        f"{t.tokens_per_s_per_user:10.1f}  {t.bottleneck}")
+        text.append("best:")
+        r = sr.best
+    else:
+        r = plan_cluster(spec, machine, lay, precision=precision)
+    doc.update(r.to_json())
+    text += summary_lines(r)
+    bal = imbalance_cost(spec, machine, r, precision=precision)
+    if bal is not None:
+        cost = bal.tokens_per_s_per_node - r.tokens_per_s_per_node
+        doc["imbalance_cost_tokens_per_s_per_node"] = cost
+        text.append(f"  load imbalance {r.imbalance:.3f} costs {cost:,.0f} tok/s per node "
+                    f"({cost / bal.tokens_per_s_per_node:.1%}) vs perfectly balanced experts")
+    if getattr(args, "explain", False):
+        text += explain_lines(r)
+    what_ifs = getattr(args, "what_if", None) or []
+    if isinstance(what_ifs, str):
+        what_ifs = [what_ifs]
+    if what_ifs:
+        changes = [c for w in what_ifs for c in (whatif_cluster.DEFAULT_CHAIN if w.strip() == "chain" else (w,))]
+        steps = whatif_cluster.what_if_chain(spec, machine, r.layout, changes, precision=precision)
+        doc["what_if"] = [{"change": s.label, **s.result.to_json()} for s in steps]
+        text += ["", whatif_cluster.format_chain(steps)]
+    plot = getattr(args, "what_if_plot", None)
+    if plot:
+        res = getattr(args, "what_if_scale", "hbm_bw")
+        sweep = whatif_cluster.share_sweep(spec, machine, r.layout, res, precision=precision)
+        p = whatif_cluster.plot_shares(sweep, plot, res)
+        doc["what_if_plot"] = str(p)
+        text.append(f"wrote {p}: shares of compute / memory / communication as {res} scales 1x..32x")
+    if as_json:
+        print(json.dumps(doc, indent=2, default=float))
+    else:
+        print("\n".join(text))
+    return 0

@@ -2,7 +2,7 @@
 
 A :class:`Machine` is plain data (SI units: bytes, bytes/s, seconds, FLOP/s). The planner,
 the cluster planner and the runtime's tiering all read the same objects. Catalog entries
-(``catalog.py`` beside this file) carry their confidence and source; a measured ``cpu``
+(``machines.py`` beside this file) carry their confidence and source; a measured ``cpu``
 machine comes from ``moetier probe``; user overrides come from a TOML/YAML file.
 
 Tiers are ordered nearest (fastest) first: e.g. ``sram`` -> ``hbm`` -> ``dram`` -> ``ssd``

@@ -130,7 +130,16 @@ def fmt_bytes(b: float | None) -> str:
 
 
 def fmt_seconds(s: float | None) -> str:
+    if s is not None and 1 <= s < 1e6:
+        return f"{s:.3g} s" if s < 100 else f"{s:.0f} s"
     return fmt_si(s, "s")
+
+
+def fmt_tokens_per_s(v: float | None) -> str:
+    """Throughput for display; no milli-prefix below 1 tok/s."""
+    if v is not None and 0 < v < 1:
+        return f"{v:.3g} tok/s"
+    return fmt_si(v, "tok/s")
 
 
 # --------------------------------------------------------------------------------------

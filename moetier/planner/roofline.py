@@ -21,7 +21,9 @@ Model (all SI units; every assumption is listed in ``PlanResult.assumptions``):
 
 * Placement. The KV cache (batch x context) goes in the compute tier. The always-on set
   (census groups embedding, lm_head, attention, norms, router, dense_ffn, shared_experts) goes
-  whole into the nearest tier that holds it (split group by group only if no tier does). Routed
+  whole into the nearest tier that holds it; a nearer tier too small for the whole set still
+  takes whole groups that fit, largest first (not the embedding, of which only the looked-up
+  rows are read); the set is split group by group only if no tier holds it. Routed
   experts are ranked by expected hotness (uniform ``top_k / E`` unless a ``profile`` is given)
   and fill the remaining capacity nearest tier first. "Fast" tiers are the compute tier and any
   nearer one; ``fast_mem`` caps their total capacity, ``cache_bytes`` caps the expert bytes they
@@ -38,11 +40,14 @@ Model (all SI units; every assumption is listed in ``PlanResult.assumptions``):
   routed independently), and the KV cache at context C (2 bytes per element: GQA caches
   2 x kv_heads x head_dim per token per layer, MLA caches kv_lora_rank + qk_rope_head_dim).
 * Communication time = for each farther tier, the bytes it must serve per step (missed experts,
-  any always-on group placed there), either *moved* to the compute tier over the narrowest
-  link / tier bandwidth on the path (x efficiency), or *computed in place* by a processor at that
-  tier (``MemoryTier.compute_flops``, Fiddler's CPU-computes-the-expert idea: read locally,
-  compute, move only activations), whichever is faster. Moved bytes are also read again from
-  the compute tier (counted in memory time).
+  any always-on group placed there), *moved* to the compute tier over the narrowest link / tier
+  bandwidth on the path (x efficiency). If a processor sits at that tier
+  (``MemoryTier.compute_flops``: Fiddler's CPU-computes-the-expert idea: read locally, compute,
+  move only activations) the missed experts are split between the two paths, which run
+  concurrently, so that both finish together: with ``t_move`` and ``t_in`` the times to do all of
+  them one way, the share moved is ``t_in / (t_move + t_in)`` and the time
+  ``t_move t_in / (t_move + t_in)``, below either alone (the faster path gets most experts).
+  Moved bytes are also read again from the compute tier (counted in memory time).
 * Step time = max(compute, memory, communication) with ``overlap=True`` (the three resources
   work concurrently, the slowest binds); ``overlap=False`` adds them. Decode tokens/s =
   batch / step time; prefill tokens/s = batch x context / time of one prefill forward.
@@ -52,7 +57,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -62,7 +67,7 @@ import numpy as np
 from moetier.errors import MoetierError
 from moetier.planner.census import ALWAYS_ON_GROUPS, Census, Precision, census, parse_precision
 from moetier.planner.hardware import Link, Machine, MemoryTier
-from moetier.planner.machines import fmt_bytes, fmt_seconds, fmt_si, parse_quantity
+from moetier.planner.machines import fmt_bytes, fmt_seconds, fmt_si, fmt_tokens_per_s, parse_quantity
 from moetier.spec import ModelSpec
 
 DEFAULT_CONTEXT = 4096
@@ -165,13 +170,43 @@ def normalize_profile(profile: Any, spec: ModelSpec, source: str = "profile") ->
     return np.minimum(p, 1.0)
 
 
+def profile_from_layer_counts(counts: Mapping[int, Any], spec: ModelSpec, source: str = "profile") -> np.ndarray:
+    """``{decoder layer index: per-expert selection counts}`` (e.g. ``traces.simulate.layer_counts``)
+    -> a normalized ``[num_moe_layers, num_experts]`` profile; MoE layers without counts get a
+    uniform row."""
+    ids = spec.moe_layer_ids
+    keys = [int(k) for k in counts]
+    if keys and not set(keys) <= set(ids):
+        bad = sorted(set(keys) - set(ids))[0]
+        raise PlanError(f"{source}: layer {bad} is not a MoE layer of {spec.name} (MoE layers: "
+                        f"{ids[0]}..{ids[-1]})" if ids else f"{source}: {spec.name} has no MoE layers")
+    arr = uniform_profile(spec).copy()
+    for k, v in counts.items():
+        row = np.asarray(v, dtype=np.float64)
+        if row.shape != (spec.num_experts,):
+            raise PlanError(f"{source}: layer {k} has {row.shape} counts, expected ({spec.num_experts},)")
+        if row.sum() > 0:
+            arr[ids.index(int(k))] = row
+    return normalize_profile(arr, spec, source)
+
+
 def load_profile(path: str | Path, spec: ModelSpec) -> np.ndarray:
-    """Read a profile: ``.npy``, ``.csv`` (one row per MoE layer) or ``.json`` (a list of rows, or
+    """Read a profile: ``.npy``, ``.csv`` (one row per MoE layer), ``.json`` (a list of rows, or
     an object with one of the keys ``expert_probability``, ``probabilities``, ``profile``,
-    ``counts``)."""
+    ``counts``), or a routing trace (``.npz`` moetier trace or anything ``moetier.traces``
+    imports: per-expert selection counts per layer)."""
     p = Path(path)
     if not p.is_file():
         raise PlanError(f"{p}: no such profile file")
+    if p.suffix in (".npz", ".jsonl"):
+        from moetier.traces.importers import open_trace
+        from moetier.traces.simulate import layer_counts
+
+        trace = open_trace(p)
+        if trace.num_experts != spec.num_experts:
+            raise PlanError(f"{p}: trace has {trace.num_experts} experts per layer, {spec.name} has "
+                            f"{spec.num_experts}")
+        return profile_from_layer_counts(layer_counts(trace), spec, source=str(p))
     try:
         if p.suffix == ".npy":
             arr: Any = np.load(p, allow_pickle=False)
@@ -218,13 +253,14 @@ class TierTraffic:
     read_bytes: float  # fast tiers: bytes read by compute (incl. bytes moved up from far tiers)
     served_bytes: float  # far tiers: bytes this tier must serve (missed experts, groups)
     time_s: float  # fast: read time (memory); far: transfer or in-place time (communication)
-    mode: str = ""  # far tiers: "move" | "compute-in-place" | "" (nothing served)
+    mode: str = ""  # far tiers: "move" | "split" (some moved, rest computed in place) | ""
     path_bw: float | None = None  # far tiers: effective bytes/s when moved
+    moved_fraction: float = 0.0  # far tiers: share of the served bytes moved up (rest in place)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "fast": self.fast, "read_bytes": self.read_bytes,
                 "served_bytes": self.served_bytes, "time_s": self.time_s, "mode": self.mode,
-                "path_bw": self.path_bw}
+                "path_bw": self.path_bw, "moved_fraction": self.moved_fraction}
 
 
 @dataclass(frozen=True)
@@ -436,6 +472,22 @@ def _place(spec: ModelSpec, m: Machine, cen: Census, p: np.ndarray, kv_total: fl
     if whole is not None and whole > c:
         notes.append(f"always-on set does not fit the fast tiers: placed in {tiers[whole].name} and "
                      "streamed every step")
+    if whole is not None and whole > 0:
+        # a nearer tier too small for the whole set still takes whole groups that fit (largest
+        # first): every always-on byte is read each step, more often than any routed expert's.
+        # The embedding stays: only its looked-up rows are read.
+        moved = []
+        for i in range(whole):
+            for g in sorted(ao, key=lambda g: -cen.groups[g].bytes):
+                b = cen.groups[g].bytes
+                if g != "embedding" and group_tier[g] == whole and b <= free[i]:
+                    group_tier[g] = i
+                    free[i] -= b
+                    free[whole] += b
+                    moved.append(f"{g}->{tiers[i].name}")
+        if moved:
+            notes.append("always-on groups moved to a nearer tier too small for the whole set: "
+                         + ", ".join(moved))
 
     # routed experts by hotness, nearest first; the fast tiers take at most cache_bytes of experts
     L, E = p.shape
@@ -567,10 +619,10 @@ def _phase(ctx: _Ctx, name: str, tokens: float, kv_read: float, kv_write: float,
     memory_bytes = list(served)
     traffic: list[TierTraffic] = []
     comm_s = 0.0
-    far_modes: dict[int, tuple[str, float, float | None]] = {}
+    far_modes: dict[int, tuple[str, float, float | None, float]] = {}
     for j in range(c + 1, n):
         if served[j] <= 0:
-            far_modes[j] = ("", 0.0, None)
+            far_modes[j] = ("", 0.0, None, 0.0)
             continue
         bw, lat, _ = _path(m, j, c)
         t_move = served[j] / bw + transfers[j] * lat
@@ -581,12 +633,18 @@ def _phase(ctx: _Ctx, name: str, tokens: float, kv_read: float, kv_write: float,
             act = 2.0 * routed_tokens[j] * spec.hidden_size * KV_BYTES_PER_ELEMENT
             t_in = max(served[j] / (t_tier.read_bw * eff.memory),
                        f_per_routed * routed_tokens[j] / (t_tier.compute_flops * eff.compute)) + act / bw
-        if t_in < t_move:
-            far_modes[j] = ("compute-in-place", t_in, bw)
-            dev_routed -= routed_tokens[j]
+        if math.isfinite(t_in):
+            # both paths run at once: move a fraction f of the missed experts over the link while
+            # the tier's own processor computes the rest; both costs are linear in the share, so
+            # the step is shortest when they finish together: f = t_in / (t_move + t_in).
+            f = t_in / (t_move + t_in)
+            far_modes[j] = ("split" if 0.0 < f < 1.0 else ("move" if f >= 1.0 else "compute-in-place"),
+                            t_move * f, bw, f)
+            dev_routed -= routed_tokens[j] * (1.0 - f)
         else:
-            far_modes[j] = ("move", t_move, bw)
-            memory_bytes[c] += served[j]  # lands in the compute tier and is read from there
+            f = 1.0
+            far_modes[j] = ("move", t_move, bw, 1.0)
+        memory_bytes[c] += served[j] * f  # moved bytes land in the compute tier and are read there
         comm_s += far_modes[j][1]
     f_routed = f_per_routed * dev_routed
     if f_routed:
@@ -600,8 +658,8 @@ def _phase(ctx: _Ctx, name: str, tokens: float, kv_read: float, kv_write: float,
             memory_s += ts
             traffic.append(TierTraffic(t.name, True, memory_bytes[i], 0.0, ts))
         else:
-            mode, ts, bw = far_modes[i]
-            traffic.append(TierTraffic(t.name, False, 0.0, served[i], ts, mode, bw))
+            mode, ts, bw, f = far_modes[i]
+            traffic.append(TierTraffic(t.name, False, 0.0, served[i], ts, mode, bw, f))
     times = {"compute": compute_s, "memory": memory_s, "communication": comm_s}
     step = max(times.values()) if overlap else sum(times.values())
     bottleneck = max(RESOURCES, key=lambda k: times[k])
@@ -611,7 +669,7 @@ def _phase(ctx: _Ctx, name: str, tokens: float, kv_read: float, kv_write: float,
                        tiers=tuple(traffic))
 
 
-def plan(spec: ModelSpec, machine: Machine, *, batch: int = 1, context: int = DEFAULT_CONTEXT,
+def plan(spec: ModelSpec | str, machine: Machine | str, *, batch: int = 1, context: int = DEFAULT_CONTEXT,
          precision: str | Precision = "bf16", fast_mem: float | str | None = None,
          profile: Any = None, cache_bytes: float | str | None = None, overlap: bool = True,
          hit_rate: float | None = None) -> PlanResult:
@@ -620,7 +678,16 @@ def plan(spec: ModelSpec, machine: Machine, *, batch: int = 1, context: int = DE
     ``profile``: array ``[num_moe_layers, num_experts]`` of per-token selection probabilities
     (or frequencies / counts; rows are rescaled to sum to top_k). ``hit_rate``: override the
     placement's expected fraction of expert reads served by the fast tiers (a measured cache).
+    ``spec`` / ``machine`` may also be names (resolved with ``resolve_model`` / ``get_machine``).
     """
+    if isinstance(spec, str):
+        from moetier.spec import resolve_model
+
+        spec = resolve_model(spec)
+    if isinstance(machine, str):
+        from moetier.planner.machines import get_machine
+
+        machine = get_machine(machine)
     batch = _check_pos_int(batch, "batch")
     context = _check_pos_int(context, "context")
     fm = _check_opt_bytes(fast_mem, "fast_mem", allow_zero=False)
@@ -676,7 +743,7 @@ def plan(spec: ModelSpec, machine: Machine, *, batch: int = 1, context: int = DE
     )
 
 
-def predict_decode_tokens_per_s(spec: ModelSpec, machine: Machine, *, hit_rate: float,
+def predict_decode_tokens_per_s(spec: ModelSpec | str, machine: Machine | str, *, hit_rate: float,
                                 cache_bytes: float | None, precision: str | Precision = "bf16",
                                 batch: int = 1, context: int = DEFAULT_CONTEXT) -> float:
     """Decode tokens/s with an expert cache of ``cache_bytes`` in the fast tiers (the rest of
@@ -835,13 +902,18 @@ def apply_what_if(machine: Machine, opts: dict[str, Any], change: str) -> tuple[
 _PLAN_OPTS = ("batch", "context", "precision", "fast_mem", "profile", "cache_bytes", "overlap", "hit_rate")
 
 
-def what_if(spec: ModelSpec, machine: Machine, changes: Sequence[str], **plan_kw: Any) -> list[WhatIfResult]:
+def what_if(spec: ModelSpec | str, machine: Machine | str, changes: Sequence[str],
+            **plan_kw: Any) -> list[WhatIfResult]:
     """Each change applied alone to the base plan; if several, also all of them together."""
     bad = set(plan_kw) - set(_PLAN_OPTS)
     if bad:
         raise TypeError(f"what_if: unknown plan options {sorted(bad)}")
     if not changes:
         raise PlanError("--what-if: give at least one KEY=VALUE")
+    if isinstance(machine, str):
+        from moetier.planner.machines import get_machine
+
+        machine = get_machine(machine)
     before = plan(spec, machine, **plan_kw)
     out = []
     combos = [[ch] for ch in changes] + ([list(changes)] if len(changes) > 1 else [])
@@ -879,15 +951,17 @@ def format_plan(r: PlanResult, machine: Machine | None = None) -> str:
     lines.append("  (* = fast tier, read directly by compute)")
     for ph in (r.decode, r.prefill):
         lines.append("")
-        lines.append(f"  {ph.name} ({ph.tokens:g} tokens/step): {fmt_si(ph.tokens_per_s, 'tok/s')}, "
+        lines.append(f"  {ph.name} ({ph.tokens:g} tokens/step): {fmt_tokens_per_s(ph.tokens_per_s)}, "
                      f"step {fmt_seconds(ph.step_time_s)}, bound by {ph.bottleneck}")
         lines.append(f"    compute        {fmt_seconds(ph.compute_s):>10s}  {fmt_si(ph.flops, 'FLOP')}")
         for t in ph.tiers:
             if t.fast:
                 lines.append(f"    memory {t.name:7s} {fmt_seconds(t.time_s):>10s}  {fmt_bytes(t.read_bytes)} read")
             elif t.mode:
-                how = (f"moved at {fmt_si(t.path_bw, 'B/s')}" if t.mode == "move"
-                       else "computed in place")
+                how = f"moved at {fmt_si(t.path_bw, 'B/s')}"
+                if t.mode != "move":
+                    how = (f"{100 * t.moved_fraction:.0f}% {how}, {100 * (1 - t.moved_fraction):.0f}% "
+                           "computed in place")
                 lines.append(f"    comm {t.name:9s} {fmt_seconds(t.time_s):>10s}  {fmt_bytes(t.served_bytes)} "
                              f"{how}")
         lines.append(f"    => compute {fmt_seconds(ph.compute_s)} | memory {fmt_seconds(ph.memory_s)} | "
@@ -911,8 +985,8 @@ def format_what_if(results: Sequence[WhatIfResult]) -> str:
              f"{'compute':>9s} {'memory':>9s} {'comm':>9s}"]
     for n, r in rows:
         d = r.decode
-        lines.append(f"  {n:{width}s} {fmt_si(r.decode_tokens_per_s, 'tok/s'):>14s} "
-                     f"{fmt_si(r.prefill_tokens_per_s, 'tok/s'):>14s}  {r.bottleneck:14s} "
+        lines.append(f"  {n:{width}s} {fmt_tokens_per_s(r.decode_tokens_per_s):>14s} "
+                     f"{fmt_tokens_per_s(r.prefill_tokens_per_s):>14s}  {r.bottleneck:14s} "
                      f"{fmt_seconds(d.compute_s):>9s} {fmt_seconds(d.memory_s):>9s} "
                      f"{fmt_seconds(d.communication_s):>9s}")
     for w in results:

@@ -121,8 +121,9 @@ def apply_change(spec: ModelSpec, machine: Machine, layout: Layout, change: str,
     return machine, replace(layout, batch=b), f"batch {b:g} per device"
 
 
-def what_if_chain(spec: ModelSpec, machine: Machine, layout: Layout, changes: tuple[str, ...] | list[str] = DEFAULT_CHAIN,
-                  *, precision: str = "fp8", calibration: Calibration | None = None) -> list[Step]:
+def what_if_chain(spec: ModelSpec, machine: Machine, layout: Layout,
+                  changes: tuple[str, ...] | list[str] = DEFAULT_CHAIN, *, precision: str = "fp8",
+                  calibration: Calibration | None = None) -> list[Step]:
     """Baseline, then each change applied on top of the previous ones."""
     steps = [Step("baseline", machine, layout,
                   plan_cluster(spec, machine, layout, precision=precision, calibration=calibration))]

@@ -256,6 +256,7 @@ class Engine:
         if handle.done:
             return
         handle.cancelled = True
+        handle.finish_reason = "cancelled"
         with self._cond:
             try:
                 self._waiting.remove(handle)

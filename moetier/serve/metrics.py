@@ -99,6 +99,8 @@ def model_metrics_snapshot(model: Any) -> Any:
     """The model's weight-hierarchy metrics as plain data, or None; never raises."""
     try:
         m = getattr(model, "metrics", None)
+        if m is None:  # the tiered expert provider may carry it instead
+            m = getattr(getattr(model, "provider", None), "metrics", None)
         if m is None:
             return None
         for meth in ("snapshot", "as_dict", "to_dict"):

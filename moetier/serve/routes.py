@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from moetier.serve.engine import OpenAIServing, RequestHandle
 from moetier.serve.metrics import model_metrics_snapshot
@@ -103,14 +104,24 @@ def _sse(request: Request, handle: RequestHandle, chunks: AsyncIterator[str]) ->
     serving = _serving(request)
 
     async def gen() -> AsyncIterator[str]:
+        # wait for the next chunk OR the client leaving (also while still queued, before any chunk)
         gone = asyncio.ensure_future(_wait_disconnect(request))
+        it = chunks.__aiter__()
         try:
-            async for data in chunks:
-                if gone.done():
+            while True:
+                nxt = asyncio.ensure_future(it.__anext__())
+                await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await nxt
+                    break
+                try:
+                    data = nxt.result()
+                except StopAsyncIteration:
+                    yield "data: [DONE]\n\n"
                     break
                 yield f"data: {data}\n\n"
-            else:
-                yield "data: [DONE]\n\n"
         finally:
             gone.cancel()
             if not handle.done:
@@ -167,7 +178,8 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
 async def completions(request: Request) -> Any:
     s = _serving(request)
     req = parse_request(await read_body(request), CompletionRequest)
-    handle = s.submit(s.prepare_completion(req), f"cmpl-{uuid.uuid4().hex}")
+    prep = await run_in_threadpool(s.prepare_completion, req)  # tokenising may take a while
+    handle = s.submit(prep, f"cmpl-{uuid.uuid4().hex}")
     _note(request, handle)
     if req.stream:
         return _sse(request, handle, s.completion_stream(req, handle))
@@ -179,7 +191,8 @@ async def completions(request: Request) -> Any:
 async def chat_completions(request: Request) -> Any:
     s = _serving(request)
     req = parse_request(await read_body(request), ChatCompletionRequest)
-    handle = s.submit(s.prepare_chat(req), f"chatcmpl-{uuid.uuid4().hex}")
+    prep = await run_in_threadpool(s.prepare_chat, req)
+    handle = s.submit(prep, f"chatcmpl-{uuid.uuid4().hex}")
     _note(request, handle)
     if req.stream:
         return _sse(request, handle, s.chat_stream(req, handle))

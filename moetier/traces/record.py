@@ -151,8 +151,6 @@ def record_trace(model: Any, prompts: Iterable[Any], *, max_tokens: int = 32, pr
     try:
         for i, prompt in enumerate(prompts):
             rec.begin_request(f"r{i}")
-            if isinstance(prompt, list):
-                prompt = model.tokenizer.apply_chat_template(prompt)
             model.generate(prompt, max_tokens=max_tokens, temperature=0.0)
     finally:
         remove = getattr(model, "remove_router_observer", None)

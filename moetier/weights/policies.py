@@ -28,13 +28,13 @@ For each step, after the router picked the experts of the flat token batch of la
 ``access`` runs the hooks in a fixed order, which is the whole contract:
 
 1. resident key -> ``on_hit(key)``; returns ``True``.
-2. otherwise ``on_miss(key)`` (frequency bookkeeping of non-resident keys), then
-   ``admit(key)``; a refused key is not cached (``admitted = False``) and nothing is
-   evicted.
-3. if the cache is full, ``victim(exclude)`` picks a resident key not in ``exclude``; it
-   is removed and ``on_evict(victim)`` is called (``evicted`` holds it). If every
-   resident key is excluded there is no victim and the key is bypassed.
-4. the key becomes resident and ``on_insert(key)`` is called; returns ``False``.
+2. otherwise ``on_miss(key)`` (frequency bookkeeping of non-resident keys).
+3. if the cache is full, ``victim(exclude)`` proposes a resident key not in ``exclude``;
+   if every resident key is excluded there is no victim and the key is bypassed.
+4. ``admit(key, victim)`` (victim None while a slot is free); a refused key is bypassed:
+   not cached (``admitted = False``), nothing evicted.
+5. the victim (if any) is removed and ``on_evict(victim)`` is called (``evicted`` holds
+   it); the key becomes resident and ``on_insert(key)`` is called; returns ``False``.
 
 Passing ``exclude`` (the experts of the current step) stops a policy from evicting an
 expert that the same step still needs; the trace simulator replays each top-k selection
@@ -57,13 +57,14 @@ Policies
     1-D for a per-layer cache or ``[layers, experts]`` for a global one); nothing else is
     ever admitted. Resident from the start.
 ``adaptive``
-    recency-weighted frequency (LRFU-style): each key's score is the sum of
-    ``2 ** (-age / half_life)`` over its past accesses (``age`` in accesses of this cache),
-    kept for evicted keys too; the victim is the resident key with the lowest score. The
-    half-life moves it between LFU (long) and LRU (short); ``half_life=256`` accesses is
-    the one setting used on every trace (chosen on the provided traces; see
-    docs/traces.md: it is at least as good as the better of LRU and LFU on each of them at
-    25% and 50% caches).
+    recency-weighted frequency (LRFU-style) with frequency-based admission: each key's
+    score is the sum of ``2 ** (-age / half_life)`` over its past accesses (``age`` in
+    accesses of this cache), kept for evicted keys too. The victim is the resident key
+    with the lowest score, and a missed key only replaces it if its own score (this access
+    included) is higher (TinyLFU-style admission; otherwise it is served uncached). The
+    half-life moves it between LFU (long) and LRU (short). ``half_life=160`` accesses and
+    admission on is the one setting used on every trace; on the provided traces it is at
+    least as good as the better of LRU and LFU at 25% and 50% caches (docs/traces.md).
 ``belady``
     offline optimum (evicts the key whose next use is farthest away). It needs the future
     access sequence, so only the simulator can build it (``future=`` or ``next_use=``).
@@ -130,8 +131,11 @@ class CachePolicy:
     def on_miss(self, key: Key) -> None:
         """A non-resident key was accessed (before admit / insert)."""
 
-    def admit(self, key: Key) -> bool:
-        """Whether a missed key may take a slot (False: bypass, serve it uncached)."""
+    def admit(self, key: Key, victim: Key | None) -> bool:
+        """Whether a missed key may take a slot (False: bypass, serve it uncached).
+
+        ``victim`` is the key it would replace (None while the cache has a free slot).
+        """
         return True
 
     def victim(self, exclude: Iterable[Key] = _NO_EXCLUDE) -> Key | None:
@@ -155,14 +159,19 @@ class CachePolicy:
             self.on_hit(key)
             return True
         self.on_miss(key)
-        if self.capacity == 0 or not self.admit(key):
+        if self.capacity == 0:
             self.admitted = False
             return False
+        v = None
         if len(self._resident) >= self.capacity:
             v = self.victim(exclude)
             if v is None:
                 self.admitted = False
                 return False
+        if not self.admit(key, v):
+            self.admitted = False
+            return False
+        if v is not None:
             self._resident.discard(v)
             self.on_evict(v)
             self.evicted = v
@@ -263,7 +272,7 @@ class LFUDecay(LFU):
 
 
 class Adaptive(CachePolicy):
-    """Recency-weighted frequency (LRFU-style) with a half-life in accesses.
+    """Recency-weighted frequency (LRFU-style) with a half-life in accesses, plus admission.
 
     Scores are stored multiplied by ``2 ** (t / half_life)`` (``t`` = access counter) so an
     access only touches one key; they are rescaled before they overflow.
@@ -271,11 +280,14 @@ class Adaptive(CachePolicy):
 
     name = "adaptive"
 
-    def __init__(self, capacity: int, half_life: float = 256.0) -> None:
+    def __init__(self, capacity: int, half_life: float = 160.0, admission: bool = True) -> None:
         super().__init__(capacity)
         if not (isinstance(half_life, (int, float)) and not isinstance(half_life, bool) and half_life > 0):
             raise PolicyError(f"adaptive parameter half_life: expected a number > 0 (accesses), got {half_life!r}")
+        if not isinstance(admission, (bool, int)):
+            raise PolicyError(f"adaptive parameter admission: expected true/false, got {admission!r}")
         self.half_life = float(half_life)
+        self.admission = bool(admission)
         self._growth = 2.0 ** (1.0 / self.half_life)
         self._inc = 1.0
         self.scores: dict[Key, float] = {}
@@ -291,6 +303,11 @@ class Adaptive(CachePolicy):
     on_hit = _count
     on_miss = _count
 
+    def admit(self, key: Key, victim: Key | None) -> bool:
+        if victim is None or not self.admission:
+            return True
+        return self.scores[key] > self.scores[victim]
+
     def score(self, key: Key) -> float:
         """Current score of ``key`` (decayed access count; 0 if never seen)."""
         return self.scores.get(key, 0.0) / self._inc
@@ -299,7 +316,7 @@ class Adaptive(CachePolicy):
         return _min_by(self._resident, self.scores.__getitem__, exclude)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "half_life": self.half_life}
+        return {**super().describe(), "half_life": self.half_life, "admission": self.admission}
 
 
 class Static(CachePolicy):
@@ -321,7 +338,7 @@ class Static(CachePolicy):
         for k in self.pinned:
             self._resident.add(k)
 
-    def admit(self, key: Key) -> bool:
+    def admit(self, key: Key, victim: Key | None) -> bool:
         return False
 
     def victim(self, exclude: Iterable[Key] = _NO_EXCLUDE) -> Key | None:  # pragma: no cover
@@ -369,17 +386,17 @@ class Belady(CachePolicy):
         self._i = -1
         self._when: dict[Key, int] = {}
 
-    def _advance(self, key: Key) -> None:
-        self._i += 1
-        i = self._i
+    def _advance(self, key: Key) -> int:
+        i = self._i + 1
+        self._i = i
         if i >= len(self._next):
             raise PolicyError(f"belady: access {i} is past the end of the known future ({len(self._next)} accesses)")
         if self._future is not None and self._future[i] != key:
             raise PolicyError(f"belady: access {i} is {key!r} but the future says {self._future[i]!r}")
+        return i
 
     def on_hit(self, key: Key) -> None:
-        self._advance(key)
-        self._when[key] = self._next[self._i]
+        self._when[key] = self._next[self._advance(key)]
 
     def on_miss(self, key: Key) -> None:
         self._advance(key)
@@ -392,6 +409,8 @@ class Belady(CachePolicy):
 
     def victim(self, exclude: Iterable[Key] = _NO_EXCLUDE) -> Key | None:
         w = self._when
+        if not exclude:
+            return max(self._resident, key=w.__getitem__) if self._resident else None
         return _min_by(self._resident, lambda k: -w[k], exclude)
 
 

@@ -90,6 +90,8 @@ def test_fmt_si():
     assert mc.fmt_bytes(80e9) == "80 GB"
     assert mc.fmt_seconds(0.0021) == "2.1 ms"
     assert mc.fmt_si(None) == "-"
+    assert mc.fmt_seconds(1370.0) == "1370 s" and mc.fmt_seconds(3.21) == "3.21 s"
+    assert mc.fmt_tokens_per_s(0.311) == "0.311 tok/s" and mc.fmt_tokens_per_s(1830) == "1.83 ktok/s"
 
 
 FULL_TOML = """

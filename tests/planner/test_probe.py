@@ -93,3 +93,18 @@ def test_disk_bandwidth_small_file(tmp_path):
     bw, method = probe.measure_disk_bw(tmp_path, 2 * 2**20, 2**20)
     assert bw > 0 and method in ("O_DIRECT", "fadvise-DONTNEED")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_on_measured_cpu_uses_cache(cache, capsys):
+    """`moetier plan --machine cpu` reads the cached probe: dram (cache) -> ssd (store)."""
+    cache.mkdir(parents=True)
+    probe.cache_path().write_text(json.dumps(_fake_record()))
+    assert main(["plan", "olmoe-1b-7b", "--machine", "cpu", "--cache", "1GB", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    tiers = d["placement"]["tiers"]
+    assert [t["name"] for t in tiers] == ["dram", "ssd"]
+    assert tiers[0]["experts"] > 0 and tiers[1]["experts"] > 0
+    assert d["bottleneck"] == "communication"  # 2 GB/s disk feeds the misses
+    assert d["efficiency"] == {"compute": 1.0, "memory": 1.0, "link": 1.0}
+    ssd = d["decode"]["tiers"][1]
+    assert ssd["mode"] == "move" and ssd["path_bw"] == 2e9

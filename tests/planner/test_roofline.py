@@ -81,7 +81,8 @@ def test_placement_puts_always_on_first():
     assert 0 < r.hit_rate < 1
     # too small for the always-on set: it goes whole to the next tier that holds it
     r2 = rl.plan(SPEC, mk(hbm_cap=AO / 2), context=16)
-    assert r2.placement[0].groups == () and "attention" in r2.placement[1].groups
+    assert {"attention", "embedding"} <= set(r2.placement[1].groups)
+    assert "lm_head" in r2.placement[0].groups  # whole groups that fit still move nearer
     assert any("always-on" in a for a in r2.assumptions)
 
 
@@ -155,12 +156,18 @@ def test_in_place_compute_beats_moving_at_small_batch():
     moved = rl.plan(SPEC, mk(**far), context=16)
     inplace = rl.plan(SPEC, mk(**far, host_flops=1e12), context=16)
     dram = inplace.decode.tiers[1]
-    assert dram.mode == "compute-in-place" and moved.decode.tiers[1].mode == "move"
+    assert dram.mode == "split" and moved.decode.tiers[1].mode == "move"
+    assert moved.decode.tiers[1].moved_fraction == 1.0
+    assert dram.moved_fraction < 0.1  # the host does most of the misses at batch 1
     assert inplace.decode_tokens_per_s > moved.decode_tokens_per_s
-    # at a huge batch every expert is touched by many tokens: moving the weights wins
-    big = rl.plan(SPEC, mk(**{**far, "hbm_cap": 1e9}, host_flops=1e6), batch=512, context=16,
-                  cache_bytes=2 * EB)
-    assert big.decode.tiers[1].mode == "move"
+    # the split is never slower than either path alone
+    t_move = moved.decode.communication_s
+    assert dram.time_s < t_move
+    # the more tokens share an expert, the more of the misses are moved instead (compute grows
+    # with tokens, the bytes to move do not)
+    fr = [rl.plan(SPEC, mk(**{**far, "hbm_cap": 1e9}, host_flops=3e8), batch=b, context=16,
+                  cache_bytes=2 * EB).decode.tiers[1].moved_fraction for b in (1, 32, 512)]
+    assert fr == sorted(fr) and fr[0] < 0.5 < fr[-1]
 
 
 def test_kv_cache_mla_and_gqa():
@@ -203,8 +210,13 @@ def test_what_if_sram_tier_takes_always_on():
     assert sram.name == "sram" and "attention" in sram.groups and sram.kv_bytes == 0
     assert w.after.placement[1].kv_bytes > 0  # KV stays in the compute tier
     assert w.after.decode_tokens_per_s > w.before.decode_tokens_per_s
-    (w,) = rl.what_if(SPEC, mk(), ["sram=1MB"], context=16)  # too small for the always-on set
-    assert w.after.placement[0].groups == ()
+    # too small for the whole always-on set: takes the whole groups that fit, never the embedding
+    (w,) = rl.what_if(SPEC, mk(), ["sram=1MB"], context=16)
+    sram, hbm = w.after.placement[0], w.after.placement[1]
+    assert CEN.groups["attention"].bytes > 1e6 and CEN.groups["lm_head"].bytes < 1e6
+    assert "lm_head" in sram.groups and "attention" in hbm.groups and "embedding" in hbm.groups
+    assert sram.used_bytes <= 1e6
+    assert w.after.decode_tokens_per_s >= w.before.decode_tokens_per_s
 
 
 def test_what_if_other_keys():
@@ -293,6 +305,7 @@ def test_catalog_model_sanity():
     from moetier.planner.machines import get_machine
 
     r = rl.plan(resolve_model("deepseek-v3"), get_machine("h200"), precision="int4")
+    assert rl.plan("deepseek-v3", "h200", precision="int4").decode_tokens_per_s == r.decode_tokens_per_s
     assert r.bottleneck == "communication"
     hbm = r.placement[0]
     assert "attention" in hbm.groups and 0 < hbm.experts < 58 * 256
@@ -316,3 +329,36 @@ def test_plan_cli_json_and_text(capsys, tmp_path):
     assert "tok/s" in capsys.readouterr().out
     assert main(["plan", "olmoe-1b-7b", "--machine", "h100", "--precision", "int3"]) == 2
     assert "int3" in capsys.readouterr().err
+
+
+def test_profile_from_layer_counts_and_trace(tmp_path):
+    counts = {0: np.bincount([5, 5, 5, 1], minlength=16), 2: np.ones(16)}
+    p = rl.profile_from_layer_counts(counts, SPEC)
+    assert p.shape == (4, 16) and np.allclose(p.sum(axis=1), 2)
+    assert p[0, 5] == p[0].max() and np.allclose(p[1], 2 / 16)  # layer 1 had no counts: uniform
+    with pytest.raises(MoetierError, match="not a MoE layer"):
+        rl.profile_from_layer_counts({7: np.ones(16)}, SPEC)
+    from moetier.traces.format import make_trace, save_trace
+
+    ids = np.array([[5, 1], [5, 2], [5, 3], [4, 5]] * 4, dtype=np.int32)
+    layer = np.repeat(np.arange(4, dtype=np.int32), 4)
+    path = save_trace(make_trace(topk_ids=ids, layer=layer, meta={"num_experts": 16, "model": "tiny"}),
+                      tmp_path / "t.npz")
+    prof = rl.load_profile(path, SPEC)
+    assert (prof.argmax(axis=1) == 5).all()
+    r = rl.plan(SPEC, mk(hbm_cap=AO + KV1 + 4.5 * EB), context=16, profile=prof)
+    assert (r.expert_tier[:, 5] == 0).all()
+
+
+def test_plan_cli_what_if_json_and_checkpoint_precision(capsys):
+    assert main(["plan", "olmoe-1b-7b", "--machine", "h100", "--what-if", "flops=2x", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["what_if"][0]["change"] == "flops=2x"
+    assert d["what_if"][0]["after"]["decode"]["times_s"]["compute"] == pytest.approx(
+        d["before"]["decode"]["times_s"]["compute"] / 2)
+    assert main(["plan", "gpt-oss-20b", "--machine", "h100", "--precision", "checkpoint", "--json",
+                 "--no-overlap"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert "routed_experts=fp4" in d["precision"] and d["overlap"] is False
+    t = d["decode"]["times_s"]
+    assert d["decode"]["step_time_s"] == pytest.approx(t["compute"] + t["memory"] + t["communication"])

@@ -84,8 +84,9 @@ def test_models_and_health(server: BackgroundServer) -> None:
 def test_completion_matches_runtime(server: BackgroundServer, ref_model: Any) -> None:
     c = client(server)
     text, ids, finish = reference(ref_model, PROMPTS[0], 20)
-    r = c.completions.create(model=SERVED, prompt=PROMPTS[0], max_tokens=20, temperature=0,
-                             extra_body={"return_token_ids": True})
+    r = c.completions.create(
+        model=SERVED, prompt=PROMPTS[0], max_tokens=20, temperature=0, extra_body={"return_token_ids": True}
+    )
     ch = r.choices[0]
     assert ch.text == text
     assert same_ids(ch.model_extra["token_ids"], ids, ref_model.tokenizer.eos_token_ids)
@@ -130,9 +131,17 @@ def test_max_completion_tokens_and_default(server: BackgroundServer) -> None:
 def test_stream_completion_equals_nonstream(server: BackgroundServer, ref_model: Any) -> None:
     c = client(server)
     text, ids, finish = reference(ref_model, PROMPTS[2], 30)
-    chunks = list(c.completions.create(model=SERVED, prompt=PROMPTS[2], max_tokens=30, temperature=0, stream=True,
-                                       stream_options={"include_usage": True},
-                                       extra_body={"return_token_ids": True}))
+    chunks = list(
+        c.completions.create(
+            model=SERVED,
+            prompt=PROMPTS[2],
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"return_token_ids": True},
+        )
+    )
     body = [ch for ch in chunks if ch.choices]
     assert "".join(ch.choices[0].text for ch in body) == text
     got_ids = [t for ch in body for t in ch.choices[0].model_extra["token_ids"]]
@@ -146,8 +155,9 @@ def test_stream_completion_equals_nonstream(server: BackgroundServer, ref_model:
 def test_stream_chat(server: BackgroundServer, ref_model: Any) -> None:
     msgs = [{"role": "user", "content": "Once upon a time"}]
     text, ids, finish = reference(ref_model, msgs, 25)
-    stream = client(server).chat.completions.create(model=SERVED, messages=msgs, max_tokens=25, temperature=0,
-                                                     stream=True)
+    stream = client(server).chat.completions.create(
+        model=SERVED, messages=msgs, max_tokens=25, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
@@ -177,8 +187,9 @@ def test_stop_strings(server: BackgroundServer, ref_model: Any) -> None:
     r = c.completions.create(model=SERVED, prompt=PROMPTS[3], max_tokens=40, temperature=0, stop=stop)
     assert r.choices[0].text == want == full[: full.index(stop)]
     assert r.choices[0].finish_reason == "stop"
-    streamed = c.completions.create(model=SERVED, prompt=PROMPTS[3], max_tokens=40, temperature=0, stop=[stop],
-                                    stream=True)
+    streamed = c.completions.create(
+        model=SERVED, prompt=PROMPTS[3], max_tokens=40, temperature=0, stop=[stop], stream=True
+    )
     assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == want
 
 
@@ -193,8 +204,11 @@ def test_seeded_sampling_is_reproducible_and_matches_runtime(server: BackgroundS
     with cf.ThreadPoolExecutor(4) as ex:
         outs = list(ex.map(one, range(4)))
     assert outs == [text] * 4
-    other = c.completions.create(model=SERVED, prompt=PROMPTS[4], max_tokens=20, temperature=0.9, top_p=0.95,
-                                 seed=99).choices[0].text
+    other = (
+        c.completions.create(model=SERVED, prompt=PROMPTS[4], max_tokens=20, temperature=0.9, top_p=0.95, seed=99)
+        .choices[0]
+        .text
+    )
     assert other != text  # a different seed gives a different sample here
 
 
@@ -209,14 +223,23 @@ def test_concurrent_greedy_equals_single_requests(server: BackgroundServer, ref_
 
     def run(i: int) -> tuple[str, list[int], str]:
         if i % 2:
-            stream = c.completions.create(model=SERVED, prompt=PROMPTS[i], max_tokens=lengths[i], temperature=0,
-                                          stream=True, extra_body={"return_token_ids": True})
+            stream = c.completions.create(
+                model=SERVED,
+                prompt=PROMPTS[i],
+                max_tokens=lengths[i],
+                temperature=0,
+                stream=True,
+                extra_body={"return_token_ids": True},
+            )
             chunks = [ch for ch in stream if ch.choices]
-            return ("".join(ch.choices[0].text for ch in chunks),
-                    [t for ch in chunks for t in ch.choices[0].model_extra["token_ids"]],
-                    chunks[-1].choices[0].finish_reason)
-        r = c.completions.create(model=SERVED, prompt=PROMPTS[i], max_tokens=lengths[i], temperature=0,
-                                 extra_body={"return_token_ids": True})
+            return (
+                "".join(ch.choices[0].text for ch in chunks),
+                [t for ch in chunks for t in ch.choices[0].model_extra["token_ids"]],
+                chunks[-1].choices[0].finish_reason,
+            )
+        r = c.completions.create(
+            model=SERVED, prompt=PROMPTS[i], max_tokens=lengths[i], temperature=0, extra_body={"return_token_ids": True}
+        )
         return r.choices[0].text, r.choices[0].model_extra["token_ids"], r.choices[0].finish_reason
 
     for _ in range(2):
@@ -240,9 +263,15 @@ def test_concurrent_greedy_equals_single_requests(server: BackgroundServer, ref_
 def test_metrics_parse(server: BackgroundServer, ref_model: Any) -> None:
     client(server).completions.create(model=SERVED, prompt="hello", max_tokens=5, temperature=0)
     m = metrics(server)
-    for name in ["moetier_request_queue_depth", "moetier_active_sequences", "moetier_batch_size",
-                 "moetier_generation_tokens_per_second", "moetier_generation_tokens_total",
-                 "moetier_prompt_tokens_total", "moetier_kv_cache_bytes"]:
+    for name in [
+        "moetier_request_queue_depth",
+        "moetier_active_sequences",
+        "moetier_batch_size",
+        "moetier_generation_tokens_per_second",
+        "moetier_generation_tokens_total",
+        "moetier_prompt_tokens_total",
+        "moetier_kv_cache_bytes",
+    ]:
         assert name in m, name
     assert m["moetier_generation_tokens_total"] >= 5
     assert m['moetier_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
@@ -301,12 +330,28 @@ def test_nonstream_disconnect_cancels(slow_server: Any) -> None:
     assert metrics(srv)["moetier_generation_tokens_total"] < 400
 
 
+def test_disconnect_while_queued_leaves_the_queue(slow_server: Any) -> None:
+    srv, backend = slow_server  # max_batch=1, max_queue=1
+    body = {"model": SERVED, "prompt": "hello", "max_tokens": 300, "stream": True}
+    with httpx.Client(base_url=srv.base_url, timeout=30) as h, h.stream("POST", "/v1/completions", json=body) as first:
+        lines = first.iter_lines()
+        next(lines)
+        with h.stream("POST", "/v1/completions", json=body) as second:
+            assert second.status_code == 200
+            _wait(lambda: _health(srv)["waiting"] == 1)
+        _wait(lambda: _health(srv)["waiting"] == 0)  # left the queue without ever running
+        assert _health(srv)["running"] == 1
+        assert len(backend.sequences) == 1
+    _wait(lambda: _health(srv)["running"] == 0)
+
+
 def test_queue_full_gives_429_and_recovers(slow_server: Any) -> None:
     srv, _ = slow_server  # max_batch=1, max_queue=1
     body = {"model": SERVED, "prompt": "hello", "max_tokens": 300, "stream": True}
     with httpx.Client(base_url=srv.base_url, timeout=30) as h:
         with h.stream("POST", "/v1/completions", json=body) as first:
-            next(first.iter_lines())
+            first_lines = first.iter_lines()  # keep a reference: a collected iterator closes the stream
+            next(first_lines)
             _wait(lambda: _health(srv)["running"] == 1)
             with h.stream("POST", "/v1/completions", json=body) as second:
                 _wait(lambda: _health(srv)["waiting"] == 1)
@@ -314,8 +359,10 @@ def test_queue_full_gives_429_and_recovers(slow_server: Any) -> None:
                     client(srv).completions.create(model=SERVED, prompt="hi", max_tokens=2)
                 err = ei.value.body
                 assert err["code"] == "rate_limit_exceeded" and err["message"]  # type: ignore[index]
-                r = h.post("/v1/chat/completions", json={"model": SERVED, "max_tokens": 2,
-                                                          "messages": [{"role": "user", "content": "x"}]})
+                r = h.post(
+                    "/v1/chat/completions",
+                    json={"model": SERVED, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]},
+                )
                 assert r.status_code == 429 and set(r.json()["error"]) == {"message", "type", "param", "code"}
                 assert second.status_code == 200
         _wait(lambda: _health(srv) == {**_health(srv), "running": 0, "waiting": 0})

@@ -109,8 +109,9 @@ def test_adaptive_moves_between_lru_and_lfu():
     seq = [rng.choice([0, 0, 0, 1, 2, 3, 4, 5]) for _ in range(2000)]
     lfu, lru = hits(LFU(2), seq), hits(LRU(2), seq)
     assert lfu != lru
-    assert hits(Adaptive(2, half_life=1e9), seq) == pytest.approx(lfu, abs=5)
-    assert hits(Adaptive(2, half_life=0.01), seq) == lru
+    assert hits(Adaptive(2, half_life=1e9, admission=False), seq) == pytest.approx(lfu, abs=5)
+    assert hits(Adaptive(2, half_life=0.01, admission=False), seq) == lru
+    assert hits(Adaptive(2, half_life=0.01), seq) == lru  # admission never refuses the newest key
 
 
 def test_adaptive_rescales_without_overflow():
@@ -182,3 +183,20 @@ def test_policies_are_independent_objects():
     for k in itertools.chain(range(5), range(5)):
         a.access(k)
     assert len(b) == 0 and b.counts == {}
+
+
+def test_adaptive_admission_bypasses_cold_keys():
+    p = Adaptive(1, half_life=1e6)
+    for _ in range(3):
+        p.access(7)
+    assert p.access(8) is False and not p.admitted and p.evicted is None
+    assert p.resident() == {7}
+    p.access(8)  # 2 accesses < 3
+    assert p.resident() == {7}
+    p.access(8)  # 3 accesses, more recent than 7's 3 -> higher decayed score
+    assert p.resident() == {8} and p.evicted == 7
+    q = Adaptive(1, half_life=1e6, admission=False)
+    q.access(7)
+    q.access(7)
+    q.access(8)
+    assert q.resident() == {8}

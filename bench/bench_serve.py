@@ -1,0 +1,227 @@
+"""Benchmark `moetier serve`: N concurrent streaming clients for a fixed time (not run in CI).
+
+Starts `moetier serve` as a subprocess on a free loopback port, computes each prompt's
+single-request greedy output first (one request at a time), then for each N in --clients
+runs N client threads that stream greedy completions in a loop for --duration seconds and
+checks every streamed answer against the single-request reference, token for token
+(no lost, duplicated or reordered tokens; no cross-talk between batched requests). It
+samples the server's RSS once per second and reads /metrics for the mean batch size.
+
+    python bench/bench_serve.py                          # embedded model, N = 1, 4, 16
+    python bench/bench_serve.py --model DIR --duration 20 --out bench/results/serve.json
+
+Aggregate tokens/s at N is completion tokens of the requests finished in the window divided
+by the window; N = 1 is "serving the same requests one by one", so the batching gain at N is
+tokens/s(N) / tokens/s(1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moetier.serve.app import free_port  # noqa: E402
+
+PROMPTS = [
+    "To be, or not to be",
+    "In the beginning",
+    "Once upon a time",
+    "The king said",
+    "What is the meaning of",
+    "My lord, I",
+    "And God said, Let there be",
+    "Now is the winter of",
+]
+
+
+def metrics(base: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def stream_one(client: httpx.Client, prompt: str, max_tokens: int) -> tuple[str, list[int], str]:
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "return_token_ids": True,
+    }
+    text, ids, finish = [], [], None
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            obj = json.loads(data)
+            if "error" in obj:
+                raise RuntimeError(obj["error"]["message"])
+            for ch in obj["choices"]:
+                text.append(ch["text"])
+                ids.extend(ch.get("token_ids") or [])
+                finish = ch["finish_reason"] or finish
+    return "".join(text), ids, finish or "?"
+
+
+def reference(base: str, prompt: str, max_tokens: int) -> tuple[str, list[int], str]:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True}
+    r = httpx.post(base + "/v1/completions", json=body, timeout=300)
+    r.raise_for_status()
+    ch = r.json()["choices"][0]
+    return ch["text"], ch["token_ids"], ch["finish_reason"]
+
+
+def run_phase(base: str, n: int, duration: float, max_tokens: int, refs: dict[str, Any], pid: int) -> dict[str, Any]:
+    proc = psutil.Process(pid)
+    m0 = metrics(base)
+    stop_at = time.monotonic() + duration
+    lock = threading.Lock()
+    stats = {"requests": 0, "tokens": 0, "errors": 0, "mismatches": 0, "first_error": None}
+    rss: list[int] = []
+
+    def client_loop(k: int) -> None:
+        with httpx.Client(base_url=base, timeout=300) as c:
+            i = k
+            while time.monotonic() < stop_at:
+                prompt = PROMPTS[i % len(PROMPTS)]
+                i += 1
+                try:
+                    got = stream_one(c, prompt, max_tokens)
+                except Exception as e:
+                    with lock:
+                        stats["errors"] += 1
+                        stats["first_error"] = stats["first_error"] or repr(e)
+                    continue
+                with lock:
+                    stats["requests"] += 1
+                    stats["tokens"] += len(got[1])
+                    if got != refs[prompt]:
+                        stats["mismatches"] += 1
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        rss.append(proc.memory_info().rss)
+        time.sleep(1.0)
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    m1 = metrics(base)
+    steps = m1["moetier_engine_steps_total"] - m0["moetier_engine_steps_total"]
+    seqs = m1["moetier_engine_step_sequences_total"] - m0["moetier_engine_step_sequences_total"]
+    return {
+        "clients": n,
+        "elapsed_s": round(elapsed, 2),
+        "requests": stats["requests"],
+        "completion_tokens": stats["tokens"],
+        "tokens_per_s": round(stats["tokens"] / elapsed, 2),
+        "errors": stats["errors"],
+        "first_error": stats["first_error"],
+        "mismatches_vs_single_request": stats["mismatches"],
+        "mean_batch_size": round(seqs / steps, 2) if steps else 0.0,
+        "engine_steps": int(steps),
+        "rss_start_bytes": rss[0] if rss else None,
+        "rss_end_bytes": rss[-1] if rss else None,
+        "rss_max_bytes": max(rss) if rss else None,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per client count")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    args = ap.parse_args()
+    counts = [int(x) for x in args.clients.split(",")]
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "moetier.cli", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
+           "--max-queue", "256", "--log-level", "warning"]
+    if args.model:
+        cmd.insert(4, args.model)
+    server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"server exited with {server.returncode}")
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("server did not come up")
+            time.sleep(0.5)
+        model_id = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+        refs = {p: reference(base, p, args.max_tokens) for p in PROMPTS}  # one request at a time
+        for p in PROMPTS:  # streaming alone must reproduce the non-streaming answer
+            with httpx.Client(base_url=base, timeout=300) as c:
+                assert stream_one(c, p, args.max_tokens) == tuple(refs[p]), f"stream != non-stream for {p!r}"
+        refs = {p: tuple(v) for p, v in refs.items()}
+        runs = []
+        for n in counts:
+            r = run_phase(base, n, args.duration, args.max_tokens, refs, server.pid)
+            print(json.dumps(r), flush=True)
+            runs.append(r)
+        base_tps = next((r["tokens_per_s"] for r in runs if r["clients"] == 1), None)
+        rss = [r["rss_end_bytes"] for r in runs if r["rss_end_bytes"]]
+        result = {
+            "benchmark": "moetier serve: N concurrent streaming clients, greedy, fixed time per N",
+            "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:]),
+            "model": model_id,
+            "max_tokens": args.max_tokens,
+            "max_batch": args.max_batch,
+            "duration_s_per_n": args.duration,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "runs": runs,
+            "batching_gain_vs_one_by_one": {
+                str(r["clients"]): round(r["tokens_per_s"] / base_tps, 2) for r in runs if base_tps
+            },
+            "total_errors": sum(r["errors"] for r in runs),
+            "total_mismatches": sum(r["mismatches_vs_single_request"] for r in runs),
+            "rss_drift_bytes": (rss[-1] - rss[0]) if len(rss) > 1 else 0,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+        return 0 if result["total_errors"] == 0 and result["total_mismatches"] == 0 else 1
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

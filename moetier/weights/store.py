@@ -1,0 +1,392 @@
+"""The ``store`` tier: routed experts read one at a time from the safetensors files.
+
+:class:`SlotLayout` fixes where one expert's tensors live inside a *slot* (a preallocated,
+4096-byte aligned byte buffer owned by :class:`moetier.weights.cache.SlotPool`): ``gate_up
+[2I, H]``, ``down [H, I]`` and the optional biases, each 4096-aligned so every provider hands
+the matmuls identically laid-out contiguous tensors (bit-identical results).
+
+:class:`ExpertStore` reads one expert straight into a slot:
+
+* the byte ranges of the expert's tensors come from the checkpoint headers (per-expert
+  tensors, or the expert's rows of fused ``[E, ...]`` tensors), sorted by file offset and
+  merged, so an expert whose tensors are adjacent on disk is one ``os.preadv`` with several
+  destination buffers;
+* ``io="buffered"`` uses ``os.preadv`` and then ``posix_fadvise(DONTNEED)`` on the range just
+  read, so the kernel page cache does not keep a second copy of what the cache already
+  holds (under a cgroup memory cap the page cache is charged to the process);
+  ``io="direct"`` opens the files with ``O_DIRECT`` and reads aligned blocks into a
+  per-thread aligned bounce buffer (no page cache at all), falling back to buffered reads
+  where the file system refuses it; ``io="auto"`` tries direct first;
+* nothing is memory-mapped.
+
+When the checkpoint dtype differs from the runtime dtype the bytes go through a per-thread
+staging buffer and are converted with ``Tensor.copy_`` (the same rounding as ``.to``).
+Families whose :class:`~moetier.models.base.ExpertReader` overrides ``read`` (layouts the
+generic reader does not know) are served through ``reader.read`` and copied into the slot.
+
+Every failure (short read of a file truncated mid-run, an I/O error, a NaN) raises
+:class:`~moetier.errors.WeightError` naming the layer, expert, tensor and file. The caller
+(the cache) never marks a slot valid unless the read returned.
+
+A device tier (GPU memory above host RAM) would add a slot pool on the device and a copy
+from a pinned host slot; the store itself only ever fills host memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moetier.errors import WeightError
+from moetier.models.base import ExpertReader, ExpertWeights
+
+ALIGN = 4096
+IO_MODES = ("auto", "buffered", "direct")
+
+
+def _align_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Byte offsets of one expert's tensors inside a slot (all 4096-aligned)."""
+
+    dtype: torch.dtype
+    hidden: int
+    intermediate: int
+    gate_up_bias: bool = False
+    down_bias: bool = False
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    def _parts(self) -> list[tuple[str, tuple[int, ...]]]:
+        H, I = self.hidden, self.intermediate
+        parts: list[tuple[str, tuple[int, ...]]] = [("gate_up", (2 * I, H)), ("down", (H, I))]
+        if self.gate_up_bias:
+            parts.append(("gate_up_bias", (2 * I,)))
+        if self.down_bias:
+            parts.append(("down_bias", (H,)))
+        return parts
+
+    def offsets(self) -> dict[str, tuple[int, tuple[int, ...]]]:
+        out, off = {}, 0
+        for name, shape in self._parts():
+            out[name] = (off, shape)
+            off = _align_up(off + math.prod(shape) * self.itemsize)
+        return out
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot (a multiple of 4096)."""
+        off = 0
+        for _, shape in self._parts():
+            off = _align_up(off + math.prod(shape) * self.itemsize)
+        return off
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of the expert's tensors (without alignment padding)."""
+        return sum(math.prod(s) for _, s in self._parts()) * self.itemsize
+
+    def views(self, buf: torch.Tensor) -> ExpertWeights:
+        """The expert's tensors as views of ``buf`` (a uint8 slot buffer)."""
+        t = {}
+        for name, (off, shape) in self.offsets().items():
+            n = math.prod(shape) * self.itemsize
+            t[name] = buf[off : off + n].view(self.dtype).view(shape)
+        return ExpertWeights(t["gate_up"], t["down"], t.get("gate_up_bias"), t.get("down_bias"))
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One contiguous byte range of the checkpoint and where it goes in the slot."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    tensor: str
+    dst: str  # slot part name: gate_up / down
+    dst_start: int  # element offset inside that part (gate rows, then up rows)
+    src_dtype: torch.dtype
+
+
+class ExpertStore:
+    """Reads single routed experts from the checkpoint into slot buffers (no mmap).
+
+    Thread-safe: reads are positional, per-thread staging buffers.
+    """
+
+    def __init__(self, reader: ExpertReader, io: str = "buffered", check_finite: bool = True,
+                 drop_page_cache: bool = True):
+        if io not in IO_MODES:
+            raise WeightError(f"io mode {io!r}: expected one of {', '.join(IO_MODES)}")
+        self.reader = reader
+        self.spec = reader.spec
+        self.dtype = reader.dtype
+        self.check_finite = check_finite
+        self.drop_page_cache = drop_page_cache
+        self._generic = type(reader).read is not ExpertReader.read or not hasattr(reader, "layers")
+        self._tls = threading.local()
+        self._lock = threading.Lock()
+        self._fds: dict[tuple[Path, bool], int] = {}
+        self.io_requested = io
+        self.io = "buffered" if io == "buffered" else "direct"
+        s = self.spec
+        if self._generic:
+            # learn the layout (biases, intermediate width) from one expert
+            layer0 = s.moe_layer_ids[0]
+            w = reader.read(layer0, 0)
+            self.layout = SlotLayout(self.dtype, w.down.shape[0], w.intermediate,
+                                     w.gate_up_bias is not None, w.down_bias is not None)
+        else:
+            self.layout = SlotLayout(self.dtype, s.hidden_size, s.expert_intermediate_size)
+        self._pieces: dict[tuple[int, int], list[list[_Piece]]] = {}
+        if self.io == "direct" and not self._direct_supported():
+            self.io = "buffered"
+
+    # ----- layout of one expert on disk -----
+    def pieces(self, layer: int, expert: int) -> list[list[_Piece]]:
+        """Groups of file-contiguous pieces (one ``preadv`` each) of one expert."""
+        key = (layer, expert)
+        got = self._pieces.get(key)
+        if got is not None:
+            return got
+        t = self.reader.layers.get(layer)
+        if t is None or not 0 <= expert < self.spec.num_experts:
+            raise WeightError(f"layer {layer} expert {expert}: no such routed expert")
+        idx = self.reader.index
+        I = self.layout.intermediate
+        H = self.layout.hidden
+        plist: list[_Piece] = []
+
+        def whole(name: str, dst: str, start: int) -> None:
+            info = idx.info(name)
+            plist.append(_Piece(info.file, info.start, info.nbytes, name, dst, start, info.torch_dtype))
+
+        def rows(name: str, dst: str, start: int) -> None:
+            info = idx.info(name)
+            row = math.prod(info.shape[1:]) * info.itemsize
+            plist.append(_Piece(info.file, info.start + expert * row, row, name, dst, start, info.torch_dtype))
+
+        if t.fused:
+            if t.gate_up is not None:
+                rows(t.gate_up, "gate_up", 0)
+            else:
+                rows(t.gate, "gate_up", 0)
+                rows(t.up, "gate_up", I * H)
+            rows(t.down, "down", 0)
+        else:
+            whole(t.gate.format(e=expert), "gate_up", 0)
+            whole(t.up.format(e=expert), "gate_up", I * H)
+            whole(t.down.format(e=expert), "down", 0)
+        plist.sort(key=lambda p: (str(p.file), p.offset))
+        groups: list[list[_Piece]] = []
+        for p in plist:
+            last = groups[-1][-1] if groups else None
+            if last is not None and last.file == p.file and last.offset + last.nbytes == p.offset:
+                groups[-1].append(p)
+            else:
+                groups.append([p])
+        self._pieces[key] = groups
+        return groups
+
+    def file_of(self, layer: int, expert: int) -> str:
+        if self._generic:
+            return str(self.reader.index.dir)
+        return ", ".join(sorted({str(p.file) for g in self.pieces(layer, expert) for p in g}))
+
+    # ----- file descriptors -----
+    def _fd(self, path: Path, direct: bool) -> int:
+        key = (path, direct)
+        fd = self._fds.get(key)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(key)
+                if fd is None:
+                    flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
+                    fd = os.open(path, flags)
+                    self._fds[key] = fd
+        return fd
+
+    def _direct_supported(self) -> bool:
+        if not hasattr(os, "O_DIRECT") or self._generic:
+            return False
+        try:
+            g = self.pieces(self.spec.moe_layer_ids[0], 0)[0][0]
+            fd = self._fd(g.file, True)
+            buf = self._bounce(ALIGN)
+            os.preadv(fd, [memoryview(buf)[:ALIGN]], 0)
+            return True
+        except OSError:
+            return False
+
+    def _bounce(self, n: int) -> mmap.mmap:
+        b = getattr(self._tls, "bounce", None)
+        if b is None or len(b) < n:
+            b = mmap.mmap(-1, _align_up(max(n, 1 << 20)))  # page-aligned anonymous memory
+            self._tls.bounce = b
+        return b
+
+    def _staging(self, n: int) -> torch.Tensor:
+        s = getattr(self._tls, "staging", None)
+        if s is None or s.numel() < n:
+            s = torch.empty(n, dtype=torch.uint8)
+            self._tls.staging = s
+        return s[:n]
+
+    # ----- reads -----
+    def read_into(self, layer: int, expert: int, buf: torch.Tensor) -> ExpertWeights:
+        """Read expert ``(layer, expert)`` into slot buffer ``buf``; returns views of it.
+
+        Returns the number of bytes read from the files via :attr:`last_bytes` of the thread.
+        """
+        w = self.layout.views(buf)
+        if self._generic:
+            try:
+                src = self.reader.read(layer, expert)
+            except OSError as e:
+                raise WeightError(f"layer {layer} expert {expert}: read failed in {self.reader.index.dir} "
+                                  f"({e.strerror or e})") from None
+            for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
+                d, s = getattr(w, name), getattr(src, name)
+                if d is not None and s is not None:
+                    d.copy_(s)
+            self._tls.last_bytes = src.nbytes
+            return w
+        parts = {"gate_up": w.gate_up.view(-1), "down": w.down.view(-1)}
+        total = 0
+        for group in self.pieces(layer, expert):
+            same = all(p.src_dtype == self.dtype for p in group)
+            if same:
+                dsts = [parts[p.dst][p.dst_start : p.dst_start + p.nbytes // self.layout.itemsize]
+                        .view(torch.uint8) for p in group]
+            else:
+                n = sum(p.nbytes for p in group)
+                stage = self._staging(n)
+                dsts, off = [], 0
+                for p in group:
+                    dsts.append(stage[off : off + p.nbytes])
+                    off += p.nbytes
+            self._read_group(layer, expert, group, dsts)
+            if not same:
+                for p, d in zip(group, dsts):
+                    src = d.view(p.src_dtype)
+                    parts[p.dst][p.dst_start : p.dst_start + src.numel()].copy_(src)
+            total += sum(p.nbytes for p in group)
+        if self.check_finite:
+            for name, t in (("gate/up", w.gate_up), ("down", w.down)):
+                if not bool(torch.isfinite(t).all()):
+                    tensors = sorted({p.tensor for g in self.pieces(layer, expert) for p in g})
+                    raise WeightError(
+                        f"{self.file_of(layer, expert)}: layer {layer} expert {expert}: {name} weights "
+                        f"contain NaN or Inf values (tensors {', '.join(tensors)})"
+                    )
+        self._tls.last_bytes = total
+        return w
+
+    def last_bytes(self) -> int:
+        """Bytes read from the files by this thread's last :meth:`read_into`."""
+        return int(getattr(self._tls, "last_bytes", 0))
+
+    def _fail(self, layer: int, expert: int, p: _Piece, what: str) -> WeightError:
+        return WeightError(f"{p.file}: layer {layer} expert {expert}: tensor '{p.tensor}' {what}")
+
+    def _read_group(self, layer: int, expert: int, group: list[_Piece], dsts: list[torch.Tensor]) -> None:
+        start = group[0].offset
+        n = sum(p.nbytes for p in group)
+        if self.io == "direct":
+            try:
+                self._read_direct(layer, expert, group, dsts, start, n)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise self._fail(layer, expert, group[0], f"read failed ({e.strerror})") from None
+                self.io = "buffered"  # the file system refused O_DIRECT: fall back for good
+        try:
+            fd = self._fd(group[0].file, False)
+            views = [d.numpy() for d in dsts]
+            done = 0
+            while done < n:
+                # skip buffers already filled
+                bufs, acc = [], 0
+                for v in views:
+                    if acc + v.nbytes <= done:
+                        acc += v.nbytes
+                        continue
+                    bufs.append(v[max(0, done - acc):])
+                    acc += v.nbytes
+                got = os.preadv(fd, bufs, start + done)
+                if got <= 0:
+                    size = os.fstat(fd).st_size
+                    bad = self._piece_at(group, start + done)
+                    raise self._fail(layer, expert, bad,
+                                     f"ends at byte {bad.offset + bad.nbytes} but the file has only {size} bytes "
+                                     "(truncated or replaced while running?)")
+                done += got
+            if self.drop_page_cache:
+                os.posix_fadvise(fd, start, n, os.POSIX_FADV_DONTNEED)
+        except OSError as e:
+            raise self._fail(layer, expert, group[0], f"read failed ({e.strerror})") from None
+
+    @staticmethod
+    def _piece_at(group: list[_Piece], offset: int) -> _Piece:
+        for p in group:
+            if p.offset <= offset < p.offset + p.nbytes:
+                return p
+        return group[-1]
+
+    def _read_direct(self, layer: int, expert: int, group: list[_Piece], dsts: list[torch.Tensor],
+                     start: int, n: int) -> None:
+        a0 = start // ALIGN * ALIGN
+        a1 = _align_up(start + n)
+        bounce = self._bounce(a1 - a0)
+        fd = self._fd(group[0].file, True)
+        mv = memoryview(bounce)
+        done = 0
+        while done < a1 - a0:
+            got = os.preadv(fd, [mv[done : a1 - a0]], a0 + done)
+            if got <= 0:
+                break
+            done += got
+            if got % ALIGN:  # short read at end of file
+                break
+        if a0 + done < start + n:
+            size = os.fstat(fd).st_size
+            bad = self._piece_at(group, a0 + done)
+            raise self._fail(layer, expert, bad,
+                             f"ends at byte {bad.offset + bad.nbytes} but the file has only {size} bytes "
+                             "(truncated or replaced while running?)")
+        src = torch.frombuffer(bounce, dtype=torch.uint8, count=a1 - a0)
+        off = start - a0
+        for p, d in zip(group, dsts):
+            d.copy_(src[off : off + p.nbytes])
+            off += p.nbytes
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,188 @@
+"""Engine behaviour below HTTP: mixed prefill/decode steps, chunked prefill, queue cancellation,
+the access log line and the `moetier serve` command."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+import moetier
+from moetier.cli import main
+from moetier.serve.app import BackgroundServer, build_app, free_port
+from moetier.serve.engine import Delta, Engine, Finished, ModelBackend, RequestParams
+from tests.serve.conftest import SERVED, SlowBackend
+
+
+class RecordingBackend(ModelBackend):
+    def __init__(self, model: Any):
+        super().__init__(model)
+        self.steps: list[list[int]] = []
+
+    def step(self, batch: Any) -> Any:
+        self.steps.append([len(ids) for _, ids in batch])
+        return super().step(batch)
+
+
+def _run_engine(engine: Engine, jobs: list[tuple[list[int], RequestParams]], stagger: float = 0.0) -> list[Any]:
+    async def go() -> list[Any]:
+        async def one(i: int, ids: list[int], p: RequestParams) -> tuple[list[int], Finished]:
+            await asyncio.sleep(stagger * i)
+            h = engine.submit(ids, p)
+            out: list[int] = []
+            async for ev in h.events():
+                assert isinstance(ev, (Delta, Finished)), ev
+                out.extend(ev.token_ids)
+                if isinstance(ev, Finished):
+                    return out, ev
+            raise AssertionError("no Finished event")
+
+        return await asyncio.gather(*(one(i, ids, p) for i, (ids, p) in enumerate(jobs)))
+
+    engine.start()
+    try:
+        return asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        engine.stop()
+
+
+def test_prefill_joins_running_decodes_in_one_step(tiny_dir: Path, ref_model: Any) -> None:
+    backend = RecordingBackend(moetier.load(tiny_dir))
+    engine = Engine(backend, max_batch=4)
+    prompts = ["hello world", "the quick brown fox jumps", "Once upon a time there was"]
+    jobs = [(ref_model.encode_prompt(p), RequestParams(max_tokens=30)) for p in prompts]
+    results = _run_engine(engine, jobs, stagger=0.05)
+    # a later request's prefill (n > 1) ran in the same flat forward as decodes (n == 1)
+    assert any(len(s) > 1 and 1 in s and any(n > 1 for n in s) for s in backend.steps), backend.steps[:10]
+    for (ids, fin), (prompt_ids, _) in zip(results, jobs):
+        ref = ref_model.generate_ids(prompt_ids, max_tokens=30)
+        assert ids[: len(ref.ids)] == ref.ids
+        assert fin.completion_tokens == len(ids)
+
+
+def test_chunked_prefill_matches_whole_prefill(tiny_dir: Path, ref_model: Any) -> None:
+    backend = RecordingBackend(moetier.load(tiny_dir))
+    engine = Engine(backend, max_batch=4, max_step_tokens=5)
+    prompt = ref_model.encode_prompt("the quick brown fox jumps over the lazy dog. Once upon a time")
+    assert len(prompt) > 12
+    [(ids, fin)] = _run_engine(engine, [(prompt, RequestParams(max_tokens=10))])
+    assert max(sum(s) for s in backend.steps) <= 5  # never more than the token budget per step
+    ref = ref_model.generate_ids(prompt, max_tokens=10)
+    assert ids[: len(ref.ids)] == ref.ids
+
+
+def test_cancel_while_waiting(tiny_dir: Path) -> None:
+    backend = SlowBackend(moetier.load(tiny_dir), delay=0.02)
+    engine = Engine(backend, max_batch=1, max_queue=4)
+
+    async def go() -> None:
+        a = engine.submit([5, 6, 7], RequestParams(max_tokens=50))
+        b = engine.submit([5, 6, 7], RequestParams(max_tokens=50))
+        assert engine.queue_depth >= 1
+        engine.cancel(b)
+        assert b.done and b.finish_reason == "cancelled"
+        n = 0
+        async for ev in a.events():
+            n += len(ev.token_ids) if isinstance(ev, (Delta, Finished)) else 0
+        assert n == 50
+        assert engine.queue_depth == 0
+        assert len(backend.sequences) == 1  # b never got a sequence
+
+    engine.start()
+    try:
+        asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        engine.stop()
+    assert engine.metrics.finish_reasons["cancelled"] == 1
+
+
+def test_one_access_log_line_per_request(tiny_dir: Path, caplog: Any) -> None:
+    app = build_app(moetier.load(tiny_dir), model_name=SERVED)
+    with caplog.at_level(logging.INFO, logger="moetier.serve"), BackgroundServer(app) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=30)
+        c.completions.create(model=SERVED, prompt="hello", max_tokens=3, temperature=0)
+        httpx.post(srv.base_url + "/v1/completions", content=b"{bad")
+        time.sleep(0.2)
+    lines = [
+        r.getMessage() for r in caplog.records if r.name == "moetier.serve" and "/v1/completions" in r.getMessage()
+    ]
+    assert len(lines) == 2, lines
+    assert '"POST /v1/completions" 200' in lines[0] and "completion_tokens=3" in lines[0]
+    assert '"POST /v1/completions" 400' in lines[1]
+
+
+def test_cli_help_and_bad_args(capsys: Any) -> None:
+    try:
+        main(["serve", "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    assert "--max-queue" in capsys.readouterr().out
+    assert main(["serve", "/no/such/dir"]) == 2
+    assert "MODEL_DIR" in capsys.readouterr().err
+    assert main(["serve", "--max-batch", "0"]) == 2
+    assert main(["serve", "--max-ram", "lots"]) == 2
+
+
+def test_cli_serves(tiny_dir: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moetier.cli",
+            "serve",
+            str(tiny_dir),
+            "--port",
+            str(port),
+            "--api-key",
+            "k",
+            "--max-batch",
+            "4",
+            "--served-model-name",
+            SERVED,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=30)
+        with cf.ThreadPoolExecutor(3) as ex:
+            outs = list(
+                ex.map(
+                    lambda p: c.completions.create(model=SERVED, prompt=p, max_tokens=5, temperature=0),
+                    ["hello", "the quick", "Once"],
+                )
+            )
+        assert all(o.usage.completion_tokens >= 1 for o in outs)
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert f"http://127.0.0.1:{port}/v1" in out
+    assert out.count('"POST /v1/completions" 200') == 3
