@@ -158,15 +158,30 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per client count")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of the server (default: torch's)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = ap.parse_args()
     counts = [int(x) for x in args.clients.split(",")]
 
     port = free_port()
-    cmd = [sys.executable, "-m", "moetier.cli", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
-           "--max-queue", "256", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moetier.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(args.max_batch),
+        "--max-queue",
+        "256",
+        "--log-level",
+        "warning",
+    ]
     if args.model:
         cmd.insert(4, args.model)
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -191,6 +206,7 @@ def main() -> int:
         runs = []
         for n in counts:
             r = run_phase(base, n, args.duration, args.max_tokens, refs, server.pid)
+            r["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
             print(json.dumps(r), flush=True)
             runs.append(r)
         base_tps = next((r["tokens_per_s"] for r in runs if r["clients"] == 1), None)
@@ -202,7 +218,12 @@ def main() -> int:
             "max_tokens": args.max_tokens,
             "max_batch": args.max_batch,
             "duration_s_per_n": args.duration,
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "note": "shared machine: other jobs were running; see loadavg_1m_after per run",
+            },
             "runs": runs,
             "batching_gain_vs_one_by_one": {
                 str(r["clients"]): round(r["tokens_per_s"] / base_tps, 2) for r in runs if base_tps

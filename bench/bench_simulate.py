@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moetier.traces.format import make_trace  # noqa: E402
-from moetier.traces.simulate import simulate  # noqa: E402
+from moetier.traces.format import make_trace
+from moetier.traces.simulate import simulate
 
 
 def synthetic_trace(rows: int, experts: int, k: int, layers: int, zipf: float, seed: int = 0):

@@ -485,9 +485,7 @@ def routing_imbalance(spec: ModelSpec, lay: Layout, tokens_per_device: float) ->
 
 @lru_cache(maxsize=256)
 def _placement_imbalance(loads: tuple[float, ...], ep: int, redundant: int) -> float:
-    if redundant > 0:
-        return eplb.place(loads, ep, redundant, refine_rounds=50).imbalance
-    return eplb.static_placement(loads, ep).imbalance
+    return eplb.mean_imbalance(loads, ep, redundant)
 
 
 def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision: str = "fp8",
@@ -552,7 +550,7 @@ def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision
         cached_tokens = n_seq * lay.context * lay.cached_fraction
         core_flops += cached_tokens * 2 * sh.kv_lora * sh.heads * (sh.qk_nope + sh.v_head) * sh.num_layers
     if decode:
-        kv_read = n_seq * kv_repl * sum(_attended(lay.context, w) for w in sh.windows) * kv_tok / sh.num_layers
+        kv_read = n_seq * kv_repl * sum(_attended(lay.context, win) for win in sh.windows) * kv_tok / sh.num_layers
     else:  # read the cached prefix once, write the new tokens' KV
         kv_read = (n_seq * kv_repl * lay.context * lay.cached_fraction + T) * kv_tok
     ops.append(Op("attention core", core_flops, kv_read, flop_rate(attn_dtype), mem_rate, sh.num_layers))
@@ -608,10 +606,7 @@ def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision
     # ---- memory capacity
     weights = (sh.always_on_bytes - sh.attn_bytes * (1 - 1 / tp) + slots * sh.expert_bytes * sh.n_moe
                + (sh.mtp_bytes if lay.mtp_tokens else 0.0))
-    if decode:
-        kv = n_seq * kv_repl * lay.context * kv_tok
-    else:
-        kv = n_seq * kv_repl * lay.context * kv_tok
+    kv = n_seq * kv_repl * lay.context * kv_tok  # the KV cache of the sequences in flight
     cap = tier.capacity_bytes
     feasible = weights + kv <= cap * (1 - RESERVE_FRACTION)
     notes = [cal.describe()]
@@ -833,7 +828,7 @@ def explain_lines(r: ClusterResult) -> list[str]:
 # ---------------------------------------------------------------------------------------
 # command line (hooked into `moetier plan` by moetier/commands/plan.py)
 
-_CLUSTER_FLAGS = ("ep", "dp", "tp", "phase", "search")
+_CLUSTER_FLAGS = ("ep", "dp", "tp", "phase", "search", "published")
 
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
@@ -868,6 +863,8 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     add("--search", action="store_true", help="search tp/ep/replicas/overlap/batch for max tokens/s per node")
     add("--target-tps-per-user", type=float, default=None, help="--search: minimum tokens/s per user")
     add("--explain", action="store_true", help="print the arithmetic behind the prediction")
+    add("--published", action="store_true",
+        help="predict DeepSeek's published H800 figures with the one H800 calibration (MODEL deepseek-v3)")
     add("--what-if-plot", default=None, metavar="PNG",
         help="write the triangle's shares as one resource is scaled (see --what-if-scale)")
     add("--what-if-scale", default="hbm_bw", choices=("hbm_bw", "flops", "scale_up_bw", "scale_out_bw"),
@@ -903,13 +900,28 @@ def layout_from_args(args: argparse.Namespace, spec: ModelSpec, machine: Machine
     prof = getattr(args, "routing_profile", None)
     if prof and spec.is_moe and lay.ep > 1:
         loads = eplb.load_profile(prof)
-        if len(loads) != spec.num_experts:
-            raise ClusterError(f"--routing-profile {prof}: {len(loads)} experts, but {spec.name} has "
+        if loads.shape[-1] != spec.num_experts:
+            raise ClusterError(f"--routing-profile {prof}: {loads.shape[-1]} experts, but {spec.name} has "
                                f"{spec.num_experts} routed experts per layer")
-        red = lay.redundant_experts
-        placement = eplb.place(loads, lay.ep, red) if red else eplb.static_placement(loads, lay.ep)
-        lay = replace(lay, placement_imbalance=placement.imbalance)
+        lay = replace(lay, placement_imbalance=max(1.0, eplb.mean_imbalance(loads, lay.ep, lay.redundant_experts)))
     return lay
+
+
+def replication_report(spec: ModelSpec, machine: Machine, lay: Layout, loads: Any, *, precision: str,
+                       calibration: Calibration | None = None) -> list[dict[str, Any]]:
+    """Per-device load and tokens/s without copies (static / packed) and with redundant experts."""
+    rows = []
+    red = lay.redundant_experts or lay.ep  # suggest one extra slot per device when none is given
+    for label, r, packed in (("static placement, no copies", 0, False),
+                             ("EPLB packing, no copies", 0, True),
+                             (f"EPLB + {red} redundant experts", red, True)):
+        imb = max(1.0, eplb.mean_imbalance(loads, lay.ep, r, packed=packed))
+        res = plan_cluster(spec, machine, replace(lay, redundant_experts=r, placement_imbalance=imb, imbalance=None),
+                           precision=precision, calibration=calibration)
+        rows.append({"placement": label, "redundant_experts": r, "placement_imbalance": imb,
+                     "imbalance": res.imbalance, "tokens_per_s_per_node": res.tokens_per_s_per_node,
+                     "tokens_per_s_per_user": res.tokens_per_s_per_user, "bottleneck": res.bottleneck})
+    return rows
 
 
 def imbalance_cost(spec: ModelSpec, machine: Machine, r: ClusterResult, *, precision: str,
@@ -929,6 +941,8 @@ def run_plan_command(args: argparse.Namespace) -> int:
 
     spec = resolve_model(args.model)
     machine = get_machine(args.machine)
+    if getattr(args, "published", False):
+        return _run_published(spec, machine, args)
     precision = getattr(args, "precision", "fp8") or "fp8"
     lay = layout_from_args(args, spec, machine)
     as_json = bool(getattr(args, "json", False))
@@ -966,6 +980,16 @@ def run_plan_command(args: argparse.Namespace) -> int:
         doc["imbalance_cost_tokens_per_s_per_node"] = cost
         text.append(f"  load imbalance {r.imbalance:.3f} costs {cost:,.0f} tok/s per node "
                     f"({cost / bal.tokens_per_s_per_node:.1%}) vs perfectly balanced experts")
+    prof = getattr(args, "routing_profile", None)
+    zipf = getattr(args, "zipf", 0.0) or 0.0
+    if spec.is_moe and r.layout.ep > 1 and (prof or zipf > 0) and getattr(args, "imbalance", None) is None:
+        loads = eplb.load_profile(prof) if prof else eplb.zipf_loads(spec.num_experts, zipf)
+        rep = replication_report(spec, machine, r.layout, loads, precision=precision)
+        doc["replication"] = rep
+        text.append("  expert placement (slowest device sets the step):")
+        for row in rep:
+            text.append(f"    {row['placement']:34s} max/mean {row['placement_imbalance']:.3f} "
+                        f"(x noise -> {row['imbalance']:.3f})  {row['tokens_per_s_per_node']:>10,.0f} tok/s/node")
     if getattr(args, "explain", False):
         text += explain_lines(r)
     what_ifs = getattr(args, "what_if", None) or []
@@ -985,6 +1009,32 @@ def run_plan_command(args: argparse.Namespace) -> int:
         text.append(f"wrote {p}: shares of compute / memory / communication as {res} scales 1x..32x")
     if as_json:
         print(json.dumps(doc, indent=2, default=float))
+    else:
+        print("\n".join(text))
+    return 0
+
+
+def _run_published(spec: ModelSpec, machine: Machine, args: argparse.Namespace) -> int:
+    """``--published``: the four DeepSeek H800 figures, predicted with the one H800 calibration."""
+    from moetier.planner.calibration import PUBLISHED, predict_published
+
+    if spec.family != "deepseek_v3" or spec.num_experts != 256:
+        raise ClusterError(f"--published: the published figures are for DeepSeek-V3/R1; got model {spec.name!r}")
+    if not machine.name.lower().startswith("h800"):
+        raise ClusterError(f"--published: the published figures were measured on H800; got --machine {machine.name!r}")
+    rows, text = [], []
+    for fig in PUBLISHED:
+        r = predict_published(fig, spec, machine)
+        err = r.tokens_per_s_per_node / fig.reference - 1
+        rows.append({"figure": fig.name, "what": fig.what, "published_tokens_per_s_per_node": fig.reference,
+                     "error": err, **r.to_json()})
+        text.append(f"{fig.name}: published {fig.reference:,.0f}, predicted {r.tokens_per_s_per_node:,.0f} "
+                    f"tok/s per node ({err:+.1%}) -- {fig.what}")
+        if getattr(args, "explain", False):
+            text += ["  " + line for line in summary_lines(r) + explain_lines(r)]
+            text.append("")
+    if getattr(args, "json", False):
+        print(json.dumps({"published": rows}, indent=2, default=float))
     else:
         print("\n".join(text))
     return 0

@@ -202,12 +202,11 @@ def _refine(items: list[list[tuple[float, int]]], load: list[float], slots: int,
 
 
 def static_placement(loads: Sequence[float], n_devices: int) -> Placement:
-    """No replication: expert ``e`` on device ``e // ceil(E / D)`` (contiguous ids, the default)."""
+    """No replication: contiguous id ranges, device ``d`` holding ``[d*E//D, (d+1)*E//D)``."""
     a = _check_loads(loads)
-    s = _slots(a.size, n_devices, 0, None)
-    dev: list[list[int]] = [[] for _ in range(n_devices)]
-    for e in range(a.size):
-        dev[e // s].append(e)
+    _slots(a.size, n_devices, 0, None)
+    E = a.size
+    dev = [list(range(d * E // n_devices, (d + 1) * E // n_devices)) for d in range(n_devices)]
     return Placement(
         replicas=(1,) * a.size,
         device_experts=tuple(tuple(d) for d in dev),
@@ -246,18 +245,45 @@ def zipf_loads(n_experts: int, s: float, seed: int = 0) -> np.ndarray:
     return out
 
 
+def mean_imbalance(loads: Sequence[float] | np.ndarray, n_devices: int, n_redundant: int = 0,
+                   *, packed: bool | None = None) -> float:
+    """Placement imbalance of a 1-D profile, or the mean over the rows (layers) of a 2-D one.
+
+    ``packed`` None: EPLB placement when there are redundant slots, else the static contiguous
+    placement (what a deployment without rebalancing does); True/False force either.
+    """
+    a = np.asarray(loads, dtype=float)
+    rows = a if a.ndim == 2 else a[None, :]
+    use_pack = (n_redundant > 0) if packed is None else packed
+    vals = [(place(r, n_devices, n_redundant, refine_rounds=50) if use_pack else static_placement(r, n_devices))
+            .imbalance for r in rows if r.sum() > 0]
+    return float(np.mean(vals)) if vals else 1.0
+
+
 def load_profile(path: str | Path, *, layer: int | None = None, warmup_repeat: int = 32) -> np.ndarray:
-    """Per-expert loads from a file.
+    """Per-expert loads from a file: 1-D ``[experts]`` or 2-D ``[layers, experts]``.
 
     Accepts a JSON list of numbers, a JSON object with a ``loads`` list (or ``expert_counts``),
-    or a routing trace in the ``.jsonl`` format of ``shared/data/routing-traces`` (a ``meta``
-    line, then ``route`` lines with ``topk_ids``). Trace rows whose ``topk_weights`` vector
-    repeats more than ``warmup_repeat`` times are the capturing engine's warm-up dummies and
-    are dropped (see the traces README).
+    the JSON of ``moetier trace stats`` (``per_layer[*].load``, one row per layer), a moetier
+    trace ``.npz`` (counts per layer), or a routing trace in the ``.jsonl`` format of
+    ``shared/data/routing-traces`` (a ``meta`` line, then ``route`` lines with ``topk_ids``).
+    In ``.jsonl`` traces, rows whose ``topk_weights`` vector repeats more than
+    ``warmup_repeat`` times are the capturing engine's warm-up dummies and are dropped (see the
+    traces README).
     """
     p = Path(path)
     if not p.is_file():
         raise MoetierError(f"routing profile {p}: no such file")
+    if p.suffix == ".npz":
+        from moetier.traces.format import load_trace
+
+        t = load_trace(p)
+        layers = [lyr for lyr in t.layers if layer is None or lyr == layer]
+        if not layers:
+            raise MoetierError(f"routing profile {p}: no rows for layer {layer}")
+        n = int(t.num_experts)
+        return np.stack([np.bincount(t.topk_ids[t.layer == lyr].ravel().astype(np.int64), minlength=n)[:n]
+                         for lyr in layers]).astype(float)
     text = p.read_text(encoding="utf-8")
     if p.suffix == ".jsonl":
         rows = []
@@ -286,6 +312,12 @@ def load_profile(path: str | Path, *, layer: int | None = None, warmup_repeat: i
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise MoetierError(f"routing profile {p}: not valid JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("per_layer"), list):
+        rows = [d.get("load") for d in data["per_layer"]
+                if isinstance(d, dict) and (layer is None or d.get("layer") == layer)]
+        if not rows or not all(isinstance(r, list) and r for r in rows) or len({len(r) for r in rows}) != 1:
+            raise MoetierError(f"routing profile {p}: 'per_layer' entries need equal-length 'load' lists")
+        return np.stack([_check_loads(r) for r in rows])
     if isinstance(data, dict):
         data = data.get("loads", data.get("expert_counts"))
     if not isinstance(data, list) or not all(isinstance(x, (int, float)) for x in data):

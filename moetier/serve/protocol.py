@@ -310,6 +310,15 @@ def _param_of(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
+_UNION_HINTS = {
+    "prompt": "expected a non-empty string, a list with one string, a list of token ids or a list with one "
+    "list of token ids",
+    "stop": "expected a string or a list of up to 4 non-empty strings",
+    "content": "expected a string or a list of {'type': 'text', 'text': ...} parts (only text is supported)",
+    "tool_choice": "expected 'none' (tools are not supported)",
+}
+
+
 def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (
         part in {"str", "int", "float", "bool", "list", "dict"} or "[" in part or "-" in part
@@ -323,7 +332,8 @@ def validation_error(exc: ValidationError) -> ServeError:
     first = errors[0]
     param = _param_of(tuple(first["loc"]))
     if any(_is_union_tag(p) for p in first["loc"]):
-        msg = "has the wrong type or an invalid value"
+        last = (param or "").rsplit(".", 1)[-1].split("[")[0]
+        msg = _UNION_HINTS.get(last, "has the wrong type or an invalid value")
         for e in errors:
             if _param_of(tuple(e["loc"])) == param and e["type"] == "value_error":
                 msg = e["msg"].removeprefix("Value error, ")

@@ -242,6 +242,10 @@ def test_cli_routing_profile(tmp_path, capsys):
         assert rc == 0
         outs.append(json.loads(capsys.readouterr().out))
     assert outs[1]["imbalance"] < outs[0]["imbalance"]
+    rep = outs[1]["replication"]
+    assert [r["redundant_experts"] for r in rep] == [0, 0, 32]
+    assert rep[2]["tokens_per_s_per_node"] > rep[0]["tokens_per_s_per_node"]
+    assert rep[2]["placement_imbalance"] < rep[1]["placement_imbalance"] <= rep[0]["placement_imbalance"] + 1e-9
     assert outs[0]["imbalance_cost_tokens_per_s_per_node"] > outs[1]["imbalance_cost_tokens_per_s_per_node"]
     bad = tmp_path / "short.json"
     bad.write_text("[1, 2, 3]")

@@ -144,3 +144,30 @@ def test_errors_name_the_parameter(tmp_path):
     bad.write_text("{nope")
     with pytest.raises(MoetierError, match="bad.json"):
         eplb.load_profile(bad)
+
+
+def test_load_profile_per_layer_formats(tmp_path):
+    stats = {"per_layer": [{"layer": 0, "load": [3, 1, 0, 0]}, {"layer": 1, "load": [0, 0, 2, 2]}]}
+    p = tmp_path / "stats.json"
+    p.write_text(json.dumps(stats))
+    a = eplb.load_profile(p)
+    assert a.shape == (2, 4) and list(a[1]) == [0, 0, 2, 2]
+    assert eplb.load_profile(p, layer=0).tolist() == [[3, 1, 0, 0]]
+    # per-layer imbalance is averaged: layer 0 on 2 devices = 4/2 -> 2.0, layer 1 -> 2.0 (static)
+    assert eplb.mean_imbalance(a, 2) == pytest.approx(2.0)
+    assert eplb.mean_imbalance(a, 2, packed=True) == pytest.approx((3 / 2 + 1.0) / 2)
+
+    from moetier.traces.format import make_trace, save_trace
+
+    ids = np.array([[0, 1], [0, 2], [0, 1], [3, 1]], dtype=np.int32)
+    layer = np.array([5, 5, 7, 7], dtype=np.int32)
+    t = make_trace(topk_ids=ids, layer=layer, meta={"model": "toy", "num_experts": 4})
+    npz = save_trace(t, tmp_path / "t.npz")
+    got = eplb.load_profile(npz)
+    assert got.tolist() == [[2, 1, 1, 0], [1, 2, 0, 1]]
+
+
+def test_static_placement_spreads_when_devices_exceed_half_the_experts():
+    p = eplb.static_placement(np.ones(256), 144)
+    assert all(1 <= len(d) <= 2 for d in p.device_experts)
+    assert sum(len(d) for d in p.device_experts) == 256

@@ -76,3 +76,16 @@ def test_explain_shows_the_arithmetic(ds, h800):
 def test_calibration_only_for_h800(h800):
     assert calibration_for(h800) is H800
     assert calibration_for(get_machine("h100")) is not H800
+
+
+def test_cli_published(capsys):
+    import json
+
+    from moetier.cli import main
+
+    assert main(["plan", "deepseek-v3", "--machine", "h800", "--published", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["published"]
+    assert [r["figure"] for r in rows] == [f.name for f in PUBLISHED]
+    assert all(abs(r["error"]) < 0.20 for r in rows)
+    assert main(["plan", "deepseek-v3", "--machine", "h100", "--published"]) == 2
+    assert "H800" in capsys.readouterr().err

@@ -77,6 +77,8 @@ def parse_prometheus(text: str) -> dict[str, float]:
 
 def test_models_and_health(server: BackgroundServer) -> None:
     assert [m.id for m in client(server).models.list()] == [SERVED]
+    card = httpx.get(server.base_url + f"/v1/models/{SERVED}", timeout=10).json()
+    assert card["id"] == SERVED and card["object"] == "model" and card["max_model_len"] == 512
     h = httpx.get(server.base_url + "/health", timeout=10).json()
     assert h["status"] == "ok" and h["model"] == SERVED
 

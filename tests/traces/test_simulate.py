@@ -29,7 +29,7 @@ def _trace(path):
 
 @needs_data
 @pytest.mark.parametrize("path, cap, lru, lfu, belady", REFERENCE,
-                         ids=[f"{p.name.split('.gsm8k')[0][:6]}-{p.name.split('.')[-2]}-C{c}" for p, c, *_ in REFERENCE])
+                         ids=[f"{p.name[:6]}-{p.name.split('.')[-2]}-C{c}" for p, c, *_ in REFERENCE])
 def test_reproduces_readme_figures(path, cap, lru, lfu, belady):
     t = _trace(path)
     assert round(simulate(t, "lru", cap).hit_rate, 3) == lru

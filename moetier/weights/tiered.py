@@ -1,0 +1,410 @@
+"""The tiered expert provider: resident / cache / store behind the ExpertProvider interface.
+
+:class:`TieredExpertProvider` serves routed experts to the MoE layers
+(``require(layer, ids)`` then ``get(layer, e)``, see :mod:`moetier.models.base`):
+
+* experts of tier ``resident`` (PlacementPlan rules) are read once at load into their own
+  slots and never evicted;
+* experts of tier ``cache`` go through :class:`~moetier.weights.cache.ExpertCache` (the
+  policy objects of :mod:`moetier.weights.policies`, called as documented there). On
+  ``require`` every miss is submitted to the :class:`~moetier.weights.prefetch.IOWorker`
+  at once, so reading expert ``j+1`` overlaps computing expert ``j``; ``get`` waits for its
+  own read only (that wait is the *stall* time);
+* experts of tier ``store`` and misses the policy does not admit are *bypassed*: read into
+  one of a few transient slots, used for this step, released.
+
+Slot lifetime contract (what ``moetier.layers.moe.dispatch`` does): the weights returned by
+``get`` for a cached or pinned expert stay valid until the next ``require``; for a
+bypassed expert until the next ``get`` or ``require``.
+
+With prefetch on, a :class:`~moetier.weights.prefetch.RouterPrefetcher` calls
+:meth:`TieredExpertProvider.prefetch` with the next layer's guessed experts; their reads go
+into prefetch slots (bounded in-flight bytes) and are handed over (no copy: the slot itself
+changes owner) when the layer asks for them.
+
+Pool: ``cache capacity + prefetch slots + 2 bypass slots``, all preallocated.
+Bit-identical to the in-RAM provider: same bytes, same dtype, same contiguous shapes.
+
+:func:`tiered_factory` builds the ``expert_provider_factory`` for ``moetier.load``;
+:func:`bind` installs the step counter and the prefetch hooks on the loaded model and
+exposes the metrics as ``model.hierarchy_metrics``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import numpy as np
+
+from moetier.errors import MoetierError
+from moetier.models.base import ExpertReader, ExpertWeights
+from moetier.spec import ModelSpec
+from moetier.weights.cache import ExpertCache, Key, SlotPool
+from moetier.weights.metrics import HierarchyMetrics
+from moetier.weights.plan import PlacementPlan
+from moetier.weights.prefetch import IOWorker, ReadJob, RouterPrefetcher
+from moetier.weights.store import ExpertStore
+
+BYPASS_SLOTS = 2
+
+
+class TieredExpertProvider:
+    """Resident + cache + store expert provider (see module docstring)."""
+
+    def __init__(self, spec: ModelSpec, reader: ExpertReader, plan: PlacementPlan, *,
+                 cache_slots: int, prefetch_slots: int = 0, profile: Any = None, io: str = "buffered",
+                 check_finite: bool = True, io_threads: int = 1, store: ExpertStore | None = None,
+                 metrics: HierarchyMetrics | None = None, touch: bool = True):
+        self.spec, self.plan = spec, plan
+        self.store = store or ExpertStore(reader, io=io, check_finite=check_finite)
+        self.layout = self.store.layout
+        self.slot_bytes = self.layout.slot_bytes
+        self.metrics = metrics or HierarchyMetrics()
+        self.metrics.expert_bytes = self.layout.expert_bytes
+        self.tiers = plan.expert_tiers(spec)
+        layers = spec.moe_layer_ids
+        if plan.policy == "static" and profile is None and "profile" not in plan.policy_params:
+            raise MoetierError("policy 'static' needs a routing profile (per-layer per-expert counts): pass "
+                               "profile= or a --profile file")
+        self.cache = ExpertCache(layers, max(0, int(cache_slots)), plan.policy, plan.policy_params,
+                                 plan.cache_scope, profile)
+        self.prefetch_slots = max(0, int(prefetch_slots))
+        self.pool = SlotPool(self.cache.capacity + self.prefetch_slots + BYPASS_SLOTS, self.slot_bytes)
+        if touch:
+            self.pool.touch()
+        self.worker = IOWorker(self.store, self.pool.slot, self.metrics, threads=io_threads)
+        # resident (pinned) experts: own slots, read once
+        pinned_keys = sorted(k for k, t in self.tiers.items() if t == "resident")
+        self.pinned_pool = SlotPool(len(pinned_keys), self.slot_bytes) if pinned_keys else None
+        self.pinned: dict[Key, ExpertWeights] = {}
+        for i, (layer, e) in enumerate(pinned_keys):
+            assert self.pinned_pool is not None
+            self.pinned[(layer, e)] = self.store.read_into(layer, e, self.pinned_pool.slot(i))
+        # per-step state (main thread only)
+        self.current: dict[Key, tuple[str, ReadJob | None]] = {}
+        self.consumed_bypass: list[ReadJob] = []
+        self.prefetched: dict[Key, ReadJob] = {}
+        self.zombies: list[ReadJob] = []  # cancelled reads still holding a slot
+        self.n_prefetch_used = 0
+        self.n_bypass_used = 0
+        self.guesses: dict[int, set[int]] = {}
+        self.step = 0
+        # a static policy's pinned set is resident from the start: fill it now
+        self.warm()
+
+    # ----- sizes -----
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache.capacity * self.slot_bytes
+
+    @property
+    def pinned_bytes(self) -> int:
+        return 0 if self.pinned_pool is None else self.pinned_pool.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """RAM held for routed experts (all slots, pinned included)."""
+        return self.pool.nbytes + self.pinned_bytes
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.cache.describe(),
+            "slot_bytes": self.slot_bytes,
+            "expert_bytes": self.layout.expert_bytes,
+            "cache_bytes": self.cache_bytes,
+            "pinned_experts": len(self.pinned),
+            "pinned_bytes": self.pinned_bytes,
+            "prefetch_slots": self.prefetch_slots,
+            "bypass_slots": BYPASS_SLOTS,
+            "io": self.store.io,
+        }
+
+    def warm(self) -> None:
+        """Read the experts the policies hold resident but that are not loaded (static)."""
+        keys = [k for k in self.cache.resident_keys() if self.tiers.get(k) == "cache" and k not in self.cache.valid]
+        for key in keys:
+            s = self.cache.slot_of.get(key)
+            if s is None:
+                s = self.pool.acquire()
+                assert s is not None
+                self.cache.slot_of[key] = s
+            self.store.read_into(key[0], key[1], self.pool.slot(s))
+            self.cache.mark_valid(key)
+
+    # ----- slot helpers -----
+    def _release(self, slot: int) -> None:
+        self.pool.release(slot)
+
+    def _reap(self) -> None:
+        keep = []
+        for j in self.zombies:
+            if j.done.is_set():
+                if j.nbytes:
+                    self.metrics.add_wasted(j.nbytes)
+                self.pool.release(j.slot)
+                self.n_prefetch_used -= 1
+            else:
+                keep.append(j)
+        self.zombies = keep
+
+    def _discard_prefetch(self, job: ReadJob) -> None:
+        job.cancelled = True
+        self.zombies.append(job)
+
+    def _wait(self, job: ReadJob) -> None:
+        if not job.done.is_set():
+            if job.prefetch:
+                self.worker.promote(job)
+            t0 = time.perf_counter()
+            job.done.wait()
+            self.metrics.stall_seconds += time.perf_counter() - t0
+
+    def _submit(self, layer: int, e: int, slot: int, prefetch: bool) -> ReadJob:
+        return self.worker.submit(ReadJob(layer, e, slot, prefetch))
+
+    def finish_layer(self) -> None:
+        """Settle the previous layer: wait for its outstanding reads, free bypass slots."""
+        for key, (kind, job) in self.current.items():
+            if job is None:
+                continue
+            job.done.wait()
+            if kind == "cache":
+                if job.error is None:
+                    self.cache.mark_valid(key)
+                else:
+                    self.cache.mark_invalid(key)
+            elif job not in self.consumed_bypass:
+                self.consumed_bypass.append(job)
+        self.current = {}
+        self._free_consumed_bypass()
+        self._reap()
+
+    def _free_consumed_bypass(self) -> None:
+        for job in self.consumed_bypass:
+            job.done.wait()
+            self.pool.release(job.slot)
+            self.n_bypass_used -= 1
+        self.consumed_bypass = []
+
+    # ----- the ExpertProvider interface -----
+    def require(self, layer: int, expert_ids: Seq[int]) -> None:
+        self.finish_layer()
+        needed = [int(e) for e in expert_ids]
+        ns = set(needed)
+        g = self.guesses.pop(layer, None)
+        if g is not None:
+            m = self.metrics
+            m.pf_guesses += len(g)
+            m.pf_correct += len(g & ns)
+            m.pf_actual += len(ns)
+        # prefetches for this layer that were not needed, or stale ones for other layers
+        for key in [k for k in self.prefetched if k[0] != layer or k[1] not in ns]:
+            self._discard_prefetch(self.prefetched.pop(key))
+        counts = self.metrics.layer(layer)
+        deferred: list[Key] = []
+        for e in needed:
+            key = (layer, e)
+            counts.accesses += 1
+            if key in self.pinned:
+                counts.resident += 1
+                continue
+            pf = self.prefetched.pop(key, None)
+            tier = self.tiers.get(key)
+            if tier is None:
+                raise MoetierError(f"layer {layer} expert {e}: no such routed expert "
+                                   f"(MoE layers {list(self.spec.moe_layer_ids)}, {self.spec.num_experts} experts)")
+            if tier == "cache":
+                acc = self.cache.access(layer, e, needed, self.pool.acquire, self._release)
+                if acc.hit:
+                    counts.hits += 1
+                    self.current[key] = ("cache", None)
+                    if pf is not None:
+                        self._discard_prefetch(pf)
+                    continue
+                counts.misses += 1
+                if acc.slot is not None:
+                    if pf is not None:  # the prefetch slot becomes the cache slot
+                        self._release(self.cache.replace_slot(key, pf.slot))
+                        self.n_prefetch_used -= 1
+                        self.metrics.prefetch_served += 1
+                        job = pf
+                        job.prefetch = True
+                    else:
+                        job = self._submit(layer, e, acc.slot, prefetch=False)
+                    self.current[key] = ("cache", job)
+                    continue
+            else:
+                counts.misses += 1
+            # bypass: serve once from a transient slot
+            if pf is not None:
+                self.n_prefetch_used -= 1
+                self.n_bypass_used += 1
+                self.metrics.prefetch_served += 1
+                self.current[key] = ("bypass", pf)
+            else:
+                self.current[key] = ("bypass", None)
+                deferred.append(key)
+        # start bypass reads now while a transient slot is spare (keep one for later gets)
+        for key in deferred:
+            if self.n_bypass_used >= BYPASS_SLOTS - 1:
+                break
+            s = self.pool.acquire()
+            if s is None:
+                break
+            self.n_bypass_used += 1
+            self.current[key] = ("bypass", self._submit(key[0], key[1], s, prefetch=False))
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        key = (layer, expert)
+        w = self.pinned.get(key)
+        if w is not None:
+            return w
+        entry = self.current.get(key)
+        if entry is None:
+            raise MoetierError(f"layer {layer} expert {expert}: get() without require() in this step")
+        kind, job = entry
+        if kind == "cache":
+            if job is not None:
+                self._wait(job)
+                self.current[key] = ("cache", None)
+                if job.error is not None:
+                    self.cache.mark_invalid(key)
+                    raise job.error
+                self.cache.mark_valid(key)
+            return self.layout.views(self.pool.slot(self.cache.slot_of[key]))
+        # bypass
+        self._free_consumed_bypass()
+        if job is None:
+            self._reap()
+            s = self.pool.acquire()
+            while s is None and self.zombies:
+                self.zombies[0].done.wait()
+                self._reap()
+                s = self.pool.acquire()
+            if s is None:  # pragma: no cover - the slot accounting guarantees a spare
+                raise RuntimeError("tiered provider: no free transient slot")
+            self.n_bypass_used += 1
+            job = self._submit(layer, expert, s, prefetch=False)
+        self._wait(job)
+        self.current[key] = ("bypass", None)
+        self.consumed_bypass.append(job)
+        if job.error is not None:
+            raise job.error
+        return self.layout.views(self.pool.slot(job.slot))
+
+    # ----- prefetch -----
+    def prefetch(self, layer: int, ranked: Seq[int]) -> None:
+        """Guessed experts of MoE layer ``layer`` (best first): start reading the missing ones."""
+        self.finish_layer()
+        self.guesses[layer] = set(int(e) for e in ranked)
+        if self.prefetch_slots == 0:
+            return
+        for e in ranked:
+            key = (layer, int(e))
+            if key in self.pinned or key in self.cache.valid or key in self.prefetched:
+                continue
+            if self.tiers.get(key) is None:
+                continue
+            if self.n_prefetch_used >= self.prefetch_slots:
+                break
+            s = self.pool.acquire()
+            if s is None:
+                break
+            self.n_prefetch_used += 1
+            self.prefetched[key] = self._submit(layer, int(e), s, prefetch=True)
+
+    def on_step(self, tokens: int, decode: bool) -> None:
+        self.step += 1
+        self.cache.on_step(self.step)
+        m = self.metrics
+        m.steps += 1
+        m.tokens += tokens
+
+    def close(self) -> None:
+        self.finish_layer()
+        for j in self.prefetched.values():
+            j.cancelled = True
+        self.worker.close()
+        self.store.close()
+
+
+# ---------------------------------------------------------------------------------------
+# wiring into moetier.load
+
+
+def tiered_factory(plan: PlacementPlan, *, cache_slots: int | None = None, profile: Any = None,
+                   io: str = "buffered", check_finite: bool = True, io_threads: int = 1,
+                   budget: Any = None) -> Any:
+    """An ``expert_provider_factory`` for :func:`moetier.load` building a
+    :class:`TieredExpertProvider` from ``plan``.
+
+    The number of cache slots is ``cache_slots`` if given, else the plan's ``cache_bytes``
+    (or ``cache_fraction`` of the routed set) divided by the slot size, else (``max_ram``
+    set) what :mod:`moetier.weights.budget` leaves after the measured resident set, else
+    every expert. ``budget`` (a :class:`~moetier.weights.budget.MemoryBudget`) receives the
+    final accounting.
+    """
+
+    def factory(spec: ModelSpec, reader: ExpertReader) -> TieredExpertProvider:
+        from moetier.weights import budget as budget_mod
+
+        store = ExpertStore(reader, io=io, check_finite=check_finite)
+        slot = store.layout.slot_bytes
+        n_experts = spec.num_moe_layers * spec.num_experts
+        n_pinned = sum(1 for t in plan.expert_tiers(spec).values() if t == "resident")
+        pf_slots = max(1, plan.prefetch_max_inflight_bytes // slot) if plan.prefetch else 0
+        n = cache_slots
+        if n is None:
+            cb = plan.resolved_cache_bytes(n_experts * store.layout.expert_bytes)
+            if cb is not None:
+                n = int(cb // slot)
+            elif plan.max_ram is not None:
+                n = budget_mod.cache_slots_for(spec, plan, slot_bytes=slot, n_pinned=n_pinned,
+                                               prefetch_slots=pf_slots, bypass_slots=BYPASS_SLOTS, budget=budget)
+            else:
+                n = n_experts - n_pinned
+        n = max(0, min(int(n), n_experts - n_pinned))
+        if plan.max_ram is not None and budget is not None:
+            budget_mod.record(budget, slot_bytes=slot, cache_slots=n, n_pinned=n_pinned,
+                              prefetch_slots=pf_slots, bypass_slots=BYPASS_SLOTS)
+        return TieredExpertProvider(spec, reader, plan, cache_slots=n, prefetch_slots=pf_slots, profile=profile,
+                                    check_finite=check_finite, io_threads=io_threads, store=store)
+
+    return factory
+
+
+class _StepHook:
+    def __init__(self, provider: TieredExpertProvider):
+        self.provider = provider
+
+    def __call__(self, module: Any, args: tuple[Any, ...]) -> None:
+        items = args[0]
+        tokens = sum(int(t.shape[0]) for _, t in items)
+        self.provider.on_step(tokens, decode=tokens == len(items))
+
+
+def bind(model: Any, provider: TieredExpertProvider) -> None:
+    """Install the step counter (and prefetch hooks if the plan says so) on a loaded model;
+    expose ``model.hierarchy_metrics`` and ``model.hierarchy``."""
+    net = model.net
+    handles = [net.register_forward_pre_hook(_StepHook(provider))]
+    pre = None
+    if provider.plan.prefetch:
+        pre = RouterPrefetcher(net, provider.prefetch)
+    provider.metrics.always_on_bytes_per_token = int(net.dense_bytes_per_token())
+    provider._hook_handles = handles  # type: ignore[attr-defined]
+    provider._prefetcher = pre  # type: ignore[attr-defined]
+    model.hierarchy = provider
+    model.hierarchy_metrics = provider.metrics
+
+
+def routing_profile_for(model_dir: Any, spec: ModelSpec) -> np.ndarray | None:
+    """The checkpoint's ``routing_profile.json`` (if any) as ``[moe_layers, experts]``."""
+    from pathlib import Path
+
+    from moetier.planner.roofline import load_profile
+
+    p = Path(model_dir) / "routing_profile.json"
+    return load_profile(p, spec) if p.is_file() else None
