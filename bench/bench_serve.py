@@ -148,6 +148,8 @@ def run_phase(base: str, n: int, duration: float, max_tokens: int, refs: dict[st
         "rss_start_bytes": rss[0] if rss else None,
         "rss_end_bytes": rss[-1] if rss else None,
         "rss_max_bytes": max(rss) if rss else None,
+        # growth over the second half of the window (after the batch has filled up): ~0 = flat
+        "rss_second_half_drift_bytes": (rss[-1] - rss[len(rss) // 2]) if len(rss) > 2 else None,
     }
 
 

@@ -24,7 +24,7 @@ transformers is used here for training only; moetier's runtime never imports it.
 
 Usage (the exact command used for the shipped model is in MODEL_CARD.md)::
 
-    nice -n 5 python scripts/train_embedded.py --steps 1000 --aux-coef 0.01 > train.log 2>&1
+    nice -n 5 python scripts/train_embedded.py --steps 600 --aux-coef 0.03 > train.log 2>&1
     python scripts/train_embedded.py --bench 5      # measure tokens/s and exit
 """
 
@@ -417,10 +417,10 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--moe-inter", type=int, default=128)
-    p.add_argument("--aux-coef", type=float, default=0.01)
+    p.add_argument("--aux-coef", type=float, default=0.03)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr", type=float, default=3e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,18 +67,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load_opts(args: argparse.Namespace) -> dict[str, Any]:
+def _load_model(args: argparse.Namespace) -> Any:
+    """Load like ``moetier run`` (same options and hooks); a ``--max-ram`` no hook consumed goes to
+    the weight hierarchy's loader, sized for this server's batch and context."""
     import inspect
 
-    from moetier.runtime import load
+    import moetier
 
     opts = load_kwargs(args)
-    if getattr(args, "max_ram", None) is not None and "max_ram" not in opts:
-        # no load hook consumed --max-ram: pass it through only if the runtime accepts it
-        if "max_ram" not in inspect.signature(load).parameters:
-            raise MoetierError("--max-ram: this runtime has no weight hierarchy to apply a RAM budget to")
-        opts["max_ram"] = parse_bytes(args.max_ram, "--max-ram")
-    return opts
+    if getattr(args, "max_ram", None) is None or "max_ram" in opts:
+        return moetier.load(args.model_dir, **opts)
+    try:
+        from moetier.weights.tiered import load as tiered_load
+    except ImportError:
+        raise MoetierError("--max-ram: this build has no weight hierarchy to apply a RAM budget to") from None
+    from moetier.runtime import EMBEDDED_DIR
+    from moetier.spec import load_spec
+
+    spec = load_spec(args.model_dir or EMBEDDED_DIR)
+    extra = {
+        "max_ram": parse_bytes(args.max_ram, "--max-ram"),
+        "batch": args.max_batch,
+        "context": spec.max_position_embeddings,
+        "prefill_tokens": args.max_step_tokens,
+    }
+    params = inspect.signature(tiered_load).parameters
+    return tiered_load(args.model_dir, **{k: v for k, v in extra.items() if k in params}, **opts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,12 +108,9 @@ def run(args: argparse.Namespace) -> int:
     max_body = parse_bytes(args.max_body, "--max-body")
     if args.model_dir is not None and not Path(args.model_dir).is_dir():
         raise MoetierError(f"MODEL_DIR: {args.model_dir} is not a directory")
-    opts = _load_opts(args)
-
-    import moetier
     from moetier.serve.app import build_app, serve
 
-    model = moetier.load(args.model_dir, **opts)
+    model = _load_model(args)
     name = args.served_model_name or (Path(args.model_dir).resolve().name if args.model_dir else "moetier-embedded")
     app = build_app(
         model,
@@ -110,5 +122,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=max_body,
     )
     print(f"moetier: serving {name} on http://{args.host}:{args.port}/v1", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"moetier: warning: listening on {args.host} without --api-key", file=sys.stderr, flush=True)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

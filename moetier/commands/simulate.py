@@ -105,10 +105,12 @@ def run(args: argparse.Namespace) -> int:
     cap = parse_cache_size(args.cache, trace.num_experts)
     params = _params(args.param)
     profile = open_trace(args.profile, warmup_repeats=args.warmup_repeats) if args.profile else None
+    names = _policies(args.policy)
+    if params and len(names) > 1:
+        raise MoetierError("--param applies to one policy; give a single --policy with it")
     results = []
-    for name in _policies(args.policy):
-        kw = dict(params) if len(_policies(args.policy)) == 1 else {}
-        res = simulate(trace, name, cap, profile=profile if name == "static" else None, **kw)
+    for name in names:
+        res = simulate(trace, name, cap, profile=profile if name == "static" else None, **params)
         obj = res.to_json()
         if args.machine:
             obj["prediction"] = predict_speed(trace.meta.get("model"), args.model, args.machine, cap,

@@ -93,6 +93,9 @@ def _fmt_stats(s: dict[str, Any]) -> list[str]:
     for c in s["cross_layer"]:
         out.append(f"layer {c['from_layer']} -> {c['to_layer']}: co-selection predicts {c['predicted_overlap']:.3f} "
                    f"of next-layer experts (most-popular baseline {c['popular_overlap']:.3f})")
+    for lyr, a in s.get("prefetch", {}).items():
+        out.append(f"layer {lyr}: prefetch recall {a['recall']:.3f}, precision {a['precision']:.3f} "
+                   f"({a['rows']} rows with a prediction)")
     for n in s["notes"]:
         out.append(f"note: {n}")
     return out

@@ -111,11 +111,12 @@ class Llama4MoE(MoEBlock):
             fn(self.layer, ids, w)
         assert self.provider is not None, "MoEBlock used before an ExpertProvider was attached"
         assert self.shared_expert is not None
-        out = self.shared_expert(x)
-        ones = torch.ones_like(w[:, :1])
-        for j in range(ids.shape[1]):  # one pass per choice: expert(x * score), weight 1
-            out = out + dispatch(x * w[:, j : j + 1], ids[:, j : j + 1], ones, self.layer, self.provider, self.glu)
-        return out
+        T, k = ids.shape
+        # one row per (choice, token): input x * score, one expert, output weight 1
+        xs = (w.T[:, :, None] * x[None]).reshape(k * T, -1)  # [k*T, H]
+        routed = dispatch(xs, ids.T.reshape(k * T, 1), torch.ones_like(w).reshape(k * T, 1),
+                          self.layer, self.provider, self.glu)
+        return self.shared_expert(x) + routed.view(k, T, -1).sum(dim=0)
 
 
 @register("Llama4ForCausalLM", "Llama4ForConditionalGeneration", family="llama4")

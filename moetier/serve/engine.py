@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import json
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ from moetier.serve.protocol import (
     DeltaMessage,
     ServeError,
     Usage,
+    error_body,
 )
 
 log = logging.getLogger("moetier.serve")
@@ -436,10 +438,11 @@ class OpenAIServing:
     def _params(self, req: Any, prompt_len: int, max_tokens: int | None, default: int, param: str) -> RequestParams:
         ctx = self.backend.context_length
         room = ctx - prompt_len
+        take = "take" if param == "messages" else "takes"
         if room < 1:
             raise ServeError(
                 400,
-                f"This model's maximum context length is {ctx} tokens, but the {param} take {prompt_len} "
+                f"This model's maximum context length is {ctx} tokens, but the {param} {take} {prompt_len} "
                 "tokens (no room to generate); shorten the input.",
                 param=param,
                 code="context_length_exceeded",
@@ -450,7 +453,7 @@ class OpenAIServing:
             which = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
             raise ServeError(
                 400,
-                f"This model's maximum context length is {ctx} tokens; the {param} take {prompt_len} tokens "
+                f"This model's maximum context length is {ctx} tokens; the {param} {take} {prompt_len} tokens "
                 f"and {which}={max_tokens} asks for more than the {room} that remain.",
                 param=which,
                 code="context_length_exceeded",
@@ -614,8 +617,4 @@ class OpenAIServing:
 
 
 def _stream_error(message: str) -> str:
-    import json
-
-    from moetier.serve.protocol import error_body
-
     return json.dumps(error_body(message, type="server_error", code="internal_error"))

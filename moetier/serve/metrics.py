@@ -64,20 +64,30 @@ class _Family:
                 yield f"{self.name} {_fmt(value)}"
 
 
-def flatten_numeric(obj: Any, prefix: tuple[str, ...] = (), depth: int = 0) -> list[tuple[tuple[str, ...], float]]:
-    """Numeric leaves of a nested mapping / object / dataclass as (path, value) pairs."""
-    out: list[tuple[tuple[str, ...], float]] = []
-    if depth > 4 or obj is None:
+Labels = tuple[tuple[str, str], ...]
+
+
+def flatten_numeric(
+    obj: Any, prefix: tuple[str, ...] = (), labels: Labels = (), depth: int = 0
+) -> list[tuple[tuple[str, ...], Labels, float]]:
+    """Numeric leaves of nested mappings / dataclasses as (name path, labels, value).
+
+    A mapping whose keys are all integers (e.g. per-layer figures) becomes a label
+    (``layer="3"`` when its name mentions layers, else ``index="3"``) instead of a name part.
+    None, NaN and non-numeric leaves are skipped.
+    """
+    out: list[tuple[tuple[str, ...], Labels, float]] = []
+    if depth > 5 or obj is None:
         return out
     if isinstance(obj, bool):
-        return [(prefix, int(obj))]
+        return [(prefix, labels, int(obj))]
     if isinstance(obj, (int, float)):
         if isinstance(obj, float) and not math.isfinite(obj):
             return out
-        return [(prefix, obj)]
+        return [(prefix, labels, obj)]
     if callable(getattr(obj, "item", None)) and getattr(obj, "ndim", 1) == 0:  # tensor / numpy scalar
         try:
-            return flatten_numeric(obj.item(), prefix, depth)
+            return flatten_numeric(obj.item(), prefix, labels, depth)
         except Exception:
             return out
     if isinstance(obj, Mapping):
@@ -85,35 +95,56 @@ def flatten_numeric(obj: Any, prefix: tuple[str, ...] = (), depth: int = 0) -> l
     elif hasattr(obj, "__dataclass_fields__"):
         items = [(k, getattr(obj, k, None)) for k in obj.__dataclass_fields__]
     elif isinstance(obj, (list, tuple)):
-        items = [(str(i), v) for i, v in enumerate(obj)]
+        items = list(enumerate(obj))
     else:
         return out
+    items = [(k, v) for k, v in items if not str(k).startswith("_")]
+    if items and all(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k, _ in items):
+        label = "layer" if prefix and "layer" in prefix[-1] else "index"
+        for k, v in items:
+            out.extend(flatten_numeric(v, prefix, (*labels, (label, str(k))), depth + 1))
+        return out
     for k, v in items:
-        if str(k).startswith("_"):
-            continue
-        out.extend(flatten_numeric(v, (*prefix, str(k)), depth + 1))
+        out.extend(flatten_numeric(v, (*prefix, str(k)), labels, depth + 1))
     return out
 
 
-def model_metrics_snapshot(model: Any) -> Any:
-    """The model's weight-hierarchy metrics as plain data, or None; never raises."""
+def _plain(m: Any) -> Any:
+    for meth in ("summary", "snapshot", "as_dict", "to_dict", "to_json"):
+        fn = getattr(m, meth, None)
+        if callable(fn):
+            return fn()
+    if isinstance(m, Mapping) or hasattr(m, "__dataclass_fields__"):
+        return m
+    if callable(m):
+        return m()
+    return {k: v for k, v in vars(m).items() if not k.startswith("_")}
+
+
+def model_metrics_snapshot(model: Any) -> dict[str, Any] | None:
+    """The weight hierarchy's figures as plain data, or None; never raises.
+
+    Reads, when present: ``model.hierarchy_metrics`` (or ``model.metrics``, or the expert
+    provider's ``metrics``) -> ``weights``; ``model.memory_budget`` -> ``memory_budget``.
+    """
+    out: dict[str, Any] = {}
     try:
-        m = getattr(model, "metrics", None)
-        if m is None:  # the tiered expert provider may carry it instead
-            m = getattr(getattr(model, "provider", None), "metrics", None)
+        m = getattr(model, "hierarchy_metrics", None)
         if m is None:
-            return None
-        for meth in ("snapshot", "as_dict", "to_dict"):
-            fn = getattr(m, meth, None)
-            if callable(fn):
-                return fn()
-        if callable(m):
-            return m()
-        if isinstance(m, Mapping) or hasattr(m, "__dataclass_fields__"):
-            return m
-        return {k: v for k, v in vars(m).items() if not k.startswith("_")}
+            m = getattr(model, "metrics", None)
+        if m is None:
+            m = getattr(getattr(model, "provider", None), "metrics", None)
+        if m is not None:
+            out["weights"] = _plain(m)
     except Exception:
-        return None
+        pass
+    try:
+        b = getattr(model, "memory_budget", None)
+        if b is not None:
+            out["memory_budget"] = _plain(b)
+    except Exception:
+        pass
+    return out or None
 
 
 class ServeMetrics:
@@ -257,13 +288,14 @@ class ServeMetrics:
                 fin.add(n, reason=reason)
             fams.append(fin)
         if model_metrics is not None:
-            seen: set[str] = set()
-            for path, value in flatten_numeric(model_metrics):
-                name = _metric_name("moetier_weights", *path)
-                if name in seen or not name:
-                    continue
-                seen.add(name)
-                fams.append(_Family(name, "gauge", "Weight hierarchy: " + ".".join(path) + ".").add(value))
+            grouped: dict[str, _Family] = {}
+            for path, labels, value in flatten_numeric(model_metrics):
+                name = _metric_name("moetier", *path)
+                fam = grouped.get(name)
+                if fam is None:
+                    fam = grouped[name] = _Family(name, "gauge", "Weight hierarchy: " + ".".join(path) + ".")
+                fam.add(value, **dict(labels))
+            fams.extend(grouped.values())
         if extra is not None:
             fams.extend(extra())
         lines: list[str] = []

@@ -220,6 +220,8 @@ def validate(t: Trace, source: str = "<memory>") -> Trace:
             raise TraceError(f"{source}: field pred_ids: expected an integer [{n}, p] array, got "
                              f"{pred.dtype} {pred.shape}")
         pred = pred.astype(np.int32, copy=False)
+        if pred.size and pred.min() < -1:
+            raise TraceError(f"{source}: field pred_ids: expert ids must be >= 0 (-1 = padding)")
     meta.setdefault("format", FORMAT)
     if meta.get("format") != FORMAT:
         raise TraceError(f"{source}: meta.format: expected {FORMAT!r}, got {meta.get('format')!r}")

@@ -11,7 +11,8 @@
   were used since the previous access of the same expert; ``P(distance < C)`` is exactly the
   LRU hit rate of a C-expert cache;
 * cross-layer co-selection (traces with more than one layer): how well the experts of layer
-  ``l`` predict those of the next traced layer for the same token.
+  ``l`` predict those of the next traced layer for the same token;
+* prefetch accuracy (traces with ``pred_ids``): recall and precision of the predictions.
 """
 
 from __future__ import annotations
@@ -135,6 +136,26 @@ def cross_layer(trace: Trace) -> list[dict[str, Any]]:
     return out
 
 
+def prefetch_accuracy(trace: Trace) -> dict[int, dict[str, float]]:
+    """Per layer (rows with a prediction): recall = share of selected experts that were
+    predicted, precision = share of predicted experts that were selected."""
+    out: dict[int, dict[str, float]] = {}
+    if trace.pred_ids is None:
+        return out
+    for lyr in trace.layers:
+        m = trace.layer == lyr
+        pred, ids = trace.pred_ids[m], trace.topk_ids[m]
+        has = (pred >= 0).any(axis=1)
+        if not has.any():
+            continue
+        pred, ids = pred[has], ids[has]
+        hit = (ids[:, :, None] == pred[:, None, :]).any(axis=2).sum()
+        n_pred = int((pred >= 0).sum())
+        out[lyr] = {"rows": int(has.sum()), "recall": float(hit / ids.size),
+                    "precision": float(hit / n_pred) if n_pred else 0.0}
+    return out
+
+
 def trace_stats(trace: Trace, fractions: tuple[float, ...] = (0.1, 0.25, 0.5)) -> dict[str, Any]:
     """All statistics as one JSON-ready dict."""
     counts = layer_counts(trace)
@@ -178,5 +199,6 @@ def trace_stats(trace: Trace, fractions: tuple[float, ...] = (0.1, 0.25, 0.5)) -
         },
         "per_layer": per_layer,
         "cross_layer": cross_layer(trace) if len(trace.layers) > 1 else [],
+        "prefetch": {str(k): v for k, v in prefetch_accuracy(trace).items()},
         "notes": list(trace.meta.get("notes", [])),
     }

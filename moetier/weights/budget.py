@@ -164,18 +164,21 @@ def cache_slots_for(spec: ModelSpec, plan: Any, *, slot_bytes: int, n_pinned: in
     return int(n)
 
 
-def record(budget: MemoryBudget, *, slot_bytes: int, cache_slots: int, n_pinned: int, prefetch_slots: int,
-           bypass_slots: int) -> None:
+def record(spec: ModelSpec, budget: MemoryBudget, *, slot_bytes: int, cache_slots: int, n_pinned: int,
+           prefetch_slots: int, bypass_slots: int) -> None:
     budget.slot_bytes = slot_bytes
     budget.cache_slots = cache_slots
     budget.pinned_slots = n_pinned
     budget.prefetch_slots = prefetch_slots
     budget.bypass_slots = bypass_slots
+    if not budget.kv_bytes:
+        _fill_reserves(spec, budget)
     if budget.loaded_rss is None:
         budget.loaded_rss = rss_bytes()
     if budget.total_reserved > budget.max_ram:
         raise BudgetError(
-            f"--max-ram {fmt(budget.max_ram)}: the expert cache of {cache_slots} slots ({fmt(cache_slots * slot_bytes)}) "
+            f"--max-ram {fmt(budget.max_ram)}: the expert cache of {cache_slots} slots "
+            f"({fmt(cache_slots * slot_bytes)}) "
             f"does not fit: the run would reserve {fmt(budget.total_reserved)} (process with always-on weights "
             f"{fmt(budget.loaded_rss)}, KV {fmt(budget.kv_bytes)}, activations {fmt(budget.activation_bytes)}, "
             f"margin {fmt(budget.margin_bytes)}); lower --expert-cache or raise --max-ram"

@@ -344,3 +344,68 @@ def classify_tensor(name: str, spec: ModelSpec) -> tuple[str, int | None, int | 
     if ".mlp." in name or ".feed_forward." in name or "block_sparse_moe" in name:
         return "dense_ffn", layer, None
     return "other", layer, None
+
+
+# ---------------------------------------------------------------------------------------
+# the default plan (from a RAM budget and run options)
+
+
+def default_plan(spec: ModelSpec, census: Any = None, max_ram: Any = None, *, base: PlacementPlan | None = None,
+                 policy: str | None = None, policy_params: Mapping[str, Any] | None = None,
+                 expert_cache: Any = None, cache_scope: str | None = None, prefetch: bool | None = None,
+                 prefetch_max_inflight_bytes: Any = None) -> PlacementPlan:
+    """The plan for a run: ``base`` (a plan file, or the defaults) with the given options
+    applied on top (``None`` = keep).
+
+    ``max_ram`` bounds resident + cache + KV cache + activations; the cache is then sized at
+    load time from the measured resident set (:mod:`moetier.weights.budget`) unless
+    ``expert_cache`` (bytes, or a fraction in (0, 1] of the routed set) fixes it. With the
+    census, a budget below the always-on set is refused here with the number needed.
+    Defaults: policy ``lru`` (``adaptive`` when a budget is given), global cache, prefetch on
+    when a budget is given.
+    """
+    import dataclasses
+
+    from moetier.weights.policies import POLICIES
+
+    p = base or PlacementPlan(source="default")
+    kw: dict[str, Any] = {}
+    if max_ram is not None:
+        kw["max_ram"] = parse_bytes(max_ram, "--max-ram")
+        if base is None:
+            kw.setdefault("policy", "adaptive")
+            kw.setdefault("prefetch", True)
+    if policy is not None:
+        if str(policy).lower() not in POLICIES or policy == "belady":
+            names = ", ".join(n for n in POLICIES if n != "belady")
+            raise ConfigError(f"--policy {policy!r}: expected one of {names} (belady needs the future: simulator only)")
+        kw["policy"] = str(policy).lower()
+    if policy_params is not None:
+        kw["policy_params"] = dict(policy_params)
+    if expert_cache is not None:
+        if isinstance(expert_cache, str):
+            try:
+                f = float(expert_cache)
+            except ValueError:
+                f = None
+            if f is not None and 0 < f <= 1:
+                expert_cache = f
+        if isinstance(expert_cache, float) and 0 < expert_cache <= 1:
+            kw["cache_fraction"], kw["cache_bytes"] = float(expert_cache), None
+        else:
+            kw["cache_bytes"], kw["cache_fraction"] = parse_bytes(expert_cache, "--expert-cache"), None
+    if cache_scope is not None:
+        if cache_scope not in CACHE_SCOPES:
+            raise ConfigError(f"--cache-scope {cache_scope!r}: expected one of {CACHE_SCOPES}")
+        kw["cache_scope"] = cache_scope
+    if prefetch is not None:
+        kw["prefetch"] = bool(prefetch)
+    if prefetch_max_inflight_bytes is not None:
+        kw["prefetch_max_inflight_bytes"] = parse_bytes(prefetch_max_inflight_bytes, "prefetch max in-flight bytes")
+    out = dataclasses.replace(p, **kw)
+    if census is not None and out.max_ram is not None and census.always_on_bytes >= out.max_ram:
+        raise ConfigError(
+            f"--max-ram {out.max_ram / 1e9:.2f} GB is below the always-on set of {spec.name} "
+            f"({census.always_on_bytes / 1e9:.2f} GB: attention, embeddings, norms, routers, dense and shared FFNs)"
+        )
+    return out

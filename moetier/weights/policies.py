@@ -51,7 +51,8 @@ Policies
     accesses so far), ties are broken in the iteration order of the resident set (CPython
     set order). This is the variant that reproduces the reference LFU figures exactly.
 ``lfu-decay``
-    LFU whose counts (resident or not) are halved every ``period`` accesses (aging).
+    LFU whose counts (resident or not) are multiplied by ``decay`` (0.5) every ``period``
+    (1024) accesses of this cache (aging).
 ``static``
     pins the ``capacity`` hottest keys of a recorded routing profile (per-expert counts,
     1-D for a per-layer cache or ``[layers, experts]`` for a global one); nothing else is
@@ -64,7 +65,8 @@ Policies
     included) is higher (TinyLFU-style admission; otherwise it is served uncached). The
     half-life moves it between LFU (long) and LRU (short). ``half_life=160`` accesses and
     admission on is the one setting used on every trace; on the provided traces it is at
-    least as good as the better of LRU and LFU at 25% and 50% caches (docs/traces.md).
+    least as good as the better of LRU and LFU at 25% and 50% caches (docs/traces.md; it
+    is not on every half of those files, where LFU can be better).
 ``belady``
     offline optimum (evicts the key whose next use is farthest away). It needs the future
     access sequence, so only the simulator can build it (``future=`` or ``next_use=``).

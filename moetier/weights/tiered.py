@@ -199,8 +199,8 @@ class TieredExpertProvider:
             m.pf_guesses += len(g)
             m.pf_correct += len(g & ns)
             m.pf_actual += len(ns)
-        # prefetches for this layer that were not needed, or stale ones for other layers
-        for key in [k for k in self.prefetched if k[0] != layer or k[1] not in ns]:
+        # prefetches for this layer that were not needed, or stale ones of earlier layers
+        for key in [k for k in self.prefetched if k[0] < layer or (k[0] == layer and k[1] not in ns)]:
             self._discard_prefetch(self.prefetched.pop(key))
         counts = self.metrics.layer(layer)
         deferred: list[Key] = []
@@ -230,7 +230,6 @@ class TieredExpertProvider:
                         self.n_prefetch_used -= 1
                         self.metrics.prefetch_served += 1
                         job = pf
-                        job.prefetch = True
                     else:
                         job = self._submit(layer, e, acc.slot, prefetch=False)
                     self.current[key] = ("cache", job)
@@ -316,6 +315,10 @@ class TieredExpertProvider:
             self.prefetched[key] = self._submit(layer, int(e), s, prefetch=True)
 
     def on_step(self, tokens: int, decode: bool) -> None:
+        self.finish_layer()
+        for key in list(self.prefetched):  # left over from an interrupted forward
+            self._discard_prefetch(self.prefetched.pop(key))
+        self.guesses.clear()
         self.step += 1
         self.cache.on_step(self.step)
         m = self.metrics
@@ -367,7 +370,7 @@ def tiered_factory(plan: PlacementPlan, *, cache_slots: int | None = None, profi
                 n = n_experts - n_pinned
         n = max(0, min(int(n), n_experts - n_pinned))
         if plan.max_ram is not None and budget is not None:
-            budget_mod.record(budget, slot_bytes=slot, cache_slots=n, n_pinned=n_pinned,
+            budget_mod.record(spec, budget, slot_bytes=slot, cache_slots=n, n_pinned=n_pinned,
                               prefetch_slots=pf_slots, bypass_slots=BYPASS_SLOTS)
         return TieredExpertProvider(spec, reader, plan, cache_slots=n, prefetch_slots=pf_slots, profile=profile,
                                     check_finite=check_finite, io_threads=io_threads, store=store)
@@ -401,10 +404,92 @@ def bind(model: Any, provider: TieredExpertProvider) -> None:
 
 
 def routing_profile_for(model_dir: Any, spec: ModelSpec) -> np.ndarray | None:
-    """The checkpoint's ``routing_profile.json`` (if any) as ``[moe_layers, experts]``."""
+    """The checkpoint's ``routing_profile.json`` (if any) as ``[moe_layers, experts]`` counts.
+
+    Reads the embedded model's ``moetier.routing_profile/1`` format (``layers[i].counts``) or
+    anything :func:`moetier.planner.roofline.load_profile` reads.
+    """
+    import json
     from pathlib import Path
 
     from moetier.planner.roofline import load_profile
 
     p = Path(model_dir) / "routing_profile.json"
-    return load_profile(p, spec) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MoetierError(f"{p}: cannot read routing profile ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("layers"), list):
+        by_layer = {int(r["layer"]): r.get("counts") or r.get("frequency") for r in data["layers"]
+                    if isinstance(r, dict) and "layer" in r}
+        rows = []
+        for layer in spec.moe_layer_ids:
+            row = by_layer.get(layer)
+            if row is None or len(row) != spec.num_experts:
+                raise MoetierError(f"{p}: no per-expert counts of length {spec.num_experts} for MoE layer {layer}")
+            rows.append([float(x) for x in row])
+        return np.asarray(rows, dtype=np.float64)
+    return load_profile(p, spec)
+
+
+def hierarchy_options_given(opts: dict[str, Any]) -> bool:
+    return any(opts.get(k) is not None for k in ("max_ram", "policy", "expert_cache", "cache_scope", "prefetch",
+                                                  "plan"))
+
+
+def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str | None = None,
+         policy_params: dict[str, Any] | None = None, expert_cache: Any = None, cache_scope: str | None = None,
+         prefetch: bool | None = None, prefetch_max_inflight_bytes: Any = None, profile: Any = None,
+         context: int = 4096, batch: int = 1, io: str = "buffered", io_threads: int = 1,
+         cache_slots: int | None = None, **load_kwargs: Any) -> Any:
+    """``moetier.load`` with the weight hierarchy: routed experts behind a
+    :class:`TieredExpertProvider` sized by ``plan`` / ``max_ram`` / ``expert_cache``.
+
+    ``plan`` may be a :class:`PlacementPlan` or a plan file path; the other options override
+    its fields. A ``max_ram`` below the always-on set plus the minimum working set is refused
+    (BudgetError) before any weight is read. The returned model has ``hierarchy`` (the
+    provider), ``hierarchy_metrics`` and ``memory_budget``.
+    """
+    from pathlib import Path
+
+    import moetier.runtime as runtime
+    from moetier.planner.census import census
+    from moetier.spec import load_spec
+    from moetier.weights import budget as budget_mod
+    from moetier.weights.plan import default_plan, load_plan
+
+    baseline = budget_mod.rss_bytes()
+    d = Path(path) if path is not None else runtime.EMBEDDED_DIR
+    spec = load_spec(d)
+    base = load_plan(plan, spec) if isinstance(plan, (str, Path)) else plan
+    dtype = runtime.resolve_dtype(load_kwargs.get("dtype", "auto"), spec)
+    itemsize = 2 if dtype != runtime.torch.float32 else 4
+    cen = census(spec, "fp32" if itemsize == 4 else "bf16")
+    pl = default_plan(spec, cen, max_ram, base=base, policy=policy, policy_params=policy_params,
+                      expert_cache=expert_cache, cache_scope=cache_scope, prefetch=prefetch,
+                      prefetch_max_inflight_bytes=prefetch_max_inflight_bytes)
+    mb = None
+    if pl.max_ram is not None:
+        mb = budget_mod.MemoryBudget(max_ram=pl.max_ram, context=context, batch=batch, itemsize=itemsize,
+                                     baseline_rss=baseline)
+        slot = -(-int(cen.expert_bytes) // 4096) * 4096
+        pf = max(1, pl.prefetch_max_inflight_bytes // slot) if pl.prefetch else 0
+        n_pinned = sum(1 for t in pl.expert_tiers(spec).values() if t == "resident")
+        budget_mod.check_upfront(spec, mb, always_on_bytes=cen.always_on_bytes, slot_bytes=slot,
+                                 transient_slots=pf + BYPASS_SLOTS, pinned_slots=n_pinned)
+    if profile is None and pl.policy == "static" and "profile" not in pl.policy_params:
+        profile = routing_profile_for(d, spec)
+    elif isinstance(profile, (str, Path)):
+        from moetier.planner.roofline import load_profile
+
+        profile = load_profile(profile, spec)
+    factory = tiered_factory(pl, cache_slots=cache_slots, profile=profile, io=io, io_threads=io_threads,
+                             check_finite=load_kwargs.get("check_finite", True), budget=mb)
+    model = runtime.load(path, expert_provider_factory=factory, **load_kwargs)
+    if isinstance(model.provider, TieredExpertProvider):
+        bind(model, model.provider)
+    model.memory_budget = mb
+    model.placement_plan = pl
+    return model

@@ -14,6 +14,8 @@ import torch
 
 from tests.helpers.checkpoints import register_family
 
+NAMES = ("deepseek_v2", "deepseek_v3", "gpt_oss", "llama4")
+
 _MLA = dict(
     num_key_value_heads=4,  # MLA has no KV groups; transformers' eager path wants kv heads == heads
     kv_lora_rank=32,

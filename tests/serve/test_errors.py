@@ -225,3 +225,18 @@ def test_error_via_openai_client(keyed_server: str) -> None:
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
     assert [m.id for m in c.models.list()] == ["served"]
+
+
+def test_oversized_chunked_body_without_content_length(keyed_server: str) -> None:
+    def body():  # no Content-Length: the limit must hold while streaming the body in
+        yield b'{"model": "served", "prompt": "'
+        for _ in range(20):
+            yield b"x" * 8192
+        yield b'"}'
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(keyed_server + "/v1/completions", content=body(), headers=headers, timeout=30)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"
+    ok = httpx.post(keyed_server + "/v1/completions", json=comp(max_tokens=2), headers=headers, timeout=30)
+    assert ok.status_code == 200

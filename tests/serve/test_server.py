@@ -277,16 +277,47 @@ def test_metrics_parse(server: BackgroundServer, ref_model: Any) -> None:
         assert name in m, name
     assert m["moetier_generation_tokens_total"] >= 5
     assert m['moetier_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
-    # a weight-hierarchy metrics object on the model is exported, whatever its exact shape
+    # weight-hierarchy figures on the model are exported, whatever their exact shape
     model = server.app.state.serving.backend.model
-    model.metrics = {"tiers": {"ram": {"bytes": 1234, "hit_rate": 0.75}, "disk": {"bytes": 10}}, "name": "x"}
+
+    class Summary:
+        def summary(self) -> dict[str, Any]:
+            return {
+                "hit_rate": 0.75,
+                "hit_rate_per_layer": {"0": 0.5, "1": 1.0},
+                "cache_hit_rate": None,
+                "bytes_per_token": {"resident": 1234, "cache": 10.5, "store": 0},
+                "name": "x",
+            }
+
+    model.hierarchy_metrics = Summary()
+    model.memory_budget = {"max_ram": 4e9, "cache_bytes": 1e9}
     try:
         m = metrics(server)
-        assert m["moetier_weights_tiers_ram_bytes"] == 1234
-        assert m["moetier_weights_tiers_ram_hit_rate"] == 0.75
-        assert m["moetier_weights_tiers_disk_bytes"] == 10
+        assert m["moetier_weights_hit_rate"] == 0.75
+        assert m['moetier_weights_hit_rate_per_layer{layer="1"}'] == 1.0
+        assert m["moetier_weights_bytes_per_token_resident"] == 1234
+        assert m["moetier_memory_budget_cache_bytes"] == 1e9
+        assert not any("cache_hit_rate" in k or "name" in k for k in m)  # None / text skipped
+    finally:
+        del model.hierarchy_metrics, model.memory_budget
+    model.metrics = {"tiers": {"ram": {"bytes": 7}}}  # a bare mapping under another name works too
+    try:
+        assert metrics(server)["moetier_weights_tiers_ram_bytes"] == 7
     finally:
         del model.metrics
+
+
+def test_metrics_with_real_hierarchy_metrics(server: BackgroundServer) -> None:
+    hm_mod = pytest.importorskip("moetier.weights.metrics")
+    hm = hm_mod.HierarchyMetrics(expert_bytes=100)
+    model = server.app.state.serving.backend.model
+    model.hierarchy_metrics = hm
+    try:
+        m = metrics(server)  # parses (every line valid) whatever the figures are
+        assert any(k.startswith("moetier_weights_") for k in m)
+    finally:
+        del model.hierarchy_metrics
 
 
 # --------------------------------------------------------------------------- disconnect, queue, faults

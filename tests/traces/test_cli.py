@@ -31,6 +31,12 @@ def test_simulate_errors_exit_2(tmp_path, trace, capsys):
     assert "valid policies" in capsys.readouterr().err
     assert main(["simulate", str(tmp_path / "missing.npz"), "--cache", "3"]) == 2
     assert main(["simulate", str(p), "--cache", "3", "--param", "half_life"]) == 2
+    assert main(["simulate", str(p), "--cache", "3", "--policy", "lru,lfu", "--param", "half_life=2"]) == 2
+    assert main(["simulate", str(p), "--cache", "3", "--param", "bogus=2"]) == 2
+    capsys.readouterr()
+    assert main(["simulate", str(p), "--cache", "3", "--param", "half_life=1e9", "--param", "admission=0",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == {"half_life": 1e9, "admission": 0}
     assert main(["simulate", str(p), "--cache", "3", "--machine", "x"]) == 2  # model not in catalog
 
 

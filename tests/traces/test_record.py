@@ -77,10 +77,11 @@ def test_read_prompts(tmp_path):
         read_prompts(tmp_path / "missing.txt")
 
 
+@pytest.mark.slow
 def test_record_from_the_runtime(tmp_path):
     pytest.importorskip("transformers")
-    import moetier
     from moetier.cli import main
+    from moetier.spec import load_spec
     from tests.helpers.checkpoints import make_tiny_checkpoint
 
     d = make_tiny_checkpoint(tmp_path, "qwen3_moe", seed=3)
@@ -89,7 +90,7 @@ def test_record_from_the_runtime(tmp_path):
     out = tmp_path / "rec.npz"
     assert main(["trace", str(d), "--prompts", str(prompts), "--out", str(out), "--max-tokens", "3"]) == 0
     t = load_trace(out)
-    spec = moetier.load(d).spec
+    spec = load_spec(d)
     assert t.layers == [i for i, moe in enumerate(spec.moe_layers) if moe]
     assert t.num_experts == spec.num_experts and t.top_k == spec.top_k
     assert t.meta["requests"] == ["r0", "r1"]

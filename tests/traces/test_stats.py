@@ -14,6 +14,8 @@ from moetier.traces.stats import (
     zipf_fit,
 )
 
+from .conftest import small_trace
+
 
 def test_zipf_fit_recovers_exponent():
     counts = 1e6 / np.arange(1, 65) ** 1.3
@@ -70,3 +72,12 @@ def test_cross_layer_detects_deterministic_coupling():
     (c,) = trace_stats(t)["cross_layer"]
     assert c["predicted_overlap"] == pytest.approx(1.0)
     assert c["popular_overlap"] < 0.6
+
+
+def test_prefetch_accuracy():
+    t = make_trace(topk_ids=[[0, 1], [2, 3], [4, 5]], layer=[1, 1, 1],
+                   pred_ids=[[0, 7, -1], [2, 3, 6], [-1, -1, -1]])
+    acc = trace_stats(t)["prefetch"]["1"]
+    # rows 0-1 have predictions: 3 of 4 selected experts predicted; 3 of 5 predictions used
+    assert acc == {"rows": 2, "recall": 0.75, "precision": 0.6}
+    assert trace_stats(small_trace())["prefetch"] == {}

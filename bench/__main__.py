@@ -1,0 +1,292 @@
+"""Side-by-side benchmark: moetier vs llama.cpp vs transformers on the same checkpoint.
+
+    python -m bench all                # every scenario, one run
+    python -m bench ram overcap        # some scenarios (embedded | ram | overcap)
+    python -m bench report [--readme]  # re-render the markdown/PNG (and README block) from the JSON
+
+Each engine runs as its own process (``bench/peers.py``) inside a fresh cgroup v1 memory group
+(``bench.common.run_capped``): the scenario's cap, or for in-RAM scenarios a group at the
+machine's RAM size, used only to read the cgroup peak. The page cache is dropped before every
+engine's process (cold start); each worker does one warm-up generation, then ``--runs`` timed
+ones. Results merge into ``bench/results/side_by_side.json`` (re-running one scenario
+replaces only that scenario), then ``side_by_side.md`` and ``side_by_side.png`` are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.common import RESULTS, drop_caches, run_capped
+from bench.scenarios import (
+    EXTRA_SCENARIOS,
+    GIB,
+    PEERS,
+    REPO,
+    SCENARIOS,
+    Scenario,
+    bench_cache,
+    ensure_gguf,
+    gguf_outtype,
+    llama_python,
+    model_bytes,
+    prompt_ids,
+)
+
+STEM = "side_by_side"
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_worker_output(stdout: str) -> dict[str, Any] | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    return None
+
+
+def engine_command(engine: str, model: Path, dtype: str, ids: list[int], args: argparse.Namespace,
+                   options: dict[str, Any] | None) -> list[str]:
+    py = str(llama_python()) if engine == "llama_cpp" else sys.executable
+    cmd = ["nice", "-n", str(args.nice)] if args.nice else []
+    cmd += [py, str(PEERS), engine, str(model), "--prompt-ids", ",".join(map(str, ids)), "--tokens",
+            str(args.tokens), "--runs", str(args.runs), "--threads", str(args.threads), "--dtype", dtype]
+    if options:
+        cmd += ["--", json.dumps(options)]
+    return cmd
+
+
+def run_engine(engine: str, cmd: list[str], cap: int | None, timeout: float) -> dict[str, Any]:
+    dropped = drop_caches()
+    limit = cap if cap is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TOKENIZERS_PARALLELISM": "false"}
+    _log(f"{engine}: {' '.join(cmd[:6])} ... (cap {limit / GIB:.2f} GiB)")
+    try:
+        r = run_capped(cmd, limit, timeout=timeout, env=env)
+    except Exception as e:  # timeout, cgroup missing
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000], "page_cache_dropped": dropped}
+    res = parse_worker_output(r.stdout)
+    base = {"cgroup_peak_bytes": r.cgroup_peak_bytes, "wall_s": r.wall_s, "page_cache_dropped": dropped,
+            "cap_bytes": cap}
+    if r.returncode != 0 or res is None:
+        status = "oom" if r.oom_killed else "failed"
+        return {"status": status, "returncode": r.returncode, "error": r.stderr[-2000:], **base}
+    res["output_ids_sample"] = res.pop("output_ids", [])[:32]
+    return {"status": "ok", **res, **base}
+
+
+def planner_figures(d: Path, precision: str, prompt_tokens: int, decode_tokens: int, cap: int | None,
+                    moetier: dict[str, Any] | None) -> dict[str, Any]:
+    """The planner's bound for this scenario on the probed ``cpu`` machine."""
+    from moetier.planner.machines import get_machine
+    from moetier.planner.roofline import plan, predict_decode_tokens_per_s
+    from moetier.spec import load_spec
+
+    spec = load_spec(d)
+    machine = get_machine("cpu")
+    ctx = prompt_tokens + decode_tokens // 2
+    kw: dict[str, Any] = {"batch": 1, "precision": precision}
+    if cap is not None:
+        kw["fast_mem"] = cap
+    dec = plan(spec, machine, context=ctx, **kw)
+    pre = plan(spec, machine, context=prompt_tokens, **kw)
+    out = {"precision": dec.precision, "context": ctx, "decode_tokens_per_s": dec.decode_tokens_per_s,
+           "bottleneck": dec.bottleneck, "prefill_tokens_per_s": pre.prefill_tokens_per_s,
+           "prefill_bottleneck": pre.prefill.bottleneck, "hit_rate_planned": dec.hit_rate,
+           "decode_times_s": dec.decode.to_json() if hasattr(dec.decode, "to_json") else None}
+    h = (moetier or {}).get("hierarchy") or {}
+    if h.get("hit_rate") is not None:
+        try:
+            out["decode_tokens_per_s_at_measured_hit_rate"] = predict_decode_tokens_per_s(
+                spec, machine, hit_rate=float(h["hit_rate"]), cache_bytes=h.get("cache_bytes"),
+                precision=precision, context=ctx)
+            out["measured_hit_rate"] = h["hit_rate"]
+            out["planned_decode_tokens_per_s"] = out["decode_tokens_per_s"]
+            # the bound moetier is held to is the one for the cache it actually had
+            out["decode_tokens_per_s"] = out["decode_tokens_per_s_at_measured_hit_rate"]
+        except Exception as e:  # planner refuses (e.g. cache larger than the cap)
+            out["measured_hit_rate_error"] = str(e)
+    return out
+
+
+def spec_summary(d: Path) -> tuple[str, dict[str, Any]]:
+    from moetier.spec import load_spec
+
+    s = load_spec(d)
+    info = {"layers": s.num_layers, "hidden": s.hidden_size, "experts": s.num_experts, "top_k": s.top_k,
+            "vocab": s.vocab_size, "torch_dtype": s.torch_dtype}
+    return (f"{s.num_layers} layers, hidden {s.hidden_size}, {s.num_experts} experts top-{s.top_k}, "
+            f"vocab {s.vocab_size}"), info
+
+
+def run_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"title": sc.title, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "notes": list(sc.notes)}
+    try:
+        d = sc.resolve()
+    except (FileNotFoundError, ImportError) as e:
+        out["error"] = str(e)
+        _log(f"{sc.name}: skipped: {e}")
+        return out
+    summary, info = spec_summary(d)
+    dtype = "float32" if info["torch_dtype"] == "float32" else "bfloat16"
+    precision = "fp32" if dtype == "float32" else "bf16"
+    cap = sc.cap_bytes(d)
+    ids = prompt_ids(info["vocab"], args.prompt_len, seed=args.seed)
+    out.update(model_dir=str(d), model_name=d.name, model_bytes=model_bytes(d), dtype=dtype, cap_bytes=cap,
+               spec=info, spec_summary=summary, prompt_ids=ids)
+    engines = [e for e in sc.engines if not args.engines or e in args.engines]
+    results: dict[str, Any] = {}
+    for en in engines:
+        model: Path = d
+        options: dict[str, Any] | None = None
+        if en == "llama_cpp":
+            try:
+                model = ensure_gguf(d, gguf_outtype(info["torch_dtype"]))
+            except Exception as e:
+                results[en] = {"status": "failed", "error": f"conversion: {e}"[:2000]}
+                continue
+            out["gguf"] = str(model)
+        elif en == "moetier":
+            options = sc.moetier_options(d, cap) or None
+        elif en == "transformers_offload":
+            budget = int((cap or 4 * GIB) * 0.5)
+            options = {"cpu_bytes": budget, "offload_folder": str(bench_cache() / "offload" / d.name)}
+        cmd = engine_command(en, model, dtype, ids, args, options)
+        results[en] = run_engine(en, cmd, cap, args.timeout)
+        r = results[en]
+        _log(f"{sc.name}/{en}: {r['status']} decode "
+             f"{report.median(r.get('decode_tokens_per_s_runs') or [float('nan')]):.2f} tok/s")
+    out["engines"] = {n: report.summarize_engine(r) for n, r in results.items()}
+    try:
+        out["planner"] = planner_figures(d, precision, args.prompt_len, args.tokens, cap,
+                                         out["engines"].get("moetier"))
+    except Exception as e:
+        out["planner"] = None
+        out["planner_error"] = f"{type(e).__name__}: {e}"
+    return report.finish_scenario(sc.name, out)
+
+
+def machine_figures() -> dict[str, Any]:
+    try:
+        from moetier.planner.probe import get_probe
+
+        rec, _ = get_probe()
+        return {k: rec.get(k) for k in ("memory_read_bw", "disk_read_bw", "disk_method", "matmul_flops",
+                                        "cores_usable", "ram_bytes", "timestamp_utc")}
+    except Exception as e:
+        return {"error": str(e)}
+
+
+def peer_versions() -> dict[str, Any]:
+    import subprocess
+
+    out: dict[str, Any] = {}
+    try:
+        py = bench_cache() / "llama-venv" / "bin" / "python"
+        p = subprocess.run([str(py), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                           capture_output=True, text=True, timeout=60)
+        out["llama_cpp_python"] = p.stdout.strip() or None
+    except OSError:
+        out["llama_cpp_python"] = None
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    names = list(SCENARIOS) if "all" in args.scenarios else args.scenarios
+    known = {**SCENARIOS, **EXTRA_SCENARIOS}
+    for n in names:
+        if n not in known:
+            print(f"bench: unknown scenario {n!r} (expected all, {', '.join(SCENARIOS)})", file=sys.stderr)
+            return 2
+    path = RESULTS / f"{args.out}.json"
+    payload: dict[str, Any] = report.load_payload(path) if path.exists() and not args.fresh else {}
+    payload.pop("provenance", None)
+    scen = payload.get("scenarios", {})
+    for n in names:
+        _log(f"scenario {n}: {known[n].title}")
+        scen[n] = run_scenario(known[n], args)
+        _save(args.out, payload, scen, args)
+    for p in report.write_outputs(_reload(args.out), RESULTS, args.out):
+        _log(f"wrote {p}")
+    print(report.render_markdown(_reload(args.out)))
+    return 0
+
+
+def _reload(stem: str) -> dict[str, Any]:
+    return report.load_payload(RESULTS / f"{stem}.json")
+
+
+def _save(stem: str, payload: dict[str, Any], scen: dict[str, Any], args: argparse.Namespace) -> None:
+    from bench.common import write_result
+
+    order = {n: i for i, n in enumerate(SCENARIOS)}
+    payload.update(
+        command="python -m bench " + " ".join(sys.argv[1:]),
+        machine=machine_figures(),
+        peer_versions=peer_versions(),
+        settings={"batch": 1, "prompt_tokens": args.prompt_len, "decode_tokens": args.tokens, "runs": args.runs,
+                  "threads": args.threads, "warmup_runs": 1, "nice": args.nice},
+        scenarios=dict(sorted(scen.items(), key=lambda kv: order.get(kv[0], 99))),
+    )
+    write_result(stem, jsonable(payload))
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types only (numpy scalars/arrays from the planner become Python values)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    path = RESULTS / f"{args.out}.json"
+    if not path.exists():
+        print(f"bench: {path} not found (run `python -m bench all` first)", file=sys.stderr)
+        return 2
+    payload = report.load_payload(path)
+    for name, sc in payload.get("scenarios", {}).items():
+        if not sc.get("error"):
+            report.finish_scenario(name, sc)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    report.write_outputs(payload, RESULTS, args.out)
+    block = report.render_readme_block(payload)
+    if args.readme:
+        readme = Path(__file__).resolve().parent / "README.md"
+        readme.write_text(report.replace_marked_block(readme.read_text() if readme.exists() else "", block))
+        print(f"updated {readme}", file=sys.stderr)
+    print(block)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        ap = argparse.ArgumentParser(prog="python -m bench report")
+        ap.add_argument("--readme", action="store_true", help="update the marked block in bench/README.md")
+        ap.add_argument("--out", default=STEM)
+        return cmd_report(ap.parse_args(argv[1:]))
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("scenarios", nargs="+", help="all | " + " | ".join(SCENARIOS))
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per engine (after one warm-up)")
+    ap.add_argument("--tokens", type=int, default=32, help="greedy decode tokens per run")
+    ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (same ids for every engine)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--engines", type=lambda s: s.split(","), default=None, help="subset, comma-separated")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nice", type=int, default=0, help="run the workers under nice -n N")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine process")
+    ap.add_argument("--out", default=STEM, help="results name under bench/results/")
+    ap.add_argument("--fresh", action="store_true", help="do not merge with existing results")
+    return cmd_run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

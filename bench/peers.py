@@ -1,0 +1,276 @@
+"""Engine workers for the side-by-side benchmark: one process per engine, one JSON line out.
+
+    python bench/peers.py ENGINE MODEL --prompt-ids 1,2,3 --tokens 32 --runs 5 [--threads 2]
+
+ENGINE is ``moetier``, ``llama_cpp``, ``transformers`` (eager) or ``transformers_offload``
+(transformers + accelerate, ``device_map="auto"`` with a CPU budget, the rest offloaded to
+disk). Every engine gets the same prompt token ids (no tokenizer in the timed path), decodes
+greedily for exactly ``--tokens`` tokens (EOS ignored), does one untimed warm-up generation
+(as its users would: it pages the weights in and allocates), then ``--runs`` timed
+generations. Timing definitions match ``moetier.generation.GenerationResult``:
+prefill tok/s = prompt tokens / time of the prompt forward (to the last token's logits);
+decode tok/s = single-token forwards / their time (the first new token comes from the
+prefill).
+
+This file is also run by llama.cpp's own venv (``llama-cpp-python`` is never installed into
+the moetier venv), so it imports only the standard library at the top.
+
+``python bench/peers.py convert HF_DIR OUT.gguf --outtype bf16`` runs llama.cpp's
+``convert_hf_to_gguf.py`` (from the llama-cpp-python sdist) with one addition made at import
+time, not on disk: a BPE tokenizer whose pre-tokenizer hash llama.cpp does not know (the
+embedded model's, the synthetic checkpoints') is written with the ``qwen2`` pre-tokenizer
+instead of aborting. The benchmark feeds token ids, so the pre-tokenizer never runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("moetier", "llama_cpp", "transformers", "transformers_offload")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def timed_generations(prefill: Callable[[list[int]], int], step: Callable[[int], int],
+                      reset: Callable[[], None], prompt: list[int], tokens: int, runs: int,
+                      warmup: int = 1) -> dict[str, Any]:
+    """Run ``warmup`` + ``runs`` greedy generations of exactly ``tokens`` tokens.
+
+    ``prefill(prompt) -> first token``; ``step(token) -> next token``; ``reset()`` clears the
+    sequence state. Returns per-run rates and the first (cold, warm-up) run's rates.
+    """
+    pre, dec, out_ids = [], [], []
+    for _ in range(warmup + runs):
+        reset()
+        t0 = time.perf_counter()
+        tok = prefill(prompt)
+        t1 = time.perf_counter()
+        ids = [tok]
+        for _ in range(tokens - 1):
+            tok = step(tok)
+            ids.append(tok)
+        t2 = time.perf_counter()
+        pre.append(len(prompt) / (t1 - t0))
+        dec.append((tokens - 1) / (t2 - t1) if tokens > 1 else 0.0)
+        out_ids = ids
+    return {
+        "prefill_tokens_per_s_runs": pre[warmup:],
+        "decode_tokens_per_s_runs": dec[warmup:],
+        "first_run": {"prefill_tokens_per_s": pre[0], "decode_tokens_per_s": dec[0]} if warmup else None,
+        "output_ids": out_ids,
+    }
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
+    """moetier via the library. Engine options: moetier CLI load flags (through ``moetier run``'s
+    load-option hooks), or one JSON object of keyword arguments; hierarchy options (max_ram,
+    policy, expert_cache, prefetch, ...) go to ``moetier.weights.tiered.load``."""
+    import torch
+
+    import moetier
+
+    if a.engine_args and a.engine_args[0].lstrip().startswith("{"):
+        kw: dict[str, Any] = {"dtype": a.dtype, "threads": a.threads, **json.loads(a.engine_args[0])}
+    else:
+        import moetier.cli
+        from moetier.commands import run as run_cmd
+
+        moetier.cli.build_parser()  # imports every command module, so load-option hooks register
+        p = argparse.ArgumentParser()
+        run_cmd.add_load_arguments(p)
+        ns = p.parse_args([a.model, "--dtype", a.dtype, "--threads", str(a.threads), *a.engine_args])
+        kw = run_cmd.load_kwargs(ns)
+    hier = {"max_ram", "policy", "expert_cache", "cache_scope", "prefetch", "plan"}
+    t0 = time.perf_counter()
+    if any(kw.get(k) is not None for k in hier):
+        from moetier.weights import tiered
+
+        m = tiered.load(a.model, tokenizer=False, **kw)
+    else:
+        m = moetier.load(a.model, tokenizer=False, **kw)
+    load_s = time.perf_counter() - t0
+    metrics = getattr(m, "hierarchy_metrics", None)
+
+    def gen(prompt: list[int]) -> Any:
+        return m.generate_ids(prompt, max_tokens=a.tokens)
+
+    pre, dec, first = [], [], None
+    ids: list[int] = []
+    for r in range(1 + a.runs):
+        g = gen(a.prompt_ids)
+        if r == 0:  # warm-up: pages weights in, fills the expert cache
+            first = {"prefill_tokens_per_s": g.prefill_tokens_per_s, "decode_tokens_per_s": g.decode_tokens_per_s}
+            if metrics is not None:
+                metrics.reset()
+            continue
+        pre.append(g.prefill_tokens_per_s)
+        dec.append(g.decode_tokens_per_s)
+        ids = list(g.ids)
+    res: dict[str, Any] = {"prefill_tokens_per_s_runs": pre, "decode_tokens_per_s_runs": dec,
+                           "first_run": first, "output_ids": ids}
+    if metrics is not None:
+        summ = metrics.summary()
+        res["hierarchy"] = {k: summ.get(k) for k in ("hit_rate", "cache_hit_rate", "bytes_per_token",
+                                                      "stall_seconds", "prefetch_precision", "prefetch_recall")
+                            if k in summ}
+        h = getattr(m, "hierarchy", None)
+        if h is not None:
+            res["hierarchy"]["cache_bytes"] = getattr(h, "cache_bytes", None)
+            res["hierarchy"]["pinned_bytes"] = getattr(h, "pinned_bytes", None)
+    res.update(load_s=load_s, torch_threads=torch.get_num_threads(), load_kwargs={k: str(v) for k, v in kw.items()})
+    return res
+
+
+def run_llama_cpp(a: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    from llama_cpp import Llama
+
+    extra = dict(json.loads(a.engine_args[0])) if a.engine_args else {}
+    t0 = time.perf_counter()
+    llm = Llama(model_path=a.model, n_ctx=len(a.prompt_ids) + a.tokens + 16, n_threads=a.threads,
+                n_threads_batch=a.threads, n_batch=512, n_ubatch=512, logits_all=False, verbose=False, **extra)
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def last_argmax() -> int:
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+        return int(np.argmax(logits))
+
+    def prefill(prompt: list[int]) -> int:
+        llm.eval(prompt)
+        return last_argmax()
+
+    def step(tok: int) -> int:
+        llm.eval([tok])
+        return last_argmax()
+
+    res = timed_generations(prefill, step, llm.reset, a.prompt_ids, a.tokens, a.runs)
+    import llama_cpp
+
+    res.update(load_s=load_s, use_mmap=extra.get("use_mmap", True), llama_cpp_python=llama_cpp.__version__,
+               system_info=llama_cpp.llama_print_system_info().decode(errors="replace"))
+    return res
+
+
+def run_transformers(a: argparse.Namespace, offload: bool) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    torch.set_num_threads(a.threads)
+    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[a.dtype]
+    kw: dict[str, Any] = {"dtype": dt, "attn_implementation": "eager"}
+    if offload:
+        opts = dict(json.loads(a.engine_args[0])) if a.engine_args else {}
+        folder = opts.get("offload_folder") or str(Path(a.model).parent / (Path(a.model).name + "-offload"))
+        kw.update(device_map="auto", max_memory={"cpu": int(opts.get("cpu_bytes", 2 * 2**30))},
+                  offload_folder=folder, offload_buffers=True)
+    t0 = time.perf_counter()
+    m = AutoModelForCausalLM.from_pretrained(a.model, **kw).eval()
+    load_s = time.perf_counter() - t0
+    state: dict[str, Any] = {}
+
+    def reset() -> None:
+        state["cache"] = DynamicCache(config=m.config)
+        state["pos"] = 0
+
+    def fwd(ids: list[int]) -> int:
+        n = len(ids)
+        x = torch.tensor([ids])
+        pos = torch.arange(state["pos"], state["pos"] + n).unsqueeze(0)
+        out = m(input_ids=x, past_key_values=state["cache"], use_cache=True, position_ids=pos,
+                logits_to_keep=1)
+        state["pos"] += n
+        return int(out.logits[0, -1].argmax())
+
+    with torch.inference_mode():
+        res = timed_generations(fwd, lambda t: fwd([t]), reset, a.prompt_ids, a.tokens, a.runs)
+    res.update(load_s=load_s, torch_threads=torch.get_num_threads())
+    if offload:
+        devmap = getattr(m, "hf_device_map", {}) or {}
+        res["device_map_counts"] = {str(v): sum(1 for x in devmap.values() if x == v) for v in set(devmap.values())}
+    return res
+
+
+# ----------------------------------------------------------------------------- convert
+
+LLAMA_CPP_PRE_FALLBACK = "qwen2"
+
+
+def convert(llama_cpp_dir: str, argv: list[str]) -> None:
+    """Run convert_hf_to_gguf.py with the unknown-pre-tokenizer fallback patched in."""
+    import runpy
+
+    sys.path[:0] = [llama_cpp_dir, os.path.join(llama_cpp_dir, "gguf-py")]
+    import conversion.base as cb  # type: ignore[import-not-found]
+
+    orig = cb.TextModel.get_vocab_base_pre
+
+    def get_vocab_base_pre(self: Any, tokenizer: Any) -> str:
+        try:
+            return orig(self, tokenizer)
+        except NotImplementedError:
+            print(f"moetier-bench: unknown BPE pre-tokenizer hash; writing {LLAMA_CPP_PRE_FALLBACK!r}",
+                  file=sys.stderr)
+            return LLAMA_CPP_PRE_FALLBACK
+
+    cb.TextModel.get_vocab_base_pre = get_vocab_base_pre
+    script = os.path.join(llama_cpp_dir, "convert_hf_to_gguf.py")
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "convert":
+        ap = argparse.ArgumentParser(prog="peers.py convert")
+        ap.add_argument("--llama-cpp-dir", required=True)
+        ns, rest = ap.parse_known_args(argv[1:])
+        convert(ns.llama_cpp_dir, rest)
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("engine", choices=ENGINES)
+    ap.add_argument("model")
+    ap.add_argument("--prompt-ids", required=True, type=lambda s: [int(x) for x in s.split(",") if x])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.epilog = "after --: moetier load flags (e.g. --max-ram 3G), or one JSON object of engine options"
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    a = ap.parse_args(argv)
+    a.engine_args = extra
+    t0 = time.perf_counter()
+    if a.engine == "moetier":
+        res = run_moetier(a)
+    elif a.engine == "llama_cpp":
+        res = run_llama_cpp(a)
+    else:
+        res = run_transformers(a, offload=a.engine == "transformers_offload")
+    res.update(engine=a.engine, dtype=a.dtype, threads=a.threads, prompt_tokens=len(a.prompt_ids),
+               decode_tokens=a.tokens, runs=a.runs, peak_rss_bytes=peak_rss_bytes(),
+               worker_wall_s=time.perf_counter() - t0)
+    print("BENCH_RESULT " + json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Fast tests of the side-by-side harness's pure parts (no engine runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import report
+from bench.__main__ import jsonable, parse_worker_output
+from bench.peers import timed_generations
+from bench.scenarios import gguf_outtype, prompt_ids
+
+
+def _engine(pre: list[float], dec: list[float], **kw) -> dict:
+    return {"status": "ok", "prefill_tokens_per_s_runs": pre, "decode_tokens_per_s_runs": dec, **kw}
+
+
+def _scenario(m_dec: list[float], l_dec: list[float], bound: float | None = 10.0) -> dict:
+    eng = {
+        "moetier": report.summarize_engine(_engine([100, 120, 110, 90, 130], m_dec, output_ids_sample=[1, 2, 3, 4])),
+        "llama_cpp": report.summarize_engine(_engine([200, 200, 200, 200, 200], l_dec, output_ids_sample=[1, 2, 9])),
+        "transformers_offload": {"status": "oom", "error": "killed"},
+    }
+    sc = {"title": "(c) test", "engines": eng, "cap_bytes": 3 * 2**30, "model_bytes": 9e9, "dtype": "bfloat16",
+          "planner": None if bound is None else {"decode_tokens_per_s": bound, "prefill_tokens_per_s": 400.0,
+                                                 "bottleneck": "communication", "prefill_bottleneck": "compute",
+                                                 "precision": "bf16"}}
+    return report.finish_scenario("overcap", sc)
+
+
+def test_summarize_engine_medians_and_extremes() -> None:
+    s = report.summarize_engine(_engine([1, 5, 3, 2, 4], [10, 30, 20, 50, 40], output_ids_sample=[1]))
+    assert s["prefill_tokens_per_s"] == 3 and s["decode_tokens_per_s"] == 30
+    assert s["decode_tokens_per_s_min"] == 10 and s["decode_tokens_per_s_max"] == 50
+    assert report.summarize_engine(_engine([1, 2], [3, 5]))["decode_tokens_per_s"] == 4  # even count: mean of middle
+    failed = report.summarize_engine({"status": "failed", "error": "x"})
+    assert "decode_tokens_per_s" not in failed and failed["status"] == "failed"
+
+
+def test_ratio_handles_missing_and_zero() -> None:
+    assert report.ratio(10.0, 4.0) == 2.5
+    assert report.ratio(None, 4.0) is None and report.ratio(1.0, 0.0) is None and report.ratio(1.0, None) is None
+    assert report.ratio(float("nan"), 1.0) is None
+
+
+def test_pair_ratios_targets_and_agreement() -> None:
+    sc = _scenario([9, 10, 11, 8, 12], [4, 5, 5, 5, 6])
+    r = sc["ratios"]["moetier/llama_cpp"]
+    assert r["decode"] == pytest.approx(2.0) and r["prefill"] == pytest.approx(110 / 200)
+    assert sc["ratios"]["moetier/transformers_offload"]["decode"] is None
+    assert sc["ratios"]["moetier/transformers_offload"]["peer_status"] == "oom"
+    assert sc["moetier_vs_bound"]["decode"] == pytest.approx(1.0)
+    assert sc["token_agreement"]["llama_cpp"] == 2
+    t = {x["target"]: x for x in sc["targets"]}
+    assert t["moetier decode >= 2x llama.cpp (mmap)"]["pass"] is True
+    # a peer that cannot run under the cap: the target passes if moetier ran
+    assert t["moetier decode >= 2x transformers + accelerate offload"]["pass"] is True
+    assert t["moetier decode within 15% of the planner's bound"]["pass"] is True
+    low = _scenario([5, 5, 5, 5, 5], [5, 5, 5, 5, 5], bound=10.0)
+    t = {x["target"]: x for x in low["targets"]}
+    assert t["moetier decode >= 2x llama.cpp (mmap)"]["pass"] is False
+    assert t["moetier decode within 15% of the planner's bound"]["pass"] is False
+    nob = _scenario([5] * 5, [5] * 5, bound=None)
+    assert nob["moetier_vs_bound"]["decode"] is None
+    assert {x["target"]: x for x in nob["targets"]}["moetier decode within 15% of the planner's bound"]["pass"] is None
+
+
+def test_result_schema_roundtrip_and_rendering(tmp_path) -> None:
+    payload = {
+        "provenance": {"cpu": "Test CPU", "cores": 2, "ram_bytes": 24e9, "date": "2026-01-01T00:00:00Z",
+                       "versions": {"moetier": "0.1.0", "torch": "2.x"}},
+        "machine": {"memory_read_bw": 11.2e9, "disk_read_bw": 1.1e9},
+        "peer_versions": {"llama_cpp_python": "0.3.36"},
+        "settings": {"prompt_tokens": 64, "decode_tokens": 32, "runs": 5, "threads": 2},
+        "scenarios": {"overcap": _scenario([9, 10, 11, 8, 12], [4, 5, 5, 5, 6]),
+                      "embedded": {"title": "(a) embedded", "error": "not installed"}},
+    }
+    payload = jsonable(payload)
+    assert json.loads(json.dumps(payload)) == payload
+    md = report.render_markdown(payload)
+    assert "## (c) test" in md and "| moetier (bound: 400 / 10.00, communication)" in md
+    assert "2.00x" in md and "oom" in md and "Not run: not installed" in md
+    assert "PASS: moetier decode >= 2x llama.cpp (mmap)" in md
+    block = report.render_readme_block(payload)
+    assert block.startswith(report.README_BEGIN) and block.endswith(report.README_END)
+    assert "0.3.36" in block and "not run" in block
+    text = "# bench\n\nintro\n"
+    once = report.replace_marked_block(text, block)
+    assert once.count(report.README_BEGIN) == 1 and once.startswith("# bench")
+    newer = block.replace("Test CPU", "Other CPU")
+    twice = report.replace_marked_block(once, newer)
+    assert twice.count(report.README_BEGIN) == 1 and "Other CPU" in twice and "Test CPU" not in twice
+    png = report.plot(payload, tmp_path / "p.png")
+    assert png is None or png.stat().st_size > 1000
+
+
+def test_worker_protocol_and_timing_loop() -> None:
+    assert parse_worker_output("noise\nBENCH_RESULT {\"a\": 1}\n") == {"a": 1}
+    assert parse_worker_output("no result") is None
+    calls = {"reset": 0, "step": 0}
+
+    def reset() -> None:
+        calls["reset"] += 1
+
+    def step(t: int) -> int:
+        calls["step"] += 1
+        return t + 1
+
+    r = timed_generations(lambda p: len(p), step, reset, [1, 2, 3], tokens=4, runs=2)
+    assert calls["reset"] == 3 and calls["step"] == 9  # 1 warm-up + 2 runs, 3 decode steps each
+    assert r["output_ids"] == [3, 4, 5, 6]
+    assert len(r["decode_tokens_per_s_runs"]) == 2 and all(x > 0 for x in r["decode_tokens_per_s_runs"])
+    assert r["first_run"] is not None and not math.isnan(r["first_run"]["prefill_tokens_per_s"])
+
+
+def test_prompt_ids_and_outtype() -> None:
+    a, b = prompt_ids(1000, 64, seed=0), prompt_ids(1000, 64, seed=0)
+    assert a == b and len(a) == 64 and all(10 <= x < 1000 for x in a)
+    assert gguf_outtype("bfloat16") == "bf16" and gguf_outtype("float32") == "f32"
