@@ -31,7 +31,6 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,54 +259,33 @@ def mean_imbalance(loads: Sequence[float] | np.ndarray, n_devices: int, n_redund
     return float(np.mean(vals)) if vals else 1.0
 
 
-def load_profile(path: str | Path, *, layer: int | None = None, warmup_repeat: int = 32) -> np.ndarray:
+def load_profile(path: str | Path, *, layer: int | None = None, warmup_repeat: int | None = None) -> np.ndarray:
     """Per-expert loads from a file: 1-D ``[experts]`` or 2-D ``[layers, experts]``.
 
     Accepts a JSON list of numbers, a JSON object with a ``loads`` list (or ``expert_counts``),
     the JSON of ``moetier trace stats`` (``per_layer[*].load``, one row per layer), a moetier
     trace ``.npz`` (counts per layer), or a routing trace in the ``.jsonl`` format of
     ``shared/data/routing-traces`` (a ``meta`` line, then ``route`` lines with ``topk_ids``).
-    In ``.jsonl`` traces, rows whose ``topk_weights`` vector repeats more than
-    ``warmup_repeat`` times are the capturing engine's warm-up dummies and are dropped (see the
-    traces README).
+    Traces are read by :func:`moetier.traces.importers.open_trace`, which drops the capture
+    engine's warm-up rows (``warmup_repeat`` overrides its repeat threshold).
     """
     p = Path(path)
     if not p.is_file():
         raise MoetierError(f"routing profile {p}: no such file")
-    if p.suffix == ".npz":
-        from moetier.traces.format import load_trace
+    if p.suffix in (".npz", ".jsonl"):
+        # One loader for traces (it also drops the capture engine's warm-up rows).
+        from moetier.traces.importers import open_trace
 
-        t = load_trace(p)
+        t = open_trace(p) if warmup_repeat is None else open_trace(p, warmup_repeats=warmup_repeat)
         layers = [lyr for lyr in t.layers if layer is None or lyr == layer]
         if not layers:
             raise MoetierError(f"routing profile {p}: no rows for layer {layer}")
         n = int(t.num_experts)
-        return np.stack([np.bincount(t.topk_ids[t.layer == lyr].ravel().astype(np.int64), minlength=n)[:n]
-                         for lyr in layers]).astype(float)
+        rows2 = [np.bincount(t.topk_ids[t.layer == lyr].ravel().astype(np.int64), minlength=n)[:n]
+                 for lyr in layers]
+        out = np.stack(rows2).astype(float)
+        return out[0] if (p.suffix == ".jsonl" and len(layers) == 1) else out
     text = p.read_text(encoding="utf-8")
-    if p.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoetierError(f"routing profile {p}: line {n} is not JSON ({e})") from None
-            if r.get("type") == "route" and (layer is None or r.get("layer") == layer):
-                rows.append(r)
-        if not rows:
-            raise MoetierError(f"routing profile {p}: no 'route' rows" + (f" for layer {layer}" if layer else ""))
-        reps = Counter(tuple(r.get("topk_weights") or ()) for r in rows)
-        counts: Counter = Counter()
-        for r in rows:
-            if reps[tuple(r.get("topk_weights") or ())] > warmup_repeat:
-                continue
-            counts.update(int(e) for e in r["topk_ids"])
-        if not counts:
-            raise MoetierError(f"routing profile {p}: every row looked like warm-up")
-        n = max(counts) + 1
-        return np.array([counts.get(e, 0) for e in range(n)], dtype=float)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -120,9 +120,10 @@ def test_load_profile_formats(tmp_path):
     assert list(eplb.load_profile(p)) == [4, 5]
     # a routing trace with warm-up rows (one repeated weight vector) that must be dropped
     rows = [{"type": "meta", "top_k": 2}]
-    rows += [{"type": "route", "layer": 0, "topk_ids": [0, 1], "topk_weights": [0.5, 0.5]}] * 50
-    rows += [{"type": "route", "layer": 0, "topk_ids": [2, 3], "topk_weights": [0.6, 0.4 - i * 1e-3]}
-             for i in range(10)]
+    rows += [{"type": "route", "req_id": "w", "token_idx": i, "layer": 0, "topk_ids": [0, 1],
+              "topk_weights": [0.5, 0.5]} for i in range(100)]
+    rows += [{"type": "route", "req_id": "r", "token_idx": i, "layer": 0, "topk_ids": [2, 3],
+              "topk_weights": [0.6, 0.4 - i * 1e-3]} for i in range(10)]
     t = tmp_path / "trace.jsonl"
     t.write_text("\n".join(json.dumps(r) for r in rows))
     loads = eplb.load_profile(t)
