@@ -337,6 +337,14 @@ class TieredExpertProvider:
 # wiring into moetier.load
 
 
+def prefetch_slot_count(plan: PlacementPlan, spec: ModelSpec, slot_bytes: int) -> int:
+    """Prefetch slots: ``prefetch_max_inflight_bytes`` worth (at least 1), at most one
+    layer's experts (guesses only ever target the next MoE layer)."""
+    if not plan.prefetch:
+        return 0
+    return int(max(1, min(plan.prefetch_max_inflight_bytes // slot_bytes, spec.num_experts)))
+
+
 def tiered_factory(plan: PlacementPlan, *, cache_slots: int | None = None, profile: Any = None,
                    io: str = "buffered", check_finite: bool = True, io_threads: int = 1,
                    budget: Any = None) -> Any:
@@ -357,7 +365,7 @@ def tiered_factory(plan: PlacementPlan, *, cache_slots: int | None = None, profi
         slot = store.layout.slot_bytes
         n_experts = spec.num_moe_layers * spec.num_experts
         n_pinned = sum(1 for t in plan.expert_tiers(spec).values() if t == "resident")
-        pf_slots = max(1, plan.prefetch_max_inflight_bytes // slot) if plan.prefetch else 0
+        pf_slots = prefetch_slot_count(plan, spec, slot)
         n = cache_slots
         if n is None:
             cb = plan.resolved_cache_bytes(n_experts * store.layout.expert_bytes)
@@ -475,7 +483,7 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
         mb = budget_mod.MemoryBudget(max_ram=pl.max_ram, context=context, batch=batch, itemsize=itemsize,
                                      baseline_rss=baseline)
         slot = -(-int(cen.expert_bytes) // 4096) * 4096
-        pf = max(1, pl.prefetch_max_inflight_bytes // slot) if pl.prefetch else 0
+        pf = prefetch_slot_count(pl, spec, slot)
         n_pinned = sum(1 for t in pl.expert_tiers(spec).values() if t == "resident")
         budget_mod.check_upfront(spec, mb, always_on_bytes=cen.always_on_bytes, slot_bytes=slot,
                                  transient_slots=pf + BYPASS_SLOTS, pinned_slots=n_pinned)
