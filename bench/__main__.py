@@ -59,6 +59,8 @@ def engine_command(engine: str, model: Path, dtype: str, ids: list[int], args: a
     cmd = ["nice", "-n", str(args.nice)] if args.nice else []
     cmd += [py, str(PEERS), engine, str(model), "--prompt-ids", ",".join(map(str, ids)), "--tokens",
             str(args.tokens), "--runs", str(args.runs), "--threads", str(args.threads), "--dtype", dtype]
+    if engine == "moetier" and args.profile_steps:
+        cmd += ["--profile-steps", str(args.profile_steps)]
     if options:
         cmd += ["--", json.dumps(options)]
     return cmd
@@ -145,7 +147,8 @@ def run_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
     out.update(model_dir=str(d), model_name=d.name, model_bytes=model_bytes(d), dtype=dtype, cap_bytes=cap,
                spec=info, spec_summary=summary, prompt_ids=ids)
     engines = [e for e in sc.engines if not args.engines or e in args.engines]
-    results: dict[str, Any] = {}
+    cmds: dict[str, list[str]] = {}
+    prep_failed: dict[str, Any] = {}
     for en in engines:
         model: Path = d
         options: dict[str, Any] | None = None
@@ -153,7 +156,7 @@ def run_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
             try:
                 model = ensure_gguf(d, gguf_outtype(info["torch_dtype"]))
             except Exception as e:
-                results[en] = {"status": "failed", "error": f"conversion: {e}"[:2000]}
+                prep_failed[en] = {"status": "failed", "error": f"conversion: {e}"[:2000]}
                 continue
             out["gguf"] = str(model)
         elif en == "moetier":
@@ -161,11 +164,24 @@ def run_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
         elif en == "transformers_offload":
             budget = int((cap or 4 * GIB) * 0.5)
             options = {"cpu_bytes": budget, "offload_folder": str(bench_cache() / "offload" / d.name)}
-        cmd = engine_command(en, model, dtype, ids, args, options)
-        results[en] = run_engine(en, cmd, cap, args.timeout)
-        r = results[en]
-        _log(f"{sc.name}/{en}: {r['status']} decode "
-             f"{report.median(r.get('decode_tokens_per_s_runs') or [float('nan')]):.2f} tok/s")
+        cmds[en] = engine_command(en, model, dtype, ids, args, options)
+    rounds: list[dict[str, Any]] = []
+    for rd in range(args.rounds):
+        this: dict[str, Any] = {}
+        for en, cmd in cmds.items():
+            if rd and any(r.get(en, {}).get("status") != "ok" for r in rounds):
+                continue  # failed once (oom, crash): not retried
+            load0 = os.getloadavg()[0]
+            r = run_engine(en, cmd, cap, args.timeout)
+            r["loadavg_1min"] = [load0, os.getloadavg()[0]]
+            this[en] = r
+            _log(f"{sc.name}/{en} round {rd + 1}/{args.rounds}: {r['status']} decode "
+                 f"{report.median(r.get('decode_tokens_per_s_runs') or [float('nan')]):.2f} tok/s "
+                 f"(load avg {load0:.1f})")
+        rounds.append(this)
+    results = {**prep_failed, **{en: report.merge_rounds([rd[en] for rd in rounds if en in rd]) for en in cmds}}
+    out["rounds"] = args.rounds
+    out["round_ratios"] = report.round_ratios(rounds)
     out["engines"] = {n: report.summarize_engine(r) for n, r in results.items()}
     try:
         out["planner"] = planner_figures(d, precision, args.prompt_len, args.tokens, cap,
@@ -235,6 +251,7 @@ def _save(stem: str, payload: dict[str, Any], scen: dict[str, Any], args: argpar
         machine=machine_figures(),
         peer_versions=peer_versions(),
         settings={"batch": 1, "prompt_tokens": args.prompt_len, "decode_tokens": args.tokens, "runs": args.runs,
+                  "rounds": args.rounds,
                   "threads": args.threads, "warmup_runs": 1, "nice": args.nice},
         scenarios=dict(sorted(scen.items(), key=lambda kv: order.get(kv[0], 99))),
     )
@@ -275,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_report(ap.parse_args(argv[1:]))
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("scenarios", nargs="+", help="all | " + " | ".join(SCENARIOS))
-    ap.add_argument("--runs", type=int, default=5, help="timed runs per engine (after one warm-up)")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per engine process (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="engine processes per engine, interleaved (A B C A B C ...) against load drift")
     ap.add_argument("--tokens", type=int, default=32, help="greedy decode tokens per run")
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (same ids for every engine)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -284,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nice", type=int, default=0, help="run the workers under nice -n N")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine process")
     ap.add_argument("--out", default=STEM, help="results name under bench/results/")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="also profile N moetier decode steps (torch.profiler: where the time goes)")
     ap.add_argument("--fresh", action="store_true", help="do not merge with existing results")
     return cmd_run(ap.parse_args(argv))
 

@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--threads", default="1,2", help="torch thread counts to measure (comma list)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--only", choices=["embedded", "synthetic"], default=None)
     ap.add_argument("--out", default="runtime_decode")
@@ -244,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from moetier.runtime import EMBEDDED_DIR
 
-    bw = memory_bandwidth()
-    print(f"memory read bandwidth: {bw / 1e9:.1f} GB/s", file=sys.stderr)
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    bws = {}
+    for th in thread_counts:
+        torch.set_num_threads(th)
+        bws[th] = memory_bandwidth()
+        print(f"memory read bandwidth ({th} threads): {bws[th] / 1e9:.1f} GB/s", file=sys.stderr)
     models: list[tuple[str, Path]] = []
     if args.only in (None, "embedded") and (EMBEDDED_DIR / "config.json").exists():
         models.append(("embedded", EMBEDDED_DIR))
@@ -255,22 +260,25 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, path in models:
         for dtype in args.dtypes.split(","):
-            r = bench_moetier(path, dtype, args.runs, args.tokens, prompt)
-            r["model"] = name
-            r["fraction_of_memory_bw"] = r["achieved_bytes_per_s"] / bw
-            r["roofline_tokens_per_s"] = bw / r["bytes_per_token"]
-            print(json.dumps(r), file=sys.stderr)
-            results.append(r)
-            if not args.skip_hf:
-                h = bench_transformers(path, dtype, args.runs, args.tokens, prompt)
-                h["model"] = name
-                h["moetier_speedup"] = r["decode_tokens_per_s"] / h["decode_tokens_per_s"]
-                print(json.dumps(h), file=sys.stderr)
-                results.append(h)
+            for th in thread_counts:
+                torch.set_num_threads(th)
+                bw = bws[th]
+                r = bench_moetier(path, dtype, args.runs, args.tokens, prompt)
+                r.update(model=name, threads=th, memory_read_bytes_per_s=bw)
+                r["fraction_of_memory_bw"] = r["achieved_bytes_per_s"] / bw
+                r["roofline_tokens_per_s"] = bw / r["bytes_per_token"]
+                print(json.dumps(r), file=sys.stderr)
+                results.append(r)
+                if not args.skip_hf:
+                    h = bench_transformers(path, dtype, args.runs, args.tokens, prompt)
+                    h.update(model=name, threads=th)
+                    h["moetier_speedup"] = r["decode_tokens_per_s"] / h["decode_tokens_per_s"]
+                    print(json.dumps(h), file=sys.stderr)
+                    results.append(h)
     out = write_result(args.out, {
         "command": "python -m bench.bench_runtime " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "memory_read_bytes_per_s": bw,
-        "threads": torch.get_num_threads(),
+        "memory_read_bytes_per_s": {str(k): v for k, v in bws.items()},
+        "load_average_1min": os.getloadavg()[0],
         "batch": 1,
         "prompt_tokens": args.prompt_len,
         "decode_tokens": args.tokens,
@@ -281,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         extra = (f"  {r['fraction_of_memory_bw'] * 100:.0f}% of memory bw "
                  f"({r['bytes_per_token'] / 1e6:.0f} MB/token)" if r["engine"] == "moetier" else "")
-        print(f"{r['model']:>28} {r['engine']:>18} {r['dtype']:>8}: {r['decode_tokens_per_s']:7.2f} tok/s{extra}")
+        print(f"{r['model']:>28} {r['engine']:>18} {r['dtype']:>8} {r['threads']}t: "
+              f"{r['decode_tokens_per_s']:7.2f} tok/s{extra}")
     return 0
 
 

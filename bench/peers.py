@@ -130,8 +130,50 @@ def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
         if h is not None:
             res["hierarchy"]["cache_bytes"] = getattr(h, "cache_bytes", None)
             res["hierarchy"]["pinned_bytes"] = getattr(h, "pinned_bytes", None)
+    if a.profile_steps:
+        res["profile"] = profile_decode(m, a.prompt_ids, a.profile_steps)
     res.update(load_s=load_s, torch_threads=torch.get_num_threads(), load_kwargs={k: str(v) for k, v in kw.items()})
     return res
+
+
+def profile_decode(m: Any, prompt: list[int], steps: int, top: int = 12) -> dict[str, Any]:
+    """Where a moetier decode step's time goes: torch.profiler over ``steps`` single-token
+    forwards (after an unprofiled prefill). Reports, per token, the wall time without and with
+    the profiler, the number of torch ops, the self time of the top ops, and the share of the
+    wall time spent outside torch ops (Python and dispatch overhead, as seen by the profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    def decode(n: int) -> float:
+        seq = m.new_sequence(capacity=len(prompt) + n + 1)
+        logits = m.step([(seq, prompt)])
+        tok = int(logits[0].argmax())
+        t0 = time.perf_counter()
+        for _ in range(n):
+            logits = m.step([(seq, [tok])])
+            tok = int(logits[0].argmax())
+        return (time.perf_counter() - t0) / n
+
+    with torch.inference_mode():
+        plain = decode(steps)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            profiled = decode(steps)
+    ka = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    # ops called from other ops are counted in their parent's total; self times add up without overlap
+    self_us = sum(e.self_cpu_time_total for e in ka)
+    n_ops = sum(e.count for e in ka)
+    tops = sorted(ka, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    per = 1.0 / steps
+    return {
+        "steps": steps,
+        "wall_s_per_token": plain,
+        "wall_s_per_token_profiled": profiled,
+        "torch_ops_per_token": n_ops * per,
+        "op_self_s_per_token": self_us * 1e-6 * per,
+        "outside_ops_share_profiled": max(0.0, 1 - self_us * 1e-6 * per / profiled),
+        "top_ops": [{"op": e.key, "calls_per_token": e.count * per,
+                     "self_s_per_token": e.self_cpu_time_total * 1e-6 * per} for e in tops],
+    }
 
 
 def run_llama_cpp(a: argparse.Namespace) -> dict[str, Any]:
@@ -251,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--profile-steps", type=int, default=0, help="moetier: profile N decode steps after timing")
     ap.epilog = "after --: moetier load flags (e.g. --max-ram 3G), or one JSON object of engine options"
     extra: list[str] = []
     if "--" in argv:

@@ -46,6 +46,45 @@ def summarize_engine(worker: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def merge_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One engine's worker results from several interleaved rounds -> one record.
+
+    Runs are concatenated (the median is over all of them); peaks are maxima; a failure in
+    any round makes the record that failure."""
+    if not rounds:
+        return {"status": "failed", "error": "no run"}
+    bad = [r for r in rounds if r.get("status", "ok") != "ok"]
+    if bad:
+        return {**bad[0], "rounds_ok": len(rounds) - len(bad)}
+    out = dict(rounds[0])
+    for k in ("prefill_tokens_per_s_runs", "decode_tokens_per_s_runs"):
+        out[k] = [x for r in rounds for x in r.get(k, [])]
+    for k in ("peak_rss_bytes", "cgroup_peak_bytes"):
+        vals = [r[k] for r in rounds if r.get(k) is not None]
+        out[k] = max(vals) if vals else None
+    loads = [r["load_s"] for r in rounds if r.get("load_s") is not None]
+    out["load_s"] = median(loads) if loads else None
+    out["rounds"] = len(rounds)
+    if len(rounds) > 1:
+        out["loadavg_1min"] = [r.get("loadavg_1min") for r in rounds]
+    return out
+
+
+def round_ratios(rounds: Sequence[Mapping[str, Mapping[str, Any]]], base: str = "moetier") -> dict[str, list]:
+    """moetier/peer decode-median ratio within each round (pairs measured back to back)."""
+    out: dict[str, list] = {}
+    for rd in rounds:
+        m = rd.get(base)
+        if not m or m.get("status", "ok") != "ok":
+            continue
+        for name, e in rd.items():
+            if name == base or e.get("status", "ok") != "ok":
+                continue
+            out.setdefault(f"{base}/{name}", []).append(
+                ratio(median(m.get("decode_tokens_per_s_runs", [])), median(e.get("decode_tokens_per_s_runs", []))))
+    return out
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not (b > 0) or math.isnan(a) or math.isnan(b):
         return None

@@ -170,17 +170,52 @@ def ram_model_dir(size_gb: float = 2.5) -> Path:
     return ensure_synthetic(size_gb)
 
 
+def _wide_from(src: Path, name: str, target_gb: float) -> Path:
+    """``scripts/make_wide_model.py`` applied to ``src`` (cached under the bench cache)."""
+    key = hashlib.sha1(json.dumps(sorted((f.name, f.stat().st_size) for f in src.iterdir()
+                                         if f.is_file())).encode()).hexdigest()[:8]
+    out = bench_cache() / "models" / f"wide-{name}-{key}-{target_gb:g}gb"
+    if not (out / "config.json").exists():
+        _log(f"building the wide model {out} from {src} (scripts/make_wide_model.py, {target_gb:g} GB)")
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_wide_model.py"), "--src", str(src),
+                        "--out", str(out), "--target-gb", str(target_gb)], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def standin_source() -> Path:
+    """A random-weight qwen3_moe of the embedded model's default shape (scripts/train_embedded.py),
+    used as the wide model's source only when the trained embedded model is not installed."""
+    from bench.bench_runtime import synthetic_config, write_synthetic
+
+    d = bench_cache() / "models" / "standin-embedded-shape"
+    if not (d / "config.json").exists():
+        cfg = synthetic_config(0.1)
+        cfg.update(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                   vocab_size=4096, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=128)
+        write_synthetic(d, cfg)
+        make_tokenizer_json(d / "tokenizer.json")
+    return d
+
+
+WIDE_TARGET_GB = 8.5
+
+
 def overcap_model_dir() -> Path:
-    """The weight-hierarchy benchmark's wide, realistic-routing model (>= 8 GB)."""
+    """The wide, realistic-routing model (>= 8 GB): the hierarchy benchmark's builder when it
+    exposes one, else ``scripts/make_wide_model.py`` from the embedded model, else (embedded
+    model not installed) from a random-weight stand-in of the same shape (routing not trained)."""
     try:
         import bench.bench_hierarchy as bh
-    except ImportError as e:
-        raise FileNotFoundError("bench/bench_hierarchy.py (the wide model's builder) is not present") from e
+    except ImportError:
+        bh = None
     for name in ("ensure_wide_model", "ensure_wide", "wide_model_dir", "build_wide_model"):
         fn = getattr(bh, name, None)
         if callable(fn):
             return Path(fn())
-    raise FileNotFoundError("bench.bench_hierarchy has no ensure_wide_model() to build the wide model")
+    try:
+        return _wide_from(embedded_dir(), "embedded", WIDE_TARGET_GB)
+    except FileNotFoundError:
+        return _wide_from(standin_source(), "standin", WIDE_TARGET_GB)
 
 
 def tiny_model_dir() -> Path:

@@ -9,7 +9,8 @@ an :class:`~moetier.models.base.ExpertReader` and served by an ``ExpertProvider`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence as Seq
+from collections.abc import Callable, Mapping
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ def load(
     tokenizer: bool = True,
     threads: int | None = None,
     check_finite: bool = True,
+    **hierarchy: Any,
 ) -> Model:
     """Load a checkpoint directory (``None`` = the embedded model) for inference.
 
@@ -68,7 +70,17 @@ def load(
     expert_provider_factory: ``(spec, reader) -> ExpertProvider``; default keeps all in RAM.
     tokenizer: False to skip tokenizer.json (ids-only use).
     threads: torch intra-op threads (default: torch's choice).
+    hierarchy: weight-hierarchy options (``max_ram``, ``policy``, ``expert_cache``,
+    ``cache_scope``, ``prefetch``, ``plan``, ...): routed experts are then served from a cache
+    over the files, see :func:`moetier.weights.tiered.load`.
     """
+    if hierarchy:
+        if expert_provider_factory is not None:
+            raise ConfigError("pass either expert_provider_factory or weight-hierarchy options, not both")
+        from moetier.weights import tiered
+
+        return tiered.load(path, dtype=dtype, tokenizer=tokenizer, threads=threads, check_finite=check_finite,
+                           **hierarchy)
     if threads is not None:
         torch.set_num_threads(int(threads))
     d = Path(path) if path is not None else EMBEDDED_DIR
@@ -137,6 +149,11 @@ class Model:
             batch.append((seq, t))
             seq.tokens.extend(t.tolist())
         return self.net(batch, all_logits=all_logits)
+
+    def warmup(self) -> None:
+        """One throwaway single-token forward (first-call allocations / kernel setup), so that
+        timings of the next generation measure steady state."""
+        self.step([(self.new_sequence(capacity=2), [0])])
 
     def logits(self, token_ids: Seq[int] | torch.Tensor) -> torch.Tensor:
         """Full prefill of a fresh sequence: [len, vocab] float32."""

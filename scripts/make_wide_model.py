@@ -72,7 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = json.loads((src / "config.json").read_text())
     if cfg.get("model_type") != "qwen3_moe":
         raise SystemExit(f"{src}: expected a qwen3_moe checkpoint, got {cfg.get('model_type')}")
-    H, L, E, I0 = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_experts"], cfg["moe_intermediate_size"]
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from moetier.spec import load_spec
+
+    spec = load_spec(src)  # one parser of config.json (num_experts vs num_local_experts, ...)
+    H, L, E, I0 = spec.hidden_size, spec.num_layers, spec.num_experts, spec.expert_intermediate_size
     L2 = L * args.repeat
     I2 = args.expert_inter or int(args.target_gb * 1e9 / (L2 * E * 3 * H * 2)) // 64 * 64
     if I2 < I0:
@@ -115,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     total = sum((out / f).stat().st_size for f in set(weight_map.values()))
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    cfg2 = dict(cfg, num_hidden_layers=L2, moe_intermediate_size=I2, torch_dtype="bfloat16")
+    cfg2 = dict(cfg, num_hidden_layers=L2, moe_intermediate_size=I2)
+    cfg2["dtype" if "dtype" in cfg else "torch_dtype"] = "bfloat16"
     for k in ("max_window_layers",):
         if k in cfg2:
             cfg2[k] = L2

@@ -119,3 +119,18 @@ def test_prompt_ids_and_outtype() -> None:
     a, b = prompt_ids(1000, 64, seed=0), prompt_ids(1000, 64, seed=0)
     assert a == b and len(a) == 64 and all(10 <= x < 1000 for x in a)
     assert gguf_outtype("bfloat16") == "bf16" and gguf_outtype("float32") == "f32"
+
+
+def test_merge_rounds_and_round_ratios() -> None:
+    r1 = _engine([1, 2], [10, 20], peak_rss_bytes=5, cgroup_peak_bytes=7, load_s=1.0)
+    r2 = _engine([3], [30], peak_rss_bytes=9, cgroup_peak_bytes=6, load_s=3.0)
+    m = report.merge_rounds([r1, r2])
+    assert m["decode_tokens_per_s_runs"] == [10, 20, 30] and m["prefill_tokens_per_s_runs"] == [1, 2, 3]
+    assert m["peak_rss_bytes"] == 9 and m["cgroup_peak_bytes"] == 7 and m["load_s"] == 2.0 and m["rounds"] == 2
+    bad = report.merge_rounds([r1, {"status": "oom", "error": "killed"}])
+    assert bad["status"] == "oom" and bad["rounds_ok"] == 1
+    assert report.merge_rounds([])["status"] == "failed"
+    rr = report.round_ratios([{"moetier": _engine([1], [10]), "llama_cpp": _engine([1], [5])},
+                              {"moetier": _engine([1], [9]), "llama_cpp": _engine([1], [3]),
+                               "transformers": {"status": "failed"}}])
+    assert rr == {"moetier/llama_cpp": [2.0, 3.0]}

@@ -17,6 +17,15 @@ from typing import Any
 LOAD_OPTION_HOOKS: list[tuple[Any, Any]] = []
 
 
+def _hierarchy_hook() -> tuple[Any, Any]:
+    from moetier.weights import tiered
+
+    return tiered.add_arguments, tiered.load_kwargs
+
+
+LOAD_OPTION_HOOKS.append(_hierarchy_hook())
+
+
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", nargs="?", default=None,
                    help="checkpoint directory (default: the embedded model)")
@@ -66,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
 
     model = moetier.load(args.model_dir, **load_kwargs(args))
     ids = model.encode_prompt(args.prompt, chat=args.chat)
+    model.warmup()
 
     def stream(s: str) -> None:
         sys.stdout.write(s)
@@ -74,6 +84,9 @@ def main(args: argparse.Namespace) -> int:
     res = model.generate_ids(ids, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                              stop=args.stop, on_text=None if args.json else stream)
     rss = peak_rss_bytes()
+    from moetier.weights.tiered import run_report
+
+    report = run_report(model, res.decode_tokens_per_s)  # weight hierarchy ({} when all in RAM)
     if args.json:
         print(json.dumps({
             "text": res.text,
@@ -83,10 +96,18 @@ def main(args: argparse.Namespace) -> int:
             "prefill_tokens_per_s": res.prefill_tokens_per_s,
             "decode_tokens_per_s": res.decode_tokens_per_s,
             "peak_rss_bytes": rss,
+            **report,
         }))
     else:
+        if report:
+            bpt = report["bytes_per_token"]
+            pred = report.get("predicted_decode_tokens_per_s")
+            print(f"[hierarchy] hit rate {report['hit_rate'] or 0:.1%}, "
+                  f"store {(bpt['store'] or 0) / 1e6:.1f} MB/token, "
+                  f"stall {report['stall_seconds']:.2f} s"
+                  + (f", planner predicts {pred:.1f} tok/s" if pred else ""), file=sys.stderr)
         print()
         print(f"\n[{len(res.prompt_ids)} prompt tokens, {len(res.ids)} generated, finish: {res.finish_reason}] "
               f"prefill {res.prefill_tokens_per_s:.1f} tok/s, decode {res.decode_tokens_per_s:.1f} tok/s, "
-              f"peak RSS {rss / 2**20:.0f} MiB", file=sys.stderr)
+              f"peak RSS {rss / 2**20:.0f} MiB")
     return 0

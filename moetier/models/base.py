@@ -22,7 +22,8 @@ blocks; ``registry.register`` makes them loadable.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -51,6 +52,16 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------
 # expert contracts
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``. A float32 sum is ~40x faster than isfinite().all() on bf16; only
+    when the sum is not finite (NaN/Inf, or a legitimate overflow) do the exact check."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,7 +164,7 @@ class ExpertReader:
         for layer in spec.moe_layer_ids:
             self.layers[layer] = self._find(layer, list(prefixes(layer)))
         # validate shapes from headers
-        for layer, t in self.layers.items():
+        for t in self.layers.values():
             if t.fused:
                 if t.gate_up is not None:
                     self._check(t.gate_up, (E, 2 * I, H))
@@ -195,7 +206,7 @@ class ExpertReader:
         )
 
     def _finite(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise WeightError(f"{self.index.info(name).file}: tensor '{name}' contains NaN or Inf values")
         return t
 
@@ -214,8 +225,18 @@ class ExpertReader:
                 up = self._finite(t.up, self.index.read_rows(t.up, expert, self.dtype))
             down = self._finite(t.down, self.index.read_rows(t.down, expert, self.dtype))
         else:
-            names = [t.gate.format(e=expert), t.up.format(e=expert), t.down.format(e=expert)]
-            gate, up, down = (self._finite(n, self.index.read(n, self.dtype)) for n in names)
+            g, u, d = t.gate.format(e=expert), t.up.format(e=expert), t.down.format(e=expert)
+            gi, ui = self.index.info(g), self.index.info(u)
+            if gi.torch_dtype == ui.torch_dtype == self.dtype:  # read both halves in place: no cat
+                I = gi.shape[0]
+                gu = torch.empty((2 * I, gi.shape[1]), dtype=self.dtype)
+                self.index.read_into(g, gu[:I])
+                self.index.read_into(u, gu[I:])
+                self._finite(g, gu[:I])
+                self._finite(u, gu[I:])
+                down = self._finite(d, self.index.read(d, self.dtype))
+                return ExpertWeights(gu, down)
+            gate, up, down = (self._finite(n, self.index.read(n, self.dtype)) for n in (g, u, d))
         return ExpertWeights.from_parts(gate, up, down)
 
     def expert_nbytes(self) -> int:
@@ -432,7 +453,7 @@ def load_dense_weights(net: DecoderLM, index: SafetensorsIndex, dtype: torch.dty
         if info.dtype not in FLOAT_DTYPES:
             raise WeightError(f"{info.file}: tensor '{ck}' has dtype {info.dtype}, expected a float type")
         t = index.read(ck)
-        if check_finite and not bool(torch.isfinite(t).all()):
+        if check_finite and not all_finite(t):
             raise WeightError(f"{info.file}: tensor '{ck}' contains NaN or Inf values")
         state[name] = t.to(dtype)
     net.load_state_dict(state, assign=True, strict=True)

@@ -215,6 +215,20 @@ class SafetensorsIndex:
             self._pread_into(info, t, info.start)
         return t if dtype is None or dtype == t.dtype else t.to(dtype)
 
+    def read_into(self, name: str, out: torch.Tensor, row: int | None = None) -> torch.Tensor:
+        """Read tensor ``name`` (or its row ``row``) straight into ``out`` (same dtype and
+        element count, contiguous): no intermediate buffer. Returns ``out``."""
+        info = self.info(name)
+        shape = info.shape if row is None else info.shape[1:]
+        if row is not None and (not info.shape or not 0 <= row < info.shape[0]):
+            raise WeightError(f"{info.file}: tensor '{name}' {list(info.shape)} has no row {row}")
+        if out.dtype != info.torch_dtype or out.numel() != math.prod(shape) or not out.is_contiguous():
+            raise ValueError(f"read_into({name!r}): out must be contiguous {info.dtype} with shape {list(shape)}")
+        offset = info.start if row is None else info.start + row * math.prod(shape) * info.itemsize
+        if out.numel():
+            self._pread_into(info, out, offset)
+        return out
+
     def read_rows(self, name: str, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read ``tensor[index]`` of a tensor with a leading (e.g. expert) dimension."""
         info = self.info(name)

@@ -75,6 +75,7 @@ class TieredExpertProvider:
         if touch:
             self.pool.touch()
         self.worker = IOWorker(self.store, self.pool.slot, self.metrics, threads=io_threads)
+        self._views = [self.layout.views(self.pool.slot(i)) for i in range(self.pool.n)]  # per slot, made once
         # resident (pinned) experts: own slots, read once
         pinned_keys = sorted(k for k, t in self.tiers.items() if t == "resident")
         self.pinned_pool = SlotPool(len(pinned_keys), self.slot_bytes) if pinned_keys else None
@@ -272,7 +273,7 @@ class TieredExpertProvider:
                     self.cache.mark_invalid(key)
                     raise job.error
                 self.cache.mark_valid(key)
-            return self.layout.views(self.pool.slot(self.cache.slot_of[key]))
+            return self._views[self.cache.slot_of[key]]
         # bypass
         self._free_consumed_bypass()
         if job is None:
@@ -291,7 +292,7 @@ class TieredExpertProvider:
         self.consumed_bypass.append(job)
         if job.error is not None:
             raise job.error
-        return self.layout.views(self.pool.slot(job.slot))
+        return self._views[job.slot]
 
     # ----- prefetch -----
     def prefetch(self, layer: int, ranked: Seq[int]) -> None:
@@ -338,11 +339,12 @@ class TieredExpertProvider:
 
 
 def prefetch_slot_count(plan: PlacementPlan, spec: ModelSpec, slot_bytes: int) -> int:
-    """Prefetch slots: ``prefetch_max_inflight_bytes`` worth (at least 1), at most one
-    layer's experts (guesses only ever target the next MoE layer)."""
+    """Prefetch slots: ``prefetch_max_inflight_bytes`` worth (at least 1), at most
+    ``2 * top_k`` (guesses only ever target the next MoE layer; at decode that is top_k
+    experts per sequence)."""
     if not plan.prefetch:
         return 0
-    return int(max(1, min(plan.prefetch_max_inflight_bytes // slot_bytes, spec.num_experts)))
+    return int(max(1, min(plan.prefetch_max_inflight_bytes // slot_bytes, 2 * spec.top_k, spec.num_experts)))
 
 
 def tiered_factory(plan: PlacementPlan, *, cache_slots: int | None = None, profile: Any = None,
@@ -501,3 +503,78 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
     model.memory_budget = mb
     model.placement_plan = pl
     return model
+
+
+# ---------------------------------------------------------------------------------------
+# command-line options (moetier run / chat) and the run report
+
+
+def add_arguments(p: Any) -> None:
+    """``--max-ram``, ``--policy``, ``--expert-cache``, ``--cache-scope``, ``--prefetch``, ``--plan``..."""
+    from moetier.weights.policies import POLICIES
+
+    g = p.add_argument_group("weight hierarchy (any of these serves routed experts from a cache over the files)")
+    g.add_argument("--max-ram", default=None,
+                   help="hard RAM budget: resident + expert cache + KV cache + activations (e.g. 3G)")
+    g.add_argument("--policy", default=None, choices=[n for n in POLICIES if n != "belady"],
+                   help="expert-cache policy (default: adaptive with --max-ram, else lru)")
+    g.add_argument("--expert-cache", default=None,
+                   help="expert-cache size: bytes (1.5G) or a fraction of the routed experts (0.25)")
+    g.add_argument("--cache-scope", default=None, choices=["global", "per_layer"])
+    g.add_argument("--prefetch", dest="prefetch", action="store_true", default=None,
+                   help="guess the next layer's experts with its router and read them in the background")
+    g.add_argument("--no-prefetch", dest="prefetch", action="store_false")
+    g.add_argument("--plan", default=None, help="placement plan file (.yaml/.json); options above override it")
+    g.add_argument("--profile", default=None,
+                   help="routing profile for --policy static (default: the model's routing_profile.json)")
+    g.add_argument("--context", type=int, default=None, help="context length the --max-ram budget reserves KV for")
+    g.add_argument("--io", default=None, choices=["buffered", "direct", "auto"],
+                   help="store reads: buffered pread (+ drop from page cache) or O_DIRECT")
+
+
+def load_kwargs(args: Any) -> dict[str, Any]:
+    """The hierarchy options of parsed ``args`` for ``moetier.load`` (empty if none given)."""
+    keys = ("max_ram", "policy", "expert_cache", "cache_scope", "prefetch", "plan", "profile", "context", "io")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def run_report(model: Any, decode_tokens_per_s: float | None) -> dict[str, Any]:
+    """Hierarchy figures for ``moetier run --json``: hit rate, bytes per token per tier,
+    stall time, prefetch precision/recall, and the planner's decode prediction for the same
+    model, machine (the probed ``cpu``) and cache size, with measured/predicted."""
+    m = getattr(model, "hierarchy_metrics", None)
+    if m is None:
+        return {}
+    prov = model.hierarchy
+    s = m.summary()
+    out: dict[str, Any] = {
+        "hit_rate": s["hit_rate"],
+        "cache_hit_rate": s["cache_hit_rate"],
+        "hit_rate_per_layer": s["hit_rate_per_layer"],
+        "bytes_per_token": s["bytes_per_token"],
+        "stall_seconds": s["stall_seconds"],
+        "prefetch_precision": s["prefetch_precision"],
+        "prefetch_recall": s["prefetch_recall"],
+        "hierarchy": {**prov.describe(), **{k: v for k, v in s.items() if k not in ("hit_rate_per_layer",)}},
+        "placement_plan": getattr(model, "placement_plan", prov.plan).to_json(),
+        "memory_budget": model.memory_budget.to_json() if getattr(model, "memory_budget", None) else None,
+        "predicted_decode_tokens_per_s": None,
+    }
+    try:
+        from moetier.planner import probe
+        from moetier.planner.machines import get_machine
+        from moetier.planner.roofline import predict_decode_tokens_per_s
+
+        if probe.load_cached() is None:
+            out["prediction_note"] = "run `moetier probe` once to measure this machine for the planner"
+            return out
+        hr = s["hit_rate"] if s["hit_rate"] is not None else 1.0
+        prec = "fp32" if model.dtype.itemsize == 4 else "bf16"
+        pred = predict_decode_tokens_per_s(model.spec, get_machine("cpu"), hit_rate=hr,
+                                           cache_bytes=prov.cache_bytes + prov.pinned_bytes, precision=prec)
+        out["predicted_decode_tokens_per_s"] = pred
+        if decode_tokens_per_s and pred:
+            out["measured_over_predicted"] = decode_tokens_per_s / pred
+    except MoetierError as e:
+        out["prediction_note"] = str(e)
+    return out

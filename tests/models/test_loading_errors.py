@@ -121,7 +121,9 @@ def test_dense_shape_disagrees(ckpt):
         moetier.load(ckpt)
 
 
-@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight"])
+@pytest.mark.parametrize(
+    "name", ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight"]
+)
 def test_nan_weights(ckpt, name):
     f = ckpt / "model.safetensors"
     sd = load_file(f)
@@ -146,7 +148,8 @@ def test_sharded_missing_shard(tmp_path):
     assert len(shards) > 2
     full = moetier.load(ck, tokenizer=False).logits(list(range(20)))
     shards[1].unlink()
-    with pytest.raises(WeightError, match=rf"{shards[1].name}: shard listed in model\.safetensors\.index\.json is missing"):
+    msg = rf"{shards[1].name}: shard listed in model\.safetensors\.index\.json is missing"
+    with pytest.raises(WeightError, match=msg):
         moetier.load(ck)
     assert torch.isfinite(full).all()
 

@@ -354,13 +354,25 @@ def test_stream_disconnect_frees_sequence(slow_server: Any) -> None:
 
 
 def test_nonstream_disconnect_cancels(slow_server: Any) -> None:
+    import json
+    import socket
+
     srv, backend = slow_server
-    body = {"model": SERVED, "prompt": "hello", "max_tokens": 400, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(srv.base_url + "/v1/completions", json=body, timeout=0.5)
+    body = json.dumps({"model": SERVED, "prompt": "hello", "max_tokens": 400, "temperature": 0}).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        _wait(lambda: _health(srv)["running"] == 1)
+        seq = backend.sequences[-1]
+    # the socket is closed while the (non-streaming) generation is still running
     _wait(lambda: _health(srv)["running"] == 0)
-    assert all(layer is None for layer in backend.sequences[-1].layers)
-    assert metrics(srv)["moetier_generation_tokens_total"] < 400
+    assert all(layer is None for layer in seq.layers)
+    m = metrics(srv)
+    assert m['moetier_requests_finished_total{reason="cancelled"}'] == 1
+    assert m["moetier_generation_tokens_total"] < 400
 
 
 def test_disconnect_while_queued_leaves_the_queue(slow_server: Any) -> None:
