@@ -249,6 +249,7 @@ def main() -> None:
     ap.add_argument("--policies", default="lru,lfu,lfu-decay,adaptive,static")
     ap.add_argument("--engines", default="tiered,mmap,ram")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--io", default="buffered", choices=["buffered", "direct", "auto"])
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--name", default="bench_hierarchy")
     args = ap.parse_args()
@@ -275,7 +276,7 @@ def main() -> None:
     bw = measure_read_bw(model)
     print(f"store read bandwidth: {json.dumps(bw)}", flush=True)
     base = {"model": str(model), "cap": cap, "context": args.context, "warmup": args.warmup,
-            "tokens": args.tokens, "threads": args.threads}
+            "tokens": args.tokens, "threads": args.threads, "io": args.io}
     engines = args.engines.split(",")
     results: list[dict[str, Any]] = []
     if "tiered" in engines:

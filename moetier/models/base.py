@@ -216,14 +216,12 @@ class ExpertReader:
         if t is None or not 0 <= expert < self.spec.num_experts:
             raise WeightError(f"layer {layer} expert {expert}: no such routed expert")
         if t.fused:
-            if t.gate_up is not None:
-                gu = self._finite(t.gate_up, self.index.read_rows(t.gate_up, expert, self.dtype))
-                I = gu.shape[0] // 2
-                gate, up = gu[:I], gu[I:]
-            else:
-                gate = self._finite(t.gate, self.index.read_rows(t.gate, expert, self.dtype))
-                up = self._finite(t.up, self.index.read_rows(t.up, expert, self.dtype))
             down = self._finite(t.down, self.index.read_rows(t.down, expert, self.dtype))
+            if t.gate_up is not None:  # already [2I, H] = cat(gate, up)
+                gu = self._finite(t.gate_up, self.index.read_rows(t.gate_up, expert, self.dtype))
+                return ExpertWeights(gu, down)
+            gate = self._finite(t.gate, self.index.read_rows(t.gate, expert, self.dtype))
+            up = self._finite(t.up, self.index.read_rows(t.up, expert, self.dtype))
         else:
             g, u, d = t.gate.format(e=expert), t.up.format(e=expert), t.down.format(e=expert)
             gi, ui = self.index.info(g), self.index.info(u)
