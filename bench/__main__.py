@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,7 +75,10 @@ def run_engine(engine: str, cmd: list[str], cap: int | None, timeout: float) -> 
     _log(f"{engine}: {' '.join(cmd[:6])} ... (cap {limit / GIB:.2f} GiB)")
     try:
         r = run_capped(cmd, limit, timeout=timeout, env=env)
-    except Exception as e:  # timeout, cgroup missing
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "error": f"did not finish warm-up + runs within {timeout:.0f} s",
+                "page_cache_dropped": dropped, "cap_bytes": cap}
+    except Exception as e:  # cgroup missing
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000], "page_cache_dropped": dropped}
     res = parse_worker_output(r.stdout)
     base = {"cgroup_peak_bytes": r.cgroup_peak_bytes, "wall_s": r.wall_s, "page_cache_dropped": dropped,
@@ -141,6 +145,11 @@ def run_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
         return out
     summary, info = spec_summary(d)
     dtype = "float32" if info["torch_dtype"] == "float32" else "bfloat16"
+    if args.dtype != "auto":
+        dtype = args.dtype
+        out["title"] = f"{sc.title} [{dtype}]"
+    if args.threads != (os.cpu_count() or 1):
+        out["title"] = f"{out['title']} [{args.threads} thread{'s' if args.threads > 1 else ''}]"
     precision = "fp32" if dtype == "float32" else "bf16"
     cap = sc.cap_bytes(d)
     ids = prompt_ids(info["vocab"], args.prompt_len, seed=args.seed)
@@ -154,7 +163,7 @@ def run_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
         options: dict[str, Any] | None = None
         if en == "llama_cpp":
             try:
-                model = ensure_gguf(d, gguf_outtype(info["torch_dtype"]))
+                model = ensure_gguf(d, gguf_outtype(dtype))
             except Exception as e:
                 prep_failed[en] = {"status": "failed", "error": f"conversion: {e}"[:2000]}
                 continue
@@ -181,6 +190,9 @@ def run_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
         rounds.append(this)
     results = {**prep_failed, **{en: report.merge_rounds([rd[en] for rd in rounds if en in rd]) for en in cmds}}
     out["rounds"] = args.rounds
+    out["settings"] = {"batch": 1, "prompt_tokens": args.prompt_len, "decode_tokens": args.tokens,
+                       "runs": args.runs, "rounds": args.rounds, "threads": args.threads, "warmup_runs": 1,
+                       "timeout_s": args.timeout}
     out["round_ratios"] = report.round_ratios(rounds)
     out["engines"] = {n: report.summarize_engine(r) for n, r in results.items()}
     try:
@@ -189,7 +201,14 @@ def run_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
     except Exception as e:
         out["planner"] = None
         out["planner_error"] = f"{type(e).__name__}: {e}"
-    return report.finish_scenario(sc.name, out)
+    return report.finish_scenario(scenario_key(sc.name, args), out)
+
+
+def scenario_key(name: str, args: argparse.Namespace) -> str:
+    """Results key: the scenario name, + ``@fp32`` / ``@bf16`` when --dtype overrides the checkpoint's,
+    + ``@t<N>`` when --threads is not the machine's core count."""
+    key = name if args.dtype == "auto" else f"{name}@{'fp32' if args.dtype == 'float32' else 'bf16'}"
+    return key if args.threads == (os.cpu_count() or 1) else f"{key}@t{args.threads}"
 
 
 def machine_figures() -> dict[str, Any]:
@@ -204,8 +223,6 @@ def machine_figures() -> dict[str, Any]:
 
 
 def peer_versions() -> dict[str, Any]:
-    import subprocess
-
     out: dict[str, Any] = {}
     try:
         py = bench_cache() / "llama-venv" / "bin" / "python"
@@ -225,12 +242,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"bench: unknown scenario {n!r} (expected all, {', '.join(SCENARIOS)})", file=sys.stderr)
             return 2
     path = RESULTS / f"{args.out}.json"
-    payload: dict[str, Any] = report.load_payload(path) if path.exists() and not args.fresh else {}
-    payload.pop("provenance", None)
-    scen = payload.get("scenarios", {})
+    if args.fresh and path.exists():
+        path.unlink()
     for n in names:
         _log(f"scenario {n}: {known[n].title}")
-        scen[n] = run_scenario(known[n], args)
+        res = run_scenario(known[n], args)
+        # re-read just before writing: another `python -m bench` may have added a scenario meanwhile
+        payload: dict[str, Any] = report.load_payload(path) if path.exists() else {}
+        payload.pop("provenance", None)
+        scen = payload.get("scenarios", {})
+        scen[scenario_key(n, args)] = res
         _save(args.out, payload, scen, args)
     for p in report.write_outputs(_reload(args.out), RESULTS, args.out):
         _log(f"wrote {p}")
@@ -246,14 +267,18 @@ def _save(stem: str, payload: dict[str, Any], scen: dict[str, Any], args: argpar
     from bench.common import write_result
 
     order = {n: i for i, n in enumerate(SCENARIOS)}
+    payload.pop("command", None)
+    cmds = dict(payload.get("commands", {}))
+    for n in args.scenarios:
+        cmds[scenario_key(n, args)] = "python -m bench " + " ".join(sys.argv[1:])
     payload.update(
-        command="python -m bench " + " ".join(sys.argv[1:]),
+        commands=cmds,
         machine=machine_figures(),
         peer_versions=peer_versions(),
         settings={"batch": 1, "prompt_tokens": args.prompt_len, "decode_tokens": args.tokens, "runs": args.runs,
                   "rounds": args.rounds,
                   "threads": args.threads, "warmup_runs": 1, "nice": args.nice},
-        scenarios=dict(sorted(scen.items(), key=lambda kv: order.get(kv[0], 99))),
+        scenarios=dict(sorted(scen.items(), key=lambda kv: (order.get(kv[0].split("@")[0], 99), kv[0]))),
     )
     write_result(stem, jsonable(payload))
 
@@ -276,7 +301,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     report.write_outputs(payload, RESULTS, args.out)
     block = report.render_readme_block(payload)
     if args.readme:
-        readme = Path(__file__).resolve().parent / "README.md"
+        readme = Path(args.readme_path) if args.readme_path else Path(__file__).resolve().parent / "README.md"
         readme.write_text(report.replace_marked_block(readme.read_text() if readme.exists() else "", block))
         print(f"updated {readme}", file=sys.stderr)
     print(block)
@@ -287,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         ap = argparse.ArgumentParser(prog="python -m bench report")
-        ap.add_argument("--readme", action="store_true", help="update the marked block in bench/README.md")
+        ap.add_argument("--readme", action="store_true",
+                        help="update the <!-- bench:begin -->...<!-- bench:end --> block of bench/README.md")
+        ap.add_argument("--readme-path", default=None, help="another README to update (e.g. README.md)")
         ap.add_argument("--out", default=STEM)
         return cmd_report(ap.parse_args(argv[1:]))
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
@@ -299,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (same ids for every engine)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--engines", type=lambda s: s.split(","), default=None, help="subset, comma-separated")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="precision for every engine (auto: the checkpoint's; results key gets @fp32/@bf16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nice", type=int, default=0, help="run the workers under nice -n N")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine process")

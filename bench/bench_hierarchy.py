@@ -249,7 +249,7 @@ def main() -> None:
     ap.add_argument("--policies", default="lru,lfu,lfu-decay,adaptive,static")
     ap.add_argument("--engines", default="tiered,mmap,ram")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--io", default="buffered", choices=["buffered", "direct", "auto"])
+    ap.add_argument("--io", default="auto", choices=["buffered", "direct", "auto"])
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--name", default="bench_hierarchy")
     args = ap.parse_args()

@@ -12,7 +12,8 @@ experts actually selected, counted with a router observer, + KV cache reads), ac
 bandwidth = bytes/token x tokens/s, and its fraction of the measured memory read
 bandwidth (planner probe's reduction pass). Memory is pre-touched (a warm-up generation)
 before timing. transformers runs the same checkpoint in eager mode, same prompt, greedy,
-``generate(max_new_tokens=..)``, timed as decode (total - prefill).
+``generate(max_new_tokens=..)``; its decode rate is timed between the first and the last
+new token with a streamer (same definition as moetier's: single-token forwards per second).
 
 Results: ``bench/results/runtime_decode.json``.
 """
@@ -213,17 +214,27 @@ def bench_transformers(path: Path, dtype: str, runs: int, tokens: int, prompt: l
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt])
     kw = dict(do_sample=False, min_new_tokens=tokens, max_new_tokens=tokens, pad_token_id=0)
+
+    class Clock:
+        """generate() streamer: put() gets the prompt first, then each new token."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
     rates = []
     with torch.inference_mode():
         m.generate(ids, **kw)  # warm-up
         for _ in range(runs):
-            t0 = time.perf_counter()
-            m(ids)
-            prefill = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            m.generate(ids, **kw)
-            total = time.perf_counter() - t0
-            rates.append((tokens - 1) / max(total - prefill, 1e-9))
+            clock = Clock()
+            m.generate(ids, streamer=clock, **kw)
+            new = clock.times[1:]  # first new token comes from the prefill
+            rates.append((len(new) - 1) / (new[-1] - new[0]))
     del m
     gc.collect()
     return {"engine": "transformers-eager", "dtype": dtype, "load_s": load_s,

@@ -126,7 +126,7 @@ def evaluate_targets(name: str, sc: Mapping[str, Any]) -> list[dict[str, Any]]:
     res: list[dict[str, Any]] = []
     ratios = sc.get("ratios", {})
     for scen, peer, metric, thr in RATIO_TARGETS:
-        if scen != name:
+        if scen != name.split("@")[0]:
             continue
         r = ratios.get(f"moetier/{peer}", {})
         v = r.get(metric)
@@ -212,6 +212,10 @@ def render_markdown(payload: Mapping[str, Any]) -> str:
             lines += ["", f"Not run: {sc['error']}", ""]
             continue
         pl = sc.get("planner") or {}
+        ss = sc.get("settings")
+        if ss:
+            lines.append(f"Batch 1, {ss.get('prompt_tokens')} prompt tokens, {ss.get('decode_tokens')} decode tokens, "
+                         f"median of {ss.get('runs')} runs x {ss.get('rounds', 1)} round(s) per engine.")
         lines.append("")
         lines.append("| engine | prefill tok/s | decode tok/s | moetier/peer decode | moetier/peer prefill "
                      "| peak RSS | cgroup peak | load s | status |")

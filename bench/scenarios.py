@@ -173,7 +173,8 @@ def ram_model_dir(size_gb: float = 2.5) -> Path:
 def _wide_from(src: Path, name: str, target_gb: float) -> Path:
     """``scripts/make_wide_model.py`` applied to ``src`` (cached under the bench cache)."""
     key = hashlib.sha1(json.dumps(sorted((f.name, f.stat().st_size) for f in src.iterdir()
-                                         if f.is_file())).encode()).hexdigest()[:8]
+                                         if f.suffix == ".safetensors" or f.name == "config.json"))
+                       .encode()).hexdigest()[:8]
     out = bench_cache() / "models" / f"wide-{name}-{key}-{target_gb:g}gb"
     if not (out / "config.json").exists():
         _log(f"building the wide model {out} from {src} (scripts/make_wide_model.py, {target_gb:g} GB)")
@@ -203,7 +204,13 @@ WIDE_TARGET_GB = 8.5
 def overcap_model_dir() -> Path:
     """The wide, realistic-routing model (>= 8 GB): the hierarchy benchmark's builder when it
     exposes one, else ``scripts/make_wide_model.py`` from the embedded model, else (embedded
-    model not installed) from a random-weight stand-in of the same shape (routing not trained)."""
+    model not installed) from a random-weight stand-in of the same shape (routing not trained).
+    ``$MOETIER_BENCH_WIDE_MODEL`` names an existing one (e.g. the hierarchy benchmark's)."""
+    env = os.environ.get("MOETIER_BENCH_WIDE_MODEL")
+    if env:
+        if not (Path(env) / "config.json").exists():
+            raise FileNotFoundError(f"MOETIER_BENCH_WIDE_MODEL={env}: no config.json (incomplete checkpoint?)")
+        return Path(env)
     try:
         import bench.bench_hierarchy as bh
     except ImportError:

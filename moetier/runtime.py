@@ -251,7 +251,8 @@ class Model:
                 if rest and on_text is not None:
                     on_text(rest)
             text = stream.text
-        return GenerationResult(list(prompt_ids), out, text, finish, prefill_s, decode_s, steps)
+        timings = {"prefill_s": prefill_s, "decode_s": decode_s, "total_s": time.perf_counter() - t0}
+        return GenerationResult(list(prompt_ids), out, text, finish, prefill_s, decode_s, steps, timings)
 
     def generate(
         self,

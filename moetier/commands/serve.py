@@ -24,6 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_load_arguments(p)  # MODEL_DIR, --dtype, --threads and the weight hierarchy's options
+    # Serving defaults to float32: Model.step is batch-invariant in float32 (a request's greedy answer
+    # does not depend on what it shares the flat batch with) and RSS stays flat under load; in bfloat16
+    # logits move by ~3e-2 with the batch and RSS grew (bench/results/serve.json). --dtype auto/bfloat16
+    # halves the weight bytes when memory matters more.
+    p.set_defaults(dtype="float32")
+    for action in p._actions:
+        if action.dest == "dtype":
+            action.help = (
+                "weight/activation precision (serve default: float32, batch-invariant; auto: the checkpoint's)"
+            )
     if "--max-ram" not in p._option_string_actions:  # fallback until a load hook provides it
         p.add_argument(
             "--max-ram",
@@ -68,31 +78,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    """Load like ``moetier run`` (same options and hooks); a ``--max-ram`` no hook consumed goes to
-    the weight hierarchy's loader, sized for this server's batch and context."""
+    """Load like ``moetier run`` (same options and hooks). With weight-hierarchy options, the RAM
+    budget reserves KV cache for this server's whole batch (``--max-batch``) at the model's context."""
     import inspect
 
     import moetier
+    from moetier.weights import tiered
 
     opts = load_kwargs(args)
-    if getattr(args, "max_ram", None) is None or "max_ram" in opts:
-        return moetier.load(args.model_dir, **opts)
-    try:
-        from moetier.weights.tiered import load as tiered_load
-    except ImportError:
-        raise MoetierError("--max-ram: this build has no weight hierarchy to apply a RAM budget to") from None
-    from moetier.runtime import EMBEDDED_DIR
-    from moetier.spec import load_spec
+    if tiered.hierarchy_options_given(opts):
+        params = inspect.signature(tiered.load).parameters
+        if "batch" in params:
+            opts.setdefault("batch", args.max_batch)
+        if "context" in params and opts.get("context") is None:
+            from moetier.runtime import EMBEDDED_DIR
+            from moetier.spec import load_spec
 
-    spec = load_spec(args.model_dir or EMBEDDED_DIR)
-    extra = {
-        "max_ram": parse_bytes(args.max_ram, "--max-ram"),
-        "batch": args.max_batch,
-        "context": spec.max_position_embeddings,
-        "prefill_tokens": args.max_step_tokens,
-    }
-    params = inspect.signature(tiered_load).parameters
-    return tiered_load(args.model_dir, **{k: v for k, v in extra.items() if k in params}, **opts)
+            opts["context"] = load_spec(args.model_dir or EMBEDDED_DIR).max_position_embeddings
+    return moetier.load(args.model_dir, **opts)
 
 
 def run(args: argparse.Namespace) -> int:

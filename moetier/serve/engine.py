@@ -7,8 +7,9 @@ every new request's prompt (prefill, chunked to ``max_step_tokens``) together wi
 running sequence's next decode token. Tokens of different requests routed to the same expert
 are therefore computed together (the runtime groups the flat batch by expert). Each request
 samples with its own parameters and its own seeded generator, so its output does not depend
-on what else is in the batch. A cancelled request (client disconnect) leaves the batch at the
-next step boundary and its sequence (KV cache) is freed.
+on what else is in the batch (exactly so in float32; in bfloat16 the runtime's logits move by
+~1e-2 with the batch composition, enough to flip near-ties). A cancelled request (client
+disconnect) leaves the batch at the next step boundary and its sequence (KV cache) is freed.
 
 :class:`OpenAIServing` turns protocol requests into engine requests (chat template,
 tokenisation, context checks) and engine events into OpenAI responses / stream chunks. The
@@ -574,7 +575,7 @@ class OpenAIServing:
                 created=created,
                 model=self.model_name,
                 choices=[CompletionChoice(text=text, finish_reason=reason, token_ids=ids if want_ids else None)],
-            ).model_dump_json(exclude_none=False)
+            ).model_dump_json()
 
         async for ev in handle.events():
             if isinstance(ev, Delta):

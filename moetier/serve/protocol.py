@@ -377,6 +377,9 @@ def parse_request(body: bytes, model_cls: type[_Req]) -> _Req:
 
 # --------------------------------------------------------------------------- responses
 
+# extension fields (return_token_ids) are left out of the JSON unless requested
+_EXTENSION: Any = Field(default=None, exclude_if=lambda v: v is None)
+
 
 def now() -> int:
     return int(time.time())
@@ -406,7 +409,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: None = None
     finish_reason: str | None
-    token_ids: list[int] | None = None
+    token_ids: list[int] | None = _EXTENSION
 
 
 class CompletionResponse(BaseModel):
@@ -428,7 +431,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: None = None
     finish_reason: str | None
-    token_ids: list[int] | None = None
+    token_ids: list[int] | None = _EXTENSION
 
 
 class ChatCompletionResponse(BaseModel):
@@ -441,8 +444,8 @@ class ChatCompletionResponse(BaseModel):
 
 
 class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+    role: Literal["assistant"] | None = _EXTENSION  # only in the first chunk
+    content: str | None = _EXTENSION  # absent in the final chunk when nothing is left
 
 
 class ChatChunkChoice(BaseModel):
@@ -450,7 +453,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     logprobs: None = None
     finish_reason: str | None = None
-    token_ids: list[int] | None = None
+    token_ids: list[int] | None = _EXTENSION
 
 
 class ChatCompletionChunk(BaseModel):

@@ -184,7 +184,7 @@ async def completions(request: Request) -> Any:
     if req.stream:
         return _sse(request, handle, s.completion_stream(req, handle))
     resp = await _until_done_or_disconnect(request, handle, s.completion(req, handle))
-    return JSONResponse(resp.model_dump(exclude_none=True))
+    return JSONResponse(resp.model_dump())
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
@@ -197,4 +197,4 @@ async def chat_completions(request: Request) -> Any:
     if req.stream:
         return _sse(request, handle, s.chat_stream(req, handle))
     resp = await _until_done_or_disconnect(request, handle, s.chat(req, handle))
-    return JSONResponse(resp.model_dump(exclude_none=True))
+    return JSONResponse(resp.model_dump())

@@ -24,7 +24,9 @@ staging buffer and are converted with ``Tensor.copy_`` (the same rounding as ``.
 Families whose :class:`~moetier.models.base.ExpertReader` overrides ``read`` (layouts the
 generic reader does not know) are served through ``reader.read`` and copied into the slot.
 
-Every failure (short read of a file truncated mid-run, an I/O error, a NaN) raises
+Values are checked finite (one ``aminmax`` pass) the first time each expert is read; every
+read checks its length. Every failure (short read of a file truncated mid-run, an I/O
+error, a NaN) raises
 :class:`~moetier.errors.WeightError` naming the layer, expert, tensor and file. The caller
 (the cache) never marks a slot valid unless the read returned.
 
@@ -130,7 +132,7 @@ class ExpertStore:
     Thread-safe: reads are positional, per-thread staging buffers.
     """
 
-    def __init__(self, reader: ExpertReader, io: str = "buffered", check_finite: bool = True,
+    def __init__(self, reader: ExpertReader, io: str = "auto", check_finite: bool = True,
                  drop_page_cache: bool = True):
         if io not in IO_MODES:
             raise WeightError(f"io mode {io!r}: expected one of {', '.join(IO_MODES)}")
@@ -155,6 +157,7 @@ class ExpertStore:
         else:
             self.layout = SlotLayout(self.dtype, s.hidden_size, s.expert_intermediate_size)
         self._pieces: dict[tuple[int, int], list[list[_Piece]]] = {}
+        self._verified: set[tuple[int, int]] = set()  # experts whose values were checked finite once
         if self.io == "direct" and not self._direct_supported():
             self.io = "buffered"
 
@@ -287,14 +290,16 @@ class ExpertStore:
                     src = d.view(p.src_dtype)
                     parts[p.dst][p.dst_start : p.dst_start + src.numel()].copy_(src)
             total += sum(p.nbytes for p in group)
-        if self.check_finite:
+        if self.check_finite and (layer, expert) not in self._verified:
             for name, t in (("gate/up", w.gate_up), ("down", w.down)):
-                if not bool(torch.isfinite(t).all()):
+                lo, hi = torch.aminmax(t)  # NaN propagates, +-Inf shows: one cheap pass
+                if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
                     tensors = sorted({p.tensor for g in self.pieces(layer, expert) for p in g})
                     raise WeightError(
                         f"{self.file_of(layer, expert)}: layer {layer} expert {expert}: {name} weights "
                         f"contain NaN or Inf values (tensors {', '.join(tensors)})"
                     )
+            self._verified.add((layer, expert))
         self._tls.last_bytes = total
         return w
 

@@ -425,3 +425,34 @@ def test_engine_fault_is_500_and_server_keeps_serving(slow_server: Any) -> None:
     r = client(srv).completions.create(model=SERVED, prompt="hi", max_tokens=3, temperature=0)
     assert r.usage.completion_tokens >= 1
     assert all(layer is None for seq in backend.sequences for layer in seq.layers)
+
+
+def test_embedded_model_chat_and_completion() -> None:
+    from moetier.runtime import EMBEDDED_DIR
+
+    if not (EMBEDDED_DIR / "config.json").is_file():
+        pytest.skip("the embedded model is not installed")
+    import moetier
+    from moetier.serve.app import build_app
+
+    ref = moetier.load(dtype="float32")
+    msgs = [{"role": "user", "content": "Who is the king?"}]
+    want_chat = ref.generate(msgs, max_tokens=24)
+    want_text = ref.generate("To be, or not to be", max_tokens=24)
+    app = build_app(moetier.load(dtype="float32"), model_name="moetier-embedded", max_batch=4)
+    with BackgroundServer(app) as srv:
+        c = client(srv)
+        with cf.ThreadPoolExecutor(2) as ex:
+            chat = ex.submit(
+                c.chat.completions.create, model="moetier-embedded", messages=msgs, max_tokens=24, temperature=0
+            )
+            comp = ex.submit(
+                c.completions.create,
+                model="moetier-embedded",
+                prompt="To be, or not to be",
+                max_tokens=24,
+                temperature=0,
+            )
+            chat_text, comp_text = chat.result().choices[0].message.content, comp.result().choices[0].text
+    assert chat_text == want_chat and comp_text == want_text
+    assert chat_text.strip() and comp_text.strip()
