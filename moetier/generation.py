@@ -102,6 +102,10 @@ class TextStream:
         return out
 
     def flush(self) -> str:
+        """The rest of the text at the end of generation, including a trailing incomplete
+        UTF-8 sequence (decoded as U+FFFD, as the full decode would show it)."""
+        if not self.stopped and self.ids:
+            self.text = self.decode(self.ids)
         out = self.text[self.emitted :]
         self.emitted += len(out)
         return out

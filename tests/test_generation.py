@@ -279,3 +279,15 @@ def test_bfloat16_runtime_close_to_float32(ckpt, model):
     for t in ids[30:34]:
         step = mb.step([(seq, [t])])[0]
     assert (step - got[33]).abs().mean() < 0.06 * got[33].abs().mean()
+
+
+def test_flush_emits_trailing_incomplete_utf8():
+    from moetier.generation import TextStream
+
+    def dec(ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    s = TextStream(dec)
+    out = s.push(ord("a")) + s.push(0xE2) + s.push(0x82)  # 'a' + the first two bytes of a 3-byte char
+    assert out == "a"  # the incomplete character is held back while generating
+    assert out + s.flush() == dec([ord("a"), 0xE2, 0x82])  # and shown (as U+FFFD) at the end
