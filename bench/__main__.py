@@ -135,6 +135,9 @@ def spec_summary(d: Path) -> tuple[str, dict[str, Any]]:
 
 
 def run_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
+    args = argparse.Namespace(**vars(args))  # per-scenario defaults for --tokens / --prompt-len
+    args.tokens = args.tokens or sc.tokens
+    args.prompt_len = args.prompt_len or sc.prompt_len
     out: dict[str, Any] = {"title": sc.title, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "notes": list(sc.notes)}
     try:
@@ -266,8 +269,8 @@ def _reload(stem: str) -> dict[str, Any]:
 def _save(stem: str, payload: dict[str, Any], scen: dict[str, Any], args: argparse.Namespace) -> None:
     from bench.common import write_result
 
-    order = {n: i for i, n in enumerate(SCENARIOS)}
     payload.pop("command", None)
+    payload.pop("settings", None)  # per scenario now
     cmds = dict(payload.get("commands", {}))
     for n in args.scenarios:
         cmds[scenario_key(n, args)] = "python -m bench " + " ".join(sys.argv[1:])
@@ -275,10 +278,7 @@ def _save(stem: str, payload: dict[str, Any], scen: dict[str, Any], args: argpar
         commands=cmds,
         machine=machine_figures(),
         peer_versions=peer_versions(),
-        settings={"batch": 1, "prompt_tokens": args.prompt_len, "decode_tokens": args.tokens, "runs": args.runs,
-                  "rounds": args.rounds,
-                  "threads": args.threads, "warmup_runs": 1, "nice": args.nice},
-        scenarios=dict(sorted(scen.items(), key=lambda kv: (order.get(kv[0].split("@")[0], 99), kv[0]))),
+        scenarios=report.order_scenarios(scen, list(SCENARIOS)),
     )
     write_result(stem, jsonable(payload))
 
@@ -294,7 +294,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"bench: {path} not found (run `python -m bench all` first)", file=sys.stderr)
         return 2
     payload = report.load_payload(path)
-    for name, sc in payload.get("scenarios", {}).items():
+    payload["scenarios"] = report.order_scenarios(payload.get("scenarios", {}), list(SCENARIOS))
+    for name, sc in payload["scenarios"].items():
         if not sc.get("error"):
             report.finish_scenario(name, sc)
     path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -322,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="timed runs per engine process (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="engine processes per engine, interleaved (A B C A B C ...) against load drift")
-    ap.add_argument("--tokens", type=int, default=32, help="greedy decode tokens per run")
-    ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (same ids for every engine)")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="greedy decode tokens per run (default: 32; overcap 16)")
+    ap.add_argument("--prompt-len", type=int, default=None,
+                    help="prompt tokens, the same ids for every engine (default: 64; overcap 32)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--engines", type=lambda s: s.split(","), default=None, help="subset, comma-separated")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],

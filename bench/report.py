@@ -85,6 +85,13 @@ def round_ratios(rounds: Sequence[Mapping[str, Mapping[str, Any]]], base: str = 
     return out
 
 
+def order_scenarios(scen: Mapping[str, Any], order: Sequence[str]) -> dict[str, Any]:
+    """Scenarios in ``order`` (by base name), plain keys before their @variants."""
+    pos = {n: i for i, n in enumerate(order)}
+    return dict(sorted(scen.items(), key=lambda kv: (pos.get(kv[0].split("@")[0], len(pos)),
+                                                     kv[0].count("@"), kv[0])))
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not (b > 0) or math.isnan(a) or math.isnan(b):
         return None
@@ -186,7 +193,6 @@ def render_markdown(payload: Mapping[str, Any]) -> str:
     lines: list[str] = ["# moetier side by side", ""]
     prov = payload.get("provenance", {})
     mach = payload.get("machine", {})
-    st = payload.get("settings", {})
     lines.append(f"Machine: {prov.get('cpu') or 'cpu'}, {prov.get('cores')} cores, "
                  f"{_gb(prov.get('ram_bytes'))} RAM; probe: memory read "
                  f"{_num((mach.get('memory_read_bw') or 0) / 1e9)} GB/s, disk read "
@@ -194,9 +200,11 @@ def render_markdown(payload: Mapping[str, Any]) -> str:
                  + ", ".join(f"{k} {v}" for k, v in {**prov.get("versions", {}),
                                                       **payload.get("peer_versions", {})}.items() if v)
                  + f". Date {prov.get('date', '?')}.")
-    lines.append(f"Batch 1, {st.get('prompt_tokens')} prompt tokens, {st.get('decode_tokens')} greedy decode "
-                 f"tokens, median of {st.get('runs')} runs after one warm-up, {st.get('threads')} threads; "
-                 "page cache dropped before each engine's process; ratios are moetier/peer from the same run.")
+    lines.append("Each engine in its own process and cgroup; greedy decoding of the same prompt token ids at batch 1; "
+                 "one warm-up generation, then timed runs (medians); page cache dropped before each engine's "
+                 "process; ratios are moetier/peer from the same run. "
+                 "Cgroup peak counts only pages charged to the engine's group (file pages cached before it "
+                 "started are not).")
     lines.append("")
     for name, sc in payload.get("scenarios", {}).items():
         cap = sc.get("cap_bytes")
@@ -311,8 +319,8 @@ def plot(payload: Mapping[str, Any], out: Path) -> Path | None:
               "transformers_offload": "#d62728"}
     metrics = [("prefill_tokens_per_s", "prefill tok/s (log)", True),
                ("decode_tokens_per_s", "decode tok/s (log)", True),
-               ("mem", "peak memory GB (cgroup peak, else RSS)", False)]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+               ("mem", "peak RSS GB (dots: cgroup peak)", False)]
+    fig, axes = plt.subplots(1, 3, figsize=(max(15, 2.6 * len(scen) * 1.5), 5.2))
     width = 0.8 / len(engines)
     for ax, (key, title, log) in zip(axes, metrics):
         for j, en in enumerate(engines):
@@ -321,13 +329,16 @@ def plot(payload: Mapping[str, Any], out: Path) -> Path | None:
                 e = sc.get("engines", {}).get(en)
                 if not e or e.get("status", "ok") != "ok":
                     continue
+                x = i + (j - (len(engines) - 1) / 2) * width
                 if key == "mem":
-                    v = e.get("cgroup_peak_bytes") or e.get("peak_rss_bytes")
+                    v = e.get("peak_rss_bytes")
                     v = v / 1e9 if v else None
+                    if e.get("cgroup_peak_bytes"):
+                        ax.plot([x], [e["cgroup_peak_bytes"] / 1e9], "k.", ms=6)
                 else:
                     v = e.get(key)
                 if v:
-                    xs.append(i + (j - (len(engines) - 1) / 2) * width)
+                    xs.append(x)
                     ys.append(v)
             if xs:
                 ax.bar(xs, ys, width, label=ENGINE_LABELS[en], color=colors[en])
@@ -343,7 +354,8 @@ def plot(payload: Mapping[str, Any], out: Path) -> Path | None:
                     ax.hlines(sc["cap_bytes"] / 1e9, i - 0.45, i + 0.45, colors="r", linestyles=":",
                               label="memory cap" if i == 0 else None)
         ax.set_xticks(range(len(scen)))
-        ax.set_xticklabels([sc.get("title", n).split(" ", 1)[0] + " " + n for n, sc in scen])
+        ax.set_xticklabels([sc.get("title", n).split(" ", 1)[0] + "\n" + n.replace("@", "\n@", 1) for n, sc in scen],
+                           fontsize=8)
         ax.set_title(title)
         if log:
             ax.set_yscale("log")

@@ -149,6 +149,8 @@ class Scenario:
     engines: tuple[str, ...]
     cap_bytes: Callable[[Path], int | None] = lambda d: None  # None: in RAM (cgroup only accounts)
     moetier_options: Callable[[Path, int | None], dict[str, Any]] = lambda d, cap: {}
+    tokens: int = 32  # decode tokens per run unless --tokens
+    prompt_len: int = 64  # prompt tokens unless --prompt-len
     notes: list[str] = field(default_factory=list)
 
 
@@ -257,7 +259,8 @@ SCENARIOS: dict[str, Scenario] = {
                     ("moetier", "llama_cpp", "transformers")),
     "overcap": Scenario("overcap", "(c) wide MoE ~3x the memory cap", overcap_model_dir,
                         ("moetier", "llama_cpp", "transformers_offload"),
-                        cap_bytes=overcap_cap, moetier_options=overcap_moetier_options),
+                        cap_bytes=overcap_cap, moetier_options=overcap_moetier_options,
+                        tokens=16, prompt_len=32),  # accelerate's offload reads ~6 GB per token
 }
 # not part of ``all``: a seconds-long end-to-end check of the harness (python -m bench tiny --out tiny)
 EXTRA_SCENARIOS: dict[str, Scenario] = {

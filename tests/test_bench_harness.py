@@ -134,3 +134,9 @@ def test_merge_rounds_and_round_ratios() -> None:
                               {"moetier": _engine([1], [9]), "llama_cpp": _engine([1], [3]),
                                "transformers": {"status": "failed"}}])
     assert rr == {"moetier/llama_cpp": [2.0, 3.0]}
+
+
+def test_order_scenarios() -> None:
+    got = report.order_scenarios({"overcap@t1": 1, "ram@t1": 2, "embedded@fp32@t1": 3, "embedded@t1": 4, "x": 5},
+                                 ["embedded", "ram", "overcap"])
+    assert list(got) == ["embedded@t1", "embedded@fp32@t1", "ram@t1", "overcap@t1", "x"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetier.layers.norm import RMSNorm
+from moetier.layers.norm import RMSNorm, rms_norm
 from moetier.layers.rope import apply_rope
 
 
@@ -118,10 +118,68 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.clip_qkv = clip_qkv
         self.scale = scale if scale is not None else head_dim**-0.5
+        # built by fuse_projections() after loading (plain attributes: not in the state dict)
+        self.qkv_weight: torch.Tensor | None = None  # [(H + 2 KV) * D, hidden]
+        self.qkv_bias: torch.Tensor | None = None
+        self.qk_norm_weight: torch.Tensor | None = None  # [H + KV, D] (qk_norm == "head")
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Store q/k/v_proj weights as row blocks of ONE tensor (the parameters become views
+        of it, no extra memory) so a step runs one projection instead of three; with per-head
+        q/k norms, also build the stacked norm weight so q and k are normed and rotated together.
+        Each output row is the same dot product as before: results are unchanged."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if any(p.weight.is_meta for p in projs):
+            return
+        sizes = [p.weight.shape[0] for p in projs]
+        self.qkv_weight = torch.cat([p.weight for p in projs])
+        if self.q_proj.bias is not None:
+            self.qkv_bias = torch.cat([p.bias for p in projs])
+        for p, w in zip(projs, self.qkv_weight.split(sizes)):
+            p.weight = nn.Parameter(w, requires_grad=False)
+        if self.qkv_bias is not None:
+            for p, b in zip(projs, self.qkv_bias.split(sizes)):
+                p.bias = nn.Parameter(b, requires_grad=False)
+        if self.qk_norm == "head":
+            H, KV, D = self.n_heads, self.n_kv, self.head_dim
+            self.qk_norm_weight = torch.cat([self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(KV, D)])
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments, layer: int
     ) -> torch.Tensor:
+        T = x.shape[0]
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        if self.qkv_weight is not None and self.clip_qkv is None and self.qk_norm != "full":
+            q, k, v = self._qkv_fused(x, cos, sin)
+        else:
+            q, k, v = self._qkv(x, cos, sin)
+        if len(segments) == 1:
+            seq, _, n = segments[0]
+            out = self._attend(seq, layer, q, k, v).reshape(T, H * D)
+        else:
+            out = x.new_empty(T, H * D)
+            for seq, s, n in segments:
+                out[s : s + n] = self._attend(seq, layer, q[s : s + n], k[s : s + n], v[s : s + n]).reshape(
+                    n, H * D
+                )
+        return self.o_proj(out)
+
+    def _qkv_fused(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One projection; q and k heads normed (per head) and rotated as one [T, H + KV, D]."""
+        T, H, KV, D = x.shape[0], self.n_heads, self.n_kv, self.head_dim
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(T, H + 2 * KV, D)
+        qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
+        if self.qk_norm_weight is not None:
+            qk = rms_norm(qk, self.qk_norm_weight, self.q_norm.eps)
+        qk = apply_rope(qk, cos, sin)
+        return qk[:, :H], qk[:, H:], v
+
+    def _qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         T = x.shape[0]
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, H*D], [T, KV*D] x2
@@ -133,18 +191,7 @@ class Attention(nn.Module):
         q, k, v = q.view(T, H, D), k.view(T, KV, D), v.view(T, KV, D)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        if len(segments) == 1:
-            seq, _, n = segments[0]
-            out = self._attend(seq, layer, q, k, v).reshape(T, H * D)
-        else:
-            out = x.new_empty(T, H * D)
-            for seq, s, n in segments:
-                out[s : s + n] = self._attend(seq, layer, q[s : s + n], k[s : s + n], v[s : s + n]).reshape(
-                    n, H * D
-                )
-        return self.o_proj(out)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _attend(
         self, seq: Sequence, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -457,4 +457,7 @@ def load_dense_weights(net: DecoderLM, index: SafetensorsIndex, dtype: torch.dty
     net.load_state_dict(state, assign=True, strict=True)
     net.requires_grad_(False)
     net.eval()
+    for m in net.modules():
+        if isinstance(m, Attention):
+            m.fuse_projections()
 
