@@ -130,11 +130,15 @@ class Model:
     def new_sequence(self, capacity: int = 0) -> Sequence:
         return Sequence(self.spec.num_layers, capacity=capacity)
 
-    def _ids(self, token_ids: Seq[int] | torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.spec.vocab_size):
-            raise MoetierError(f"token ids must be in [0, {self.spec.vocab_size}); got {t.min()}..{t.max()}")
-        return t
+    def _ids(self, token_ids: Seq[int] | torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Validated ids as a tensor and as a list (checked in Python: no tensor reductions)."""
+        if isinstance(token_ids, torch.Tensor):
+            ids = token_ids.reshape(-1).tolist()
+        else:
+            ids = [int(i) for i in token_ids]
+        if ids and (min(ids) < 0 or max(ids) >= self.spec.vocab_size):
+            raise MoetierError(f"token ids must be in [0, {self.spec.vocab_size}); got {min(ids)}..{max(ids)}")
+        return torch.tensor(ids, dtype=torch.long), ids
 
     @torch.inference_mode()
     def step(self, items: Seq[tuple[Sequence, Seq[int] | torch.Tensor]], all_logits: bool = False) -> torch.Tensor:
@@ -145,9 +149,9 @@ class Model:
         """
         batch = []
         for seq, toks in items:
-            t = self._ids(toks)
+            t, ids = self._ids(toks)
             batch.append((seq, t))
-            seq.tokens.extend(t.tolist())
+            seq.tokens.extend(ids)
         return self.net(batch, all_logits=all_logits)
 
     def warmup(self) -> None:

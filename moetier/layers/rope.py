@@ -108,11 +108,13 @@ class Rotary:
         self._sin = (emb.sin() * self.attention_factor).to(dtype)
         self._dtype = dtype
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, D] for integer positions [T]."""
-        top = int(positions.max()) + 1 if positions.numel() else 0
-        if top > self._cos.shape[0] or dtype != self._dtype:
-            self._grow(top, dtype)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
+                max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, D] for integer positions [T] (``max_position``: their max, if known)."""
+        if max_position is None:
+            max_position = int(positions.max()) if positions.numel() else -1
+        if max_position >= self._cos.shape[0] or dtype != self._dtype:
+            self._grow(max_position + 1, dtype)
         return self._cos[positions], self._sin[positions]
 
 

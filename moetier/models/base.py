@@ -381,7 +381,7 @@ class DecoderLM(nn.Module):
         ``all_logits`` else [len(items), V] (the last new token of each sequence).
         """
         segments: Segments = []
-        ids, pos, start = [], [], 0
+        ids, pos, start, top = [], [], 0, 0
         for seq, toks in items:
             n = toks.shape[0]
             if n == 0:
@@ -389,13 +389,14 @@ class DecoderLM(nn.Module):
             segments.append((seq, start, n))
             ids.append(toks)
             pos.append(torch.arange(seq.length, seq.length + n))
+            top = max(top, seq.length + n - 1)
             start += n
         if len({id(s) for s, _, _ in segments}) != len(segments):
             raise ValueError("a sequence appears twice in one forward")
         tokens = ids[0] if len(ids) == 1 else torch.cat(ids)  # [T]
         positions = pos[0] if len(pos) == 1 else torch.cat(pos)  # [T]
         x = self.embed_tokens(tokens)  # [T, H]
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, D]
+        cos, sin = self.rotary.cos_sin(positions, x.dtype, top)  # [T, D]
         # oneDNN's bf16 matmul is ~10x slower than ATen's own bf16 gemv for a handful of rows
         # (measured: 1x1024 @ 1024x6144 12 ms vs 1.8 ms); use ATen's for small batches.
         small_bf16 = x.dtype == torch.bfloat16 and x.shape[0] <= SMALL_BATCH_NO_ONEDNN
