@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -185,6 +186,8 @@ def run_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
                 continue  # failed once (oom, crash): not retried
             load0 = os.getloadavg()[0]
             r = run_engine(en, cmd, cap, args.timeout)
+            if en == "transformers_offload":  # accelerate rewrites it at every load; don't keep ~GBs
+                shutil.rmtree(bench_cache() / "offload" / d.name, ignore_errors=True)
             r["loadavg_1min"] = [load0, os.getloadavg()[0]]
             this[en] = r
             _log(f"{sc.name}/{en} round {rd + 1}/{args.rounds}: {r['status']} decode "
