@@ -36,42 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from moetier.errors import ConfigError
+from moetier.planner.census import ALWAYS_ON_GROUPS, GROUPS
+from moetier.planner.machines import parse_quantity
 from moetier.spec import ModelSpec
 
 TIERS = ("resident", "cache", "store")
-KINDS = (
-    "embedding",
-    "lm_head",
-    "attention",
-    "norms",
-    "router",
-    "dense_ffn",
-    "shared_experts",
-    "routed_experts",
-    "mtp",
-)
-ALWAYS_ON_KINDS = frozenset(k for k in KINDS if k not in ("routed_experts", "mtp"))
+KINDS = GROUPS  # the census groups: one vocabulary for census, planner and placement
+ALWAYS_ON_KINDS = frozenset(ALWAYS_ON_GROUPS)
 CACHE_SCOPES = ("global", "per_layer")
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12,
-          "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
 
 def parse_bytes(value: Any, what: str = "size") -> int:
     """``"3G"``, ``"512MiB"``, ``"1.5e9"`` or a number -> bytes (int). Errors name ``what``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a byte size like 3G or 512MiB, got {value!r}")
-    if isinstance(value, (int, float)):
-        n = float(value)
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ConfigError(
-                f"{what}: expected a byte size like 3G, 1.5GB, 512MiB or a number of bytes, got {value!r}"
-            )
-        n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    else:
-        raise ConfigError(f"{what}: expected a byte size like 3G or 512MiB, got {value!r}")
+    n = parse_quantity(value, what)
     if n <= 0:
         raise ConfigError(f"{what}: must be > 0, got {value!r}")
     return int(n)
