@@ -337,7 +337,12 @@ def main() -> None:
         # what binds: store bytes per token at the measured read bandwidth
         spt = best.get("median_store_bytes_per_token")
         if spt:
-            rb = bw.get("buffered_bytes_per_s") or bw.get("direct_bytes_per_s")
+            rb = (bw.get("buffered_bytes_per_s") if args.io == "buffered" else None) or bw.get("direct_bytes_per_s")
+            rates = [r["hierarchy"]["store_read_bytes_per_s"] for r in best["runs"]
+                     if r.get("hierarchy", {}).get("store_read_bytes_per_s")]
+            if rates:  # what the store reads achieved during the runs (I/O thread time)
+                summary["median_store_read_bytes_per_s_in_runs"] = median(rates)
+                summary["store_seconds_per_token_at_run_bw"] = spt / median(rates)
             summary["store_seconds_per_token_at_measured_bw"] = spt / rb if rb else None
             summary["measured_seconds_per_token"] = 1.0 / b
         hr = best.get("median_hit_rate")

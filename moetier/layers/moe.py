@@ -65,27 +65,6 @@ def expert_forward(x: torch.Tensor, ew: ExpertWeights, glu: GluFn) -> torch.Tens
     return F.linear(glu(g, u), ew.down, ew.down_bias)
 
 
-def dispatch_one(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    layer: int,
-    provider: ExpertProvider,
-    glu: GluFn,
-) -> torch.Tensor:
-    """Decode fast path (one token, x [1, H]): no sorting, one host sync, and one
-    [1, k] @ [k, H] product applies the routing weights and sums the k expert outputs
-    (float32 accumulation) instead of k separate scaled adds.
-
-    Each expert is computed right after ``get``: a provider with a small cache may reuse
-    a slot for the next expert of the same step.
-    """
-    ids = topk_ids[0].tolist()
-    provider.require(layer, sorted(set(ids)))
-    ys = [expert_forward(x, provider.get(layer, e), glu) for e in ids]  # k x [1, H]
-    return torch.mm(topk_weights.to(x.dtype), torch.cat(ys))  # [1, H]
-
-
 def dispatch(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -96,9 +75,13 @@ def dispatch(
 ) -> torch.Tensor:
     """Sum over each token's top-k experts of weight * expert(x), grouped by expert."""
     T, k = topk_ids.shape
-    if T == 1:
-        return dispatch_one(x, topk_ids, topk_weights, layer, provider, glu)
     out = torch.zeros_like(x)
+    if T == 1:  # decode fast path: no sorting, one host sync
+        ids, ws = topk_ids[0].tolist(), topk_weights[0].tolist()
+        provider.require(layer, sorted(set(ids)))
+        for e, w in zip(ids, ws):
+            out.add_(expert_forward(x, provider.get(layer, e), glu), alpha=w)
+        return out
     flat = topk_ids.reshape(-1)  # [T*k]
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=1).tolist()
