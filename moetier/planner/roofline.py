@@ -191,10 +191,11 @@ def profile_from_layer_counts(counts: Mapping[int, Any], spec: ModelSpec, source
 
 
 def load_profile(path: str | Path, spec: ModelSpec) -> np.ndarray:
-    """Read a profile: ``.npy``, ``.csv`` (one row per MoE layer), ``.json`` (a list of rows, or
-    an object with one of the keys ``expert_probability``, ``probabilities``, ``profile``,
-    ``counts``), or a routing trace (``.npz`` moetier trace or anything ``moetier.traces``
-    imports: per-expert selection counts per layer)."""
+    """Read a profile: ``.npy``, ``.csv`` (one row per MoE layer), ``.json`` (a list of rows, an
+    object with one of the keys ``expert_probability``, ``probabilities``, ``profile``,
+    ``counts``, or a ``moetier.routing_profile/1`` object with ``layers[i].counts``), or a
+    routing trace (``.npz`` moetier trace or anything ``moetier.traces`` imports: per-expert
+    selection counts per layer)."""
     p = Path(path)
     if not p.is_file():
         raise PlanError(f"{p}: no such profile file")
@@ -214,7 +215,15 @@ def load_profile(path: str | Path, spec: ModelSpec) -> np.ndarray:
             arr = np.loadtxt(p, delimiter=",", ndmin=2)
         else:
             data = json.loads(p.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
+            if isinstance(data, dict) and isinstance(data.get("layers"), list):
+                # moetier.routing_profile/1 (shipped beside the embedded model): per-layer counts
+                by_layer = {int(r["layer"]): r.get("counts") or r.get("frequency")
+                            for r in data["layers"] if isinstance(r, dict) and "layer" in r}
+                missing = [i for i in spec.moe_layer_ids if by_layer.get(i) is None]
+                if missing:
+                    raise PlanError(f"{p}: no per-expert counts for MoE layer(s) {missing}")
+                data = [by_layer[i] for i in spec.moe_layer_ids]
+            elif isinstance(data, dict):
                 for k in ("expert_probability", "probabilities", "profile", "counts"):
                     if k in data:
                         data = data[k]

@@ -414,34 +414,14 @@ def bind(model: Any, provider: TieredExpertProvider) -> None:
 
 
 def routing_profile_for(model_dir: Any, spec: ModelSpec) -> np.ndarray | None:
-    """The checkpoint's ``routing_profile.json`` (if any) as ``[moe_layers, experts]`` counts.
-
-    Reads the embedded model's ``moetier.routing_profile/1`` format (``layers[i].counts``) or
-    anything :func:`moetier.planner.roofline.load_profile` reads.
-    """
-    import json
+    """The checkpoint's ``routing_profile.json`` (if any) as ``[moe_layers, experts]`` selection
+    probabilities, read by the planner's one profile loader."""
     from pathlib import Path
 
     from moetier.planner.roofline import load_profile
 
     p = Path(model_dir) / "routing_profile.json"
-    if not p.is_file():
-        return None
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MoetierError(f"{p}: cannot read routing profile ({e})") from None
-    if isinstance(data, dict) and isinstance(data.get("layers"), list):
-        by_layer = {int(r["layer"]): r.get("counts") or r.get("frequency") for r in data["layers"]
-                    if isinstance(r, dict) and "layer" in r}
-        rows = []
-        for layer in spec.moe_layer_ids:
-            row = by_layer.get(layer)
-            if row is None or len(row) != spec.num_experts:
-                raise MoetierError(f"{p}: no per-expert counts of length {spec.num_experts} for MoE layer {layer}")
-            rows.append([float(x) for x in row])
-        return np.asarray(rows, dtype=np.float64)
-    return load_profile(p, spec)
+    return load_profile(p, spec) if p.is_file() else None
 
 
 def hierarchy_options_given(opts: dict[str, Any]) -> bool:
