@@ -362,3 +362,21 @@ def test_plan_cli_what_if_json_and_checkpoint_precision(capsys):
     assert "routed_experts=fp4" in d["precision"] and d["overlap"] is False
     t = d["decode"]["times_s"]
     assert d["decode"]["step_time_s"] == pytest.approx(t["compute"] + t["memory"] + t["communication"])
+
+
+def test_load_profile_reads_the_embedded_models_routing_profile():
+    from pathlib import Path
+
+    import numpy as np
+
+    import moetier
+    from moetier.planner.roofline import load_profile
+    from moetier.spec import load_spec
+
+    d = Path(moetier.__file__).parent / "data" / "embedded"
+    spec = load_spec(d)
+    p = load_profile(d / "routing_profile.json", spec)
+    assert p.shape == (spec.num_moe_layers, spec.num_experts)
+    assert np.allclose(p.sum(axis=1), spec.top_k)
+    # the embedded model routes non-uniformly: its hottest expert is well above top_k / E
+    assert p.max() > 2 * spec.top_k / spec.num_experts
