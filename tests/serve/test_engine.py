@@ -24,12 +24,18 @@ from tests.serve.conftest import SERVED, SlowBackend
 
 
 class RecordingBackend(ModelBackend):
-    def __init__(self, model: Any):
+    """Records each step's tokens per sequence; ``delay`` slows every step so that staggered
+    requests reliably arrive while earlier ones are still decoding (fast machines included)."""
+
+    def __init__(self, model: Any, delay: float = 0.0):
         super().__init__(model)
         self.steps: list[list[int]] = []
+        self.delay = delay
 
     def step(self, batch: Any) -> Any:
         self.steps.append([len(ids) for _, ids in batch])
+        if self.delay:
+            time.sleep(self.delay)
         return super().step(batch)
 
 
@@ -56,7 +62,7 @@ def _run_engine(engine: Engine, jobs: list[tuple[list[int], RequestParams]], sta
 
 
 def test_prefill_joins_running_decodes_in_one_step(tiny_dir: Path, ref_model: Any) -> None:
-    backend = RecordingBackend(moetier.load(tiny_dir))
+    backend = RecordingBackend(moetier.load(tiny_dir), delay=0.01)  # 30 steps >= 0.3 s > the 0.1 s stagger
     engine = Engine(backend, max_batch=4)
     prompts = ["hello world", "the quick brown fox jumps", "Once upon a time there was"]
     jobs = [(ref_model.encode_prompt(p), RequestParams(max_tokens=30)) for p in prompts]
