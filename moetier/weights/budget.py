@@ -53,6 +53,23 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def limit_malloc_arenas(n: int = 2) -> bool:
+    """Cap glibc's malloc arenas (``M_ARENA_MAX``) for this process.
+
+    glibc gives each thread that allocates (torch's workers, the prefetch reader) its own
+    arena of up to 64 MB, whose touched pages count in RSS and in a cgroup; under a hard
+    ``--max-ram`` that slack is unpredictable, so the budgeted runtime caps it. Returns False
+    where it cannot (not glibc).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-8, int(n)))  # M_ARENA_MAX = -8
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+
+
 def fmt(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 

@@ -450,6 +450,8 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
     from moetier.weights import budget as budget_mod
     from moetier.weights.plan import default_plan, load_plan
 
+    if max_ram is not None or (plan is not None and not isinstance(plan, (str, Path)) and plan.max_ram):
+        budget_mod.limit_malloc_arenas()
     baseline = budget_mod.rss_bytes()
     d = Path(path) if path is not None else runtime.EMBEDDED_DIR
     spec = load_spec(d)

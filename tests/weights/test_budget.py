@@ -72,20 +72,22 @@ from moetier.weights import tiered
 m = tiered.load({path!r}, max_ram={max_ram}, context=256, policy="lru", prefetch=True, tokenizer=False)
 r = m.generate_ids(list(range(3, 40)), 24)
 print(json.dumps({{"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "cache_slots": m.hierarchy.cache.capacity, "experts": 4 * 16,
+                  "cache_slots": m.hierarchy.cache.capacity, "experts": 12 * 16,
                   "reserved": m.memory_budget.total_reserved, "hit_rate": m.hierarchy_metrics.hit_rate}}))
 """
 
 
 def test_peak_memory_stays_under_budget(tmp_path):
-    """A model ~2.5x the budget's room for experts runs with peak RSS (and, where cgroup v1
+    """A model whose experts do not fit the budget runs with peak RSS (and, where cgroup v1
     is writable, peak cgroup usage including page cache) below --max-ram."""
-    path = make_tiny_checkpoint(tmp_path, "qwen3_moe", num_hidden_layers=4, hidden_size=256, num_experts=16,
+    path = make_tiny_checkpoint(tmp_path, "qwen3_moe", num_hidden_layers=12, hidden_size=256, num_experts=16,
                                 moe_intermediate_size=1536, dtype=torch.bfloat16, tokenizer=False,
                                 vocab_size=512)
     routed = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    assert routed > 140e6
-    max_ram = 600_000_000
+    assert routed > 440e6
+    # the process itself (interpreter, torch) holds 230-390 MB depending on the machine; the
+    # budget leaves room for roughly half of the experts on top of that
+    max_ram = 850_000_000
     code = CHILD.format(root=str(ROOT), path=str(path), max_ram=max_ram)
     sys.path.insert(0, str(ROOT))
     from bench.common import cgroup_available, run_capped
