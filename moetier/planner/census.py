@@ -57,15 +57,8 @@ GROUPS: tuple[str, ...] = (
     "routed_experts",
     "mtp",
 )
-ALWAYS_ON_GROUPS: tuple[str, ...] = (
-    "embedding",
-    "lm_head",
-    "attention",
-    "norms",
-    "router",
-    "dense_ffn",
-    "shared_experts",
-)
+# read for every token: everything but the routed experts (and the MTP layers, listed apart)
+ALWAYS_ON_GROUPS: tuple[str, ...] = tuple(g for g in GROUPS if g not in ("routed_experts", "mtp"))
 
 # Groups that real quantized checkpoints keep at >= bf16 unless told otherwise (DeepSeek-V3 FP8
 # keeps embeddings, LM head, norms and gates in bf16/fp32; gpt-oss MXFP4 quantizes only the
