@@ -26,7 +26,7 @@ import torch
 from moetier.errors import WeightError
 from moetier.models.base import ExpertReader, ExpertWeights
 from moetier.spec import ModelSpec
-from moetier.weights.safetensors_io import FLOAT_DTYPES, SafetensorsIndex
+from moetier.weights.safetensors_io import SafetensorsIndex
 
 
 class TransposedFusedExpertReader(ExpertReader):
@@ -56,19 +56,6 @@ class TransposedFusedExpertReader(ExpertReader):
             if biases:
                 self._check(f"{p}.gate_up_proj_bias", (E, 2 * I))
                 self._check(f"{p}.down_proj_bias", (E, H))
-
-    def _check(self, name: str, shape: tuple[int, ...]) -> None:
-        if name not in self.index:
-            raise WeightError(f"{self.index.dir}: tensor '{name}' is missing from the checkpoint")
-        info = self.index.info(name)
-        if info.shape != shape:
-            raise WeightError(
-                f"{info.file}: tensor '{name}' has shape {list(info.shape)} but config.json implies "
-                f"{list(shape)} (experts={self.spec.num_experts}, hidden_size={self.spec.hidden_size}, "
-                f"intermediate_size={self.spec.expert_intermediate_size})"
-            )
-        if info.dtype not in FLOAT_DTYPES:
-            raise WeightError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected a float type")
 
     def _row(self, name: str, expert: int) -> torch.Tensor:
         return self._finite(name, self.index.read_rows(name, expert, self.dtype))
