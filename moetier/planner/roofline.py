@@ -794,7 +794,8 @@ class WhatIfResult:
                 "after": self.after.to_json()}
 
 
-def _scale_or_set(old: float | None, text: str, what: str) -> float:
+def scale_or_set(old: float | None, text: str, what: str) -> float:
+    """A what-if value: ``2x`` scales ``old``; anything else is an absolute quantity (``3TB/s``)."""
     t = text.strip()
     if t.lower().endswith("x"):
         try:
@@ -837,23 +838,23 @@ def apply_what_if(machine: Machine, opts: dict[str, Any], change: str) -> tuple[
     if key in ("cache", "cache_bytes", "fast_mem"):
         k = "fast_mem" if key == "fast_mem" else "cache_bytes"
         old = opts.get(k)
-        opts[k] = _scale_or_set(old, val, key) if val.lower().endswith("x") else \
+        opts[k] = scale_or_set(old, val, key) if val.lower().endswith("x") else \
             _check_opt_bytes(val, f"--what-if {key}", allow_zero=(k == "cache_bytes"))
         return m, opts
     if key in ("compute_eff", "memory_eff", "link_eff"):
         attr = key[:-4]
-        x = _scale_or_set(getattr(m.efficiency, attr), val, key)
+        x = scale_or_set(getattr(m.efficiency, attr), val, key)
         if x > 1:
             raise PlanError(f"--what-if {key}: efficiency must be <= 1, got {x:g}")
         return replace(m, efficiency=replace(m.efficiency, **{attr: x})), opts
     if key == "flops":
         if m.flops:
-            return replace(m, flops={p: _scale_or_set(v, val, key) for p, v in m.flops.items()}), opts
-        return replace(m, flops={"bf16": _scale_or_set(None, val, key)}), opts
+            return replace(m, flops={p: scale_or_set(v, val, key) for p, v in m.flops.items()}), opts
+        return replace(m, flops={"bf16": scale_or_set(None, val, key)}), opts
     if key == "link_bw":
         if not m.links:
             raise PlanError(f"--what-if link_bw: machine {m.name!r} has no links")
-        return replace(m, links=tuple(replace(lk, bw=_scale_or_set(lk.bw, val, key)) for lk in m.links)), opts
+        return replace(m, links=tuple(replace(lk, bw=scale_or_set(lk.bw, val, key)) for lk in m.links)), opts
     if key == "host_flops":
         host = next((n for n in tnames[c + 1:] if n in ("dram", "host")), None)
         if host is None:
@@ -864,10 +865,10 @@ def apply_what_if(machine: Machine, opts: dict[str, Any], change: str) -> tuple[
         base = key[: -len("_flops")]
         if base in tnames:
             i = tnames.index(base)
-            tiers[i] = replace(tiers[i], compute_flops=_scale_or_set(tiers[i].compute_flops, val, key))
+            tiers[i] = replace(tiers[i], compute_flops=scale_or_set(tiers[i].compute_flops, val, key))
             return replace(m, tiers=tuple(tiers)), opts
         fl = dict(m.flops)
-        fl[base] = _scale_or_set(fl.get(base), val, key)
+        fl[base] = scale_or_set(fl.get(base), val, key)
         return replace(m, flops=fl), opts
     if key.endswith("_bw"):
         base = key[: -len("_bw")]
@@ -875,10 +876,10 @@ def apply_what_if(machine: Machine, opts: dict[str, Any], change: str) -> tuple[
             base = tnames[c]
         if base in tnames:
             i = tnames.index(base)
-            tiers[i] = replace(tiers[i], read_bw=_scale_or_set(tiers[i].read_bw, val, key))
+            tiers[i] = replace(tiers[i], read_bw=scale_or_set(tiers[i].read_bw, val, key))
             return replace(m, tiers=tuple(tiers)), opts
         if base in lnames:
-            return replace(m, links=tuple(replace(lk, bw=_scale_or_set(lk.bw, val, key)) if lk.name == base
+            return replace(m, links=tuple(replace(lk, bw=scale_or_set(lk.bw, val, key)) if lk.name == base
                                           else lk for lk in m.links)), opts
         raise PlanError(f"--what-if {key}: no tier or link {base!r}; tiers: {', '.join(tnames)}; links: "
                         f"{', '.join(sorted(lnames)) or 'none'}")
@@ -887,15 +888,15 @@ def apply_what_if(machine: Machine, opts: dict[str, Any], change: str) -> tuple[
         if key in tnames:
             i = tnames.index(key)
             t = tiers[i]
-            t = replace(t, capacity_bytes=_scale_or_set(t.capacity_bytes, cap_s, key))
+            t = replace(t, capacity_bytes=scale_or_set(t.capacity_bytes, cap_s, key))
             if at:
-                t = replace(t, read_bw=_scale_or_set(t.read_bw, bw_s, key + " bandwidth"))
+                t = replace(t, read_bw=scale_or_set(t.read_bw, bw_s, key + " bandwidth"))
             tiers[i] = t
             return replace(m, tiers=tuple(tiers)), opts
         if key in WHAT_IF_KEYS or key in ("sram",) or at:
-            cap = _scale_or_set(None, cap_s, key)
+            cap = scale_or_set(None, cap_s, key)
             if at:
-                bw = _scale_or_set(None, bw_s, key + " bandwidth")
+                bw = scale_or_set(None, bw_s, key + " bandwidth")
             elif key == "sram":
                 bw = DEFAULT_SRAM_BW
             else:

@@ -30,7 +30,7 @@ from moetier.errors import MoetierError
 from moetier.planner.calibration import Calibration
 from moetier.planner.cluster import ClusterResult, Layout, plan_cluster
 from moetier.planner.hardware import Machine, MemoryTier
-from moetier.planner.machines import parse_quantity
+from moetier.planner.roofline import scale_or_set
 from moetier.spec import ModelSpec
 
 DEFAULT_CHAIN: tuple[str, ...] = (
@@ -52,24 +52,6 @@ class Step:
     result: ClusterResult
 
 
-def _factor(text: str, base: float | None, what: str) -> float:
-    t = text.strip()
-    if t.lower().endswith("x"):
-        try:
-            f = float(t[:-1])
-        except ValueError:
-            raise MoetierError(f"--what-if {what}: cannot read factor {text!r} (e.g. 2x)") from None
-        if f <= 0:
-            raise MoetierError(f"--what-if {what}: factor must be > 0, got {text!r}")
-        if not base:
-            raise MoetierError(f"--what-if {what}: the machine has no {what} to scale; give an absolute value")
-        return base * f
-    v = parse_quantity(t, f"--what-if {what}")
-    if v <= 0:
-        raise MoetierError(f"--what-if {what}: must be > 0, got {text!r}")
-    return v
-
-
 def apply_change(spec: ModelSpec, machine: Machine, layout: Layout, change: str, *,
                  precision: str = "fp8", calibration: Calibration | None = None) -> tuple[Machine, Layout, str]:
     """One ``KEY=VALUE`` change -> (machine, layout, label)."""
@@ -84,25 +66,25 @@ def apply_change(spec: ModelSpec, machine: Machine, layout: Layout, change: str,
             base = plan_cluster(spec, machine, layout, precision=precision, calibration=calibration)
             size = base.weight_bytes
         else:
-            size = _factor(size_s, None, "sram size")
-        bw = _factor(bw_s or "10x", hbm.read_bw, "sram bandwidth")
+            size = scale_or_set(None, size_s, "sram size")
+        bw = scale_or_set(hbm.read_bw, bw_s or "10x", "sram bandwidth")
         tiers = tuple(t for t in machine.tiers if t.name != "sram")
         m = machine.with_changes(tiers=(MemoryTier("sram", size, bw),) + tiers,
                                  compute_tier=machine.compute_tier_name)
         return m, layout, f"+ SRAM hot-weight tier {size / 1e9:.1f} GB at {bw / 1e12:.1f} TB/s"
     if key == "hbm_bw":
-        bw = _factor(val, hbm.read_bw, "hbm_bw")
+        bw = scale_or_set(hbm.read_bw, val, "hbm_bw")
         tiers = tuple(replace(t, read_bw=bw) if t.name == hbm.name else t for t in machine.tiers)
         return machine.with_changes(tiers=tiers), layout, f"HBM bandwidth {bw / 1e12:.2f} TB/s"
     if key == "flops":
-        f = _factor(val, 1.0, "flops")
+        f = scale_or_set(1.0, val, "flops")
         return (machine.with_changes(flops={k: v * f for k, v in machine.flops.items()}), layout,
                 f"FLOP/s x{f:g}")
     if key == "scale_up_bw":
-        bw = _factor(val, machine.scale_up_bw, "scale_up_bw")
+        bw = scale_or_set(machine.scale_up_bw, val, "scale_up_bw")
         return machine.with_changes(scale_up_bw=bw), layout, f"scale-up {bw / 1e9:.0f} GB/s per device"
     if key == "scale_out_bw":
-        bw = _factor(val, machine.scale_out_bw, "scale_out_bw")
+        bw = scale_or_set(machine.scale_out_bw, val, "scale_out_bw")
         return machine.with_changes(scale_out_bw=bw), layout, f"scale-out {bw / 1e9:.0f} GB/s per device"
     if key == "domain":
         try:
