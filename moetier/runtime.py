@@ -62,6 +62,7 @@ def load(
     tokenizer: bool = True,
     threads: int | None = None,
     check_finite: bool = True,
+    native: bool | None = None,
     **hierarchy: Any,
 ) -> Model:
     """Load a checkpoint directory (``None`` = the embedded model) for inference.
@@ -74,6 +75,9 @@ def load(
     vs 28 at 1). On cores busy with other work pass ``threads=1``: OpenMP workers spin-wait,
     and on oversubscribed cores 2 threads measured 2-5x slower than 1
     (``OMP_WAIT_POLICY=PASSIVE`` does not help: sleeping workers wake too slowly for ~50 us ops).
+    native: single-token decode steps run in the native kernels (``moetier.native``) when the
+    model's blocks are supported; ``None`` = yes unless ``MOETIER_NATIVE=0``; ``False`` = the
+    torch path for every step. ``Model.native_reason`` says why a model runs without them.
     hierarchy: weight-hierarchy options (``max_ram``, ``policy``, ``expert_cache``,
     ``cache_scope``, ``prefetch``, ``plan``, ...): routed experts are then served from a cache
     over the files, see :func:`moetier.weights.tiered.load`.
@@ -84,7 +88,7 @@ def load(
         from moetier.weights import tiered
 
         return tiered.load(path, dtype=dtype, tokenizer=tokenizer, threads=threads, check_finite=check_finite,
-                           **hierarchy)
+                           native=native, **hierarchy)
     if threads is not None:
         torch.set_num_threads(int(threads))
     d = Path(path) if path is not None else EMBEDDED_DIR
@@ -109,7 +113,14 @@ def load(
     if reader is not None:
         provider = (expert_provider_factory or default_provider)(spec, reader)
         net.attach(provider)
-    return Model(spec, net, tok, provider, reader, d)
+    model = Model(spec, net, tok, provider, reader, d)
+    if native is False:
+        model.native_reason = "turned off (native=False)"
+    else:
+        from moetier.native import decode as native_decode
+
+        net.native, model.native_reason = native_decode.build(net)
+    return model
 
 
 class Model:
@@ -119,6 +130,7 @@ class Model:
                  provider: ExpertProvider | None, reader: ExpertReader | None, path: Path):
         self.spec, self.net, self._tokenizer = spec, net, tokenizer
         self.provider, self.expert_reader, self.path = provider, reader, path
+        self.native_reason: str | None = None  # why decode steps do not run natively (None: they do)
 
     # ----- basics -----
     @property

@@ -44,22 +44,21 @@ class Sequence:
 Segments = list[tuple[Sequence, int, int]]  # (sequence, start row in the flat batch, n tokens)
 
 
-def cache_append(
-    seq: Sequence, layer: int, new: tuple[torch.Tensor, ...], time_dim: int = 1
-) -> tuple[torch.Tensor, ...]:
-    """Append ``new`` tensors (time along ``time_dim``) to ``seq``'s cache for ``layer``.
+def cache_reserve(seq: Sequence, layer: int, like: tuple[torch.Tensor, ...], need: int,
+                  time_dim: int = 1) -> tuple[torch.Tensor, ...]:
+    """Make ``seq``'s cache buffers for ``layer`` hold at least ``need`` tokens.
 
-    Buffers are preallocated to ``seq.capacity`` and doubled when full (amortised O(1)).
-    Returns views of the cached prefix, including the new tokens.
+    ``like``: one tensor per buffer giving the shape (any length along ``time_dim``) and dtype.
+    Buffers are preallocated to ``seq.capacity`` and doubled when full (amortised O(1)); the
+    first ``seq.length`` tokens are kept. Returns the whole buffers.
     """
-    pos, n = seq.length, new[0].shape[time_dim]
-    need = pos + n
+    pos = seq.length
     bufs = seq.layers[layer]
     if bufs is None or bufs[0].shape[time_dim] < need:
         old_cap = 0 if bufs is None else bufs[0].shape[time_dim]
         cap = max(need, seq.capacity, 2 * old_cap, 16)
         fresh = []
-        for i, t in enumerate(new):
+        for i, t in enumerate(like):
             shape = list(t.shape)
             shape[time_dim] = cap
             b = t.new_empty(shape)
@@ -68,6 +67,19 @@ def cache_append(
             fresh.append(b)
         bufs = tuple(fresh)
         seq.layers[layer] = bufs
+    return bufs
+
+
+def cache_append(
+    seq: Sequence, layer: int, new: tuple[torch.Tensor, ...], time_dim: int = 1
+) -> tuple[torch.Tensor, ...]:
+    """Append ``new`` tensors (time along ``time_dim``) to ``seq``'s cache for ``layer``.
+
+    Returns views of the cached prefix, including the new tokens.
+    """
+    pos, n = seq.length, new[0].shape[time_dim]
+    need = pos + n
+    bufs = cache_reserve(seq, layer, new, need, time_dim)
     for b, t in zip(bufs, new):
         b.narrow(time_dim, pos, n).copy_(t)
     return tuple(b.narrow(time_dim, 0, need) for b in bufs)

@@ -108,6 +108,12 @@ class Rotary:
         self._sin = (emb.sin() * self.attention_factor).to(dtype)
         self._dtype = dtype
 
+    def table(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole cos, sin tables [>= n, D] in ``dtype`` (grown if needed)."""
+        if n > self._cos.shape[0] or dtype != self._dtype:
+            self._grow(n, dtype)
+        return self._cos, self._sin
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
                 max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, D] for integer positions [T] (``max_position``: their max, if known)."""

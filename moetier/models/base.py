@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -124,7 +124,10 @@ class ExpertProvider(Protocol):
         """Announce the unique experts this layer needs for the current step."""
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
-        """Weights of one expert (must have been required in this step)."""
+        """Weights of one expert (must have been required in this step). They may be valid
+        only until the next ``get``; a provider whose results stay valid for the whole step
+        sets ``stable_gets = True`` (the native decode then runs all of a token's experts in
+        one call)."""
         ...
 
 
@@ -246,6 +249,8 @@ class ExpertReader:
 class InMemoryExpertProvider:
     """Default provider: every routed expert read once at load and kept in RAM."""
 
+    stable_gets = True  # every get() result stays valid
+
     def __init__(self, experts: dict[tuple[int, int], ExpertWeights]):
         self.experts = experts
 
@@ -311,6 +316,7 @@ class DecoderLM(nn.Module):
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(H, spec.vocab_size, bias=False)
         self.rotary = self.make_rotary()
         self.observers: list[RouterObserver] = []
+        self.native: Any = None  # a moetier.native.decode.NativeDecoder, set by moetier.load
 
     # ----- construction hooks -----
     def make_rotary(self) -> Rotary:
@@ -379,7 +385,11 @@ class DecoderLM(nn.Module):
 
         items: [(sequence, token ids [n_i])]. Returns float32 logits: [sum n_i, V] if
         ``all_logits`` else [len(items), V] (the last new token of each sequence).
+        One new token of one sequence goes through ``self.native`` when it is set.
         """
+        if self.native is not None and len(items) == 1 and items[0][1].shape[0] == 1:
+            seq, toks = items[0]
+            return self.native.step(seq, int(toks[0]))
         segments: Segments = []
         ids, pos, start, top = [], [], 0, 0
         for seq, toks in items:

@@ -1,0 +1,256 @@
+"""Single-token decode through the native kernels (``decode.c``) for the generic decoder.
+
+:class:`NativeDecoder` runs one new token of one sequence through a :class:`DecoderLM`
+whose blocks are the generic ones (llama / mixtral / qwen2_moe / qwen3_moe / olmoe; see
+:func:`unsupported`): per layer, one native call for attention (norm, fused q/k/v, q/k norm,
+rope, cache write, attention, o_proj, residual, post-attention norm), one for the softmax
+top-k router, then the routed experts come from the model's ``ExpertProvider`` exactly as on
+the torch path (``require`` then ``get``), and one native call runs all of them plus the
+shared expert (one call per expert when the provider may recycle a slot on the next ``get``). Prefill and batched steps stay on the torch path; both share the KV cache.
+
+Numerics: activations are float32 throughout (weights and the KV cache stay in the model
+dtype), so in bfloat16 a native step is closer to a float32 reference than the torch bf16
+path, and not bit-identical to it. Each output element is computed by one thread in a fixed
+order: results do not depend on the thread count or on which provider served the experts.
+
+Hooks kept: the model's forward pre-hooks run (the native step is inside ``forward``);
+forward pre-hooks on a layer's ``post_attention_layernorm`` (the hierarchy's router
+prefetch) are called with the residual stream in the model dtype; router observers get
+``topk_ids`` [1, k] int64 and ``topk_weights`` [1, k] like on the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moetier import native
+from moetier.layers.attention import Attention, Sequence, cache_reserve
+from moetier.layers.mlp import GatedMLP
+from moetier.layers.moe import MoEBlock, SoftmaxTopKRouter
+from moetier.layers.norm import RMSNorm
+
+if TYPE_CHECKING:
+    from moetier.models.base import DecoderLM
+
+DT = {torch.float32: 0, torch.bfloat16: 1}
+MAX_TOPK = 64
+
+
+class LayerDesc(ctypes.Structure):
+    """Mirror of ``layer_desc`` in decode.c (keep the field order in sync)."""
+
+    _fields_ = [
+        ("H", ctypes.c_long), ("nh", ctypes.c_long), ("nkv", ctypes.c_long), ("D", ctypes.c_long),
+        ("qk_norm", ctypes.c_int), ("window", ctypes.c_int), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+        ("ln1", ctypes.c_void_p), ("qkv_w", ctypes.c_void_p), ("qkv_b", ctypes.c_void_p),
+        ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("o_w", ctypes.c_void_p),
+        ("o_b", ctypes.c_void_p), ("ln2", ctypes.c_void_p),
+        ("mlp", ctypes.c_int), ("E", ctypes.c_long), ("topk", ctypes.c_long), ("I", ctypes.c_long),
+        ("norm_topk", ctypes.c_int), ("route_scale", ctypes.c_float),
+        ("router_w", ctypes.c_void_p), ("router_b", ctypes.c_void_p),
+        ("SI", ctypes.c_long), ("s_gate", ctypes.c_void_p), ("s_up", ctypes.c_void_p),
+        ("s_down", ctypes.c_void_p), ("s_gate_gate", ctypes.c_void_p),
+    ]
+
+
+def _silu_glu(block: MoEBlock) -> bool:
+    """The block's GLU is the default SwiGLU with SiLU (checked by value on a probe input)."""
+    g = torch.linspace(-4, 4, 9)
+    u = torch.linspace(1, 2, 9)
+    return torch.equal(block.glu(g, u), torch.nn.functional.silu(g) * u)
+
+
+def unsupported(net: DecoderLM) -> str | None:
+    """Why ``net`` cannot decode natively (``None`` if it can)."""
+    from moetier.models.base import DecoderLayer
+
+    if net.dtype not in DT:
+        return f"dtype {net.dtype}"
+    if net.rotary.interleaved:
+        return "interleaved rope"
+    for i, layer in enumerate(net.layers):
+        if type(layer) is not DecoderLayer:
+            return f"layer {i} is a {type(layer).__name__}"
+        a, mlp = layer.self_attn, layer.mlp
+        if type(a) is not Attention:
+            return f"layer {i} attention is a {type(a).__name__}"
+        if a.qkv_weight is None:
+            return f"layer {i}: q/k/v projections not fused"
+        if a.clip_qkv is not None:
+            return f"layer {i}: clip_qkv"
+        if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
+            return f"layer {i}: norms are not RMSNorm"
+        if isinstance(mlp, MoEBlock):
+            if type(mlp.gate) is not SoftmaxTopKRouter:
+                return f"layer {i}: router {type(mlp.gate).__name__}"
+            if mlp.gate.top_k > MAX_TOPK:
+                return f"layer {i}: top-k {mlp.gate.top_k} > {MAX_TOPK}"
+            if not _silu_glu(mlp):
+                return f"layer {i}: expert activation is not SiLU-gated"
+            sh = mlp.shared_expert
+            if sh is not None and (type(sh) is not GatedMLP or sh.act is not torch.nn.functional.silu
+                                   or sh.gate_proj.bias is not None):
+                return f"layer {i}: shared expert is not a bias-free SiLU GatedMLP"
+        elif type(mlp) is GatedMLP:
+            if mlp.act is not torch.nn.functional.silu or mlp.gate_proj.bias is not None:
+                return f"layer {i}: dense MLP is not a bias-free SiLU GatedMLP"
+        else:
+            return f"layer {i}: feed-forward is a {type(mlp).__name__}"
+    if net.spec.hidden_act not in ("silu", "swish"):
+        return f"hidden_act {net.spec.hidden_act}"
+    return None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    if not t.is_contiguous():
+        raise ValueError("native decode needs contiguous weights")
+    return t.data_ptr()
+
+
+class NativeDecoder:
+    """Native single-token decode for one :class:`DecoderLM` (see the module docstring)."""
+
+    def __init__(self, net: DecoderLM, lib: ctypes.CDLL):
+        self.net, self.lib = net, lib
+        s = net.spec
+        self.dt = DT[net.dtype]
+        self.H, self.V = s.hidden_size, s.vocab_size
+        self.keep: list[torch.Tensor] = []  # tensors whose pointers the descriptors hold
+        self.descs: list[LayerDesc] = []
+        self.layers: list[tuple[Any, ...]] = []
+        gu_len, qkv_rows, attn_dim, E, topk = 1, 1, 1, 1, 1
+        for i, layer in enumerate(net.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            d = LayerDesc()
+            d.H, d.nh, d.nkv, d.D = self.H, a.n_heads, a.n_kv, a.head_dim
+            d.qk_norm = {"none": 0, "head": 1, "full": 2}[a.qk_norm]
+            d.window = int(a.sliding_window or 0)
+            d.eps, d.scale = layer.input_layernorm.eps, a.scale
+            d.ln1, d.ln2 = _ptr(layer.input_layernorm.weight), _ptr(layer.post_attention_layernorm.weight)
+            if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
+                raise ValueError(f"layer {i}: input and post-attention norms use different eps")
+            d.qkv_w, d.qkv_b = _ptr(a.qkv_weight), _ptr(a.qkv_bias)
+            if a.qk_norm != "none":
+                d.q_norm, d.k_norm = _ptr(a.q_norm.weight), _ptr(a.k_norm.weight)
+                if a.q_norm.eps != layer.input_layernorm.eps:
+                    raise ValueError(f"layer {i}: q/k norm eps differs from the layer norm eps")
+            d.o_w, d.o_b = _ptr(a.o_proj.weight), _ptr(a.o_proj.bias)
+            qkv_rows = max(qkv_rows, a.qkv_weight.shape[0])
+            attn_dim = max(attn_dim, a.n_heads * a.head_dim)
+            dense = mlp if isinstance(mlp, GatedMLP) else getattr(mlp, "shared_expert", None)
+            if dense is not None:
+                d.SI = dense.gate_proj.weight.shape[0]
+                d.s_gate, d.s_up, d.s_down = (_ptr(dense.gate_proj.weight), _ptr(dense.up_proj.weight),
+                                              _ptr(dense.down_proj.weight))
+            if isinstance(mlp, MoEBlock):
+                r = mlp.gate
+                d.mlp, d.E, d.topk, d.I = 1, r.weight.shape[0], r.top_k, s.expert_intermediate_size
+                d.norm_topk, d.route_scale = int(r.norm_topk_prob), float(r.scaling)
+                d.router_w, d.router_b = _ptr(r.weight), _ptr(r.bias)
+                if mlp.shared_expert_gate is not None:
+                    d.s_gate_gate = _ptr(mlp.shared_expert_gate.weight)
+                    if mlp.shared_expert_gate.bias is not None:
+                        raise ValueError(f"layer {i}: shared expert gate has a bias")
+                E, topk = max(E, d.E), max(topk, d.topk)
+                gu_len = max(gu_len, d.topk * 2 * d.I + 2 * d.SI)
+            else:
+                gu_len = max(gu_len, 2 * d.SI)
+            self.descs.append(d)
+        self.scratch = lib.mt_scratch_new(self.H, qkv_rows, attn_dim, gu_len, topk, E)
+        if not self.scratch:
+            raise MemoryError("native decode: could not allocate scratch buffers")
+        self.x = torch.zeros(self.H, dtype=torch.float32)  # residual stream [H]
+        self.ids = (ctypes.c_int64 * MAX_TOPK)()
+        self.w = (ctypes.c_float * MAX_TOPK)()
+        self.gu = (ctypes.c_void_p * MAX_TOPK)()
+        self.dn = (ctypes.c_void_p * MAX_TOPK)()
+        self.desc_ptrs = [ctypes.addressof(d) for d in self.descs]
+        self.norm_w = _ptr(net.norm.weight)
+        self.norm_eps = net.norm.eps
+        self.out_w = _ptr(net.output_weight())
+        self.emb = _ptr(net.embed_tokens.weight)
+        self.rotary = type(net.rotary)(net.rotary.inv_freq, net.rotary.attention_factor)  # own float32 tables
+        self.kv_like = [(torch.empty(a.n_kv, 0, a.head_dim, dtype=net.dtype),) * 2
+                        for a in (layer.self_attn for layer in net.layers)]
+
+    def __del__(self) -> None:
+        lib, s = getattr(self, "lib", None), getattr(self, "scratch", None)
+        if lib is not None and s:
+            lib.mt_scratch_free(s)
+            self.scratch = None
+
+    def step(self, seq: Sequence, token: int) -> torch.Tensor:
+        """Feed one token to ``seq`` (advancing it); float32 logits [1, V]."""
+        net, lib, dt, H = self.net, self.lib, self.dt, self.H
+        nth = torch.get_num_threads()
+        pos = seq.length
+        x = self.x
+        xp = x.data_ptr()
+        lib.mt_embed(self.emb, H, token, dt, xp)
+        cos, sin = self.rotary.table(pos + 1, torch.float32)
+        D = cos.shape[1]
+        cp, sp = cos.data_ptr() + 4 * D * pos, sin.data_ptr() + 4 * D * pos
+        observers = net.observers
+        for i, layer in enumerate(net.layers):
+            desc = self.desc_ptrs[i]
+            K, Vc = cache_reserve(seq, i, self.kv_like[i], pos + 1)
+            if lib.mt_attention(desc, self.scratch, dt, xp, K.data_ptr(), Vc.data_ptr(), K.shape[1], pos,
+                                cp, sp, nth):
+                raise MemoryError(f"native decode: no memory for attention scores ({K.shape[1]} positions)")
+            mlp = layer.mlp
+            norm = layer.post_attention_layernorm
+            if norm._forward_pre_hooks:
+                h = x.view(1, H).to(net.dtype)
+                for hook in list(norm._forward_pre_hooks.values()):
+                    hook(norm, (h,))
+            if type(mlp) is GatedMLP:
+                lib.mt_dense_mlp(desc, self.scratch, dt, xp, nth)
+                continue
+            d = self.descs[i]
+            k = d.topk
+            lib.mt_route(desc, self.scratch, dt, self.ids, self.w, nth)
+            ids = self.ids[:k]
+            if observers:
+                ids_t = torch.tensor([ids], dtype=torch.int64)
+                w_t = torch.tensor([self.w[:k]], dtype=torch.float32).to(net.dtype)
+                for fn in observers:
+                    fn(i, ids_t, w_t)
+            provider = mlp.provider
+            provider.require(i, sorted(set(ids)))
+            gu, dn, w = self.gu, self.dn, self.w
+            if getattr(provider, "stable_gets", False):  # every get() stays valid: one call
+                for j, e in enumerate(ids):
+                    ew = provider.get(i, e)
+                    gu[j] = ew.gate_up.data_ptr()
+                    dn[j] = ew.down.data_ptr()
+                lib.mt_moe(desc, self.scratch, dt, xp, k, gu, dn, w, 1, nth)
+            else:  # a get() may recycle the previous one's slot: one expert at a time (same bits)
+                for j, e in enumerate(ids):
+                    ew = provider.get(i, e)
+                    gu[0] = ew.gate_up.data_ptr()
+                    dn[0] = ew.down.data_ptr()
+                    lib.mt_moe(desc, self.scratch, dt, xp, 1, gu, dn, ctypes.byref(w, 4 * j), 0, nth)
+                lib.mt_moe(desc, self.scratch, dt, xp, 0, gu, dn, w, 1, nth)
+        seq.length = pos + 1
+        logits = torch.empty(1, self.V, dtype=torch.float32)
+        lib.mt_head(self.norm_w, self.out_w, self.V, H, self.norm_eps, dt, self.scratch, xp, logits.data_ptr(), nth)
+        return logits
+
+
+def build(net: DecoderLM) -> tuple[NativeDecoder | None, str | None]:
+    """A native decoder for ``net``, or ``(None, reason)``."""
+    reason = unsupported(net)
+    if reason is not None:
+        return None, reason
+    lib = native.library()
+    if lib is None:
+        return None, native.unavailable_reason()
+    try:
+        return NativeDecoder(net, lib), None
+    except (ValueError, MemoryError) as e:
+        return None, str(e)
