@@ -172,7 +172,7 @@ def run_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
                 prep_failed[en] = {"status": "failed", "error": f"conversion: {e}"[:2000]}
                 continue
             out["gguf"] = str(model)
-        elif en == "moetier":
+        elif en in ("moetier", "moetier_torch"):
             options = sc.moetier_options(d, cap) or None
         elif en == "transformers_offload":
             budget = int((cap or 4 * GIB) * 0.5)

@@ -2,7 +2,8 @@
 
     python bench/peers.py ENGINE MODEL --prompt-ids 1,2,3 --tokens 32 --runs 5 [--threads 2]
 
-ENGINE is ``moetier``, ``llama_cpp``, ``transformers`` (eager) or ``transformers_offload``
+ENGINE is ``moetier``, ``moetier_torch`` (moetier with its native decode turned off),
+``llama_cpp``, ``transformers`` (eager) or ``transformers_offload``
 (transformers + accelerate, ``device_map="auto"`` with a CPU budget, the rest offloaded to
 disk). Every engine gets the same prompt token ids (no tokenizer in the timed path), decodes
 greedily for exactly ``--tokens`` tokens (EOS ignored), does one untimed warm-up generation
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("moetier", "llama_cpp", "transformers", "transformers_offload")
+ENGINES = ("moetier", "moetier_torch", "llama_cpp", "transformers", "transformers_offload")
 
 
 def peak_rss_bytes() -> int:
@@ -93,6 +94,8 @@ def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
         run_cmd.add_load_arguments(p)
         ns = p.parse_args([a.model, "--dtype", a.dtype, "--threads", str(a.threads), *a.engine_args])
         kw = run_cmd.load_kwargs(ns)
+    if a.engine == "moetier_torch":
+        kw["native"] = False
     hier = {"max_ram", "policy", "expert_cache", "cache_scope", "prefetch", "plan"}
     t0 = time.perf_counter()
     if any(kw.get(k) is not None for k in hier):
@@ -132,7 +135,8 @@ def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
             res["hierarchy"]["pinned_bytes"] = getattr(h, "pinned_bytes", None)
     if a.profile_steps:
         res["profile"] = profile_decode(m, a.prompt_ids, a.profile_steps)
-    res.update(load_s=load_s, torch_threads=torch.get_num_threads(), load_kwargs={k: str(v) for k, v in kw.items()})
+    res.update(load_s=load_s, torch_threads=torch.get_num_threads(), load_kwargs={k: str(v) for k, v in kw.items()},
+               decode_path="native" if m.native_reason is None else "torch", native_reason=m.native_reason)
     return res
 
 
@@ -307,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.engine_args = extra
     t0 = time.perf_counter()
-    if a.engine == "moetier":
+    if a.engine in ("moetier", "moetier_torch"):
         res = run_moetier(a)
     elif a.engine == "llama_cpp":
         res = run_llama_cpp(a)

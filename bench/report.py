@@ -17,6 +17,7 @@ from bench.common import median
 
 ENGINE_LABELS = {
     "moetier": "moetier",
+    "moetier_torch": "moetier, torch path (no native decode)",
     "llama_cpp": "llama.cpp (mmap)",
     "transformers": "transformers eager",
     "transformers_offload": "transformers + accelerate offload",
@@ -315,7 +316,7 @@ def plot(payload: Mapping[str, Any], out: Path) -> Path | None:
     if not scen:
         return None
     engines = list(ENGINE_LABELS)
-    colors = {"moetier": "#1f77b4", "llama_cpp": "#ff7f0e", "transformers": "#2ca02c",
+    colors = {"moetier": "#1f77b4", "moetier_torch": "#9467bd", "llama_cpp": "#ff7f0e", "transformers": "#2ca02c",
               "transformers_offload": "#d62728"}
     metrics = [("prefill_tokens_per_s", "prefill tok/s (log)", True),
                ("decode_tokens_per_s", "decode tok/s (log)", True),

@@ -254,9 +254,9 @@ def overcap_moetier_options(d: Path, cap: int | None) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Scenario] = {
     "embedded": Scenario("embedded", "(a) embedded model, in RAM", embedded_dir,
-                         ("moetier", "llama_cpp", "transformers")),
+                         ("moetier", "llama_cpp", "transformers", "moetier_torch")),
     "ram": Scenario("ram", "(b) synthetic Qwen3-MoE 2.5 GB, in RAM", ram_model_dir,
-                    ("moetier", "llama_cpp", "transformers")),
+                    ("moetier", "llama_cpp", "transformers", "moetier_torch")),
     "overcap": Scenario("overcap", "(c) wide MoE ~3x the memory cap", overcap_model_dir,
                         ("moetier", "llama_cpp", "transformers_offload"),
                         cap_bytes=overcap_cap, moetier_options=overcap_moetier_options,

@@ -31,13 +31,17 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint directory (default: the embedded model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight/activation precision (auto: bfloat16 for bf16 checkpoints)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and the native kernels)")
+    p.add_argument("--no-native", action="store_true",
+                   help="decode with the torch path instead of the native kernels (also: MOETIER_NATIVE=0)")
     for add, _ in LOAD_OPTION_HOOKS:
         add(p)
 
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {"dtype": args.dtype, "threads": args.threads}
+    if getattr(args, "no_native", False):
+        kw["native"] = False
     for _, get in LOAD_OPTION_HOOKS:
         kw.update(get(args))
     return kw
@@ -96,6 +100,8 @@ def main(args: argparse.Namespace) -> int:
             "prefill_tokens_per_s": res.prefill_tokens_per_s,
             "decode_tokens_per_s": res.decode_tokens_per_s,
             "peak_rss_bytes": rss,
+            "decode_path": "native" if model.native_reason is None else "torch",
+            "native_unavailable_reason": model.native_reason,
             **report,
         }))
     else:
@@ -109,5 +115,6 @@ def main(args: argparse.Namespace) -> int:
         print()
         print(f"\n[{len(res.prompt_ids)} prompt tokens, {len(res.ids)} generated, finish: {res.finish_reason}] "
               f"prefill {res.prefill_tokens_per_s:.1f} tok/s, decode {res.decode_tokens_per_s:.1f} tok/s, "
-              f"peak RSS {rss / 2**20:.0f} MiB")
+              f"peak RSS {rss / 2**20:.0f} MiB, "
+              + ("native decode" if model.native_reason is None else f"torch decode ({model.native_reason})"))
     return 0

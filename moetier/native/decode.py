@@ -6,7 +6,8 @@ whose blocks are the generic ones (llama / mixtral / qwen2_moe / qwen3_moe / olm
 rope, cache write, attention, o_proj, residual, post-attention norm), one for the softmax
 top-k router, then the routed experts come from the model's ``ExpertProvider`` exactly as on
 the torch path (``require`` then ``get``), and one native call runs all of them plus the
-shared expert (one call per expert when the provider may recycle a slot on the next ``get``). Prefill and batched steps stay on the torch path; both share the KV cache.
+shared expert (one call per expert when the provider may recycle a slot on the next
+``get``). Prefill and batched steps stay on the torch path; both share the KV cache.
 
 Numerics: activations are float32 throughout (weights and the KV cache stay in the model
 dtype), so in bfloat16 a native step is closer to a float32 reference than the torch bf16
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moetier import native
+from moetier.errors import MoetierError
 from moetier.layers.attention import Attention, Sequence, cache_reserve
 from moetier.layers.mlp import GatedMLP
 from moetier.layers.moe import MoEBlock, SoftmaxTopKRouter
@@ -226,12 +228,18 @@ class NativeDecoder:
             if getattr(provider, "stable_gets", False):  # every get() stays valid: one call
                 for j, e in enumerate(ids):
                     ew = provider.get(i, e)
+                    if ew.gate_up_bias is not None or ew.down_bias is not None:
+                        raise MoetierError(f"layer {i} expert {e}: native decode has no expert biases "
+                                           "(load with native=False)")
                     gu[j] = ew.gate_up.data_ptr()
                     dn[j] = ew.down.data_ptr()
                 lib.mt_moe(desc, self.scratch, dt, xp, k, gu, dn, w, 1, nth)
             else:  # a get() may recycle the previous one's slot: one expert at a time (same bits)
                 for j, e in enumerate(ids):
                     ew = provider.get(i, e)
+                    if ew.gate_up_bias is not None or ew.down_bias is not None:
+                        raise MoetierError(f"layer {i} expert {e}: native decode has no expert biases "
+                                           "(load with native=False)")
                     gu[0] = ew.gate_up.data_ptr()
                     dn[0] = ew.down.data_ptr()
                     lib.mt_moe(desc, self.scratch, dt, xp, 1, gu, dn, ctypes.byref(w, 4 * j), 0, nth)
