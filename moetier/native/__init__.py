@@ -93,6 +93,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mt_embed": (None, [P, L, L, I, P]),
         "mt_gemv": (None, [P, P, I, P, P, L, L, I]),
         "mt_set_spin_cycles": (None, [L]),
+        "mt_layers": (I, [P, I, P, I, P, P, P, P, L, P, P, P, P, L, P, I]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

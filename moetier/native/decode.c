@@ -613,3 +613,32 @@ void mt_gemv(const void *W, const void *b, int dt, const float *x, float *y, lon
     gemv_item it = {W, b, x, y, rows, cols, NULL, NULL};
     run_gemvs(&it, 1, dt, nth);
 }
+
+/* Every layer of one decode step in one call, for providers whose experts all stay in RAM
+ * (a table of gate_up / down pointers per layer and expert, [n_layers * E_max], NULL for
+ * dense layers). The same per-layer functions as the Python-driven path, in the same order,
+ * so the result is bit-identical to it. K[i], V[i]: layer i's cache buffers; cap[i] their
+ * capacity. ids_out [n_layers * 64]: each MoE layer's chosen experts (for the caller's
+ * bookkeeping). Returns 0, or -1 - i when layer i could not allocate attention scratch. */
+int mt_layers(const layer_desc *const *L, int n_layers, scratch *S, int dt, float *x, void *const *K,
+              void *const *V, const long *cap, long pos, const float *cs, const float *sn,
+              const void *const *gu_table, const void *const *dn_table, long e_max, int64_t *ids_out, int nth) {
+    const void *gu[64], *dn[64];
+    float w[64];
+    for (int i = 0; i < n_layers; i++) {
+        const layer_desc *d = L[i];
+        if (mt_attention(d, S, dt, x, K[i], V[i], cap[i], pos, cs, sn, nth)) return -1 - i;
+        if (d->mlp == 0) {
+            mt_dense_mlp(d, S, dt, x, nth);
+            continue;
+        }
+        int64_t *ids = ids_out + (long)i * 64;
+        mt_route(d, S, dt, ids, w, nth);
+        for (long j = 0; j < d->topk; j++) {
+            gu[j] = gu_table[(long)i * e_max + ids[j]];
+            dn[j] = dn_table[(long)i * e_max + ids[j]];
+        }
+        mt_moe(d, S, dt, x, (int)d->topk, gu, dn, w, 1, nth);
+    }
+    return 0;
+}

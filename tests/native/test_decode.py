@@ -388,6 +388,24 @@ def test_per_expert_path_bit_identical(lib, ckpt, name, dtype):
     assert not torch.equal(forced(m, PROMPT, toks), want)
 
 
+@pytest.mark.parametrize("name", ["qwen2_moe_shared", "qwen3_moe_mlp_only", "olmoe_full_qknorm"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_whole_step_path_bit_identical(lib, ckpt, name, dtype):
+    """In-RAM experts, no observer: one native call for all layers (``mt_layers``); a no-op
+    router observer forces the per-layer Python-driven path. Same bits, and the whole-step
+    path is really taken (its expert tables get built) only without the observer."""
+    path = ckpt(name)
+    fast = load(path, dtype=dtype)
+    want, toks, _ = greedy(fast, PROMPT, 10)
+    assert fast.net.native.table_for is fast.provider
+    slow = load(path, dtype=dtype)
+    slow.add_router_observer(lambda layer, ids, w: None)
+    got, toks_s, _ = greedy(slow, PROMPT, 10)
+    assert slow.net.native.table_for is None
+    assert torch.equal(got, want), maxdiff(got, want)
+    assert toks_s == toks
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_tiered_provider_bit_identical(lib, ckpt, prefetch):
     path = ckpt("qwen2_moe_shared")
