@@ -20,9 +20,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch  # noqa: F401  (loads torch's libgomp first: the kernels' OpenMP then resolves to it)
+
 SOURCE = Path(__file__).with_name("decode.c")
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-std=gnu11"]
-LIBS = ["-lm", "-lpthread"]
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-std=gnu11", "-fopenmp"]
+LIBS = ["-lm"]
 
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -92,7 +94,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mt_head": (None, [P, P, L, L, F, I, P, P, P, I]),
         "mt_embed": (None, [P, L, L, I, P]),
         "mt_gemv": (None, [P, P, I, P, P, L, L, I]),
-        "mt_set_spin_cycles": (None, [L]),
         "mt_layers": (I, [P, I, P, I, P, P, P, P, L, P, P, P, P, L, P, I]),
     }
     for name, (res, args) in sigs.items():

@@ -8,21 +8,16 @@
  * summation order, so results do not depend on the thread count or on where the weights
  * live (RAM, cache slot, prefetch slot): tiered runs are bit-identical to in-RAM runs.
  *
- * Threads: a small pthread pool (the caller is thread 0). Workers spin briefly between
- * parallel regions, then sleep on a futex, so they do not compete with torch's own threads
- * when the torch path runs (prefill).
+ * Threads: OpenMP parallel regions on torch's own libgomp pool (see parallel_run).
  */
 #define _GNU_SOURCE
 #include <math.h>
-#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <linux/futex.h>
-#include <sys/syscall.h>
 #include <unistd.h>
-#include <x86intrin.h>
+#include <omp.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define MT_AVX512 1
@@ -51,102 +46,30 @@ static inline float ld(const void *p, int dt, long i) {
 }
 
 /* ------------------------------------------------------------------------------------ */
-/* thread pool                                                                           */
+/* parallel regions                                                                      */
 
-#define MT_MAX_THREADS 64
+/* OpenMP, resolved at load time to the libgomp torch already loaded (same soname), so the
+ * native kernels and torch share ONE pool of worker threads. A separate pool measured 2x
+ * slower decode right after a torch prefill: torch's workers spin-wait for a few ms after
+ * each parallel op and took the core from ours. After a fork() the child runs serially
+ * (libgomp's pool does not survive fork; results do not depend on the thread count). */
 typedef void (*task_fn)(void *ctx, int tid, int nth);
 
-static struct {
-    pthread_t th[MT_MAX_THREADS];
-    int start_gen[MT_MAX_THREADS]; /* pool.gen when the worker was created */
-    int n_workers;
-    atomic_int gen;
-    atomic_int done;
-    atomic_int sleepers;
-    task_fn fn;
-    void *ctx;
-    int nth;
-    pthread_mutex_t lock;
-} pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+static pid_t pool_pid = 0;
 
-static long spin_cycles = 600000; /* ~0.2 ms at 2.6 GHz before a worker sleeps */
-
-static void futex_wait(atomic_int *addr, int val) {
-    syscall(SYS_futex, (int *)addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
-}
-static void futex_wake(atomic_int *addr) {
-    syscall(SYS_futex, (int *)addr, FUTEX_WAKE_PRIVATE, MT_MAX_THREADS, NULL, NULL, 0);
-}
-
-static void *worker_main(void *arg) {
-    int tid = (int)(intptr_t)arg;
-    int seen = pool.start_gen[tid];
-    for (;;) {
-        int g;
-        unsigned long long t0 = __rdtsc();
-        while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
-            if ((long)(__rdtsc() - t0) < spin_cycles) {
-                _mm_pause();
-            } else {
-                atomic_fetch_add(&pool.sleepers, 1);
-                futex_wait(&pool.gen, seen);
-                atomic_fetch_sub(&pool.sleepers, 1);
-                t0 = __rdtsc();
-            }
-        }
-        seen = g;
-        if (tid < pool.nth) pool.fn(pool.ctx, tid, pool.nth);
-        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
-    }
-    return NULL;
-}
-
-static void reset_pool_in_child(void) { pool.n_workers = 0; }
-
-static int ensure_workers(int n) {
-    static int atfork_done = 0;
-    if (n > MT_MAX_THREADS - 1) n = MT_MAX_THREADS - 1;
-    if (pool.n_workers >= n) return pool.n_workers;
-    pthread_mutex_lock(&pool.lock);
-    if (!atfork_done) {
-        pthread_atfork(NULL, NULL, reset_pool_in_child);
-        atfork_done = 1;
-    }
-    while (pool.n_workers < n) {
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pool.start_gen[pool.n_workers + 1] = atomic_load(&pool.gen);
-        if (pthread_create(&pool.th[pool.n_workers], &attr, worker_main, (void *)(intptr_t)(pool.n_workers + 1))) {
-            pthread_attr_destroy(&attr);
-            break;
-        }
-        pthread_attr_destroy(&attr);
-        pool.n_workers++;
-    }
-    pthread_mutex_unlock(&pool.lock);
-    return pool.n_workers;
-}
-
-/* Run fn(ctx, tid, nth) for tid in [0, nth); the caller runs tid 0. */
 static void parallel_run(task_fn fn, void *ctx, int nth) {
-    if (nth > 1) nth = 1 + (ensure_workers(nth - 1) < nth - 1 ? pool.n_workers : nth - 1);
+    if (nth > 1) {
+        pid_t me = getpid();
+        if (pool_pid == 0) pool_pid = me;
+        if (pool_pid != me) nth = 1;
+    }
     if (nth <= 1) {
         fn(ctx, 0, 1);
         return;
     }
-    int workers = pool.n_workers;
-    pool.fn = fn;
-    pool.ctx = ctx;
-    pool.nth = nth;
-    atomic_store(&pool.done, 0);
-    atomic_fetch_add(&pool.gen, 1); /* seq_cst: pairs with sleepers++ in the worker */
-    if (atomic_load(&pool.sleepers)) futex_wake(&pool.gen);
-    fn(ctx, 0, nth);
-    while (atomic_load_explicit(&pool.done, memory_order_acquire) < workers) _mm_pause();
+#pragma omp parallel num_threads(nth)
+    fn(ctx, omp_get_thread_num(), omp_get_num_threads());
 }
-
-void mt_set_spin_cycles(long cycles) { spin_cycles = cycles; }
 
 /* ------------------------------------------------------------------------------------ */
 /* matrix-vector products                                                               */
