@@ -63,6 +63,7 @@ def load(
     threads: int | None = None,
     check_finite: bool = True,
     native: bool | None = None,
+    hugepages: bool = True,
     **hierarchy: Any,
 ) -> Model:
     """Load a checkpoint directory (``None`` = the embedded model) for inference.
@@ -78,6 +79,8 @@ def load(
     native: single-token decode steps run in the native kernels (``moetier.native``) when the
     model's blocks are supported; ``None`` = yes unless ``MOETIER_NATIVE=0``; ``False`` = the
     torch path for every step. ``Model.native_reason`` says why a model runs without them.
+    hugepages: pack the always-on weights (and in-RAM experts) into one mapping advised for
+    transparent huge pages (``moetier.weights.arena``; faster decode, same values).
     hierarchy: weight-hierarchy options (``max_ram``, ``policy``, ``expert_cache``,
     ``cache_scope``, ``prefetch``, ``plan``, ...): routed experts are then served from a cache
     over the files, see :func:`moetier.weights.tiered.load`.
@@ -88,7 +91,7 @@ def load(
         from moetier.weights import tiered
 
         return tiered.load(path, dtype=dtype, tokenizer=tokenizer, threads=threads, check_finite=check_finite,
-                           native=native, **hierarchy)
+                           native=native, hugepages=hugepages, **hierarchy)
     if threads is not None:
         torch.set_num_threads(int(threads))
     d = Path(path) if path is not None else EMBEDDED_DIR
@@ -114,6 +117,10 @@ def load(
         provider = (expert_provider_factory or default_provider)(spec, reader)
         net.attach(provider)
     model = Model(spec, net, tok, provider, reader, d)
+    if hugepages:
+        from moetier.weights.arena import rehome
+
+        model.arena = rehome(net, provider)  # before the native decoder takes weight addresses
     if native is False:
         model.native_reason = "turned off (native=False)"
     else:
@@ -131,6 +138,7 @@ class Model:
         self.spec, self.net, self._tokenizer = spec, net, tokenizer
         self.provider, self.expert_reader, self.path = provider, reader, path
         self.native_reason: str | None = None  # why decode steps do not run natively (None: they do)
+        self.arena: Any = None  # the huge-page mapping holding the weights, if any
 
     # ----- basics -----
     @property
