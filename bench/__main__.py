@@ -111,12 +111,16 @@ def planner_figures(d: Path, precision: str, prompt_tokens: int, decode_tokens: 
            "prefill_bottleneck": pre.prefill.bottleneck, "hit_rate_planned": dec.hit_rate,
            "decode_times_s": dec.decode.to_json() if hasattr(dec.decode, "to_json") else None}
     h = (moetier or {}).get("hierarchy") or {}
-    if h.get("hit_rate") is not None:
+    # the decode bound depends on the decode steps' hit rate (prefill steps touch many experts
+    # once for many tokens); older results only have the all-steps rate
+    rate = h.get("decode_hit_rate", h.get("hit_rate"))
+    if rate is not None:
         try:
             out["decode_tokens_per_s_at_measured_hit_rate"] = predict_decode_tokens_per_s(
-                spec, machine, hit_rate=float(h["hit_rate"]), cache_bytes=h.get("cache_bytes"),
+                spec, machine, hit_rate=float(rate), cache_bytes=h.get("cache_bytes"),
                 precision=precision, context=ctx)
-            out["measured_hit_rate"] = h["hit_rate"]
+            out["measured_hit_rate"] = rate
+            out["measured_hit_rate_kind"] = "decode" if "decode_hit_rate" in h else "all steps"
             out["planned_decode_tokens_per_s"] = out["decode_tokens_per_s"]
             # the bound moetier is held to is the one for the cache it actually had
             out["decode_tokens_per_s"] = out["decode_tokens_per_s_at_measured_hit_rate"]

@@ -126,7 +126,7 @@ def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
                            "first_run": first, "output_ids": ids}
     if metrics is not None:
         summ = metrics.summary()
-        res["hierarchy"] = {k: summ.get(k) for k in ("hit_rate", "cache_hit_rate", "bytes_per_token",
+        res["hierarchy"] = {k: summ.get(k) for k in ("hit_rate", "decode_hit_rate", "cache_hit_rate", "bytes_per_token",
                                                       "stall_seconds", "prefetch_precision", "prefetch_recall")
                             if k in summ}
         h = getattr(m, "hierarchy", None)

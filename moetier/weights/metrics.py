@@ -31,6 +31,8 @@ class LayerCounts:
     resident: int = 0
     hits: int = 0
     misses: int = 0
+    decode_accesses: int = 0  # the same, counted in decode steps only
+    decode_served: int = 0  # decode accesses served from RAM (resident or cache hit)
 
 
 @dataclass
@@ -102,6 +104,13 @@ class HierarchyMetrics:
         return None if a == 0 else (self._sum("hits") + self._sum("resident")) / a
 
     @property
+    def decode_hit_rate(self) -> float | None:
+        """Like :attr:`hit_rate`, in decode steps only (one token per sequence): the rate the
+        decode bound depends on (a prefill step touches many experts once for many tokens)."""
+        a = self._sum("decode_accesses")
+        return None if a == 0 else self._sum("decode_served") / a
+
+    @property
     def cache_hit_rate(self) -> float | None:
         """Cache hits / accesses to experts that are not pinned."""
         a = self.accesses - self._sum("resident")
@@ -133,6 +142,7 @@ class HierarchyMetrics:
             "steps": self.steps,
             "expert_accesses": self.accesses,
             "hit_rate": self.hit_rate,
+            "decode_hit_rate": self.decode_hit_rate,
             "cache_hit_rate": self.cache_hit_rate,
             "hit_rate_per_layer": {
                 str(layer): (None if c.accesses == 0 else (c.hits + c.resident) / c.accesses)

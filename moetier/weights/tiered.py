@@ -92,6 +92,7 @@ class TieredExpertProvider:
         self.n_bypass_used = 0
         self.guesses: dict[int, set[int]] = {}
         self.step = 0
+        self.decoding = False  # the current step is a decode step (set by on_step)
         # a static policy's pinned set is resident from the start: fill it now
         self.warm()
 
@@ -205,11 +206,14 @@ class TieredExpertProvider:
             self._discard_prefetch(self.prefetched.pop(key))
         counts = self.metrics.layer(layer)
         deferred: list[Key] = []
+        decoding = self.decoding
         for e in needed:
             key = (layer, e)
             counts.accesses += 1
+            counts.decode_accesses += decoding
             if key in self.pinned:
                 counts.resident += 1
+                counts.decode_served += decoding
                 continue
             pf = self.prefetched.pop(key, None)
             tier = self.tiers.get(key)
@@ -220,6 +224,7 @@ class TieredExpertProvider:
                 acc = self.cache.access(layer, e, needed, self.pool.acquire, self._release)
                 if acc.hit:
                     counts.hits += 1
+                    counts.decode_served += decoding
                     self.current[key] = ("cache", None)
                     if pf is not None:
                         self._discard_prefetch(pf)
@@ -325,6 +330,7 @@ class TieredExpertProvider:
         m = self.metrics
         m.steps += 1
         m.tokens += tokens
+        self.decoding = decode
 
     def close(self) -> None:
         self.finish_layer()

@@ -99,3 +99,22 @@ def test_run_command_json_reports_hierarchy(ckpt):
         assert out["measured_over_predicted"] > 0
     p = subprocess.run(cmd[:-1] + ["--max-ram", "5M"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 2 and "needs at least" in p.stderr and "raise --max-ram" in p.stderr
+
+
+def test_decode_hit_rate_counts_decode_steps_only(ckpt):
+    m = tiered.load(ckpt, policy="lru", expert_cache=4, prefetch=False)
+    try:
+        metrics = m.hierarchy_metrics
+        m.logits(list(range(4, 30)))  # prefill only: no decode accesses
+        assert metrics.decode_hit_rate is None and metrics.hit_rate is not None
+        res = m.generate_ids(list(range(4, 20)), max_tokens=9)
+        steps = res.decode_steps  # single-token forwards after the prefill
+        k, layers = m.spec.top_k, len(m.spec.moe_layer_ids)
+        counted = sum(c.decode_accesses for c in metrics.layers.values())
+        assert counted == steps * layers * k  # one token: k distinct experts per MoE layer
+        served = sum(c.decode_served for c in metrics.layers.values())
+        assert metrics.decode_hit_rate == served / counted
+        assert 0.0 <= metrics.decode_hit_rate <= 1.0
+        assert metrics.summary()["decode_hit_rate"] == metrics.decode_hit_rate
+    finally:
+        m.hierarchy.close()
