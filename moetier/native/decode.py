@@ -117,6 +117,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr()
 
 
+def _expert_ptrs(ew: Any, layer: int, expert: int) -> tuple[int, int]:
+    """(gate_up, down) addresses of one provider-served expert."""
+    if ew.gate_up_bias is not None or ew.down_bias is not None:
+        raise MoetierError(f"layer {layer} expert {expert}: native decode has no expert biases "
+                           "(load with native=False)")
+    return ew.gate_up.data_ptr(), ew.down.data_ptr()
+
+
 class NativeDecoder:
     """Native single-token decode for one :class:`DecoderLM` (see the module docstring)."""
 
@@ -185,6 +193,7 @@ class NativeDecoder:
         # whole-step path (one native call for all layers) for in-RAM experts, see _table()
         n = len(net.layers)
         self.norms = [layer.post_attention_layernorm for layer in net.layers]
+        self.blocks = net.moe_blocks()
         self.desc_array = (ctypes.c_void_p * n)(*self.desc_ptrs)
         self.k_ptrs, self.v_ptrs, self.caps = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)(), (ctypes.c_long * n)()
         self.ids_all = (ctypes.c_int64 * (n * MAX_TOPK))()
@@ -204,7 +213,7 @@ class NativeDecoder:
         (``InMemoryExpertProvider``); False when another provider is attached."""
         from moetier.models.base import InMemoryExpertProvider
 
-        blocks = self.net.moe_blocks()
+        blocks = self.blocks
         providers = {id(b.provider) for b in blocks.values()}
         provider = next(iter(blocks.values())).provider if blocks else None
         if len(providers) > 1 or type(provider) is not InMemoryExpertProvider:
@@ -273,21 +282,11 @@ class NativeDecoder:
             gu, dn, w = self.gu, self.dn, self.w
             if getattr(provider, "stable_gets", False):  # every get() stays valid: one call
                 for j, e in enumerate(ids):
-                    ew = provider.get(i, e)
-                    if ew.gate_up_bias is not None or ew.down_bias is not None:
-                        raise MoetierError(f"layer {i} expert {e}: native decode has no expert biases "
-                                           "(load with native=False)")
-                    gu[j] = ew.gate_up.data_ptr()
-                    dn[j] = ew.down.data_ptr()
+                    gu[j], dn[j] = _expert_ptrs(provider.get(i, e), i, e)
                 lib.mt_moe(desc, self.scratch, dt, xp, k, gu, dn, w, 1, nth)
             else:  # a get() may recycle the previous one's slot: one expert at a time (same bits)
                 for j, e in enumerate(ids):
-                    ew = provider.get(i, e)
-                    if ew.gate_up_bias is not None or ew.down_bias is not None:
-                        raise MoetierError(f"layer {i} expert {e}: native decode has no expert biases "
-                                           "(load with native=False)")
-                    gu[0] = ew.gate_up.data_ptr()
-                    dn[0] = ew.down.data_ptr()
+                    gu[0], dn[0] = _expert_ptrs(provider.get(i, e), i, e)
                     lib.mt_moe(desc, self.scratch, dt, xp, 1, gu, dn, ctypes.byref(w, 4 * j), 0, nth)
                 lib.mt_moe(desc, self.scratch, dt, xp, 0, gu, dn, w, 1, nth)
         return self._finish(seq, pos, xp, nth)
