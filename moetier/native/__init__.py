@@ -1,4 +1,4 @@
-"""Native decode kernels (``decode.c``), compiled on first use and loaded with ctypes.
+"""Native kernels (``csrc/*.c``, one shared library), compiled on first use and loaded with ctypes.
 
 The shared library is built with the system C compiler (``cc``/``gcc``, ``-O3
 -march=native``) into the moetier cache directory (``~/.cache/moetier/native``, see ``planner.probe.cache_dir``), keyed
@@ -22,7 +22,12 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loads torch's libgomp first: the kernels' OpenMP then resolves to it)
 
-SOURCE = Path(__file__).with_name("decode.c")
+CSRC = Path(__file__).with_name("csrc")  # every *.c here is compiled into ONE shared library
+
+
+def sources() -> list[Path]:
+    """The C sources (``csrc/*.c``) and headers (``csrc/*.h``) of the native library."""
+    return sorted(CSRC.glob("*.c")) + sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-std=gnu11", "-fopenmp"]
 LIBS = ["-lm"]
 
@@ -62,7 +67,9 @@ def _cpu_flags() -> str:
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS + LIBS).encode(), version.encode(), _cpu_flags().encode()):
+    srcs = sources()
+    for part in (*(p.name.encode() + p.read_bytes() for p in srcs), " ".join(FLAGS + LIBS).encode(),
+                 version.encode(), _cpu_flags().encode()):
         key.update(part)
     out = cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
     if out.exists():
@@ -71,10 +78,11 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True,
-                             check=False)
+        cfiles = [str(p) for p in srcs if p.suffix == ".c"]
+        res = subprocess.run([cc, *FLAGS, "-I", str(CSRC), "-o", tmp, *cfiles, *LIBS], capture_output=True,
+                             text=True, check=False)
         if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE}: {res.stderr.strip()[:2000]}")
+            raise RuntimeError(f"{cc} failed on {CSRC}: {res.stderr.strip()[:2000]}")
         os.replace(tmp, out)  # atomic: concurrent builders race harmlessly
     finally:
         if os.path.exists(tmp):

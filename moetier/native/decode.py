@@ -1,4 +1,4 @@
-"""Single-token decode through the native kernels (``decode.c``) for the generic decoder.
+"""Single-token decode through the native kernels (``csrc/decode.c``) for the generic decoder.
 
 :class:`NativeDecoder` runs one new token of one sequence through a :class:`DecoderLM`
 whose blocks are the generic ones (llama / mixtral / qwen2_moe / qwen3_moe / olmoe; see
@@ -45,7 +45,7 @@ MAX_TOPK = 64
 
 
 class LayerDesc(ctypes.Structure):
-    """Mirror of ``layer_desc`` in decode.c (keep the field order in sync)."""
+    """Mirror of ``layer_desc`` in csrc/decode.c (keep the field order in sync)."""
 
     _fields_ = [
         ("H", ctypes.c_long), ("nh", ctypes.c_long), ("nkv", ctypes.c_long), ("D", ctypes.c_long),
