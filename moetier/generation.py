@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,8 +23,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -35,7 +36,14 @@ class SamplingParams:
 
 
 class Sampler:
-    """Picks the next token from float32 logits [V] (or [B, V] -> one per row)."""
+    """Picks the next token from float32 logits [V] (or [B, V] -> one per row).
+
+    Numerically safe for every accepted parameter (any finite temperature > 0, any top_p in
+    (0, 1], down to denormals): the logits are shifted so each row's maximum is exactly 0 and
+    scaled in float64, so ``x / temperature`` is 0 at the maximum and <= 0 (possibly -inf)
+    elsewhere -- never inf - inf or 0 / 0 -- and top-p always keeps the most likely token.
+    A vanishing temperature or top_p therefore tends to the argmax, as its limit does.
+    """
 
     def __init__(self, params: SamplingParams):
         self.p = params
@@ -49,14 +57,19 @@ class Sampler:
         p = self.p
         if p.greedy:
             return logits.argmax(dim=-1)
-        x = logits.float() / p.temperature
+        x = logits.double()  # [B, V]
+        top = x.amax(dim=-1, keepdim=True)  # [B, 1]
+        if not bool(torch.isfinite(top).all()) or bool(x.isnan().any()):
+            raise GenerationError("logits have no finite maximum (NaN, +inf or all -inf): cannot sample")
+        x = (x - top) / p.temperature  # max exactly 0, the rest <= 0
         if p.top_k and p.top_k < x.shape[-1]:
             kth = x.topk(p.top_k, dim=-1).values[..., -1:]
             x = x.masked_fill(x < kth, float("-inf"))
         if p.top_p < 1.0:
             sorted_x, idx = x.sort(dim=-1, descending=True)
-            cum = sorted_x.softmax(-1).cumsum(-1)
-            drop = cum - sorted_x.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
+            probs = sorted_x.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest prefix reaching top_p
+            drop[..., 0] = False  # ... which is never empty
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             x = torch.full_like(x, float("-inf")).scatter(-1, idx, sorted_x)
         probs = x.softmax(dim=-1)

@@ -95,6 +95,8 @@ def build_app(
     max_step_tokens: int = 2048,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     backend: ModelBackend | None = None,
+    max_restarts: int = 5,
+    restart_delay: float = 1.0,
 ) -> FastAPI:
     """The ASGI app serving ``model`` (a runtime Model) under the name ``model_name``."""
     metrics = ServeMetrics()
@@ -104,6 +106,8 @@ def build_app(
         max_batch=max_batch,
         max_step_tokens=max_step_tokens,
         metrics=metrics,
+        max_restarts=max_restarts,
+        restart_delay=restart_delay,
     )
     serving = OpenAIServing(engine, model_name)
 

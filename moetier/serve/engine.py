@@ -143,6 +143,7 @@ class Finished:
 @dataclass
 class Failed:
     message: str
+    status: int = 500  # 503: the engine is down or shutting down (retry later)
 
 
 Event = Delta | Finished | Failed
@@ -150,6 +151,10 @@ Event = Delta | Finished | Failed
 
 class QueueFull(Exception):
     pass
+
+
+class EngineUnavailable(Exception):
+    """The engine thread is down (crashed, restarting) or the server is shutting down."""
 
 
 class RequestHandle:
@@ -203,6 +208,8 @@ class Engine:
         max_batch: int = 16,
         max_step_tokens: int = 2048,
         metrics: ServeMetrics | None = None,
+        max_restarts: int = 5,
+        restart_delay: float = 1.0,
     ) -> None:
         if max_queue < 1 or max_batch < 1 or max_step_tokens < 1:
             raise MoetierError("--max-queue, --max-batch and max_step_tokens must be at least 1")
@@ -217,21 +224,87 @@ class Engine:
         self._n_running = 0
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._supervisor: threading.Thread | None = None
         self._ids = itertools.count()
+        self.max_restarts = max_restarts
+        self.restart_delay = restart_delay
+        self.restarts = 0
+        self.dead_reason: str | None = None  # why the engine thread is down (None while it runs)
 
     # ---- lifecycle
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="moetier-engine", daemon=True)
-            self._thread.start()
+        """Start the engine thread and its supervisor, which restarts it (up to ``max_restarts``
+        times, ``restart_delay`` apart) if it ever dies; while it is down every request gets 503."""
+        if self._supervisor is None:
+            self._spawn()
+            self._supervisor = threading.Thread(target=self._supervise, name="moetier-engine-supervisor", daemon=True)
+            self._supervisor.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        for t in (self._thread, self._supervisor):
+            if t is not None:
+                t.join(timeout)
+        self._thread = self._supervisor = None
+
+    @property
+    def alive(self) -> bool:
+        t = self._thread
+        return self.dead_reason is None and t is not None and t.is_alive()
+
+    def _spawn(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="moetier-engine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        """The engine thread: the loop, and if anything escapes it, say why and fail every request."""
+        try:
+            self._loop()
+        except BaseException as e:  # the thread is dying: tell everyone why
+            log.critical("the engine thread died", exc_info=True)
+            self.metrics.observe_engine_error()
+            self._fail_all(f"the engine thread died ({type(e).__name__}: {e})")
+
+    def _fail_all(self, reason: str) -> None:
+        """Mark the engine down and answer every running and waiting request with 503."""
+        with self._cond:
+            self.dead_reason = reason
+            running, self._running = self._running, []
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._n_running = 0
+        msg = f"the engine is unavailable: {reason}; retry later"
+        for r in running:
+            if not r.handle.done:
+                self._finish(r, Failed(msg, 503))
+        for h in waiting:
+            h.done = True
+            h.finish_reason = "error"
+            h._post(Failed(msg, 503))
+
+    def _supervise(self) -> None:
+        while True:
+            t = self._thread
+            if t is not None:
+                t.join()
+            with self._cond:
+                if self._stop:
+                    return
+            if self.dead_reason is None:  # ended without an exception we saw
+                self._fail_all("the engine thread exited unexpectedly")
+            if self.restarts >= self.max_restarts:
+                log.critical("engine down for good after %d restarts: %s", self.restarts, self.dead_reason)
+                return
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop, timeout=self.restart_delay)
+                if self._stop:
+                    return
+                self.restarts += 1
+                log.warning("restarting the engine thread (restart %d of %d)", self.restarts, self.max_restarts)
+                self.dead_reason = None
+                self._spawn()
 
     # ---- client side (event-loop thread)
     @property
@@ -247,7 +320,9 @@ class Engine:
         handle = RequestHandle(rid or f"req-{next(self._ids)}", list(prompt_ids), params, loop)
         with self._cond:
             if self._stop:
-                raise QueueFull("the server is shutting down")
+                raise EngineUnavailable("the server is shutting down")
+            if self.dead_reason is not None:
+                raise EngineUnavailable(f"the engine is unavailable: {self.dead_reason}")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             self._waiting.append(handle)
@@ -287,24 +362,26 @@ class Engine:
                 self._step()
             self._n_running = len(self._running)
         for r in self._running:
-            self._finish(r, Failed("the server is shutting down"))
+            self._finish(r, Failed("the server is shutting down", 503))
         self._running.clear()
         while self._waiting:
             h = self._waiting.popleft()
             h.done = True
-            h._post(Failed("the server is shutting down"))
+            h._post(Failed("the server is shutting down", 503))
 
     def _admit(self, h: RequestHandle) -> None:
+        p = h.params
         try:
-            seq = self.backend.new_sequence(len(h.prompt_ids) + h.params.max_tokens)
-        except Exception as e:  # pragma: no cover - runtime failure
-            log.exception("could not create a sequence")
+            sampler = p.sampler()
+            seq = self.backend.new_sequence(len(h.prompt_ids) + p.max_tokens)
+        except Exception as e:
+            log.exception("could not start request %s", h.id)
             h.done = True
-            h._post(Failed(f"could not start the sequence: {e}"))
+            h.finish_reason = "error"
+            h._post(Failed(f"could not start the sequence: {type(e).__name__}: {e}"))
             return
         self.metrics.observe_admitted(len(h.prompt_ids))
-        p = h.params
-        self._running.append(_Running(h, seq, list(h.prompt_ids), p.sampler(), TextStream(self.backend.decode, p.stop)))
+        self._running.append(_Running(h, seq, list(h.prompt_ids), sampler, TextStream(self.backend.decode, p.stop)))
 
     def _free(self, r: _Running) -> None:
         try:
@@ -368,9 +445,17 @@ class Engine:
             r.pending = r.pending[len(ids) :]
             if r.pending:  # prefill chunk; the prompt is not finished yet
                 continue
-            tok = int(r.sampler(row[None])[0])
-            generated += 1
-            if self._advance(r, tok):
+            try:  # a failure here concerns this request only
+                tok = int(r.sampler(row[None])[0])
+                generated += 1
+                finished = self._advance(r, tok)
+            except Exception as e:
+                log.exception("sampling/detokenising failed for %s; failing it alone", r.handle.id)
+                self.metrics.observe_engine_error()
+                if not r.handle.done:
+                    self._finish(r, Failed(f"internal error during generation: {type(e).__name__}: {e}"))
+                finished = True
+            if finished:
                 done.add(id(r))
             else:
                 r.pending = [tok]
@@ -508,6 +593,9 @@ class OpenAIServing:
     def submit(self, prep: Prepared, rid: str) -> RequestHandle:
         try:
             return self.engine.submit(prep.prompt_ids, prep.params, rid)
+        except EngineUnavailable as e:
+            self.engine.metrics.observe_rejected("unavailable")
+            raise ServeError(503, f"{e}; retry later", type="server_error", code="engine_unavailable") from None
         except QueueFull as e:
             self.engine.metrics.observe_rejected("queue_full")
             raise ServeError(
@@ -527,7 +615,8 @@ class OpenAIServing:
                 ids.extend(ev.token_ids)
                 return "".join(parts), ids, ev
             else:
-                raise ServeError(500, ev.message, type="server_error", code="internal_error")
+                code = "engine_unavailable" if ev.status == 503 else "internal_error"
+                raise ServeError(ev.status, ev.message, type="server_error", code=code)
         raise ServeError(500, "generation ended without a result", type="server_error")  # pragma: no cover
 
     @staticmethod
@@ -588,7 +677,7 @@ class OpenAIServing:
                         id=handle.id, created=created, model=self.model_name, choices=[], usage=self.usage(ev)
                     ).model_dump_json()
             else:
-                yield _stream_error(ev.message)
+                yield _stream_error(ev)
 
     async def chat_stream(self, req: ChatCompletionRequest, handle: RequestHandle) -> AsyncIterator[str]:
         created = int(time.time())
@@ -614,8 +703,9 @@ class OpenAIServing:
                         id=handle.id, created=created, model=self.model_name, choices=[], usage=self.usage(ev)
                     ).model_dump_json()
             else:
-                yield _stream_error(ev.message)
+                yield _stream_error(ev)
 
 
-def _stream_error(message: str) -> str:
-    return json.dumps(error_body(message, type="server_error", code="internal_error"))
+def _stream_error(ev: Failed) -> str:
+    code = "engine_unavailable" if ev.status == 503 else "internal_error"
+    return json.dumps(error_body(ev.message, type="server_error", code=code))

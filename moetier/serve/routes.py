@@ -141,9 +141,19 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
+async def health(request: Request) -> JSONResponse:
+    """200 ``{"status": "ok", ...}`` while the engine thread runs; 503 with the reason when it is down."""
     eng = _serving(request).engine
-    return {"status": "ok", "model": _serving(request).model_name, "waiting": eng.queue_depth, "running": eng.active}
+    body: dict[str, Any] = {
+        "status": "ok", "model": _serving(request).model_name, "waiting": eng.queue_depth, "running": eng.active,
+    }
+    if eng.restarts:
+        body["restarts"] = eng.restarts
+    if not eng.alive:
+        body["status"] = "error"
+        body["reason"] = eng.dead_reason or "the engine is not running"
+        return JSONResponse(body, status_code=503)
+    return JSONResponse(body)
 
 
 @router.get("/metrics")
