@@ -135,6 +135,8 @@ def _writable_dir() -> Path:
 def _build(cc: str) -> Path:
     """The library for this compiler and CPU: from the cache, else compiled and renamed into it."""
     global _log
+    if not any(p.suffix == ".c" for p in sources()):
+        raise RuntimeError(f"no C sources in {CSRC} (an incomplete install: reinstall moetier)")
     name = f"decode-{_key(cc)}.so"
     cached = cache_dir() / name
     if cached.exists():  # also when the cache is read-only
