@@ -245,6 +245,14 @@ def peer_versions() -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from moetier.errors import MissingExtraError
+    from moetier.extras import require
+
+    try:
+        require("bench", "python -m bench")  # the peers, the serve load generator, the plots
+    except MissingExtraError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
     names = list(SCENARIOS) if "all" in args.scenarios else args.scenarios
     known = {**SCENARIOS, **EXTRA_SCENARIOS}
     for n in names:

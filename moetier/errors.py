@@ -23,3 +23,7 @@ class UnsupportedModelError(MoetierError):
 
 class WeightError(MoetierError):
     """A checkpoint file or tensor is missing, truncated, corrupt or mis-shaped."""
+
+
+class MissingExtraError(MoetierError):
+    """A feature needs an optional dependency group (``pip install 'moetier[EXTRA]'``) that is not installed."""

@@ -99,6 +99,9 @@ def _load_model(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moetier.extras import require
+
+    require("serve", "moetier serve")  # before the model loads: one line naming the extra
     for flag, v in (
         ("--max-queue", args.max_queue),
         ("--max-batch", args.max_batch),

@@ -1,13 +1,19 @@
 """Native kernels (``csrc/*.c``, one shared library), compiled on first use and loaded with ctypes.
 
-The shared library is built with the system C compiler (``cc``/``gcc``, ``-O3
--march=native``) into the moetier cache directory (``~/.cache/moetier/native``, see ``planner.probe.cache_dir``), keyed
-by a hash of the source, the flags, the compiler version and the CPU's feature flags, so a
-rebuild happens only when one of them changes. Building takes about a second.
+The shared library is built with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``;
+``-O3 -march=native``) into the kernel cache (``<moetier cache>/native``, see
+``planner.probe.cache_dir``), keyed by a hash of the sources, the flags, the compiler version and
+the CPU's feature flags, so a rebuild happens only when one of them changes. Building takes about a
+second. The cache is safe to share: each build writes a private temporary file and renames it into
+place (two processes compiling at once both succeed; the last rename wins with identical bytes), and
+a cache directory that cannot be written (read-only home, full disk) falls back to a private
+temporary directory, said once on stderr. A library already in a read-only cache is used as is.
 
-``MOETIER_NATIVE=0`` turns the native path off (the torch path is then used for every
-step). When no compiler is found or the build fails, :func:`library` returns ``None`` and
-:func:`unavailable_reason` says why; the runtime falls back to the torch path.
+``MOETIER_NATIVE=0`` turns the native path off (the torch path is then used for every step). When
+no compiler is found or the build fails, :func:`library` returns ``None``, prints one warning line
+(what was not built, that decoding takes the slower torch path, how to fix it) and
+:func:`unavailable_reason` says why; the runtime falls back to the torch path. :func:`build_info`
+(used by ``moetier doctor``) reports the compiler, the ISA it targets and the library's path.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ import ctypes
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch  # noqa: F401  (loads torch's libgomp first: the kernels' OpenMP then resolves to it)
 
@@ -28,12 +37,18 @@ CSRC = Path(__file__).with_name("csrc")  # every *.c here is compiled into ONE s
 def sources() -> list[Path]:
     """The C sources (``csrc/*.c``) and headers (``csrc/*.h``) of the native library."""
     return sorted(CSRC.glob("*.c")) + sorted(CSRC.glob("*.h"))
+
+
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-std=gnu11", "-fopenmp"]
 LIBS = ["-lm"]
+FIX = "apt-get install gcc (or dnf install gcc / xcode-select --install), or set CC to a working C compiler"
 
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _tried = False
+_path: Path | None = None  # the loaded library file
+_log: str | None = None  # the failed build's full compiler output
+_fallback: tuple[Path, str] | None = None  # (temporary dir used, why the cache dir was not)
 
 
 def enabled() -> bool:
@@ -42,6 +57,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
+    """Where built libraries are kept (``<moetier cache>/native``); see :func:`_writable_dir`."""
     from moetier.planner.probe import cache_dir as moetier_cache_dir
 
     return moetier_cache_dir() / "native"
@@ -64,26 +80,87 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build(cc: str) -> Path:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, check=False, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _key(cc: str) -> str:
+    """Hash of what the library depends on: sources, flags, compiler version, CPU features."""
     key = hashlib.sha256()
-    srcs = sources()
-    for part in (*(p.name.encode() + p.read_bytes() for p in srcs), " ".join(FLAGS + LIBS).encode(),
-                 version.encode(), _cpu_flags().encode()):
+    for part in (*(p.name.encode() + p.read_bytes() for p in sources()), " ".join(FLAGS + LIBS).encode(),
+                 _compiler_version(cc).encode(), _cpu_flags().encode()):
         key.update(part)
-    out = cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
+    return key.hexdigest()[:16]
+
+
+def _private_tmp_dir() -> Path:
+    """``$TMPDIR/moetier-<uid>/native``, mode 0700 and ours; a fresh ``mkdtemp`` if that is not safe
+    (another user could otherwise plant a library there)."""
+    base = Path(tempfile.gettempdir()) / f"moetier-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        st = base.lstat()
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022:
+            d = base / "native"
+            d.mkdir(mode=0o700, exist_ok=True)
+            return d
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="moetier-native-"))
+
+
+def _writable_dir() -> Path:
+    """The kernel cache dir if we can create files in it, else a private temp dir (said once)."""
+    global _fallback
+    d = cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+        return d
+    except OSError as e:
+        why = f"{type(e).__name__}: {e.strerror or e}"
+    tmp = _private_tmp_dir()
+    if _fallback is None:
+        print(f"moetier: note: kernel cache {d} is not writable ({why}); building native kernels in {tmp} "
+              "(set MOETIER_CACHE_DIR to a writable directory to keep them)", file=sys.stderr, flush=True)
+    _fallback = (tmp, why)
+    return tmp
+
+
+def _build(cc: str) -> Path:
+    """The library for this compiler and CPU: from the cache, else compiled and renamed into it."""
+    global _log
+    if not any(p.suffix == ".c" for p in sources()):
+        raise RuntimeError(f"no C sources in {CSRC} (an incomplete install: reinstall moetier)")
+    name = f"decode-{_key(cc)}.so"
+    cached = cache_dir() / name
+    if cached.exists():  # also when the cache is read-only
+        return cached
+    d = _writable_dir()
+    out = d / name
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=d)  # private: builders never share a file
     os.close(fd)
     try:
-        cfiles = [str(p) for p in srcs if p.suffix == ".c"]
-        res = subprocess.run([cc, *FLAGS, "-I", str(CSRC), "-o", tmp, *cfiles, *LIBS], capture_output=True,
-                             text=True, check=False)
+        cfiles = [str(p) for p in sources() if p.suffix == ".c"]
+        try:
+            res = subprocess.run([cc, *FLAGS, "-I", str(CSRC), "-o", tmp, *cfiles, *LIBS], capture_output=True,
+                                 text=True, check=False)
+        except OSError as e:
+            raise RuntimeError(f"{cc} failed on {CSRC}: {e}") from e
         if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {CSRC}: {res.stderr.strip()[:2000]}")
-        os.replace(tmp, out)  # atomic: concurrent builders race harmlessly
+            _log = res.stderr
+            lines = [ln.strip() for ln in res.stderr.splitlines() if ln.strip()]
+            first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "")
+            raise RuntimeError(f"{cc} failed on {CSRC} (exit {res.returncode})" + (f": {first[:300]}" if first else ""))
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)  # atomic: a concurrent builder's rename leaves an identical complete file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -109,9 +186,16 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype, fn.argtypes = res, args
 
 
+def _warn(reason: str) -> None:
+    """One line on stderr: what was not built, what it costs, how to fix it."""
+    print(f"moetier: warning: native kernels ({CSRC.name}/*.c) not built: {reason}; decoding takes the slower "
+          f"torch path (about half the speed); fix: {FIX} (`moetier doctor` shows details)",
+          file=sys.stderr, flush=True)
+
+
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, building them if needed; ``None`` if disabled or unavailable."""
-    global _lib, _reason, _tried
+    """The loaded kernels, building them if needed; ``None`` if disabled or unavailable (warned once)."""
+    global _lib, _reason, _tried, _path
     if not enabled():
         return None
     if _tried:
@@ -120,6 +204,7 @@ def library() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
         _reason = "no C compiler (cc, gcc or clang) on PATH"
+        _warn(_reason)
         return None
     try:
         path = _build(cc)
@@ -127,8 +212,9 @@ def library() -> ctypes.CDLL | None:
         _declare(lib)
     except (OSError, RuntimeError, AttributeError) as e:
         _reason = f"native kernels unavailable: {e}"
+        _warn(str(e))
         return None
-    _lib = lib
+    _lib, _path = lib, path
     return _lib
 
 
@@ -137,3 +223,52 @@ def unavailable_reason() -> str | None:
     if not enabled():
         return "disabled by MOETIER_NATIVE=0"
     return _reason
+
+
+ISA_MACROS = ("__AVX512F__", "__AVX512BW__", "__AVX512BF16__", "__AVX512VNNI__", "__AMX_TILE__", "__AMX_BF16__",
+              "__AVX2__", "__FMA__", "__F16C__", "__ARM_NEON", "__ARM_FEATURE_SVE")
+
+
+def compiled_isa(cc: str) -> list[str]:
+    """The ISA extensions ``cc`` targets with our ``-m`` flags (``-march=native``): its predefined macros."""
+    arch = [f for f in FLAGS if f.startswith("-m")]
+    try:
+        res = subprocess.run([cc, *arch, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
+                             check=False, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    defined = {ln.split()[1] for ln in res.stdout.splitlines() if ln.startswith("#define ")}
+    return [m.strip("_").lower() for m in ISA_MACROS if m in defined]
+
+
+def dispatch_path(isa: list[str]) -> str:
+    """The kernels' code path for these ISA extensions: ``avx512`` (intrinsics, needs AVX-512F+BW), else the
+    portable C the compiler auto-vectorizes (``avx2``, ``neon``) or ``scalar``."""
+    if "avx512f" in isa and "avx512bw" in isa:
+        return "avx512"
+    for v in ("avx2", "arm_neon"):
+        if v in isa:
+            return v.removeprefix("arm_")
+    return "scalar"
+
+
+def build_info() -> dict[str, Any]:
+    """What ``moetier doctor`` shows about the native kernels (builds them if needed)."""
+    cc = _compiler()
+    lib = library()
+    isa = compiled_isa(cc) if cc else []
+    return {
+        "enabled": enabled(),
+        "compiler": shutil.which(cc) if cc else None,
+        "compiler_version": (_compiler_version(cc).splitlines() or [""])[0] if cc else None,
+        "flags": FLAGS + LIBS,
+        "sources": [p.name for p in sources()],
+        "isa": isa,
+        "dispatch": dispatch_path(isa) if cc else None,
+        "library": str(_path) if lib is not None and _path else None,
+        "cache_dir": str(cache_dir()),
+        "cache_fallback": {"dir": str(_fallback[0]), "why": _fallback[1]} if _fallback else None,
+        "available": lib is not None,
+        "unavailable_reason": unavailable_reason(),
+        "compiler_output": _log,
+    }

@@ -155,6 +155,9 @@ def share_sweep(spec: ModelSpec, machine: Machine, layout: Layout, resource: str
 
 def plot_shares(sweep: list[tuple[float, ClusterResult]], path: str | Path, resource: str = "hbm_bw") -> Path:
     """Stacked shares of the triangle (compute / memory / communication) vs the scaled resource."""
+    from moetier.extras import require
+
+    require("plot", "moetier plan --what-if-plot")
     import matplotlib
 
     matplotlib.use("Agg")

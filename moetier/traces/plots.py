@@ -14,6 +14,9 @@ DEFAULT_POLICIES = ("lru", "lfu", "lfu-decay", "adaptive", "static", "belady")
 
 
 def _plt():
+    from moetier.extras import require
+
+    require("plot", "moetier trace stats --plot")
     import matplotlib
 
     matplotlib.use("Agg", force=True)
