@@ -207,11 +207,10 @@ class Model:
     # ----- generation -----
     def encode_prompt(self, prompt: str | Seq[Mapping[str, Any]], chat: bool = False) -> list[int]:
         tok = self.tokenizer
-        if not isinstance(prompt, str):
-            return tok.encode(tok.apply_chat_template(prompt), add_special_tokens=False)
+        if not isinstance(prompt, str):  # control tokens only from the template (content is text)
+            return tok.encode_chat(prompt)
         if chat:
-            return tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]),
-                              add_special_tokens=False)
+            return tok.encode_chat([{"role": "user", "content": prompt}])
         return tok.encode(prompt)
 
     @torch.inference_mode()

@@ -66,7 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="flat-batch token budget per step; longer prompts are prefilled in chunks",
     )
-    p.add_argument("--max-body", default="4MiB", metavar="SIZE", help="largest request body (default 4MiB)")
+    p.add_argument(
+        "--max-body",
+        default="auto",
+        metavar="SIZE",
+        help="largest request body, e.g. 1MiB (default auto: sized from the context window, at most 32MiB)",
+    )
     p.add_argument(
         "--served-model-name",
         default=None,
@@ -111,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             raise MoetierError(f"{flag}: must be at least 1, got {v}")
     if not 0 <= args.port <= 65535:
         raise MoetierError(f"--port: expected 0..65535, got {args.port}")
-    max_body = parse_bytes(args.max_body, "--max-body")
+    max_body = None if args.max_body == "auto" else parse_bytes(args.max_body, "--max-body")
     if args.model_dir is not None and not Path(args.model_dir).is_dir():
         raise MoetierError(f"MODEL_DIR: {args.model_dir} is not a directory")
     from moetier.serve.app import build_app, serve

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +30,14 @@ from moetier.serve.routes import router
 
 log = logging.getLogger("moetier.serve")
 
-DEFAULT_MAX_BODY_BYTES = 4 << 20
+MAX_AUTO_BODY_BYTES = 32 << 20
+
+
+def auto_body_limit(context_length: int, max_token_chars: int) -> int:
+    """The largest request body worth reading, from the context window: a prompt that fits has
+    at most ``context x max_token_chars`` characters, each at most 6 bytes of JSON (``\\uXXXX``),
+    plus ~64 bytes of JSON per message for chat and 64 KiB for the other fields (capped at 32 MiB)."""
+    return min(MAX_AUTO_BODY_BYTES, (64 << 10) + context_length * (6 * max_token_chars + 64))
 KNOWN_ENDPOINTS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"})
 
 
@@ -93,7 +101,8 @@ def build_app(
     max_queue: int = 64,
     max_batch: int = 16,
     max_step_tokens: int = 2048,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_body_bytes: int | None = None,
+    prepare_workers: int = 2,
     backend: ModelBackend | None = None,
     max_restarts: int = 5,
     restart_delay: float = 1.0,
@@ -122,7 +131,9 @@ def build_app(
     app = FastAPI(title="moetier", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = serving
     app.state.api_key = api_key or None
-    app.state.max_body_bytes = max_body_bytes
+    be = engine.backend
+    app.state.max_body_bytes = max_body_bytes or auto_body_limit(be.context_length, be.max_token_chars)
+    app.state.cpu_limiter = anyio.CapacityLimiter(prepare_workers)
     app.include_router(router)
 
     @app.exception_handler(ServeError)

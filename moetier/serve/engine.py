@@ -54,6 +54,7 @@ log = logging.getLogger("moetier.serve")
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DEFAULT_CHAT_TOKENS = 512  # cap when a chat request gives no max_tokens
+GATE_CHARS = 16384  # inputs longer than this are token-counted in pieces before being encoded whole
 
 
 # --------------------------------------------------------------------------- backend
@@ -97,6 +98,15 @@ class ModelBackend:
 
     def encode(self, text: str) -> list[int]:
         return list(self.model.encode_prompt(text))
+
+    @property
+    def max_token_chars(self) -> int:
+        """No token covers more input characters than this (see Tokenizer.max_token_chars)."""
+        return int(self.tokenizer.max_token_chars)
+
+    def count_tokens_upto(self, text: str, limit: int) -> int:
+        """Approximate token count of ``text``, stopping once past ``limit`` (bounded work)."""
+        return int(self.tokenizer.count_tokens_upto(text, limit))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
@@ -553,6 +563,37 @@ class OpenAIServing:
             stop=tuple(req.stop_list()),
         )
 
+    def check_length(self, texts: Sequence[str], param: str) -> None:
+        """Refuse input that cannot fit the context BEFORE encoding it whole, so the memory and
+        time a request costs are bounded by the context window, not by the body: more characters
+        than ``context x max_token_chars`` cannot fit at all; a long text is then counted in
+        pieces, stopping past twice the context (the pieces' count is an estimate; the exact
+        check follows the whole encoding)."""
+        ctx = self.backend.context_length
+        per = self.backend.max_token_chars
+        n = sum(len(t) for t in texts)
+        if n > ctx * per:
+            raise ServeError(
+                400,
+                f"This model's maximum context length is {ctx} tokens, but the {param} has {n} characters, "
+                f"more than {ctx * per} (no token of this model covers more than {per} characters); "
+                "shorten the input.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        if n > GATE_CHARS:
+            limit, counted = 2 * ctx, 0
+            for t in texts:
+                counted += self.backend.count_tokens_upto(t, limit - counted)
+                if counted > limit:
+                    raise ServeError(
+                        400,
+                        f"This model's maximum context length is {ctx} tokens, but the {param} takes more than "
+                        f"{limit} tokens; shorten the input.",
+                        param=param,
+                        code="context_length_exceeded",
+                    )
+
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         self.check_model(req.model)
         prompt = req.prompt_value()
@@ -561,6 +602,7 @@ class OpenAIServing:
                 raise ServeError(
                     400, "Invalid value for 'prompt': must not be empty", param="prompt", code="invalid_value"
                 )
+            self.check_length([prompt], "prompt")
             ids = self.backend.encode(prompt)
         else:
             vs = self.backend.vocab_size
@@ -582,6 +624,7 @@ class OpenAIServing:
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         self.check_model(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        self.check_length([m["content"] for m in messages], "messages")
         try:
             ids = self.backend.chat_prompt(messages)
         except (MoetierError, ValueError, TypeError, KeyError) as e:

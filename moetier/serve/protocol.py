@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -355,8 +356,35 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_request(body: bytes, model_cls: type[_Req]) -> _Req:
-    """Decode, parse and validate a request body; every failure is a 400 ServeError."""
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate_path(data: Any) -> str | None:
+    """The parameter path of the first string holding a lone UTF-16 surrogate (JSON allows the
+    escape, but it is not a character: no tokenizer can encode it), else None. Iterative: the
+    nesting depth is whatever json.loads accepted."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+            continue
+        if isinstance(v, dict):  # keys too: an unknown key is echoed in the error message
+            stack.extend((f"{path}.{k!r}" if path else repr(k), k) for k in v)
+        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+        for k, x in reversed(list(items)):
+            stack.append((f"{path}[{k}]" if isinstance(k, int) else (f"{path}.{k}" if path else str(k)), x))
+    return None
+
+
+def parse_request(body: bytes, model_cls: type[_Req], max_messages: int | None = None) -> _Req:
+    """Decode, parse and validate a request body; every failure is a 400 ServeError.
+
+    ``max_messages`` refuses a longer ``messages`` list before validating its items (each
+    message takes at least one token, so more than the context length cannot fit)."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -369,6 +397,25 @@ def parse_request(body: bytes, model_cls: type[_Req]) -> _Req:
         raise ServeError(400, f"Request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ServeError(400, f"Request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(text):
+        where = _lone_surrogate_path(data)
+        if where is not None:
+            raise ServeError(
+                400,
+                f"Invalid value for '{where}': contains a lone UTF-16 surrogate escape (\\ud800-\\udfff not "
+                "part of a pair), which is not a character",
+                param=where,
+                code="invalid_encoding",
+            )
+    msgs = data.get("messages")
+    if max_messages is not None and isinstance(msgs, list) and len(msgs) > max_messages:
+        raise ServeError(
+            400,
+            f"This model's maximum context length is {max_messages} tokens, but 'messages' has {len(msgs)} "
+            "messages (each takes at least one token); shorten the conversation.",
+            param="messages",
+            code="context_length_exceeded",
+        )
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:

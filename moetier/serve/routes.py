@@ -14,9 +14,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from moetier.serve.engine import OpenAIServing, RequestHandle
 from moetier.serve.metrics import model_metrics_snapshot
@@ -184,11 +184,27 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     return ModelCard(id=s.model_name, max_model_len=s.backend.context_length).model_dump()
 
 
+async def _off_loop(request: Request, fn: Any, *args: Any) -> Any:
+    """Run CPU-heavy request work (JSON parsing and validation of large bodies, template rendering,
+    tokenisation) on the app's small worker pool: the event loop keeps streaming to everyone else,
+    and at most ``limiter.total_tokens`` requests are being prepared (and held in memory) at once."""
+    return await anyio.to_thread.run_sync(fn, *args, limiter=request.app.state.cpu_limiter)
+
+
+def _prepare_completion(s: OpenAIServing, body: bytes) -> tuple[CompletionRequest, Any]:
+    req = parse_request(body, CompletionRequest)
+    return req, s.prepare_completion(req)
+
+
+def _prepare_chat(s: OpenAIServing, body: bytes) -> tuple[ChatCompletionRequest, Any]:
+    req = parse_request(body, ChatCompletionRequest, max_messages=s.backend.context_length)
+    return req, s.prepare_chat(req)
+
+
 @router.post("/v1/completions", dependencies=[Depends(require_api_key)])
 async def completions(request: Request) -> Any:
     s = _serving(request)
-    req = parse_request(await read_body(request), CompletionRequest)
-    prep = await run_in_threadpool(s.prepare_completion, req)  # tokenising may take a while
+    req, prep = await _off_loop(request, _prepare_completion, s, await read_body(request))
     handle = s.submit(prep, f"cmpl-{uuid.uuid4().hex}")
     _note(request, handle)
     if req.stream:
@@ -200,8 +216,7 @@ async def completions(request: Request) -> Any:
 @router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
 async def chat_completions(request: Request) -> Any:
     s = _serving(request)
-    req = parse_request(await read_body(request), ChatCompletionRequest)
-    prep = await run_in_threadpool(s.prepare_chat, req)
+    req, prep = await _off_loop(request, _prepare_chat, s, await read_body(request))
     handle = s.submit(prep, f"chatcmpl-{uuid.uuid4().hex}")
     _note(request, handle)
     if req.stream:

@@ -54,6 +54,19 @@ CORPUS: list[Case] = [
     C("invalid utf-8", b'{"model": "served", "prompt": "\xff\xfe\xfd"}', code="invalid_encoding"),
     C("NaN literal", b'{"model": "served", "prompt": "a", "temperature": NaN}', code="invalid_json"),
     C("deeply nested json", b"[" * 20_000 + b"]" * 20_000, code="invalid_json"),
+    C("deeply nested object", b'{"prompt": ' + b'{"a":' * 8_000 + b"1" + b"}" * 8_001, code="invalid_json"),
+    # ---- lone UTF-16 surrogates (valid JSON escapes, not characters): 4xx, never 5xx
+    C("lone surrogate prompt", b'{"model": "served", "prompt": "ROMEO: \\ud800"}', param="prompt",
+      code="invalid_encoding"),
+    C("lone surrogate in list", b'{"model": "served", "prompt": ["ROMEO: \\udfff"]}', param="prompt[0]"),
+    C("lone surrogate stop", b'{"model": "served", "prompt": "a", "stop": ["\\ud83d"]}', param="stop[0]"),
+    C(
+        "lone surrogate chat",
+        b'{"model": "served", "messages": [{"role": "user", "content": "hi \\ud800 there"}]}',
+        path="/v1/chat/completions",
+        param="messages[0].content",
+    ),
+    C("lone surrogate key", b'{"model": "served", "prompt": "a", "\\ud800": 1}', code="invalid_encoding"),
     C("oversized body", comp(prompt="x" * (MAX_BODY + 10)), status=413, code="request_too_large"),
     # ---- auth
     C("missing api key", comp(), status=401, auth=None, code="invalid_api_key"),
