@@ -188,8 +188,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def _warn(reason: str) -> None:
     """One line on stderr: what was not built, what it costs, how to fix it."""
-    print(f"moetier: warning: native kernels ({CSRC.name}/*.c) not built: {reason}; decoding takes the slower "
-          f"torch path (about half the speed); fix: {FIX} (`moetier doctor` shows details)",
+    print(f"moetier: warning: native kernels ({CSRC.name}/*.c) not built: {reason}; decoding takes the torch "
+          f"path (2-8x slower); fix: {FIX} (`moetier doctor` shows details)",
           file=sys.stderr, flush=True)
 
 
