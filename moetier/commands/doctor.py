@@ -1,7 +1,7 @@
 """``moetier doctor [--json]``: what this install will do on this machine, and what to fix.
 
 Lists the C compiler, the CPU's features, the native kernels (built here if needed: their
-library, the ISA the compiler targets with ``-march=native`` and so the kernels' dispatch path,
+library, the ISA the compiler targets with ``-march=native``, the weight kernels' run-time ISA,
 or why they are unavailable), torch's version and thread settings, the cache directories (and
 whether they can be written), and the versions of the optional dependencies, by extra. Problems
 come last, one line each with the fix.

@@ -102,6 +102,7 @@ def main(args: argparse.Namespace) -> int:
             "peak_rss_bytes": rss,
             "decode_path": "native" if model.native_reason is None else "torch",
             "native_unavailable_reason": model.native_reason,
+            "native_isa": native_isa(model),
             **report,
         }))
     else:
@@ -116,5 +117,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"\n[{len(res.prompt_ids)} prompt tokens, {len(res.ids)} generated, finish: {res.finish_reason}] "
               f"prefill {res.prefill_tokens_per_s:.1f} tok/s, decode {res.decode_tokens_per_s:.1f} tok/s, "
               f"peak RSS {rss / 2**20:.0f} MiB, "
-              + ("native decode" if model.native_reason is None else f"torch decode ({model.native_reason})"))
+              + (f"native decode ({native_isa(model)})" if model.native_reason is None
+                 else f"torch decode ({model.native_reason})"))
     return 0
+
+
+def native_isa(model) -> str | None:
+    """The native weight kernels' instruction set (``None`` on the torch path)."""
+    if model.native_reason is not None:
+        return None
+    from moetier import native
+
+    return native.isa()

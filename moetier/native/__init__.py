@@ -1,7 +1,9 @@
 """Native kernels (``csrc/*.c``, one shared library), compiled on first use and loaded with ctypes.
 
 The shared library is built with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``;
-``-O3 -march=native``) into the kernel cache (``<moetier cache>/native``, see
+``-O3``; the weight kernels ``csrc/fmt_*.c`` for the baseline ISA with ``-ffp-contract=off``, their
+AVX2 and AVX-512 variants behind target attributes; every other file with ``-march=native``) into
+the kernel cache (``<moetier cache>/native``, see
 ``planner.probe.cache_dir``), keyed by a hash of the sources, the flags, the compiler version and
 the CPU's feature flags, so a rebuild happens only when one of them changes. Building takes about a
 second. The cache is safe to share: each build writes a private temporary file and renames it into
@@ -14,6 +16,10 @@ no compiler is found or the build fails, :func:`library` returns ``None``, print
 (what was not built, that decoding takes the slower torch path, how to fix it) and
 :func:`unavailable_reason` says why; the runtime falls back to the torch path. :func:`build_info`
 (used by ``moetier doctor``) reports the compiler, the ISA it targets and the library's path.
+
+The weight kernels use the best instruction set the CPU has (``scalar`` < ``avx2`` < ``avx512``,
+see :func:`isa`); ``MOETIER_ISA=scalar|avx2|avx512`` forces one (an ISA the CPU lacks makes the
+native path unavailable, with the reason).
 """
 
 from __future__ import annotations
@@ -39,8 +45,11 @@ def sources() -> list[Path]:
     return sorted(CSRC.glob("*.c")) + sorted(CSRC.glob("*.h"))
 
 
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-std=gnu11", "-fopenmp"]
+FLAGS = ["-O3", "-fPIC", "-fno-math-errno", "-std=gnu11", "-fopenmp"]
+NATIVE_FLAGS = ["-march=native"]  # glue code (attention, ops, ...): tuned for this CPU
+KERNEL_FLAGS = ["-ffp-contract=off"]  # fmt_*.c: baseline ISA, explicit FMAs only (variants via target attributes)
 LIBS = ["-lm"]
+ISAS = ("scalar", "avx2", "avx512")  # MT_ISA_* order
 FIX = "apt-get install gcc (or dnf install gcc / xcode-select --install), or set CC to a working C compiler"
 
 _lib: ctypes.CDLL | None = None
@@ -90,7 +99,8 @@ def _compiler_version(cc: str) -> str:
 def _key(cc: str) -> str:
     """Hash of what the library depends on: sources, flags, compiler version, CPU features."""
     key = hashlib.sha256()
-    for part in (*(p.name.encode() + p.read_bytes() for p in sources()), " ".join(FLAGS + LIBS).encode(),
+    flags = " ".join(FLAGS + NATIVE_FLAGS + KERNEL_FLAGS + LIBS)
+    for part in (*(p.name.encode() + p.read_bytes() for p in sources()), flags.encode(),
                  _compiler_version(cc).encode(), _cpu_flags().encode()):
         key.update(part)
     return key.hexdigest()[:16]
@@ -145,25 +155,39 @@ def _build(cc: str) -> Path:
     out = d / name
     if out.exists():
         return out
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=d)  # private: builders never share a file
-    os.close(fd)
+    tmpdir = tempfile.mkdtemp(dir=d, prefix=f".{name}.")  # private: builders never share a file
     try:
-        cfiles = [str(p) for p in sources() if p.suffix == ".c"]
-        try:
-            res = subprocess.run([cc, *FLAGS, "-I", str(CSRC), "-o", tmp, *cfiles, *LIBS], capture_output=True,
+        objs, jobs = [], []
+        for src in (p for p in sources() if p.suffix == ".c"):
+            obj = os.path.join(tmpdir, src.stem + ".o")
+            extra = KERNEL_FLAGS if src.name.startswith("fmt_") else NATIVE_FLAGS
+            try:
+                jobs.append((src, subprocess.Popen([cc, *FLAGS, *extra, "-I", str(CSRC), "-c", "-o", obj, str(src)],
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+            except OSError as e:
+                raise RuntimeError(f"{cc} failed on {src}: {e}") from e
+            objs.append(obj)
+        errors = []
+        for src, job in jobs:
+            _, err = job.communicate()
+            if job.returncode != 0:
+                errors.append((src, job.returncode, err))
+        tmp = os.path.join(tmpdir, "lib.so")
+        if not errors:
+            res = subprocess.run([cc, "-shared", "-fopenmp", "-o", tmp, *objs, *LIBS], capture_output=True,
                                  text=True, check=False)
-        except OSError as e:
-            raise RuntimeError(f"{cc} failed on {CSRC}: {e}") from e
-        if res.returncode != 0:
-            _log = res.stderr
-            lines = [ln.strip() for ln in res.stderr.splitlines() if ln.strip()]
+            if res.returncode != 0:
+                errors.append((CSRC, res.returncode, res.stderr))
+        if errors:
+            src, rc, err = errors[0]
+            _log = "\n".join(e for _, _, e in errors)
+            lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
             first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "")
-            raise RuntimeError(f"{cc} failed on {CSRC} (exit {res.returncode})" + (f": {first[:300]}" if first else ""))
+            raise RuntimeError(f"{cc} failed on {src} (exit {rc})" + (f": {first[:300]}" if first else ""))
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)  # atomic: a concurrent builder's rename leaves an identical complete file
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(tmpdir, ignore_errors=True)
     return out
 
 
@@ -174,12 +198,16 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mt_scratch_free": (None, [P]),
         "mt_attention": (I, [P, P, I, P, P, P, L, L, P, P, I]),
         "mt_route": (None, [P, P, I, P, P, I]),
-        "mt_moe": (None, [P, P, I, P, I, P, P, P, I, I]),
+        "mt_moe": (None, [P, P, I, P, I, P, P, P, P, I, I]),
         "mt_dense_mlp": (None, [P, P, I, P, I]),
-        "mt_head": (None, [P, P, L, L, F, I, P, P, P, I]),
+        "mt_head": (None, [P, P, F, I, P, P, P, I]),
         "mt_embed": (None, [P, L, L, I, P]),
-        "mt_gemv": (None, [P, P, I, P, P, L, L, I]),
-        "mt_layers": (I, [P, I, P, I, P, P, P, P, L, P, P, P, P, L, P, I]),
+        "mt_gemv": (None, [P, P, I, P, P, I]),
+        "mt_layers": (I, [P, I, P, I, P, P, P, P, L, P, P, P, P, P, L, P, I]),
+        "mt_fmt_supported": (I, [I]),
+        "mt_isa_supported": (I, [I]),
+        "mt_get_isa": (I, []),
+        "mt_set_isa": (I, [I]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -214,8 +242,39 @@ def library() -> ctypes.CDLL | None:
         _reason = f"native kernels unavailable: {e}"
         _warn(str(e))
         return None
+    forced = os.environ.get("MOETIER_ISA", "").strip().lower()
+    if forced:
+        if forced not in ISAS or lib.mt_set_isa(ISAS.index(forced)) != 0:
+            ok = [n for i, n in enumerate(ISAS) if lib.mt_isa_supported(i)]
+            _reason = f"MOETIER_ISA={forced}: not an instruction set this CPU runs (expected one of {', '.join(ok)})"
+            return None
     _lib, _path = lib, path
     return _lib
+
+
+def isa() -> str | None:
+    """The instruction set the weight kernels use (``scalar``/``avx2``/``avx512``), or ``None``
+    when the native kernels are unavailable."""
+    lib = library()
+    return None if lib is None else ISAS[lib.mt_get_isa()]
+
+
+def isas_supported() -> list[str]:
+    """The instruction sets this CPU can run the weight kernels with (lowest first)."""
+    lib = library()
+    return [] if lib is None else [n for i, n in enumerate(ISAS) if lib.mt_isa_supported(i)]
+
+
+def set_isa(name: str | None) -> None:
+    """Force the weight kernels' instruction set (``None``: back to the best); for tests and
+    benchmarks. Raises ``ValueError`` for an ISA this CPU does not run."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(unavailable_reason() or "native kernels unavailable")
+    if name is None:
+        lib.mt_set_isa(-1)
+    elif name not in ISAS or lib.mt_set_isa(ISAS.index(name)) != 0:
+        raise ValueError(f"instruction set {name!r} is not supported here (supported: {', '.join(isas_supported())})")
 
 
 def unavailable_reason() -> str | None:
@@ -231,7 +290,7 @@ ISA_MACROS = ("__AVX512F__", "__AVX512BW__", "__AVX512BF16__", "__AVX512VNNI__",
 
 def compiled_isa(cc: str) -> list[str]:
     """The ISA extensions ``cc`` targets with our ``-m`` flags (``-march=native``): its predefined macros."""
-    arch = [f for f in FLAGS if f.startswith("-m")]
+    arch = [f for f in FLAGS + NATIVE_FLAGS if f.startswith("-m")]
     try:
         res = subprocess.run([cc, *arch, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
                              check=False, timeout=30)
@@ -241,30 +300,22 @@ def compiled_isa(cc: str) -> list[str]:
     return [m.strip("_").lower() for m in ISA_MACROS if m in defined]
 
 
-def dispatch_path(isa: list[str]) -> str:
-    """The kernels' code path for these ISA extensions: ``avx512`` (intrinsics, needs AVX-512F+BW), else the
-    portable C the compiler auto-vectorizes (``avx2``, ``neon``) or ``scalar``."""
-    if "avx512f" in isa and "avx512bw" in isa:
-        return "avx512"
-    for v in ("avx2", "arm_neon"):
-        if v in isa:
-            return v.removeprefix("arm_")
-    return "scalar"
-
-
 def build_info() -> dict[str, Any]:
     """What ``moetier doctor`` shows about the native kernels (builds them if needed)."""
     cc = _compiler()
     lib = library()
     isa = compiled_isa(cc) if cc else []
+    isa_now = ISAS[lib.mt_get_isa()] if lib is not None else None
     return {
         "enabled": enabled(),
         "compiler": shutil.which(cc) if cc else None,
         "compiler_version": (_compiler_version(cc).splitlines() or [""])[0] if cc else None,
-        "flags": FLAGS + LIBS,
+        "flags": FLAGS + NATIVE_FLAGS + LIBS,
+        "kernel_flags": FLAGS + KERNEL_FLAGS,
+        "isas_supported": isas_supported() if lib is not None else [],
         "sources": [p.name for p in sources()],
         "isa": isa,
-        "dispatch": dispatch_path(isa) if cc else None,
+        "dispatch": isa_now if lib is not None else None,  # the weight kernels' ISA, chosen at run time
         "library": str(_path) if lib is not None and _path else None,
         "cache_dir": str(cache_dir()),
         "cache_fallback": {"dir": str(_fallback[0]), "why": _fallback[1]} if _fallback else None,

@@ -1,4 +1,4 @@
-"""Single-token decode through the native kernels (``csrc/decode.c``) for the generic decoder.
+"""Single-token decode through the native kernels (``csrc/``, see ``csrc/mt.h``) for the generic decoder.
 
 :class:`NativeDecoder` runs one new token of one sequence through a :class:`DecoderLM`
 whose blocks are the generic ones (llama / mixtral / qwen2_moe / qwen3_moe / olmoe; see
@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moetier import native
-from moetier.errors import MoetierError
+from moetier.errors import MoetierError, WeightError
 from moetier.layers.attention import Attention, Sequence, cache_reserve
 from moetier.layers.mlp import GatedMLP
 from moetier.layers.moe import MoEBlock, SoftmaxTopKRouter
 from moetier.layers.norm import RMSNorm
+from moetier.native.weights import MtWeight, describe
 
 if TYPE_CHECKING:
     from moetier.models.base import DecoderLM
@@ -45,7 +46,8 @@ MAX_TOPK = 64
 
 
 class LayerDesc(ctypes.Structure):
-    """Mirror of ``layer_desc`` in csrc/decode.c (keep the field order in sync)."""
+    """Mirror of ``layer_desc`` in csrc/mt.h (keep the field order in sync). Matrices are
+    pointers to :class:`MtWeight` descriptors; norms and biases point at model-dtype vectors."""
 
     _fields_ = [
         ("H", ctypes.c_long), ("nh", ctypes.c_long), ("nkv", ctypes.c_long), ("D", ctypes.c_long),
@@ -117,12 +119,33 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr()
 
 
-def _expert_ptrs(ew: Any, layer: int, expert: int) -> tuple[int, int]:
-    """(gate_up, down) addresses of one provider-served expert."""
-    if ew.gate_up_bias is not None or ew.down_bias is not None:
-        raise MoetierError(f"layer {layer} expert {expert}: native decode has no expert biases "
-                           "(load with native=False)")
-    return ew.gate_up.data_ptr(), ew.down.data_ptr()
+class _ExpertDescs:
+    """Descriptors of provider-served experts, cached per ``ExpertWeights`` object (frozen;
+    providers hand out the same object per expert or per cache slot, so a step costs one dict
+    lookup per expert). Entries hold their object, so an id is never reused while cached."""
+
+    LIMIT = 1 << 16  # entries; cleared when exceeded (providers that build a new object per get)
+
+    def __init__(self) -> None:
+        self.cache: dict[int, tuple[Any, tuple[int, int | None, int], tuple[MtWeight, ...]]] = {}
+
+    def get(self, ew: Any, layer: int, expert: int, d: LayerDesc) -> tuple[int, int | None, int]:
+        """(gate_up, up, down) descriptor addresses (up None: gate_up is fused [2I, H])."""
+        hit = self.cache.get(id(ew))
+        if hit is not None and hit[0] is ew:
+            return hit[1]
+        where = f"layer {layer} expert {expert}"
+        if ew.gate_up_bias is not None or ew.down_bias is not None:
+            raise MoetierError(f"{where}: native decode has no expert biases (load with native=False)")
+        g, dn = describe(ew.gate_up, what=f"{where} gate_up"), describe(ew.down, what=f"{where} down")
+        if (g.rows, g.cols, dn.rows, dn.cols) != (2 * d.I, d.H, d.H, d.I):
+            raise WeightError(f"{where}: expert shapes gate_up {g.rows}x{g.cols}, down {dn.rows}x{dn.cols}; "
+                              f"expected {2 * d.I}x{d.H} and {d.H}x{d.I}")
+        if len(self.cache) >= self.LIMIT:
+            self.cache.clear()
+        addrs = (ctypes.addressof(g), None, ctypes.addressof(dn))
+        self.cache[id(ew)] = (ew, addrs, (g, dn))
+        return addrs
 
 
 class NativeDecoder:
@@ -133,7 +156,7 @@ class NativeDecoder:
         s = net.spec
         self.dt = DT[net.dtype]
         self.H, self.V = s.hidden_size, s.vocab_size
-        self.keep: list[torch.Tensor] = []  # tensors whose pointers the descriptors hold
+        self.keep: list[MtWeight] = []  # weight descriptors the layer descriptors point at
         self.descs: list[LayerDesc] = []
         self.layers: list[tuple[Any, ...]] = []
         gu_len, qkv_rows, attn_dim, E, topk = 1, 1, 1, 1, 1
@@ -147,26 +170,27 @@ class NativeDecoder:
             d.ln1, d.ln2 = _ptr(layer.input_layernorm.weight), _ptr(layer.post_attention_layernorm.weight)
             if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
                 raise ValueError(f"layer {i}: input and post-attention norms use different eps")
-            d.qkv_w, d.qkv_b = _ptr(a.qkv_weight), _ptr(a.qkv_bias)
+            d.qkv_w, d.qkv_b = self._w(a.qkv_weight, f"layer {i} qkv"), _ptr(a.qkv_bias)
             if a.qk_norm != "none":
                 d.q_norm, d.k_norm = _ptr(a.q_norm.weight), _ptr(a.k_norm.weight)
                 if a.q_norm.eps != layer.input_layernorm.eps:
                     raise ValueError(f"layer {i}: q/k norm eps differs from the layer norm eps")
-            d.o_w, d.o_b = _ptr(a.o_proj.weight), _ptr(a.o_proj.bias)
+            d.o_w, d.o_b = self._w(a.o_proj.weight, f"layer {i} o_proj"), _ptr(a.o_proj.bias)
             qkv_rows = max(qkv_rows, a.qkv_weight.shape[0])
             attn_dim = max(attn_dim, a.n_heads * a.head_dim)
             dense = mlp if isinstance(mlp, GatedMLP) else getattr(mlp, "shared_expert", None)
             if dense is not None:
                 d.SI = dense.gate_proj.weight.shape[0]
-                d.s_gate, d.s_up, d.s_down = (_ptr(dense.gate_proj.weight), _ptr(dense.up_proj.weight),
-                                              _ptr(dense.down_proj.weight))
+                d.s_gate, d.s_up, d.s_down = (self._w(dense.gate_proj.weight, f"layer {i} mlp gate_proj"),
+                                              self._w(dense.up_proj.weight, f"layer {i} mlp up_proj"),
+                                              self._w(dense.down_proj.weight, f"layer {i} mlp down_proj"))
             if isinstance(mlp, MoEBlock):
                 r = mlp.gate
                 d.mlp, d.E, d.topk, d.I = 1, r.weight.shape[0], r.top_k, s.expert_intermediate_size
                 d.norm_topk, d.route_scale = int(r.norm_topk_prob), float(r.scaling)
-                d.router_w, d.router_b = _ptr(r.weight), _ptr(r.bias)
+                d.router_w, d.router_b = self._w(r.weight, f"layer {i} router"), _ptr(r.bias)
                 if mlp.shared_expert_gate is not None:
-                    d.s_gate_gate = _ptr(mlp.shared_expert_gate.weight)
+                    d.s_gate_gate = self._w(mlp.shared_expert_gate.weight, f"layer {i} shared_expert_gate")
                     if mlp.shared_expert_gate.bias is not None:
                         raise ValueError(f"layer {i}: shared expert gate has a bias")
                 E, topk = max(E, d.E), max(topk, d.topk)
@@ -180,12 +204,13 @@ class NativeDecoder:
         self.x = torch.zeros(self.H, dtype=torch.float32)  # residual stream [H]
         self.ids = (ctypes.c_int64 * MAX_TOPK)()
         self.w = (ctypes.c_float * MAX_TOPK)()
-        self.gu = (ctypes.c_void_p * MAX_TOPK)()
-        self.dn = (ctypes.c_void_p * MAX_TOPK)()
+        # per-call expert descriptor addresses: gate_up (or gate), up (NULL when fused), down
+        self.gu, self.up, self.dn = ((ctypes.c_void_p * MAX_TOPK)() for _ in range(3))
+        self.experts = _ExpertDescs()
         self.desc_ptrs = [ctypes.addressof(d) for d in self.descs]
         self.norm_w = _ptr(net.norm.weight)
         self.norm_eps = net.norm.eps
-        self.out_w = _ptr(net.output_weight())
+        self.out_w = self._w(net.output_weight(), "output head")
         self.emb = _ptr(net.embed_tokens.weight)
         self.rotary = type(net.rotary)(net.rotary.inv_freq, net.rotary.attention_factor)  # own float32 tables
         self.kv_like = [(torch.empty(a.n_kv, 0, a.head_dim, dtype=net.dtype),) * 2
@@ -198,9 +223,14 @@ class NativeDecoder:
         self.k_ptrs, self.v_ptrs, self.caps = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)(), (ctypes.c_long * n)()
         self.ids_all = (ctypes.c_int64 * (n * MAX_TOPK))()
         self.e_max = max(E, 1)
-        self.table_for: Any = None  # the provider the pointer tables were built for
-        self.gu_table: Any = None
-        self.dn_table: Any = None
+        self.table_for: Any = None  # the provider the descriptor tables were built for
+        self.tables: Any = None  # (gate_up, up, down) pointer tables and their descriptors
+
+    def _w(self, t: torch.Tensor, what: str) -> int:
+        """Address of a descriptor of weight ``t`` (kept alive with the decoder)."""
+        d = describe(t, what=what)
+        self.keep.append(d)
+        return ctypes.addressof(d)
 
     def __del__(self) -> None:
         lib, s = getattr(self, "lib", None), getattr(self, "scratch", None)
@@ -209,7 +239,7 @@ class NativeDecoder:
             self.scratch = None
 
     def _table(self) -> bool:
-        """Pointer tables of every routed expert when the provider keeps them all in RAM
+        """Descriptor tables of every routed expert when the provider keeps them all in RAM
         (``InMemoryExpertProvider``); False when another provider is attached."""
         from moetier.models.base import InMemoryExpertProvider
 
@@ -221,14 +251,15 @@ class NativeDecoder:
         if self.table_for is provider:
             return True
         n, E = len(self.net.layers), self.e_max
-        gu, dn = (ctypes.c_void_p * (n * E))(), (ctypes.c_void_p * (n * E))()
+        gu, up, dn = ((ctypes.c_void_p * (n * E))() for _ in range(3))
         for i in blocks:
             for e in range(self.descs[i].E):
                 ew = provider.experts.get((i, e))
                 if ew is None or ew.gate_up_bias is not None or ew.down_bias is not None:
                     return False
-                gu[i * E + e], dn[i * E + e] = _ptr(ew.gate_up), _ptr(ew.down)
-        self.gu_table, self.dn_table, self.table_for = gu, dn, provider
+                k = i * E + e
+                gu[k], up[k], dn[k] = self.experts.get(ew, i, e, self.descs[i])
+        self.tables, self.table_for = (gu, up, dn), provider
         return True
 
     def step(self, seq: Sequence, token: int) -> torch.Tensor:
@@ -248,8 +279,9 @@ class NativeDecoder:
             for i in range(len(self.descs)):
                 K, Vc = cache_reserve(seq, i, self.kv_like[i], pos + 1)
                 self.k_ptrs[i], self.v_ptrs[i], self.caps[i] = K.data_ptr(), Vc.data_ptr(), K.shape[1]
+            gu, up, dn = self.tables
             rc = lib.mt_layers(self.desc_array, len(self.descs), self.scratch, dt, xp, self.k_ptrs, self.v_ptrs,
-                               self.caps, pos, cp, sp, self.gu_table, self.dn_table, self.e_max, self.ids_all, nth)
+                               self.caps, pos, cp, sp, gu, up, dn, self.e_max, self.ids_all, nth)
             if rc:
                 raise MemoryError(f"native decode: no memory for attention scores (layer {-1 - rc})")
             return self._finish(seq, pos, xp, nth)
@@ -279,23 +311,22 @@ class NativeDecoder:
                     fn(i, ids_t, w_t)
             provider = mlp.provider
             provider.require(i, sorted(set(ids)))
-            gu, dn, w = self.gu, self.dn, self.w
+            gu, up, dn, w, get = self.gu, self.up, self.dn, self.w, self.experts.get
             if getattr(provider, "stable_gets", False):  # every get() stays valid: one call
                 for j, e in enumerate(ids):
-                    gu[j], dn[j] = _expert_ptrs(provider.get(i, e), i, e)
-                lib.mt_moe(desc, self.scratch, dt, xp, k, gu, dn, w, 1, nth)
+                    gu[j], up[j], dn[j] = get(provider.get(i, e), i, e, d)
+                lib.mt_moe(desc, self.scratch, dt, xp, k, gu, up, dn, w, 1, nth)
             else:  # a get() may recycle the previous one's slot: one expert at a time (same bits)
                 for j, e in enumerate(ids):
-                    gu[0], dn[0] = _expert_ptrs(provider.get(i, e), i, e)
-                    lib.mt_moe(desc, self.scratch, dt, xp, 1, gu, dn, ctypes.byref(w, 4 * j), 0, nth)
-                lib.mt_moe(desc, self.scratch, dt, xp, 0, gu, dn, w, 1, nth)
+                    gu[0], up[0], dn[0] = get(provider.get(i, e), i, e, d)
+                    lib.mt_moe(desc, self.scratch, dt, xp, 1, gu, up, dn, ctypes.byref(w, 4 * j), 0, nth)
+                lib.mt_moe(desc, self.scratch, dt, xp, 0, gu, up, dn, w, 1, nth)
         return self._finish(seq, pos, xp, nth)
 
     def _finish(self, seq: Sequence, pos: int, xp: int, nth: int) -> torch.Tensor:
         seq.length = pos + 1
         logits = torch.empty(1, self.V, dtype=torch.float32)
-        self.lib.mt_head(self.norm_w, self.out_w, self.V, self.H, self.norm_eps, self.dt, self.scratch, xp,
-                         logits.data_ptr(), nth)
+        self.lib.mt_head(self.norm_w, self.out_w, self.norm_eps, self.dt, self.scratch, xp, logits.data_ptr(), nth)
         return logits
 
 
@@ -309,5 +340,5 @@ def build(net: DecoderLM) -> tuple[NativeDecoder | None, str | None]:
         return None, native.unavailable_reason()
     try:
         return NativeDecoder(net, lib), None
-    except (ValueError, MemoryError) as e:
+    except (ValueError, MemoryError, WeightError) as e:
         return None, str(e)

@@ -10,6 +10,7 @@ the torch bf16 path; results must not depend on the thread count or on the exper
 from __future__ import annotations
 
 import copy
+import ctypes
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import moetier
 import tests.helpers.moe_families  # noqa: F401  (registers deepseek/gpt_oss/llama4 recipes)
 from moetier import native
 from moetier.models.base import ExpertWeights, InMemoryExpertProvider
+from moetier.native.weights import describe
 from tests.helpers import make_tiny_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # qwen2_moe without shared
@@ -558,8 +560,9 @@ def _gemv(lib, W, b, x, rows, cols, nth, pad=64):
         bbuf[:rows] = b
     ybuf = torch.full((rows + 16,), float("nan"))
     ybuf[rows:] = 12345.0
-    lib.mt_gemv(wbuf.data_ptr(), None if bbuf is None else bbuf.data_ptr(), dt, xbuf.data_ptr(), ybuf.data_ptr(),
-                rows, cols, nth)
+    desc = describe(wbuf[: rows * cols].view(rows, cols))
+    lib.mt_gemv(ctypes.byref(desc), None if bbuf is None else bbuf.data_ptr(), dt, xbuf.data_ptr(), ybuf.data_ptr(),
+                nth)
     assert (ybuf[rows:] == 12345.0).all(), "wrote past y"
     return ybuf[:rows].clone()
 

@@ -1,0 +1,127 @@
+/* Attention of one new token: norm, fused q/k/v, q/k norm, rope, cache write, attention
+ * over the cache (parallel over query heads), o_proj, residual, post-attention norm. */
+#include "mt.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define MT_AVX512 1
+#endif
+
+#ifdef MT_AVX512
+static inline __m512 ld16(const void *p, int dt, long i, __mmask16 m) {
+    if (dt == DT_BF16) {
+        __m256i h = _mm256_maskz_loadu_epi16(m, (const bf16 *)p + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+}
+#endif
+
+static int ensure_scores(scratch *S, long cap, int nth) {
+    long need = (cap > 0 ? cap : 1) * (long)nth;
+    if (S->n_scores >= need) return 0;
+    float *p = (float *)realloc(S->scores, need * 4);
+    if (!p) return -1;
+    S->scores = p;
+    S->n_scores = need;
+    return 0;
+}
+
+typedef struct {
+    const layer_desc *L;
+    const float *q;
+    const void *K, *V;
+    int kvdt;
+    long cap, t0, t1;
+    float *out, *scores;
+} attn_ctx;
+
+static void attn_task(void *vctx, int tid, int nth) {
+    const attn_ctx *A = (const attn_ctx *)vctx;
+    const layer_desc *L = A->L;
+    long D = L->D, nh = L->nh, group = L->nh / L->nkv, n = A->t1 - A->t0;
+    long h0 = nh * tid / nth, h1 = nh * (tid + 1) / nth;
+    float *sc = A->scores + (long)tid * (A->cap > 0 ? A->cap : 1);
+    for (long h = h0; h < h1; h++) {
+        long kv = h / group;
+        const float *q = A->q + h * D;
+        float mx = -INFINITY;
+        for (long t = 0; t < n; t++) {
+            long row = (kv * A->cap + A->t0 + t) * D;
+            float s = 0.0f;
+#ifdef MT_AVX512
+            __m512 acc = _mm512_setzero_ps();
+            long d = 0;
+            for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(ld16(A->K, A->kvdt, row + d, 0xffff), _mm512_loadu_ps(q + d), acc);
+            if (d < D) {
+                __mmask16 m = (__mmask16)((1u << (D - d)) - 1);
+                acc = _mm512_fmadd_ps(ld16(A->K, A->kvdt, row + d, m), _mm512_maskz_loadu_ps(m, q + d), acc);
+            }
+            s = _mm512_reduce_add_ps(acc);
+#else
+            for (long d = 0; d < D; d++) s += ld(A->K, A->kvdt, row + d) * q[d];
+#endif
+            s *= L->scale;
+            sc[t] = s;
+            if (s > mx) mx = s;
+        }
+        float sum = 0.0f;
+        for (long t = 0; t < n; t++) {
+            sc[t] = expf(sc[t] - mx);
+            sum += sc[t];
+        }
+        float inv = 1.0f / sum;
+        float *o = A->out + h * D;
+        for (long d = 0; d < D; d++) o[d] = 0.0f;
+        for (long t = 0; t < n; t++) {
+            float p = sc[t] * inv;
+            long row = (kv * A->cap + A->t0 + t) * D;
+            for (long d = 0; d < D; d++) o[d] += p * ld(A->V, A->kvdt, row + d);
+        }
+    }
+}
+
+/* x += o_proj(attn(norm1(x))); h = norm2(x); writes k, v of position `pos` into the cache.
+ * K, V: [nkv, cap, D] in the model dtype; cs/sn: rope cos/sin [D] (float32) for `pos`. */
+int mt_attention(const layer_desc *L, scratch *S, int dt, float *x, void *K, void *V, long cap, long pos,
+                 const float *cs, const float *sn, int nth) {
+    long H = L->H, nh = L->nh, nkv = L->nkv, D = L->D;
+    rms_norm(x, L->ln1, dt, L->eps, S->h, H);
+    mt_gemv_item it = {L->qkv_w, L->qkv_b, dt, S->h, S->qkv, NULL, NULL};
+    mt_run_gemvs(&it, 1, nth);
+    float *q = S->qkv, *k = S->qkv + nh * D, *v = S->qkv + (nh + nkv) * D;
+    if (L->qk_norm == 1) {
+        for (long i = 0; i < nh; i++) rms_norm(q + i * D, L->q_norm, dt, L->eps, q + i * D, D);
+        for (long i = 0; i < nkv; i++) rms_norm(k + i * D, L->k_norm, dt, L->eps, k + i * D, D);
+    } else if (L->qk_norm == 2) {
+        rms_norm(q, L->q_norm, dt, L->eps, q, nh * D);
+        rms_norm(k, L->k_norm, dt, L->eps, k, nkv * D);
+    }
+    for (long i = 0; i < nh; i++) rope(q + i * D, cs, sn, D);
+    for (long i = 0; i < nkv; i++) rope(k + i * D, cs, sn, D);
+    for (long i = 0; i < nkv; i++) {
+        long row = (i * cap + pos) * D;
+        if (dt == DT_BF16) {
+            for (long d = 0; d < D; d++) {
+                ((bf16 *)K)[row + d] = f32_to_bf16(k[i * D + d]);
+                ((bf16 *)V)[row + d] = f32_to_bf16(v[i * D + d]);
+            }
+        } else {
+            memcpy((float *)K + row, k + i * D, D * 4);
+            memcpy((float *)V + row, v + i * D, D * 4);
+        }
+    }
+    long t0 = 0;
+    if (L->window > 0 && pos + 1 > L->window) t0 = pos + 1 - L->window;
+    attn_ctx A = {L, q, K, V, dt, cap, t0, pos + 1, S->attn, S->scores};
+    long work = (pos + 1 - t0) * nh * D;
+    int ath = work < PARALLEL_MIN_ELEMS ? 1 : nth;
+    if (ensure_scores(S, cap, ath)) return -1;
+    A.scores = S->scores;
+    parallel_run(attn_task, &A, ath);
+    mt_gemv_item o = {L->o_w, L->o_b, dt, S->attn, S->ao, NULL, NULL};
+    mt_run_gemvs(&o, 1, nth);
+    for (long i = 0; i < H; i++) x[i] += S->ao[i];
+    rms_norm(x, L->ln2, dt, L->eps, S->h, H);
+    return 0;
+}

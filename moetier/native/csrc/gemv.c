@@ -1,0 +1,151 @@
+/* The batched matrix-vector engine: one parallel region per batch of products, rows split
+ * evenly over the threads, each row computed by its format's row kernel (fmt_*.c) for the
+ * instruction set chosen at run time (cpuid; tests and MOETIER_ISA force one: mt_set_isa). */
+#include "mt.h"
+
+#include <stdio.h>
+
+/* every format the kernels read; mt_fmt_lookup searches this table */
+static const mt_fmt *const FORMATS[] = {&mt_fmt_f32, &mt_fmt_bf16};
+#define N_FORMATS ((int)(sizeof(FORMATS) / sizeof(FORMATS[0])))
+
+const mt_fmt *mt_fmt_lookup(int code) {
+    for (int i = 0; i < N_FORMATS; i++)
+        if (FORMATS[i]->code == code) return FORMATS[i];
+    return NULL;
+}
+
+/* 1 when the kernels read weights of format `code` */
+int mt_fmt_supported(int code) { return mt_fmt_lookup(code) != NULL; }
+
+/* ------------------------------------------------------------------------------------ */
+/* instruction set                                                                       */
+
+int mt_isa_supported(int isa) {
+    __builtin_cpu_init();
+    switch (isa) {
+    case MT_ISA_SCALAR:
+        return 1;
+    case MT_ISA_AVX2:
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case MT_ISA_AVX512:
+        return mt_isa_supported(MT_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512dq");
+    default:
+        return 0;
+    }
+}
+
+static int isa_best(void) {
+    for (int i = MT_N_ISA - 1; i > 0; i--)
+        if (mt_isa_supported(i)) return i;
+    return MT_ISA_SCALAR;
+}
+
+static int cur_isa = -1;
+
+/* the ISA the weight kernels use (the best the CPU supports unless mt_set_isa chose one) */
+int mt_get_isa(void) {
+    if (cur_isa < 0) cur_isa = isa_best();
+    return cur_isa;
+}
+
+/* force an ISA (-1: back to the best); returns 0, or -1 when the CPU does not support it */
+int mt_set_isa(int isa) {
+    if (isa < 0) {
+        cur_isa = isa_best();
+        return 0;
+    }
+    if (!mt_isa_supported(isa)) return -1;
+    cur_isa = isa;
+    return 0;
+}
+
+static mt_rows_fn rows_fn(const mt_fmt *f, int isa) {
+    for (int i = isa; i >= 0; i--)
+        if (f->rows[i]) return f->rows[i];
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* the batch engine                                                                      */
+
+typedef struct {
+    const mt_gemv_item *items;
+    int n;
+    long total;
+} gemv_batch;
+
+static void gemv_batch_task(void *vctx, int tid, int nth) {
+    const gemv_batch *B = (const gemv_batch *)vctx;
+    long per = (B->total + nth - 1) / nth;
+    long lo = per * tid, hi = lo + per;
+    if (hi > B->total) hi = B->total;
+    long base = 0;
+    for (int i = 0; i < B->n && lo < hi; i++) {
+        const mt_gemv_item *it = &B->items[i];
+        long rows = it->W->rows;
+        long s = lo - base, e = hi - base;
+        if (s < rows && e > 0) {
+            if (s < 0) s = 0;
+            if (e > rows) e = rows;
+            it->fn(it->W, it->x, it->xp, it->y, s, e);
+            if (it->b)
+                for (long r = s; r < e; r++) it->y[r] += ld(it->b, it->bdt, r);
+        }
+        base += rows;
+    }
+}
+
+/* prepared-x buffer (per calling thread) */
+static __thread float *prep_buf = NULL;
+static __thread long prep_cap = 0;
+
+void mt_run_gemvs(mt_gemv_item *items, int n, int nth) {
+    int isa = mt_get_isa();
+    long need = 0;
+    for (int i = 0; i < n; i++) {
+        const mt_fmt *f = mt_fmt_lookup(items[i].W->fmt);
+        if (!f) {
+            fprintf(stderr, "moetier native: weight format %d has no kernel\n", items[i].W->fmt);
+            abort();
+        }
+        items[i].fn = rows_fn(f, isa);
+        items[i].xp = NULL;
+        if (f->prep) need += (f->prep_len(items[i].W->cols) + 15) & ~15L;
+    }
+    if (need > prep_cap) {
+        free(prep_buf);
+        prep_buf = (float *)aligned_alloc(64, need * 4);
+        prep_cap = prep_buf ? need : 0;
+        if (!prep_buf) abort();
+    }
+    float *p = prep_buf;
+    for (int i = 0; i < n; i++) {
+        const mt_fmt *f = mt_fmt_lookup(items[i].W->fmt);
+        if (!f->prep) continue;
+        const mt_gemv_item *prev = i > 0 ? &items[i - 1] : NULL;
+        if (prev && prev->xp && prev->x == items[i].x && prev->W->cols == items[i].W->cols &&
+            mt_fmt_lookup(prev->W->fmt)->prep == f->prep) {
+            items[i].xp = prev->xp; /* same x, same preparation: reuse */
+            continue;
+        }
+        f->prep(items[i].x, items[i].W->cols, p);
+        items[i].xp = p;
+        p += (f->prep_len(items[i].W->cols) + 15) & ~15L;
+    }
+    gemv_batch B = {items, n, 0};
+    long elems = 0;
+    for (int i = 0; i < n; i++) {
+        B.total += items[i].W->rows;
+        elems += items[i].W->rows * items[i].W->cols;
+    }
+    parallel_run(gemv_batch_task, &B, elems < PARALLEL_MIN_ELEMS ? 1 : nth);
+}
+
+/* y = W x (+ b) with nth threads (tests, benchmarks) */
+void mt_gemv(const mt_weight *W, const void *b, int bdt, const float *x, float *y, int nth) {
+    mt_gemv_item it = {W, b, bdt, x, y, NULL, NULL};
+    mt_run_gemvs(&it, 1, nth);
+}

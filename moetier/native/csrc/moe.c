@@ -1,0 +1,89 @@
+/* The feed-forward half of a layer: the softmax top-k router, routed experts (SwiGLU) plus
+ * the shared expert (optionally sigmoid-gated), and the dense gated MLP. */
+#include "mt.h"
+
+#define MAX_ITEMS (2 * 64 + 3)
+
+/* softmax top-k router on S->h: ids (descending weight, ties to the lower id), weights */
+void mt_route(const layer_desc *L, scratch *S, int dt, int64_t *ids, float *w, int nth) {
+    long E = L->E, k = L->topk;
+    mt_gemv_item it = {L->router_w, L->router_b, dt, S->h, S->rlog, NULL, NULL};
+    mt_run_gemvs(&it, 1, nth);
+    float mx = -INFINITY, sum = 0.0f;
+    for (long e = 0; e < E; e++)
+        if (S->rlog[e] > mx) mx = S->rlog[e];
+    for (long e = 0; e < E; e++) {
+        S->rlog[e] = expf(S->rlog[e] - mx);
+        sum += S->rlog[e];
+    }
+    for (long e = 0; e < E; e++) S->rlog[e] /= sum;
+    for (long j = 0; j < k; j++) {
+        long best = -1;
+        for (long e = 0; e < E; e++) {
+            int taken = 0;
+            for (long i = 0; i < j; i++) taken |= ids[i] == e;
+            if (!taken && (best < 0 || S->rlog[e] > S->rlog[best])) best = e;
+        }
+        ids[j] = best;
+        w[j] = S->rlog[best];
+    }
+    if (L->norm_topk) {
+        float s = 0.0f;
+        for (long j = 0; j < k; j++) s += w[j];
+        for (long j = 0; j < k; j++) w[j] /= s;
+    }
+    if (L->route_scale != 1.0f)
+        for (long j = 0; j < k; j++) w[j] *= L->route_scale;
+}
+
+/* x += sum_j w[j] * expert_j(h), then (if `shared`) x += the shared expert (optionally
+ * sigmoid-gated) or the dense MLP; h = S->h. Expert j: gate[j] [I, H] and up[j] [I, H], or
+ * (up[j] == NULL) gate[j] is the fused gate_up [2I, H] (gate rows first); down[j] [H, I];
+ * n <= 64. The additions into x happen in the order j = 0..n-1, then shared, so calling this
+ * once per expert (n = 1) and then with n = 0 gives the same bits as one call with all
+ * experts (for providers whose weights are valid only until the next get). */
+void mt_moe(const layer_desc *L, scratch *S, int dt, float *x, int n, const mt_weight *const *gate,
+            const mt_weight *const *up, const mt_weight *const *down, const float *w, int shared, int nth) {
+    long H = L->H, I = L->I, SI = shared ? L->SI : 0;
+    mt_gemv_item items[MAX_ITEMS];
+    int m = 0;
+    memset(items, 0, sizeof(items));
+    for (int j = 0; j < n; j++) {
+        float *g = S->gu + j * 2 * I;
+        items[m++] = (mt_gemv_item){gate[j], NULL, dt, S->h, g, NULL, NULL};
+        if (up && up[j]) items[m++] = (mt_gemv_item){up[j], NULL, dt, S->h, g + I, NULL, NULL};
+    }
+    if (SI) {
+        items[m++] = (mt_gemv_item){L->s_gate, NULL, dt, S->h, S->gu + n * 2 * I, NULL, NULL};
+        items[m++] = (mt_gemv_item){L->s_up, NULL, dt, S->h, S->gu + n * 2 * I + SI, NULL, NULL};
+        if (L->s_gate_gate) items[m++] = (mt_gemv_item){L->s_gate_gate, NULL, dt, S->h, S->sg, NULL, NULL};
+    }
+    if (m == 0) return;
+    mt_run_gemvs(items, m, nth);
+    for (int j = 0; j < n; j++) {
+        const float *g = S->gu + j * 2 * I;
+        swiglu(g, g + I, S->act + j * I, I);
+    }
+    if (SI) {
+        const float *g = S->gu + n * 2 * I;
+        swiglu(g, g + SI, S->act + n * I, SI);
+    }
+    m = 0;
+    for (int j = 0; j < n; j++) items[m++] = (mt_gemv_item){down[j], NULL, dt, S->act + j * I, S->down + j * H, NULL, NULL};
+    if (SI) items[m++] = (mt_gemv_item){L->s_down, NULL, dt, S->act + n * I, S->sh, NULL, NULL};
+    mt_run_gemvs(items, m, nth);
+    for (int j = 0; j < n; j++) {
+        const float *d = S->down + j * H;
+        float wj = w[j];
+        for (long i = 0; i < H; i++) x[i] += wj * d[i];
+    }
+    if (SI) {
+        float g = L->s_gate_gate ? 1.0f / (1.0f + expf(-S->sg[0])) : 1.0f;
+        for (long i = 0; i < H; i++) x[i] += g * S->sh[i];
+    }
+}
+
+/* dense gated MLP: x += down(silu(gate(h)) * up(h)) with the layer's s_* weights */
+void mt_dense_mlp(const layer_desc *L, scratch *S, int dt, float *x, int nth) {
+    mt_moe(L, S, dt, x, 0, NULL, NULL, NULL, NULL, 1, nth);
+}

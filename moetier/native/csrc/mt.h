@@ -1,0 +1,184 @@
+/* moetier native kernels: the shared header (types, the weight descriptor, the GEMV batch API,
+ * parallel regions, the layer descriptor and the per-file entry points).
+ *
+ * Called from Python through ctypes (moetier/native/). Activations are float32. Every matrix
+ * is an `mt_weight` (any stored format, see MT_FMT_*); norm and bias vectors, the embedding
+ * table and the KV cache are plain arrays in the model dtype (`dt`: DT_F32 or DT_BF16).
+ *
+ * Determinism: every output element is produced by exactly one thread with a fixed
+ * summation order, so results do not depend on the thread count or on where the weights
+ * live (RAM, cache slot, prefetch slot): tiered runs are bit-identical to in-RAM runs.
+ *
+ * Files: parallel.c (thread pool), gemv.c (batched row-split engine + ISA dispatch),
+ * fmt_*.c (one per weight format: its row dot product, scalar reference + AVX2 + AVX-512),
+ * ops.c (norm, rope, SwiGLU), attention.c, moe.c (router, experts, dense MLP), decode.c
+ * (scratch, embedding, head, the whole-step path).
+ *
+ * Build (moetier/native/__init__.py): fmt_*.c are compiled for the baseline ISA with
+ * -ffp-contract=off (their vector variants carry target attributes and are chosen at run time
+ * by cpuid); every other file with -march=native.
+ */
+#ifndef MT_H
+#define MT_H
+
+#define _GNU_SOURCE
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+/* element dtypes of plain vectors (norms, biases, KV cache) and of scale tensors */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_E8M0 = 3 };
+
+/* weight formats: the codes of moetier/quant/__init__.py (keep in sync) */
+enum {
+    MT_FMT_F32 = 0, MT_FMT_BF16 = 1, MT_FMT_F16 = 2,
+    MT_FMT_FP8_E4M3_BLOCK = 10, MT_FMT_MXFP4 = 11, MT_FMT_INT4_GROUP = 12, MT_FMT_INT8_GROUP = 13,
+    MT_FMT_Q4_0 = 102, MT_FMT_Q4_1 = 103, MT_FMT_Q5_0 = 106, MT_FMT_Q5_1 = 107, MT_FMT_Q8_0 = 108,
+    MT_FMT_Q2_K = 110, MT_FMT_Q3_K = 111, MT_FMT_Q4_K = 112, MT_FMT_Q5_K = 113, MT_FMT_Q6_K = 114,
+    MT_FMT_GGML_MXFP4 = 139,
+};
+
+/* instruction sets of the weight kernels (gemv.c picks one at run time) */
+enum { MT_ISA_SCALAR = 0, MT_ISA_AVX2 = 1, MT_ISA_AVX512 = 2, MT_N_ISA = 3 };
+
+#define MT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define MT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+/* One 2-D weight [rows, cols] in its stored format (built in Python: native/weights.py).
+ * Row r's packed values start at data + r * stride (bytes). Formats with separate scales:
+ * the scale of (row r, column c) is at scale + ((row0 + r) / brows) * sstride (bytes),
+ * element c / bcols (dtype sdt); zero points likewise with zstride. GGUF formats keep their
+ * scales inside the row's blocks (scale == NULL). Keep in sync with weights.py: MtWeight. */
+typedef struct {
+    int fmt;          /* MT_FMT_* */
+    int sdt;          /* scale dtype (DT_*) */
+    long rows, cols;
+    const void *data;
+    long stride;      /* bytes between consecutive rows of data */
+    const void *scale;
+    long sstride;     /* bytes between consecutive scale rows */
+    const void *zero; /* zero points (NULL: symmetric) */
+    long zstride;     /* bytes between consecutive zero-point rows */
+    int brows, bcols; /* rows and columns one scale covers */
+    int row0;         /* row offset of row 0 inside its scale block row */
+    int flags;        /* format-specific */
+} mt_weight;
+
+static inline const void *mt_row(const mt_weight *w, long r) { return (const char *)w->data + r * w->stride; }
+
+/* A format's row kernel: y[r] = W[r, :] . x for rows [r0, r1). xp: x prepared by the
+ * format's `prep` (NULL if it has none). */
+typedef void (*mt_rows_fn)(const mt_weight *w, const float *x, const float *xp, float *y, long r0, long r1);
+
+typedef struct {
+    int code;
+    const char *name;
+    mt_rows_fn rows[MT_N_ISA];    /* NULL: no variant for this ISA (the next lower one runs) */
+    long (*prep_len)(long cols);  /* floats of prepared x (NULL: the format needs none) */
+    void (*prep)(const float *x, long cols, float *xp);
+} mt_fmt;
+
+/* the formats (fmt_*.c) */
+extern const mt_fmt mt_fmt_f32, mt_fmt_bf16;
+
+/* ------------------------------------------------------------------------------------ */
+/* scalar conversions                                                                    */
+
+static inline float bf16_to_f32(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f32_to_bf16(float f) { /* round to nearest even, like torch */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+static inline float ld(const void *p, int dt, long i) {
+    return dt == DT_BF16 ? bf16_to_f32(((const bf16 *)p)[i]) : ((const float *)p)[i];
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* parallel regions (parallel.c)                                                         */
+
+typedef void (*task_fn)(void *ctx, int tid, int nth);
+void parallel_run(task_fn fn, void *ctx, int nth);
+
+/* below this many multiply-adds a product runs on the caller thread */
+#define PARALLEL_MIN_ELEMS (48L * 1024)
+
+/* ------------------------------------------------------------------------------------ */
+/* matrix-vector products (gemv.c)                                                       */
+
+/* y[r] = W[r, :] . x (+ b[r]) for r in [0, W->rows); b optional, dtype bdt. */
+typedef struct {
+    const mt_weight *W;
+    const void *b;
+    int bdt;
+    const float *x;
+    float *y;
+    /* filled by mt_run_gemvs */
+    const float *xp;
+    mt_rows_fn fn;
+} mt_gemv_item;
+
+/* A batch of independent products as one parallel region: the rows of all items are
+ * concatenated and split into equal contiguous chunks, one per thread. */
+void mt_run_gemvs(mt_gemv_item *items, int n, int nth);
+const mt_fmt *mt_fmt_lookup(int code);
+int mt_get_isa(void);
+
+/* ------------------------------------------------------------------------------------ */
+/* small ops (ops.c, caller thread)                                                      */
+
+void rms_norm(const float *x, const void *w, int dt, float eps, float *out, long n);
+void rope(float *v, const float *cs, const float *sn, int D);
+void swiglu(const float *g, const float *u, float *a, long n); /* a = silu(g) * u */
+
+/* ------------------------------------------------------------------------------------ */
+/* the layer description (mirrors moetier/native/decode.py: LayerDesc)                   */
+
+typedef struct {
+    /* attention */
+    long H, nh, nkv, D;
+    int qk_norm; /* 0 none, 1 per head, 2 full width */
+    int window;  /* 0 = none, else attend to the last `window` positions */
+    float eps, scale;
+    const void *ln1;
+    const mt_weight *qkv_w; /* [(nh + 2 nkv) D, H] */
+    const void *qkv_b, *q_norm, *k_norm;
+    const mt_weight *o_w; /* [H, nh D] */
+    const void *o_b, *ln2;
+    /* feed-forward */
+    int mlp; /* 0 dense gated MLP, 1 MoE */
+    long E, topk, I;
+    int norm_topk;
+    float route_scale;
+    const mt_weight *router_w; /* [E, H] */
+    const void *router_b;
+    long SI; /* dense or shared-expert intermediate size (0 = none) */
+    const mt_weight *s_gate, *s_up, *s_down, *s_gate_gate; /* shared/dense MLP; sigmoid gate [1, H] */
+} layer_desc;
+
+typedef struct scratch {
+    long n_scores; /* floats in `scores` */
+    float *h, *qkv, *attn, *ao, *gu, *act, *down, *sh, *sg, *scores, *rlog;
+} scratch;
+
+/* entry points (also called across files) */
+int mt_attention(const layer_desc *L, scratch *S, int dt, float *x, void *K, void *V, long cap, long pos,
+                 const float *cs, const float *sn, int nth);
+void mt_route(const layer_desc *L, scratch *S, int dt, int64_t *ids, float *w, int nth);
+void mt_moe(const layer_desc *L, scratch *S, int dt, float *x, int n, const mt_weight *const *gate,
+            const mt_weight *const *up, const mt_weight *const *down, const float *w, int shared, int nth);
+void mt_dense_mlp(const layer_desc *L, scratch *S, int dt, float *x, int nth);
+
+#endif
