@@ -14,8 +14,9 @@ Model (per device, per step; every term is printed by ``--explain``):
   average KV length ``context``; prefill steps carry ``batch`` new tokens of prompts of
   ``context`` tokens of which ``cached_fraction`` come from a KV cache (not computed).
 * Each operation (attention projections, attention core, routed experts, shared experts, dense
-  FFNs, LM head, routers) is a roofline: ``max(FLOPs / (peak x eff), bytes / (HBM x eff))``;
-  its time is attributed to compute or memory by which term is larger.
+  FFNs, LM head, routers) is ``max(padded FLOPs / compute rate, bytes / memory rate, kernel
+  floor)`` at its own weight group's precision (FP4 tensor cores where the chip has them); its
+  time is attributed to compute, memory or latency (launch floor) by the largest term.
 * Attention core: MLA-aware. Decode uses the absorbed form over the latent cache
   (``kv_lora_rank + qk_rope_head_dim`` values per token per layer); prefill uses the expanded
   heads (``qk_nope + qk_rope`` for scores, ``v_head`` for values). GQA caches K and V of
@@ -35,7 +36,10 @@ Model (per device, per step; every term is printed by ``--explain``):
 * Memory capacity: weights (always-on, attention / tp, local expert slots) + KV cache +
   a reserve must fit the compute tier, or the layout is infeasible.
 
-Efficiency factors: :mod:`moetier.planner.calibration` (one H800 set, stated once).
+Efficiency: per-chip and per-fabric constants from :mod:`moetier.planner.efficiency` (cited:
+GEMM efficiency by precision and tensor-core tile, attention and HBM efficiency, kernel floors,
+link efficiency and latency floors) and a few global factors fitted to published measurements
+in :mod:`moetier.planner.calibration` (see :mod:`moetier.planner.published`).
 """
 
 from __future__ import annotations
