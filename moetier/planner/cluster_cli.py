@@ -241,11 +241,17 @@ def layout_from_args(args: argparse.Namespace, spec: ModelSpec, machine: Machine
         if devices % dp:
             raise ClusterError(f"dp ({dp}) must divide devices ({devices})")
         tp = devices // dp
+    ep = getattr(args, "ep", None)
+    redundant = getattr(args, "redundant_experts", None)
+    if (getattr(args, "search", False) and redundant is None and ep and spec.is_moe
+            and ep > spec.num_experts):
+        # --search with --ep above the expert count: start from the copies that fill one slot per device
+        redundant = ep * math.ceil(spec.num_experts / ep) - spec.num_experts
     lay = Layout(
-        devices=devices, phase=phase, ep=getattr(args, "ep", None), dp=dp,
+        devices=devices, phase=phase, ep=ep, dp=dp,
         tp=tp or 1, batch=batch, context=float(getattr(args, "context", 4096)),
         cached_fraction=getattr(args, "cached_fraction", 0.0) or 0.0,
-        redundant_experts=getattr(args, "redundant_experts", 0) or 0,
+        redundant_experts=redundant or 0,
         imbalance=getattr(args, "imbalance", None), routing_zipf=getattr(args, "zipf", 0.0) or 0.0,
         two_batch_overlap=not getattr(args, "no_overlap", False),
         dispatch_dtype=getattr(args, "dispatch_dtype", "fp8"), combine_dtype=getattr(args, "combine_dtype", "bf16"),

@@ -323,3 +323,11 @@ def test_fabric_latency_floor_per_collective(ds, h800):
     # two phases (dispatch, combine) x two micro-batches x the InfiniBand floor
     assert c.latency_s == pytest.approx(4 * r.fabrics.scale_out.alpha_s)
     assert "InfiniBand" in c.fabric
+
+
+def test_search_with_ep_above_expert_count_keeps_it(capsys):
+    assert main(["plan", "deepseek-v3", "--machine", "ascend-910c", "--precision", "int8", "--devices", "320",
+                 "--ep", "320", "--search", "--target-tps-per-user", "20", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert all(t["ep"] == 320 for t in doc["search"]["top"])
+    assert all(t["layout"]["redundant_experts"] >= 64 for t in doc["search"]["top"])
