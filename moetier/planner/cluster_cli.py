@@ -77,7 +77,9 @@ def _si(v: float, unit: str) -> str:
 def _batch_text(lay: Layout) -> str:
     unit = "requests" if lay.phase == "decode" else "tokens"
     if lay.phase == "decode" and lay.batch < 1 and lay.tp > 1:
-        return f"{fmt_count(lay.batch * lay.tp)} {unit} per TP group of {lay.tp} ({fmt_count(lay.batch)}/device)"
+        group = lay.batch * lay.tp
+        return (f"{fmt_count(group)} {'request' if fmt_count(group) == '1' else unit} per TP group of {lay.tp} "
+                f"({fmt_count(lay.batch)}/device)")
     return f"batch {fmt_count(lay.batch)} {unit}/device"
 
 

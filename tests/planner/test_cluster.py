@@ -331,3 +331,11 @@ def test_search_with_ep_above_expert_count_keeps_it(capsys):
     doc = json.loads(capsys.readouterr().out)
     assert all(t["ep"] == 320 for t in doc["search"]["top"])
     assert all(t["layout"]["redundant_experts"] >= 64 for t in doc["search"]["top"])
+
+
+def test_batch_one_across_a_tp_group_reads_as_one_request(capsys):
+    main(["plan", "deepseek-v3", "--machine", "b200", "--precision", "mixed:attention=bf16,ffn=nvfp4",
+          "--devices", "8", "--tp", "8", "--ep", "8", "--batch-per-device", "0.125", "--no-overlap"])
+    text = capsys.readouterr().out
+    assert "1 request per TP group of 8 (0.12/device)" in text
+    assert "bottleneck: latency" in text
