@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moetier.planner import cluster
-from moetier.planner.calibration import H800, PUBLISHED, predict_published
+from moetier.planner import published as published_figures
+from moetier.planner.calibration import DEFAULT
 from moetier.planner.cluster import ClusterError, Layout, plan_cluster
 from moetier.planner.machines import get_machine
 from moetier.spec import resolve_model
@@ -92,15 +93,12 @@ def main() -> int:
     bottlenecks = {}
     for r in res:
         bottlenecks[r.bottleneck] = bottlenecks.get(r.bottleneck, 0) + 1
-    h800 = machines["h800"]
     published = []
-    for f in PUBLISHED:
-        p = predict_published(f, spec, h800)
-        published.append({"figure": f.name, "what": f.what, "published_tokens_per_s_per_node": f.reference,
-                          "predicted_tokens_per_s_per_node": round(p.tokens_per_s_per_node, 1),
-                          "error": round(p.tokens_per_s_per_node / f.reference - 1, 4),
-                          "bottleneck": p.bottleneck, "batch_per_device": round(p.layout.batch, 2),
-                          "tokens_per_s_per_user": round(p.tokens_per_s_per_user, 2)})
+    for f in published_figures.load():
+        p = published_figures.predict(f)
+        published.append({"figure": f.id, "what": f.regime, "published": f.value, "metric": f.metric,
+                          "predicted": round(p.value, 1), "error": round(p.error, 4),
+                          "bottleneck": p.result.bottleneck if p.result else None})
     doc = {
         "benchmark": "cluster planner sweep, DeepSeek-V3 at FP8",
         "command": f"python bench/bench_cluster_sweep.py --layouts {a.layouts} --repeats {a.repeats}",
@@ -117,8 +115,8 @@ def main() -> int:
                                        "tokens_per_s_per_node": round(r.tokens_per_s_per_node, 1),
                                        "tokens_per_s_per_user": round(r.tokens_per_s_per_user, 2),
                                        "bottleneck": r.bottleneck} for k, r in sorted(best.items())},
-        "h800_calibration": H800.describe(),
-        "published_h800_figures": published,
+        "calibration": DEFAULT.describe(),
+        "published_figures": published,
         "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
     }
     out = Path(a.out)
@@ -127,8 +125,8 @@ def main() -> int:
     print(f"{len(items)} layouts: median {doc['median_seconds']:.3f} s ({doc['us_per_layout']:.0f} us/layout), "
           f"first sweep incl. EPLB placements {times[0]:.3f} s; budget 10 s")
     for p in published:
-        print(f"  {p['figure']:26s} published {p['published_tokens_per_s_per_node']:>9,.0f}  predicted "
-              f"{p['predicted_tokens_per_s_per_node']:>9,.0f}  ({p['error']:+.1%}, {p['bottleneck']})")
+        print(f"  {p['figure']:34s} published {p['published']:>9,.0f}  predicted "
+              f"{p['predicted']:>9,.0f}  ({p['error']:+.1%}, {p['bottleneck']})")
     print(f"wrote {out}")
     return 0 if statistics.median(times) < 10.0 else 1
 

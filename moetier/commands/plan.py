@@ -4,7 +4,7 @@ Thin: parses arguments and calls :mod:`moetier.planner.roofline` (the single-mac
 ``--what-if KEY=VALUE`` re-plans with one resource changed and prints before/after with the
 new binding resource. ``--devices N`` (N > 1) hands over to the cluster planner.
 
-Cluster hook (``moetier.planner.cluster``): ``add_cluster_args(parser)`` adds the cluster-only
+Cluster hook (``moetier.planner.cluster_cli``): ``add_cluster_args(parser)`` adds the cluster-only
 options (skipping flags already defined here), ``wants_cluster(args)`` decides the hand-over and
 ``run_plan_command(args) -> int`` runs ``moetier plan ... --devices N``.
 """
@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from moetier.errors import ConfigError
-from moetier.planner import cluster as cluster_planner
+from moetier.planner import cluster_cli as cluster_planner
 from moetier.planner import roofline
 from moetier.planner.machines import get_machine
 from moetier.spec import resolve_model
@@ -97,12 +96,5 @@ def _precision(args: argparse.Namespace) -> str:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    """Hand over to the cluster planner (moetier.planner.cluster) when it provides a CLI hook."""
-    from moetier.planner import cluster
-
-    hook = getattr(cluster, "run_plan_command", None)
-    if hook is None:
-        print("moetier: error: --devices: the cluster planner has no CLI hook yet "
-              "(moetier.planner.cluster.run_plan_command)", file=sys.stderr)
-        return 2
-    return int(hook(args) or 0)
+    """Hand over to the cluster planner's command line (moetier.planner.cluster_cli)."""
+    return int(cluster_planner.run_plan_command(args) or 0)

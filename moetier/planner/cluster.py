@@ -14,8 +14,9 @@ Model (per device, per step; every term is printed by ``--explain``):
   average KV length ``context``; prefill steps carry ``batch`` new tokens of prompts of
   ``context`` tokens of which ``cached_fraction`` come from a KV cache (not computed).
 * Each operation (attention projections, attention core, routed experts, shared experts, dense
-  FFNs, LM head, routers) is a roofline: ``max(FLOPs / (peak x eff), bytes / (HBM x eff))``;
-  its time is attributed to compute or memory by which term is larger.
+  FFNs, LM head, routers) is ``max(padded FLOPs / compute rate, bytes / memory rate, kernel
+  floor)`` at its own weight group's precision (FP4 tensor cores where the chip has them); its
+  time is attributed to compute, memory or latency (launch floor) by the largest term.
 * Attention core: MLA-aware. Decode uses the absorbed form over the latent cache
   (``kv_lora_rank + qk_rope_head_dim`` values per token per layer); prefill uses the expanded
   heads (``qk_nope + qk_rope`` for scores, ``v_head`` for values). GQA caches K and V of
@@ -35,22 +36,25 @@ Model (per device, per step; every term is printed by ``--explain``):
 * Memory capacity: weights (always-on, attention / tp, local expert slots) + KV cache +
   a reserve must fit the compute tier, or the layout is infeasible.
 
-Efficiency factors: :mod:`moetier.planner.calibration` (one H800 set, stated once).
+Efficiency: per-chip and per-fabric constants from :mod:`moetier.planner.efficiency` (cited:
+GEMM efficiency by precision and tensor-core tile, attention and HBM efficiency, kernel floors,
+link efficiency and latency floors) and a few global factors fitted to published measurements
+in :mod:`moetier.planner.calibration` (see :mod:`moetier.planner.published`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
 from moetier.errors import MoetierError
+from moetier.planner import calibration as calib
 from moetier.planner import eplb
 from moetier.planner.calibration import Calibration, calibration_for
 from moetier.planner.census import Census, census
+from moetier.planner.efficiency import ChipEff, Fabrics, chip_eff, collective_s, compute_key, fabrics, padded_rows
 from moetier.planner.hardware import Machine
 from moetier.spec import ModelSpec
 
@@ -138,7 +142,7 @@ def validate(layout: Layout, spec: ModelSpec, machine: Machine) -> Layout:
         raise ClusterError(f"zipf must be >= 0, got {lay.routing_zipf}")
     if lay.mtp_tokens < 0 or not 0.0 <= lay.mtp_acceptance <= 1.0:
         raise ClusterError("mtp-tokens must be >= 0 and mtp-acceptance in [0, 1]")
-    for name, v, ok in (("dispatch-dtype", lay.dispatch_dtype, ("fp8", "bf16")),
+    for name, v, ok in (("dispatch-dtype", lay.dispatch_dtype, ("fp8", "bf16", "fp4")),
                         ("combine-dtype", lay.combine_dtype, ("fp8", "bf16")),
                         ("kv-dtype", lay.kv_dtype, ("fp8", "bf16", "fp16", "fp32")),
                         ("a2a", lay.a2a, A2A_MODES)):
@@ -211,6 +215,7 @@ class Shape:
     fmt_expert: str
     fmt_dense: str
     fmt_head: str
+    fmt_shared: str
 
 
 _SHAPES: dict[tuple[int, str], tuple[ModelSpec, Shape]] = {}
@@ -254,6 +259,7 @@ def _model_shape(spec: ModelSpec, precision: str) -> Shape:
         qk_rope=spec.qk_rope_head_dim, v_head=spec.v_head_dim, windows=windows,
         fmt_attn=prec.compute_format("attention"), fmt_expert=prec.compute_format("routed_experts"),
         fmt_dense=prec.compute_format("dense_ffn"), fmt_head=prec.compute_format("lm_head"),
+        fmt_shared=prec.compute_format("shared_experts"),
     )
 
 
@@ -318,7 +324,7 @@ def _distinct(n: int, k: int) -> float:
 @dataclass(frozen=True)
 class Op:
     name: str
-    flops: float
+    flops: float  # useful FLOPs (what the model computes)
     bytes: float
     flop_rate: float  # sustained FLOP/s used
     mem_rate: float  # sustained bytes/s used
@@ -326,10 +332,14 @@ class Op:
     weight_bytes: float = 0.0  # the part of ``bytes`` that is weights (may sit in a hot tier)
     hot_fraction: float = 0.0  # share of those weights held in the hot (SRAM) tier
     hot_rate: float = 0.0  # sustained bytes/s of the hot tier
+    padded_flops: float = 0.0  # FLOPs the tensor cores execute (token rows padded to the tile)
+    floor_s: float = 0.0  # kernel-launch floor of this op over the step (kernels x layers x micro-batches)
+    precision: str = ""  # rate family of the compute (fp4 / fp8 / int8 / bf16)
 
     @property
     def compute_s(self) -> float:
-        return self.flops / self.flop_rate if self.flops else 0.0
+        f = max(self.flops, self.padded_flops)
+        return f / self.flop_rate if f else 0.0
 
     @property
     def memory_s(self) -> float:
@@ -340,10 +350,12 @@ class Op:
 
     @property
     def time_s(self) -> float:
-        return max(self.compute_s, self.memory_s)
+        return max(self.compute_s, self.memory_s, self.floor_s)
 
     @property
     def bound(self) -> str:
+        if self.floor_s > max(self.compute_s, self.memory_s):
+            return "latency"
         return "compute" if self.compute_s >= self.memory_s else "memory"
 
 
@@ -361,6 +373,7 @@ class CommTerm:
     latency_s: float
     mode: str
     frac_inside: float  # share of remote pair traffic that stays inside the scale-up domain
+    fabric: str = ""  # the link class whose latency floor applies
 
     @property
     def time_s(self) -> float:
@@ -394,6 +407,9 @@ class ClusterResult:
     feasible: bool
     devices_per_node: int
     notes: list[str] = field(default_factory=list)
+    latency_s: float = 0.0  # operations bound by their kernel-launch floor
+    chip: ChipEff | None = None
+    fabrics: Fabrics | None = None
 
     @property
     def tokens_per_s_per_device(self) -> float:
@@ -421,19 +437,27 @@ class ClusterResult:
 
     @property
     def shares(self) -> dict[str, float]:
-        tot = self.compute_s + self.memory_s + self.comm_s
-        return {k: v / tot for k, v in (("compute", self.compute_s), ("memory", self.memory_s),
-                                         ("communication", self.comm_s))}
+        parts = (("compute", self.compute_s), ("memory", self.memory_s), ("communication", self.comm_s),
+                 ("latency", self.latency_s))
+        tot = sum(v for _, v in parts)
+        return {k: v / tot for k, v in parts}
 
     @property
     def bottleneck(self) -> str:
         if not self.feasible:
             return "capacity"
-        t = {"compute": self.compute_s, "memory": self.memory_s, "communication": self.comm_s}
+        t = {"compute": self.compute_s, "memory": self.memory_s, "communication": self.comm_s,
+             "latency": self.latency_s}
         return max(t, key=t.__getitem__)
+
+    @property
+    def band(self) -> tuple[float, float]:
+        """Uncertainty band of tokens/s per node (leave-one-chip-out error of the calibration)."""
+        return calib.band(self.tokens_per_s_per_node)
 
     def to_json(self) -> dict[str, Any]:
         lay = self.layout
+        lo, hi = self.band
         out = {
             "model": self.model,
             "machine": self.machine,
@@ -442,6 +466,7 @@ class ClusterResult:
             "batch_per_device": lay.batch, "context": lay.context,
             "tokens_per_s_per_device": self.tokens_per_s_per_device,
             "tokens_per_s_per_node": self.tokens_per_s_per_node,
+            "tokens_per_s_per_node_band": [lo, hi],
             "tokens_per_s_per_user": self.tokens_per_s_per_user,
             "computed_tokens_per_s_per_device": self.computed_tokens_per_step / self.step_s,
             "bottleneck": self.bottleneck,
@@ -449,6 +474,7 @@ class ClusterResult:
             "step_s": self.step_s,
             "ttft_s": self.ttft_s if lay.phase == "prefill" else None,
             "compute_s": self.compute_s, "memory_s": self.memory_s, "communication_s": self.comm_s,
+            "latency_s": self.latency_s,
             "overlap_hidden_s": self.hidden_s,
             "shares": self.shares,
             "imbalance": self.imbalance,
@@ -457,9 +483,11 @@ class ClusterResult:
             "capacity_bytes_per_device": self.capacity_bytes,
             "devices_per_node": self.devices_per_node,
             "calibration": asdict(self.calibration),
+            "chip_efficiency": None if self.chip is None else asdict(self.chip),
+            "fabrics": None if self.fabrics is None else asdict(self.fabrics),
             "layout": asdict(lay),
-            "ops": [{"name": o.name, "flops": o.flops, "bytes": o.bytes, "time_s": o.time_s, "bound": o.bound}
-                    for o in self.ops],
+            "ops": [{"name": o.name, "flops": o.flops, "bytes": o.bytes, "time_s": o.time_s, "bound": o.bound,
+                     "precision": o.precision} for o in self.ops],
             "all_to_all": None if self.comm is None else {
                 **asdict(self.comm), "time_s": self.comm.time_s, "link": self.comm.link},
             "notes": self.notes,
@@ -467,13 +495,17 @@ class ClusterResult:
         return out
 
 
-def routing_imbalance(spec: ModelSpec, lay: Layout, tokens_per_device: float) -> float:
-    """max/mean device load: EPLB placement of a Zipf profile x finite-batch sampling noise."""
+def routing_imbalance(spec: ModelSpec, lay: Layout, tokens_per_device: float, residual: float = 1.0) -> float:
+    """max/mean device load: EPLB placement x finite-batch sampling noise.
+
+    The placement part comes from a routing profile, a Zipf skew, or else ``residual`` (what EPLB
+    leaves on real traffic, a fitted factor of the calibration).
+    """
     if not spec.is_moe or lay.ep <= 1:
         return 1.0
     if lay.imbalance is not None:
         return lay.imbalance
-    base = 1.0
+    base = residual
     if lay.placement_imbalance is not None:
         base = lay.placement_imbalance
     elif lay.routing_zipf > 0:
@@ -488,24 +520,51 @@ def _placement_imbalance(loads: tuple[float, ...], ep: int, redundant: int) -> f
     return eplb.mean_imbalance(loads, ep, redundant)
 
 
+# kernels per layer and micro-batch of each operation (the TRT-LLM DeepSeek-R1 decode layer:
+# fused q/kv down-projection, 2 RMSNorms, q up-projection, absorbed k / v batched GEMMs,
+# o-projection, residual add+norm; RoPE + cache write and the attention kernel; quantise,
+# gate-up GEMM, activation+quantise, down GEMM; router GEMM + top-k)
+KERNELS = {"attention projections": 8, "attention core": 2, "routed experts": 4, "shared experts": 3,
+           "routers": 2, "dense FFN": 3, "LM head": 2}
+
+
 def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision: str = "fp8",
                  calibration: Calibration | None = None) -> ClusterResult:
     """Predict one device's step time, throughput and binding resource for ``layout``."""
     lay = validate(layout, spec, machine)
     cal = calibration or calibration_for(machine)
+    chip = chip_eff(machine)
+    fab = fabrics(machine)
     sh = model_shape(spec, precision)
     tier = machine.tier(machine.compute_tier_name)
-    mem_rate = tier.read_bw * cal.memory
-
-    def flop_rate(fmt: str) -> float:
-        try:
-            return machine.flops_for(fmt) * cal.compute
-        except KeyError:
-            raise ClusterError(f"machine {machine.name!r} has no FLOP/s figure for {fmt!r}") from None
-
+    mem_rate = tier.read_bw * chip.memory
+    kv_rate = tier.read_bw * chip.attn_memory
     n_mb = 2 if lay.two_batch_overlap else 1
     decode = lay.phase == "decode"
     tp = lay.tp
+    mode = lay.a2a if lay.a2a != "auto" else ("direct" if decode else "dedup")
+    # prefill's normal-mode all-to-all kernels occupy part of the compute units while overlapped
+    sm_left = 1.0 - (chip.comm_sm_share if (spec.is_moe and lay.ep > 1 and mode == "dedup"
+                                             and lay.two_batch_overlap) else 0.0)
+
+    def key(fmt: str) -> str:
+        try:
+            return compute_key(machine, fmt)
+        except KeyError:
+            raise ClusterError(f"machine {machine.name!r} has no FLOP/s figure for {fmt!r}") from None
+
+    def peak(fmt: str) -> float:
+        return float(machine.flops[key(fmt)])
+
+    def gemm_rate(fmt: str) -> float:
+        return peak(fmt) * chip.gemm_eff(key(fmt)) * sm_left / cal.overhead
+
+    def floor(op: str, layers: int) -> float:
+        return KERNELS[op] * layers * n_mb * chip.kernel_floor_s * cal.floor_scale
+
+    def rows(m_total: float) -> float:  # token rows per micro-batch, padded to the tensor-core tile
+        return n_mb * padded_rows(m_total / n_mb, chip.mma_m)
+
     # tokens this device computes per step, and sequences it serves
     if decode:
         T = lay.batch * (1 + lay.mtp_tokens)
@@ -522,7 +581,7 @@ def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision
 
     # an on-chip "sram" tier (what-if) holds the hottest weights: always-on first, then experts
     hot = next((t for t in machine.tiers if t.name == "sram" and t.name != tier.name), None)
-    hot_rate = hot.read_bw * cal.memory if hot else 0.0
+    hot_rate = hot.read_bw * chip.memory if hot else 0.0
     hot_left = [hot.capacity_bytes if hot else 0.0]
 
     def hot_frac(stored: float) -> float:
@@ -539,8 +598,12 @@ def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision
     attn_dtype = lay.attention_dtype
     # attention projections (all layers); TP splits weights and multiplies tokens: FLOPs unchanged
     w = sh.attn_bytes / tp * n_mb
-    ops.append(Op("attention projections", 2 * sh.attn_params * T, w, flop_rate(sh.fmt_attn), mem_rate,
-                  sh.num_layers, w, hot_frac(sh.attn_bytes / tp), hot_rate))
+    f = 2 * sh.attn_params * T
+    ops.append(Op("attention projections", f, w, gemm_rate(sh.fmt_attn), mem_rate,
+                  sh.num_layers, w, hot_frac(sh.attn_bytes / tp), hot_rate,
+                  padded_flops=f * rows(T * tp) / max(T * tp, 1e-12), floor_s=floor("attention projections",
+                                                                                    sh.num_layers),
+                  precision=key(sh.fmt_attn)))
     shared_hot = hot_frac(sh.shared_bytes)
     dense_hot = hot_frac(sh.dense_bytes)
     head_hot = hot_frac(sh.head_bytes)
@@ -553,47 +616,60 @@ def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision
         kv_read = n_seq * kv_repl * sum(_attended(lay.context, win) for win in sh.windows) * kv_tok / sh.num_layers
     else:  # read the cached prefix once, write the new tokens' KV
         kv_read = (n_seq * kv_repl * lay.context * lay.cached_fraction + T) * kv_tok
-    ops.append(Op("attention core", core_flops, kv_read, flop_rate(attn_dtype), mem_rate, sh.num_layers))
+    attn_rate = peak(attn_dtype) * chip.attn_compute * sm_left / cal.overhead
+    ops.append(Op("attention core", core_flops, kv_read, attn_rate, kv_rate, sh.num_layers,
+                  floor_s=floor("attention core", sh.num_layers), precision=key(attn_dtype)))
     imb = 1.0
     slots = 0
     if spec.is_moe:
-        imb = routing_imbalance(spec, lay, T)
+        imb = routing_imbalance(spec, lay, T, cal.eplb_residual)
         slots = math.ceil((sh.num_experts + lay.redundant_experts) / lay.ep)
         recv_pairs = T * sh.top_k * imb  # token-expert pairs this (slowest) device computes
         per_expert_mb = recv_pairs / slots / n_mb
         active_frac = 1.0 - math.exp(-per_expert_mb)  # local experts that receive >= 1 token
         w = slots * sh.expert_bytes * sh.n_moe * n_mb * active_frac
-        ops.append(Op("routed experts", 2 * sh.expert_params * recv_pairs * sh.n_moe, w,
-                      flop_rate(sh.fmt_expert), mem_rate, sh.n_moe, w,
-                      hot_frac(slots * sh.expert_bytes * sh.n_moe), hot_rate))
+        f = 2 * sh.expert_params * recv_pairs * sh.n_moe
+        # each active expert's GEMM pads its rows to the tile: rows per active expert per micro-batch
+        m_act = per_expert_mb / max(active_frac, 1e-12)
+        pad = padded_rows(m_act, chip.mma_m) / m_act if m_act > 0 else 1.0
+        ops.append(Op("routed experts", f, w, gemm_rate(sh.fmt_expert), mem_rate, sh.n_moe, w,
+                      hot_frac(slots * sh.expert_bytes * sh.n_moe), hot_rate, padded_flops=f * pad,
+                      floor_s=floor("routed experts", sh.n_moe), precision=key(sh.fmt_expert)))
         if sh.shared_params:
             w = sh.shared_bytes * n_mb
-            ops.append(Op("shared experts", 2 * sh.shared_params * T, w,
-                          flop_rate(sh.fmt_expert), mem_rate, sh.n_moe, w, shared_hot, hot_rate))
-        ops.append(Op("routers", 2 * sh.router_params * T, 0.0, flop_rate("bf16"), mem_rate, sh.n_moe))
+            f = 2 * sh.shared_params * T
+            ops.append(Op("shared experts", f, w, gemm_rate(sh.fmt_shared), mem_rate, sh.n_moe, w, shared_hot,
+                          hot_rate, padded_flops=f * rows(T) / max(T, 1e-12),
+                          floor_s=floor("shared experts", sh.n_moe), precision=key(sh.fmt_shared)))
+        ops.append(Op("routers", 2 * sh.router_params * T, 0.0, gemm_rate("bf16"), mem_rate, sh.n_moe,
+                      floor_s=floor("routers", sh.n_moe), precision="bf16"))
     if sh.dense_params:
         w = sh.dense_bytes * n_mb
-        ops.append(Op("dense FFN", 2 * sh.dense_params * T, w,
-                      flop_rate(sh.fmt_dense), mem_rate, sh.n_dense, w, dense_hot, hot_rate))
+        f = 2 * sh.dense_params * T
+        ops.append(Op("dense FFN", f, w, gemm_rate(sh.fmt_dense), mem_rate, sh.n_dense, w, dense_hot, hot_rate,
+                      padded_flops=f * rows(T) / max(T, 1e-12), floor_s=floor("dense FFN", sh.n_dense),
+                      precision=key(sh.fmt_dense)))
     head_tokens = T if decode else n_seq
     w = sh.head_bytes * n_mb
-    ops.append(Op("LM head", 2 * sh.head_params * head_tokens, w,
-                  flop_rate(sh.fmt_head), mem_rate, 1, w, head_hot, hot_rate))
+    ops.append(Op("LM head", 2 * sh.head_params * head_tokens, w, gemm_rate(sh.fmt_head), mem_rate, 1, w,
+                  head_hot, hot_rate, floor_s=floor("LM head", 1), precision=key(sh.fmt_head)))
 
     # ---- communication
-    comm = _all_to_all(sh, machine, lay, cal, T, imb, n_mb) if spec.is_moe and lay.ep > 1 else None
+    comm = _all_to_all(sh, machine, fab, lay, T, imb, n_mb, mode) if spec.is_moe and lay.ep > 1 else None
     tp_comm_s = 0.0
     if tp > 1:
         if not machine.scale_up_bw:
             raise ClusterError(f"machine {machine.name!r} has no scale-up bandwidth for tp={tp}")
-        # one all-reduce of the attention output per layer over the TP group (bf16)
-        ar = 2 * (tp - 1) / tp * (T * tp) * sh.hidden * 2.0 * sh.num_layers
-        tp_comm_s = ar / (machine.scale_up_bw * cal.link) + sh.num_layers * n_mb * cal.a2a_latency_s
+        # two all-reduces per layer over the TP group (attention output, FFN/MoE output), bf16,
+        # each a one-shot collective: alpha + 2 (tp-1)/tp x bytes / bw
+        per_ar = 2 * (tp - 1) / tp * (T * tp) * sh.hidden * 2.0 / n_mb
+        tp_comm_s = collective_s(per_ar, machine.scale_up_bw, fab.scale_up) * 2 * sh.num_layers * n_mb
 
     # ---- combine: per MoE layer, local work and all-to-all overlap
     compute_s = sum(o.time_s for o in ops if o.bound == "compute")
     memory_s = sum(o.time_s for o in ops if o.bound == "memory")
-    local_s = compute_s + memory_s
+    latency_s = sum(o.time_s for o in ops if o.bound == "latency")
+    local_s = compute_s + memory_s + latency_s
     comm_s = (comm.time_s * sh.n_moe if comm else 0.0) + tp_comm_s
     hidden = 0.0
     if lay.two_batch_overlap and comm is not None and sh.n_moe:
@@ -621,19 +697,21 @@ def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision
         step_s=step, compute_s=compute_s, memory_s=memory_s, comm_s=comm_s, hidden_s=hidden,
         imbalance=imb, ops=ops, comm=comm, tp_comm_s=tp_comm_s, weight_bytes=weights, kv_bytes=kv,
         capacity_bytes=cap, feasible=feasible, devices_per_node=max(1, machine.devices_per_node),
-        notes=notes,
+        notes=notes, latency_s=latency_s, chip=chip, fabrics=fab,
     )
 
 
-def _all_to_all(sh: Shape, machine: Machine, lay: Layout, cal: Calibration, T: float, imb: float,
-                n_mb: int) -> CommTerm:
+_PAIR_BYTES = {"fp8": 1.0 + 4.0 / 128, "bf16": 2.0, "fp4": 0.5 + 1.0 / 16}  # per hidden value (+ scales)
+
+
+def _all_to_all(sh: Shape, machine: Machine, fab: Fabrics, lay: Layout, T: float, imb: float,
+                n_mb: int, mode: str) -> CommTerm:
     H = sh.hidden
-    disp = H * (1.0 + 4.0 / 128) if lay.dispatch_dtype == "fp8" else 2.0 * H
-    comb = H * (1.0 + 4.0 / 128) if lay.combine_dtype == "fp8" else 2.0 * H
+    disp = H * _PAIR_BYTES[lay.dispatch_dtype]
+    comb = H * _PAIR_BYTES[lay.combine_dtype]
     pair = disp + comb
     e = lay.ep
     S = min(_domain(machine), e)
-    mode = lay.a2a if lay.a2a != "auto" else ("direct" if lay.phase == "decode" else "dedup")
     k = sh.top_k
     if mode == "direct" or S <= 1:
         out_pairs = k * (e - S) / e
@@ -645,16 +723,17 @@ def _all_to_all(sh: Shape, machine: Machine, lay: Layout, cal: Calibration, T: f
         up_pairs = _distinct(e, k) * (S - 1) / S  # forwarded inside each domain
     out_b = T * out_pairs * pair * imb
     up_b = T * up_pairs * pair * imb
-    out_bw = (machine.scale_out_bw or 0.0) * cal.link
-    up_bw = (machine.scale_up_bw or machine.scale_out_bw or 0.0) * cal.link
+    out_bw = (machine.scale_out_bw or 0.0) * fab.scale_out.link_eff
+    up_bw = (machine.scale_up_bw or machine.scale_out_bw or 0.0) * fab.scale_up.link_eff
     out_s = out_b / out_bw if out_b else 0.0
     up_s = up_b / up_bw if up_b else 0.0
     remote = out_pairs + up_pairs
+    slow = fab.scale_out if out_b else fab.scale_up
     return CommTerm(
         pairs_per_token=k, dispatch_bytes_per_pair=disp, combine_bytes_per_pair=comb,
         scale_out_bytes=out_b, scale_up_bytes=up_b, scale_out_s=out_s, scale_up_s=up_s,
-        latency_s=2 * n_mb * cal.a2a_latency_s, mode=mode,
-        frac_inside=(up_pairs / remote) if remote else 1.0,
+        latency_s=2 * n_mb * slow.alpha_s, mode=mode,
+        frac_inside=(up_pairs / remote) if remote else 1.0, fabric=slow.name,
     )
 
 
@@ -692,31 +771,68 @@ def batch_for_user_speed(spec: ModelSpec, machine: Machine, layout: Layout, targ
 # layout search
 
 
+SEARCHABLE = ("tp", "ep", "redundant_experts", "two_batch_overlap", "batch")
+
+
 @dataclass(frozen=True)
 class SearchResult:
     best: ClusterResult | None
     considered: int
     feasible: int
     top: tuple[ClusterResult, ...]
+    space: dict[str, Any] = field(default_factory=dict)  # parameter -> values tried (or the fixed value)
+    fixed: frozenset[str] = frozenset()
 
 
-def candidate_layouts(spec: ModelSpec, machine: Machine, base: Layout) -> list[Layout]:
-    """tp x ep x redundant x two-batch-overlap candidates for ``base.devices`` devices."""
+def search_space(spec: ModelSpec, machine: Machine, base: Layout,
+                 fixed: frozenset[str] | set[str] = frozenset()) -> dict[str, list[Any]]:
+    """The values each layout parameter takes in :func:`search`; a parameter in ``fixed`` keeps ``base``'s."""
     n = base.devices
     dom = _domain(machine)
-    tps = [t for t in (1, 2, 4, 8) if n % t == 0 and t <= dom]
-    eps = [e for e in range(1, n + 1) if n % e == 0] if spec.is_moe else [1]
-    if spec.is_moe:
-        eps = [e for e in eps if e <= spec.num_experts + 64 and (e <= dom or machine.scale_out_bw)]
+    if "tp" in fixed:
+        tps = [base.tp]
+    elif "dp" in fixed and base.dp:
+        tps = [n // base.dp]
+    else:
+        tps = [t for t in (1, 2, 4, 8) if n % t == 0 and t <= dom]
+    if not spec.is_moe:
+        eps = [1]
+    elif "ep" in fixed:
+        eps = [base.ep]
+    else:
+        eps = [e for e in range(1, n + 1) if n % e == 0 and e <= spec.num_experts + 64
+               and (e <= dom or machine.scale_out_bw)]
+    if "redundant_experts" in fixed or not spec.is_moe:
+        reds: list[Any] = [base.redundant_experts]
+    else:
+        reds = ["0 or fill the last slot"]
+    tbos = [base.two_batch_overlap] if "two_batch_overlap" in fixed else [True, False]
+    if "batch" in fixed:
+        batches: list[Any] = [base.batch]
+    elif base.phase == "decode":
+        batches = ["largest meeting the per-user target (bisection), shrunk until it fits"]
+    else:
+        batches = list(PREFILL_BATCHES)
+    return {"tp": tps, "ep": eps, "redundant_experts": reds, "two_batch_overlap": tbos, "batch": batches}
+
+
+def candidate_layouts(spec: ModelSpec, machine: Machine, base: Layout,
+                      fixed: frozenset[str] | set[str] = frozenset()) -> list[Layout]:
+    """tp x ep x redundant x two-batch-overlap candidates; parameters in ``fixed`` are not varied."""
+    n = base.devices
+    sp = search_space(spec, machine, base, fixed)
     out = []
-    for tp in tps:
-        for ep in eps:
-            reds = {0}
-            if spec.is_moe and ep > 1:
-                slots = math.ceil(spec.num_experts / ep)
-                reds.add(ep * slots - spec.num_experts if ep * slots > spec.num_experts else ep)
+    for tp in sp["tp"]:
+        for ep in sp["ep"]:
+            if "redundant_experts" in fixed or not spec.is_moe:
+                reds = {base.redundant_experts}
+            else:
+                reds = {0}
+                if ep > 1:
+                    slots = math.ceil(spec.num_experts / ep)
+                    reds.add(ep * slots - spec.num_experts if ep * slots > spec.num_experts else ep)
             for red in sorted(reds):
-                for tbo in (True, False):
+                for tbo in sp["two_batch_overlap"]:
                     out.append(replace(base, tp=tp, dp=n // tp, ep=ep, redundant_experts=red,
                                        two_batch_overlap=tbo))
     return out
@@ -726,15 +842,23 @@ PREFILL_BATCHES = (1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0)
 
 
 def search(spec: ModelSpec, machine: Machine, base: Layout, target_tps_per_user: float, *,
-           precision: str = "fp8", calibration: Calibration | None = None, keep: int = 5) -> SearchResult:
-    """Best layout (max tokens/s per node) whose per-user speed meets the target and that fits."""
+           precision: str = "fp8", calibration: Calibration | None = None, keep: int = 5,
+           fixed: frozenset[str] | set[str] = frozenset()) -> SearchResult:
+    """Best layout (max tokens/s per node) whose per-user speed meets the target and that fits.
+
+    Parameters named in ``fixed`` (``tp``, ``dp``, ``ep``, ``redundant_experts``,
+    ``two_batch_overlap``, ``batch``) keep ``base``'s value: the search varies only the rest.
+    """
     _positive("target-tps-per-user", target_tps_per_user)
+    fixed = frozenset(fixed)
     found: list[ClusterResult] = []
     considered = 0
-    for lay in candidate_layouts(spec, machine, base):
+    for lay in candidate_layouts(spec, machine, base, fixed):
         considered += 1
         try:
-            if lay.phase == "decode":
+            if "batch" in fixed:
+                cands = [plan_cluster(spec, machine, lay, precision=precision, calibration=calibration)]
+            elif lay.phase == "decode":
                 r = batch_for_user_speed(spec, machine, lay, target_tps_per_user, precision=precision,
                                          calibration=calibration, max_batch=1024.0)
                 # shrink until it fits in memory
@@ -752,289 +876,4 @@ def search(spec: ModelSpec, machine: Machine, base: Layout, target_tps_per_user:
                 found.append(r)
     found.sort(key=lambda r: -r.tokens_per_s_per_node)
     return SearchResult(best=found[0] if found else None, considered=considered, feasible=len(found),
-                        top=tuple(found[:keep]))
-
-
-# ---------------------------------------------------------------------------------------
-# display
-
-
-def _si(v: float, unit: str) -> str:
-    from moetier.planner.machines import fmt_si
-
-    return fmt_si(v, unit)
-
-
-def summary_lines(r: ClusterResult) -> list[str]:
-    lay = r.layout
-    sh = r.shares
-    lines = [
-        f"{r.model} on {lay.devices} x {r.machine} ({lay.phase}): ep {lay.ep}, dp {lay.dp}, tp {lay.tp}, "
-        f"batch {lay.batch:g} {'requests' if lay.phase == 'decode' else 'tokens'}/device, "
-        f"context {lay.context:g}"
-        + (f", cached {lay.cached_fraction:.1%}" if lay.cached_fraction else "")
-        + (f", {lay.redundant_experts} redundant experts" if lay.redundant_experts else "")
-        + (", two-batch overlap" if lay.two_batch_overlap else ", no overlap"),
-        f"  tokens/s per device {r.tokens_per_s_per_device:,.0f} | per node of {r.devices_per_node} "
-        f"{r.tokens_per_s_per_node:,.0f} | per user {r.tokens_per_s_per_user:,.1f}"
-        + (f" (TTFT {r.ttft_s:.2f} s)" if lay.phase == "prefill" else ""),
-        f"  step {r.step_s * 1e3:.2f} ms = compute {r.compute_s * 1e3:.2f} + memory {r.memory_s * 1e3:.2f} "
-        f"+ communication {r.comm_s * 1e3:.2f} - overlap {r.hidden_s * 1e3:.2f} ms",
-        f"  shares: compute {sh['compute']:.0%}, memory {sh['memory']:.0%}, communication "
-        f"{sh['communication']:.0%} -> bottleneck: {r.bottleneck}",
-        f"  per device: weights {r.weight_bytes / 1e9:.1f} GB + KV {r.kv_bytes / 1e9:.1f} GB of "
-        f"{r.capacity_bytes / 1e9:.0f} GB; expert-load imbalance (max/mean) {r.imbalance:.3f}",
-    ]
-    lines += [f"  note: {n}" for n in r.notes]
-    return lines
-
-
-def explain_lines(r: ClusterResult) -> list[str]:
-    """The arithmetic behind a prediction: bytes, FLOPs, times, which term binds."""
-    lay = r.layout
-    cal = r.calibration
-    out = ["arithmetic (per device, per step):", f"  factors: {cal.describe()}"]
-    counted = (f"counted input tokens incl. cache hits: {r.tokens_per_step:,.0f}" if lay.phase == "prefill"
-               else f"output tokens: {r.tokens_per_step:,.1f}")
-    out.append(f"  tokens computed this step: {r.computed_tokens_per_step:,.0f}; {counted}")
-    out.append(f"  {'operation':24s} {'FLOPs':>10s} {'bytes':>10s} {'t_compute':>10s} {'t_memory':>10s}  binds")
-    for o in r.ops:
-        out.append(f"  {o.name:24s} {_si(o.flops, 'F'):>10s} {_si(o.bytes, 'B'):>10s} "
-                   f"{o.compute_s * 1e3:9.3f}m {o.memory_s * 1e3:9.3f}m  {o.bound}"
-                   + (f" (rate {_si(o.flop_rate, 'FLOP/s')}, {_si(o.mem_rate, 'B/s')})" if o.flops else ""))
-        if o.hot_fraction:
-            out.append(f"  {'':24s} {o.hot_fraction:.0%} of its weights read from the sram tier at "
-                       f"{_si(o.hot_rate, 'B/s')}")
-    c = r.comm
-    if c is not None:
-        out.append(f"  all-to-all per MoE layer ({c.mode}): {c.pairs_per_token:g} pairs/token x "
-                   f"(dispatch {c.dispatch_bytes_per_pair:,.0f} B + combine {c.combine_bytes_per_pair:,.0f} B), "
-                   f"x imbalance {r.imbalance:.3f}")
-        out.append(f"    scale-out {_si(c.scale_out_bytes, 'B')} -> {c.scale_out_s * 1e6:.1f} us; scale-up "
-                   f"{_si(c.scale_up_bytes, 'B')} -> {c.scale_up_s * 1e6:.1f} us; latency {c.latency_s * 1e6:.0f} us; "
-                   f"{c.frac_inside:.0%} of remote copies stay inside the scale-up domain; binds: {c.link}")
-        out.append(f"    x {r.comm_s and round((r.comm_s - r.tp_comm_s) / c.time_s)} MoE layers = "
-                   f"{(r.comm_s - r.tp_comm_s) * 1e3:.2f} ms")
-    if r.tp_comm_s:
-        out.append(f"  TP all-reduce (attention output, every layer): {r.tp_comm_s * 1e3:.2f} ms")
-    if r.hidden_s:
-        out.append(f"  two-batch overlap hides {cal.overlap:g} x min(local work, all-to-all) per MoE layer = "
-                   f"{r.hidden_s * 1e3:.2f} ms")
-    out.append(f"  step = {r.compute_s * 1e3:.2f} + {r.memory_s * 1e3:.2f} + {r.comm_s * 1e3:.2f} - "
-               f"{r.hidden_s * 1e3:.2f} = {r.step_s * 1e3:.2f} ms; binding resource: {r.bottleneck}")
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# command line (hooked into `moetier plan` by moetier/commands/plan.py)
-
-_CLUSTER_FLAGS = ("ep", "dp", "tp", "phase", "search", "published")
-
-
-def add_cluster_args(parser: argparse.ArgumentParser) -> None:
-    """Add the cluster options to ``moetier plan`` (skips any flag the parser already has)."""
-    g = parser.add_argument_group("cluster planner (used with --devices N, or any of these)")
-    have = set(parser._option_string_actions)
-
-    def add(flag: str, **kw: Any) -> None:
-        if flag not in have:
-            g.add_argument(flag, **kw)
-
-    add("--devices", type=int, default=None, help="devices in the deployment")
-    add("--ep", type=int, default=None, help="expert-parallel group size (default: devices)")
-    add("--dp", type=int, default=None, help="attention data-parallel groups (default: devices / tp)")
-    add("--tp", type=int, default=None, help="attention tensor-parallel ranks (default 1)")
-    add("--phase", choices=PHASES, default=None, help="decode (default) or prefill")
-    add("--batch-per-device", type=float, default=None,
-        help="decode: requests per device; prefill: new tokens per device per step")
-    add("--cached-fraction", type=float, default=0.0, help="prefill: share of prompt tokens from a KV cache")
-    add("--redundant-experts", type=int, default=0, help="extra expert slots for replicas of hot experts")
-    add("--imbalance", type=float, default=None, help="override max/mean expert load per device")
-    add("--routing-profile", default=None, metavar="FILE",
-        help="per-expert loads: JSON list / {'loads': [...]} or a routing-trace .jsonl")
-    add("--zipf", type=float, default=0.0, help="routing skew as a Zipf exponent (0 = uniform)")
-    add("--dispatch-dtype", choices=("fp8", "bf16"), default="fp8", help="all-to-all dispatch format")
-    add("--combine-dtype", choices=("fp8", "bf16"), default="bf16", help="all-to-all combine format")
-    add("--kv-dtype", choices=("fp8", "bf16", "fp16", "fp32"), default="bf16", help="KV-cache format")
-    add("--mtp-tokens", type=int, default=0, help="decode: speculative (MTP) tokens verified per step")
-    add("--mtp-acceptance", type=float, default=0.0, help="decode: acceptance rate of each draft token")
-    add("--a2a", choices=A2A_MODES, default="auto",
-        help="all-to-all style: direct pairs (decode default) or dedup per domain (prefill default)")
-    add("--search", action="store_true", help="search tp/ep/replicas/overlap/batch for max tokens/s per node")
-    add("--target-tps-per-user", type=float, default=None, help="--search: minimum tokens/s per user")
-    add("--explain", action="store_true", help="print the arithmetic behind the prediction")
-    add("--published", action="store_true",
-        help="predict DeepSeek's published H800 figures with the one H800 calibration (MODEL deepseek-v3)")
-    add("--what-if-plot", default=None, metavar="PNG",
-        help="write the triangle's shares as one resource is scaled (see --what-if-scale)")
-    add("--what-if-scale", default="hbm_bw", choices=("hbm_bw", "flops", "scale_up_bw", "scale_out_bw"),
-        help="resource scaled 1x..32x for --what-if-plot (default hbm_bw)")
-
-
-def wants_cluster(args: argparse.Namespace) -> bool:
-    """True when ``moetier plan`` should hand over to the cluster planner."""
-    if getattr(args, "devices", None) not in (None, 1):
-        return True
-    return any(getattr(args, f, None) not in (None, False) for f in _CLUSTER_FLAGS)
-
-
-def layout_from_args(args: argparse.Namespace, spec: ModelSpec, machine: Machine) -> Layout:
-    devices = getattr(args, "devices", None) or 1
-    phase = getattr(args, "phase", None) or "decode"
-    batch = getattr(args, "batch_per_device", None)
-    if batch is None:
-        b = getattr(args, "batch", None)
-        batch = float(b) if b not in (None, 1) else (64.0 if phase == "decode" else 16384.0)
-    lay = Layout(
-        devices=devices, phase=phase, ep=getattr(args, "ep", None), dp=getattr(args, "dp", None),
-        tp=getattr(args, "tp", None) or 1, batch=batch, context=float(getattr(args, "context", 4096)),
-        cached_fraction=getattr(args, "cached_fraction", 0.0) or 0.0,
-        redundant_experts=getattr(args, "redundant_experts", 0) or 0,
-        imbalance=getattr(args, "imbalance", None), routing_zipf=getattr(args, "zipf", 0.0) or 0.0,
-        two_batch_overlap=not getattr(args, "no_overlap", False),
-        dispatch_dtype=getattr(args, "dispatch_dtype", "fp8"), combine_dtype=getattr(args, "combine_dtype", "bf16"),
-        kv_dtype=getattr(args, "kv_dtype", "bf16"), mtp_tokens=getattr(args, "mtp_tokens", 0) or 0,
-        mtp_acceptance=getattr(args, "mtp_acceptance", 0.0) or 0.0, a2a=getattr(args, "a2a", "auto"),
-    )
-    lay = validate(lay, spec, machine)
-    prof = getattr(args, "routing_profile", None)
-    if prof and spec.is_moe and lay.ep > 1:
-        loads = eplb.load_profile(prof)
-        if loads.shape[-1] != spec.num_experts:
-            raise ClusterError(f"--routing-profile {prof}: {loads.shape[-1]} experts, but {spec.name} has "
-                               f"{spec.num_experts} routed experts per layer")
-        lay = replace(lay, placement_imbalance=max(1.0, eplb.mean_imbalance(loads, lay.ep, lay.redundant_experts)))
-    return lay
-
-
-def replication_report(spec: ModelSpec, machine: Machine, lay: Layout, loads: Any, *, precision: str,
-                       calibration: Calibration | None = None) -> list[dict[str, Any]]:
-    """Per-device load and tokens/s without copies (static / packed) and with redundant experts."""
-    rows = []
-    red = lay.redundant_experts or lay.ep  # suggest one extra slot per device when none is given
-    for label, r, packed in (("static placement, no copies", 0, False),
-                             ("EPLB packing, no copies", 0, True),
-                             (f"EPLB + {red} redundant experts", red, True)):
-        imb = max(1.0, eplb.mean_imbalance(loads, lay.ep, r, packed=packed))
-        res = plan_cluster(spec, machine, replace(lay, redundant_experts=r, placement_imbalance=imb, imbalance=None),
-                           precision=precision, calibration=calibration)
-        rows.append({"placement": label, "redundant_experts": r, "placement_imbalance": imb,
-                     "imbalance": res.imbalance, "tokens_per_s_per_node": res.tokens_per_s_per_node,
-                     "tokens_per_s_per_user": res.tokens_per_s_per_user, "bottleneck": res.bottleneck})
-    return rows
-
-
-def imbalance_cost(spec: ModelSpec, machine: Machine, r: ClusterResult, *, precision: str,
-                   calibration: Calibration | None = None) -> ClusterResult | None:
-    """The same layout with perfectly balanced expert load (to price the imbalance)."""
-    if not spec.is_moe or r.imbalance <= 1.0 + 1e-9:
-        return None
-    return plan_cluster(spec, machine, replace(r.layout, imbalance=1.0), precision=precision,
-                        calibration=calibration)
-
-
-def run_plan_command(args: argparse.Namespace) -> int:
-    """``moetier plan MODEL --machine M --devices N ...``: the cluster planner's CLI entry."""
-    from moetier.planner import whatif_cluster
-    from moetier.planner.machines import get_machine
-    from moetier.spec import resolve_model
-
-    spec = resolve_model(args.model)
-    machine = get_machine(args.machine)
-    if getattr(args, "published", False):
-        return _run_published(spec, machine, args)
-    precision = getattr(args, "precision", "fp8") or "fp8"
-    lay = layout_from_args(args, spec, machine)
-    as_json = bool(getattr(args, "json", False))
-    doc: dict[str, Any] = {}
-    text: list[str] = []
-
-    if getattr(args, "search", False):
-        target = getattr(args, "target_tps_per_user", None)
-        if target is None:
-            raise ClusterError("--search needs --target-tps-per-user X")
-        sr = search(spec, machine, lay, target, precision=precision)
-        if sr.best is None:
-            raise ClusterError(f"--search: no layout of {lay.devices} x {machine.name} reaches {target:g} "
-                               f"tokens/s per user and fits ({sr.considered} layouts tried)")
-        doc["search"] = {"considered": sr.considered, "feasible": sr.feasible,
-                         "top": [t.to_json() for t in sr.top]}
-        text.append(f"searched {sr.considered} layouts ({sr.feasible} meet {target:g} tok/s/user and fit); top:")
-        text.append(f"  {'ep':>5s} {'dp':>5s} {'tp':>3s} {'copies':>6s} {'overlap':>7s} {'batch':>8s} "
-                    f"{'tok/s/device':>12s} {'tok/s/node':>11s} {'tok/s/user':>10s}  bottleneck")
-        for t in sr.top:
-            tl = t.layout
-            text.append(f"  {tl.ep:5d} {tl.dp:5d} {tl.tp:3d} {tl.redundant_experts:6d} "
-                        f"{'on' if tl.two_batch_overlap else 'off':>7s} {tl.batch:8.1f} "
-                        f"{t.tokens_per_s_per_device:12,.0f} {t.tokens_per_s_per_node:11,.0f} "
-                        f"{t.tokens_per_s_per_user:10.1f}  {t.bottleneck}")
-        text.append("best:")
-        r = sr.best
-    else:
-        r = plan_cluster(spec, machine, lay, precision=precision)
-    doc.update(r.to_json())
-    text += summary_lines(r)
-    bal = imbalance_cost(spec, machine, r, precision=precision)
-    if bal is not None:
-        cost = bal.tokens_per_s_per_node - r.tokens_per_s_per_node
-        doc["imbalance_cost_tokens_per_s_per_node"] = cost
-        text.append(f"  load imbalance {r.imbalance:.3f} costs {cost:,.0f} tok/s per node "
-                    f"({cost / bal.tokens_per_s_per_node:.1%}) vs perfectly balanced experts")
-    prof = getattr(args, "routing_profile", None)
-    zipf = getattr(args, "zipf", 0.0) or 0.0
-    if spec.is_moe and r.layout.ep > 1 and (prof or zipf > 0) and getattr(args, "imbalance", None) is None:
-        loads = eplb.load_profile(prof) if prof else eplb.zipf_loads(spec.num_experts, zipf)
-        rep = replication_report(spec, machine, r.layout, loads, precision=precision)
-        doc["replication"] = rep
-        text.append("  expert placement (slowest device sets the step):")
-        for row in rep:
-            text.append(f"    {row['placement']:34s} max/mean {row['placement_imbalance']:.3f} "
-                        f"(x noise -> {row['imbalance']:.3f})  {row['tokens_per_s_per_node']:>10,.0f} tok/s/node")
-    if getattr(args, "explain", False):
-        text += explain_lines(r)
-    what_ifs = getattr(args, "what_if", None) or []
-    if isinstance(what_ifs, str):
-        what_ifs = [what_ifs]
-    if what_ifs:
-        changes = [c for w in what_ifs for c in (whatif_cluster.DEFAULT_CHAIN if w.strip() == "chain" else (w,))]
-        steps = whatif_cluster.what_if_chain(spec, machine, r.layout, changes, precision=precision)
-        doc["what_if"] = [{"change": s.label, **s.result.to_json()} for s in steps]
-        text += ["", whatif_cluster.format_chain(steps)]
-    plot = getattr(args, "what_if_plot", None)
-    if plot:
-        res = getattr(args, "what_if_scale", "hbm_bw")
-        sweep = whatif_cluster.share_sweep(spec, machine, r.layout, res, precision=precision)
-        p = whatif_cluster.plot_shares(sweep, plot, res)
-        doc["what_if_plot"] = str(p)
-        text.append(f"wrote {p}: shares of compute / memory / communication as {res} scales 1x..32x")
-    if as_json:
-        print(json.dumps(doc, indent=2, default=float))
-    else:
-        print("\n".join(text))
-    return 0
-
-
-def _run_published(spec: ModelSpec, machine: Machine, args: argparse.Namespace) -> int:
-    """``--published``: the four DeepSeek H800 figures, predicted with the one H800 calibration."""
-    from moetier.planner.calibration import PUBLISHED, predict_published
-
-    if spec.family != "deepseek_v3" or spec.num_experts != 256:
-        raise ClusterError(f"--published: the published figures are for DeepSeek-V3/R1; got model {spec.name!r}")
-    if not machine.name.lower().startswith("h800"):
-        raise ClusterError(f"--published: the published figures were measured on H800; got --machine {machine.name!r}")
-    rows, text = [], []
-    for fig in PUBLISHED:
-        r = predict_published(fig, spec, machine)
-        err = r.tokens_per_s_per_node / fig.reference - 1
-        rows.append({"figure": fig.name, "what": fig.what, "published_tokens_per_s_per_node": fig.reference,
-                     "error": err, **r.to_json()})
-        text.append(f"{fig.name}: published {fig.reference:,.0f}, predicted {r.tokens_per_s_per_node:,.0f} "
-                    f"tok/s per node ({err:+.1%}) -- {fig.what}")
-        if getattr(args, "explain", False):
-            text += ["  " + line for line in summary_lines(r) + explain_lines(r)]
-            text.append("")
-    if getattr(args, "json", False):
-        print(json.dumps({"published": rows}, indent=2, default=float))
-    else:
-        print("\n".join(text))
-    return 0
+                        top=tuple(found[:keep]), space=search_space(spec, machine, base, fixed), fixed=fixed)

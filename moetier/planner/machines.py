@@ -300,11 +300,13 @@ def _catalog() -> dict[str, Machine]:
     m["ascend-910c"] = Machine(
         name="ascend-910c",
         tiers=(_hbm(128 * GB, 3.2 * TB),),
-        flops={"bf16": 752 * T},
+        flops={"bf16": 752 * T, "int8": 1504 * T},
         efficiency=ACCEL_EFF, compute_tier="hbm",
         scale_up_bw=392 * GB, scale_up_domain=384, scale_out_bw=50 * GB, confidence="U", source=HW,
-        notes=("Huawei Ascend 910C; BF16 ~752-780 TF/s (low end used); INT8 used for serving, "
-               "figure unknown", "UB >= 392 GB/s per dir; CloudMatrix 384 = 384 chips",
+        notes=("Huawei Ascend 910C; BF16 ~752-780 TF/s (low end used)",
+               "INT8 ~1,504 TOPS (U): the CloudMatrix384 paper's 1,943 tok/s/NPU = 1.29 tok/s per TFLOPS "
+               "and 6,688 = 4.45 per TFLOPS both imply ~1,505 TFLOPS per chip (2 dies) = 2x BF16",
+               "UB >= 392 GB/s per dir; CloudMatrix 384 = 384 chips",
                "400 Gb/s RDMA scale-out", EFF_NOTE),
     )
     m["groq-lpu"] = Machine(

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from moetier.cli import main
-from moetier.planner import cluster, whatif_cluster
-from moetier.planner.calibration import H800, calibration_for
+from moetier.planner import cluster, cluster_cli, whatif_cluster
+from moetier.planner.calibration import DEFAULT, calibration_for
 from moetier.planner.cluster import ClusterError, Layout, plan_cluster
 from moetier.planner.machines import get_machine
 from moetier.spec import resolve_model
@@ -30,10 +30,14 @@ def _plan(spec, m, **kw):
     return plan_cluster(spec, m, Layout(**kw), precision="fp8")
 
 
-def test_calibration_is_the_one_h800_set(h800):
-    assert calibration_for(h800) is H800
-    other = calibration_for(get_machine("gb200"))
-    assert other.overlap == H800.overlap and other.compute == get_machine("gb200").efficiency.compute
+def test_one_fitted_calibration_chip_facts_differ(h800):
+    """One fitted set for every machine; the chip differences come from cited per-chip constants."""
+    gb = get_machine("gb200")
+    assert calibration_for(h800) is DEFAULT and calibration_for(gb) is DEFAULT
+    r1 = _plan(resolve_model("deepseek-v3"), h800, devices=8, batch=64, context=2048)
+    r2 = _plan(resolve_model("deepseek-v3"), gb, devices=8, batch=64, context=2048)
+    assert r1.chip.family == "hopper" and r2.chip.family == "blackwell"
+    assert r1.chip.mma_m == 64 and r2.chip.mma_m == 128
 
 
 def test_mla_kv_bytes_per_token(ds):
@@ -92,8 +96,8 @@ def test_overlap_and_sums(ds, h800):
     on = _plan(ds, h800, devices=144, batch=96, context=4096)
     off = _plan(ds, h800, devices=144, batch=96, context=4096, two_batch_overlap=False)
     assert off.hidden_s == 0
-    assert off.step_s == pytest.approx(off.compute_s + off.memory_s + off.comm_s)
-    assert on.step_s == pytest.approx(on.compute_s + on.memory_s + on.comm_s - on.hidden_s)
+    assert off.step_s == pytest.approx(off.compute_s + off.memory_s + off.comm_s + off.latency_s)
+    assert on.step_s == pytest.approx(on.compute_s + on.memory_s + on.comm_s + on.latency_s - on.hidden_s)
     assert on.hidden_s > 0
     assert sum(on.shares.values()) == pytest.approx(1.0)
 
@@ -260,3 +264,78 @@ def test_layout_replace_keeps_validation(ds, h800):
     sh = cluster.model_shape(ds, "fp8")
     assert r.weight_bytes > plan_cluster(ds, h800, lay, precision="fp8").weight_bytes
     assert sh.n_moe == 58
+
+
+def test_search_keeps_every_parallelism_flag_given(capsys):
+    main(["plan", "deepseek-v3", "--machine", "gb200", "--precision", "fp8", "--devices", "72", "--ep", "72",
+          "--search", "--target-tps-per-user", "20", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["search"]["fixed"] == ["ep"]
+    assert doc["ep"] == 72 and all(t["ep"] == 72 for t in doc["search"]["top"])
+    assert len({t["tp"] for t in doc["search"]["top"]}) >= 1
+    main(["plan", "deepseek-v3", "--machine", "gb200", "--precision", "fp8", "--devices", "72", "--ep", "72",
+          "--tp", "2", "--search", "--target-tps-per-user", "20", "--explain"])
+    text = capsys.readouterr().out
+    assert "ep                 72  (set by you)" in text and "tp                 2  (set by you)" in text
+    assert "chosen layout: ep 72, dp 36, tp 2" in text
+
+
+def test_search_without_flags_varies_ep(ds, h800):
+    base = cluster.validate(Layout(devices=32, batch=64, context=2048), ds, h800)
+    sp = cluster.search_space(ds, h800, base)
+    assert len(sp["ep"]) > 1 and len(sp["tp"]) > 1
+    fixed = cluster.search_space(ds, h800, base, {"ep", "tp"})
+    assert fixed["ep"] == [32] and fixed["tp"] == [1]
+
+
+def test_units_a_person_reads():
+    assert cluster_cli.fmt_time(0.472455) == "472 ms"
+    assert cluster_cli.fmt_time(0.0034567) == "3.46 ms"
+    assert cluster_cli.fmt_time(8.53e-5) == "85.3 us"
+    assert cluster_cli.fmt_time(1.5) == "1.5 s"
+    assert cluster_cli.fmt_count(89.4784) == "89"
+    assert cluster_cli.fmt_count(1408) == "1,408"
+    assert cluster_cli.fmt_count(2.345) == "2.3"
+    assert cluster_cli.fmt_count(0.125) == "0.12"
+
+
+def test_plan_prints_uncertainty_band_and_readable_units(capsys):
+    main(["plan", "deepseek-v3", "--machine", "h800", "--precision", "fp8", "--devices", "144",
+          "--batch-per-device", "89.4784", "--explain"])
+    text = capsys.readouterr().out
+    assert "uncertainty:" in text and "leave-one-chip-out" in text
+    assert "batch 89 requests/device" in text
+    assert "472.455m" not in text and not any(w.endswith("m") and w[:-1].replace(".", "").isdigit()
+                                              for w in text.split())
+
+
+def test_padding_to_the_tensor_core_tile(ds, h800):
+    """A decode GEMM with fewer token rows than the tile executes the whole tile."""
+    r = _plan(ds, h800, devices=256, batch=4, context=1024, imbalance=1.0, two_batch_overlap=False)
+    routed = next(o for o in r.ops if o.name == "routed experts")
+    assert routed.padded_flops > routed.flops  # 4 x 8 / 2 slots = 16 rows per expert < 64
+    assert routed.bound in ("memory", "latency")
+
+
+def test_fabric_latency_floor_per_collective(ds, h800):
+    r = _plan(ds, h800, devices=144, batch=1, context=1024, imbalance=1.0)
+    c = r.comm
+    # two phases (dispatch, combine) x two micro-batches x the InfiniBand floor
+    assert c.latency_s == pytest.approx(4 * r.fabrics.scale_out.alpha_s)
+    assert "InfiniBand" in c.fabric
+
+
+def test_search_with_ep_above_expert_count_keeps_it(capsys):
+    assert main(["plan", "deepseek-v3", "--machine", "ascend-910c", "--precision", "int8", "--devices", "320",
+                 "--ep", "320", "--search", "--target-tps-per-user", "20", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert all(t["ep"] == 320 for t in doc["search"]["top"])
+    assert all(t["layout"]["redundant_experts"] >= 64 for t in doc["search"]["top"])
+
+
+def test_batch_one_across_a_tp_group_reads_as_one_request(capsys):
+    main(["plan", "deepseek-v3", "--machine", "b200", "--precision", "mixed:attention=bf16,ffn=nvfp4",
+          "--devices", "8", "--tp", "8", "--ep", "8", "--batch-per-device", "0.125", "--no-overlap"])
+    text = capsys.readouterr().out
+    assert "1 request per TP group of 8 (0.12/device)" in text
+    assert "bottleneck: latency" in text
