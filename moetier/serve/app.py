@@ -13,7 +13,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
@@ -22,8 +22,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from moetier.serve.engine import Engine, ModelBackend, OpenAIServing
+from moetier.serve.guard import HostPolicy, RequestGuard, guarded_protocol
 from moetier.serve.metrics import ServeMetrics
 from moetier.serve.protocol import ServeError, error_body
 from moetier.serve.routes import router
@@ -31,6 +34,8 @@ from moetier.serve.routes import router
 log = logging.getLogger("moetier.serve")
 
 MAX_AUTO_BODY_BYTES = 32 << 20
+DEFAULT_READ_TIMEOUT = 15.0  # s: a request's headers, and each pause in its body
+DEFAULT_MAX_CONNECTIONS = 256
 
 
 def auto_body_limit(context_length: int, max_token_chars: int) -> int:
@@ -106,8 +111,17 @@ def build_app(
     backend: ModelBackend | None = None,
     max_restarts: int = 5,
     restart_delay: float = 1.0,
+    host: str = "127.0.0.1",
+    allow_hosts: Sequence[str] = (),
+    allow_origins: Sequence[str] = (),
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> FastAPI:
-    """The ASGI app serving ``model`` (a runtime Model) under the name ``model_name``."""
+    """The ASGI app serving ``model`` (a runtime Model) under the name ``model_name``.
+
+    ``host`` is the address it will be bound to (for the Host check, with ``allow_hosts``);
+    ``allow_origins`` are the web origins allowed to call it (CORS); ``read_timeout`` and
+    ``max_connections`` are applied by :func:`serve` / :class:`BackgroundServer`."""
     metrics = ServeMetrics()
     engine = Engine(
         backend or ModelBackend(model),
@@ -134,6 +148,8 @@ def build_app(
     be = engine.backend
     app.state.max_body_bytes = max_body_bytes or auto_body_limit(be.context_length, be.max_token_chars)
     app.state.cpu_limiter = anyio.CapacityLimiter(prepare_workers)
+    app.state.read_timeout = read_timeout
+    app.state.max_connections = max_connections
     app.include_router(router)
 
     @app.exception_handler(ServeError)
@@ -163,8 +179,34 @@ def build_app(
             500, error_body(f"Internal server error: {type(exc).__name__}", type="server_error", code="internal_error")
         )
 
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        return _error_response(499, error_body("client disconnected", code="client_disconnected"))
+
+    if allow_origins:  # CORS headers and preflights for the origins allowed (RequestGuard refuses the rest)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Request-Id"],
+            max_age=600,
+        )
+    app.add_middleware(RequestGuard, hosts=HostPolicy(host, allow_hosts), allow_origins=allow_origins)
     app.add_middleware(AccessLog, metrics=metrics)
     return app
+
+
+def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str, **kw: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        http=guarded_protocol(app.state.read_timeout, app.state.max_connections),
+        **kw,
+    )
 
 
 def _configure_logging(level: str) -> None:
@@ -180,7 +222,7 @@ def _configure_logging(level: str) -> None:
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run ``app`` with uvicorn until interrupted (our access log replaces uvicorn's)."""
     _configure_logging(log_level)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(_uvicorn_config(app, host, port, log_level, timeout_graceful_shutdown=5)).run()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -196,7 +238,7 @@ class BackgroundServer:
         self.app = app
         self.host = host
         self.port = port or free_port(host)
-        cfg = uvicorn.Config(app, host=host, port=self.port, log_level=log_level, access_log=False, lifespan="on")
+        cfg = _uvicorn_config(app, host, self.port, log_level, lifespan="on")
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, name="moetier-uvicorn", daemon=True)
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from moetier.serve.engine import OpenAIServing, RequestHandle
 from moetier.serve.metrics import model_metrics_snapshot
@@ -56,6 +57,13 @@ async def require_api_key(request: Request) -> None:
 async def read_body(request: Request) -> bytes:
     """The request body, refusing more than ``app.state.max_body_bytes`` (413)."""
     limit: int = request.app.state.max_body_bytes
+    ctype = request.headers.get("content-type", "")
+    if ctype.partition(";")[0].strip().lower() != "application/json":
+        raise ServeError(
+            415,
+            f"Content-Type must be application/json, got {ctype or 'none'!r}",
+            code="unsupported_media_type",
+        )
     cl = request.headers.get("content-length")
     if cl is not None:
         try:
@@ -66,11 +74,14 @@ async def read_body(request: Request) -> bytes:
             raise ServeError(413, f"Request body is {n} bytes; the limit is {limit} bytes", code="request_too_large")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServeError(413, f"Request body exceeds the limit of {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServeError(413, f"Request body exceeds the limit of {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone (or timed out) mid-body: logged as 499, not 500
+        raise ServeError(499, "client disconnected while sending the body", code="client_disconnected") from None
     return b"".join(chunks)
 
 

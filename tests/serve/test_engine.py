@@ -116,7 +116,7 @@ def test_one_access_log_line_per_request(tiny_dir: Path, caplog: Any) -> None:
     with caplog.at_level(logging.INFO, logger="moetier.serve"), BackgroundServer(app) as srv:
         c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=30)
         c.completions.create(model=SERVED, prompt="hello", max_tokens=3, temperature=0)
-        httpx.post(srv.base_url + "/v1/completions", content=b"{bad")
+        httpx.post(srv.base_url + "/v1/completions", content=b"{bad", headers={"Content-Type": "application/json"})
         time.sleep(0.2)
     lines = [
         r.getMessage() for r in caplog.records if r.name == "moetier.serve" and "/v1/completions" in r.getMessage()

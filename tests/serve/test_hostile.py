@@ -371,3 +371,149 @@ def test_valid_surrogate_pairs_are_accepted(server: BackgroundServer) -> None:
     body = b'{"model": "served", "prompt": "smile \\ud83d\\ude00", "max_tokens": 2}'
     r = httpx.post(server.base_url + CO, content=body, headers=JSON, timeout=30)
     assert r.status_code == 200, r.text
+
+
+# --------------------------------------------------------------------------- web pages (item 4)
+
+
+@pytest.fixture(scope="module")
+def cors_server(tiny_dir: Path) -> Iterator[BackgroundServer]:
+    app = build_app(
+        moetier.load(tiny_dir),
+        model_name=SERVED,
+        allow_origins=["http://app.example:3000"],
+        allow_hosts=["my.box", ".lan.example"],
+    )
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+def test_allowed_origin_gets_cors_and_others_are_refused(cors_server: BackgroundServer) -> None:
+    url = cors_server.base_url
+    ok_origin = {"Origin": "http://app.example:3000"}
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    pre = httpx.options(url + CO, headers={**ok_origin, **preflight})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.example:3000"
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    r = httpx.post(url + CO, json=_body(CO), headers=ok_origin, timeout=30)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example:3000"
+    for origin in ("http://app.example:3001", "https://app.example:3000", "http://evil.example"):
+        r = httpx.post(url + CO, json=_body(CO), headers={"Origin": origin}, timeout=30)
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers, origin
+    # a cross-site "simple" request (text/plain, no preflight) never reaches generation
+    r = httpx.post(url + CO, content=json.dumps(_body(CO)), headers={**ok_origin, "Content-Type": "text/plain"})
+    assert r.status_code == 415
+
+
+def test_host_header_checked(cors_server: BackgroundServer) -> None:
+    url, port = cors_server.base_url, cors_server.port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST.", f"[::1]:{port}", "10.1.2.3", "my.box",
+                 "a.lan.example", "lan.example"):
+        assert httpx.get(url + "/health", headers={"Host": host}).status_code == 200, host
+    for host in ("attacker.example", f"attacker.example:{port}", "my.box.evil", "xlan.example", "localhost.evil"):
+        r = httpx.get(url + "/health", headers={"Host": host})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", host
+
+
+def test_host_policy_for_bound_names() -> None:
+    from moetier.serve.guard import HostPolicy
+
+    assert HostPolicy("myhost.internal").allows("myhost.internal:8000")
+    assert not HostPolicy("0.0.0.0").allows("evil.example")
+    assert HostPolicy("0.0.0.0").allows("192.168.1.5:8000")
+    assert HostPolicy("127.0.0.1", ["*"]).allows("anything.example")
+
+
+# --------------------------------------------------------------------------- slow clients (item 7)
+
+
+@pytest.fixture()
+def timeout_server(tiny_dir: Path) -> Iterator[BackgroundServer]:
+    app = build_app(moetier.load(tiny_dir), model_name=SERVED, read_timeout=1.0, max_connections=6)
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+def _closed_within(sock: Any, seconds: float) -> bytes | None:
+    """Everything the server sent until it closed the connection, or None if still open after ``seconds``."""
+
+    sock.settimeout(0.2)
+    got = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+    return None
+
+
+def test_idle_half_sent_and_slow_loris_connections_are_closed(timeout_server: BackgroundServer) -> None:
+    import socket
+
+    addr = ("127.0.0.1", timeout_server.port)
+    with socket.create_connection(addr) as idle:
+        assert _closed_within(idle, 8) is not None, "an idle connection stayed open"
+    with socket.create_connection(addr) as half:
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        got = _closed_within(half, 8)
+        assert got is not None and got.startswith(b"HTTP/1.1 408"), got
+    with socket.create_connection(addr) as loris:  # one header byte every 0.2 s never completes
+        loris.settimeout(0.2)
+        t0 = time.monotonic()
+        closed = False
+        for b in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200:
+            try:
+                loris.sendall(bytes([b]))
+                if loris.recv(4096) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            if time.monotonic() - t0 > 10:
+                break
+        assert closed, "a slow-loris connection was kept open"
+    assert httpx.get(timeout_server.base_url + "/health").status_code == 200
+
+
+def test_stalled_body_is_499_not_500(timeout_server: BackgroundServer, caplog: Any) -> None:
+    import logging
+    import socket
+
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{\"prompt\": \"")
+    with caplog.at_level(logging.INFO, logger="moetier.serve"):
+        with socket.create_connection(("127.0.0.1", timeout_server.port)) as s:
+            s.sendall(head)
+            assert _closed_within(s, 8) is not None, "a stalled body kept the connection open"
+        with socket.create_connection(("127.0.0.1", timeout_server.port)) as s:  # drops mid-body
+            s.sendall(head)
+            time.sleep(0.3)
+        _wait(lambda: sum('"POST /v1/completions"' in r.getMessage() for r in caplog.records) >= 2, timeout=10)
+    lines = [r.getMessage() for r in caplog.records if '"POST /v1/completions"' in r.getMessage()]
+    assert all('" 499 ' in line for line in lines), lines
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_connection_limit(timeout_server: BackgroundServer) -> None:
+    import socket
+
+    addr = ("127.0.0.1", timeout_server.port)
+    held = [socket.create_connection(addr) for _ in range(6)]
+    try:
+        time.sleep(0.1)
+        with socket.create_connection(addr) as extra:
+            got = _closed_within(extra, 5)
+            assert got is not None and got.startswith(b"HTTP/1.1 503"), got
+    finally:
+        for s in held:
+            s.close()
+    _wait(lambda: httpx.get(timeout_server.base_url + "/health").status_code == 200)
