@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 import threading
 import time
@@ -116,6 +117,7 @@ def build_app(
     allow_origins: Sequence[str] = (),
     read_timeout: float = DEFAULT_READ_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    metrics_public: bool = False,
 ) -> FastAPI:
     """The ASGI app serving ``model`` (a runtime Model) under the name ``model_name``.
 
@@ -148,13 +150,19 @@ def build_app(
     be = engine.backend
     app.state.max_body_bytes = max_body_bytes or auto_body_limit(be.context_length, be.max_token_chars)
     app.state.cpu_limiter = anyio.CapacityLimiter(prepare_workers)
+    app.state.metrics_public = metrics_public
     app.state.read_timeout = read_timeout
     app.state.max_connections = max_connections
     app.include_router(router)
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return _error_response(exc.status, exc.body())
+        resp = _error_response(exc.status, exc.body())
+        if exc.status in (429, 503):
+            resp.headers["Retry-After"] = "1"
+        elif exc.status == 401:
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="moetier"'
+        return resp
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -197,6 +205,20 @@ def build_app(
     return app
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose shutdown (SIGTERM, Ctrl-C, ``should_exit``) first drains the engine:
+    running requests get until ``shutdown_timeout`` x 0.8 to finish, then end with an error
+    (streams: an error chunk and ``[DONE]``), before uvicorn's own deadline cuts connections."""
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        app = self.config.app
+        serving = getattr(getattr(app, "state", None), "serving", None)
+        timeout = self.config.timeout_graceful_shutdown or 0
+        if serving is not None:
+            serving.engine.drain(0.8 * timeout)
+        await super().shutdown(sockets)
+
+
 def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str, **kw: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -219,10 +241,14 @@ def _configure_logging(level: str) -> None:
     logger.propagate = False
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run ``app`` with uvicorn until interrupted (our access log replaces uvicorn's)."""
+def serve(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", shutdown_timeout: float = 10.0
+) -> None:
+    """Run ``app`` with uvicorn until interrupted (our access log replaces uvicorn's); on SIGTERM
+    or Ctrl-C, in-flight requests are drained within ``shutdown_timeout`` seconds."""
     _configure_logging(log_level)
-    uvicorn.Server(_uvicorn_config(app, host, port, log_level, timeout_graceful_shutdown=5)).run()
+    cfg = _uvicorn_config(app, host, port, log_level, timeout_graceful_shutdown=max(1, math.ceil(shutdown_timeout)))
+    DrainingServer(cfg).run()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -234,12 +260,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 class BackgroundServer:
     """Run an app with uvicorn on a thread on a free loopback port (tests, benchmarks)."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning"):
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_level: str = "warning",
+        shutdown_timeout: int = 5,
+    ):
         self.app = app
         self.host = host
         self.port = port or free_port(host)
-        cfg = _uvicorn_config(app, host, self.port, log_level, lifespan="on")
-        self.server = uvicorn.Server(cfg)
+        cfg = _uvicorn_config(
+            app, host, self.port, log_level, lifespan="on", timeout_graceful_shutdown=shutdown_timeout
+        )
+        self.server = DrainingServer(cfg)
         self.thread = threading.Thread(target=self.server.run, name="moetier-uvicorn", daemon=True)
 
     @property

@@ -8,7 +8,6 @@ OpenAI's error JSON. A client that disconnects (streaming or not) cancels its re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -40,6 +39,8 @@ def _serving(request: Request) -> OpenAIServing:
 async def require_api_key(request: Request) -> None:
     key: str | None = request.app.state.api_key
     if not key:
+        return
+    if request.url.path == "/metrics" and request.app.state.metrics_public:
         return
     auth = request.headers.get("authorization")
     if not auth:
@@ -99,16 +100,23 @@ async def _until_done_or_disconnect(request: Request, handle: RequestHandle, cor
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():
-            _serving(request).engine.cancel(handle)
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
             raise ServeError(499, "client disconnected", code="client_disconnected")
         return work.result()
     finally:
-        gone.cancel()
         if not handle.done:
             _serving(request).engine.cancel(handle)
+        await _settle(work, gone)
+
+
+async def _settle(*tasks: asyncio.Future[Any] | None) -> None:
+    """Cancel ``tasks`` and wait until they are done, even while our own task is being cancelled
+    (a task left pending is destroyed pending: asyncio's "Task was destroyed but it is pending!")."""
+    live = [t for t in tasks if t is not None and not t.done()]
+    for t in live:
+        t.cancel()
+    if live:
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*live, return_exceptions=True)
 
 
 def _sse(request: Request, handle: RequestHandle, chunks: AsyncIterator[str]) -> StreamingResponse:
@@ -118,14 +126,12 @@ def _sse(request: Request, handle: RequestHandle, chunks: AsyncIterator[str]) ->
         # wait for the next chunk OR the client leaving (also while still queued, before any chunk)
         gone = asyncio.ensure_future(_wait_disconnect(request))
         it = chunks.__aiter__()
+        nxt: asyncio.Future[str] | None = None
         try:
             while True:
                 nxt = asyncio.ensure_future(it.__anext__())
                 await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if not nxt.done():
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await nxt
                     break
                 try:
                     data = nxt.result()
@@ -134,9 +140,11 @@ def _sse(request: Request, handle: RequestHandle, chunks: AsyncIterator[str]) ->
                     break
                 yield f"data: {data}\n\n"
         finally:
-            gone.cancel()
             if not handle.done:
                 serving.engine.cancel(handle)
+            await _settle(nxt, gone)
+            with anyio.CancelScope(shield=True):
+                await it.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(
         gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Request-Id": handle.id}
@@ -167,7 +175,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(require_api_key)])
 async def metrics(request: Request) -> PlainTextResponse:
     s = _serving(request)
     text = s.engine.metrics.render(

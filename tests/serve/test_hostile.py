@@ -173,6 +173,7 @@ def test_engine_thread_death_is_503_then_restarted(poison_server: Any) -> None:
     assert h.status_code == 503 and h.json()["status"] == "error" and "EngineCrash" in h.json()["reason"]
     r = _post(url, CO, _body(CO), timeout=10)
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    assert int(r.headers["retry-after"]) >= 1
     # the supervisor restarts it
     _wait(lambda: httpx.get(url + "/health", timeout=10).status_code == 200)
     assert httpx.get(url + "/health", timeout=10).json()["restarts"] == 1
@@ -517,3 +518,105 @@ def test_connection_limit(timeout_server: BackgroundServer) -> None:
         for s in held:
             s.close()
     _wait(lambda: httpx.get(timeout_server.base_url + "/health").status_code == 200)
+
+
+# --------------------------------------------------------------------------- disconnects and shutdown (item 8)
+
+
+def test_disconnect_storm_leaves_no_pending_tasks_and_frees_everything(tiny_dir: Path, caplog: Any) -> None:
+    import gc
+    import logging
+    import random
+
+    from tests.serve.conftest import SlowBackend
+
+    model = moetier.load(tiny_dir)
+    backend = SlowBackend(model, delay=0.005)
+    app = build_app(model, model_name=SERVED, backend=backend, max_batch=8)
+    rng = random.Random(5)
+    cut = [rng.randrange(0, 15) for _ in range(24)]
+
+    def client(i: int) -> None:
+        body = _body(CO if i % 2 else CH, max_tokens=300, stream=True)
+        with httpx.stream("POST", srv.base_url + (CO if i % 2 else CH), json=body, timeout=60) as r:
+            for k, _ in enumerate(r.iter_lines()):
+                if k >= cut[i]:
+                    break  # the client goes away mid-stream (or while queued)
+
+    with caplog.at_level(logging.WARNING), BackgroundServer(app) as srv:
+        with cf.ThreadPoolExecutor(12) as ex:
+            list(ex.map(client, range(24)))
+        _wait(lambda: httpx.get(srv.base_url + "/health").json()["running"] == 0)
+        gc.collect()
+        time.sleep(0.3)
+        assert all(seq.length == 0 for seq in backend.sequences)
+        assert _post(srv.base_url, CO, _body(CO, temperature=0)).status_code == 200
+    bad = [r.getMessage()[:200] for r in caplog.records if r.name == "asyncio"]
+    assert not bad, bad
+
+
+def test_shutdown_drains_running_streams_and_refuses_waiting(tiny_dir: Path) -> None:
+    from tests.serve.conftest import SlowBackend
+
+    model = moetier.load(tiny_dir)
+    backend = SlowBackend(model, delay=0.05)  # 400 tokens would take 20 s
+    app = build_app(model, model_name=SERVED, backend=backend, max_batch=1)
+    srv = BackgroundServer(app, shutdown_timeout=2).start()
+    body = _body(CO, max_tokens=400, stream=True)
+    results: dict[str, Any] = {}
+
+    def waiting() -> None:
+        results["waiting"] = _post(srv.base_url, CO, {**body, "stream": False})
+
+    try:
+        with httpx.stream("POST", srv.base_url + CO, json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            t = threading.Thread(target=waiting)
+            t.start()
+            _wait(lambda: httpx.get(srv.base_url + "/health").json()["waiting"] == 1)
+            t0 = time.monotonic()
+            stopper = threading.Thread(target=srv.stop)
+            stopper.start()
+            rest = [x for x in lines if x]
+            elapsed = time.monotonic() - t0
+        t.join(10)
+    finally:
+        srv.stop()
+    assert rest[-1] == "data: [DONE]"
+    err = json.loads(rest[-2][6:])["error"]
+    assert err["code"] == "engine_unavailable" and "shutting down" in err["message"]
+    assert elapsed < 10  # ended by the drain (~1.6 s), long before the 20 s the generation needed
+    assert results["waiting"].status_code == 503 and results["waiting"].headers["retry-after"]
+
+
+# --------------------------------------------------------------------------- auth and harmless fields (items 9, 10)
+
+
+def test_metrics_need_the_key_unless_public(tiny_dir: Path) -> None:
+    model = moetier.load(tiny_dir)
+    for public in (False, True):
+        app = build_app(model, model_name=SERVED, api_key="sekret", metrics_public=public)
+        with BackgroundServer(app) as srv:
+            r = httpx.get(srv.base_url + "/metrics")
+            assert r.status_code == (200 if public else 401)
+            if not public:
+                assert r.headers["www-authenticate"].startswith("Bearer")
+            ok = httpx.get(srv.base_url + "/metrics", headers={"Authorization": "Bearer sekret"})
+            assert ok.status_code == 200 and "moetier_requests_total" in ok.text
+            assert httpx.get(srv.base_url + "/health").status_code == 200  # always open
+            r = httpx.post(srv.base_url + CO, json=_body(CO))
+            assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_harmless_openai_fields_are_accepted(server: BackgroundServer) -> None:
+    harmless = {"store": False, "service_tier": "auto", "metadata": {"k": "v"}, "prompt_cache_key": "p",
+                "safety_identifier": "s", "user": "u"}
+    want = _post(server.base_url, CO, _body(CO, temperature=0)).json()["choices"][0]["text"]
+    r = _post(server.base_url, CO, _body(CO, temperature=0, **harmless))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    r = _post(server.base_url, CH, _body(CH, modalities=["text"], prediction={"type": "content", "content": "x"},
+                                         **harmless))
+    assert r.status_code == 200, r.text
+    for bad in ({"n": 2}, {"logprobs": True}, {"modalities": ["audio"]}):
+        assert _post(server.base_url, CH, _body(CH, **bad)).status_code == 400, bad

@@ -409,6 +409,7 @@ def test_queue_full_gives_429_and_recovers(slow_server: Any) -> None:
                     json={"model": SERVED, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]},
                 )
                 assert r.status_code == 429 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+                assert int(r.headers["retry-after"]) >= 1
                 assert second.status_code == 200
         _wait(lambda: _health(srv) == {**_health(srv), "running": 0, "waiting": 0})
         m = metrics(srv)
