@@ -47,7 +47,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--api-key",
         default=os.environ.get("MOETIER_API_KEY"),
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on /v1 (default: $MOETIER_API_KEY, else none)",
+        help="require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $MOETIER_API_KEY, else none; "
+        "prefer the variable: a key on the command line is visible in ps)",
+    )
+    p.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve /metrics without the API key (for a scraper on a trusted network); /health is always open",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="on SIGTERM/Ctrl-C, seconds to let running requests finish before ending them with an error "
+        "(streams get an error chunk and [DONE]) (default 10)",
     )
     p.add_argument(
         "--max-queue",
@@ -71,6 +85,36 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         metavar="SIZE",
         help="largest request body, e.g. 1MiB (default auto: sized from the context window, at most 32MiB)",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also serve requests whose Host header is NAME (repeatable; '.example.com' for a domain, '*' for "
+        "any). Served by default: localhost, IP addresses and the --host name (DNS-rebinding protection)",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the API, with CORS "
+        "headers (repeatable); requests with any other Origin header are refused (403)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="seconds a client may take to send a request's headers, or pause while sending its body (default 15)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        metavar="N",
+        help="open connections allowed; more are answered 503 and closed (default 256)",
     )
     p.add_argument(
         "--served-model-name",
@@ -114,6 +158,12 @@ def run(args: argparse.Namespace) -> int:
     ):
         if v < 1:
             raise MoetierError(f"{flag}: must be at least 1, got {v}")
+    if args.max_connections < 1:
+        raise MoetierError(f"--max-connections: must be at least 1, got {args.max_connections}")
+    if not args.shutdown_timeout > 0:
+        raise MoetierError(f"--shutdown-timeout: must be > 0 seconds, got {args.shutdown_timeout}")
+    if not args.read_timeout > 0:
+        raise MoetierError(f"--read-timeout: must be > 0 seconds, got {args.read_timeout}")
     if not 0 <= args.port <= 65535:
         raise MoetierError(f"--port: expected 0..65535, got {args.port}")
     max_body = None if args.max_body == "auto" else parse_bytes(args.max_body, "--max-body")
@@ -131,9 +181,15 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_step_tokens=args.max_step_tokens,
         max_body_bytes=max_body,
+        host=args.host,
+        allow_hosts=args.allow_host,
+        allow_origins=args.allow_origin,
+        read_timeout=args.read_timeout,
+        max_connections=args.max_connections,
+        metrics_public=args.metrics_public,
     )
     print(f"moetier: serving {name} on http://{args.host}:{args.port}/v1", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"moetier: warning: listening on {args.host} without --api-key", file=sys.stderr, flush=True)
-    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout)
     return 0

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
@@ -22,8 +23,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from moetier.serve.engine import Engine, ModelBackend, OpenAIServing
+from moetier.serve.guard import HostPolicy, RequestGuard, guarded_protocol
 from moetier.serve.metrics import ServeMetrics
 from moetier.serve.protocol import ServeError, error_body
 from moetier.serve.routes import router
@@ -31,6 +35,8 @@ from moetier.serve.routes import router
 log = logging.getLogger("moetier.serve")
 
 MAX_AUTO_BODY_BYTES = 32 << 20
+DEFAULT_READ_TIMEOUT = 15.0  # s: a request's headers, and each pause in its body
+DEFAULT_MAX_CONNECTIONS = 256
 
 
 def auto_body_limit(context_length: int, max_token_chars: int) -> int:
@@ -106,8 +112,18 @@ def build_app(
     backend: ModelBackend | None = None,
     max_restarts: int = 5,
     restart_delay: float = 1.0,
+    host: str = "127.0.0.1",
+    allow_hosts: Sequence[str] = (),
+    allow_origins: Sequence[str] = (),
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    metrics_public: bool = False,
 ) -> FastAPI:
-    """The ASGI app serving ``model`` (a runtime Model) under the name ``model_name``."""
+    """The ASGI app serving ``model`` (a runtime Model) under the name ``model_name``.
+
+    ``host`` is the address it will be bound to (for the Host check, with ``allow_hosts``);
+    ``allow_origins`` are the web origins allowed to call it (CORS); ``read_timeout`` and
+    ``max_connections`` are applied by :func:`serve` / :class:`BackgroundServer`."""
     metrics = ServeMetrics()
     engine = Engine(
         backend or ModelBackend(model),
@@ -134,11 +150,19 @@ def build_app(
     be = engine.backend
     app.state.max_body_bytes = max_body_bytes or auto_body_limit(be.context_length, be.max_token_chars)
     app.state.cpu_limiter = anyio.CapacityLimiter(prepare_workers)
+    app.state.metrics_public = metrics_public
+    app.state.read_timeout = read_timeout
+    app.state.max_connections = max_connections
     app.include_router(router)
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return _error_response(exc.status, exc.body())
+        resp = _error_response(exc.status, exc.body())
+        if exc.status in (429, 503):
+            resp.headers["Retry-After"] = "1"
+        elif exc.status == 401:
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="moetier"'
+        return resp
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -163,8 +187,48 @@ def build_app(
             500, error_body(f"Internal server error: {type(exc).__name__}", type="server_error", code="internal_error")
         )
 
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        return _error_response(499, error_body("client disconnected", code="client_disconnected"))
+
+    if allow_origins:  # CORS headers and preflights for the origins allowed (RequestGuard refuses the rest)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Request-Id"],
+            max_age=600,
+        )
+    app.add_middleware(RequestGuard, hosts=HostPolicy(host, allow_hosts), allow_origins=allow_origins)
     app.add_middleware(AccessLog, metrics=metrics)
     return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose shutdown (SIGTERM, Ctrl-C, ``should_exit``) first drains the engine:
+    running requests get until ``shutdown_timeout`` x 0.8 to finish, then end with an error
+    (streams: an error chunk and ``[DONE]``), before uvicorn's own deadline cuts connections."""
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        app = self.config.app
+        serving = getattr(getattr(app, "state", None), "serving", None)
+        timeout = self.config.timeout_graceful_shutdown or 0
+        if serving is not None:
+            serving.engine.drain(0.8 * timeout)
+        await super().shutdown(sockets)
+
+
+def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str, **kw: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        http=guarded_protocol(app.state.read_timeout, app.state.max_connections),
+        **kw,
+    )
 
 
 def _configure_logging(level: str) -> None:
@@ -177,10 +241,14 @@ def _configure_logging(level: str) -> None:
     logger.propagate = False
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run ``app`` with uvicorn until interrupted (our access log replaces uvicorn's)."""
+def serve(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", shutdown_timeout: float = 10.0
+) -> None:
+    """Run ``app`` with uvicorn until interrupted (our access log replaces uvicorn's); on SIGTERM
+    or Ctrl-C, in-flight requests are drained within ``shutdown_timeout`` seconds."""
     _configure_logging(log_level)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+    cfg = _uvicorn_config(app, host, port, log_level, timeout_graceful_shutdown=max(1, math.ceil(shutdown_timeout)))
+    DrainingServer(cfg).run()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -192,12 +260,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 class BackgroundServer:
     """Run an app with uvicorn on a thread on a free loopback port (tests, benchmarks)."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning"):
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_level: str = "warning",
+        shutdown_timeout: int = 5,
+    ):
         self.app = app
         self.host = host
         self.port = port or free_port(host)
-        cfg = uvicorn.Config(app, host=host, port=self.port, log_level=log_level, access_log=False, lifespan="on")
-        self.server = uvicorn.Server(cfg)
+        cfg = _uvicorn_config(
+            app, host, self.port, log_level, lifespan="on", timeout_graceful_shutdown=shutdown_timeout
+        )
+        self.server = DrainingServer(cfg)
         self.thread = threading.Thread(target=self.server.run, name="moetier-uvicorn", daemon=True)
 
     @property

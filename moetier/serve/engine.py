@@ -240,6 +240,7 @@ class Engine:
         self.restart_delay = restart_delay
         self.restarts = 0
         self.dead_reason: str | None = None  # why the engine thread is down (None while it runs)
+        self._drain_until: float | None = None  # monotonic deadline once draining (shutdown)
 
     # ---- lifecycle
     def start(self) -> None:
@@ -258,6 +259,20 @@ class Engine:
             if t is not None:
                 t.join(timeout)
         self._thread = self._supervisor = None
+
+    def drain(self, seconds: float) -> None:
+        """Shutdown: refuse new requests (503), answer the waiting ones 503 now, let the running
+        ones finish for up to ``seconds``, then end them with a 503 error (a stream gets an
+        error chunk and ``[DONE]``)."""
+        with self._cond:
+            self._drain_until = time.monotonic() + max(0.0, seconds)
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._cond.notify_all()
+        for h in waiting:
+            h.done = True
+            h.finish_reason = "error"
+            h._post(Failed("the server is shutting down; retry later", 503))
 
     @property
     def alive(self) -> bool:
@@ -329,7 +344,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         handle = RequestHandle(rid or f"req-{next(self._ids)}", list(prompt_ids), params, loop)
         with self._cond:
-            if self._stop:
+            if self._stop or self._drain_until is not None:
                 raise EngineUnavailable("the server is shutting down")
             if self.dead_reason is not None:
                 raise EngineUnavailable(f"the engine is unavailable: {self.dead_reason}")
@@ -363,6 +378,12 @@ class Engine:
                     self._cond.wait()
                 if self._stop:
                     break
+                if self._drain_until is not None and time.monotonic() >= self._drain_until:
+                    for r in self._running:
+                        self._finish(r, Failed("the server is shutting down (drain timeout); retry later", 503))
+                    self._running = []
+                    self._n_running = 0
+                    continue
                 while self._waiting and len(self._running) < self.max_batch:
                     h = self._waiting.popleft()
                     self._admit(h)

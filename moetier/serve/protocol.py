@@ -117,6 +117,12 @@ class _SamplingRequest(_Strict):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # accepted and ignored: they do not change the output
+    store: bool | None = None
+    service_tier: str | None = None
+    metadata: dict[str, str] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # extension: return the generated token ids with each choice / chunk.
     return_token_ids: bool = False
 
@@ -247,6 +253,8 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    modalities: list[Literal["text"]] | None = None  # only text; accepted and ignored
+    prediction: dict[str, Any] | None = None  # a latency hint; the output is the same without it
 
     @field_validator("max_completion_tokens")
     @classmethod

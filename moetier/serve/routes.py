@@ -8,7 +8,6 @@ OpenAI's error JSON. A client that disconnects (streaming or not) cancels its re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from moetier.serve.engine import OpenAIServing, RequestHandle
 from moetier.serve.metrics import model_metrics_snapshot
@@ -40,6 +40,8 @@ async def require_api_key(request: Request) -> None:
     key: str | None = request.app.state.api_key
     if not key:
         return
+    if request.url.path == "/metrics" and request.app.state.metrics_public:
+        return
     auth = request.headers.get("authorization")
     if not auth:
         raise ServeError(
@@ -56,6 +58,13 @@ async def require_api_key(request: Request) -> None:
 async def read_body(request: Request) -> bytes:
     """The request body, refusing more than ``app.state.max_body_bytes`` (413)."""
     limit: int = request.app.state.max_body_bytes
+    ctype = request.headers.get("content-type", "")
+    if ctype.partition(";")[0].strip().lower() != "application/json":
+        raise ServeError(
+            415,
+            f"Content-Type must be application/json, got {ctype or 'none'!r}",
+            code="unsupported_media_type",
+        )
     cl = request.headers.get("content-length")
     if cl is not None:
         try:
@@ -66,11 +75,14 @@ async def read_body(request: Request) -> bytes:
             raise ServeError(413, f"Request body is {n} bytes; the limit is {limit} bytes", code="request_too_large")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServeError(413, f"Request body exceeds the limit of {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServeError(413, f"Request body exceeds the limit of {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone (or timed out) mid-body: logged as 499, not 500
+        raise ServeError(499, "client disconnected while sending the body", code="client_disconnected") from None
     return b"".join(chunks)
 
 
@@ -88,16 +100,23 @@ async def _until_done_or_disconnect(request: Request, handle: RequestHandle, cor
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():
-            _serving(request).engine.cancel(handle)
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
             raise ServeError(499, "client disconnected", code="client_disconnected")
         return work.result()
     finally:
-        gone.cancel()
         if not handle.done:
             _serving(request).engine.cancel(handle)
+        await _settle(work, gone)
+
+
+async def _settle(*tasks: asyncio.Future[Any] | None) -> None:
+    """Cancel ``tasks`` and wait until they are done, even while our own task is being cancelled
+    (a task left pending is destroyed pending: asyncio's "Task was destroyed but it is pending!")."""
+    live = [t for t in tasks if t is not None and not t.done()]
+    for t in live:
+        t.cancel()
+    if live:
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*live, return_exceptions=True)
 
 
 def _sse(request: Request, handle: RequestHandle, chunks: AsyncIterator[str]) -> StreamingResponse:
@@ -107,14 +126,12 @@ def _sse(request: Request, handle: RequestHandle, chunks: AsyncIterator[str]) ->
         # wait for the next chunk OR the client leaving (also while still queued, before any chunk)
         gone = asyncio.ensure_future(_wait_disconnect(request))
         it = chunks.__aiter__()
+        nxt: asyncio.Future[str] | None = None
         try:
             while True:
                 nxt = asyncio.ensure_future(it.__anext__())
                 await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if not nxt.done():
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await nxt
                     break
                 try:
                     data = nxt.result()
@@ -123,9 +140,11 @@ def _sse(request: Request, handle: RequestHandle, chunks: AsyncIterator[str]) ->
                     break
                 yield f"data: {data}\n\n"
         finally:
-            gone.cancel()
             if not handle.done:
                 serving.engine.cancel(handle)
+            await _settle(nxt, gone)
+            with anyio.CancelScope(shield=True):
+                await it.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(
         gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Request-Id": handle.id}
@@ -156,7 +175,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(require_api_key)])
 async def metrics(request: Request) -> PlainTextResponse:
     s = _serving(request)
     text = s.engine.metrics.render(

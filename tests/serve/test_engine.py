@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import json
 import logging
 import os
 import subprocess
@@ -116,7 +117,7 @@ def test_one_access_log_line_per_request(tiny_dir: Path, caplog: Any) -> None:
     with caplog.at_level(logging.INFO, logger="moetier.serve"), BackgroundServer(app) as srv:
         c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=30)
         c.completions.create(model=SERVED, prompt="hello", max_tokens=3, temperature=0)
-        httpx.post(srv.base_url + "/v1/completions", content=b"{bad")
+        httpx.post(srv.base_url + "/v1/completions", content=b"{bad", headers={"Content-Type": "application/json"})
         time.sleep(0.2)
     lines = [
         r.getMessage() for r in caplog.records if r.name == "moetier.serve" and "/v1/completions" in r.getMessage()
@@ -139,8 +140,10 @@ def test_cli_help_and_bad_args(capsys: Any) -> None:
 
 
 def test_cli_serves(tiny_dir: Path) -> None:
+    """The CLI serves with the key from $MOETIER_API_KEY (kept out of ps), protects /metrics with
+    it, and on SIGTERM drains a running stream: it ends with [DONE], not a cut connection."""
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MOETIER_API_KEY": "k"}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -150,8 +153,8 @@ def test_cli_serves(tiny_dir: Path) -> None:
             str(tiny_dir),
             "--port",
             str(port),
-            "--api-key",
-            "k",
+            "--shutdown-timeout",
+            "3",
             "--max-batch",
             "4",
             "--served-model-name",
@@ -183,6 +186,22 @@ def test_cli_serves(tiny_dir: Path) -> None:
                 )
             )
         assert all(o.usage.completion_tokens >= 1 for o in outs)
+        assert "k" not in proc.args
+        assert httpx.get(base + "/metrics", timeout=10).status_code == 401
+        assert httpx.get(base + "/metrics", headers={"Authorization": "Bearer k"}, timeout=10).status_code == 200
+        body = {"model": SERVED, "prompt": "hello", "max_tokens": 400, "stream": True}
+        lines = []
+        with httpx.stream("POST", base + "/v1/completions", json=body, headers={"Authorization": "Bearer k"},
+                          timeout=30) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 2:
+                    proc.terminate()  # SIGTERM mid-stream
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        last = json.loads(lines[-2][6:])
+        assert "error" in last or last["choices"][0]["finish_reason"] in ("stop", "length"), last
+        assert proc.wait(timeout=20) in (0, -15)  # uvicorn re-raises SIGTERM after its graceful shutdown
     finally:
         proc.terminate()
         try:
@@ -191,7 +210,8 @@ def test_cli_serves(tiny_dir: Path) -> None:
             proc.kill()
             out, _ = proc.communicate()
     assert f"http://127.0.0.1:{port}/v1" in out
-    assert out.count('"POST /v1/completions" 200') == 3
+    assert out.count('"POST /v1/completions" 200') == 4
+    assert "Task was destroyed" not in out and "Traceback" not in out, out
 
 
 def test_max_ram_serves_through_the_weight_hierarchy(tiny_dir: Path) -> None:

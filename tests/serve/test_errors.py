@@ -68,6 +68,15 @@ CORPUS: list[Case] = [
     ),
     C("lone surrogate key", b'{"model": "served", "prompt": "a", "\\ud800": 1}', code="invalid_encoding"),
     C("oversized body", comp(prompt="x" * (MAX_BODY + 10)), status=413, code="request_too_large"),
+    # ---- what a web page can send (item 4 of issue 13)
+    C("text/plain body", comp(), status=415, headers={"Content-Type": "text/plain"}, code="unsupported_media_type"),
+    C("form body", comp(), status=415, headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    C("no content type", comp(), status=415, headers={"Content-Type": ""}, code="unsupported_media_type"),
+    C("foreign origin", comp(), status=403, headers={"Origin": "http://evil.example"}, code="origin_not_allowed"),
+    C("null origin", None, status=403, path="/health", method="GET", headers={"Origin": "null"}),
+    C("foreign origin preflight", None, status=403, method="OPTIONS", headers={"Origin": "http://evil.example"}),
+    C("foreign host", comp(), status=403, headers={"Host": "attacker.example"}, code="host_not_allowed"),
+    C("foreign host health", None, status=403, path="/health", method="GET", headers={"Host": "evil.example:80"}),
     # ---- auth
     C("missing api key", comp(), status=401, auth=None, code="invalid_api_key"),
     C("wrong api key", comp(), status=401, auth="sk-wrong", code="invalid_api_key"),

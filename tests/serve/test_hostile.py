@@ -173,6 +173,7 @@ def test_engine_thread_death_is_503_then_restarted(poison_server: Any) -> None:
     assert h.status_code == 503 and h.json()["status"] == "error" and "EngineCrash" in h.json()["reason"]
     r = _post(url, CO, _body(CO), timeout=10)
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    assert int(r.headers["retry-after"]) >= 1
     # the supervisor restarts it
     _wait(lambda: httpx.get(url + "/health", timeout=10).status_code == 200)
     assert httpx.get(url + "/health", timeout=10).json()["restarts"] == 1
@@ -371,3 +372,251 @@ def test_valid_surrogate_pairs_are_accepted(server: BackgroundServer) -> None:
     body = b'{"model": "served", "prompt": "smile \\ud83d\\ude00", "max_tokens": 2}'
     r = httpx.post(server.base_url + CO, content=body, headers=JSON, timeout=30)
     assert r.status_code == 200, r.text
+
+
+# --------------------------------------------------------------------------- web pages (item 4)
+
+
+@pytest.fixture(scope="module")
+def cors_server(tiny_dir: Path) -> Iterator[BackgroundServer]:
+    app = build_app(
+        moetier.load(tiny_dir),
+        model_name=SERVED,
+        allow_origins=["http://app.example:3000"],
+        allow_hosts=["my.box", ".lan.example"],
+    )
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+def test_allowed_origin_gets_cors_and_others_are_refused(cors_server: BackgroundServer) -> None:
+    url = cors_server.base_url
+    ok_origin = {"Origin": "http://app.example:3000"}
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    pre = httpx.options(url + CO, headers={**ok_origin, **preflight})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.example:3000"
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    r = httpx.post(url + CO, json=_body(CO), headers=ok_origin, timeout=30)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example:3000"
+    for origin in ("http://app.example:3001", "https://app.example:3000", "http://evil.example"):
+        r = httpx.post(url + CO, json=_body(CO), headers={"Origin": origin}, timeout=30)
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers, origin
+    # a cross-site "simple" request (text/plain, no preflight) never reaches generation
+    r = httpx.post(url + CO, content=json.dumps(_body(CO)), headers={**ok_origin, "Content-Type": "text/plain"})
+    assert r.status_code == 415
+
+
+def test_host_header_checked(cors_server: BackgroundServer) -> None:
+    url, port = cors_server.base_url, cors_server.port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST.", f"[::1]:{port}", "10.1.2.3", "my.box",
+                 "a.lan.example", "lan.example"):
+        assert httpx.get(url + "/health", headers={"Host": host}).status_code == 200, host
+    for host in ("attacker.example", f"attacker.example:{port}", "my.box.evil", "xlan.example", "localhost.evil"):
+        r = httpx.get(url + "/health", headers={"Host": host})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", host
+
+
+def test_host_policy_for_bound_names() -> None:
+    from moetier.serve.guard import HostPolicy
+
+    assert HostPolicy("myhost.internal").allows("myhost.internal:8000")
+    assert not HostPolicy("0.0.0.0").allows("evil.example")
+    assert HostPolicy("0.0.0.0").allows("192.168.1.5:8000")
+    assert HostPolicy("127.0.0.1", ["*"]).allows("anything.example")
+
+
+# --------------------------------------------------------------------------- slow clients (item 7)
+
+
+@pytest.fixture()
+def timeout_server(tiny_dir: Path) -> Iterator[BackgroundServer]:
+    app = build_app(moetier.load(tiny_dir), model_name=SERVED, read_timeout=1.0, max_connections=6)
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+def _closed_within(sock: Any, seconds: float) -> bytes | None:
+    """Everything the server sent until it closed the connection, or None if still open after ``seconds``."""
+
+    sock.settimeout(0.2)
+    got = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+    return None
+
+
+def test_idle_half_sent_and_slow_loris_connections_are_closed(timeout_server: BackgroundServer) -> None:
+    import socket
+
+    addr = ("127.0.0.1", timeout_server.port)
+    with socket.create_connection(addr) as idle:
+        assert _closed_within(idle, 8) is not None, "an idle connection stayed open"
+    with socket.create_connection(addr) as half:
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        got = _closed_within(half, 8)
+        assert got is not None and got.startswith(b"HTTP/1.1 408"), got
+    with socket.create_connection(addr) as loris:  # one header byte every 0.2 s never completes
+        loris.settimeout(0.2)
+        t0 = time.monotonic()
+        closed = False
+        for b in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200:
+            try:
+                loris.sendall(bytes([b]))
+                if loris.recv(4096) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            if time.monotonic() - t0 > 10:
+                break
+        assert closed, "a slow-loris connection was kept open"
+    assert httpx.get(timeout_server.base_url + "/health").status_code == 200
+
+
+def test_stalled_body_is_499_not_500(timeout_server: BackgroundServer, caplog: Any) -> None:
+    import logging
+    import socket
+
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{\"prompt\": \"")
+    with caplog.at_level(logging.INFO, logger="moetier.serve"):
+        with socket.create_connection(("127.0.0.1", timeout_server.port)) as s:
+            s.sendall(head)
+            assert _closed_within(s, 8) is not None, "a stalled body kept the connection open"
+        with socket.create_connection(("127.0.0.1", timeout_server.port)) as s:  # drops mid-body
+            s.sendall(head)
+            time.sleep(0.3)
+        _wait(lambda: sum('"POST /v1/completions"' in r.getMessage() for r in caplog.records) >= 2, timeout=10)
+    lines = [r.getMessage() for r in caplog.records if '"POST /v1/completions"' in r.getMessage()]
+    assert all('" 499 ' in line for line in lines), lines
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_connection_limit(timeout_server: BackgroundServer) -> None:
+    import socket
+
+    addr = ("127.0.0.1", timeout_server.port)
+    held = [socket.create_connection(addr) for _ in range(6)]
+    try:
+        time.sleep(0.1)
+        with socket.create_connection(addr) as extra:
+            got = _closed_within(extra, 5)
+            assert got is not None and got.startswith(b"HTTP/1.1 503"), got
+    finally:
+        for s in held:
+            s.close()
+    _wait(lambda: httpx.get(timeout_server.base_url + "/health").status_code == 200)
+
+
+# --------------------------------------------------------------------------- disconnects and shutdown (item 8)
+
+
+def test_disconnect_storm_leaves_no_pending_tasks_and_frees_everything(tiny_dir: Path, caplog: Any) -> None:
+    import gc
+    import logging
+    import random
+
+    from tests.serve.conftest import SlowBackend
+
+    model = moetier.load(tiny_dir)
+    backend = SlowBackend(model, delay=0.005)
+    app = build_app(model, model_name=SERVED, backend=backend, max_batch=8)
+    rng = random.Random(5)
+    cut = [rng.randrange(0, 15) for _ in range(24)]
+
+    def client(i: int) -> None:
+        body = _body(CO if i % 2 else CH, max_tokens=300, stream=True)
+        with httpx.stream("POST", srv.base_url + (CO if i % 2 else CH), json=body, timeout=60) as r:
+            for k, _ in enumerate(r.iter_lines()):
+                if k >= cut[i]:
+                    break  # the client goes away mid-stream (or while queued)
+
+    with caplog.at_level(logging.WARNING), BackgroundServer(app) as srv:
+        with cf.ThreadPoolExecutor(12) as ex:
+            list(ex.map(client, range(24)))
+        _wait(lambda: httpx.get(srv.base_url + "/health").json()["running"] == 0)
+        gc.collect()
+        time.sleep(0.3)
+        assert all(seq.length == 0 for seq in backend.sequences)
+        assert _post(srv.base_url, CO, _body(CO, temperature=0)).status_code == 200
+    bad = [r.getMessage()[:200] for r in caplog.records if r.name == "asyncio"]
+    assert not bad, bad
+
+
+def test_shutdown_drains_running_streams_and_refuses_waiting(tiny_dir: Path) -> None:
+    from tests.serve.conftest import SlowBackend
+
+    model = moetier.load(tiny_dir)
+    backend = SlowBackend(model, delay=0.05)  # 400 tokens would take 20 s
+    app = build_app(model, model_name=SERVED, backend=backend, max_batch=1)
+    srv = BackgroundServer(app, shutdown_timeout=2).start()
+    body = _body(CO, max_tokens=400, stream=True)
+    results: dict[str, Any] = {}
+
+    def waiting() -> None:
+        results["waiting"] = _post(srv.base_url, CO, {**body, "stream": False})
+
+    try:
+        with httpx.stream("POST", srv.base_url + CO, json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            t = threading.Thread(target=waiting)
+            t.start()
+            _wait(lambda: httpx.get(srv.base_url + "/health").json()["waiting"] == 1)
+            t0 = time.monotonic()
+            stopper = threading.Thread(target=srv.stop)
+            stopper.start()
+            rest = [x for x in lines if x]
+            elapsed = time.monotonic() - t0
+        t.join(10)
+    finally:
+        srv.stop()
+    assert rest[-1] == "data: [DONE]"
+    err = json.loads(rest[-2][6:])["error"]
+    assert err["code"] == "engine_unavailable" and "shutting down" in err["message"]
+    assert elapsed < 10  # ended by the drain (~1.6 s), long before the 20 s the generation needed
+    assert results["waiting"].status_code == 503 and results["waiting"].headers["retry-after"]
+
+
+# --------------------------------------------------------------------------- auth and harmless fields (items 9, 10)
+
+
+def test_metrics_need_the_key_unless_public(tiny_dir: Path) -> None:
+    model = moetier.load(tiny_dir)
+    for public in (False, True):
+        app = build_app(model, model_name=SERVED, api_key="sekret", metrics_public=public)
+        with BackgroundServer(app) as srv:
+            r = httpx.get(srv.base_url + "/metrics")
+            assert r.status_code == (200 if public else 401)
+            if not public:
+                assert r.headers["www-authenticate"].startswith("Bearer")
+            ok = httpx.get(srv.base_url + "/metrics", headers={"Authorization": "Bearer sekret"})
+            assert ok.status_code == 200 and "moetier_requests_total" in ok.text
+            assert httpx.get(srv.base_url + "/health").status_code == 200  # always open
+            r = httpx.post(srv.base_url + CO, json=_body(CO))
+            assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_harmless_openai_fields_are_accepted(server: BackgroundServer) -> None:
+    harmless = {"store": False, "service_tier": "auto", "metadata": {"k": "v"}, "prompt_cache_key": "p",
+                "safety_identifier": "s", "user": "u"}
+    want = _post(server.base_url, CO, _body(CO, temperature=0)).json()["choices"][0]["text"]
+    r = _post(server.base_url, CO, _body(CO, temperature=0, **harmless))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    r = _post(server.base_url, CH, _body(CH, modalities=["text"], prediction={"type": "content", "content": "x"},
+                                         **harmless))
+    assert r.status_code == 200, r.text
+    for bad in ({"n": 2}, {"logprobs": True}, {"modalities": ["audio"]}):
+        assert _post(server.base_url, CH, _body(CH, **bad)).status_code == 400, bad

@@ -360,7 +360,7 @@ def test_nonstream_disconnect_cancels(slow_server: Any) -> None:
     srv, backend = slow_server
     body = json.dumps({"model": SERVED, "prompt": "hello", "max_tokens": 400, "temperature": 0}).encode()
     head = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
@@ -409,6 +409,7 @@ def test_queue_full_gives_429_and_recovers(slow_server: Any) -> None:
                     json={"model": SERVED, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]},
                 )
                 assert r.status_code == 429 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+                assert int(r.headers["retry-after"]) >= 1
                 assert second.status_code == 200
         _wait(lambda: _health(srv) == {**_health(srv), "running": 0, "waiting": 0})
         m = metrics(srv)
