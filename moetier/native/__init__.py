@@ -125,6 +125,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mt_isa_supported": (I, [I]),
         "mt_get_isa": (I, []),
         "mt_set_isa": (I, [I]),
+        "mt_dequant_rows": (I, [P, L, L, P]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
