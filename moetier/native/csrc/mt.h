@@ -220,6 +220,9 @@ typedef struct {
     const void *router_b;
     long SI; /* dense or shared-expert intermediate size (0 = none) */
     const mt_weight *s_gate, *s_up, *s_down, *s_gate_gate; /* shared/dense MLP; sigmoid gate [1, H] */
+    /* separate q / k / v projections (quantized ones stay unfused): used when qkv_w is NULL */
+    const mt_weight *q_w, *k_w, *v_w;
+    const void *q_b, *k_b, *v_b;
 } layer_desc;
 
 typedef struct scratch {
