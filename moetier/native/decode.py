@@ -36,7 +36,7 @@ from moetier.layers.attention import Attention, Sequence, cache_reserve
 from moetier.layers.mlp import GatedMLP
 from moetier.layers.moe import MoEBlock, SoftmaxTopKRouter
 from moetier.layers.norm import RMSNorm
-from moetier.native.weights import MtWeight, describe
+from moetier.native.weights import CODES, MtWeight, describe
 from moetier.quant import QTensor
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 DT = {torch.float32: 0, torch.bfloat16: 1}
 MAX_TOPK = 64
+SUPPORTED_FORMATS = frozenset(CODES)  # the stored (QTensor) formats the kernels read
 
 
 class LayerDesc(ctypes.Structure):

@@ -172,3 +172,56 @@ def test_unfused_qkv_and_quantized_head_and_dense(lib, ckpt):
     m.net.native = dec
     got, want = decode(m, ()), decode(t, ())  # single tokens only: m's swapped modules have no torch forward
     assert ((got - want).abs() <= 1e-5 + 1e-6 * want.abs()).all(), (got - want).abs().max()
+
+
+# ----------------------------------------------------------------------------------------
+# quantized releases (tests.helpers.quantized: the on-disk layouts) through the native path
+
+RELEASES = {
+    "qwen3_moe_int4_g32": ("qwen3_moe", "int4", dict(group=32)),
+    "mixtral_int4_partial_group": ("mixtral", "int4", dict(group=32, intermediate_size=48)),
+    "mixtral_int8_g64_experts_only": ("mixtral", "int8", dict(group=64, experts_only=True)),
+    "qwen3_moe_fp8_b16": ("qwen3_moe", "fp8", dict(block=(16, 16))),
+    "olmoe_fp8_b128": ("olmoe", "fp8", dict(block=(128, 128))),
+}
+
+
+def steps(model, ids, toks):
+    seq = model.new_sequence()
+    out = [model.step([(seq, ids)])[0]]
+    for t in toks:
+        out.append(model.step([(seq, [t])])[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("case", RELEASES)
+def test_quantized_release_native_matches_torch(lib, tmp_path, case):
+    from tests.helpers.quantized import make_quantized_checkpoint
+
+    family, fmt, kw = RELEASES[case]
+    ck = make_quantized_checkpoint(tmp_path, family, fmt, tokenizer=False, num_hidden_layers=2, **kw)
+    m = moetier.load(ck, dtype="float32", tokenizer=False)
+    t = moetier.load(ck, dtype="float32", tokenizer=False, native=False)
+    assert m.native_reason is None, m.native_reason
+    assert m.provider.get(m.spec.moe_layer_ids[0], 0).quantized
+    ids, toks = list(range(3, 20)), [5, 9, 77, 3, 250, 11]
+    got, want = steps(m, ids, toks), steps(t, ids, toks)
+    assert torch.equal(got[0], want[0])  # prefill: the same torch code
+    assert ((got - want).abs() <= 1e-5 + 1e-6 * want.abs()).all(), (got - want).abs().max().item()
+    # thread-count independence of the native steps (from a one-token start: the torch path's
+    # prefill over QLinear weights is not itself thread-count independent)
+    n0 = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(steps(m, [3], toks))
+    finally:
+        torch.set_num_threads(n0)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    native.set_isa("scalar")
+    try:
+        s = steps(m, ids, toks)
+    finally:
+        native.set_isa(None)
+    assert ((s - want).abs() <= 1e-5 + 1e-6 * want.abs()).all()
