@@ -52,6 +52,17 @@ def resolve_dtype(dtype: str | torch.dtype, spec: ModelSpec) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_context(context: int | None, spec: ModelSpec) -> int:
+    """``context`` (None: the model's window) checked against the window; returns it."""
+    window = int(spec.max_position_embeddings)
+    if context is None:
+        return window
+    if isinstance(context, bool) or not 0 < int(context) <= window:
+        raise ConfigError(f"--context {context}: expected 1..{window} tokens ({spec.name}'s context window, "
+                          "max_position_embeddings)")
+    return int(context)
+
+
 def default_provider(spec: ModelSpec, reader: ExpertReader) -> ExpertProvider:
     return InMemoryExpertProvider.from_reader(spec, reader)
 
@@ -65,6 +76,7 @@ def load(
     check_finite: bool = True,
     native: bool | None = None,
     hugepages: bool = True,
+    context: int | None = None,
     **hierarchy: Any,
 ) -> Model:
     """Load a checkpoint directory (``None`` = the embedded model) for inference.
@@ -82,6 +94,9 @@ def load(
     torch path for every step. ``Model.native_reason`` says why a model runs without them.
     hugepages: pack the always-on weights (and in-RAM experts) into one mapping advised for
     transparent huge pages (``moetier.weights.arena``; faster decode, same values).
+    context: the longest sequence (prompt + completion) to allow, at most the model's window
+    (``max_position_embeddings``, the default); with ``max_ram`` the budget reserves KV cache
+    for it. Prompts beyond it are refused (:attr:`Model.context_limit`).
     hierarchy: weight-hierarchy options (``max_ram``, ``policy``, ``expert_cache``,
     ``cache_scope``, ``prefetch``, ``plan``, ...): routed experts are then served from a cache
     over the files, see :func:`moetier.weights.tiered.load`.
@@ -92,8 +107,10 @@ def load(
         from moetier.weights import tiered
 
         return tiered.load(path, dtype=dtype, tokenizer=tokenizer, threads=threads, check_finite=check_finite,
-                           native=native, hugepages=hugepages, **hierarchy)
+                           native=native, hugepages=hugepages, context=context, **hierarchy)
     if threads is not None:
+        if isinstance(threads, bool) or int(threads) < 1:
+            raise ConfigError(f"--threads {threads}: expected a whole number >= 1")
         torch.set_num_threads(int(threads))
     d = Path(path) if path is not None else EMBEDDED_DIR
     if not d.is_dir():
@@ -101,6 +118,7 @@ def load(
             raise MoetierError(f"{d}: the embedded model is not installed (pass a model directory)")
         raise ConfigError(f"{d}: not a model directory (expected config.json, *.safetensors, tokenizer.json)")
     spec = load_spec(d)
+    window = check_context(context, spec)
     cls = model_class(spec)
     dt = resolve_dtype(dtype, spec)
     tok = None
@@ -118,6 +136,7 @@ def load(
         provider = (expert_provider_factory or default_provider)(spec, reader)
         net.attach(provider)
     model = Model(spec, net, tok, provider, reader, d)
+    model.context_limit = window
     if hugepages:
         from moetier.weights.arena import rehome
 
@@ -158,6 +177,8 @@ class Model:
         self.provider, self.expert_reader, self.path = provider, reader, path
         self.native_reason: str | None = None  # why decode steps do not run natively (None: they do)
         self.arena: Any = None  # the huge-page mapping holding the weights, if any
+        # positions a sequence may reach: the model's window, or the KV a --max-ram budget reserved
+        self.context_limit = int(spec.max_position_embeddings)
 
     # ----- basics -----
     @property
@@ -232,6 +253,14 @@ class Model:
             return tok.encode_chat([{"role": "user", "content": prompt}])
         return tok.encode(prompt)
 
+    def context_message(self, n: int) -> str:
+        if self.context_limit < self.spec.max_position_embeddings:
+            why = f"the --context {self.context_limit} tokens" + (
+                " the --max-ram budget reserved KV cache for" if getattr(self, "memory_budget", None) else "")
+        else:
+            why = f"the model's context window of {self.context_limit} tokens (max_position_embeddings)"
+        return f"the prompt is {n} tokens, longer than {why}; shorten it"
+
     @torch.inference_mode()
     def generate_ids(
         self,
@@ -250,12 +279,18 @@ class Model:
         """Decode up to ``max_tokens`` after ``prompt_ids``.
 
         Stops on an eos id (``tokenizer.eos_token_ids`` + ``stop_ids``), a stop string
-        (requires the tokenizer; the text is cut before it) or ``max_tokens``.
+        (requires the tokenizer; the text is cut before it), ``max_tokens``, or when the
+        sequence fills :attr:`context_limit` (finish "length"). A prompt longer than the
+        context limit is refused, naming both numbers.
         """
         if max_tokens < 0:
-            raise MoetierError(f"max_tokens must be >= 0, got {max_tokens}")
+            raise MoetierError(f"--max-tokens must be >= 0, got {max_tokens}")
         if not len(prompt_ids) and sequence is None:
             raise MoetierError("the prompt is empty (no tokens)")
+        start = (sequence.length if sequence is not None else 0) + len(prompt_ids)
+        if start > self.context_limit:
+            raise MoetierError(self.context_message(start))
+        max_tokens = min(max_tokens, self.context_limit - start)
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
         eos = set(stop_ids or ())
         if self._tokenizer is not None:
@@ -266,9 +301,10 @@ class Model:
         finish = "length"
         t0 = time.perf_counter()
         prefill_s, decode_s, steps = 0.0, 0.0, 0
-        if max_tokens > 0:
+        if len(prompt_ids) or max_tokens > 0:  # the prefill runs (and is timed) even for --max-tokens 0
             logits = self.step([(seq, prompt_ids)])
             prefill_s = time.perf_counter() - t0
+        if max_tokens > 0:
             t1 = time.perf_counter()
             while True:
                 tok = int(sampler(logits)[0])

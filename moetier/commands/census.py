@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from moetier import catalog
 from moetier.errors import ConfigError
@@ -18,13 +19,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="parameters and bytes per weight group (always-on vs routed, active per token)",
         description="Count a model's parameters and bytes per weight group: which are always on "
         "(read for every token) and which are routed experts, and how many are active per token.",
+        epilog="examples:\n  moetier census qwen3-30b-a3b --precision int4\n  moetier census moetier/data/embedded",
     )
     p.add_argument("model", metavar="MODEL", help="catalog name (see `moetier models`), config.json or model dir")
     p.add_argument(
         "--precision",
-        default="bf16",
-        help="bf16 (default) | fp16 | fp32 | fp8 | int8 | int4 | int4:g32 | fp4 | nvfp4 | "
-        "mixed:attention=bf16,experts=int4,... | checkpoint (the catalog model's stored format)",
+        default=None,
+        help="bf16 | fp16 | fp32 | fp8 | int8 | int4 | int4:g32 | fp4 | nvfp4 | "
+        "mixed:attention=bf16,experts=int4,... | checkpoint (as stored). Default: a local checkpoint as "
+        "stored, a catalog model in bf16",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=run)
@@ -47,6 +50,55 @@ def fmt_bytes(b: float) -> str:
         if a >= div:
             return f"{b / div:.2f} {unit}"
     return f"{b:.0f} B"
+
+
+STORED = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}  # safetensors dtype -> census precision
+TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def stored_precision(model: str, spec: Any) -> tuple[str, str]:
+    """(precision, where it was read) of a local checkpoint as stored: the dtype holding most of
+    the bytes of its safetensors files, else config.json's ``torch_dtype``, else bf16 (said so)."""
+    from moetier.errors import WeightError
+    from moetier.weights.safetensors_io import parse_header
+
+    p = Path(model)
+    files = sorted((p if p.is_dir() else p.parent).glob("*.safetensors"))
+    by_dtype: dict[str, int] = {}
+    try:
+        for f in files:
+            for t in parse_header(f).values():
+                by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+    except WeightError:
+        by_dtype = {}
+    if by_dtype and set(by_dtype) <= set(STORED):
+        top = max(by_dtype, key=lambda k: by_dtype[k])
+        share = by_dtype[top] / sum(by_dtype.values())
+        return STORED[top], "as stored" + ("" if share == 1 else f" ({share:.0%} of the bytes; the rest "
+                                           f"{', '.join(STORED[k] for k in by_dtype if k != top)})")
+    if spec.torch_dtype in TORCH_DTYPES:
+        return TORCH_DTYPES[spec.torch_dtype], "config.json torch_dtype"
+    return "bf16", "assumed: neither safetensors files nor config.json torch_dtype say"
+
+
+def resolve_precision(model: str, precision: str | None, spec: Any) -> tuple[str, str | None]:
+    """The precision to count ``model`` at, and a note on where it came from (None: as asked).
+
+    ``None``: a local checkpoint as stored, a catalog model bf16. ``checkpoint``: as stored (the
+    catalog's record of the released format, or the local files)."""
+    cat = _catalog_name(model)
+    if precision not in (None, "checkpoint"):
+        return precision, None
+    if cat is not None:
+        if precision is None:
+            return "bf16", None
+        return catalog.entry(cat).checkpoint_precision, "the released checkpoint's format (catalog)"
+    if Path(model).exists():
+        return stored_precision(model, spec)
+    if precision is None:
+        return "bf16", None
+    raise ConfigError(f"--precision checkpoint: {model!r} is neither a catalog model nor a local checkpoint; "
+                      "give a precision such as bf16, fp8, int4 or mixed:experts=fp4")
 
 
 def _catalog_name(model: str) -> str | None:
@@ -136,17 +188,11 @@ def _lines(c: Census, cat: str | None) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     spec = resolve_model(args.model)
     cat = _catalog_name(args.model)
-    precision = args.precision
-    if precision == "checkpoint":
-        if cat is None:
-            raise ConfigError(
-                f"--precision checkpoint: {args.model!r} is not a catalog model; give a precision "
-                "such as bf16, fp8, int4 or mixed:experts=fp4"
-            )
-        precision = catalog.entry(cat).checkpoint_precision
+    precision, source = resolve_precision(args.model, args.precision, spec)
     c = census(spec, precision)
     if args.json:
         d = c.to_json()
+        d["precision_source"] = source or "as asked (--precision)" if args.precision else source or "default"
         if cat is not None:
             pub = catalog.published(cat)
             d["published"] = {
@@ -158,5 +204,8 @@ def run(args: argparse.Namespace) -> int:
             }
         print(json.dumps(d, indent=2))
     else:
-        print("\n".join(_lines(c, cat)))
+        lines = _lines(c, cat)
+        if source:
+            lines = [ln + f" ({source})" if ln.startswith("precision: ") else ln for ln in lines]
+        print("\n".join(lines))
     return 0

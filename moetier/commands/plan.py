@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Place the always-on weights in the nearest tier that holds them and the routed "
         "experts by hotness in the rest; predict decode and prefill tokens/s from the compute / "
         "memory / communication triangle and name the binding resource.",
+        epilog="examples:\n  moetier plan qwen3-30b-a3b --machine h100 --precision fp8 --cache 25%\n"
+        "  moetier plan mixtral-8x7b --machine cpu --precision int4 --cache 8GB --what-if cache=2x",
     )
     p.add_argument("model", metavar="MODEL", help="catalog name, config.json or model directory")
     p.add_argument("--machine", required=True,
@@ -35,13 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--context", type=int, default=roofline.DEFAULT_CONTEXT,
                    help=f"tokens in each sequence's KV cache / prompt length (default {roofline.DEFAULT_CONTEXT})")
-    p.add_argument("--precision", default="bf16",
+    p.add_argument("--precision", default=None,
                    help="bf16 | fp8 | int8 | int4 | fp4 | fp32 | mixed:attention=bf16,experts=int4 | "
-                   "checkpoint (the catalog model's stored format)")
+                   "checkpoint (as stored). Default: a local checkpoint as stored, a catalog model in bf16")
     p.add_argument("--fast-mem", default=None, metavar="BYTES",
                    help="cap the fast tiers' capacity, e.g. 24GB")
-    p.add_argument("--cache", default=None, metavar="BYTES",
-                   help="cap the expert bytes held in the fast tiers (expert cache size)")
+    p.add_argument("--cache", default=None, metavar="SIZE",
+                   help="cap the expert bytes held in the fast tiers (expert cache): a size (8GB), a fraction "
+                   "(0.25) or a percentage (25%%) of the routed experts")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="expert-selection profile [moe_layers, experts] (.npy, .csv, .json) or a routing "
                    "trace (.npz/.jsonl): hot experts are placed nearest")
@@ -58,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.devices is not None and args.devices < 1:
+        raise ConfigError(f"--devices {args.devices}: expected a whole number of devices >= 1")
     args.precision = _precision(args)
     if (args.devices is not None and args.devices != 1) or cluster_planner.wants_cluster(args):
         return _cluster(args)
@@ -83,16 +88,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _precision(args: argparse.Namespace) -> str:
-    if args.precision != "checkpoint":
+    """As ``moetier census``: a local checkpoint as stored unless a precision is asked for."""
+    if args.precision not in (None, "checkpoint"):
         return args.precision
-    from pathlib import Path
+    from moetier.commands.census import resolve_precision
 
-    from moetier import catalog
-
-    if Path(args.model).exists() or args.model not in catalog.names():
-        raise ConfigError(f"--precision checkpoint: {args.model!r} is not a catalog model; give a precision "
-                          "such as bf16, fp8, int4 or mixed:experts=fp4")
-    return catalog.entry(args.model).checkpoint_precision
+    return resolve_precision(args.model, args.precision, resolve_model(args.model))[0]
 
 
 def _cluster(args: argparse.Namespace) -> int:

@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**rec, "from_cache": cached, "cache_path": str(probe.cache_path())}, indent=2))
         return 0
-    where = f"cached {rec.get('timestamp_utc', '?')}" if cached else f"measured in {rec['probe_seconds']:.1f} s"
-    print(f"probe of {rec.get('host', '?')} ({where}; cache {probe.cache_path()}; --refresh re-measures)")
+    where = "cached" if cached else f"measured in {rec['probe_seconds']:.1f} s"
+    print(f"{probe.describe(rec)} ({where}; cache {probe.cache_path()}; --refresh re-measures)")
     rows = [
         ("cores", f"{rec.get('cores_usable')} usable / {rec.get('cores_logical')} logical"
                   f" / {rec.get('cores_physical') or '?'} physical"),

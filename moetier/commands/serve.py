@@ -122,7 +122,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="model id clients send (default: the directory name, or 'moetier-embedded')",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log verbosity (default info: one access line per request)")
     p.set_defaults(func=run)
 
 
@@ -167,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise MoetierError(f"--port: expected 0..65535, got {args.port}")
     max_body = None if args.max_body == "auto" else parse_bytes(args.max_body, "--max-body")
+    from moetier.commands.run import check_args
+
+    check_args(args)  # load options (threads, sizes, model dir) checked before loading
     if args.model_dir is not None and not Path(args.model_dir).is_dir():
         raise MoetierError(f"MODEL_DIR: {args.model_dir} is not a directory")
     from moetier.serve.app import build_app, serve

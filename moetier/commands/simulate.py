@@ -22,12 +22,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="replay a routing trace through an expert-cache policy (hit rates, predicted tokens/s)",
         description="Replay a routing trace through per-layer expert caches. Every top-k selection of "
         "every row is one access.",
+        epilog="examples (embedded.npz: recorded by `moetier trace --prompts examples/prompts.txt --out "
+        "embedded.npz`):\n  moetier simulate embedded.npz --policy lru,adaptive,belady --cache 0.25\n"
+        "  moetier simulate embedded.npz --policy all --cache 8",
     )
     p.add_argument("trace", metavar="TRACE", help="trace .npz, or a raw routing .jsonl / router-trace .json")
     p.add_argument("--policy", default="adaptive",
                    help=f"one of {', '.join(policy_names())}, a comma-separated list, or 'all' (default: adaptive)")
-    p.add_argument("--cache", required=True, metavar="N",
-                   help="experts per layer cache (e.g. 16) or a percentage of the experts (e.g. 25%%)")
+    p.add_argument("--cache", required=True, metavar="SIZE",
+                   help="per-layer expert cache: experts per layer (16), a fraction (0.25) or a percentage "
+                   "(25%%) of the layer's experts, or a size (8GB, needs the model: --model or the trace's)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter, e.g. half_life=256 (adaptive), period=1024 (lfu-decay)")
     p.add_argument("--profile", metavar="TRACE",
@@ -69,6 +73,22 @@ def _policies(text: str) -> list[str]:
     return names
 
 
+def trace_spec(trace_model: str | None, model: str | None, num_experts: int | None, what: str) -> Any:
+    """The catalog model a trace was recorded from (``--model`` overrides the provenance)."""
+    from moetier.spec import resolve_model
+    from moetier.traces.importers import catalog_name_for
+
+    name = model or catalog_name_for(trace_model)
+    if name is None:
+        raise MoetierError(f"{what}: the trace's model {trace_model!r} is not in the moetier catalog; "
+                           "name it with --model (see `moetier models`)")
+    spec = resolve_model(name)
+    if num_experts is not None and spec.num_experts != num_experts:
+        raise MoetierError(f"--model {spec.name}: has {spec.num_experts} routed experts per layer but the trace "
+                           f"has {num_experts}; the hit rate would not transfer")
+    return spec
+
+
 def predict_speed(trace_model: str | None, model: str | None, machine: str, capacity: int, hit_rate: float,
                   precision: str, num_experts: int | None = None) -> dict[str, Any]:
     """Hit rate -> predicted decode tokens/s through the planner (roofline)."""
@@ -78,17 +98,8 @@ def predict_speed(trace_model: str | None, model: str | None, machine: str, capa
     except ImportError as e:
         raise MoetierError(f"--machine: the planner's roofline model is not available in this build ({e})") from None
     from moetier.planner.census import census
-    from moetier.spec import resolve_model
-    from moetier.traces.importers import catalog_name_for
 
-    name = model or catalog_name_for(trace_model)
-    if name is None:
-        raise MoetierError(f"--machine: the trace's model {trace_model!r} is not in the moetier catalog; "
-                           "name it with --model (see `moetier models`)")
-    spec = resolve_model(name)
-    if num_experts is not None and spec.num_experts != num_experts:
-        raise MoetierError(f"--model {spec.name}: has {spec.num_experts} routed experts per layer but the trace "
-                           f"has {num_experts}; the hit rate would not transfer")
+    spec = trace_spec(trace_model, model, num_experts, "--machine")
     cen = census(spec, precision)
     cache_bytes = float(capacity * spec.num_moe_layers * cen.expert_bytes)
     mach = get_machine(machine)
@@ -102,7 +113,13 @@ def run(args: argparse.Namespace) -> int:
     from moetier.traces.simulate import parse_cache_size, simulate
 
     trace = open_trace(args.trace, warmup_repeats=args.warmup_repeats)
-    cap = parse_cache_size(args.cache, trace.num_experts)
+    def layer_bytes() -> float:
+        from moetier.planner.census import census
+
+        spec = trace_spec(trace.meta.get("model"), args.model, trace.num_experts, f"--cache {args.cache}")
+        return spec.num_moe_layers * census(spec, args.precision).expert_bytes
+
+    cap = parse_cache_size(args.cache, trace.num_experts, layer_bytes)
     params = _params(args.param)
     profile = open_trace(args.profile, warmup_repeats=args.warmup_repeats) if args.profile else None
     names = _policies(args.policy)

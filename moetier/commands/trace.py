@@ -23,15 +23,34 @@ _USAGE = (
 )
 
 
+_DESCRIPTION = """\
+record   moetier trace [MODEL_DIR] --prompts FILE --out TRACE.npz
+         generates each prompt (greedy) and records the routing of every token in every
+         MoE layer (default model: the embedded one)
+import   moetier trace import FILE --out TRACE.npz
+         converts a third-party trace (routing .jsonl, router-trace .json), dropping
+         and counting engine warm-up rows
+stats    moetier trace stats TRACE [--plot DIR] [--json]
+         hotness statistics of a trace (.npz or a raw third-party file), PNG plots"""
+
+_EXAMPLES = """\
+examples (from a clone of the repository):
+  moetier trace --prompts examples/prompts.txt --out embedded.npz --max-tokens 16
+  moetier trace stats embedded.npz"""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "trace",
         help="record / import routing traces and print their hotness statistics",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=_DESCRIPTION,
         usage=_USAGE,
+        epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("words", nargs="*", metavar="ARG", help="[MODEL_DIR] | import FILE | stats TRACE")
+    p.add_argument("words", nargs="*", metavar="MODEL_DIR | import FILE | stats TRACE",
+                   help="what to do: record from MODEL_DIR (default: the embedded model), import a "
+                   "third-party FILE, or print the statistics of a TRACE")
     p.add_argument("--prompts", metavar="FILE", help="record: prompts, one per line (or JSON lines)")
     p.add_argument("--out", metavar="TRACE", help="record / import: output trace .npz")
     p.add_argument("--max-tokens", type=int, default=32, help="record: tokens generated per prompt (default 32)")
@@ -54,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             raise MoetierError("trace stats: expected exactly one TRACE (moetier trace stats TRACE)")
         return _stats(words[1], args)
     if len(words) > 1:
-        raise MoetierError(f"trace: unexpected arguments {words[1:]}; usage: {_USAGE}")
+        raise MoetierError(f"trace: unexpected arguments {words[1:]} (see moetier trace --help)")
     return _record(words[0] if words else None, args)
 
 
@@ -125,7 +144,15 @@ def _record(model_dir: str | None, args: argparse.Namespace) -> int:
     from moetier.traces.record import read_prompts, record_trace
 
     if not args.prompts or not args.out:
-        raise MoetierError(f"trace: recording needs --prompts FILE and --out TRACE; usage: {_USAGE}")
+        raise MoetierError("trace: recording needs --prompts FILE and --out TRACE (see moetier trace --help)")
+    if args.max_tokens < 1:
+        raise MoetierError(f"--max-tokens {args.max_tokens}: expected a whole number >= 1")
+    if model_dir is not None:
+        from pathlib import Path
+
+        if not Path(model_dir).is_dir():
+            raise MoetierError(f"MODEL_DIR {model_dir}: not a directory (expected a checkpoint directory; "
+                               "see moetier trace --help)")
     prompts = read_prompts(args.prompts)
     try:
         import moetier

@@ -395,7 +395,9 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.spec = spec
         H = spec.hidden_size
-        self.embed_tokens = nn.Embedding(spec.vocab_size, H)
+        # an explicit empty weight skips nn.Embedding's random init, which on the meta device
+        # imports torch._dynamo (+80 MB of RSS, sympy and all, charged to a --max-ram budget)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, H, _weight=torch.empty(spec.vocab_size, H))
         self.layers = nn.ModuleList(
             DecoderLayer(self.make_attention(i), self.make_mlp(i), H, spec.rms_norm_eps)
             for i in range(spec.num_layers)

@@ -52,7 +52,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from moetier.errors import ConfigError, MoetierError
 from moetier.planner.hardware import Efficiency, Link, Machine, MemoryTier
@@ -68,23 +68,31 @@ _QTY = re.compile(
 )
 
 
-def parse_quantity(value: Any, what: str) -> float:
+# examples of each kind of quantity, for error messages (each parser lists its own kind)
+EXAMPLES = {
+    "any": "'80GB', '96GiB', '3.35TB/s', '400Gb/s', '989T'",
+    "size": "'8GB', '512MiB', '1.5e9'",
+    "bandwidth": "'3.35TB/s', '400Gb/s', '50GB/s'",
+    "flops": "'989T', '2.5e15'",
+}
+
+
+def parse_quantity(value: Any, what: str, kind: str = "any") -> float:
     """A number, or a string like ``80GB``, ``96GiB``, ``3.35TB/s``, ``400Gb/s``, ``989T``.
 
     Returns SI base units (bytes, bytes/s, FLOP/s). A lowercase ``b`` means bits (divided by
-    8). ``what`` names the field in the error message.
+    8). ``what`` names the field in the error message; ``kind`` (a key of :data:`EXAMPLES`)
+    picks the examples it shows.
     """
+    ex = EXAMPLES.get(kind, EXAMPLES["any"])
     if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a number or a size like '80GB', got {value!r}")
+        raise ConfigError(f"{what}: expected a number or a quantity like {ex}, got {value!r}")
     if isinstance(value, (int, float)):
         v = float(value)
     elif isinstance(value, str):
         m = _QTY.match(value)
         if not m:
-            raise ConfigError(
-                f"{what}: cannot read {value!r}; expected a number or a quantity like "
-                "'80GB', '96GiB', '3.35TB/s', '400Gb/s', '989T'"
-            )
+            raise ConfigError(f"{what}: cannot read {value!r}; expected a number or a quantity like {ex}")
         num, prefix, unit, _ = m.groups()
         v = float(num)
         if prefix:
@@ -92,10 +100,73 @@ def parse_quantity(value: Any, what: str) -> float:
         if unit == "b":
             v /= 8.0
     else:
-        raise ConfigError(f"{what}: expected a number or a size like '80GB', got {value!r}")
+        raise ConfigError(f"{what}: expected a number or a quantity like {ex}, got {value!r}")
     if not math.isfinite(v):
         raise ConfigError(f"{what}: must be finite, got {value!r}")
     return v
+
+
+MIN_BARE_BYTES = 2**20  # a bare number below 1 MiB is never a byte count anyone means
+SIZE_FORMS = "a size ('8GB', '512MiB'), a fraction ('0.25') or a percentage ('25%')"
+
+
+class Size(NamedTuple):
+    """What a size option said: exactly one of the three is set."""
+
+    bytes: float | None = None
+    fraction: float | None = None  # of the whole (the routed experts)
+    count: int | None = None  # in the option's own unit (``count_unit``)
+
+
+def parse_size(value: Any, what: str, *, allow_zero: bool = True, count_unit: str | None = None) -> Size:
+    """The one rule for every cache / size option (``run --expert-cache``, ``plan --cache``,
+    ``simulate --cache``, plan files).
+
+    * a size with a unit (``8GB``, ``512MiB``, ``1.5G``) or a bare number >= 1 MiB: bytes;
+    * a percentage (``25%``, up to 100%) or a bare number in (0, 1]: a fraction of the whole;
+    * ``0``: nothing (unless ``allow_zero`` is False);
+    * any other bare number is refused ("did you mean 2GB or a fraction?"), unless the option
+      counts in its own unit (``count_unit``, e.g. simulate's "experts"): then a whole number
+      is a count.
+    """
+    how = SIZE_FORMS if count_unit is None else f"a number of {count_unit} ('16'), {SIZE_FORMS}"
+    if isinstance(value, bool) or value is None:
+        raise ConfigError(f"{what}: expected {how}, got {value!r}")
+    text = str(value).strip()
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise ConfigError(f"{what}: cannot read {value!r}; expected {how}") from None
+        if not 0 <= pct <= 100 or (pct == 0 and not allow_zero):
+            raise ConfigError(f"{what}: {value!r} is not a percentage in {'[0' if allow_zero else '(0'}, 100%]")
+        return Size(fraction=pct / 100.0)
+    bare = isinstance(value, (int, float)) or re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text)
+    try:
+        v = parse_quantity(value, what, "size")
+    except ConfigError:
+        raise ConfigError(f"{what}: cannot read {value!r}; expected {how}") from None
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ConfigError(f"{what}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    if v == 0:
+        return Size(count=0) if count_unit is not None else Size(bytes=0.0)
+    if not bare:
+        m = _QTY.match(text)
+        if m and (m.group(4) or m.group(3) not in (None, "B", "b")):
+            raise ConfigError(f"{what}: {value!r} is not a size; expected {how}")
+        if v < 1:
+            raise ConfigError(f"{what}: {value!r} is less than one byte; expected {how}")
+        return Size(bytes=v)
+    if v <= 1:
+        return Size(fraction=v)
+    if count_unit is not None:
+        if v != int(v):
+            raise ConfigError(f"{what}: {value!r}: a number of {count_unit} must be whole; expected {how}")
+        return Size(count=int(v))
+    if v >= MIN_BARE_BYTES:
+        return Size(bytes=v)
+    raise ConfigError(f"{what}: a bare number is bytes, and {value!r} bytes is surely not meant: did you mean "
+                      f"'{text}GB' or a fraction ('0.25', '25%')? Expected {SIZE_FORMS}")
 
 
 def positive_quantity(value: Any, what: str) -> float:

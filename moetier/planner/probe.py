@@ -34,6 +34,8 @@ from moetier.errors import MoetierError
 from moetier.planner.hardware import Efficiency, Machine, MemoryTier
 
 PROBE_VERSION = 1
+STALE_SECONDS = 7 * 86400  # a cached probe older than this is measured again
+BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which a probe is "under load"
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dic
 
     sizes = sizes or ProbeSizes()
     directory = directory or cache_dir()
+    load = load_per_core()  # before our own work adds to it
     t_start = time.perf_counter()
     mem_bw = measure_memory_bw(sizes.mem_bytes, sizes.mem_repeats)
     disk_bw, disk_method = measure_disk_bw(directory, sizes.disk_bytes, sizes.disk_block)
@@ -183,7 +186,43 @@ def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dic
         "matmul_flops": {"fp32": f32, "bf16": bf16},
         "sizes": {"mem_bytes": sizes.mem_bytes, "disk_bytes": sizes.disk_bytes, "matmul_n": sizes.matmul_n},
         "probe_seconds": time.perf_counter() - t_start,
+        "load_per_core": load,
     }
+
+
+def load_per_core() -> float | None:
+    """The 1-minute load average per usable core now (None where unknown)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        n = os.cpu_count() or 1
+    try:
+        return os.getloadavg()[0] / max(1, n)
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+def describe(rec: dict[str, Any], now: float | None = None) -> str:
+    """'probed 2026-11-24T13:27:28Z (3.2 h ago) on HOST, load 0.10/core': shown wherever a probe is used."""
+    age = (now if now is not None else time.time()) - float(rec.get("timestamp", 0))
+    ago = (f"{age / 86400:.1f} days" if age >= 86400 else f"{age / 3600:.1f} h" if age >= 3600
+           else f"{age / 60:.0f} min")
+    load = rec.get("load_per_core")
+    under = ("load unknown" if load is None else
+             f"load {load:.2f}/core" + (" (busy: figures may be low)" if load > BUSY_LOAD_PER_CORE else ""))
+    return f"probed {rec.get('timestamp_utc', '?')} ({ago} ago) on {rec.get('host', '?')}, {under}"
+
+
+def stale_reason(rec: dict[str, Any], now: float | None = None, load_now: float | None = None) -> str | None:
+    """Why a cached probe should be measured again (None: it is fine): older than
+    :data:`STALE_SECONDS`, or taken under load while the machine is quiet now."""
+    age = (now if now is not None else time.time()) - float(rec.get("timestamp", 0))
+    if age > STALE_SECONDS:
+        return f"is {age / 86400:.0f} days old"
+    then = rec.get("load_per_core")
+    if then is not None and then > BUSY_LOAD_PER_CORE and load_now is not None and load_now <= BUSY_LOAD_PER_CORE:
+        return f"was taken under load ({then:.2f}/core; {load_now:.2f}/core now)"
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -207,11 +246,17 @@ def load_cached() -> dict[str, Any] | None:
 
 
 def get_probe(refresh: bool = False, sizes: ProbeSizes | None = None) -> tuple[dict[str, Any], bool]:
-    """(record, from_cache). Measures and writes the cache when missing or ``refresh``."""
+    """(record, from_cache). Measures and writes the cache when missing, ``refresh``, stale or
+    taken under load while the machine is quiet now (:func:`stale_reason`; said on stderr)."""
     if not refresh:
         cached = load_cached()
         if cached is not None:
-            return cached, True
+            why = stale_reason(cached, load_now=load_per_core())
+            if why is None:
+                return cached, True
+            import sys
+
+            print(f"moetier: measuring this machine again: the cached probe {why} (~20 s)", file=sys.stderr)
     rec = probe(sizes)
     p = cache_path()
     try:
@@ -226,7 +271,6 @@ def get_probe(refresh: bool = False, sizes: ProbeSizes | None = None) -> tuple[d
 
 def machine_from_probe(rec: dict[str, Any]) -> Machine:
     """The measured ``cpu`` Machine: dram (compute) -> ssd."""
-    ts = rec.get("timestamp_utc", "?")
     return Machine(
         name="cpu",
         tiers=(
@@ -237,7 +281,7 @@ def machine_from_probe(rec: dict[str, Any]) -> Machine:
         efficiency=Efficiency(compute=1.0, memory=1.0, link=1.0),
         compute_tier="dram",
         confidence="M",
-        source=f"moetier probe {ts} on {rec.get('host', '?')} (cache {cache_path()})",
+        source=f"moetier probe: {describe(rec)} (cache {cache_path()}; `moetier probe --refresh` re-measures)",
         notes=(
             f"measured: {rec.get('cores_usable', '?')} usable cores, memory read by torch sum, disk read "
             f"{rec.get('disk_method', '?')}, matmul n={rec.get('sizes', {}).get('matmul_n', '?')}",

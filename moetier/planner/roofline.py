@@ -67,7 +67,7 @@ import numpy as np
 from moetier.errors import MoetierError
 from moetier.planner.census import ALWAYS_ON_GROUPS, Census, Precision, census, parse_precision
 from moetier.planner.hardware import Link, Machine, MemoryTier
-from moetier.planner.machines import fmt_bytes, fmt_seconds, fmt_si, fmt_tokens_per_s, parse_quantity
+from moetier.planner.machines import fmt_bytes, fmt_seconds, fmt_si, fmt_tokens_per_s, parse_quantity, parse_size
 from moetier.spec import ModelSpec
 
 DEFAULT_CONTEXT = 4096
@@ -383,10 +383,21 @@ def _check_pos_int(v: Any, what: str) -> int:
     return int(v)
 
 
-def _check_opt_bytes(v: Any, what: str, allow_zero: bool) -> float | None:
+def _check_opt_bytes(v: Any, what: str, allow_zero: bool, whole: float | None = None) -> float | None:
+    """Bytes from a number (API callers) or, for text, by the one size rule
+    (:func:`~moetier.planner.machines.parse_size`): a fraction or percentage is of ``whole``
+    (the routed experts' bytes; refused where there is no whole)."""
     if v is None:
         return None
-    x = parse_quantity(v, what)
+    if isinstance(v, str):
+        size = parse_size(v, what, allow_zero=allow_zero)
+        if size.fraction is None:
+            return float(size.bytes or 0.0)
+        if whole is None:
+            raise PlanError(f"{what}: {v!r} is a fraction, but there is nothing to take it of; give a size like "
+                            "'24GB'")
+        return size.fraction * whole
+    x = parse_quantity(v, what, "size")
     if x < 0 or (x == 0 and not allow_zero):
         raise PlanError(f"{what}: expected {'>= 0' if allow_zero else '> 0'} bytes, got {v!r}")
     return x
@@ -699,14 +710,17 @@ def plan(spec: ModelSpec | str, machine: Machine | str, *, batch: int = 1, conte
         machine = get_machine(machine)
     batch = _check_pos_int(batch, "batch")
     context = _check_pos_int(context, "context")
-    fm = _check_opt_bytes(fast_mem, "fast_mem", allow_zero=False)
-    cb = _check_opt_bytes(cache_bytes, "cache_bytes", allow_zero=True)
+    fm = _check_opt_bytes(fast_mem, "fast_mem (--fast-mem)", allow_zero=False)
+    _check_opt_bytes(cache_bytes, "cache_bytes (--cache)", allow_zero=True, whole=1.0)  # validate before census
     if hit_rate is not None and (isinstance(hit_rate, bool) or not 0.0 <= float(hit_rate) <= 1.0):
         raise PlanError(f"hit_rate: expected a fraction in [0, 1], got {hit_rate!r}")
     _validate_machine(machine)
     prec = parse_precision(precision) if not isinstance(precision, Precision) else precision
     cen = census(spec, prec)
+    cb = _check_opt_bytes(cache_bytes, "cache_bytes (--cache)", allow_zero=True, whole=cen.routed_bytes)
     notes: list[str] = []
+    if machine.source.startswith("moetier probe"):  # measured figures: say when and under what load
+        notes.append(machine.source)
     if spec.is_moe:
         p = uniform_profile(spec) if profile is None else normalize_profile(profile, spec)
         notes.append("expert hotness: " + ("uniform top_k/E" if profile is None else "given profile")
@@ -838,8 +852,17 @@ def apply_what_if(machine: Machine, opts: dict[str, Any], change: str) -> tuple[
     if key in ("cache", "cache_bytes", "fast_mem"):
         k = "fast_mem" if key == "fast_mem" else "cache_bytes"
         old = opts.get(k)
-        opts[k] = scale_or_set(old, val, key) if val.lower().endswith("x") else \
-            _check_opt_bytes(val, f"--what-if {key}", allow_zero=(k == "cache_bytes"))
+        if val.lower().endswith("x"):
+            size = parse_size(old, "--cache") if isinstance(old, str) else None
+            if size is not None and size.fraction is not None:  # a share of the routed experts, scaled
+                opts[k] = f"{min(1.0, scale_or_set(size.fraction, val, key)) * 100:.6g}%"
+            else:
+                opts[k] = scale_or_set(size.bytes if size is not None else old, val, key)
+        elif k == "cache_bytes":
+            size = parse_size(val, f"--what-if {key}")
+            opts[k] = val if size.fraction is not None else size.bytes  # a fraction resolves in plan()
+        else:
+            opts[k] = _check_opt_bytes(val, f"--what-if {key}", allow_zero=False)
         return m, opts
     if key in ("compute_eff", "memory_eff", "link_eff"):
         attr = key[:-4]

@@ -85,9 +85,13 @@ def import_jsonl(path: str | Path, *, warmup_repeats: int = DEFAULT_WARMUP_REPEA
     req_names: dict[str, int] = {}
     req, tok, lay, ids, wts = [], [], [], [], []
     k: int | None = None
-    with p.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise TraceError(f"{p}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x}); expected JSON lines") \
+                    from None
             if not line:
                 continue
             try:

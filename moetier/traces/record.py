@@ -119,7 +119,12 @@ def read_prompts(path: str | Path) -> list[Any]:
     if not p.is_file():
         raise MoetierError(f"--prompts {p}: no such file")
     out: list[Any] = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, raw in enumerate(p.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MoetierError(f"--prompts {p}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                               f"{e.start + 1}); save the file as UTF-8") from None
         s = line.strip()
         if not s:
             continue

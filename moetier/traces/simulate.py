@@ -146,19 +146,23 @@ def sweep(trace: Trace, policies: Sequence[str], capacities: Sequence[int]) -> d
     return {p: [simulate(trace, p, c).hit_rate for c in capacities] for p in policies}
 
 
-def parse_cache_size(text: str | int, num_experts: int) -> int:
-    """``"15"`` -> 15 experts; ``"25%"`` -> 25% of the layer's experts (rounded down)."""
-    s = str(text).strip()
-    try:
-        if s.endswith("%"):
-            frac = float(s[:-1]) / 100.0
-            if not 0.0 <= frac <= 1.0:
-                raise ValueError
-            return int(num_experts * frac + 1e-9)
-        n = int(s)
-        if n < 0:
-            raise ValueError
-        return n
-    except ValueError:
-        raise MoetierError(f"--cache {text!r}: expected a number of experts per layer (e.g. 16) or a "
-                           f"percentage of the {num_experts} experts (e.g. 25%)") from None
+def parse_cache_size(text: str | int, num_experts: int, layer_bytes: Any = None) -> int:
+    """Experts per layer from a ``--cache`` value by the one size rule
+    (:func:`moetier.planner.machines.parse_size`): ``"16"`` -> 16 experts; ``"25%"`` or
+    ``"0.25"`` -> a quarter of the layer's experts (rounded down); a size (``"2GB"``) -> what
+    fits in that many bytes across the model's MoE layers, ``layer_bytes()`` giving the bytes
+    of one expert in every MoE layer (None: sizes are refused: the trace has no byte sizes)."""
+    from moetier.planner.machines import parse_size
+
+    size = parse_size(text, "--cache", count_unit="experts per layer")
+    if size.fraction is not None:
+        return int(num_experts * size.fraction + 1e-9)
+    if size.count is not None:
+        if size.count > num_experts:
+            raise MoetierError(f"--cache {text!r}: more than the {num_experts} experts of a layer")
+        return size.count
+    per = layer_bytes() if layer_bytes is not None else None
+    if not per:
+        raise MoetierError(f"--cache {text!r}: a size needs the model's expert bytes; name the model with --model, "
+                           f"or give experts per layer (16), a fraction (0.25) or a percentage (25%)")
+    return int(min(num_experts, (size.bytes or 0) // per))

@@ -18,11 +18,15 @@ Accounting (all bytes):
                    allocator slack: max(192 MB, 6 % of the budget) (measured: ~190 MB on
                    a 3 GB run with torch 2.x).
 
-Before loading, :func:`check_upfront` refuses a budget that cannot hold process + always-on
-+ KV + activations + margin + the minimum expert working set (``top_k`` cache slots plus
-the transient slots), naming the number needed. After the always-on weights are loaded,
-:func:`cache_slots_for` sizes the cache from the *measured* RSS, so what the process really
-holds (not an estimate of it) is charged.
+One estimate, made before loading, that holds: :func:`check_upfront` adds process +
+``loading`` (what reading a checkpoint adds besides its weights: the tokenizer, the native
+library, thread stacks; :func:`loading_bytes`) + always-on + KV + activations + margin + the
+expert slots these options ask for (an explicit ``--expert-cache``, else ``top_k`` cache
+slots, plus pinned, prefetch and bypass slots) and refuses a smaller budget, naming the
+smallest ``--max-ram`` that works and what each option moves it by. After the always-on
+weights are loaded, :func:`cache_slots_for` sizes the cache from the *measured* RSS, so what
+the process really holds (not an estimate of it) is charged; the estimate is an upper bound
+of that measurement, so a budget the first check accepted is not refused after loading.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ from moetier.errors import ConfigError
 from moetier.spec import ModelSpec
 
 DEFAULT_PROCESS_BYTES = 400 * 10**6
+# RSS that loading adds besides the weights (tokenizer, native library, thread stacks, malloc
+# arenas): measured 20 MB for the embedded model (2-core EPYC, torch 2.13); 2.4x headroom
+LOADING_BYTES = 48 * 10**6
+TOKENIZER_RSS_PER_JSON_BYTE = 12  # the tokenizers library holds ~10x its tokenizer.json in RAM
 
 
 class BudgetError(ConfigError):
@@ -71,7 +79,23 @@ def limit_malloc_arenas(n: int = 2) -> bool:
 
 
 def fmt(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+    """Bytes for a person: ``2.35 GB``, ``627 MB``, ``6.3 MB``, ``197 kB``."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e7:
+        return f"{n / 1e6:.0f} MB"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.0f} kB"
+
+
+def loading_bytes(model_dir: Any = None) -> int:
+    """RSS loading adds besides the weights: :data:`LOADING_BYTES` plus the tokenizer's share."""
+    from pathlib import Path
+
+    tok = Path(model_dir) / "tokenizer.json" if model_dir is not None else None
+    extra = tok.stat().st_size * TOKENIZER_RSS_PER_JSON_BYTE if tok is not None and tok.is_file() else 0
+    return LOADING_BYTES + int(extra)
 
 
 @dataclass
@@ -84,6 +108,8 @@ class MemoryBudget:
     prefill_tokens: int = 512
     itemsize: int = 2
     baseline_rss: int | None = None  # process RSS before loading weights
+    loading_bytes: int = 0  # estimated RSS loading adds besides the weights
+    estimated_total: int = 0  # check_upfront's estimate of total_reserved (an upper bound)
     # filled as the load proceeds
     always_on_bytes: int = 0
     loaded_rss: int | None = None  # RSS after the always-on weights were loaded
@@ -143,23 +169,57 @@ def _fill_reserves(spec: ModelSpec, b: MemoryBudget) -> None:
     b.margin_bytes = margin_for(b.max_ram)
 
 
+def smallest_max_ram(fixed: int) -> int:
+    """The smallest budget M with fixed + margin_for(M) <= M (the margin grows with M)."""
+    m = max(fixed + margin_for(0), math.ceil(fixed / 0.94))
+    while fixed + margin_for(m) > m:  # rounding of margin_for
+        m += 1
+    while m > 0 and fixed + margin_for(m - 1) <= m - 1:
+        m -= 1
+    return m
+
+
 def check_upfront(spec: ModelSpec, budget: MemoryBudget, *, always_on_bytes: float, slot_bytes: int,
-                  transient_slots: int, pinned_slots: int = 0) -> None:
-    """Refuse (BudgetError with the number needed) a budget that cannot hold the minimum."""
+                  transient_slots: int, pinned_slots: int = 0, cache_slots: int | None = None,
+                  prefetch_slots: int = 0, cache_option: str | None = None) -> int:
+    """Refuse (BudgetError) a budget below the estimate for these options, naming the smallest
+    ``--max-ram`` that works and what each option moves it by; return that smallest budget.
+
+    ``cache_slots``: the slots an explicit ``--expert-cache`` asks for (``cache_option`` is
+    its text), else None: the cache takes what is left, at least ``top_k`` slots.
+    ``transient_slots`` includes ``prefetch_slots``."""
     _fill_reserves(spec, budget)
     budget.always_on_bytes = int(always_on_bytes)
     base = budget.baseline_rss or DEFAULT_PROCESS_BYTES
-    min_slots = spec.top_k + transient_slots + pinned_slots
-    need = (base + budget.always_on_bytes + budget.kv_bytes + budget.activation_bytes + budget.margin_bytes
-            + min_slots * slot_bytes)
-    if budget.max_ram < need:
-        raise BudgetError(
-            f"--max-ram {fmt(budget.max_ram)} is too small for {spec.name}: it needs at least {fmt(need)} "
-            f"(process {fmt(base)} + always-on weights {fmt(budget.always_on_bytes)} + KV cache "
-            f"{fmt(budget.kv_bytes)} for {budget.batch}x{budget.context} tokens + activations "
-            f"{fmt(budget.activation_bytes)} + {min_slots} expert slots of {fmt(slot_bytes)} + margin "
-            f"{fmt(budget.margin_bytes)}); raise --max-ram to >= {math.ceil(need / 1e6)}MB or lower --context"
-        )
+    n_cache = spec.top_k if cache_slots is None else max(int(cache_slots), 0)
+    n_slots = n_cache + transient_slots + pinned_slots
+    fixed = (base + budget.loading_bytes + budget.always_on_bytes + budget.kv_bytes + budget.activation_bytes
+             + n_slots * slot_bytes)
+    smallest = smallest_max_ram(fixed)
+    budget.estimated_total = fixed + budget.margin_bytes
+    if budget.max_ram >= smallest:
+        return smallest
+    cache_what = (f"--expert-cache {cache_option} = {n_cache} slots" if cache_option is not None
+                  else f"{n_cache} cache slots (the minimum, top_k)")
+    moves = [f"--context: {fmt(kv_cache_bytes(spec, 1000, budget.batch, budget.itemsize))} of KV cache per "
+             f"1,000 tokens ({budget.context} now)"]
+    if cache_option is not None and n_cache > spec.top_k:
+        moves.append(f"--expert-cache: {fmt(slot_bytes)} per expert slot ({n_cache} now; without it the cache "
+                     f"takes what is left of the budget, at least {spec.top_k} slots)")
+    if prefetch_slots:
+        moves.append(f"--no-prefetch: -{fmt(prefetch_slots * slot_bytes)}")
+    if budget.itemsize == 4:
+        moves.append(f"--dtype bfloat16: about -{fmt(budget.always_on_bytes / 2 + budget.kv_bytes / 2)}")
+    moves.append(f"the margin is max({fmt(margin_for(0))}, 6% of --max-ram)")
+    raise BudgetError(
+        f"--max-ram {fmt(budget.max_ram)} is too small for {spec.name} with these options: the smallest that "
+        f"works is --max-ram {math.ceil(smallest / 1e6)}M (process {fmt(base)} + loading "
+        f"{fmt(budget.loading_bytes)} + always-on weights {fmt(budget.always_on_bytes)} + KV cache "
+        f"{fmt(budget.kv_bytes)} for {budget.batch}x{budget.context} tokens + activations "
+        f"{fmt(budget.activation_bytes)} + {n_slots} expert slots of {fmt(slot_bytes)} ({cache_what}, "
+        f"{transient_slots} transient, {pinned_slots} pinned) + margin {fmt(margin_for(smallest))}). "
+        f"What moves it: " + "; ".join(moves)
+    )
 
 
 def cache_slots_for(spec: ModelSpec, plan: Any, *, slot_bytes: int, n_pinned: int, prefetch_slots: int,
@@ -178,8 +238,8 @@ def cache_slots_for(spec: ModelSpec, plan: Any, *, slot_bytes: int, n_pinned: in
             f"--max-ram {fmt(b.max_ram)} is too small for {spec.name}: after loading the always-on weights "
             f"the process holds {fmt(b.loaded_rss)}; with KV cache {fmt(b.kv_bytes)}, activations "
             f"{fmt(b.activation_bytes)}, {n_pinned + prefetch_slots + bypass_slots} pinned/transient slots and "
-            f"{spec.top_k} cache slots of {fmt(slot_bytes)} it needs {fmt(need)}; raise --max-ram to >= "
-            f"{math.ceil(need / 1e6)}MB"
+            f"{spec.top_k} cache slots of {fmt(slot_bytes)} it needs {fmt(need)}{_off(b)}; raise --max-ram to >= "
+            f"{math.ceil(smallest_max_ram(need - b.margin_bytes) / 1e6)}M"
         )
     return int(n)
 
@@ -201,5 +261,16 @@ def record(spec: ModelSpec, budget: MemoryBudget, *, slot_bytes: int, cache_slot
             f"({fmt(cache_slots * slot_bytes)}) "
             f"does not fit: the run would reserve {fmt(budget.total_reserved)} (process with always-on weights "
             f"{fmt(budget.loaded_rss)}, KV {fmt(budget.kv_bytes)}, activations {fmt(budget.activation_bytes)}, "
-            f"margin {fmt(budget.margin_bytes)}); lower --expert-cache or raise --max-ram"
+            f"margin {fmt(budget.margin_bytes)}){_off(budget)}; lower --expert-cache or raise --max-ram to >= "
+            f"{math.ceil(smallest_max_ram(budget.total_reserved - budget.margin_bytes) / 1e6)}M"
         )
+
+
+def _off(b: MemoryBudget) -> str:
+    """How far the measured load exceeded the estimate made before loading (a bug to report)."""
+    if b.loaded_rss is None or not b.always_on_bytes:
+        return ""
+    est = (b.baseline_rss or DEFAULT_PROCESS_BYTES) + b.loading_bytes + b.always_on_bytes
+    if b.loaded_rss <= est:
+        return ""
+    return f" (loading took {fmt(b.loaded_rss - est)} more than estimated before loading)"

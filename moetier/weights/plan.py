@@ -37,7 +37,7 @@ from typing import Any
 
 from moetier.errors import ConfigError
 from moetier.planner.census import ALWAYS_ON_GROUPS, GROUPS
-from moetier.planner.machines import parse_quantity
+from moetier.planner.machines import _QTY, EXAMPLES, MIN_BARE_BYTES, parse_quantity, parse_size
 from moetier.spec import ModelSpec
 
 TIERS = ("resident", "cache", "store")
@@ -46,11 +46,29 @@ ALWAYS_ON_KINDS = frozenset(ALWAYS_ON_GROUPS)
 CACHE_SCOPES = ("global", "per_layer")
 
 def parse_bytes(value: Any, what: str = "size") -> int:
-    """``"3G"``, ``"512MiB"``, ``"1.5e9"`` or a number -> bytes (int). Errors name ``what``."""
-    n = parse_quantity(value, what)
+    """``"3G"``, ``"512MiB"``, ``"1.5e9"`` or a bare number of at least 1 MiB -> bytes (int).
+
+    The size rule of :func:`moetier.planner.machines.parse_size` without fractions: a bare
+    number below 1 MiB (``--max-ram 600``) is refused, naming the unit it needs."""
+    n = parse_quantity(value, what, "size")
     if n <= 0:
         raise ConfigError(f"{what}: must be > 0, got {value!r}")
+    m = _QTY.match(str(value))
+    if m and (m.group(4) or m.group(3) not in (None, "B", "b")):
+        raise ConfigError(f"{what}: {value!r} is not a size; expected a size like {EXAMPLES['size']}")
+    bare = isinstance(value, (int, float)) or (m is not None and not m.group(2) and not m.group(3))
+    if bare and n < MIN_BARE_BYTES:
+        raise ConfigError(f"{what}: a bare number is bytes, and {value!r} bytes is surely not meant; "
+                          f"write the unit, e.g. '{value}MB' or '{value}GB'")
     return int(n)
+
+
+def parse_cache_option(value: Any, what: str) -> tuple[int | None, float | None]:
+    """An expert-cache size (``--expert-cache``, a plan file's ``expert_cache``) by the one
+    size rule (:func:`moetier.planner.machines.parse_size`): ``(bytes, None)`` or
+    ``(None, fraction of the routed experts)``."""
+    size = parse_size(value, what)
+    return (None if size.bytes is None else int(size.bytes)), size.fraction
 
 
 def _parse_range(value: Any, what: str, upper: int) -> frozenset[int]:
@@ -186,10 +204,7 @@ def plan_from_mapping(data: Mapping[str, Any], spec: ModelSpec, source: str = "p
         kw["max_ram"] = parse_bytes(data["max_ram"], f"{source}: field 'max_ram'")
     ec = data.get("expert_cache")
     if ec is not None:
-        if isinstance(ec, (int, float)) and not isinstance(ec, bool) and 0 < ec <= 1:
-            kw["cache_fraction"] = float(ec)
-        else:
-            kw["cache_bytes"] = parse_bytes(ec, f"{source}: field 'expert_cache'")
+        kw["cache_bytes"], kw["cache_fraction"] = parse_cache_option(ec, f"{source}: field 'expert_cache'")
     scope = data.get("cache_scope", "global")
     if scope not in CACHE_SCOPES:
         raise ConfigError(f"{source}: field 'cache_scope' must be one of {CACHE_SCOPES}, got {scope!r}")
@@ -359,17 +374,7 @@ def default_plan(spec: ModelSpec, census: Any = None, max_ram: Any = None, *, ba
     if policy_params is not None:
         kw["policy_params"] = dict(policy_params)
     if expert_cache is not None:
-        if isinstance(expert_cache, str):
-            try:
-                f = float(expert_cache)
-            except ValueError:
-                f = None
-            if f is not None and 0 < f <= 1:
-                expert_cache = f
-        if isinstance(expert_cache, float) and 0 < expert_cache <= 1:
-            kw["cache_fraction"], kw["cache_bytes"] = float(expert_cache), None
-        else:
-            kw["cache_bytes"], kw["cache_fraction"] = parse_bytes(expert_cache, "--expert-cache"), None
+        kw["cache_bytes"], kw["cache_fraction"] = parse_cache_option(expert_cache, "--expert-cache")
     if cache_scope is not None:
         if cache_scope not in CACHE_SCOPES:
             raise ConfigError(f"--cache-scope {cache_scope!r}: expected one of {CACHE_SCOPES}")

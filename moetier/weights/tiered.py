@@ -438,7 +438,7 @@ def hierarchy_options_given(opts: dict[str, Any]) -> bool:
 def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str | None = None,
          policy_params: dict[str, Any] | None = None, expert_cache: Any = None, cache_scope: str | None = None,
          prefetch: bool | None = None, prefetch_max_inflight_bytes: Any = None, profile: Any = None,
-         context: int = 4096, batch: int = 1, io: str = "auto", io_threads: int = 1,
+         context: int | None = None, batch: int = 1, io: str = "auto", io_threads: int = 1,
          cache_slots: int | None = None, **load_kwargs: Any) -> Any:
     """``moetier.load`` with the weight hierarchy: routed experts behind a
     :class:`TieredExpertProvider` sized by ``plan`` / ``max_ram`` / ``expert_cache``.
@@ -468,15 +468,25 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
     pl = default_plan(spec, cen, max_ram, base=base, policy=policy, policy_params=policy_params,
                       expert_cache=expert_cache, cache_scope=cache_scope, prefetch=prefetch,
                       prefetch_max_inflight_bytes=prefetch_max_inflight_bytes)
+    context = runtime.check_context(context, spec)
     mb = None
     if pl.max_ram is not None:
         mb = budget_mod.MemoryBudget(max_ram=pl.max_ram, context=context, batch=batch, itemsize=itemsize,
-                                     baseline_rss=baseline)
+                                     baseline_rss=baseline, loading_bytes=budget_mod.loading_bytes(d))
         slot = -(-int(cen.expert_bytes) // 4096) * 4096
         pf = prefetch_slot_count(pl, spec, slot)
+        n_experts = spec.num_moe_layers * spec.num_experts
         n_pinned = sum(1 for t in pl.expert_tiers(spec).values() if t == "resident")
+        asked = cache_slots
+        if asked is None:
+            cb = pl.resolved_cache_bytes(n_experts * cen.expert_bytes)
+            asked = None if cb is None else int(cb // slot)
+        if asked is not None:
+            asked = max(0, min(int(asked), n_experts - n_pinned))
+        opt = expert_cache if expert_cache is not None else (None if asked is None else f"{asked} slots")
         budget_mod.check_upfront(spec, mb, always_on_bytes=cen.always_on_bytes, slot_bytes=slot,
-                                 transient_slots=pf + BYPASS_SLOTS, pinned_slots=n_pinned)
+                                 transient_slots=pf + BYPASS_SLOTS, pinned_slots=n_pinned, cache_slots=asked,
+                                 prefetch_slots=pf, cache_option=None if opt is None else str(opt))
     if profile is None and pl.policy == "static" and "profile" not in pl.policy_params:
         profile = routing_profile_for(d, spec)
     elif isinstance(profile, (str, Path)):
@@ -485,7 +495,7 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
         profile = load_profile(profile, spec)
     factory = tiered_factory(pl, cache_slots=cache_slots, profile=profile, io=io, io_threads=io_threads,
                              check_finite=load_kwargs.get("check_finite", True), budget=mb)
-    model = runtime.load(path, expert_provider_factory=factory, **load_kwargs)
+    model = runtime.load(path, expert_provider_factory=factory, context=context, **load_kwargs)
     if isinstance(model.provider, TieredExpertProvider):
         bind(model, model.provider)
     model.memory_budget = mb
@@ -502,28 +512,38 @@ def add_arguments(p: Any) -> None:
     from moetier.weights.policies import POLICIES
 
     g = p.add_argument_group("weight hierarchy (any of these serves routed experts from a cache over the files)")
-    g.add_argument("--max-ram", default=None,
-                   help="hard RAM budget: resident + expert cache + KV cache + activations (e.g. 3G)")
+    g.add_argument("--max-ram", default=None, metavar="SIZE",
+                   help="hard RAM budget: process + always-on weights + expert cache + KV cache + activations "
+                   "(e.g. 3G); too small a budget is refused before loading, naming the smallest that works")
     g.add_argument("--policy", default=None, choices=[n for n in POLICIES if n != "belady"],
                    help="expert-cache policy (default: adaptive with --max-ram, else lru)")
-    g.add_argument("--expert-cache", default=None,
-                   help="expert-cache size: bytes (1.5G) or a fraction of the routed experts (0.25)")
-    g.add_argument("--cache-scope", default=None, choices=["global", "per_layer"])
+    g.add_argument("--expert-cache", default=None, metavar="SIZE",
+                   help="expert-cache size: a size (1.5G), a fraction (0.25) or a percentage (25%%) of the "
+                   "routed experts (default: what --max-ram leaves, else all)")
+    g.add_argument("--cache-scope", default=None, choices=["global", "per_layer"],
+                   help="one expert cache shared by all layers (global, the default) or an equal share per "
+                   "layer (per_layer)")
     g.add_argument("--prefetch", dest="prefetch", action="store_true", default=None,
                    help="guess the next layer's experts with its router and read them in the background")
-    g.add_argument("--no-prefetch", dest="prefetch", action="store_false")
+    g.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="read experts only when a layer asks for them (default with --max-ram: prefetch on)")
     g.add_argument("--plan", default=None, help="placement plan file (.yaml/.json); options above override it")
     g.add_argument("--profile", default=None,
                    help="routing profile for --policy static (default: the model's routing_profile.json)")
-    g.add_argument("--context", type=int, default=None, help="context length the --max-ram budget reserves KV for")
+    g.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help="longest sequence (prompt + completion) in tokens; longer prompts are refused; with "
+                   "--max-ram the budget reserves KV cache for it (default: the model's context window)")
     g.add_argument("--io", default=None, choices=["buffered", "direct", "auto"],
                    help="store reads: buffered pread (+ drop from page cache) or O_DIRECT")
 
 
 def load_kwargs(args: Any) -> dict[str, Any]:
     """The hierarchy options of parsed ``args`` for ``moetier.load`` (empty if none given)."""
-    keys = ("max_ram", "policy", "expert_cache", "cache_scope", "prefetch", "plan", "profile", "context", "io")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    keys = ("max_ram", "policy", "expert_cache", "cache_scope", "prefetch", "plan", "profile", "io")
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "context", None) is not None:  # not a hierarchy option by itself
+        out["context"] = args.context
+    return out
 
 
 def run_report(model: Any, decode_tokens_per_s: float | None) -> dict[str, Any]:
@@ -550,15 +570,17 @@ def run_report(model: Any, decode_tokens_per_s: float | None) -> dict[str, Any]:
     }
     try:
         from moetier.planner import probe
-        from moetier.planner.machines import get_machine
         from moetier.planner.roofline import predict_decode_tokens_per_s
 
-        if probe.load_cached() is None:
+        rec = probe.load_cached()
+        if rec is None:
             out["prediction_note"] = "run `moetier probe` once to measure this machine for the planner"
             return out
+        out["probe"] = probe.describe(rec)
         hr = s["hit_rate"] if s["hit_rate"] is not None else 1.0
         prec = "fp32" if model.dtype.itemsize == 4 else "bf16"
-        pred = predict_decode_tokens_per_s(model.spec, get_machine("cpu"), hit_rate=hr,
+        # the cached probe as it is (a run does not stop to re-measure; "probe" says how old it is)
+        pred = predict_decode_tokens_per_s(model.spec, probe.machine_from_probe(rec), hit_rate=hr,
                                            cache_bytes=prov.cache_bytes + prov.pinned_bytes, precision=prec)
         out["predicted_decode_tokens_per_s"] = pred
         if decode_tokens_per_s and pred:

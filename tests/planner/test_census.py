@@ -332,7 +332,7 @@ def test_cli_census_config_path(tmp_path, capsys) -> None:
         (["census", "no-such-model"], "catalog names: "),
         (["census", "mixtral-8x7b", "--precision", "int3"], "int3"),
         (["census", "BAD_JSON"], "not valid JSON"),
-        (["census", "CONFIG", "--precision", "checkpoint"], "not a catalog model"),
+        (["census", "CONFIG", "--precision", "int3"], "int3"),
     ],
 )
 def test_cli_errors_exit_2_one_line(argv, needle, tmp_path, capsys) -> None:

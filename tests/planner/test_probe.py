@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -71,7 +72,9 @@ def test_corrupt_or_old_cache_is_remeasured(cache):
 
 
 def _fake_record() -> dict:
-    return {"version": probe.PROBE_VERSION, "timestamp": 1.0, "timestamp_utc": "1970-01-01T00:00:01Z",
+    import time  # fresh (an old record would be re-measured as stale)
+
+    return {"version": probe.PROBE_VERSION, "timestamp": time.time(), "timestamp_utc": "2026-01-01T00:00:01Z",
             "host": "fake", "cores_usable": 2, "cores_logical": 2, "cores_physical": 2,
             "ram_bytes": 16e9, "ram_available_bytes": 8e9, "disk_free_bytes": 1e12, "disk_dir": "/x",
             "memory_read_bw": 20e9, "disk_read_bw": 2e9, "disk_method": "O_DIRECT",
@@ -108,3 +111,29 @@ def test_plan_on_measured_cpu_uses_cache(cache, capsys):
     assert d["efficiency"] == {"compute": 1.0, "memory": 1.0, "link": 1.0}
     ssd = d["decode"]["tiers"][1]
     assert ssd["mode"] == "move" and ssd["path_bw"] == 2e9
+
+
+def test_probe_age_and_load_are_shown_and_stale_or_busy_probes_remeasured(cache, monkeypatch, capsys):
+    """issue 12 item 11: a probe taken under load (9 GB/s instead of 40) was used silently."""
+    monkeypatch.setattr(probe.os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # busy while probing
+    rec, cached = probe.get_probe(sizes=TINY)
+    assert not cached and rec["load_per_core"] == pytest.approx(9.0 / len(os.sched_getaffinity(0)))
+    assert "busy" in probe.describe(rec) and "ago" in probe.describe(rec)
+    m = probe.machine_from_probe(rec)
+    assert "busy" in m.source
+    from moetier.planner import roofline
+
+    assert any("busy" in n for n in roofline.plan("olmoe-1b-7b", m).assumptions)  # shown where used
+    # still busy: the busy probe is the best there is (kept); quiet now: measured again, said so
+    assert probe.get_probe(sizes=TINY)[1] is True
+    monkeypatch.setattr(probe.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    capsys.readouterr()
+    rec2, cached = probe.get_probe(sizes=TINY)
+    assert not cached and rec2["load_per_core"] == 0.0
+    assert "was taken under load" in capsys.readouterr().err
+    assert probe.get_probe(sizes=TINY)[1] is True
+    # stale: measured again
+    old = {**rec2, "timestamp": rec2["timestamp"] - probe.STALE_SECONDS - 1}
+    probe.cache_path().write_text(json.dumps(old))
+    assert probe.get_probe(sizes=TINY)[1] is False
+    assert "days old" in capsys.readouterr().err

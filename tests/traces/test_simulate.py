@@ -86,6 +86,10 @@ def test_errors(trace):
 
 def test_parse_cache_size():
     assert parse_cache_size("25%", 60) == 15 and parse_cache_size("16", 64) == 16
-    for bad in ("x", "-2", "150%"):
+    assert parse_cache_size("0.25", 60) == 15 and parse_cache_size("1", 60) == 60  # fractions, as everywhere
+    assert parse_cache_size("2GB", 64, lambda: 0.5e9) == 4  # a size: what fits across the MoE layers
+    for bad in ("x", "-2", "150%", "2.5", "65", "3.35TB/s"):
         with pytest.raises(MoetierError, match="--cache"):
             parse_cache_size(bad, 60)
+    with pytest.raises(MoetierError, match="needs the model's expert bytes"):
+        parse_cache_size("2GB", 60)

@@ -50,7 +50,7 @@ def test_fused_qkv_views_stay_views(tmp_path):
 
 def test_tiered_packs_only_the_always_on_set(tmp_path):
     path = make_tiny_checkpoint(tmp_path, "qwen3_moe")
-    m = tiered.load(path, tokenizer=False, expert_cache=2, policy="lru")
+    m = tiered.load(path, tokenizer=False, cache_slots=2, policy="lru")
     try:
         assert m.arena is not None
         expert_bytes = m.spec.num_experts * len(m.spec.moe_layer_ids) * m.expert_reader.expert_nbytes()

@@ -29,9 +29,9 @@ SPEC = spec_from_config(CFG)
 def test_parse_bytes_units():
     assert parse_bytes("3G") == 3_000_000_000
     assert parse_bytes("512MiB") == 512 * 2**20
-    assert parse_bytes(1024) == 1024
+    assert parse_bytes(2**20) == 2**20 and parse_bytes("1024B") == 1024
     assert parse_bytes("1.5GB") == 1_500_000_000
-    for bad in ("-1G", "3X", "", True, 0):
+    for bad in ("-1G", "3X", "", True, 0, 1024, "600"):  # a bare number below 1 MiB is not meant as bytes
         with pytest.raises(ConfigError, match="size"):
             parse_bytes(bad, "size")
 

@@ -98,11 +98,11 @@ def test_run_command_json_reports_hierarchy(ckpt):
     if out["predicted_decode_tokens_per_s"] is not None:
         assert out["measured_over_predicted"] > 0
     p = subprocess.run(cmd[:-1] + ["--max-ram", "5M"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert p.returncode == 2 and "needs at least" in p.stderr and "raise --max-ram" in p.stderr
+    assert p.returncode == 2 and "the smallest that works is --max-ram" in p.stderr
 
 
 def test_decode_hit_rate_counts_decode_steps_only(ckpt):
-    m = tiered.load(ckpt, policy="lru", expert_cache=4, prefetch=False)
+    m = tiered.load(ckpt, policy="lru", cache_slots=4, prefetch=False)
     try:
         metrics = m.hierarchy_metrics
         m.logits(list(range(4, 30)))  # prefill only: no decode accesses
