@@ -96,11 +96,14 @@ def installed(dists, tmp_path_factory) -> dict:
     wheel, _ = dists
     root = tmp_path_factory.mktemp("venv")
     env_dir = root / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    import pip
+
+    outer_pip = tuple(int(x) for x in pip.__version__.split(".")[:2]) >= (22, 3)  # pip --python
+    venv.EnvBuilder(system_site_packages=True, with_pip=not outer_pip).create(env_dir)
     py = env_dir / "bin" / "python"
-    res = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index",
-                          "--no-build-isolation", "--disable-pip-version-check", str(wheel)],
-                         capture_output=True, text=True, timeout=600)
+    pip_cmd = [sys.executable, "-m", "pip", "--python", str(py)] if outer_pip else [str(py), "-m", "pip"]
+    res = subprocess.run([*pip_cmd, "install", "--no-deps", "--no-index", "--no-build-isolation",
+                          "--disable-pip-version-check", str(wheel)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     # this interpreter may itself be a venv, whose packages (torch...) --system-site-packages does not
     # reach: name its site dirs in a .pth, after the new venv's own site-packages (added only after the install,
