@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 
 from moetier.errors import MissingExtraError
 
@@ -41,13 +42,14 @@ def require(extra: str, what: str, modules: tuple[str, ...] | None = None) -> No
 
 
 def versions() -> dict[str, dict[str, str | None]]:
-    """Installed version of each extra's distributions (``None``: not installed)."""
+    """Installed version of each extra's distributions (``None``: not installed or not importable)."""
     out: dict[str, dict[str, str | None]] = {}
     for extra, dists in EXTRAS.items():
         out[extra] = {}
         for d in dists:
             try:
-                out[extra][d] = importlib.metadata.version(d)
-            except importlib.metadata.PackageNotFoundError:
+                found = importlib.util.find_spec(d) is not None  # finds, does not import
+                out[extra][d] = importlib.metadata.version(d) if found else None
+            except (ImportError, ValueError, importlib.metadata.PackageNotFoundError):
                 out[extra][d] = None
     return out

