@@ -4,7 +4,9 @@ subcommands' ``--help`` examples runs as written (issue 12): exit 0, no tracebac
 They run in order (the tour's trace is recorded before it is analysed) in a temporary
 directory that sees the repository's ``examples/`` and ``moetier/`` (the paths the tour uses),
 with a private probe cache (``MOETIER_CACHE_DIR``) so the user's is not touched. Skipped: the
-venv setup (``. .venv/bin/activate``) and ``./scripts/test`` (this suite). ``./scripts/run ARGS``
+venv setup (``. .venv/bin/activate``), ``./scripts/test`` (this suite) and the install-from-wheel
+lines (``pip install ...``, ``python -m build ...``: tests/test_wheel.py builds, installs and runs
+the wheel). ``VAR=value`` words before a command are its environment. ``./scripts/run ARGS``
 runs as the ``moetier run`` line it executes. ``moetier serve`` runs in the foreground: it is
 started (on a free port when the written one is taken), asked ``/v1/models``, and stopped.
 """
@@ -58,10 +60,23 @@ def help_commands() -> list[list[str]]:
     return out
 
 
+INSTALL = (["pip", "install"], ["python", "-m", "build"])  # run by tests/test_wheel.py
+
+
+def split_env(words: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Leading ``VAR=value`` words (the shell's per-command environment) and the command."""
+    env = {}
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+        k, v = words[0].split("=", 1)
+        env[k] = v
+        words = words[1:]
+    return env, words
+
+
 def all_commands() -> list[list[str]]:
     cmds = []
     for words in readme_commands() + script_run_commands() + help_commands():
-        if words[0] == "." or words[0] == "./scripts/test":
+        if words[0] == "." or words[0] == "./scripts/test" or any(words[: len(p)] == p for p in INSTALL):
             continue
         if words[0] == "./scripts/run":
             words = script_run_commands_base() + words[1:]
@@ -99,7 +114,10 @@ def run_serve(words: list[str], cwd: Path, env: dict[str, str]) -> str | None:
             if proc.poll() is not None:
                 return f"exited {proc.returncode}: {proc.stderr.read()[-2000:]}"
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models")
+                if env.get("MOETIER_API_KEY"):
+                    req.add_header("Authorization", f"Bearer {env['MOETIER_API_KEY']}")
+                with urllib.request.urlopen(req, timeout=5) as r:
                     body = json.loads(r.read())
                 return None if body.get("data") else f"/v1/models answered {body}"
             except OSError:
@@ -115,7 +133,7 @@ def run_serve(words: list[str], cwd: Path, env: dict[str, str]) -> str | None:
 
 
 def test_commands_are_found():
-    words = {w[1] for w in all_commands() if len(w) > 1}
+    words = {w[1] for w in (split_env(c)[1] for c in all_commands()) if len(w) > 1}
     assert {"run", "plan", "census", "trace", "simulate", "serve", "probe"} <= words
     assert any(w[0] == "./scripts/run" for w in readme_commands())
 
@@ -126,15 +144,17 @@ def test_every_documented_command_runs(tmp_path):
         (tmp_path / name).symlink_to(ROOT / name)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MOETIER_CACHE_DIR": str(tmp_path / "cache")}
     failures = []
-    for words in all_commands():
-        assert words[0] == "moetier", words
+    for line in all_commands():
+        extra, words = split_env(line)
+        assert words[0] == "moetier", line
+        cmd_env = {**env, **extra}
         if words[1] == "serve":
-            err = run_serve(words, tmp_path, env)
+            err = run_serve(words, tmp_path, cmd_env)
         else:
-            p = subprocess.run(MOETIER + words[1:], cwd=tmp_path, env=env, capture_output=True, text=True,
+            p = subprocess.run(MOETIER + words[1:], cwd=tmp_path, env=cmd_env, capture_output=True, text=True,
                                timeout=900)
             err = None if p.returncode == 0 and "Traceback" not in p.stderr else \
                 f"exit {p.returncode}: {p.stderr.strip()[-1500:]}"
         if err:
-            failures.append(f"{shlex.join(words)}\n    {err}")
+            failures.append(f"{shlex.join(line)}\n    {err}")
     assert not failures, "\n".join(failures)
