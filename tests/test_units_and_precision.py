@@ -119,3 +119,17 @@ def test_census_of_a_config_json_uses_its_torch_dtype(tmp_path, capsys):
     assert main(["census", str(cfg), "--precision", "checkpoint", "--json"]) == 0  # was refused
     out = json.loads(capsys.readouterr().out)
     assert "fp32" in json.dumps(out["precision"]) and "torch_dtype" in out["precision_source"]
+
+
+def test_mtp_layers_missing_from_the_files_are_not_counted(tmp_path, capsys):
+    """A DeepSeek-V3 saved by transformers has no MTP layer in its files: count what is stored."""
+    import tests.helpers.moe_families  # noqa: F401  (registers the deepseek recipes)
+
+    d = make_tiny_checkpoint(tmp_path, "deepseek_v3", tokenizer=False, num_nextn_predict_layers=1)
+    assert resolve_model(str(d)).num_mtp_layers == 1  # the config announces one
+    assert main(["census", str(d), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    stored = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    assert out["groups"]["mtp"]["params"] == 0
+    assert 0.97 * stored <= out["total_bytes"] <= stored
+    assert main(["plan", str(d), "--machine", "h100", "--json"]) == 0

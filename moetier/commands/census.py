@@ -81,6 +81,26 @@ def stored_precision(model: str, spec: Any) -> tuple[str, str]:
     return "bf16", "assumed: neither safetensors files nor config.json torch_dtype say"
 
 
+def spec_as_stored(model: str, spec: Any) -> Any:
+    """``spec`` without the MTP layers its config announces when a local checkpoint's files do
+    not hold them (transformers saves DeepSeek-V3 without its multi-token-prediction layer)."""
+    import dataclasses
+
+    from moetier.errors import WeightError
+    from moetier.weights.safetensors_io import parse_header
+
+    p = Path(model)
+    files = sorted((p if p.is_dir() else p.parent).glob("*.safetensors")) if p.exists() else []
+    if not spec.num_mtp_layers or not files:
+        return spec
+    first = f"model.layers.{spec.num_layers}."  # MTP layers are stored after the decoder layers
+    try:
+        stored = any(name.startswith(first) for f in files for name in parse_header(f))
+    except WeightError:
+        return spec
+    return spec if stored else dataclasses.replace(spec, num_mtp_layers=0)
+
+
 def resolve_precision(model: str, precision: str | None, spec: Any) -> tuple[str, str | None]:
     """The precision to count ``model`` at, and a note on where it came from (None: as asked).
 
@@ -186,7 +206,7 @@ def _lines(c: Census, cat: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = resolve_model(args.model)
+    spec = spec_as_stored(args.model, resolve_model(args.model))
     cat = _catalog_name(args.model)
     precision, source = resolve_precision(args.model, args.precision, spec)
     c = census(spec, precision)

@@ -66,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     args.precision = _precision(args)
     if (args.devices is not None and args.devices != 1) or cluster_planner.wants_cluster(args):
         return _cluster(args)
-    spec = resolve_model(args.model)
+    from moetier.commands.census import spec_as_stored
+
+    spec = spec_as_stored(args.model, resolve_model(args.model))
     machine = get_machine(args.machine)
     profile = roofline.load_profile(args.profile, spec) if args.profile else None
     kw = dict(batch=args.batch, context=args.context, precision=_precision(args), fast_mem=args.fast_mem,

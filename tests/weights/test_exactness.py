@@ -66,7 +66,7 @@ def test_per_layer_scope_pinned_and_store_rules(qwen3):
     plan = plan_from_mapping({
         "cache_scope": "per_layer",
         "policy": "lru",
-        "prefetch": {"enabled": True, "max_inflight_bytes": 1},
+        "prefetch": {"enabled": True, "max_inflight_bytes": "1B"},  # with its unit: tiny is meant
         "rules": [
             {"kind": "routed_experts", "layers": "0", "experts": "0-3", "tier": "resident"},
             {"kind": "routed_experts", "layers": "2", "tier": "store"},
