@@ -30,13 +30,14 @@ from moetier.serve.engine import Engine, ModelBackend, OpenAIServing
 from moetier.serve.guard import HostPolicy, RequestGuard, guarded_protocol
 from moetier.serve.metrics import ServeMetrics
 from moetier.serve.protocol import ServeError, error_body
-from moetier.serve.routes import router
+from moetier.serve.routes import BodyBudget, router
 
 log = logging.getLogger("moetier.serve")
 
 MAX_AUTO_BODY_BYTES = 32 << 20
 DEFAULT_READ_TIMEOUT = 15.0  # s: a request's headers, and each pause in its body
 DEFAULT_MAX_CONNECTIONS = 256
+BODY_BUDGET_BODIES = 4  # request bodies of the largest size held at once (reading or being prepared)
 
 
 def auto_body_limit(context_length: int, max_token_chars: int) -> int:
@@ -150,6 +151,7 @@ def build_app(
     be = engine.backend
     app.state.max_body_bytes = max_body_bytes or auto_body_limit(be.context_length, be.max_token_chars)
     app.state.cpu_limiter = anyio.CapacityLimiter(prepare_workers)
+    app.state.body_budget = BodyBudget(BODY_BUDGET_BODIES * app.state.max_body_bytes)
     app.state.metrics_public = metrics_public
     app.state.read_timeout = read_timeout
     app.state.max_connections = max_connections

@@ -270,7 +270,9 @@ class ServeMetrics:
                 _Family("moetier_engine_step_tokens_total", "counter", "Sum of flat-batch tokens over steps.").add(
                     self.step_tokens
                 ),
-                _Family("moetier_engine_errors_total", "counter", "Forward steps that raised.").add(self.engine_errors),
+                _Family(
+                    "moetier_engine_errors_total", "counter", "Engine faults: failed steps, requests, thread deaths."
+                ).add(self.engine_errors),
                 _Family("moetier_sequences_freed_total", "counter", "Sequences whose KV cache was freed.").add(
                     self.freed
                 ),

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from moetier.serve.engine import OpenAIServing, RequestHandle
-from moetier.serve.metrics import model_metrics_snapshot
+from moetier.serve.metrics import _Family, model_metrics_snapshot
 from moetier.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -55,9 +55,34 @@ async def require_api_key(request: Request) -> None:
         raise ServeError(401, "Incorrect API key provided", type="invalid_request_error", code="invalid_api_key")
 
 
+class BodyBudget:
+    """Bytes of request bodies held at once, from the first byte read until the request is
+    prepared (parsed and tokenised): request memory stays bounded however many connections
+    send bodies together. Over the budget a request gets 503 with Retry-After. Event-loop only."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+
+    def take(self, n: int) -> None:
+        if self.used + n > self.capacity:
+            raise ServeError(
+                503,
+                f"The server is busy reading other large requests ({self.used} of {self.capacity} bytes); retry later",
+                type="server_error",
+                code="server_busy",
+            )
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
 async def read_body(request: Request) -> bytes:
-    """The request body, refusing more than ``app.state.max_body_bytes`` (413)."""
+    """The request body, refusing more than ``app.state.max_body_bytes`` (413), counted in
+    ``app.state.body_budget`` (the caller gives ``len(body)`` back once it is done with it)."""
     limit: int = request.app.state.max_body_bytes
+    budget: BodyBudget = request.app.state.body_budget
     ctype = request.headers.get("content-type", "")
     if ctype.partition(";")[0].strip().lower() != "application/json":
         raise ServeError(
@@ -77,12 +102,17 @@ async def read_body(request: Request) -> bytes:
     size = 0
     try:
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+            if size + len(chunk) > limit:
                 raise ServeError(413, f"Request body exceeds the limit of {limit} bytes", code="request_too_large")
+            budget.take(len(chunk))
+            size += len(chunk)
             chunks.append(chunk)
     except ClientDisconnect:  # gone (or timed out) mid-body: logged as 499, not 500
+        budget.give(size)
         raise ServeError(499, "client disconnected while sending the body", code="client_disconnected") from None
+    except BaseException:
+        budget.give(size)
+        raise
     return b"".join(chunks)
 
 
@@ -186,6 +216,12 @@ async def metrics(request: Request) -> PlainTextResponse:
         model_name=s.model_name,
         model_metrics=model_metrics_snapshot(s.backend.model),
         kv_cache_bytes=s.engine.kv_bytes(),
+        extra=lambda: [
+            _Family("moetier_engine_up", "gauge", "1 while the engine thread runs, 0 while it is down.").add(
+                int(s.engine.alive)
+            ),
+            _Family("moetier_engine_restarts_total", "counter", "Engine thread restarts.").add(s.engine.restarts),
+        ],
     )
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -203,11 +239,16 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     return ModelCard(id=s.model_name, max_model_len=s.backend.context_length).model_dump()
 
 
-async def _off_loop(request: Request, fn: Any, *args: Any) -> Any:
-    """Run CPU-heavy request work (JSON parsing and validation of large bodies, template rendering,
-    tokenisation) on the app's small worker pool: the event loop keeps streaming to everyone else,
-    and at most ``limiter.total_tokens`` requests are being prepared (and held in memory) at once."""
-    return await anyio.to_thread.run_sync(fn, *args, limiter=request.app.state.cpu_limiter)
+async def _read_and_prepare(request: Request, fn: Any) -> Any:
+    """Read the body, then run ``fn(serving, body)`` -- the CPU-heavy part: JSON parsing and
+    validation of large bodies, template rendering, tokenisation -- on the app's small worker
+    pool: the event loop keeps streaming to everyone else, and at most ``cpu_limiter.total_tokens``
+    requests are being prepared at once. The body counts in the body budget until then."""
+    body = await read_body(request)
+    try:
+        return await anyio.to_thread.run_sync(fn, _serving(request), body, limiter=request.app.state.cpu_limiter)
+    finally:
+        request.app.state.body_budget.give(len(body))
 
 
 def _prepare_completion(s: OpenAIServing, body: bytes) -> tuple[CompletionRequest, Any]:
@@ -223,7 +264,7 @@ def _prepare_chat(s: OpenAIServing, body: bytes) -> tuple[ChatCompletionRequest,
 @router.post("/v1/completions", dependencies=[Depends(require_api_key)])
 async def completions(request: Request) -> Any:
     s = _serving(request)
-    req, prep = await _off_loop(request, _prepare_completion, s, await read_body(request))
+    req, prep = await _read_and_prepare(request, _prepare_completion)
     handle = s.submit(prep, f"cmpl-{uuid.uuid4().hex}")
     _note(request, handle)
     if req.stream:
@@ -235,7 +276,7 @@ async def completions(request: Request) -> Any:
 @router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
 async def chat_completions(request: Request) -> Any:
     s = _serving(request)
-    req, prep = await _off_loop(request, _prepare_chat, s, await read_body(request))
+    req, prep = await _read_and_prepare(request, _prepare_chat)
     handle = s.submit(prep, f"chatcmpl-{uuid.uuid4().hex}")
     _note(request, handle)
     if req.stream:

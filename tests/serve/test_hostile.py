@@ -132,7 +132,7 @@ class EngineCrash(BaseException):
 def poison_server(tiny_dir: Path) -> Iterator[tuple[BackgroundServer, PoisonBackend]]:
     model = moetier.load(tiny_dir)
     backend = PoisonBackend(model)
-    app = build_app(model, model_name=SERVED, max_batch=4, backend=backend, max_restarts=2, restart_delay=1.0)
+    app = build_app(model, model_name=SERVED, max_batch=4, backend=backend, max_restarts=2, restart_delay=4.0)
     with BackgroundServer(app) as srv:
         yield srv, backend
 
@@ -177,6 +177,9 @@ def test_engine_thread_death_is_503_then_restarted(poison_server: Any) -> None:
     # the supervisor restarts it
     _wait(lambda: httpx.get(url + "/health", timeout=10).status_code == 200)
     assert httpx.get(url + "/health", timeout=10).json()["restarts"] == 1
+    m = httpx.get(url + "/metrics", timeout=10).text
+    assert "moetier_engine_up 1" in m and "moetier_engine_restarts_total 1" in m
+    assert "moetier_engine_errors_total 0" not in m
     r = _post(url, CO, _body(CO, temperature=0))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
@@ -256,6 +259,38 @@ def test_many_tiny_messages_are_refused_before_validation(big_body_server: Any) 
     r = _post(srv.base_url, CH, _body(CH, messages=msgs))
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert r.json()["error"]["param"] == "messages"
+
+
+def test_bodies_in_flight_are_bounded_together(tiny_dir: Path) -> None:
+    """Many connections sending large bodies at once cannot hold more than the body budget
+    (4 largest bodies); the budget is given back whatever happens to the requests."""
+    import socket
+
+    app = build_app(moetier.load(tiny_dir), model_name=SERVED, max_body_bytes=64 << 10)
+    budget = app.state.body_budget
+    assert budget.capacity == 4 * (64 << 10)
+    n = 60 << 10
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {n}\r\n\r\n".encode() + b'{"prompt": "')
+    with BackgroundServer(app) as srv:
+        socks = []
+        try:
+            for i in range(4):
+                s = socket.create_connection(("127.0.0.1", srv.port))
+                s.sendall(head + b"x" * (n - len(head) - 100))  # all but the end: held in the budget
+                socks.append(s)
+                _wait(lambda i=i: budget.used >= (i + 1) * (n - 1000))
+            s = socket.create_connection(("127.0.0.1", srv.port))
+            socks.append(s)
+            s.sendall(head + b"x" * (n - len(head) - 100))
+            got = _closed_within(s, 10) or b""
+            assert b" 503 " in got.split(b"\r\n")[0] and b"server_busy" in got, got[:300]
+        finally:
+            for s in socks:
+                s.close()
+        _wait(lambda: budget.used == 0)
+        assert _post(srv.base_url, CO, _body(CO)).status_code == 200
+        assert budget.used == 0
 
 
 def test_body_limit_is_sized_from_the_context_window(tiny_dir: Path) -> None:
