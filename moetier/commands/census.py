@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from moetier import catalog
 from moetier.errors import ConfigError
 from moetier.planner.census import ALWAYS_ON_GROUPS, Census, census
 from moetier.spec import resolve_model
+from moetier.weights.stored import StoredCensus, checkpoint_precision, stored_census
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--precision",
         default="bf16",
         help="bf16 (default) | fp16 | fp32 | fp8 | int8 | int4 | int4:g32 | fp4 | nvfp4 | "
-        "mixed:attention=bf16,experts=int4,... | checkpoint (the catalog model's stored format)",
+        "mixed:attention=bf16,experts=int4,... | checkpoint (the stored format: a catalog model's, or a "
+        "local directory's read from its files, with its real stored bytes per group)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=run)
@@ -55,7 +58,7 @@ def _catalog_name(model: str) -> str | None:
     return model if model in catalog.names() else None
 
 
-def _lines(c: Census, cat: str | None) -> list[str]:
+def _lines(c: Census, cat: str | None, stored: StoredCensus | None = None) -> list[str]:
     s = c.spec
     out: list[str] = []
     shape = f"{s.family}, {s.num_layers} layers"
@@ -70,6 +73,8 @@ def _lines(c: Census, cat: str | None) -> list[str]:
     out.append(f"precision: {c.precision.name}")
     out.append("")
     header = f"{'group':<16} {'params':>10} {'bytes':>11}  {'format':<11} {'kind':<14} {'active/token':>12}"
+    if stored is not None:
+        header += f" {'stored (files)':>14}"
     out.append(header)
     out.append("-" * len(header))
     for g in c.groups.values():
@@ -78,12 +83,16 @@ def _lines(c: Census, cat: str | None) -> list[str]:
         if g.name == "mtp":
             continue
         kind = "always-on" if g.always_on else "routed"
-        out.append(
-            f"{g.name:<16} {fmt_params(g.params):>10} {fmt_bytes(g.bytes):>11}  "
-            f"{c.precision.format_of(g.name):<11} {kind:<14} {fmt_params(g.active_params):>12}"
-        )
+        line = (f"{g.name:<16} {fmt_params(g.params):>10} {fmt_bytes(g.bytes):>11}  "
+                f"{c.precision.format_of(g.name):<11} {kind:<14} {fmt_params(g.active_params):>12}")
+        if stored is not None:
+            line += f" {fmt_bytes(stored.bytes.get(g.name, 0)):>14}"
+        out.append(line)
     out.append("-" * len(header))
-    out.append(f"{'total':<16} {fmt_params(c.total_params):>10} {fmt_bytes(c.total_bytes):>11}")
+    total = f"{'total':<16} {fmt_params(c.total_params):>10} {fmt_bytes(c.total_bytes):>11}"
+    if stored is not None:
+        total += " " * (len(header) - 15 - len(total)) + f"{fmt_bytes(stored.total):>14}"
+    out.append(total)
     mtp = c.groups["mtp"]
     if mtp.params:
         out.append(
@@ -137,10 +146,16 @@ def run(args: argparse.Namespace) -> int:
     spec = resolve_model(args.model)
     cat = _catalog_name(args.model)
     precision = args.precision
-    if precision == "checkpoint":
+    stored = None
+    if precision == "checkpoint" and cat is None and Path(args.model).is_dir():
+        stored = stored_census(args.model, spec)
+        precision = checkpoint_precision(args.model, spec, stored)
+        if not stored.has_mtp:  # MTP layers in config.json but not in the files: nothing stored
+            spec = replace(spec, num_mtp_layers=0)
+    elif precision == "checkpoint":
         if cat is None:
             raise ConfigError(
-                f"--precision checkpoint: {args.model!r} is not a catalog model; give a precision "
+                f"--precision checkpoint: {args.model!r} is not a catalog model or a model directory; give a precision "
                 "such as bf16, fp8, int4 or mixed:experts=fp4"
             )
         precision = catalog.entry(cat).checkpoint_precision
@@ -156,7 +171,10 @@ def run(args: argparse.Namespace) -> int:
                 "compare_with": pub.census_field,
                 "source": pub.source,
             }
+        if stored is not None:
+            d["stored_bytes"] = {g: stored.bytes.get(g, 0) for g in c.groups}
+            d["stored_total_bytes"] = stored.total
         print(json.dumps(d, indent=2))
     else:
-        print("\n".join(_lines(c, cat)))
+        print("\n".join(_lines(c, cat, stored)))
     return 0

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"tokens in each sequence's KV cache / prompt length (default {roofline.DEFAULT_CONTEXT})")
     p.add_argument("--precision", default="bf16",
                    help="bf16 | fp8 | int8 | int4 | fp4 | fp32 | mixed:attention=bf16,experts=int4 | "
-                   "checkpoint (the catalog model's stored format)")
+                   "checkpoint (the stored format: a catalog model's, or read from a local directory's files)")
     p.add_argument("--fast-mem", default=None, metavar="BYTES",
                    help="cap the fast tiers' capacity, e.g. 24GB")
     p.add_argument("--cache", default=None, metavar="BYTES",
@@ -90,9 +90,14 @@ def _precision(args: argparse.Namespace) -> str:
 
     from moetier import catalog
 
+    if Path(args.model).is_dir():
+        from moetier.spec import load_spec
+        from moetier.weights.stored import checkpoint_precision
+
+        return checkpoint_precision(args.model, load_spec(args.model))
     if Path(args.model).exists() or args.model not in catalog.names():
-        raise ConfigError(f"--precision checkpoint: {args.model!r} is not a catalog model; give a precision "
-                          "such as bf16, fp8, int4 or mixed:experts=fp4")
+        raise ConfigError(f"--precision checkpoint: {args.model!r} is not a catalog model or a model directory; "
+                          "give a precision such as bf16, fp8, int4 or mixed:experts=fp4")
     return catalog.entry(args.model).checkpoint_precision
 
 
