@@ -77,6 +77,9 @@ def load(
     native: bool | None = None,
     hugepages: bool = True,
     context: int | None = None,
+    quantize: str | None = None,
+    quantize_all: bool = False,
+    quantize_group: int | None = None,
     **hierarchy: Any,
 ) -> Model:
     """Load a checkpoint directory (``None`` = the embedded model) for inference.
@@ -97,6 +100,9 @@ def load(
     context: the longest sequence (prompt + completion) to allow, at most the model's window
     (``max_position_embeddings``, the default); with ``max_ram`` the budget reserves KV cache
     for it. Prompts beyond it are refused (:attr:`Model.context_limit`).
+    quantize: "int4" | "int8" | "fp8": keep routed experts (with ``quantize_all``, every linear
+    weight but embeddings / LM head / routers) quantized at load, ``quantize_group`` values per
+    scale (``moetier.quant.atload``); weights stored quantized stay as stored.
     hierarchy: weight-hierarchy options (``max_ram``, ``policy``, ``expert_cache``,
     ``cache_scope``, ``prefetch``, ``plan``, ...): routed experts are then served from a cache
     over the files, see :func:`moetier.weights.tiered.load`.
@@ -107,7 +113,8 @@ def load(
         from moetier.weights import tiered
 
         return tiered.load(path, dtype=dtype, tokenizer=tokenizer, threads=threads, check_finite=check_finite,
-                           native=native, hugepages=hugepages, context=context, **hierarchy)
+                           native=native, hugepages=hugepages, context=context, quantize=quantize,
+                           quantize_all=quantize_all, quantize_group=quantize_group, **hierarchy)
     if threads is not None:
         if isinstance(threads, bool) or int(threads) < 1:
             raise ConfigError(f"--threads {threads}: expected a whole number >= 1")
@@ -130,7 +137,17 @@ def load(
     with torch.device("meta"):
         net = cls(spec)
     reader = net.make_expert_reader(index, dt) if spec.is_moe else None  # validates expert headers
-    load_dense_weights(net, index, dt, check_finite=check_finite)
+    qdense = None
+    if quantize is not None or quantize_all:
+        from moetier.quant import atload
+
+        group = atload.check(quantize, quantize_group)
+        assert quantize is not None
+        if reader is not None:
+            reader = atload.QuantizingExpertReader(reader, quantize, group)
+        if quantize_all:
+            qdense = atload.weight_quantizer(quantize, group)
+    load_dense_weights(net, index, dt, check_finite=check_finite, quantize=qdense)
     provider: ExpertProvider | None = None
     if reader is not None:
         provider = (expert_provider_factory or default_provider)(spec, reader)

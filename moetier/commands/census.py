@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from moetier import catalog
 from moetier.errors import ConfigError
 from moetier.planner.census import ALWAYS_ON_GROUPS, Census, census
 from moetier.spec import resolve_model
+from moetier.weights.stored import StoredCensus, checkpoint_precision, stored_census
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,8 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--precision",
         default=None,
         help="bf16 | fp16 | fp32 | fp8 | int8 | int4 | int4:g32 | fp4 | nvfp4 | "
-        "mixed:attention=bf16,experts=int4,... | checkpoint (as stored). Default: a local checkpoint as "
-        "stored, a catalog model in bf16",
+        "mixed:attention=bf16,experts=int4,... | checkpoint (the stored format: a catalog model's, or a "
+        "local directory's read from its files, with its real stored bytes per group). Default: a local "
+        "checkpoint as stored, a catalog model in bf16",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=run)
@@ -127,7 +130,7 @@ def _catalog_name(model: str) -> str | None:
     return model if model in catalog.names() else None
 
 
-def _lines(c: Census, cat: str | None) -> list[str]:
+def _lines(c: Census, cat: str | None, stored: StoredCensus | None = None) -> list[str]:
     s = c.spec
     out: list[str] = []
     shape = f"{s.family}, {s.num_layers} layers"
@@ -142,6 +145,8 @@ def _lines(c: Census, cat: str | None) -> list[str]:
     out.append(f"precision: {c.precision.name}")
     out.append("")
     header = f"{'group':<16} {'params':>10} {'bytes':>11}  {'format':<11} {'kind':<14} {'active/token':>12}"
+    if stored is not None:
+        header += f" {'stored (files)':>14}"
     out.append(header)
     out.append("-" * len(header))
     for g in c.groups.values():
@@ -150,12 +155,16 @@ def _lines(c: Census, cat: str | None) -> list[str]:
         if g.name == "mtp":
             continue
         kind = "always-on" if g.always_on else "routed"
-        out.append(
-            f"{g.name:<16} {fmt_params(g.params):>10} {fmt_bytes(g.bytes):>11}  "
-            f"{c.precision.format_of(g.name):<11} {kind:<14} {fmt_params(g.active_params):>12}"
-        )
+        line = (f"{g.name:<16} {fmt_params(g.params):>10} {fmt_bytes(g.bytes):>11}  "
+                f"{c.precision.format_of(g.name):<11} {kind:<14} {fmt_params(g.active_params):>12}")
+        if stored is not None:
+            line += f" {fmt_bytes(stored.bytes.get(g.name, 0)):>14}"
+        out.append(line)
     out.append("-" * len(header))
-    out.append(f"{'total':<16} {fmt_params(c.total_params):>10} {fmt_bytes(c.total_bytes):>11}")
+    total = f"{'total':<16} {fmt_params(c.total_params):>10} {fmt_bytes(c.total_bytes):>11}"
+    if stored is not None:
+        total += " " * (len(header) - 15 - len(total)) + f"{fmt_bytes(stored.total):>14}"
+    out.append(total)
     mtp = c.groups["mtp"]
     if mtp.params:
         out.append(
@@ -208,7 +217,14 @@ def _lines(c: Census, cat: str | None) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     spec = spec_as_stored(args.model, resolve_model(args.model))
     cat = _catalog_name(args.model)
-    precision, source = resolve_precision(args.model, args.precision, spec)
+    stored = None
+    if cat is None and Path(args.model).is_dir() and args.precision in (None, "checkpoint"):
+        stored = stored_census(args.model, spec)  # the files' real bytes per group
+        precision, source = checkpoint_precision(args.model, spec, stored), "as stored"
+        if not stored.has_mtp:  # MTP layers in config.json but not in the files: nothing stored
+            spec = replace(spec, num_mtp_layers=0)
+    else:
+        precision, source = resolve_precision(args.model, args.precision, spec)
     c = census(spec, precision)
     if args.json:
         d = c.to_json()
@@ -222,9 +238,12 @@ def run(args: argparse.Namespace) -> int:
                 "compare_with": pub.census_field,
                 "source": pub.source,
             }
+        if stored is not None:
+            d["stored_bytes"] = {g: stored.bytes.get(g, 0) for g in c.groups}
+            d["stored_total_bytes"] = stored.total
         print(json.dumps(d, indent=2))
     else:
-        lines = _lines(c, cat)
+        lines = _lines(c, cat, stored)
         if source:
             lines = [ln + f" ({source})" if ln.startswith("precision: ") else ln for ln in lines]
         print("\n".join(lines))

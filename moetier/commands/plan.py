@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from moetier.errors import ConfigError
 from moetier.planner import cluster_cli as cluster_planner
@@ -39,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"tokens in each sequence's KV cache / prompt length (default {roofline.DEFAULT_CONTEXT})")
     p.add_argument("--precision", default=None,
                    help="bf16 | fp8 | int8 | int4 | fp4 | fp32 | mixed:attention=bf16,experts=int4 | "
-                   "checkpoint (as stored). Default: a local checkpoint as stored, a catalog model in bf16")
+                   "checkpoint (the stored format: a catalog model's, or read from a local directory's files). "
+                   "Default: a local checkpoint as stored, a catalog model in bf16")
     p.add_argument("--fast-mem", default=None, metavar="BYTES",
                    help="cap the fast tiers' capacity, e.g. 24GB")
     p.add_argument("--cache", default=None, metavar="SIZE",
@@ -95,6 +97,11 @@ def _precision(args: argparse.Namespace) -> str:
         return args.precision
     from moetier.commands.census import resolve_precision
 
+    if Path(args.model).is_dir():
+        from moetier.spec import load_spec
+        from moetier.weights.stored import checkpoint_precision
+
+        return checkpoint_precision(args.model, load_spec(args.model))
     return resolve_precision(args.model, args.precision, resolve_model(args.model))[0]
 
 

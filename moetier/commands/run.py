@@ -30,7 +30,14 @@ def _hierarchy_hook() -> tuple[Any, Any]:
     return tiered.add_arguments, tiered.load_kwargs
 
 
+def _quantize_hook() -> tuple[Any, Any]:
+    from moetier.quant import atload
+
+    return atload.add_arguments, atload.load_kwargs
+
+
 LOAD_OPTION_HOOKS.append(_hierarchy_hook())
+LOAD_OPTION_HOOKS.append(_quantize_hook())
 
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,8 @@
 weight is quantized for a ``QLinear`` holding the :class:`~moetier.quant.QTensor`
 (``qweight``: the stored bytes, not a parameter). The torch path dequantizes it per use
 (``F.linear(x, qweight.dequantize(x.dtype), bias)``: one weight at a time, never a
-whole-model copy); ``.weight`` is the same per-use dense copy, so code written for
+whole-model copy; the product runs in float32, see :func:`linear`); ``.weight`` is a per-use
+dense copy in the model's dtype, so code written for
 ``nn.Linear`` weights (e.g. MLA's absorbed ``kv_b_proj``) keeps working. The native
 kernels read ``qweight``'s bytes directly.
 """
@@ -16,6 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetier.quant import QTensor
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a plain or quantized weight. A QTensor is dequantized (reference,
+    float32) and multiplied in float32, the result cast to ``x.dtype``: the dequantized values
+    are exact in float32 (not always in bf16), and on CPUs without bf16 dot products a float32
+    product of a fresh weight is ~100x faster than a bf16 one (measured: [1, 256] x [256, 128]
+    0.01 ms vs 1-10 ms)."""
+    if not isinstance(w, QTensor):
+        return F.linear(x, w, bias)
+    y = F.linear(x.float(), w.dequantize(torch.float32), None if bias is None else bias.float())
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class QLinear(nn.Module):
@@ -39,7 +52,7 @@ class QLinear(nn.Module):
         return self.qweight.dequantize(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+        return linear(x, self.qweight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.qweight.fmt}"

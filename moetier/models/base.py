@@ -533,12 +533,20 @@ class DecoderLM(nn.Module):
 # loading the always-on weights
 
 
+def _swap(net: nn.Module, owner: str, module: nn.Module) -> None:
+    parent, _, child = owner.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, module)
+
+
 def load_dense_weights(net: DecoderLM, index: SafetensorsIndex, dtype: torch.dtype,
-                       check_finite: bool = True) -> None:
+                       check_finite: bool = True,
+                       quantize: Callable[[str, torch.Tensor], QTensor | None] | None = None) -> None:
     """Read every always-on parameter of ``net`` (built on meta) from ``index`` and assign it.
 
     A linear weight stored quantized stays in its stored format: its ``nn.Linear`` becomes a
-    :class:`~moetier.layers.linear.QLinear` holding the QTensor (other weights: ``dtype``)."""
+    :class:`~moetier.layers.linear.QLinear` holding the QTensor (other weights: ``dtype``).
+    ``quantize(checkpoint name, weight)`` may turn a plain linear weight into a QTensor the
+    same way (quantize at load); it returns None for weights to keep."""
     state: dict[str, torch.Tensor] = {}
     for name, p in list(net.state_dict(keep_vars=True).items()):
         cands = net.checkpoint_names(name)
@@ -553,22 +561,26 @@ def load_dense_weights(net: DecoderLM, index: SafetensorsIndex, dtype: torch.dty
             raise WeightError(
                 f"{info.file}: tensor '{ck}' has shape {list(info.shape)} but config.json implies {list(p.shape)}"
             )
+        owner, _, leaf = name.rpartition(".")
+        mod = net.get_submodule(owner)
         if isinstance(info, QInfo):
-            owner, _, leaf = name.rpartition(".")
-            mod = net.get_submodule(owner)
             if leaf != "weight" or not isinstance(mod, nn.Linear):
                 raise WeightError(f"{info.where}: '{ck}' is stored as {info.fmt}, which moetier reads for linear "
                                   "layer weights only")
             q = index.read_q(ck)
             assert isinstance(q, QTensor)
-            parent, _, child = owner.rpartition(".")
-            setattr(net.get_submodule(parent) if parent else net, child, QLinear.replacing(mod, q, dtype))
+            _swap(net, owner, QLinear.replacing(mod, q, dtype))
             continue
         if info.dtype not in FLOAT_DTYPES:
             raise WeightError(f"{info.file}: tensor '{ck}' has dtype {info.dtype}, expected a float type")
         t = index.read(ck)
         if check_finite and not all_finite(t):
             raise WeightError(f"{info.file}: tensor '{ck}' contains NaN or Inf values")
+        if quantize is not None and leaf == "weight" and type(mod) is nn.Linear:
+            q = quantize(ck, t)
+            if q is not None:
+                _swap(net, owner, QLinear.replacing(mod, q, dtype))
+                continue
         state[name] = t.to(dtype)
     net.load_state_dict(state, assign=True, strict=True)
     net.requires_grad_(False)

@@ -23,6 +23,7 @@ along rows cannot be row-sliced), ``block = (1, g)``, ``meta = {"bits": b, "symm
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -34,6 +35,10 @@ SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """int32 ``[rows, words]`` -> signed int32 values ``[rows, n]`` (the first ``n`` of each row)."""
+    if sys.byteorder == "little" and packed.stride(-1) == 1:  # value order = byte order, low nibble first
+        b = packed.view(torch.uint8)  # [rows, 4 * words]
+        u = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2) if bits == 4 else b
+        return u[:, :n].to(torch.int32) - (1 << (bits - 1))
     per = 32 // bits
     shifts = torch.arange(per, dtype=torch.int32) * bits  # [per]
     u = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [rows, words, per]
@@ -61,10 +66,15 @@ class IntGroup:
     def dequantize(self, q: QTensor) -> torch.Tensor:
         assert q.scale is not None
         g = q.block[1]
+        groups = q.scale.shape[1]
         v = unpack(q.data, self.bits_int, q.cols)  # [rows, cols]
+        if groups * g != q.cols:  # a partial last group: pad it
+            v = torch.nn.functional.pad(v, (0, groups * g - q.cols))
+        v = v.view(q.rows, groups, g)
         if q.zero is not None:
-            v = v - q.zero.to(torch.int32).repeat_interleave(g, dim=1)[:, : q.cols]
-        return v.float() * q.scale.float().repeat_interleave(g, dim=1)[:, : q.cols]
+            v = v - q.zero.to(torch.int32).unsqueeze(-1)
+        w = v.float() * q.scale.float().unsqueeze(-1)  # [rows, groups, g]
+        return w.view(q.rows, groups * g)[:, : q.cols].contiguous()
 
     def validate(self, q: QTensor, where: str) -> None:
         b = self.bits_int

@@ -45,7 +45,7 @@ class Mxfp4:
         exp = q.scale.to(torch.int32) - 127  # [rows, groups]
         w = torch.ldexp(vals.view(q.rows, -1, GROUP), exp.unsqueeze(-1).float())
         w = torch.where(q.scale.unsqueeze(-1) == 255, torch.full_like(w, float("nan")), w)
-        return w.view(q.rows, -1)[:, : q.cols]
+        return w.view(q.rows, -1)[:, : q.cols].contiguous()
 
     def validate(self, q: QTensor, where: str) -> None:
         groups = math.ceil(q.cols / GROUP)

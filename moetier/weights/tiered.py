@@ -464,7 +464,20 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
     base = load_plan(plan, spec) if isinstance(plan, (str, Path)) else plan
     dtype = runtime.resolve_dtype(load_kwargs.get("dtype", "auto"), spec)
     itemsize = 2 if dtype != runtime.torch.float32 else 4
-    cen = census(spec, "fp32" if itemsize == 4 else "bf16")
+    prec = "fp32" if itemsize == 4 else "bf16"
+    if spec.quantization is not None:  # quantized groups at their stored bytes
+        from moetier.weights.stored import checkpoint_precision
+
+        prec = checkpoint_precision(d, spec, plain=prec)
+    elif load_kwargs.get("quantize"):  # quantized at load (moetier.quant.atload)
+        from moetier.quant.atload import check
+
+        qfmt = load_kwargs["quantize"]
+        g = check(qfmt, load_kwargs.get("quantize_group"))
+        qprec = qfmt if qfmt == "fp8" else f"{qfmt}:g{g}"
+        groups = "ffn=" + qprec + ",attention=" + qprec if load_kwargs.get("quantize_all") else "routed=" + qprec
+        prec = f"mixed:{groups},default={prec}"
+    cen = census(spec, prec)
     pl = default_plan(spec, cen, max_ram, base=base, policy=policy, policy_params=policy_params,
                       expert_cache=expert_cache, cache_scope=cache_scope, prefetch=prefetch,
                       prefetch_max_inflight_bytes=prefetch_max_inflight_bytes)

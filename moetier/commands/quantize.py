@@ -1,0 +1,104 @@
+"""``moetier quantize SRC OUT --format int4|int8|fp8 [--group N] [--experts-only]``: write a
+quantized copy of a bf16 / fp32 checkpoint in a released layout other tools read.
+
+* ``int4`` / ``int8``: compressed-tensors pack-quantized (symmetric groups of ``--group``
+  values, bf16 scales; transformers and vLLM load it through the ``compressed-tensors``
+  package);
+* ``fp8``: FP8 e4m3 with one float32 ``weight_scale_inv`` per 128x128 block (DeepSeek-V3's
+  layout, ``quant_method: "fp8"``).
+
+Quantized: every linear weight a quantized release quantizes (attention, dense FFN, shared and
+routed experts), or only the routed experts with ``--experts-only``; embeddings, LM head,
+norms and routers are copied. One source shard at a time (memory: one shard). config.json
+gets the ``quantization_config``; the other files (tokenizer, generation config, ...) are
+copied. moetier reads the result back (``moetier.load(OUT)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from moetier.errors import ConfigError
+from moetier.quant.convert import FORMATS, GROUPS, quantization_config, quantize_state_dict
+from moetier.spec import load_spec
+from moetier.weights.safetensors_io import INDEX_NAME, SafetensorsIndex
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "quantize",
+        help="write an int4 / int8 (compressed-tensors) or fp8 (block-scaled) copy of a checkpoint",
+        description="Quantize a bf16/fp32 checkpoint (round to nearest) into a released on-disk layout: "
+        "compressed-tensors pack-quantized int4/int8, or FP8 e4m3 with 128x128 block scales.",
+    )
+    p.add_argument("src", metavar="SRC", help="checkpoint directory (bf16 / fp32)")
+    p.add_argument("out", metavar="OUT", help="output directory (created; must be empty if it exists)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="int4 | int8 | fp8")
+    p.add_argument("--group", type=int, default=None, choices=GROUPS,
+                   help="int4 / int8: values per scale (default 32 for int4, 128 for int8)")
+    p.add_argument("--experts-only", action="store_true", help="quantize the routed experts only")
+    p.set_defaults(func=run)
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int | None = None,
+                        experts_only: bool = False) -> Path:
+    src, out = Path(src), Path(out)
+    spec = load_spec(src)
+    if spec.quantization is not None:
+        raise ConfigError(f"{src / 'config.json'}: the checkpoint is already quantized "
+                          f"({spec.quantization.method}); quantize a bf16 / fp32 checkpoint")
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    g = group if group is not None else (32 if fmt == "int4" else 128)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out}: output directory exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    idx = SafetensorsIndex(src)
+    try:
+        by_file: dict[Path, list[str]] = {}
+        for name, info in idx.tensors.items():
+            by_file.setdefault(info.file, []).append(name)
+        weight_map: dict[str, str] = {}
+        ignore: set[str] = set()
+        for path, names in sorted(by_file.items()):
+            sd = {n: idx.read(n) for n in names}
+            sd = {n: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t for n, t in sd.items()}
+            q, ign = quantize_state_dict(sd, fmt, group=g, experts_only=experts_only)
+            keep_dtype = {n: idx.info(n).torch_dtype for n in names}
+            # tensors copied as they were (upcast above only to quantize)
+            q = {n: t.to(keep_dtype[n]) if n in keep_dtype and t.dtype == torch.float32 else t.contiguous()
+                 for n, t in q.items()}
+            save_file(q, out / path.name, metadata={"format": "pt"})
+            weight_map.update({n: path.name for n in q})
+            ignore.update(ign)
+    finally:
+        idx.close()
+    if (src / INDEX_NAME).exists():
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))},
+                                                 indent=2))
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in (INDEX_NAME, "config.json"):
+            shutil.copy(f, out / f.name)
+    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    cfg["quantization_config"] = quantization_config(fmt, g, ignore=sorted(ignore))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    out = quantize_checkpoint(args.src, args.out, args.format, args.group, args.experts_only)
+    spec = load_spec(out)
+    from moetier.commands.census import fmt_bytes
+    from moetier.weights.stored import stored_census
+
+    src_bytes = sum(p.stat().st_size for p in Path(args.src).glob("*.safetensors"))
+    print(f"wrote {out} ({args.format}{'' if args.format == 'fp8' else f' group {spec.quantization.int_groups[0][1]}'}"
+          f"): {fmt_bytes(stored_census(out, spec).total)} of weights (source files {fmt_bytes(src_bytes)})")
+    return 0
