@@ -71,7 +71,8 @@ MT_TARGET_AVX2 static inline void rows_avx2_bits(const mt_weight *W, const float
                     }
                 } else {
                     uint32_t t = 0;
-                    memcpy(&t, row + c / 2, (n + 1) / 2);
+                    if (n == 8) memcpy(&t, row + c / 2, 4); /* constant size: one load */
+                    else memcpy(&t, row + c / 2, (n + 1) / 2);
                     u = nibbles_interleaved(_mm_cvtsi32_si128((int)t));
                 }
                 __m256 w = ints8(u, off, s);
