@@ -1,0 +1,116 @@
+"""Make the GGUF test fixtures in tests/data/gguf/ with llama.cpp's own tools.
+
+    python scripts/make_gguf_fixtures.py --llama-cpp-dir DIR [--quantize BIN] [--only NAME ...]
+
+DIR is llama.cpp's source tree (``vendor/llama.cpp`` of the llama-cpp-python 0.3.36 sdist:
+``pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:``); its
+``convert_hf_to_gguf.py`` converts tiny ``save_pretrained`` checkpoints (tests/helpers,
+deterministic from their seed, so the tests rebuild the HF original in memory). BIN is
+llama.cpp's ``llama-quantize`` (``cmake -B build -DGGML_NATIVE=OFF && cmake --build build
+--target llama-quantize``), used for the K-quant and MXFP4 fixtures. The converter runs through
+``bench/peers.py convert`` (an unknown BPE pre-tokenizer hash -> ``qwen2``; the tiny
+tokenizers have no known hash).
+
+Fixtures (name -> family, HF overrides, how it is made) are in :data:`FIXTURES`; the tests
+import the same table to rebuild each original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "tests" / "data" / "gguf"
+
+# name -> (family, seed, HF config overrides, converter outtype, llama-quantize arguments or None)
+# The quantized fixtures are one layer wide enough (256) for the K types' 256-value blocks;
+# --tensor-type puts each block type of a family on some tensor (llama-quantize's own choice
+# for the named recipe otherwise).
+_WIDE = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, num_experts=4,
+             num_attention_heads=2, num_key_value_heads=1, head_dim=128, num_hidden_layers=1)
+_LEGACY = ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0",
+           "--tensor-type", "ffn_gate_exps=q4_0", "--tensor-type", "ffn_up_exps=q4_1",
+           "--tensor-type", "ffn_down_exps=q5_0", "--tensor-type", "attn_q=q5_1", "--tensor-type", "attn_k=q8_0"]
+_KQUANT = ["--tensor-type", "ffn_gate_exps=q2_k", "--tensor-type", "ffn_up_exps=q3_k",
+           "--tensor-type", "ffn_down_exps=q4_k", "--tensor-type", "attn_q=q5_k", "--tensor-type", "attn_v=q6_k"]
+FIXTURES: dict[str, tuple[str, int, dict, str, list[str] | None]] = {
+    "qwen3moe-bf16": ("qwen3_moe", 1, {}, "bf16", None),
+    "qwen2moe-bf16": ("qwen2_moe", 2, {}, "bf16", None),
+    "mixtral-bf16": ("mixtral", 3, {"vocab_size": 400}, "bf16", None),  # SentencePiece vocabulary
+    "olmoe-bf16": ("olmoe", 4, {}, "bf16", None),
+    "deepseek2-bf16": ("deepseek_v3", 5, {}, "bf16", None),
+    "qwen3moe-legacy": ("qwen3_moe", 6, _WIDE, "f32", [*_LEGACY, "Q8_0"]),  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
+    "qwen3moe-kquant": ("qwen3_moe", 7, _WIDE, "f32", [*_KQUANT, "Q4_K_M"]),  # Q2_K..Q6_K
+    "qwen3moe-mxfp4": ("qwen3_moe", 8, _WIDE, "f32", ["MXFP4_MOE"]),  # MXFP4 experts
+}
+SPM_CORPUS = ["the quick brown fox jumps over the lazy dog. " * 4, "hello world, hello moetier! " * 4,
+              "Once upon a time there was a tiny model that ran on a CPU.", "def f(x):\n    return x * 2\n",
+              "日本語のテキスト 中文 😀"]
+
+
+def spm_tokenizer(directory: Path, vocab_size: int) -> None:
+    """Replace the checkpoint's tokenizer with a SentencePiece BPE model (llama-style, byte fallback)."""
+    import sentencepiece as spm
+
+    corpus = directory / "spm_corpus.txt"
+    corpus.write_text("\n".join(SPM_CORPUS), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2)
+    corpus.unlink()
+    (directory / "tokenizer.vocab").unlink()
+    (directory / "tokenizer.json").unlink()
+
+
+def hf_checkpoint(name: str, root: Path) -> Path:
+    import torch
+
+    from tests.helpers import moe_families  # noqa: F401  (registers deepseek / gpt-oss recipes)
+    from tests.helpers.checkpoints import make_tiny_checkpoint
+
+    family, seed, over, outtype, _ = FIXTURES[name]
+    dtype = torch.bfloat16 if outtype == "bf16" else torch.float32
+    ck = make_tiny_checkpoint(root, family, seed=seed, dtype=dtype, name=name, **over)
+    if family == "mixtral":
+        spm_tokenizer(ck, over["vocab_size"])
+    return ck
+
+
+def make(name: str, llama_cpp_dir: Path, quantize: Path | None, root: Path) -> Path:
+    _, _, _, outtype, qargs = FIXTURES[name]
+    ck = hf_checkpoint(name, root)
+    out = OUT / f"{name}.gguf"
+    conv = out if qargs is None else root / f"{name}-{outtype}.gguf"
+    subprocess.run([sys.executable, str(REPO / "bench" / "peers.py"), "convert", "--llama-cpp-dir",
+                    str(llama_cpp_dir), str(ck), "--outfile", str(conv), "--outtype", outtype], check=True)
+    if qargs is not None:
+        if quantize is None:
+            raise SystemExit(f"{name}: needs --quantize (llama-quantize)")
+        subprocess.run([str(quantize), *qargs[:-1], str(conv), str(out), qargs[-1]], check=True)
+    if (ck / "tokenizer.model").exists():
+        (OUT / f"{name}.tokenizer.model").write_bytes((ck / "tokenizer.model").read_bytes())
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--llama-cpp-dir", required=True, type=Path)
+    ap.add_argument("--quantize", type=Path, default=None, help="llama-quantize binary")
+    ap.add_argument("--only", nargs="*", default=None)
+    a = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.only or FIXTURES:
+            p = make(name, a.llama_cpp_dir, a.quantize, Path(tmp))
+            print(f"{p.relative_to(REPO)}: {p.stat().st_size} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
