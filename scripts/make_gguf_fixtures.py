@@ -97,6 +97,17 @@ def make(name: str, llama_cpp_dir: Path, quantize: Path | None, root: Path) -> P
     return out
 
 
+def embedded_vocab(llama_cpp_dir: Path) -> Path:
+    """The embedded model's tokenizer as GGUF metadata (``--vocab-only``; its byte-level BPE
+    splits with GPT-2's regex, so the pre-tokenizer is written as ``gpt-2``)."""
+    out = OUT / "embedded-vocab.gguf"
+    code = ("import sys; sys.path.insert(0, 'bench'); import peers; peers.LLAMA_CPP_PRE_FALLBACK = 'gpt-2'; "
+            f"peers.convert({str(llama_cpp_dir)!r}, ['moetier/data/embedded', '--vocab-only', '--outfile', "
+            f"{str(out)!r}])")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llama-cpp-dir", required=True, type=Path)
@@ -106,8 +117,11 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in a.only or FIXTURES:
-            p = make(name, a.llama_cpp_dir, a.quantize, Path(tmp))
+        for name in a.only or [*FIXTURES, "embedded-vocab"]:
+            if name == "embedded-vocab":
+                p = embedded_vocab(a.llama_cpp_dir)
+            else:
+                p = make(name, a.llama_cpp_dir, a.quantize, Path(tmp))
             print(f"{p.relative_to(REPO)}: {p.stat().st_size} bytes")
     return 0
 
