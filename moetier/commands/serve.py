@@ -109,12 +109,14 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise MoetierError(f"--port: expected 0..65535, got {args.port}")
     max_body = parse_bytes(args.max_body, "--max-body")
-    if args.model_dir is not None and not Path(args.model_dir).is_dir():
-        raise MoetierError(f"MODEL_DIR: {args.model_dir} is not a directory")
+    if args.model_dir is not None and not Path(args.model_dir).is_dir() and not (
+            Path(args.model_dir).suffix == ".gguf" and Path(args.model_dir).is_file()):
+        raise MoetierError(f"MODEL_DIR: {args.model_dir} is not a directory or a .gguf file")
     from moetier.serve.app import build_app, serve
 
     model = _load_model(args)
-    name = args.served_model_name or (Path(args.model_dir).resolve().name if args.model_dir else "moetier-embedded")
+    name = args.served_model_name or (Path(args.model_dir).resolve().name.removesuffix(".gguf") if args.model_dir
+                                      else "moetier-embedded")
     app = build_app(
         model,
         model_name=name,

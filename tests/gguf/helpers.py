@@ -30,3 +30,32 @@ def hf_original(name: str) -> torch.nn.Module:
                 if n.endswith("e_score_correction_bias"):  # saved with the checkpoint (bf16)
                     b.copy_(b.to(torch.bfloat16).float())
     return model
+
+
+def rewrite_gguf(src: Path, dst: Path, *, split_max_tensors: int = 0, retype: dict[str, int] | None = None) -> None:
+    """Copy a GGUF file with gguf-py's writer: optionally split (``dst`` gets the
+    ``-0000i-of-0000n`` names) or relabel tensors' ggml type (``retype``: name -> type id, the
+    bytes unchanged; to make files with types moetier refuses)."""
+    import gguf
+    import numpy as np
+
+    r = gguf.GGUFReader(src)
+    arch = str(r.fields["general.architecture"].contents())
+    w = gguf.GGUFWriter(dst, arch, split_max_tensors=split_max_tensors)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        sub = f.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, f.contents(), vtype, sub)
+    for t in r.tensors:
+        qtype = gguf.GGMLQuantizationType((retype or {}).get(t.name, int(t.tensor_type)))
+        data = np.array(t.data).view(np.uint8).reshape(-1)
+        shape = [int(x) for x in reversed(t.shape.tolist())]
+        bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+        data = data.reshape(*shape[:-1], shape[-1] // bs * ts)
+        w.add_tensor(t.name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
