@@ -121,7 +121,14 @@ def load(
         index = SafetensorsIndex(d)
     with torch.device("meta"):
         net = cls(spec)
-    reader = net.make_expert_reader(index, dt) if spec.is_moe else None  # validates expert headers
+    reader = None
+    if spec.is_moe:  # validates expert headers
+        if isinstance(index, SafetensorsIndex):
+            reader = net.make_expert_reader(index, dt)
+        else:
+            from moetier.weights.gguf_io import expert_reader
+
+            reader = expert_reader(index, spec, dt)
     load_dense_weights(net, index, dt, check_finite=check_finite)
     provider: ExpertProvider | None = None
     if reader is not None:

@@ -465,7 +465,8 @@ def config_from_gguf(index: GGUFIndex) -> dict[str, Any]:
         "num_key_value_heads": int(get("attention.head_count_kv", get("attention.head_count"))),
         "intermediate_size": int(get("feed_forward_length", get("expert_feed_forward_length", 1))),
         "max_position_embeddings": int(get("context_length", 4096)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        # GGUF stores float32; configs are decimal (1e-05 -> 9.9999997e-06 -> 1e-05 again)
+        "rms_norm_eps": float(f"{float(get('attention.layer_norm_rms_epsilon', 1e-6)):.7g}"),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in index.gguf,
         "torch_dtype": "float32",
@@ -508,6 +509,8 @@ def config_from_gguf(index: GGUFIndex) -> dict[str, Any]:
             cfg["sliding_window"] = int(sliding) if sliding else None
             cfg["swiglu_limit"] = 7.0
             cfg["attention_bias"] = "blk.0.attn_q.bias" in index.gguf
+            if "rope_scaling" in cfg:
+                cfg["rope_scaling"]["truncate"] = False  # gpt-oss's YaRN (llama.cpp's too) keeps fractional bounds
     elif arch == "llama":
         if n_exp:
             cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=n_exp,
@@ -563,3 +566,63 @@ def spec_from_gguf(index: GGUFIndex, name: str | None = None) -> ModelSpec:
 
 def load_gguf_spec(path: str | Path, name: str | None = None) -> ModelSpec:
     return GGUFIndex(path).spec(name)
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def expert_reader(index: GGUFIndex, spec: ModelSpec, dtype: torch.dtype) -> Any:
+    """The :class:`~moetier.models.base.ExpertReader` of a GGUF file (every family: GGUF stores
+    gate, up and down separately, merged over experts, with optional biases)."""
+    from moetier.models.base import ExpertReader, ExpertWeights
+
+    class GGUFExpertReader(ExpertReader):
+        """Experts of ``blk.N.ffn_{gate,up,down}_exps`` (+ ``.bias``: gpt-oss), or the older
+        per-expert ``blk.N.ffn_{gate,up,down}.E`` tensors (Mixtral)."""
+
+        def __init__(self) -> None:
+            self.index, self.spec, self.dtype = index, spec, dtype
+            H, I, E = spec.hidden_size, spec.expert_intermediate_size, spec.num_experts
+            self.names: dict[int, tuple[str, str, str, bool]] = {}  # layer -> gate, up, down, merged
+            for layer in spec.moe_layer_ids:
+                p = f"model.layers.{layer}"
+                if f"{p}.mlp.experts.gate_proj" in index:
+                    g, u, d = (f"{p}.mlp.experts.{w}_proj" for w in ("gate", "up", "down"))
+                    self._check(g, (E, I, H))
+                    self._check(u, (E, I, H))
+                    self._check(d, (E, H, I))
+                    self.names[layer] = (g, u, d, True)
+                elif f"{p}.block_sparse_moe.experts.0.w1.weight" in index:
+                    t = f"{p}.block_sparse_moe.experts.{{e}}.{{w}}.weight"
+                    for e in range(E):
+                        self._check(t.format(e=e, w="w1"), (I, H))
+                        self._check(t.format(e=e, w="w3"), (I, H))
+                        self._check(t.format(e=e, w="w2"), (H, I))
+                    self.names[layer] = (t.replace("{w}", "w1"), t.replace("{w}", "w3"), t.replace("{w}", "w2"),
+                                         False)
+                else:
+                    raise WeightError(f"{index.path}: no routed-expert tensors for MoE layer {layer} "
+                                      f"(looked for blk.{layer}.ffn_gate_exps.weight and "
+                                      f"blk.{layer}.ffn_gate.0.weight)")
+
+        def _part(self, name: str, expert: int, merged: bool) -> torch.Tensor:
+            if merged:
+                t = self.index.read_rows(name, expert, self.dtype)
+            else:
+                t = self.index.read(name.format(e=expert), self.dtype)
+            return self._finite(name, t)
+
+        def _bias(self, name: str, expert: int) -> torch.Tensor | None:
+            b = f"{name}_bias"
+            return self._part(b, expert, True) if b in self.index else None
+
+        def read(self, layer: int, expert: int) -> ExpertWeights:
+            names = self.names.get(layer)
+            if names is None or not 0 <= expert < self.spec.num_experts:
+                raise WeightError(f"layer {layer} expert {expert}: no such routed expert")
+            g, u, d, merged = names
+            gate, up, down = (self._part(n, expert, merged) for n in (g, u, d))
+            biases = [self._bias(n, expert) if merged else None for n in (g, u, d)]
+            return ExpertWeights.from_parts(gate, up, down, *biases)
+
+    return GGUFExpertReader()

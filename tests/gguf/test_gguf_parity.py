@@ -10,7 +10,7 @@ from tests.gguf.helpers import fixture, hf_original
 
 pytest.importorskip("gguf", reason="the gguf extra (pip install moetier[gguf]) is not installed")
 
-BF16 = ["qwen3moe-bf16", "qwen2moe-bf16", "mixtral-bf16", "olmoe-bf16", "deepseek2-bf16"]
+BF16 = ["qwen3moe-bf16", "qwen2moe-bf16", "mixtral-bf16", "olmoe-bf16", "deepseek2-bf16", "gptoss-bf16"]
 
 
 @pytest.mark.parametrize("name", BF16)
