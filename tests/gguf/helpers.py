@@ -32,10 +32,12 @@ def hf_original(name: str) -> torch.nn.Module:
     return model
 
 
-def rewrite_gguf(src: Path, dst: Path, *, split_max_tensors: int = 0, retype: dict[str, int] | None = None) -> None:
+def rewrite_gguf(src: Path, dst: Path, *, split_max_tensors: int = 0, retype: dict[str, int] | None = None,
+                 unmerge_experts: bool = False) -> None:
     """Copy a GGUF file with gguf-py's writer: optionally split (``dst`` gets the
-    ``-0000i-of-0000n`` names) or relabel tensors' ggml type (``retype``: name -> type id, the
-    bytes unchanged; to make files with types moetier refuses)."""
+    ``-0000i-of-0000n`` names), relabel tensors' ggml type (``retype``: name -> type id, the
+    bytes unchanged; to make files with types moetier refuses), or write merged experts as the
+    older per-expert tensors ``blk.N.ffn_gate.E.weight`` (``unmerge_experts``)."""
     import gguf
     import numpy as np
 
@@ -54,6 +56,10 @@ def rewrite_gguf(src: Path, dst: Path, *, split_max_tensors: int = 0, retype: di
         shape = [int(x) for x in reversed(t.shape.tolist())]
         bs, ts = gguf.GGML_QUANT_SIZES[qtype]
         data = data.reshape(*shape[:-1], shape[-1] // bs * ts)
+        if unmerge_experts and t.name.endswith("_exps.weight"):
+            for e in range(shape[0]):
+                w.add_tensor(t.name.replace("_exps.weight", f".{e}.weight"), data[e].copy(), raw_dtype=qtype)
+            continue
         w.add_tensor(t.name, data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -31,6 +31,15 @@ def test_split_gguf_loads_like_the_single_file(tmp_path: Path) -> None:
         GGUFIndex(tmp_path / parts[0])
 
 
+def test_older_per_expert_mixtral_tensors(tmp_path: Path) -> None:
+    rewrite_gguf(fixture("mixtral-bf16"), tmp_path / "old.gguf", unmerge_experts=True)
+    idx = GGUFIndex(tmp_path / "old.gguf")
+    assert "blk.0.ffn_gate.5.weight" in idx.gguf and "blk.0.ffn_gate_exps.weight" not in idx.gguf
+    merged = moetier.load(fixture("mixtral-bf16"), dtype="float32", tokenizer=False)
+    old = moetier.load(tmp_path / "old.gguf", dtype="float32", tokenizer=False)
+    assert torch.equal(merged.logits(PROMPT), old.logits(PROMPT))
+
+
 def test_unsupported_tensor_type_names_tensor_type_and_supported(tmp_path: Path) -> None:
     # an F32 norm relabelled I32 (same bytes): a type moetier refuses
     rewrite_gguf(fixture("qwen3moe-bf16"), tmp_path / "bad.gguf", retype={"blk.0.attn_norm.weight": 26})
