@@ -30,7 +30,7 @@ OUT = REPO / "tests" / "data" / "gguf"
 # The quantized fixtures are one layer wide enough (256) for the K types' 256-value blocks;
 # --tensor-type puts each block type of a family on some tensor (llama-quantize's own choice
 # for the named recipe otherwise).
-_WIDE = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, num_experts=4,
+_WIDE = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, num_experts=2,
              num_attention_heads=2, num_key_value_heads=1, head_dim=128, num_hidden_layers=1)
 _LEGACY = ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0",
            "--tensor-type", "ffn_gate_exps=q4_0", "--tensor-type", "ffn_up_exps=q4_1",
@@ -40,10 +40,11 @@ _KQUANT = ["--tensor-type", "ffn_gate_exps=q2_k", "--tensor-type", "ffn_up_exps=
 FIXTURES: dict[str, tuple[str, int, dict, str, list[str] | None]] = {
     "qwen3moe-bf16": ("qwen3_moe", 1, {}, "bf16", None),
     "qwen2moe-bf16": ("qwen2_moe", 2, {}, "bf16", None),
-    "mixtral-bf16": ("mixtral", 3, {"vocab_size": 400}, "bf16", None),  # SentencePiece vocabulary
-    "olmoe-bf16": ("olmoe", 4, {}, "bf16", None),
+    "mixtral-bf16": ("mixtral", 3, {"vocab_size": 400, "intermediate_size": 32}, "bf16", None),  # SentencePiece
+    "olmoe-bf16": ("olmoe", 4, {"intermediate_size": 32}, "bf16", None),
     "deepseek2-bf16": ("deepseek_v3", 5, {}, "bf16", None),
     "gptoss-bf16": ("gpt_oss", 10, {}, "bf16", None),
+    "qwen3moe-q8_0": ("qwen3_moe", 9, _WIDE, "q8_0", None),  # the converter's own Q8_0
     "qwen3moe-legacy": ("qwen3_moe", 6, _WIDE, "f32", [*_LEGACY, "Q8_0"]),  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
     "qwen3moe-kquant": ("qwen3_moe", 7, _WIDE, "f32", [*_KQUANT, "Q4_K_M"]),  # Q2_K..Q6_K
     "qwen3moe-mxfp4": ("qwen3_moe", 8, _WIDE, "f32", ["MXFP4_MOE"]),  # MXFP4 experts
