@@ -23,9 +23,13 @@ the converter splits ``kv_b_proj`` into ``attn_k_b`` (transposed per head) and `
 :meth:`read` rebuilds ``kv_b_proj`` (a float tensor: it is a small always-on weight).
 
 Tensor types: F32/F16/BF16 are plain tensors; the block types are
-:mod:`moetier.quant.ggml` formats (``read_q`` gives a :class:`~moetier.quant.QTensor`;
-``read`` gives the float32 dequantization for the torch path). Other types (IQ*, TQ*) raise
-one :class:`WeightError` naming the tensor, its type and the supported types.
+:mod:`moetier.quant.ggml` formats. The reader interface is the safetensors reader's
+(``info`` gives a :class:`~moetier.weights.safetensors_io.QInfo` for a quantized tensor,
+``is_quantized``, ``read_q`` / ``read_rows_q`` give a :class:`~moetier.quant.QTensor` in the
+stored blocks), so linear weights stay quantized (``QLinear``, quantized experts) exactly as
+for quantized safetensors checkpoints. ``read`` gives a float32 dequantization (used for the
+token embedding, which is not a linear layer: :data:`DEQUANTIZE_AT_LOAD`). Other types
+(IQ*, TQ*) raise one :class:`WeightError` naming the tensor, its type and the supported types.
 
 The spec: :func:`config_from_gguf` turns the ``{arch}.*`` metadata into the HF-style config
 ``spec_from_config`` parses (no config.json needed). Architectures: ``qwen3moe``,
@@ -49,6 +53,7 @@ from moetier.errors import ConfigError, MoetierError, UnsupportedModelError, Wei
 from moetier.quant import QTensor
 from moetier.quant.ggml import PLAIN_TYPES, GGMLFormat, check_type, type_name
 from moetier.spec import ModelSpec, spec_from_config
+from moetier.weights.safetensors_io import QInfo
 
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 TORCH_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -116,6 +121,8 @@ BLOCK_NAMES: dict[str, tuple[str, ...]] = {
 }
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 OLD_EXPERT = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}  # blk.N.ffn_gate.E.weight (old Mixtral)
+# block-typed tensors that are not linear weights: read as float32 (dequantized once at load)
+DEQUANTIZE_AT_LOAD = {"model.embed_tokens.weight"}
 
 
 def hf_names(gguf_name: str) -> list[str]:
@@ -296,11 +303,24 @@ class GGUFIndex:
     def names(self) -> list[str]:
         return list(self._canonical)
 
-    def info(self, name: str) -> GGUFTensorInfo:
+    def _info(self, name: str) -> GGUFTensorInfo:
         info = self.tensors.get(name)
         if info is None:
             raise WeightError(f"{self.path}: tensor '{name}' is missing from the GGUF file")
         return info
+
+    def info(self, name: str) -> GGUFTensorInfo | QInfo:
+        """A plain tensor's :class:`GGUFTensorInfo` or (block types) a :class:`QInfo`."""
+        info = self._info(name)
+        if not self.is_quantized(name):
+            return info
+        fmt = info.stored
+        assert isinstance(fmt, GGMLFormat)
+        return QInfo(name, fmt.name, info.shape, {"data": info}, (1, fmt.block_size), {})  # type: ignore[dict-item]
+
+    def is_quantized(self, name: str) -> bool:
+        info = self._info(name)
+        return info.quantized and name not in DEQUANTIZE_AT_LOAD and name not in self._kv_b
 
     def spec(self, name: str | None = None) -> ModelSpec:
         return spec_from_gguf(self, name)
@@ -328,7 +348,8 @@ class GGUFIndex:
             done += got
 
     def _stored(self, info: GGUFTensorInfo, row0: int, nrows: int) -> torch.Tensor | QTensor:
-        """Rows [row0, row0 + nrows) of the tensor flattened to 2-D [rows, cols], as stored."""
+        """Rows [row0, row0 + nrows) of the tensor flattened to 2-D [rows, cols], as stored
+        (a QTensor, or a plain [nrows, cols] tensor)."""
         s = info.stored
         cols = info.shape[-1]
         if isinstance(s, GGMLFormat):
@@ -345,48 +366,53 @@ class GGUFIndex:
         return t
 
     # ----- the reader interface -----
-    def read_q(self, name: str) -> torch.Tensor | QTensor:
-        """Tensor ``name`` as stored: a plain tensor (its shape) or a QTensor (2-D ``[rows, cols]``;
-        a 1-D block-typed tensor is ``[1, n]``)."""
-        info = self.info(name)
+    def _as_stored(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor | QTensor:
+        """Tensor ``name`` (or rows ``[a, b)`` of its 2-D view) as stored, q/k rows unpermuted."""
+        info = self._info(name)
         if name in self._kv_b:
             return self._read_kv_b(name)
-        rows = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
-        w = self._stored(info, 0, rows)
+        n = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
+        a, b = rows or (0, n)
+        w = self._stored(info, a, b - a)
         n_head = self._unpermute.get(name)
-        if n_head:
-            idx = unpermute_rows(info.shape[0] if len(info.shape) > 1 else info.shape[0], n_head)
+        if n_head:  # llama-arch q/k: whole rows (1-D bias: its values) back in HF's order
+            idx = unpermute_rows(info.shape[0], n_head)
             if isinstance(w, QTensor):
                 w = QTensor(w.fmt, w.shape, w.data[idx].contiguous(), block=w.block)
-            elif len(info.shape) == 1:
-                w = w.view(-1)[idx].view(1, -1)
             else:
-                w = w[idx].contiguous()
-        if isinstance(w, torch.Tensor):
-            return w.view(info.shape)
+                w = w.view(info.shape)[idx].contiguous()
         return w
 
-    def read_rows_q(self, name: str, index: int) -> torch.Tensor | QTensor:
-        """``tensor[index]`` of a tensor with a leading (expert) dimension, as stored: one pread
-        of its contiguous byte range."""
-        info = self.info(name)
+    def read_q(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor | QTensor:
+        """Tensor ``name``: a QTensor ``[rows, cols]`` in its stored blocks, or a plain tensor
+        (its shape, cast to ``dtype``)."""
+        if not self.is_quantized(name):
+            return self.read(name, dtype)
+        return self._as_stored(name, None)
+
+    def read_rows_q(self, name: str, index: int, dtype: torch.dtype | None = None) -> torch.Tensor | QTensor:
+        """``tensor[index]`` of a tensor with a leading (expert) dimension, as :meth:`read_q`:
+        one pread of its contiguous byte range."""
+        info = self._info(name)
         if len(info.shape) < 2 or not 0 <= index < info.shape[0]:
             raise WeightError(f"{info.file}: tensor '{info.gguf_name}' {list(info.shape)} has no row {index}")
         per = math.prod(info.shape[1:-1]) if len(info.shape) > 2 else 1
-        w = self._stored(info, index * per, per)
-        if isinstance(w, torch.Tensor):
-            return w.view(info.shape[1:])
-        return w
+        w = self._as_stored(name, (index * per, (index + 1) * per))
+        if isinstance(w, QTensor):
+            return w
+        t = w.view(info.shape[1:])
+        return t if dtype is None or dtype == t.dtype else t.to(dtype)
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor ``name`` as a float tensor (block types dequantized to float32)."""
-        info = self.info(name)
-        w = self.read_q(name)
-        t = w.dequantize().view(info.shape) if isinstance(w, QTensor) else w
+        info = self._info(name)
+        w = self._as_stored(name, None)
+        t = w.dequantize() if isinstance(w, QTensor) else w
+        t = t.view(info.shape)
         return t if dtype is None or dtype == t.dtype else t.to(dtype)
 
     def read_rows(self, name: str, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        info = self.info(name)
+        info = self._info(name)
         w = self.read_rows_q(name, index)
         t = w.dequantize().view(info.shape[1:]) if isinstance(w, QTensor) else w
         return t if dtype is None or dtype == t.dtype else t.to(dtype)
@@ -605,16 +631,19 @@ def expert_reader(index: GGUFIndex, spec: ModelSpec, dtype: torch.dtype) -> Any:
                                       f"(looked for blk.{layer}.ffn_gate_exps.weight and "
                                       f"blk.{layer}.ffn_gate.0.weight)")
 
-        def _part(self, name: str, expert: int, merged: bool) -> torch.Tensor:
-            if merged:
-                t = self.index.read_rows(name, expert, self.dtype)
-            else:
-                t = self.index.read(name.format(e=expert), self.dtype)
-            return self._finite(name, t)
+            self.quantized = any(index.is_quantized(n.format(e=0)) for names in self.names.values()
+                                 for n in names[:3])
+
+        def _part(self, name: str, expert: int, merged: bool) -> torch.Tensor | QTensor:
+            """One expert's weight: a QTensor in its stored blocks (merged tensors: one pread of
+            the expert's byte range) or a plain tensor in ``dtype`` checked finite."""
+            n = name if merged else name.format(e=expert)
+            w = self.index.read_rows_q(n, expert, self.dtype) if merged else self.index.read_q(n, self.dtype)
+            return w if isinstance(w, QTensor) else self._finite(n, w)
 
         def _bias(self, name: str, expert: int) -> torch.Tensor | None:
             b = f"{name}_bias"
-            return self._part(b, expert, True) if b in self.index else None
+            return self._part(b, expert, True) if b in self.index else None  # type: ignore[return-value]
 
         def read(self, layer: int, expert: int) -> ExpertWeights:
             names = self.names.get(layer)
@@ -624,5 +653,20 @@ def expert_reader(index: GGUFIndex, spec: ModelSpec, dtype: torch.dtype) -> Any:
             gate, up, down = (self._part(n, expert, merged) for n in (g, u, d))
             biases = [self._bias(n, expert) if merged else None for n in (g, u, d)]
             return ExpertWeights.from_parts(gate, up, down, *biases)
+
+        def expert_nbytes(self) -> int:
+            """Bytes of one expert: stored bytes (quantized) or in the runtime dtype."""
+            if not self.quantized:
+                return super().expert_nbytes() + sum(
+                    self.index.info(f"{n}_bias").shape[-1] for n in self.names[self.spec.moe_layer_ids[0]][:3]
+                    if f"{n}_bias" in self.index) * torch.empty(0, dtype=self.dtype).element_size()
+            g, u, d, merged = self.names[self.spec.moe_layer_ids[0]]
+            E = self.spec.num_experts
+            total = 0
+            for n in (g, u, d):
+                total += self.index.info(n).nbytes // E if merged else self.index.info(n.format(e=0)).nbytes
+                if f"{n}_bias" in self.index:
+                    total += self.index.info(f"{n}_bias").shape[-1] * torch.empty(0, dtype=self.dtype).element_size()
+            return total
 
     return GGUFExpertReader()
