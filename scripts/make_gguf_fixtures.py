@@ -9,7 +9,9 @@ deterministic from their seed, so the tests rebuild the HF original in memory). 
 llama.cpp's ``llama-quantize`` (``cmake -B build -DGGML_NATIVE=OFF && cmake --build build
 --target llama-quantize``), used for the K-quant and MXFP4 fixtures. The converter runs through
 ``bench/peers.py convert`` (an unknown BPE pre-tokenizer hash -> ``qwen2``; the tiny
-tokenizers have no known hash).
+tokenizers have no known hash). Without ``--quantize``, the legacy and MXFP4 fixtures are
+quantized with gguf-py's quantizers (:func:`requantize_gguf_py`), the K-quant one cannot be
+made.
 
 Fixtures (name -> family, HF overrides, how it is made) are in :data:`FIXTURES`; the tests
 import the same table to rebuild each original.
@@ -47,7 +49,7 @@ FIXTURES: dict[str, tuple[str, int, dict, str, list[str] | None]] = {
     "qwen3moe-q8_0": ("qwen3_moe", 9, _WIDE, "q8_0", None),  # the converter's own Q8_0
     "qwen3moe-legacy": ("qwen3_moe", 6, _WIDE, "f32", [*_LEGACY, "Q8_0"]),  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
     "qwen3moe-kquant": ("qwen3_moe", 7, _WIDE, "f32", [*_KQUANT, "Q4_K_M"]),  # Q2_K..Q6_K
-    "qwen3moe-mxfp4": ("qwen3_moe", 8, _WIDE, "f32", ["MXFP4_MOE"]),  # MXFP4 experts
+    "qwen3moe-mxfp4": ("qwen3_moe", 8, _WIDE, "f32", ["MXFP4_MOE"]),  # MXFP4 experts, Q8_0 others
 }
 SPM_CORPUS = ["the quick brown fox jumps over the lazy dog. " * 4, "hello world, hello moetier! " * 4,
               "Once upon a time there was a tiny model that ran on a CPU.", "def f(x):\n    return x * 2\n",
@@ -90,13 +92,57 @@ def make(name: str, llama_cpp_dir: Path, quantize: Path | None, root: Path) -> P
     conv = out if qargs is None else root / f"{name}-{outtype}.gguf"
     subprocess.run([sys.executable, str(REPO / "bench" / "peers.py"), "convert", "--llama-cpp-dir",
                     str(llama_cpp_dir), str(ck), "--outfile", str(conv), "--outtype", outtype], check=True)
-    if qargs is not None:
-        if quantize is None:
-            raise SystemExit(f"{name}: needs --quantize (llama-quantize)")
+    if qargs is not None and quantize is not None:
         subprocess.run([str(quantize), *qargs[:-1], str(conv), str(out), qargs[-1]], check=True)
+    elif qargs is not None:
+        requantize_gguf_py(conv, out, qargs)
     if (ck / "tokenizer.model").exists():
         (OUT / f"{name}.tokenizer.model").write_bytes((ck / "tokenizer.model").read_bytes())
     return out
+
+
+GGUF_PY_RECIPES = {"Q8_0": ("Q8_0", "Q8_0"), "MXFP4_MOE": ("MXFP4", "Q8_0")}  # recipe -> (experts, others)
+
+
+def requantize_gguf_py(src: Path, out: Path, qargs: list[str]) -> None:
+    """Without llama-quantize: the same recipe with gguf-py's quantizers (``gguf.quants.quantize``,
+    which llama.cpp's converter itself uses; they exist for the legacy types and MXFP4, not for
+    the K types). 1-D tensors and routers stay F32 as llama-quantize leaves them."""
+    import gguf
+    import numpy as np
+
+    recipe = qargs[-1]
+    if recipe not in GGUF_PY_RECIPES:
+        raise SystemExit(f"{out.name}: recipe {recipe} needs --quantize (llama-quantize): gguf-py has no K quantizer")
+    experts, others = GGUF_PY_RECIPES[recipe]
+    rules: dict[str, str] = {}
+    for flag, val in zip(qargs[:-1:2], qargs[1:-1:2]):
+        if flag == "--tensor-type":
+            k, v = val.split("=")
+            rules[k] = v.upper()
+        elif flag == "--token-embedding-type":
+            rules["token_embd"] = val.upper()
+        elif flag == "--output-tensor-type":
+            rules["output"] = val.upper()
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(out, str(r.fields["general.architecture"].contents()))
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        w.add_key_value(name, f.contents(), f.types[0], f.types[1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        data = np.array(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape.tolist())])
+        kind = t.name.split(".")[-2] if t.name.startswith("blk.") else t.name.split(".")[0]
+        if data.ndim == 1 or kind == "ffn_gate_inp":
+            w.add_tensor(t.name, data)
+            continue
+        qtype = rules.get(kind) or (experts if kind.endswith("_exps") else others)
+        q = gguf.GGMLQuantizationType[qtype]
+        w.add_tensor(t.name, gguf.quants.quantize(data, q), raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def embedded_vocab(llama_cpp_dir: Path) -> Path:
