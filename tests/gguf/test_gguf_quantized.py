@@ -68,3 +68,17 @@ def test_quantized_gguf_matches_its_dequantized_float32_model(name: str) -> None
         with torch.no_grad():
             want = ref(torch.tensor([ids])).logits[0]
         assert (got[0] - want[-1]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_tiered_store_serves_stored_blocks_from_the_gguf_file(name: str) -> None:
+    """--max-ram style hierarchy: experts read from the user's GGUF (stored bytes into the
+    slots, no conversion); same logits as every expert in RAM."""
+    ram = moetier.load(fixture(name), dtype="float32", tokenizer=False)
+    tiered = moetier.load(fixture(name), dtype="float32", tokenizer=False, expert_cache=0.5)
+    assert type(tiered.provider).__name__ == "TieredExpertProvider"
+    prompt = [5, 17, 40, 99, 3, 250, 12, 7]
+    assert torch.equal(ram.logits(prompt), tiered.logits(prompt))
+    e = ram.provider.get(0, 1)
+    assert e.quantized and e.nbytes == ram.expert_reader.expert_nbytes()
+    assert tiered.hierarchy_metrics.summary()["store_bytes_demand"] > 0
