@@ -10,8 +10,13 @@ llama.cpp's ``llama-quantize`` (``cmake -B build -DGGML_NATIVE=OFF && cmake --bu
 --target llama-quantize``), used for the K-quant and MXFP4 fixtures. The converter runs through
 ``bench/peers.py convert`` (an unknown BPE pre-tokenizer hash -> ``qwen2``; the tiny
 tokenizers have no known hash). Without ``--quantize``, the legacy and MXFP4 fixtures are
-quantized with gguf-py's quantizers (:func:`requantize_gguf_py`), the K-quant one cannot be
-made.
+quantized with gguf-py's quantizers (:func:`requantize_gguf_py`), and the K-quant one only
+with ``--random-k-blocks`` (random K blocks: a decoding test, not a quantization).
+
+The committed fixtures were made on 2026-12-01 with (llama-quantize did not finish building
+on the loaded machine in time):
+
+    python scripts/make_gguf_fixtures.py --llama-cpp-dir .../vendor/llama.cpp --random-k-blocks
 
 Fixtures (name -> family, HF overrides, how it is made) are in :data:`FIXTURES`; the tests
 import the same table to rebuild each original.
@@ -102,6 +107,7 @@ def make(name: str, llama_cpp_dir: Path, quantize: Path | None, root: Path) -> P
 
 
 GGUF_PY_RECIPES = {"Q8_0": ("Q8_0", "Q8_0"), "MXFP4_MOE": ("MXFP4", "Q8_0")}  # recipe -> (experts, others)
+RANDOM_K = False  # --random-k-blocks: Q4_K_M -> random K blocks where the recipe names K types
 
 
 def requantize_gguf_py(src: Path, out: Path, qargs: list[str]) -> None:
@@ -112,8 +118,11 @@ def requantize_gguf_py(src: Path, out: Path, qargs: list[str]) -> None:
     import numpy as np
 
     recipe = qargs[-1]
+    if recipe == "Q4_K_M" and RANDOM_K:
+        recipe = "Q8_0"  # tensors not named by --tensor-type: Q8_0
     if recipe not in GGUF_PY_RECIPES:
-        raise SystemExit(f"{out.name}: recipe {recipe} needs --quantize (llama-quantize): gguf-py has no K quantizer")
+        raise SystemExit(f"{out.name}: recipe {recipe} needs --quantize (llama-quantize): gguf-py has no K quantizer "
+                         "(--random-k-blocks writes random K blocks instead)")
     experts, others = GGUF_PY_RECIPES[recipe]
     rules: dict[str, str] = {}
     for flag, val in zip(qargs[:-1:2], qargs[1:-1:2]):
@@ -138,11 +147,35 @@ def requantize_gguf_py(src: Path, out: Path, qargs: list[str]) -> None:
             continue
         qtype = rules.get(kind) or (experts if kind.endswith("_exps") else others)
         q = gguf.GGMLQuantizationType[qtype]
-        w.add_tensor(t.name, gguf.quants.quantize(data, q), raw_dtype=q)
+        if qtype.endswith("_K"):  # no K quantizer in gguf-py: random blocks with moderate float16 scales
+            w.add_tensor(t.name, random_k_blocks(data.shape, q, np.random.default_rng(len(t.name))), raw_dtype=q)
+        else:
+            w.add_tensor(t.name, gguf.quants.quantize(data, q), raw_dtype=q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def random_k_blocks(shape: tuple[int, ...], qtype: object, rng: object) -> object:
+    """Random K-quant blocks for ``shape`` (not a quantization of anything): every quantized
+    value and sub-scale random, the float16 super-block scales ``d`` / ``dmin`` set to small
+    random values so weights have a sane magnitude (~1/sqrt(cols))."""
+    import gguf
+    import numpy as np
+
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]  # type: ignore[index]
+    nblk = int(np.prod(shape)) // bs
+    raw = rng.integers(0, 256, size=(nblk, ts), dtype=np.uint8)  # type: ignore[attr-defined]
+    d = (rng.uniform(0.2, 1.0, size=(nblk, 1)) / (64 * shape[-1] ** 0.5)).astype(np.float16)  # type: ignore
+    dmin = (rng.uniform(0.2, 1.0, size=(nblk, 1)) / (64 * shape[-1] ** 0.5)).astype(np.float16)  # type: ignore
+    name = gguf.GGMLQuantizationType(qtype).name
+    # byte offsets of d (and dmin) in block_q{2..6}_K (ggml-common.h)
+    at = {"Q2_K": (80, 82), "Q3_K": (108, None), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, None)}[name]
+    raw[:, at[0]:at[0] + 2] = d.view(np.uint8)
+    if at[1] is not None:
+        raw[:, at[1]:at[1] + 2] = dmin.view(np.uint8)
+    return raw.reshape(*shape[:-1], shape[-1] // bs * ts)
 
 
 def embedded_vocab(llama_cpp_dir: Path) -> Path:
@@ -161,8 +194,12 @@ def main() -> int:
     ap.add_argument("--llama-cpp-dir", required=True, type=Path)
     ap.add_argument("--quantize", type=Path, default=None, help="llama-quantize binary")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--random-k-blocks", action="store_true",
+                    help="without llama-quantize: write the K-quant fixture's K tensors as random blocks")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
+    global RANDOM_K
+    RANDOM_K = a.random_k_blocks
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.only or [*FIXTURES, "embedded-vocab"]:
