@@ -55,6 +55,7 @@ FIXTURES: dict[str, tuple[str, int, dict, str, list[str] | None]] = {
     "qwen3moe-legacy": ("qwen3_moe", 6, _WIDE, "f32", [*_LEGACY, "Q8_0"]),  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
     "qwen3moe-kquant": ("qwen3_moe", 7, _WIDE, "f32", [*_KQUANT, "Q4_K_M"]),  # Q2_K..Q6_K
     "qwen3moe-mxfp4": ("qwen3_moe", 8, _WIDE, "f32", ["MXFP4_MOE"]),  # MXFP4 experts, Q8_0 others
+    "gptoss-mxfp4": ("gpt_oss", 11, {}, "f32", ["MXFP4_MOE"]),  # gpt-oss as released: MXFP4 experts
 }
 SPM_CORPUS = ["the quick brown fox jumps over the lazy dog. " * 4, "hello world, hello moetier! " * 4,
               "Once upon a time there was a tiny model that ran on a CPU.", "def f(x):\n    return x * 2\n",
@@ -113,7 +114,7 @@ RANDOM_K = False  # --random-k-blocks: Q4_K_M -> random K blocks where the recip
 def requantize_gguf_py(src: Path, out: Path, qargs: list[str]) -> None:
     """Without llama-quantize: the same recipe with gguf-py's quantizers (``gguf.quants.quantize``,
     which llama.cpp's converter itself uses; they exist for the legacy types and MXFP4, not for
-    the K types). 1-D tensors and routers stay F32 as llama-quantize leaves them."""
+    the K types). 1-D tensors, biases and routers stay F32 as llama-quantize leaves them."""
     import gguf
     import numpy as np
 
@@ -142,7 +143,7 @@ def requantize_gguf_py(src: Path, out: Path, qargs: list[str]) -> None:
     for t in r.tensors:
         data = np.array(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape.tolist())])
         kind = t.name.split(".")[-2] if t.name.startswith("blk.") else t.name.split(".")[0]
-        if data.ndim == 1 or kind == "ffn_gate_inp":
+        if data.ndim == 1 or kind == "ffn_gate_inp" or not t.name.endswith(".weight"):  # biases stay F32
             w.add_tensor(t.name, data)
             continue
         qtype = rules.get(kind) or (experts if kind.endswith("_exps") else others)

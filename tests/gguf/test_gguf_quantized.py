@@ -21,6 +21,7 @@ gguf = pytest.importorskip("gguf", reason="the gguf extra (pip install moetier[g
 
 QUANTIZED = [n for n in ("qwen3moe-q8_0", "qwen3moe-legacy", "qwen3moe-kquant", "qwen3moe-mxfp4")
              if (DATA / f"{n}.gguf").exists()]
+ALL_QUANTIZED = [*QUANTIZED, "gptoss-mxfp4"]  # transformers' GGUF loader cannot read the gpt-oss one
 
 
 def transformers_gguf(name: str, spec) -> torch.nn.Module:
@@ -32,7 +33,7 @@ def transformers_gguf(name: str, spec) -> torch.nn.Module:
         moe_intermediate_size=spec.expert_intermediate_size, norm_topk_prob=spec.norm_topk_prob).eval()
 
 
-@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("name", ALL_QUANTIZED)
 def test_every_tensor_dequantizes_like_gguf_py(name: str) -> None:
     idx = GGUFIndex(fixture(name))
     r = gguf.GGUFReader(fixture(name))
@@ -70,7 +71,7 @@ def test_quantized_gguf_matches_its_dequantized_float32_model(name: str) -> None
         assert (got[0] - want[-1]).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("name", ALL_QUANTIZED)
 def test_tiered_store_serves_stored_blocks_from_the_gguf_file(name: str) -> None:
     """--max-ram style hierarchy: experts read from the user's GGUF (stored bytes into the
     slots, no conversion); same logits as every expert in RAM."""
@@ -82,3 +83,39 @@ def test_tiered_store_serves_stored_blocks_from_the_gguf_file(name: str) -> None
     e = ram.provider.get(0, 1)
     assert e.quantized and e.nbytes == ram.expert_reader.expert_nbytes()
     assert tiered.hierarchy_metrics.summary()["store_bytes_demand"] > 0
+
+
+def _dequantized(r, name: str) -> torch.Tensor:
+    t = next(t for t in r.tensors if t.name == name)
+    shape = [int(x) for x in reversed(t.shape.tolist())]
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type),
+                                                 dtype=np.float32)).reshape(shape)
+
+
+def test_gpt_oss_mxfp4_gguf_matches_transformers_on_the_dequantized_weights() -> None:
+    """gpt-oss as released (MXFP4 experts, separate gate / up in GGUF): transformers' gpt-oss
+    with its linear weights replaced by gguf-py's dequantization of the file's tensors."""
+    from tests.gguf.helpers import hf_original
+
+    name = "gptoss-mxfp4"
+    r = gguf.GGUFReader(fixture(name))
+    ref = hf_original(name)
+    with torch.no_grad():
+        ref.model.embed_tokens.weight.copy_(_dequantized(r, "token_embd.weight"))
+        ref.lm_head.weight.copy_(_dequantized(r, "output.weight"))
+        for i, layer in enumerate(ref.model.layers):
+            a = layer.self_attn
+            for proj, g in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"),
+                            ("o_proj", "attn_output")):
+                getattr(a, proj).weight.copy_(_dequantized(r, f"blk.{i}.{g}.weight"))
+            ex = layer.mlp.experts  # gate_up_proj [E, H, 2I] (gate even, up odd columns), down_proj [E, I, H]
+            ex.gate_up_proj[:, :, 0::2] = _dequantized(r, f"blk.{i}.ffn_gate_exps.weight").transpose(1, 2)
+            ex.gate_up_proj[:, :, 1::2] = _dequantized(r, f"blk.{i}.ffn_up_exps.weight").transpose(1, 2)
+            ex.down_proj.copy_(_dequantized(r, f"blk.{i}.ffn_down_exps.weight").transpose(1, 2))
+    ours = moetier.load(fixture(name), dtype="float32", tokenizer=False)
+    e = ours.provider.get(0, 0)
+    assert e.split is not None and e.split[0].fmt == "ggml_mxfp4" and e.down.fmt == "ggml_mxfp4"
+    prompt = torch.randint(3, ours.spec.vocab_size, (21,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(prompt[None]).logits[0]
+    assert (ours.logits(prompt) - want).abs().max().item() <= 1e-4
