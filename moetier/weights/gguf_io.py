@@ -495,7 +495,8 @@ def config_from_gguf(index: GGUFIndex) -> dict[str, Any]:
         "rms_norm_eps": float(f"{float(get('attention.layer_norm_rms_epsilon', 1e-6)):.7g}"),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in index.gguf,
-        "torch_dtype": "float32",
+        # bf16 files run in bf16; float32 otherwise (quantized files: float32 activations)
+        "torch_dtype": "bfloat16" if meta.get("general.file_type") == 32 else "float32",
     }
     key_len = get("attention.key_length", None)
     if key_len is not None and arch != "deepseek2":
@@ -670,3 +671,38 @@ def expert_reader(index: GGUFIndex, spec: ModelSpec, dtype: torch.dtype) -> Any:
             return total
 
     return GGUFExpertReader()
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+def stored_census(path: str | Path, cen: Any, dtype: torch.dtype) -> Any:
+    """``cen`` (a :class:`~moetier.planner.census.Census` of the GGUF's spec) with the byte
+    figures the runtime will hold: quantized linear weights and experts at their stored size
+    (what the slots and ``QLinear`` keep), other tensors in the runtime ``dtype``. The weight
+    hierarchy sizes its budget check and slots from this (a Q4_K file needs ~1/4 of bf16)."""
+    from dataclasses import replace
+
+    index = GGUFIndex(path)
+    spec = cen.spec
+    item = torch.empty(0, dtype=dtype).element_size()
+    expert_names = {f"model.layers.{i}.mlp.experts.{w}_proj" for i in spec.moe_layer_ids
+                    for w in ("gate", "up", "down")}
+    always, routed = 0, 0
+    for info in index.gguf.values():
+        names = hf_names(info.gguf_name)
+        if not names:
+            continue
+        name = names[0]
+        q = name in index.tensors and index.is_quantized(name)
+        n = info.nbytes if q else math.prod(info.shape) * item
+        if name in expert_names or name.removesuffix("_bias") in expert_names or ".block_sparse_moe.experts." in name:
+            routed += n
+        else:
+            always += n
+    for name in index._kv_b:  # rebuilt float tensors replace attn_k_b / attn_v_b
+        always += math.prod(index.tensors[name].shape) * item
+    n_exp = max(1, spec.num_experts * spec.num_moe_layers)
+    return replace(cen, always_on_bytes=float(always), routed_bytes=float(routed),
+                   total_bytes=float(always + routed), expert_bytes=float(routed / n_exp),
+                   active_bytes=float(always + spec.top_k * spec.num_moe_layers * routed / n_exp))

@@ -465,6 +465,10 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
     dtype = runtime.resolve_dtype(load_kwargs.get("dtype", "auto"), spec)
     itemsize = 2 if dtype != runtime.torch.float32 else 4
     cen = census(spec, "fp32" if itemsize == 4 else "bf16")
+    if d.suffix == ".gguf":  # stored block types: the bytes the runtime will actually hold
+        from moetier.weights.gguf_io import stored_census
+
+        cen = stored_census(d, cen, dtype)
     pl = default_plan(spec, cen, max_ram, base=base, policy=policy, policy_params=policy_params,
                       expert_cache=expert_cache, cache_scope=cache_scope, prefetch=prefetch,
                       prefetch_max_inflight_bytes=prefetch_max_inflight_bytes)

@@ -119,3 +119,20 @@ def test_gpt_oss_mxfp4_gguf_matches_transformers_on_the_dequantized_weights() ->
     with torch.no_grad():
         want = ref(prompt[None]).logits[0]
     assert (ours.logits(prompt) - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ALL_QUANTIZED)
+def test_hierarchy_budget_counts_stored_bytes(name: str) -> None:
+    from moetier.planner.census import census
+    from moetier.weights.gguf_io import stored_census
+
+    ours = moetier.load(fixture(name), dtype="float32", tokenizer=False)
+    fp32 = census(ours.spec, "fp32")
+    st = stored_census(fixture(name), fp32, torch.float32)
+    assert st.expert_bytes == ours.expert_reader.expert_nbytes() < fp32.expert_bytes
+    assert st.always_on_bytes < fp32.always_on_bytes
+    capped = moetier.load(fixture(name), dtype="float32", tokenizer=False, max_ram="4G")
+    assert capped.memory_budget is not None
+    assert capped.hierarchy.layout.expert_bytes >= st.expert_bytes
+    prompt = [5, 17, 40, 99, 3, 250, 12, 7]
+    assert torch.equal(ours.logits(prompt), capped.logits(prompt))
