@@ -107,3 +107,22 @@ def test_missing_gguf_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(MoetierError, match=r"pip install 'moetier\[gguf\]'"):
         GGUFIndex(fixture("qwen3moe-bf16"))
+
+
+def test_serve_a_gguf_file_with_its_chat_template() -> None:
+    import openai
+
+    from moetier.cli import build_parser
+    from moetier.commands.serve import _load_model
+    from moetier.serve.app import BackgroundServer, build_app
+
+    args = build_parser().parse_args(["serve", str(fixture("qwen3moe-q8_0")), "--max-ram", "2G"])
+    model = _load_model(args)
+    ref = moetier.load(fixture("qwen3moe-q8_0"))
+    with BackgroundServer(build_app(model, model_name="g")) as srv:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
+        out = c.chat.completions.create(model="g", messages=[{"role": "user", "content": "hello"}], max_tokens=6,
+                                        temperature=0)
+    want = ref.generate([{"role": "user", "content": "hello"}], max_tokens=6)
+    assert want and out.choices[0].message.content == want
+    assert cli(["serve", str(fixture("qwen3moe-q8_0")) + ".missing"]) == 2
