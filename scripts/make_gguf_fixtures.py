@@ -56,6 +56,7 @@ FIXTURES: dict[str, tuple[str, int, dict, str, list[str] | None]] = {
     "qwen3moe-kquant": ("qwen3_moe", 7, _WIDE, "f32", [*_KQUANT, "Q4_K_M"]),  # Q2_K..Q6_K
     "qwen3moe-mxfp4": ("qwen3_moe", 8, _WIDE, "f32", ["MXFP4_MOE"]),  # MXFP4 experts, Q8_0 others
     "gptoss-mxfp4": ("gpt_oss", 11, {}, "f32", ["MXFP4_MOE"]),  # gpt-oss as released: MXFP4 experts
+    "deepseek2-q8_0": ("deepseek_v3", 12, {}, "f32", ["Q8_0"]),  # MLA with quantized projections
 }
 SPM_CORPUS = ["the quick brown fox jumps over the lazy dog. " * 4, "hello world, hello moetier! " * 4,
               "Once upon a time there was a tiny model that ran on a CPU.", "def f(x):\n    return x * 2\n",
@@ -148,6 +149,9 @@ def requantize_gguf_py(src: Path, out: Path, qargs: list[str]) -> None:
             continue
         qtype = rules.get(kind) or (experts if kind.endswith("_exps") else others)
         q = gguf.GGMLQuantizationType[qtype]
+        if data.shape[-1] % gguf.GGML_QUANT_SIZES[q][0]:  # rows not whole blocks: kept F32 (llama-quantize
+            w.add_tensor(t.name, data)  # falls back to another type for these)
+            continue
         if qtype.endswith("_K"):  # no K quantizer in gguf-py: random blocks with moderate float16 scales
             w.add_tensor(t.name, random_k_blocks(data.shape, q, np.random.default_rng(len(t.name))), raw_dtype=q)
         else:

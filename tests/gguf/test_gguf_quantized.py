@@ -21,7 +21,7 @@ gguf = pytest.importorskip("gguf", reason="the gguf extra (pip install moetier[g
 
 QUANTIZED = [n for n in ("qwen3moe-q8_0", "qwen3moe-legacy", "qwen3moe-kquant", "qwen3moe-mxfp4")
              if (DATA / f"{n}.gguf").exists()]
-ALL_QUANTIZED = [*QUANTIZED, "gptoss-mxfp4"]  # transformers' GGUF loader cannot read the gpt-oss one
+ALL_QUANTIZED = [*QUANTIZED, "gptoss-mxfp4", "deepseek2-q8_0"]  # transformers' GGUF loader cannot read these
 
 
 def transformers_gguf(name: str, spec) -> torch.nn.Module:
@@ -80,7 +80,7 @@ def test_tiered_store_serves_stored_blocks_from_the_gguf_file(name: str) -> None
     assert type(tiered.provider).__name__ == "TieredExpertProvider"
     prompt = [5, 17, 40, 99, 3, 250, 12, 7]
     assert torch.equal(ram.logits(prompt), tiered.logits(prompt))
-    e = ram.provider.get(0, 1)
+    e = ram.provider.get(ram.spec.moe_layer_ids[0], 1)
     assert e.quantized and e.nbytes == ram.expert_reader.expert_nbytes()
     assert tiered.hierarchy_metrics.summary()["store_bytes_demand"] > 0
 
@@ -136,3 +136,37 @@ def test_hierarchy_budget_counts_stored_bytes(name: str) -> None:
     assert capped.hierarchy.layout.expert_bytes >= st.expert_bytes
     prompt = [5, 17, 40, 99, 3, 250, 12, 7]
     assert torch.equal(ours.logits(prompt), capped.logits(prompt))
+
+
+def test_deepseek2_q8_0_gguf_matches_transformers_on_the_dequantized_weights() -> None:
+    """DeepSeek-V3 architecture (MLA: quantized q_a / kv_a / o projections as QLinear, kv_b
+    rebuilt from attn_k_b / attn_v_b; quantized shared and routed experts; exp_probs_b)."""
+    from tests.gguf.helpers import hf_original
+
+    name = "deepseek2-q8_0"
+    r = gguf.GGUFReader(fixture(name))
+    ref = hf_original(name)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, ref.config.num_hidden_layers)
+    names = {t.name for t in r.tensors}
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            g = tmap.get_name(n, try_suffixes=(".weight", ".bias"))
+            if g is not None and g in names:
+                p.copy_(_dequantized(r, g).reshape(p.shape))
+        for i, layer in enumerate(ref.model.layers):
+            kb, vb = _dequantized(r, f"blk.{i}.attn_k_b.weight"), _dequantized(r, f"blk.{i}.attn_v_b.weight")
+            kv = torch.cat([kb.transpose(1, 2), vb], dim=1)  # [heads, nope + v, kv_lora_rank]
+            layer.self_attn.kv_b_proj.weight.copy_(kv.reshape(-1, kv.shape[-1]))
+            if f"blk.{i}.ffn_gate_exps.weight" in names:
+                ex = layer.mlp.experts  # gate_up_proj [E, 2I, H], down_proj [E, H, I]
+                gate, up = (_dequantized(r, f"blk.{i}.ffn_{w}_exps.weight") for w in ("gate", "up"))
+                ex.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
+                ex.down_proj.copy_(_dequantized(r, f"blk.{i}.ffn_down_exps.weight"))
+                layer.mlp.gate.e_score_correction_bias.copy_(_dequantized(r, f"blk.{i}.exp_probs_b.bias"))
+    ours = moetier.load(fixture(name), dtype="float32", tokenizer=False)
+    assert ours.spec.family == "deepseek_v3" and ours.spec.attention == "mla"
+    assert ours.provider.get(1, 0).quantized
+    prompt = torch.randint(3, ours.spec.vocab_size, (21,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(prompt[None]).logits[0]
+    assert (ours.logits(prompt) - want).abs().max().item() <= 1e-4
