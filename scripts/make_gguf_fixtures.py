@@ -51,7 +51,7 @@ FIXTURES: dict[str, tuple[str, int, dict, str, list[str] | None]] = {
     "olmoe-bf16": ("olmoe", 4, {"intermediate_size": 32}, "bf16", None),
     "deepseek2-bf16": ("deepseek_v3", 5, {}, "bf16", None),
     "gptoss-bf16": ("gpt_oss", 10, {}, "bf16", None),
-    "qwen3moe-q8_0": ("qwen3_moe", 9, _WIDE, "q8_0", None),  # the converter's own Q8_0
+    "qwen3moe-q8_0": ("qwen3_moe", 9, {}, "q8_0", None),  # the converter's own Q8_0
     "qwen3moe-legacy": ("qwen3_moe", 6, _WIDE, "f32", [*_LEGACY, "Q8_0"]),  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
     "qwen3moe-kquant": ("qwen3_moe", 7, _WIDE, "f32", [*_KQUANT, "Q4_K_M"]),  # Q2_K..Q6_K
     "qwen3moe-mxfp4": ("qwen3_moe", 8, _WIDE, "f32", ["MXFP4_MOE"]),  # MXFP4 experts, Q8_0 others
