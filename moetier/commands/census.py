@@ -19,12 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Count a model's parameters and bytes per weight group: which are always on "
         "(read for every token) and which are routed experts, and how many are active per token.",
     )
-    p.add_argument("model", metavar="MODEL", help="catalog name (see `moetier models`), config.json or model dir")
+    p.add_argument("model", metavar="MODEL",
+                   help="catalog name (see `moetier models`), config.json, model dir or .gguf file")
     p.add_argument(
         "--precision",
-        default="bf16",
+        default=None,
         help="bf16 (default) | fp16 | fp32 | fp8 | int8 | int4 | int4:g32 | fp4 | nvfp4 | "
-        "mixed:attention=bf16,experts=int4,... | checkpoint (the catalog model's stored format)",
+        "mixed:attention=bf16,experts=int4,... | checkpoint (the catalog model's stored format; "
+        "the default for a .gguf file: its block types and bytes as stored)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=run)
@@ -137,14 +139,25 @@ def run(args: argparse.Namespace) -> int:
     spec = resolve_model(args.model)
     cat = _catalog_name(args.model)
     precision = args.precision
-    if precision == "checkpoint":
+    if precision is None:
+        precision = "checkpoint" if Path(args.model).suffix == ".gguf" else "bf16"
+        args.precision = precision
+    if precision == "checkpoint" and Path(args.model).suffix == ".gguf":
+        pass
+    elif precision == "checkpoint":
         if cat is None:
             raise ConfigError(
                 f"--precision checkpoint: {args.model!r} is not a catalog model; give a precision "
                 "such as bf16, fp8, int4 or mixed:experts=fp4"
             )
         precision = catalog.entry(cat).checkpoint_precision
-    c = census(spec, precision)
+    gguf = Path(args.model).suffix == ".gguf" and Path(args.model).is_file()
+    if gguf and args.precision == "checkpoint":  # the file's own block types and bytes
+        from moetier.weights.gguf_io import file_census
+
+        c = file_census(args.model, census(spec, "bf16"))
+    else:
+        c = census(spec, precision)
     if args.json:
         d = c.to_json()
         if cat is not None:

@@ -706,3 +706,60 @@ def stored_census(path: str | Path, cen: Any, dtype: torch.dtype) -> Any:
     return replace(cen, always_on_bytes=float(always), routed_bytes=float(routed),
                    total_bytes=float(always + routed), expert_bytes=float(routed / n_exp),
                    active_bytes=float(always + spec.top_k * spec.num_moe_layers * routed / n_exp))
+
+
+def _census_group(gguf_name: str) -> str | None:
+    """The census group (moetier.planner.census.GROUPS) of one GGUF tensor."""
+    if gguf_name.startswith("token_embd."):
+        return "embedding"
+    if gguf_name.startswith("output."):
+        return "lm_head"
+    if gguf_name.startswith("output_norm."):
+        return "norms"
+    m = re.match(r"^blk\.\d+\.(\w+?)(?:\.\d+)?\.(weight|bias)$", gguf_name)
+    if not m:
+        return None
+    kind = m.group(1)
+    if kind.endswith("norm"):
+        return "norms"
+    if kind.endswith("_exps") or re.match(r"^blk\.\d+\.ffn_\w+\.\d+\.", gguf_name):
+        return "routed_experts"
+    if kind.endswith("_shexp"):
+        return "shared_experts"
+    if kind in ("ffn_gate_inp", "exp_probs_b"):
+        return "router"
+    if kind.startswith("ffn_"):
+        return "dense_ffn"
+    if kind.startswith("attn_"):
+        return "attention"
+    return None
+
+
+def file_census(path: str | Path, cen: Any) -> Any:
+    """``cen`` with every group's bytes as stored in the GGUF file, and the stored ggml types as
+    each group's format (``moetier census MODEL.gguf``)."""
+    from dataclasses import replace
+
+    from moetier.planner.census import Precision
+
+    index = GGUFIndex(path)
+    size: dict[str, int] = {}
+    types: dict[str, set[str]] = {}
+    for info in index.gguf.values():
+        g = _census_group(info.gguf_name)
+        if g is None:
+            continue
+        size[g] = size.get(g, 0) + info.nbytes
+        types.setdefault(g, set()).add(info.ggml_type.lower())
+    groups = {n: replace(g, bytes=float(size.get(n, 0 if g.params == 0 else g.bytes))) for n, g in cen.groups.items()}
+    if cen.spec.tie_word_embeddings and "lm_head" in groups:
+        groups["lm_head"] = replace(groups["lm_head"], bytes=0.0)
+    fmt = tuple((n, "+".join(sorted(types.get(n, {"-"})))) for n in cen.groups)
+    always = sum(g.bytes for g in groups.values() if g.always_on and g.name != "mtp")
+    routed = groups["routed_experts"].bytes
+    spec = cen.spec
+    n_exp = max(1, spec.num_experts * spec.num_moe_layers)
+    return replace(cen, precision=Precision(name="as stored in the GGUF file", formats=fmt), groups=groups,
+                   always_on_bytes=float(always), routed_bytes=float(routed), total_bytes=float(always + routed),
+                   expert_bytes=float(routed / n_exp),
+                   active_bytes=float(always + spec.top_k * spec.num_moe_layers * routed / n_exp))

@@ -126,3 +126,17 @@ def test_serve_a_gguf_file_with_its_chat_template() -> None:
     want = ref.generate([{"role": "user", "content": "hello"}], max_tokens=6)
     assert want and out.choices[0].message.content == want
     assert cli(["serve", str(fixture("qwen3moe-q8_0")) + ".missing"]) == 2
+
+
+def test_census_of_a_gguf_counts_its_stored_bytes(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    f = fixture("qwen3moe-kquant")
+    assert cli(["census", str(f), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    idx = GGUFIndex(f)
+    assert d["total_bytes"] == sum(i.nbytes for i in idx.gguf.values())
+    assert d["precision"] == "as stored in the GGUF file"
+    assert cli(["census", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "q2_k+q3_k+q4_k" in out and "routed" in out
