@@ -87,7 +87,8 @@ def build_hf_tokenizer(meta: dict[str, Any], src: str) -> Any:
         scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
         tok = HFTokenizer(models.BPE(vocab, _sentencepiece_merges(tokens, types, scores), byte_fallback=True,
                                      unk_token=_unk(tokens, types), fuse_unk=True))
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        prefix = [normalizers.Prepend("▁")] if meta.get("tokenizer.ggml.add_space_prefix", True) else []
+        tok.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", "▁")])
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
     else:
