@@ -82,7 +82,7 @@ def load(
     quantize_group: int | None = None,
     **hierarchy: Any,
 ) -> Model:
-    """Load a checkpoint directory (``None`` = the embedded model) for inference.
+    """Load a checkpoint directory or a GGUF file (``None`` = the embedded model) for inference.
 
     dtype: "auto" | "float32" | "bfloat16" (weights and activations).
     expert_provider_factory: ``(spec, reader) -> ExpertProvider``; default keeps all in RAM.
@@ -120,11 +120,21 @@ def load(
             raise ConfigError(f"--threads {threads}: expected a whole number >= 1")
         torch.set_num_threads(int(threads))
     d = Path(path) if path is not None else EMBEDDED_DIR
-    if not d.is_dir():
+    index: Any
+    if d.suffix == ".gguf" and d.is_file():  # llama.cpp's format: spec, tokenizer and tensors from one file
+        from moetier.gguf_tokenizer import gguf_tokenizer
+        from moetier.weights.gguf_io import GGUFIndex
+
+        index = GGUFIndex(d)
+        spec = index.spec()
+    elif not d.is_dir():
         if path is None:
             raise MoetierError(f"{d}: the embedded model is not installed (pass a model directory)")
-        raise ConfigError(f"{d}: not a model directory (expected config.json, *.safetensors, tokenizer.json)")
-    spec = load_spec(d)
+        raise ConfigError(f"{d}: not a model directory (expected config.json, *.safetensors, tokenizer.json) "
+                          "or a .gguf file")
+    else:
+        spec = load_spec(d)
+        index = None
     window = check_context(context, spec)
     cls = model_class(spec)
     dt = resolve_dtype(dtype, spec)
@@ -132,11 +142,19 @@ def load(
     if tokenizer:
         eos = spec.raw.get("eos_token_id")
         extra = [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
-        tok = Tokenizer(d, extra_eos_ids=extra)
-    index = SafetensorsIndex(d, quant=spec.quantization)
+        tok = gguf_tokenizer(index.meta, str(d), extra) if index is not None else Tokenizer(d, extra_eos_ids=extra)
+    if index is None:
+        index = SafetensorsIndex(d, quant=spec.quantization)
     with torch.device("meta"):
         net = cls(spec)
-    reader = net.make_expert_reader(index, dt) if spec.is_moe else None  # validates expert headers
+    reader = None
+    if spec.is_moe:  # validates expert headers
+        if isinstance(index, SafetensorsIndex):
+            reader = net.make_expert_reader(index, dt)
+        else:
+            from moetier.weights.gguf_io import expert_reader
+
+            reader = expert_reader(index, spec, dt)
     qdense = None
     if quantize is not None or quantize_all:
         from moetier.quant import atload

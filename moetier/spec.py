@@ -588,8 +588,13 @@ def spec_from_config(cfg: Mapping[str, Any], name: str = "model", source: str = 
 
 
 def load_spec(path: str | Path, name: str | None = None) -> ModelSpec:
-    """Parse ``config.json`` (a file, or a model directory holding one) into a ModelSpec."""
+    """Parse ``config.json`` (a file, or a model directory holding one) into a ModelSpec; a
+    ``.gguf`` file's metadata is parsed by :mod:`moetier.weights.gguf_io`."""
     p = Path(path)
+    if p.suffix == ".gguf" and p.is_file():
+        from moetier.weights.gguf_io import load_gguf_spec
+
+        return load_gguf_spec(p, name)
     cfg_path = p / "config.json" if p.is_dir() else p
     if not cfg_path.exists():
         raise ConfigError(f"{cfg_path}: no such file (expected a config.json or a model directory)")
@@ -602,7 +607,7 @@ def load_spec(path: str | Path, name: str | None = None) -> ModelSpec:
 
 
 def resolve_model(model: str | Path) -> ModelSpec:
-    """A catalog name (``deepseek-v3``), a config.json path, or a model directory."""
+    """A catalog name (``deepseek-v3``), a config.json path, a model directory or a GGUF file."""
     from moetier import catalog
 
     p = Path(model)
@@ -611,6 +616,6 @@ def resolve_model(model: str | Path) -> ModelSpec:
     if isinstance(model, str) and model in catalog.names():
         return catalog.get(model)
     raise ConfigError(
-        f"model {str(model)!r}: not a config.json, a model directory, or a catalog name; "
+        f"model {str(model)!r}: not a config.json, a model directory, a .gguf file, or a catalog name; "
         f"catalog names: {', '.join(catalog.names())}"
     )

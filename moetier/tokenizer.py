@@ -37,28 +37,42 @@ class Tokenizer:
         if not tj.exists():
             raise WeightError(f"{tj}: missing (moetier needs a tokenizer.json next to config.json)")
         try:
-            self._tok = HFTokenizer.from_file(str(tj))
+            tok = HFTokenizer.from_file(str(tj))
         except Exception as e:  # the Rust parser raises plain Exceptions
             raise WeightError(f"{tj}: cannot be parsed as a tokenizers file ({e})") from None
         cfg_path = d / "tokenizer_config.json"
         cfg = _read_json(cfg_path) if cfg_path.exists() else {}
         if not isinstance(cfg, dict):
             raise WeightError(f"{cfg_path}: expected a JSON object")
-        self.config = cfg
-        self.bos_token = _token_str(cfg.get("bos_token"))
-        self.eos_token = _token_str(cfg.get("eos_token"))
-        self.chat_template = self._find_template(d, cfg)
         eos: list[int] = []
-        if self.eos_token is not None:
-            tid = self._tok.token_to_id(self.eos_token)
-            if tid is not None:
-                eos.append(tid)
         gen = d / "generation_config.json"
         if gen.exists():
             g = _read_json(gen)
             ge = g.get("eos_token_id") if isinstance(g, dict) else None
             eos += [ge] if isinstance(ge, int) else [i for i in (ge or []) if isinstance(i, int)]
-        eos += list(extra_eos_ids)
+        self._setup(tok, cfg, self._find_template(d, cfg), [*eos, *extra_eos_ids])
+
+    @classmethod
+    def from_tokenizer(cls, tok: Any, config: Mapping[str, Any], chat_template: str | None,
+                       extra_eos_ids: Sequence[int] = ()) -> Tokenizer:
+        """From a built ``tokenizers.Tokenizer`` (e.g. a GGUF file's vocabulary, see
+        ``moetier.gguf_tokenizer``) and a tokenizer_config-style mapping (bos/eos tokens)."""
+        self = cls.__new__(cls)
+        self._setup(tok, dict(config), chat_template, list(extra_eos_ids))
+        return self
+
+    def _setup(self, tok: Any, cfg: dict, chat_template: str | None, extra_eos: list[int]) -> None:
+        self._tok = tok
+        self.config = cfg
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = _token_str(cfg.get("eos_token"))
+        self.chat_template = chat_template
+        eos: list[int] = []
+        if self.eos_token is not None:
+            tid = self._tok.token_to_id(self.eos_token)
+            if tid is not None:
+                eos.append(tid)
+        eos += extra_eos
         vocab = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(i for i in eos if 0 <= i < vocab))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None

@@ -23,14 +23,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(read for every token) and which are routed experts, and how many are active per token.",
         epilog="examples:\n  moetier census qwen3-30b-a3b --precision int4\n  moetier census moetier/data/embedded",
     )
-    p.add_argument("model", metavar="MODEL", help="catalog name (see `moetier models`), config.json or model dir")
+    p.add_argument("model", metavar="MODEL",
+                   help="catalog name (see `moetier models`), config.json, model dir or .gguf file")
     p.add_argument(
         "--precision",
         default=None,
         help="bf16 | fp16 | fp32 | fp8 | int8 | int4 | int4:g32 | fp4 | nvfp4 | "
         "mixed:attention=bf16,experts=int4,... | checkpoint (the stored format: a catalog model's, or a "
-        "local directory's read from its files, with its real stored bytes per group). Default: a local "
-        "checkpoint as stored, a catalog model in bf16",
+        "local directory's or .gguf file's, read from its files with its real stored bytes per group). "
+        "Default: a local checkpoint as stored, a catalog model in bf16",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=run)
@@ -218,14 +219,21 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_as_stored(args.model, resolve_model(args.model))
     cat = _catalog_name(args.model)
     stored = None
-    if cat is None and Path(args.model).is_dir() and args.precision in (None, "checkpoint"):
-        stored = stored_census(args.model, spec)  # the files' real bytes per group
-        precision, source = checkpoint_precision(args.model, spec, stored), "as stored"
-        if not stored.has_mtp:  # MTP layers in config.json but not in the files: nothing stored
-            spec = replace(spec, num_mtp_layers=0)
+    gguf = Path(args.model).suffix == ".gguf" and Path(args.model).is_file()
+    if gguf and args.precision in (None, "checkpoint"):  # the file's own block types and bytes
+        from moetier.weights.gguf_io import file_census
+
+        precision, source = "checkpoint", "as stored (GGUF block types)"
+        c = file_census(args.model, census(spec, "bf16"))
     else:
-        precision, source = resolve_precision(args.model, args.precision, spec)
-    c = census(spec, precision)
+        if cat is None and Path(args.model).is_dir() and args.precision in (None, "checkpoint"):
+            stored = stored_census(args.model, spec)  # the files' real bytes per group
+            precision, source = checkpoint_precision(args.model, spec, stored), "as stored"
+            if not stored.has_mtp:  # MTP layers in config.json but not in the files: nothing stored
+                spec = replace(spec, num_mtp_layers=0)
+        else:
+            precision, source = resolve_precision(args.model, args.precision, spec)
+        c = census(spec, precision)
     if args.json:
         d = c.to_json()
         d["precision_source"] = source or "as asked (--precision)" if args.precision else source or "default"

@@ -42,7 +42,7 @@ LOAD_OPTION_HOOKS.append(_quantize_hook())
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", nargs="?", default=None,
-                   help="checkpoint directory (default: the embedded model)")
+                   help="checkpoint directory or llama.cpp .gguf file (default: the embedded model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight/activation precision (auto: bfloat16 for bf16 checkpoints)")
     p.add_argument("--threads", type=int, default=None, metavar="N",

@@ -171,12 +171,14 @@ def run(args: argparse.Namespace) -> int:
     from moetier.commands.run import check_args
 
     check_args(args)  # load options (threads, sizes, model dir) checked before loading
-    if args.model_dir is not None and not Path(args.model_dir).is_dir():
-        raise MoetierError(f"MODEL_DIR: {args.model_dir} is not a directory")
+    if args.model_dir is not None and not Path(args.model_dir).is_dir() and not (
+            Path(args.model_dir).suffix == ".gguf" and Path(args.model_dir).is_file()):
+        raise MoetierError(f"MODEL_DIR: {args.model_dir} is not a directory or a .gguf file")
     from moetier.serve.app import build_app, serve
 
     model = _load_model(args)
-    name = args.served_model_name or (Path(args.model_dir).resolve().name if args.model_dir else "moetier-embedded")
+    name = args.served_model_name or (Path(args.model_dir).resolve().name.removesuffix(".gguf") if args.model_dir
+                                      else "moetier-embedded")
     app = build_app(
         model,
         model_name=name,

@@ -478,6 +478,10 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
         groups = "ffn=" + qprec + ",attention=" + qprec if load_kwargs.get("quantize_all") else "routed=" + qprec
         prec = f"mixed:{groups},default={prec}"
     cen = census(spec, prec)
+    if d.suffix == ".gguf":  # stored block types: the bytes the runtime will actually hold
+        from moetier.weights.gguf_io import stored_census
+
+        cen = stored_census(d, cen, dtype)
     pl = default_plan(spec, cen, max_ram, base=base, policy=policy, policy_params=policy_params,
                       expert_cache=expert_cache, cache_scope=cache_scope, prefetch=prefetch,
                       prefetch_max_inflight_bytes=prefetch_max_inflight_bytes)
