@@ -60,7 +60,7 @@ def load(
     dtype: str | torch.dtype = "auto",
     expert_provider_factory: ExpertProviderFactory | None = None,
     tokenizer: bool = True,
-    threads: int | None = None,
+    threads: int | str | None = None,
     check_finite: bool = True,
     native: bool | None = None,
     hugepages: bool = True,
@@ -71,11 +71,11 @@ def load(
     dtype: "auto" | "float32" | "bfloat16" (weights and activations).
     expert_provider_factory: ``(spec, reader) -> ExpertProvider``; default keeps all in RAM.
     tokenizer: False to skip tokenizer.json (ids-only use).
-    threads: torch intra-op threads. Default: torch's choice (one per physical core), the
-    fastest on an otherwise idle machine (2-core EPYC, 2.4 GB bf16 MoE: 42 tok/s at 2 threads
-    vs 28 at 1). On cores busy with other work pass ``threads=1``: OpenMP workers spin-wait,
-    and on oversubscribed cores 2 threads measured 2-5x slower than 1
-    (``OMP_WAIT_POLICY=PASSIVE`` does not help: sleeping workers wake too slowly for ~50 us ops).
+    threads: CPU threads for torch and the native kernels. ``None`` (default) or ``"auto"``: chosen
+    from the cores this process may use (affinity, cgroup quota) minus those other work is
+    using, and re-chosen while the model runs (:mod:`moetier.threads`): a busy machine costs
+    what it takes, not 10-100x (a 2-thread step waiting for a core another process holds).
+    An int fixes the count (the fastest on an idle machine is one per physical core).
     native: single-token decode steps run in the native kernels (``moetier.native``) when the
     model's blocks are supported; ``None`` = yes unless ``MOETIER_NATIVE=0``; ``False`` = the
     torch path for every step. ``Model.native_reason`` says why a model runs without them.
@@ -92,8 +92,7 @@ def load(
 
         return tiered.load(path, dtype=dtype, tokenizer=tokenizer, threads=threads, check_finite=check_finite,
                            native=native, hugepages=hugepages, **hierarchy)
-    if threads is not None:
-        torch.set_num_threads(int(threads))
+    auto = _thread_setting(threads)
     d = Path(path) if path is not None else EMBEDDED_DIR
     if not d.is_dir():
         if path is None:
@@ -127,7 +126,26 @@ def load(
         from moetier.native import decode as native_decode
 
         net.native, model.native_reason = native_decode.build(net)
+    model.auto_threads = auto
+    if auto is not None:
+        auto.update()  # the first choice (the load itself was the sampling window)
     return model
+
+
+def _thread_setting(threads: int | str | None) -> Any:
+    """Apply a fixed ``threads``; for ``None``/``"auto"`` return the process's AutoThreads."""
+    from moetier import threads as mt_threads
+
+    if threads is None or threads == "auto":
+        return mt_threads.auto()  # starts sampling the load now
+    try:
+        n = int(threads)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(threads, bool) or n < 1:
+        raise ConfigError(f"threads: expected a positive int or 'auto', got {threads!r}")
+    torch.set_num_threads(n)
+    return None
 
 
 class Model:
@@ -139,6 +157,7 @@ class Model:
         self.provider, self.expert_reader, self.path = provider, reader, path
         self.native_reason: str | None = None  # why decode steps do not run natively (None: they do)
         self.arena: Any = None  # the huge-page mapping holding the weights, if any
+        self.auto_threads: Any = None  # moetier.threads.AutoThreads when threads follow the load
 
     # ----- basics -----
     @property
@@ -171,6 +190,8 @@ class Model:
         Returns [len(items), V] (last new token per sequence) or, with ``all_logits``,
         [total new tokens, V] in item order.
         """
+        if self.auto_threads is not None:
+            self.auto_threads.update()  # re-chosen at most every threads.INTERVAL seconds
         batch = []
         for seq, toks in items:
             t, ids = self._ids(toks)

@@ -31,11 +31,26 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint directory (default: the embedded model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight/activation precision (auto: bfloat16 for bf16 checkpoints)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and the native kernels)")
+    p.add_argument("--threads", type=_threads_arg, default=None, metavar="N",
+                   help="CPU threads for torch and the native kernels (default: auto = the cores this process "
+                        "may use minus those other work is using, re-chosen while running; a fixed N is "
+                        "fastest only on an otherwise idle machine)")
     p.add_argument("--no-native", action="store_true",
                    help="decode with the torch path instead of the native kernels (also: MOETIER_NATIVE=0)")
     for add, _ in LOAD_OPTION_HOOKS:
         add(p)
+
+
+def _threads_arg(v: str) -> int | None:
+    if v == "auto":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {v!r}")
+    return n
 
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
