@@ -35,6 +35,7 @@ from moetier.weights.safetensors_io import SafetensorsIndex
 
 EMBEDDED_DIR = Path(__file__).parent / "data" / "embedded"
 
+STEP_KINDS = ("decode", "prefill", "batch")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -158,6 +159,7 @@ class Model:
         self.native_reason: str | None = None  # why decode steps do not run natively (None: they do)
         self.arena: Any = None  # the huge-page mapping holding the weights, if any
         self.auto_threads: Any = None  # moetier.threads.AutoThreads when threads follow the load
+        self.step_counts = dict.fromkeys(STEP_KINDS, 0)  # forward steps by kind, see compute_paths()
 
     # ----- basics -----
     @property
@@ -197,7 +199,29 @@ class Model:
             t, ids = self._ids(toks)
             batch.append((seq, t))
             seq.tokens.extend(ids)
+        kind = "batch" if len(batch) > 1 else "decode" if batch and batch[0][1].shape[0] == 1 else "prefill"
+        self.step_counts[kind] += 1
         return self.net(batch, all_logits=all_logits)
+
+    def compute_paths(self) -> dict[str, dict[str, Any]]:
+        """Per kind of step -- ``decode`` (one token of one sequence), ``prefill`` (several tokens of
+        one sequence), ``batch`` (several sequences) -- the path it runs on (``native``/``torch``),
+        why not native (``None`` when native), and how many such steps ran."""
+        native = self.net.native is not None
+        why_not = None if native else (self.native_reason or "no native decoder")
+        reasons = {
+            "decode": why_not,
+            "prefill": why_not or "native prefill is not implemented (torch path)",
+            "batch": why_not or "native batched steps are not implemented (torch path)",
+        }
+        return {k: {"path": "native" if reasons[k] is None else "torch", "reason": reasons[k],
+                    "steps": self.step_counts[k]} for k in STEP_KINDS}
+
+    def thread_setting(self) -> dict[str, Any]:
+        """How the thread count is chosen (``auto`` with the measured load, or fixed) and its value."""
+        if self.auto_threads is not None:
+            return self.auto_threads.describe()
+        return {"mode": "fixed", "threads": torch.get_num_threads()}
 
     def warmup(self) -> None:
         """One throwaway single-token forward (first-call allocations / kernel setup), so that

@@ -107,6 +107,7 @@ def main(args: argparse.Namespace) -> int:
 
     report = run_report(model, res.decode_tokens_per_s)  # weight hierarchy ({} when all in RAM)
     if args.json:
+        paths = model.compute_paths()
         print(json.dumps({
             "text": res.text,
             "finish_reason": res.finish_reason,
@@ -115,8 +116,12 @@ def main(args: argparse.Namespace) -> int:
             "prefill_tokens_per_s": res.prefill_tokens_per_s,
             "decode_tokens_per_s": res.decode_tokens_per_s,
             "peak_rss_bytes": rss,
-            "decode_path": "native" if model.native_reason is None else "torch",
+            "decode_path": paths["decode"]["path"],
             "native_unavailable_reason": model.native_reason,
+            "prefill_path": paths["prefill"]["path"],
+            "prefill_path_reason": paths["prefill"]["reason"],
+            "compute_paths": paths,
+            "threads": model.thread_setting(),
             "native_isa": native_isa(model),
             **report,
         }))

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from moetier.serve.engine import OpenAIServing, RequestHandle
-from moetier.serve.metrics import model_metrics_snapshot
+from moetier.serve.metrics import compute_path_families, model_metrics_snapshot
 from moetier.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -157,6 +157,7 @@ async def metrics(request: Request) -> PlainTextResponse:
         model_name=s.model_name,
         model_metrics=model_metrics_snapshot(s.backend.model),
         kv_cache_bytes=s.engine.kv_bytes(),
+        extra=lambda: compute_path_families(s.backend.model),
     )
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
