@@ -330,15 +330,20 @@ class NativeDecoder:
         return logits
 
 
-def build(net: DecoderLM) -> tuple[NativeDecoder | None, str | None]:
+def build(net: DecoderLM) -> tuple[Any, str | None]:
     """A native decoder for ``net``, or ``(None, reason)``."""
-    reason = unsupported(net)
+    from moetier.native import mla
+
+    if mla.is_mla(net):  # the DeepSeek MLA decoders: moetier/native/mla.py
+        reason, make = mla.unsupported(net), mla.MLADecoder
+    else:
+        reason, make = unsupported(net), NativeDecoder
     if reason is not None:
         return None, reason
     lib = native.library()
     if lib is None:
         return None, native.unavailable_reason()
     try:
-        return NativeDecoder(net, lib), None
+        return make(net, lib), None
     except (ValueError, MemoryError, WeightError) as e:
         return None, str(e)
