@@ -29,6 +29,7 @@ from moetier.models.base import (
     load_dense_weights,
 )
 from moetier.models.registry import model_class
+from moetier.quant import QTensor
 from moetier.spec import ModelSpec, load_spec
 from moetier.tokenizer import Tokenizer
 from moetier.weights.safetensors_io import SafetensorsIndex
@@ -107,7 +108,7 @@ def load(
         eos = spec.raw.get("eos_token_id")
         extra = [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
         tok = Tokenizer(d, extra_eos_ids=extra)
-    index = SafetensorsIndex(d)
+    index = SafetensorsIndex(d, quant=spec.quantization)
     with torch.device("meta"):
         net = cls(spec)
     reader = net.make_expert_reader(index, dt) if spec.is_moe else None  # validates expert headers
@@ -126,11 +127,29 @@ def load(
     else:
         from moetier.native import decode as native_decode
 
-        net.native, model.native_reason = native_decode.build(net)
+        fmts = quantized_formats(net, reader)
+        # the native decoder lists the stored formats it reads in SUPPORTED_FORMATS (kernels branch)
+        missing = sorted(fmts - set(getattr(native_decode, "SUPPORTED_FORMATS", ())))
+        if missing:
+            model.native_reason = f"weights stored as {', '.join(missing)} (torch path: dequantized per use)"
+        else:
+            net.native, model.native_reason = native_decode.build(net)
     model.auto_threads = auto
     if auto is not None:
         auto.update()  # the first choice (the load itself was the sampling window)
     return model
+
+
+def quantized_formats(net: DecoderLM, reader: ExpertReader | None) -> set[str]:
+    """The ``moetier.quant`` formats the model's weights are stored in (empty: all plain)."""
+    from moetier.layers.linear import QLinear
+
+    fmts = {m.qweight.fmt for m in net.modules() if isinstance(m, QLinear)}
+    if reader is not None and getattr(reader, "quantized", False):
+        layer = net.spec.moe_layer_ids[0]
+        w = reader.read(layer, 0)
+        fmts |= {x.fmt for x in (w.gate_up, w.down, *(w.split or ())) if isinstance(x, QTensor)}
+    return fmts
 
 
 def _thread_setting(threads: int | str | None) -> Any:

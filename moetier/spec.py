@@ -132,6 +132,7 @@ class ModelSpec:
     num_mtp_layers: int  # DeepSeek multi-token-prediction layers (stored after num_layers)
     torch_dtype: str | None
     raw: Mapping[str, Any] = field(repr=False, compare=False, hash=False)
+    quantization: QuantConfig | None = None  # config.json's quantization_config (stored weight format)
 
     # ----- derived views -----
     @property
@@ -158,6 +159,76 @@ class ModelSpec:
         if self.family == "gpt_oss":
             p += 2 * i + h  # gate_up bias (2i) + down bias (h)
         return p
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A checkpoint's ``quantization_config``: how its weights are stored (not a request to
+    quantize). Which tensors are quantized is read from the files themselves (companion
+    tensors ``weight_scale_inv`` / ``_blocks`` + ``_scales`` / ``weight_packed``); this only
+    supplies what the files do not say: the FP8 block size and the integer group sizes."""
+
+    method: str  # "fp8" | "mxfp4" | "compressed-tensors"
+    fp8_block: tuple[int, int] = (128, 128)  # fp8: weight_block_size [rows, cols]
+    # compressed-tensors pack-quantized: (num_bits, group_size or 0 = one group per row, symmetric)
+    int_groups: tuple[tuple[int, int, bool], ...] = ()
+
+    @property
+    def precision(self) -> str:
+        """A census precision string for the stored format (``moetier census --precision``)."""
+        if self.method == "fp8":
+            return "fp8"
+        if self.method == "mxfp4":
+            return "mixed:experts=mxfp4,default=bf16"
+        bits, group, _ = self.int_groups[0]
+        return f"int{bits}:g{group}" if group else f"int{bits}"
+
+
+QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors")
+
+
+def _quantization(cfg: Mapping[str, Any], source: str) -> QuantConfig | None:
+    q = cfg.get("quantization_config")
+    if q is None:
+        return None
+    where = f"{source}: field 'quantization_config"
+    if not isinstance(q, Mapping):
+        raise ConfigError(f"{where}' must be an object")
+    method = q.get("quant_method")
+    if method not in QUANT_METHODS:
+        raise ConfigError(f"{where}.quant_method' is {method!r}; moetier reads {', '.join(QUANT_METHODS)} "
+                          "(FP8 block-scaled, gpt-oss MXFP4, compressed-tensors pack-quantized)")
+    if method == "fp8":
+        fmt = q.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ConfigError(f"{where}.fmt' is {fmt!r}, expected 'e4m3'")
+        blk = q.get("weight_block_size", [128, 128])
+        if not (isinstance(blk, list) and len(blk) == 2 and all(isinstance(b, int) and b > 0 for b in blk)):
+            raise ConfigError(f"{where}.weight_block_size' must be two positive integers, got {blk!r}")
+        return QuantConfig("fp8", fp8_block=(blk[0], blk[1]))
+    if method == "mxfp4":
+        return QuantConfig("mxfp4")
+    fmt = q.get("format")
+    if fmt != "pack-quantized":
+        raise ConfigError(f"{where}.format' is {fmt!r}; moetier reads compressed-tensors 'pack-quantized' only")
+    groups = q.get("config_groups")
+    if not isinstance(groups, Mapping) or not groups:
+        raise ConfigError(f"{where}.config_groups' must be a non-empty object")
+    out = []
+    for gname, g in groups.items():
+        w = g.get("weights") if isinstance(g, Mapping) else None
+        if not isinstance(w, Mapping):
+            raise ConfigError(f"{where}.config_groups.{gname}.weights' must be an object")
+        bits, gs, typ = w.get("num_bits"), w.get("group_size"), w.get("type", "int")
+        strategy = w.get("strategy", "group" if gs else "channel")
+        if typ != "int" or bits not in (4, 8):
+            raise ConfigError(f"{where}.config_groups.{gname}.weights' is {typ} {bits}-bit; moetier reads "
+                              "int 4-bit and 8-bit pack-quantized weights")
+        if strategy not in ("group", "channel") or (strategy == "group" and not (isinstance(gs, int) and gs > 0)):
+            raise ConfigError(f"{where}.config_groups.{gname}.weights': strategy {strategy!r} group_size {gs!r} "
+                              "(expected 'group' with a positive group_size, or 'channel')")
+        out.append((bits, gs if strategy == "group" else 0, bool(w.get("symmetric", True))))
+    return QuantConfig("compressed-tensors", int_groups=tuple(out))
 
 
 # ---------------------------------------------------------------------------------------
@@ -512,6 +583,7 @@ def spec_from_config(cfg: Mapping[str, Any], name: str = "model", source: str = 
         num_mtp_layers=n_mtp,
         torch_dtype=cfg.get("torch_dtype") or top.get("torch_dtype") or cfg.get("dtype"),
         raw=MappingProxyType(dict(top)),
+        quantization=_quantization(top, source),
     )
 
 

@@ -143,8 +143,8 @@ class Attention(nn.Module):
         Each output is the same dot product as before (decode: bit-identical, checked on the
         synthetic bench model; a GEMM may block a taller matrix differently)."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if any(p.weight.is_meta for p in projs):
-            return
+        if any(not isinstance(p, nn.Linear) or p.weight.is_meta for p in projs):
+            return  # quantized projections (QLinear) stay separate, in their stored format
         sizes = [p.weight.shape[0] for p in projs]
         self.qkv_weight = torch.cat([p.weight for p in projs])
         if self.q_proj.bias is not None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetier.layers.mlp import GatedMLP, activation
+from moetier.quant import dense
 
 if TYPE_CHECKING:
     from moetier.models.base import ExpertProvider, ExpertWeights
@@ -59,10 +60,16 @@ def swiglu(act: Callable[[torch.Tensor], torch.Tensor]) -> GluFn:
 
 
 def expert_forward(x: torch.Tensor, ew: ExpertWeights, glu: GluFn) -> torch.Tensor:
-    """One expert on its tokens: x [n, H] -> [n, H]."""
-    gu = F.linear(x, ew.gate_up, ew.gate_up_bias)  # [n, 2I]
-    g, u = gu.chunk(2, dim=-1)
-    return F.linear(glu(g, u), ew.down, ew.down_bias)
+    """One expert on its tokens: x [n, H] -> [n, H]. Quantized weights are dequantized here,
+    per use (the torch path; see moetier.quant)."""
+    if ew.split is not None:
+        g = F.linear(x, dense(ew.split[0], x.dtype), ew.gate_bias)  # [n, I]
+        u = F.linear(x, dense(ew.split[1], x.dtype), ew.up_bias)  # [n, I]
+    else:
+        assert ew.gate_up is not None
+        gu = F.linear(x, dense(ew.gate_up, x.dtype), ew.gate_up_bias)  # [n, 2I]
+        g, u = gu.chunk(2, dim=-1)
+    return F.linear(glu(g, u), dense(ew.down, x.dtype), ew.down_bias)
 
 
 def dispatch(

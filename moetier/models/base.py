@@ -32,12 +32,15 @@ from torch import nn
 
 from moetier.errors import WeightError
 from moetier.layers.attention import Attention, Segments, Sequence
+from moetier.layers.linear import QLinear
 from moetier.layers.mlp import GatedMLP
 from moetier.layers.moe import MoEBlock, RouterObserver, SoftmaxTopKRouter
 from moetier.layers.norm import RMSNorm
 from moetier.layers.rope import Rotary, rope_frequencies
+from moetier.quant import QTensor
+from moetier.quant import nbytes as q_nbytes
 from moetier.spec import ModelSpec
-from moetier.weights.safetensors_io import FLOAT_DTYPES, SafetensorsIndex
+from moetier.weights.safetensors_io import FLOAT_DTYPES, QInfo, SafetensorsIndex
 
 __all__ = [
     "DecoderLM",
@@ -66,41 +69,68 @@ def all_finite(t: torch.Tensor) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class ExpertWeights:
-    """One routed expert. ``gate_up`` [2I, H] = cat(gate, up); ``down`` [H, I]."""
+    """One routed expert. ``gate_up`` [2I, H] = cat(gate, up); ``down`` [H, I].
 
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    Quantized experts (``moetier.quant``) hold :class:`~moetier.quant.QTensor` s in their
+    stored format: ``down`` may be a QTensor, and ``gate_up`` one QTensor [2I, H], or ``None``
+    with gate and up as two separate QTensors in ``split`` (each [I, H]; possibly strided row
+    views of one stored tensor, e.g. gpt-oss's interleaved rows). Biases stay plain tensors.
+    """
+
+    gate_up: torch.Tensor | QTensor | None
+    down: torch.Tensor | QTensor
     gate_up_bias: torch.Tensor | None = None  # [2I]
     down_bias: torch.Tensor | None = None  # [H]
+    split: tuple[QTensor, QTensor] | None = None  # (gate [I, H], up [I, H]) when gate_up is None
 
     @classmethod
     def from_parts(
         cls,
-        gate: torch.Tensor,
-        up: torch.Tensor,
-        down: torch.Tensor,
+        gate: torch.Tensor | QTensor,
+        up: torch.Tensor | QTensor,
+        down: torch.Tensor | QTensor,
         gate_bias: torch.Tensor | None = None,
         up_bias: torch.Tensor | None = None,
         down_bias: torch.Tensor | None = None,
     ) -> ExpertWeights:
         gu_bias = None
         if gate_bias is not None or up_bias is not None:
-            zeros = torch.zeros(gate.shape[0], dtype=gate.dtype)
+            like = gate_bias if gate_bias is not None else up_bias
+            zeros = torch.zeros(gate.shape[0], dtype=like.dtype)
             gu_bias = torch.cat([gate_bias if gate_bias is not None else zeros,
                                  up_bias if up_bias is not None else zeros])
-        return cls(torch.cat([gate, up]).contiguous(), down.contiguous(), gu_bias, down_bias)
+        if isinstance(down, torch.Tensor):
+            down = down.contiguous()
+        if isinstance(gate, QTensor) or isinstance(up, QTensor):
+            if not (isinstance(gate, QTensor) and isinstance(up, QTensor)):
+                raise WeightError("an expert's gate and up projections must both be quantized or both plain")
+            return cls(None, down, gu_bias, down_bias, split=(gate, up))
+        return cls(torch.cat([gate, up]).contiguous(), down, gu_bias, down_bias)
 
     @property
     def intermediate(self) -> int:
-        return self.gate_up.shape[0] // 2
+        return self.down.shape[1]
 
     @property
-    def gate(self) -> torch.Tensor:  # [I, H]
-        return self.gate_up[: self.intermediate]
+    def quantized(self) -> bool:
+        return self.split is not None or isinstance(self.gate_up, QTensor) or isinstance(self.down, QTensor)
+
+    def _half(self, i: int) -> torch.Tensor | QTensor:
+        if self.split is not None:
+            return self.split[i]
+        gu, n = self.gate_up, self.intermediate
+        assert gu is not None
+        if isinstance(gu, QTensor):
+            return gu.row_slice(i * n, (i + 1) * n)
+        return gu[i * n : (i + 1) * n]
 
     @property
-    def up(self) -> torch.Tensor:  # [I, H]
-        return self.gate_up[self.intermediate :]
+    def gate(self) -> torch.Tensor | QTensor:  # [I, H]
+        return self._half(0)
+
+    @property
+    def up(self) -> torch.Tensor | QTensor:  # [I, H]
+        return self._half(1)
 
     @property
     def gate_bias(self) -> torch.Tensor | None:
@@ -112,8 +142,42 @@ class ExpertWeights:
 
     @property
     def nbytes(self) -> int:
-        ts = [self.gate_up, self.down, self.gate_up_bias, self.down_bias]
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        """Bytes held (stored bytes for quantized parts)."""
+        return sum(t.numel() * t.element_size() for _, t in self.leaves())
+
+    # ----- storage leaves: the tensors that hold the bytes (slots, arena) -----
+    _FIELDS: ClassVar[tuple[str, ...]] = ("gate_up", "down", "gate_up_bias", "down_bias")
+
+    def _weights(self) -> list[tuple[str, torch.Tensor | QTensor | None]]:
+        ws = [(f, getattr(self, f)) for f in self._FIELDS]
+        if self.split is not None:
+            ws += [("gate", self.split[0]), ("up", self.split[1])]
+        return ws
+
+    def leaves(self) -> list[tuple[str, torch.Tensor]]:
+        """``(key, tensor)`` of every storage tensor: plain weights and biases by field name,
+        a QTensor's parts as ``field.data`` / ``field.scale`` / ``field.zero``."""
+        out = []
+        for f, w in self._weights():
+            if isinstance(w, QTensor):
+                out += [(f"{f}.{k}", t) for k, t in (("data", w.data), ("scale", w.scale), ("zero", w.zero))
+                        if t is not None]
+            elif w is not None:
+                out.append((f, w))
+        return out
+
+    def with_leaves(self, new: dict[str, torch.Tensor]) -> ExpertWeights:
+        """The same expert with its storage tensors replaced (same keys as :meth:`leaves`)."""
+        from dataclasses import replace
+
+        def sub(f: str, w: torch.Tensor | QTensor | None) -> torch.Tensor | QTensor | None:
+            if isinstance(w, QTensor):
+                return replace(w, **{k: new[f"{f}.{k}"] for k in ("data", "scale", "zero") if f"{f}.{k}" in new})
+            return None if w is None else new[f]
+
+        got = {f: sub(f, w) for f, w in self._weights()}
+        split = (got["gate"], got["up"]) if self.split is not None else None
+        return ExpertWeights(got["gate_up"], got["down"], got["gate_up_bias"], got["down_bias"], split=split)
 
 
 @runtime_checkable
@@ -166,6 +230,9 @@ class ExpertReader:
         H, I, E = spec.hidden_size, spec.expert_intermediate_size, spec.num_experts
         for layer in spec.moe_layer_ids:
             self.layers[layer] = self._find(layer, list(prefixes(layer)))
+        # experts in a quantized format are read as QTensors (stored bytes, see ExpertWeights)
+        self.quantized = any(index.is_quantized(n.format(e=0)) for t in self.layers.values()
+                             for n in (t.gate_up, t.gate, t.up, t.down) if n)
         # validate shapes from headers
         for t in self.layers.values():
             if t.fused:
@@ -189,8 +256,9 @@ class ExpertReader:
                 f"{list(shape)} (hidden_size={self.spec.hidden_size}, expert intermediate size="
                 f"{self.spec.expert_intermediate_size}, experts={self.spec.num_experts})"
             )
-        if info.dtype not in FLOAT_DTYPES:
-            raise WeightError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected a float type")
+        if not isinstance(info, QInfo) and info.dtype not in FLOAT_DTYPES:
+            raise WeightError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected a float type"
+                              + (" (FP8 weights need their weight_scale_inv)" if info.dtype.startswith("F8") else ""))
 
     def _find(self, layer: int, prefixes: list[str]) -> _ExpertTensors:
         idx = self.index
@@ -213,11 +281,25 @@ class ExpertReader:
             raise WeightError(f"{self.index.info(name).file}: tensor '{name}' contains NaN or Inf values")
         return t
 
+    def _get(self, name: str, expert: int | None = None) -> torch.Tensor | QTensor:
+        """A QTensor in its stored format (scales checked finite), or a plain tensor in
+        ``self.dtype`` checked finite; ``expert`` reads that row of a fused [E, ...] tensor."""
+        idx = self.index
+        t = idx.read_q(name, self.dtype) if expert is None else idx.read_rows_q(name, expert, self.dtype)
+        return t if isinstance(t, QTensor) else self._finite(name, t)
+
     def read(self, layer: int, expert: int) -> ExpertWeights:
-        """Read one expert (validated finite) in ``self.dtype``."""
+        """Read one expert (validated finite) in ``self.dtype``, or in its stored format."""
         t = self.layers.get(layer)
         if t is None or not 0 <= expert < self.spec.num_experts:
             raise WeightError(f"layer {layer} expert {expert}: no such routed expert")
+        if self.quantized:
+            if t.fused:
+                down = self._get(t.down, expert)
+                if t.gate_up is not None:
+                    return ExpertWeights(self._get(t.gate_up, expert), down)
+                return ExpertWeights.from_parts(self._get(t.gate, expert), self._get(t.up, expert), down)
+            return ExpertWeights.from_parts(*(self._get(n.format(e=expert)) for n in (t.gate, t.up, t.down)))
         if t.fused:
             down = self._finite(t.down, self.index.read_rows(t.down, expert, self.dtype))
             if t.gate_up is not None:  # already [2I, H] = cat(gate, up)
@@ -241,8 +323,14 @@ class ExpertReader:
         return ExpertWeights.from_parts(gate, up, down)
 
     def expert_nbytes(self) -> int:
-        """Bytes of one expert in the runtime dtype."""
+        """Bytes of one expert in the runtime dtype (quantized: its stored bytes)."""
         s = self.spec
+        if self.quantized:
+            t = self.layers[s.moe_layer_ids[0]]
+            names = [n for n in (t.gate_up, t.gate, t.up, t.down) if n]
+            if t.fused:
+                return sum(self.index.info(n).nbytes // s.num_experts for n in names)
+            return sum(self.index.info(n.format(e=0)).nbytes for n in names)
         return 3 * s.hidden_size * s.expert_intermediate_size * torch.empty(0, dtype=self.dtype).element_size()
 
 
@@ -432,6 +520,7 @@ class DecoderLM(nn.Module):
         of which one row is read; the output matrix is read whole even when tied)."""
         n = sum(p.numel() * p.element_size() for name, p in self.named_parameters()
                 if not name.startswith("embed_tokens"))
+        n += sum(q_nbytes(m.qweight) for m in self.modules() if isinstance(m, QLinear))
         w = self.embed_tokens.weight
         if self.lm_head is None:
             n += w.numel() * w.element_size()
@@ -444,9 +533,12 @@ class DecoderLM(nn.Module):
 
 def load_dense_weights(net: DecoderLM, index: SafetensorsIndex, dtype: torch.dtype,
                        check_finite: bool = True) -> None:
-    """Read every always-on parameter of ``net`` (built on meta) from ``index`` and assign it."""
+    """Read every always-on parameter of ``net`` (built on meta) from ``index`` and assign it.
+
+    A linear weight stored quantized stays in its stored format: its ``nn.Linear`` becomes a
+    :class:`~moetier.layers.linear.QLinear` holding the QTensor (other weights: ``dtype``)."""
     state: dict[str, torch.Tensor] = {}
-    for name, p in net.state_dict(keep_vars=True).items():
+    for name, p in list(net.state_dict(keep_vars=True).items()):
         cands = net.checkpoint_names(name)
         ck = next((c for c in cands if c in index), None)
         if ck is None:
@@ -459,6 +551,17 @@ def load_dense_weights(net: DecoderLM, index: SafetensorsIndex, dtype: torch.dty
             raise WeightError(
                 f"{info.file}: tensor '{ck}' has shape {list(info.shape)} but config.json implies {list(p.shape)}"
             )
+        if isinstance(info, QInfo):
+            owner, _, leaf = name.rpartition(".")
+            mod = net.get_submodule(owner)
+            if leaf != "weight" or not isinstance(mod, nn.Linear):
+                raise WeightError(f"{info.where}: '{ck}' is stored as {info.fmt}, which moetier reads for linear "
+                                  "layer weights only")
+            q = index.read_q(ck)
+            assert isinstance(q, QTensor)
+            parent, _, child = owner.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, QLinear.replacing(mod, q, dtype))
+            continue
         if info.dtype not in FLOAT_DTYPES:
             raise WeightError(f"{info.file}: tensor '{ck}' has dtype {info.dtype}, expected a float type")
         t = index.read(ck)

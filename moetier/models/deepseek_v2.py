@@ -17,18 +17,15 @@ released V2 checkpoints have ``norm_topk_prob: false``.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from moetier.errors import WeightError
 from moetier.layers.mla import MLAAttention, MLAShape, mla_softmax_scale
 from moetier.layers.mlp import GatedMLP
 from moetier.layers.moe import MoEBlock
 from moetier.layers.rope import Rotary, rope_frequencies
 from moetier.layers.routing import GroupedTopKRouter
-from moetier.models.base import DecoderLM, ExpertReader
+from moetier.models.base import DecoderLM
 from moetier.models.registry import register
-from moetier.weights.safetensors_io import SafetensorsIndex
 
 
 @register("DeepseekV2ForCausalLM", family="deepseek_v2")
@@ -70,14 +67,3 @@ class DeepseekV2(DecoderLM):
     def checkpoint_names(self, name: str) -> list[str]:
         # MoEBlock.shared_expert is DeepSeek's mlp.shared_experts (plural)
         return [n.replace(".mlp.shared_expert.", ".mlp.shared_experts.") for n in super().checkpoint_names(name)]
-
-    def make_expert_reader(self, index: SafetensorsIndex, dtype: torch.dtype) -> ExpertReader:
-        # DeepSeek's own FP8 release stores F8_E4M3 weights with block scales; casting those
-        # weights without the scales would run silently wrong, so refuse them by name.
-        scale = next((n for n in index.names() if n.endswith(".weight_scale_inv")), None)
-        if scale is not None:
-            raise WeightError(
-                f"{index.info(scale).file}: tensor '{scale}' is an FP8 block scale; moetier does not run "
-                f"block-quantised FP8 checkpoints (convert the model to bf16 first)"
-            )
-        return super().make_expert_reader(index, dtype)

@@ -10,8 +10,8 @@
   activation ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with ``g = clamp(gate, max=l)``,
   ``l = swiglu_limit`` (7.0), ``alpha = swiglu_alpha`` (1.702).
 
-Only unquantised checkpoints run (bf16 / fp32, e.g. transformers' ``save_pretrained`` of a
-dequantised model); the MXFP4 ``*_blocks`` / ``*_scales`` release format is refused by name.
+Both the MXFP4 release (experts as ``*_blocks`` / ``*_scales``, kept in MXFP4: see
+``moetier.quant.mxfp4``) and unquantised checkpoints (bf16 / fp32) run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moetier.errors import WeightError
 from moetier.layers.attention import Attention, Sequence, cache_append, causal_mask
 from moetier.layers.moe import GluFn, MoEBlock
 from moetier.models._fused_experts import TransposedFusedExpertReader
@@ -104,12 +103,5 @@ class GptOss(DecoderLM):
         return [f"model.layers.{layer}.mlp.experts"]
 
     def make_expert_reader(self, index: SafetensorsIndex, dtype: torch.dtype) -> ExpertReader:
-        for layer in self.spec.moe_layer_ids:
-            blocks = f"{self.expert_prefixes(layer)[0]}.gate_up_proj_blocks"
-            if blocks in index:
-                raise WeightError(
-                    f"{index.info(blocks).file}: tensor '{blocks}' holds MXFP4-quantised experts, which "
-                    f"moetier does not run; use a bf16 checkpoint (dequantised gate_up_proj / down_proj)"
-                )
         return TransposedFusedExpertReader(index, self.spec, dtype, self.expert_prefixes,
                                            interleaved=True, biases=True)

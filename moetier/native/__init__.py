@@ -118,13 +118,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mt_moe": (None, [P, P, I, P, I, P, P, P, P, I, I]),
         "mt_dense_mlp": (None, [P, P, I, P, I]),
         "mt_head": (None, [P, P, F, I, P, P, P, I]),
-        "mt_embed": (None, [P, L, L, I, P]),
+        "mt_embed": (None, [P, L, P]),
         "mt_gemv": (None, [P, P, I, P, P, I]),
         "mt_layers": (I, [P, I, P, I, P, P, P, P, L, P, P, P, P, P, L, P, I]),
         "mt_fmt_supported": (I, [I]),
         "mt_isa_supported": (I, [I]),
         "mt_get_isa": (I, []),
         "mt_set_isa": (I, [I]),
+        "mt_dequant_rows": (I, [P, L, L, P]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

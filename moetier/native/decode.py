@@ -36,13 +36,15 @@ from moetier.layers.attention import Attention, Sequence, cache_reserve
 from moetier.layers.mlp import GatedMLP
 from moetier.layers.moe import MoEBlock, SoftmaxTopKRouter
 from moetier.layers.norm import RMSNorm
-from moetier.native.weights import MtWeight, describe
+from moetier.native.weights import CODES, MtWeight, describe
+from moetier.quant import QTensor
 
 if TYPE_CHECKING:
     from moetier.models.base import DecoderLM
 
 DT = {torch.float32: 0, torch.bfloat16: 1}
 MAX_TOPK = 64
+SUPPORTED_FORMATS = frozenset(CODES)  # the stored (QTensor) formats the kernels read
 
 
 class LayerDesc(ctypes.Structure):
@@ -60,6 +62,8 @@ class LayerDesc(ctypes.Structure):
         ("router_w", ctypes.c_void_p), ("router_b", ctypes.c_void_p),
         ("SI", ctypes.c_long), ("s_gate", ctypes.c_void_p), ("s_up", ctypes.c_void_p),
         ("s_down", ctypes.c_void_p), ("s_gate_gate", ctypes.c_void_p),
+        ("q_w", ctypes.c_void_p), ("k_w", ctypes.c_void_p), ("v_w", ctypes.c_void_p),
+        ("q_b", ctypes.c_void_p), ("k_b", ctypes.c_void_p), ("v_b", ctypes.c_void_p),
     ]
 
 
@@ -84,8 +88,9 @@ def unsupported(net: DecoderLM) -> str | None:
         a, mlp = layer.self_attn, layer.mlp
         if type(a) is not Attention:
             return f"layer {i} attention is a {type(a).__name__}"
-        if a.qkv_weight is None:
-            return f"layer {i}: q/k/v projections not fused"
+        qkv = [_weight(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
+        if a.qkv_weight is None and any(isinstance(w, torch.Tensor) and w.is_meta for w in qkv):
+            return f"layer {i}: q/k/v projections not loaded"
         if a.clip_qkv is not None:
             return f"layer {i}: clip_qkv"
         if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
@@ -109,6 +114,13 @@ def unsupported(net: DecoderLM) -> str | None:
     if net.spec.hidden_act not in ("silu", "swish"):
         return f"hidden_act {net.spec.hidden_act}"
     return None
+
+
+def _weight(module: Any) -> torch.Tensor | QTensor:
+    """The stored weight of a linear / embedding module: a ``QLinear``'s ``qweight`` (its
+    ``.weight`` would be a dequantized copy), else ``.weight``."""
+    q = getattr(module, "qweight", None)
+    return q if isinstance(q, QTensor) else module.weight
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -137,14 +149,22 @@ class _ExpertDescs:
         where = f"layer {layer} expert {expert}"
         if ew.gate_up_bias is not None or ew.down_bias is not None:
             raise MoetierError(f"{where}: native decode has no expert biases (load with native=False)")
-        g, dn = describe(ew.gate_up, what=f"{where} gate_up"), describe(ew.down, what=f"{where} down")
-        if (g.rows, g.cols, dn.rows, dn.cols) != (2 * d.I, d.H, d.H, d.I):
-            raise WeightError(f"{where}: expert shapes gate_up {g.rows}x{g.cols}, down {dn.rows}x{dn.cols}; "
-                              f"expected {2 * d.I}x{d.H} and {d.H}x{d.I}")
+        split = getattr(ew, "split", None)  # (gate, up) stored separately (quantized experts)
+        dn = describe(ew.down, what=f"{where} down")
+        if split is None:
+            g, u = describe(ew.gate_up, what=f"{where} gate_up"), None
+            shapes = [(g.rows, g.cols, 2 * d.I, d.H)]
+        else:
+            g, u = describe(split[0], what=f"{where} gate"), describe(split[1], what=f"{where} up")
+            shapes = [(g.rows, g.cols, d.I, d.H), (u.rows, u.cols, d.I, d.H)]
+        shapes.append((dn.rows, dn.cols, d.H, d.I))
+        for rows, cols, want_r, want_c in shapes:
+            if (rows, cols) != (want_r, want_c):
+                raise WeightError(f"{where}: an expert weight is {rows}x{cols}, expected {want_r}x{want_c}")
         if len(self.cache) >= self.LIMIT:
             self.cache.clear()
-        addrs = (ctypes.addressof(g), None, ctypes.addressof(dn))
-        self.cache[id(ew)] = (ew, addrs, (g, dn))
+        addrs = (ctypes.addressof(g), None if u is None else ctypes.addressof(u), ctypes.addressof(dn))
+        self.cache[id(ew)] = (ew, addrs, (g, u, dn))
         return addrs
 
 
@@ -170,20 +190,25 @@ class NativeDecoder:
             d.ln1, d.ln2 = _ptr(layer.input_layernorm.weight), _ptr(layer.post_attention_layernorm.weight)
             if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
                 raise ValueError(f"layer {i}: input and post-attention norms use different eps")
-            d.qkv_w, d.qkv_b = self._w(a.qkv_weight, f"layer {i} qkv"), _ptr(a.qkv_bias)
+            if a.qkv_weight is not None:  # fused [(nh + 2 nkv) D, H]
+                d.qkv_w, d.qkv_b = self._w(a.qkv_weight, f"layer {i} qkv"), _ptr(a.qkv_bias)
+            else:  # separate (quantized projections stay unfused)
+                d.q_w, d.k_w, d.v_w = (self._w(_weight(p), f"layer {i} {n}")
+                                       for p, n in ((a.q_proj, "q_proj"), (a.k_proj, "k_proj"), (a.v_proj, "v_proj")))
+                d.q_b, d.k_b, d.v_b = _ptr(a.q_proj.bias), _ptr(a.k_proj.bias), _ptr(a.v_proj.bias)
             if a.qk_norm != "none":
                 d.q_norm, d.k_norm = _ptr(a.q_norm.weight), _ptr(a.k_norm.weight)
                 if a.q_norm.eps != layer.input_layernorm.eps:
                     raise ValueError(f"layer {i}: q/k norm eps differs from the layer norm eps")
-            d.o_w, d.o_b = self._w(a.o_proj.weight, f"layer {i} o_proj"), _ptr(a.o_proj.bias)
-            qkv_rows = max(qkv_rows, a.qkv_weight.shape[0])
+            d.o_w, d.o_b = self._w(_weight(a.o_proj), f"layer {i} o_proj"), _ptr(a.o_proj.bias)
+            qkv_rows = max(qkv_rows, (a.n_heads + 2 * a.n_kv) * a.head_dim)
             attn_dim = max(attn_dim, a.n_heads * a.head_dim)
             dense = mlp if isinstance(mlp, GatedMLP) else getattr(mlp, "shared_expert", None)
             if dense is not None:
-                d.SI = dense.gate_proj.weight.shape[0]
-                d.s_gate, d.s_up, d.s_down = (self._w(dense.gate_proj.weight, f"layer {i} mlp gate_proj"),
-                                              self._w(dense.up_proj.weight, f"layer {i} mlp up_proj"),
-                                              self._w(dense.down_proj.weight, f"layer {i} mlp down_proj"))
+                d.SI = _weight(dense.gate_proj).shape[0]
+                d.s_gate, d.s_up, d.s_down = (self._w(_weight(dense.gate_proj), f"layer {i} mlp gate_proj"),
+                                              self._w(_weight(dense.up_proj), f"layer {i} mlp up_proj"),
+                                              self._w(_weight(dense.down_proj), f"layer {i} mlp down_proj"))
             if isinstance(mlp, MoEBlock):
                 r = mlp.gate
                 d.mlp, d.E, d.topk, d.I = 1, r.weight.shape[0], r.top_k, s.expert_intermediate_size
@@ -210,8 +235,9 @@ class NativeDecoder:
         self.desc_ptrs = [ctypes.addressof(d) for d in self.descs]
         self.norm_w = _ptr(net.norm.weight)
         self.norm_eps = net.norm.eps
-        self.out_w = self._w(net.output_weight(), "output head")
-        self.emb = _ptr(net.embed_tokens.weight)
+        head = net.embed_tokens if net.lm_head is None else net.lm_head
+        self.out_w = self._w(_weight(head), "output head")
+        self.emb = self._w(_weight(net.embed_tokens), "embed_tokens")
         self.rotary = type(net.rotary)(net.rotary.inv_freq, net.rotary.attention_factor)  # own float32 tables
         self.kv_like = [(torch.empty(a.n_kv, 0, a.head_dim, dtype=net.dtype),) * 2
                         for a in (layer.self_attn for layer in net.layers)]
@@ -269,7 +295,7 @@ class NativeDecoder:
         pos = seq.length
         x = self.x
         xp = x.data_ptr()
-        lib.mt_embed(self.emb, H, token, dt, xp)
+        lib.mt_embed(self.emb, token, xp)
         cos, sin = self.rotary.table(pos + 1, torch.float32)
         D = cos.shape[1]
         cp, sp = cos.data_ptr() + 4 * D * pos, sin.data_ptr() + 4 * D * pos

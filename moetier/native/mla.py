@@ -31,8 +31,9 @@ from moetier.layers.mlp import GatedMLP
 from moetier.layers.moe import MoEBlock
 from moetier.layers.norm import RMSNorm
 from moetier.layers.routing import GroupedTopKRouter
-from moetier.native.decode import DT, MAX_TOPK, LayerDesc, _ExpertDescs, _ptr, _silu_glu
+from moetier.native.decode import DT, MAX_TOPK, LayerDesc, _ExpertDescs, _ptr, _silu_glu, _weight
 from moetier.native.weights import MtWeight, describe
+from moetier.quant import QTensor
 
 if TYPE_CHECKING:
     from moetier.models.base import DecoderLM
@@ -100,8 +101,10 @@ def unsupported(net: DecoderLM) -> str | None:
             return f"layer {i} attention is a {type(a).__name__}"
         if a.shape.qk_rope_head_dim > MAX_ROPE_DIM or a.shape.qk_rope_head_dim % 2:
             return f"layer {i}: qk_rope_head_dim {a.shape.qk_rope_head_dim}"
-        if a.kv_b_proj.weight.dtype not in DT:
-            return f"layer {i}: kv_b_proj is stored as {a.kv_b_proj.weight.dtype} (absorption reads plain weights)"
+        kvb = _weight(a.kv_b_proj)
+        if isinstance(kvb, QTensor) or kvb.dtype != net.dtype:
+            what = kvb.fmt if isinstance(kvb, QTensor) else kvb.dtype
+            return f"layer {i}: kv_b_proj is stored as {what} (the absorbed attention reads plain model-dtype weights)"
         if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
             return f"layer {i}: norms are not RMSNorm"
         if isinstance(mlp, MoEBlock):
@@ -159,14 +162,14 @@ class MLADecoder:
             m.interleaved = int(sh.interleaved_rope)
             m.ln1, m.ln2 = _ptr(layer.input_layernorm.weight), _ptr(layer.post_attention_layernorm.weight)
             if m.Rq:
-                m.qa_w = self._w(a.q_a_proj.weight, f"layer {i} q_a_proj")
+                m.qa_w = self._w(_weight(a.q_a_proj), f"layer {i} q_a_proj")
                 m.qa_b, m.qa_norm = _ptr(a.q_a_proj.bias), _ptr(a.q_a_layernorm.weight)
-                m.q_w = self._w(a.q_b_proj.weight, f"layer {i} q_b_proj")
+                m.q_w = self._w(_weight(a.q_b_proj), f"layer {i} q_b_proj")
             else:
-                m.q_w = self._w(a.q_proj.weight, f"layer {i} q_proj")
-            m.kva_w = self._w(a.kv_a_proj_with_mqa.weight, f"layer {i} kv_a_proj_with_mqa")
+                m.q_w = self._w(_weight(a.q_proj), f"layer {i} q_proj")
+            m.kva_w = self._w(_weight(a.kv_a_proj_with_mqa), f"layer {i} kv_a_proj_with_mqa")
             m.kva_b, m.kva_norm = _ptr(a.kv_a_proj_with_mqa.bias), _ptr(a.kv_a_layernorm.weight)
-            kvb = a.kv_b_proj.weight  # [nh (dn + dv), C]
+            kvb = _weight(a.kv_b_proj)  # [nh (dn + dv), C], plain (see unsupported)
             m.kvb = _ptr(kvb)
             uv = (MtWeight * m.nh)()
             blocks = kvb.view(m.nh, m.dn + m.dv, m.C)
@@ -174,7 +177,7 @@ class MLADecoder:
                 describe(blocks[h, m.dn:], out=uv[h], what=f"layer {i} kv_b_proj (W_UV head {h})")
             self.keep.append(uv)
             m.uv = ctypes.addressof(uv)
-            m.o_w, m.o_b = self._w(a.o_proj.weight, f"layer {i} o_proj"), _ptr(a.o_proj.bias)
+            m.o_w, m.o_b = self._w(_weight(a.o_proj), f"layer {i} o_proj"), _ptr(a.o_proj.bias)
             nh_max, C_max, Rq_max = max(nh_max, m.nh), max(C_max, m.C), max(Rq_max, m.Rq)
             dn_max, dr_max, dv_max = max(dn_max, m.dn), max(dr_max, m.dr), max(dv_max, m.dv)
             self.mla.append(m)
@@ -183,10 +186,10 @@ class MLADecoder:
             d.H, d.eps = H, layer.input_layernorm.eps
             dense = mlp if isinstance(mlp, GatedMLP) else getattr(mlp, "shared_expert", None)
             if dense is not None:
-                d.SI = dense.gate_proj.weight.shape[0]
-                d.s_gate, d.s_up, d.s_down = (self._w(dense.gate_proj.weight, f"layer {i} mlp gate_proj"),
-                                              self._w(dense.up_proj.weight, f"layer {i} mlp up_proj"),
-                                              self._w(dense.down_proj.weight, f"layer {i} mlp down_proj"))
+                d.SI = _weight(dense.gate_proj).shape[0]
+                d.s_gate, d.s_up, d.s_down = (self._w(_weight(dense.gate_proj), f"layer {i} mlp gate_proj"),
+                                              self._w(_weight(dense.up_proj), f"layer {i} mlp up_proj"),
+                                              self._w(_weight(dense.down_proj), f"layer {i} mlp down_proj"))
             route = None
             if isinstance(mlp, MoEBlock):
                 r = mlp.gate
@@ -224,13 +227,14 @@ class MLADecoder:
         self.ffn_ptrs = [ctypes.addressof(d) for d in self.ffn]
         self.route_ptrs = [None if r is None else ctypes.addressof(r) for r in self.routes]
         self.norm_w, self.norm_eps = _ptr(net.norm.weight), net.norm.eps
-        self.out_w = self._w(net.output_weight(), "output head")
-        self.emb = _ptr(net.embed_tokens.weight)
+        head = net.embed_tokens if net.lm_head is None else net.lm_head
+        self.out_w = self._w(_weight(head), "output head")
+        self.emb = self._w(_weight(net.embed_tokens), "embed_tokens")
         self.rotary = type(net.rotary)(net.rotary.inv_freq, net.rotary.attention_factor)  # own float32 tables
         self.kv_like = [(torch.empty(0, m.C, dtype=net.dtype), torch.empty(0, m.dr, dtype=net.dtype))
                         for m in self.mla]
 
-    def _w(self, t: torch.Tensor, what: str) -> int:
+    def _w(self, t: torch.Tensor | QTensor, what: str) -> int:
         d = describe(t, what=what)
         self.keep.append(d)
         return ctypes.addressof(d)
@@ -253,7 +257,7 @@ class MLADecoder:
         pos = seq.length
         x = self.x
         xp = x.data_ptr()
-        lib.mt_embed(self.emb, H, token, dt, xp)
+        lib.mt_embed(self.emb, token, xp)
         cos, sin = self.rotary.table(pos + 1, torch.float32)
         D = cos.shape[1]
         cp, sp = cos.data_ptr() + 4 * D * pos, sin.data_ptr() + 4 * D * pos

@@ -20,6 +20,14 @@ __all__ = ["PLAIN_CODES", "MtWeight", "describe", "supported"]
 PLAIN_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # MT_FMT_F32 / BF16 / F16
 SCALE_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3}  # DT_*: uint8 = e8m0
 
+# QTensor format name -> (MT_FMT_* code, block columns of the stored layout: 0 = free, bytes per
+# block for GGUF types with inline scales). The codes are moetier/quant's table.
+GGML_BLOCKS = {"q4_0": (102, 32, 18), "q4_1": (103, 32, 20), "q5_0": (106, 32, 22), "q5_1": (107, 32, 24),
+               "q8_0": (108, 32, 34), "q2_k": (110, 256, 84), "q3_k": (111, 256, 110), "q4_k": (112, 256, 144),
+               "q5_k": (113, 256, 176), "q6_k": (114, 256, 210), "ggml_mxfp4": (139, 32, 17)}
+CODES = {"fp8_e4m3_block": 10, "mxfp4": 11, "int4_group": 12, "int8_group": 13,
+         **{k: v[0] for k, v in GGML_BLOCKS.items()}}
+
 
 class MtWeight(ctypes.Structure):
     """Mirror of ``mt_weight`` in csrc/mt.h (keep the field order in sync)."""
@@ -71,21 +79,42 @@ def describe(w: torch.Tensor | QTensor, out: MtWeight | None = None, what: str =
 
 
 def _describe_q(q: QTensor, d: MtWeight, what: str) -> None:
-    code = q.format.code
-    if not supported(code):
-        raise WeightError(f"{what}: the native kernels do not read format {q.fmt!r} (code {code})")
-    d.fmt, d.rows, d.cols = code, q.rows, q.cols
+    code = CODES.get(q.fmt)
+    if code is None or not supported(code):
+        raise WeightError(f"{what}: the native kernels do not read format {q.fmt!r}")
+    rows, cols = q.shape
+    d.fmt, d.rows, d.cols = code, rows, cols
     d.data, d.stride = q.data.data_ptr(), _row_stride_bytes(q.data, what)
     d.brows, d.bcols, d.row0, d.flags = q.block[0], q.block[1], q.row0, 0
-    if q.scale is not None:
-        if q.scale.dtype not in SCALE_DT:
-            raise WeightError(f"{what}: scale dtype {q.scale.dtype} is not supported natively")
-        s = q.scale if q.scale.dim() == 2 else q.scale.view(-1, 1)
-        d.scale, d.sstride, d.sdt = s.data_ptr(), _row_stride_bytes(s, what + " scale"), SCALE_DT[s.dtype]
-    else:
-        d.scale, d.sstride, d.sdt = None, 0, 0
-    if q.zero is not None:
-        z = q.zero if q.zero.dim() == 2 else q.zero.view(-1, 1)
+    row_bytes = q.data.shape[1] * q.data.element_size()
+    if q.data.shape[0] < rows:
+        raise WeightError(f"{what}: {q.fmt} data has {q.data.shape[0]} rows, expected {rows}")
+    if q.fmt in GGML_BLOCKS:
+        _, bs, nb = GGML_BLOCKS[q.fmt]
+        if cols % bs or row_bytes < cols // bs * nb:
+            raise WeightError(f"{what}: {q.fmt} rows of {cols} values need a multiple of {bs} values and "
+                              f"{cols // bs * nb} bytes per row (got {row_bytes})")
+        d.scale, d.sstride, d.sdt, d.zero, d.zstride = None, 0, 0, None, 0
+        return
+    bits = {"fp8_e4m3_block": 8, "mxfp4": 4, "int4_group": 4, "int8_group": 8}[q.fmt]
+    br, bc = q.block
+    if br < 1 or bc < 1 or (bits == 4 and bc % 2) or (q.fmt == "mxfp4" and q.block != (1, 32)):
+        raise WeightError(f"{what}: {q.fmt} block {list(q.block)} is not supported natively")
+    if row_bytes < (cols * bits + 7) // 8:
+        raise WeightError(f"{what}: {q.fmt} rows hold {row_bytes} bytes, {cols} values need {(cols * bits + 7) // 8}")
+    s = q.scale
+    if s is None or s.dtype not in SCALE_DT or (q.fmt == "mxfp4") != (s.dtype == torch.uint8):
+        raise WeightError(f"{what}: {q.fmt} scale {None if s is None else s.dtype} is not supported natively")
+    s = s if s.dim() == 2 else s.view(-1, 1)
+    need = ((q.row0 + rows + br - 1) // br if rows else 0, (cols + bc - 1) // bc)
+    if s.shape[0] < need[0] or s.shape[1] < need[1]:
+        raise WeightError(f"{what}: {q.fmt} scale {list(s.shape)} is smaller than the {list(need)} blocks of "
+                          f"a {list(q.shape)} weight")
+    d.scale, d.sstride, d.sdt = s.data_ptr(), _row_stride_bytes(s, what + " scale"), SCALE_DT[s.dtype]
+    z = q.zero
+    if z is not None:
+        if z.dtype != torch.int8 or z.shape != s.shape:
+            raise WeightError(f"{what}: zero points {z.dtype} {list(z.shape)}, expected int8 {list(s.shape)}")
         d.zero, d.zstride = z.data_ptr(), _row_stride_bytes(z, what + " zero point")
     else:
         d.zero, d.zstride = None, 0

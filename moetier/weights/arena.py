@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,8 @@ def rehome(net: Any, provider: Any = None) -> Arena | None:
     ``provider`` is an ``InMemoryExpertProvider``, its experts into one huge-page arena.
     Returns the arena (keep a reference), or None when huge pages are unavailable."""
     from moetier.layers.attention import Attention
-    from moetier.models.base import ExpertWeights, InMemoryExpertProvider
+    from moetier.layers.linear import QLinear
+    from moetier.models.base import InMemoryExpertProvider
 
     if thp_mode() not in ("always", "madvise"):
         return None
@@ -89,8 +91,9 @@ def rehome(net: Any, provider: Any = None) -> Arena | None:
     params = [p for p in net.parameters() if id(p) not in fused]
     experts = provider.experts if type(provider) is InMemoryExpertProvider else {}
     total = sum(_nbytes(p) for p in params) + sum(_nbytes(a.qkv_weight) + _nbytes(a.qkv_bias) for a in attns)
-    total += sum(_nbytes(w.gate_up) + _nbytes(w.down) + _nbytes(w.gate_up_bias) + _nbytes(w.down_bias)
-                 for w in experts.values())
+    total += sum(_nbytes(t) for w in experts.values() for _, t in w.leaves())
+    qlins = [m for m in net.modules() if isinstance(m, QLinear)]  # quantized weights: their stored parts
+    total += sum(_nbytes(t) for m in qlins for t in (m.qweight.data, m.qweight.scale, m.qweight.zero))
     if total == 0:
         return None
     arena = Arena(total + 2 * 2**20)
@@ -120,14 +123,15 @@ def rehome(net: Any, provider: Any = None) -> Arena | None:
         for p in params:
             p.data = arena.take(p.data)
             trim(_nbytes(p))
+        for m in qlins:
+            q = m.qweight
+            m.qweight = replace(q, data=arena.take(q.data), scale=None if q.scale is None else arena.take(q.scale),
+                                zero=None if q.zero is None else arena.take(q.zero))
+            trim(q.nbytes)
         for key in list(experts):  # keys only: holding the old items would keep them all alive
             w = experts[key]
-            experts[key] = ExpertWeights(
-                arena.take(w.gate_up), arena.take(w.down),
-                None if w.gate_up_bias is None else arena.take(w.gate_up_bias),
-                None if w.down_bias is None else arena.take(w.down_bias),
-            )
+            experts[key] = w.with_leaves({k: arena.take(t) for k, t in w.leaves()})
             del w
-            trim(_nbytes(experts[key].gate_up) + _nbytes(experts[key].down))
+            trim(experts[key].nbytes)
     _c().malloc_trim(0)
     return arena

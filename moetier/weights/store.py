@@ -3,7 +3,9 @@
 :class:`SlotLayout` fixes where one expert's tensors live inside a *slot* (a preallocated,
 4096-byte aligned byte buffer owned by :class:`moetier.weights.cache.SlotPool`): ``gate_up
 [2I, H]``, ``down [H, I]`` and the optional biases, each 4096-aligned so every provider hands
-the matmuls identically laid-out contiguous tensors (bit-identical results).
+the matmuls identically laid-out contiguous tensors (bit-identical results). Quantized
+experts use :class:`StoredSlotLayout` instead: the slot holds the expert's *stored* bytes (each
+QTensor's data / scale / zero parts), read through the reader (``reader.read``) and copied in.
 
 :class:`ExpertStore` reads one expert straight into a slot:
 
@@ -113,6 +115,32 @@ class SlotLayout:
         return ExpertWeights(t["gate_up"], t["down"], t.get("gate_up_bias"), t.get("down_bias"))
 
 
+class StoredSlotLayout:
+    """Slot layout over the storage tensors of a quantized expert (``ExpertWeights.leaves``:
+    each QTensor's data / scale / zero parts and the plain biases), each 4096-aligned, so a
+    slot holds the expert's stored bytes. Built from one expert read as a template (every
+    expert of a model has the same structure); same interface as :class:`SlotLayout`."""
+
+    def __init__(self, template: ExpertWeights):
+        self.template = template.with_leaves({k: t.to("meta") for k, t in template.leaves()})
+        self.parts: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []  # key, dtype, shape, offset
+        off = 0
+        for k, t in template.leaves():
+            self.parts.append((k, t.dtype, tuple(t.shape), off))
+            off = _align_up(off + _nbytes(t))
+        self.slot_bytes = off
+        self.expert_bytes = sum(math.prod(sh) * torch.empty(0, dtype=dt).element_size()
+                                for _, dt, sh, _ in self.parts)
+
+    def views(self, buf: torch.Tensor) -> ExpertWeights:
+        """The expert (QTensors whose parts are contiguous views of ``buf``, a uint8 slot)."""
+        t = {}
+        for k, dt, shape, off in self.parts:
+            n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+            t[k] = buf[off : off + n].view(dt).view(shape)
+        return self.template.with_leaves(t)
+
+
 @dataclass(frozen=True)
 class _Piece:
     """One contiguous byte range of the checkpoint and where it goes in the slot."""
@@ -141,7 +169,8 @@ class ExpertStore:
         self.dtype = reader.dtype
         self.check_finite = check_finite
         self.drop_page_cache = drop_page_cache
-        self._generic = type(reader).read is not ExpertReader.read or not hasattr(reader, "layers")
+        quantized = bool(getattr(reader, "quantized", False))
+        self._generic = type(reader).read is not ExpertReader.read or not hasattr(reader, "layers") or quantized
         self._tls = threading.local()
         self._lock = threading.Lock()
         self._fds: dict[tuple[Path, bool], int] = {}
@@ -152,8 +181,12 @@ class ExpertStore:
             # learn the layout (biases, intermediate width) from one expert
             layer0 = s.moe_layer_ids[0]
             w = reader.read(layer0, 0)
-            self.layout = SlotLayout(self.dtype, w.down.shape[0], w.intermediate,
-                                     w.gate_up_bias is not None, w.down_bias is not None)
+            self.layout: SlotLayout | StoredSlotLayout
+            if w.quantized:
+                self.layout = StoredSlotLayout(w)
+            else:
+                self.layout = SlotLayout(self.dtype, w.down.shape[0], w.intermediate,
+                                         w.gate_up_bias is not None, w.down_bias is not None)
         else:
             self.layout = SlotLayout(self.dtype, s.hidden_size, s.expert_intermediate_size)
         self._pieces: dict[tuple[int, int], list[list[_Piece]]] = {}
@@ -264,10 +297,10 @@ class ExpertStore:
             except OSError as e:
                 raise WeightError(f"layer {layer} expert {expert}: read failed in {self.reader.index.dir} "
                                   f"({e.strerror or e})") from None
-            for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
-                d, s = getattr(w, name), getattr(src, name)
-                if d is not None and s is not None:
-                    d.copy_(s)
+            dst = dict(w.leaves())
+            for key, t in src.leaves():  # plain: gate_up / down / biases; quantized: stored parts
+                if key in dst:
+                    dst[key].copy_(t)
             self._tls.last_bytes = src.nbytes
             return w
         parts = {"gate_up": w.gate_up.view(-1), "down": w.down.view(-1)}

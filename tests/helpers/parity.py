@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,13 +16,16 @@ def hf_load(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
 
 
-def assert_parity(path: Path, prompt_len: int = 33, steps: int = 16, atol: float = 1e-4, seed: int = 0) -> float:
+def assert_parity(path: Path, prompt_len: int = 33, steps: int = 16, atol: float = 1e-4, seed: int = 0,
+                  ref_path: Path | None = None, ours: Any = None) -> float:
     """max |logit diff| <= atol on a prefill and on each greedy decode step; same tokens.
 
+    ``ref_path``: the checkpoint transformers loads (default ``path``; e.g. the dequantized
+    twin of a quantized checkpoint). ``ours``: an already loaded moetier model of ``path``.
     Returns the largest difference seen (for reporting).
     """
-    ours = moetier.load(path, dtype="float32", tokenizer=False)
-    ref = hf_load(path)
+    ours = ours or moetier.load(path, dtype="float32", tokenizer=False)
+    ref = hf_load(ref_path or path)
     vocab = ours.spec.vocab_size
     prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(seed))
 

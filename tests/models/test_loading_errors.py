@@ -178,3 +178,32 @@ def test_read_rows_reads_one_expert(tmp_path):
     assert torch.equal(idx.read("b"), torch.ones(5, dtype=torch.bfloat16))
     with pytest.raises(WeightError, match="has no row 4"):
         idx.read_rows("experts", 4)
+
+
+def test_quantized_checkpoints_validated_up_front(tmp_path):
+    from tests.helpers.quantized import make_quantized_checkpoint
+
+    ck = make_quantized_checkpoint(tmp_path, "qwen3_moe", "int4", group=32)
+    f = ck / "model.safetensors"
+    name = "model.layers.1.mlp.experts.3.down_proj"
+    sd = load_file(f)
+    good = sd[f"{name}.weight_scale"]
+    sd[f"{name}.weight_scale"] = good[:, :0].contiguous()
+    save_file(sd, f)
+    with pytest.raises(WeightError, match=rf"model\.safetensors: tensor '{name}\.weight_packed': .*does not fit"):
+        moetier.load(ck)
+    sd[f"{name}.weight_scale"] = torch.cat([good, good])
+    save_file(sd, f)
+    msg = rf"tensor '{name}\.weight_packed': weight_scale is torch.bfloat16 \[128, 1\]"
+    with pytest.raises(WeightError, match=msg):
+        moetier.load(ck)
+    sd[f"{name}.weight_scale"] = good
+    del sd[f"{name}.weight_shape"]
+    save_file(sd, f)
+    with pytest.raises(WeightError, match=rf"'{name}\.weight_packed': pack-quantized weight without .*weight_shape"):
+        moetier.load(ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"quantization_config\.quant_method' is 'awq'"):
+        moetier.load(ck)

@@ -1,6 +1,6 @@
 """deepseek_v2 / deepseek_v3 / gpt_oss / llama4 beyond single-sequence parity: several
 sequences in one flat batch (custom attention modules are per sequence), the per-expert
-reader of fused layouts, and refusals of quantised release formats."""
+reader of fused layouts, and up-front validation of quantised release formats."""
 
 import pytest
 import torch
@@ -61,14 +61,34 @@ def test_gpt_oss_missing_and_misshaped_experts(tmp_path):
         moetier.load(path, tokenizer=False)
 
 
-def test_quantised_release_formats_are_refused(tmp_path):
+def test_quantised_release_formats_are_validated_up_front(tmp_path):
+    """MXFP4 / FP8 release tensors load (tests/quant); companions that do not fit are one clear
+    WeightError naming the file and tensor, before any weight is read."""
     oss = make_tiny_checkpoint(tmp_path, "gpt_oss", tokenizer=False)
-    blocks = "model.layers.0.mlp.experts.gate_up_proj_blocks"
-    _rewrite(oss, lambda sd: sd.update({blocks: torch.zeros(8, 64, 2, 16)}))
-    with pytest.raises(WeightError, match=f"'{blocks}' holds MXFP4"):
+    p = "model.layers.0.mlp.experts.gate_up_proj"
+
+    def to_mxfp4(sd, groups):
+        sd.pop(p)
+        sd[p + "_blocks"] = torch.zeros(8, 64, 2, 16, dtype=torch.uint8)
+        sd[p + "_scales"] = torch.full((8, 64, groups), 127, dtype=torch.uint8)
+
+    _rewrite(oss, lambda sd: to_mxfp4(sd, 3))
+    with pytest.raises(WeightError, match=rf"model\.safetensors: tensor '{p}_blocks': MXFP4 scales are "
+                                          r"torch\.uint8 \[64, 3\], expected uint8 \[64, 2\]"):
         moetier.load(oss, tokenizer=False)
+    _rewrite(oss, lambda sd: sd.update({p + "_scales": sd[p + "_scales"][..., :2].contiguous()}))
+    m = moetier.load(oss, tokenizer=False)  # now a valid MXFP4 layer: loads, stays MXFP4
+    assert m.provider.get(0, 0).split[0].fmt == "mxfp4"
     ds = make_tiny_checkpoint(tmp_path, "deepseek_v3", tokenizer=False)
-    scale = "model.layers.1.mlp.experts.0.up_proj.weight_scale_inv"
-    _rewrite(ds, lambda sd: sd.update({scale: torch.ones(1, 1)}))
-    with pytest.raises(WeightError, match=f"'{scale}' is an FP8 block scale"):
+    w = "model.layers.1.mlp.experts.0.up_proj.weight"
+    _rewrite(ds, lambda sd: sd.update({w + "_scale_inv": torch.ones(1, 1)}))
+    with pytest.raises(WeightError, match=rf"tensor '{w}': FP8 block-scaled weight has dtype torch.float32"):
+        moetier.load(ds, tokenizer=False)
+    _rewrite(ds, lambda sd: sd.update({w: sd[w].to(torch.float8_e4m3fn), w + "_scale_inv": torch.ones(2, 1)}))
+    with pytest.raises(WeightError, match=rf"tensor '{w}': FP8 block scale \(weight_scale_inv\) has shape \[2, 1\], "
+                                          r"but a \[32, 64\] weight in 128x128 blocks needs \[1, 1\]"):
+        moetier.load(ds, tokenizer=False)
+    _rewrite(ds, lambda sd: sd.pop(w + "_scale_inv"))
+    with pytest.raises(WeightError, match=rf"tensor '{w}' has dtype F8_E4M3, expected a float type \(FP8 weights "
+                                          r"need their weight_scale_inv\)"):
         moetier.load(ds, tokenizer=False)

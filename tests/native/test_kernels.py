@@ -255,3 +255,23 @@ def test_run_json_reports_isa(lib, tmp_path, capsys):
     assert main(["run", str(ck), "--prompt", "hello", "--max-tokens", "3", "--json", "--no-native"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["decode_path"] == "torch" and rep["native_isa"] is None
+
+
+# ----------------------------------------------------------------------------------------
+# kernel rates (the planner's per-format measurement): shape of the result, not speed
+
+
+def test_kernel_rates(lib):
+    from moetier.native.rates import FORMATS, measure, measure_all, random_weight
+
+    for fmt in FORMATS:  # every format's random weight is valid and finite when dequantized
+        w = random_weight(fmt, 3, 256)
+        d = describe(w)
+        out = torch.empty(3, 256)
+        assert lib.mt_dequant_rows(ctypes.byref(d), 0, 3, out.data_ptr()) == 0
+        assert torch.isfinite(out).all(), fmt
+    r = measure("q4_k", "scalar", threads=2, rows=64, cols=512, repeats=2, seconds=0.01)
+    assert r.isa == "scalar" and r.threads == 2 and r.seconds > 0 and r.nbytes == 64 * 2 * 144
+    assert r.weights_per_s == pytest.approx(64 * 512 / r.seconds) and native.isa() == native.isas_supported()[-1]
+    rates = measure_all(rows=16, cols=256, formats=("bf16", "mxfp4"), seconds=0.01)
+    assert set(rates) == {"bf16", "mxfp4"} and all(v.bytes_per_s > 0 for v in rates.values())

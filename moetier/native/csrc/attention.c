@@ -87,9 +87,16 @@ int mt_attention(const layer_desc *L, scratch *S, int dt, float *x, void *K, voi
                  const float *cs, const float *sn, int nth) {
     long H = L->H, nh = L->nh, nkv = L->nkv, D = L->D;
     rms_norm(x, L->ln1, dt, L->eps, S->h, H);
-    mt_gemv_item it = {L->qkv_w, L->qkv_b, dt, S->h, S->qkv, NULL, NULL};
-    mt_run_gemvs(&it, 1, nth);
     float *q = S->qkv, *k = S->qkv + nh * D, *v = S->qkv + (nh + nkv) * D;
+    if (L->qkv_w) {
+        mt_gemv_item it = {L->qkv_w, L->qkv_b, dt, S->h, S->qkv, NULL, NULL};
+        mt_run_gemvs(&it, 1, nth);
+    } else {
+        mt_gemv_item it[3] = {{L->q_w, L->q_b, dt, S->h, q, NULL, NULL},
+                              {L->k_w, L->k_b, dt, S->h, k, NULL, NULL},
+                              {L->v_w, L->v_b, dt, S->h, v, NULL, NULL}};
+        mt_run_gemvs(it, 3, nth);
+    }
     if (L->qk_norm == 1) {
         for (long i = 0; i < nh; i++) rms_norm(q + i * D, L->q_norm, dt, L->eps, q + i * D, D);
         for (long i = 0; i < nkv; i++) rms_norm(k + i * D, L->k_norm, dt, L->eps, k + i * D, D);

@@ -41,8 +41,17 @@ void mt_head(const void *norm_w, const mt_weight *out_w, float eps, int dt, scra
     mt_run_gemvs(&it, 1, nth);
 }
 
-void mt_embed(const void *table, long H, long token, int dt, float *x) {
-    for (long i = 0; i < H; i++) x[i] = ld(table, dt, token * H + i);
+int mt_dequant_rows(const mt_weight *W, long r0, long r1, float *out);
+
+/* x [H] = row `token` of the embedding table (any weight format) */
+void mt_embed(const mt_weight *table, long token, float *x) {
+    if (table->fmt == MT_FMT_F32 || table->fmt == MT_FMT_BF16) {
+        const void *row = mt_row(table, token);
+        int dt = table->fmt == MT_FMT_BF16 ? DT_BF16 : DT_F32;
+        for (long i = 0; i < table->cols; i++) x[i] = ld(row, dt, i);
+    } else {
+        mt_dequant_rows(table, token, token + 1, x);
+    }
 }
 
 /* Every layer of one decode step in one call, for providers whose experts all stay in RAM

@@ -121,4 +121,4 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
 #undef MT_BF16_STEP
 }
 
-const mt_fmt mt_fmt_bf16 = {MT_FMT_BF16, "bf16", {rows_scalar, rows_avx2, rows_avx512}, prep_len, prep};
+const mt_fmt mt_fmt_bf16 = {MT_FMT_BF16, "bf16", {rows_scalar, rows_avx2, rows_avx512}, prep_len, prep, NULL};

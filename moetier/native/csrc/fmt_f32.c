@@ -67,4 +67,4 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
     }
 }
 
-const mt_fmt mt_fmt_f32 = {MT_FMT_F32, "f32", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL};
+const mt_fmt mt_fmt_f32 = {MT_FMT_F32, "f32", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL, NULL};

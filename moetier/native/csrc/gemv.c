@@ -6,7 +6,11 @@
 #include <stdio.h>
 
 /* every format the kernels read; mt_fmt_lookup searches this table */
-static const mt_fmt *const FORMATS[] = {&mt_fmt_f32, &mt_fmt_bf16};
+static const mt_fmt *const FORMATS[] = {
+    &mt_fmt_f32,  &mt_fmt_bf16, &mt_fmt_f16,  &mt_fmt_fp8,  &mt_fmt_mxfp4, &mt_fmt_int4,
+    &mt_fmt_int8, &mt_fmt_q4_0, &mt_fmt_q4_1, &mt_fmt_q5_0, &mt_fmt_q5_1,  &mt_fmt_q8_0,
+    &mt_fmt_q2_k, &mt_fmt_q3_k, &mt_fmt_q4_k, &mt_fmt_q5_k, &mt_fmt_q6_k,  &mt_fmt_ggml_mxfp4,
+};
 #define N_FORMATS ((int)(sizeof(FORMATS) / sizeof(FORMATS[0])))
 
 const mt_fmt *mt_fmt_lookup(int code) {
@@ -148,4 +152,39 @@ void mt_run_gemvs(mt_gemv_item *items, int n, int nth) {
 void mt_gemv(const mt_weight *W, const void *b, int bdt, const float *x, float *y, int nth) {
     mt_gemv_item it = {W, b, bdt, x, y, NULL, NULL};
     mt_run_gemvs(&it, 1, nth);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* the scalar reference of the quantized formats                                         */
+
+#define DQ_CHUNK 256
+
+void mt_rows_dequant(const mt_weight *W, const float *x, float *y, long r0, long r1, mt_dequant_fn dq) {
+    float buf[DQ_CHUNK];
+    long cols = W->cols;
+    for (long r = r0; r < r1; r++) {
+        float acc[8] = {0};
+        for (long c0 = 0; c0 < cols; c0 += DQ_CHUNK) {
+            long n = cols - c0 < DQ_CHUNK ? cols - c0 : DQ_CHUNK;
+            dq(W, r, c0, n, buf);
+            for (long i = 0; i < n; i++) acc[(c0 + i) & 7] += buf[i] * x[c0 + i];
+        }
+        y[r] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+}
+
+/* out [r1 - r0, W->cols] = rows [r0, r1) of W dequantized (reference; tests, embeddings) */
+int mt_dequant_rows(const mt_weight *W, long r0, long r1, float *out) {
+    const mt_fmt *f = mt_fmt_lookup(W->fmt);
+    if (!f) return -1;
+    for (long r = r0; r < r1; r++) {
+        float *o = out + (r - r0) * W->cols;
+        if (f->dequant) {
+            for (long c0 = 0; c0 < W->cols; c0 += DQ_CHUNK)
+                f->dequant(W, r, c0, W->cols - c0 < DQ_CHUNK ? W->cols - c0 : DQ_CHUNK, o + c0);
+        } else {
+            for (long c = 0; c < W->cols; c++) o[c] = ld(mt_row(W, r), W->fmt == MT_FMT_BF16 ? DT_BF16 : DT_F32, c);
+        }
+    }
+    return 0;
 }

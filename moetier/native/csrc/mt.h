@@ -73,16 +73,29 @@ static inline const void *mt_row(const mt_weight *w, long r) { return (const cha
  * format's `prep` (NULL if it has none). */
 typedef void (*mt_rows_fn)(const mt_weight *w, const float *x, const float *xp, float *y, long r0, long r1);
 
+/* A format's reference dequantizer: out[0, n) = W[r, c0 : c0 + n) as float32, bit for bit the
+ * values of the format's Python reference (moetier/quant). c0 is a multiple of 256 (every
+ * GGUF block size divides it); c0 + n <= cols. */
+typedef void (*mt_dequant_fn)(const mt_weight *w, long r, long c0, long n, float *out);
+
 typedef struct {
     int code;
     const char *name;
     mt_rows_fn rows[MT_N_ISA];    /* NULL: no variant for this ISA (the next lower one runs) */
     long (*prep_len)(long cols);  /* floats of prepared x (NULL: the format needs none) */
     void (*prep)(const float *x, long cols, float *xp);
+    mt_dequant_fn dequant;        /* NULL for plain float formats */
 } mt_fmt;
 
 /* the formats (fmt_*.c) */
-extern const mt_fmt mt_fmt_f32, mt_fmt_bf16;
+extern const mt_fmt mt_fmt_f32, mt_fmt_bf16, mt_fmt_f16, mt_fmt_fp8, mt_fmt_int4, mt_fmt_int8, mt_fmt_mxfp4,
+    mt_fmt_q8_0, mt_fmt_q4_0, mt_fmt_q4_1, mt_fmt_q5_0, mt_fmt_q5_1, mt_fmt_q2_k, mt_fmt_q3_k, mt_fmt_q4_k,
+    mt_fmt_q5_k, mt_fmt_q6_k, mt_fmt_ggml_mxfp4;
+
+/* The scalar reference row kernel of a quantized format: each 256-column chunk of a row
+ * dequantized by `dq` into a local buffer, then the f32 reference dot product (8 lane sums,
+ * combined pairwise). */
+void mt_rows_dequant(const mt_weight *W, const float *x, float *y, long r0, long r1, mt_dequant_fn dq);
 
 /* ------------------------------------------------------------------------------------ */
 /* scalar conversions                                                                    */
@@ -104,6 +117,47 @@ static inline bf16 f32_to_bf16(float f) { /* round to nearest even, like torch *
 
 static inline float ld(const void *p, int dt, long i) {
     return dt == DT_BF16 ? bf16_to_f32(((const bf16 *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline float f32_from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* IEEE half -> float, exact (subnormals, inf, NaN) */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1f) return f32_from_bits(s | 0x7f800000u | (m << 13));
+    if (e == 0) { /* zero or subnormal: m * 2^-24 */
+        float v = (float)m * 5.9604644775390625e-8f;
+        return s ? -v : v;
+    }
+    return f32_from_bits(s | ((e + 112) << 23) | (m << 13));
+}
+
+/* e8m0 scale byte -> 2^(e - 127) (255 = NaN) */
+static inline float e8m0_to_f32(uint8_t e) {
+    if (e == 255) return f32_from_bits(0x7fc00000u);
+    return e ? f32_from_bits((uint32_t)e << 23) : f32_from_bits(0x00400000u);
+}
+
+/* element i of a scale row of dtype sdt */
+static inline float ld_scale(const void *p, int sdt, long i) {
+    switch (sdt) {
+    case DT_BF16: return bf16_to_f32(((const bf16 *)p)[i]);
+    case DT_F16: return f16_to_f32(((const uint16_t *)p)[i]);
+    case DT_E8M0: return e8m0_to_f32(((const uint8_t *)p)[i]);
+    default: return ((const float *)p)[i];
+    }
+}
+
+/* the scale / zero-point row of weight row r */
+static inline const void *mt_srow(const mt_weight *w, long r) {
+    return (const char *)w->scale + ((w->row0 + r) / w->brows) * w->sstride;
+}
+static inline const int8_t *mt_zrow(const mt_weight *w, long r) {
+    return w->zero ? (const int8_t *)((const char *)w->zero + ((w->row0 + r) / w->brows) * w->zstride) : NULL;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -166,6 +220,9 @@ typedef struct {
     const void *router_b;
     long SI; /* dense or shared-expert intermediate size (0 = none) */
     const mt_weight *s_gate, *s_up, *s_down, *s_gate_gate; /* shared/dense MLP; sigmoid gate [1, H] */
+    /* separate q / k / v projections (quantized ones stay unfused): used when qkv_w is NULL */
+    const mt_weight *q_w, *k_w, *v_w;
+    const void *q_b, *k_b, *v_b;
 } layer_desc;
 
 typedef struct scratch {

@@ -1,0 +1,67 @@
+/* q8_0 (GGUF): 34-byte blocks of 32: float16 d, 32 int8 q; value = q * d. */
+#include "simd.h"
+
+#define QB 34
+
+static void dequant(const mt_weight *W, long r, long c0, long n, float *out) {
+    const uint8_t *row = (const uint8_t *)mt_row(W, r);
+    for (long i = 0; i < n; i++) {
+        long c = c0 + i;
+        const uint8_t *b = row + (c >> 5) * QB;
+        uint16_t d;
+        memcpy(&d, b, 2);
+        out[i] = (float)(int8_t)b[2 + (c & 31)] * f16_to_f32(d);
+    }
+}
+
+static void rows_scalar(const mt_weight *W, const float *x, const float *xp, float *y, long r0, long r1) {
+    (void)xp;
+    mt_rows_dequant(W, x, y, r0, r1, dequant);
+}
+
+MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
+                                     long r1) {
+    (void)xp;
+    long nb = W->cols / 32;
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        for (long i = 0; i < nb; i++, b += QB) {
+            uint16_t dh;
+            memcpy(&dh, b, 2);
+            __m256 d = _mm256_set1_ps(f16_to_f32_c(dh));
+            const float *xb = x + 32 * i;
+            for (int k = 0; k < 4; k += 2) {
+                __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                              _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * k)))), d);
+                __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                              _mm_loadl_epi64((const __m128i *)(b + 10 + 8 * k)))), d);
+                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb + 8 * k), a0);
+                a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8 * k + 8), a1);
+            }
+        }
+        y[r] = hsum256(_mm256_add_ps(a0, a1));
+    }
+}
+
+MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
+                                         long r1) {
+    (void)xp;
+    long nb = W->cols / 32;
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        for (long i = 0; i < nb; i++, b += QB) {
+            uint16_t dh;
+            memcpy(&dh, b, 2);
+            __m512 d = _mm512_set1_ps(f16_to_f32_c(dh));
+            __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)))), d);
+            __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18)))), d);
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + 32 * i), a0);
+            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 32 * i + 16), a1);
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+}
+
+const mt_fmt mt_fmt_q8_0 = {MT_FMT_Q8_0, "q8_0", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL, dequant};

@@ -1,0 +1,125 @@
+"""Kernel rates: how fast the native GEMV reads each weight format on this machine.
+
+:func:`measure` times ``y = W x`` (decode's matrix-vector product) for one format, ISA and
+thread count on a random weight in that format's stored layout and returns weights/s and
+stored bytes/s; :func:`measure_all` does it for every format. The planner (``moetier probe``)
+can call it to learn a per-format compute rate; ``bench/bench_kernels.py`` prints a table.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moetier import native
+from moetier.native.weights import GGML_BLOCKS, describe
+from moetier.quant import QTensor
+
+__all__ = ["FORMATS", "Rate", "measure", "measure_all", "random_weight"]
+
+FORMATS = ("f32", "bf16", "f16", "fp8_e4m3_block", "int8_group", "int4_group", "mxfp4", *GGML_BLOCKS)
+_F16_FIELDS = {"q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q8_0": (0,), "q2_k": (80, 82),
+               "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "ggml_mxfp4": ()}
+
+
+@dataclass(frozen=True)
+class Rate:
+    fmt: str
+    isa: str
+    threads: int
+    rows: int
+    cols: int
+    seconds: float  # per product (best of the repeats)
+    nbytes: int  # stored bytes read per product
+
+    @property
+    def weights_per_s(self) -> float:
+        return self.rows * self.cols / self.seconds
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.nbytes / self.seconds
+
+
+def random_weight(fmt: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor | QTensor:
+    """A random ``[rows, cols]`` weight stored in ``fmt`` (finite values; cols rounded up to the
+    format's block size by the caller's choice of shape)."""
+    gen = torch.Generator().manual_seed(seed)
+    plain = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+    if fmt in plain:
+        return torch.randn(rows, cols, generator=gen).to(plain[fmt])
+    if fmt in GGML_BLOCKS:
+        _, bs, nb = GGML_BLOCKS[fmt]
+        n = cols // bs
+        b = torch.randint(0, 256, (rows, n, nb), generator=gen, dtype=torch.uint8)
+        for off in _F16_FIELDS[fmt]:
+            v = (torch.rand(rows, n, generator=gen) * 0.01).to(torch.float16)
+            b[:, :, off : off + 2] = v.view(torch.uint8).view(rows, n, 2)
+        if fmt == "ggml_mxfp4":
+            b[:, :, 0] = 120
+        return QTensor(fmt, (rows, cols), b.view(rows, n * nb), block=(1, bs))
+    if fmt == "fp8_e4m3_block":
+        codes = torch.randint(0, 256, (rows, cols), generator=gen, dtype=torch.uint8)
+        codes[(codes & 0x7F) == 0x7F] = 0
+        scale = torch.rand(math.ceil(rows / 128), math.ceil(cols / 128), generator=gen)
+        return QTensor(fmt, (rows, cols), codes.view(torch.float8_e4m3fn), scale, block=(128, 128))
+    if fmt == "mxfp4":
+        data = torch.randint(0, 256, (rows, math.ceil(cols / 32) * 16), generator=gen, dtype=torch.uint8)
+        scale = torch.full((rows, math.ceil(cols / 32)), 120, dtype=torch.uint8)
+        return QTensor(fmt, (rows, cols), data, scale, block=(1, 32))
+    if fmt in ("int4_group", "int8_group"):
+        bits = 4 if fmt == "int4_group" else 8
+        words = math.ceil(cols * bits / 32)
+        data = torch.randint(-2**31, 2**31 - 1, (rows, words), generator=gen, dtype=torch.int32)
+        scale = (torch.rand(rows, math.ceil(cols / 128), generator=gen) * 0.01).to(torch.bfloat16)
+        return QTensor(fmt, (rows, cols), data, scale, block=(1, 128), meta={"bits": bits, "symmetric": True})
+    raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def _nbytes(w: torch.Tensor | QTensor) -> int:
+    if isinstance(w, QTensor):
+        return w.nbytes
+    return w.numel() * w.element_size()
+
+
+def measure(fmt: str, isa: str | None = None, threads: int = 1, rows: int = 4096, cols: int = 4096,
+            repeats: int = 5, seconds: float = 0.3) -> Rate:
+    """Time ``y = W x`` for a random ``fmt`` weight (best of ``repeats`` batches of products
+    filling about ``seconds`` in total). ``isa`` None: the default (best) one."""
+    lib = native.library()
+    if lib is None:
+        raise RuntimeError(native.unavailable_reason() or "native kernels unavailable")
+    w = random_weight(fmt, rows, cols)
+    d = describe(w)
+    x = torch.randn(cols)
+    y = torch.empty(rows)
+    args = (ctypes.byref(d), None, 0, x.data_ptr(), y.data_ptr(), threads)
+    before = native.isa()
+    try:
+        if isa is not None:
+            native.set_isa(isa)
+        used = native.isa() or "?"
+        lib.mt_gemv(*args)  # warm-up (pages in, caches)
+        t = time.perf_counter()
+        lib.mt_gemv(*args)
+        one = max(time.perf_counter() - t, 1e-7)
+        n = max(1, int(seconds / repeats / one))
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(n):
+                lib.mt_gemv(*args)
+            best = min(best, (time.perf_counter() - t) / n)
+    finally:
+        native.set_isa(before)
+    return Rate(fmt, used, threads, rows, cols, best, _nbytes(w))
+
+
+def measure_all(isa: str | None = None, threads: int = 1, rows: int = 4096, cols: int = 4096,
+                formats: tuple[str, ...] = FORMATS, seconds: float = 0.3) -> dict[str, Rate]:
+    """:func:`measure` for every format: ``{fmt: Rate}`` (for the planner's per-format rates)."""
+    return {f: measure(f, isa, threads, rows, cols, seconds=seconds) for f in formats}

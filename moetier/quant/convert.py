@@ -1,0 +1,117 @@
+"""Quantize a state dict into a released on-disk layout (``moetier quantize``, tests).
+
+* ``fp8``: FP8 e4m3 block-scaled, DeepSeek-V3 layout (``X.weight`` F8_E4M3 +
+  ``X.weight_scale_inv`` float32 per block; ``quant_method: "fp8"``);
+* ``int4`` / ``int8``: compressed-tensors pack-quantized, symmetric groups
+  (``X.weight_packed`` int32, ``X.weight_scale``, ``X.weight_shape``; ``quant_method:
+  "compressed-tensors"``, ``format: "pack-quantized"``);
+* ``mxfp4``: gpt-oss's expert layout (``P_blocks`` / ``P_scales``) for fused transposed
+  ``experts.gate_up_proj [E, H, 2I]`` / ``experts.down_proj [E, I, H]`` tensors.
+
+Which weights: :func:`quantizable` (2-D linear weights; never embeddings, the LM head, norms,
+routers or shared-expert gates), restricted to routed experts with ``experts_only``.
+Quantization is round-to-nearest (``moetier.quant.fp8.quantize``, ``intgroup.quantize``,
+``mxfp4.quantize``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+
+from moetier.quant import QTensor, fp8, intgroup, mxfp4
+
+FORMATS = ("fp8", "int8", "int4")
+GROUPS = (32, 64, 128)
+_EXPERT = re.compile(r"\.experts\.(\d+\.)?")
+_NEVER = re.compile(r"(embed_tokens|lm_head|norm|\.gate\.weight$|\.router\.|shared_expert_gate)")
+
+
+def quantizable(name: str, t: torch.Tensor, experts_only: bool) -> bool:
+    """Whether ``name`` is a weight that a quantized release stores quantized."""
+    if not name.endswith(".weight") or t.dim() != 2 or not t.is_floating_point() or _NEVER.search(name):
+        return False
+    return not experts_only or bool(_EXPERT.search(name))
+
+
+def quantize_weight(w: torch.Tensor, fmt: str, group: int = 128,
+                    block: tuple[int, int] = (128, 128)) -> QTensor:
+    """One 2-D weight in ``fmt`` (``fp8`` | ``int8`` | ``int4`` | ``mxfp4``)."""
+    if fmt == "fp8":
+        return fp8.quantize(w, block)
+    if fmt in ("int4", "int8"):
+        return intgroup.quantize(w, int(fmt[3:]), group, scale_dtype=torch.bfloat16)
+    if fmt == "mxfp4":
+        return mxfp4.quantize(w)
+    raise ValueError(f"format {fmt!r}")
+
+
+def stored_tensors(name: str, q: QTensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """The on-disk tensors of quantized weight ``name`` (``X.weight``)."""
+    base = name[: -len(".weight")]
+    if q.fmt == "fp8_e4m3_block":
+        yield name, q.data
+        yield f"{base}.weight_scale_inv", q.scale
+    else:
+        assert q.zero is None and q.fmt in ("int4_group", "int8_group")
+        yield f"{base}.weight_packed", q.data
+        yield f"{base}.weight_scale", q.scale
+        yield f"{base}.weight_shape", torch.tensor(q.shape, dtype=torch.int64)
+
+
+def quantization_config(fmt: str, group: int = 128, block: tuple[int, int] = (128, 128),
+                        ignore: list[str] | None = None) -> dict:
+    """The config.json ``quantization_config`` of a checkpoint written by :func:`quantize_state_dict`."""
+    if fmt == "fp8":
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": list(block)}
+    if fmt == "mxfp4":
+        return {"quant_method": "mxfp4", "modules_to_not_convert": ignore or []}
+    bits = int(fmt[3:])
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group",
+                        "group_size": group, "dynamic": False, "actorder": None, "observer": "minmax"},
+            "input_activations": None, "output_activations": None,
+        }},
+        "ignore": ignore or [],
+        "kv_cache_scheme": None,
+    }
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], fmt: str, *, group: int = 128,
+                        block: tuple[int, int] = (128, 128), experts_only: bool = False
+                        ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``sd`` with its quantizable weights in ``fmt`` (``fp8`` | ``int8`` | ``int4``).
+    Returns the new state dict and the names of the linear modules left unquantized (for
+    compressed-tensors' ``ignore``)."""
+    out: dict[str, torch.Tensor] = {}
+    ignore = []
+    for name, t in sd.items():
+        if quantizable(name, t, experts_only):
+            out.update(stored_tensors(name, quantize_weight(t, fmt, group, block)))
+        else:
+            if name.endswith(".weight") and t.dim() == 2 and "embed_tokens" not in name and "norm" not in name:
+                ignore.append(name[: -len(".weight")])
+            out[name] = t
+    return out, ignore
+
+
+def mxfp4_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gpt-oss: fused transposed experts ``P.{gate_up,down}_proj [E, in, out]`` ->
+    ``P.{gate_up,down}_proj_blocks [E, out, in/32, 16]`` + ``_scales [E, out, in/32]``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if not (name.endswith(".experts.gate_up_proj") or name.endswith(".experts.down_proj")):
+            out[name] = t
+            continue
+        qs = [mxfp4.quantize(t[e].T) for e in range(t.shape[0])]  # [out, in] each
+        out[f"{name}_blocks"] = torch.stack([q.data.view(q.rows, -1, 16) for q in qs])
+        out[f"{name}_scales"] = torch.stack([q.scale for q in qs])
+    return out
