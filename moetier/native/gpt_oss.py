@@ -43,6 +43,10 @@ class OssDesc(ctypes.Structure):
         ("E", ctypes.c_long), ("topk", ctypes.c_long), ("I", ctypes.c_long),
         ("limit", ctypes.c_float), ("alpha", ctypes.c_float),
         ("router_w", ctypes.c_void_p), ("router_b", ctypes.c_void_p),
+        ("rope", ctypes.c_int), ("qk_l2", ctypes.c_int), ("chunk", ctypes.c_int),
+        ("floor_scale", ctypes.c_float), ("attn_scale", ctypes.c_float),
+        ("route", ctypes.c_int), ("act", ctypes.c_int), ("scale_input", ctypes.c_int),
+        ("SI", ctypes.c_long), ("s_gate", ctypes.c_void_p), ("s_up", ctypes.c_void_p), ("s_down", ctypes.c_void_p),
     ]
 
 
@@ -54,6 +58,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         ("mt_oss_attention", I, [P, P, I, P, P, P, L, L, P, P, I]),
         ("mt_oss_route", None, [P, P, I, P, P, I]),
         ("mt_oss_experts", None, [P, P, I, P, I, P, P, P, P, P, P, I]),
+        ("mt_oss_mlp", None, [P, P, I, P, I]),
     ):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -141,8 +146,9 @@ class _OssExperts:
         return addrs
 
 
-class GptOssDecoder:
-    """Native single-token decode for one gpt-oss :class:`DecoderLM` (see the module docstring)."""
+class ExtDecoder:
+    """Native single-token decode on ``csrc/sinks.c``'s extended attention / MoE step; subclasses
+    fill one :class:`OssDesc` per layer (:meth:`describe_layer`)."""
 
     def __init__(self, net: DecoderLM, lib: ctypes.CDLL):
         _declare(lib)
@@ -153,26 +159,24 @@ class GptOssDecoder:
         self.V = s.vocab_size
         self.keep: list[Any] = []
         self.descs: list[OssDesc] = []
-        qdim, kvdim, E, topk, I = 1, 1, 1, 1, s.expert_intermediate_size
+        qdim, kvdim, E, topk, inter = 1, 1, 1, 1, 1
         for i, layer in enumerate(net.layers):
-            a, mlp = layer.self_attn, layer.mlp
+            a = layer.self_attn
             if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
                 raise ValueError(f"layer {i}: input and post-attention norms use different eps")
             d = OssDesc()
             d.H, d.nh, d.nkv, d.D = H, a.n_heads, a.n_kv, a.head_dim
             d.window, d.eps, d.scale = int(a.sliding_window or 0), layer.input_layernorm.eps, a.scale
             d.ln1, d.ln2 = _ptr(layer.input_layernorm.weight), _ptr(layer.post_attention_layernorm.weight)
-            d.sinks = _ptr(a.sinks)
             d.q_w, d.k_w, d.v_w, d.o_w = (self._w(_weight(p), f"layer {i} {n}") for p, n in (
                 (a.q_proj, "q_proj"), (a.k_proj, "k_proj"), (a.v_proj, "v_proj"), (a.o_proj, "o_proj")))
             d.q_b, d.k_b, d.v_b, d.o_b = (_ptr(p.bias) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
-            r = mlp.gate
-            d.E, d.topk, d.I = r.weight.shape[0], r.top_k, I
-            d.limit, d.alpha = _glu_params(mlp)
-            d.router_w, d.router_b = self._w(r.weight, f"layer {i} router"), _ptr(r.bias)
+            self.describe_layer(i, layer, d)
             qdim, kvdim = max(qdim, a.n_heads * a.head_dim), max(kvdim, a.n_kv * a.head_dim)
             E, topk = max(E, d.E), max(topk, d.topk)
+            inter = max(inter, d.topk * d.I, d.SI)
             self.descs.append(d)
+        I = inter
         self.scratch = lib.mt_oss_scratch_new(H, qdim, kvdim, E, topk, I)
         if not self.scratch:
             raise MemoryError("native decode: could not allocate scratch buffers")
@@ -192,6 +196,9 @@ class GptOssDecoder:
             raise MemoryError("native decode: could not allocate scratch buffers")
         self.rotary = type(net.rotary)(net.rotary.inv_freq, net.rotary.attention_factor)  # own float32 tables
         self.kv_like = [(torch.empty(d.nkv, 0, d.D, dtype=net.dtype),) * 2 for d in self.descs]
+
+    def describe_layer(self, i: int, layer: Any, d: OssDesc) -> None:
+        raise NotImplementedError
 
     def _w(self, t: torch.Tensor | QTensor, what: str) -> int:
         d = describe(t, what=what)
@@ -232,6 +239,10 @@ class GptOssDecoder:
                 h = x.view(1, H).to(net.dtype)
                 for hook in list(norm._forward_pre_hooks.values()):
                     hook(norm, (h,))
+            if d.SI:  # Llama-4's shared expert, or a dense layer
+                lib.mt_oss_mlp(desc, S, dt, xp, nth)
+            if not d.E:
+                continue
             k = d.topk
             lib.mt_oss_route(desc, S, dt, self.ids, w, nth)
             ids = self.ids[:k]
@@ -255,3 +266,14 @@ class GptOssDecoder:
         logits = torch.empty(1, self.V, dtype=torch.float32)
         lib.mt_head(self.norm_w, self.out_w, self.norm_eps, dt, self.head_scratch, xp, logits.data_ptr(), nth)
         return logits
+
+
+class GptOssDecoder(ExtDecoder):
+    """gpt-oss: sinks, rotate-half rope, top-k-then-softmax router, clamped SwiGLU with biases."""
+
+    def describe_layer(self, i: int, layer: Any, d: OssDesc) -> None:
+        a, mlp, r = layer.self_attn, layer.mlp, layer.mlp.gate
+        d.sinks, d.rope, d.route, d.act = _ptr(a.sinks), 1, 0, 0
+        d.E, d.topk, d.I = r.weight.shape[0], r.top_k, self.net.spec.expert_intermediate_size
+        d.limit, d.alpha = _glu_params(mlp)
+        d.router_w, d.router_b = self._w(r.weight, f"layer {i} router"), _ptr(r.bias)
