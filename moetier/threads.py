@@ -22,7 +22,7 @@ actually gives, and re-chosen while the model runs:
   share that count) when the choice changes. ``threads=N`` fixes the count instead, and so
   does a ``torch.set_num_threads`` call made by someone else (adapting then stops).
 
-OpenMP workers that wait yield the core quickly instead of spinning for milliseconds: see
+OpenMP workers that wait spin ~1 ms instead of libgomp's ~8 ms before they sleep: see
 :func:`set_wait_policy`, which ``import moetier`` calls before torch (and its libgomp) load.
 """
 
@@ -37,15 +37,22 @@ DROP_AT = 0.3  # other work (in cores) at which one thread is given up
 RAISE_AT = 0.15  # ... and below which it is taken back
 INTERVAL = 0.5  # seconds between two load samples while a model runs
 FIRST_WINDOW = 0.05  # shortest sampling window for the first choice
-SPINCOUNT = "2000"  # GOMP_SPINCOUNT default, see set_wait_policy
+SPINCOUNT = "30000"  # GOMP_SPINCOUNT default (~0.8 ms of pause on Zen 4), see set_wait_policy
 
 
 def set_wait_policy(environ: dict[str, str] | None = None) -> bool:
     """Default ``GOMP_SPINCOUNT`` (libgomp, torch's OpenMP) to ``SPINCOUNT`` unless the user set
     it or ``OMP_WAIT_POLICY``. Takes effect only before libgomp loads (before ``import torch``);
-    returns whether it was set. Measured (bench/bench_busy.py, 2-core EPYC with one core held):
-    libgomp's default spin (300,000 iterations) made 2-thread decode 20-50 tok/s vs 640-2,040
-    with no spin; an idle machine runs at the chosen thread count either way, see README."""
+    returns whether it was set. libgomp's default spin is 300,000 iterations (~8 ms of ``pause``
+    on Zen 4): waiting workers hold their core that long after every parallel region, which on
+    a busy machine takes it from the thread doing the work. Measured on the embedded model,
+    2 threads, 2-core EPYC (bench/bench_busy.py workers, tok/s prefill / decode): with the
+    machine to ourselves (SCHED_FIFO) spin 300,000: 3,170-4,370 / 3,100-4,790; 30,000:
+    2,980-5,020 / 3,420-4,990; 10,000: 2,670-4,540 / 2,890-4,500; 2,000: 2,460-3,620 /
+    2,600-3,140; 0 (= OMP_WAIT_POLICY=PASSIVE): 900-1,410 / 800-1,180 (waking a sleeping
+    worker costs more than a ~50 us region). With other work on the cores no spin is best,
+    and the thread count (see :func:`choose`) is what avoids the collapse; 30,000 keeps the
+    idle-machine speed and bounds a futile spin to ~1 ms."""
     env = os.environ if environ is None else environ
     if "GOMP_SPINCOUNT" in env or "OMP_WAIT_POLICY" in env:
         return False

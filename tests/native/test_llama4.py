@@ -96,3 +96,20 @@ def test_every_family_decodes_natively(lib, tmp_path, family):
     m = moetier.load(ck, tokenizer=False, dtype="float32")
     assert m.native_reason is None, f"{family}: {m.native_reason}"
     assert m.compute_paths()["decode"]["path"] == "native"
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "gpt_oss", "llama4"])
+def test_prefetching_hierarchy_same_bits(lib, tmp_path, family):
+    """With the weight hierarchy's router prefetch (a pre-hook on each post-attention norm, called
+    by the native steps) the new families' native steps give the in-RAM bits."""
+    ck = make_tiny_checkpoint(tmp_path, family, tokenizer=False, num_hidden_layers=3)  # >= 2 MoE layers
+    ram = moetier.load(ck, tokenizer=False, dtype="float32")
+    tiered = moetier.load(ck, tokenizer=False, dtype="float32", expert_cache=0.5, prefetch=True)
+    try:
+        assert tiered.native_reason is None
+        assert any(layer.post_attention_layernorm._forward_pre_hooks for layer in tiered.net.layers)
+        want, wt = greedy(ram, PROMPT[:16], 10)
+        got, gt = greedy(tiered, PROMPT[:16], 10)
+        assert gt == wt and torch.equal(got, want)
+    finally:
+        tiered.hierarchy.close()
