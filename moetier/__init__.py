@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+if "torch" not in sys.modules:  # libgomp reads its wait policy once, when torch loads it
+    from moetier.threads import set_wait_policy
+
+    set_wait_policy()
 
 __version__ = "0.1.0"
 

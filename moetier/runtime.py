@@ -36,6 +36,7 @@ from moetier.weights.safetensors_io import SafetensorsIndex
 
 EMBEDDED_DIR = Path(__file__).parent / "data" / "embedded"
 
+STEP_KINDS = ("decode", "prefill", "batch")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -72,7 +73,7 @@ def load(
     dtype: str | torch.dtype = "auto",
     expert_provider_factory: ExpertProviderFactory | None = None,
     tokenizer: bool = True,
-    threads: int | None = None,
+    threads: int | str | None = None,
     check_finite: bool = True,
     native: bool | None = None,
     hugepages: bool = True,
@@ -87,11 +88,11 @@ def load(
     dtype: "auto" | "float32" | "bfloat16" (weights and activations).
     expert_provider_factory: ``(spec, reader) -> ExpertProvider``; default keeps all in RAM.
     tokenizer: False to skip tokenizer.json (ids-only use).
-    threads: torch intra-op threads. Default: torch's choice (one per physical core), the
-    fastest on an otherwise idle machine (2-core EPYC, 2.4 GB bf16 MoE: 42 tok/s at 2 threads
-    vs 28 at 1). On cores busy with other work pass ``threads=1``: OpenMP workers spin-wait,
-    and on oversubscribed cores 2 threads measured 2-5x slower than 1
-    (``OMP_WAIT_POLICY=PASSIVE`` does not help: sleeping workers wake too slowly for ~50 us ops).
+    threads: CPU threads for torch and the native kernels. ``None`` (default) or ``"auto"``: chosen
+    from the cores this process may use (affinity, cgroup quota) minus those other work is
+    using, and re-chosen while the model runs (:mod:`moetier.threads`): a busy machine costs
+    what it takes, not 10-100x (a 2-thread step waiting for a core another process holds).
+    An int fixes the count (the fastest on an idle machine is one per physical core).
     native: single-token decode steps run in the native kernels (``moetier.native``) when the
     model's blocks are supported; ``None`` = yes unless ``MOETIER_NATIVE=0``; ``False`` = the
     torch path for every step. ``Model.native_reason`` says why a model runs without them.
@@ -115,10 +116,7 @@ def load(
         return tiered.load(path, dtype=dtype, tokenizer=tokenizer, threads=threads, check_finite=check_finite,
                            native=native, hugepages=hugepages, context=context, quantize=quantize,
                            quantize_all=quantize_all, quantize_group=quantize_group, **hierarchy)
-    if threads is not None:
-        if isinstance(threads, bool) or int(threads) < 1:
-            raise ConfigError(f"--threads {threads}: expected a whole number >= 1")
-        torch.set_num_threads(int(threads))
+    auto = _thread_setting(threads)
     d = Path(path) if path is not None else EMBEDDED_DIR
     index: Any
     if d.suffix == ".gguf" and d.is_file():  # llama.cpp's format: spec, tokenizer and tensors from one file
@@ -188,6 +186,9 @@ def load(
             model.native_reason = f"weights stored as {', '.join(missing)} (torch path: dequantized per use)"
         else:
             net.native, model.native_reason = native_decode.build(net)
+    model.auto_threads = auto
+    if auto is not None:
+        auto.update()  # the first choice (the load itself was the sampling window)
     return model
 
 
@@ -203,6 +204,22 @@ def quantized_formats(net: DecoderLM, reader: ExpertReader | None) -> set[str]:
     return fmts
 
 
+def _thread_setting(threads: int | str | None) -> Any:
+    """Apply a fixed ``threads``; for ``None``/``"auto"`` return the process's AutoThreads."""
+    from moetier import threads as mt_threads
+
+    if threads is None or threads == "auto":
+        return mt_threads.auto()  # starts sampling the load now
+    try:
+        n = int(threads)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(threads, bool) or n < 1:
+        raise ConfigError(f"threads: expected a positive int or 'auto', got {threads!r}")
+    torch.set_num_threads(n)
+    return None
+
+
 class Model:
     """A loaded model. Thread-unsafe; one forward at a time."""
 
@@ -214,6 +231,8 @@ class Model:
         self.arena: Any = None  # the huge-page mapping holding the weights, if any
         # positions a sequence may reach: the model's window, or the KV a --max-ram budget reserved
         self.context_limit = int(spec.max_position_embeddings)
+        self.auto_threads: Any = None  # moetier.threads.AutoThreads when threads follow the load
+        self.step_counts = dict.fromkeys(STEP_KINDS, 0)  # forward steps by kind, see compute_paths()
 
     # ----- basics -----
     @property
@@ -246,12 +265,36 @@ class Model:
         Returns [len(items), V] (last new token per sequence) or, with ``all_logits``,
         [total new tokens, V] in item order.
         """
+        if self.auto_threads is not None:
+            self.auto_threads.update()  # re-chosen at most every threads.INTERVAL seconds
         batch = []
         for seq, toks in items:
             t, ids = self._ids(toks)
             batch.append((seq, t))
             seq.tokens.extend(ids)
+        kind = "batch" if len(batch) > 1 else "decode" if batch and batch[0][1].shape[0] == 1 else "prefill"
+        self.step_counts[kind] += 1
         return self.net(batch, all_logits=all_logits)
+
+    def compute_paths(self) -> dict[str, dict[str, Any]]:
+        """Per kind of step -- ``decode`` (one token of one sequence), ``prefill`` (several tokens of
+        one sequence), ``batch`` (several sequences) -- the path it runs on (``native``/``torch``),
+        why not native (``None`` when native), and how many such steps ran."""
+        native = self.net.native is not None
+        why_not = None if native else (self.native_reason or "no native decoder")
+        reasons = {
+            "decode": why_not,
+            "prefill": why_not or "native prefill is not implemented (torch path)",
+            "batch": why_not or "native batched steps are not implemented (torch path)",
+        }
+        return {k: {"path": "native" if reasons[k] is None else "torch", "reason": reasons[k],
+                    "steps": self.step_counts[k]} for k in STEP_KINDS}
+
+    def thread_setting(self) -> dict[str, Any]:
+        """How the thread count is chosen (``auto`` with the measured load, or fixed) and its value."""
+        if self.auto_threads is not None:
+            return self.auto_threads.describe()
+        return {"mode": "fixed", "threads": torch.get_num_threads()}
 
     def warmup(self) -> None:
         """One throwaway single-token forward (first-call allocations / kernel setup), so that

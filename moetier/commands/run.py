@@ -45,14 +45,26 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint directory or llama.cpp .gguf file (default: the embedded model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight/activation precision (auto: bfloat16 for bf16 checkpoints)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch and the native kernels (default: one per physical core, the "
-                   "fastest on an idle machine; on cores busy with other work use 1: spinning workers on "
-                   "shared cores measured 2-5x slower)")
+    p.add_argument("--threads", type=_threads_arg, default=None, metavar="N",
+                   help="CPU threads for torch and the native kernels (default: auto = the cores this process "
+                        "may use minus those other work is using, re-chosen while running; a fixed N is "
+                        "fastest only on an otherwise idle machine)")
     p.add_argument("--no-native", action="store_true",
                    help="decode with the torch path instead of the native kernels (also: MOETIER_NATIVE=0)")
     for add, _ in LOAD_OPTION_HOOKS:
         add(p)
+
+
+def _threads_arg(v: str) -> int | None:
+    if v == "auto":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {v!r}")
+    return n
 
 
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,6 +223,7 @@ def main(args: argparse.Namespace) -> int:
 
     report = run_report(model, res.decode_tokens_per_s)  # weight hierarchy ({} when all in RAM)
     if args.json:
+        paths = model.compute_paths()
         print(json.dumps({
             "text": res.text,
             "finish_reason": res.finish_reason,
@@ -219,8 +232,12 @@ def main(args: argparse.Namespace) -> int:
             "prefill_tokens_per_s": res.prefill_tokens_per_s,
             "decode_tokens_per_s": res.decode_tokens_per_s,
             "peak_rss_bytes": rss,
-            "decode_path": "native" if model.native_reason is None else "torch",
+            "decode_path": paths["decode"]["path"],
             "native_unavailable_reason": model.native_reason,
+            "prefill_path": paths["prefill"]["path"],
+            "prefill_path_reason": paths["prefill"]["reason"],
+            "compute_paths": paths,
+            "threads": model.thread_setting(),
             "native_isa": native_isa(model),
             **report,
         }))

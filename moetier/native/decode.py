@@ -362,15 +362,24 @@ class NativeDecoder:
         return logits
 
 
-def build(net: DecoderLM) -> tuple[NativeDecoder | None, str | None]:
+def build(net: DecoderLM) -> tuple[Any, str | None]:
     """A native decoder for ``net``, or ``(None, reason)``."""
-    reason = unsupported(net)
+    from moetier.native import gpt_oss, llama4, mla
+
+    if mla.is_mla(net):  # the DeepSeek MLA decoders: moetier/native/mla.py
+        reason, make = mla.unsupported(net), mla.MLADecoder
+    elif gpt_oss.is_gpt_oss(net):  # sinks, clamped SwiGLU with biases: moetier/native/gpt_oss.py
+        reason, make = gpt_oss.unsupported(net), gpt_oss.GptOssDecoder
+    elif llama4.is_llama4(net):  # NoPE / chunked layers, sigmoid router on the input: moetier/native/llama4.py
+        reason, make = llama4.unsupported(net), llama4.Llama4Decoder
+    else:
+        reason, make = unsupported(net), NativeDecoder
     if reason is not None:
         return None, reason
     lib = native.library()
     if lib is None:
         return None, native.unavailable_reason()
     try:
-        return NativeDecoder(net, lib), None
+        return make(net, lib), None
     except (ValueError, MemoryError, WeightError) as e:
         return None, str(e)

@@ -147,6 +147,19 @@ def model_metrics_snapshot(model: Any) -> dict[str, Any] | None:
     return out or None
 
 
+def compute_path_families(model: Any) -> list[_Family]:
+    """``moetier_compute_steps_total{kind, path, reason}``: forward steps by kind (decode /
+    prefill / batch), the path that kind runs on (native / torch) and why; never raises."""
+    fam = _Family("moetier_compute_steps_total", "counter",
+                  "Forward steps by kind and the path it runs on (native/torch), with why not native.")
+    try:
+        for kind, p in model.compute_paths().items():
+            fam.add(p["steps"], kind=kind, path=p["path"], reason=p["reason"] or "")
+    except Exception:
+        return []
+    return [fam]
+
+
 class ServeMetrics:
     """Counters and gauges of one server. Thread-safe; cheap to update per step."""
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from moetier.serve.engine import OpenAIServing, RequestHandle
-from moetier.serve.metrics import _Family, model_metrics_snapshot
+from moetier.serve.metrics import _Family, compute_path_families, model_metrics_snapshot
 from moetier.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -221,6 +221,7 @@ async def metrics(request: Request) -> PlainTextResponse:
                 int(s.engine.alive)
             ),
             _Family("moetier_engine_restarts_total", "counter", "Engine thread restarts.").add(s.engine.restarts),
+            *compute_path_families(s.backend.model),
         ],
     )
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

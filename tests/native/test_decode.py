@@ -68,7 +68,6 @@ EXPECT: dict[str, dict[str, list]] = {
     "olmoe_norm_topk": dict(norm_topk=[1, 1], topk=[4, 4]),
 }
 
-UNSUPPORTED = ("deepseek_v2", "deepseek_v3", "gpt_oss", "llama4")
 
 
 # ----------------------------------------------------------------------------------------
@@ -450,17 +449,6 @@ def test_tiered_provider_bit_identical(lib, ckpt, prefetch):
 
 # ----------------------------------------------------------------------------------------
 # 5. unsupported models and switches: torch path, with a reason
-
-
-@pytest.mark.parametrize("family", UNSUPPORTED)
-def test_unsupported_family_falls_back(lib, ckpt, family):
-    path = ckpt(family)
-    m = load(path)
-    assert isinstance(m.native_reason, str) and m.native_reason
-    assert m.net.native is None
-    got, toks, _ = greedy(m, PROMPT, 4)
-    want, toks_t, _ = greedy(load(path, native=False), PROMPT, 4)
-    assert torch.equal(got, want) and toks == toks_t
 
 
 def test_llama_mlp_bias_unsupported(lib, ckpt):

@@ -1,0 +1,304 @@
+"""Single-token decode through the native kernels for the DeepSeek decoder (V2 / V3 / Kimi-K2).
+
+:class:`MLADecoder` runs one new token of one sequence through a ``DeepseekV2``-style
+:class:`~moetier.models.base.DecoderLM` (MLA attention, dense-first layers, grouped
+top-k routing, shared experts): per layer one native call for the attention
+(``csrc/mla.c: mt_mla_attention``: norm, q (``q_proj``, or ``q_a_proj -> norm -> q_b_proj``),
+the latent ``c_kv`` and rotary key written into the sequence's latent cache, attention in the
+latent space with W_UK folded into the query and W_UV applied to the attended latent, o_proj,
+residual, post-attention norm), one for the router (``mt_route_grouped``: softmax or sigmoid
+scores, greedy / group_limited_greedy / noaux_tc with the correction bias, norm_topk_prob,
+routed_scaling_factor), then the routed experts come from the provider as on the torch path
+and one call (``mt_moe``, shared with the generic decoder) runs them plus the shared experts;
+dense layers run ``mt_dense_mlp``. The latent cache is the one the torch path keeps
+(``layers/mla.py``: ``c_kv`` [L, C], ``k_rot`` [L, dr]): prefill and batched steps stay on the
+torch path and share it; no step decompresses it.
+
+Numerics and hooks as in :mod:`moetier.native.decode` (float32 activations, one thread per
+output element, router observers and post-attention-norm pre-hooks kept).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moetier.layers.attention import Sequence, cache_reserve
+from moetier.layers.mla import MLAAttention
+from moetier.layers.mlp import GatedMLP
+from moetier.layers.moe import MoEBlock
+from moetier.layers.norm import RMSNorm
+from moetier.layers.routing import GroupedTopKRouter
+from moetier.native.decode import DT, MAX_TOPK, LayerDesc, _ExpertDescs, _ptr, _silu_glu, _weight
+from moetier.native.weights import MtWeight, describe
+from moetier.quant import QTensor
+
+if TYPE_CHECKING:
+    from moetier.models.base import DecoderLM
+
+METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+MAX_GROUPS = 1024
+MAX_ROPE_DIM = 512
+
+
+class MlaDesc(ctypes.Structure):
+    """Mirror of ``mla_desc`` in csrc/mla.c (keep the field order in sync)."""
+
+    _fields_ = [
+        ("H", ctypes.c_long), ("nh", ctypes.c_long), ("C", ctypes.c_long), ("dn", ctypes.c_long),
+        ("dr", ctypes.c_long), ("dv", ctypes.c_long), ("Rq", ctypes.c_long),
+        ("eps", ctypes.c_float), ("eps_lat", ctypes.c_float), ("scale", ctypes.c_float),
+        ("interleaved", ctypes.c_int),
+        ("ln1", ctypes.c_void_p), ("ln2", ctypes.c_void_p),
+        ("q_w", ctypes.c_void_p), ("qa_w", ctypes.c_void_p), ("qa_b", ctypes.c_void_p), ("qa_norm", ctypes.c_void_p),
+        ("kva_w", ctypes.c_void_p), ("kva_b", ctypes.c_void_p), ("kva_norm", ctypes.c_void_p),
+        ("kvb", ctypes.c_void_p), ("uv", ctypes.c_void_p), ("o_w", ctypes.c_void_p), ("o_b", ctypes.c_void_p),
+    ]
+
+
+class RouteDesc(ctypes.Structure):
+    """Mirror of ``route_desc`` in csrc/mla.c (keep the field order in sync)."""
+
+    _fields_ = [
+        ("E", ctypes.c_long), ("topk", ctypes.c_long), ("n_group", ctypes.c_long), ("topk_group", ctypes.c_long),
+        ("sigmoid", ctypes.c_int), ("method", ctypes.c_int), ("norm_topk", ctypes.c_int),
+        ("scale_after_norm", ctypes.c_int), ("scaling", ctypes.c_float),
+        ("w", ctypes.c_void_p), ("corr", ctypes.c_void_p),
+    ]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    for name, res, args in (
+        ("mt_mla_scratch_new", P, [L, L, L, L, L, L]),
+        ("mt_mla_scratch_free", None, [P]),
+        ("mt_mla_attention", I, [P, P, P, I, P, P, P, L, P, P, I]),
+        ("mt_route_grouped", None, [P, P, I, P, P, P, P, I]),
+    ):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+
+
+def is_mla(net: DecoderLM) -> bool:
+    return any(isinstance(layer.self_attn, MLAAttention) for layer in net.layers)
+
+
+def unsupported(net: DecoderLM) -> str | None:
+    """Why the MLA decoder ``net`` cannot decode natively (``None`` if it can)."""
+    from moetier.models.base import DecoderLayer
+
+    if net.dtype not in DT:
+        return f"dtype {net.dtype}"
+    if net.spec.hidden_act not in ("silu", "swish"):
+        return f"hidden_act {net.spec.hidden_act}"
+    for i, layer in enumerate(net.layers):
+        if type(layer) is not DecoderLayer:
+            return f"layer {i} is a {type(layer).__name__}"
+        a, mlp = layer.self_attn, layer.mlp
+        if type(a) is not MLAAttention:
+            return f"layer {i} attention is a {type(a).__name__}"
+        if a.shape.qk_rope_head_dim > MAX_ROPE_DIM or a.shape.qk_rope_head_dim % 2:
+            return f"layer {i}: qk_rope_head_dim {a.shape.qk_rope_head_dim}"
+        kvb = _weight(a.kv_b_proj)
+        if isinstance(kvb, QTensor) or kvb.dtype != net.dtype:
+            what = kvb.fmt if isinstance(kvb, QTensor) else kvb.dtype
+            return f"layer {i}: kv_b_proj is stored as {what} (the absorbed attention reads plain model-dtype weights)"
+        if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
+            return f"layer {i}: norms are not RMSNorm"
+        if isinstance(mlp, MoEBlock):
+            r = mlp.gate
+            if type(r) is not GroupedTopKRouter:
+                return f"layer {i}: router {type(r).__name__}"
+            if r.top_k > MAX_TOPK:
+                return f"layer {i}: top-k {r.top_k} > {MAX_TOPK}"
+            if r.topk_method not in METHODS or r.scoring_func not in ("softmax", "sigmoid"):
+                return f"layer {i}: routing {r.scoring_func}/{r.topk_method}"
+            if r.n_group > MAX_GROUPS:
+                return f"layer {i}: {r.n_group} expert groups > {MAX_GROUPS}"
+            E = r.weight.shape[0]
+            if r.topk_method != "greedy" and r.n_group > 1 and r.topk_group * (E // r.n_group) < r.top_k:
+                # top-k then picks among masked experts, whose order torch.topk leaves unspecified
+                return f"layer {i}: the {r.topk_group} kept expert groups hold fewer than top-k {r.top_k} experts"
+            if not _silu_glu(mlp) or mlp.shared_expert_gate is not None:
+                return f"layer {i}: expert activation is not SiLU-gated"
+            sh = mlp.shared_expert
+            if sh is not None and (type(sh) is not GatedMLP or sh.act is not torch.nn.functional.silu
+                                   or sh.gate_proj.bias is not None):
+                return f"layer {i}: shared expert is not a bias-free SiLU GatedMLP"
+        elif type(mlp) is GatedMLP:
+            if mlp.act is not torch.nn.functional.silu or mlp.gate_proj.bias is not None:
+                return f"layer {i}: dense MLP is not a bias-free SiLU GatedMLP"
+        else:
+            return f"layer {i}: feed-forward is a {type(mlp).__name__}"
+    return None
+
+
+class MLADecoder:
+    """Native single-token decode for one MLA :class:`DecoderLM` (see the module docstring)."""
+
+    def __init__(self, net: DecoderLM, lib: ctypes.CDLL):
+        _declare(lib)
+        self.net, self.lib = net, lib
+        s = net.spec
+        self.dt = DT[net.dtype]
+        self.H = H = s.hidden_size
+        self.V = s.vocab_size
+        self.keep: list[Any] = []  # descriptors and arrays the layer descriptors point at
+        self.mla: list[MlaDesc] = []
+        self.ffn: list[LayerDesc] = []
+        self.routes: list[RouteDesc | None] = []
+        gu_len, E, topk, nh_max, C_max, dn_max, dr_max, dv_max, Rq_max = 1, 1, 1, 1, 1, 1, 2, 1, 0
+        for i, layer in enumerate(net.layers):
+            a, mlp, sh = layer.self_attn, layer.mlp, layer.self_attn.shape
+            if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
+                raise ValueError(f"layer {i}: input and post-attention norms use different eps")
+            m = MlaDesc()
+            m.H, m.nh, m.C = H, sh.num_heads, sh.kv_lora_rank
+            m.dn, m.dr, m.dv = sh.qk_nope_head_dim, sh.qk_rope_head_dim, sh.v_head_dim
+            m.Rq = a.q_lora_rank or 0
+            m.eps, m.eps_lat, m.scale = layer.input_layernorm.eps, sh.eps, sh.softmax_scale
+            m.interleaved = int(sh.interleaved_rope)
+            m.ln1, m.ln2 = _ptr(layer.input_layernorm.weight), _ptr(layer.post_attention_layernorm.weight)
+            if m.Rq:
+                m.qa_w = self._w(_weight(a.q_a_proj), f"layer {i} q_a_proj")
+                m.qa_b, m.qa_norm = _ptr(a.q_a_proj.bias), _ptr(a.q_a_layernorm.weight)
+                m.q_w = self._w(_weight(a.q_b_proj), f"layer {i} q_b_proj")
+            else:
+                m.q_w = self._w(_weight(a.q_proj), f"layer {i} q_proj")
+            m.kva_w = self._w(_weight(a.kv_a_proj_with_mqa), f"layer {i} kv_a_proj_with_mqa")
+            m.kva_b, m.kva_norm = _ptr(a.kv_a_proj_with_mqa.bias), _ptr(a.kv_a_layernorm.weight)
+            kvb = _weight(a.kv_b_proj)  # [nh (dn + dv), C], plain (see unsupported)
+            m.kvb = _ptr(kvb)
+            uv = (MtWeight * m.nh)()
+            blocks = kvb.view(m.nh, m.dn + m.dv, m.C)
+            for h in range(m.nh):
+                describe(blocks[h, m.dn:], out=uv[h], what=f"layer {i} kv_b_proj (W_UV head {h})")
+            self.keep.append(uv)
+            m.uv = ctypes.addressof(uv)
+            m.o_w, m.o_b = self._w(_weight(a.o_proj), f"layer {i} o_proj"), _ptr(a.o_proj.bias)
+            nh_max, C_max, Rq_max = max(nh_max, m.nh), max(C_max, m.C), max(Rq_max, m.Rq)
+            dn_max, dr_max, dv_max = max(dn_max, m.dn), max(dr_max, m.dr), max(dv_max, m.dv)
+            self.mla.append(m)
+
+            d = LayerDesc()  # the feed-forward half, run by the generic mt_moe / mt_dense_mlp
+            d.H, d.eps = H, layer.input_layernorm.eps
+            dense = mlp if isinstance(mlp, GatedMLP) else getattr(mlp, "shared_expert", None)
+            if dense is not None:
+                d.SI = _weight(dense.gate_proj).shape[0]
+                d.s_gate, d.s_up, d.s_down = (self._w(_weight(dense.gate_proj), f"layer {i} mlp gate_proj"),
+                                              self._w(_weight(dense.up_proj), f"layer {i} mlp up_proj"),
+                                              self._w(_weight(dense.down_proj), f"layer {i} mlp down_proj"))
+            route = None
+            if isinstance(mlp, MoEBlock):
+                r = mlp.gate
+                d.mlp, d.E, d.topk, d.I = 1, r.weight.shape[0], r.top_k, s.expert_intermediate_size
+                route = RouteDesc()
+                route.E, route.topk, route.n_group, route.topk_group = d.E, r.top_k, r.n_group, r.topk_group
+                route.sigmoid = int(r.scoring_func == "sigmoid")
+                route.method = METHODS[r.topk_method]
+                route.norm_topk, route.scale_after_norm = int(r.norm_topk_prob), int(r.scale_after_norm)
+                route.scaling = float(r.scaling)
+                route.w = self._w(r.weight, f"layer {i} router")
+                route.corr = _ptr(r.e_score_correction_bias)
+                if r.n_group > 1 and d.E % r.n_group:
+                    raise ValueError(f"layer {i}: n_group {r.n_group} does not divide {d.E} experts")
+                E, topk = max(E, d.E), max(topk, d.topk)
+                gu_len = max(gu_len, d.topk * 2 * d.I + 2 * d.SI)
+            else:
+                gu_len = max(gu_len, 2 * d.SI)
+            self.ffn.append(d)
+            self.routes.append(route)
+        self.scratch = lib.mt_scratch_new(H, 1, 1, gu_len, topk, E)
+        self.mscratch = lib.mt_mla_scratch_new(nh_max, C_max, dn_max, dr_max, dv_max, Rq_max)
+        if not self.scratch or not self.mscratch:
+            raise MemoryError("native decode: could not allocate scratch buffers")
+        # the scratch's normed hidden state h (struct scratch: long n_scores, then float *h)
+        self.h_ptr = ctypes.c_void_p.from_address(self.scratch + ctypes.sizeof(ctypes.c_long)).value
+        self.x = torch.zeros(H, dtype=torch.float32)  # residual stream [H]
+        self.scores = torch.zeros(E, dtype=torch.float32)
+        self.choice = torch.zeros(E, dtype=torch.float32)
+        self.ids = (ctypes.c_int64 * MAX_TOPK)()
+        self.w = (ctypes.c_float * MAX_TOPK)()
+        self.gu, self.up, self.dn = ((ctypes.c_void_p * MAX_TOPK)() for _ in range(3))
+        self.experts = _ExpertDescs()
+        self.mla_ptrs = [ctypes.addressof(m) for m in self.mla]
+        self.ffn_ptrs = [ctypes.addressof(d) for d in self.ffn]
+        self.route_ptrs = [None if r is None else ctypes.addressof(r) for r in self.routes]
+        self.norm_w, self.norm_eps = _ptr(net.norm.weight), net.norm.eps
+        head = net.embed_tokens if net.lm_head is None else net.lm_head
+        self.out_w = self._w(_weight(head), "output head")
+        self.emb = self._w(_weight(net.embed_tokens), "embed_tokens")
+        self.rotary = type(net.rotary)(net.rotary.inv_freq, net.rotary.attention_factor)  # own float32 tables
+        self.kv_like = [(torch.empty(0, m.C, dtype=net.dtype), torch.empty(0, m.dr, dtype=net.dtype))
+                        for m in self.mla]
+
+    def _w(self, t: torch.Tensor | QTensor, what: str) -> int:
+        d = describe(t, what=what)
+        self.keep.append(d)
+        return ctypes.addressof(d)
+
+    def __del__(self) -> None:
+        lib = getattr(self, "lib", None)
+        if lib is None:
+            return
+        if getattr(self, "scratch", None):
+            lib.mt_scratch_free(self.scratch)
+            self.scratch = None
+        if getattr(self, "mscratch", None):
+            lib.mt_mla_scratch_free(self.mscratch)
+            self.mscratch = None
+
+    def step(self, seq: Sequence, token: int) -> torch.Tensor:
+        """Feed one token to ``seq`` (advancing it); float32 logits [1, V]."""
+        net, lib, dt, H = self.net, self.lib, self.dt, self.H
+        nth = torch.get_num_threads()
+        pos = seq.length
+        x = self.x
+        xp = x.data_ptr()
+        lib.mt_embed(self.emb, token, xp)
+        cos, sin = self.rotary.table(pos + 1, torch.float32)
+        D = cos.shape[1]
+        cp, sp = cos.data_ptr() + 4 * D * pos, sin.data_ptr() + 4 * D * pos
+        observers = net.observers
+        sp_ = self.scratch
+        for i, layer in enumerate(net.layers):
+            C, R = cache_reserve(seq, i, self.kv_like[i], pos + 1, time_dim=0)  # [cap, C], [cap, dr]
+            if lib.mt_mla_attention(self.mla_ptrs[i], self.mscratch, sp_, dt, xp, C.data_ptr(), R.data_ptr(), pos,
+                                    cp, sp, nth):
+                raise MemoryError(f"native decode: no memory for attention scores ({pos + 1} positions)")
+            mlp, norm, desc = layer.mlp, layer.post_attention_layernorm, self.ffn_ptrs[i]
+            if norm._forward_pre_hooks:
+                h = x.view(1, H).to(net.dtype)
+                for hook in list(norm._forward_pre_hooks.values()):
+                    hook(norm, (h,))
+            if type(mlp) is GatedMLP:
+                lib.mt_dense_mlp(desc, sp_, dt, xp, nth)
+                continue
+            d = self.ffn[i]
+            k = d.topk
+            lib.mt_route_grouped(self.route_ptrs[i], self.h_ptr, dt, self.scores.data_ptr(),
+                                 self.choice.data_ptr(), self.ids, self.w, nth)
+            ids = self.ids[:k]
+            if observers:
+                ids_t = torch.tensor([ids], dtype=torch.int64)
+                w_t = torch.tensor([self.w[:k]], dtype=torch.float32).to(net.dtype)
+                for fn in observers:
+                    fn(i, ids_t, w_t)
+            provider = mlp.provider
+            provider.require(i, sorted(set(ids)))
+            gu, up, dn, w, get = self.gu, self.up, self.dn, self.w, self.experts.get
+            if getattr(provider, "stable_gets", False):
+                for j, e in enumerate(ids):
+                    gu[j], up[j], dn[j] = get(provider.get(i, e), i, e, d)
+                lib.mt_moe(desc, sp_, dt, xp, k, gu, up, dn, w, 1, nth)
+            else:  # a get() may recycle the previous one's slot: one expert at a time (same bits)
+                for j, e in enumerate(ids):
+                    gu[0], up[0], dn[0] = get(provider.get(i, e), i, e, d)
+                    lib.mt_moe(desc, sp_, dt, xp, 1, gu, up, dn, ctypes.byref(w, 4 * j), 0, nth)
+                lib.mt_moe(desc, sp_, dt, xp, 0, gu, up, dn, w, 1, nth)
+        seq.length = pos + 1
+        logits = torch.empty(1, self.V, dtype=torch.float32)
+        lib.mt_head(self.norm_w, self.out_w, self.norm_eps, dt, sp_, xp, logits.data_ptr(), nth)
+        return logits
