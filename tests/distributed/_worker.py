@@ -1,8 +1,10 @@
 """One rank of the test job: ``python -m tests.distributed._worker OUT CASES.json`` under a
 torchrun-style environment. For each case every rank loads its share; rank 0 records the
 prefill logits, a greedy decode (tokens, logits) and per-step byte counters, then stops the
-followers. Rank 0 writes everything to OUT (torch.save). Faults: ``"die_after": n`` in a case
-makes rank 1 exit abruptly after serving n MoE layers."""
+followers. Rank 0 writes everything to OUT (torch.save). A start-up refusal (hash mismatch:
+``"model_by_rank": {"1": DIR}``) is recorded as ``{"error": message}`` and the job goes on;
+``"die_after": n`` (last case) makes rank 1 exit abruptly after serving n MoE layers and rank 0
+records the error it gets."""
 
 from __future__ import annotations
 
@@ -22,9 +24,14 @@ def main() -> int:
     results = []
     try:
         for c in cases:
-            placement = make_placement(c["model"], world, c.get("redundant", 0), c.get("placement"),
+            path = c.get("model_by_rank", {}).get(str(rank), c["model"])
+            placement = make_placement(path, world, c.get("redundant", 0), c.get("placement"),
                                        c.get("routing_profile"))
-            model, group = ep.load(c["model"], rank, world, placement, dtype="float32", tokenizer=False, threads=1)
+            try:
+                model, group = ep.load(path, rank, world, placement, dtype="float32", tokenizer=False, threads=1)
+            except ep.DistributedError as e:  # every rank sees a start-up refusal: record it, go on
+                results.append({"error": str(e)})
+                continue
             local = model.provider.local.experts
             mine = set(placement.device_experts[rank])
             assert {e for _, e in local} == mine and len(local) == len(mine) * len(model.spec.moe_layer_ids), \
@@ -35,6 +42,13 @@ def main() -> int:
                     os._exit(3)
                 group.serve(model)
                 continue
+            if c.get("die_after") is not None:  # rank 1 dies mid-generation: the error, not a hang
+                try:
+                    model.generate_ids(c["prompt"], c["new"])
+                    results.append({"error": None})
+                except ep.DistributedError as e:
+                    results.append({"error": str(e)})
+                break
             routed: list = []
             model.add_router_observer(lambda layer, ids, w, routed=routed: routed.append(ids.reshape(-1).tolist()))
             prefill = model.logits(c["prompt"])  # [n, V]

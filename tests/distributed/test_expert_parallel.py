@@ -7,7 +7,6 @@ module pays for one process start-up; the fault test starts its own small job.""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 
@@ -41,6 +40,8 @@ def job(tmp_path_factory):
         {"name": "mixtral", "model": str(mixtral)},
         {"name": "mixtral-r2", "model": str(mixtral), "redundant": 2, "routing_profile": str(skew)},
         {"name": "deepseek_v3-r2", "model": str(dsv3), "redundant": 2},
+        {"name": "mismatch", "model": str(EMBEDDED_DIR), "model_by_rank": {"1": str(mixtral)}},
+        {"name": "dies", "model": str(EMBEDDED_DIR), "die_after": 3},  # last: rank 1 exits
     ]
     n_exp = {c["name"]: moetier.spec.load_spec(c["model"]).num_experts for c in cases}
     for c in cases:
@@ -52,10 +53,13 @@ def job(tmp_path_factory):
         c["prompt"], c["new"] = PROMPT, NEW
     spec_file, out = tmp / "cases.json", tmp / "out.pt"
     spec_file.write_text(json.dumps(cases))
+    t0 = time.monotonic()
     codes = spawn([sys.executable, "-m", "tests.distributed._worker", str(out), str(spec_file)], WORLD,
-                  quiet_followers=False, timeout_s=600)
-    assert codes == [0] * WORLD
-    return {c["name"]: (c, r) for c, r in zip(cases, torch.load(out))}
+                  {"MOETIER_EP_TIMEOUT": "20"}, quiet_followers=False, timeout_s=600)
+    assert codes == [0, 3]  # rank 1 dies in the last case (exit 3); rank 0 reports it and finishes
+    got = torch.load(out)
+    assert len(got) == len(cases)
+    return {c["name"]: (c, r) for c, r in zip(cases, got)} | {"elapsed": time.monotonic() - t0}
 
 
 def reference(c: dict) -> tuple[torch.Tensor, list[int], torch.Tensor]:
@@ -124,16 +128,35 @@ def test_placement_must_cover_every_expert(tmp_path):
     assert pl.load(f, 6, 4) == good
 
 
-def test_a_dead_rank_stops_the_others_with_a_clear_error(tmp_path):
-    cases = [{"model": str(EMBEDDED_DIR), "prompt": PROMPT, "new": NEW, "die_after": 3}]
-    spec_file = tmp_path / "cases.json"
-    spec_file.write_text(json.dumps(cases))
-    cmd = [sys.executable, "-m", "tests.distributed._worker", str(tmp_path / "out.pt"), str(spec_file)]
-    t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-c", "import sys; from moetier.distributed.launch import spawn; "
-                        "print(spawn(sys.argv[1:], 2, {'MOETIER_EP_TIMEOUT': '10'}, quiet_followers=False, "
-                        "timeout_s=240))", *cmd], capture_output=True, text=True, timeout=300)
-    codes = json.loads(p.stdout.strip().splitlines()[-1])
-    assert codes == [2, 3], p.stderr  # rank 1 died (3); rank 0 noticed and exited with the error (2)
-    assert "rank 0: all-to-all with the other ranks failed" in p.stderr and "Traceback" not in p.stderr
-    assert time.monotonic() - t0 < 240
+def test_a_rank_with_another_model_is_refused_at_start(job):
+    _, r = job["mismatch"]
+    assert "ranks [1] were started with a different model, dtype or placement than rank 0" in r["error"]
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_error(job):
+    _, r = job["dies"]
+    assert r["error"] is not None and r["error"].startswith("rank 0: all-to-all with the other ranks failed")
+    assert "a peer rank died" in r["error"] and "\n" not in r["error"]
+
+
+def test_cli_spawns_local_ranks_and_reports_bytes(tmp_path, capfd, monkeypatch):
+    """``moetier run --ep 2 --redundant-experts 4 --json``: the text of the single-process run,
+    rank 0 prints alone, per-rank bytes add up and match the planner's bytes per pair."""
+    from moetier.cli import main
+
+    argv = ["run", "--prompt", "Once upon a time", "--max-tokens", "5", "--dtype", "float32", "--json",
+            "--ep", "2", "--redundant-experts", "4"]
+    monkeypatch.setattr(sys, "argv", ["moetier", *argv])
+    assert main(argv) == 0
+    out = capfd.readouterr().out.strip().splitlines()
+    assert len(out) == 1  # only rank 0 prints
+    d = json.loads(out[0])
+    ref = moetier.load(dtype="float32", native=False, threads=1)
+    assert d["text"] == ref.generate("Once upon a time", max_tokens=5)
+    ep = d["expert_parallel"]
+    assert ep["ranks"] == 2 and len(ep["per_rank"]) == 2
+    r0, rest = ep["per_rank"][0], ep["per_rank"][1:]
+    assert r0["dispatch_bytes_sent"] == sum(r["dispatch_bytes_recv"] for r in rest) == r0["remote_pairs"] * \
+        ep["pair_bytes"] == r0["remote_pairs"] * pair_bytes(256, "fp32")
+    assert r0["combine_bytes_recv"] == sum(r["combine_bytes_sent"] for r in rest)
+    assert all(r["local_pairs"] > 0 for r in rest)  # every rank computed experts
