@@ -25,7 +25,7 @@ Bytes counted (per rank): hidden rows sent to / received from *other* ranks, equ
 ``remote pairs x moetier.planner.cluster.pair_bytes(H, dtype)``; the control and expert-id
 metadata are counted separately (``meta_bytes``).
 
-The dispatch is plugged in without touching the model code: :func:`install` wraps the
+The dispatch is plugged in without touching the model code: :func:`moetier.distributed.rank.install` wraps the
 module-level ``dispatch`` of :mod:`moetier.layers.moe` (and llama4's import of it); the
 wrapper forwards to :meth:`ExpertParallelProvider.dispatch` when a block's provider is one,
 and to the original otherwise. Native decode is off under EP (it bypasses ``dispatch``).
@@ -150,7 +150,7 @@ class EPGroup:
     # ----- expert compute (any rank) -----
     def compute(self, x: torch.Tensor, experts: torch.Tensor, layer: int, provider: Any, glu: Any) -> torch.Tensor:
         """Rows x [n, H] with their expert ids [n] -> unweighted expert outputs [n, H]."""
-        from moetier.distributed import _original_dispatch
+        from moetier.distributed.rank import _original_dispatch
 
         if x.shape[0] == 0:
             return x

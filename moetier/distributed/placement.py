@@ -76,22 +76,11 @@ def contiguous(num_experts: int, ranks: int) -> EPPlacement:
 
 
 def profile_loads(path: str | Path) -> np.ndarray:
-    """Per-expert load summed over layers: moetier's routing_profile.json (``layers[*].counts``)
-    or anything :func:`moetier.planner.eplb.load_profile` reads."""
+    """Per-expert load summed over layers, from anything :func:`moetier.planner.eplb.load_profile`
+    reads (a model's routing_profile.json, a load list, a routing trace)."""
     from moetier.planner import eplb
 
-    p = Path(path)
-    if p.suffix == ".json" and p.is_file():
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"routing profile {p}: not valid JSON ({e})") from None
-        if isinstance(data, dict) and isinstance(data.get("layers"), list):
-            rows = [d.get("counts") for d in data["layers"] if isinstance(d, dict)]
-            if not rows or not all(isinstance(r, list) and r for r in rows) or len({len(r) for r in rows}) != 1:
-                raise ConfigError(f"routing profile {p}: 'layers' entries need equal-length 'counts' lists")
-            return np.asarray(rows, dtype=float).sum(axis=0)
-    a = eplb.load_profile(p)
+    a = eplb.load_profile(path)
     return a.sum(axis=0) if a.ndim == 2 else a
 
 

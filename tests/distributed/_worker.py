@@ -25,8 +25,8 @@ def main() -> int:
     try:
         for c in cases:
             path = c.get("model_by_rank", {}).get(str(rank), c["model"])
-            placement = make_placement(path, world, c.get("redundant", 0), c.get("placement"),
-                                       c.get("routing_profile"))
+            placement = make_placement(path, world, 0 if c.get("placement") else c.get("redundant", 0),
+                                       c.get("placement"), c.get("routing_profile"))
             try:
                 model, group = ep.load(path, rank, world, placement, dtype="float32", tokenizer=False, threads=1)
             except ep.DistributedError as e:  # every rank sees a start-up refusal: record it, go on

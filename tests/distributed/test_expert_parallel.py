@@ -16,7 +16,7 @@ import torch
 import moetier
 import tests.helpers.moe_families  # noqa: F401  (registers deepseek_v3)
 from moetier.distributed import placement as pl
-from moetier.distributed.launch import spawn
+from moetier.distributed.launch import make_placement, spawn
 from moetier.errors import ConfigError
 from moetier.planner.cluster import pair_bytes
 from moetier.runtime import EMBEDDED_DIR
@@ -32,11 +32,12 @@ def job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ep")
     mixtral = make_tiny_checkpoint(tmp, "mixtral", num_local_experts=8)
     dsv3 = make_tiny_checkpoint(tmp, "deepseek_v3")
+    emitted = emit_embedded_placement(tmp / "placement.json")
     skew = tmp / "loads.json"
     skew.write_text(json.dumps({"loads": [40.0, 1.0, 1.0, 25.0, 2.0, 1.0, 9.0, 1.0]}))
     cases = [
         {"name": "embedded", "model": str(EMBEDDED_DIR)},
-        {"name": "embedded-r4", "model": str(EMBEDDED_DIR), "redundant": 4},
+        {"name": "embedded-r4", "model": str(EMBEDDED_DIR), "placement": str(emitted), "redundant": 4},
         {"name": "mixtral", "model": str(mixtral)},
         {"name": "mixtral-r2", "model": str(mixtral), "redundant": 2, "routing_profile": str(skew)},
         {"name": "deepseek_v3-r2", "model": str(dsv3), "redundant": 2},
@@ -60,6 +61,23 @@ def job(tmp_path_factory):
     got = torch.load(out)
     assert len(got) == len(cases)
     return {c["name"]: (c, r) for c, r in zip(cases, got)} | {"elapsed": time.monotonic() - t0}
+
+
+def emit_embedded_placement(path):
+    """``moetier plan EMBEDDED --devices 2 --redundant-experts 4 --emit-placement FILE``."""
+    from moetier.cli import main
+
+    assert main(["plan", str(EMBEDDED_DIR), "--machine", "h100", "--devices", str(WORLD), "--redundant-experts", "4",
+                 "--routing-profile", str(EMBEDDED_DIR / "routing_profile.json"), "--emit-placement", str(path)]) == 0
+    return path
+
+
+def test_plan_emits_the_placement_the_runtime_computes(tmp_path, capsys):
+    f = emit_embedded_placement(tmp_path / "p.json")
+    assert "wrote the expert placement for 2 ranks (4 redundant copies)" in capsys.readouterr().out
+    got = pl.load(f, 32, WORLD)
+    assert got == make_placement(None, WORLD, redundant=4)  # what `moetier run --ep 2 --redundant-experts 4` uses
+    assert sum(len(d) for d in got.device_experts) == 36 and max(len(d) for d in got.device_experts) == 18
 
 
 def reference(c: dict) -> tuple[torch.Tensor, list[int], torch.Tensor]:
