@@ -154,6 +154,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_sampling_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    from moetier.distributed.launch import add_arguments as add_ep_arguments
+
+    add_ep_arguments(p)
     p.set_defaults(func=main)
 
 
@@ -207,8 +210,17 @@ def main(args: argparse.Namespace) -> int:
     import moetier
 
     check_args(args)
+    if getattr(args, "ep", None) is not None:
+        from moetier.distributed.launch import run_main
+
+        return run_main(args, load_kwargs(args), lambda model, extra: generate_and_print(args, model, extra))
     with loading_notice(model_label(args), enabled=False if args.json else None):
         model = moetier.load(args.model_dir, **load_kwargs(args))
+    return generate_and_print(args, model)
+
+
+def generate_and_print(args: argparse.Namespace, model: Any, extra: Any = None) -> int:
+    """Generate and print (``extra()``, if given, adds figures to the report after generating)."""
     ids = model.encode_prompt(args.prompt, chat=args.chat)
     model.warmup()
 
@@ -222,6 +234,8 @@ def main(args: argparse.Namespace) -> int:
     from moetier.weights.tiered import run_report
 
     report = run_report(model, res.decode_tokens_per_s)  # weight hierarchy ({} when all in RAM)
+    if extra is not None:
+        report.update(extra())
     if args.json:
         paths = model.compute_paths()
         print(json.dumps({
@@ -242,13 +256,19 @@ def main(args: argparse.Namespace) -> int:
             **report,
         }))
     else:
-        if report:
+        if "bytes_per_token" in report:
             bpt = report["bytes_per_token"]
             pred = report.get("predicted_decode_tokens_per_s")
             print(f"[hierarchy] hit rate {report['hit_rate'] or 0:.1%}, "
                   f"store {(bpt['store'] or 0) / 1e6:.1f} MB/token, "
                   f"stall {report['stall_seconds']:.2f} s"
                   + (f", planner predicts {pred:.1f} tok/s" if pred else ""), file=sys.stderr)
+        if "expert_parallel" in report:
+            ep = report["expert_parallel"]
+            r0 = ep["per_rank"][0]
+            print(f"[expert parallel] {ep['ranks']} ranks, rank 0 dispatched {r0['dispatch_bytes_sent'] / 1e6:.2f} MB, "
+                  f"combined {r0['combine_bytes_recv'] / 1e6:.2f} MB, communication {r0['comm_s']:.2f} s, "
+                  f"expert compute {r0['compute_s']:.2f} s", file=sys.stderr)
         print()
         print(f"\n[{len(res.prompt_ids)} prompt tokens, {len(res.ids)} generated, finish: {res.finish_reason}] "
               f"prefill {res.prefill_tokens_per_s:.1f} tok/s, decode {res.decode_tokens_per_s:.1f} tok/s, "

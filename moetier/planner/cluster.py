@@ -701,21 +701,35 @@ def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision
     )
 
 
-_PAIR_BYTES = {"fp8": 1.0 + 4.0 / 128, "bf16": 2.0, "fp4": 0.5 + 1.0 / 16}  # per hidden value (+ scales)
+# per hidden value (+ scales); fp32 is what the CPU expert-parallel runtime moves in float32
+_PAIR_BYTES = {"fp8": 1.0 + 4.0 / 128, "bf16": 2.0, "fp4": 0.5 + 1.0 / 16, "fp32": 4.0}
+
+
+def pair_bytes(hidden: int, dtype: str) -> float:
+    """Bytes one token-expert pair moves in one direction of the all-to-all (dispatch or
+    combine): ``hidden`` values in ``dtype`` plus its scales. Shared with the expert-parallel
+    runtime (``moetier.distributed``), whose measured bytes must equal this count."""
+    return hidden * _PAIR_BYTES[dtype]
+
+
+def direct_remote_pairs(top_k: int, ep: int, domain: int = 1) -> tuple[float, float]:
+    """Expected remote token-expert pairs per token in ``direct`` mode (each pair sent to the
+    device owning its expert, experts spread evenly over ``ep`` devices): (crossing scale-out,
+    inside the scale-up domain of ``domain`` devices)."""
+    return top_k * (ep - domain) / ep, top_k * (domain - 1) / ep
 
 
 def _all_to_all(sh: Shape, machine: Machine, fab: Fabrics, lay: Layout, T: float, imb: float,
                 n_mb: int, mode: str) -> CommTerm:
     H = sh.hidden
-    disp = H * _PAIR_BYTES[lay.dispatch_dtype]
-    comb = H * _PAIR_BYTES[lay.combine_dtype]
+    disp = pair_bytes(H, lay.dispatch_dtype)
+    comb = pair_bytes(H, lay.combine_dtype)
     pair = disp + comb
     e = lay.ep
     S = min(_domain(machine), e)
     k = sh.top_k
     if mode == "direct" or S <= 1:
-        out_pairs = k * (e - S) / e
-        up_pairs = k * (S - 1) / e
+        out_pairs, up_pairs = direct_remote_pairs(k, e, S)
     else:
         n_dom = math.ceil(e / S)
         p_hit = _p_domain_hit(n_dom, sh)

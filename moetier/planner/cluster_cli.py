@@ -205,6 +205,9 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     add("--published", action="store_true",
         help="predict every published measurement in moetier/data/published (in-sample and leave-one-chip-out); "
              "MODEL and --machine are not used")
+    add("--emit-placement", default=None, metavar="FILE",
+        help="write the expert placement of this layout (--ep ranks, --redundant-experts copies from "
+             "--routing-profile) as JSON for `moetier run --ep ... --placement FILE`")
     add("--what-if-plot", default=None, metavar="PNG",
         help="write the triangle's shares as one resource is scaled (see --what-if-scale)")
     add("--what-if-scale", default="hbm_bw", choices=("hbm_bw", "flops", "scale_up_bw", "scale_out_bw"),
@@ -308,6 +311,28 @@ def _space_text(sr: Any) -> list[str]:
     return out
 
 
+def emit_placement(spec: ModelSpec, lay: Layout, path: str, routing_profile: str | None) -> str:
+    """Write the layout's expert placement (the runtime's ``moetier.ep_placement/1``): contiguous
+    without copies, else EPLB replicate-and-pack over the routing profile summed over layers."""
+    from moetier.distributed import placement as pl
+
+    if not spec.is_moe:
+        raise ClusterError(f"--emit-placement: {spec.name} has no routed experts")
+    if lay.redundant_experts:
+        if not routing_profile:
+            raise ClusterError("--emit-placement with --redundant-experts needs --routing-profile FILE "
+                               "(which experts are hot)")
+        loads = pl.profile_loads(routing_profile)
+        if loads.shape[-1] != spec.num_experts:
+            raise ClusterError(f"--routing-profile {routing_profile}: {loads.shape[-1]} experts, but {spec.name} "
+                               f"has {spec.num_experts}")
+        placement = pl.from_profile(loads, lay.ep, lay.redundant_experts)
+    else:
+        placement = pl.contiguous(spec.num_experts, lay.ep)
+    placement.save(path)
+    return f"wrote the expert placement for {lay.ep} ranks ({lay.redundant_experts} redundant copies) to {path}"
+
+
 def run_plan_command(args: argparse.Namespace) -> int:
     """``moetier plan MODEL --machine M --devices N ...``: the cluster planner's CLI entry."""
     from moetier.planner import whatif_cluster
@@ -324,6 +349,10 @@ def run_plan_command(args: argparse.Namespace) -> int:
     explain = bool(getattr(args, "explain", False))
     doc: dict[str, Any] = {}
     text: list[str] = []
+    emit = getattr(args, "emit_placement", None)
+    if emit:
+        doc["placement_file"] = emit
+        text.append(emit_placement(spec, lay, emit, getattr(args, "routing_profile", None)))
 
     if getattr(args, "search", False):
         target = getattr(args, "target_tps_per_user", None)

@@ -263,6 +263,7 @@ def load_profile(path: str | Path, *, layer: int | None = None, warmup_repeat: i
     """Per-expert loads from a file: 1-D ``[experts]`` or 2-D ``[layers, experts]``.
 
     Accepts a JSON list of numbers, a JSON object with a ``loads`` list (or ``expert_counts``),
+    a model's ``routing_profile.json`` (``moetier.routing_profile/1``: ``layers[*].counts``),
     the JSON of ``moetier trace stats`` (``per_layer[*].load``, one row per layer), a moetier
     trace ``.npz`` (counts per layer), or a routing trace in the ``.jsonl`` format of
     ``shared/data/routing-traces`` (a ``meta`` line, then ``route`` lines with ``topk_ids``).
@@ -295,6 +296,12 @@ def load_profile(path: str | Path, *, layer: int | None = None, warmup_repeat: i
                 if isinstance(d, dict) and (layer is None or d.get("layer") == layer)]
         if not rows or not all(isinstance(r, list) and r for r in rows) or len({len(r) for r in rows}) != 1:
             raise MoetierError(f"routing profile {p}: 'per_layer' entries need equal-length 'load' lists")
+        return np.stack([_check_loads(r) for r in rows])
+    if isinstance(data, dict) and isinstance(data.get("layers"), list):  # moetier.routing_profile/1
+        rows = [d.get("counts") for d in data["layers"]
+                if isinstance(d, dict) and (layer is None or d.get("layer") == layer)]
+        if not rows or not all(isinstance(r, list) and r for r in rows) or len({len(r) for r in rows}) != 1:
+            raise MoetierError(f"routing profile {p}: 'layers' entries need equal-length 'counts' lists")
         return np.stack([_check_loads(r) for r in rows])
     if isinstance(data, dict):
         data = data.get("loads", data.get("expert_counts"))

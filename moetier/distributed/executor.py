@@ -1,0 +1,319 @@
+"""Expert-parallel MoE execution over ``torch.distributed`` (gloo on CPU).
+
+Batch-1 layout ("rank 0 alone"): rank 0 loads the whole model but only its share of the
+routed experts, runs embeddings, attention, routers, shared experts and the LM head; ranks
+1..P-1 hold only their experts (and, for now, a replicated copy of the always-on weights)
+and run :meth:`EPGroup.serve`. At every MoE layer rank 0 does, with ``all_to_all_single``:
+
+1. control: ``(command, layer, rows)`` to every rank (int64, 3 values per rank);
+2. dispatch: the hidden row of every token-expert pair to the rank owning that expert
+   (variable splits), plus its expert id (int64);
+3. each rank (rank 0 too, for its own share) runs its experts on the rows it received,
+   grouped by expert (:func:`moetier.layers.moe.dispatch` with k = 1 and weight 1);
+4. combine: the unweighted expert outputs go back to rank 0, which applies the top-k
+   weights and sums them exactly like the single-process dispatch (same order).
+
+Top-k weights are applied at the source: this is the planner's ``direct`` all-to-all (one
+row per remote pair each way, DeepEP low-latency style), where applying them at the owner
+saves no combine bytes -- the owner would still return one row per pair -- and would cost a
+weight per pair in the dispatch; at the source the sum happens in the single-process order,
+so float32 logits match bit for bit without replication. Weighting at the owner pays only
+with per-(token, rank) dedup (summing a token's pairs on one rank before the combine), which
+saves ``k - distinct ranks`` rows per token: not done yet.
+
+Bytes counted (per rank): hidden rows sent to / received from *other* ranks, equal to
+``remote pairs x moetier.planner.cluster.pair_bytes(H, dtype)``; the control and expert-id
+metadata are counted separately (``meta_bytes``).
+
+The dispatch is plugged in without touching the model code: :func:`moetier.distributed.rank.install` wraps the
+module-level ``dispatch`` of :mod:`moetier.layers.moe` (and llama4's import of it); the
+wrapper forwards to :meth:`ExpertParallelProvider.dispatch` when a block's provider is one,
+and to the original otherwise. Native decode is off under EP (it bypasses ``dispatch``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moetier.distributed.placement import EPPlacement
+from moetier.errors import MoetierError
+
+CMD_MOE, CMD_STOP = 1, 2
+DEFAULT_TIMEOUT_S = 60.0  # gloo collective timeout: a dead or hung peer -> an error after this
+
+
+class DistributedError(MoetierError):
+    """A rank could not start, or a peer rank died / hung / disagrees (one line, exit 2)."""
+
+
+@dataclass
+class EPStats:
+    """Per-rank counters (bytes: hidden rows to/from *other* ranks; seconds: wall time)."""
+
+    dispatch_bytes_sent: int = 0
+    dispatch_bytes_recv: int = 0
+    combine_bytes_sent: int = 0
+    combine_bytes_recv: int = 0
+    meta_bytes: int = 0  # control + expert ids, both directions
+    remote_pairs: int = 0  # token-expert pairs computed on another rank (rank 0) / for rank 0
+    local_pairs: int = 0  # pairs computed where their token lives / here for rank 0
+    moe_calls: int = 0
+    comm_s: float = 0.0  # inside collectives (includes waiting for the peers)
+    compute_s: float = 0.0  # expert FFNs on this rank
+
+    def vector(self) -> torch.Tensor:
+        return torch.tensor([float(getattr(self, f.name)) for f in fields(self)], dtype=torch.float64)
+
+    @classmethod
+    def from_vector(cls, v: Seq[float]) -> dict[str, Any]:
+        return {f.name: (int(x) if f.type in ("int", int) else float(x)) for f, x in zip(fields(cls), v)}
+
+
+def model_digest(model_dir: str | Path, dtype: torch.dtype, placement: EPPlacement) -> bytes:
+    """sha256 of config.json, every safetensors file's name, size and header, the dtype and the
+    placement: ranks started with a different model or placement disagree here."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    h.update((d / "config.json").read_bytes())
+    for f in sorted(d.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            h.update(f.name.encode() + str(f.stat().st_size).encode() + head + fh.read(min(n, 1 << 24)))
+    h.update(str(dtype).encode())
+    h.update(placement.digest().encode())
+    return h.digest()
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else type(e).__name__
+
+
+@dataclass
+class EPGroup:
+    """This process's place in the expert-parallel job."""
+
+    rank: int
+    world: int
+    placement: EPPlacement
+    stats: EPStats = field(default_factory=EPStats)
+    _rr: dict[tuple[int, int], int] = field(default_factory=dict)
+    _owners: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._owners = self.placement.owners()
+
+    # ----- collectives (every failure becomes one clear line) -----
+    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
+             in_splits: list[int] | None = None) -> None:
+        t0 = time.perf_counter()
+        try:
+            dist.all_to_all_single(out, inp, out_splits, in_splits)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise DistributedError(f"rank {self.rank}: all-to-all with the other ranks failed ({_first_line(e)}); "
+                                   "a peer rank died, hung or was stopped") from None
+        self.stats.comm_s += time.perf_counter() - t0
+
+    def _ctrl(self, send: torch.Tensor) -> torch.Tensor:
+        recv = torch.empty(3 * self.world, dtype=torch.long)
+        self._a2a(recv, send)
+        self.stats.meta_bytes += 8 * 3 * (self.world - 1) * (2 if self.rank == 0 else 0)
+        return recv.view(self.world, 3)
+
+    def check_same(self, digest: bytes) -> None:
+        """Every rank must load the same model, dtype and placement (all-gather of the hash)."""
+        mine = torch.tensor(list(digest), dtype=torch.uint8)
+        got = [torch.empty_like(mine) for _ in range(self.world)]
+        try:
+            dist.all_gather(got, mine)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise DistributedError(f"rank {self.rank}: start-up hash exchange failed ({_first_line(e)})") from None
+        bad = [r for r, g in enumerate(got) if not torch.equal(g, got[0])]
+        if bad:
+            raise DistributedError(
+                f"rank {self.rank}: ranks {bad} were started with a different model, dtype or placement than rank 0 "
+                f"(hash {bytes(got[bad[0]].tolist()).hex()[:12]} vs {bytes(got[0].tolist()).hex()[:12]}); "
+                "start every rank with the same model directory, --dtype and placement")
+
+    # ----- expert compute (any rank) -----
+    def compute(self, x: torch.Tensor, experts: torch.Tensor, layer: int, provider: Any, glu: Any) -> torch.Tensor:
+        """Rows x [n, H] with their expert ids [n] -> unweighted expert outputs [n, H]."""
+        from moetier.distributed.rank import _original_dispatch
+
+        if x.shape[0] == 0:
+            return x
+        t0 = time.perf_counter()
+        y = _original_dispatch(x, experts[:, None], torch.ones(x.shape[0], 1, dtype=x.dtype), layer, provider, glu)
+        self.stats.compute_s += time.perf_counter() - t0
+        return y
+
+    def _owner(self, layer: int, e: int) -> int:
+        own = self._owners[e]
+        if len(own) == 1:
+            return own[0]
+        # replicas: the j-th pair of (layer, e) ever routed goes to copy j mod copies (deterministic)
+        j = self._rr.get((layer, e), 0)
+        self._rr[(layer, e)] = j + 1
+        return own[j % len(own)]
+
+    # ----- rank 0 -----
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
+                 provider: Any, glu: Any) -> torch.Tensor:
+        """The expert-parallel twin of :func:`moetier.layers.moe.dispatch` (rank 0 only)."""
+        T, k = topk_ids.shape
+        P, H = self.world, x.shape[1]
+        flat = topk_ids.reshape(-1)  # [T*k]
+        experts = flat.tolist()
+        dest = [self._owner(layer, e) for e in experts]
+        order = sorted(range(T * k), key=lambda i: (dest[i], experts[i], i))  # pairs by rank, then expert
+        counts = [0] * P
+        for d in dest:
+            counts[d] += 1
+        order_t = torch.tensor(order, dtype=torch.long)
+        send_x = x[order_t // k]  # [T*k, H]
+        send_e = flat[order_t].contiguous()  # [T*k]
+        self._ctrl(torch.tensor([[CMD_MOE, layer, c] for c in counts], dtype=torch.long).reshape(-1))
+        n0 = counts[0]
+        zeros = [0] * P
+        recv_x = torch.empty(n0, H, dtype=x.dtype)
+        recv_e = torch.empty(n0, dtype=torch.long)
+        into0 = [n0] + zeros[1:]
+        self._a2a(recv_x, send_x, into0, counts)
+        self._a2a(recv_e, send_e, into0, counts)
+        y0 = self.compute(recv_x, recv_e, layer, provider, glu)  # [n0, H]
+        y_sent = torch.empty(T * k, H, dtype=x.dtype)
+        self._a2a(y_sent, y0, counts, into0)
+        remote = T * k - n0
+        row = H * x.element_size()
+        s = self.stats
+        s.dispatch_bytes_sent += remote * row
+        s.combine_bytes_recv += remote * row
+        s.meta_bytes += remote * 8
+        s.remote_pairs += remote
+        s.local_pairs += n0
+        s.moe_calls += 1
+        y = torch.empty_like(y_sent)
+        y[order_t] = y_sent  # [T*k, H] in pair order
+        out = torch.zeros_like(x)
+        w = topk_weights.reshape(-1)
+        if T == 1:  # the same sum, in the same order, as the single-process dispatch
+            for j, wj in enumerate(w.tolist()):
+                out.add_(y[j : j + 1], alpha=wj)
+            return out
+        ref = flat.argsort(stable=True)  # single-process order: by expert, then pair
+        out.index_add_(0, ref // k, y[ref] * w[ref, None])
+        return out
+
+    def stop(self) -> list[dict[str, Any]]:
+        """Rank 0: release the followers; returns every rank's stats (index = rank)."""
+        self._ctrl(torch.tensor([[CMD_STOP, 0, 0]] * self.world, dtype=torch.long).reshape(-1))
+        return self._gather_stats()
+
+    # ----- ranks 1..P-1 -----
+    def serve(self, model: Any, max_calls: int | None = None) -> list[dict[str, Any]] | None:
+        """Follower loop: serve rank 0's MoE layers until it says stop (then returns the
+        gathered stats), or after ``max_calls`` layers (returns None)."""
+        blocks = model.net.moe_blocks()
+        provider = model.provider.local if isinstance(model.provider, ExpertParallelProvider) else model.provider
+        zeros = [0] * self.world
+        calls = 0
+        while max_calls is None or calls < max_calls:
+            cmd, layer, n = self._ctrl(torch.zeros(3 * self.world, dtype=torch.long))[0].tolist()
+            if cmd == CMD_STOP:
+                return self._gather_stats()
+            if cmd != CMD_MOE or layer not in blocks:
+                raise DistributedError(f"rank {self.rank}: unexpected command {cmd} for layer {layer} from rank 0")
+            H = model.spec.hidden_size
+            splits = [n] + zeros[1:]
+            x = torch.empty(n, H, dtype=model.dtype)
+            e = torch.empty(n, dtype=torch.long)
+            self._a2a(x, torch.empty(0, H, dtype=model.dtype), splits, zeros)
+            self._a2a(e, torch.empty(0, dtype=torch.long), splits, zeros)
+            with torch.inference_mode():
+                y = self.compute(x, e, layer, provider, blocks[layer].glu)
+            self._a2a(torch.empty(0, H, dtype=model.dtype), y.contiguous(), zeros, splits)
+            row = H * x.element_size()
+            s = self.stats
+            s.dispatch_bytes_recv += n * row
+            s.combine_bytes_sent += n * row
+            s.meta_bytes += n * 8
+            s.local_pairs += n
+            s.moe_calls += 1
+            calls += 1
+        return None
+
+    def _gather_stats(self) -> list[dict[str, Any]]:
+        mine = self.stats.vector()
+        got = [torch.empty_like(mine) for _ in range(self.world)]
+        try:
+            dist.all_gather(got, mine)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise DistributedError(f"rank {self.rank}: gathering the ranks' figures failed "
+                                   f"({_first_line(e)})") from None
+        return [EPStats.from_vector(g.tolist()) for g in got]
+
+
+class ExpertParallelProvider:
+    """A rank's ExpertProvider: its own experts (``local``) plus the group that reaches the
+    others. Blocks holding it dispatch through :meth:`EPGroup.dispatch` (see :func:`install`)."""
+
+    stable_gets = True
+
+    def __init__(self, local: Any, group: EPGroup):
+        self.local, self.group = local, group
+
+    def require(self, layer: int, expert_ids: Seq[int]) -> None:
+        self.local.require(layer, expert_ids)
+
+    def get(self, layer: int, expert: int) -> Any:
+        return self.local.get(layer, expert)
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
+                 glu: Any) -> torch.Tensor:
+        return self.group.dispatch(x, topk_ids, topk_weights, layer, self.local, glu)
+
+
+def env_rank() -> tuple[int, int] | None:
+    """(rank, world size) from torchrun's environment, or None when not launched by it."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise DistributedError(f"RANK={os.environ['RANK']!r} / WORLD_SIZE={os.environ['WORLD_SIZE']!r}: "
+                               "expected integers (as set by torchrun)") from None
+
+
+def init(timeout_s: float | None = None) -> tuple[int, int]:
+    """Join the gloo process group from the torchrun environment (MASTER_ADDR/PORT, RANK,
+    WORLD_SIZE). ``timeout_s`` (default ``MOETIER_EP_TIMEOUT`` or 60 s) bounds every collective."""
+    rw = env_rank()
+    if rw is None:
+        raise DistributedError("--ep auto: RANK / WORLD_SIZE are not set (start with torchrun, or use --ep P "
+                               "to spawn P local ranks)")
+    t = timeout_s if timeout_s is not None else float(os.environ.get("MOETIER_EP_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group("gloo", rank=rw[0], world_size=rw[1], timeout=timedelta(seconds=t))
+        except (RuntimeError, ValueError, dist.DistBackendError) as e:
+            raise DistributedError(f"rank {rw[0]}: could not join the process group at "
+                                   f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+                                   f"({_first_line(e)})") from None
+    return rw
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

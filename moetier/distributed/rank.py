@@ -1,0 +1,67 @@
+"""One rank of an expert-parallel job: :func:`load` is ``moetier.load`` for one rank: the rank keeps only
+the routed experts its placement gives it, and its MoE blocks dispatch through the group
+(:mod:`moetier.distributed.executor`). Rank 0 runs the model; the other ranks call
+``group.serve(model)`` until rank 0 calls ``group.stop()``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetier.distributed.executor import DistributedError, EPGroup, ExpertParallelProvider, model_digest
+from moetier.distributed.placement import EPPlacement, contiguous
+from moetier.layers import moe as _moe
+
+_original_dispatch = _moe.dispatch
+
+
+def _ep_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
+                 provider: Any, glu: Any) -> torch.Tensor:
+    if isinstance(provider, ExpertParallelProvider):
+        return provider.dispatch(x, topk_ids, topk_weights, layer, glu)
+    return _original_dispatch(x, topk_ids, topk_weights, layer, provider, glu)
+
+
+def install() -> None:
+    """Route MoE blocks whose provider is an :class:`ExpertParallelProvider` through the group
+    (other providers: unchanged). Idempotent."""
+    from moetier.models import llama4
+
+    _moe.dispatch = _ep_dispatch
+    llama4.dispatch = _ep_dispatch  # type: ignore[attr-defined]
+
+
+def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement | None = None,
+         dtype: str | torch.dtype = "auto", **kw: Any) -> tuple[Any, EPGroup]:
+    """Load one rank's share of an expert-parallel model (after :func:`init`).
+
+    placement: default contiguous. Checks with the other ranks that all loaded the same model,
+    dtype and placement (raises :class:`DistributedError` otherwise). Native decode is off.
+    """
+    from moetier.models.base import InMemoryExpertProvider
+    from moetier.runtime import EMBEDDED_DIR, resolve_dtype
+    from moetier.runtime import load as load_model
+    from moetier.spec import load_spec
+
+    d = Path(path) if path is not None else EMBEDDED_DIR
+    spec = load_spec(d)
+    if not spec.is_moe:
+        raise DistributedError(f"{d}: not a mixture-of-experts model (expert parallelism needs routed experts)")
+    placement = placement or contiguous(spec.num_experts, world)
+    if placement.ranks != world:
+        raise DistributedError(f"placement has {placement.ranks} ranks, the job has {world}")
+    group = EPGroup(rank, world, placement)
+    group.check_same(model_digest(d, resolve_dtype(dtype, spec), placement))
+    install()
+    mine = sorted(set(placement.device_experts[rank]))
+
+    def factory(spec: Any, reader: Any) -> ExpertParallelProvider:
+        local = InMemoryExpertProvider({(lyr, e): reader.read(lyr, e) for lyr in spec.moe_layer_ids for e in mine})
+        return ExpertParallelProvider(local, group)
+
+    model = load_model(d, dtype=dtype, expert_provider_factory=factory, native=False, **kw)
+    model.native_reason = "off under expert parallelism (the native decoder does not dispatch across ranks)"
+    return model, group

@@ -1,0 +1,83 @@
+"""One rank of the test job: ``python -m tests.distributed._worker OUT CASES.json`` under a
+torchrun-style environment. For each case every rank loads its share; rank 0 records the
+prefill logits, a greedy decode (tokens, logits) and per-step byte counters, then stops the
+followers. Rank 0 writes everything to OUT (torch.save). A start-up refusal (hash mismatch:
+``"model_by_rank": {"1": DIR}``) is recorded as ``{"error": message}`` and the job goes on;
+``"die_after": n`` (last case) makes rank 1 exit abruptly after serving n MoE layers and rank 0
+records the error it gets."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+import moetier.distributed as ep
+from moetier.distributed.launch import make_placement
+
+
+def main() -> int:
+    out, cases = sys.argv[1], json.loads(open(sys.argv[2]).read())
+    rank, world = ep.init(timeout_s=float(os.environ.get("MOETIER_EP_TIMEOUT", "30")))
+    results = []
+    try:
+        for c in cases:
+            path = c.get("model_by_rank", {}).get(str(rank), c["model"])
+            placement = make_placement(path, world, 0 if c.get("placement") else c.get("redundant", 0),
+                                       c.get("placement"), c.get("routing_profile"))
+            try:
+                model, group = ep.load(path, rank, world, placement, dtype="float32", tokenizer=False, threads=1)
+            except ep.DistributedError as e:  # every rank sees a start-up refusal: record it, go on
+                results.append({"error": str(e)})
+                continue
+            local = model.provider.local.experts
+            mine = set(placement.device_experts[rank])
+            assert {e for _, e in local} == mine and len(local) == len(mine) * len(model.spec.moe_layer_ids), \
+                f"rank {rank} holds experts it does not own"
+            if rank != 0:
+                if c.get("die_after") is not None:
+                    group.serve(model, max_calls=c["die_after"])
+                    os._exit(3)
+                group.serve(model)
+                continue
+            if c.get("die_after") is not None:  # rank 1 dies mid-generation: the error, not a hang
+                try:
+                    model.generate_ids(c["prompt"], c["new"])
+                    results.append({"error": None})
+                except ep.DistributedError as e:
+                    results.append({"error": str(e)})
+                break
+            routed: list = []
+            model.add_router_observer(lambda layer, ids, w, routed=routed: routed.append(ids.reshape(-1).tolist()))
+            prefill = model.logits(c["prompt"])  # [n, V]
+            seq = model.new_sequence(capacity=len(c["prompt"]) + c["new"] + 1)
+            logits = model.step([(seq, c["prompt"])])
+            toks, step_logits, steps = [], [], []
+            for _ in range(c["new"]):
+                t = int(logits[0].argmax())
+                toks.append(t)
+                before = dict(vars(group.stats))
+                routed.clear()
+                logits = model.step([(seq, [t])])
+                step_logits.append(logits[0])
+                after = vars(group.stats)
+                steps.append({k: after[k] - before[k] for k in ("dispatch_bytes_sent", "combine_bytes_recv",
+                                                                "remote_pairs", "local_pairs")}
+                             | {"routed": [list(r) for r in routed]})
+            results.append({"prefill": prefill, "tokens": toks, "step_logits": torch.stack(step_logits),
+                            "steps": steps, "per_rank": group.stop(), "placement": placement.to_json(),
+                            "hidden": model.spec.hidden_size})
+        if rank == 0:
+            torch.save(results, out)
+        return 0
+    except ep.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        ep.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Expert parallelism on gloo over loopback: the same logits and greedy tokens as one process,
+the bytes the cluster planner's formula gives, clear errors for bad placements and dead ranks.
+
+One job of two ranks runs every exactness case (ranks load each model in turn), so the
+module pays for one process start-up; the fault test starts its own small job."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+import torch
+
+import moetier
+import tests.helpers.moe_families  # noqa: F401  (registers deepseek_v3)
+from moetier.distributed import placement as pl
+from moetier.distributed.launch import make_placement, spawn
+from moetier.errors import ConfigError
+from moetier.planner.cluster import pair_bytes
+from moetier.runtime import EMBEDDED_DIR
+from tests.helpers import make_tiny_checkpoint
+
+PROMPT = [5, 17, 42, 7, 99, 3, 250, 11, 64, 128]
+NEW = 6
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ep")
+    mixtral = make_tiny_checkpoint(tmp, "mixtral", num_local_experts=8)
+    dsv3 = make_tiny_checkpoint(tmp, "deepseek_v3")
+    emitted = emit_embedded_placement(tmp / "placement.json")
+    skew = tmp / "loads.json"
+    skew.write_text(json.dumps({"loads": [40.0, 1.0, 1.0, 25.0, 2.0, 1.0, 9.0, 1.0]}))
+    cases = [
+        {"name": "embedded", "model": str(EMBEDDED_DIR)},
+        {"name": "embedded-r4", "model": str(EMBEDDED_DIR), "placement": str(emitted), "redundant": 4},
+        {"name": "mixtral", "model": str(mixtral)},
+        {"name": "mixtral-r2", "model": str(mixtral), "redundant": 2, "routing_profile": str(skew)},
+        {"name": "deepseek_v3-r2", "model": str(dsv3), "redundant": 2},
+        {"name": "mismatch", "model": str(EMBEDDED_DIR), "model_by_rank": {"1": str(mixtral)}},
+        {"name": "dies", "model": str(EMBEDDED_DIR), "die_after": 3},  # last: rank 1 exits
+    ]
+    n_exp = {c["name"]: moetier.spec.load_spec(c["model"]).num_experts for c in cases}
+    for c in cases:
+        if c.get("redundant") and not c.get("routing_profile"):
+            if c["model"] != str(EMBEDDED_DIR):  # a made-up skew for the tiny model
+                p = tmp / f"{c['name']}.json"
+                p.write_text(json.dumps({"loads": [float((7 * e) % 5 + 1) for e in range(n_exp[c["name"]])]}))
+                c["routing_profile"] = str(p)
+        c["prompt"], c["new"] = PROMPT, NEW
+    spec_file, out = tmp / "cases.json", tmp / "out.pt"
+    spec_file.write_text(json.dumps(cases))
+    t0 = time.monotonic()
+    codes = spawn([sys.executable, "-m", "tests.distributed._worker", str(out), str(spec_file)], WORLD,
+                  {"MOETIER_EP_TIMEOUT": "20"}, quiet_followers=False, timeout_s=600)
+    assert codes == [0, 3]  # rank 1 dies in the last case (exit 3); rank 0 reports it and finishes
+    got = torch.load(out)
+    assert len(got) == len(cases)
+    return {c["name"]: (c, r) for c, r in zip(cases, got)} | {"elapsed": time.monotonic() - t0}
+
+
+def emit_embedded_placement(path):
+    """``moetier plan EMBEDDED --devices 2 --redundant-experts 4 --emit-placement FILE``."""
+    from moetier.cli import main
+
+    assert main(["plan", str(EMBEDDED_DIR), "--machine", "h100", "--devices", str(WORLD), "--redundant-experts", "4",
+                 "--routing-profile", str(EMBEDDED_DIR / "routing_profile.json"), "--emit-placement", str(path)]) == 0
+    return path
+
+
+def test_plan_emits_the_placement_the_runtime_computes(tmp_path, capsys):
+    f = emit_embedded_placement(tmp_path / "p.json")
+    assert "wrote the expert placement for 2 ranks (4 redundant copies)" in capsys.readouterr().out
+    got = pl.load(f, 32, WORLD)
+    assert got == make_placement(None, WORLD, redundant=4)  # what `moetier run --ep 2 --redundant-experts 4` uses
+    assert sum(len(d) for d in got.device_experts) == 36 and max(len(d) for d in got.device_experts) == 18
+
+
+def reference(c: dict) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    m = moetier.load(c["model"], dtype="float32", tokenizer=False, native=False, threads=1)
+    prefill = m.logits(c["prompt"])
+    seq = m.new_sequence(capacity=len(c["prompt"]) + c["new"] + 1)
+    logits = m.step([(seq, c["prompt"])])
+    toks, steps = [], []
+    for _ in range(c["new"]):
+        t = int(logits[0].argmax())
+        toks.append(t)
+        logits = m.step([(seq, [t])])
+        steps.append(logits[0])
+    return prefill, toks, torch.stack(steps)
+
+
+CASES = ["embedded", "embedded-r4", "mixtral", "mixtral-r2", "deepseek_v3-r2"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_same_logits_and_tokens_as_one_process(job, name):
+    c, r = job[name]
+    prefill, toks, steps = reference(c)
+    assert (r["prefill"] - prefill).abs().max().item() <= 1e-5
+    assert r["tokens"] == toks
+    assert (r["step_logits"] - steps).abs().max().item() <= 1e-5
+    # experts really ran on both ranks, and replicas (if any) were used
+    per = r["per_rank"]
+    assert per[0]["remote_pairs"] > 0 and per[1]["local_pairs"] == per[0]["remote_pairs"]
+    if c.get("redundant"):
+        copies = sum(len(d) for d in r["placement"]["device_experts"])
+        assert copies == moetier.spec.load_spec(c["model"]).num_experts + c["redundant"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bytes_match_the_planner_formula(job, name):
+    c, r = job[name]
+    row = pair_bytes(r["hidden"], "fp32")  # the cluster planner's bytes per pair per direction
+    owner = {e: ranks for e, ranks in enumerate(pl.EPPlacement(
+        r["placement"]["num_experts"], tuple(map(tuple, r["placement"]["device_experts"]))).owners())}
+    for s in r["steps"]:
+        assert s["dispatch_bytes_sent"] == s["remote_pairs"] * row
+        assert s["combine_bytes_recv"] == s["remote_pairs"] * row
+        pairs = sum(len(ids) for ids in s["routed"])
+        assert s["remote_pairs"] + s["local_pairs"] == pairs
+        sure_remote = sum(1 for ids in s["routed"] for e in ids if 0 not in owner[e])
+        sure_local = sum(1 for ids in s["routed"] for e in ids if owner[e] == [0])
+        assert sure_remote <= s["remote_pairs"] <= pairs - sure_local
+        if not c.get("redundant"):
+            assert s["remote_pairs"] == sure_remote
+    per = r["per_rank"]
+    assert per[1]["dispatch_bytes_recv"] == per[0]["dispatch_bytes_sent"]
+    assert per[1]["combine_bytes_sent"] == per[0]["combine_bytes_recv"]
+
+
+def test_placement_must_cover_every_expert(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"format": pl.FORMAT, "num_experts": 4, "device_experts": [[0, 1], [1, 2]]}))
+    with pytest.raises(ConfigError, match=r"placement .*p\.json: experts \[3\] are held by no rank"):
+        pl.load(f, 4, 2)
+    with pytest.raises(ConfigError, match="2 ranks in the file, the job has 3"):
+        pl.load(f, 4, 3)
+    good = pl.contiguous(6, 4)
+    assert good.device_experts == ((0,), (1, 2), (3,), (4, 5))
+    good.save(f)
+    assert pl.load(f, 6, 4) == good
+
+
+def test_a_rank_with_another_model_is_refused_at_start(job):
+    _, r = job["mismatch"]
+    assert "ranks [1] were started with a different model, dtype or placement than rank 0" in r["error"]
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_error(job):
+    _, r = job["dies"]
+    assert r["error"] is not None and r["error"].startswith("rank 0: all-to-all with the other ranks failed")
+    assert "a peer rank died" in r["error"] and "\n" not in r["error"]
+
+
+def test_cli_spawns_local_ranks_and_reports_bytes(tmp_path, capfd, monkeypatch):
+    """``moetier run --ep 2 --redundant-experts 4 --json``: the text of the single-process run,
+    rank 0 prints alone, per-rank bytes add up and match the planner's bytes per pair."""
+    from moetier.cli import main
+
+    argv = ["run", "--prompt", "Once upon a time", "--max-tokens", "5", "--dtype", "float32", "--json",
+            "--ep", "2", "--redundant-experts", "4"]
+    monkeypatch.setattr(sys, "argv", ["moetier", *argv])
+    assert main(argv) == 0
+    out = capfd.readouterr().out.strip().splitlines()
+    assert len(out) == 1  # only rank 0 prints
+    d = json.loads(out[0])
+    ref = moetier.load(dtype="float32", native=False, threads=1)
+    assert d["text"] == ref.generate("Once upon a time", max_tokens=5)
+    ep = d["expert_parallel"]
+    assert ep["ranks"] == 2 and len(ep["per_rank"]) == 2
+    r0, rest = ep["per_rank"][0], ep["per_rank"][1:]
+    assert r0["dispatch_bytes_sent"] == sum(r["dispatch_bytes_recv"] for r in rest) == r0["remote_pairs"] * \
+        ep["pair_bytes"] == r0["remote_pairs"] * pair_bytes(256, "fp32")
+    assert r0["combine_bytes_recv"] == sum(r["combine_bytes_sent"] for r in rest)
+    assert all(r["local_pairs"] > 0 for r in rest)  # every rank computed experts
