@@ -129,9 +129,10 @@ def check_args(args: argparse.Namespace) -> None:
         text_arg(s, "--stop")
         if not s:
             raise MoetierError("--stop: an empty stop string would stop at once")
-    if getattr(args, "model_dir", None) is not None and not Path(args.model_dir).is_dir():
-        raise MoetierError(f"MODEL_DIR {args.model_dir}: not a directory (expected a checkpoint directory with "
-                           "config.json and *.safetensors)")
+    md = getattr(args, "model_dir", None)
+    if md is not None and not Path(md).is_dir() and not (Path(md).suffix == ".gguf" and Path(md).is_file()):
+        raise MoetierError(f"MODEL_DIR {md}: not a directory or a .gguf file (expected a checkpoint directory "
+                           "with config.json and *.safetensors, or a llama.cpp .gguf file)")
     if getattr(args, "max_ram", None) is not None:
         from moetier.weights.plan import parse_bytes
 
