@@ -2,17 +2,23 @@
 
 :class:`NativeDecoder` runs one new token of one sequence through a :class:`DecoderLM`
 whose blocks are the generic ones (llama / mixtral / qwen2_moe / qwen3_moe / olmoe; see
-:func:`unsupported`): per layer, one native call for attention (norm, fused q/k/v, q/k norm,
+:func:`unsupported`): per layer, one native call for attention (norm, q/k/v (fused or not), q/k norm,
 rope, cache write, attention, o_proj, residual, post-attention norm), one for the softmax
 top-k router, then the routed experts come from the model's ``ExpertProvider`` exactly as on
 the torch path (``require`` then ``get``), and one native call runs all of them plus the
 shared expert (one call per expert when the provider may recycle a slot on the next
 ``get``). With every expert in RAM (``InMemoryExpertProvider``), no router observer and no
-norm pre-hook, one native call runs all layers from a table of expert pointers (the same
+norm pre-hook, one native call runs all layers from a table of expert descriptors (the same
 functions in the same order: the same bits, minus ~10 us of Python per layer).
 Prefill and batched steps stay on the torch path; both share the KV cache.
 
-Numerics: activations are float32 throughout (weights and the KV cache stay in the model
+Weights: every matrix is read in its stored format through an ``MtWeight`` descriptor
+(``native/weights.py``): plain float tensors, or QTensors (``QLinear.qweight`` for attention,
+dense and shared-expert projections and the head; experts with a fused or split gate/up; the
+formats in :data:`SUPPORTED_FORMATS`), dequantized in registers. Expert descriptors are
+cached per ``ExpertWeights`` object.
+
+Numerics: activations are float32 throughout (the KV cache, norms and biases stay in the model
 dtype), so in bfloat16 a native step is closer to a float32 reference than the torch bf16
 path, and not bit-identical to it. Each output element is computed by one thread in a fixed
 order: results do not depend on the thread count or on which provider served the experts.
@@ -215,7 +221,7 @@ class NativeDecoder:
                 d.norm_topk, d.route_scale = int(r.norm_topk_prob), float(r.scaling)
                 d.router_w, d.router_b = self._w(r.weight, f"layer {i} router"), _ptr(r.bias)
                 if mlp.shared_expert_gate is not None:
-                    d.s_gate_gate = self._w(mlp.shared_expert_gate.weight, f"layer {i} shared_expert_gate")
+                    d.s_gate_gate = self._w(_weight(mlp.shared_expert_gate), f"layer {i} shared_expert_gate")
                     if mlp.shared_expert_gate.bias is not None:
                         raise ValueError(f"layer {i}: shared expert gate has a bias")
                 E, topk = max(E, d.E), max(topk, d.topk)

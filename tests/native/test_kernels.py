@@ -275,3 +275,20 @@ def test_kernel_rates(lib):
     assert r.weights_per_s == pytest.approx(64 * 512 / r.seconds) and native.isa() == native.isas_supported()[-1]
     rates = measure_all(rows=16, cols=256, formats=("bf16", "mxfp4"), seconds=0.01)
     assert set(rates) == {"bf16", "mxfp4"} and all(v.bytes_per_s > 0 for v in rates.values())
+
+
+def test_bench_kernels_script(lib, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "k.json"
+    assert mod.main(["--rows", "8", "--cols", "256", "--threads", "1,2", "--formats", "q8_0,bf16", "--isas", "scalar",
+                     "--seconds", "0.01", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["format"], r["isa"], r["threads"]) for r in rows] == [
+        ("q8_0", "scalar", 1), ("q8_0", "scalar", 2), ("bf16", "scalar", 1), ("bf16", "scalar", 2)]
+    assert "| q8_0 | scalar | 1 |" in capsys.readouterr().out

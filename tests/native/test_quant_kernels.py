@@ -310,3 +310,19 @@ def test_describe_rejects_bad_layouts(lib):
                          torch.ones(1, 1), block=(128, 128)), what="w")
     with pytest.raises(WeightError, match="the native kernels do not read format 'iq2_xs'"):
         describe(QTensor("iq2_xs", (2, 256), torch.zeros(2, 66, dtype=torch.uint8)), what="w")
+
+
+def test_embed_rows_of_any_format(lib):
+    """mt_embed copies one row of a (quantized) embedding table: the reference values."""
+    gen = torch.Generator().manual_seed(5)
+    data = ggml_blocks("q6_k", 7, 512, gen)
+    ref = ggml_ref("q6_k", data, 512)
+    d = describe(QTensor("q6_k", (7, 512), data, block=(1, 256)))
+    for tok in (0, 3, 6):
+        x = torch.full((512 + 8,), 7.0)
+        lib.mt_embed(ctypes.byref(d), tok, x.data_ptr())
+        assert torch.equal(x[:512], ref[tok]) and (x[512:] == 7.0).all()
+    w = torch.randn(5, 33, generator=gen).to(torch.bfloat16)
+    x = torch.empty(33)
+    lib.mt_embed(ctypes.byref(describe(w)), 4, x.data_ptr())
+    assert torch.equal(x, w[4].float())

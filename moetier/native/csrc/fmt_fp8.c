@@ -16,12 +16,21 @@ static inline float e4m3_to_f32(uint8_t b) {
     return f32_from_bits(s | ((e + 120) << 23) | (m << 20));
 }
 
+static float E4M3[256];
+
+__attribute__((constructor)) static void init_table(void) {
+    for (int b = 0; b < 256; b++) E4M3[b] = e4m3_to_f32((uint8_t)b);
+}
+
 static void dequant(const mt_weight *W, long r, long c0, long n, float *out) {
     const uint8_t *row = (const uint8_t *)mt_row(W, r);
     const void *srow = mt_srow(W, r);
-    for (long i = 0; i < n; i++) {
-        long c = c0 + i;
-        out[i] = e4m3_to_f32(row[c]) * ld_scale(srow, W->sdt, c / W->bcols);
+    long bc = W->bcols;
+    for (long i = 0; i < n;) { /* one scale block at a time */
+        long c = c0 + i, end = (c / bc + 1) * bc - c0;
+        float s = ld_scale(srow, W->sdt, c / bc);
+        if (end > n) end = n;
+        for (; i < end; i++) out[i] = E4M3[row[c0 + i]] * s;
     }
 }
 

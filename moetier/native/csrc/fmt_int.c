@@ -58,6 +58,12 @@ MT_TARGET_AVX2 static inline void rows_avx2_bits(const mt_weight *W, const float
             __m256 s = _mm256_set1_ps(ld_scale(srow, W->sdt, gi));
             __m256i off = _mm256_set1_epi32((bits == 8 ? 128 : 8) + (z ? z[gi] : 0));
             long end = b0 + g < cols ? b0 + g : cols, c = b0;
+            for (; c + 16 <= end; c += 16) { /* 16 values: 16 bytes (int8) or 8 bytes (int4) */
+                __m128i u = bits == 8 ? _mm_loadu_si128((const __m128i *)(row + c))
+                                      : nibbles_interleaved(_mm_loadl_epi64((const __m128i *)(row + c / 2)));
+                a0 = _mm256_fmadd_ps(ints8(u, off, s), _mm256_loadu_ps(x + c), a0);
+                a1 = _mm256_fmadd_ps(ints8(_mm_srli_si128(u, 8), off, s), _mm256_loadu_ps(x + c + 8), a1);
+            }
             for (; c < end; c += 8) {
                 long n = end - c < 8 ? end - c : 8;
                 __m128i u;
@@ -71,7 +77,8 @@ MT_TARGET_AVX2 static inline void rows_avx2_bits(const mt_weight *W, const float
                     }
                 } else {
                     uint32_t t = 0;
-                    memcpy(&t, row + c / 2, (n + 1) / 2);
+                    if (n == 8) memcpy(&t, row + c / 2, 4); /* constant size: one load */
+                    else memcpy(&t, row + c / 2, (n + 1) / 2);
                     u = nibbles_interleaved(_mm_cvtsi32_si128((int)t));
                 }
                 __m256 w = ints8(u, off, s);

@@ -1,6 +1,6 @@
 /* q4_1 (GGUF): 20-byte blocks of 32: float16 d, float16 m, 16 bytes of nibbles (as q4_0);
- * value = d * q + m. Scalar reference only. */
-#include "mt.h"
+ * value = d * q + m. */
+#include "simd.h"
 
 static void dequant(const mt_weight *W, long r, long c0, long n, float *out) {
     const uint8_t *row = (const uint8_t *)mt_row(W, r);
@@ -20,4 +20,30 @@ static void rows_scalar(const mt_weight *W, const float *x, const float *xp, flo
     mt_rows_dequant(W, x, y, r0, r1, dequant);
 }
 
-const mt_fmt mt_fmt_q4_1 = {MT_FMT_Q4_1, "q4_1", {rows_scalar, NULL, NULL}, NULL, NULL, dequant};
+/* ---- vector kernels: the shared GGUF drivers (simd.h) over this format's scales and codes ---- */
+
+MT_TARGET_AVX2 static void scales(const uint8_t *b, float *D, float *M) {
+    uint16_t dh, mh;
+    memcpy(&dh, b, 2);
+    memcpy(&mh, b + 2, 2);
+    D[0] = D[1] = f16_to_f32_c(dh);
+    M[0] = M[1] = f16_to_f32_c(mh);
+}
+
+MT_TARGET_AVX2 static __m128i codes(const uint8_t *b, int t) {
+    return _mm_and_si128(srl8(_mm_loadu_si128((const __m128i *)(b + 4)), 4 * t), _mm_set1_epi8(15));
+}
+
+MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
+                                     long r1) {
+    (void)xp;
+    ggml_rows_avx2(W, x, y, r0, r1, 32, 20, scales, codes);
+}
+
+MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
+                                         long r1) {
+    (void)xp;
+    ggml_rows_avx512(W, x, y, r0, r1, 32, 20, scales, codes);
+}
+
+const mt_fmt mt_fmt_q4_1 = {MT_FMT_Q4_1, "q4_1", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL, dequant};

@@ -1,6 +1,6 @@
 /* q5_0 (GGUF): 22-byte blocks of 32: float16 d, uint32 high bits (bit j = value j's 5th bit),
- * 16 bytes of nibbles (as q4_0); value = d * (q - 16). Scalar reference only. */
-#include "mt.h"
+ * 16 bytes of nibbles (as q4_0); value = d * (q - 16). */
+#include "simd.h"
 
 static void dequant(const mt_weight *W, long r, long c0, long n, float *out) {
     const uint8_t *row = (const uint8_t *)mt_row(W, r);
@@ -21,4 +21,32 @@ static void rows_scalar(const mt_weight *W, const float *x, const float *xp, flo
     mt_rows_dequant(W, x, y, r0, r1, dequant);
 }
 
-const mt_fmt mt_fmt_q5_0 = {MT_FMT_Q5_0, "q5_0", {rows_scalar, NULL, NULL}, NULL, NULL, dequant};
+/* ---- vector kernels: the shared GGUF drivers (simd.h) over this format's scales and codes ---- */
+
+MT_TARGET_AVX2 static void scales(const uint8_t *b, float *D, float *M) {
+    uint16_t dh;
+    memcpy(&dh, b, 2);
+    D[0] = D[1] = f16_to_f32_c(dh);
+    M[0] = M[1] = 0.0f;
+}
+
+MT_TARGET_AVX2 static __m128i codes(const uint8_t *b, int t) {
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    __m128i lo = _mm_and_si128(srl8(_mm_loadu_si128((const __m128i *)(b + 6)), 4 * t), _mm_set1_epi8(15));
+    return _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(bits16(qh, 16 * t), 4)), _mm_set1_epi8(16));
+}
+
+MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
+                                     long r1) {
+    (void)xp;
+    ggml_rows_avx2(W, x, y, r0, r1, 32, 22, scales, codes);
+}
+
+MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
+                                         long r1) {
+    (void)xp;
+    ggml_rows_avx512(W, x, y, r0, r1, 32, 22, scales, codes);
+}
+
+const mt_fmt mt_fmt_q5_0 = {MT_FMT_Q5_0, "q5_0", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL, dequant};

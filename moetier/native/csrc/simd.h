@@ -30,4 +30,78 @@ MT_TARGET_AVX2 static inline __m128i nibbles_interleaved(__m128i b8) {
 
 MT_TARGET_AVX2 static inline float f16_to_f32_c(uint16_t h) { return _cvtsh_ss(h); }
 
+
+/* ------------------------------------------------------------------------------------ */
+/* GGUF block formats: one driver per ISA over a format's two pieces                     */
+/*   scales(block, D, M): per 16-value chunk t of the block, w = D[t] * q + M[t]          */
+/*     (M[t] = -(dmin * m) for "d * q - m" formats, 0 for "d * q" ones: the same value as */
+/*     the reference dequantizer's, bit for bit);                                         */
+/*   codes(block, t): chunk t's 16 signed codes q as int8, in value order.                */
+
+typedef void (*mt_scales_fn)(const uint8_t *b, float *D, float *M);
+typedef __m128i (*mt_codes_fn)(const uint8_t *b, int t);
+
+MT_TARGET_AVX2 static inline void ggml_rows_avx2(const mt_weight *W, const float *x, float *y, long r0, long r1,
+                                                 int bsz, int bbytes, mt_scales_fn scales, mt_codes_fn codes) {
+    long nb = W->cols / bsz;
+    int nch = bsz / 16;
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        for (long i = 0; i < nb; i++, b += bbytes) {
+            float D[16], M[16];
+            scales(b, D, M);
+            const float *xb = x + i * bsz;
+            for (int t = 0; t < nch; t++) {
+                __m128i q = codes(b, t);
+                __m256 d = _mm256_set1_ps(D[t]), m = _mm256_set1_ps(M[t]);
+                __m256 w0 = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))), m);
+                __m256 w1 = _mm256_add_ps(
+                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)))), m);
+                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb + 16 * t), a0);
+                a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 16 * t + 8), a1);
+            }
+        }
+        y[r] = hsum256(_mm256_add_ps(a0, a1));
+    }
+}
+
+MT_TARGET_AVX512 static inline void ggml_rows_avx512(const mt_weight *W, const float *x, float *y, long r0,
+                                                     long r1, int bsz, int bbytes, mt_scales_fn scales,
+                                                     mt_codes_fn codes) {
+    long nb = W->cols / bsz;
+    int nch = bsz / 16;
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        for (long i = 0; i < nb; i++, b += bbytes) {
+            float D[16], M[16];
+            scales(b, D, M);
+            const float *xb = x + i * bsz;
+            for (int t = 0; t < nch; t += 2) {
+                __m128i q0 = codes(b, t), q1 = codes(b, t + 1);
+                __m512 w0 = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(D[t]), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0))),
+                                          _mm512_set1_ps(M[t]));
+                __m512 w1 = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(D[t + 1]),
+                                                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1))),
+                                          _mm512_set1_ps(M[t + 1]));
+                a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + 16 * t), a0);
+                a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16 * t + 16), a1);
+            }
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+}
+
+/* 16 bytes >> s (per 16-bit lane; callers mask) */
+MT_TARGET_AVX2 static inline __m128i srl8(__m128i v, int s) { return _mm_srl_epi16(v, _mm_cvtsi32_si128(s)); }
+
+/* bits j0 .. j0+15 of a uint32 as 16 bytes of 0 / 1 */
+MT_TARGET_AVX2 static inline __m128i bits16(uint32_t qh, int j0) {
+    const __m128i sel = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, (char)128, 1, 2, 4, 8, 16, 32, 64, (char)128);
+    uint32_t h = qh >> j0;
+    __m128i bytes = _mm_unpacklo_epi64(_mm_set1_epi8((char)(h & 0xff)), _mm_set1_epi8((char)((h >> 8) & 0xff)));
+    return _mm_min_epu8(_mm_and_si128(bytes, sel), _mm_set1_epi8(1));
+}
+
 #endif
