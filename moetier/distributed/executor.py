@@ -7,7 +7,7 @@ and run :meth:`EPGroup.serve`. At every MoE layer rank 0 does, with ``all_to_all
 
 1. control: ``(command, layer, rows)`` to every rank (int64, 3 values per rank);
 2. dispatch: the hidden row of every token-expert pair to the rank owning that expert
-   (variable splits), plus its expert id (int64);
+   (variable splits), its expert id (int64) appended to the row's bytes (:func:`pack`);
 3. each rank (rank 0 too, for its own share) runs its experts on the rows it received,
    grouped by expert (:func:`moetier.layers.moe.dispatch` with k = 1 and weight 1);
 4. combine: the unweighted expert outputs go back to rank 0, which applies the top-k
@@ -78,6 +78,18 @@ class EPStats:
     @classmethod
     def from_vector(cls, v: Seq[float]) -> dict[str, Any]:
         return {f.name: (int(x) if f.type in ("int", int) else float(x)) for f, x in zip(fields(cls), v)}
+
+
+def pack(x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Rows x [n, H] and their expert ids [n] (int64) as one byte tensor [n, H*bytes + 8]:
+    one dispatch collective instead of two (the bytes of x are sent unchanged)."""
+    return torch.cat([x.contiguous().view(torch.uint8),  # [n, H*bytes]
+                      experts.to(torch.long)[:, None].contiguous().view(torch.uint8)], dim=1)  # [n, 8]
+
+
+def unpack(b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack`: ([n, H] in ``dtype``, [n] int64)."""
+    return b[:, :-8].contiguous().view(dtype), b[:, -8:].reshape(-1).clone().view(torch.long)  # fresh: offset 0
 
 
 def model_digest(model_dir: str | Path, dtype: torch.dtype, placement: EPPlacement) -> bytes:
@@ -182,17 +194,14 @@ class EPGroup:
         for d in dest:
             counts[d] += 1
         order_t = torch.tensor(order, dtype=torch.long)
-        send_x = x[order_t // k]  # [T*k, H]
-        send_e = flat[order_t].contiguous()  # [T*k]
+        send = pack(x[order_t // k], flat[order_t])  # [T*k, H*bytes + 8] uint8
         self._ctrl(torch.tensor([[CMD_MOE, layer, c] for c in counts], dtype=torch.long).reshape(-1))
         n0 = counts[0]
         zeros = [0] * P
-        recv_x = torch.empty(n0, H, dtype=x.dtype)
-        recv_e = torch.empty(n0, dtype=torch.long)
+        recv = torch.empty(n0, send.shape[1], dtype=torch.uint8)
         into0 = [n0] + zeros[1:]
-        self._a2a(recv_x, send_x, into0, counts)
-        self._a2a(recv_e, send_e, into0, counts)
-        y0 = self.compute(recv_x, recv_e, layer, provider, glu)  # [n0, H]
+        self._a2a(recv, send, into0, counts)
+        y0 = self.compute(*unpack(recv, x.dtype), layer, provider, glu)  # [n0, H]
         y_sent = torch.empty(T * k, H, dtype=x.dtype)
         self._a2a(y_sent, y0, counts, into0)
         remote = T * k - n0
@@ -237,10 +246,10 @@ class EPGroup:
                 raise DistributedError(f"rank {self.rank}: unexpected command {cmd} for layer {layer} from rank 0")
             H = model.spec.hidden_size
             splits = [n] + zeros[1:]
-            x = torch.empty(n, H, dtype=model.dtype)
-            e = torch.empty(n, dtype=torch.long)
-            self._a2a(x, torch.empty(0, H, dtype=model.dtype), splits, zeros)
-            self._a2a(e, torch.empty(0, dtype=torch.long), splits, zeros)
+            width = H * torch.empty(0, dtype=model.dtype).element_size() + 8
+            recv = torch.empty(n, width, dtype=torch.uint8)
+            self._a2a(recv, torch.empty(0, width, dtype=torch.uint8), splits, zeros)
+            x, e = unpack(recv, model.dtype)
             with torch.inference_mode():
                 y = self.compute(x, e, layer, provider, blocks[layer].glu)
             self._a2a(torch.empty(0, H, dtype=model.dtype), y.contiguous(), zeros, splits)
