@@ -25,6 +25,7 @@ import argparse
 import mmap
 import os
 import random
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     depths = {"qd1": 1} | {f"split{s}": int(s) for s in a.splits.split(",") if s}
     pool = ThreadPoolExecutor(max(depths.values()), thread_name_prefix="bench-io")
     rng = random.Random(0)
+    ratios: dict[tuple[str, int, str], list[float]] = {}
+    speeds: dict[tuple[str, int, str], list[float]] = {}
     try:
         where = [("host", 0)] + ([("cgroup", a.cgroup_mb)] if a.cgroup_mb else [])
         for rnd in range(a.rounds):
@@ -190,8 +193,15 @@ def main(argv: list[str] | None = None) -> None:
                     else:
                         res = measure(path, size, n, a.reads, depths, pool, rng)
                     base = res["qd1"]
+                    for k, v in res.items():
+                        ratios.setdefault((label, n, k), []).append(v / base)
+                        speeds.setdefault((label, n, k), []).append(v)
                     print(f"round {rnd} {label:6s} {n / 2**20:5.1f} MiB  " + "  ".join(
                         f"{k} {v / 1e9:.2f} GB/s (x{v / base:.2f})" for k, v in res.items()), flush=True)
+        print("median over rounds (GB/s, ratio to qd1 in the same round):")
+        for (label, n, k), r in ratios.items():
+            print(f"  {label:6s} {n / 2**20:5.1f} MiB {k:7s} {statistics.median(speeds[label, n, k]) / 1e9:.2f} GB/s "
+                  f"x{statistics.median(r):.2f}")
     finally:
         pool.shutdown()
         path.unlink()

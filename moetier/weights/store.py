@@ -18,7 +18,11 @@ QTensor's data / scale / zero parts), read through the reader (``reader.read``) 
   holds (under a cgroup memory cap the page cache is charged to the process);
   ``io="direct"`` opens the files with ``O_DIRECT`` and reads aligned blocks into a
   per-thread aligned bounce buffer (no page cache at all), falling back to buffered reads
-  where the file system refuses it; ``io="auto"`` tries direct first;
+  where the file system refuses it; ``io="auto"`` tries direct first. A direct read keeps up
+  to ``io_depth`` aligned chunks in flight (:func:`read_aligned`; one ``preadv`` at queue depth
+  1 left a virtio/NVMe device idle between requests and serialised the bounce->slot copy after
+  the read: ``bench/bench_store_io.py`` measures ~1.4x with 4 chunks), and each chunk is copied
+  into the slot by the thread that read it, overlapping the other chunks' reads;
 * nothing is memory-mapped.
 
 When the checkpoint dtype differs from the runtime dtype the bytes go through a per-thread
