@@ -6,7 +6,8 @@
   larger than the caches, all cores via torch's intra-op threads),
 * disk read bandwidth with ``O_DIRECT`` on a temporary file written in the cache dir (so the
   page cache is bypassed; falls back to ``posix_fadvise(DONTNEED)`` where O_DIRECT is not
-  supported, and says so in ``disk_method``),
+  supported, and says so in ``disk_method``), read with the expert store's pattern (shuffled
+  expert-sized blocks, aligned chunks in flight; in the caller's cgroup, like the store),
 * cores, RAM, free disk space,
 * dense matmul FLOP/s in fp32 and bf16 through torch.
 
@@ -23,17 +24,20 @@ import json
 import mmap
 import os
 import platform
+import random
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moetier.errors import MoetierError
 from moetier.planner.hardware import Efficiency, Machine, MemoryTier
+from moetier.weights.store import DEFAULT_IO_DEPTH, read_aligned
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: disk read with the store's pattern (read_aligned, shuffled blocks)
 STALE_SECONDS = 7 * 86400  # a cached probe older than this is measured again
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which a probe is "under load"
 
@@ -82,7 +86,9 @@ def measure_memory_bw(nbytes: int, repeats: int) -> float:
 
 
 def measure_disk_bw(directory: Path, nbytes: int, block: int) -> tuple[float, str]:
-    """Sequential read bandwidth (bytes/s) of a fresh temp file, page cache bypassed."""
+    """Read bandwidth (bytes/s) of a fresh temp file, page cache bypassed, read the way
+    :class:`~moetier.weights.store.ExpertStore` reads experts: ``block``-sized ranges in shuffled
+    order, each as up to ``DEFAULT_IO_DEPTH`` aligned chunks in flight (``read_aligned``)."""
     directory.mkdir(parents=True, exist_ok=True)
     block = max(4096, block - block % 4096)
     nbytes = max(block, nbytes - nbytes % block)
@@ -111,18 +117,23 @@ def measure_disk_bw(directory: Path, nbytes: int, block: int) -> tuple[float, st
         try:
             if method != "O_DIRECT" and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
+            # the expert store's pattern: blocks in shuffled order, each as aligned chunks in flight
+            order = list(range(nbytes // block))
+            random.Random(0).shuffle(order)
+            depth = DEFAULT_IO_DEPTH if method == "O_DIRECT" else 1
+            pool = ThreadPoolExecutor(max(1, depth - 1))
             t0 = time.perf_counter()
-            off = 0
-            while off < nbytes:
-                got = os.preadv(rfd, [buf], off)
-                if got <= 0:
-                    break
-                off += got
+            got = 0
+            try:
+                for i in order:
+                    got += read_aligned(rfd, memoryview(buf), i * block, block, pool, depth)
+            finally:
+                pool.shutdown()
             dt = time.perf_counter() - t0
         finally:
             os.close(rfd)
             buf.close()
-        return off / max(dt, 1e-9), method
+        return got / max(dt, 1e-9), method
     finally:
         try:
             os.unlink(name)

@@ -12,7 +12,7 @@ import torch
 
 import moetier
 from moetier.errors import WeightError
-from moetier.weights import tiered
+from moetier.weights import store, tiered
 from tests.helpers import make_tiny_checkpoint
 
 PROMPT = list(range(5, 30))
@@ -25,8 +25,16 @@ def ckpt(tmp_path):
     return path, ref.logits(PROMPT)
 
 
+@pytest.fixture(params=["whole", "split"])
+def chunks(request, monkeypatch):
+    """``split``: every direct read goes as one-block chunks in flight (tiny experts split too)."""
+    if request.param == "split":
+        monkeypatch.setattr(store, "MIN_CHUNK", store.ALIGN)
+    return request.param
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_truncated_shard_mid_run(ckpt, tmp_path, prefetch):
+def test_truncated_shard_mid_run(ckpt, tmp_path, prefetch, chunks):
     path, logits0 = ckpt
     shard = path / "model.safetensors"
     backup = tmp_path / "backup.safetensors"
@@ -55,7 +63,7 @@ def test_truncated_shard_mid_run(ckpt, tmp_path, prefetch):
         m.hierarchy.close()
 
 
-def test_io_error_names_expert_and_file(ckpt, monkeypatch):
+def test_io_error_names_expert_and_file(ckpt, monkeypatch, chunks):
     path, logits0 = ckpt
     m = tiered.load(path, policy="lru", cache_slots=1, prefetch=False)
     real = os.preadv

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 import moetier
 from moetier.errors import WeightError
+from moetier.weights import store as store_mod
 from moetier.weights.cache import SlotPool
-from moetier.weights.store import ALIGN, ExpertStore, SlotLayout
+from moetier.weights.store import ALIGN, ExpertStore, SlotLayout, read_aligned
 from tests.helpers import make_tiny_checkpoint
 from tests.helpers.checkpoints import fuse_experts
 
@@ -70,3 +75,94 @@ def test_unknown_expert_and_bad_io_mode(tmp_path):
     store = ExpertStore(m.expert_reader)
     with pytest.raises(WeightError, match="layer 0 expert 99: no such routed expert"):
         store.pieces(0, 99)
+
+
+def test_bad_io_depth(tmp_path):
+    path = make_tiny_checkpoint(tmp_path, "qwen3_moe", num_hidden_layers=2)
+    m = moetier.load(path)
+    with pytest.raises(WeightError, match="io_depth 0"):
+        ExpertStore(m.expert_reader, io_depth=0)
+
+
+def _data_file(tmp_path, nbytes):
+    data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    f = tmp_path / "data.bin"
+    f.write_bytes(data.numpy().tobytes())
+    return f, data
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 8])
+def test_read_aligned_chunks_cover_the_range_once(tmp_path, depth, monkeypatch):
+    monkeypatch.setattr(store_mod, "MIN_CHUNK", ALIGN)
+    f, data = _data_file(tmp_path, 40 * ALIGN)
+    fd = os.open(f, os.O_RDONLY)
+    pool = ThreadPoolExecutor(max(1, depth - 1))
+    try:
+        buf = mmap.mmap(-1, 64 * ALIGN)
+        seen = []
+        got = read_aligned(fd, memoryview(buf), 3 * ALIGN, 31 * ALIGN, pool, depth,
+                           lambda lo, hi: seen.append((lo, hi)))
+        assert got == 31 * ALIGN
+        out = torch.frombuffer(buf, dtype=torch.uint8)
+        assert torch.equal(out[: 31 * ALIGN], data[3 * ALIGN : 34 * ALIGN])
+        seen.sort()  # disjoint chunks covering [0, 31 * ALIGN) exactly, each reported once
+        assert seen[0][0] == 0 and seen[-1][1] == 31 * ALIGN
+        assert all(a[1] == b[0] for a, b in zip(seen, seen[1:]))
+        assert len(seen) == min(depth, 31)
+        # past the end of the file: the contiguous prefix that exists
+        assert read_aligned(fd, memoryview(buf), 30 * ALIGN, 20 * ALIGN, pool, depth) == 10 * ALIGN
+        del out
+        buf.close()
+    finally:
+        os.close(fd)
+        pool.shutdown()
+
+
+def test_read_aligned_waits_for_every_chunk_before_raising(tmp_path, monkeypatch):
+    """An error in one chunk is raised only after every other chunk has returned (nothing writes
+    into the buffer after the call)."""
+    monkeypatch.setattr(store_mod, "MIN_CHUNK", ALIGN)
+    f, _ = _data_file(tmp_path, 16 * ALIGN)
+    real = os.preadv
+    finished = []
+
+    def preadv(fd, bufs, offset, *a):
+        if offset == 4 * ALIGN:
+            raise OSError(errno.EIO, "Input/output error")
+        time.sleep(0.05)
+        n = real(fd, bufs, offset, *a)
+        finished.append(offset)
+        return n
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    fd = os.open(f, os.O_RDONLY)
+    pool = ThreadPoolExecutor(3)
+    try:
+        buf = mmap.mmap(-1, 16 * ALIGN)
+        with pytest.raises(OSError, match="Input/output"):
+            read_aligned(fd, memoryview(buf), 0, 16 * ALIGN, pool, 4)
+        assert sorted(finished) == [0, 8 * ALIGN, 12 * ALIGN]
+    finally:
+        os.close(fd)
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("depth", [1, 4])
+def test_split_direct_reads_equal_reader(tmp_path, fused, depth, monkeypatch):
+    """Experts read as several aligned chunks in flight (chunks shrunk to one block so tiny experts
+    split) are bit-identical to the reader's."""
+    monkeypatch.setattr(store_mod, "MIN_CHUNK", ALIGN)
+    path = make_tiny_checkpoint(tmp_path, "qwen3_moe", num_hidden_layers=2, num_experts=4,
+                                moe_intermediate_size=96, hidden_size=128)
+    if fused:
+        fuse_experts(path)
+    m = moetier.load(path)
+    store = ExpertStore(m.expert_reader, io="direct", io_depth=depth)
+    pool = SlotPool(1, store.layout.slot_bytes)
+    for layer in m.spec.moe_layer_ids:
+        for e in range(m.spec.num_experts):
+            w = store.read_into(layer, e, pool.slot(0))
+            r = m.expert_reader.read(layer, e)
+            assert torch.equal(w.gate_up, r.gate_up) and torch.equal(w.down, r.down)
+    store.close()
