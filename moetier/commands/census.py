@@ -24,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="catalog name (see `moetier models`), config.json or model dir")
     p.add_argument(
         "--precision",
-        default="bf16",
-        help="bf16 (default) | fp16 | fp32 | fp8 | int8 | int4 | int4:g32 | fp4 | nvfp4 | "
+        default=None,
+        help="default: bf16, or 'checkpoint' for a quantized local checkpoint; "
+        "bf16 | fp16 | fp32 | fp8 | int8 | int4 | int4:g32 | fp4 | nvfp4 | "
         "mixed:attention=bf16,experts=int4,... | checkpoint (the stored format: a catalog model's, or a "
         "local directory's read from its files, with its real stored bytes per group)",
     )
@@ -146,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     spec = resolve_model(args.model)
     cat = _catalog_name(args.model)
     precision = args.precision
+    if precision is None:  # a quantized local checkpoint is counted in its stored format
+        precision = "checkpoint" if cat is None and Path(args.model).is_dir() and spec.quantization else "bf16"
     stored = None
     if precision == "checkpoint" and cat is None and Path(args.model).is_dir():
         stored = stored_census(args.model, spec)

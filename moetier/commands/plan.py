@@ -36,8 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--context", type=int, default=roofline.DEFAULT_CONTEXT,
                    help=f"tokens in each sequence's KV cache / prompt length (default {roofline.DEFAULT_CONTEXT})")
-    p.add_argument("--precision", default="bf16",
-                   help="bf16 | fp8 | int8 | int4 | fp4 | fp32 | mixed:attention=bf16,experts=int4 | "
+    p.add_argument("--precision", default=None,
+                   help="default: bf16, or the stored format for a quantized local checkpoint; "
+                   "bf16 | fp8 | int8 | int4 | fp4 | fp32 | mixed:attention=bf16,experts=int4 | "
                    "checkpoint (the stored format: a catalog model's, or read from a local directory's files)")
     p.add_argument("--fast-mem", default=None, metavar="BYTES",
                    help="cap the fast tiers' capacity, e.g. 24GB")
@@ -84,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _precision(args: argparse.Namespace) -> str:
+    if args.precision is None:  # a quantized local checkpoint plans at its stored format
+        args.precision = "checkpoint" if _quantized_dir(args.model) else "bf16"
     if args.precision != "checkpoint":
         return args.precision
     from pathlib import Path
@@ -99,6 +102,16 @@ def _precision(args: argparse.Namespace) -> str:
         raise ConfigError(f"--precision checkpoint: {args.model!r} is not a catalog model or a model directory; "
                           "give a precision such as bf16, fp8, int4 or mixed:experts=fp4")
     return catalog.entry(args.model).checkpoint_precision
+
+
+def _quantized_dir(model: str) -> bool:
+    from pathlib import Path
+
+    if not Path(model).is_dir():
+        return False
+    from moetier.spec import load_spec
+
+    return load_spec(model).quantization is not None
 
 
 def _cluster(args: argparse.Namespace) -> int:

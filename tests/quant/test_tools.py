@@ -44,9 +44,12 @@ def test_census_checkpoint_precision_reports_stored_bytes(tmp_path, mtp):
         assert abs(d["groups"][g]["bytes"] - d["stored_bytes"][g]) <= 0.05 * d["stored_bytes"][g]
     r = _cli("census", str(ck), "--precision", "checkpoint")
     assert r.returncode == 0 and "stored (files)" in r.stdout
-    r = _cli("plan", str(ck), "--machine", "h100", "--precision", "checkpoint", "--json")
-    assert r.returncode == 0, r.stderr
-    assert "fp8" in json.loads(r.stdout)["precision"]
+    r = _cli("census", str(ck))  # a quantized directory defaults to its stored format
+    assert r.returncode == 0 and "stored (files)" in r.stdout and "attention=fp8" in r.stdout
+    for extra in (["--precision", "checkpoint"], []):
+        r = _cli("plan", str(ck), "--machine", "h100", "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        assert "attention=fp8" in json.loads(r.stdout)["precision"]
 
 
 def test_quantize_command_round_trip(tmp_path):
