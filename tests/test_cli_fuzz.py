@@ -144,7 +144,7 @@ def test_specific_traps_are_one_line_errors(stubs, tmp_path):
     bad_file.write_bytes(b"ok\n\xff\xfe bad\n")
     cases = [
         (["run", "--prompt", "ab\udcff"], "--prompt: not valid UTF-8 text (byte 0xff"),
-        (["run", "--prompt", "x", "--threads", "0"], "--threads 0"),
+        (["run", "--prompt", "x", "--threads", "0"], "--threads: expected a positive integer or 'auto', got '0'"),
         (["run", "--prompt", "x", "--max-tokens", "-5"], "--max-tokens -5"),
         (["run", "--prompt", "x", "--top-p", "0"], "--top-p"),
         (["run", "--prompt", "x", "--expert-cache", "2"], "did you mean '2GB'"),

@@ -2,7 +2,8 @@
 subcommands' ``--help`` examples runs as written (issue 12): exit 0, no traceback.
 
 They run in order (the tour's trace is recorded before it is analysed) in a temporary
-directory that sees the repository's ``examples/`` and ``moetier/`` (the paths the tour uses),
+directory that sees the repository's ``examples/``, ``moetier/`` and ``tests/`` (the paths the tour
+uses: ``tests/data/gguf`` holds the tiny GGUF it runs),
 with a private probe cache (``MOETIER_CACHE_DIR``) so the user's is not touched. Skipped: the
 venv setup (``. .venv/bin/activate``), ``./scripts/test`` (this suite) and the install-from-wheel
 lines (``pip install ...``, ``python -m build ...``: tests/test_wheel.py builds, installs and runs
@@ -140,7 +141,7 @@ def test_commands_are_found():
 
 @pytest.mark.slow
 def test_every_documented_command_runs(tmp_path):
-    for name in ("examples", "moetier"):
+    for name in ("examples", "moetier", "tests"):
         (tmp_path / name).symlink_to(ROOT / name)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MOETIER_CACHE_DIR": str(tmp_path / "cache")}
     failures = []

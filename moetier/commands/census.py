@@ -125,6 +125,12 @@ def resolve_precision(model: str, precision: str | None, spec: Any) -> tuple[str
                       "give a precision such as bf16, fp8, int4 or mixed:experts=fp4")
 
 
+def has_weights(model: str) -> bool:
+    """A local checkpoint directory with safetensors files (a bare config.json has no stored bytes)."""
+    p = Path(model)
+    return p.is_dir() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists())
+
+
 def _catalog_name(model: str) -> str | None:
     if Path(model).exists():
         return None
@@ -226,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         precision, source = "checkpoint", "as stored (GGUF block types)"
         c = file_census(args.model, census(spec, "bf16"))
     else:
-        if cat is None and Path(args.model).is_dir() and args.precision in (None, "checkpoint"):
+        if cat is None and has_weights(args.model) and args.precision in (None, "checkpoint"):
             stored = stored_census(args.model, spec)  # the files' real bytes per group
             precision, source = checkpoint_precision(args.model, spec, stored), "as stored"
             if not stored.has_mtp:  # MTP layers in config.json but not in the files: nothing stored

@@ -97,7 +97,9 @@ def _precision(args: argparse.Namespace) -> str:
         return args.precision
     from moetier.commands.census import resolve_precision
 
-    if Path(args.model).is_dir():
+    from moetier.commands.census import has_weights
+
+    if has_weights(args.model):
         from moetier.spec import load_spec
         from moetier.weights.stored import checkpoint_precision
 

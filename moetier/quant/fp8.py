@@ -41,7 +41,13 @@ class Fp8Block:
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
         assert q.scale is not None
-        return q.data.float() * _expand(q.scale, q.block, q.row0, q.rows, q.cols)
+        br, bc = q.block
+        nbc = q.scale.shape[1]
+        s = q.scale.float().repeat_interleave(br, dim=0)[q.row0 : q.row0 + q.rows]  # [rows, nbc]
+        w = q.data.float()
+        if nbc * bc != q.cols:  # a partial last column block: pad it
+            w = torch.nn.functional.pad(w, (0, nbc * bc - q.cols))
+        return (w.view(q.rows, nbc, bc) * s.unsqueeze(-1)).view(q.rows, nbc * bc)[:, : q.cols].contiguous()
 
     def validate(self, q: QTensor, where: str) -> None:
         br, bc = q.block
