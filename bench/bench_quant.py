@@ -30,7 +30,7 @@ from bench.common import median, write_result
 
 ROOT = Path("/tmp/moetier-bench-quant")
 REPO = Path(__file__).resolve().parents[1]
-FORMATS = [("bf16", None, None), ("int8", "int8", 128), ("fp8", "fp8", None), ("int4 g32", "int4", 32)]
+FORMATS = [("bf16", None, None), ("int8 g128", "int8", 128), ("fp8", "fp8", None), ("int4 g32", "int4", 32)]
 
 
 def build() -> dict[str, Path]:
@@ -79,7 +79,8 @@ def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) ->
     for n, m in models.items():
         routed, always, fmts = bytes_per_token(dirs[n])
         tps = median(rates[n])
-        out[n] = {"dir": str(dirs[n]), "native_reason": m.native_reason, "stored_formats": fmts,
+        out[n] = {"dir": str(dirs[n]), "native_reason": m.native_reason, "thread_setting": m.thread_setting(),
+                  "stored_formats": fmts,
                   "decode_tok_s": tps, "rounds": rates[n], "bytes_per_token_routed": routed,
                   "bytes_per_token_always_on": always, "bytes_per_token": routed + always,
                   "stored_gb_s": (routed + always) * tps / 1e9, "ids": ids[n],
