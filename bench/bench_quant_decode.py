@@ -7,7 +7,7 @@ median of ``--runs``): plain float32 and bf16 (torch path and native), and the r
 quantized at load to int8 g128 / fp8 128x128 / int4 g32, the rest bf16 (torch path: each
 expert is dequantized per use and multiplied in float32 — the native kernels for these formats
 come with the kernels branch). ``bytes/token`` is what one decoded token reads: always-on weights
-+ top_k experts per MoE layer in their stored format. Writes ``bench/results/quant_decode.json``.
++ top_k experts per MoE layer in their stored format. Writes ``bench/results/quant_decode_torch.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 import moetier
 
-RESULTS = Path(__file__).parent / "results" / "quant_decode.json"
+RESULTS = Path(__file__).parent / "results" / "quant_decode_torch.json"
 
 
 def bytes_per_token(m) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from moetier.errors import ConfigError
 from moetier.planner import cluster_cli as cluster_planner
@@ -95,9 +94,7 @@ def _precision(args: argparse.Namespace) -> str:
     """As ``moetier census``: a local checkpoint as stored unless a precision is asked for."""
     if args.precision not in (None, "checkpoint"):
         return args.precision
-    from moetier.commands.census import resolve_precision
-
-    from moetier.commands.census import has_weights
+    from moetier.commands.census import has_weights, resolve_precision
 
     if has_weights(args.model):
         from moetier.spec import load_spec

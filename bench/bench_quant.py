@@ -1,0 +1,130 @@
+"""Decode speed of the stored formats side by side: bf16 vs int8 / fp8 / int4 (g32), in RAM.
+
+    python -m bench.bench_quant [--threads auto,1] [--rounds 3] [--tokens 16]
+
+Builds (or reuses, under ``/tmp/moetier-bench-quant``) a synthetic qwen3_moe checkpoint of
+~0.55 GB bf16 (``scripts/make_wide_model.py``: the embedded model's 4 layers repeated 4x,
+experts widened to 704 units; top-4 of 32 experts), then ``moetier quantize`` copies in each
+format (every linear but embeddings / LM head / routers). Per thread setting: every format is
+loaded (``moetier.load``; ``native_reason`` recorded: ``None`` = native decode kernels), warmed
+up with one generation of the same prompt (pre-touches the weights the prompt routes to), then
+``--rounds`` rounds, each running every format in turn (interleaved, so machine load hits all
+alike) on the same 32 prompt ids for ``--tokens`` greedy steps; decode tok/s is the median.
+
+Bytes per token are the checkpoint's stored bytes (``stored_census``): routed experts x top_k /
+num_experts (the active share) + always-on (attention, norms, routers, LM head; the embedding
+table is not counted: one row per token). Stored GB/s = bytes/token x tok/s. Agreement: greedy
+tokens equal to bf16's at the same position, out of ``--tokens``. Results:
+``bench/results/quant_decode.json`` and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.common import median, write_result
+
+ROOT = Path("/tmp/moetier-bench-quant")
+REPO = Path(__file__).resolve().parents[1]
+FORMATS = [("bf16", None, None), ("int8 g128", "int8", 128), ("fp8", "fp8", None), ("int4 g32", "int4", 32)]
+
+
+def build() -> dict[str, Path]:
+    """The checkpoint directory of each format (built once, reused)."""
+    src = ROOT / "bf16"
+    if not (src / "config.json").is_file():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_wide_model.py"), "--out", str(src),
+                        "--repeat", "4", "--expert-inter", "704"], check=True, stdout=subprocess.DEVNULL)
+    dirs = {"bf16": src}
+    for name, fmt, group in FORMATS[1:]:
+        out = ROOT / fmt
+        if not (out / "config.json").is_file():
+            cmd = [sys.executable, "-m", "moetier", "quantize", str(src), str(out), "--format", fmt]
+            subprocess.run(cmd + (["--group", str(group)] if group else []), check=True)
+        dirs[name] = out
+    return dirs
+
+
+def bytes_per_token(d: Path) -> tuple[int, int, dict[str, str | None]]:
+    """(routed active bytes, always-on bytes, {group: stored format}) of one checkpoint."""
+    from moetier.spec import load_spec
+    from moetier.weights.stored import stored_census
+
+    spec = load_spec(d)
+    st = stored_census(d, spec)
+    routed = st.bytes.get("routed_experts", 0) * spec.top_k // spec.num_experts
+    always = sum(b for g, b in st.bytes.items() if g not in ("routed_experts", "embedding", "mtp"))
+    return routed, always, {g: st.format_of(g) for g in st.bytes}
+
+
+def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) -> dict:
+    import moetier
+
+    models = {n: moetier.load(d, tokenizer=False, dtype="bfloat16", threads=threads) for n, d in dirs.items()}
+    prompt = [(7 * i + 5) % models["bf16"].spec.vocab_size for i in range(32)]
+    for m in models.values():
+        m.generate_ids(prompt, tokens, stop_ids=[])  # warm-up: pre-touches the routed weights
+    rates: dict[str, list[float]] = {n: [] for n in models}
+    ids: dict[str, list[int]] = {}
+    for _ in range(rounds):
+        for n, m in models.items():
+            g = m.generate_ids(prompt, tokens, stop_ids=[])
+            rates[n].append(g.decode_tokens_per_s)
+            ids.setdefault(n, g.ids)
+    out = {}
+    for n, m in models.items():
+        routed, always, fmts = bytes_per_token(dirs[n])
+        tps = median(rates[n])
+        out[n] = {"dir": str(dirs[n]), "native_reason": m.native_reason, "thread_setting": m.thread_setting(),
+                  "stored_formats": fmts,
+                  "decode_tok_s": tps, "rounds": rates[n], "bytes_per_token_routed": routed,
+                  "bytes_per_token_always_on": always, "bytes_per_token": routed + always,
+                  "stored_gb_s": (routed + always) * tps / 1e9, "ids": ids[n],
+                  "agree_with_bf16": sum(a == b for a, b in zip(ids[n], ids["bf16"]))}
+    for n in out:
+        out[n]["speedup_vs_bf16"] = out[n]["decode_tok_s"] / out["bf16"]["decode_tok_s"]
+        out[n]["bytes_ratio_vs_bf16"] = out[n]["bytes_per_token"] / out["bf16"]["bytes_per_token"]
+    del models
+    gc.collect()
+    return out
+
+
+def table(res: dict, tokens: int) -> str:
+    lines = ["| threads | format | native | MB/token (routed + always-on) | bytes vs bf16 | decode tok/s | vs bf16 "
+             "| stored GB/s | greedy = bf16 |", "|---|---|---|---|---|---|---|---|---|"]
+    for th, rows in res.items():
+        for n, r in rows.items():
+            lines.append(f"| {th} | {n} | {'yes' if r['native_reason'] is None else 'no'} "
+                         f"| {r['bytes_per_token'] / 1e6:.1f} ({r['bytes_per_token_routed'] / 1e6:.1f} + "
+                         f"{r['bytes_per_token_always_on'] / 1e6:.1f}) | {r['bytes_ratio_vs_bf16']:.2f} "
+                         f"| {r['decode_tok_s']:.1f} | {r['speedup_vs_bf16']:.2f}x | {r['stored_gb_s']:.2f} "
+                         f"| {r['agree_with_bf16']}/{tokens} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", default="auto,1", help="comma list of thread settings (auto or a number)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=16)
+    args = p.parse_args(argv)
+    dirs = build()
+    res = {}
+    for th in args.threads.split(","):
+        res[th] = run(dirs, None if th == "auto" else int(th), args.rounds, args.tokens)
+        print(f"[quant] threads {th} done", file=sys.stderr, flush=True)
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    path = write_result("quant_decode", {"command": "python -m bench.bench_quant " + " ".join(argv or sys.argv[1:]),
+                                         "settings": vars(args), "loadavg_1_5_15": load, "results": res})
+    print(table(res, args.tokens))
+    print(f"[quant] load average {' '.join(load)}; wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
