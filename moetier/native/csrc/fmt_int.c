@@ -39,10 +39,10 @@ static void rows_scalar4(const mt_weight *W, const float *x, const float *xp, fl
 
 /* ---- AVX2: 8 values per step ---- */
 
-/* 8 unsigned values (bytes) -> 8 floats (u - off) * s */
-MT_TARGET_AVX2 static inline __m256 ints8(__m128i u8, __m256i off, __m256 s) {
-    __m256i v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(u8), off);
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(v), s);
+/* 8 unsigned values (bytes) -> 8 floats u - off (exact small integers; the group scale is
+ * applied once to the group's partial sums) */
+MT_TARGET_AVX2 static inline __m256 ints8(__m128i u8, __m256i off) {
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(u8), off));
 }
 
 MT_TARGET_AVX2 static inline void rows_avx2_bits(const mt_weight *W, const float *x, float *y, long r0, long r1,
@@ -58,11 +58,12 @@ MT_TARGET_AVX2 static inline void rows_avx2_bits(const mt_weight *W, const float
             __m256 s = _mm256_set1_ps(ld_scale(srow, W->sdt, gi));
             __m256i off = _mm256_set1_epi32((bits == 8 ? 128 : 8) + (z ? z[gi] : 0));
             long end = b0 + g < cols ? b0 + g : cols, c = b0;
+            __m256 p0 = _mm256_setzero_ps(), p1 = p0; /* the group's unscaled partial sums */
             for (; c + 16 <= end; c += 16) { /* 16 values: 16 bytes (int8) or 8 bytes (int4) */
                 __m128i u = bits == 8 ? _mm_loadu_si128((const __m128i *)(row + c))
                                       : nibbles_interleaved(_mm_loadl_epi64((const __m128i *)(row + c / 2)));
-                a0 = _mm256_fmadd_ps(ints8(u, off, s), _mm256_loadu_ps(x + c), a0);
-                a1 = _mm256_fmadd_ps(ints8(_mm_srli_si128(u, 8), off, s), _mm256_loadu_ps(x + c + 8), a1);
+                p0 = _mm256_fmadd_ps(ints8(u, off), _mm256_loadu_ps(x + c), p0);
+                p1 = _mm256_fmadd_ps(ints8(_mm_srli_si128(u, 8), off), _mm256_loadu_ps(x + c + 8), p1);
             }
             for (; c < end; c += 8) {
                 long n = end - c < 8 ? end - c : 8;
@@ -81,14 +82,16 @@ MT_TARGET_AVX2 static inline void rows_avx2_bits(const mt_weight *W, const float
                     else memcpy(&t, row + c / 2, (n + 1) / 2);
                     u = nibbles_interleaved(_mm_cvtsi32_si128((int)t));
                 }
-                __m256 w = ints8(u, off, s);
+                __m256 w = ints8(u, off);
                 if (n == 8) {
-                    if ((c - b0) & 8) a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + c), a1);
-                    else a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + c), a0);
+                    if ((c - b0) & 8) p1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + c), p1);
+                    else p0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + c), p0);
                 } else {
-                    a0 = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + c, mask256(n)), a0);
+                    p0 = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + c, mask256(n)), p0);
                 }
             }
+            a0 = _mm256_fmadd_ps(p0, s, a0);
+            a1 = _mm256_fmadd_ps(p1, s, a1);
         }
         y[r] = hsum256(_mm256_add_ps(a0, a1));
     }
@@ -121,25 +124,41 @@ MT_TARGET_AVX512 static inline void rows_avx512_bits(const mt_weight *W, const f
             __m512 s = _mm512_set1_ps(ld_scale(srow, W->sdt, gi));
             __m512i off = _mm512_set1_epi32((bits == 8 ? 128 : 8) + (z ? z[gi] : 0));
             long end = b0 + g < cols ? b0 + g : cols, c = b0;
-            for (; c < end; c += 16) {
+            __m512 p0 = _mm512_setzero_ps(), p1 = p0; /* the group's unscaled partial sums */
+            if (bits == 4) {
+                const __m128i m4 = _mm_set1_epi8(0x0f);
+                for (; c + 32 <= end; c += 32) { /* 32 values from one 16-byte load */
+                    __m128i b = _mm_loadu_si128((const __m128i *)(row + c / 2));
+                    __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+                    __m512i v0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), off);
+                    __m512i v1 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), off);
+                    p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), _mm512_loadu_ps(x + c), p0);
+                    p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_loadu_ps(x + c + 16), p1);
+                }
+            } else {
+                for (; c + 32 <= end; c += 32) {
+                    __m512i v0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c))), off);
+                    __m512i v1 =
+                        _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c + 16))), off);
+                    p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), _mm512_loadu_ps(x + c), p0);
+                    p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_loadu_ps(x + c + 16), p1);
+                }
+            }
+            for (; c < end; c += 16) { /* the group's tail: up to 16 values, masked */
                 long n = end - c < 16 ? end - c : 16;
                 __mmask16 m = (__mmask16)((1u << n) - 1);
                 __m128i u;
                 if (bits == 8) {
-                    u = n == 16 ? _mm_loadu_si128((const __m128i *)(row + c)) : _mm_maskz_loadu_epi8(m, row + c);
+                    u = _mm_maskz_loadu_epi8(m, row + c);
                 } else {
                     __mmask16 mb = (__mmask16)((1u << ((n + 1) / 2)) - 1);
                     u = nibbles_interleaved(_mm_maskz_loadu_epi8(mb, row + c / 2));
                 }
                 __m512i v = _mm512_sub_epi32(_mm512_cvtepu8_epi32(u), off);
-                __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
-                if (n == 16) {
-                    if ((c - b0) & 16) a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + c), a1);
-                    else a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + c), a0);
-                } else {
-                    a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + c), a0);
-                }
+                p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_maskz_loadu_ps(m, x + c), p0);
             }
+            a0 = _mm512_fmadd_ps(p0, s, a0);
+            a1 = _mm512_fmadd_ps(p1, s, a1);
         }
         y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
     }
