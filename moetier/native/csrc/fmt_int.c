@@ -59,6 +59,18 @@ MT_TARGET_AVX2 static inline void rows_avx2_bits(const mt_weight *W, const float
             __m256i off = _mm256_set1_epi32((bits == 8 ? 128 : 8) + (z ? z[gi] : 0));
             long end = b0 + g < cols ? b0 + g : cols, c = b0;
             __m256 p0 = _mm256_setzero_ps(), p1 = p0; /* the group's unscaled partial sums */
+            if (bits == 4) {
+                const __m128i m4 = _mm_set1_epi8(0x0f);
+                for (; c + 32 <= end; c += 32) { /* 32 values from one 16-byte load */
+                    __m128i b = _mm_loadu_si128((const __m128i *)(row + c / 2));
+                    __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+                    __m128i u0 = _mm_unpacklo_epi8(lo, hi), u1 = _mm_unpackhi_epi8(lo, hi);
+                    p0 = _mm256_fmadd_ps(ints8(u0, off), _mm256_loadu_ps(x + c), p0);
+                    p1 = _mm256_fmadd_ps(ints8(_mm_srli_si128(u0, 8), off), _mm256_loadu_ps(x + c + 8), p1);
+                    p0 = _mm256_fmadd_ps(ints8(u1, off), _mm256_loadu_ps(x + c + 16), p0);
+                    p1 = _mm256_fmadd_ps(ints8(_mm_srli_si128(u1, 8), off), _mm256_loadu_ps(x + c + 24), p1);
+                }
+            }
             for (; c + 16 <= end; c += 16) { /* 16 values: 16 bytes (int8) or 8 bytes (int4) */
                 __m128i u = bits == 8 ? _mm_loadu_si128((const __m128i *)(row + c))
                                       : nibbles_interleaved(_mm_loadl_epi64((const __m128i *)(row + c / 2)));
