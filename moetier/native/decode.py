@@ -174,7 +174,26 @@ class _ExpertDescs:
         return addrs
 
 
-class NativeDecoder:
+class _StepBase:
+    """What every native single-token decoder shares: weight descriptors kept alive with the
+    decoder, and the start of a step (embedding row into ``self.x``, the rope row of ``pos``)."""
+
+    def _w(self, t: torch.Tensor | QTensor, what: str) -> int:
+        """Address of a descriptor of weight ``t`` (kept alive with the decoder)."""
+        d = describe(t, what=what)
+        self.keep.append(d)
+        return ctypes.addressof(d)
+
+    def _begin(self, token: int, pos: int) -> tuple[int, int, int]:
+        """Embed ``token`` into ``self.x``; returns (x address, cos row address, sin row address)."""
+        xp = self.x.data_ptr()
+        self.lib.mt_embed(self.emb, token, xp)
+        cos, sin = self.rotary.table(pos + 1, torch.float32)
+        D = cos.shape[1]
+        return xp, cos.data_ptr() + 4 * D * pos, sin.data_ptr() + 4 * D * pos
+
+
+class NativeDecoder(_StepBase):
     """Native single-token decode for one :class:`DecoderLM` (see the module docstring)."""
 
     def __init__(self, net: DecoderLM, lib: ctypes.CDLL):
@@ -258,12 +277,6 @@ class NativeDecoder:
         self.table_for: Any = None  # the provider the descriptor tables were built for
         self.tables: Any = None  # (gate_up, up, down) pointer tables and their descriptors
 
-    def _w(self, t: torch.Tensor, what: str) -> int:
-        """Address of a descriptor of weight ``t`` (kept alive with the decoder)."""
-        d = describe(t, what=what)
-        self.keep.append(d)
-        return ctypes.addressof(d)
-
     def __del__(self) -> None:
         lib, s = getattr(self, "lib", None), getattr(self, "scratch", None)
         if lib is not None and s:
@@ -300,11 +313,7 @@ class NativeDecoder:
         nth = torch.get_num_threads()
         pos = seq.length
         x = self.x
-        xp = x.data_ptr()
-        lib.mt_embed(self.emb, token, xp)
-        cos, sin = self.rotary.table(pos + 1, torch.float32)
-        D = cos.shape[1]
-        cp, sp = cos.data_ptr() + 4 * D * pos, sin.data_ptr() + 4 * D * pos
+        xp, cp, sp = self._begin(token, pos)
         observers = net.observers
         if not observers and not any(n._forward_pre_hooks for n in self.norms) and self._table():
             # every layer in one native call: same functions, same order, same bits

@@ -23,9 +23,8 @@ from moetier.errors import WeightError
 from moetier.layers.attention import Sequence, cache_reserve
 from moetier.layers.moe import MoEBlock
 from moetier.layers.norm import RMSNorm
-from moetier.native.decode import DT, MAX_TOPK, _ptr, _weight
+from moetier.native.decode import DT, MAX_TOPK, _ptr, _StepBase, _weight
 from moetier.native.weights import MtWeight, describe
-from moetier.quant import QTensor
 
 if TYPE_CHECKING:
     from moetier.models.base import DecoderLM
@@ -146,7 +145,7 @@ class _OssExperts:
         return addrs
 
 
-class ExtDecoder:
+class ExtDecoder(_StepBase):
     """Native single-token decode on ``csrc/sinks.c``'s extended attention / MoE step; subclasses
     fill one :class:`OssDesc` per layer (:meth:`describe_layer`)."""
 
@@ -200,11 +199,6 @@ class ExtDecoder:
     def describe_layer(self, i: int, layer: Any, d: OssDesc) -> None:
         raise NotImplementedError
 
-    def _w(self, t: torch.Tensor | QTensor, what: str) -> int:
-        d = describe(t, what=what)
-        self.keep.append(d)
-        return ctypes.addressof(d)
-
     def __del__(self) -> None:
         lib = getattr(self, "lib", None)
         if lib is None:
@@ -222,11 +216,7 @@ class ExtDecoder:
         nth = torch.get_num_threads()
         pos = seq.length
         x = self.x
-        xp = x.data_ptr()
-        lib.mt_embed(self.emb, token, xp)
-        cos, sin = self.rotary.table(pos + 1, torch.float32)
-        D = cos.shape[1]
-        cp, sp = cos.data_ptr() + 4 * D * pos, sin.data_ptr() + 4 * D * pos
+        xp, cp, sp = self._begin(token, pos)
         observers, S = net.observers, self.scratch
         g, u, gb, dn, db, w = self.g, self.u, self.gb, self.dn, self.db, self.w
         for i, layer in enumerate(net.layers):

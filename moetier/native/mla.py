@@ -31,7 +31,7 @@ from moetier.layers.mlp import GatedMLP
 from moetier.layers.moe import MoEBlock
 from moetier.layers.norm import RMSNorm
 from moetier.layers.routing import GroupedTopKRouter
-from moetier.native.decode import DT, MAX_TOPK, LayerDesc, _ExpertDescs, _ptr, _silu_glu, _weight
+from moetier.native.decode import DT, MAX_TOPK, LayerDesc, _ExpertDescs, _ptr, _silu_glu, _StepBase, _weight
 from moetier.native.weights import MtWeight, describe
 from moetier.quant import QTensor
 
@@ -135,7 +135,7 @@ def unsupported(net: DecoderLM) -> str | None:
     return None
 
 
-class MLADecoder:
+class MLADecoder(_StepBase):
     """Native single-token decode for one MLA :class:`DecoderLM` (see the module docstring)."""
 
     def __init__(self, net: DecoderLM, lib: ctypes.CDLL):
@@ -234,11 +234,6 @@ class MLADecoder:
         self.kv_like = [(torch.empty(0, m.C, dtype=net.dtype), torch.empty(0, m.dr, dtype=net.dtype))
                         for m in self.mla]
 
-    def _w(self, t: torch.Tensor | QTensor, what: str) -> int:
-        d = describe(t, what=what)
-        self.keep.append(d)
-        return ctypes.addressof(d)
-
     def __del__(self) -> None:
         lib = getattr(self, "lib", None)
         if lib is None:
@@ -256,11 +251,7 @@ class MLADecoder:
         nth = torch.get_num_threads()
         pos = seq.length
         x = self.x
-        xp = x.data_ptr()
-        lib.mt_embed(self.emb, token, xp)
-        cos, sin = self.rotary.table(pos + 1, torch.float32)
-        D = cos.shape[1]
-        cp, sp = cos.data_ptr() + 4 * D * pos, sin.data_ptr() + 4 * D * pos
+        xp, cp, sp = self._begin(token, pos)
         observers = net.observers
         sp_ = self.scratch
         for i, layer in enumerate(net.layers):
