@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from moetier.errors import MoetierError
@@ -336,23 +336,23 @@ class Op:
     floor_s: float = 0.0  # kernel-launch floor of this op over the step (kernels x layers x micro-batches)
     precision: str = ""  # rate family of the compute (fp4 / fp8 / int8 / bf16)
 
-    @property
+    @cached_property  # frozen: computed once (the sweep reads these many times)
     def compute_s(self) -> float:
         f = max(self.flops, self.padded_flops)
         return f / self.flop_rate if f else 0.0
 
-    @property
+    @cached_property
     def memory_s(self) -> float:
         if not self.bytes:
             return 0.0
         hot = self.weight_bytes * self.hot_fraction if self.hot_rate else 0.0
         return (self.bytes - hot) / self.mem_rate + (hot / self.hot_rate if hot else 0.0)
 
-    @property
+    @cached_property
     def time_s(self) -> float:
         return max(self.compute_s, self.memory_s, self.floor_s)
 
-    @property
+    @cached_property
     def bound(self) -> str:
         if self.floor_s > max(self.compute_s, self.memory_s):
             return "latency"
@@ -410,6 +410,7 @@ class ClusterResult:
     latency_s: float = 0.0  # operations bound by their kernel-launch floor
     chip: ChipEff | None = None
     fabrics: Fabrics | None = None
+    micro_batches: int = 1  # 2 with two-batch overlap (needs >= 2 requests per device or TP group)
 
     @property
     def tokens_per_s_per_device(self) -> float:
@@ -476,6 +477,7 @@ class ClusterResult:
             "compute_s": self.compute_s, "memory_s": self.memory_s, "communication_s": self.comm_s,
             "latency_s": self.latency_s,
             "overlap_hidden_s": self.hidden_s,
+            "micro_batches": self.micro_batches,
             "shares": self.shares,
             "imbalance": self.imbalance,
             "weight_bytes_per_device": self.weight_bytes,
@@ -539,19 +541,26 @@ def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision
     tier = machine.tier(machine.compute_tier_name)
     mem_rate = tier.read_bw * chip.memory
     kv_rate = tier.read_bw * chip.attn_memory
-    n_mb = 2 if lay.two_batch_overlap else 1
     decode = lay.phase == "decode"
     tp = lay.tp
+    # two-batch overlap splits the requests of a step into two micro-batches: a decode step needs
+    # at least one request per micro-batch (a TP group shares its requests), else it runs as one
+    overlap_on = lay.two_batch_overlap and (not decode or lay.batch * tp >= 2.0)
+    n_mb = 2 if overlap_on else 1
     mode = lay.a2a if lay.a2a != "auto" else ("direct" if decode else "dedup")
     # prefill's normal-mode all-to-all kernels occupy part of the compute units while overlapped
     sm_left = 1.0 - (chip.comm_sm_share if (spec.is_moe and lay.ep > 1 and mode == "dedup"
-                                             and lay.two_batch_overlap) else 0.0)
+                                             and overlap_on) else 0.0)
+
+    keys: dict[str, str] = {}
 
     def key(fmt: str) -> str:
-        try:
-            return compute_key(machine, fmt)
-        except KeyError:
-            raise ClusterError(f"machine {machine.name!r} has no FLOP/s figure for {fmt!r}") from None
+        if fmt not in keys:
+            try:
+                keys[fmt] = compute_key(machine, fmt)
+            except KeyError:
+                raise ClusterError(f"machine {machine.name!r} has no FLOP/s figure for {fmt!r}") from None
+        return keys[fmt]
 
     def peak(fmt: str) -> float:
         return float(machine.flops[key(fmt)])
@@ -672,7 +681,7 @@ def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision
     local_s = compute_s + memory_s + latency_s
     comm_s = (comm.time_s * sh.n_moe if comm else 0.0) + tp_comm_s
     hidden = 0.0
-    if lay.two_batch_overlap and comm is not None and sh.n_moe:
+    if overlap_on and comm is not None and sh.n_moe:
         moe_names = ("attention projections", "attention core", "routed experts", "shared experts", "routers")
         local_moe = sum(o.time_s * (sh.n_moe / o.layers if o.name.startswith("attention") else 1.0)
                         for o in ops if o.name in moe_names) / sh.n_moe
@@ -697,7 +706,7 @@ def plan_cluster(spec: ModelSpec, machine: Machine, layout: Layout, *, precision
         step_s=step, compute_s=compute_s, memory_s=memory_s, comm_s=comm_s, hidden_s=hidden,
         imbalance=imb, ops=ops, comm=comm, tp_comm_s=tp_comm_s, weight_bytes=weights, kv_bytes=kv,
         capacity_bytes=cap, feasible=feasible, devices_per_node=max(1, machine.devices_per_node),
-        notes=notes, latency_s=latency_s, chip=chip, fabrics=fab,
+        notes=notes, latency_s=latency_s, chip=chip, fabrics=fab, micro_batches=n_mb,
     )
 
 
@@ -753,10 +762,15 @@ def _all_to_all(sh: Shape, machine: Machine, fab: Fabrics, lay: Layout, T: float
 
 def batch_for_user_speed(spec: ModelSpec, machine: Machine, layout: Layout, target_tps_per_user: float,
                          *, precision: str = "fp8", calibration: Calibration | None = None,
-                         max_batch: float = 4096.0) -> ClusterResult | None:
-    """Largest decode batch per device whose per-user speed still meets the target (bisection).
+                         max_batch: float = 4096.0, tol: float = 0.25, rel_tol: float = 1e-3) -> ClusterResult | None:
+    """Largest decode batch per device whose per-user speed still meets the target.
 
-    Returns None when even one request per device is slower than the target.
+    Returns None when even one request per device is slower than the target. The per-user speed
+    falls monotonically with the batch and its inverse (the step time) is close to linear in it,
+    so a bracketed false-position search on ``1/target - 1/speed`` (Illinois variant) finds the
+    crossing in a few plans; every
+    step keeps the bracket ``[a meets, b misses]`` and the answer is ``a`` once ``b - a`` is below
+    ``tol`` requests or ``rel_tol`` of ``a``.
     """
     _positive("target-tps-per-user", target_tps_per_user)
 
@@ -767,18 +781,34 @@ def batch_for_user_speed(spec: ModelSpec, machine: Machine, layout: Layout, targ
     lo = run(1.0)
     if lo.tokens_per_s_per_user < target_tps_per_user:
         return None
-    a, b = 1.0, max_batch
-    if run(b).tokens_per_s_per_user >= target_tps_per_user:
-        return run(b)
-    for _ in range(40):
-        mid = 0.5 * (a + b)
-        if run(mid).tokens_per_s_per_user >= target_tps_per_user:
-            a = mid
-        else:
-            b = mid
-        if b - a < 0.25:
+    hi = run(max_batch)
+    if hi.tokens_per_s_per_user >= target_tps_per_user:
+        return hi
+    def slack(r: ClusterResult) -> float:  # >= 0 when the target is met; ~linear in the batch
+        return 1.0 / target_tps_per_user - 1.0 / r.tokens_per_s_per_user
+
+    a, fa, best = 1.0, slack(lo), lo  # fa >= 0
+    b, fb = max_batch, slack(hi)  # fb < 0
+    side = 0
+    for _ in range(60):
+        if b - a < max(tol, rel_tol * a):
             break
-    return run(a)
+        x = b - fb * (b - a) / (fb - fa) if fa != fb else 0.5 * (a + b)
+        # stay strictly inside the bracket (the Illinois halving below keeps both ends moving)
+        x = min(max(x, a + 0.25 * tol), b - 0.25 * tol)
+        r = run(x)
+        fx = slack(r)
+        if r.tokens_per_s_per_user >= target_tps_per_user:
+            a, fa, best = x, fx, r
+            if side == +1:
+                fb *= 0.5  # Illinois: halve the retained end's value after two moves on one side
+            side = +1
+        else:
+            b, fb = x, fx
+            if side == -1:
+                fa *= 0.5
+            side = -1
+    return best
 
 
 # ---------------------------------------------------------------------------------------
@@ -824,7 +854,7 @@ def search_space(spec: ModelSpec, machine: Machine, base: Layout,
     if "batch" in fixed:
         batches: list[Any] = [base.batch]
     elif base.phase == "decode":
-        batches = ["largest meeting the per-user target (bisection), shrunk until it fits"]
+        batches = ["largest meeting the per-user target (bracketed search), shrunk until it fits"]
     else:
         batches = list(PREFILL_BATCHES)
     return {"tp": tps, "ep": eps, "redundant_experts": reds, "two_batch_overlap": tbos, "batch": batches}

@@ -92,7 +92,8 @@ def summary_lines(r: ClusterResult) -> list[str]:
         f"{_batch_text(lay)}, context {fmt_count(lay.context)}"
         + (f", cached {lay.cached_fraction:.1%}" if lay.cached_fraction else "")
         + (f", {lay.redundant_experts} redundant experts" if lay.redundant_experts else "")
-        + (", two-batch overlap" if lay.two_batch_overlap else ", no overlap"),
+        + (", two-batch overlap" if r.micro_batches == 2 else
+           ", no overlap (fewer than 2 requests to split)" if lay.two_batch_overlap else ", no overlap"),
         f"  tokens/s per device {fmt_rate(r.tokens_per_s_per_device)} | per node of {r.devices_per_node} "
         f"{fmt_rate(r.tokens_per_s_per_node)} | per user {fmt_rate(r.tokens_per_s_per_user)}"
         + (f" (TTFT {fmt_time(r.ttft_s)})" if lay.phase == "prefill" else ""),
@@ -388,6 +389,12 @@ def run_plan_command(args: argparse.Namespace) -> int:
         r = plan_cluster(spec, machine, lay, precision=precision)
     doc.update(r.to_json())
     text += summary_lines(r)
+    low = precision.strip().lower()
+    if low.startswith("mixed:") and not any(f"{k}=" in low for k in ("default", "rest")):
+        note = (f"--precision {precision}: groups not named are bf16 (the mixed: default); for an FP8 checkpoint "
+                "add default=fp8")
+        doc["notes"] = [*doc.get("notes", []), note]
+        text.append(f"  note: {note}")
     bal = imbalance_cost(spec, machine, r, precision=precision)
     if bal is not None:
         cost = bal.tokens_per_s_per_node - r.tokens_per_s_per_node

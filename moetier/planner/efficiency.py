@@ -105,9 +105,11 @@ BLACKWELL = ChipEff(
 )
 ASCEND = ChipEff(
     family="ascend", gemm={"int8": 0.6, "bf16": 0.6, "default": 0.6}, mma_m=16,
-    memory=0.8, attn_compute=0.5, attn_memory=0.8, kernel_floor_s=6e-6, comm_sm_share=0.0,
-    cite="no public GEMM microbenchmark: 0.6 (U); cube unit 16x16x16; AIV/AIC kernel launch ~6 us (U); "
-         "all-to-all on UB runs on separate engines (CloudMatrix384 paper): no compute taken",
+    memory=0.8, attn_compute=0.5, attn_memory=0.8, kernel_floor_s=4e-6, comm_sm_share=0.0,
+    cite="no public GEMM microbenchmark: 0.6 (U); cube unit 16x16x16; no public per-kernel floor for "
+         "graph-mode Ascend kernels: the GPUs' 4 us (U; fitted separately, B200's batch-1 and Ascend's "
+         "15-ms figures both put the floor at ~8 us); all-to-all on UB runs on separate engines "
+         "(CloudMatrix384 paper): no compute taken",
 )
 GENERIC = ChipEff(
     family="generic", gemm={"default": 0.6}, mma_m=64, memory=0.8, attn_compute=0.5, attn_memory=0.8,

@@ -318,11 +318,36 @@ def test_padding_to_the_tensor_core_tile(ds, h800):
 
 
 def test_fabric_latency_floor_per_collective(ds, h800):
-    r = _plan(ds, h800, devices=144, batch=1, context=1024, imbalance=1.0)
+    r = _plan(ds, h800, devices=144, batch=2, context=1024, imbalance=1.0)
     c = r.comm
     # two phases (dispatch, combine) x two micro-batches x the InfiniBand floor
+    assert r.micro_batches == 2
     assert c.latency_s == pytest.approx(4 * r.fabrics.scale_out.alpha_s)
     assert "InfiniBand" in c.fabric
+
+
+def test_two_batch_overlap_needs_two_requests(ds, h800):
+    """One request cannot be split into two micro-batches: the step runs as one (no doubled weight
+    reads and launch floors, nothing hidden), the same as with overlap switched off."""
+    one = _plan(ds, h800, devices=144, batch=1, context=1024, imbalance=1.0)
+    off = _plan(ds, h800, devices=144, batch=1, context=1024, imbalance=1.0, two_batch_overlap=False)
+    two = _plan(ds, h800, devices=144, batch=2, context=1024, imbalance=1.0)
+    assert one.micro_batches == 1 and two.micro_batches == 2
+    assert one.step_s == pytest.approx(off.step_s) and one.hidden_s == 0.0
+    assert one.comm.latency_s == pytest.approx(2 * one.fabrics.scale_out.alpha_s)
+    # a TP group of 8 shares its requests: 0.25 per device is 2 per group, enough to split
+    tp = _plan(ds, h800, devices=8, tp=8, ep=8, batch=0.25, context=1024, imbalance=1.0)
+    assert tp.micro_batches == 2
+
+
+def test_user_speed_batch_search_brackets_the_target(ds, h800):
+    """The batch found meets the target and a batch ``tol`` larger does not (checked directly)."""
+    lay = Layout(devices=144, context=4989, redundant_experts=32)
+    for target in (15.0, 21.0, 40.0):
+        r = cluster.batch_for_user_speed(ds, h800, lay, target, precision="fp8")
+        assert r.tokens_per_s_per_user >= target
+        nxt = plan_cluster(ds, h800, replace(lay, batch=r.layout.batch + 0.25), precision="fp8")
+        assert nxt.tokens_per_s_per_user < target
 
 
 def test_search_with_ep_above_expert_count_keeps_it(capsys):
