@@ -20,8 +20,8 @@ globally, for all chips at once, on the published figures of ``moetier/data/publ
 
 The values below are the result of ``published.fit(published.load())`` (the global optimum of
 an exhaustive search over a grid of round values); ``tests/planner/test_published.py`` re-runs
-the fit and checks it still lands here. ``LOCO_*`` are the leave-one-chip-out errors of that fit: every cluster plan prints
-its prediction with the band they imply (see :func:`band`).
+the fit and checks it still lands here. ``LOCO_*`` are the leave-one-chip-out errors of that
+fit: every cluster plan prints its prediction with the band they imply (see :func:`band`).
 
 This module imports nothing from the cluster planner (no import circle).
 """
