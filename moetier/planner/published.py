@@ -320,3 +320,22 @@ def validate(figs: tuple[Figure, ...] | None = None, cal: Calibration | None = N
     order = {f.id: i for i, f in enumerate(figs)}
     rows.sort(key=lambda r: order[r["id"]])
     return Validation(rows, cal, table)
+
+
+def markdown_table(val: Validation, figs: tuple[Figure, ...] | None = None) -> str:
+    """The validation as the Markdown table of ``docs/cluster-planner.md`` (generated, not typed:
+    a test checks the document holds exactly this text)."""
+    figs = tuple(figs if figs is not None else load())
+    by_id = {f.id: f for f in figs}
+    out = ["| figure | chip | model | regime | published | predicted | error | LOCO | LOCO error |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in val.rows:
+        f = by_id[r["id"]]
+        name = f.id if f.fit else f"{f.id} (not fitted)"
+        out.append(f"| {name} | {f.chip} | {f.model} | {f.regime} | {f.value:,.0f} | {r['in_sample']:,.0f} | "
+                   f"{r['in_sample_error']:+.1%} | {r['loco']:,.0f} | {r['loco_error']:+.1%} |")
+    out.append("")
+    out.append(f"Over the {val.n_fitted} fitted figures: in-sample median |error| {val.in_sample_median:.1%}, "
+               f"worst {val.in_sample_max:.1%}; leave-one-chip-out median {val.loco_median:.1%}, "
+               f"worst {val.loco_max:.1%}.")
+    return "\n".join(out)

@@ -185,3 +185,40 @@ def test_cli_published(capsys, validation):
     assert main(["plan", "deepseek-v3", "--machine", "h800", "--published"]) == 0
     text = capsys.readouterr().out
     assert "leave-one-chip-out" in text and "LOCO" in text
+
+
+def test_factors_not_read_leave_the_prediction_unchanged(figs):
+    """The error table skips the factors a figure does not read: check that they really don't matter."""
+    from dataclasses import replace
+
+    for f in figs:
+        rel = published.relevant_factors(f)
+        base = published.predict(f, DEFAULT).value
+        for k, values in published.GRID.items():
+            if k in rel:
+                continue
+            for v in (values[0], values[-1]):
+                got = published.predict(f, replace(DEFAULT, **{k: v})).value
+                assert got == pytest.approx(base, rel=1e-12), (f.id, k)
+    assert any(len(published.relevant_factors(f)) < len(published.GRID) for f in figs)
+
+
+def test_docs_table_is_generated_from_the_validation(validation, figs):
+    """docs/cluster-planner.md holds the table the code produces (regenerate with
+    ``python -c "from moetier.planner import published as p; print(p.markdown_table(p.validate()))"``)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "cluster-planner.md").read_text(encoding="utf-8")
+    start, end = "<!-- published-table:start -->\n", "\n<!-- published-table:end -->"
+    assert start in doc and end in doc
+    block = doc[doc.index(start) + len(start):doc.index(end)]
+    assert block == published.markdown_table(validation, figs)
+
+
+def test_gb200_fp4_over_fp8_step_close_to_published(validation, figs):
+    """GB200 NVFP4 vs FP8 MoE decode: the predicted ratio is within 20% of the published 1.47x."""
+    by_id = {r["id"]: r for r in validation.rows}
+    a, b = by_id["sglang-gb200-decode-fp8"], by_id["sglang-gb200-decode-nvfp4"]
+    pub = b["published"] / a["published"]
+    pred = b["in_sample"] / a["in_sample"]
+    assert pub > 1.4 and abs(pred / pub - 1) <= 0.20
