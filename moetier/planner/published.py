@@ -322,6 +322,13 @@ def validate(figs: tuple[Figure, ...] | None = None, cal: Calibration | None = N
     return Validation(rows, cal, table)
 
 
+@lru_cache(maxsize=1)
+def shipped_validation() -> Validation:
+    """:func:`validate` of the shipped figures with the stored calibration, computed once per
+    process (the model is deterministic; the CLI and the tests share it)."""
+    return validate(load(), DEFAULT)
+
+
 def markdown_table(val: Validation, figs: tuple[Figure, ...] | None = None) -> str:
     """The validation as the Markdown table of ``docs/cluster-planner.md`` (generated, not typed:
     a test checks the document holds exactly this text)."""
