@@ -94,6 +94,9 @@ def _figure(d: Any, where: str, src: dict[str, Any]) -> Figure:
     bad = sorted(set(lay) - _LAYOUT_KEYS)
     if bad:
         raise PublishedError(f"{where}.layout: unknown key {bad[0]!r}; allowed: {', '.join(sorted(_LAYOUT_KEYS))}")
+    for k, x in lay.items():
+        if not isinstance(x, (int, float, str, bool)):
+            raise PublishedError(f"{where}.layout.{k}: expected a number, string or boolean, got {x!r}")
     agg = d.get("aggregated") or {}
     if agg and (d["metric"] != METRICS[3] or set(agg) != {"isl", "osl", "prefill_batch"}):
         raise PublishedError(f"{where}.aggregated: needs isl, osl, prefill_batch and the aggregated metric")

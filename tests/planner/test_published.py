@@ -163,6 +163,11 @@ def test_malformed_file_names_file_and_key(tmp_path):
         "value": 1, "layout": {"devices": 8}}]}))
     with pytest.raises(published.PublishedError, match="metric"):
         published.load(tmp_path)
+    (tmp_path / "bad.json").write_text(json.dumps({"figures": [{
+        "id": "x", "model": "deepseek-v3", "machine": "h100", "precision": "fp8",
+        "metric": "output tokens/s per device", "value": 1, "layout": {"devices": 8, "batch": [64]}}]}))
+    with pytest.raises(published.PublishedError, match=r"bad.json: figures\[0\].layout.batch: expected a number"):
+        published.load(tmp_path)
 
 
 def test_calibration_imports_nothing_from_the_cluster_planner():
