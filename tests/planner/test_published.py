@@ -229,3 +229,20 @@ def test_gb200_fp4_over_fp8_step_close_to_published(validation, figs):
     pub = b["published"] / a["published"]
     pred = b["in_sample"] / a["in_sample"]
     assert pub > 1.4 and abs(pred / pub - 1) <= 0.20
+
+
+def test_loco_prediction_ignores_the_left_out_chips_values(figs, validation):
+    """No leak: scaling a chip's published values by 3 changes its in-sample fit target but not its
+    leave-one-chip-out prediction (that fit never reads them)."""
+    from dataclasses import replace
+
+    moved = tuple(replace(f, value=f.value * 3) if f.chip == "gb200" else f for f in figs)
+    v2 = published.validate(moved, DEFAULT, table=validation.table)
+    a = {r["id"]: r for r in validation.rows if r["chip"] == "gb200"}
+    b = {r["id"]: r for r in v2.rows if r["chip"] == "gb200"}
+    assert a and a.keys() == b.keys()
+    for k in a:
+        assert b[k]["loco"] == pytest.approx(a[k]["loco"], rel=1e-12)
+        assert b[k]["loco_calibration"] == a[k]["loco_calibration"]
+    # ...while the other chips' LOCO fits, which do read the GB200 figures, may move
+    assert published.fit(moved, validation.table) != published.fit(figs, validation.table)
