@@ -768,9 +768,8 @@ def batch_for_user_speed(spec: ModelSpec, machine: Machine, layout: Layout, targ
     Returns None when even one request per device is slower than the target. The per-user speed
     falls monotonically with the batch and its inverse (the step time) is close to linear in it,
     so a bracketed false-position search on ``1/target - 1/speed`` (Illinois variant) finds the
-    crossing in a few plans; every
-    step keeps the bracket ``[a meets, b misses]`` and the answer is ``a`` once ``b - a`` is below
-    ``tol`` requests or ``rel_tol`` of ``a``.
+    crossing in a few plans; every step keeps the bracket ``[a meets, b misses]`` and the answer
+    is ``a`` once ``b - a`` is below ``tol`` requests or ``rel_tol`` of ``a``.
     """
     _positive("target-tps-per-user", target_tps_per_user)
 
@@ -784,6 +783,7 @@ def batch_for_user_speed(spec: ModelSpec, machine: Machine, layout: Layout, targ
     hi = run(max_batch)
     if hi.tokens_per_s_per_user >= target_tps_per_user:
         return hi
+
     def slack(r: ClusterResult) -> float:  # >= 0 when the target is met; ~linear in the batch
         return 1.0 / target_tps_per_user - 1.0 / r.tokens_per_s_per_user
 
