@@ -466,6 +466,10 @@ def _run_published(args: argparse.Namespace) -> int:
     text.append(f"in-sample: median |error| {val.in_sample_median:.1%}, worst {val.in_sample_max:.1%}; "
                 f"leave-one-chip-out: median {val.loco_median:.1%}, worst {val.loco_max:.1%}, "
                 f"RMS log error {val.loco_rms_log:.3f}")
+    checks = ((val.in_sample_max <= 0.20, "in-sample every figure within 20%"),
+              (val.loco_median <= 0.20, "leave-one-chip-out median within 20%"),
+              (val.loco_max <= 0.35, "leave-one-chip-out every figure within 35%"))
+    text.append("targets: " + "; ".join(f"{name} {'met' if ok else 'MISSED'}" for ok, name in checks))
     if getattr(args, "json", False):
         print(json.dumps({"published": rows, "calibration": val.fitted.describe(),
                           "in_sample_median_abs": val.in_sample_median, "in_sample_max_abs": val.in_sample_max,

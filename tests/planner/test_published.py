@@ -192,6 +192,7 @@ def test_cli_published(capsys, validation):
     assert main(["plan", "deepseek-v3", "--machine", "h800", "--published"]) == 0
     text = capsys.readouterr().out
     assert "leave-one-chip-out" in text and "LOCO" in text
+    assert "targets: in-sample every figure within 20% met" in text and "MISSED" not in text
 
 
 def test_factors_not_read_leave_the_prediction_unchanged(figs):
