@@ -1,0 +1,360 @@
+"""Expert parallelism, measured (issue 17): loopback overhead, and the bottleneck moving to the link.
+
+    python -m bench.bench_ep loopback [--rounds 2] [--tokens 48]
+    python -m bench.bench_ep sweep [--batch 32] [--bw 0.03,0.1,0.3,1,3,10]
+    python -m bench.bench_ep plot
+
+``loopback``: decode tok/s of one process (torch path, 1 thread: what every EP rank runs) and of
+``P = 2`` ranks on 127.0.0.1 (1 thread each), alternated ``--rounds`` times in one run, on the
+embedded model (batch 1). Per collective: rank 0's time inside ``all_to_all_single``.
+
+``sweep`` (root): two network namespaces joined by one veth pair; each end's egress gets a
+``tbf`` qdisc (rate BW, bucket ``max(2 frames, BW x 200 us)`` so a layer's message cannot pass
+in one burst). One P = 2 job runs every point (rank 0 changes the qdiscs between points),
+batched decode (``--batch`` sequences per step, float32). Everything created is removed on exit
+(``finally`` + atexit + signal handlers: deleting the namespaces deletes the veth and qdiscs).
+Latency is NOT swept: this kernel has no ``sch_netem`` (only tbf / htb / pfifo / clsact load),
+so a one-way delay cannot be set with tc here.
+
+Prediction ("planner"): the step measured on the same veth pair with no qdisc (one calibration
+point) plus the cluster planner's all-to-all bandwidth term for the shaped link:
+``T x direct_remote_pairs(k, P) x (dispatch + combine pair_bytes)`` per MoE layer over the
+link rate times its efficiency (TCP payload per 1514-byte frame, 1448/1514); the latency
+floors are those of the calibration point (same veth). The binding resource is
+"communication" when that term exceeds the rest of the step ("local": attention, routers,
+experts and Python on rank 0; on this CPU torch path it is overhead, not memory bandwidth).
+Results: ``bench/results/ep_loopback.json``, ``ep_sweep.json``, ``ep_sweep.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS, write_result  # noqa: E402
+
+PROMPT = [5, 17, 42, 7]
+LINK_EFF = 1448 / 1514  # TCP payload (MSS with timestamps) per Ethernet frame on the wire
+NET = "10.77.{}.{}"
+
+
+# ----------------------------------------------------------------------------------------- worker
+def worker(cfg_path: str, out_path: str) -> int:
+    """One rank (or the single process when RANK is unset): run every point of the config."""
+    import torch
+
+    import moetier
+    import moetier.distributed as ep
+
+    cfg = json.loads(Path(cfg_path).read_text())
+    dtype = cfg.get("dtype", "float32")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    group = None
+    if world > 1:
+        rank, world = ep.init(timeout_s=120.0)
+        model, group = ep.load(None, rank, world, None, dtype=dtype, tokenizer=False, threads=1)
+        if rank != 0:
+            group.serve(model)
+            ep.shutdown()
+            return 0
+    else:
+        model = moetier.load(None, dtype=dtype, tokenizer=False, native=False, threads=1)
+    results = []
+    for pt in cfg["points"]:
+        for cmd in pt.get("tc", []):
+            subprocess.run(cmd, check=True)
+        B, n, warm = pt["batch"], pt["steps"], pt.get("warmup", 3)
+        seqs = [model.new_sequence(capacity=len(PROMPT) + n + warm + 2) for _ in range(B)]
+        logits = torch.cat([model.step([(s, [(p + 13 * b) % 4000 for p in PROMPT])]) for b, s in enumerate(seqs)])
+        times, before = [], None
+        for i in range(warm + n):
+            if i == warm:
+                before = dict(vars(group.stats)) if group else None
+            toks = logits.argmax(dim=-1).tolist()
+            t0 = time.perf_counter()
+            logits = model.step([(s, [t]) for s, t in zip(seqs, toks)])
+            if i >= warm:
+                times.append(time.perf_counter() - t0)
+        r = {"name": pt["name"], "batch": B, "steps": n, "step_s": statistics.median(times),
+             "step_s_mean": sum(times) / n, "tokens_per_s": B * n / sum(times)}
+        if group is not None:
+            after = vars(group.stats)
+            d = {k: (after[k] - before[k]) / n for k in after}  # per step
+            r.update({f"{k}_per_step": v for k, v in d.items()})
+            r["local_s_per_step"] = r["step_s_mean"] - d["comm_s"]
+            r["collective_s"] = d["comm_s"] / max(1.0, 3 * d["moe_calls"])  # control + dispatch + combine
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    out = {"points": results, "hidden": model.spec.hidden_size, "top_k": model.spec.top_k,
+           "moe_layers": len(model.spec.moe_layer_ids), "world": world, "dtype": str(model.dtype)}
+    if group is not None:
+        out["per_rank"] = group.stop()
+        ep.shutdown()
+    Path(out_path).write_text(json.dumps(out))
+    return 0
+
+
+def _worker_cmd(cfg: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "bench.bench_ep", "worker", str(cfg), str(out)]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MOETIER_EP_TIMEOUT": "120"}
+
+
+# --------------------------------------------------------------------------------------- loopback
+def loopback(args: argparse.Namespace) -> None:
+    from moetier.distributed.launch import spawn
+
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ep_{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    cfg = tmp / "cfg.json"
+    cfg.write_text(json.dumps({"dtype": args.dtype, "points": [
+        {"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}]}))
+    rounds = []
+    for i in range(args.rounds):
+        row = {}
+        for P in (1, 2):  # side by side, alternating
+            out = tmp / f"out{P}.json"
+            if P == 1:
+                subprocess.run(_worker_cmd(cfg, out), env=_env(), check=True, stdout=subprocess.DEVNULL)
+            else:
+                codes = spawn(_worker_cmd(cfg, out), P, _env(), timeout_s=600)
+                assert codes == [0] * P, codes
+            row[f"P{P}"] = json.loads(out.read_text())["points"][0]
+        row["ratio"] = row["P2"]["tokens_per_s"] / row["P1"]["tokens_per_s"]
+        rounds.append(row)
+        print(f"round {i}: P=1 {row['P1']['tokens_per_s']:.1f} tok/s, P=2 {row['P2']['tokens_per_s']:.1f} tok/s "
+              f"(x{row['ratio']:.2f}); rank 0 per collective {row['P2']['collective_s'] * 1e6:.0f} us, "
+              f"per step: comm {row['P2']['comm_s_per_step'] * 1e3:.2f} ms, "
+              f"local {row['P2']['local_s_per_step'] * 1e3:.2f} ms", flush=True)
+    load = os.getloadavg()
+    res = {"model": "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
+           "median_ratio": statistics.median(r["ratio"] for r in rounds), "loadavg": load,
+           "command": " ".join(["python -m bench.bench_ep loopback", *sys.argv[2:]])}
+    print(f"median P=2 / P=1 decode tok/s: {res['median_ratio']:.2f} (load average {load[0]:.1f})")
+    print("wrote", write_result("ep_loopback", res))
+
+
+# ------------------------------------------------------------------------------------------ netns
+class Link:
+    """Two namespaces joined by a veth pair; every created object is removed by :meth:`close`."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.ns = [f"mtep{tag}a", f"mtep{tag}b"]
+        self.dev = [f"mtv{tag}a", f"mtv{tag}b"]
+        sub = os.getpid() % 200 + 20
+        self.ip = [NET.format(sub, 1), NET.format(sub, 2)]
+        self.closed = False
+        atexit.register(self.close)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, self._on_signal)
+        for ns in self.ns:
+            self._ip("netns", "add", ns)
+        self._ip("link", "add", self.dev[0], "type", "veth", "peer", "name", self.dev[1])
+        for ns, dev, ip in zip(self.ns, self.dev, self.ip):
+            self._ip("link", "set", dev, "netns", ns)
+            self._ip("-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            self._ip("-n", ns, "link", "set", dev, "up")
+            self._ip("-n", ns, "link", "set", "lo", "up")
+        self.shaped = False
+
+    @staticmethod
+    def _ip(*a: str) -> None:
+        subprocess.run(["ip", *a], check=True)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.close()
+        raise SystemExit(128 + signum)
+
+    def tc_cmds(self, gbit: float | None) -> list[list[str]]:
+        """tbf on both ends' egress (``replace`` creates or changes; None = remove)."""
+        cmds = []
+        for ns, dev in zip(self.ns, self.dev):
+            if gbit is None:
+                cmds.append(["sh", "-c", f"tc -n {ns} qdisc del dev {dev} root 2>/dev/null || true"])
+            else:
+                burst = max(2 * 1514, int(gbit * 1e9 / 8 * 200e-6))
+                cmds.append(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                             f"{gbit * 1e3:.0f}mbit", "burst", str(burst), "latency", "200ms"])
+        return cmds
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for ns in self.ns:  # deleting a namespace deletes its veth end, the peer and the qdiscs
+            subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+
+
+def sweep(args: argparse.Namespace) -> None:
+    from moetier.distributed.launch import free_port
+
+    bws = [float(x) for x in args.bw.split(",")]
+    link = Link()
+    procs: list[subprocess.Popen] = []
+    try:
+        points = [{"name": "warm-up (not used)", "gbit": None, "round": -1, "tc": link.tc_cmds(None)}]
+        for rnd in range(args.rounds):  # interleaved rounds: load drifts hit every point alike
+            points.append({"name": "veth, no qdisc", "gbit": None, "round": rnd, "tc": link.tc_cmds(None)})
+            for g in sorted(bws, reverse=True):
+                points.append({"name": f"{g:g} Gbit/s", "gbit": g, "round": rnd, "tc": link.tc_cmds(g)})
+        for p in points:
+            p.update(batch=args.batch, steps=args.steps, warmup=3)
+        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ep_{os.getpid()}"
+        tmp.mkdir(exist_ok=True)
+        cfg, out = tmp / "cfg.json", tmp / "out.json"
+        cfg.write_text(json.dumps({"dtype": args.dtype, "points": points}))
+        port = str(free_port())
+        for r in range(2):
+            env = {**_env(), "MASTER_ADDR": link.ip[0], "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(r),
+                   "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GLOO_SOCKET_IFNAME": link.dev[r]}
+            procs.append(subprocess.Popen(["ip", "netns", "exec", link.ns[r], *_worker_cmd(cfg, out)], env=env,
+                                          stdout=None if r == 0 else subprocess.DEVNULL))
+        codes = [p.wait(timeout=3600) for p in procs]
+        if codes != [0, 0]:
+            raise SystemExit(f"sweep: ranks exited with {codes}")
+        got = json.loads(out.read_text())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        link.close()
+    res = predict(got, points)
+    res["command"] = " ".join(["python -m bench.bench_ep sweep", *sys.argv[2:]])
+    res["loadavg"] = os.getloadavg()
+    print("wrote", write_result("ep_sweep", res))
+    plot()
+
+
+def predict(got: dict, points: list[dict]) -> dict:
+    """Measured points next to the planner's all-to-all term over the calibration step."""
+    from moetier.planner.cluster import direct_remote_pairs, pair_bytes
+
+    dt = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}[got["dtype"]]
+    H, k, L, P = got["hidden"], got["top_k"], got["moe_layers"], got["world"]
+    keys = ("step_s_mean", "comm_s_per_step", "local_s_per_step", "tokens_per_s", "dispatch_bytes_sent_per_step",
+            "combine_bytes_recv_per_step", "remote_pairs_per_step", "collective_s")
+    by: dict = {}
+    for p, m in zip(points[1:], got["points"][1:]):  # the first point warms the job up
+        by.setdefault(p["gbit"], []).append(m)
+    # per bandwidth: the median over rounds of each round's figures
+    med = {g: {"name": ms[0]["name"], "batch": ms[0]["batch"], "rounds": len(ms),
+               **{k: statistics.median(m[k] for m in ms) for k in keys}, "by_round": ms} for g, ms in by.items()}
+    cal = med[None]  # veth without a qdisc: the calibration step
+    B = cal["batch"]
+    remote, _ = direct_remote_pairs(k, P)
+    bytes_step = B * remote * 2 * pair_bytes(H, dt) * L  # dispatch + combine, every MoE layer (planner)
+    base_comm = cal["comm_s_per_step"]
+    base_local = cal["step_s_mean"] - base_comm
+    rows = []
+    for g, m in sorted(med.items(), key=lambda x: -(x[0] or math.inf)):
+        comm = base_comm + (bytes_step / (g * 1e9 / 8 * LINK_EFF) if g else 0.0)
+        step = base_local + comm
+        rows.append({**m, "gbit": g, "planner_step_s": step, "planner_tokens_per_s": B / step,
+                     "planner_comm_s": comm, "planner_local_s": base_local,
+                     "planner_binding": "communication" if comm > base_local else "local",
+                     "measured_binding": "communication" if m["comm_s_per_step"] > m["local_s_per_step"] else "local",
+                     "error": m["step_s_mean"] / step - 1.0,
+                     "measured_bytes_per_step": m["dispatch_bytes_sent_per_step"] + m["combine_bytes_recv_per_step"]})
+    shaped = sorted((r for r in rows if r["gbit"]), key=lambda r: r["gbit"])
+    # crossover: the bandwidth where communication time equals the local time
+    planner_x = bytes_step / (LINK_EFF * (base_local - base_comm)) * 8 / 1e9 if base_local > base_comm else math.inf
+    measured_x = None  # log-log interpolation of comm/local between the two points around 1
+    for a, b in zip(shaped, shaped[1:]):
+        fa = math.log(a["comm_s_per_step"] / a["local_s_per_step"])
+        fb = math.log(b["comm_s_per_step"] / b["local_s_per_step"])
+        if fa >= 0 > fb:
+            t = fa / (fa - fb)
+            measured_x = math.exp(math.log(a["gbit"]) + t * (math.log(b["gbit"]) - math.log(a["gbit"])))
+    return {"model": "embedded", "dtype": dt, "batch": B, "ranks": P, "hidden": H, "top_k": k, "moe_layers": L,
+            "planner_bytes_per_step": bytes_step, "link_eff": LINK_EFF, "points": rows,
+            "crossover_gbit": {"planner": planner_x, "measured": measured_x},
+            "max_abs_error_shaped": max(abs(r["error"]) for r in shaped),
+            "calibration_step_s_by_round": [m["step_s_mean"] for m in cal["by_round"]],
+            "per_rank": got.get("per_rank")}
+
+
+# ------------------------------------------------------------------------------------------- plot
+def plot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.loads((RESULTS / "ep_sweep.json").read_text())
+    rs = sorted((r for r in res["points"] if r["gbit"]), key=lambda r: r["gbit"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = [r["gbit"] for r in rs]
+    ax.plot(x, [r["tokens_per_s"] for r in rs], "o-", label="measured (P = 2, veth + tbf)")
+    ax.plot(x, [r["planner_tokens_per_s"] for r in rs], "s--", label="planner: calibration step + all-to-all")
+    for r in rs:
+        comm = r["planner_binding"] == "communication"
+        ax.annotate("comm" if comm else "local", (r["gbit"], r["planner_tokens_per_s"]), textcoords="offset points",
+                    xytext=(0, 8), ha="center", fontsize=8, color="tab:red" if comm else "tab:green")
+    cx = res["crossover_gbit"]
+    if cx["planner"] and math.isfinite(cx["planner"]):
+        ax.axvline(cx["planner"], color="tab:orange", ls=":", label=f"planner crossover {cx['planner']:.2g} Gbit/s")
+    if cx["measured"]:
+        ax.axvline(cx["measured"], color="tab:blue", ls=":", label=f"measured crossover {cx['measured']:.2g} Gbit/s")
+    ax.set_ylabel(f"decode tok/s (batch {res['batch']})")
+    bx.plot(x, [r["comm_s_per_step"] * 1e3 for r in rs], "o-", color="tab:red", label="measured communication")
+    bx.plot(x, [r["local_s_per_step"] * 1e3 for r in rs], "o-", color="tab:green", label="measured local")
+    bx.plot(x, [r["planner_comm_s"] * 1e3 for r in rs], "s--", color="tab:red", alpha=0.6,
+            label="planner communication")
+    bx.plot(x, [r["planner_local_s"] * 1e3 for r in rs], "s--", color="tab:green", alpha=0.6, label="planner local")
+    bx.set_yscale("log")
+    bx.set_ylabel("ms per step (rank 0)")
+    for a in (ax, bx):
+        a.set_xscale("log")
+        a.set_xlabel("link bandwidth (Gbit/s, each direction)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle(f"Expert parallelism over a shaped link: embedded qwen3_moe, 2 ranks, {res['dtype']}; "
+                 "binding resource labelled (planner)", fontsize=10)
+    fig.tight_layout()
+    out = RESULTS / "ep_sweep.png"
+    fig.savefig(out, dpi=110)
+    print("wrote", out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("worker")
+    w.add_argument("cfg")
+    w.add_argument("out")
+    lb = sub.add_parser("loopback")
+    lb.add_argument("--rounds", type=int, default=2)
+    lb.add_argument("--tokens", type=int, default=48)
+    lb.add_argument("--dtype", default="float32")
+    sw = sub.add_parser("sweep")
+    sw.add_argument("--batch", type=int, default=32)
+    sw.add_argument("--steps", type=int, default=8)
+    sw.add_argument("--rounds", type=int, default=3)
+    sw.add_argument("--bw", default="0.03,0.1,0.3,1,3,10", help="Gbit/s")
+    sw.add_argument("--dtype", default="float32")
+    sub.add_parser("plot")
+    a = ap.parse_args()
+    if a.cmd == "worker":
+        return worker(a.cfg, a.out)
+    {"loopback": loopback, "sweep": sweep, "plot": lambda _: plot()}[a.cmd](a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
