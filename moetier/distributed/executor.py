@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field, fields
@@ -49,8 +50,9 @@ import torch.distributed as dist
 from moetier.distributed.placement import EPPlacement
 from moetier.errors import MoetierError
 
-CMD_MOE, CMD_STOP = 1, 2
-DEFAULT_TIMEOUT_S = 60.0  # gloo collective timeout: a dead or hung peer -> an error after this
+CMD_MOE, CMD_STOP, CMD_PING = 1, 2, 3
+DEFAULT_TIMEOUT_S = 60.0  # step collectives (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
+DEFAULT_START_TIMEOUT_S = 600.0  # start-up (MOETIER_EP_START_TIMEOUT): joining, hash check, loading
 
 
 class DistributedError(MoetierError):
@@ -120,22 +122,39 @@ class EPGroup:
     rank: int
     world: int
     placement: EPPlacement
+    timeout_s: float | None = None  # step collectives; None: MOETIER_EP_TIMEOUT or DEFAULT_TIMEOUT_S
     stats: EPStats = field(default_factory=EPStats)
     _rr: dict[tuple[int, int], int] = field(default_factory=dict)
     _owners: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._owners = self.placement.owners()
+        if self.timeout_s is None:
+            self.timeout_s = float(os.environ.get("MOETIER_EP_TIMEOUT", DEFAULT_TIMEOUT_S))
+        # the step collectives run on their own group: its timeout is the fault detector (a dead or
+        # stopped peer), while start-up (loading, hash check) waits on the default group's longer one
+        self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s)) \
+            if dist.is_initialized() else None
+        self._lock = threading.Lock()  # one MoE layer (control, dispatch, combine) or ping at a time
+        self._last = time.monotonic()
+        self._beat: threading.Thread | None = None
+        self._beat_stop = threading.Event()
+        self.fault: str | None = None  # the first collective failure (then every rank exits)
 
     # ----- collectives (every failure becomes one clear line) -----
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
              in_splits: list[int] | None = None) -> None:
+        if self.fault is not None:
+            raise DistributedError(self.fault)
         t0 = time.perf_counter()
         try:
-            dist.all_to_all_single(out, inp, out_splits, in_splits)
+            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self._pg)
         except (RuntimeError, dist.DistBackendError) as e:
-            raise DistributedError(f"rank {self.rank}: all-to-all with the other ranks failed ({_first_line(e)}); "
-                                   "a peer rank died, hung or was stopped") from None
+            why = "timed out" if "Timed out" in str(e) else "failed"
+            self.fault = (f"rank {self.rank}: all-to-all with the other ranks {why} ({_first_line(e)}); "
+                          f"a peer rank died, hung or was stopped (step timeout {self.timeout_s:g} s)")
+            raise DistributedError(self.fault) from None
+        self._last = time.monotonic()
         self.stats.comm_s += time.perf_counter() - t0
 
     def _ctrl(self, send: torch.Tensor) -> torch.Tensor:
@@ -143,6 +162,40 @@ class EPGroup:
         self._a2a(recv, send)
         self.stats.meta_bytes += 8 * 3 * (self.world - 1) * (2 if self.rank == 0 else 0)
         return recv.view(self.world, 3)
+
+    # ----- liveness (rank 0 pings idle followers, so their wait never reaches the timeout) -----
+    def ready(self) -> None:
+        """After loading: wait for every rank (start-up timeout), then rank 0 starts pinging."""
+        try:
+            dist.barrier()
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise DistributedError(f"rank {self.rank}: waiting for the other ranks to load failed "
+                                   f"({_first_line(e)})") from None
+        self._last = time.monotonic()
+        if self.rank == 0 and self.world > 1 and self._beat is None:
+            self._beat = threading.Thread(target=self._heartbeat, name="moetier-ep-heartbeat", daemon=True)
+            self._beat.start()
+
+    def _heartbeat(self) -> None:
+        every = max(0.05, self.timeout_s / 4)
+        while not self._beat_stop.wait(every / 2):
+            if time.monotonic() - self._last < every or self.fault is not None:
+                continue
+            with self._lock:
+                if self._beat_stop.is_set():
+                    return
+                try:
+                    self._ctrl(torch.tensor([[CMD_PING, 0, 0]] * self.world, dtype=torch.long).reshape(-1))
+                except DistributedError:
+                    return  # the engine's next step reports it
+
+    def _stop_heartbeat(self) -> None:
+        self._beat_stop.set()
+        if self._beat is not None and self._beat is not threading.current_thread():
+            with self._lock:
+                pass
+            self._beat.join(5)
+        self._beat = None
 
     def check_same(self, digest: bytes) -> None:
         """Every rank must load the same model, dtype and placement (all-gather of the hash)."""
@@ -195,15 +248,16 @@ class EPGroup:
             counts[d] += 1
         order_t = torch.tensor(order, dtype=torch.long)
         send = pack(x[order_t // k], flat[order_t])  # [T*k, H*bytes + 8] uint8
-        self._ctrl(torch.tensor([[CMD_MOE, layer, c] for c in counts], dtype=torch.long).reshape(-1))
         n0 = counts[0]
         zeros = [0] * P
         recv = torch.empty(n0, send.shape[1], dtype=torch.uint8)
         into0 = [n0] + zeros[1:]
-        self._a2a(recv, send, into0, counts)
-        y0 = self.compute(*unpack(recv, x.dtype), layer, provider, glu)  # [n0, H]
         y_sent = torch.empty(T * k, H, dtype=x.dtype)
-        self._a2a(y_sent, y0, counts, into0)
+        with self._lock:
+            self._ctrl(torch.tensor([[CMD_MOE, layer, c] for c in counts], dtype=torch.long).reshape(-1))
+            self._a2a(recv, send, into0, counts)
+            y0 = self.compute(*unpack(recv, x.dtype), layer, provider, glu)  # [n0, H]
+            self._a2a(y_sent, y0, counts, into0)
         remote = T * k - n0
         row = H * x.element_size()
         s = self.stats
@@ -227,6 +281,7 @@ class EPGroup:
 
     def stop(self) -> list[dict[str, Any]]:
         """Rank 0: release the followers; returns every rank's stats (index = rank)."""
+        self._stop_heartbeat()
         self._ctrl(torch.tensor([[CMD_STOP, 0, 0]] * self.world, dtype=torch.long).reshape(-1))
         return self._gather_stats()
 
@@ -242,6 +297,8 @@ class EPGroup:
             cmd, layer, n = self._ctrl(torch.zeros(3 * self.world, dtype=torch.long))[0].tolist()
             if cmd == CMD_STOP:
                 return self._gather_stats()
+            if cmd == CMD_PING:
+                continue
             if cmd != CMD_MOE or layer not in blocks:
                 raise DistributedError(f"rank {self.rank}: unexpected command {cmd} for layer {layer} from rank 0")
             H = model.spec.hidden_size
@@ -307,12 +364,15 @@ def env_rank() -> tuple[int, int] | None:
 
 def init(timeout_s: float | None = None) -> tuple[int, int]:
     """Join the gloo process group from the torchrun environment (MASTER_ADDR/PORT, RANK,
-    WORLD_SIZE). ``timeout_s`` (default ``MOETIER_EP_TIMEOUT`` or 60 s) bounds every collective."""
+    WORLD_SIZE). ``timeout_s`` (default ``MOETIER_EP_START_TIMEOUT`` or 600 s) bounds the start-up
+    collectives (joining, the hash check, waiting for every rank to load); the per-step
+    collectives have their own, shorter timeout (:class:`EPGroup`, ``MOETIER_EP_TIMEOUT``)."""
     rw = env_rank()
     if rw is None:
         raise DistributedError("--ep auto: RANK / WORLD_SIZE are not set (start with torchrun, or use --ep P "
                                "to spawn P local ranks)")
-    t = timeout_s if timeout_s is not None else float(os.environ.get("MOETIER_EP_TIMEOUT", DEFAULT_TIMEOUT_S))
+    t = timeout_s if timeout_s is not None else float(os.environ.get("MOETIER_EP_START_TIMEOUT",
+                                                                      DEFAULT_START_TIMEOUT_S))
     if not dist.is_initialized():
         try:
             dist.init_process_group("gloo", rank=rw[0], world_size=rw[1], timeout=timedelta(seconds=t))
@@ -321,6 +381,15 @@ def init(timeout_s: float | None = None) -> tuple[int, int]:
                                    f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
                                    f"({_first_line(e)})") from None
     return rw
+
+
+def exit_after_fault(message: str, code: int = 2) -> None:
+    """Print one line and leave at once: a process whose gloo group broke must not run the
+    group's destructors (they abort on pending operations)."""
+    import sys
+
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(code)
 
 
 def shutdown() -> None:

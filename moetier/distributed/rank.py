@@ -35,11 +35,13 @@ def install() -> None:
 
 
 def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement | None = None,
-         dtype: str | torch.dtype = "auto", **kw: Any) -> tuple[Any, EPGroup]:
+         dtype: str | torch.dtype = "auto", timeout_s: float | None = None, **kw: Any) -> tuple[Any, EPGroup]:
     """Load one rank's share of an expert-parallel model (after :func:`init`).
 
     placement: default contiguous. Checks with the other ranks that all loaded the same model,
-    dtype and placement (raises :class:`DistributedError` otherwise). Native decode is off.
+    dtype and placement (raises :class:`DistributedError` otherwise), and returns once every
+    rank has loaded. ``timeout_s``: the step collectives' timeout (default ``MOETIER_EP_TIMEOUT``
+    or 60 s). Native decode is off.
     """
     from moetier.models.base import InMemoryExpertProvider
     from moetier.runtime import EMBEDDED_DIR, resolve_dtype
@@ -53,7 +55,7 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
     placement = placement or contiguous(spec.num_experts, world)
     if placement.ranks != world:
         raise DistributedError(f"placement has {placement.ranks} ranks, the job has {world}")
-    group = EPGroup(rank, world, placement)
+    group = EPGroup(rank, world, placement, timeout_s=timeout_s)
     group.check_same(model_digest(d, resolve_dtype(dtype, spec), placement))
     install()
     mine = sorted(set(placement.device_experts[rank]))
@@ -64,4 +66,5 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
 
     model = load_model(d, dtype=dtype, expert_provider_factory=factory, native=False, **kw)
     model.native_reason = "off under expert parallelism (the native decoder does not dispatch across ranks)"
+    group.ready()
     return model, group
