@@ -54,6 +54,7 @@ def spawn(cmd: Seq[str], world: int, env: dict[str, str] | None = None, quiet_fo
         for p in procs:
             if p.poll() is None:
                 p.terminate()
+                p.send_signal(signal.SIGCONT)  # a stopped (hung) rank takes its SIGTERM now
                 try:
                     p.wait(5)
                 except subprocess.TimeoutExpired:
@@ -196,6 +197,7 @@ def run_rank(args: argparse.Namespace, load_kw: dict[str, Any], report: Any) -> 
 
 # ------------------------------------------------------------------------------------ serving
 FAULT_GRACE_S = 5.0  # rank 0 answers 503 this long after losing a rank, then exits for a restart
+FAULT_RESTART_GRACE_S = 3.0  # then the followers get this long to leave before they are terminated
 
 
 def serve_main(args: argparse.Namespace, load_kw: dict[str, Any], make_app: Any, serve_app: Any) -> int:
@@ -212,13 +214,16 @@ def serve_main(args: argparse.Namespace, load_kw: dict[str, Any], make_app: Any,
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    for attempt in range(args.ep_restarts + 1):
-        codes = spawn(cmd, ep, quiet_followers=False)
-        if codes[0] == 0 or any(c in (-2, 130) for c in codes):  # rank 0 ended cleanly, or Ctrl-C
-            return job_code(codes)
-        if attempt < args.ep_restarts:
-            print(f"moetier: expert-parallel job ended (exit codes {codes}); restarting it "
-                  f"({attempt + 1} of {args.ep_restarts})", file=sys.stderr, flush=True)
+    try:
+        for attempt in range(args.ep_restarts + 1):
+            codes = spawn(cmd, ep, quiet_followers=False, grace_s=FAULT_RESTART_GRACE_S)
+            if codes[0] == 0 or any(c in (-2, 130) for c in codes):  # rank 0 ended cleanly, or Ctrl-C
+                return job_code(codes)
+            if attempt < args.ep_restarts:
+                print(f"moetier: expert-parallel job ended (exit codes {codes}); restarting it "
+                      f"({attempt + 1} of {args.ep_restarts})", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # the ranks were stopped by spawn's cleanup
+        return 130
     return job_code(codes)
 
 
