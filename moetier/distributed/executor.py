@@ -293,6 +293,7 @@ class EPGroup:
         provider = model.provider.local if isinstance(model.provider, ExpertParallelProvider) else model.provider
         zeros = [0] * self.world
         calls = 0
+        first = min(blocks)
         while max_calls is None or calls < max_calls:
             cmd, layer, n = self._ctrl(torch.zeros(3 * self.world, dtype=torch.long))[0].tolist()
             if cmd == CMD_STOP:
@@ -301,6 +302,8 @@ class EPGroup:
                 continue
             if cmd != CMD_MOE or layer not in blocks:
                 raise DistributedError(f"rank {self.rank}: unexpected command {cmd} for layer {layer} from rank 0")
+            if layer == first and hasattr(provider, "on_step"):  # a tiered provider counts steps (its policy)
+                provider.on_step(n, decode=False)
             H = model.spec.hidden_size
             splits = [n] + zeros[1:]
             width = H * torch.empty(0, dtype=model.dtype).element_size() + 8

@@ -131,10 +131,9 @@ def make_placement(model_dir: Any, world: int, redundant: int = 0, placement_fil
 def check_ep_options(args: argparse.Namespace, load_kw: dict[str, Any]) -> str | int:
     """--ep's value, after refusing what expert parallelism does not support (one line each)."""
     ep = parse_ep(args.ep)
-    hier = {k: v for k, v in load_kw.items() if k not in ("dtype", "threads", "native")}
-    if hier:
-        raise ConfigError(f"--ep: weight-hierarchy options ({', '.join(sorted(hier))}) are not supported under "
-                          "expert parallelism yet (each rank keeps its experts in RAM)")
+    if load_kw.get("prefetch"):
+        raise ConfigError("--ep with --prefetch: not supported (rank 0's router guesses would read experts other "
+                          "ranks hold); each rank reads its experts on demand")
     if getattr(args, "ep_restarts", 0) < 0:
         raise ConfigError(f"--ep-restarts {args.ep_restarts}: expected >= 0")
     return ep

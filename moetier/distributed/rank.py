@@ -38,7 +38,9 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
          dtype: str | torch.dtype = "auto", timeout_s: float | None = None, **kw: Any) -> tuple[Any, EPGroup]:
     """Load one rank's share of an expert-parallel model (after :func:`init`).
 
-    placement: default contiguous. Checks with the other ranks that all loaded the same model,
+    placement: default contiguous. Weight-hierarchy options in ``kw`` (``max_ram``, ``expert_cache``,
+    ``policy``, ...) give the rank its own tiered provider over its share of the experts, sized by
+    its own budget (prefetch off). Checks with the other ranks that all loaded the same model,
     dtype and placement (raises :class:`DistributedError` otherwise), and returns once every
     rank has loaded. ``timeout_s``: the step collectives' timeout (default ``MOETIER_EP_TIMEOUT``
     or 60 s). Native decode is off.
@@ -60,11 +62,22 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
     install()
     mine = sorted(set(placement.device_experts[rank]))
 
-    def factory(spec: Any, reader: Any) -> ExpertParallelProvider:
-        local = InMemoryExpertProvider({(lyr, e): reader.read(lyr, e) for lyr in spec.moe_layer_ids for e in mine})
-        return ExpertParallelProvider(local, group)
+    from moetier.weights import tiered
 
-    model = load_model(d, dtype=dtype, expert_provider_factory=factory, native=False, **kw)
+    if tiered.hierarchy_options_given(kw):  # this rank's own hierarchy over its share (--max-ram per rank)
+        if kw.get("prefetch"):
+            raise DistributedError("--prefetch under expert parallelism: not supported (rank 0's router guesses "
+                                   "would read experts other ranks hold); use --no-prefetch")
+        kw["prefetch"] = False
+        model = tiered.load(d, dtype=dtype, native=False, wrap=lambda local: ExpertParallelProvider(local, group),
+                            experts_held=len(mine) * len(spec.moe_layer_ids), **kw)
+    else:
+        def factory(spec: Any, reader: Any) -> ExpertParallelProvider:
+            local = InMemoryExpertProvider({(lyr, e): reader.read(lyr, e) for lyr in spec.moe_layer_ids
+                                            for e in mine})
+            return ExpertParallelProvider(local, group)
+
+        model = load_model(d, dtype=dtype, expert_provider_factory=factory, native=False, **kw)
     model.native_reason = "off under expert parallelism (the native decoder does not dispatch across ranks)"
     group.ready()
     return model, group

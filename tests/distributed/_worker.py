@@ -32,14 +32,19 @@ def main() -> int:
                                        c.get("placement"), c.get("routing_profile"))
             try:
                 model, group = ep.load(path, rank, world, placement, dtype="float32", tokenizer=False, threads=1,
-                                       timeout_s=c.get("timeout"))
+                                       timeout_s=c.get("timeout"), **c.get("hierarchy", {}))
             except ep.DistributedError as e:  # every rank sees a start-up refusal: record it, go on
                 results.append({"error": str(e)})
                 continue
-            local = model.provider.local.experts
             mine = set(placement.device_experts[rank])
-            assert {e for _, e in local} == mine and len(local) == len(mine) * len(model.spec.moe_layer_ids), \
-                f"rank {rank} holds experts it does not own"
+            n_layers = len(model.spec.moe_layer_ids)
+            if c.get("hierarchy"):  # a tiered provider over this rank's share: fewer slots than the share
+                tiered = model.provider.local
+                assert tiered is model.hierarchy and tiered.cache.capacity < len(mine) * n_layers
+            else:
+                local = model.provider.local.experts
+                assert {e for _, e in local} == mine and len(local) == len(mine) * n_layers, \
+                    f"rank {rank} holds experts it does not own"
             if rank != 0:
                 if c.get("die_after") is not None and rank == 1:
                     group.serve(model, max_calls=c["die_after"])
@@ -53,6 +58,9 @@ def main() -> int:
                     with open(f"{out}.rank{rank}.err", "w") as f:
                         f.write(str(e))
                     ep.exit_after_fault(str(e))
+                if c.get("hierarchy"):  # the rank read only experts it owns, into its own cache
+                    read = {e for (_, e) in model.provider.local.cache.slot_of}
+                    assert read and read <= mine, f"rank {rank} cached experts it does not own: {read - mine}"
                 continue
             if c.get("die_after") is not None or c.get("hang_after") is not None:  # the error, not a hang
                 try:
@@ -79,6 +87,9 @@ def main() -> int:
                 steps.append({k: after[k] - before[k] for k in ("dispatch_bytes_sent", "combine_bytes_recv",
                                                                 "remote_pairs", "local_pairs")}
                              | {"routed": [list(r) for r in routed]})
+            if c.get("hierarchy"):
+                read = {e for (_, e) in model.provider.local.cache.slot_of}
+                assert read and read <= mine, f"rank 0 cached experts it does not own: {read - mine}"
             results.append({"prefill": prefill, "tokens": toks, "step_logits": torch.stack(step_logits),
                             "steps": steps, "per_rank": group.stop(), "placement": placement.to_json(),
                             "hidden": model.spec.hidden_size})

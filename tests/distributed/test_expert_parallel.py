@@ -38,6 +38,8 @@ def job(tmp_path_factory):
     cases = [
         {"name": "embedded", "model": str(EMBEDDED_DIR)},
         {"name": "embedded-r4", "model": str(EMBEDDED_DIR), "placement": str(emitted), "redundant": 4},
+        # each rank's own weight hierarchy over its share: a 10% expert cache (12 slots < 64 owned)
+        {"name": "embedded-tiered", "model": str(EMBEDDED_DIR), "hierarchy": {"expert_cache": "10%"}},
         {"name": "mixtral", "model": str(mixtral)},
         {"name": "mixtral-r2", "model": str(mixtral), "redundant": 2, "routing_profile": str(skew)},
         {"name": "deepseek_v3-r2", "model": str(dsv3), "redundant": 2},
@@ -94,7 +96,7 @@ def reference(c: dict) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     return prefill, toks, torch.stack(steps)
 
 
-CASES = ["embedded", "embedded-r4", "mixtral", "mixtral-r2", "deepseek_v3-r2"]
+CASES = ["embedded", "embedded-r4", "embedded-tiered", "mixtral", "mixtral-r2", "deepseek_v3-r2"]
 
 
 @pytest.mark.parametrize("name", CASES)
