@@ -20,9 +20,12 @@ Prediction ("planner"): the step measured on the same veth pair with no qdisc (o
 point) plus the cluster planner's all-to-all bandwidth term for the shaped link:
 ``T x direct_remote_pairs(k, P) x (dispatch + combine pair_bytes)`` per MoE layer over the
 link rate times its efficiency (TCP payload per 1514-byte frame, 1448/1514); the latency
-floors are those of the calibration point (same veth). The binding resource is
-"communication" when that term exceeds the rest of the step ("local": attention, routers,
-experts and Python on rank 0; on this CPU torch path it is overhead, not memory bandwidth).
+floors are those of the calibration point (same veth). The binding resource is the "link"
+when that bandwidth term exceeds the rest of the step ("local": attention, routers, experts
+and Python on rank 0; on this CPU torch path it is overhead, not memory bandwidth); the
+crossover is the bandwidth where they are equal (measured: the communication time above the
+unshaped floor, interpolated log-log between swept points). ``all_communication`` also
+counts the fixed floor (per-collective cost on this machine) against the local time.
 Results: ``bench/results/ep_loopback.json``, ``ep_sweep.json``, ``ep_sweep.png``.
 """
 
@@ -235,6 +238,7 @@ def sweep(args: argparse.Namespace) -> None:
                 p.wait()
         link.close()
     res = predict(got, points)
+    res["raw"] = {"measured": got, "points": [{k: v for k, v in p.items() if k != "tc"} for p in points]}
     res["command"] = " ".join(["python -m bench.bench_ep sweep", *sys.argv[2:]])
     res["loadavg"] = os.getloadavg()
     print("wrote", write_result("ep_sweep", res))
@@ -267,23 +271,41 @@ def predict(got: dict, points: list[dict]) -> dict:
         step = base_local + comm
         rows.append({**m, "gbit": g, "planner_step_s": step, "planner_tokens_per_s": B / step,
                      "planner_comm_s": comm, "planner_local_s": base_local,
-                     "planner_binding": "communication" if comm > base_local else "local",
-                     "measured_binding": "communication" if m["comm_s_per_step"] > m["local_s_per_step"] else "local",
+                     # binding: the link's bandwidth term (communication above the unshaped floor) vs local
+                     "planner_binding": "link" if comm - base_comm > base_local else "local",
+                     "measured_binding": ("link" if m["comm_s_per_step"] - base_comm > m["local_s_per_step"]
+                                          else "local"),
                      "error": m["step_s_mean"] / step - 1.0,
                      "measured_bytes_per_step": m["dispatch_bytes_sent_per_step"] + m["combine_bytes_recv_per_step"]})
     shaped = sorted((r for r in rows if r["gbit"]), key=lambda r: r["gbit"])
-    # crossover: the bandwidth where communication time equals the local time
-    planner_x = bytes_step / (LINK_EFF * (base_local - base_comm)) * 8 / 1e9 if base_local > base_comm else math.inf
-    measured_x = None  # log-log interpolation of comm/local between the two points around 1
-    for a, b in zip(shaped, shaped[1:]):
-        fa = math.log(a["comm_s_per_step"] / a["local_s_per_step"])
-        fb = math.log(b["comm_s_per_step"] / b["local_s_per_step"])
-        if fa >= 0 > fb:
-            t = fa / (fa - fb)
-            measured_x = math.exp(math.log(a["gbit"]) + t * (math.log(b["gbit"]) - math.log(a["gbit"])))
+    for r in shaped:  # the link's bandwidth term alone: communication above the unshaped floor
+        r["measured_link_s"] = r["comm_s_per_step"] - base_comm  # may be < 0 (noise) where the link is idle
+        r["planner_link_s"] = r["planner_comm_s"] - base_comm
+
+    def crossing(key_comm: str) -> float | None:  # log-log interpolation of comm/local around 1
+        for a, b in zip(shaped, shaped[1:]):
+            fa = math.log(max(a[key_comm], 1e-6) / a["local_s_per_step"])
+            fb = math.log(max(b[key_comm], 1e-6) / b["local_s_per_step"])
+            if fa >= 0 > fb:
+                t = fa / (fa - fb)
+                return math.exp(math.log(a["gbit"]) + t * (math.log(b["gbit"]) - math.log(a["gbit"])))
+        return None
+
+    gbit = 8 / 1e9
+    cross = {
+        # where the link's bandwidth term equals the local step (the binding resource moves to the link)
+        "bandwidth_term": {"planner": bytes_step / (LINK_EFF * base_local) * gbit,
+                           "measured": crossing("measured_link_s")},
+        # where ALL communication (incl. the fixed per-collective floor of this machine) equals the local step
+        "all_communication": {
+            "planner": (bytes_step / (LINK_EFF * (base_local - base_comm)) * gbit if base_local > base_comm
+                        else math.inf),
+            "measured": crossing("comm_s_per_step")},
+    }
     return {"model": "embedded", "dtype": dt, "batch": B, "ranks": P, "hidden": H, "top_k": k, "moe_layers": L,
             "planner_bytes_per_step": bytes_step, "link_eff": LINK_EFF, "points": rows,
-            "crossover_gbit": {"planner": planner_x, "measured": measured_x},
+            "calibration": {"step_s": cal["step_s_mean"], "comm_s": base_comm, "local_s": base_local},
+            "crossover_gbit": cross,
             "max_abs_error_shaped": max(abs(r["error"]) for r in shaped),
             "calibration_step_s_by_round": [m["step_s_mean"] for m in cal["by_round"]],
             "per_rank": got.get("per_rank")}
@@ -297,27 +319,36 @@ def plot() -> None:
     import matplotlib.pyplot as plt
 
     res = json.loads((RESULTS / "ep_sweep.json").read_text())
+    if "raw" in res:  # recompute the prediction from the stored measurements (same formula as the run)
+        res.update(predict(res["raw"]["measured"], res["raw"]["points"]))
+        (RESULTS / "ep_sweep.json").write_text(json.dumps(res, indent=2) + "\n")
     rs = sorted((r for r in res["points"] if r["gbit"]), key=lambda r: r["gbit"])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     x = [r["gbit"] for r in rs]
     ax.plot(x, [r["tokens_per_s"] for r in rs], "o-", label="measured (P = 2, veth + tbf)")
     ax.plot(x, [r["planner_tokens_per_s"] for r in rs], "s--", label="planner: calibration step + all-to-all")
     for r in rs:
-        comm = r["planner_binding"] == "communication"
-        ax.annotate("comm" if comm else "local", (r["gbit"], r["planner_tokens_per_s"]), textcoords="offset points",
+        comm = r["planner_binding"] == "link"
+        ax.annotate("link" if comm else "local", (r["gbit"], r["planner_tokens_per_s"]), textcoords="offset points",
                     xytext=(0, 8), ha="center", fontsize=8, color="tab:red" if comm else "tab:green")
-    cx = res["crossover_gbit"]
+    cx = res["crossover_gbit"]["bandwidth_term"]
     if cx["planner"] and math.isfinite(cx["planner"]):
         ax.axvline(cx["planner"], color="tab:orange", ls=":", label=f"planner crossover {cx['planner']:.2g} Gbit/s")
     if cx["measured"]:
         ax.axvline(cx["measured"], color="tab:blue", ls=":", label=f"measured crossover {cx['measured']:.2g} Gbit/s")
     ax.set_ylabel(f"decode tok/s (batch {res['batch']})")
     bx.plot(x, [r["comm_s_per_step"] * 1e3 for r in rs], "o-", color="tab:red", label="measured communication")
+    bx.plot(x, [r["measured_link_s"] * 1e3 if r["measured_link_s"] > 1e-4 else math.nan for r in rs], "o:",
+            color="tab:purple",
+            label="measured communication above the unshaped floor")
     bx.plot(x, [r["local_s_per_step"] * 1e3 for r in rs], "o-", color="tab:green", label="measured local")
     bx.plot(x, [r["planner_comm_s"] * 1e3 for r in rs], "s--", color="tab:red", alpha=0.6,
             label="planner communication")
+    bx.plot(x, [r["planner_link_s"] * 1e3 for r in rs], "s--", color="tab:purple", alpha=0.6,
+            label="planner bandwidth term")
     bx.plot(x, [r["planner_local_s"] * 1e3 for r in rs], "s--", color="tab:green", alpha=0.6, label="planner local")
     bx.set_yscale("log")
+    bx.set_ylim(bottom=0.3)
     bx.set_ylabel("ms per step (rank 0)")
     for a in (ax, bx):
         a.set_xscale("log")
