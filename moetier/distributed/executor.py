@@ -5,11 +5,14 @@ routed experts, runs embeddings, attention, routers, shared experts and the LM h
 1..P-1 hold only their experts (and, for now, a replicated copy of the always-on weights)
 and run :meth:`EPGroup.serve`. At every MoE layer rank 0 does, with ``all_to_all_single``:
 
-1. control: ``(command, layer, rows)`` to every rank (int64, 3 values per rank);
-2. dispatch: the hidden row of every token-expert pair to the rank owning that expert
-   (variable splits), its expert id (int64) appended to the row's bytes (:func:`pack`);
-3. each rank (rank 0 too, for its own share) runs its experts on the rows it received,
-   grouped by expert (:func:`moetier.layers.moe.dispatch` with k = 1 and weight 1);
+1. control: one fixed-size message to every follower: ``(command, layer, rows)`` (3 int64)
+   followed by room for ``inline_rows`` (= top-k) dispatch rows. When every follower's rows
+   fit (decode of one sequence), they travel here ("counts sent with the data") and step 2 is
+   skipped: two collectives per MoE layer instead of three;
+2. dispatch (larger batches): the hidden row of every token-expert pair to the rank owning
+   that expert (variable splits), its expert id (int64) appended to the row's bytes (:func:`pack`);
+3. each rank (rank 0 too, for its own share, while the followers compute theirs) runs its
+   experts on its rows, grouped by expert (:func:`moetier.layers.moe.dispatch`, k = 1, weight 1);
 4. combine: the unweighted expert outputs go back to rank 0, which applies the top-k
    weights and sums them exactly like the single-process dispatch (same order).
 
@@ -22,8 +25,10 @@ with per-(token, rank) dedup (summing a token's pairs on one rank before the com
 saves ``k - distinct ranks`` rows per token: not done yet.
 
 Bytes counted (per rank): hidden rows sent to / received from *other* ranks, equal to
-``remote pairs x moetier.planner.cluster.pair_bytes(H, dtype)``; the control and expert-id
-metadata are counted separately (``meta_bytes``).
+``remote pairs x moetier.planner.cluster.pair_bytes(H, dtype)``, whether they travel inline
+in the control message or in the dispatch; everything else on the wire (headers, expert ids,
+the unused room of a fixed-size control message) is ``meta_bytes`` (rank 0 counts what it
+sends, followers what they receive).
 
 The dispatch is plugged in without touching the model code: :func:`moetier.distributed.rank.install` wraps the
 module-level ``dispatch`` of :mod:`moetier.layers.moe` (and llama4's import of it); the
@@ -50,7 +55,8 @@ import torch.distributed as dist
 from moetier.distributed.placement import EPPlacement
 from moetier.errors import MoetierError
 
-CMD_MOE, CMD_STOP, CMD_PING = 1, 2, 3
+CMD_MOE, CMD_STOP, CMD_PING, CMD_MOE_INLINE = 1, 2, 3, 4
+HEADER = 24  # bytes: (command, layer, rows) as int64
 DEFAULT_TIMEOUT_S = 60.0  # step collectives (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
 DEFAULT_START_TIMEOUT_S = 600.0  # start-up (MOETIER_EP_START_TIMEOUT): joining, hash check, loading
 
@@ -157,11 +163,35 @@ class EPGroup:
         self._last = time.monotonic()
         self.stats.comm_s += time.perf_counter() - t0
 
-    def _ctrl(self, send: torch.Tensor) -> torch.Tensor:
-        recv = torch.empty(3 * self.world, dtype=torch.long)
-        self._a2a(recv, send)
-        self.stats.meta_bytes += 8 * 3 * (self.world - 1) * (2 if self.rank == 0 else 0)
-        return recv.view(self.world, 3)
+    def configure(self, hidden: int, dtype: torch.dtype, top_k: int) -> None:
+        """The row format (every rank, after loading): a dispatch row is H values + an int64 id."""
+        self.hidden, self.dtype = hidden, dtype
+        self.row_bytes = hidden * torch.empty(0, dtype=dtype).element_size() + 8
+        self.inline_rows = top_k
+        self.ctrl_bytes = HEADER + self.inline_rows * self.row_bytes
+
+    def _send_ctrl(self, cmd: int, layer: int = 0, counts: Seq[int] | None = None,
+                   rows: list[torch.Tensor] | None = None) -> None:
+        """Rank 0: one fixed-size control message to each follower, with its rows if inline."""
+        P, W = self.world, self.ctrl_bytes
+        buf = torch.zeros(P - 1, W, dtype=torch.uint8)  # [followers, W]
+        hdr = torch.tensor([[cmd, layer, (counts[r] if counts else 0)] for r in range(1, P)], dtype=torch.long)
+        buf[:, :HEADER] = hdr.view(torch.uint8).view(P - 1, HEADER)
+        if rows is not None:
+            for r in range(1, P):
+                b = rows[r].reshape(-1)
+                buf[r - 1, HEADER:HEADER + b.numel()] = b
+        self._a2a(torch.empty(0, W, dtype=torch.uint8), buf, [0] * P, [0] + [1] * (P - 1))
+        self.stats.meta_bytes += (P - 1) * W
+
+    def _recv_ctrl(self) -> tuple[int, int, int, torch.Tensor]:
+        """Follower: (command, layer, rows, the message's row area [inline_rows, row_bytes])."""
+        P, W = self.world, self.ctrl_bytes
+        recv = torch.empty(1, W, dtype=torch.uint8)
+        self._a2a(recv, torch.empty(0, W, dtype=torch.uint8), [1] + [0] * (P - 1), [0] * P)
+        self.stats.meta_bytes += W
+        cmd, layer, n = recv[0, :HEADER].clone().view(torch.long).tolist()
+        return cmd, layer, n, recv[0, HEADER:].view(self.inline_rows, self.row_bytes)
 
     # ----- liveness (rank 0 pings idle followers, so their wait never reaches the timeout) -----
     def ready(self) -> None:
@@ -185,7 +215,7 @@ class EPGroup:
                 if self._beat_stop.is_set():
                     return
                 try:
-                    self._ctrl(torch.tensor([[CMD_PING, 0, 0]] * self.world, dtype=torch.long).reshape(-1))
+                    self._send_ctrl(CMD_PING)
                 except DistributedError:
                     return  # the engine's next step reports it
 
@@ -247,23 +277,24 @@ class EPGroup:
         for d in dest:
             counts[d] += 1
         order_t = torch.tensor(order, dtype=torch.long)
-        send = pack(x[order_t // k], flat[order_t])  # [T*k, H*bytes + 8] uint8
+        send = pack(x[order_t // k], flat[order_t])  # [T*k, row_bytes] uint8, by destination rank
         n0 = counts[0]
-        zeros = [0] * P
-        recv = torch.empty(n0, send.shape[1], dtype=torch.uint8)
-        into0 = [n0] + zeros[1:]
-        y_sent = torch.empty(T * k, H, dtype=x.dtype)
-        with self._lock:
-            self._ctrl(torch.tensor([[CMD_MOE, layer, c] for c in counts], dtype=torch.long).reshape(-1))
-            self._a2a(recv, send, into0, counts)
-            y0 = self.compute(*unpack(recv, x.dtype), layer, provider, glu)  # [n0, H]
-            self._a2a(y_sent, y0, counts, into0)
+        by_rank = list(torch.split(send, counts))  # [counts[r], row_bytes] each
+        inline = max(counts[1:]) <= self.inline_rows
         remote = T * k - n0
+        with self._lock:
+            self._send_ctrl(CMD_MOE_INLINE if inline else CMD_MOE, layer, counts, by_rank if inline else None)
+            if not inline:
+                self._a2a(torch.empty(0, send.shape[1], dtype=torch.uint8), send[n0:], [0] * P, [0] + counts[1:])
+            y0 = self.compute(*unpack(by_rank[0], x.dtype), layer, provider, glu)  # [n0, H], own share
+            y_rem = torch.empty(remote, H, dtype=x.dtype)
+            self._a2a(y_rem, torch.empty(0, H, dtype=x.dtype), [0] + counts[1:], [0] * P)
+        y_sent = torch.cat([y0, y_rem])  # [T*k, H] in send order
         row = H * x.element_size()
         s = self.stats
         s.dispatch_bytes_sent += remote * row
         s.combine_bytes_recv += remote * row
-        s.meta_bytes += remote * 8
+        s.meta_bytes += remote * 8 - (remote * row if inline else 0)  # ids; inline rows were counted in the control
         s.remote_pairs += remote
         s.local_pairs += n0
         s.moe_calls += 1
@@ -282,7 +313,7 @@ class EPGroup:
     def stop(self) -> list[dict[str, Any]]:
         """Rank 0: release the followers; returns every rank's stats (index = rank)."""
         self._stop_heartbeat()
-        self._ctrl(torch.tensor([[CMD_STOP, 0, 0]] * self.world, dtype=torch.long).reshape(-1))
+        self._send_ctrl(CMD_STOP)
         return self._gather_stats()
 
     # ----- ranks 1..P-1 -----
@@ -295,29 +326,30 @@ class EPGroup:
         calls = 0
         first = min(blocks)
         while max_calls is None or calls < max_calls:
-            cmd, layer, n = self._ctrl(torch.zeros(3 * self.world, dtype=torch.long))[0].tolist()
+            cmd, layer, n, inline_rows = self._recv_ctrl()
             if cmd == CMD_STOP:
                 return self._gather_stats()
             if cmd == CMD_PING:
                 continue
-            if cmd != CMD_MOE or layer not in blocks:
+            if cmd not in (CMD_MOE, CMD_MOE_INLINE) or layer not in blocks:
                 raise DistributedError(f"rank {self.rank}: unexpected command {cmd} for layer {layer} from rank 0")
             if layer == first and hasattr(provider, "on_step"):  # a tiered provider counts steps (its policy)
                 provider.on_step(n, decode=False)
-            H = model.spec.hidden_size
             splits = [n] + zeros[1:]
-            width = H * torch.empty(0, dtype=model.dtype).element_size() + 8
-            recv = torch.empty(n, width, dtype=torch.uint8)
-            self._a2a(recv, torch.empty(0, width, dtype=torch.uint8), splits, zeros)
-            x, e = unpack(recv, model.dtype)
+            if cmd == CMD_MOE_INLINE:
+                recv = inline_rows[:n]
+            else:
+                recv = torch.empty(n, self.row_bytes, dtype=torch.uint8)
+                self._a2a(recv, torch.empty(0, self.row_bytes, dtype=torch.uint8), splits, zeros)
+            x, e = unpack(recv, self.dtype)
             with torch.inference_mode():
                 y = self.compute(x, e, layer, provider, blocks[layer].glu)
-            self._a2a(torch.empty(0, H, dtype=model.dtype), y.contiguous(), zeros, splits)
-            row = H * x.element_size()
+            self._a2a(torch.empty(0, self.hidden, dtype=self.dtype), y.contiguous(), zeros, splits)
+            row = self.hidden * x.element_size()
             s = self.stats
             s.dispatch_bytes_recv += n * row
             s.combine_bytes_sent += n * row
-            s.meta_bytes += n * 8
+            s.meta_bytes += n * 8 - (n * row if cmd == CMD_MOE_INLINE else 0)
             s.local_pairs += n
             s.moe_calls += 1
             calls += 1

@@ -79,5 +79,6 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
 
         model = load_model(d, dtype=dtype, expert_provider_factory=factory, native=False, **kw)
     model.native_reason = "off under expert parallelism (the native decoder does not dispatch across ranks)"
+    group.configure(spec.hidden_size, model.dtype, spec.top_k)
     group.ready()
     return model, group
