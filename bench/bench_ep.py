@@ -81,23 +81,26 @@ def worker(cfg_path: str, out_path: str) -> int:
         B, n, warm = pt["batch"], pt["steps"], pt.get("warmup", 3)
         seqs = [model.new_sequence(capacity=len(PROMPT) + n + warm + 2) for _ in range(B)]
         logits = torch.cat([model.step([(s, [(p + 13 * b) % 4000 for p in PROMPT])]) for b, s in enumerate(seqs)])
-        times, before = [], None
+        times, before, cpu0 = [], None, 0.0
         for i in range(warm + n):
             if i == warm:
                 before = dict(vars(group.stats)) if group else None
+                cpu0 = time.process_time()
             toks = logits.argmax(dim=-1).tolist()
             t0 = time.perf_counter()
             logits = model.step([(s, [t]) for s, t in zip(seqs, toks)])
             if i >= warm:
                 times.append(time.perf_counter() - t0)
         r = {"name": pt["name"], "batch": B, "steps": n, "step_s": statistics.median(times),
+             "process_cpu_s_per_step": (time.process_time() - cpu0) / n,  # this process (rank 0), all threads
              "step_s_mean": sum(times) / n, "tokens_per_s": B * n / sum(times)}
         if group is not None:
             after = vars(group.stats)
             d = {k: (after[k] - before[k]) / n for k in after}  # per step
             r.update({f"{k}_per_step": v for k, v in d.items()})
             r["local_s_per_step"] = r["step_s_mean"] - d["comm_s"]
-            r["collective_s"] = d["comm_s"] / max(1.0, 3 * d["moe_calls"])  # control + dispatch + combine
+            r["collective_s"] = d["comm_s"] / max(1.0, d["collectives"])
+            r["collectives_per_step"] = d["collectives"]
         results.append(r)
         print(json.dumps(r), flush=True)
     out = {"points": results, "hidden": model.spec.hidden_size, "top_k": model.spec.top_k,
@@ -139,10 +142,12 @@ def loopback(args: argparse.Namespace) -> None:
             row[f"P{P}"] = json.loads(out.read_text())["points"][0]
         row["ratio"] = row["P2"]["tokens_per_s"] / row["P1"]["tokens_per_s"]
         rounds.append(row)
-        print(f"round {i}: P=1 {row['P1']['tokens_per_s']:.1f} tok/s, P=2 {row['P2']['tokens_per_s']:.1f} tok/s "
-              f"(x{row['ratio']:.2f}); rank 0 per collective {row['P2']['collective_s'] * 1e6:.0f} us, "
-              f"per step: comm {row['P2']['comm_s_per_step'] * 1e3:.2f} ms, "
-              f"local {row['P2']['local_s_per_step'] * 1e3:.2f} ms", flush=True)
+        p1, p2 = row["P1"], row["P2"]
+        print(f"round {i}: P=1 {p1['tokens_per_s']:.1f} tok/s, P=2 {p2['tokens_per_s']:.1f} tok/s "
+              f"(x{row['ratio']:.2f}); CPU ms/token P=1 {p1['process_cpu_s_per_step'] * 1e3:.2f}, P=2 rank 0 "
+              f"{p2['process_cpu_s_per_step'] * 1e3:.2f}; {p2['collectives_per_step']:.0f} collectives/token "
+              f"at {p2['collective_s'] * 1e6:.0f} us; per token: comm {p2['comm_s_per_step'] * 1e3:.2f} ms, "
+              f"local {p2['local_s_per_step'] * 1e3:.2f} ms", flush=True)
     load = os.getloadavg()
     res = {"model": "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
            "median_ratio": statistics.median(r["ratio"] for r in rounds), "loadavg": load,

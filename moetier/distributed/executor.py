@@ -77,8 +77,10 @@ class EPStats:
     remote_pairs: int = 0  # token-expert pairs computed on another rank (rank 0) / for rank 0
     local_pairs: int = 0  # pairs computed where their token lives / here for rank 0
     moe_calls: int = 0
+    collectives: int = 0  # all_to_all_single calls (control, dispatch, combine, pings)
     comm_s: float = 0.0  # inside collectives (includes waiting for the peers)
     compute_s: float = 0.0  # expert FFNs on this rank
+    cpu_s: float = 0.0  # this process's CPU time (all threads) when the figures were gathered
 
     def vector(self) -> torch.Tensor:
         return torch.tensor([float(getattr(self, f.name)) for f in fields(self)], dtype=torch.float64)
@@ -162,6 +164,7 @@ class EPGroup:
             raise DistributedError(self.fault) from None
         self._last = time.monotonic()
         self.stats.comm_s += time.perf_counter() - t0
+        self.stats.collectives += 1
 
     def configure(self, hidden: int, dtype: torch.dtype, top_k: int) -> None:
         """The row format (every rank, after loading): a dispatch row is H values + an int64 id."""
@@ -356,6 +359,7 @@ class EPGroup:
         return None
 
     def _gather_stats(self) -> list[dict[str, Any]]:
+        self.stats.cpu_s = time.process_time()
         mine = self.stats.vector()
         got = [torch.empty_like(mine) for _ in range(self.world)]
         try:
