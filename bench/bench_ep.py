@@ -68,6 +68,7 @@ def worker(cfg_path: str, out_path: str) -> int:
     if world > 1:
         rank, world = ep.init(timeout_s=120.0)
         model, group = ep.load(None, rank, world, None, dtype=dtype, tokenizer=False, threads=1)
+        pingpong = cfg.get("pingpong", 0) and pingpong_s(rank, world, group.ctrl_bytes, cfg["pingpong"])
         if rank != 0:
             group.serve(model)
             ep.shutdown()
@@ -81,11 +82,11 @@ def worker(cfg_path: str, out_path: str) -> int:
         B, n, warm = pt["batch"], pt["steps"], pt.get("warmup", 3)
         seqs = [model.new_sequence(capacity=len(PROMPT) + n + warm + 2) for _ in range(B)]
         logits = torch.cat([model.step([(s, [(p + 13 * b) % 4000 for p in PROMPT])]) for b, s in enumerate(seqs)])
-        times, before, cpu0 = [], None, 0.0
+        times, before, cpu0, th0 = [], None, 0.0, 0.0
         for i in range(warm + n):
             if i == warm:
                 before = dict(vars(group.stats)) if group else None
-                cpu0 = time.process_time()
+                cpu0, th0 = time.process_time(), time.thread_time()
             toks = logits.argmax(dim=-1).tolist()
             t0 = time.perf_counter()
             logits = model.step([(s, [t]) for s, t in zip(seqs, toks)])
@@ -93,6 +94,7 @@ def worker(cfg_path: str, out_path: str) -> int:
                 times.append(time.perf_counter() - t0)
         r = {"name": pt["name"], "batch": B, "steps": n, "step_s": statistics.median(times),
              "process_cpu_s_per_step": (time.process_time() - cpu0) / n,  # this process (rank 0), all threads
+             "main_thread_cpu_s_per_step": (time.thread_time() - th0) / n,
              "step_s_mean": sum(times) / n, "tokens_per_s": B * n / sum(times)}
         if group is not None:
             after = vars(group.stats)
@@ -103,13 +105,37 @@ def worker(cfg_path: str, out_path: str) -> int:
             r["collectives_per_step"] = d["collectives"]
         results.append(r)
         print(json.dumps(r), flush=True)
-    out = {"points": results, "hidden": model.spec.hidden_size, "top_k": model.spec.top_k,
+    out = {"points": results, "pingpong_round_trip_s": pingpong if world > 1 else None,
+           "hidden": model.spec.hidden_size, "top_k": model.spec.top_k,
            "moe_layers": len(model.spec.moe_layer_ids), "world": world, "dtype": str(model.dtype)}
     if group is not None:
         out["per_rank"] = group.stop()
         ep.shutdown()
     Path(out_path).write_text(json.dumps(out))
     return 0
+
+
+def pingpong_s(rank: int, world: int, nbytes: int, n: int) -> float:
+    """Median round trip of the decode pattern without model work: rank 0 -> every follower
+    (one ``nbytes`` control message), then every follower -> rank 0 (one row back): two
+    ``all_to_all_single`` calls, what one MoE layer of a decode step costs beyond compute."""
+    import torch
+    import torch.distributed as dist
+
+    P = world
+    out_msg, back = torch.zeros(P - 1, nbytes, dtype=torch.uint8), torch.zeros(1, nbytes, dtype=torch.uint8)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.all_to_all_single(torch.empty(0, nbytes, dtype=torch.uint8), out_msg, [0] * P, [0] + [1] * (P - 1))
+            dist.all_to_all_single(torch.empty(P - 1, nbytes, dtype=torch.uint8), torch.empty(0, nbytes,
+                                   dtype=torch.uint8), [0] + [1] * (P - 1), [0] * P)
+        else:
+            dist.all_to_all_single(back, torch.empty(0, nbytes, dtype=torch.uint8), [1] + [0] * (P - 1), [0] * P)
+            dist.all_to_all_single(torch.empty(0, nbytes, dtype=torch.uint8), back, [0] * P, [1] + [0] * (P - 1))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _worker_cmd(cfg: Path, out: Path) -> list[str]:
@@ -127,7 +153,7 @@ def loopback(args: argparse.Namespace) -> None:
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ep_{os.getpid()}"
     tmp.mkdir(exist_ok=True)
     cfg = tmp / "cfg.json"
-    cfg.write_text(json.dumps({"dtype": args.dtype, "points": [
+    cfg.write_text(json.dumps({"dtype": args.dtype, "pingpong": 200, "points": [
         {"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}]}))
     rounds = []
     for i in range(args.rounds):
@@ -139,7 +165,10 @@ def loopback(args: argparse.Namespace) -> None:
             else:
                 codes = spawn(_worker_cmd(cfg, out), P, _env(), timeout_s=600)
                 assert codes == [0] * P, codes
-            row[f"P{P}"] = json.loads(out.read_text())["points"][0]
+            got = json.loads(out.read_text())
+            row[f"P{P}"] = got["points"][0]
+            if P == 2:
+                row["pingpong_round_trip_s"] = got["pingpong_round_trip_s"]
         row["ratio"] = row["P2"]["tokens_per_s"] / row["P1"]["tokens_per_s"]
         rounds.append(row)
         p1, p2 = row["P1"], row["P2"]
@@ -147,7 +176,8 @@ def loopback(args: argparse.Namespace) -> None:
               f"(x{row['ratio']:.2f}); CPU ms/token P=1 {p1['process_cpu_s_per_step'] * 1e3:.2f}, P=2 rank 0 "
               f"{p2['process_cpu_s_per_step'] * 1e3:.2f}; {p2['collectives_per_step']:.0f} collectives/token "
               f"at {p2['collective_s'] * 1e6:.0f} us; per token: comm {p2['comm_s_per_step'] * 1e3:.2f} ms, "
-              f"local {p2['local_s_per_step'] * 1e3:.2f} ms", flush=True)
+              f"local {p2['local_s_per_step'] * 1e3:.2f} ms; bare ping-pong (2 collectives) "
+              f"{row['pingpong_round_trip_s'] * 1e6:.0f} us", flush=True)
     load = os.getloadavg()
     res = {"model": "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
            "median_ratio": statistics.median(r["ratio"] for r in rounds), "loadavg": load,

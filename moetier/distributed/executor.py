@@ -151,20 +151,37 @@ class EPGroup:
 
     # ----- collectives (every failure becomes one clear line) -----
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
-             in_splits: list[int] | None = None) -> None:
+             in_splits: list[int] | None = None, wait: bool = True) -> Any:
+        """One ``all_to_all_single`` on the step group; ``wait=False`` returns a handle for
+        :meth:`_wait` (a send this rank need not wait for: it computes meanwhile)."""
         if self.fault is not None:
             raise DistributedError(self.fault)
         t0 = time.perf_counter()
         try:
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self._pg)
+            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self._pg, async_op=not wait)
         except (RuntimeError, dist.DistBackendError) as e:
-            why = "timed out" if "Timed out" in str(e) else "failed"
-            self.fault = (f"rank {self.rank}: all-to-all with the other ranks {why} ({_first_line(e)}); "
-                          f"a peer rank died, hung or was stopped (step timeout {self.timeout_s:g} s)")
-            raise DistributedError(self.fault) from None
-        self._last = time.monotonic()
+            self._failed(e)
         self.stats.comm_s += time.perf_counter() - t0
         self.stats.collectives += 1
+        if wait:
+            self._last = time.monotonic()
+            return None
+        return work
+
+    def _wait(self, work: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            work.wait()
+        except (RuntimeError, dist.DistBackendError) as e:
+            self._failed(e)
+        self._last = time.monotonic()
+        self.stats.comm_s += time.perf_counter() - t0
+
+    def _failed(self, e: BaseException) -> None:
+        why = "timed out" if "Timed out" in str(e) else "failed"
+        self.fault = (f"rank {self.rank}: all-to-all with the other ranks {why} ({_first_line(e)}); "
+                      f"a peer rank died, hung or was stopped (step timeout {self.timeout_s:g} s)")
+        raise DistributedError(self.fault) from None
 
     def configure(self, hidden: int, dtype: torch.dtype, top_k: int) -> None:
         """The row format (every rank, after loading): a dispatch row is H values + an int64 id."""
@@ -174,7 +191,7 @@ class EPGroup:
         self.ctrl_bytes = HEADER + self.inline_rows * self.row_bytes
 
     def _send_ctrl(self, cmd: int, layer: int = 0, counts: Seq[int] | None = None,
-                   rows: list[torch.Tensor] | None = None) -> None:
+                   rows: list[torch.Tensor] | None = None, wait: bool = True) -> Any:
         """Rank 0: one fixed-size control message to each follower, with its rows if inline."""
         P, W = self.world, self.ctrl_bytes
         buf = torch.zeros(P - 1, W, dtype=torch.uint8)  # [followers, W]
@@ -184,8 +201,9 @@ class EPGroup:
             for r in range(1, P):
                 b = rows[r].reshape(-1)
                 buf[r - 1, HEADER:HEADER + b.numel()] = b
-        self._a2a(torch.empty(0, W, dtype=torch.uint8), buf, [0] * P, [0] + [1] * (P - 1))
+        work = self._a2a(torch.empty(0, W, dtype=torch.uint8), buf, [0] * P, [0] + [1] * (P - 1), wait=wait)
         self.stats.meta_bytes += (P - 1) * W
+        return work
 
     def _recv_ctrl(self) -> tuple[int, int, int, torch.Tensor]:
         """Follower: (command, layer, rows, the message's row area [inline_rows, row_bytes])."""
@@ -285,11 +303,15 @@ class EPGroup:
         by_rank = list(torch.split(send, counts))  # [counts[r], row_bytes] each
         inline = max(counts[1:]) <= self.inline_rows
         remote = T * k - n0
-        with self._lock:
-            self._send_ctrl(CMD_MOE_INLINE if inline else CMD_MOE, layer, counts, by_rank if inline else None)
+        with self._lock:  # sends go out while rank 0 computes its own share
+            sent = [self._send_ctrl(CMD_MOE_INLINE if inline else CMD_MOE, layer, counts,
+                                    by_rank if inline else None, wait=False)]
             if not inline:
-                self._a2a(torch.empty(0, send.shape[1], dtype=torch.uint8), send[n0:], [0] * P, [0] + counts[1:])
+                sent.append(self._a2a(torch.empty(0, send.shape[1], dtype=torch.uint8), send[n0:], [0] * P,
+                                      [0] + counts[1:], wait=False))
             y0 = self.compute(*unpack(by_rank[0], x.dtype), layer, provider, glu)  # [n0, H], own share
+            for w in sent:
+                self._wait(w)
             y_rem = torch.empty(remote, H, dtype=x.dtype)
             self._a2a(y_rem, torch.empty(0, H, dtype=x.dtype), [0] + counts[1:], [0] * P)
         y_sent = torch.cat([y0, y_rem])  # [T*k, H] in send order
