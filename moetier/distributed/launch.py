@@ -72,6 +72,11 @@ def respawn_argv(argv: Seq[str]) -> list[str]:
     return [a if not a.startswith("--ep=") else "--ep=auto" for a in argv]
 
 
+def cli_argv(args: argparse.Namespace) -> list[str]:
+    """The arguments the CLI parsed (``cli.main`` keeps them), else this process's."""
+    return list(getattr(args, "argv", None) or sys.argv[1:])
+
+
 def job_code(codes: Seq[int]) -> int:
     bad = [c for c in codes if c]
     return 0 if not bad else (bad[0] if bad[0] > 0 else 1)
@@ -145,7 +150,7 @@ def run_main(args: argparse.Namespace, load_kw: dict[str, Any], report: Any) -> 
     ep = check_ep_options(args, load_kw)
     if ep != "auto":
         make_placement(args.model_dir, ep, args.redundant_experts, args.placement, args.routing_profile)  # fail early
-        return job_code(spawn([sys.executable, "-m", "moetier", *respawn_argv(sys.argv[1:])], ep))
+        return job_code(spawn([sys.executable, "-m", "moetier", *respawn_argv(cli_argv(args))], ep))
     return run_rank(args, load_kw, report)
 
 
@@ -207,7 +212,7 @@ def serve_main(args: argparse.Namespace, load_kw: dict[str, Any], make_app: Any,
     if ep == "auto":
         return serve_rank(args, load_kw, make_app, serve_app)
     make_placement(args.model_dir, ep, args.redundant_experts, args.placement, args.routing_profile)  # fail early
-    cmd = [sys.executable, "-m", "moetier", *respawn_argv(sys.argv[1:])]
+    cmd = [sys.executable, "-m", "moetier", *respawn_argv(cli_argv(args))]
 
     def on_term(signum: int, frame: Any) -> None:  # SIGTERM: stop the ranks (spawn's cleanup) and leave
         raise KeyboardInterrupt
