@@ -411,6 +411,29 @@ class ExpertParallelProvider:
                  glu: Any) -> torch.Tensor:
         return self.group.dispatch(x, topk_ids, topk_weights, layer, self.local, glu)
 
+    @property
+    def metrics(self) -> EPMetrics:
+        """This rank's counters next to the planner's formula (the server's /metrics reads it)."""
+        return EPMetrics(self.group)
+
+
+@dataclass
+class EPMetrics:
+    group: EPGroup
+
+    def to_dict(self) -> dict[str, Any]:
+        from moetier.planner.cluster import direct_remote_pairs, pair_bytes
+
+        g, s = self.group, self.group.stats
+        dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(getattr(g, "dtype", None), "fp32")
+        pairs = s.remote_pairs + s.local_pairs
+        k = getattr(g, "inline_rows", 1)
+        return {"expert_parallel": {
+            **{f.name: getattr(s, f.name) for f in fields(s)}, "ranks": g.world, "rank": g.rank,
+            "planner_pair_bytes": pair_bytes(getattr(g, "hidden", 0), dt),
+            "planner_remote_pairs_per_token": direct_remote_pairs(k, g.world)[0],
+            "measured_remote_pairs_per_token": s.remote_pairs * k / pairs if pairs else 0.0}}
+
 
 def env_rank() -> tuple[int, int] | None:
     """(rank, world size) from torchrun's environment, or None when not launched by it."""

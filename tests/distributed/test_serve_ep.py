@@ -69,6 +69,12 @@ def test_serve_ep_503_on_a_hung_rank_then_restart_resumes(tmp_path):
         assert code == 200
         ref = moetier.load(dtype="float32", native=False, threads=1).generate(PROMPT, max_tokens=5)
         assert first["choices"][0]["text"] == ref  # rank 0 + rank 1's experts = one process
+        with urllib.request.urlopen(f"{base}/metrics", timeout=60) as r:
+            prom = dict(line.rsplit(" ", 1) for line in r.read().decode().splitlines()
+                        if line.startswith("moetier_weights_expert_parallel_"))
+        pre = "moetier_weights_expert_parallel_"
+        assert float(prom[pre + "remote_pairs"]) > 0 and float(prom[pre + "planner_pair_bytes"]) == 256 * 4
+        assert float(prom[pre + "dispatch_bytes_sent"]) == float(prom[pre + "remote_pairs"]) * 256 * 4
         ranks = ranks_of(p.pid)
         os.kill(ranks[1], signal.SIGSTOP)  # hung follower: alive, silent
         down = wait_for(f"{base}/health", 503, 60)  # the heartbeat times out -> 503 with the reason
