@@ -301,7 +301,7 @@ class EPGroup:
         send = pack(x[order_t // k], flat[order_t])  # [T*k, row_bytes] uint8, by destination rank
         n0 = counts[0]
         by_rank = list(torch.split(send, counts))  # [counts[r], row_bytes] each
-        inline = max(counts[1:]) <= self.inline_rows
+        inline = P == 1 or max(counts[1:]) <= self.inline_rows
         remote = T * k - n0
         with self._lock:  # sends go out while rank 0 computes its own share
             sent = [self._send_ctrl(CMD_MOE_INLINE if inline else CMD_MOE, layer, counts,
