@@ -273,6 +273,9 @@ def serve_rank(args: argparse.Namespace, load_kw: dict[str, Any], make_app: Any,
 
     threading.Thread(target=watch, name="moetier-ep-watch", daemon=True).start()
     serve_app(app)
-    group.stop()
-    ep.shutdown()
+    try:  # release the followers (they may already be gone: a launcher stops every rank at once)
+        group.stop()
+        ep.shutdown()
+    except ep.DistributedError:
+        os._exit(0)
     return 0
