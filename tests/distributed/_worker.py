@@ -2,7 +2,8 @@
 torchrun-style environment. For each case every rank loads its share; rank 0 records the
 prefill logits, a greedy decode (tokens, logits) and per-step byte counters, then stops the
 followers. Rank 0 writes everything to OUT (torch.save). A start-up refusal (hash mismatch:
-``"model_by_rank": {"1": DIR}``) is recorded as ``{"error": message}`` and the job goes on;
+``"model_by_rank": {"1": DIR}`` or ``"redundant_by_rank": {"1": R}``) is recorded as
+``{"error": message}`` and the job goes on;
 ``"die_after": n`` (last case) makes rank 1 exit abruptly after serving n MoE layers, ``"hang_after":
 n`` makes rank ``"hang_rank"`` stop itself (SIGSTOP) instead; rank 0 records the error it gets (within
 the case's step ``"timeout"``), saves, and leaves; a follower that sees the fault writes its one-line
@@ -28,7 +29,8 @@ def main() -> int:
     try:
         for c in cases:
             path = c.get("model_by_rank", {}).get(str(rank), c["model"])
-            placement = make_placement(path, world, 0 if c.get("placement") else c.get("redundant", 0),
+            redundant = c.get("redundant_by_rank", {}).get(str(rank), c.get("redundant", 0))
+            placement = make_placement(path, world, 0 if c.get("placement") else redundant,
                                        c.get("placement"), c.get("routing_profile"))
             try:
                 model, group = ep.load(path, rank, world, placement, dtype="float32", tokenizer=False, threads=1,

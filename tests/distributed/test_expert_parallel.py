@@ -44,6 +44,7 @@ def job(tmp_path_factory):
         {"name": "mixtral-r2", "model": str(mixtral), "redundant": 2, "routing_profile": str(skew)},
         {"name": "deepseek_v3-r2", "model": str(dsv3), "redundant": 2},
         {"name": "mismatch", "model": str(EMBEDDED_DIR), "model_by_rank": {"1": str(mixtral)}},
+        {"name": "placement-mismatch", "model": str(EMBEDDED_DIR), "redundant_by_rank": {"1": 4}},
         {"name": "dies", "model": str(EMBEDDED_DIR), "die_after": 3},  # last: rank 1 exits
     ]
     n_exp = {c["name"]: moetier.spec.load_spec(c["model"]).num_experts for c in cases}
@@ -150,9 +151,11 @@ def test_placement_must_cover_every_expert(tmp_path):
     assert pl.load(f, 6, 4) == good
 
 
-def test_a_rank_with_another_model_is_refused_at_start(job):
-    _, r = job["mismatch"]
+@pytest.mark.parametrize("name", ["mismatch", "placement-mismatch"])
+def test_a_rank_with_another_model_or_placement_is_refused_at_start(job, name):
+    _, r = job[name]  # rank 1 loaded another model / computed another placement (4 replicas)
     assert "ranks [1] were started with a different model, dtype or placement than rank 0" in r["error"]
+    assert "\n" not in r["error"]
 
 
 def test_a_dead_rank_stops_the_others_with_a_clear_error(job):
