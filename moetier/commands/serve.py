@@ -124,6 +124,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log verbosity (default info: one access line per request)")
+    from moetier.distributed.launch import add_arguments as add_ep_arguments
+
+    add_ep_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -167,19 +170,30 @@ def run(args: argparse.Namespace) -> int:
         raise MoetierError(f"--read-timeout: must be > 0 seconds, got {args.read_timeout}")
     if not 0 <= args.port <= 65535:
         raise MoetierError(f"--port: expected 0..65535, got {args.port}")
-    max_body = None if args.max_body == "auto" else parse_bytes(args.max_body, "--max-body")
+    if args.max_body != "auto":
+        parse_bytes(args.max_body, "--max-body")  # checked before loading
     from moetier.commands.run import check_args
 
     check_args(args)  # load options (threads, sizes, model dir) checked before loading
     if args.model_dir is not None and not Path(args.model_dir).is_dir() and not (
             Path(args.model_dir).suffix == ".gguf" and Path(args.model_dir).is_file()):
         raise MoetierError(f"MODEL_DIR: {args.model_dir} is not a directory or a .gguf file")
-    from moetier.serve.app import build_app, serve
+    if getattr(args, "ep", None) is not None:  # expert parallelism: rank 0 serves (docs/expert-parallel.md)
+        from moetier.distributed.launch import serve_main
 
-    model = _load_model(args)
+        return serve_main(args, load_kwargs(args), lambda model, **kw: _app(args, model, **kw),
+                          lambda app: _serve(args, app))
+    return _serve(args, _app(args, _load_model(args)))
+
+
+def _app(args: argparse.Namespace, model: Any, **kw: Any) -> Any:
+    """The server's app for ``model`` (``kw``: more ``build_app`` options, e.g. a backend)."""
+    from moetier.serve.app import build_app
+
+    max_body = None if args.max_body == "auto" else parse_bytes(args.max_body, "--max-body")
     name = args.served_model_name or (Path(args.model_dir).resolve().name.removesuffix(".gguf") if args.model_dir
                                       else "moetier-embedded")
-    app = build_app(
+    return build_app(
         model,
         model_name=name,
         api_key=args.api_key,
@@ -193,7 +207,14 @@ def run(args: argparse.Namespace) -> int:
         read_timeout=args.read_timeout,
         max_connections=args.max_connections,
         metrics_public=args.metrics_public,
+        **kw,
     )
+
+
+def _serve(args: argparse.Namespace, app: Any) -> int:
+    from moetier.serve.app import serve
+
+    name = app.state.serving.model_name
     print(f"moetier: serving {name} on http://{args.host}:{args.port}/v1", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"moetier: warning: listening on {args.host} without --api-key", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 _NAMES = {
     "DistributedError": "executor", "EPGroup": "executor", "EPStats": "executor", "ExpertParallelProvider": "executor",
-    "init": "executor", "shutdown": "executor", "model_digest": "executor",
+    "init": "executor", "shutdown": "executor", "model_digest": "executor", "exit_after_fault": "executor",
     "install": "rank", "load": "rank",
     "EPPlacement": "placement", "contiguous": "placement",
 }

@@ -5,11 +5,14 @@ routed experts, runs embeddings, attention, routers, shared experts and the LM h
 1..P-1 hold only their experts (and, for now, a replicated copy of the always-on weights)
 and run :meth:`EPGroup.serve`. At every MoE layer rank 0 does, with ``all_to_all_single``:
 
-1. control: ``(command, layer, rows)`` to every rank (int64, 3 values per rank);
-2. dispatch: the hidden row of every token-expert pair to the rank owning that expert
-   (variable splits), its expert id (int64) appended to the row's bytes (:func:`pack`);
-3. each rank (rank 0 too, for its own share) runs its experts on the rows it received,
-   grouped by expert (:func:`moetier.layers.moe.dispatch` with k = 1 and weight 1);
+1. control: one fixed-size message to every follower: ``(command, layer, rows)`` (3 int64)
+   followed by room for ``inline_rows`` (= top-k) dispatch rows. When every follower's rows
+   fit (decode of one sequence), they travel here ("counts sent with the data") and step 2 is
+   skipped: two collectives per MoE layer instead of three;
+2. dispatch (larger batches): the hidden row of every token-expert pair to the rank owning
+   that expert (variable splits), its expert id (int64) appended to the row's bytes (:func:`pack`);
+3. each rank (rank 0 too, for its own share, while the followers compute theirs) runs its
+   experts on its rows, grouped by expert (:func:`moetier.layers.moe.dispatch`, k = 1, weight 1);
 4. combine: the unweighted expert outputs go back to rank 0, which applies the top-k
    weights and sums them exactly like the single-process dispatch (same order).
 
@@ -22,8 +25,10 @@ with per-(token, rank) dedup (summing a token's pairs on one rank before the com
 saves ``k - distinct ranks`` rows per token: not done yet.
 
 Bytes counted (per rank): hidden rows sent to / received from *other* ranks, equal to
-``remote pairs x moetier.planner.cluster.pair_bytes(H, dtype)``; the control and expert-id
-metadata are counted separately (``meta_bytes``).
+``remote pairs x moetier.planner.cluster.pair_bytes(H, dtype)``, whether they travel inline
+in the control message or in the dispatch; everything else on the wire (headers, expert ids,
+the unused room of a fixed-size control message) is ``meta_bytes`` (rank 0 counts what it
+sends, followers what they receive).
 
 The dispatch is plugged in without touching the model code: :func:`moetier.distributed.rank.install` wraps the
 module-level ``dispatch`` of :mod:`moetier.layers.moe` (and llama4's import of it); the
@@ -36,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field, fields
@@ -49,8 +55,10 @@ import torch.distributed as dist
 from moetier.distributed.placement import EPPlacement
 from moetier.errors import MoetierError
 
-CMD_MOE, CMD_STOP = 1, 2
-DEFAULT_TIMEOUT_S = 60.0  # gloo collective timeout: a dead or hung peer -> an error after this
+CMD_MOE, CMD_STOP, CMD_PING, CMD_MOE_INLINE = 1, 2, 3, 4
+HEADER = 24  # bytes: (command, layer, rows) as int64
+DEFAULT_TIMEOUT_S = 60.0  # step collectives (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
+DEFAULT_START_TIMEOUT_S = 600.0  # start-up (MOETIER_EP_START_TIMEOUT): joining, hash check, loading
 
 
 class DistributedError(MoetierError):
@@ -69,8 +77,10 @@ class EPStats:
     remote_pairs: int = 0  # token-expert pairs computed on another rank (rank 0) / for rank 0
     local_pairs: int = 0  # pairs computed where their token lives / here for rank 0
     moe_calls: int = 0
+    collectives: int = 0  # all_to_all_single calls (control, dispatch, combine, pings)
     comm_s: float = 0.0  # inside collectives (includes waiting for the peers)
     compute_s: float = 0.0  # expert FFNs on this rank
+    cpu_s: float = 0.0  # this process's CPU time (all threads) when the figures were gathered
 
     def vector(self) -> torch.Tensor:
         return torch.tensor([float(getattr(self, f.name)) for f in fields(self)], dtype=torch.float64)
@@ -120,29 +130,123 @@ class EPGroup:
     rank: int
     world: int
     placement: EPPlacement
+    timeout_s: float | None = None  # step collectives; None: MOETIER_EP_TIMEOUT or DEFAULT_TIMEOUT_S
     stats: EPStats = field(default_factory=EPStats)
     _rr: dict[tuple[int, int], int] = field(default_factory=dict)
     _owners: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._owners = self.placement.owners()
+        if self.timeout_s is None:
+            self.timeout_s = float(os.environ.get("MOETIER_EP_TIMEOUT", DEFAULT_TIMEOUT_S))
+        # the step collectives run on their own group: its timeout is the fault detector (a dead or
+        # stopped peer), while start-up (loading, hash check) waits on the default group's longer one
+        self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s)) \
+            if dist.is_initialized() else None
+        self._lock = threading.Lock()  # one MoE layer (control, dispatch, combine) or ping at a time
+        self._last = time.monotonic()
+        self._beat: threading.Thread | None = None
+        self._beat_stop = threading.Event()
+        self.fault: str | None = None  # the first collective failure (then every rank exits)
 
     # ----- collectives (every failure becomes one clear line) -----
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
-             in_splits: list[int] | None = None) -> None:
+             in_splits: list[int] | None = None, wait: bool = True) -> Any:
+        """One ``all_to_all_single`` on the step group; ``wait=False`` returns a handle for
+        :meth:`_wait` (a send this rank need not wait for: it computes meanwhile)."""
+        if self.fault is not None:
+            raise DistributedError(self.fault)
         t0 = time.perf_counter()
         try:
-            dist.all_to_all_single(out, inp, out_splits, in_splits)
+            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self._pg, async_op=not wait)
         except (RuntimeError, dist.DistBackendError) as e:
-            raise DistributedError(f"rank {self.rank}: all-to-all with the other ranks failed ({_first_line(e)}); "
-                                   "a peer rank died, hung or was stopped") from None
+            self._failed(e)
+        self.stats.comm_s += time.perf_counter() - t0
+        self.stats.collectives += 1
+        if wait:
+            self._last = time.monotonic()
+            return None
+        return work
+
+    def _wait(self, work: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            work.wait()
+        except (RuntimeError, dist.DistBackendError) as e:
+            self._failed(e)
+        self._last = time.monotonic()
         self.stats.comm_s += time.perf_counter() - t0
 
-    def _ctrl(self, send: torch.Tensor) -> torch.Tensor:
-        recv = torch.empty(3 * self.world, dtype=torch.long)
-        self._a2a(recv, send)
-        self.stats.meta_bytes += 8 * 3 * (self.world - 1) * (2 if self.rank == 0 else 0)
-        return recv.view(self.world, 3)
+    def _failed(self, e: BaseException) -> None:
+        why = "timed out" if "Timed out" in str(e) else "failed"
+        self.fault = (f"rank {self.rank}: all-to-all with the other ranks {why} ({_first_line(e)}); "
+                      f"a peer rank died, hung or was stopped (step timeout {self.timeout_s:g} s)")
+        raise DistributedError(self.fault) from None
+
+    def configure(self, hidden: int, dtype: torch.dtype, top_k: int) -> None:
+        """The row format (every rank, after loading): a dispatch row is H values + an int64 id."""
+        self.hidden, self.dtype = hidden, dtype
+        self.row_bytes = hidden * torch.empty(0, dtype=dtype).element_size() + 8
+        self.inline_rows = top_k
+        self.ctrl_bytes = HEADER + self.inline_rows * self.row_bytes
+
+    def _send_ctrl(self, cmd: int, layer: int = 0, counts: Seq[int] | None = None,
+                   rows: list[torch.Tensor] | None = None, wait: bool = True) -> Any:
+        """Rank 0: one fixed-size control message to each follower, with its rows if inline."""
+        P, W = self.world, self.ctrl_bytes
+        buf = torch.zeros(P - 1, W, dtype=torch.uint8)  # [followers, W]
+        hdr = torch.tensor([[cmd, layer, (counts[r] if counts else 0)] for r in range(1, P)], dtype=torch.long)
+        buf[:, :HEADER] = hdr.view(torch.uint8).view(P - 1, HEADER)
+        if rows is not None:
+            for r in range(1, P):
+                b = rows[r].reshape(-1)
+                buf[r - 1, HEADER:HEADER + b.numel()] = b
+        work = self._a2a(torch.empty(0, W, dtype=torch.uint8), buf, [0] * P, [0] + [1] * (P - 1), wait=wait)
+        self.stats.meta_bytes += (P - 1) * W
+        return work
+
+    def _recv_ctrl(self) -> tuple[int, int, int, torch.Tensor]:
+        """Follower: (command, layer, rows, the message's row area [inline_rows, row_bytes])."""
+        P, W = self.world, self.ctrl_bytes
+        recv = torch.empty(1, W, dtype=torch.uint8)
+        self._a2a(recv, torch.empty(0, W, dtype=torch.uint8), [1] + [0] * (P - 1), [0] * P)
+        self.stats.meta_bytes += W
+        cmd, layer, n = recv[0, :HEADER].clone().view(torch.long).tolist()
+        return cmd, layer, n, recv[0, HEADER:].view(self.inline_rows, self.row_bytes)
+
+    # ----- liveness (rank 0 pings idle followers, so their wait never reaches the timeout) -----
+    def ready(self) -> None:
+        """After loading: wait for every rank (start-up timeout), then rank 0 starts pinging."""
+        try:
+            dist.barrier()
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise DistributedError(f"rank {self.rank}: waiting for the other ranks to load failed "
+                                   f"({_first_line(e)})") from None
+        self._last = time.monotonic()
+        if self.rank == 0 and self.world > 1 and self._beat is None:
+            self._beat = threading.Thread(target=self._heartbeat, name="moetier-ep-heartbeat", daemon=True)
+            self._beat.start()
+
+    def _heartbeat(self) -> None:
+        every = max(0.05, self.timeout_s / 4)
+        while not self._beat_stop.wait(every / 2):
+            if time.monotonic() - self._last < every or self.fault is not None:
+                continue
+            with self._lock:
+                if self._beat_stop.is_set():
+                    return
+                try:
+                    self._send_ctrl(CMD_PING)
+                except DistributedError:
+                    return  # the engine's next step reports it
+
+    def _stop_heartbeat(self) -> None:
+        self._beat_stop.set()
+        if self._beat is not None and self._beat is not threading.current_thread():
+            with self._lock:
+                pass
+            self._beat.join(5)
+        self._beat = None
 
     def check_same(self, digest: bytes) -> None:
         """Every rank must load the same model, dtype and placement (all-gather of the hash)."""
@@ -194,22 +298,28 @@ class EPGroup:
         for d in dest:
             counts[d] += 1
         order_t = torch.tensor(order, dtype=torch.long)
-        send = pack(x[order_t // k], flat[order_t])  # [T*k, H*bytes + 8] uint8
-        self._ctrl(torch.tensor([[CMD_MOE, layer, c] for c in counts], dtype=torch.long).reshape(-1))
+        send = pack(x[order_t // k], flat[order_t])  # [T*k, row_bytes] uint8, by destination rank
         n0 = counts[0]
-        zeros = [0] * P
-        recv = torch.empty(n0, send.shape[1], dtype=torch.uint8)
-        into0 = [n0] + zeros[1:]
-        self._a2a(recv, send, into0, counts)
-        y0 = self.compute(*unpack(recv, x.dtype), layer, provider, glu)  # [n0, H]
-        y_sent = torch.empty(T * k, H, dtype=x.dtype)
-        self._a2a(y_sent, y0, counts, into0)
+        by_rank = list(torch.split(send, counts))  # [counts[r], row_bytes] each
+        inline = P == 1 or max(counts[1:]) <= self.inline_rows
         remote = T * k - n0
+        with self._lock:  # sends go out while rank 0 computes its own share
+            sent = [self._send_ctrl(CMD_MOE_INLINE if inline else CMD_MOE, layer, counts,
+                                    by_rank if inline else None, wait=False)]
+            if not inline:
+                sent.append(self._a2a(torch.empty(0, send.shape[1], dtype=torch.uint8), send[n0:], [0] * P,
+                                      [0] + counts[1:], wait=False))
+            y0 = self.compute(*unpack(by_rank[0], x.dtype), layer, provider, glu)  # [n0, H], own share
+            for w in sent:
+                self._wait(w)
+            y_rem = torch.empty(remote, H, dtype=x.dtype)
+            self._a2a(y_rem, torch.empty(0, H, dtype=x.dtype), [0] + counts[1:], [0] * P)
+        y_sent = torch.cat([y0, y_rem])  # [T*k, H] in send order
         row = H * x.element_size()
         s = self.stats
         s.dispatch_bytes_sent += remote * row
         s.combine_bytes_recv += remote * row
-        s.meta_bytes += remote * 8
+        s.meta_bytes += remote * 8 - (remote * row if inline else 0)  # ids; inline rows were counted in the control
         s.remote_pairs += remote
         s.local_pairs += n0
         s.moe_calls += 1
@@ -227,7 +337,8 @@ class EPGroup:
 
     def stop(self) -> list[dict[str, Any]]:
         """Rank 0: release the followers; returns every rank's stats (index = rank)."""
-        self._ctrl(torch.tensor([[CMD_STOP, 0, 0]] * self.world, dtype=torch.long).reshape(-1))
+        self._stop_heartbeat()
+        self._send_ctrl(CMD_STOP)
         return self._gather_stats()
 
     # ----- ranks 1..P-1 -----
@@ -238,32 +349,39 @@ class EPGroup:
         provider = model.provider.local if isinstance(model.provider, ExpertParallelProvider) else model.provider
         zeros = [0] * self.world
         calls = 0
+        first = min(blocks)
         while max_calls is None or calls < max_calls:
-            cmd, layer, n = self._ctrl(torch.zeros(3 * self.world, dtype=torch.long))[0].tolist()
+            cmd, layer, n, inline_rows = self._recv_ctrl()
             if cmd == CMD_STOP:
                 return self._gather_stats()
-            if cmd != CMD_MOE or layer not in blocks:
+            if cmd == CMD_PING:
+                continue
+            if cmd not in (CMD_MOE, CMD_MOE_INLINE) or layer not in blocks:
                 raise DistributedError(f"rank {self.rank}: unexpected command {cmd} for layer {layer} from rank 0")
-            H = model.spec.hidden_size
+            if layer == first and hasattr(provider, "on_step"):  # a tiered provider counts steps (its policy)
+                provider.on_step(n, decode=False)
             splits = [n] + zeros[1:]
-            width = H * torch.empty(0, dtype=model.dtype).element_size() + 8
-            recv = torch.empty(n, width, dtype=torch.uint8)
-            self._a2a(recv, torch.empty(0, width, dtype=torch.uint8), splits, zeros)
-            x, e = unpack(recv, model.dtype)
+            if cmd == CMD_MOE_INLINE:
+                recv = inline_rows[:n]
+            else:
+                recv = torch.empty(n, self.row_bytes, dtype=torch.uint8)
+                self._a2a(recv, torch.empty(0, self.row_bytes, dtype=torch.uint8), splits, zeros)
+            x, e = unpack(recv, self.dtype)
             with torch.inference_mode():
                 y = self.compute(x, e, layer, provider, blocks[layer].glu)
-            self._a2a(torch.empty(0, H, dtype=model.dtype), y.contiguous(), zeros, splits)
-            row = H * x.element_size()
+            self._a2a(torch.empty(0, self.hidden, dtype=self.dtype), y.contiguous(), zeros, splits)
+            row = self.hidden * x.element_size()
             s = self.stats
             s.dispatch_bytes_recv += n * row
             s.combine_bytes_sent += n * row
-            s.meta_bytes += n * 8
+            s.meta_bytes += n * 8 - (n * row if cmd == CMD_MOE_INLINE else 0)
             s.local_pairs += n
             s.moe_calls += 1
             calls += 1
         return None
 
     def _gather_stats(self) -> list[dict[str, Any]]:
+        self.stats.cpu_s = time.process_time()
         mine = self.stats.vector()
         got = [torch.empty_like(mine) for _ in range(self.world)]
         try:
@@ -293,6 +411,29 @@ class ExpertParallelProvider:
                  glu: Any) -> torch.Tensor:
         return self.group.dispatch(x, topk_ids, topk_weights, layer, self.local, glu)
 
+    @property
+    def metrics(self) -> EPMetrics:
+        """This rank's counters next to the planner's formula (the server's /metrics reads it)."""
+        return EPMetrics(self.group)
+
+
+@dataclass
+class EPMetrics:
+    group: EPGroup
+
+    def to_dict(self) -> dict[str, Any]:
+        from moetier.planner.cluster import direct_remote_pairs, pair_bytes
+
+        g, s = self.group, self.group.stats
+        dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(getattr(g, "dtype", None), "fp32")
+        pairs = s.remote_pairs + s.local_pairs
+        k = getattr(g, "inline_rows", 1)
+        return {"expert_parallel": {
+            **{f.name: getattr(s, f.name) for f in fields(s)}, "ranks": g.world, "rank": g.rank,
+            "planner_pair_bytes": pair_bytes(getattr(g, "hidden", 0), dt),
+            "planner_remote_pairs_per_token": direct_remote_pairs(k, g.world)[0],
+            "measured_remote_pairs_per_token": s.remote_pairs * k / pairs if pairs else 0.0}}
+
 
 def env_rank() -> tuple[int, int] | None:
     """(rank, world size) from torchrun's environment, or None when not launched by it."""
@@ -307,12 +448,15 @@ def env_rank() -> tuple[int, int] | None:
 
 def init(timeout_s: float | None = None) -> tuple[int, int]:
     """Join the gloo process group from the torchrun environment (MASTER_ADDR/PORT, RANK,
-    WORLD_SIZE). ``timeout_s`` (default ``MOETIER_EP_TIMEOUT`` or 60 s) bounds every collective."""
+    WORLD_SIZE). ``timeout_s`` (default ``MOETIER_EP_START_TIMEOUT`` or 600 s) bounds the start-up
+    collectives (joining, the hash check, waiting for every rank to load); the per-step
+    collectives have their own, shorter timeout (:class:`EPGroup`, ``MOETIER_EP_TIMEOUT``)."""
     rw = env_rank()
     if rw is None:
         raise DistributedError("--ep auto: RANK / WORLD_SIZE are not set (start with torchrun, or use --ep P "
                                "to spawn P local ranks)")
-    t = timeout_s if timeout_s is not None else float(os.environ.get("MOETIER_EP_TIMEOUT", DEFAULT_TIMEOUT_S))
+    t = timeout_s if timeout_s is not None else float(os.environ.get("MOETIER_EP_START_TIMEOUT",
+                                                                      DEFAULT_START_TIMEOUT_S))
     if not dist.is_initialized():
         try:
             dist.init_process_group("gloo", rank=rw[0], world_size=rw[1], timeout=timedelta(seconds=t))
@@ -321,6 +465,15 @@ def init(timeout_s: float | None = None) -> tuple[int, int]:
                                    f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
                                    f"({_first_line(e)})") from None
     return rw
+
+
+def exit_after_fault(message: str, code: int = 2) -> None:
+    """Print one line and leave at once: a process whose gloo group broke must not run the
+    group's destructors (they abort on pending operations)."""
+    import sys
+
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(code)
 
 
 def shutdown() -> None:

@@ -35,11 +35,15 @@ def install() -> None:
 
 
 def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement | None = None,
-         dtype: str | torch.dtype = "auto", **kw: Any) -> tuple[Any, EPGroup]:
+         dtype: str | torch.dtype = "auto", timeout_s: float | None = None, **kw: Any) -> tuple[Any, EPGroup]:
     """Load one rank's share of an expert-parallel model (after :func:`init`).
 
-    placement: default contiguous. Checks with the other ranks that all loaded the same model,
-    dtype and placement (raises :class:`DistributedError` otherwise). Native decode is off.
+    placement: default contiguous. Weight-hierarchy options in ``kw`` (``max_ram``, ``expert_cache``,
+    ``policy``, ...) give the rank its own tiered provider over its share of the experts, sized by
+    its own budget (prefetch off). Checks with the other ranks that all loaded the same model,
+    dtype and placement (raises :class:`DistributedError` otherwise), and returns once every
+    rank has loaded. ``timeout_s``: the step collectives' timeout (default ``MOETIER_EP_TIMEOUT``
+    or 60 s). Native decode is off.
     """
     from moetier.models.base import InMemoryExpertProvider
     from moetier.runtime import EMBEDDED_DIR, resolve_dtype
@@ -53,15 +57,28 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
     placement = placement or contiguous(spec.num_experts, world)
     if placement.ranks != world:
         raise DistributedError(f"placement has {placement.ranks} ranks, the job has {world}")
-    group = EPGroup(rank, world, placement)
+    group = EPGroup(rank, world, placement, timeout_s=timeout_s)
     group.check_same(model_digest(d, resolve_dtype(dtype, spec), placement))
     install()
     mine = sorted(set(placement.device_experts[rank]))
 
-    def factory(spec: Any, reader: Any) -> ExpertParallelProvider:
-        local = InMemoryExpertProvider({(lyr, e): reader.read(lyr, e) for lyr in spec.moe_layer_ids for e in mine})
-        return ExpertParallelProvider(local, group)
+    from moetier.weights import tiered
 
-    model = load_model(d, dtype=dtype, expert_provider_factory=factory, native=False, **kw)
+    if tiered.hierarchy_options_given(kw):  # this rank's own hierarchy over its share (--max-ram per rank)
+        if kw.get("prefetch"):
+            raise DistributedError("--prefetch under expert parallelism: not supported (rank 0's router guesses "
+                                   "would read experts other ranks hold); use --no-prefetch")
+        kw["prefetch"] = False
+        model = tiered.load(d, dtype=dtype, native=False, wrap=lambda local: ExpertParallelProvider(local, group),
+                            experts_held=len(mine) * len(spec.moe_layer_ids), **kw)
+    else:
+        def factory(spec: Any, reader: Any) -> ExpertParallelProvider:
+            local = InMemoryExpertProvider({(lyr, e): reader.read(lyr, e) for lyr in spec.moe_layer_ids
+                                            for e in mine})
+            return ExpertParallelProvider(local, group)
+
+        model = load_model(d, dtype=dtype, expert_provider_factory=factory, native=False, **kw)
     model.native_reason = "off under expert parallelism (the native decoder does not dispatch across ranks)"
+    group.configure(spec.hidden_size, model.dtype, spec.top_k)
+    group.ready()
     return model, group

@@ -355,7 +355,7 @@ def prefetch_slot_count(plan: PlacementPlan, spec: ModelSpec, slot_bytes: int) -
 
 def tiered_factory(plan: PlacementPlan, *, cache_slots: int | None = None, profile: Any = None,
                    io: str = "auto", check_finite: bool = True, io_threads: int = 1,
-                   budget: Any = None) -> Any:
+                   budget: Any = None, experts_held: int | None = None) -> Any:
     """An ``expert_provider_factory`` for :func:`moetier.load` building a
     :class:`TieredExpertProvider` from ``plan``.
 
@@ -363,7 +363,8 @@ def tiered_factory(plan: PlacementPlan, *, cache_slots: int | None = None, profi
     (or ``cache_fraction`` of the routed set) divided by the slot size, else (``max_ram``
     set) what :mod:`moetier.weights.budget` leaves after the measured resident set, else
     every expert. ``budget`` (a :class:`~moetier.weights.budget.MemoryBudget`) receives the
-    final accounting.
+    final accounting. ``experts_held``: (layer, expert) pairs this process can be asked for (an
+    expert-parallel rank's share; default all): no more cache slots than that.
     """
 
     def factory(spec: ModelSpec, reader: ExpertReader) -> TieredExpertProvider:
@@ -384,7 +385,7 @@ def tiered_factory(plan: PlacementPlan, *, cache_slots: int | None = None, profi
                                                prefetch_slots=pf_slots, bypass_slots=BYPASS_SLOTS, budget=budget)
             else:
                 n = n_experts - n_pinned
-        n = max(0, min(int(n), n_experts - n_pinned))
+        n = max(0, min(int(n), (experts_held or n_experts) - n_pinned))
         if plan.max_ram is not None and budget is not None:
             budget_mod.record(spec, budget, slot_bytes=slot, cache_slots=n, n_pinned=n_pinned,
                               prefetch_slots=pf_slots, bypass_slots=BYPASS_SLOTS)
@@ -439,9 +440,13 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
          policy_params: dict[str, Any] | None = None, expert_cache: Any = None, cache_scope: str | None = None,
          prefetch: bool | None = None, prefetch_max_inflight_bytes: Any = None, profile: Any = None,
          context: int | None = None, batch: int = 1, io: str = "auto", io_threads: int = 1,
-         cache_slots: int | None = None, **load_kwargs: Any) -> Any:
+         cache_slots: int | None = None, wrap: Any = None, experts_held: int | None = None,
+         **load_kwargs: Any) -> Any:
     """``moetier.load`` with the weight hierarchy: routed experts behind a
     :class:`TieredExpertProvider` sized by ``plan`` / ``max_ram`` / ``expert_cache``.
+
+    ``wrap(provider) -> provider`` puts the tiered provider behind another (expert parallelism:
+    ``moetier.distributed``), which keeps it as ``.local``; ``experts_held`` caps the cache slots.
 
     ``plan`` may be a :class:`PlacementPlan` or a plan file path; the other options override
     its fields. A ``max_ram`` below the always-on set plus the minimum working set is refused
@@ -511,10 +516,13 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
 
         profile = load_profile(profile, spec)
     factory = tiered_factory(pl, cache_slots=cache_slots, profile=profile, io=io, io_threads=io_threads,
-                             check_finite=load_kwargs.get("check_finite", True), budget=mb)
-    model = runtime.load(path, expert_provider_factory=factory, context=context, **load_kwargs)
-    if isinstance(model.provider, TieredExpertProvider):
-        bind(model, model.provider)
+                             check_finite=load_kwargs.get("check_finite", True), budget=mb,
+                             experts_held=experts_held)
+    outer = factory if wrap is None else (lambda spec, reader: wrap(factory(spec, reader)))
+    model = runtime.load(path, expert_provider_factory=outer, context=context, **load_kwargs)
+    inner = model.provider if wrap is None else model.provider.local
+    if isinstance(inner, TieredExpertProvider):
+        bind(model, inner)
     model.memory_budget = mb
     model.placement_plan = pl
     return model

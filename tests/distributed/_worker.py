@@ -2,14 +2,18 @@
 torchrun-style environment. For each case every rank loads its share; rank 0 records the
 prefill logits, a greedy decode (tokens, logits) and per-step byte counters, then stops the
 followers. Rank 0 writes everything to OUT (torch.save). A start-up refusal (hash mismatch:
-``"model_by_rank": {"1": DIR}``) is recorded as ``{"error": message}`` and the job goes on;
-``"die_after": n`` (last case) makes rank 1 exit abruptly after serving n MoE layers and rank 0
-records the error it gets."""
+``"model_by_rank": {"1": DIR}`` or ``"redundant_by_rank": {"1": R}``) is recorded as
+``{"error": message}`` and the job goes on;
+``"die_after": n`` (last case) makes rank 1 exit abruptly after serving n MoE layers, ``"hang_after":
+n`` makes rank ``"hang_rank"`` stop itself (SIGSTOP) instead; rank 0 records the error it gets (within
+the case's step ``"timeout"``), saves, and leaves; a follower that sees the fault writes its one-line
+error to ``OUT.rankR.err`` and exits 2."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -20,35 +24,54 @@ from moetier.distributed.launch import make_placement
 
 def main() -> int:
     out, cases = sys.argv[1], json.loads(open(sys.argv[2]).read())
-    rank, world = ep.init(timeout_s=float(os.environ.get("MOETIER_EP_TIMEOUT", "30")))
+    rank, world = ep.init()
     results = []
     try:
         for c in cases:
             path = c.get("model_by_rank", {}).get(str(rank), c["model"])
-            placement = make_placement(path, world, 0 if c.get("placement") else c.get("redundant", 0),
+            redundant = c.get("redundant_by_rank", {}).get(str(rank), c.get("redundant", 0))
+            placement = make_placement(path, world, 0 if c.get("placement") else redundant,
                                        c.get("placement"), c.get("routing_profile"))
             try:
-                model, group = ep.load(path, rank, world, placement, dtype="float32", tokenizer=False, threads=1)
+                model, group = ep.load(path, rank, world, placement, dtype="float32", tokenizer=False, threads=1,
+                                       timeout_s=c.get("timeout"), **c.get("hierarchy", {}))
             except ep.DistributedError as e:  # every rank sees a start-up refusal: record it, go on
                 results.append({"error": str(e)})
                 continue
-            local = model.provider.local.experts
             mine = set(placement.device_experts[rank])
-            assert {e for _, e in local} == mine and len(local) == len(mine) * len(model.spec.moe_layer_ids), \
-                f"rank {rank} holds experts it does not own"
+            n_layers = len(model.spec.moe_layer_ids)
+            if c.get("hierarchy"):  # a tiered provider over this rank's share: fewer slots than the share
+                tiered = model.provider.local
+                assert tiered is model.hierarchy and tiered.cache.capacity < len(mine) * n_layers
+            else:
+                local = model.provider.local.experts
+                assert {e for _, e in local} == mine and len(local) == len(mine) * n_layers, \
+                    f"rank {rank} holds experts it does not own"
             if rank != 0:
-                if c.get("die_after") is not None:
+                if c.get("die_after") is not None and rank == 1:
                     group.serve(model, max_calls=c["die_after"])
                     os._exit(3)
-                group.serve(model)
+                if c.get("hang_after") is not None and rank == c["hang_rank"]:
+                    group.serve(model, max_calls=c["hang_after"])
+                    os.kill(os.getpid(), signal.SIGSTOP)  # hung: alive, sockets open, silent
+                try:
+                    group.serve(model)
+                except ep.DistributedError as e:
+                    with open(f"{out}.rank{rank}.err", "w") as f:
+                        f.write(str(e))
+                    ep.exit_after_fault(str(e))
+                if c.get("hierarchy"):  # the rank read only experts it owns, into its own cache
+                    read = {e for (_, e) in model.provider.local.cache.slot_of}
+                    assert read and read <= mine, f"rank {rank} cached experts it does not own: {read - mine}"
                 continue
-            if c.get("die_after") is not None:  # rank 1 dies mid-generation: the error, not a hang
+            if c.get("die_after") is not None or c.get("hang_after") is not None:  # the error, not a hang
                 try:
                     model.generate_ids(c["prompt"], c["new"])
                     results.append({"error": None})
                 except ep.DistributedError as e:
                     results.append({"error": str(e)})
-                break
+                torch.save(results, out)
+                os._exit(0)  # the group is broken: leave without its destructors
             routed: list = []
             model.add_router_observer(lambda layer, ids, w, routed=routed: routed.append(ids.reshape(-1).tolist()))
             prefill = model.logits(c["prompt"])  # [n, V]
@@ -66,6 +89,9 @@ def main() -> int:
                 steps.append({k: after[k] - before[k] for k in ("dispatch_bytes_sent", "combine_bytes_recv",
                                                                 "remote_pairs", "local_pairs")}
                              | {"routed": [list(r) for r in routed]})
+            if c.get("hierarchy"):
+                read = {e for (_, e) in model.provider.local.cache.slot_of}
+                assert read and read <= mine, f"rank 0 cached experts it does not own: {read - mine}"
             results.append({"prefill": prefill, "tokens": toks, "step_logits": torch.stack(step_logits),
                             "steps": steps, "per_rank": group.stop(), "placement": placement.to_json(),
                             "hidden": model.spec.hidden_size})

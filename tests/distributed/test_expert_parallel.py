@@ -38,10 +38,13 @@ def job(tmp_path_factory):
     cases = [
         {"name": "embedded", "model": str(EMBEDDED_DIR)},
         {"name": "embedded-r4", "model": str(EMBEDDED_DIR), "placement": str(emitted), "redundant": 4},
+        # each rank's own weight hierarchy over its share: a 10% expert cache (12 slots < 64 owned)
+        {"name": "embedded-tiered", "model": str(EMBEDDED_DIR), "hierarchy": {"expert_cache": "10%"}},
         {"name": "mixtral", "model": str(mixtral)},
         {"name": "mixtral-r2", "model": str(mixtral), "redundant": 2, "routing_profile": str(skew)},
         {"name": "deepseek_v3-r2", "model": str(dsv3), "redundant": 2},
         {"name": "mismatch", "model": str(EMBEDDED_DIR), "model_by_rank": {"1": str(mixtral)}},
+        {"name": "placement-mismatch", "model": str(EMBEDDED_DIR), "redundant_by_rank": {"1": 4}},
         {"name": "dies", "model": str(EMBEDDED_DIR), "die_after": 3},  # last: rank 1 exits
     ]
     n_exp = {c["name"]: moetier.spec.load_spec(c["model"]).num_experts for c in cases}
@@ -94,7 +97,7 @@ def reference(c: dict) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     return prefill, toks, torch.stack(steps)
 
 
-CASES = ["embedded", "embedded-r4", "mixtral", "mixtral-r2", "deepseek_v3-r2"]
+CASES = ["embedded", "embedded-r4", "embedded-tiered", "mixtral", "mixtral-r2", "deepseek_v3-r2"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -148,9 +151,11 @@ def test_placement_must_cover_every_expert(tmp_path):
     assert pl.load(f, 6, 4) == good
 
 
-def test_a_rank_with_another_model_is_refused_at_start(job):
-    _, r = job["mismatch"]
+@pytest.mark.parametrize("name", ["mismatch", "placement-mismatch"])
+def test_a_rank_with_another_model_or_placement_is_refused_at_start(job, name):
+    _, r = job[name]  # rank 1 loaded another model / computed another placement (4 replicas)
     assert "ranks [1] were started with a different model, dtype or placement than rank 0" in r["error"]
+    assert "\n" not in r["error"]
 
 
 def test_a_dead_rank_stops_the_others_with_a_clear_error(job):
@@ -159,15 +164,14 @@ def test_a_dead_rank_stops_the_others_with_a_clear_error(job):
     assert "a peer rank died" in r["error"] and "\n" not in r["error"]
 
 
-def test_cli_spawns_local_ranks_and_reports_bytes(tmp_path, capfd, monkeypatch):
+def test_cli_spawns_local_ranks_and_reports_bytes(tmp_path, capfd):
     """``moetier run --ep 2 --redundant-experts 4 --json``: the text of the single-process run,
     rank 0 prints alone, per-rank bytes add up and match the planner's bytes per pair."""
     from moetier.cli import main
 
     argv = ["run", "--prompt", "Once upon a time", "--max-tokens", "5", "--dtype", "float32", "--json",
             "--ep", "2", "--redundant-experts", "4"]
-    monkeypatch.setattr(sys, "argv", ["moetier", *argv])
-    assert main(argv) == 0
+    assert main(argv) == 0  # the ranks run the arguments main() parsed (not this process's sys.argv)
     out = capfd.readouterr().out.strip().splitlines()
     assert len(out) == 1  # only rank 0 prints
     d = json.loads(out[0])

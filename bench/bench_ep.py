@@ -1,0 +1,426 @@
+"""Expert parallelism, measured (issue 17): loopback overhead, and the bottleneck moving to the link.
+
+    python -m bench.bench_ep loopback [--rounds 2] [--tokens 48]
+    python -m bench.bench_ep sweep [--batch 32] [--bw 0.03,0.1,0.3,1,3,10]
+    python -m bench.bench_ep plot
+
+``loopback``: decode tok/s of one process (torch path, 1 thread: what every EP rank runs) and of
+``P = 2`` ranks on 127.0.0.1 (1 thread each), alternated ``--rounds`` times in one run, on the
+embedded model (batch 1). Per collective: rank 0's time inside ``all_to_all_single``.
+
+``sweep`` (root): two network namespaces joined by one veth pair; each end's egress gets a
+``tbf`` qdisc (rate BW, bucket ``max(2 frames, BW x 200 us)`` so a layer's message cannot pass
+in one burst). One P = 2 job runs every point (rank 0 changes the qdiscs between points),
+batched decode (``--batch`` sequences per step, float32). Everything created is removed on exit
+(``finally`` + atexit + signal handlers: deleting the namespaces deletes the veth and qdiscs).
+Latency is NOT swept: this kernel has no ``sch_netem`` (only tbf / htb / pfifo / clsact load),
+so a one-way delay cannot be set with tc here.
+
+Prediction ("planner"): the step measured on the same veth pair with no qdisc (one calibration
+point) plus the cluster planner's all-to-all bandwidth term for the shaped link:
+``T x direct_remote_pairs(k, P) x (dispatch + combine pair_bytes)`` per MoE layer over the
+link rate times its efficiency (TCP payload per 1514-byte frame, 1448/1514); the latency
+floors are those of the calibration point (same veth). The binding resource is the "link"
+when that bandwidth term exceeds the rest of the step ("local": attention, routers, experts
+and Python on rank 0; on this CPU torch path it is overhead, not memory bandwidth); the
+crossover is the bandwidth where they are equal (measured: the communication time above the
+unshaped floor, interpolated log-log between swept points). ``all_communication`` also
+counts the fixed floor (per-collective cost on this machine) against the local time.
+Results: ``bench/results/ep_loopback.json``, ``ep_sweep.json``, ``ep_sweep.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS, write_result  # noqa: E402
+
+PROMPT = [5, 17, 42, 7]
+LINK_EFF = 1448 / 1514  # TCP payload (MSS with timestamps) per Ethernet frame on the wire
+NET = "10.77.{}.{}"
+
+
+# ----------------------------------------------------------------------------------------- worker
+def worker(cfg_path: str, out_path: str) -> int:
+    """One rank (or the single process when RANK is unset): run every point of the config."""
+    import torch
+
+    import moetier
+    import moetier.distributed as ep
+
+    cfg = json.loads(Path(cfg_path).read_text())
+    dtype = cfg.get("dtype", "float32")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    group = None
+    if world > 1:
+        rank, world = ep.init(timeout_s=120.0)
+        model, group = ep.load(None, rank, world, None, dtype=dtype, tokenizer=False, threads=1)
+        pingpong = cfg.get("pingpong", 0) and pingpong_s(rank, world, group.ctrl_bytes, cfg["pingpong"])
+        if rank != 0:
+            group.serve(model)
+            ep.shutdown()
+            return 0
+    else:
+        model = moetier.load(None, dtype=dtype, tokenizer=False, native=False, threads=1)
+    results = []
+    for pt in cfg["points"]:
+        for cmd in pt.get("tc", []):
+            subprocess.run(cmd, check=True)
+        B, n, warm = pt["batch"], pt["steps"], pt.get("warmup", 3)
+        seqs = [model.new_sequence(capacity=len(PROMPT) + n + warm + 2) for _ in range(B)]
+        logits = torch.cat([model.step([(s, [(p + 13 * b) % 4000 for p in PROMPT])]) for b, s in enumerate(seqs)])
+        times, before, cpu0, th0 = [], None, 0.0, 0.0
+        for i in range(warm + n):
+            if i == warm:
+                before = dict(vars(group.stats)) if group else None
+                cpu0, th0 = time.process_time(), time.thread_time()
+            toks = logits.argmax(dim=-1).tolist()
+            t0 = time.perf_counter()
+            logits = model.step([(s, [t]) for s, t in zip(seqs, toks)])
+            if i >= warm:
+                times.append(time.perf_counter() - t0)
+        r = {"name": pt["name"], "batch": B, "steps": n, "step_s": statistics.median(times),
+             "process_cpu_s_per_step": (time.process_time() - cpu0) / n,  # this process (rank 0), all threads
+             "main_thread_cpu_s_per_step": (time.thread_time() - th0) / n,
+             "step_s_mean": sum(times) / n, "tokens_per_s": B * n / sum(times)}
+        if group is not None:
+            after = vars(group.stats)
+            d = {k: (after[k] - before[k]) / n for k in after}  # per step
+            r.update({f"{k}_per_step": v for k, v in d.items()})
+            r["local_s_per_step"] = r["step_s_mean"] - d["comm_s"]
+            r["collective_s"] = d["comm_s"] / max(1.0, d["collectives"])
+            r["collectives_per_step"] = d["collectives"]
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    out = {"points": results, "pingpong_round_trip_s": pingpong if world > 1 else None,
+           "hidden": model.spec.hidden_size, "top_k": model.spec.top_k,
+           "moe_layers": len(model.spec.moe_layer_ids), "world": world, "dtype": str(model.dtype)}
+    if group is not None:
+        out["per_rank"] = group.stop()
+        ep.shutdown()
+    Path(out_path).write_text(json.dumps(out))
+    return 0
+
+
+def pingpong_s(rank: int, world: int, nbytes: int, n: int) -> float:
+    """Median round trip of the decode pattern without model work: rank 0 -> every follower
+    (one ``nbytes`` control message), then every follower -> rank 0 (one row back): two
+    ``all_to_all_single`` calls, what one MoE layer of a decode step costs beyond compute."""
+    import torch
+    import torch.distributed as dist
+
+    P = world
+    out_msg, back = torch.zeros(P - 1, nbytes, dtype=torch.uint8), torch.zeros(1, nbytes, dtype=torch.uint8)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.all_to_all_single(torch.empty(0, nbytes, dtype=torch.uint8), out_msg, [0] * P, [0] + [1] * (P - 1))
+            dist.all_to_all_single(torch.empty(P - 1, nbytes, dtype=torch.uint8), torch.empty(0, nbytes,
+                                   dtype=torch.uint8), [0] + [1] * (P - 1), [0] * P)
+        else:
+            dist.all_to_all_single(back, torch.empty(0, nbytes, dtype=torch.uint8), [1] + [0] * (P - 1), [0] * P)
+            dist.all_to_all_single(torch.empty(0, nbytes, dtype=torch.uint8), back, [0] * P, [1] + [0] * (P - 1))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _worker_cmd(cfg: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "bench.bench_ep", "worker", str(cfg), str(out)]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MOETIER_EP_TIMEOUT": "120"}
+
+
+# --------------------------------------------------------------------------------------- loopback
+def loopback(args: argparse.Namespace) -> None:
+    from moetier.distributed.launch import spawn
+
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ep_{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    cfg = tmp / "cfg.json"
+    cfg.write_text(json.dumps({"dtype": args.dtype, "pingpong": 200, "points": [
+        {"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}]}))
+    rounds = []
+    for i in range(args.rounds):
+        row = {}
+        for P in (1, 2):  # side by side, alternating
+            out = tmp / f"out{P}.json"
+            if P == 1:
+                subprocess.run(_worker_cmd(cfg, out), env=_env(), check=True, stdout=subprocess.DEVNULL)
+            else:
+                codes = spawn(_worker_cmd(cfg, out), P, _env(), timeout_s=600)
+                assert codes == [0] * P, codes
+            got = json.loads(out.read_text())
+            row[f"P{P}"] = got["points"][0]
+            if P == 2:
+                row["pingpong_round_trip_s"] = got["pingpong_round_trip_s"]
+        row["ratio"] = row["P2"]["tokens_per_s"] / row["P1"]["tokens_per_s"]
+        rounds.append(row)
+        p1, p2 = row["P1"], row["P2"]
+        print(f"round {i}: P=1 {p1['tokens_per_s']:.1f} tok/s, P=2 {p2['tokens_per_s']:.1f} tok/s "
+              f"(x{row['ratio']:.2f}); CPU ms/token P=1 {p1['process_cpu_s_per_step'] * 1e3:.2f}, P=2 rank 0 "
+              f"{p2['process_cpu_s_per_step'] * 1e3:.2f}; {p2['collectives_per_step']:.0f} collectives/token "
+              f"at {p2['collective_s'] * 1e6:.0f} us; per token: comm {p2['comm_s_per_step'] * 1e3:.2f} ms, "
+              f"local {p2['local_s_per_step'] * 1e3:.2f} ms; bare ping-pong (2 collectives) "
+              f"{row['pingpong_round_trip_s'] * 1e6:.0f} us", flush=True)
+    load = os.getloadavg()
+    res = {"model": "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
+           "median_ratio": statistics.median(r["ratio"] for r in rounds), "loadavg": load,
+           "command": " ".join(["python -m bench.bench_ep loopback", *sys.argv[2:]])}
+    print(f"median P=2 / P=1 decode tok/s: {res['median_ratio']:.2f} (load average {load[0]:.1f})")
+    print("wrote", write_result("ep_loopback", res))
+
+
+# ------------------------------------------------------------------------------------------ netns
+class Link:
+    """Two namespaces joined by a veth pair; every created object is removed by :meth:`close`."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.ns = [f"mtep{tag}a", f"mtep{tag}b"]
+        self.dev = [f"mtv{tag}a", f"mtv{tag}b"]
+        sub = os.getpid() % 200 + 20
+        self.ip = [NET.format(sub, 1), NET.format(sub, 2)]
+        self.closed = False
+        atexit.register(self.close)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, self._on_signal)
+        for ns in self.ns:
+            self._ip("netns", "add", ns)
+        self._ip("link", "add", self.dev[0], "type", "veth", "peer", "name", self.dev[1])
+        for ns, dev, ip in zip(self.ns, self.dev, self.ip):
+            self._ip("link", "set", dev, "netns", ns)
+            self._ip("-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            self._ip("-n", ns, "link", "set", dev, "up")
+            self._ip("-n", ns, "link", "set", "lo", "up")
+        self.shaped = False
+
+    @staticmethod
+    def _ip(*a: str) -> None:
+        subprocess.run(["ip", *a], check=True)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.close()
+        raise SystemExit(128 + signum)
+
+    def tc_cmds(self, gbit: float | None) -> list[list[str]]:
+        """tbf on both ends' egress (``replace`` creates or changes; None = remove)."""
+        cmds = []
+        for ns, dev in zip(self.ns, self.dev):
+            if gbit is None:
+                cmds.append(["sh", "-c", f"tc -n {ns} qdisc del dev {dev} root 2>/dev/null || true"])
+            else:
+                burst = max(2 * 1514, int(gbit * 1e9 / 8 * 200e-6))
+                cmds.append(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                             f"{gbit * 1e3:.0f}mbit", "burst", str(burst), "latency", "200ms"])
+        return cmds
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for ns in self.ns:  # deleting a namespace deletes its veth end, the peer and the qdiscs
+            subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+
+
+def sweep(args: argparse.Namespace) -> None:
+    from moetier.distributed.launch import free_port
+
+    bws = [float(x) for x in args.bw.split(",")]
+    link = Link()
+    procs: list[subprocess.Popen] = []
+    try:
+        points = [{"name": "warm-up (not used)", "gbit": None, "round": -1, "tc": link.tc_cmds(None)}]
+        for rnd in range(args.rounds):  # interleaved rounds: load drifts hit every point alike
+            points.append({"name": "veth, no qdisc", "gbit": None, "round": rnd, "tc": link.tc_cmds(None)})
+            for g in sorted(bws, reverse=True):
+                points.append({"name": f"{g:g} Gbit/s", "gbit": g, "round": rnd, "tc": link.tc_cmds(g)})
+        for p in points:
+            p.update(batch=args.batch, steps=args.steps, warmup=3)
+        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ep_{os.getpid()}"
+        tmp.mkdir(exist_ok=True)
+        cfg, out = tmp / "cfg.json", tmp / "out.json"
+        cfg.write_text(json.dumps({"dtype": args.dtype, "points": points}))
+        port = str(free_port())
+        for r in range(2):
+            env = {**_env(), "MASTER_ADDR": link.ip[0], "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(r),
+                   "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GLOO_SOCKET_IFNAME": link.dev[r]}
+            procs.append(subprocess.Popen(["ip", "netns", "exec", link.ns[r], *_worker_cmd(cfg, out)], env=env,
+                                          stdout=None if r == 0 else subprocess.DEVNULL))
+        codes = [p.wait(timeout=3600) for p in procs]
+        if codes != [0, 0]:
+            raise SystemExit(f"sweep: ranks exited with {codes}")
+        got = json.loads(out.read_text())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        link.close()
+    res = predict(got, points)
+    res["raw"] = {"measured": got, "points": [{k: v for k, v in p.items() if k != "tc"} for p in points]}
+    res["command"] = " ".join(["python -m bench.bench_ep sweep", *sys.argv[2:]])
+    res["loadavg"] = os.getloadavg()
+    print("wrote", write_result("ep_sweep", res))
+    plot()
+
+
+def predict(got: dict, points: list[dict]) -> dict:
+    """Measured points next to the planner's all-to-all term over the calibration step."""
+    from moetier.planner.cluster import direct_remote_pairs, pair_bytes
+
+    dt = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}[got["dtype"]]
+    H, k, L, P = got["hidden"], got["top_k"], got["moe_layers"], got["world"]
+    keys = ("step_s_mean", "comm_s_per_step", "local_s_per_step", "tokens_per_s", "dispatch_bytes_sent_per_step",
+            "combine_bytes_recv_per_step", "remote_pairs_per_step", "collective_s")
+    by: dict = {}
+    for p, m in zip(points[1:], got["points"][1:]):  # the first point warms the job up
+        by.setdefault(p["gbit"], []).append(m)
+    # per bandwidth: the median over rounds of each round's figures
+    med = {g: {"name": ms[0]["name"], "batch": ms[0]["batch"], "rounds": len(ms),
+               **{k: statistics.median(m[k] for m in ms) for k in keys}, "by_round": ms} for g, ms in by.items()}
+    cal = med[None]  # veth without a qdisc: the calibration step
+    B = cal["batch"]
+    remote, _ = direct_remote_pairs(k, P)
+    bytes_step = B * remote * 2 * pair_bytes(H, dt) * L  # dispatch + combine, every MoE layer (planner)
+    base_comm = cal["comm_s_per_step"]
+    base_local = cal["step_s_mean"] - base_comm
+    rows = []
+    for g, m in sorted(med.items(), key=lambda x: -(x[0] or math.inf)):
+        comm = base_comm + (bytes_step / (g * 1e9 / 8 * LINK_EFF) if g else 0.0)
+        step = base_local + comm
+        rows.append({**m, "gbit": g, "planner_step_s": step, "planner_tokens_per_s": B / step,
+                     "planner_comm_s": comm, "planner_local_s": base_local,
+                     # binding: the link's bandwidth term (communication above the unshaped floor) vs local
+                     "planner_binding": "link" if comm - base_comm > base_local else "local",
+                     "measured_binding": ("link" if m["comm_s_per_step"] - base_comm > m["local_s_per_step"]
+                                          else "local"),
+                     "error": m["step_s_mean"] / step - 1.0,
+                     "measured_bytes_per_step": m["dispatch_bytes_sent_per_step"] + m["combine_bytes_recv_per_step"]})
+    shaped = sorted((r for r in rows if r["gbit"]), key=lambda r: r["gbit"])
+    for r in shaped:  # the link's bandwidth term alone: communication above the unshaped floor
+        r["measured_link_s"] = r["comm_s_per_step"] - base_comm  # may be < 0 (noise) where the link is idle
+        r["planner_link_s"] = r["planner_comm_s"] - base_comm
+
+    def crossing(key_comm: str) -> float | None:  # log-log interpolation of comm/local around 1
+        for a, b in zip(shaped, shaped[1:]):
+            fa = math.log(max(a[key_comm], 1e-6) / a["local_s_per_step"])
+            fb = math.log(max(b[key_comm], 1e-6) / b["local_s_per_step"])
+            if fa >= 0 > fb:
+                t = fa / (fa - fb)
+                return math.exp(math.log(a["gbit"]) + t * (math.log(b["gbit"]) - math.log(a["gbit"])))
+        return None
+
+    gbit = 8 / 1e9
+    cross = {
+        # where the link's bandwidth term equals the local step (the binding resource moves to the link)
+        "bandwidth_term": {"planner": bytes_step / (LINK_EFF * base_local) * gbit,
+                           "measured": crossing("measured_link_s")},
+        # where ALL communication (incl. the fixed per-collective floor of this machine) equals the local step
+        "all_communication": {
+            "planner": (bytes_step / (LINK_EFF * (base_local - base_comm)) * gbit if base_local > base_comm
+                        else math.inf),
+            "measured": crossing("comm_s_per_step")},
+    }
+    return {"model": "embedded", "dtype": dt, "batch": B, "ranks": P, "hidden": H, "top_k": k, "moe_layers": L,
+            "planner_bytes_per_step": bytes_step, "link_eff": LINK_EFF, "points": rows,
+            "calibration": {"step_s": cal["step_s_mean"], "comm_s": base_comm, "local_s": base_local},
+            "crossover_gbit": cross,
+            "max_abs_error_shaped": max(abs(r["error"]) for r in shaped),
+            "calibration_step_s_by_round": [m["step_s_mean"] for m in cal["by_round"]],
+            "per_rank": got.get("per_rank")}
+
+
+# ------------------------------------------------------------------------------------------- plot
+def plot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.loads((RESULTS / "ep_sweep.json").read_text())
+    if "raw" in res:  # recompute the prediction from the stored measurements (same formula as the run)
+        res.update(predict(res["raw"]["measured"], res["raw"]["points"]))
+        (RESULTS / "ep_sweep.json").write_text(json.dumps(res, indent=2) + "\n")
+    rs = sorted((r for r in res["points"] if r["gbit"]), key=lambda r: r["gbit"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = [r["gbit"] for r in rs]
+    ax.plot(x, [r["tokens_per_s"] for r in rs], "o-", label="measured (P = 2, veth + tbf)")
+    ax.plot(x, [r["planner_tokens_per_s"] for r in rs], "s--", label="planner: calibration step + all-to-all")
+    for r in rs:
+        comm = r["planner_binding"] == "link"
+        ax.annotate("link" if comm else "local", (r["gbit"], r["planner_tokens_per_s"]), textcoords="offset points",
+                    xytext=(0, 8), ha="center", fontsize=8, color="tab:red" if comm else "tab:green")
+    cx = res["crossover_gbit"]["bandwidth_term"]
+    if cx["planner"] and math.isfinite(cx["planner"]):
+        ax.axvline(cx["planner"], color="tab:orange", ls=":", label=f"planner crossover {cx['planner']:.2g} Gbit/s")
+    if cx["measured"]:
+        ax.axvline(cx["measured"], color="tab:blue", ls=":", label=f"measured crossover {cx['measured']:.2g} Gbit/s")
+    ax.set_ylabel(f"decode tok/s (batch {res['batch']})")
+    bx.plot(x, [r["comm_s_per_step"] * 1e3 for r in rs], "o-", color="tab:red", label="measured communication")
+    bx.plot(x, [r["measured_link_s"] * 1e3 if r["measured_link_s"] > 1e-4 else math.nan for r in rs], "o:",
+            color="tab:purple",
+            label="measured communication above the unshaped floor")
+    bx.plot(x, [r["local_s_per_step"] * 1e3 for r in rs], "o-", color="tab:green", label="measured local")
+    bx.plot(x, [r["planner_comm_s"] * 1e3 for r in rs], "s--", color="tab:red", alpha=0.6,
+            label="planner communication")
+    bx.plot(x, [r["planner_link_s"] * 1e3 for r in rs], "s--", color="tab:purple", alpha=0.6,
+            label="planner bandwidth term")
+    bx.plot(x, [r["planner_local_s"] * 1e3 for r in rs], "s--", color="tab:green", alpha=0.6, label="planner local")
+    bx.set_yscale("log")
+    bx.set_ylim(bottom=0.3)
+    bx.set_ylabel("ms per step (rank 0)")
+    for a in (ax, bx):
+        a.set_xscale("log")
+        a.set_xlabel("link bandwidth (Gbit/s, each direction)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle(f"Expert parallelism over a shaped link: embedded qwen3_moe, 2 ranks, {res['dtype']}; "
+                 "binding resource labelled (planner)", fontsize=10)
+    fig.tight_layout()
+    out = RESULTS / "ep_sweep.png"
+    fig.savefig(out, dpi=110)
+    print("wrote", out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("worker")
+    w.add_argument("cfg")
+    w.add_argument("out")
+    lb = sub.add_parser("loopback")
+    lb.add_argument("--rounds", type=int, default=2)
+    lb.add_argument("--tokens", type=int, default=48)
+    lb.add_argument("--dtype", default="float32")
+    sw = sub.add_parser("sweep")
+    sw.add_argument("--batch", type=int, default=32)
+    sw.add_argument("--steps", type=int, default=8)
+    sw.add_argument("--rounds", type=int, default=3)
+    sw.add_argument("--bw", default="0.03,0.1,0.3,1,3,10", help="Gbit/s")
+    sw.add_argument("--dtype", default="float32")
+    sub.add_parser("plot")
+    a = ap.parse_args()
+    if a.cmd == "worker":
+        return worker(a.cfg, a.out)
+    {"loopback": loopback, "sweep": sweep, "plot": lambda _: plot()}[a.cmd](a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
