@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,26 +26,32 @@ from tests.serve.conftest import SERVED, SlowBackend
 
 
 class RecordingBackend(ModelBackend):
-    """Records each step's tokens per sequence; ``delay`` slows every step so that staggered
-    requests reliably arrive while earlier ones are still decoding (fast machines included)."""
+    """Records each step's tokens per sequence. With ``pause_at=k`` the k-th step (0-based)
+    waits until ``resume`` is set, after setting ``paused``: a test can submit requests while
+    earlier ones are known to be mid-generation (ordering, not timing)."""
 
-    def __init__(self, model: Any, delay: float = 0.0):
+    def __init__(self, model: Any, pause_at: int | None = None):
         super().__init__(model)
         self.steps: list[list[int]] = []
-        self.delay = delay
+        self.pause_at = pause_at
+        self.paused = threading.Event()
+        self.resume = threading.Event()
 
     def step(self, batch: Any) -> Any:
+        if len(self.steps) == self.pause_at:
+            self.paused.set()
+            assert self.resume.wait(60), "the test never resumed the engine"
         self.steps.append([len(ids) for _, ids in batch])
-        if self.delay:
-            time.sleep(self.delay)
         return super().step(batch)
 
 
-def _run_engine(engine: Engine, jobs: list[tuple[list[int], RequestParams]], stagger: float = 0.0) -> list[Any]:
+def _run_engine(engine: Engine, jobs: list[tuple[list[int], RequestParams]],
+                between: Any = None, after: Any = None) -> list[Any]:
+    """Run ``jobs`` through ``engine``. With ``between`` (a blocking callable, run off the event
+    loop), the first job is submitted alone, then ``between()`` runs, then the other jobs are
+    submitted, then ``after()``: the test controls the order of events, not their timing."""
     async def go() -> list[Any]:
-        async def one(i: int, ids: list[int], p: RequestParams) -> tuple[list[int], Finished]:
-            await asyncio.sleep(stagger * i)
-            h = engine.submit(ids, p)
+        async def collect(h: Any) -> tuple[list[int], Finished]:
             out: list[int] = []
             async for ev in h.events():
                 assert isinstance(ev, (Delta, Finished)), ev
@@ -53,23 +60,37 @@ def _run_engine(engine: Engine, jobs: list[tuple[list[int], RequestParams]], sta
                     return out, ev
             raise AssertionError("no Finished event")
 
-        return await asyncio.gather(*(one(i, ids, p) for i, (ids, p) in enumerate(jobs)))
+        handles = [engine.submit(*jobs[0])]
+        if between is not None:
+            await asyncio.get_running_loop().run_in_executor(None, between)
+        handles += [engine.submit(ids, p) for ids, p in jobs[1:]]
+        if after is not None:
+            after()
+        return await asyncio.gather(*(collect(h) for h in handles))
 
     engine.start()
     try:
-        return asyncio.run(asyncio.wait_for(go(), 60))
+        return asyncio.run(asyncio.wait_for(go(), 120))
     finally:
         engine.stop()
 
 
 def test_prefill_joins_running_decodes_in_one_step(tiny_dir: Path, ref_model: Any) -> None:
-    backend = RecordingBackend(moetier.load(tiny_dir), delay=0.01)  # 30 steps >= 0.3 s > the 0.1 s stagger
+    # the engine holds its 3rd step (the first request's 2nd decode) until the later requests
+    # are queued: they are admitted while it is mid-generation, whatever the machine's load
+    backend = RecordingBackend(moetier.load(tiny_dir), pause_at=2)
     engine = Engine(backend, max_batch=4)
     prompts = ["hello world", "the quick brown fox jumps", "Once upon a time there was"]
     jobs = [(ref_model.encode_prompt(p), RequestParams(max_tokens=30)) for p in prompts]
-    results = _run_engine(engine, jobs, stagger=0.05)
-    # a later request's prefill (n > 1) ran in the same flat forward as decodes (n == 1)
-    assert any(len(s) > 1 and 1 in s and any(n > 1 for n in s) for s in backend.steps), backend.steps[:10]
+
+    def first_is_decoding() -> None:
+        assert backend.paused.wait(60), "the first request did not reach its 3rd step"
+
+    results = _run_engine(engine, jobs, between=first_is_decoding, after=backend.resume.set)
+    n0, n1, n2 = (len(ids) for ids, _ in jobs)
+    assert backend.steps[:3] == [[n0], [1], [1]], backend.steps[:3]  # prefill, then decodes alone
+    # the later requests' prefills (n > 1) ran in the same flat forward as the first one's decode
+    assert backend.steps[3] == [1, n1, n2], backend.steps[:5]
     for (ids, fin), (prompt_ids, _) in zip(results, jobs):
         ref = ref_model.generate_ids(prompt_ids, max_tokens=30)
         assert ids[: len(ref.ids)] == ref.ids

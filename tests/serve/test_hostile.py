@@ -310,9 +310,18 @@ def test_body_limit_is_sized_from_the_context_window(tiny_dir: Path) -> None:
 # --------------------------------------------------------------------------- the event loop stays free (item 3)
 
 
-def test_stream_keeps_flowing_while_maximal_requests_arrive(tiny_dir: Path) -> None:
-    """p99 inter-chunk gap of a running stream while maximal requests arrive, relative to the
-    gaps of the same stream before they arrive (no absolute times: CI machines are loaded)."""
+def test_stream_keeps_flowing_while_maximal_requests_arrive(tiny_dir: Path, monkeypatch: Any) -> None:
+    """A running stream keeps getting chunks while maximal requests (a 4 MiB prompt, a chat of
+    100,000 messages) are parsed and prepared. Evidence, not timing (CI machines are loaded):
+
+    * the chunks the client received WHILE the 100k-message body was being parsed: a parse on the
+      event loop, or one holding the GIL throughout (plain ``json.loads``), lets at most the one
+      chunk already in the socket through;
+    * after parsing, each maximal request's preparation is held until the stream has received 3
+      more chunks: preparation on the event loop would stall the stream, so the hold would end
+      only at its 60 s guard, and the test fails.
+    The p99 inter-chunk gaps before/during are printed (measured, not asserted)."""
+    from moetier.serve import routes
     from tests.serve.conftest import SlowBackend
 
     model = moetier.load(tiny_dir)
@@ -322,47 +331,66 @@ def test_stream_keeps_flowing_while_maximal_requests_arrive(tiny_dir: Path) -> N
     many = json.dumps(_body(CH, messages=[{"role": "user", "content": "x"}] * 100_000)).encode()
     assert len(big) < 4 << 20 and len(many) < 4 << 20
     stamps: list[float] = []
-    hostile_sent = threading.Event()
+    seen: dict[int, tuple[int, int, int]] = {}  # body size -> (preparing thread, chunks while parsing, while held)
+    real_parse = routes.parse_request
+
+    def parse(body: bytes, *a: Any, **kw: Any) -> Any:
+        if len(body) < 1 << 20:
+            return real_parse(body, *a, **kw)
+        c0 = len(stamps)
+        try:
+            return real_parse(body, *a, **kw)
+        finally:
+            c1 = len(stamps)
+            deadline = time.monotonic() + 60
+            while len(stamps) < c1 + 3 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            seen[len(body)] = (threading.get_ident(), c1 - c0, len(stamps) - c1)
+
+    monkeypatch.setattr(routes, "parse_request", parse)
     hostile_done = threading.Event()
+    status: list[int] = []
 
     def hostile(url: str) -> None:
-        with httpx.Client(base_url=url, timeout=120, headers=JSON) as c:
-            hostile_sent.set()
-            for _ in range(2):
-                for path, body in ((CO, big), (CH, many)):
-                    assert c.post(path, content=body).status_code == 400
+        with httpx.Client(base_url=url, timeout=180, headers=JSON) as c:
+            for path, body in ((CO, big), (CH, many)):
+                status.append(c.post(path, content=body).status_code)
         hostile_done.set()
 
     with BackgroundServer(app) as srv:
-        body = _body(CO, prompt="hello", max_tokens=400, temperature=0, stream=True)
-        with httpx.stream("POST", srv.base_url + CO, json=body, timeout=120) as r:
+        body = _body(CO, prompt="hello", max_tokens=500, temperature=0, stream=True)
+        with httpx.stream("POST", srv.base_url + CO, json=body, timeout=180) as r:
             lines = r.iter_lines()
             for line in lines:
                 if line.startswith("data: "):
                     stamps.append(time.perf_counter())
-                if len(stamps) == 60:
+                if len(stamps) == 40:
                     break
             n_base = len(stamps)
             t = threading.Thread(target=hostile, args=(srv.base_url,))
             t.start()
-            hostile_sent.wait()
             for line in lines:
                 if line.startswith("data: "):
                     stamps.append(time.perf_counter())
-                if hostile_done.is_set() or len(stamps) > 380:
+                if hostile_done.is_set():
                     break
-            t.join(120)
-    assert hostile_done.is_set(), "the maximal requests were not answered"
+            t.join(180)
+        loop_thread = srv.thread.ident
+    assert hostile_done.is_set() and status == [400, 400], status
+    assert set(seen) == {len(big), len(many)}, seen
+    for size, (thread, _, held) in seen.items():
+        assert thread != loop_thread, f"a {size}-byte body was prepared on the event loop"
+        assert held >= 3, f"the stream stalled while a {size}-byte request was being prepared: {seen}"
+    assert seen[len(many)][1] >= 2, f"the stream stalled while 100,000 messages were parsed: {seen}"
+
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     base, during = sorted(gaps[5 : n_base - 1]), sorted(gaps[n_base - 1 :])
-    assert len(during) >= 5, "the stream did not go on while the requests were processed"
 
     def p99(xs: list[float]) -> float:
         return xs[min(len(xs) - 1, int(0.99 * len(xs)))]
 
-    # generous: a stalled loop (the issue: 9.2 s) is orders of magnitude above this
-    print(f"inter-chunk gap p99: before {p99(base):.3f}s, during {p99(during):.3f}s (max {max(during):.3f}s)")
-    assert p99(during) < 10 * p99(base), (p99(base), p99(during), max(during))
+    print(f"inter-chunk gap p99: before {p99(base):.3f}s, during {p99(during):.3f}s (max {max(during):.3f}s); "
+          f"chunks while parsing/held: {seen}")
 
 
 # --------------------------------------------------------------------------- role injection (item 5)
