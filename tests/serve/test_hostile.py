@@ -262,14 +262,18 @@ def test_many_tiny_messages_are_refused_before_validation(big_body_server: Any) 
 
 
 def test_bodies_in_flight_are_bounded_together(tiny_dir: Path) -> None:
-    """Many connections sending large bodies at once cannot hold more than the body budget
-    (4 largest bodies); the budget is given back whatever happens to the requests."""
+    """Many connections sending large bodies at once cannot hold more than the request memory
+    (--request-ram, charged per byte as bodies arrive); the 5th of 4 bodies' worth gets 503, and
+    the budget is given back whatever happens to the requests."""
     import socket
 
-    app = build_app(moetier.load(tiny_dir), model_name=SERVED, max_body_bytes=64 << 10)
-    budget = app.state.body_budget
-    assert budget.capacity == 4 * (64 << 10)
+    from moetier.serve import memory
+
     n = 60 << 10
+    ram = 4 * memory.BYTES_PER_BODY_BYTE * n + memory.PREPARE_FIXED  # 4 such bodies being read, not 5
+    app = build_app(moetier.load(tiny_dir), model_name=SERVED, max_body_bytes=64 << 10, request_ram=ram)
+    budget = app.state.body_budget
+    assert budget.capacity == ram
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {n}\r\n\r\n".encode() + b'{"prompt": "')
     with BackgroundServer(app) as srv:
@@ -279,7 +283,7 @@ def test_bodies_in_flight_are_bounded_together(tiny_dir: Path) -> None:
                 s = socket.create_connection(("127.0.0.1", srv.port))
                 s.sendall(head + b"x" * (n - len(head) - 100))  # all but the end: held in the budget
                 socks.append(s)
-                _wait(lambda i=i: budget.used >= (i + 1) * (n - 1000))
+                _wait(lambda i=i: budget.used >= (i + 1) * memory.BYTES_PER_BODY_BYTE * (n - 1000))
             s = socket.create_connection(("127.0.0.1", srv.port))
             socks.append(s)
             s.sendall(head + b"x" * (n - len(head) - 100))
