@@ -4,6 +4,7 @@ the engine itself fails. Each test here failed before its fix (issue 13)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import json
 import threading
 import time
@@ -687,3 +688,119 @@ def test_harmless_openai_fields_are_accepted(server: BackgroundServer) -> None:
     assert r.status_code == 200, r.text
     for bad in ({"n": 2}, {"logprobs": True}, {"modalities": ["audio"]}):
         assert _post(server.base_url, CH, _body(CH, **bad)).status_code == 400, bad
+
+
+# --------------------------------------------------------------------------- request memory inside --max-ram (item 2)
+
+
+def _smallest_max_ram(tiny_dir: Path, *extra: str) -> tuple[int, str]:
+    """The smallest --max-ram the estimate made before loading accepts for `moetier serve`."""
+    from moetier.cli import build_parser
+    from moetier.commands.serve import _load_model
+    from moetier.weights.budget import BudgetError
+
+    args = build_parser().parse_args(["serve", str(tiny_dir), "--max-ram", "2M", "--max-batch", "2", *extra])
+    with pytest.raises(BudgetError) as e:
+        _load_model(args)
+    msg = str(e.value)
+    return int(msg.split("the smallest that works is --max-ram ")[1].split("M")[0]) * 10**6, msg
+
+
+def test_max_ram_counts_request_memory_and_the_server_refuses_beyond_it(tiny_dir: Path) -> None:
+    import re
+
+    from moetier.cli import build_parser
+    from moetier.commands.serve import _load_model, _request_ram
+    from moetier.serve import memory
+
+    # the estimate made before loading includes the request term and moves with --request-ram
+    small, msg = _smallest_max_ram(tiny_dir, "--request-ram", "2MB")
+    big, msg_big = _smallest_max_ram(tiny_dir, "--request-ram", "66MB")
+    assert "requests" in msg and "--request-ram" in msg, msg
+    assert big - small >= 64 * 10**6, (small, big)
+
+    # a server budgeted just above that need, with 2 MB for request bodies
+    argv = ["serve", str(tiny_dir), "--max-ram", f"{small // 10**6 + 20}M", "--max-batch", "2", "--request-ram", "2MB"]
+    args = build_parser().parse_args(argv)
+    model = _load_model(args)
+    ctx = model.context_limit
+    want = memory.request_memory(context=ctx, request_ram=2 * 10**6, max_queue=args.max_queue, max_batch=2)
+    assert model.memory_budget.request_bytes == want.total > 2 * 10**6
+    assert model.memory_budget.total_reserved <= model.memory_budget.max_ram
+    app = build_app(model, model_name=SERVED, max_batch=2, request_ram=_request_ram(args))
+    assert app.state.body_budget.capacity == 2 * 10**6
+    # 60k token ids in 120 kB: its parse is charged more than the 2 MB there are -> 413, before parsing
+    ids = json.dumps(_body(CO, prompt=[0] * 60_000), separators=(",", ":")).encode()
+    assert len(ids) <= app.state.max_body_bytes and memory.body_cost(ids, ctx) > 2 * 10**6
+    with BackgroundServer(app) as srv:
+        r = httpx.post(srv.base_url + CO, content=ids, headers=JSON, timeout=30)
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "request_too_large" and "--request-ram" in err["message"], err
+        assert app.state.body_budget.used == 0
+        ok = _post(srv.base_url, CO, _body(CO, temperature=0))  # and it keeps serving
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        chat = _post(srv.base_url, CH, _body(CH, temperature=0))
+        assert chat.status_code == 200
+        m = httpx.get(srv.base_url + "/metrics", timeout=10).text
+    assert f'moetier_request_memory_bytes{{part="total"}} {want.total}' in m, m[-2000:]
+    assert re.search(r"^moetier_memory_budget_request_bytes \d+", m, re.M), "budget breakdown lacks requests"
+
+
+SHAPES: dict[str, Any] = {
+    "completion text": lambda ctx, lim: {"prompt": _huge_prompt(lim - 200)},
+    "completion text + one emoji (UCS-4)": lambda ctx, lim: {"prompt": _huge_prompt(lim - 220) + "\U0001f600"},
+    "completion that fits": lambda ctx, lim: {"prompt": _huge_prompt(ctx), "max_tokens": 1},
+    "token ids": lambda ctx, lim: {"prompt": [299] * ((lim - 200) // 5)},
+    "chat that fits": lambda ctx, lim: {"messages": [{"role": "user", "content": _huge_prompt(ctx)}], "max_tokens": 1},
+    "chat of 1-char messages": lambda ctx, lim: {"messages": [{"role": "user", "content": "x"}] * (ctx // 8),
+                                                            "max_tokens": 1},
+    "chat of tiny messages (refused)": lambda ctx, lim: {
+        "messages": [{"role": "user", "content": ""}] * ((lim - 100) // 34)},
+    "chat with content parts": lambda ctx, lim: {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 4}] * (ctx // 8), "max_tokens": 1},
+    "empty objects (refused)": lambda ctx, lim: {"messages": [{"role": "user", "content": "x"}],
+                                                 "metadata": {"k": [{}] * ((lim - 200) // 3)}},
+    "nested lists (refused)": lambda ctx, lim: {"prompt": "x", "stop": [[]] * ((lim - 100) // 3)},
+    "invalid list items (refused)": lambda ctx, lim: {"prompt": "x", "stop": [[]] * 4, "logit_bias": {
+        str(i): [] for i in range((lim - 200) // 12)}},
+}
+
+
+def test_measured_request_memory_stays_below_what_is_charged(tiny_dir: Path) -> None:
+    """tracemalloc peak of parsing, validating and preparing maximal bodies of every shape (plus
+    the body and its joined copy while read) <= memory.body_cost, the figure charged to
+    --request-ram. (The tokenizer's own heap is native: its term is the ru_maxrss measurement
+    in serve/memory.py, per token, bounded by the context.)"""
+    import gc
+    import tracemalloc
+
+    from moetier.serve import memory, routes
+    from moetier.serve.engine import Engine, OpenAIServing
+    from moetier.serve.protocol import ServeError
+
+    be = ModelBackend(moetier.load(tiny_dir))
+    s = OpenAIServing(Engine(be), SERVED)
+    ctx = be.context_length
+    lim = build_app(be.model, model_name=SERVED).state.max_body_bytes
+    routes._prepare_chat(s, json.dumps(_body(CH)).encode())  # first use: the template's compilation
+    report = []
+    for (name, make), size in itertools.product(SHAPES.items(), (lim, 4 << 20)):  # the limit, and --max-body 4M
+        body = json.dumps({"model": SERVED, **make(ctx, size)}, ensure_ascii=False, separators=(",", ":")).encode()
+        assert len(body) <= size, (name, len(body), size)
+        fn = routes._prepare_chat if b'"messages"' in body else routes._prepare_completion
+        gc.collect()
+        tracemalloc.start()
+        try:
+            fn(s, body)
+            status = 200
+        except ServeError as e:
+            status = e.status
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert status < 500, (name, status)
+        used, charged = peak + 2 * len(body), memory.body_cost(body, ctx)
+        report.append(f"{name}: {len(body)} B, {status}, peak {used / len(body):.1f}x body, charged "
+                      f"{charged / len(body):.1f}x")
+        assert used <= charged, report[-1]
+    print("\n".join(report))
