@@ -257,3 +257,51 @@ def test_max_ram_serves_through_the_weight_hierarchy(tiny_dir: Path) -> None:
             assert o.choices[0].text == ref.generate(p, max_tokens=12)
         text = httpx.get(srv.base_url + "/metrics", timeout=10).text
     assert "moetier_weights_hit_rate" in text and "moetier_weights_bytes_per_token_store" in text
+
+
+class _Crash(BaseException):
+    """Escapes every `except Exception`: the engine thread dies."""
+
+
+def test_engine_death_answers_running_and_waiting_requests(tiny_dir: Path) -> None:
+    """Issue 13 item 1: if the engine thread dies, the request it was running AND the one waiting
+    for a batch slot are answered 503 (not left hanging), it says why, and new ones are refused."""
+    from moetier.serve.engine import EngineUnavailable, Failed
+
+    class Dying(ModelBackend):
+        def __init__(self, model: Any) -> None:
+            super().__init__(model)
+            self.in_step = threading.Event()
+            self.die = threading.Event()
+
+        def step(self, batch: Any) -> Any:
+            self.in_step.set()
+            assert self.die.wait(60)
+            raise _Crash("injected")
+
+    backend = Dying(moetier.load(tiny_dir))
+    engine = Engine(backend, max_batch=1, max_restarts=0)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        running = engine.submit([5, 6, 7], RequestParams(max_tokens=5))
+        assert await loop.run_in_executor(None, backend.in_step.wait, 60)
+        waiting = engine.submit([5, 6, 7], RequestParams(max_tokens=5))
+        assert engine.queue_depth == 1 and engine.active == 1
+        backend.die.set()
+        for h in (running, waiting):
+            evs = [ev async for ev in h.events()]
+            assert len(evs) == 1 and isinstance(evs[0], Failed) and evs[0].status == 503, evs
+            assert "_Crash" in evs[0].message
+        assert not engine.alive and "_Crash" in (engine.dead_reason or "")
+        try:
+            engine.submit([5], RequestParams(max_tokens=1))
+            raise AssertionError("a dead engine accepted a request")
+        except EngineUnavailable as e:
+            assert "_Crash" in str(e)
+
+    engine.start()
+    try:
+        asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        engine.stop()
