@@ -305,3 +305,21 @@ def test_engine_death_answers_running_and_waiting_requests(tiny_dir: Path) -> No
         asyncio.run(asyncio.wait_for(go(), 60))
     finally:
         engine.stop()
+
+
+def test_server_context_is_the_models_context_limit(tiny_dir: Path) -> None:
+    """With --context (the KV a --max-ram budget reserves), the server refuses by that length,
+    not by the model's window (issue 13 item 2: memory stays inside what was reserved)."""
+    model = moetier.load(tiny_dir, context=64)
+    with BackgroundServer(build_app(model, model_name=SERVED)) as srv:
+        body = {"model": SERVED, "prompt": list(range(3, 70)), "max_tokens": 1}
+        r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        assert "64 tokens" in r.json()["error"]["message"]
+        body = {"model": SERVED, "prompt": [3, 4, 5], "max_tokens": 62}
+        r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        body["max_tokens"] = 61
+        r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= 64
+        assert httpx.get(srv.base_url + "/v1/models", timeout=10).json()["data"][0]["max_model_len"] == 64

@@ -108,6 +108,7 @@ class PoisonBackend(ModelBackend):
         self.delay = delay
         self.poisoned: set[int] = set()
         self.die = threading.Event()
+        self.shared_steps = 0  # steps holding a poisoned and a healthy sequence together
 
     def step(self, batch: Any) -> torch.Tensor:
         if self.die.is_set():
@@ -119,6 +120,8 @@ class PoisonBackend(ModelBackend):
                 self.poisoned.add(id(seq))
         logits = super().step(batch).clone()
         logits[:, list(self.eos_ids)] = float("-inf")
+        if 0 < sum(id(seq) in self.poisoned for seq, _ in batch) < len(batch):
+            self.shared_steps += 1
         for i, (seq, _) in enumerate(batch):
             if id(seq) in self.poisoned:
                 logits[i] = float("nan")
@@ -140,15 +143,17 @@ def poison_server(tiny_dir: Path) -> Iterator[tuple[BackgroundServer, PoisonBack
 
 def test_a_failing_request_fails_alone(poison_server: Any) -> None:
     srv, backend = poison_server
-    good = _body(CO, prompt=[1, 2, 3, 4], max_tokens=40, temperature=0.8, seed=1)
+    good = _body(CO, prompt=[1, 2, 3, 4], max_tokens=200, temperature=0.8, seed=1)
     bad = _body(CO, prompt=backend.POISON + [1], max_tokens=40, temperature=0.8, seed=1)
     with cf.ThreadPoolExecutor(3) as ex:
         fut_good = ex.submit(_post, srv.base_url, CO, good)
-        time.sleep(0.1)  # the good one is decoding when the poisoned one joins the batch
+        # the good one is decoding (200 steps of >= 20 ms) when the poisoned ones join the batch
+        _wait(lambda: httpx.get(srv.base_url + "/health", timeout=10).json()["running"] == 1)
         fut_bad = ex.submit(_post, srv.base_url, CO, bad)
         fut_bad_stream = ex.submit(_post, srv.base_url, CO, {**bad, "stream": True})
         rg, rb, rs = fut_good.result(), fut_bad.result(), fut_bad_stream.result()
-    assert rg.status_code == 200 and rg.json()["usage"]["completion_tokens"] == 40
+    assert rg.status_code == 200 and rg.json()["usage"]["completion_tokens"] == 200
+    assert backend.shared_steps >= 1  # the poisoned rows were in the same forward as the good one
     assert rb.status_code == 500 and rb.json()["error"]["code"] == "internal_error"
     assert "logits" in rb.json()["error"]["message"]
     ev = _stream_events(rs)
