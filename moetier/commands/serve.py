@@ -87,6 +87,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="largest request body, e.g. 1MiB (default auto: sized from the context window, at most 32MiB)",
     )
     p.add_argument(
+        "--request-ram",
+        default="auto",
+        metavar="SIZE",
+        help="memory for request bodies being read and parsed together, e.g. 64MB; a request that would need "
+        "more waits (503) or, alone, is refused (413). With --max-ram it is part of the budget, with the token ids "
+        "of waiting and running requests (default auto: max(16MB, 5%% of --max-ram); without --max-ram: 4 "
+        "bodies of --max-body)",
+    )
+    p.add_argument(
         "--allow-host",
         action="append",
         default=[],
@@ -130,9 +139,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _request_ram(args: argparse.Namespace) -> int | None:
+    """``--request-ram`` in bytes; auto: from ``--max-ram`` when given, else None (the server's default)."""
+    if getattr(args, "request_ram", "auto") != "auto":
+        return parse_bytes(args.request_ram, "--request-ram")
+    if getattr(args, "max_ram", None) is not None:
+        from moetier.serve import memory
+
+        return memory.default_request_ram(parse_bytes(args.max_ram, "--max-ram"))
+    return None
+
+
 def _load_model(args: argparse.Namespace) -> Any:
     """Load like ``moetier run`` (same options and hooks). With weight-hierarchy options, the RAM
-    budget reserves KV cache for this server's whole batch (``--max-batch``) at the model's context."""
+    budget reserves KV cache for this server's whole batch (``--max-batch``) at the model's context,
+    and with ``--max-ram`` the request memory (``serve/memory.py``)."""
     import inspect
 
     import moetier
@@ -148,6 +169,12 @@ def _load_model(args: argparse.Namespace) -> Any:
             from moetier.spec import load_spec
 
             opts["context"] = load_spec(args.model_dir or EMBEDDED_DIR).max_position_embeddings
+        if opts.get("max_ram") is not None and "request_bytes" in params:
+            from moetier.serve import memory
+
+            opts["request_bytes"] = memory.request_memory(
+                context=int(opts["context"]), request_ram=_request_ram(args) or 0, max_queue=args.max_queue,
+                max_batch=args.max_batch).total
     return moetier.load(args.model_dir, **opts)
 
 
@@ -172,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
         raise MoetierError(f"--port: expected 0..65535, got {args.port}")
     if args.max_body != "auto":
         parse_bytes(args.max_body, "--max-body")  # checked before loading
+    _request_ram(args)  # checked before loading
     from moetier.commands.run import check_args
 
     check_args(args)  # load options (threads, sizes, model dir) checked before loading
@@ -191,6 +219,7 @@ def _app(args: argparse.Namespace, model: Any, **kw: Any) -> Any:
     from moetier.serve.app import build_app
 
     max_body = None if args.max_body == "auto" else parse_bytes(args.max_body, "--max-body")
+    request_ram = _request_ram(args)
     name = args.served_model_name or (Path(args.model_dir).resolve().name.removesuffix(".gguf") if args.model_dir
                                       else "moetier-embedded")
     return build_app(
@@ -201,6 +230,7 @@ def _app(args: argparse.Namespace, model: Any, **kw: Any) -> Any:
         max_batch=args.max_batch,
         max_step_tokens=args.max_step_tokens,
         max_body_bytes=max_body,
+        request_ram=request_ram,
         host=args.host,
         allow_hosts=args.allow_host,
         allow_origins=args.allow_origin,

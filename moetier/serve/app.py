@@ -26,18 +26,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
+from moetier.errors import MoetierError
+from moetier.serve import memory
 from moetier.serve.engine import Engine, ModelBackend, OpenAIServing
 from moetier.serve.guard import HostPolicy, RequestGuard, guarded_protocol
 from moetier.serve.metrics import ServeMetrics
 from moetier.serve.protocol import ServeError, error_body
 from moetier.serve.routes import BodyBudget, router
+from moetier.weights.budget import fmt
 
 log = logging.getLogger("moetier.serve")
 
 MAX_AUTO_BODY_BYTES = 32 << 20
 DEFAULT_READ_TIMEOUT = 15.0  # s: a request's headers, and each pause in its body
 DEFAULT_MAX_CONNECTIONS = 256
-BODY_BUDGET_BODIES = 4  # request bodies of the largest size held at once (reading or being prepared)
 
 
 def auto_body_limit(context_length: int, max_token_chars: int) -> int:
@@ -45,6 +47,8 @@ def auto_body_limit(context_length: int, max_token_chars: int) -> int:
     at most ``context x max_token_chars`` characters, each at most 6 bytes of JSON (``\\uXXXX``),
     plus ~64 bytes of JSON per message for chat and 64 KiB for the other fields (capped at 32 MiB)."""
     return min(MAX_AUTO_BODY_BYTES, (64 << 10) + context_length * (6 * max_token_chars + 64))
+
+
 KNOWN_ENDPOINTS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"})
 
 
@@ -109,6 +113,7 @@ def build_app(
     max_batch: int = 16,
     max_step_tokens: int = 2048,
     max_body_bytes: int | None = None,
+    request_ram: int | None = None,
     prepare_workers: int = 2,
     backend: ModelBackend | None = None,
     max_restarts: int = 5,
@@ -124,7 +129,11 @@ def build_app(
 
     ``host`` is the address it will be bound to (for the Host check, with ``allow_hosts``);
     ``allow_origins`` are the web origins allowed to call it (CORS); ``read_timeout`` and
-    ``max_connections`` are applied by :func:`serve` / :class:`BackgroundServer`."""
+    ``max_connections`` are applied by :func:`serve` / :class:`BackgroundServer`.
+
+    ``request_ram`` bounds the memory of request bodies being read and prepared together
+    (:mod:`moetier.serve.memory`; default: ``BODY_BUDGET_BODIES`` bodies of the largest size); the
+    body limit (``max_body_bytes``, default from the context window) is lowered to what fits it."""
     metrics = ServeMetrics()
     engine = Engine(
         backend or ModelBackend(model),
@@ -149,9 +158,25 @@ def build_app(
     app.state.serving = serving
     app.state.api_key = api_key or None
     be = engine.backend
-    app.state.max_body_bytes = max_body_bytes or auto_body_limit(be.context_length, be.max_token_chars)
+    max_body = max_body_bytes or auto_body_limit(be.context_length, be.max_token_chars)
+    if request_ram is None:
+        request_ram = memory.default_request_ram(None, max_body, be.context_length)
+    fits = memory.largest_body_for(request_ram)
+    if max_body > fits:
+        if max_body_bytes:
+            need = memory.body_cost(b" " * max_body, be.context_length)
+            raise MoetierError(
+                f"--max-body {max_body}: a body that large takes up to {fmt(need)} "
+                f"to parse, more than --request-ram {fmt(request_ram)}; lower --max-body to <= {fits} or raise "
+                "--request-ram"
+            )
+        max_body = fits
+    app.state.max_body_bytes = max_body
     app.state.cpu_limiter = anyio.CapacityLimiter(prepare_workers)
-    app.state.body_budget = BodyBudget(BODY_BUDGET_BODIES * app.state.max_body_bytes)
+    app.state.body_budget = BodyBudget(request_ram)
+    app.state.request_memory = memory.request_memory(
+        context=be.context_length, request_ram=request_ram, max_queue=max_queue, max_batch=max_batch,
+        prepare_workers=prepare_workers)
     app.state.metrics_public = metrics_public
     app.state.read_timeout = read_timeout
     app.state.max_connections = max_connections

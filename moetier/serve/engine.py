@@ -18,6 +18,7 @@ FastAPI routes (``routes.py``) only read bodies and call it.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import itertools
@@ -72,7 +73,8 @@ class ModelBackend:
         self.model = model
         self.tokenizer = model.tokenizer
         spec = model.spec
-        self.context_length = int(spec.max_position_embeddings)
+        # the longest sequence: the model's window, or the --context a --max-ram budget reserved KV for
+        self.context_length = int(getattr(model, "context_limit", spec.max_position_embeddings))
         self.vocab_size = int(spec.vocab_size)
         self.eos_ids = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
 
@@ -170,7 +172,7 @@ class EngineUnavailable(Exception):
 class RequestHandle:
     """One submitted generation; iterate it (async) for its events."""
 
-    def __init__(self, rid: str, prompt_ids: list[int], params: RequestParams, loop: asyncio.AbstractEventLoop):
+    def __init__(self, rid: str, prompt_ids: Sequence[int], params: RequestParams, loop: asyncio.AbstractEventLoop):
         self.id = rid
         self.prompt_ids = prompt_ids
         self.params = params
@@ -342,7 +344,8 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: RequestParams, rid: str | None = None) -> RequestHandle:
         loop = asyncio.get_running_loop()
-        handle = RequestHandle(rid or f"req-{next(self._ids)}", list(prompt_ids), params, loop)
+        # 4 bytes per id while waiting (a list of Python ints takes ~40): see serve/memory.py
+        handle = RequestHandle(rid or f"req-{next(self._ids)}", array.array("i", prompt_ids), params, loop)
         with self._cond:
             if self._stop or self._drain_until is not None:
                 raise EngineUnavailable("the server is shutting down")

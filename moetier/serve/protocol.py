@@ -68,6 +68,11 @@ def _check_max_tokens(v: int | None) -> int | None:
     return v
 
 
+# every list/dict field stops validating at its first bad item: pydantic otherwise records one error
+# per item (~700 bytes each), ~190x the body for `"stop": [[], [], ...]`
+_FF = Field(fail_fast=True)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -83,7 +88,7 @@ class TextContentPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart] | None = None
+    content: str | Annotated[list[TextContentPart], _FF] | None = None
     name: str | None = None
 
     @model_validator(mode="after")
@@ -111,16 +116,16 @@ class _SamplingRequest(_Strict):
     n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], _FF] | None = None
     seed: int | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], _FF] | None = None
     user: str | None = None
     # accepted and ignored: they do not change the output
     store: bool | None = None
     service_tier: str | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Annotated[dict[str, str], _FF] | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     # extension: return the generated token ids with each choice / chunk.
@@ -186,7 +191,8 @@ class _SamplingRequest(_Strict):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (str | Annotated[list[str], _FF] | Annotated[list[int], _FF]
+             | Annotated[list[Annotated[list[int], _FF]], _FF])
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -245,15 +251,15 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, fail_fast=True)]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[dict[str, Any]], _FF] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    modalities: list[Literal["text"]] | None = None  # only text; accepted and ignored
+    modalities: Annotated[list[Literal["text"]], _FF] | None = None  # only text; accepted and ignored
     prediction: dict[str, Any] | None = None  # a latency hint; the output is the same without it
 
     @field_validator("max_completion_tokens")

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from moetier.serve import memory
 from moetier.serve.engine import OpenAIServing, RequestHandle
 from moetier.serve.metrics import _Family, compute_path_families, model_metrics_snapshot
 from moetier.serve.protocol import (
@@ -28,6 +29,7 @@ from moetier.serve.protocol import (
     ServeError,
     parse_request,
 )
+from moetier.weights.budget import fmt
 
 T = TypeVar("T")
 
@@ -56,19 +58,31 @@ async def require_api_key(request: Request) -> None:
 
 
 class BodyBudget:
-    """Bytes of request bodies held at once, from the first byte read until the request is
-    prepared (parsed and tokenised): request memory stays bounded however many connections
-    send bodies together. Over the budget a request gets 503 with Retry-After. Event-loop only."""
+    """Bytes that request bodies being read, parsed and prepared may take at once, as charged by
+    :func:`moetier.serve.memory.body_cost` (``--request-ram``): request memory stays bounded
+    however many connections send bodies together. A request that would exceed it waits its
+    turn (503 + Retry-After); one that alone exceeds it is refused (413). Event-loop only."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
 
+    def check_fits(self, n: int, what: str) -> None:
+        """413 for a request that alone would take more than the whole budget."""
+        if n > self.capacity:
+            raise ServeError(
+                413,
+                f"This request would take up to {fmt(n)} of memory to parse ({what}); the server's request "
+                f"memory is {fmt(self.capacity)} (--request-ram); send a smaller request",
+                code="request_too_large",
+            )
+
     def take(self, n: int) -> None:
         if self.used + n > self.capacity:
             raise ServeError(
                 503,
-                f"The server is busy reading other large requests ({self.used} of {self.capacity} bytes); retry later",
+                f"The server is busy reading other large requests ({fmt(self.used)} of {fmt(self.capacity)} of "
+                "request memory in use); retry later",
                 type="server_error",
                 code="server_busy",
             )
@@ -78,9 +92,11 @@ class BodyBudget:
         self.used -= n
 
 
-async def read_body(request: Request) -> bytes:
-    """The request body, refusing more than ``app.state.max_body_bytes`` (413), counted in
-    ``app.state.body_budget`` (the caller gives ``len(body)`` back once it is done with it)."""
+async def read_body(request: Request) -> tuple[bytes, int]:
+    """The request body, refusing more than ``app.state.max_body_bytes`` (413), and the bytes
+    charged for it in ``app.state.body_budget``: ``BYTES_PER_BODY_BYTE`` per byte as it arrives,
+    then the rest of :func:`~moetier.serve.memory.body_cost` (the caller gives them back once
+    the request is prepared)."""
     limit: int = request.app.state.max_body_bytes
     budget: BodyBudget = request.app.state.body_budget
     ctype = request.headers.get("content-type", "")
@@ -99,21 +115,28 @@ async def read_body(request: Request) -> bytes:
         if n > limit:
             raise ServeError(413, f"Request body is {n} bytes; the limit is {limit} bytes", code="request_too_large")
     chunks: list[bytes] = []
-    size = 0
+    size = charged = 0
     try:
         async for chunk in request.stream():
             if size + len(chunk) > limit:
                 raise ServeError(413, f"Request body exceeds the limit of {limit} bytes", code="request_too_large")
-            budget.take(len(chunk))
+            budget.take(memory.BYTES_PER_BODY_BYTE * len(chunk))
+            charged += memory.BYTES_PER_BODY_BYTE * len(chunk)
             size += len(chunk)
             chunks.append(chunk)
+        body = b"".join(chunks)
+        del chunks
+        cost = memory.body_cost(body, request.app.state.serving.backend.context_length)
+        budget.check_fits(cost, f"{len(body)} bytes, up to {memory.json_values(body)} JSON values")
+        budget.take(cost - charged)
+        charged = cost
     except ClientDisconnect:  # gone (or timed out) mid-body: logged as 499, not 500
-        budget.give(size)
+        budget.give(charged)
         raise ServeError(499, "client disconnected while sending the body", code="client_disconnected") from None
     except BaseException:
-        budget.give(size)
+        budget.give(charged)
         raise
-    return b"".join(chunks)
+    return body, charged
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -205,6 +228,17 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
+def _request_memory_families(request: Request) -> list[_Family]:
+    rm = request.app.state.request_memory
+    res = _Family("moetier_request_memory_bytes", "gauge",
+                  "Memory reserved for requests by part (inside --max-ram when set; serve/memory.py).")
+    for part, v in rm.to_json().items():
+        res.add(v, part=part)
+    used = _Family("moetier_request_body_memory_in_use_bytes", "gauge",
+                   "Request memory charged now to bodies being read and prepared (of the 'bodies' part).")
+    return [res, used.add(request.app.state.body_budget.used)]
+
+
 @router.get("/metrics", dependencies=[Depends(require_api_key)])
 async def metrics(request: Request) -> PlainTextResponse:
     s = _serving(request)
@@ -222,6 +256,7 @@ async def metrics(request: Request) -> PlainTextResponse:
             ),
             _Family("moetier_engine_restarts_total", "counter", "Engine thread restarts.").add(s.engine.restarts),
             *compute_path_families(s.backend.model),
+            *_request_memory_families(request),
         ],
     )
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -245,21 +280,25 @@ async def _read_and_prepare(request: Request, fn: Any) -> Any:
     validation of large bodies, template rendering, tokenisation -- on the app's small worker
     pool: the event loop keeps streaming to everyone else, and at most ``cpu_limiter.total_tokens``
     requests are being prepared at once. The body counts in the body budget until then."""
-    body = await read_body(request)
+    body, charged = await read_body(request)
     try:
         return await anyio.to_thread.run_sync(fn, _serving(request), body, limiter=request.app.state.cpu_limiter)
     finally:
-        request.app.state.body_budget.give(len(body))
+        request.app.state.body_budget.give(charged)
 
 
 def _prepare_completion(s: OpenAIServing, body: bytes) -> tuple[CompletionRequest, Any]:
     req = parse_request(body, CompletionRequest)
-    return req, s.prepare_completion(req)
+    prep = s.prepare_completion(req)
+    req.prompt = ""  # the input is not kept while the request waits and runs (serve/memory.py)
+    return req, prep
 
 
 def _prepare_chat(s: OpenAIServing, body: bytes) -> tuple[ChatCompletionRequest, Any]:
     req = parse_request(body, ChatCompletionRequest, max_messages=s.backend.context_length)
-    return req, s.prepare_chat(req)
+    prep = s.prepare_chat(req)
+    req.messages = []  # the input is not kept while the request waits and runs (serve/memory.py)
+    return req, prep
 
 
 @router.post("/v1/completions", dependencies=[Depends(require_api_key)])
@@ -267,6 +306,7 @@ async def completions(request: Request) -> Any:
     s = _serving(request)
     req, prep = await _read_and_prepare(request, _prepare_completion)
     handle = s.submit(prep, f"cmpl-{uuid.uuid4().hex}")
+    del prep  # the handle holds the prompt ids from here
     _note(request, handle)
     if req.stream:
         return _sse(request, handle, s.completion_stream(req, handle))
@@ -279,6 +319,7 @@ async def chat_completions(request: Request) -> Any:
     s = _serving(request)
     req, prep = await _read_and_prepare(request, _prepare_chat)
     handle = s.submit(prep, f"chatcmpl-{uuid.uuid4().hex}")
+    del prep
     _note(request, handle)
     if req.stream:
         return _sse(request, handle, s.chat_stream(req, handle))

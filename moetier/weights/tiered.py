@@ -441,7 +441,7 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
          prefetch: bool | None = None, prefetch_max_inflight_bytes: Any = None, profile: Any = None,
          context: int | None = None, batch: int = 1, io: str = "auto", io_threads: int = 1,
          cache_slots: int | None = None, wrap: Any = None, experts_held: int | None = None,
-         **load_kwargs: Any) -> Any:
+         request_bytes: int = 0, **load_kwargs: Any) -> Any:
     """``moetier.load`` with the weight hierarchy: routed experts behind a
     :class:`TieredExpertProvider` sized by ``plan`` / ``max_ram`` / ``expert_cache``.
 
@@ -451,7 +451,8 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
     ``plan`` may be a :class:`PlacementPlan` or a plan file path; the other options override
     its fields. A ``max_ram`` below the always-on set plus the minimum working set is refused
     (BudgetError) before any weight is read. The returned model has ``hierarchy`` (the
-    provider), ``hierarchy_metrics`` and ``memory_budget``.
+    provider), ``hierarchy_metrics`` and ``memory_budget``. ``request_bytes``: memory a server
+    reserves for its requests (``moetier serve``; :mod:`moetier.serve.memory`), inside ``max_ram``.
     """
     from pathlib import Path
 
@@ -494,7 +495,8 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
     mb = None
     if pl.max_ram is not None:
         mb = budget_mod.MemoryBudget(max_ram=pl.max_ram, context=context, batch=batch, itemsize=itemsize,
-                                     baseline_rss=baseline, loading_bytes=budget_mod.loading_bytes(d))
+                                     baseline_rss=baseline, loading_bytes=budget_mod.loading_bytes(d),
+                                     request_bytes=int(request_bytes))
         slot = -(-int(cen.expert_bytes) // 4096) * 4096
         pf = prefetch_slot_count(pl, spec, slot)
         n_experts = spec.num_moe_layers * spec.num_experts

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,26 +26,32 @@ from tests.serve.conftest import SERVED, SlowBackend
 
 
 class RecordingBackend(ModelBackend):
-    """Records each step's tokens per sequence; ``delay`` slows every step so that staggered
-    requests reliably arrive while earlier ones are still decoding (fast machines included)."""
+    """Records each step's tokens per sequence. With ``pause_at=k`` the k-th step (0-based)
+    waits until ``resume`` is set, after setting ``paused``: a test can submit requests while
+    earlier ones are known to be mid-generation (ordering, not timing)."""
 
-    def __init__(self, model: Any, delay: float = 0.0):
+    def __init__(self, model: Any, pause_at: int | None = None):
         super().__init__(model)
         self.steps: list[list[int]] = []
-        self.delay = delay
+        self.pause_at = pause_at
+        self.paused = threading.Event()
+        self.resume = threading.Event()
 
     def step(self, batch: Any) -> Any:
+        if len(self.steps) == self.pause_at:
+            self.paused.set()
+            assert self.resume.wait(60), "the test never resumed the engine"
         self.steps.append([len(ids) for _, ids in batch])
-        if self.delay:
-            time.sleep(self.delay)
         return super().step(batch)
 
 
-def _run_engine(engine: Engine, jobs: list[tuple[list[int], RequestParams]], stagger: float = 0.0) -> list[Any]:
+def _run_engine(engine: Engine, jobs: list[tuple[list[int], RequestParams]],
+                between: Any = None, after: Any = None) -> list[Any]:
+    """Run ``jobs`` through ``engine``. With ``between`` (a blocking callable, run off the event
+    loop), the first job is submitted alone, then ``between()`` runs, then the other jobs are
+    submitted, then ``after()``: the test controls the order of events, not their timing."""
     async def go() -> list[Any]:
-        async def one(i: int, ids: list[int], p: RequestParams) -> tuple[list[int], Finished]:
-            await asyncio.sleep(stagger * i)
-            h = engine.submit(ids, p)
+        async def collect(h: Any) -> tuple[list[int], Finished]:
             out: list[int] = []
             async for ev in h.events():
                 assert isinstance(ev, (Delta, Finished)), ev
@@ -53,23 +60,37 @@ def _run_engine(engine: Engine, jobs: list[tuple[list[int], RequestParams]], sta
                     return out, ev
             raise AssertionError("no Finished event")
 
-        return await asyncio.gather(*(one(i, ids, p) for i, (ids, p) in enumerate(jobs)))
+        handles = [engine.submit(*jobs[0])]
+        if between is not None:
+            await asyncio.get_running_loop().run_in_executor(None, between)
+        handles += [engine.submit(ids, p) for ids, p in jobs[1:]]
+        if after is not None:
+            after()
+        return await asyncio.gather(*(collect(h) for h in handles))
 
     engine.start()
     try:
-        return asyncio.run(asyncio.wait_for(go(), 60))
+        return asyncio.run(asyncio.wait_for(go(), 120))
     finally:
         engine.stop()
 
 
 def test_prefill_joins_running_decodes_in_one_step(tiny_dir: Path, ref_model: Any) -> None:
-    backend = RecordingBackend(moetier.load(tiny_dir), delay=0.01)  # 30 steps >= 0.3 s > the 0.1 s stagger
+    # the engine holds its 3rd step (the first request's 2nd decode) until the later requests
+    # are queued: they are admitted while it is mid-generation, whatever the machine's load
+    backend = RecordingBackend(moetier.load(tiny_dir), pause_at=2)
     engine = Engine(backend, max_batch=4)
     prompts = ["hello world", "the quick brown fox jumps", "Once upon a time there was"]
     jobs = [(ref_model.encode_prompt(p), RequestParams(max_tokens=30)) for p in prompts]
-    results = _run_engine(engine, jobs, stagger=0.05)
-    # a later request's prefill (n > 1) ran in the same flat forward as decodes (n == 1)
-    assert any(len(s) > 1 and 1 in s and any(n > 1 for n in s) for s in backend.steps), backend.steps[:10]
+
+    def first_is_decoding() -> None:
+        assert backend.paused.wait(60), "the first request did not reach its 3rd step"
+
+    results = _run_engine(engine, jobs, between=first_is_decoding, after=backend.resume.set)
+    n0, n1, n2 = (len(ids) for ids, _ in jobs)
+    assert backend.steps[:3] == [[n0], [1], [1]], backend.steps[:3]  # prefill, then decodes alone
+    # the later requests' prefills (n > 1) ran in the same flat forward as the first one's decode
+    assert backend.steps[3] == [1, n1, n2], backend.steps[:5]
     for (ids, fin), (prompt_ids, _) in zip(results, jobs):
         ref = ref_model.generate_ids(prompt_ids, max_tokens=30)
         assert ids[: len(ref.ids)] == ref.ids
@@ -236,3 +257,69 @@ def test_max_ram_serves_through_the_weight_hierarchy(tiny_dir: Path) -> None:
             assert o.choices[0].text == ref.generate(p, max_tokens=12)
         text = httpx.get(srv.base_url + "/metrics", timeout=10).text
     assert "moetier_weights_hit_rate" in text and "moetier_weights_bytes_per_token_store" in text
+
+
+class _Crash(BaseException):
+    """Escapes every `except Exception`: the engine thread dies."""
+
+
+def test_engine_death_answers_running_and_waiting_requests(tiny_dir: Path) -> None:
+    """Issue 13 item 1: if the engine thread dies, the request it was running AND the one waiting
+    for a batch slot are answered 503 (not left hanging), it says why, and new ones are refused."""
+    from moetier.serve.engine import EngineUnavailable, Failed
+
+    class Dying(ModelBackend):
+        def __init__(self, model: Any) -> None:
+            super().__init__(model)
+            self.in_step = threading.Event()
+            self.die = threading.Event()
+
+        def step(self, batch: Any) -> Any:
+            self.in_step.set()
+            assert self.die.wait(60)
+            raise _Crash("injected")
+
+    backend = Dying(moetier.load(tiny_dir))
+    engine = Engine(backend, max_batch=1, max_restarts=0)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        running = engine.submit([5, 6, 7], RequestParams(max_tokens=5))
+        assert await loop.run_in_executor(None, backend.in_step.wait, 60)
+        waiting = engine.submit([5, 6, 7], RequestParams(max_tokens=5))
+        assert engine.queue_depth == 1 and engine.active == 1
+        backend.die.set()
+        for h in (running, waiting):
+            evs = [ev async for ev in h.events()]
+            assert len(evs) == 1 and isinstance(evs[0], Failed) and evs[0].status == 503, evs
+            assert "_Crash" in evs[0].message
+        assert not engine.alive and "_Crash" in (engine.dead_reason or "")
+        try:
+            engine.submit([5], RequestParams(max_tokens=1))
+            raise AssertionError("a dead engine accepted a request")
+        except EngineUnavailable as e:
+            assert "_Crash" in str(e)
+
+    engine.start()
+    try:
+        asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        engine.stop()
+
+
+def test_server_context_is_the_models_context_limit(tiny_dir: Path) -> None:
+    """With --context (the KV a --max-ram budget reserves), the server refuses by that length,
+    not by the model's window (issue 13 item 2: memory stays inside what was reserved)."""
+    model = moetier.load(tiny_dir, context=64)
+    with BackgroundServer(build_app(model, model_name=SERVED)) as srv:
+        body = {"model": SERVED, "prompt": list(range(3, 70)), "max_tokens": 1}
+        r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        assert "64 tokens" in r.json()["error"]["message"]
+        body = {"model": SERVED, "prompt": [3, 4, 5], "max_tokens": 62}
+        r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        body["max_tokens"] = 61
+        r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= 64
+        assert httpx.get(srv.base_url + "/v1/models", timeout=10).json()["data"][0]["max_model_len"] == 64

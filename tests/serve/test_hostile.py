@@ -4,6 +4,7 @@ the engine itself fails. Each test here failed before its fix (issue 13)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import json
 import threading
 import time
@@ -107,6 +108,7 @@ class PoisonBackend(ModelBackend):
         self.delay = delay
         self.poisoned: set[int] = set()
         self.die = threading.Event()
+        self.shared_steps = 0  # steps holding a poisoned and a healthy sequence together
 
     def step(self, batch: Any) -> torch.Tensor:
         if self.die.is_set():
@@ -118,6 +120,8 @@ class PoisonBackend(ModelBackend):
                 self.poisoned.add(id(seq))
         logits = super().step(batch).clone()
         logits[:, list(self.eos_ids)] = float("-inf")
+        if 0 < sum(id(seq) in self.poisoned for seq, _ in batch) < len(batch):
+            self.shared_steps += 1
         for i, (seq, _) in enumerate(batch):
             if id(seq) in self.poisoned:
                 logits[i] = float("nan")
@@ -139,15 +143,17 @@ def poison_server(tiny_dir: Path) -> Iterator[tuple[BackgroundServer, PoisonBack
 
 def test_a_failing_request_fails_alone(poison_server: Any) -> None:
     srv, backend = poison_server
-    good = _body(CO, prompt=[1, 2, 3, 4], max_tokens=40, temperature=0.8, seed=1)
+    good = _body(CO, prompt=[1, 2, 3, 4], max_tokens=200, temperature=0.8, seed=1)
     bad = _body(CO, prompt=backend.POISON + [1], max_tokens=40, temperature=0.8, seed=1)
     with cf.ThreadPoolExecutor(3) as ex:
         fut_good = ex.submit(_post, srv.base_url, CO, good)
-        time.sleep(0.1)  # the good one is decoding when the poisoned one joins the batch
+        # the good one is decoding (200 steps of >= 20 ms) when the poisoned ones join the batch
+        _wait(lambda: httpx.get(srv.base_url + "/health", timeout=10).json()["running"] == 1)
         fut_bad = ex.submit(_post, srv.base_url, CO, bad)
         fut_bad_stream = ex.submit(_post, srv.base_url, CO, {**bad, "stream": True})
         rg, rb, rs = fut_good.result(), fut_bad.result(), fut_bad_stream.result()
-    assert rg.status_code == 200 and rg.json()["usage"]["completion_tokens"] == 40
+    assert rg.status_code == 200 and rg.json()["usage"]["completion_tokens"] == 200
+    assert backend.shared_steps >= 1  # the poisoned rows were in the same forward as the good one
     assert rb.status_code == 500 and rb.json()["error"]["code"] == "internal_error"
     assert "logits" in rb.json()["error"]["message"]
     ev = _stream_events(rs)
@@ -262,14 +268,18 @@ def test_many_tiny_messages_are_refused_before_validation(big_body_server: Any) 
 
 
 def test_bodies_in_flight_are_bounded_together(tiny_dir: Path) -> None:
-    """Many connections sending large bodies at once cannot hold more than the body budget
-    (4 largest bodies); the budget is given back whatever happens to the requests."""
+    """Many connections sending large bodies at once cannot hold more than the request memory
+    (--request-ram, charged per byte as bodies arrive); the 5th of 4 bodies' worth gets 503, and
+    the budget is given back whatever happens to the requests."""
     import socket
 
-    app = build_app(moetier.load(tiny_dir), model_name=SERVED, max_body_bytes=64 << 10)
-    budget = app.state.body_budget
-    assert budget.capacity == 4 * (64 << 10)
+    from moetier.serve import memory
+
     n = 60 << 10
+    ram = 4 * memory.BYTES_PER_BODY_BYTE * n + memory.PREPARE_FIXED  # 4 such bodies being read, not 5
+    app = build_app(moetier.load(tiny_dir), model_name=SERVED, max_body_bytes=64 << 10, request_ram=ram)
+    budget = app.state.body_budget
+    assert budget.capacity == ram
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {n}\r\n\r\n".encode() + b'{"prompt": "')
     with BackgroundServer(app) as srv:
@@ -279,7 +289,7 @@ def test_bodies_in_flight_are_bounded_together(tiny_dir: Path) -> None:
                 s = socket.create_connection(("127.0.0.1", srv.port))
                 s.sendall(head + b"x" * (n - len(head) - 100))  # all but the end: held in the budget
                 socks.append(s)
-                _wait(lambda i=i: budget.used >= (i + 1) * (n - 1000))
+                _wait(lambda i=i: budget.used >= (i + 1) * memory.BYTES_PER_BODY_BYTE * (n - 1000))
             s = socket.create_connection(("127.0.0.1", srv.port))
             socks.append(s)
             s.sendall(head + b"x" * (n - len(head) - 100))
@@ -310,9 +320,18 @@ def test_body_limit_is_sized_from_the_context_window(tiny_dir: Path) -> None:
 # --------------------------------------------------------------------------- the event loop stays free (item 3)
 
 
-def test_stream_keeps_flowing_while_maximal_requests_arrive(tiny_dir: Path) -> None:
-    """p99 inter-chunk gap of a running stream while maximal requests arrive, relative to the
-    gaps of the same stream before they arrive (no absolute times: CI machines are loaded)."""
+def test_stream_keeps_flowing_while_maximal_requests_arrive(tiny_dir: Path, monkeypatch: Any) -> None:
+    """A running stream keeps getting chunks while maximal requests (a 4 MiB prompt, a chat of
+    100,000 messages) are parsed and prepared. Evidence, not timing (CI machines are loaded):
+
+    * the chunks the client received WHILE the 100k-message body was being parsed: a parse on the
+      event loop, or one holding the GIL throughout (plain ``json.loads``), lets at most the one
+      chunk already in the socket through;
+    * after parsing, each maximal request's preparation is held until the stream has received 3
+      more chunks: preparation on the event loop would stall the stream, so the hold would end
+      only at its 60 s guard, and the test fails.
+    The p99 inter-chunk gaps before/during are printed (measured, not asserted)."""
+    from moetier.serve import routes
     from tests.serve.conftest import SlowBackend
 
     model = moetier.load(tiny_dir)
@@ -322,47 +341,66 @@ def test_stream_keeps_flowing_while_maximal_requests_arrive(tiny_dir: Path) -> N
     many = json.dumps(_body(CH, messages=[{"role": "user", "content": "x"}] * 100_000)).encode()
     assert len(big) < 4 << 20 and len(many) < 4 << 20
     stamps: list[float] = []
-    hostile_sent = threading.Event()
+    seen: dict[int, tuple[int, int, int]] = {}  # body size -> (preparing thread, chunks while parsing, while held)
+    real_parse = routes.parse_request
+
+    def parse(body: bytes, *a: Any, **kw: Any) -> Any:
+        if len(body) < 1 << 20:
+            return real_parse(body, *a, **kw)
+        c0 = len(stamps)
+        try:
+            return real_parse(body, *a, **kw)
+        finally:
+            c1 = len(stamps)
+            deadline = time.monotonic() + 60
+            while len(stamps) < c1 + 3 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            seen[len(body)] = (threading.get_ident(), c1 - c0, len(stamps) - c1)
+
+    monkeypatch.setattr(routes, "parse_request", parse)
     hostile_done = threading.Event()
+    status: list[int] = []
 
     def hostile(url: str) -> None:
-        with httpx.Client(base_url=url, timeout=120, headers=JSON) as c:
-            hostile_sent.set()
-            for _ in range(2):
-                for path, body in ((CO, big), (CH, many)):
-                    assert c.post(path, content=body).status_code == 400
+        with httpx.Client(base_url=url, timeout=180, headers=JSON) as c:
+            for path, body in ((CO, big), (CH, many)):
+                status.append(c.post(path, content=body).status_code)
         hostile_done.set()
 
     with BackgroundServer(app) as srv:
-        body = _body(CO, prompt="hello", max_tokens=400, temperature=0, stream=True)
-        with httpx.stream("POST", srv.base_url + CO, json=body, timeout=120) as r:
+        body = _body(CO, prompt="hello", max_tokens=500, temperature=0, stream=True)
+        with httpx.stream("POST", srv.base_url + CO, json=body, timeout=180) as r:
             lines = r.iter_lines()
             for line in lines:
                 if line.startswith("data: "):
                     stamps.append(time.perf_counter())
-                if len(stamps) == 60:
+                if len(stamps) == 40:
                     break
             n_base = len(stamps)
             t = threading.Thread(target=hostile, args=(srv.base_url,))
             t.start()
-            hostile_sent.wait()
             for line in lines:
                 if line.startswith("data: "):
                     stamps.append(time.perf_counter())
-                if hostile_done.is_set() or len(stamps) > 380:
+                if hostile_done.is_set():
                     break
-            t.join(120)
-    assert hostile_done.is_set(), "the maximal requests were not answered"
+            t.join(180)
+        loop_thread = srv.thread.ident
+    assert hostile_done.is_set() and status == [400, 400], status
+    assert set(seen) == {len(big), len(many)}, seen
+    for size, (thread, _, held) in seen.items():
+        assert thread != loop_thread, f"a {size}-byte body was prepared on the event loop"
+        assert held >= 3, f"the stream stalled while a {size}-byte request was being prepared: {seen}"
+    assert seen[len(many)][1] >= 2, f"the stream stalled while 100,000 messages were parsed: {seen}"
+
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     base, during = sorted(gaps[5 : n_base - 1]), sorted(gaps[n_base - 1 :])
-    assert len(during) >= 5, "the stream did not go on while the requests were processed"
 
     def p99(xs: list[float]) -> float:
         return xs[min(len(xs) - 1, int(0.99 * len(xs)))]
 
-    # generous: a stalled loop (the issue: 9.2 s) is orders of magnitude above this
-    print(f"inter-chunk gap p99: before {p99(base):.3f}s, during {p99(during):.3f}s (max {max(during):.3f}s)")
-    assert p99(during) < 10 * p99(base), (p99(base), p99(during), max(during))
+    print(f"inter-chunk gap p99: before {p99(base):.3f}s, during {p99(during):.3f}s (max {max(during):.3f}s); "
+          f"chunks while parsing/held: {seen}")
 
 
 # --------------------------------------------------------------------------- role injection (item 5)
@@ -655,3 +693,119 @@ def test_harmless_openai_fields_are_accepted(server: BackgroundServer) -> None:
     assert r.status_code == 200, r.text
     for bad in ({"n": 2}, {"logprobs": True}, {"modalities": ["audio"]}):
         assert _post(server.base_url, CH, _body(CH, **bad)).status_code == 400, bad
+
+
+# --------------------------------------------------------------------------- request memory inside --max-ram (item 2)
+
+
+def _smallest_max_ram(tiny_dir: Path, *extra: str) -> tuple[int, str]:
+    """The smallest --max-ram the estimate made before loading accepts for `moetier serve`."""
+    from moetier.cli import build_parser
+    from moetier.commands.serve import _load_model
+    from moetier.weights.budget import BudgetError
+
+    args = build_parser().parse_args(["serve", str(tiny_dir), "--max-ram", "2M", "--max-batch", "2", *extra])
+    with pytest.raises(BudgetError) as e:
+        _load_model(args)
+    msg = str(e.value)
+    return int(msg.split("the smallest that works is --max-ram ")[1].split("M")[0]) * 10**6, msg
+
+
+def test_max_ram_counts_request_memory_and_the_server_refuses_beyond_it(tiny_dir: Path) -> None:
+    import re
+
+    from moetier.cli import build_parser
+    from moetier.commands.serve import _load_model, _request_ram
+    from moetier.serve import memory
+
+    # the estimate made before loading includes the request term and moves with --request-ram
+    small, msg = _smallest_max_ram(tiny_dir, "--request-ram", "2MB")
+    big, msg_big = _smallest_max_ram(tiny_dir, "--request-ram", "66MB")
+    assert "requests" in msg and "--request-ram" in msg, msg
+    assert big - small >= 64 * 10**6, (small, big)
+
+    # a server budgeted just above that need, with 2 MB for request bodies
+    argv = ["serve", str(tiny_dir), "--max-ram", f"{small // 10**6 + 20}M", "--max-batch", "2", "--request-ram", "2MB"]
+    args = build_parser().parse_args(argv)
+    model = _load_model(args)
+    ctx = model.context_limit
+    want = memory.request_memory(context=ctx, request_ram=2 * 10**6, max_queue=args.max_queue, max_batch=2)
+    assert model.memory_budget.request_bytes == want.total > 2 * 10**6
+    assert model.memory_budget.total_reserved <= model.memory_budget.max_ram
+    app = build_app(model, model_name=SERVED, max_batch=2, request_ram=_request_ram(args))
+    assert app.state.body_budget.capacity == 2 * 10**6
+    # 60k token ids in 120 kB: its parse is charged more than the 2 MB there are -> 413, before parsing
+    ids = json.dumps(_body(CO, prompt=[0] * 60_000), separators=(",", ":")).encode()
+    assert len(ids) <= app.state.max_body_bytes and memory.body_cost(ids, ctx) > 2 * 10**6
+    with BackgroundServer(app) as srv:
+        r = httpx.post(srv.base_url + CO, content=ids, headers=JSON, timeout=30)
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "request_too_large" and "--request-ram" in err["message"], err
+        assert app.state.body_budget.used == 0
+        ok = _post(srv.base_url, CO, _body(CO, temperature=0))  # and it keeps serving
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        chat = _post(srv.base_url, CH, _body(CH, temperature=0))
+        assert chat.status_code == 200
+        m = httpx.get(srv.base_url + "/metrics", timeout=10).text
+    assert f'moetier_request_memory_bytes{{part="total"}} {want.total}' in m, m[-2000:]
+    assert re.search(r"^moetier_memory_budget_request_bytes \d+", m, re.M), "budget breakdown lacks requests"
+
+
+SHAPES: dict[str, Any] = {
+    "completion text": lambda ctx, lim: {"prompt": _huge_prompt(lim - 200)},
+    "completion text + one emoji (UCS-4)": lambda ctx, lim: {"prompt": _huge_prompt(lim - 220) + "\U0001f600"},
+    "completion that fits": lambda ctx, lim: {"prompt": _huge_prompt(ctx), "max_tokens": 1},
+    "token ids": lambda ctx, lim: {"prompt": [299] * ((lim - 200) // 5)},
+    "chat that fits": lambda ctx, lim: {"messages": [{"role": "user", "content": _huge_prompt(ctx)}], "max_tokens": 1},
+    "chat of 1-char messages": lambda ctx, lim: {"messages": [{"role": "user", "content": "x"}] * (ctx // 8),
+                                                            "max_tokens": 1},
+    "chat of tiny messages (refused)": lambda ctx, lim: {
+        "messages": [{"role": "user", "content": ""}] * ((lim - 100) // 34)},
+    "chat with content parts": lambda ctx, lim: {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 4}] * (ctx // 8), "max_tokens": 1},
+    "empty objects (refused)": lambda ctx, lim: {"messages": [{"role": "user", "content": "x"}],
+                                                 "metadata": {"k": [{}] * ((lim - 200) // 3)}},
+    "nested lists (refused)": lambda ctx, lim: {"prompt": "x", "stop": [[]] * ((lim - 100) // 3)},
+    "invalid list items (refused)": lambda ctx, lim: {"prompt": "x", "stop": [[]] * 4, "logit_bias": {
+        str(i): [] for i in range((lim - 200) // 12)}},
+}
+
+
+def test_measured_request_memory_stays_below_what_is_charged(tiny_dir: Path) -> None:
+    """tracemalloc peak of parsing, validating and preparing maximal bodies of every shape (plus
+    the body and its joined copy while read) <= memory.body_cost, the figure charged to
+    --request-ram. (The tokenizer's own heap is native: its term is the ru_maxrss measurement
+    in serve/memory.py, per token, bounded by the context.)"""
+    import gc
+    import tracemalloc
+
+    from moetier.serve import memory, routes
+    from moetier.serve.engine import Engine, OpenAIServing
+    from moetier.serve.protocol import ServeError
+
+    be = ModelBackend(moetier.load(tiny_dir))
+    s = OpenAIServing(Engine(be), SERVED)
+    ctx = be.context_length
+    lim = build_app(be.model, model_name=SERVED).state.max_body_bytes
+    routes._prepare_chat(s, json.dumps(_body(CH)).encode())  # first use: the template's compilation
+    report = []
+    for (name, make), size in itertools.product(SHAPES.items(), (lim, 4 << 20)):  # the limit, and --max-body 4M
+        body = json.dumps({"model": SERVED, **make(ctx, size)}, ensure_ascii=False, separators=(",", ":")).encode()
+        assert len(body) <= size, (name, len(body), size)
+        fn = routes._prepare_chat if b'"messages"' in body else routes._prepare_completion
+        gc.collect()
+        tracemalloc.start()
+        try:
+            fn(s, body)
+            status = 200
+        except ServeError as e:
+            status = e.status
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert status < 500, (name, status)
+        used, charged = peak + 2 * len(body), memory.body_cost(body, ctx)
+        report.append(f"{name}: {len(body)} B, {status}, peak {used / len(body):.1f}x body, charged "
+                      f"{charged / len(body):.1f}x")
+        assert used <= charged, report[-1]
+    print("\n".join(report))
