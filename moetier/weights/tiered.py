@@ -517,6 +517,7 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
         bind(model, model.provider)
     model.memory_budget = mb
     model.placement_plan = pl
+    model.placement_precision = prec  # the census precision of the bytes held (stored formats)
     return model
 
 
@@ -595,7 +596,7 @@ def run_report(model: Any, decode_tokens_per_s: float | None) -> dict[str, Any]:
             return out
         out["probe"] = probe.describe(rec)
         hr = s["hit_rate"] if s["hit_rate"] is not None else 1.0
-        prec = "fp32" if model.dtype.itemsize == 4 else "bf16"
+        prec = getattr(model, "placement_precision", None) or ("fp32" if model.dtype.itemsize == 4 else "bf16")
         # the cached probe as it is (a run does not stop to re-measure; "probe" says how old it is)
         pred = predict_decode_tokens_per_s(model.spec, probe.machine_from_probe(rec), hit_rate=hr,
                                            cache_bytes=prov.cache_bytes + prov.pinned_bytes, precision=prec)
