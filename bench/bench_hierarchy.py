@@ -165,23 +165,36 @@ class IOTrace:
     included) and every raw aligned read inside it (``read_aligned``: the device part), so a run
     can say how busy the device was, at what rate while busy, and how long compute waited."""
 
-    def __init__(self, store: Any):
+    def __init__(self, provider: Any):
         import threading
 
         from moetier.weights import store as store_mod
 
+        store, worker = provider.store, provider.worker
         self.reads: list[tuple[float, float, int]] = []  # (start, end, bytes) per expert read
         self.raw: list[tuple[float, float, int]] = []  # (start, end, bytes) per read_aligned call
+        self.submits: dict[tuple[int, int], list[float]] = {}  # (layer, expert) -> submit times
+        self.starts: list[tuple[float, float, float | None]] = []  # (start, end, submitted) per read
         self._lock = threading.Lock()
-        orig_read, orig_aligned = store.read_into, store_mod.read_aligned
+        orig_read, orig_aligned, orig_submit = store.read_into, store_mod.read_aligned, worker.submit
+
+        def submit(job: Any) -> Any:
+            with self._lock:
+                self.submits.setdefault(job.key, []).append(time.perf_counter())
+            return orig_submit(job)
 
         def read_into(layer: int, expert: int, buf: Any) -> Any:
             t0 = time.perf_counter()
             try:
                 return orig_read(layer, expert, buf)
             finally:
+                t1 = time.perf_counter()
                 with self._lock:
-                    self.reads.append((t0, time.perf_counter(), store.last_bytes()))
+                    self.reads.append((t0, t1, store.last_bytes()))
+                    sub = self.submits.get((layer, expert))
+                    self.starts.append((t0, t1, sub.pop(0) if sub else None))
+
+        worker.submit = submit
 
         def read_aligned(fd: int, mv: Any, offset: int, nbytes: int, *a: Any, **k: Any) -> int:
             t0 = time.perf_counter()
@@ -207,6 +220,17 @@ class IOTrace:
                "bytes_per_s_while_busy": nbytes / busy if busy > 0 else 0.0,
                "bytes_per_s_device": sum(n for _, _, n in raw) / dev if dev > 0 else 0.0,
                "bytes_per_s_wall": nbytes / wall if wall > 0 else 0.0}
+        # idle device time between consecutive reads: nothing was queued yet (the runtime did not
+        # know what to read) vs queued but not started (scheduling latency of the reader thread)
+        st = sorted((a, b, sub) for a, b, sub in self.starts if a >= lo and b <= hi)
+        nothing = waiting = 0.0
+        for (_, e0, _), (s1, _, sub) in zip(st, st[1:]):
+            if s1 <= e0:
+                continue
+            known = max(e0, min(sub if sub is not None else e0, s1))
+            nothing += known - e0
+            waiting += s1 - known
+        out.update(idle_nothing_queued_s=nothing, idle_queued_not_started_s=waiting)
         if rd:
             lat = sorted(b - a for a, b, _ in rd)
             out["read_latency_median_s"] = lat[len(lat) // 2]
@@ -219,7 +243,7 @@ def probe_disk_here(directory: Path) -> dict[str, Any]:
     the store's chunks in flight) run in this process, i.e. inside the run's memory cgroup."""
     from moetier.planner.probe import ProbeSizes, measure_disk_bw
 
-    s = ProbeSizes()
+    s = ProbeSizes(disk_bytes=512 * 2**20)  # twice `moetier probe`'s: this disk is not steady
     bw, method = measure_disk_bw(directory, s.disk_bytes, s.disk_block)
     return {"disk_read_bw": bw, "disk_method": method, "disk_bytes": s.disk_bytes}
 
@@ -251,7 +275,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         model = moetier.load(cfg["model"])
     load_s = time.perf_counter() - t0
-    trace = IOTrace(model.hierarchy.store) if engine == "tiered" else None
+    trace = IOTrace(model.hierarchy) if engine == "tiered" else None
     ids = model.tokenizer.encode(PROMPT)
     warm, n = int(cfg["warmup"]), int(cfg["tokens"])
     metrics = getattr(model, "hierarchy_metrics", None)
@@ -283,26 +307,37 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     if trace is not None and len(timed) > 1:
         out["io_timeline"] = trace.summary(timed[0], timed[-1])
     if probe_in is not None:
+        import gc
+
+        hier = getattr(model, "hierarchy", None)
+        bound_args = (model.spec, hier.cache_bytes + hier.pinned_bytes, model.placement_precision) if hier else None
+        if hier is not None:
+            hier.close()
+        del model, hier, seq, logits, trace, metrics
+        gc.collect()  # the slots go: room in the cgroup for the probe's scratch file
+        after = probe_disk_here(Path(cfg.get("probe_dir") or "/tmp"))
+        probe_in = {"disk_read_bw": (probe_in["disk_read_bw"] + after["disk_read_bw"]) / 2,
+                    "before": probe_in["disk_read_bw"], "after": after["disk_read_bw"],
+                    "disk_method": after["disk_method"], "disk_bytes": after["disk_bytes"]}
         out["probe_in_cgroup"] = probe_in
-        if metrics is not None and out.get("hit_rate") is not None:
-            out["bound_in_cgroup_decode_tokens_per_s"] = bound_with_disk(model, probe_in["disk_read_bw"],
+        if bound_args is not None and out.get("hit_rate") is not None:
+            out["bound_in_cgroup_decode_tokens_per_s"] = bound_with_disk(bound_args, probe_in["disk_read_bw"],
                                                                         out["hit_rate"])
     return out
 
 
-def bound_with_disk(model: Any, disk_bw: float, hit_rate: float) -> float | None:
-    """The planner's decode bound (``predict_decode_tokens_per_s``) at ``hit_rate`` for this
-    model's stored precision and cache, on the cached probe with its disk figure replaced."""
+def bound_with_disk(args: Any, disk_bw: float, hit_rate: float) -> float | None:
+    """The planner's decode bound (``predict_decode_tokens_per_s``) at ``hit_rate`` for ``args`` =
+    (spec, cache bytes, stored precision), on the cached probe with its disk figure replaced."""
     from moetier.planner import probe
     from moetier.planner.roofline import predict_decode_tokens_per_s
 
     rec = probe.load_cached()
-    if rec is None:
+    if rec is None or args is None:
         return None
-    prov = model.hierarchy
-    return predict_decode_tokens_per_s(model.spec, probe.machine_from_probe({**rec, "disk_read_bw": disk_bw}),
-                                       hit_rate=hit_rate, cache_bytes=prov.cache_bytes + prov.pinned_bytes,
-                                       precision=model.placement_precision)
+    spec, cache_bytes, precision = args
+    return predict_decode_tokens_per_s(spec, probe.machine_from_probe({**rec, "disk_read_bw": disk_bw}),
+                                       hit_rate=hit_rate, cache_bytes=cache_bytes, precision=precision)
 
 
 # ---------------------------------------------------------------------------------------
@@ -380,7 +415,8 @@ def main() -> None:
     ap.add_argument("--engines", default="tiered,mmap,ram")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--io", default="auto", choices=["buffered", "direct", "auto"])
-    ap.add_argument("--io-threads", type=int, default=None, help="store reader threads (default: the runtime's)")
+    ap.add_argument("--io-threads", default="", help="store reader threads, comma-separated values to compare "
+                    "(default: the runtime's)")
     ap.add_argument("--no-probe-in-cgroup", dest="probe_in_cgroup", action="store_false",
                     help="skip the planner's disk probe inside each capped run (the fair bound)")
     ap.add_argument("--timeout", type=float, default=1800)
@@ -415,7 +451,7 @@ def main() -> None:
     engines = args.engines.split(",")
     cfgs: list[tuple[dict[str, Any], int | None]] = []
     base = {"cap": cap, "context": args.context, "warmup": args.warmup, "tokens": args.tokens,
-            "threads": args.threads, "io": args.io, "io_threads": args.io_threads,
+            "threads": args.threads, "io": args.io,
             "probe_in_cgroup": args.probe_in_cgroup, "probe_dir": str(models[0].parent)}
     for model in models:
         tag = model.name if len(models) > 1 else ""
@@ -423,8 +459,11 @@ def main() -> None:
         if "tiered" in engines:
             for pol in args.policies.split(","):
                 for pf in [x == "on" for x in args.prefetch.split(",")]:
-                    cfgs.append(({**mb, "engine": "tiered", "policy": pol, "prefetch": pf,
-                                  "name": f"{tag + ':' if tag else ''}tiered/{pol}{'+prefetch' if pf else ''}"}, cap))
+                    for iot in [int(x) for x in args.io_threads.split(",") if x] or [None]:
+                        name = (f"{tag + ':' if tag else ''}tiered/{pol}{'+prefetch' if pf else ''}"
+                                + (f"/io{iot}" if iot else ""))
+                        cfgs.append(({**mb, "engine": "tiered", "policy": pol, "prefetch": pf, "io_threads": iot,
+                                      "name": name}, cap))
         if "mmap" in engines:
             cfgs.append(({**mb, "engine": "mmap", "name": f"{tag + ':' if tag else ''}mmap"}, cap))
     ram_note = None

@@ -235,12 +235,15 @@ class ExpertStore:
     """
 
     def __init__(self, reader: ExpertReader, io: str = "auto", check_finite: bool = True,
-                 drop_page_cache: bool = True, io_depth: int = DEFAULT_IO_DEPTH):
+                 drop_page_cache: bool = True, io_depth: int = DEFAULT_IO_DEPTH, readers: int = 1):
         if io not in IO_MODES:
             raise WeightError(f"io mode {io!r}: expected one of {', '.join(IO_MODES)}")
         if io_depth < 1:
             raise WeightError(f"io_depth {io_depth}: expected a positive number of reads in flight")
+        if readers < 1:
+            raise WeightError(f"readers {readers}: expected a positive number of reading threads")
         self.io_depth = io_depth
+        self.readers = readers  # threads calling read_into at once (the chunk pool serves them all)
         self._pool: ThreadPoolExecutor | None = None
         self.reader = reader
         self.spec = reader.spec
@@ -414,7 +417,8 @@ class ExpertStore:
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.io_depth - 1, thread_name_prefix="moetier-io-chunk")
+                    self._pool = ThreadPoolExecutor((self.io_depth - 1) * self.readers,
+                                                    thread_name_prefix="moetier-io-chunk")
         return self._pool
 
     def _bounce(self, n: int) -> mmap.mmap:

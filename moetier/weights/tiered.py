@@ -369,7 +369,7 @@ def tiered_factory(plan: PlacementPlan, *, cache_slots: int | None = None, profi
     def factory(spec: ModelSpec, reader: ExpertReader) -> TieredExpertProvider:
         from moetier.weights import budget as budget_mod
 
-        store = ExpertStore(reader, io=io, check_finite=check_finite)
+        store = ExpertStore(reader, io=io, check_finite=check_finite, readers=io_threads)
         slot = store.layout.slot_bytes
         n_experts = spec.num_moe_layers * spec.num_experts
         n_pinned = sum(1 for t in plan.expert_tiers(spec).values() if t == "resident")
