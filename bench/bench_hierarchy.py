@@ -467,16 +467,18 @@ def main() -> None:
         if "mmap" in engines:
             cfgs.append(({**mb, "engine": "mmap", "name": f"{tag + ':' if tag else ''}mmap"}, cap))
     ram_note = None
-    if "ram" in engines:
+    if "ram" in engines:  # every model that fits in RAM, uncapped: the compute ceiling of the same decode
         import psutil
 
         avail = psutil.virtual_memory().available
-        disk = described[0]["bytes_on_disk"]
-        if avail > disk * 1.3 + 2e9:
-            cfgs.append(({**base, "model": str(models[0]), "engine": "ram", "name": "ram",
-                          "probe_in_cgroup": False}, None))
-        else:
-            ram_note = f"skipped: {avail / 1e9:.1f} GB available < model {disk / 1e9:.1f} GB + headroom"
+        for model, desc in zip(models, described):
+            tag = model.name + ":" if len(models) > 1 else ""
+            disk = desc["bytes_on_disk"]
+            if avail > disk * 1.3 + 2e9:
+                cfgs.append(({**base, "model": str(model), "engine": "ram", "name": f"{tag}ram",
+                              "probe_in_cgroup": False}, None))
+            else:
+                ram_note = f"{tag}skipped: {avail / 1e9:.1f} GB available < model {disk / 1e9:.1f} GB + headroom"
     runs: dict[str, list[dict[str, Any]]] = {c["name"]: [] for c, _ in cfgs}
     for rep in range(args.reps):  # interleaved: every configuration once per round
         print(f"round {rep + 1}/{args.reps} (load {os.getloadavg()[0]:.1f})", flush=True)

@@ -60,6 +60,10 @@ from moetier.models.base import ExpertReader, ExpertWeights
 ALIGN = 4096
 IO_MODES = ("auto", "buffered", "direct")
 DEFAULT_IO_DEPTH = 4  # concurrent aligned chunk reads per expert (bench/bench_store_io.py)
+# experts read at once by the tiered provider's I/O threads: 2 x 4 chunks keep 8 reads in flight,
+# and one expert's tail (last chunk, finite check, hand-over) overlaps the next one's reads
+# (bench/bench_hierarchy.py --io-threads 1,2: bench/README.md)
+DEFAULT_IO_THREADS = 2
 MIN_CHUNK = 512 << 10  # never split a read below this many bytes per chunk
 MAX_GAP = 64 << 10  # direct reads span gaps up to this many bytes between an expert's tensors
 

@@ -45,7 +45,7 @@ from moetier.weights.cache import ExpertCache, Key, SlotPool
 from moetier.weights.metrics import HierarchyMetrics
 from moetier.weights.plan import PlacementPlan
 from moetier.weights.prefetch import IOWorker, ReadJob, RouterPrefetcher
-from moetier.weights.store import ExpertStore
+from moetier.weights.store import DEFAULT_IO_THREADS, ExpertStore
 
 BYPASS_SLOTS = 2
 
@@ -55,7 +55,7 @@ class TieredExpertProvider:
 
     def __init__(self, spec: ModelSpec, reader: ExpertReader, plan: PlacementPlan, *,
                  cache_slots: int, prefetch_slots: int = 0, profile: Any = None, io: str = "auto",
-                 check_finite: bool = True, io_threads: int = 1, store: ExpertStore | None = None,
+                 check_finite: bool = True, io_threads: int = DEFAULT_IO_THREADS, store: ExpertStore | None = None,
                  metrics: HierarchyMetrics | None = None, touch: bool = True):
         self.spec, self.plan = spec, plan
         self.store = store or ExpertStore(reader, io=io, check_finite=check_finite)
@@ -354,7 +354,7 @@ def prefetch_slot_count(plan: PlacementPlan, spec: ModelSpec, slot_bytes: int) -
 
 
 def tiered_factory(plan: PlacementPlan, *, cache_slots: int | None = None, profile: Any = None,
-                   io: str = "auto", check_finite: bool = True, io_threads: int = 1,
+                   io: str = "auto", check_finite: bool = True, io_threads: int = DEFAULT_IO_THREADS,
                    budget: Any = None) -> Any:
     """An ``expert_provider_factory`` for :func:`moetier.load` building a
     :class:`TieredExpertProvider` from ``plan``.
@@ -438,7 +438,7 @@ def hierarchy_options_given(opts: dict[str, Any]) -> bool:
 def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str | None = None,
          policy_params: dict[str, Any] | None = None, expert_cache: Any = None, cache_scope: str | None = None,
          prefetch: bool | None = None, prefetch_max_inflight_bytes: Any = None, profile: Any = None,
-         context: int | None = None, batch: int = 1, io: str = "auto", io_threads: int = 1,
+         context: int | None = None, batch: int = 1, io: str = "auto", io_threads: int = DEFAULT_IO_THREADS,
          cache_slots: int | None = None, **load_kwargs: Any) -> Any:
     """``moetier.load`` with the weight hierarchy: routed experts behind a
     :class:`TieredExpertProvider` sized by ``plan`` / ``max_ram`` / ``expert_cache``.
