@@ -263,6 +263,10 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import moetier
     from moetier.weights import tiered
 
+    if cfg.get("io_nice") is not None:  # A/B of the reading threads' priority over compute
+        from moetier.weights import store as store_mod
+
+        store_mod.IO_NICE = int(cfg["io_nice"])
     probe_in = probe_disk_here(Path(cfg.get("probe_dir") or "/tmp")) if cfg.get("probe_in_cgroup") else None
     t0 = time.perf_counter()
     engine = cfg["engine"]
@@ -417,6 +421,8 @@ def main() -> None:
     ap.add_argument("--io", default="auto", choices=["buffered", "direct", "auto"])
     ap.add_argument("--io-threads", default="", help="store reader threads, comma-separated values to compare "
                     "(default: the runtime's)")
+    ap.add_argument("--io-nice", default="", help="nice steps of the reading threads over compute, comma-separated "
+                    "values to compare (default: the runtime's, moetier.weights.store.IO_NICE)")
     ap.add_argument("--no-probe-in-cgroup", dest="probe_in_cgroup", action="store_false",
                     help="skip the planner's disk probe inside each capped run (the fair bound)")
     ap.add_argument("--timeout", type=float, default=1800)
@@ -460,10 +466,11 @@ def main() -> None:
             for pol in args.policies.split(","):
                 for pf in [x == "on" for x in args.prefetch.split(",")]:
                     for iot in [int(x) for x in args.io_threads.split(",") if x] or [None]:
-                        name = (f"{tag + ':' if tag else ''}tiered/{pol}{'+prefetch' if pf else ''}"
-                                + (f"/io{iot}" if iot else ""))
-                        cfgs.append(({**mb, "engine": "tiered", "policy": pol, "prefetch": pf, "io_threads": iot,
-                                      "name": name}, cap))
+                        for nice in [int(x) for x in args.io_nice.split(",") if x] or [None]:
+                            name = (f"{tag + ':' if tag else ''}tiered/{pol}{'+prefetch' if pf else ''}"
+                                    + (f"/io{iot}" if iot else "") + (f"/nice{nice}" if nice is not None else ""))
+                            cfgs.append(({**mb, "engine": "tiered", "policy": pol, "prefetch": pf, "io_threads": iot,
+                                          "io_nice": nice, "name": name}, cap))
         if "mmap" in engines:
             cfgs.append(({**mb, "engine": "mmap", "name": f"{tag + ':' if tag else ''}mmap"}, cap))
     ram_note = None

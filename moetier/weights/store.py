@@ -64,6 +64,25 @@ DEFAULT_IO_DEPTH = 4  # concurrent aligned chunk reads per expert (bench/bench_s
 # and one expert's tail (last chunk, finite check, hand-over) overlaps the next one's reads
 # (bench/bench_hierarchy.py --io-threads 1,2: bench/README.md)
 DEFAULT_IO_THREADS = 2
+# scheduling priority of the threads issuing store reads, relative to the process (nice steps; 0 =
+# same as compute): each read completion needs a little CPU (copy out, issue the next read) and on
+# a busy machine the compute threads would otherwise delay it while the device idles. Lowering the
+# nice value needs CAP_SYS_NICE; without it the threads keep the process's (tried once).
+IO_NICE = -5
+_nice_ok: bool | None = None
+
+
+def io_thread_priority() -> None:
+    """Give the calling thread :data:`IO_NICE` over the process's nice value when permitted."""
+    global _nice_ok
+    if _nice_ok is False or IO_NICE == 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(-20, min(19, base + IO_NICE)))
+        _nice_ok = True
+    except OSError:
+        _nice_ok = False
 MIN_CHUNK = 512 << 10  # never split a read below this many bytes per chunk
 MAX_GAP = 64 << 10  # direct reads span gaps up to this many bytes between an expert's tensors
 
@@ -422,7 +441,8 @@ class ExpertStore:
             with self._lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor((self.io_depth - 1) * self.readers,
-                                                    thread_name_prefix="moetier-io-chunk")
+                                                    thread_name_prefix="moetier-io-chunk",
+                                                    initializer=io_thread_priority)
         return self._pool
 
     def _bounce(self, n: int) -> mmap.mmap:
