@@ -11,14 +11,24 @@ Every engine runs as its own process inside a fresh cgroup v1 memory group cappe
   the kernel pages weights in on demand and evicts them under the cap;
 * ``ram`` - every expert in RAM (no cap), when the machine has the memory.
 
-Each configuration is run ``--reps`` times cold (the model files are dropped from the page
-cache before every run: ``drop_caches`` when permitted, else ``posix_fadvise(DONTNEED)`` on
-every file); each run decodes ``--warmup`` tokens (counted out), then ``--tokens`` timed
-tokens. Medians are reported with the planner's prediction for the same model, machine
-(``moetier probe``) and cache size, and the measured store read bandwidth.
+Configurations run in ``--reps`` interleaved rounds (every configuration once per round: the
+machine is shared), each cold (the model files are dropped from the page cache before every
+run: ``drop_caches`` when permitted, else ``posix_fadvise(DONTNEED)`` on every file); each run
+decodes ``--warmup`` tokens (counted out), then ``--tokens`` timed tokens. Several models
+(``--model A,B``: e.g. the bf16 wide model and its ``moetier quantize --format int4`` copy) run
+under the same cap; ratios to the first model are reported.
+
+The bound a run is held to is the planner's (``predict_decode_tokens_per_s`` at the run's hit
+rate, its cache size and stored precision) with the disk figure of the planner's own probe
+(``measure_disk_bw``) run *inside the same cgroup*, before loading and after the decode (the
+mean; this disk is not steady). An I/O timeline of every store read says where the time goes:
+the fraction of the decode the store was reading, its rate while reading, and the idle time
+between reads split into "nothing was queued" and "queued, not started".
 
     python scripts/make_wide_model.py --out /tmp/wide --target-gb 8.5
-    nice python bench/bench_hierarchy.py --model /tmp/wide --cap 3G --reps 5
+    moetier quantize /tmp/wide /tmp/wide-int4 --format int4
+    python bench/bench_hierarchy.py --model /tmp/wide,/tmp/wide-int4 --cap 2.95GB --reps 3 \
+        --policies adaptive --prefetch on --variants io1:nice0,io2:nice-5 --engines tiered --name hierarchy_store
 """
 
 from __future__ import annotations
@@ -403,6 +413,21 @@ def summarize(cfg: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]
     return summary
 
 
+def variants(args: argparse.Namespace) -> list[tuple[int | None, int | None]]:
+    """(I/O threads, I/O nice) pairs to run: ``--variants io1:nice0,io2:nice-5``, else every
+    combination of ``--io-threads`` and ``--io-nice`` (None: the runtime's default)."""
+    if args.variants:
+        import re
+
+        out = []
+        for v in args.variants.split(","):
+            io, nice = re.search(r"io(\d+)", v), re.search(r"nice(-?\d+)", v)
+            out.append((int(io.group(1)) if io else None, int(nice.group(1)) if nice else None))
+        return out
+    return [(iot, nice) for iot in [int(x) for x in args.io_threads.split(",") if x] or [None]
+            for nice in [int(x) for x in args.io_nice.split(",") if x] or [None]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -423,6 +448,8 @@ def main() -> None:
                     "(default: the runtime's)")
     ap.add_argument("--io-nice", default="", help="nice steps of the reading threads over compute, comma-separated "
                     "values to compare (default: the runtime's, moetier.weights.store.IO_NICE)")
+    ap.add_argument("--variants", default="", help="explicit (I/O threads, nice) pairs instead of the two lists' "
+                    "combinations, e.g. io1:nice0,io2:nice-5")
     ap.add_argument("--no-probe-in-cgroup", dest="probe_in_cgroup", action="store_false",
                     help="skip the planner's disk probe inside each capped run (the fair bound)")
     ap.add_argument("--timeout", type=float, default=1800)
@@ -465,12 +492,11 @@ def main() -> None:
         if "tiered" in engines:
             for pol in args.policies.split(","):
                 for pf in [x == "on" for x in args.prefetch.split(",")]:
-                    for iot in [int(x) for x in args.io_threads.split(",") if x] or [None]:
-                        for nice in [int(x) for x in args.io_nice.split(",") if x] or [None]:
-                            name = (f"{tag + ':' if tag else ''}tiered/{pol}{'+prefetch' if pf else ''}"
-                                    + (f"/io{iot}" if iot else "") + (f"/nice{nice}" if nice is not None else ""))
-                            cfgs.append(({**mb, "engine": "tiered", "policy": pol, "prefetch": pf, "io_threads": iot,
-                                          "io_nice": nice, "name": name}, cap))
+                    for iot, nice in variants(args):
+                        name = (f"{tag + ':' if tag else ''}tiered/{pol}{'+prefetch' if pf else ''}"
+                                + (f"/io{iot}" if iot else "") + (f"/nice{nice}" if nice is not None else ""))
+                        cfgs.append(({**mb, "engine": "tiered", "policy": pol, "prefetch": pf, "io_threads": iot,
+                                      "io_nice": nice, "name": name}, cap))
         if "mmap" in engines:
             cfgs.append(({**mb, "engine": "mmap", "name": f"{tag + ':' if tag else ''}mmap"}, cap))
     ram_note = None
