@@ -7,7 +7,8 @@
 * disk read bandwidth with ``O_DIRECT`` on a temporary file written in the cache dir (so the
   page cache is bypassed; falls back to ``posix_fadvise(DONTNEED)`` where O_DIRECT is not
   supported, and says so in ``disk_method``), read with the expert store's pattern (shuffled
-  expert-sized blocks, aligned chunks in flight; in the caller's cgroup, like the store),
+  expert-sized blocks, two readers each with aligned chunks in flight; in the caller's cgroup,
+  like the tiered store),
 * cores, RAM, free disk space,
 * dense matmul FLOP/s in fp32 and bf16 through torch.
 
@@ -35,9 +36,9 @@ from typing import Any
 
 from moetier.errors import MoetierError
 from moetier.planner.hardware import Efficiency, Machine, MemoryTier
-from moetier.weights.store import DEFAULT_IO_DEPTH, read_aligned
+from moetier.weights.store import DEFAULT_IO_DEPTH, DEFAULT_IO_THREADS, read_aligned
 
-PROBE_VERSION = 2  # 2: disk read with the store's pattern (read_aligned, shuffled blocks)
+PROBE_VERSION = 3  # 2: disk read with the store's pattern (read_aligned, shuffled blocks); 3: its readers
 STALE_SECONDS = 7 * 86400  # a cached probe older than this is measured again
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which a probe is "under load"
 
@@ -86,9 +87,9 @@ def measure_memory_bw(nbytes: int, repeats: int) -> float:
 
 
 def measure_disk_bw(directory: Path, nbytes: int, block: int) -> tuple[float, str]:
-    """Read bandwidth (bytes/s) of a fresh temp file, page cache bypassed, read the way
-    :class:`~moetier.weights.store.ExpertStore` reads experts: ``block``-sized ranges in shuffled
-    order, each as up to ``DEFAULT_IO_DEPTH`` aligned chunks in flight (``read_aligned``)."""
+    """Read bandwidth (bytes/s) of a fresh temp file, page cache bypassed, read the way the tiered
+    provider reads experts: ``block``-sized ranges in shuffled order, ``DEFAULT_IO_THREADS`` of
+    them at once, each as up to ``DEFAULT_IO_DEPTH`` aligned chunks in flight (``read_aligned``)."""
     directory.mkdir(parents=True, exist_ok=True)
     block = max(4096, block - block % 4096)
     nbytes = max(block, nbytes - nbytes % block)
@@ -100,7 +101,8 @@ def measure_disk_bw(directory: Path, nbytes: int, block: int) -> tuple[float, st
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT requires
+        bufs = [mmap.mmap(-1, block) for _ in range(DEFAULT_IO_THREADS)]  # page-aligned, as O_DIRECT requires
+        buf = bufs[0]
         method = "fadvise-DONTNEED"
         rfd = -1
         if getattr(os, "O_DIRECT", 0):
@@ -117,22 +119,29 @@ def measure_disk_bw(directory: Path, nbytes: int, block: int) -> tuple[float, st
         try:
             if method != "O_DIRECT" and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
-            # the expert store's pattern: blocks in shuffled order, each as aligned chunks in flight
+            # the tiered store's pattern: blocks in shuffled order, DEFAULT_IO_THREADS readers each
+            # reading one block at a time as aligned chunks in flight
             order = list(range(nbytes // block))
             random.Random(0).shuffle(order)
-            depth = DEFAULT_IO_DEPTH if method == "O_DIRECT" else 1
-            pool = ThreadPoolExecutor(max(1, depth - 1))
+            direct = method == "O_DIRECT"
+            depth, readers = (DEFAULT_IO_DEPTH, DEFAULT_IO_THREADS) if direct else (1, 1)
+            pool = ThreadPoolExecutor(max(1, (depth - 1) * readers))
+
+            def reader(r: int) -> int:
+                mv = memoryview(bufs[r])
+                return sum(read_aligned(rfd, mv, i * block, block, pool, depth) for i in order[r::readers])
+
             t0 = time.perf_counter()
-            got = 0
             try:
-                for i in order:
-                    got += read_aligned(rfd, memoryview(buf), i * block, block, pool, depth)
+                with ThreadPoolExecutor(readers) as rp:
+                    got = sum(rp.map(reader, range(readers)))
             finally:
                 pool.shutdown()
             dt = time.perf_counter() - t0
         finally:
             os.close(rfd)
-            buf.close()
+            for b in bufs:
+                b.close()
         return got / max(dt, 1e-9), method
     finally:
         try:

@@ -3,7 +3,8 @@
 * :class:`IOWorker` - a background thread (or a few) reading experts from the
   :class:`~moetier.weights.store.ExpertStore` into slots. Jobs are prioritised: reads the
   current layer is waiting for (``demand``) go before guesses (``prefetch``). ``os.preadv``
-  releases the GIL, so reads overlap the compute thread's matmuls.
+  releases the GIL, so reads overlap the compute thread's matmuls. The reading threads run
+  at a higher scheduling priority than compute when permitted (``store.IO_NICE``).
 * :class:`RouterPrefetcher` - installs forward pre-hooks on a loaded model: just before the
   FFN of MoE layer ``L`` runs, it applies the *next* MoE layer's post-attention norm and
   router to layer ``L``'s residual stream (``Model.route`` semantics), ranks the guessed
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from moetier.weights.metrics import HierarchyMetrics
-from moetier.weights.store import ExpertStore
+from moetier.weights.store import ExpertStore, io_thread_priority
 
 DEMAND, PREFETCH = 0, 1
 
@@ -84,6 +85,7 @@ class IOWorker:
                 self._cv.notify()
 
     def _run(self) -> None:
+        io_thread_priority()
         while True:
             with self._cv:
                 while not self._heap and not self._closed:

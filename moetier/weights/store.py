@@ -60,7 +60,31 @@ from moetier.models.base import ExpertReader, ExpertWeights
 ALIGN = 4096
 IO_MODES = ("auto", "buffered", "direct")
 DEFAULT_IO_DEPTH = 4  # concurrent aligned chunk reads per expert (bench/bench_store_io.py)
+# experts read at once by the tiered provider's I/O threads: 2 x 4 chunks keep 8 reads in flight,
+# and one expert's tail (last chunk, finite check, hand-over) overlaps the next one's reads
+# (bench/bench_hierarchy.py --io-threads 1,2: bench/README.md)
+DEFAULT_IO_THREADS = 2
+# scheduling priority of the threads issuing store reads, relative to the process (nice steps; 0 =
+# same as compute): each read completion needs a little CPU (copy out, issue the next read) and on
+# a busy machine the compute threads would otherwise delay it while the device idles. Lowering the
+# nice value needs CAP_SYS_NICE; without it the threads keep the process's (tried once).
+IO_NICE = -5
+_nice_ok: bool | None = None
+
+
+def io_thread_priority() -> None:
+    """Give the calling thread :data:`IO_NICE` over the process's nice value when permitted."""
+    global _nice_ok
+    if _nice_ok is False or IO_NICE == 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(-20, min(19, base + IO_NICE)))
+        _nice_ok = True
+    except OSError:
+        _nice_ok = False
 MIN_CHUNK = 512 << 10  # never split a read below this many bytes per chunk
+MAX_GAP = 64 << 10  # direct reads span gaps up to this many bytes between an expert's tensors
 
 
 def _align_up(n: int, a: int = ALIGN) -> int:
@@ -150,6 +174,10 @@ class SlotLayout:
             parts.append(("down_bias", (H,)))
         return parts
 
+    def byte_offsets(self) -> dict[str, tuple[int, int]]:
+        """``part name -> (byte offset in the slot, bytes)``."""
+        return {k: (off, math.prod(shape) * self.itemsize) for k, (off, shape) in self.offsets().items()}
+
     def offsets(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         out, off = {}, 0
         for name, shape in self._parts():
@@ -196,6 +224,11 @@ class StoredSlotLayout:
         self.expert_bytes = sum(math.prod(sh) * torch.empty(0, dtype=dt).element_size()
                                 for _, dt, sh, _ in self.parts)
 
+    def byte_offsets(self) -> dict[str, tuple[int, int]]:
+        """``leaf key -> (byte offset in the slot, bytes)``."""
+        return {k: (off, math.prod(shape) * torch.empty(0, dtype=dt).element_size())
+                for k, dt, shape, off in self.parts}
+
     def views(self, buf: torch.Tensor) -> ExpertWeights:
         """The expert (QTensors whose parts are contiguous views of ``buf``, a uint8 slot)."""
         t = {}
@@ -213,9 +246,9 @@ class _Piece:
     offset: int
     nbytes: int
     tensor: str
-    dst: str  # slot part name: gate_up / down
-    dst_start: int  # element offset inside that part (gate rows, then up rows)
-    src_dtype: torch.dtype
+    dst: str  # slot part: gate_up / down, or a quantized expert's leaf key (gate.data, down.scale, ...)
+    dst_start: int  # byte offset inside that part (in the runtime dtype: gate rows, then up rows)
+    src_dtype: torch.dtype | None  # None: stored bytes copied as they are (quantized leaves)
 
 
 class ExpertStore:
@@ -225,12 +258,15 @@ class ExpertStore:
     """
 
     def __init__(self, reader: ExpertReader, io: str = "auto", check_finite: bool = True,
-                 drop_page_cache: bool = True, io_depth: int = DEFAULT_IO_DEPTH):
+                 drop_page_cache: bool = True, io_depth: int = DEFAULT_IO_DEPTH, readers: int = 1):
         if io not in IO_MODES:
             raise WeightError(f"io mode {io!r}: expected one of {', '.join(IO_MODES)}")
         if io_depth < 1:
             raise WeightError(f"io_depth {io_depth}: expected a positive number of reads in flight")
+        if readers < 1:
+            raise WeightError(f"readers {readers}: expected a positive number of reading threads")
         self.io_depth = io_depth
+        self.readers = readers  # threads calling read_into at once (the chunk pool serves them all)
         self._pool: ThreadPoolExecutor | None = None
         self.reader = reader
         self.spec = reader.spec
@@ -238,7 +274,9 @@ class ExpertStore:
         self.check_finite = check_finite
         self.drop_page_cache = drop_page_cache
         quantized = bool(getattr(reader, "quantized", False))
-        self._generic = type(reader).read is not ExpertReader.read or not hasattr(reader, "layers") or quantized
+        custom = type(reader).read is not ExpertReader.read or not hasattr(reader, "layers")
+        self._generic = custom or quantized
+        self._stored = False  # quantized experts read from their stored byte ranges (no reader.read)
         self._tls = threading.local()
         self._lock = threading.Lock()
         self._fds: dict[tuple[Path, bool], int] = {}
@@ -259,6 +297,10 @@ class ExpertStore:
             self.layout = SlotLayout(self.dtype, s.hidden_size, s.expert_intermediate_size)
         self._pieces: dict[tuple[int, int], list[list[_Piece]]] = {}
         self._verified: set[tuple[int, int]] = set()  # experts whose values were checked finite once
+        if quantized and not custom and isinstance(self.layout, StoredSlotLayout):
+            self._stored = self._stored_pieces_match(w)
+            self._generic = not self._stored
+        self._dst = self.layout.byte_offsets()
         if self.io == "direct" and not self._direct_supported():
             self.io = "buffered"
 
@@ -272,9 +314,23 @@ class ExpertStore:
         t = self.reader.layers.get(layer)
         if t is None or not 0 <= expert < self.spec.num_experts:
             raise WeightError(f"layer {layer} expert {expert}: no such routed expert")
+        plist = self._stored_pieces(layer, expert) if self._stored else self._plain_pieces(layer, expert)
+        plist.sort(key=lambda p: (str(p.file), p.offset))
+        groups: list[list[_Piece]] = []
+        for p in plist:
+            last = groups[-1][-1] if groups else None
+            if last is not None and last.file == p.file and last.offset + last.nbytes == p.offset:
+                groups[-1].append(p)
+            else:
+                groups.append([p])
+        self._pieces[key] = groups
+        return groups
+
+    def _plain_pieces(self, layer: int, expert: int) -> list[_Piece]:
+        t = self.reader.layers[layer]
         idx = self.reader.index
-        I = self.layout.intermediate
-        H = self.layout.hidden
+        assert isinstance(self.layout, SlotLayout)
+        up_start = self.layout.intermediate * self.layout.hidden * self.layout.itemsize  # bytes of the gate rows
         plist: list[_Piece] = []
 
         def whole(name: str, dst: str, start: int) -> None:
@@ -291,22 +347,61 @@ class ExpertStore:
                 rows(t.gate_up, "gate_up", 0)
             else:
                 rows(t.gate, "gate_up", 0)
-                rows(t.up, "gate_up", I * H)
+                rows(t.up, "gate_up", up_start)
             rows(t.down, "down", 0)
         else:
             whole(t.gate.format(e=expert), "gate_up", 0)
-            whole(t.up.format(e=expert), "gate_up", I * H)
+            whole(t.up.format(e=expert), "gate_up", up_start)
             whole(t.down.format(e=expert), "down", 0)
-        plist.sort(key=lambda p: (str(p.file), p.offset))
-        groups: list[list[_Piece]] = []
-        for p in plist:
-            last = groups[-1][-1] if groups else None
-            if last is not None and last.file == p.file and last.offset + last.nbytes == p.offset:
-                groups[-1].append(p)
-            else:
-                groups.append([p])
-        self._pieces[key] = groups
-        return groups
+        return plist
+
+    def _stored_pieces(self, layer: int, expert: int) -> list[_Piece]:
+        """A quantized expert's stored parts (data / scale of each QTensor, plain weights) as byte
+        ranges of the files, each copied as it is into the slot leaf of the same key."""
+        from moetier.weights.safetensors_io import QInfo
+
+        t = self.reader.layers[layer]
+        idx = self.reader.index
+        if t.fused:
+            names = ([("gate_up", t.gate_up)] if t.gate_up is not None else [("gate", t.gate), ("up", t.up)])
+            names.append(("down", t.down))
+        else:
+            names = [(f, n.format(e=expert)) for f, n in (("gate", t.gate), ("up", t.up), ("down", t.down))]
+        plist: list[_Piece] = []
+        for field, name in names:
+            info = idx.info(name)
+            parts = info.parts.items() if isinstance(info, QInfo) else [(None, info)]
+            for k, part in parts:
+                start, n = part.start, part.nbytes
+                if t.fused:
+                    n = math.prod(part.shape[1:]) * part.itemsize
+                    start += expert * n
+                # stored bytes as they are (``_stored_pieces_match``: same bytes as the slot leaf)
+                plist.append(_Piece(part.file, start, n, part.name, field if k is None else f"{field}.{k}", 0, None))
+        return plist
+
+    def _stored_pieces_match(self, template: ExpertWeights) -> bool:
+        """The stored parts map one to one onto the slot leaves, byte for byte (no zero points to
+        unpack, no dtype conversion): then quantized experts are read straight from their byte
+        ranges; otherwise through ``reader.read``."""
+        from moetier.weights.safetensors_io import SafetensorsIndex
+
+        if not isinstance(getattr(self.reader, "index", None), SafetensorsIndex):
+            return False
+        leaves = dict(template.leaves())
+        try:
+            plist = self._stored_pieces(self.spec.moe_layer_ids[0], 0)
+        except (WeightError, KeyError, AttributeError):
+            return False
+        if sorted(p.dst for p in plist) != sorted(leaves) or any(k.endswith(".zero") for k in leaves):
+            return False
+        idx = self.reader.index
+        for piece in plist:
+            leaf = leaves[piece.dst]
+            if piece.nbytes != _nbytes(leaf) or ("." not in piece.dst and idx.tensors[piece.tensor].torch_dtype
+                                                 != leaf.dtype):
+                return False
+        return True
 
     def file_of(self, layer: int, expert: int) -> str:
         if self._generic:
@@ -345,7 +440,9 @@ class ExpertStore:
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.io_depth - 1, thread_name_prefix="moetier-io-chunk")
+                    self._pool = ThreadPoolExecutor((self.io_depth - 1) * self.readers,
+                                                    thread_name_prefix="moetier-io-chunk",
+                                                    initializer=io_thread_priority)
         return self._pool
 
     def _bounce(self, n: int) -> mmap.mmap:
@@ -381,38 +478,52 @@ class ExpertStore:
                     dst[key].copy_(t)
             self._tls.last_bytes = src.nbytes
             return w
-        parts = {"gate_up": w.gate_up.view(-1), "down": w.down.view(-1)}
-        total = 0
-        for group in self.pieces(layer, expert):
-            same = all(p.src_dtype == self.dtype for p in group)
-            if same:
-                dsts = [parts[p.dst][p.dst_start : p.dst_start + p.nbytes // self.layout.itemsize]
-                        .view(torch.uint8) for p in group]
-            else:
-                n = sum(p.nbytes for p in group)
-                stage = self._staging(n)
-                dsts, off = [], 0
-                for p in group:
-                    dsts.append(stage[off : off + p.nbytes])
-                    off += p.nbytes
-            self._read_group(layer, expert, group, dsts)
-            if not same:
-                for p, d in zip(group, dsts):
-                    src = d.view(p.src_dtype)
-                    parts[p.dst][p.dst_start : p.dst_start + src.numel()].copy_(src)
-            total += sum(p.nbytes for p in group)
+        groups = self.pieces(layer, expert)
+        convert = [p for g in groups for p in g if p.src_dtype is not None and p.src_dtype != self.dtype]
+        stage = self._staging(sum(p.nbytes for p in convert)) if convert else None
+        dsts: list[list[torch.Tensor]] = []
+        st = 0
+        for group in groups:
+            ds = []
+            for p in group:
+                if p.src_dtype is not None and p.src_dtype != self.dtype:  # staged, converted below
+                    assert stage is not None
+                    ds.append(stage[st : st + p.nbytes])
+                    st += p.nbytes
+                else:
+                    off = self._dst[p.dst][0] + p.dst_start
+                    ds.append(buf[off : off + p.nbytes])
+            dsts.append(ds)
+        self._read_groups(layer, expert, groups, dsts)
+        if convert:
+            parts = {"gate_up": w.gate_up.view(-1), "down": w.down.view(-1)}
+            i0 = 0
+            for p in convert:
+                assert stage is not None
+                src = stage[i0 : i0 + p.nbytes].view(p.src_dtype)
+                e0 = p.dst_start // self.layout.itemsize
+                parts[p.dst][e0 : e0 + src.numel()].copy_(src)
+                i0 += p.nbytes
         if self.check_finite and (layer, expert) not in self._verified:
-            for name, t in (("gate/up", w.gate_up), ("down", w.down)):
-                lo, hi = torch.aminmax(t)  # NaN propagates, +-Inf shows: one cheap pass
-                if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-                    tensors = sorted({p.tensor for g in self.pieces(layer, expert) for p in g})
-                    raise WeightError(
-                        f"{self.file_of(layer, expert)}: layer {layer} expert {expert}: {name} weights "
-                        f"contain NaN or Inf values (tensors {', '.join(tensors)})"
-                    )
+            self._check_finite(layer, expert, w)
             self._verified.add((layer, expert))
-        self._tls.last_bytes = total
+        self._tls.last_bytes = sum(p.nbytes for g in groups for p in g)
         return w
+
+    def _check_finite(self, layer: int, expert: int, w: ExpertWeights) -> None:
+        """NaN / Inf in the expert's float values (plain weights; a quantized expert's float
+        scales): one cheap pass, the first time the expert is read."""
+        if self._stored:
+            checks = [(k, t) for k, t in w.leaves() if t.dtype in (torch.float32, torch.bfloat16, torch.float16)]
+        else:
+            checks = [("gate/up", w.gate_up), ("down", w.down)]
+        for name, t in checks:
+            lo, hi = torch.aminmax(t)  # NaN propagates, +-Inf shows
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                tensors = sorted({p.tensor for g in self.pieces(layer, expert) for p in g})
+                what = "scales" if self._stored else "weights"
+                raise WeightError(f"{self.file_of(layer, expert)}: layer {layer} expert {expert}: {name} {what} "
+                                  f"contain NaN or Inf values (tensors {', '.join(tensors)})")
 
     def last_bytes(self) -> int:
         """Bytes read from the files by this thread's last :meth:`read_into`."""
@@ -421,17 +532,35 @@ class ExpertStore:
     def _fail(self, layer: int, expert: int, p: _Piece, what: str) -> WeightError:
         return WeightError(f"{p.file}: layer {layer} expert {expert}: tensor '{p.tensor}' {what}")
 
-    def _read_group(self, layer: int, expert: int, group: list[_Piece], dsts: list[torch.Tensor]) -> None:
-        start = group[0].offset
-        n = sum(p.nbytes for p in group)
+    def _read_groups(self, layer: int, expert: int, groups: list[list[_Piece]],
+                     dsts: list[list[torch.Tensor]]) -> None:
+        """Direct: groups of one file closer than :data:`MAX_GAP` are one aligned span (the bytes
+        between them are read and dropped: a quantized expert's parts are separated by small
+        tensors such as ``weight_shape``); buffered: one ``preadv`` per group."""
         if self.io == "direct":
+            spans: list[tuple[list[_Piece], list[torch.Tensor]]] = []
+            for g, d in zip(groups, dsts):
+                if spans:
+                    last = spans[-1][0][-1]
+                    if last.file == g[0].file and 0 <= g[0].offset - (last.offset + last.nbytes) <= MAX_GAP:
+                        spans[-1][0].extend(g)
+                        spans[-1][1].extend(d)
+                        continue
+                spans.append((list(g), list(d)))
             try:
-                self._read_direct(layer, expert, group, dsts, start, n)
+                for pieces, ds in spans:
+                    self._read_direct(layer, expert, pieces, ds)
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:
-                    raise self._fail(layer, expert, group[0], f"read failed ({e.strerror})") from None
+                    raise self._fail(layer, expert, groups[0][0], f"read failed ({e.strerror})") from None
                 self.io = "buffered"  # the file system refused O_DIRECT: fall back for good
+        for g, d in zip(groups, dsts):
+            self._read_buffered(layer, expert, g, d)
+
+    def _read_buffered(self, layer: int, expert: int, group: list[_Piece], dsts: list[torch.Tensor]) -> None:
+        start = group[0].offset
+        n = sum(p.nbytes for p in group)
         try:
             fd = self._fd(group[0].file, False)
             views = [d.numpy() for d in dsts]
@@ -465,19 +594,17 @@ class ExpertStore:
                 return p
         return group[-1]
 
-    def _read_direct(self, layer: int, expert: int, group: list[_Piece], dsts: list[torch.Tensor],
-                     start: int, n: int) -> None:
-        """Aligned span -> bounce buffer (``io_depth`` chunks in flight), each chunk copied into the
-        slot by the thread that read it."""
+    def _read_direct(self, layer: int, expert: int, pieces: list[_Piece], dsts: list[torch.Tensor]) -> None:
+        """The aligned span over ``pieces`` (one file, ascending offsets) -> bounce buffer
+        (``io_depth`` chunks in flight), each chunk copied into the slot by the thread that read it."""
+        start = pieces[0].offset
+        end = max(p.offset + p.nbytes for p in pieces)
         a0 = start // ALIGN * ALIGN
-        a1 = _align_up(start + n)
+        a1 = _align_up(end)
         bounce = self._bounce(a1 - a0)
-        fd = self._fd(group[0].file, True)
+        fd = self._fd(pieces[0].file, True)
         src = torch.frombuffer(bounce, dtype=torch.uint8, count=a1 - a0)
-        spans, off = [], start - a0  # (bounce start, bounce end, destination) of each piece
-        for p, d in zip(group, dsts):
-            spans.append((off, off + p.nbytes, d))
-            off += p.nbytes
+        spans = [(p.offset - a0, p.offset - a0 + p.nbytes, d) for p, d in zip(pieces, dsts)]
 
         def copy_out(lo: int, hi: int) -> None:  # bounce bytes [lo, hi) have arrived
             for s0, s1, d in spans:
@@ -486,9 +613,9 @@ class ExpertStore:
                     d[c0 - s0 : c1 - s0].copy_(src[c0:c1])
 
         done = read_aligned(fd, memoryview(bounce), a0, a1 - a0, self._chunk_pool(), self.io_depth, copy_out)
-        if a0 + done < start + n:
+        if a0 + done < end:
             size = os.fstat(fd).st_size
-            bad = self._piece_at(group, a0 + done)
+            bad = self._piece_at(pieces, a0 + done)
             raise self._fail(layer, expert, bad,
                              f"ends at byte {bad.offset + bad.nbytes} but the file has only {size} bytes "
                              "(truncated or replaced while running?)")

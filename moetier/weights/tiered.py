@@ -45,7 +45,7 @@ from moetier.weights.cache import ExpertCache, Key, SlotPool
 from moetier.weights.metrics import HierarchyMetrics
 from moetier.weights.plan import PlacementPlan
 from moetier.weights.prefetch import IOWorker, ReadJob, RouterPrefetcher
-from moetier.weights.store import ExpertStore
+from moetier.weights.store import DEFAULT_IO_THREADS, ExpertStore
 
 BYPASS_SLOTS = 2
 
@@ -55,7 +55,7 @@ class TieredExpertProvider:
 
     def __init__(self, spec: ModelSpec, reader: ExpertReader, plan: PlacementPlan, *,
                  cache_slots: int, prefetch_slots: int = 0, profile: Any = None, io: str = "auto",
-                 check_finite: bool = True, io_threads: int = 1, store: ExpertStore | None = None,
+                 check_finite: bool = True, io_threads: int = DEFAULT_IO_THREADS, store: ExpertStore | None = None,
                  metrics: HierarchyMetrics | None = None, touch: bool = True):
         self.spec, self.plan = spec, plan
         self.store = store or ExpertStore(reader, io=io, check_finite=check_finite)
@@ -354,7 +354,7 @@ def prefetch_slot_count(plan: PlacementPlan, spec: ModelSpec, slot_bytes: int) -
 
 
 def tiered_factory(plan: PlacementPlan, *, cache_slots: int | None = None, profile: Any = None,
-                   io: str = "auto", check_finite: bool = True, io_threads: int = 1,
+                   io: str = "auto", check_finite: bool = True, io_threads: int = DEFAULT_IO_THREADS,
                    budget: Any = None, experts_held: int | None = None) -> Any:
     """An ``expert_provider_factory`` for :func:`moetier.load` building a
     :class:`TieredExpertProvider` from ``plan``.
@@ -370,7 +370,7 @@ def tiered_factory(plan: PlacementPlan, *, cache_slots: int | None = None, profi
     def factory(spec: ModelSpec, reader: ExpertReader) -> TieredExpertProvider:
         from moetier.weights import budget as budget_mod
 
-        store = ExpertStore(reader, io=io, check_finite=check_finite)
+        store = ExpertStore(reader, io=io, check_finite=check_finite, readers=io_threads)
         slot = store.layout.slot_bytes
         n_experts = spec.num_moe_layers * spec.num_experts
         n_pinned = sum(1 for t in plan.expert_tiers(spec).values() if t == "resident")
@@ -439,7 +439,7 @@ def hierarchy_options_given(opts: dict[str, Any]) -> bool:
 def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str | None = None,
          policy_params: dict[str, Any] | None = None, expert_cache: Any = None, cache_scope: str | None = None,
          prefetch: bool | None = None, prefetch_max_inflight_bytes: Any = None, profile: Any = None,
-         context: int | None = None, batch: int = 1, io: str = "auto", io_threads: int = 1,
+         context: int | None = None, batch: int = 1, io: str = "auto", io_threads: int = DEFAULT_IO_THREADS,
          cache_slots: int | None = None, wrap: Any = None, experts_held: int | None = None,
          request_bytes: int = 0, **load_kwargs: Any) -> Any:
     """``moetier.load`` with the weight hierarchy: routed experts behind a
@@ -527,6 +527,7 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
         bind(model, inner)
     model.memory_budget = mb
     model.placement_plan = pl
+    model.placement_precision = prec  # the census precision of the bytes held (stored formats)
     return model
 
 
@@ -605,7 +606,7 @@ def run_report(model: Any, decode_tokens_per_s: float | None) -> dict[str, Any]:
             return out
         out["probe"] = probe.describe(rec)
         hr = s["hit_rate"] if s["hit_rate"] is not None else 1.0
-        prec = "fp32" if model.dtype.itemsize == 4 else "bf16"
+        prec = getattr(model, "placement_precision", None) or ("fp32" if model.dtype.itemsize == 4 else "bf16")
         # the cached probe as it is (a run does not stop to re-measure; "probe" says how old it is)
         pred = predict_decode_tokens_per_s(model.spec, probe.machine_from_probe(rec), hit_rate=hr,
                                            cache_bytes=prov.cache_bytes + prov.pinned_bytes, precision=prec)
