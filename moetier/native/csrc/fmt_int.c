@@ -161,9 +161,9 @@ MT_TARGET_AVX512 static void rows_avx512_8(const mt_weight *W, const float *x, c
 
 /* int4: the group's table t[u] = (u - 8 - zero) * scale (the reference's value, one rounding) */
 MT_TARGET_AVX512 static inline __m512 int4_table(const mt_weight *W, const void *srow, const int8_t *z, long gi) {
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512 off = _mm512_set1_ps((float)(8 + (z ? z[gi] : 0)));
-    return _mm512_mul_ps(_mm512_sub_ps(iota, off), _mm512_set1_ps(ld_scale(srow, W->sdt, gi)));
+    const __m512 v = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7); /* u - 8 */
+    __m512 s = _mm512_set1_ps(ld_scale(srow, W->sdt, gi));
+    return _mm512_mul_ps(z ? _mm512_sub_ps(v, _mm512_set1_ps((float)z[gi])) : v, s);
 }
 
 MT_TARGET_AVX512 static void rows_avx512_4(const mt_weight *W, const float *x, const float *xp, float *y, long r0,

@@ -38,24 +38,27 @@ MT_TARGET_AVX512 static inline void nib_group512(const uint8_t *row, long j0, lo
 }
 
 /* y[r] = W[r, :] . x for rows [r0, r1); groups of W->bcols values (even), tables from `table`
- * (inlined: each format passes its own static function). Consecutive groups alternate between
- * two accumulator pairs (4 independent FMA chains even when a group is one 16-byte step). */
+ * (inlined: each format passes its own static function). Groups go in pairs, one accumulator
+ * pair each (4 independent FMA chains even when a group is a single 16-byte step); the group
+ * bounds are plain multiples of the group's byte count (the last group may be partial). */
 MT_TARGET_AVX512 static inline void nib_rows512(const mt_weight *W, const float *xp, float *y, long r0, long r1,
                                                 nib_table512_fn table) {
-    long cols = W->cols, g = W->bcols, half = mt_evenodd_half(cols);
+    long cols = W->cols, g = W->bcols, gb = g / 2, half = mt_evenodd_half(cols);
+    long nfull = cols / g, bytes = (cols + 1) / 2;
     const float *xe = xp, *xo = xp + half;
     for (long r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)mt_row(W, r);
         const void *srow = mt_srow(W, r);
         const int8_t *z = mt_zrow(W, r);
         __m512 e0 = _mm512_setzero_ps(), o0 = e0, e1 = e0, o1 = e0;
-        long gi = 0;
-        for (long b0 = 0; b0 < cols; b0 += g, gi++) {
-            long j0 = b0 / 2, j1 = ((b0 + g < cols ? b0 + g : cols) + 1) / 2;
-            __m512 t = table(W, srow, z, gi);
-            if (gi & 1) nib_group512(row, j0, j1, t, xe, xo, &e1, &o1);
-            else nib_group512(row, j0, j1, t, xe, xo, &e0, &o0);
+        long gi = 0, j = 0;
+        for (; gi + 2 <= nfull; gi += 2, j += 2 * gb) {
+            __m512 t0 = table(W, srow, z, gi), t1 = table(W, srow, z, gi + 1);
+            nib_group512(row, j, j + gb, t0, xe, xo, &e0, &o0);
+            nib_group512(row, j + gb, j + 2 * gb, t1, xe, xo, &e1, &o1);
         }
+        for (; j < bytes; gi++, j += gb) /* an odd last full group and / or the partial one */
+            nib_group512(row, j, j + gb < bytes ? j + gb : bytes, table(W, srow, z, gi), xe, xo, &e0, &o0);
         y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(e0, o0), _mm512_add_ps(e1, o1)));
     }
 }
