@@ -9,7 +9,10 @@
   supported, and says so in ``disk_method``), read with the expert store's pattern (shuffled
   expert-sized blocks, aligned chunks in flight; in the caller's cgroup, like the store),
 * cores, RAM, free disk space,
-* dense matmul FLOP/s in fp32 and bf16 through torch.
+* dense matmul FLOP/s in fp32 and bf16 through torch,
+* the native decode kernels' rate per stored format (weights/s of ``y = W x`` at all usable
+  cores, a cache-resident weight: ``native.rates.planner_rates``; empty when the native
+  library is unavailable): the planner's decode bound takes the slower of memory and kernel.
 
 Results are cached as JSON with a timestamp in the user cache dir:
 ``$MOETIER_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/moetier``, else ``~/.cache/moetier``
@@ -37,7 +40,7 @@ from moetier.errors import MoetierError
 from moetier.planner.hardware import Efficiency, Machine, MemoryTier
 from moetier.weights.store import DEFAULT_IO_DEPTH, read_aligned
 
-PROBE_VERSION = 2  # 2: disk read with the store's pattern (read_aligned, shuffled blocks)
+PROBE_VERSION = 3  # 2: disk read with the store's pattern (read_aligned, shuffled blocks); 3: kernel_rates
 STALE_SECONDS = 7 * 86400  # a cached probe older than this is measured again
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which a probe is "under load"
 
@@ -52,6 +55,8 @@ class ProbeSizes:
     disk_block: int = 8 * 2**20
     matmul_n: int = 1024
     matmul_seconds: float = 0.5
+    kernel_n: int = 1024  # native kernel rates: an n x n weight per format
+    kernel_seconds: float = 0.1  # per format
 
 
 def cache_dir() -> Path:
@@ -159,6 +164,17 @@ def measure_matmul_flops(dtype: str, n: int, seconds: float) -> float:
     return 2.0 * n**3 * reps / el
 
 
+def measure_kernel_rates(threads: int, n: int = 1024, seconds: float = 0.1) -> dict[str, float]:
+    """Native decode GEMV weights/s per census format ({} when the native library is unavailable)."""
+    from moetier import native
+
+    if native.library() is None:
+        return {}
+    from moetier.native.rates import planner_rates
+
+    return planner_rates(threads, n, n, seconds)
+
+
 def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dict[str, Any]:
     """Run all measurements; returns the JSON-ready record (SI units)."""
     import psutil
@@ -177,6 +193,7 @@ def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dic
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         affinity = os.cpu_count() or 1
+    kernels = measure_kernel_rates(affinity, sizes.kernel_n, sizes.kernel_seconds)
     return {
         "version": PROBE_VERSION,
         "timestamp": time.time(),
@@ -195,6 +212,7 @@ def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dic
         "disk_read_bw": disk_bw,
         "disk_method": disk_method,
         "matmul_flops": {"fp32": f32, "bf16": bf16},
+        "kernel_rates": kernels,
         "sizes": {"mem_bytes": sizes.mem_bytes, "disk_bytes": sizes.disk_bytes, "matmul_n": sizes.matmul_n},
         "probe_seconds": time.perf_counter() - t_start,
         "load_per_core": load,
@@ -289,13 +307,15 @@ def machine_from_probe(rec: dict[str, Any]) -> Machine:
             MemoryTier("ssd", float(rec["disk_free_bytes"]), float(rec["disk_read_bw"])),
         ),
         flops={k: float(v) for k, v in rec["matmul_flops"].items()},
+        kernel_rates={k: float(v) for k, v in rec.get("kernel_rates", {}).items()},
         efficiency=Efficiency(compute=1.0, memory=1.0, link=1.0),
         compute_tier="dram",
         confidence="M",
         source=f"moetier probe: {describe(rec)} (cache {cache_path()}; `moetier probe --refresh` re-measures)",
         notes=(
             f"measured: {rec.get('cores_usable', '?')} usable cores, memory read by torch sum, disk read "
-            f"{rec.get('disk_method', '?')}, matmul n={rec.get('sizes', {}).get('matmul_n', '?')}",
+            f"{rec.get('disk_method', '?')}, matmul n={rec.get('sizes', {}).get('matmul_n', '?')}, "
+            f"native kernel rates: {', '.join(sorted(rec.get('kernel_rates', {}))) or 'not measured'}",
             "efficiency 1.0: figures are already sustained measurements",
             "ssd capacity = free space in the cache dir's filesystem",
         ),
