@@ -40,7 +40,7 @@ from moetier.errors import MoetierError
 from moetier.planner.hardware import Efficiency, Machine, MemoryTier
 from moetier.weights.store import DEFAULT_IO_DEPTH, read_aligned
 
-PROBE_VERSION = 3  # 2: disk read with the store's pattern (read_aligned, shuffled blocks); 3: kernel_rates
+PROBE_VERSION = 2  # 2: disk read with the store's pattern (read_aligned, shuffled blocks)
 STALE_SECONDS = 7 * 86400  # a cached probe older than this is measured again
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which a probe is "under load"
 
@@ -268,7 +268,8 @@ def load_cached() -> dict[str, Any] | None:
         return None  # a corrupt cache is re-measured, never an error
     if not isinstance(data, dict) or data.get("version") != PROBE_VERSION:
         return None
-    need = ("memory_read_bw", "disk_read_bw", "matmul_flops", "ram_bytes", "disk_free_bytes", "timestamp")
+    need = ("memory_read_bw", "disk_read_bw", "matmul_flops", "ram_bytes", "disk_free_bytes", "timestamp",
+            "kernel_rates")  # a record from before kernel rates is measured again
     if any(k not in data for k in need):
         return None
     return data
