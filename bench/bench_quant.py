@@ -20,7 +20,10 @@ table is not counted: one row per token). Stored GB/s = bytes/token x tok/s. Pla
 ``plan()`` of the checkpoint at its stored formats on the probed ``cpu`` machine (``moetier
 probe``: memory bandwidth and the native kernels' rate per format), context = prompt + half the
 decode; "binds on" says whether memory or the dequantizing kernel sets it. Agreement: greedy
-tokens equal to bf16's at the same position, out of ``--tokens``. Results:
+tokens equal to bf16's at the same position, out of ``--tokens``. With 1 thread the bench also
+records the caller's CPU time per decode step (a generation's thread CPU time minus that of a
+prefill-only one, over the decode steps): the work per token, robust to other processes
+taking the cores (wall-clock tok/s on a loaded machine is not). Results:
 ``bench/results/quant_decode.json`` and a markdown table on stdout.
 """
 
@@ -30,6 +33,7 @@ import argparse
 import gc
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.common import median, write_result
@@ -105,12 +109,18 @@ def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) ->
     for m in models.values():
         m.generate_ids(prompt, tokens, stop_ids=[])  # warm-up: pre-touches the routed weights
     rates: dict[str, list[float]] = {n: [] for n in models}
+    cpu: dict[str, list[float]] = {n: [] for n in models}
     ids: dict[str, list[int]] = {}
     for _ in range(rounds):
         for n, m in models.items():
+            t0 = time.thread_time()
             g = m.generate_ids(prompt, tokens, stop_ids=[])
+            t1 = time.thread_time()
             rates[n].append(g.decode_tokens_per_s)
             ids.setdefault(n, g.ids)
+            if threads == 1:  # CPU seconds of the decode steps: the prefill-only run's taken off
+                m.generate_ids(prompt, 1, stop_ids=[])
+                cpu[n].append((t1 - t0 - (time.thread_time() - t1)) / max(1, g.decode_steps))
     out = {}
     for n, m in models.items():
         routed, always, fmts = bytes_per_token(dirs[n])
@@ -121,10 +131,14 @@ def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) ->
                   "bytes_per_token_always_on": always, "bytes_per_token": routed + always,
                   "stored_gb_s": (routed + always) * tps / 1e9, "ids": ids[n],
                   "agree_with_bf16": sum(a == b for a, b in zip(ids[n], ids["bf16"]))}
+        if cpu[n]:  # 1 thread: work per token, robust to machine load (CPU time, not wall time)
+            out[n]["decode_cpu_ms_per_token"] = 1e3 * median(cpu[n])
         out[n]["planner"] = planner_bound(dirs[n], len(prompt) + tokens // 2)
         out[n]["fraction_of_bound"] = tps / out[n]["planner"]["decode_tokens_per_s"]
     for n in out:
         out[n]["speedup_vs_bf16"] = out[n]["decode_tok_s"] / out["bf16"]["decode_tok_s"]
+        if "decode_cpu_ms_per_token" in out[n]:
+            out[n]["cpu_speedup_vs_bf16"] = out["bf16"]["decode_cpu_ms_per_token"] / out[n]["decode_cpu_ms_per_token"]
         out[n]["bytes_ratio_vs_bf16"] = out[n]["bytes_per_token"] / out["bf16"]["bytes_per_token"]
     del models
     gc.collect()
@@ -133,8 +147,8 @@ def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) ->
 
 def table(res: dict, tokens: int) -> str:
     lines = ["| threads | format | native | MB/token (routed + always-on) | bytes vs bf16 | decode tok/s | vs bf16 "
-             "| stored GB/s | planner bound tok/s (binds on) | of bound | greedy = bf16 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| stored GB/s | planner bound tok/s (binds on) | of bound | 1-thread CPU ms/token (vs bf16) "
+             "| greedy = bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for th, rows in res.items():
         for n, r in rows.items():
             lines.append(f"| {th} | {n} | {'yes' if r['native_reason'] is None else 'no'} "
@@ -142,7 +156,10 @@ def table(res: dict, tokens: int) -> str:
                          f"{r['bytes_per_token_always_on'] / 1e6:.1f}) | {r['bytes_ratio_vs_bf16']:.2f} "
                          f"| {r['decode_tok_s']:.1f} | {r['speedup_vs_bf16']:.2f}x | {r['stored_gb_s']:.2f} "
                          f"| {r['planner']['decode_tokens_per_s']:.1f} ({r['planner']['binds_on']}) "
-                         f"| {r['fraction_of_bound']:.0%} | {r['agree_with_bf16']}/{tokens} |")
+                         f"| {r['fraction_of_bound']:.0%} "
+                         + (f"| {r['decode_cpu_ms_per_token']:.2f} ({r['cpu_speedup_vs_bf16']:.2f}x) "
+                            if "decode_cpu_ms_per_token" in r else "| - ")
+                         + f"| {r['agree_with_bf16']}/{tokens} |")
     return "\n".join(lines)
 
 
