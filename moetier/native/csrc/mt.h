@@ -9,7 +9,7 @@
  * summation order, so results do not depend on the thread count or on where the weights
  * live (RAM, cache slot, prefetch slot): tiered runs are bit-identical to in-RAM runs.
  *
- * Files: parallel.c (thread pool), gemv.c (batched row-split engine + ISA dispatch),
+ * Files: parallel.c (claim-based worker pool), gemv.c (batched row-split engine + ISA dispatch),
  * fmt_*.c (one per weight format: its row dot product, scalar reference + AVX2 + AVX-512),
  * ops.c (norm, rope, SwiGLU), attention.c, moe.c (router, experts, dense MLP), decode.c
  * (scratch, embedding, head, the whole-step path).
