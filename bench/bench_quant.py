@@ -1,20 +1,29 @@
-"""Decode speed of the stored formats side by side: bf16 vs int8 / fp8 / int4 (g32), in RAM.
+"""Decode speed of the stored formats side by side: bf16 vs int8 / fp8 / int4 (g32, g128), in RAM.
 
-    python -m bench.bench_quant [--threads auto,1] [--rounds 3] [--tokens 16]
+    python -m bench.bench_quant [--model wide,ram] [--threads auto,1] [--rounds 3] [--tokens 16]
 
-Builds (or reuses, under ``/tmp/moetier-bench-quant``) a synthetic qwen3_moe checkpoint of
-~0.55 GB bf16 (``scripts/make_wide_model.py``: the embedded model's 4 layers repeated 4x,
-experts widened to 704 units; top-4 of 32 experts), then ``moetier quantize`` copies in each
-format (every linear but embeddings / LM head / routers). Per thread setting: every format is
-loaded (``moetier.load``; ``native_reason`` recorded: ``None`` = native decode kernels), warmed
-up with one generation of the same prompt (pre-touches the weights the prompt routes to), then
-``--rounds`` rounds, each running every format in turn (interleaved, so machine load hits all
-alike) on the same 32 prompt ids for ``--tokens`` greedy steps; decode tok/s is the median.
+Models (``--model``): ``wide`` builds (or reuses, under ``/tmp/moetier-bench-quant``) a
+synthetic qwen3_moe checkpoint of ~0.55 GB bf16 (``scripts/make_wide_model.py``: the embedded
+model's 4 layers repeated 4x, experts widened to 704 units, hidden 256; top-4 of 32 experts);
+``ram`` is the 2.5 GB synthetic of scenario (b) (``bench_runtime.ensure_synthetic(2.5)``:
+hidden 1024, 15 layers, top-8 of 64 experts of 384 units; copies beside it in ``...-quant``).
+``moetier quantize`` writes a copy in each format (every linear but embeddings / LM head /
+routers). Per model and thread setting: every format is loaded (``moetier.load``;
+``native_reason`` recorded: ``None`` = native decode kernels), warmed up with one generation of
+the same prompt (pre-touches the weights the prompt routes to), then ``--rounds`` rounds, each
+running every format in turn (interleaved, so machine load hits all alike) on the same 32
+prompt ids for ``--tokens`` greedy steps; decode tok/s is the median.
 
 Bytes per token are the checkpoint's stored bytes (``stored_census``): routed experts x top_k /
 num_experts (the active share) + always-on (attention, norms, routers, LM head; the embedding
-table is not counted: one row per token). Stored GB/s = bytes/token x tok/s. Agreement: greedy
-tokens equal to bf16's at the same position, out of ``--tokens``. Results:
+table is not counted: one row per token). Stored GB/s = bytes/token x tok/s. Planner bound:
+``plan()`` of the checkpoint at its stored formats on the probed ``cpu`` machine (``moetier
+probe``: memory bandwidth and the native kernels' rate per format), context = prompt + half the
+decode; "binds on" says whether memory or the dequantizing kernel sets it. Agreement: greedy
+tokens equal to bf16's at the same position, out of ``--tokens``. With 1 thread the bench also
+records the caller's CPU time per decode step (a generation's thread CPU time minus that of a
+prefill-only one, over the decode steps): the work per token, robust to other processes
+taking the cores (wall-clock tok/s on a loaded machine is not). Results:
 ``bench/results/quant_decode.json`` and a markdown table on stdout.
 """
 
@@ -24,24 +33,34 @@ import argparse
 import gc
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.common import median, write_result
 
 ROOT = Path("/tmp/moetier-bench-quant")
 REPO = Path(__file__).resolve().parents[1]
-FORMATS = [("bf16", None, None), ("int8 g128", "int8", 128), ("fp8", "fp8", None), ("int4 g32", "int4", 32)]
+FORMATS = [("bf16", None, None), ("int8 g128", "int8", 128), ("fp8", "fp8", None), ("int4 g32", "int4", 32),
+           ("int4 g128", "int4", 128)]
+MODELS = ("wide", "ram")  # the 0.55 GB wide embedded model (hidden 256), the 2.5 GB synthetic (hidden 1024)
 
 
-def build() -> dict[str, Path]:
+def build(model: str = "wide") -> dict[str, Path]:
     """The checkpoint directory of each format (built once, reused)."""
-    src = ROOT / "bf16"
-    if not (src / "config.json").is_file():
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_wide_model.py"), "--out", str(src),
-                        "--repeat", "4", "--expert-inter", "704"], check=True, stdout=subprocess.DEVNULL)
+    if model == "ram":
+        from bench.bench_runtime import ensure_synthetic
+
+        src = ensure_synthetic(2.5)
+        root = src.parent / (src.name + "-quant")
+    else:
+        src = ROOT / "bf16"
+        root = ROOT
+        if not (src / "config.json").is_file():
+            subprocess.run([sys.executable, str(REPO / "scripts" / "make_wide_model.py"), "--out", str(src),
+                            "--repeat", "4", "--expert-inter", "704"], check=True, stdout=subprocess.DEVNULL)
     dirs = {"bf16": src}
     for name, fmt, group in FORMATS[1:]:
-        out = ROOT / fmt
+        out = root / name.replace(" ", "-")
         if not (out / "config.json").is_file():
             cmd = [sys.executable, "-m", "moetier", "quantize", str(src), str(out), "--format", fmt]
             subprocess.run(cmd + (["--group", str(group)] if group else []), check=True)
@@ -61,6 +80,27 @@ def bytes_per_token(d: Path) -> tuple[int, int, dict[str, str | None]]:
     return routed, always, {g: st.format_of(g) for g in st.bytes}
 
 
+def planner_bound(d: Path, context: int) -> dict:
+    """The planner's decode bound for checkpoint ``d`` in RAM on the probed ``cpu`` machine, at
+    its stored formats: with the measured kernel rates, and memory / FLOPs only."""
+    from dataclasses import replace
+
+    from moetier.planner.machines import get_machine
+    from moetier.planner.roofline import plan
+    from moetier.spec import load_spec
+    from moetier.weights.stored import checkpoint_precision
+
+    spec = load_spec(d)
+    m = get_machine("cpu")
+    prec = checkpoint_precision(d, spec)
+    r = plan(spec, m, context=context, precision=prec)
+    mem = plan(spec, replace(m, kernel_rates={}), context=context, precision=prec)
+    binds = "kernel" if r.decode_tokens_per_s < mem.decode_tokens_per_s * (1 - 1e-9) else mem.bottleneck
+    return {"precision": prec, "decode_tokens_per_s": r.decode_tokens_per_s, "binds_on": binds,
+            "memory_bound_tokens_per_s": mem.decode_tokens_per_s, "kernel_rates": dict(m.kernel_rates),
+            "memory_read_bw": m.tier("dram").read_bw}
+
+
 def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) -> dict:
     import moetier
 
@@ -69,12 +109,18 @@ def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) ->
     for m in models.values():
         m.generate_ids(prompt, tokens, stop_ids=[])  # warm-up: pre-touches the routed weights
     rates: dict[str, list[float]] = {n: [] for n in models}
+    cpu: dict[str, list[float]] = {n: [] for n in models}
     ids: dict[str, list[int]] = {}
     for _ in range(rounds):
         for n, m in models.items():
+            t0 = time.thread_time()
             g = m.generate_ids(prompt, tokens, stop_ids=[])
+            t1 = time.thread_time()
             rates[n].append(g.decode_tokens_per_s)
             ids.setdefault(n, g.ids)
+            if threads == 1:  # CPU seconds of the decode steps: the prefill-only run's taken off
+                m.generate_ids(prompt, 1, stop_ids=[])
+                cpu[n].append((t1 - t0 - (time.thread_time() - t1)) / max(1, g.decode_steps))
     out = {}
     for n, m in models.items():
         routed, always, fmts = bytes_per_token(dirs[n])
@@ -85,8 +131,14 @@ def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) ->
                   "bytes_per_token_always_on": always, "bytes_per_token": routed + always,
                   "stored_gb_s": (routed + always) * tps / 1e9, "ids": ids[n],
                   "agree_with_bf16": sum(a == b for a, b in zip(ids[n], ids["bf16"]))}
+        if cpu[n]:  # 1 thread: work per token, robust to machine load (CPU time, not wall time)
+            out[n]["decode_cpu_ms_per_token"] = 1e3 * median(cpu[n])
+        out[n]["planner"] = planner_bound(dirs[n], len(prompt) + tokens // 2)
+        out[n]["fraction_of_bound"] = tps / out[n]["planner"]["decode_tokens_per_s"]
     for n in out:
         out[n]["speedup_vs_bf16"] = out[n]["decode_tok_s"] / out["bf16"]["decode_tok_s"]
+        if "decode_cpu_ms_per_token" in out[n]:
+            out[n]["cpu_speedup_vs_bf16"] = out["bf16"]["decode_cpu_ms_per_token"] / out[n]["decode_cpu_ms_per_token"]
         out[n]["bytes_ratio_vs_bf16"] = out[n]["bytes_per_token"] / out["bf16"]["bytes_per_token"]
     del models
     gc.collect()
@@ -95,14 +147,19 @@ def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) ->
 
 def table(res: dict, tokens: int) -> str:
     lines = ["| threads | format | native | MB/token (routed + always-on) | bytes vs bf16 | decode tok/s | vs bf16 "
-             "| stored GB/s | greedy = bf16 |", "|---|---|---|---|---|---|---|---|---|"]
+             "| stored GB/s | planner bound tok/s (binds on) | of bound | 1-thread CPU ms/token (vs bf16) "
+             "| greedy = bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for th, rows in res.items():
         for n, r in rows.items():
             lines.append(f"| {th} | {n} | {'yes' if r['native_reason'] is None else 'no'} "
                          f"| {r['bytes_per_token'] / 1e6:.1f} ({r['bytes_per_token_routed'] / 1e6:.1f} + "
                          f"{r['bytes_per_token_always_on'] / 1e6:.1f}) | {r['bytes_ratio_vs_bf16']:.2f} "
                          f"| {r['decode_tok_s']:.1f} | {r['speedup_vs_bf16']:.2f}x | {r['stored_gb_s']:.2f} "
-                         f"| {r['agree_with_bf16']}/{tokens} |")
+                         f"| {r['planner']['decode_tokens_per_s']:.1f} ({r['planner']['binds_on']}) "
+                         f"| {r['fraction_of_bound']:.0%} "
+                         + (f"| {r['decode_cpu_ms_per_token']:.2f} ({r['cpu_speedup_vs_bf16']:.2f}x) "
+                            if "decode_cpu_ms_per_token" in r else "| - ")
+                         + f"| {r['agree_with_bf16']}/{tokens} |")
     return "\n".join(lines)
 
 
@@ -111,12 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", default="auto,1", help="comma list of thread settings (auto or a number)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--model", default="wide", help="comma list of: wide (0.55 GB, hidden 256), "
+                   "ram (the 2.5 GB synthetic of scenario (b), hidden 1024)")
     args = p.parse_args(argv)
-    dirs = build()
+    models = args.model.split(",")
+    if any(m not in MODELS for m in models):
+        p.error(f"--model {args.model!r}: expected a comma list of {', '.join(MODELS)}")
     res = {}
-    for th in args.threads.split(","):
-        res[th] = run(dirs, None if th == "auto" else int(th), args.rounds, args.tokens)
-        print(f"[quant] threads {th} done", file=sys.stderr, flush=True)
+    for model in models:
+        dirs = build(model)
+        for th in args.threads.split(","):
+            key = th if model == "wide" else f"{model} {th}"
+            res[key] = run(dirs, None if th == "auto" else int(th), args.rounds, args.tokens)
+            print(f"[quant] {model} threads {th} done", file=sys.stderr, flush=True)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     path = write_result("quant_decode", {"command": "python -m bench.bench_quant " + " ".join(argv or sys.argv[1:]),

@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         ("disk free", fmt_bytes(rec["disk_free_bytes"])),
         ("matmul fp32", fmt_si(rec["matmul_flops"]["fp32"], "FLOP/s")),
         ("matmul bf16", fmt_si(rec["matmul_flops"]["bf16"], "FLOP/s")),
+        ("kernels", ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in rec.get("kernel_rates", {}).items())
+         + " weights/s (native decode GEMV)" if rec.get("kernel_rates") else "native kernels unavailable"),
     ]
     for k, v in rows:
         print(f"  {k:12s} {v}")

@@ -3,7 +3,8 @@
 :func:`measure` times ``y = W x`` (decode's matrix-vector product) for one format, ISA and
 thread count on a random weight in that format's stored layout and returns weights/s and
 stored bytes/s; :func:`measure_all` does it for every format. The planner (``moetier probe``)
-can call it to learn a per-format compute rate; ``bench/bench_kernels.py`` prints a table.
+learns the per-format decode kernel rates from :func:`planner_rates` (``Machine.kernel_rates``:
+the planner bounds a decode step by them); ``bench/bench_kernels.py`` prints a table.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from moetier import native
 from moetier.native.weights import GGML_BLOCKS, describe
 from moetier.quant import QTensor
 
-__all__ = ["FORMATS", "Rate", "measure", "measure_all", "random_weight"]
+__all__ = ["FORMATS", "PLANNER_FORMATS", "Rate", "measure", "measure_all", "planner_rates", "random_weight"]
 
 FORMATS = ("f32", "bf16", "f16", "fp8_e4m3_block", "int8_group", "int4_group", "mxfp4", *GGML_BLOCKS)
 _F16_FIELDS = {"q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q8_0": (0,), "q2_k": (80, 82),
@@ -45,9 +46,10 @@ class Rate:
         return self.nbytes / self.seconds
 
 
-def random_weight(fmt: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor | QTensor:
+def random_weight(fmt: str, rows: int, cols: int, seed: int = 0, group: int = 128) -> torch.Tensor | QTensor:
     """A random ``[rows, cols]`` weight stored in ``fmt`` (finite values; cols rounded up to the
-    format's block size by the caller's choice of shape)."""
+    format's block size by the caller's choice of shape); ``group``: values per scale of the
+    int4 / int8 group formats."""
     gen = torch.Generator().manual_seed(seed)
     plain = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
     if fmt in plain:
@@ -75,8 +77,8 @@ def random_weight(fmt: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor
         bits = 4 if fmt == "int4_group" else 8
         words = math.ceil(cols * bits / 32)
         data = torch.randint(-2**31, 2**31 - 1, (rows, words), generator=gen, dtype=torch.int32)
-        scale = (torch.rand(rows, math.ceil(cols / 128), generator=gen) * 0.01).to(torch.bfloat16)
-        return QTensor(fmt, (rows, cols), data, scale, block=(1, 128), meta={"bits": bits, "symmetric": True})
+        scale = (torch.rand(rows, math.ceil(cols / group), generator=gen) * 0.01).to(torch.bfloat16)
+        return QTensor(fmt, (rows, cols), data, scale, block=(1, group), meta={"bits": bits, "symmetric": True})
     raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
@@ -87,13 +89,13 @@ def _nbytes(w: torch.Tensor | QTensor) -> int:
 
 
 def measure(fmt: str, isa: str | None = None, threads: int = 1, rows: int = 4096, cols: int = 4096,
-            repeats: int = 5, seconds: float = 0.3) -> Rate:
+            repeats: int = 5, seconds: float = 0.3, group: int = 128) -> Rate:
     """Time ``y = W x`` for a random ``fmt`` weight (best of ``repeats`` batches of products
     filling about ``seconds`` in total). ``isa`` None: the default (best) one."""
     lib = native.library()
     if lib is None:
         raise RuntimeError(native.unavailable_reason() or "native kernels unavailable")
-    w = random_weight(fmt, rows, cols)
+    w = random_weight(fmt, rows, cols, group=group)
     d = describe(w)
     x = torch.randn(cols)
     y = torch.empty(rows)
@@ -123,3 +125,17 @@ def measure_all(isa: str | None = None, threads: int = 1, rows: int = 4096, cols
                 formats: tuple[str, ...] = FORMATS, seconds: float = 0.3) -> dict[str, Rate]:
     """:func:`measure` for every format: ``{fmt: Rate}`` (for the planner's per-format rates)."""
     return {f: measure(f, isa, threads, rows, cols, seconds=seconds) for f in formats}
+
+
+# census format (the planner's names) -> (native format, group size)
+PLANNER_FORMATS = {"fp32": ("f32", 0), "bf16": ("bf16", 0), "fp8": ("fp8_e4m3_block", 0),
+                   "int8:g128": ("int8_group", 128), "int4:g32": ("int4_group", 32),
+                   "int4:g128": ("int4_group", 128), "fp4": ("mxfp4", 0)}
+
+
+def planner_rates(threads: int, rows: int = 1024, cols: int = 1024, seconds: float = 0.1) -> dict[str, float]:
+    """Decode GEMV weights/s per census format at ``threads`` threads (``moetier probe``:
+    ``Machine.kernel_rates``). The weight is small enough to stay in cache, so this is the
+    kernel's compute rate; the planner takes the memory bound separately."""
+    return {name: measure(fmt, None, threads, rows, cols, seconds=seconds, group=g or 128).weights_per_s
+            for name, (fmt, g) in PLANNER_FORMATS.items()}

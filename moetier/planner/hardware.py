@@ -69,6 +69,10 @@ class Machine:
     scale_out_bw: float | None = None
     devices_per_node: int = 1
     confidence: str = "R"  # "R" read in a vendor document, "U" unverified, "M" measured
+    # measured decode GEMV rate (weights/s) of moetier's native kernels per stored format, keyed
+    # by census format (bf16, fp32, fp8, int8:g128, int4:g32, fp4, ...): `moetier probe`. Empty:
+    # not measured (catalog machines); the planner then bounds decode by memory and FLOPs only.
+    kernel_rates: Mapping[str, float] = field(default_factory=dict)
     source: str = ""
     notes: tuple[str, ...] = ()
 
@@ -97,6 +101,29 @@ class Machine:
             if p in self.flops and self.flops[p]:
                 return float(self.flops[p])
         raise KeyError(f"machine {self.name!r} has no compute figure for {precision!r}")
+
+    def kernel_rate(self, fmt: str) -> float | None:
+        """Measured weights/s of the decode GEMV reading format ``fmt`` (a census format such as
+        ``int4:g32``), or None when not measured. An int format whose group size was not measured
+        takes the nearest measured group size of the same width."""
+        if not self.kernel_rates:
+            return None
+        fmt = {"mxfp4": "fp4", "int4": "int4:g128"}.get(fmt, fmt)
+        if fmt in self.kernel_rates:
+            return float(self.kernel_rates[fmt])
+        fam, _, grp = fmt.partition(":")
+        if fam not in ("int4", "int8"):
+            return None
+
+        def gsize(k: str) -> int:
+            g = k.partition(":")[2]
+            return int(g[1:]) if g.startswith("g") and g[1:].isdigit() else 0
+
+        same = [k for k in self.kernel_rates if k.partition(":")[0] == fam]
+        if not same:
+            return None
+        want = gsize(fmt) if grp else 128
+        return float(self.kernel_rates[min(same, key=lambda k: abs(gsize(k) - want))])
 
     def with_changes(self, **kw) -> Machine:
         return replace(self, **kw)

@@ -10,7 +10,10 @@
   expert-sized blocks, two readers each with aligned chunks in flight; in the caller's cgroup,
   like the tiered store),
 * cores, RAM, free disk space,
-* dense matmul FLOP/s in fp32 and bf16 through torch.
+* dense matmul FLOP/s in fp32 and bf16 through torch,
+* the native decode kernels' rate per stored format (weights/s of ``y = W x`` at all usable
+  cores, a cache-resident weight: ``native.rates.planner_rates``; empty when the native
+  library is unavailable): the planner's decode bound takes the slower of memory and kernel.
 
 Results are cached as JSON with a timestamp in the user cache dir:
 ``$MOETIER_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/moetier``, else ``~/.cache/moetier``
@@ -53,6 +56,8 @@ class ProbeSizes:
     disk_block: int = 8 * 2**20
     matmul_n: int = 1024
     matmul_seconds: float = 0.5
+    kernel_n: int = 1024  # native kernel rates: an n x n weight per format
+    kernel_seconds: float = 0.1  # per format
 
 
 def cache_dir() -> Path:
@@ -168,6 +173,17 @@ def measure_matmul_flops(dtype: str, n: int, seconds: float) -> float:
     return 2.0 * n**3 * reps / el
 
 
+def measure_kernel_rates(threads: int, n: int = 1024, seconds: float = 0.1) -> dict[str, float]:
+    """Native decode GEMV weights/s per census format ({} when the native library is unavailable)."""
+    from moetier import native
+
+    if native.library() is None:
+        return {}
+    from moetier.native.rates import planner_rates
+
+    return planner_rates(threads, n, n, seconds)
+
+
 def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dict[str, Any]:
     """Run all measurements; returns the JSON-ready record (SI units)."""
     import psutil
@@ -186,6 +202,7 @@ def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dic
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         affinity = os.cpu_count() or 1
+    kernels = measure_kernel_rates(affinity, sizes.kernel_n, sizes.kernel_seconds)
     return {
         "version": PROBE_VERSION,
         "timestamp": time.time(),
@@ -204,6 +221,7 @@ def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dic
         "disk_read_bw": disk_bw,
         "disk_method": disk_method,
         "matmul_flops": {"fp32": f32, "bf16": bf16},
+        "kernel_rates": kernels,
         "sizes": {"mem_bytes": sizes.mem_bytes, "disk_bytes": sizes.disk_bytes, "matmul_n": sizes.matmul_n},
         "probe_seconds": time.perf_counter() - t_start,
         "load_per_core": load,
@@ -259,7 +277,8 @@ def load_cached() -> dict[str, Any] | None:
         return None  # a corrupt cache is re-measured, never an error
     if not isinstance(data, dict) or data.get("version") != PROBE_VERSION:
         return None
-    need = ("memory_read_bw", "disk_read_bw", "matmul_flops", "ram_bytes", "disk_free_bytes", "timestamp")
+    need = ("memory_read_bw", "disk_read_bw", "matmul_flops", "ram_bytes", "disk_free_bytes", "timestamp",
+            "kernel_rates")  # a record from before kernel rates is measured again
     if any(k not in data for k in need):
         return None
     return data
@@ -298,13 +317,15 @@ def machine_from_probe(rec: dict[str, Any]) -> Machine:
             MemoryTier("ssd", float(rec["disk_free_bytes"]), float(rec["disk_read_bw"])),
         ),
         flops={k: float(v) for k, v in rec["matmul_flops"].items()},
+        kernel_rates={k: float(v) for k, v in rec.get("kernel_rates", {}).items()},
         efficiency=Efficiency(compute=1.0, memory=1.0, link=1.0),
         compute_tier="dram",
         confidence="M",
         source=f"moetier probe: {describe(rec)} (cache {cache_path()}; `moetier probe --refresh` re-measures)",
         notes=(
             f"measured: {rec.get('cores_usable', '?')} usable cores, memory read by torch sum, disk read "
-            f"{rec.get('disk_method', '?')}, matmul n={rec.get('sizes', {}).get('matmul_n', '?')}",
+            f"{rec.get('disk_method', '?')}, matmul n={rec.get('sizes', {}).get('matmul_n', '?')}, "
+            f"native kernel rates: {', '.join(sorted(rec.get('kernel_rates', {}))) or 'not measured'}",
             "efficiency 1.0: figures are already sustained measurements",
             "ssd capacity = free space in the cache dir's filesystem",
         ),

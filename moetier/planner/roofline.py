@@ -34,6 +34,9 @@ Model (all SI units; every assumption is listed in ``PlanResult.assumptions``):
   MLA prefill with decompressed K/V: 2 x heads x (qk_nope + qk_rope + v_head_dim) per key;
   sliding-window layers use min(C, window)). Integer weight formats are taken to compute at
   bf16 (weight-only quantization); fp8 / fp4 at their own rate when the machine has one.
+  A single-token decode step's compute time is at least the time of its GEMVs at the machine's
+  measured per-format kernel rates (``Machine.kernel_rates``, weights/s, from ``moetier probe``):
+  on a CPU the dequantizing kernel, not memory, can bind (e.g. int4 on 2 cores).
 * Memory time = sum over the fast tiers of bytes read per step / (bandwidth x efficiency.memory).
   Per step: every always-on group once (embedding: only the looked-up rows), the expected number
   of unique experts touched by the step's tokens, ``sum_e 1 - (1 - p_le)^T`` per layer (tokens
@@ -670,6 +673,8 @@ def _phase(ctx: _Ctx, name: str, tokens: float, kv_read: float, kv_write: float,
     if f_routed:
         compute_s += f_routed / rate("routed_experts")
         flops_total += f_routed
+    if tokens == 1 and m.kernel_rates:
+        compute_s = max(compute_s, _kernel_s(ctx, dev_routed))
     memory_s = 0.0
     for i in range(n):
         t = m.tiers[i]
@@ -687,6 +692,25 @@ def _phase(ctx: _Ctx, name: str, tokens: float, kv_read: float, kv_write: float,
                        step_time_s=step, compute_s=compute_s, memory_s=memory_s, communication_s=comm_s,
                        bottleneck=bottleneck, flops=flops_total, expected_unique_experts=unique_total,
                        tiers=tuple(traffic))
+
+
+def _kernel_s(ctx: _Ctx, routed_on_device: float) -> float:
+    """Seconds the native decode GEMVs need for one single-token step at the machine's measured
+    per-format kernel rates (weights/s): every matrix the compute tier multiplies (always-on
+    groups, the routed experts computed there), each at its stored format's rate. Groups whose
+    format has no measured rate count as free here (they stay bounded by memory and FLOPs)."""
+    spec, m, cen, prec = ctx.spec, ctx.machine, ctx.cen, ctx.prec
+    total = 0.0
+    for g in ALWAYS_ON_GROUPS:
+        if g == "norms" or (g == "embedding" and not spec.tie_word_embeddings):
+            continue  # vectors; the embedding is one row per token, copied
+        r = m.kernel_rate(prec.format_of(g))
+        if r and cen.groups[g].params:
+            total += cen.groups[g].params / r
+    r = m.kernel_rate(prec.format_of("routed_experts")) if routed_on_device else None
+    if r:
+        total += routed_on_device * cen.expert_params / r
+    return total
 
 
 def plan(spec: ModelSpec | str, machine: Machine | str, *, batch: int = 1, context: int = DEFAULT_CONTEXT,
@@ -754,6 +778,10 @@ def plan(spec: ModelSpec | str, machine: Machine | str, *, batch: int = 1, conte
         + ("MLA: kv_lora_rank + qk_rope_head_dim per token per layer" if spec.attention == "mla"
            else "GQA: 2 x kv_heads x head_dim per token per layer") + ")",
         "integer weight formats compute at bf16 (weight-only quantization)",
+        *(["decode (batch 1): compute time is at least the native GEMVs' time at the measured per-format "
+           "kernel rates (moetier probe): " + ", ".join(f"{k} {v / 1e9:.1f} Gweights/s"
+                                                           for k, v in sorted(machine.kernel_rates.items()))]
+          if machine.kernel_rates else []),
         "prefill: one forward over batch x context tokens; KV written once",
     ]
     return PlanResult(

@@ -11,7 +11,7 @@ from moetier.cli import main
 from moetier.planner import machines, probe
 
 TINY = probe.ProbeSizes(mem_bytes=4 * 2**20, mem_repeats=2, disk_bytes=2 * 2**20, disk_block=2**20,
-                        matmul_n=64, matmul_seconds=0.02)
+                        matmul_n=64, matmul_seconds=0.02, kernel_n=128, kernel_seconds=0.005)
 
 
 @pytest.fixture
@@ -52,6 +52,14 @@ def test_probe_measures_and_caches(cache, monkeypatch):
     assert m.tier("dram").read_bw == rec["memory_read_bw"]
     assert m.flops["bf16"] == rec["matmul_flops"]["bf16"]
     assert m.efficiency.compute == 1.0
+    from moetier import native
+
+    if native.library() is not None:  # the native decode kernels' rate per stored format
+        assert set(rec["kernel_rates"]) == {"fp32", "bf16", "fp8", "int8:g128", "int4:g32", "int4:g128", "fp4"}
+        assert all(v > 0 for v in rec["kernel_rates"].values())
+        assert m.kernel_rate("int4:g32") == rec["kernel_rates"]["int4:g32"]
+    else:
+        assert rec["kernel_rates"] == {} and m.kernel_rates == {}
 
 
 def test_refresh_remeasures(cache):

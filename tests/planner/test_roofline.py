@@ -380,3 +380,35 @@ def test_load_profile_reads_the_embedded_models_routing_profile():
     assert np.allclose(p.sum(axis=1), spec.top_k)
     # the embedded model routes non-uniformly: its hottest expert is well above top_k / E
     assert p.max() > 2 * spec.top_k / spec.num_experts
+
+
+def test_decode_bound_takes_the_measured_kernel_rate_when_it_is_slower_than_memory():
+    """`moetier probe` records the native decode GEMV's weights/s per stored format; a decode step
+    then needs at least every matrix's params / its format's rate (fed probe dict, no timing)."""
+    from moetier.planner.probe import machine_from_probe
+
+    rec = {"ram_bytes": 1e10, "memory_read_bw": 1e12, "disk_free_bytes": 1e11, "disk_read_bw": 1e9,
+           "matmul_flops": {"fp32": 1e15, "bf16": 1e15}, "timestamp": 0.0,
+           "kernel_rates": {"bf16": 2e9, "int4:g32": 1e9, "int4:g128": 4e9}}
+    m = machine_from_probe(rec)
+    cen = census(SPEC, "int4:g32")
+    # by hand: embedding is a row copy, norms are vectors; keep-high groups (LM head, router) are bf16
+    g = cen.groups
+    want = ((g["lm_head"].params + g["router"].params) / 2e9 + g["attention"].params / 1e9
+            + 4 * 2 * cen.expert_params / 1e9)  # 4 MoE layers x top-2 experts at batch 1
+    r = rl.plan(SPEC, m, precision="int4:g32", context=16)
+    assert r.decode.compute_s == pytest.approx(want)
+    assert r.decode.memory_s < want and r.bottleneck == "compute"
+    assert r.decode_tokens_per_s == pytest.approx(1 / want)
+    assert any("kernel rates" in a for a in r.assumptions)
+    # an unmeasured group size takes the nearest measured one of the same width (g64 -> g32)
+    assert m.kernel_rate("int4:g64") == 1e9 and m.kernel_rate("int4:g100") == 4e9 and m.kernel_rate("fp8") is None
+    # kernels faster than memory: the memory bound stands, as without kernel rates
+    fast = machine_from_probe({**rec, "memory_read_bw": 1e9, "kernel_rates": {"bf16": 1e15, "int4:g32": 1e15}})
+    none = machine_from_probe({**rec, "memory_read_bw": 1e9, "kernel_rates": {}})
+    r_fast, r_none = (rl.plan(SPEC, x, precision="int4:g32", context=16) for x in (fast, none))
+    assert r_fast.bottleneck == "memory"
+    assert r_fast.decode_tokens_per_s == pytest.approx(r_none.decode_tokens_per_s)
+    # prefill (many tokens per step) is not a GEMV: unchanged by kernel rates
+    assert r.prefill.compute_s == pytest.approx(rl.plan(SPEC, replace(m, kernel_rates={}), precision="int4:g32",
+                                                        context=16).prefill.compute_s)

@@ -2,18 +2,13 @@
  *
  * The vector kernels read 2 bf16 per dword: the low halves are the even columns (dword << 16),
  * the high halves the odd ones (dword & 0xffff0000), multiplied by x split into even (xe) and
- * odd (xo) columns (`prep`; zero-padded past the end). */
-#include "mt.h"
+ * odd (xo) columns (`prep`: mt_prep_evenodd, zero-padded past the end). */
+#include "simd.h"
 
-#include <immintrin.h>
+long mt_prep_evenodd_len(long cols) { return 2 * mt_evenodd_half(cols); }
 
-static long half_len(long cols) { return (cols / 2 + 16 + 15) & ~15L; }
-
-static long prep_len(long cols) { return 2 * half_len(cols); }
-
-/* xp = [xe (half_len) | xo (half_len)] */
-static void prep(const float *x, long cols, float *xp) {
-    long half = half_len(cols);
+void mt_prep_evenodd(const float *x, long cols, float *xp) {
+    long half = mt_evenodd_half(cols);
     float *xe = xp, *xo = xp + half;
     for (long j = 0; j < half; j++) {
         xe[j] = 2 * j < cols ? x[2 * j] : 0.0f;
@@ -36,18 +31,11 @@ static void rows_scalar(const mt_weight *W, const float *x, const float *xp, flo
     }
 }
 
-MT_TARGET_AVX2 static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* 16 weights per step (8 dwords) */
 MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                      long r1) {
     (void)x;
-    long cols = W->cols, cfull = cols & ~15L, rem = cols - cfull, half = half_len(cols);
+    long cols = W->cols, cfull = cols & ~15L, rem = cols - cfull, half = mt_evenodd_half(cols);
     const float *xe = xp, *xo = xp + half;
     const __m256i hi_mask = _mm256_set1_epi32((int)0xffff0000u);
 #define MT_BF16_STEP(acc_e, acc_o, wv, c)                                                                   \
@@ -87,7 +75,7 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
                                          long r1) {
     (void)x;
     const __m512i hi_mask = _mm512_set1_epi32((int)0xffff0000u);
-    long cols = W->cols, cfull = cols & ~31L, rem = cols - cfull, half = half_len(cols);
+    long cols = W->cols, cfull = cols & ~31L, rem = cols - cfull, half = mt_evenodd_half(cols);
     const float *xe = xp, *xo = xp + half;
     __mmask32 tail = rem ? (__mmask32)((1ull << rem) - 1) : 0;
 #define MT_BF16_STEP(acc_e, acc_o, c, mask)                                                                 \
@@ -121,4 +109,5 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
 #undef MT_BF16_STEP
 }
 
-const mt_fmt mt_fmt_bf16 = {MT_FMT_BF16, "bf16", {rows_scalar, rows_avx2, rows_avx512}, prep_len, prep, NULL};
+const mt_fmt mt_fmt_bf16 = {MT_FMT_BF16, "bf16", {rows_scalar, rows_avx2, rows_avx512}, mt_prep_evenodd_len,
+                            mt_prep_evenodd, NULL};

@@ -39,14 +39,13 @@ static void rows_scalar(const mt_weight *W, const float *x, const float *xp, flo
     mt_rows_dequant(W, x, y, r0, r1, dequant);
 }
 
-/* 8 e4m3 bytes -> 8 floats (value * 2^-8) */
-MT_TARGET_AVX2 static inline __m256 fp8x8(__m128i b8) {
-    __m128i b = _mm_cvtepu8_epi16(b8);
-    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7),
-                             _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
-    return _mm256_cvtph_ps(h);
-}
+/* e4m3 bytes widened to 16-bit lanes -> the float16 bits of (value * 2^-8): byte << 8 puts the
+ * sign at bit 15 and the 7 magnitude bits at 8..14; an arithmetic shift right by one moves
+ * the magnitude to 7..13 (copying the sign into bit 14, which the mask clears). 3 operations
+ * per vector instead of 5. */
+#define FP8_TO_F16(SLLI, SRAI, AND, SET1, w) AND(SRAI(SLLI(w, 8), 1), SET1((short)0xbfff))
 
+/* AVX2: 16 values per step, each block's partial sums scaled once */
 MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                      long r1) {
     (void)xp;
@@ -58,32 +57,36 @@ MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const f
         for (long b0 = 0; b0 < cols; b0 += bc) {
             __m256 s = _mm256_set1_ps(ld_scale(srow, W->sdt, b0 / bc) * 256.0f);
             long end = b0 + bc < cols ? b0 + bc : cols, c = b0;
-            for (; c + 16 <= end; c += 16) {
-                __m256 w0 = _mm256_mul_ps(fp8x8(_mm_loadl_epi64((const __m128i *)(row + c))), s);
-                __m256 w1 = _mm256_mul_ps(fp8x8(_mm_loadl_epi64((const __m128i *)(row + c + 8))), s);
-                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + c), a0);
-                a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + c + 8), a1);
+            __m256 p0 = _mm256_setzero_ps(), p1 = p0;
+            for (; c < end; c += 16) {
+                long n = end - c < 16 ? end - c : 16;
+                __m128i b;
+                if (n == 16) {
+                    b = _mm_loadu_si128((const __m128i *)(row + c));
+                } else {
+                    uint8_t t[16] = {0};
+                    memcpy(t, row + c, n);
+                    b = _mm_loadu_si128((const __m128i *)t);
+                }
+                __m256i h = FP8_TO_F16(_mm256_slli_epi16, _mm256_srai_epi16, _mm256_and_si256, _mm256_set1_epi16,
+                                       _mm256_cvtepu8_epi16(b));
+                __m256 w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h)), w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+                if (n == 16) {
+                    p0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + c), p0);
+                    p1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + c + 8), p1);
+                } else {
+                    p0 = _mm256_fmadd_ps(w0, _mm256_maskload_ps(x + c, mask256(n)), p0);
+                    if (n > 8) p1 = _mm256_fmadd_ps(w1, _mm256_maskload_ps(x + c + 8, mask256(n - 8)), p1);
+                }
             }
-            for (; c < end; c += 8) {
-                long n = end - c < 8 ? end - c : 8;
-                uint8_t t[8] = {0};
-                memcpy(t, row + c, n);
-                __m256 w = _mm256_mul_ps(fp8x8(_mm_loadl_epi64((const __m128i *)t)), s);
-                a0 = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + c, mask256(n)), a0);
-            }
+            a0 = _mm256_fmadd_ps(p0, s, a0);
+            a1 = _mm256_fmadd_ps(p1, s, a1);
         }
         y[r] = hsum256(_mm256_add_ps(a0, a1));
     }
 }
 
-/* 16 e4m3 bytes -> 16 floats (value * 2^-8) */
-MT_TARGET_AVX512 static inline __m512 fp8x16(__m128i b16) {
-    __m256i b = _mm256_cvtepu8_epi16(b16);
-    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7),
-                                _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
-    return _mm512_cvtph_ps(h);
-}
-
+/* AVX-512: 32 values per step (one 32-byte load), each block's partial sums scaled once */
 MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                          long r1) {
     (void)xp;
@@ -95,18 +98,24 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
         for (long b0 = 0; b0 < cols; b0 += bc) {
             __m512 s = _mm512_set1_ps(ld_scale(srow, W->sdt, b0 / bc) * 256.0f);
             long end = b0 + bc < cols ? b0 + bc : cols, c = b0;
-            for (; c + 32 <= end; c += 32) {
-                __m512 w0 = _mm512_mul_ps(fp8x16(_mm_loadu_si128((const __m128i *)(row + c))), s);
-                __m512 w1 = _mm512_mul_ps(fp8x16(_mm_loadu_si128((const __m128i *)(row + c + 16))), s);
-                a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + c), a0);
-                a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + c + 16), a1);
+            __m512 p0 = _mm512_setzero_ps(), p1 = p0;
+            for (; c < end; c += 32) {
+                long n = end - c < 32 ? end - c : 32;
+                __mmask32 m = n == 32 ? 0xffffffffu : (__mmask32)((1u << n) - 1);
+                __m256i b = n == 32 ? _mm256_loadu_si256((const __m256i *)(row + c)) : _mm256_maskz_loadu_epi8(m, row + c);
+                __m512i h = FP8_TO_F16(_mm512_slli_epi16, _mm512_srai_epi16, _mm512_and_si512, _mm512_set1_epi16,
+                                       _mm512_cvtepu8_epi16(b));
+                __m512 w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h)), w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+                if (n == 32) {
+                    p0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + c), p0);
+                    p1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + c + 16), p1);
+                } else {
+                    p0 = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps((__mmask16)m, x + c), p0);
+                    p1 = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps((__mmask16)(m >> 16), x + c + 16), p1);
+                }
             }
-            for (; c < end; c += 16) {
-                long n = end - c < 16 ? end - c : 16;
-                __mmask16 m = (__mmask16)((1u << n) - 1);
-                __m512 w = _mm512_mul_ps(fp8x16(_mm_maskz_loadu_epi8(m, row + c)), s);
-                a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + c), a0);
-            }
+            a0 = _mm512_fmadd_ps(p0, s, a0);
+            a1 = _mm512_fmadd_ps(p1, s, a1);
         }
         y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
     }

@@ -3,7 +3,7 @@
  * int8: byte c holds u, value v = u - 128. int4: byte c/2 holds values c (low nibble) and c+1
  * (high nibble), value v = u - 8. Weight = (v - zero) * scale (zero = 0 when symmetric).
  * The vector kernels need groups of an even number of columns for int4 (checked in Python). */
-#include "simd.h"
+#include "nibble.h"
 
 static void dequant_int8(const mt_weight *W, long r, long c0, long n, float *out) {
     const uint8_t *row = (const uint8_t *)mt_row(W, r);
@@ -121,10 +121,12 @@ MT_TARGET_AVX2 static void rows_avx2_4(const mt_weight *W, const float *x, const
     rows_avx2_bits(W, x, y, r0, r1, 4);
 }
 
-/* ---- AVX-512: 16 values per step ---- */
+/* ---- AVX-512 ---- */
 
-MT_TARGET_AVX512 static inline void rows_avx512_bits(const mt_weight *W, const float *x, float *y, long r0,
-                                                     long r1, int bits) {
+/* int8: 32 values per step, the group's unscaled integer-valued partial sums scaled once */
+MT_TARGET_AVX512 static void rows_avx512_8(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
+                                           long r1) {
+    (void)xp;
     long cols = W->cols, g = W->bcols;
     for (long r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)mt_row(W, r);
@@ -134,39 +136,20 @@ MT_TARGET_AVX512 static inline void rows_avx512_bits(const mt_weight *W, const f
         for (long b0 = 0; b0 < cols; b0 += g) {
             long gi = b0 / g;
             __m512 s = _mm512_set1_ps(ld_scale(srow, W->sdt, gi));
-            __m512i off = _mm512_set1_epi32((bits == 8 ? 128 : 8) + (z ? z[gi] : 0));
+            __m512i off = _mm512_set1_epi32(128 + (z ? z[gi] : 0));
             long end = b0 + g < cols ? b0 + g : cols, c = b0;
-            __m512 p0 = _mm512_setzero_ps(), p1 = p0; /* the group's unscaled partial sums */
-            if (bits == 4) {
-                const __m128i m4 = _mm_set1_epi8(0x0f);
-                for (; c + 32 <= end; c += 32) { /* 32 values from one 16-byte load */
-                    __m128i b = _mm_loadu_si128((const __m128i *)(row + c / 2));
-                    __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
-                    __m512i v0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), off);
-                    __m512i v1 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), off);
-                    p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), _mm512_loadu_ps(x + c), p0);
-                    p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_loadu_ps(x + c + 16), p1);
-                }
-            } else {
-                for (; c + 32 <= end; c += 32) {
-                    __m512i v0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c))), off);
-                    __m512i v1 =
-                        _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c + 16))), off);
-                    p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), _mm512_loadu_ps(x + c), p0);
-                    p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_loadu_ps(x + c + 16), p1);
-                }
+            __m512 p0 = _mm512_setzero_ps(), p1 = p0;
+            for (; c + 32 <= end; c += 32) {
+                __m512i v0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c))), off);
+                __m512i v1 =
+                    _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c + 16))), off);
+                p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), _mm512_loadu_ps(x + c), p0);
+                p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_loadu_ps(x + c + 16), p1);
             }
             for (; c < end; c += 16) { /* the group's tail: up to 16 values, masked */
                 long n = end - c < 16 ? end - c : 16;
                 __mmask16 m = (__mmask16)((1u << n) - 1);
-                __m128i u;
-                if (bits == 8) {
-                    u = _mm_maskz_loadu_epi8(m, row + c);
-                } else {
-                    __mmask16 mb = (__mmask16)((1u << ((n + 1) / 2)) - 1);
-                    u = nibbles_interleaved(_mm_maskz_loadu_epi8(mb, row + c / 2));
-                }
-                __m512i v = _mm512_sub_epi32(_mm512_cvtepu8_epi32(u), off);
+                __m512i v = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, row + c)), off);
                 p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_maskz_loadu_ps(m, x + c), p0);
             }
             a0 = _mm512_fmadd_ps(p0, s, a0);
@@ -176,19 +159,21 @@ MT_TARGET_AVX512 static inline void rows_avx512_bits(const mt_weight *W, const f
     }
 }
 
-MT_TARGET_AVX512 static void rows_avx512_8(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
-                                           long r1) {
-    (void)xp;
-    rows_avx512_bits(W, x, y, r0, r1, 8);
+/* int4: the group's table t[u] = (u - 8 - zero) * scale (the reference's value, one rounding) */
+MT_TARGET_AVX512 static inline __m512 int4_table(const mt_weight *W, const void *srow, const int8_t *z, long gi) {
+    const __m512 v = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7); /* u - 8 */
+    __m512 s = _mm512_set1_ps(ld_scale(srow, W->sdt, gi));
+    return _mm512_mul_ps(z ? _mm512_sub_ps(v, _mm512_set1_ps((float)z[gi])) : v, s);
 }
 
 MT_TARGET_AVX512 static void rows_avx512_4(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                            long r1) {
-    (void)xp;
-    rows_avx512_bits(W, x, y, r0, r1, 4);
+    (void)x;
+    nib_rows512(W, xp, y, r0, r1, int4_table);
 }
 
 const mt_fmt mt_fmt_int8 = {MT_FMT_INT8_GROUP, "int8_group", {rows_scalar8, rows_avx2_8, rows_avx512_8}, NULL, NULL,
                             dequant_int8};
-const mt_fmt mt_fmt_int4 = {MT_FMT_INT4_GROUP, "int4_group", {rows_scalar4, rows_avx2_4, rows_avx512_4}, NULL, NULL,
-                            dequant_int4};
+/* int4's prepared x (even / odd columns) is read by the AVX-512 kernel only */
+const mt_fmt mt_fmt_int4 = {MT_FMT_INT4_GROUP, "int4_group", {rows_scalar4, rows_avx2_4, rows_avx512_4},
+                            mt_prep_evenodd_len, mt_prep_evenodd, dequant_int4};

@@ -4,7 +4,7 @@
  *  ggml_mxfp4 (GGUF): 17-byte blocks (exponent, 16 bytes); values 0..15 are the low nibbles,
  *    16..31 the high nibbles.
  * value = E2M1[code] * 2^(e - 127) (e = 255: NaN). */
-#include "simd.h"
+#include "nibble.h"
 
 static const float E2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                                -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
@@ -114,22 +114,18 @@ MT_TARGET_AVX512 static inline void group_avx512(__m128i lo16, __m128i hi16, __m
     if (n > 16) *a1 = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps((__mmask16)((1u << (n - 16)) - 1), x + 16), *a1);
 }
 
+/* gpt-oss layout: the nibble-table kernel (nibble.h) on x's even / odd columns; the table of
+ * group gi is E2M1 * 2^(e - 127), the reference's single multiply */
+MT_TARGET_AVX512 static inline __m512 mxfp4_table(const mt_weight *W, const void *srow, const int8_t *z, long gi) {
+    (void)W;
+    (void)z;
+    return _mm512_mul_ps(_mm512_loadu_ps(E2M1), _mm512_set1_ps(e8m0_to_f32(((const uint8_t *)srow)[gi])));
+}
+
 MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                          long r1) {
-    (void)xp;
-    long cols = W->cols;
-    for (long r = r0; r < r1; r++) {
-        const uint8_t *row = (const uint8_t *)mt_row(W, r);
-        const uint8_t *e = (const uint8_t *)mt_srow(W, r);
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-        for (long c = 0; c < cols; c += 32) {
-            __m512 s = _mm512_set1_ps(e8m0_to_f32(e[c >> 5]));
-            __m128i lo = nibbles_interleaved(_mm_loadl_epi64((const __m128i *)(row + c / 2)));
-            __m128i hi = nibbles_interleaved(_mm_loadl_epi64((const __m128i *)(row + c / 2 + 8)));
-            group_avx512(lo, hi, s, x + c, cols - c, &a0, &a1);
-        }
-        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    }
+    (void)x;
+    nib_rows512(W, xp, y, r0, r1, mxfp4_table);
 }
 
 MT_TARGET_AVX512 static void rows_avx512_ggml(const mt_weight *W, const float *x, const float *xp, float *y,
@@ -151,6 +147,8 @@ MT_TARGET_AVX512 static void rows_avx512_ggml(const mt_weight *W, const float *x
     }
 }
 
-const mt_fmt mt_fmt_mxfp4 = {MT_FMT_MXFP4, "mxfp4", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL, dequant};
+/* the prepared x (even / odd columns) is read by the AVX-512 kernel only */
+const mt_fmt mt_fmt_mxfp4 = {MT_FMT_MXFP4, "mxfp4", {rows_scalar, rows_avx2, rows_avx512}, mt_prep_evenodd_len,
+                             mt_prep_evenodd, dequant};
 const mt_fmt mt_fmt_ggml_mxfp4 = {MT_FMT_GGML_MXFP4, "ggml_mxfp4", {rows_scalar_ggml, rows_avx2_ggml,
                                   rows_avx512_ggml}, NULL, NULL, dequant_ggml};

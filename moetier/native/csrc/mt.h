@@ -9,7 +9,7 @@
  * summation order, so results do not depend on the thread count or on where the weights
  * live (RAM, cache slot, prefetch slot): tiered runs are bit-identical to in-RAM runs.
  *
- * Files: parallel.c (thread pool), gemv.c (batched row-split engine + ISA dispatch),
+ * Files: parallel.c (claim-based worker pool), gemv.c (batched row-split engine + ISA dispatch),
  * fmt_*.c (one per weight format: its row dot product, scalar reference + AVX2 + AVX-512),
  * ops.c (norm, rope, SwiGLU), attention.c, moe.c (router, experts, dense MLP), decode.c
  * (scratch, embedding, head, the whole-step path).
@@ -91,6 +91,13 @@ typedef struct {
 extern const mt_fmt mt_fmt_f32, mt_fmt_bf16, mt_fmt_f16, mt_fmt_fp8, mt_fmt_int4, mt_fmt_int8, mt_fmt_mxfp4,
     mt_fmt_q8_0, mt_fmt_q4_0, mt_fmt_q4_1, mt_fmt_q5_0, mt_fmt_q5_1, mt_fmt_q2_k, mt_fmt_q3_k, mt_fmt_q4_k,
     mt_fmt_q5_k, mt_fmt_q6_k, mt_fmt_ggml_mxfp4;
+
+/* x split into its even and odd columns, xp = [xe | xo], each mt_evenodd_half(cols) floats,
+ * zero past the end: the `prep` of bf16 (2 values per dword) and of the 2-codes-per-byte
+ * nibble formats (int4_group, mxfp4; nibble.h). Defined in fmt_bf16.c. */
+static inline long mt_evenodd_half(long cols) { return (cols / 2 + 16 + 15) & ~15L; }
+long mt_prep_evenodd_len(long cols);
+void mt_prep_evenodd(const float *x, long cols, float *xp);
 
 /* The scalar reference row kernel of a quantized format: each 256-column chunk of a row
  * dequantized by `dq` into a local buffer, then the f32 reference dot product (8 lane sums,
