@@ -21,6 +21,18 @@ the moetier venv), so it imports only the standard library at the top.
 time, not on disk: a BPE tokenizer whose pre-tokenizer hash llama.cpp does not know (the
 embedded model's, the synthetic checkpoints') is written with the ``qwen2`` pre-tokenizer
 instead of aborting. The benchmark feeds token ids, so the pre-tokenizer never runs.
+
+``python bench/peers.py quantize IN.gguf OUT.gguf RECIPE [--tensor-type NAME=TYPE ...]
+[--token-embedding-type TYPE] [--output-tensor-type TYPE]`` (llama.cpp's venv) quantizes with
+llama.cpp's own quantizer through ``llama_cpp.llama_model_quantize`` (the library behind
+``llama-quantize``; the same options). RECIPE is a llama ftype name without ``MOSTLY_``
+(``Q8_0``, ``Q4_K_M``, ``MXFP4_MOE``, ...).
+
+llama.cpp's CPU backend repacks Q4_0/Q4_K/Q8_0... weights into "extra buffer types" (AMX on
+Intel CPUs that report it, else AVX-512/AVX2 interleaved layouts). On a VM that reports AMX
+but traps its instructions this dies with SIGILL, so ``run_llama_cpp`` loads with
+``use_extra_bufts = False`` when the CPU flags name AMX (or when told to with the engine option
+``{"use_extra_bufts": false}``) and records which it used (``use_extra_bufts`` in the result).
 """
 
 from __future__ import annotations
@@ -185,14 +197,47 @@ def profile_decode(m: Any, prompt: list[int], steps: int, top: int = 12) -> dict
     }
 
 
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx" in line for line in f)
+    except OSError:
+        return False
+
+
+def load_llama(model: str, n_ctx: int, threads: int, extra: dict[str, Any],
+               logits_all: bool = False) -> tuple[Any, bool]:
+    """``llama_cpp.Llama`` for ``model``; ``extra["use_extra_bufts"]`` (default: not on AMX CPUs)
+    goes into the model parameters (the high-level constructor has no argument for it).
+    Returns (llm, use_extra_bufts)."""
+    import llama_cpp
+    from llama_cpp import Llama
+
+    extra = dict(extra)
+    bufts = bool(extra.pop("use_extra_bufts", not cpu_has_amx()))
+    orig = llama_cpp.llama_model_default_params
+
+    def params() -> Any:
+        p = orig()
+        p.use_extra_bufts = bufts
+        return p
+
+    llama_cpp.llama_model_default_params = params
+    try:
+        llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                    n_ubatch=512, logits_all=logits_all, verbose=False, **extra)
+    finally:
+        llama_cpp.llama_model_default_params = orig
+    assert llm.model_params.use_extra_bufts == bufts
+    return llm, bufts
+
+
 def run_llama_cpp(a: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
-    from llama_cpp import Llama
 
     extra = dict(json.loads(a.engine_args[0])) if a.engine_args else {}
     t0 = time.perf_counter()
-    llm = Llama(model_path=a.model, n_ctx=len(a.prompt_ids) + a.tokens + 16, n_threads=a.threads,
-                n_threads_batch=a.threads, n_batch=512, n_ubatch=512, logits_all=False, verbose=False, **extra)
+    llm, bufts = load_llama(a.model, len(a.prompt_ids) + a.tokens + 16, a.threads, extra)
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
 
@@ -211,7 +256,8 @@ def run_llama_cpp(a: argparse.Namespace) -> dict[str, Any]:
     res = timed_generations(prefill, step, llm.reset, a.prompt_ids, a.tokens, a.runs)
     import llama_cpp
 
-    res.update(load_s=load_s, use_mmap=extra.get("use_mmap", True), llama_cpp_python=llama_cpp.__version__,
+    res.update(load_s=load_s, use_mmap=extra.get("use_mmap", True), use_extra_bufts=bufts,
+               llama_cpp_python=llama_cpp.__version__,
                system_info=llama_cpp.llama_print_system_info().decode(errors="replace"))
     return res
 
@@ -283,6 +329,45 @@ def convert(llama_cpp_dir: str, argv: list[str]) -> None:
     runpy.run_path(script, run_name="__main__")
 
 
+def quantize(src: str, out: str, recipe: str, tensor_types: list[str], token_embedding_type: str | None,
+             output_tensor_type: str | None, threads: int = 0) -> None:
+    """llama.cpp's quantizer (``llama_model_quantize``) with llama-quantize's options:
+    ``tensor_types`` = ["NAME=TYPE", ...] (NAME a regex searched in the tensor name)."""
+    import ctypes
+
+    import llama_cpp
+
+    def ggml_type(name: str) -> int:
+        v = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+        if v is None:
+            raise SystemExit(f"unknown ggml type {name!r}")
+        return int(v)
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{recipe.upper()}", None)
+    if ftype is None:
+        raise SystemExit(f"unknown recipe {recipe!r} (a LLAMA_FTYPE_MOSTLY_* name)")
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = int(ftype)
+    p.nthread = threads
+    if token_embedding_type:
+        p.token_embedding_type = ggml_type(token_embedding_type)
+    if output_tensor_type:
+        p.output_tensor_type = ggml_type(output_tensor_type)
+    keep = []
+    if tensor_types:
+        arr = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, tt in enumerate(tensor_types):
+            name, typ = tt.split("=")
+            keep.append(name.encode())
+            arr[i].pattern = keep[-1]
+            arr[i].type = ggml_type(typ)
+        arr[len(tensor_types)].pattern = None
+        p.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    rc = llama_cpp.llama_model_quantize(src.encode(), out.encode(), ctypes.byref(p))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize({src} -> {out}, {recipe}) failed: {rc}")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -293,6 +378,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--llama-cpp-dir", required=True)
         ns, rest = ap.parse_known_args(argv[1:])
         convert(ns.llama_cpp_dir, rest)
+        return 0
+    if argv and argv[0] == "quantize":
+        ap = argparse.ArgumentParser(prog="peers.py quantize")
+        ap.add_argument("src")
+        ap.add_argument("out")
+        ap.add_argument("recipe")
+        ap.add_argument("--tensor-type", action="append", default=[])
+        ap.add_argument("--token-embedding-type")
+        ap.add_argument("--output-tensor-type")
+        ap.add_argument("--threads", type=int, default=0)
+        ns = ap.parse_args(argv[1:])
+        quantize(ns.src, ns.out, ns.recipe, ns.tensor_type, ns.token_embedding_type, ns.output_tensor_type,
+                 ns.threads)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("engine", choices=ENGINES)
