@@ -33,6 +33,9 @@ Intel CPUs that report it, else AVX-512/AVX2 interleaved layouts). On a VM that 
 but traps its instructions this dies with SIGILL, so ``run_llama_cpp`` loads with
 ``use_extra_bufts = False`` when the CPU flags name AMX (or when told to with the engine option
 ``{"use_extra_bufts": false}``) and records which it used (``use_extra_bufts`` in the result).
+
+``python bench/peers.py logits MODEL.gguf --prompt-ids .. --continuation .. --out F.npy``
+(llama.cpp's venv) saves llama.cpp's decode-path logits along a given continuation.
 """
 
 from __future__ import annotations
@@ -329,6 +332,23 @@ def convert(llama_cpp_dir: str, argv: list[str]) -> None:
     runpy.run_path(script, run_name="__main__")
 
 
+def llama_cpp_logits(model: str, prompt: list[int], continuation: list[int], threads: int, out: str,
+                     extra: dict[str, Any]) -> bool:
+    """llama.cpp's decode-path logits: the prompt in one forward, then the continuation one
+    token per forward; the last logits of each forward ([1 + len(continuation), V] float32)
+    saved with numpy to ``out``. Returns use_extra_bufts."""
+    import numpy as np
+
+    llm, bufts = load_llama(model, len(prompt) + len(continuation) + 16, threads, extra)
+    n_vocab = llm.n_vocab()
+    rows = []
+    for ids in [prompt, *([t] for t in continuation)]:
+        llm.eval(ids)
+        rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).copy())
+    np.save(out, np.stack(rows).astype(np.float32))
+    return bufts
+
+
 def quantize(src: str, out: str, recipe: str, tensor_types: list[str], token_embedding_type: str | None,
              output_tensor_type: str | None, threads: int = 0) -> None:
     """llama.cpp's quantizer (``llama_model_quantize``) with llama-quantize's options:
@@ -378,6 +398,18 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--llama-cpp-dir", required=True)
         ns, rest = ap.parse_known_args(argv[1:])
         convert(ns.llama_cpp_dir, rest)
+        return 0
+    if argv and argv[0] == "logits":
+        ap = argparse.ArgumentParser(prog="peers.py logits")
+        ap.add_argument("model")
+        ap.add_argument("--prompt-ids", required=True, type=lambda s: [int(x) for x in s.split(",") if x])
+        ap.add_argument("--continuation", required=True, type=lambda s: [int(x) for x in s.split(",") if x])
+        ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+        ap.add_argument("--out", required=True)
+        ap.add_argument("--options", default="{}", help="JSON engine options (use_extra_bufts)")
+        ns = ap.parse_args(argv[1:])
+        bufts = llama_cpp_logits(ns.model, ns.prompt_ids, ns.continuation, ns.threads, ns.out, json.loads(ns.options))
+        print("BENCH_RESULT " + json.dumps({"use_extra_bufts": bufts}))
         return 0
     if argv and argv[0] == "quantize":
         ap = argparse.ArgumentParser(prog="peers.py quantize")
