@@ -19,12 +19,8 @@ static void rows_scalar(const mt_weight *W, const float *x, const float *xp, flo
     mt_rows_dequant(W, x, y, r0, r1, dequant);
 }
 
-/* Vector kernels: a block's dot product sum(q x) with the exact q, then times d (one product
- * per block instead of one per weight; the summation differs from the reference's) */
-MT_TARGET_AVX2 static inline __m256 q8x8(const uint8_t *q) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
-}
-
+/* Vector kernels: a block's dot product sum(q x) with the exact q (dot32_i8), then times d
+ * (one product per block instead of one per weight; the summation differs from the reference's) */
 MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                      long r1) {
     (void)xp;
@@ -35,14 +31,9 @@ MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const f
         for (long i = 0; i < nb; i++, b += QB) {
             uint16_t dh;
             memcpy(&dh, b, 2);
-            const float *xb = x + 32 * i;
-            __m256 s0 = _mm256_mul_ps(q8x8(b + 2), _mm256_loadu_ps(xb));
-            __m256 s1 = _mm256_mul_ps(q8x8(b + 10), _mm256_loadu_ps(xb + 8));
-            s0 = _mm256_fmadd_ps(q8x8(b + 18), _mm256_loadu_ps(xb + 16), s0);
-            s1 = _mm256_fmadd_ps(q8x8(b + 26), _mm256_loadu_ps(xb + 24), s1);
-            __m256 d = _mm256_set1_ps(f16_to_f32_c(dh));
-            if (i & 1) a1 = _mm256_fmadd_ps(d, _mm256_add_ps(s0, s1), a1);
-            else a0 = _mm256_fmadd_ps(d, _mm256_add_ps(s0, s1), a0);
+            __m256 s = dot32_i8_avx2((const int8_t *)(b + 2), x + 32 * i), d = _mm256_set1_ps(f16_to_f32_c(dh));
+            if (i & 1) a1 = _mm256_fmadd_ps(d, s, a1);
+            else a0 = _mm256_fmadd_ps(d, s, a0);
         }
         y[r] = hsum256(_mm256_add_ps(a0, a1));
     }
@@ -55,32 +46,12 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
     for (long r = r0; r < r1; r++) {
         const uint8_t *b = (const uint8_t *)mt_row(W, r);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-        long i = 0;
-        for (; i + 1 < nb; i += 2, b += 2 * QB) {
-            uint16_t d0, d1;
-            memcpy(&d0, b, 2);
-            memcpy(&d1, b + QB, 2);
-            const float *xb = x + 32 * i;
-            __m512 s0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)))),
-                                      _mm512_loadu_ps(xb));
-            __m512 s1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + QB + 2)))),
-                                      _mm512_loadu_ps(xb + 32));
-            s0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18)))),
-                                 _mm512_loadu_ps(xb + 16), s0);
-            s1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + QB + 18)))),
-                                 _mm512_loadu_ps(xb + 48), s1);
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(f16_to_f32_c(d0)), s0, a0);
-            a1 = _mm512_fmadd_ps(_mm512_set1_ps(f16_to_f32_c(d1)), s1, a1);
-        }
-        if (i < nb) {
-            uint16_t d0;
-            memcpy(&d0, b, 2);
-            const float *xb = x + 32 * i;
-            __m512 s0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)))),
-                                      _mm512_loadu_ps(xb));
-            s0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18)))),
-                                 _mm512_loadu_ps(xb + 16), s0);
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(f16_to_f32_c(d0)), s0, a0);
+        for (long i = 0; i < nb; i++, b += QB) {
+            uint16_t dh;
+            memcpy(&dh, b, 2);
+            __m512 s = dot32_i8_avx512((const int8_t *)(b + 2), x + 32 * i), d = _mm512_set1_ps(f16_to_f32_c(dh));
+            if (i & 1) a1 = _mm512_fmadd_ps(d, s, a1);
+            else a0 = _mm512_fmadd_ps(d, s, a0);
         }
         y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
     }

@@ -93,6 +93,34 @@ MT_TARGET_AVX512 static inline void ggml_rows_avx512(const mt_weight *W, const f
     }
 }
 
+/* 32 int8 codes q times x (float32), not yet reduced: sum over lanes = sum q[i] x[i]. For
+ * blocks of 32 sharing one scale d (q8_0, q5_0): acc = fma(d, dot32, acc), one product with d
+ * per block instead of one per weight. */
+MT_TARGET_AVX2 static inline __m256 dot32_i8_avx2(const int8_t *q, const float *x) {
+#define Q8(k) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * (k)))))
+    __m256 s0 = _mm256_mul_ps(Q8(0), _mm256_loadu_ps(x)), s1 = _mm256_mul_ps(Q8(1), _mm256_loadu_ps(x + 8));
+    s0 = _mm256_fmadd_ps(Q8(2), _mm256_loadu_ps(x + 16), s0);
+    s1 = _mm256_fmadd_ps(Q8(3), _mm256_loadu_ps(x + 24), s1);
+#undef Q8
+    return _mm256_add_ps(s0, s1);
+}
+
+MT_TARGET_AVX512 static inline __m512 dot32_i8_avx512(const int8_t *q, const float *x) {
+    __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))),
+                             _mm512_loadu_ps(x));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))),
+                           _mm512_loadu_ps(x + 16), s);
+}
+
+/* 32 bits -> 32 bytes of 0x00 / 0xff (byte j: bit j) */
+MT_TARGET_AVX2 static inline __m256i bytes_from_bits32(uint32_t bits) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i sel = _mm256_set1_epi64x(0x8040201008040201LL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+}
+
 /* 16 bytes >> s (per 16-bit lane; callers mask) */
 MT_TARGET_AVX2 static inline __m128i srl8(__m128i v, int s) { return _mm_srl_epi16(v, _mm_cvtsi32_si128(s)); }
 
