@@ -202,6 +202,20 @@ def write_readme(doc: dict[str, Any], readme: Path) -> None:
     readme.write_text(text)
 
 
+def _merged(out: Path, doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """This run's rows plus the rows of ``out`` (an earlier run) for other (scenario, type)
+    pairs, each carrying its own run settings, in scenario/type order."""
+    rows = {(r["scenario"], r["type"]): r for r in doc["rows"]}
+    for r in doc["rows"]:
+        r.setdefault("settings", {k: doc[k] for k in ("threads", "prompts", "tokens", "runs", "rounds", "date",
+                                                      "load_avg_start")})
+    if out.exists():
+        for r in json.loads(out.read_text()).get("rows", []):
+            rows.setdefault((r["scenario"], r["type"]), r)
+    order = {n: i for i, n in enumerate([*sc.SCENARIOS, *sc.EXTRA_SCENARIOS])}
+    return sorted(rows.values(), key=lambda r: (order.get(r["scenario"], 99), r["type"] != "Q8_0", r["type"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scenarios", default="embedded,ram")
@@ -249,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             if name in a.accuracy.split(","):
                 row["accuracy"] = accuracy(f, vocab, prompts[0], a.tokens, a.threads)
             doc["rows"].append(row)
+            doc["rows"] = _merged(Path(a.out), doc)
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
     if not a.prepare_only:
         doc["load_avg_end"] = os.getloadavg()
+        doc["rows"] = _merged(Path(a.out), doc)
         Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
         write_readme(doc, readme)
         print(render(doc))
