@@ -67,7 +67,8 @@ def scenario_file(name: str, recipe: str) -> Path:
 
 def _worker(engine: str, model: Path, ids: list[int], tokens: int, runs: int, threads: int) -> dict[str, Any]:
     py = str(sc.llama_python()) if engine == "llama_cpp" else sys.executable
-    cmd = [py, str(sc.PEERS), engine, str(model), "--prompt-ids", ",".join(map(str, ids)), "--tokens", str(tokens),
+    cmd = [py, str(sc.PEERS), "moetier_steps" if engine == "moetier" else engine, str(model),
+           "--prompt-ids", ",".join(map(str, ids)), "--tokens", str(tokens),
            "--runs", str(runs), "--threads", str(threads), "--dtype", "float32"]
     env = {**os.environ, "PYTHONPATH": str(sc.REPO), "TOKENIZERS_PARALLELISM": "false"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
@@ -89,12 +90,15 @@ def speed(model: Path, vocab: int, prompts: list[int], tokens: int, runs: int, r
             for engine in ("moetier", "llama_cpp") if r % 2 == 0 else ("llama_cpp", "moetier"):
                 t0 = time.perf_counter()
                 res = _worker(engine, model, ids, steps, runs, threads)
-                e = out.setdefault(engine, {}).setdefault(str(n), {"prefill": [], "decode": [], "output_ids": None})
+                e = out.setdefault(engine, {}).setdefault(str(n), {"prefill": [], "decode": [], "prefill_cpu": [],
+                                                                   "decode_cpu": [], "output_ids": None})
                 e["prefill"] += res["prefill_tokens_per_s_runs"]
+                e["prefill_cpu"] += res["prefill_tokens_per_cpu_s_runs"]
                 if steps == tokens:
                     e["decode"] += res["decode_tokens_per_s_runs"]
+                    e["decode_cpu"] += res["decode_tokens_per_cpu_s_runs"]
                     e["output_ids"] = res["output_ids"]
-                for k in ("decode_path", "native_reason", "use_extra_bufts", "system_info"):
+                for k in ("decode_path", "native_reason", "compute_paths", "use_extra_bufts", "system_info"):
                     if k in res:
                         out[engine][k] = res[k]
                 pre, dec = (statistics.median(res[f"{k}_tokens_per_s_runs"]) for k in ("prefill", "decode"))
@@ -155,7 +159,7 @@ def _summary(engine_res: dict[str, Any], n: str, key: str) -> dict[str, float] |
 def ratios(sp: dict[str, Any], prompts: list[int]) -> dict[str, Any]:
     out = {}
     for n in prompts:
-        for key in ("prefill", "decode"):
+        for key in ("prefill", "decode", "prefill_cpu", "decode_cpu"):
             a, b = _summary(sp["moetier"], str(n), key), _summary(sp["llama_cpp"], str(n), key)
             if a and b:
                 out[f"{key}_{n}"] = {"moetier": a, "llama_cpp": b, "ratio_median": a["median"] / b["median"],
@@ -164,27 +168,31 @@ def ratios(sp: dict[str, Any], prompts: list[int]) -> dict[str, Any]:
 
 
 def render(doc: dict[str, Any]) -> str:
-    """The README table (markdown) from the results JSON."""
-    head = ("| model | type | GB | decode tok/s moetier / llama.cpp (x) | prefill 64 (x) | prefill 512 (x) | "
-            "same 32 greedy tokens | max abs dlogit vs f32: moetier / llama.cpp |")
-    lines = [head, "|" + "---|" * 8]
+    """The README table (markdown) from the results JSON: per rate, moetier / llama.cpp medians
+    and their ratio, per wall second and per CPU second of the engine's process."""
+    cols = []
+    p0, p1 = doc["prompts"][0], doc["prompts"][-1]
+    for key, title in ((f"decode_{p0}", "decode"), (f"prefill_{p0}", f"prefill {p0}"),
+                       (f"prefill_{p1}", f"prefill {p1}")):
+        if title == f"prefill {p1}" and p1 == p0:
+            continue
+        cols += [(key, f"{title} tok/s"), (key.replace("_", "_cpu_", 1), f"{title} tok/CPU-s")]
+    head = ("| model | type | GB | threads | " + " | ".join(t for _, t in cols) +
+            " | same greedy tokens | max abs dlogit vs f32 (moetier / llama.cpp) |")
+    lines = [head, "|" + "---|" * (len(cols) + 6)]
     for row in doc["rows"]:
         r = row["ratios"]
-
-        def cell(k: str, r: dict[str, Any] = r) -> str:
-            if k not in r:
-                return "-"
-            x = r[k]
-            return f"{x['moetier']['median']:.1f} / {x['llama_cpp']['median']:.1f} ({x['ratio_median']:.2f}x)"
-
+        cells = []
+        for key, _ in cols:
+            x = r.get(key)
+            cells.append("-" if x is None else
+                         f"{x['moetier']['median']:.1f} / {x['llama_cpp']['median']:.1f} ({x['ratio_median']:.2f}x)")
         acc = row.get("accuracy") or {}
-        dl = (f"{acc['moetier_max_abs_dlogit']:.2g} / {acc['llama_cpp_max_abs_dlogit']:.2g}"
-              if acc else "-")
+        dl = f"{acc['moetier_max_abs_dlogit']:.2g} / {acc['llama_cpp_max_abs_dlogit']:.2g}" if acc else "-"
         same = row.get("same_greedy_tokens")
-        p0, p1 = doc["prompts"][0], doc["prompts"][-1]
-        lines.append(f"| {row['scenario']} | {row['type']} | {row['file_bytes'] / 1e9:.2f} | {cell(f'decode_{p0}')} | "
-                     f"{cell(f'prefill_{p0}')} | {cell(f'prefill_{p1}') if p1 != p0 else '-'} | "
-                     f"{'-' if same is None else 'yes' if same else 'no'} | {dl} |")
+        threads = row.get("settings", {}).get("threads", doc.get("threads", "-"))
+        lines.append(f"| {row['scenario']} | {row['type']} | {row['file_bytes'] / 1e9:.2f} | {threads} | "
+                     + " | ".join(cells) + f" | {'-' if same is None else 'yes' if same else 'no'} | {dl} |")
     return "\n".join(lines) + "\n"
 
 

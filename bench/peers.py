@@ -3,6 +3,7 @@
     python bench/peers.py ENGINE MODEL --prompt-ids 1,2,3 --tokens 32 --runs 5 [--threads 2]
 
 ENGINE is ``moetier``, ``moetier_torch`` (moetier with its native decode turned off),
+``moetier_steps`` (moetier through ``Model.step`` in llama.cpp's timing loop, in RAM),
 ``llama_cpp``, ``transformers`` (eager) or ``transformers_offload``
 (transformers + accelerate, ``device_map="auto"`` with a CPU budget, the rest offloaded to
 disk). Every engine gets the same prompt token ids (no tokenizer in the timed path), decodes
@@ -50,7 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("moetier", "moetier_torch", "llama_cpp", "transformers", "transformers_offload")
+ENGINES = ("moetier", "moetier_torch", "moetier_steps", "llama_cpp", "transformers", "transformers_offload")
 
 
 def peak_rss_bytes() -> int:
@@ -65,29 +66,75 @@ def timed_generations(prefill: Callable[[list[int]], int], step: Callable[[int],
     ``prefill(prompt) -> first token``; ``step(token) -> next token``; ``reset()`` clears the
     sequence state. Returns per-run rates and the first (cold, warm-up) run's rates.
     """
-    pre, dec, out_ids = [], [], []
+    pre, dec, cpre, cdec, out_ids = [], [], [], [], []
     for _ in range(warmup + runs):
         reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tok = prefill(prompt)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         ids = [tok]
         for _ in range(tokens - 1):
             tok = step(tok)
             ids.append(tok)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         pre.append(len(prompt) / (t1 - t0))
         dec.append((tokens - 1) / (t2 - t1) if tokens > 1 else 0.0)
+        cpre.append(len(prompt) / max(c1 - c0, 1e-9))
+        cdec.append((tokens - 1) / max(c2 - c1, 1e-9) if tokens > 1 else 0.0)
         out_ids = ids
     return {
         "prefill_tokens_per_s_runs": pre[warmup:],
         "decode_tokens_per_s_runs": dec[warmup:],
+        # per CPU-second of the process (all its threads): on a loaded machine, what the engine
+        # costs rather than what the scheduler gave it
+        "prefill_tokens_per_cpu_s_runs": cpre[warmup:],
+        "decode_tokens_per_cpu_s_runs": cdec[warmup:],
         "first_run": {"prefill_tokens_per_s": pre[0], "decode_tokens_per_s": dec[0]} if warmup else None,
         "output_ids": out_ids,
     }
 
 
 # ----------------------------------------------------------------------------- engines
+
+
+def _load_moetier(a: argparse.Namespace) -> tuple[Any, dict[str, Any], float]:
+    import moetier
+
+    if a.engine_args and a.engine_args[0].lstrip().startswith("{"):
+        kw: dict[str, Any] = {"dtype": a.dtype, "threads": a.threads, **json.loads(a.engine_args[0])}
+    else:
+        import moetier.cli
+        from moetier.commands import run as run_cmd
+
+        moetier.cli.build_parser()  # imports every command module, so load-option hooks register
+        p = argparse.ArgumentParser()
+        run_cmd.add_load_arguments(p)
+        ns = p.parse_args([a.model, "--dtype", a.dtype, "--threads", str(a.threads), *a.engine_args])
+        kw = run_cmd.load_kwargs(ns)
+    t0 = time.perf_counter()
+    m = moetier.load(a.model, tokenizer=False, **kw)
+    return m, kw, time.perf_counter() - t0
+
+
+def run_moetier_steps(a: argparse.Namespace) -> dict[str, Any]:
+    """moetier through ``Model.step`` in the same timed loop as llama.cpp's (prompt in one
+    forward, then one token per forward; wall and CPU time), in RAM."""
+    import torch
+
+    m, kw, load_s = _load_moetier(a)
+    state: dict[str, Any] = {}
+
+    def reset() -> None:
+        state["seq"] = m.new_sequence(capacity=len(a.prompt_ids) + a.tokens + 1)
+
+    def fwd(ids: list[int]) -> int:
+        return int(m.step([(state["seq"], ids)])[0].argmax())
+
+    res = timed_generations(fwd, lambda t: fwd([t]), reset, a.prompt_ids, a.tokens, a.runs)
+    res.update(load_s=load_s, torch_threads=torch.get_num_threads(), load_kwargs={k: str(v) for k, v in kw.items()},
+               decode_path="native" if m.native_reason is None else "torch", native_reason=m.native_reason,
+               compute_paths=m.compute_paths())
+    return res
 
 
 def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
@@ -443,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if a.engine in ("moetier", "moetier_torch"):
         res = run_moetier(a)
+    elif a.engine == "moetier_steps":
+        res = run_moetier_steps(a)
     elif a.engine == "llama_cpp":
         res = run_llama_cpp(a)
     else:
