@@ -30,24 +30,6 @@ static inline void block_scales(const uint8_t *b, float *D, float *M) {
     }
 }
 
-/* block_scales for the vector kernels: the 6-bit fields unpacked four at a time (32-bit masks)
- * and converted with one vector multiply each; the same products, so the same bits */
-MT_TARGET_AVX2 static inline void block_scales8(const uint8_t *b, __m256 *D, __m256 *M) {
-    uint16_t dh, mh;
-    uint32_t u0, u1, u2;
-    memcpy(&dh, b, 2);
-    memcpy(&mh, b + 2, 2);
-    memcpy(&u0, b + 4, 4);
-    memcpy(&u1, b + 8, 4);
-    memcpy(&u2, b + 12, 4);
-    uint32_t sc_lo = u0 & 0x3f3f3f3fu, m_lo = u1 & 0x3f3f3f3fu;
-    uint32_t sc_hi = (u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4);
-    uint32_t m_hi = ((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4);
-    __m128i s = _mm_setr_epi32((int)sc_lo, (int)sc_hi, (int)m_lo, (int)m_hi);
-    *D = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32_c(dh)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(s)));
-    *M = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32_c(mh)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(s, 8))));
-}
-
 static void dequant(const mt_weight *W, long r, long c0, long n, float *out) {
     const uint8_t *row = (const uint8_t *)mt_row(W, r);
     for (long i = 0; i < n; i += 256) { /* c0 and n are multiples of 256 */
@@ -70,18 +52,6 @@ static void rows_scalar(const mt_weight *W, const float *x, const float *xp, flo
  * q exact small integers and sum(x) over each 32 values prepared once per x (`prep`): per 16
  * weights one extension, one convert and one FMA, no per-weight scale arithmetic. The values
  * are the reference's (D, M, q bit for bit); only the rounding of the sum differs. */
-
-/* prepared x: the sum of each 32 values */
-static long prep_len(long cols) { return cols / 32; }
-
-static void prep(const float *x, long cols, float *xp) {
-    for (long j = 0; j < cols / 32; j++) {
-        float s = 0.0f;
-        for (int i = 0; i < 32; i++) s += x[32 * j + i];
-        xp[j] = s;
-    }
-}
-
 MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                      long r1) {
     long nb = W->cols / 256;
@@ -91,7 +61,7 @@ MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const f
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, am = a0;
         for (long i = 0; i < nb; i++, b += QB) {
             __m256 Dv, Mv;
-            block_scales8(b, &Dv, &Mv);
+            kq_scales8(b, &Dv, &Mv);
             am = _mm256_fmadd_ps(Mv, _mm256_loadu_ps(xp + 8 * i), am);
             const float *xb = x + 256 * i;
             for (int p = 0; p < 4; p++) { /* qs[32p, 32p + 32): sub-block 2p (low), 2p + 1 (high) */
@@ -121,7 +91,7 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
         __m256 am = _mm256_setzero_ps();
         for (long i = 0; i < nb; i++, b += QB) {
             __m256 Dv, Mv;
-            block_scales8(b, &Dv, &Mv);
+            kq_scales8(b, &Dv, &Mv);
             am = _mm256_fmadd_ps(Mv, _mm256_loadu_ps(xp + 8 * i), am);
             __m512 Dz = _mm512_castps256_ps512(Dv);
             const float *xb = x + 256 * i;
@@ -142,4 +112,4 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
     }
 }
 
-const mt_fmt mt_fmt_q4_k = {MT_FMT_Q4_K, "q4_k", {rows_scalar, rows_avx2, rows_avx512}, prep_len, prep, dequant};
+const mt_fmt mt_fmt_q4_k = {MT_FMT_Q4_K, "q4_k", {rows_scalar, rows_avx2, rows_avx512}, sum32_len, sum32, dequant};

@@ -132,4 +132,38 @@ MT_TARGET_AVX2 static inline __m128i bits16(uint32_t qh, int j0) {
     return _mm_min_epu8(_mm_and_si128(bytes, sel), _mm_set1_epi8(1));
 }
 
+/* ---- K-quant super-blocks with 8 sub-blocks of 32 (q4_k, q5_k): float16 d, float16 dmin,
+ * 12 bytes of packed 6-bit (scale, min) at bytes 0..15 ---- */
+
+/* the 8 D[j] = d * sc[j] and M[j] = dmin * m[j]: the 6-bit fields unpacked four at a time
+ * (32-bit masks, ggml's get_scale_min_k4 layout), one vector multiply each; the reference's
+ * products, so the same bits */
+MT_TARGET_AVX2 static inline void kq_scales8(const uint8_t *b, __m256 *D, __m256 *M) {
+    uint16_t dh, mh;
+    uint32_t u0, u1, u2;
+    memcpy(&dh, b, 2);
+    memcpy(&mh, b + 2, 2);
+    memcpy(&u0, b + 4, 4);
+    memcpy(&u1, b + 8, 4);
+    memcpy(&u2, b + 12, 4);
+    uint32_t sc_lo = u0 & 0x3f3f3f3fu, m_lo = u1 & 0x3f3f3f3fu;
+    uint32_t sc_hi = (u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4);
+    uint32_t m_hi = ((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4);
+    __m128i s = _mm_setr_epi32((int)sc_lo, (int)sc_hi, (int)m_lo, (int)m_hi);
+    *D = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32_c(dh)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(s)));
+    *M = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32_c(mh)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(s, 8))));
+}
+
+/* a format's `prep` of x for kernels that factor a sub-block's "- dmin * m" out of its sum:
+ * the sum of each 32 values of x (fixed order) */
+static inline long sum32_len(long cols) { return cols / 32; }
+
+static inline void sum32(const float *x, long cols, float *xp) {
+    for (long j = 0; j < cols / 32; j++) {
+        float s = 0.0f;
+        for (int i = 0; i < 32; i++) s += x[32 * j + i];
+        xp[j] = s;
+    }
+}
+
 #endif
