@@ -98,51 +98,9 @@ def timed_generations(prefill: Callable[[list[int]], int], step: Callable[[int],
 
 
 def _load_moetier(a: argparse.Namespace) -> tuple[Any, dict[str, Any], float]:
-    import moetier
-
-    if a.engine_args and a.engine_args[0].lstrip().startswith("{"):
-        kw: dict[str, Any] = {"dtype": a.dtype, "threads": a.threads, **json.loads(a.engine_args[0])}
-    else:
-        import moetier.cli
-        from moetier.commands import run as run_cmd
-
-        moetier.cli.build_parser()  # imports every command module, so load-option hooks register
-        p = argparse.ArgumentParser()
-        run_cmd.add_load_arguments(p)
-        ns = p.parse_args([a.model, "--dtype", a.dtype, "--threads", str(a.threads), *a.engine_args])
-        kw = run_cmd.load_kwargs(ns)
-    t0 = time.perf_counter()
-    m = moetier.load(a.model, tokenizer=False, **kw)
-    return m, kw, time.perf_counter() - t0
-
-
-def run_moetier_steps(a: argparse.Namespace) -> dict[str, Any]:
-    """moetier through ``Model.step`` in the same timed loop as llama.cpp's (prompt in one
-    forward, then one token per forward; wall and CPU time), in RAM."""
-    import torch
-
-    m, kw, load_s = _load_moetier(a)
-    state: dict[str, Any] = {}
-
-    def reset() -> None:
-        state["seq"] = m.new_sequence(capacity=len(a.prompt_ids) + a.tokens + 1)
-
-    def fwd(ids: list[int]) -> int:
-        return int(m.step([(state["seq"], ids)])[0].argmax())
-
-    res = timed_generations(fwd, lambda t: fwd([t]), reset, a.prompt_ids, a.tokens, a.runs)
-    res.update(load_s=load_s, torch_threads=torch.get_num_threads(), load_kwargs={k: str(v) for k, v in kw.items()},
-               decode_path="native" if m.native_reason is None else "torch", native_reason=m.native_reason,
-               compute_paths=m.compute_paths())
-    return res
-
-
-def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
-    """moetier via the library. Engine options: moetier CLI load flags (through ``moetier run``'s
-    load-option hooks), or one JSON object of keyword arguments; hierarchy options (max_ram,
-    policy, expert_cache, prefetch, ...) go to ``moetier.weights.tiered.load``."""
-    import torch
-
+    """(model, load kwargs, load seconds). Engine options: moetier CLI load flags (through
+    ``moetier run``'s load-option hooks), or one JSON object of keyword arguments; hierarchy
+    options (max_ram, policy, expert_cache, prefetch, ...) go to ``moetier.weights.tiered.load``."""
     import moetier
 
     if a.engine_args and a.engine_args[0].lstrip().startswith("{"):
@@ -166,7 +124,35 @@ def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
         m = tiered.load(a.model, tokenizer=False, **kw)
     else:
         m = moetier.load(a.model, tokenizer=False, **kw)
-    load_s = time.perf_counter() - t0
+    return m, kw, time.perf_counter() - t0
+
+
+def run_moetier_steps(a: argparse.Namespace) -> dict[str, Any]:
+    """moetier through ``Model.step`` in the same timed loop as llama.cpp's (prompt in one
+    forward, then one token per forward; wall and CPU time)."""
+    import torch
+
+    m, kw, load_s = _load_moetier(a)
+    state: dict[str, Any] = {}
+
+    def reset() -> None:
+        state["seq"] = m.new_sequence(capacity=len(a.prompt_ids) + a.tokens + 1)
+
+    def fwd(ids: list[int]) -> int:
+        return int(m.step([(state["seq"], ids)])[0].argmax())
+
+    res = timed_generations(fwd, lambda t: fwd([t]), reset, a.prompt_ids, a.tokens, a.runs)
+    res.update(load_s=load_s, torch_threads=torch.get_num_threads(), load_kwargs={k: str(v) for k, v in kw.items()},
+               decode_path="native" if m.native_reason is None else "torch", native_reason=m.native_reason,
+               compute_paths=m.compute_paths())
+    return res
+
+
+def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
+    """moetier via the library (``generate_ids``); load options as :func:`_load_moetier`."""
+    import torch
+
+    m, kw, load_s = _load_moetier(a)
     metrics = getattr(m, "hierarchy_metrics", None)
 
     def gen(prompt: list[int]) -> Any:
