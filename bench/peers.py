@@ -3,6 +3,7 @@
     python bench/peers.py ENGINE MODEL --prompt-ids 1,2,3 --tokens 32 --runs 5 [--threads 2]
 
 ENGINE is ``moetier``, ``moetier_torch`` (moetier with its native decode turned off),
+``moetier_steps`` (moetier through ``Model.step`` in llama.cpp's timing loop, in RAM),
 ``llama_cpp``, ``transformers`` (eager) or ``transformers_offload``
 (transformers + accelerate, ``device_map="auto"`` with a CPU budget, the rest offloaded to
 disk). Every engine gets the same prompt token ids (no tokenizer in the timed path), decodes
@@ -21,6 +22,21 @@ the moetier venv), so it imports only the standard library at the top.
 time, not on disk: a BPE tokenizer whose pre-tokenizer hash llama.cpp does not know (the
 embedded model's, the synthetic checkpoints') is written with the ``qwen2`` pre-tokenizer
 instead of aborting. The benchmark feeds token ids, so the pre-tokenizer never runs.
+
+``python bench/peers.py quantize IN.gguf OUT.gguf RECIPE [--tensor-type NAME=TYPE ...]
+[--token-embedding-type TYPE] [--output-tensor-type TYPE]`` (llama.cpp's venv) quantizes with
+llama.cpp's own quantizer through ``llama_cpp.llama_model_quantize`` (the library behind
+``llama-quantize``; the same options). RECIPE is a llama ftype name without ``MOSTLY_``
+(``Q8_0``, ``Q4_K_M``, ``MXFP4_MOE``, ...).
+
+llama.cpp's CPU backend repacks Q4_0/Q4_K/Q8_0... weights into "extra buffer types" (AMX on
+Intel CPUs that report it, else AVX-512/AVX2 interleaved layouts). On a VM that reports AMX
+but traps its instructions this dies with SIGILL, so ``run_llama_cpp`` loads with
+``use_extra_bufts = False`` when the CPU flags name AMX (or when told to with the engine option
+``{"use_extra_bufts": false}``) and records which it used (``use_extra_bufts`` in the result).
+
+``python bench/peers.py logits MODEL.gguf --prompt-ids .. --continuation .. --out F.npy``
+(llama.cpp's venv) saves llama.cpp's decode-path logits along a given continuation.
 """
 
 from __future__ import annotations
@@ -35,7 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("moetier", "moetier_torch", "llama_cpp", "transformers", "transformers_offload")
+ENGINES = ("moetier", "moetier_torch", "moetier_steps", "llama_cpp", "transformers", "transformers_offload")
 
 
 def peak_rss_bytes() -> int:
@@ -50,23 +66,29 @@ def timed_generations(prefill: Callable[[list[int]], int], step: Callable[[int],
     ``prefill(prompt) -> first token``; ``step(token) -> next token``; ``reset()`` clears the
     sequence state. Returns per-run rates and the first (cold, warm-up) run's rates.
     """
-    pre, dec, out_ids = [], [], []
+    pre, dec, cpre, cdec, out_ids = [], [], [], [], []
     for _ in range(warmup + runs):
         reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tok = prefill(prompt)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         ids = [tok]
         for _ in range(tokens - 1):
             tok = step(tok)
             ids.append(tok)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         pre.append(len(prompt) / (t1 - t0))
         dec.append((tokens - 1) / (t2 - t1) if tokens > 1 else 0.0)
+        cpre.append(len(prompt) / max(c1 - c0, 1e-9))
+        cdec.append((tokens - 1) / max(c2 - c1, 1e-9) if tokens > 1 else 0.0)
         out_ids = ids
     return {
         "prefill_tokens_per_s_runs": pre[warmup:],
         "decode_tokens_per_s_runs": dec[warmup:],
+        # per CPU-second of the process (all its threads): on a loaded machine, what the engine
+        # costs rather than what the scheduler gave it
+        "prefill_tokens_per_cpu_s_runs": cpre[warmup:],
+        "decode_tokens_per_cpu_s_runs": cdec[warmup:],
         "first_run": {"prefill_tokens_per_s": pre[0], "decode_tokens_per_s": dec[0]} if warmup else None,
         "output_ids": out_ids,
     }
@@ -75,12 +97,10 @@ def timed_generations(prefill: Callable[[list[int]], int], step: Callable[[int],
 # ----------------------------------------------------------------------------- engines
 
 
-def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
-    """moetier via the library. Engine options: moetier CLI load flags (through ``moetier run``'s
-    load-option hooks), or one JSON object of keyword arguments; hierarchy options (max_ram,
-    policy, expert_cache, prefetch, ...) go to ``moetier.weights.tiered.load``."""
-    import torch
-
+def _load_moetier(a: argparse.Namespace) -> tuple[Any, dict[str, Any], float]:
+    """(model, load kwargs, load seconds). Engine options: moetier CLI load flags (through
+    ``moetier run``'s load-option hooks), or one JSON object of keyword arguments; hierarchy
+    options (max_ram, policy, expert_cache, prefetch, ...) go to ``moetier.weights.tiered.load``."""
     import moetier
 
     if a.engine_args and a.engine_args[0].lstrip().startswith("{"):
@@ -104,7 +124,35 @@ def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
         m = tiered.load(a.model, tokenizer=False, **kw)
     else:
         m = moetier.load(a.model, tokenizer=False, **kw)
-    load_s = time.perf_counter() - t0
+    return m, kw, time.perf_counter() - t0
+
+
+def run_moetier_steps(a: argparse.Namespace) -> dict[str, Any]:
+    """moetier through ``Model.step`` in the same timed loop as llama.cpp's (prompt in one
+    forward, then one token per forward; wall and CPU time)."""
+    import torch
+
+    m, kw, load_s = _load_moetier(a)
+    state: dict[str, Any] = {}
+
+    def reset() -> None:
+        state["seq"] = m.new_sequence(capacity=len(a.prompt_ids) + a.tokens + 1)
+
+    def fwd(ids: list[int]) -> int:
+        return int(m.step([(state["seq"], ids)])[0].argmax())
+
+    res = timed_generations(fwd, lambda t: fwd([t]), reset, a.prompt_ids, a.tokens, a.runs)
+    res.update(load_s=load_s, torch_threads=torch.get_num_threads(), load_kwargs={k: str(v) for k, v in kw.items()},
+               decode_path="native" if m.native_reason is None else "torch", native_reason=m.native_reason,
+               compute_paths=m.compute_paths())
+    return res
+
+
+def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
+    """moetier via the library (``generate_ids``); load options as :func:`_load_moetier`."""
+    import torch
+
+    m, kw, load_s = _load_moetier(a)
     metrics = getattr(m, "hierarchy_metrics", None)
 
     def gen(prompt: list[int]) -> Any:
@@ -185,14 +233,47 @@ def profile_decode(m: Any, prompt: list[int], steps: int, top: int = 12) -> dict
     }
 
 
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx" in line for line in f)
+    except OSError:
+        return False
+
+
+def load_llama(model: str, n_ctx: int, threads: int, extra: dict[str, Any],
+               logits_all: bool = False) -> tuple[Any, bool]:
+    """``llama_cpp.Llama`` for ``model``; ``extra["use_extra_bufts"]`` (default: not on AMX CPUs)
+    goes into the model parameters (the high-level constructor has no argument for it).
+    Returns (llm, use_extra_bufts)."""
+    import llama_cpp
+    from llama_cpp import Llama
+
+    extra = dict(extra)
+    bufts = bool(extra.pop("use_extra_bufts", not cpu_has_amx()))
+    orig = llama_cpp.llama_model_default_params
+
+    def params() -> Any:
+        p = orig()
+        p.use_extra_bufts = bufts
+        return p
+
+    llama_cpp.llama_model_default_params = params
+    try:
+        llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                    n_ubatch=512, logits_all=logits_all, verbose=False, **extra)
+    finally:
+        llama_cpp.llama_model_default_params = orig
+    assert llm.model_params.use_extra_bufts == bufts
+    return llm, bufts
+
+
 def run_llama_cpp(a: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
-    from llama_cpp import Llama
 
     extra = dict(json.loads(a.engine_args[0])) if a.engine_args else {}
     t0 = time.perf_counter()
-    llm = Llama(model_path=a.model, n_ctx=len(a.prompt_ids) + a.tokens + 16, n_threads=a.threads,
-                n_threads_batch=a.threads, n_batch=512, n_ubatch=512, logits_all=False, verbose=False, **extra)
+    llm, bufts = load_llama(a.model, len(a.prompt_ids) + a.tokens + 16, a.threads, extra)
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
 
@@ -211,7 +292,8 @@ def run_llama_cpp(a: argparse.Namespace) -> dict[str, Any]:
     res = timed_generations(prefill, step, llm.reset, a.prompt_ids, a.tokens, a.runs)
     import llama_cpp
 
-    res.update(load_s=load_s, use_mmap=extra.get("use_mmap", True), llama_cpp_python=llama_cpp.__version__,
+    res.update(load_s=load_s, use_mmap=extra.get("use_mmap", True), use_extra_bufts=bufts,
+               llama_cpp_python=llama_cpp.__version__,
                system_info=llama_cpp.llama_print_system_info().decode(errors="replace"))
     return res
 
@@ -283,6 +365,62 @@ def convert(llama_cpp_dir: str, argv: list[str]) -> None:
     runpy.run_path(script, run_name="__main__")
 
 
+def llama_cpp_logits(model: str, prompt: list[int], continuation: list[int], threads: int, out: str,
+                     extra: dict[str, Any]) -> bool:
+    """llama.cpp's decode-path logits: the prompt in one forward, then the continuation one
+    token per forward; the last logits of each forward ([1 + len(continuation), V] float32)
+    saved with numpy to ``out``. Returns use_extra_bufts."""
+    import numpy as np
+
+    llm, bufts = load_llama(model, len(prompt) + len(continuation) + 16, threads, extra)
+    n_vocab = llm.n_vocab()
+    rows = []
+    for ids in [prompt, *([t] for t in continuation)]:
+        llm.eval(ids)
+        rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).copy())
+    np.save(out, np.stack(rows).astype(np.float32))
+    return bufts
+
+
+def quantize(src: str, out: str, recipe: str, tensor_types: list[str], token_embedding_type: str | None,
+             output_tensor_type: str | None, threads: int = 0) -> None:
+    """llama.cpp's quantizer (``llama_model_quantize``) with llama-quantize's options:
+    ``tensor_types`` = ["NAME=TYPE", ...] (NAME a regex searched in the tensor name)."""
+    import ctypes
+
+    import llama_cpp
+
+    def ggml_type(name: str) -> int:
+        v = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+        if v is None:
+            raise SystemExit(f"unknown ggml type {name!r}")
+        return int(v)
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{recipe.upper()}", None)
+    if ftype is None:
+        raise SystemExit(f"unknown recipe {recipe!r} (a LLAMA_FTYPE_MOSTLY_* name)")
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = int(ftype)
+    p.nthread = threads
+    if token_embedding_type:
+        p.token_embedding_type = ggml_type(token_embedding_type)
+    if output_tensor_type:
+        p.output_tensor_type = ggml_type(output_tensor_type)
+    keep = []
+    if tensor_types:
+        arr = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, tt in enumerate(tensor_types):
+            name, typ = tt.split("=")
+            keep.append(name.encode())
+            arr[i].pattern = keep[-1]
+            arr[i].type = ggml_type(typ)
+        arr[len(tensor_types)].pattern = None
+        p.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    rc = llama_cpp.llama_model_quantize(src.encode(), out.encode(), ctypes.byref(p))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize({src} -> {out}, {recipe}) failed: {rc}")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -293,6 +431,31 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--llama-cpp-dir", required=True)
         ns, rest = ap.parse_known_args(argv[1:])
         convert(ns.llama_cpp_dir, rest)
+        return 0
+    if argv and argv[0] == "logits":
+        ap = argparse.ArgumentParser(prog="peers.py logits")
+        ap.add_argument("model")
+        ap.add_argument("--prompt-ids", required=True, type=lambda s: [int(x) for x in s.split(",") if x])
+        ap.add_argument("--continuation", required=True, type=lambda s: [int(x) for x in s.split(",") if x])
+        ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+        ap.add_argument("--out", required=True)
+        ap.add_argument("--options", default="{}", help="JSON engine options (use_extra_bufts)")
+        ns = ap.parse_args(argv[1:])
+        bufts = llama_cpp_logits(ns.model, ns.prompt_ids, ns.continuation, ns.threads, ns.out, json.loads(ns.options))
+        print("BENCH_RESULT " + json.dumps({"use_extra_bufts": bufts}))
+        return 0
+    if argv and argv[0] == "quantize":
+        ap = argparse.ArgumentParser(prog="peers.py quantize")
+        ap.add_argument("src")
+        ap.add_argument("out")
+        ap.add_argument("recipe")
+        ap.add_argument("--tensor-type", action="append", default=[])
+        ap.add_argument("--token-embedding-type")
+        ap.add_argument("--output-tensor-type")
+        ap.add_argument("--threads", type=int, default=0)
+        ns = ap.parse_args(argv[1:])
+        quantize(ns.src, ns.out, ns.recipe, ns.tensor_type, ns.token_embedding_type, ns.output_tensor_type,
+                 ns.threads)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("engine", choices=ENGINES)
@@ -313,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if a.engine in ("moetier", "moetier_torch"):
         res = run_moetier(a)
+    elif a.engine == "moetier_steps":
+        res = run_moetier_steps(a)
     elif a.engine == "llama_cpp":
         res = run_llama_cpp(a)
     else:

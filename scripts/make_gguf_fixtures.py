@@ -1,22 +1,32 @@
 """Make the GGUF test fixtures in tests/data/gguf/ with llama.cpp's own tools.
 
-    python scripts/make_gguf_fixtures.py --llama-cpp-dir DIR [--quantize BIN] [--only NAME ...]
+    python scripts/make_gguf_fixtures.py --llama-cpp-dir DIR [--quantize BIN | --llama-python PY] [--only NAME ...]
 
 DIR is llama.cpp's source tree (``vendor/llama.cpp`` of the llama-cpp-python 0.3.36 sdist:
 ``pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:``); its
 ``convert_hf_to_gguf.py`` converts tiny ``save_pretrained`` checkpoints (tests/helpers,
-deterministic from their seed, so the tests rebuild the HF original in memory). BIN is
-llama.cpp's ``llama-quantize`` (``cmake -B build -DGGML_NATIVE=OFF && cmake --build build
---target llama-quantize``), used for the K-quant and MXFP4 fixtures. The converter runs through
+deterministic from their seed, so the tests rebuild the HF original in memory). The
+quantized fixtures (legacy, K, MXFP4, DeepSeek Q8_0) are made by llama.cpp's own quantizer:
+BIN is llama.cpp's ``llama-quantize`` (``cmake -B build -DGGML_NATIVE=OFF && cmake --build
+build --target llama-quantize``); or, without BIN, PY is the interpreter of a venv with
+``llama-cpp-python==0.3.36`` (the bench's ``~/.cache/moetier-bench/llama-venv``), which runs
+the same quantizer library (``llama_cpp.llama_model_quantize``, same options) through
+``bench/peers.py quantize``. The converter runs through
 ``bench/peers.py convert`` (an unknown BPE pre-tokenizer hash -> ``qwen2``; the tiny
 tokenizers have no known hash). Without ``--quantize``, the legacy and MXFP4 fixtures are
+Without either, the legacy and MXFP4 fixtures are
 quantized with gguf-py's quantizers (:func:`requantize_gguf_py`), and the K-quant one only
 with ``--random-k-blocks`` (random K blocks: a decoding test, not a quantization).
 
-The committed fixtures were made on 2026-12-01 with (llama-quantize did not finish building
-on the loaded machine in time):
+The committed fixtures were made on 2026-12-01 with (llama-cpp-python 0.3.36 built by
+``bench/scenarios.py: llama_python``, sources from its sdist):
 
-    python scripts/make_gguf_fixtures.py --llama-cpp-dir .../vendor/llama.cpp --random-k-blocks
+    B=~/.cache/moetier-bench
+    python scripts/make_gguf_fixtures.py --llama-cpp-dir $B/src/llama_cpp_python-0.3.36/vendor/llama.cpp \
+        --llama-python $B/llama-venv/bin/python
+
+(every fixture; the float ones and ``qwen3moe-q8_0`` come from the converter alone, so they
+are the same bytes as before).
 
 Fixtures (name -> family, HF overrides, how it is made) are in :data:`FIXTURES`; the tests
 import the same table to rebuild each original.
@@ -92,7 +102,7 @@ def hf_checkpoint(name: str, root: Path) -> Path:
     return ck
 
 
-def make(name: str, llama_cpp_dir: Path, quantize: Path | None, root: Path) -> Path:
+def make(name: str, llama_cpp_dir: Path, quantize: Path | None, root: Path, llama_python: Path | None = None) -> Path:
     _, _, _, outtype, qargs = FIXTURES[name]
     ck = hf_checkpoint(name, root)
     out = OUT / f"{name}.gguf"
@@ -101,6 +111,9 @@ def make(name: str, llama_cpp_dir: Path, quantize: Path | None, root: Path) -> P
                     str(llama_cpp_dir), str(ck), "--outfile", str(conv), "--outtype", outtype], check=True)
     if qargs is not None and quantize is not None:
         subprocess.run([str(quantize), *qargs[:-1], str(conv), str(out), qargs[-1]], check=True)
+    elif qargs is not None and llama_python is not None:
+        subprocess.run([str(llama_python), str(REPO / "bench" / "peers.py"), "quantize", str(conv), str(out),
+                        qargs[-1], *qargs[:-1]], check=True)
     elif qargs is not None:
         requantize_gguf_py(conv, out, qargs)
     if (ck / "tokenizer.model").exists():
@@ -198,6 +211,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llama-cpp-dir", required=True, type=Path)
     ap.add_argument("--quantize", type=Path, default=None, help="llama-quantize binary")
+    ap.add_argument("--llama-python", type=Path, default=None,
+                    help="without --quantize: python of a venv with llama-cpp-python (llama.cpp's quantizer)")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--random-k-blocks", action="store_true",
                     help="without llama-quantize: write the K-quant fixture's K tensors as random blocks")
@@ -211,7 +226,7 @@ def main() -> int:
             if name == "embedded-vocab":
                 p = embedded_vocab(a.llama_cpp_dir)
             else:
-                p = make(name, a.llama_cpp_dir, a.quantize, Path(tmp))
+                p = make(name, a.llama_cpp_dir, a.quantize, Path(tmp), a.llama_python)
             print(f"{p.relative_to(REPO)}: {p.stat().st_size} bytes")
     return 0
 

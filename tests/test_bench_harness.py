@@ -140,3 +140,30 @@ def test_order_scenarios() -> None:
     got = report.order_scenarios({"overcap@t1": 1, "ram@t1": 2, "embedded@fp32@t1": 3, "embedded@t1": 4, "x": 5},
                                  ["embedded", "ram", "overcap"])
     assert list(got) == ["embedded@t1", "embedded@fp32@t1", "ram@t1", "overcap@t1", "x"]
+
+
+def test_gguf_side_by_side_ratios_table_and_readme_block(tmp_path) -> None:
+    from bench import bench_gguf
+
+    sp = {"moetier": {"64": {"prefill": [10.0, 30.0, 20.0], "decode": [110.0, 90.0, 100.0], "decode_cpu": [300.0]},
+                      "512": {"prefill": [40.0, 60.0], "decode": []}},
+          "llama_cpp": {"64": {"prefill": [20.0, 20.0, 20.0], "decode": [50.0, 50.0, 100.0], "decode_cpu": [100.0]},
+                        "512": {"prefill": [50.0, 50.0], "decode": []}}}
+    r = bench_gguf.ratios(sp, [64, 512])
+    assert set(r) == {"prefill_64", "decode_64", "decode_cpu_64", "prefill_512"}  # only rates both engines have
+    assert r["decode_64"]["ratio_median"] == pytest.approx(2.0) and r["decode_64"]["ratio_best"] == pytest.approx(1.1)
+    assert r["prefill_512"]["ratio_median"] == pytest.approx(1.0)
+    doc = {"prompts": [64, 512], "threads": 1, "rows": [{"scenario": "embedded", "type": "Q4_K_M", "file_bytes": 1.1e7,
+                                           "ratios": r, "same_greedy_tokens": False,
+                                           "accuracy": {"moetier_max_abs_dlogit": 6e-6,
+                                                        "llama_cpp_max_abs_dlogit": 0.08}}]}
+    table = bench_gguf.render(doc)
+    assert ("| embedded | Q4_K_M | 0.01 | 1 | 100.0 / 50.0 (2.00x) | 300.0 / 100.0 (3.00x) | 20.0 / 20.0 (1.00x) | - "
+            "| 50.0 / 50.0 (1.00x) | - | no |") in table
+    assert "6e-06 / 0.08" in table
+    readme = tmp_path / "README.md"
+    readme.write_text("# bench\n\ntext\n")
+    bench_gguf.write_readme(doc, readme)
+    once = readme.read_text()
+    bench_gguf.write_readme(doc, readme)  # replaces its block, keeps the rest
+    assert readme.read_text() == once and once.startswith("# bench\n\ntext\n") and once.count("| embedded |") == 1

@@ -23,6 +23,24 @@ QUANTIZED = ["qwen3moe-q8_0", "qwen3moe-legacy", "qwen3moe-kquant", "qwen3moe-mx
 ALL_QUANTIZED = [*QUANTIZED, "gptoss-mxfp4", "deepseek2-q8_0"]  # transformers' GGUF loader cannot read these
 
 
+# the block types each quantized fixture must hold, and the llama ftype its recipe writes
+# (general.file_type: llama.cpp's quantizer writes the recipe's; gguf-py's requantization
+# would keep the F32 source's 0; scripts/make_gguf_fixtures.py)
+FIXTURE_TYPES = {"qwen3moe-legacy": ({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}, 7),
+                 "qwen3moe-kquant": ({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}, 15),
+                 "qwen3moe-mxfp4": ({"MXFP4", "Q8_0"}, 38), "gptoss-mxfp4": ({"MXFP4", "Q8_0"}, 38),
+                 "deepseek2-q8_0": ({"Q8_0"}, 7)}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_TYPES))
+def test_quantized_fixtures_are_llama_cpp_quantizer_output(name: str) -> None:
+    want, ftype = FIXTURE_TYPES[name]
+    r = gguf.GGUFReader(fixture(name))
+    have = {t.tensor_type.name for t in r.tensors}
+    assert want <= have, (name, have)
+    assert r.fields["general.file_type"].contents() == ftype
+
+
 def transformers_gguf(name: str, spec) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 

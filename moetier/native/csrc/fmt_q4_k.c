@@ -48,69 +48,68 @@ static void rows_scalar(const mt_weight *W, const float *x, const float *xp, flo
     mt_rows_dequant(W, x, y, r0, r1, dequant);
 }
 
+/* Vector kernels: sub-block j's dot product is factored as D[j] * sum(q x) - M[j] * sum(x), the
+ * q exact small integers and sum(x) over each 32 values prepared once per x (`prep`): per 16
+ * weights one extension, one convert and one FMA, no per-weight scale arithmetic. The values
+ * are the reference's (D, M, q bit for bit); only the rounding of the sum differs. */
 MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                      long r1) {
-    (void)xp;
     long nb = W->cols / 256;
-    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m256i m4 = _mm256_set1_epi32(15);
     for (long r = r0; r < r1; r++) {
         const uint8_t *b = (const uint8_t *)mt_row(W, r);
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, am = a0;
         for (long i = 0; i < nb; i++, b += QB) {
-            float D[8], M[8];
-            block_scales(b, D, M);
+            __m256 Dv, Mv;
+            kq_scales8(b, &Dv, &Mv);
+            am = _mm256_fmadd_ps(Mv, _mm256_loadu_ps(xp + 8 * i), am);
             const float *xb = x + 256 * i;
-            for (int p = 0; p < 4; p++) { /* 32 bytes -> sub-blocks 2p (low) and 2p+1 (high) */
-                __m128i q0 = _mm_loadu_si128((const __m128i *)(b + 16 + 32 * p));
-                __m128i q1 = _mm_loadu_si128((const __m128i *)(b + 32 + 32 * p));
-                for (int h = 0; h < 2; h++) {
-                    int j = 2 * p + h;
-                    __m256 d = _mm256_set1_ps(D[j]), m = _mm256_set1_ps(M[j]);
-                    __m128i n0 = h ? _mm_and_si128(_mm_srli_epi16(q0, 4), m4) : _mm_and_si128(q0, m4);
-                    __m128i n1 = h ? _mm_and_si128(_mm_srli_epi16(q1, 4), m4) : _mm_and_si128(q1, m4);
-                    __m128i qs[4] = {n0, _mm_srli_si128(n0, 8), n1, _mm_srli_si128(n1, 8)};
-                    const float *xs = xb + 32 * j;
-                    for (int k = 0; k < 4; k++) {
-                        __m256 w = _mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(qs[k])), d), m);
-                        if (k & 1) a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs + 8 * k), a1);
-                        else a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs + 8 * k), a0);
-                    }
+            for (int p = 0; p < 4; p++) { /* qs[32p, 32p + 32): sub-block 2p (low), 2p + 1 (high) */
+                const uint8_t *q = b + 16 + 32 * p;
+                const float *xs = xb + 64 * p;
+                __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+                for (int k = 0; k < 4; k++) {
+                    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * k)));
+                    s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m4)), _mm256_loadu_ps(xs + 8 * k), s0);
+                    s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), _mm256_loadu_ps(xs + 32 + 8 * k), s1);
                 }
+                a0 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(Dv, _mm256_set1_epi32(2 * p)), s0, a0);
+                a1 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(Dv, _mm256_set1_epi32(2 * p + 1)), s1, a1);
             }
         }
-        y[r] = hsum256(_mm256_add_ps(a0, a1));
+        y[r] = hsum256(_mm256_add_ps(a0, a1)) - hsum256(am);
     }
 }
 
 MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                          long r1) {
-    (void)xp;
     long nb = W->cols / 256;
-    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m512i m4 = _mm512_set1_epi32(15);
     for (long r = r0; r < r1; r++) {
         const uint8_t *b = (const uint8_t *)mt_row(W, r);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        __m256 am = _mm256_setzero_ps();
         for (long i = 0; i < nb; i++, b += QB) {
-            float D[8], M[8];
-            block_scales(b, D, M);
+            __m256 Dv, Mv;
+            kq_scales8(b, &Dv, &Mv);
+            am = _mm256_fmadd_ps(Mv, _mm256_loadu_ps(xp + 8 * i), am);
+            __m512 Dz = _mm512_castps256_ps512(Dv);
             const float *xb = x + 256 * i;
-            for (int p = 0; p < 4; p++) {
-                __m128i q0 = _mm_loadu_si128((const __m128i *)(b + 16 + 32 * p));
-                __m128i q1 = _mm_loadu_si128((const __m128i *)(b + 32 + 32 * p));
-                for (int h = 0; h < 2; h++) {
-                    int j = 2 * p + h;
-                    __m512 d = _mm512_set1_ps(D[j]), m = _mm512_set1_ps(M[j]);
-                    __m128i n0 = h ? _mm_and_si128(_mm_srli_epi16(q0, 4), m4) : _mm_and_si128(q0, m4);
-                    __m128i n1 = h ? _mm_and_si128(_mm_srli_epi16(q1, 4), m4) : _mm_and_si128(q1, m4);
-                    __m512 w0 = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(n0)), d), m);
-                    __m512 w1 = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(n1)), d), m);
-                    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + 32 * j), a0);
-                    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 32 * j + 16), a1);
-                }
+            for (int p = 0; p < 4; p++) { /* qs[32p, 32p + 32): sub-block 2p (low), 2p + 1 (high) */
+                const uint8_t *q = b + 16 + 32 * p;
+                __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+                __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+                const float *xs = xb + 64 * p;
+                __m512 s0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v0, m4)), _mm512_loadu_ps(xs));
+                __m512 s1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4)), _mm512_loadu_ps(xs + 32));
+                s0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v1, m4)), _mm512_loadu_ps(xs + 16), s0);
+                s1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4)), _mm512_loadu_ps(xs + 48), s1);
+                a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_set1_epi32(2 * p), Dz), s0, a0);
+                a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_set1_epi32(2 * p + 1), Dz), s1, a1);
             }
         }
-        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) - hsum256(am);
     }
 }
 
-const mt_fmt mt_fmt_q4_k = {MT_FMT_Q4_K, "q4_k", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL, dequant};
+const mt_fmt mt_fmt_q4_k = {MT_FMT_Q4_K, "q4_k", {rows_scalar, rows_avx2, rows_avx512}, sum32_len, sum32, dequant};

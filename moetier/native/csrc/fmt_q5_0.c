@@ -21,32 +21,57 @@ static void rows_scalar(const mt_weight *W, const float *x, const float *xp, flo
     mt_rows_dequant(W, x, y, r0, r1, dequant);
 }
 
-/* ---- vector kernels: the shared GGUF drivers (simd.h) over this format's scales and codes ---- */
+/* ---- vector kernels: a block's 32 codes (q - 16) unpacked at once into int8 (the reference's
+ * codes), then dot32_i8 and one product with d per block (simd.h) ---- */
 
-MT_TARGET_AVX2 static void scales(const uint8_t *b, float *D, float *M) {
-    uint16_t dh;
-    memcpy(&dh, b, 2);
-    D[0] = D[1] = f16_to_f32_c(dh);
-    M[0] = M[1] = 0.0f;
-}
-
-MT_TARGET_AVX2 static __m128i codes(const uint8_t *b, int t) {
+MT_TARGET_AVX2 static inline void codes32(const uint8_t *b, int8_t *q) {
     uint32_t qh;
     memcpy(&qh, b + 2, 4);
-    __m128i lo = _mm_and_si128(srl8(_mm_loadu_si128((const __m128i *)(b + 6)), 4 * t), _mm_set1_epi8(15));
-    return _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(bits16(qh, 16 * t), 4)), _mm_set1_epi8(16));
+    __m128i qs = _mm_loadu_si128((const __m128i *)(b + 6));
+    const __m128i m4 = _mm_set1_epi8(15);
+    __m256i lo = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
+    __m256i hi = _mm256_and_si256(bytes_from_bits32(qh), _mm256_set1_epi8(16));
+    _mm256_store_si256((__m256i *)q, _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(16)));
 }
 
 MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                      long r1) {
     (void)xp;
-    ggml_rows_avx2(W, x, y, r0, r1, 32, 22, scales, codes);
+    long nb = W->cols / 32;
+    int8_t q[32] __attribute__((aligned(32)));
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        for (long i = 0; i < nb; i++, b += 22) {
+            uint16_t dh;
+            memcpy(&dh, b, 2);
+            codes32(b, q);
+            __m256 s = dot32_i8_avx2(q, x + 32 * i), d = _mm256_set1_ps(f16_to_f32_c(dh));
+            if (i & 1) a1 = _mm256_fmadd_ps(d, s, a1);
+            else a0 = _mm256_fmadd_ps(d, s, a0);
+        }
+        y[r] = hsum256(_mm256_add_ps(a0, a1));
+    }
 }
 
 MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                          long r1) {
     (void)xp;
-    ggml_rows_avx512(W, x, y, r0, r1, 32, 22, scales, codes);
+    long nb = W->cols / 32;
+    int8_t q[32] __attribute__((aligned(32)));
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        for (long i = 0; i < nb; i++, b += 22) {
+            uint16_t dh;
+            memcpy(&dh, b, 2);
+            codes32(b, q);
+            __m512 s = dot32_i8_avx512(q, x + 32 * i), d = _mm512_set1_ps(f16_to_f32_c(dh));
+            if (i & 1) a1 = _mm512_fmadd_ps(d, s, a1);
+            else a0 = _mm512_fmadd_ps(d, s, a0);
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
 }
 
 const mt_fmt mt_fmt_q5_0 = {MT_FMT_Q5_0, "q5_0", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL, dequant};

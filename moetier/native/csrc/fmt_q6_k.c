@@ -29,38 +29,51 @@ static void rows_scalar(const mt_weight *W, const float *x, const float *xp, flo
     mt_rows_dequant(W, x, y, r0, r1, dequant);
 }
 
-/* 16 bytes of 6-bit values (value order) for k = 16t .. 16t+15 of half h */
-MT_TARGET_AVX2 static inline __m128i q6x16(const uint8_t *ql, const uint8_t *qh, int k) {
-    const __m128i m4 = _mm_set1_epi8(0x0f), m2 = _mm_set1_epi8(0x03);
-    __m128i l = _mm_loadu_si128((const __m128i *)(ql + (k & 63)));
-    l = k < 64 ? _mm_and_si128(l, m4) : _mm_and_si128(_mm_srli_epi16(l, 4), m4);
-    __m128i hb = _mm_loadu_si128((const __m128i *)(qh + (k & 31)));
-    int s = 2 * (k >> 5);
-    hb = _mm_and_si128(_mm_srl_epi16(hb, _mm_cvtsi32_si128(s)), m2);
-    return _mm_or_si128(l, _mm_slli_epi16(hb, 4)); /* hb < 4: no carry across bytes */
+/* Vector kernels: a super-block's 256 codes q - 32 are unpacked 32 at a time into int8 (the
+ * same codes as the reference), then each 16 values become w = (d * sc) * (q - 32) (the
+ * reference's product, so the same bits) and one FMA with x. */
+MT_TARGET_AVX2 static inline void unpack_q6(const uint8_t *b, int8_t *q) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03), off = _mm256_set1_epi8(32);
+    for (int h = 0; h < 2; h++) { /* 128 values: ql[64h, 64h + 64), qh[32h, 32h + 32) */
+        __m256i l0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+        __m256i l1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+        __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+        __m256i lo[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                         _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
+        for (int s = 0; s < 4; s++) { /* values 128h + 32s + (0..31): 2-bit highs at bits 2s of qh */
+            __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * s), m3), 4);
+            _mm256_store_si256((__m256i *)(q + 128 * h + 32 * s), _mm256_sub_epi8(_mm256_or_si256(lo[s], hi), off));
+        }
+    }
+}
+
+/* the 16 scales d * sc of a super-block */
+MT_TARGET_AVX2 static inline void scales16(const uint8_t *b, __m256 *lo, __m256 *hi) {
+    uint16_t dh;
+    memcpy(&dh, b + 208, 2);
+    __m256 d = _mm256_set1_ps(f16_to_f32_c(dh));
+    __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
+    *lo = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+    *hi = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
 }
 
 MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                      long r1) {
     (void)xp;
     long nb = W->cols / 256;
-    const __m256i off = _mm256_set1_epi32(32);
+    int8_t q[256] __attribute__((aligned(32)));
     for (long r = r0; r < r1; r++) {
         const uint8_t *b = (const uint8_t *)mt_row(W, r);
         __m256 a0 = _mm256_setzero_ps(), a1 = a0;
         for (long i = 0; i < nb; i++, b += QB) {
-            const int8_t *sc = (const int8_t *)(b + 192);
-            uint16_t dh;
-            memcpy(&dh, b + 208, 2);
-            float d = f16_to_f32_c(dh);
+            unpack_q6(b, q);
+            __m256 S[2];
+            scales16(b, &S[0], &S[1]);
             const float *xb = x + 256 * i;
             for (int t = 0; t < 16; t++) { /* 16 values sharing one scale */
-                int h = t >> 3, k = 16 * (t & 7);
-                __m128i q = q6x16(b + 64 * h, b + 128 + 32 * h, k);
-                __m256 D = _mm256_set1_ps(d * (float)sc[t]);
-                __m256 w0 = _mm256_mul_ps(D, _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(q), off)));
-                __m256 w1 = _mm256_mul_ps(D, _mm256_cvtepi32_ps(_mm256_sub_epi32(
-                                                 _mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)), off)));
+                __m256 D = _mm256_permutevar8x32_ps(S[t >> 3], _mm256_set1_epi32(t & 7));
+                __m256 w0 = _mm256_mul_ps(D, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16 * t)))));
+                __m256 w1 = _mm256_mul_ps(D, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16 * t + 8)))));
                 a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb + 16 * t), a0);
                 a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 16 * t + 8), a1);
             }
@@ -73,24 +86,23 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
                                          long r1) {
     (void)xp;
     long nb = W->cols / 256;
-    const __m512i off = _mm512_set1_epi32(32);
+    int8_t q[256] __attribute__((aligned(64)));
     for (long r = r0; r < r1; r++) {
         const uint8_t *b = (const uint8_t *)mt_row(W, r);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0;
         for (long i = 0; i < nb; i++, b += QB) {
-            const int8_t *sc = (const int8_t *)(b + 192);
-            uint16_t dh;
-            memcpy(&dh, b + 208, 2);
-            float d = f16_to_f32_c(dh);
+            unpack_q6(b, q);
+            __m256 lo, hi;
+            scales16(b, &lo, &hi);
+            float Ds[16] __attribute__((aligned(64)));
+            _mm256_store_ps(Ds, lo);
+            _mm256_store_ps(Ds + 8, hi);
             const float *xb = x + 256 * i;
             for (int t = 0; t < 16; t += 2) {
-                int h = t >> 3, k = 16 * (t & 7);
-                __m128i q0 = q6x16(b + 64 * h, b + 128 + 32 * h, k);
-                __m128i q1 = q6x16(b + 64 * h, b + 128 + 32 * h, k + 16);
-                __m512 w0 = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[t]),
-                                          _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(q0), off)));
-                __m512 w1 = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[t + 1]),
-                                          _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(q1), off)));
+                __m512 w0 = _mm512_mul_ps(_mm512_set1_ps(Ds[t]),
+                                          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(q + 16 * t)))));
+                __m512 w1 = _mm512_mul_ps(_mm512_set1_ps(Ds[t + 1]),
+                                          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(q + 16 * t + 16)))));
                 a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + 16 * t), a0);
                 a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16 * t + 16), a1);
             }

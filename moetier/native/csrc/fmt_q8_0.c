@@ -19,6 +19,8 @@ static void rows_scalar(const mt_weight *W, const float *x, const float *xp, flo
     mt_rows_dequant(W, x, y, r0, r1, dequant);
 }
 
+/* Vector kernels: a block's dot product sum(q x) with the exact q (dot32_i8), then times d
+ * (one product per block instead of one per weight; the summation differs from the reference's) */
 MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
                                      long r1) {
     (void)xp;
@@ -29,16 +31,9 @@ MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const f
         for (long i = 0; i < nb; i++, b += QB) {
             uint16_t dh;
             memcpy(&dh, b, 2);
-            __m256 d = _mm256_set1_ps(f16_to_f32_c(dh));
-            const float *xb = x + 32 * i;
-            for (int k = 0; k < 4; k += 2) {
-                __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                              _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * k)))), d);
-                __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                              _mm_loadl_epi64((const __m128i *)(b + 10 + 8 * k)))), d);
-                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb + 8 * k), a0);
-                a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8 * k + 8), a1);
-            }
+            __m256 s = dot32_i8_avx2((const int8_t *)(b + 2), x + 32 * i), d = _mm256_set1_ps(f16_to_f32_c(dh));
+            if (i & 1) a1 = _mm256_fmadd_ps(d, s, a1);
+            else a0 = _mm256_fmadd_ps(d, s, a0);
         }
         y[r] = hsum256(_mm256_add_ps(a0, a1));
     }
@@ -54,11 +49,9 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
         for (long i = 0; i < nb; i++, b += QB) {
             uint16_t dh;
             memcpy(&dh, b, 2);
-            __m512 d = _mm512_set1_ps(f16_to_f32_c(dh));
-            __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)))), d);
-            __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18)))), d);
-            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + 32 * i), a0);
-            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 32 * i + 16), a1);
+            __m512 s = dot32_i8_avx512((const int8_t *)(b + 2), x + 32 * i), d = _mm512_set1_ps(f16_to_f32_c(dh));
+            if (i & 1) a1 = _mm512_fmadd_ps(d, s, a1);
+            else a0 = _mm512_fmadd_ps(d, s, a0);
         }
         y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
     }

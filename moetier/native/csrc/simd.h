@@ -93,6 +93,34 @@ MT_TARGET_AVX512 static inline void ggml_rows_avx512(const mt_weight *W, const f
     }
 }
 
+/* 32 int8 codes q times x (float32), not yet reduced: sum over lanes = sum q[i] x[i]. For
+ * blocks of 32 sharing one scale d (q8_0, q5_0): acc = fma(d, dot32, acc), one product with d
+ * per block instead of one per weight. */
+MT_TARGET_AVX2 static inline __m256 dot32_i8_avx2(const int8_t *q, const float *x) {
+#define Q8(k) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * (k)))))
+    __m256 s0 = _mm256_mul_ps(Q8(0), _mm256_loadu_ps(x)), s1 = _mm256_mul_ps(Q8(1), _mm256_loadu_ps(x + 8));
+    s0 = _mm256_fmadd_ps(Q8(2), _mm256_loadu_ps(x + 16), s0);
+    s1 = _mm256_fmadd_ps(Q8(3), _mm256_loadu_ps(x + 24), s1);
+#undef Q8
+    return _mm256_add_ps(s0, s1);
+}
+
+MT_TARGET_AVX512 static inline __m512 dot32_i8_avx512(const int8_t *q, const float *x) {
+    __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))),
+                             _mm512_loadu_ps(x));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))),
+                           _mm512_loadu_ps(x + 16), s);
+}
+
+/* 32 bits -> 32 bytes of 0x00 / 0xff (byte j: bit j) */
+MT_TARGET_AVX2 static inline __m256i bytes_from_bits32(uint32_t bits) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i sel = _mm256_set1_epi64x(0x8040201008040201LL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+}
+
 /* 16 bytes >> s (per 16-bit lane; callers mask) */
 MT_TARGET_AVX2 static inline __m128i srl8(__m128i v, int s) { return _mm_srl_epi16(v, _mm_cvtsi32_si128(s)); }
 
@@ -102,6 +130,40 @@ MT_TARGET_AVX2 static inline __m128i bits16(uint32_t qh, int j0) {
     uint32_t h = qh >> j0;
     __m128i bytes = _mm_unpacklo_epi64(_mm_set1_epi8((char)(h & 0xff)), _mm_set1_epi8((char)((h >> 8) & 0xff)));
     return _mm_min_epu8(_mm_and_si128(bytes, sel), _mm_set1_epi8(1));
+}
+
+/* ---- K-quant super-blocks with 8 sub-blocks of 32 (q4_k, q5_k): float16 d, float16 dmin,
+ * 12 bytes of packed 6-bit (scale, min) at bytes 0..15 ---- */
+
+/* the 8 D[j] = d * sc[j] and M[j] = dmin * m[j]: the 6-bit fields unpacked four at a time
+ * (32-bit masks, ggml's get_scale_min_k4 layout), one vector multiply each; the reference's
+ * products, so the same bits */
+MT_TARGET_AVX2 static inline void kq_scales8(const uint8_t *b, __m256 *D, __m256 *M) {
+    uint16_t dh, mh;
+    uint32_t u0, u1, u2;
+    memcpy(&dh, b, 2);
+    memcpy(&mh, b + 2, 2);
+    memcpy(&u0, b + 4, 4);
+    memcpy(&u1, b + 8, 4);
+    memcpy(&u2, b + 12, 4);
+    uint32_t sc_lo = u0 & 0x3f3f3f3fu, m_lo = u1 & 0x3f3f3f3fu;
+    uint32_t sc_hi = (u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4);
+    uint32_t m_hi = ((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4);
+    __m128i s = _mm_setr_epi32((int)sc_lo, (int)sc_hi, (int)m_lo, (int)m_hi);
+    *D = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32_c(dh)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(s)));
+    *M = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32_c(mh)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(s, 8))));
+}
+
+/* a format's `prep` of x for kernels that factor a sub-block's "- dmin * m" out of its sum:
+ * the sum of each 32 values of x (fixed order) */
+static inline long sum32_len(long cols) { return cols / 32; }
+
+static inline void sum32(const float *x, long cols, float *xp) {
+    for (long j = 0; j < cols / 32; j++) {
+        float s = 0.0f;
+        for (int i = 0; i < 32; i++) s += x[32 * j + i];
+        xp[j] = s;
+    }
 }
 
 #endif
