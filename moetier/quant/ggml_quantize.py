@@ -323,6 +323,7 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], recipe: str, *, n_layers
         fb = FALLBACK.get(t, t)
         if shape[-1] % block_size(fb):
             fb = "F16"
-        note = f"{gguf_name}: rows of {shape[-1]} values are not whole {block_size(t)}-value {t} blocks -> {fb}"
+        note = (f"{gguf_name}: rows of {shape[-1]} values are not whole {block_size(t)}-value {t} blocks; "
+                f"{fb} instead (llama-quantize's fallback)")
         t = fb
     return t, note

@@ -104,8 +104,8 @@ def _hf_metadata(w: Any, cfg: dict, arch: str, name: str) -> None:
         return cfg[key]
 
     if cfg.get("rope_scaling"):
-        raise ConfigError(f"config.json: rope_scaling {cfg['rope_scaling']} is not written to GGUF by moetier "
-                          "yet (convert this checkpoint with llama.cpp's convert_hf_to_gguf.py, then quantize that file)")
+        raise ConfigError(f"config.json: rope_scaling {cfg['rope_scaling']} is not written to GGUF by moetier yet "
+                          "(convert with llama.cpp's convert_hf_to_gguf.py, then quantize that file)")
     n_exp = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
     w.add_type("model")
     w.add_name(name)
@@ -153,7 +153,7 @@ def _pre_tokenizer(tj: dict) -> tuple[str, str | None]:
                        "(GPT-2's split): token ids may differ from the HF tokenizer's")
 
 
-def _hf_tokenizer(w: Any, src: Path, cfg: dict, arch: str, notes: list[str]) -> None:
+def _hf_tokenizer(w: Any, src: Path, cfg: dict, arch: str, note: Callable[[str], None]) -> None:
     gguf = import_gguf()
     n_vocab = int(cfg.get("vocab_size") or 0)
     if (src / "tokenizer.model").exists() and arch == "llama":
@@ -204,9 +204,9 @@ def _hf_tokenizer(w: Any, src: Path, cfg: dict, arch: str, notes: list[str]) -> 
             tokens.append(t), types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(t), types.append(gguf.TokenType.NORMAL)
-    pre, note = _pre_tokenizer(tj)
-    if note:
-        notes.append(note)
+    pre, why = _pre_tokenizer(tj)
+    if why:
+        note(why)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -319,6 +319,11 @@ def write_gguf(src: str | Path, out: str | Path, recipe: str,
     t0 = time.perf_counter()
     rep = WriteReport(out, recipe)
     notes = rep.notes
+
+    def note(s: str) -> None:
+        notes.append(s)
+        if on_note:
+            on_note(s)
     idx = reader = None
     if src.is_file() and src.suffix == ".gguf":
         try:
@@ -356,16 +361,14 @@ def write_gguf(src: str | Path, out: str | Path, recipe: str,
     planned: list[Planned] = []
     for name, shape, fetch in sorted(items, key=lambda it: _order(it[0])):
         if recipe in FLOAT_TYPES:
-            t, note = (recipe if quantizable(name, shape) else "keep"), None
+            t, fb = (recipe if quantizable(name, shape) else "keep"), None
         else:
-            t, note = tensor_type(name, shape, recipe, n_layers=n_layers, n_experts=n_exp, tied=tied)
+            t, fb = tensor_type(name, shape, recipe, n_layers=n_layers, n_experts=n_exp, tied=tied)
         raw = False
         if t == "keep":
             t, raw = keep_as.get(name, "F32"), name in keep_as
-        if note:
-            notes.append(note)
-            if on_note:
-                on_note(note)
+        if fb:
+            note(fb)
         planned.append(Planned(name, shape, t, fetch, raw))
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -375,7 +378,7 @@ def write_gguf(src: str | Path, out: str | Path, recipe: str,
             _copy_metadata(w, reader)
         else:
             _hf_metadata(w, cfg, arch, src.name)
-            _hf_tokenizer(w, src, cfg, arch, notes)
+            _hf_tokenizer(w, src, cfg, arch, note)
         w.add_file_type(FILE_TYPES[recipe])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         gqt = gguf.GGMLQuantizationType
