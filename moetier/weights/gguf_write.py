@@ -97,43 +97,37 @@ def _encode(values: np.ndarray, t: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- HF checkpoint source
 
 
-def _hf_metadata(w: Any, cfg: dict, arch: str, name: str) -> None:
-    def need(key: str) -> Any:
-        if cfg.get(key) is None:
-            raise ConfigError(f"config.json: '{key}' is missing (needed for the GGUF metadata)")
-        return cfg[key]
-
-    if cfg.get("rope_scaling"):
-        raise ConfigError(f"config.json: rope_scaling {cfg['rope_scaling']} is not written to GGUF by moetier yet "
+def _hf_metadata(w: Any, spec: Any, arch: str, name: str) -> None:
+    """The ``{arch}.*`` keys llama.cpp's converter writes, from the :class:`~moetier.spec.ModelSpec`."""
+    rs = dict(spec.rope_scaling or {})
+    if rs.get("rope_type", rs.get("type", "default")) not in ("default", None):
+        raise ConfigError(f"config.json: rope scaling {rs} is not written to GGUF by moetier yet "
                           "(convert with llama.cpp's convert_hf_to_gguf.py, then quantize that file)")
-    n_exp = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
     w.add_type("model")
     w.add_name(name)
-    w.add_block_count(int(need("num_hidden_layers")))
-    w.add_context_length(int(need("max_position_embeddings")))
-    w.add_embedding_length(int(need("hidden_size")))
-    w.add_feed_forward_length(int(need("intermediate_size")))
-    n_head = int(need("num_attention_heads"))
-    w.add_head_count(n_head)
-    w.add_head_count_kv(int(cfg.get("num_key_value_heads") or n_head))
-    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
-    w.add_layer_norm_rms_eps(float(need("rms_norm_eps")))
-    if n_exp:
-        w.add_expert_count(n_exp)
-        w.add_expert_used_count(int(need("num_experts_per_tok")))
-    head_dim = int(cfg.get("head_dim") or int(need("hidden_size")) // n_head)
+    w.add_block_count(spec.num_layers)
+    w.add_context_length(spec.max_position_embeddings)
+    w.add_embedding_length(spec.hidden_size)
+    w.add_feed_forward_length(spec.intermediate_size)
+    w.add_head_count(spec.num_heads)
+    w.add_head_count_kv(spec.num_kv_heads)
+    w.add_rope_freq_base(float(spec.rope_theta))
+    w.add_layer_norm_rms_eps(float(spec.rms_norm_eps))
+    if spec.num_experts:
+        w.add_expert_count(spec.num_experts)
+        w.add_expert_used_count(spec.top_k)
     if arch == "qwen3moe":
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    if arch in ("qwen3moe", "qwen2moe") and n_exp:
-        w.add_expert_feed_forward_length(int(need("moe_intermediate_size")))
-    if arch == "qwen2moe" and cfg.get("shared_expert_intermediate_size"):
-        w.add_expert_shared_feed_forward_length(int(cfg["shared_expert_intermediate_size"]))
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
+    if arch in ("qwen3moe", "qwen2moe") and spec.num_experts:
+        w.add_expert_feed_forward_length(spec.expert_intermediate_size)
+    if arch == "qwen2moe" and spec.shared_expert_intermediate_size:
+        w.add_expert_shared_feed_forward_length(spec.shared_expert_intermediate_size)
     if arch == "llama":
-        w.add_vocab_size(int(need("vocab_size")))
-        w.add_rope_dimension_count(head_dim)
-    if cfg.get("sliding_window") and (arch == "llama" or cfg.get("use_sliding_window")):
-        w.add_sliding_window(int(cfg["sliding_window"]))
+        w.add_vocab_size(spec.vocab_size)
+        w.add_rope_dimension_count(spec.head_dim)
+    if spec.sliding_window:
+        w.add_sliding_window(int(spec.sliding_window))
 
 
 def _pre_tokenizer(tj: dict) -> tuple[str, str | None]:
@@ -153,9 +147,9 @@ def _pre_tokenizer(tj: dict) -> tuple[str, str | None]:
                        "(GPT-2's split): token ids may differ from the HF tokenizer's")
 
 
-def _hf_tokenizer(w: Any, src: Path, cfg: dict, arch: str, note: Callable[[str], None]) -> None:
+def _hf_tokenizer(w: Any, src: Path, spec: Any, arch: str, note: Callable[[str], None]) -> None:
     gguf = import_gguf()
-    n_vocab = int(cfg.get("vocab_size") or 0)
+    n_vocab = spec.vocab_size
     if (src / "tokenizer.model").exists() and arch == "llama":
         try:
             import sentencepiece as spm
@@ -214,15 +208,12 @@ def _hf_tokenizer(w: Any, src: Path, cfg: dict, arch: str, note: Callable[[str],
     gguf.SpecialVocab(src, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
 
 
-def _hf_plan(src: Path, cfg: dict, arch: str) -> tuple[list[tuple[str, tuple[int, ...], Callable]], Any]:
+def _hf_plan(src: Path, spec: Any, arch: str) -> tuple[list[tuple[str, tuple[int, ...], Callable]], Any]:
     """(GGUF name, shape, fetch float32) for every tensor of the checkpoint, experts merged."""
     from moetier.weights.safetensors_io import SafetensorsIndex
 
     idx = SafetensorsIndex(src)
-    n_layers = int(cfg["num_hidden_layers"])
-    n_head = int(cfg["num_attention_heads"])
-    n_kv = int(cfg.get("num_key_value_heads") or n_head)
-    n_exp = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    n_layers, n_head, n_kv, n_exp = spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.num_experts
     plain: dict[str, str] = {}
     experts: dict[str, dict[int, str]] = {}
     for hf in idx.names():
@@ -338,21 +329,19 @@ def write_gguf(src: str | Path, out: str | Path, recipe: str,
         items = [(n, s, f) for n, s, f, _ in plan4]
         keep_as = {n: ty for n, _, _, ty in plan4}
     elif src.is_dir():
+        from moetier.spec import load_spec
+
+        spec = load_spec(src)
         cfg_path = src / "config.json"
-        if not cfg_path.exists():
-            raise ConfigError(f"{cfg_path}: no such file (expected a checkpoint directory or a float .gguf)")
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        if cfg.get("quantization_config"):
-            raise ConfigError(f"{cfg_path}: the checkpoint is already quantized "
-                              f"({cfg['quantization_config'].get('quant_method')}); quantize a bf16 / fp32 checkpoint")
-        mt = cfg.get("model_type")
-        arch = HF_ARCHS.get(mt, "")
+        if spec.quantization is not None:
+            raise ConfigError(f"{cfg_path}: the checkpoint is already quantized ({spec.quantization.method}); "
+                              "quantize a bf16 / fp32 checkpoint")
+        arch = HF_ARCHS.get(spec.family, "")
         if not arch:
-            raise ConfigError(f"{cfg_path}: model_type {mt!r} cannot be written to GGUF by moetier "
+            raise ConfigError(f"{cfg_path}: model_type {spec.model_type!r} cannot be written to GGUF by moetier "
                               f"(supported: {', '.join(HF_ARCHS)})")
-        n_layers = int(cfg.get("num_hidden_layers") or 0)
-        n_exp = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
-        items, idx = _hf_plan(src, cfg, arch)
+        n_layers, n_exp = spec.num_layers, spec.num_experts
+        items, idx = _hf_plan(src, spec, arch)
         keep_as = {}
     else:
         raise ConfigError(f"{src}: no such checkpoint directory or .gguf file")
@@ -377,8 +366,8 @@ def write_gguf(src: str | Path, out: str | Path, recipe: str,
         if reader is not None:
             _copy_metadata(w, reader)
         else:
-            _hf_metadata(w, cfg, arch, src.name)
-            _hf_tokenizer(w, src, cfg, arch, note)
+            _hf_metadata(w, spec, arch, src.name)
+            _hf_tokenizer(w, src, spec, arch, note)
         w.add_file_type(FILE_TYPES[recipe])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         gqt = gguf.GGMLQuantizationType
