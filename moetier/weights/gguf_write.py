@@ -3,7 +3,8 @@
 Source: an HF checkpoint directory (safetensors, bf16 / fp16 / fp32) of a supported family
 (``qwen3_moe``, ``qwen2_moe``, ``mixtral``, ``olmoe``, dense ``llama``), or a float GGUF
 (F32 / F16 / BF16, e.g. the output of llama.cpp's ``convert_hf_to_gguf.py``), whose metadata
-is copied as it is.
+is copied as it is. A quantized GGUF is refused, except with a float output type
+(``--type F32`` writes its dequantization: the float reference of a quantized file).
 
 From a checkpoint the file is what llama.cpp's converter writes: tensor names from
 :func:`moetier.weights.gguf_io.gguf_tensor_name` (the inverse of the reader's mapping: one
@@ -271,19 +272,24 @@ def _copy_metadata(w: Any, reader: Any) -> None:
         w.add_key_value(name, f.contents(), vtype, sub_type=sub)
 
 
-def _gguf_plan(reader: Any, src: Path) -> list[tuple[str, tuple[int, ...], Callable, str]]:
+def _gguf_plan(reader: Any, src: Path, recipe: str) -> list[tuple[str, tuple[int, ...], Callable, str]]:
+    """(name, shape, fetch float32, stored type) per tensor of a GGUF source. Block-typed tensors
+    are accepted for a float output (``--type F32``: dequantize), not to be quantized again."""
+    gguf = import_gguf()
     out = []
     for t in reader.tensors:
         tname = t.tensor_type.name
-        if tname not in FLOAT_TYPES:
+        if tname not in FLOAT_TYPES and recipe not in FLOAT_TYPES:
             raise WeightError(f"{src}: tensor '{t.name}' is {tname}; moetier quantize reads float GGUF files "
-                              "(F32 / F16 / BF16), not already-quantized ones")
+                              "(F32 / F16 / BF16), not already-quantized ones (--type F32 dequantizes one)")
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
 
         def fetch(t: Any = t, shape: tuple[int, ...] = shape) -> np.ndarray:
             a = np.asarray(t.data)
             if t.tensor_type.name == "BF16":
                 return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+            if t.tensor_type.name not in FLOAT_TYPES:
+                return gguf.quants.dequantize(a, t.tensor_type).astype(np.float32).reshape(shape)
             return a.astype(np.float32).reshape(shape)
 
         out.append((t.name, shape, fetch, tname))
@@ -325,7 +331,7 @@ def write_gguf(src: str | Path, out: str | Path, recipe: str,
         meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith(f"{arch}.")
                 and k.split(".", 1)[1] in ("block_count", "expert_count")}
         n_layers, n_exp = int(meta.get(f"{arch}.block_count", 0)), int(meta.get(f"{arch}.expert_count", 0) or 0)
-        plan4 = _gguf_plan(reader, src)
+        plan4 = _gguf_plan(reader, src, recipe)
         items = [(n, s, f) for n, s, f, _ in plan4]
         keep_as = {n: ty for n, _, _, ty in plan4}
     elif src.is_dir():
@@ -356,6 +362,8 @@ def write_gguf(src: str | Path, out: str | Path, recipe: str,
         raw = False
         if t == "keep":
             t, raw = keep_as.get(name, "F32"), name in keep_as
+            if t not in FLOAT_TYPES:  # a block-typed tensor llama-quantize would not quantize: dequantize it
+                t, raw = "F32", False
         if fb:
             note(fb)
         planned.append(Planned(name, shape, t, fetch, raw))

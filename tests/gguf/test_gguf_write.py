@@ -76,25 +76,6 @@ def wide(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("wide"), "qwen3_moe", seed=21, **over)
 
 
-def dequantized_f32(src: Path, dst: Path) -> None:
-    """The same GGUF with every block tensor replaced by its float32 dequantization (gguf-py)."""
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, str(r.fields["general.architecture"].contents()))
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
-            continue
-        vtype = f.types[0]
-        w.add_key_value(name, f.contents(), vtype, f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        shape = [int(x) for x in reversed(t.shape.tolist())]
-        w.add_tensor(t.name, np.ascontiguousarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-                                                  .reshape(shape).astype(np.float32)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.mark.parametrize("recipe", ["Q4_K_M", "Q8_0", "Q6_K", "Q5_K_M"])
 def test_round_trip_and_logits(recipe: str, wide: Path, tmp_path: Path) -> None:
     out = tmp_path / f"m-{recipe}.gguf"
@@ -132,7 +113,8 @@ def test_round_trip_and_logits(recipe: str, wide: Path, tmp_path: Path) -> None:
     idx.close()
     # end to end: the quantized file runs like the same weights dequantized to float32
     deq = tmp_path / "deq.gguf"
-    dequantized_f32(out, deq)
+    write_gguf(out, deq, "F32")  # every block tensor dequantized (gguf-py), the rest copied
+    assert {t.tensor_type.name for t in gguf.GGUFReader(deq).tensors} == {"F32"}
     prompt = torch.randint(3, 200, (13,), generator=torch.Generator().manual_seed(1))
     a = moetier.load(out, dtype="float32", tokenizer=False).logits(prompt)
     b = moetier.load(deq, dtype="float32", tokenizer=False).logits(prompt)
