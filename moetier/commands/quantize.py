@@ -40,14 +40,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Quantize a bf16/fp32 checkpoint into a released on-disk layout: compressed-tensors "
         "pack-quantized int4/int8 or FP8 e4m3 with 128x128 block scales (--format, round to nearest), or a "
         "GGUF file llama.cpp loads (--type: llama.cpp's quantizers and per-tensor recipe).",
-        epilog="examples:\n  moetier quantize ./model ./model-int4 --format int4\n"
-        "  moetier quantize ./model model-Q4_K_M.gguf --type Q4_K_M\n\n"
-        "GGUF types: Q8_0, Q6_K, Q5_K, Q4_K put every quantizable tensor in that type (Q8_0 and Q6_K are also "
-        "llama.cpp's presets of those names); Q4_K_M / Q5_K_M are llama.cpp's mixes (output.weight, and attn_v "
-        "and ffn_down in some layers, at Q6_K). Norms, routers and 1-D tensors stay F32. A tensor whose rows are "
-        "not whole 256-value blocks falls back as llama-quantize does (Q4_K -> Q5_0, Q5_K -> Q5_1, "
-        "Q6_K -> Q8_0; said once per tensor). Unlike llama-quantize, Q4_K / Q5_K here are not aliases of "
-        "Q4_K_M / Q5_K_M.",
+        epilog="example:\n  moetier quantize moetier/data/embedded emb-Q8_0.gguf --type Q8_0\n\n"
+        "GGUF types (llama.cpp's quantizers: blocks identical to llama-quantize's without an imatrix):\n"
+        "  Q8_0, Q6_K        llama.cpp's presets of those names\n"
+        "  Q4_K, Q5_K        every quantizable tensor in that type (llama-quantize --pure; not aliases\n"
+        "                    of Q4_K_M / Q5_K_M as in llama-quantize)\n"
+        "  Q4_K_M, Q5_K_M    llama.cpp's mixes: output.weight, and attn_v / ffn_down in some layers, Q6_K\n"
+        "  F32, F16, BF16    float (from a quantized .gguf: its dequantization)\n"
+        "Norms, routers and 1-D tensors stay F32. Rows that are not whole 256-value blocks fall back as\n"
+        "llama-quantize does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), said once per tensor.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", metavar="SRC", help="checkpoint directory (bf16 / fp32), or a float .gguf for --type")

@@ -286,16 +286,16 @@ def _more_bits(i: int, n: int) -> bool:
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], recipe: str, *, n_layers: int, n_experts: int,
                 tied: bool) -> tuple[str, str | None]:
-    """(ggml type name, note) for one tensor under ``recipe``: a float tensor llama-quantize
-    leaves alone keeps ``F32``/``F16`` (caller's choice, returned as ``"keep"``); ``note`` says
-    when llama.cpp's shape fallback applied.
+    """(ggml type name, note) for one tensor under ``recipe``: ``"keep"`` for a tensor
+    llama-quantize leaves as it is (the caller keeps its float type); ``note`` says when
+    llama.cpp's shape fallback applied.
 
-    Plain recipes (Q8_0, Q6_K, Q5_K, Q4_K) put every quantizable tensor in that type (llama.cpp
-    ``--pure``; for Q8_0 and Q6_K also what its presets do, apart from Mixtral-style 8-expert
-    models, whose Q6_K preset keeps attn_k / attn_v at Q8_0). Q4_K_M / Q5_K_M follow llama.cpp's
-    preset: output.weight (and a tied token_embd) Q6_K; attn_v, and ffn_down (routed and
-    shared experts) in the layers :func:`_more_bits` picks, Q6_K (Q4_K_M) / Q6_K (Q5_K_M);
-    8-expert models: attn_v and attn_k Q8_0, attn_output Q5_K (Q4_K_M)."""
+    Q4_K / Q5_K put every quantizable tensor in that type (llama-quantize ``--pure``). Q8_0,
+    Q6_K, Q5_K_M and Q4_K_M are llama.cpp's presets (``llama_tensor_get_type``):
+    output.weight (and a tied token_embd) Q6_K (Q8_0 when its rows are not whole 256-blocks;
+    Q8_0 preset: Q8_0); Q4_K_M / Q5_K_M: attn_v, and ffn_down (routed and shared experts), in
+    the layers :func:`_more_bits` picks at Q6_K; 8-expert (Mixtral-style) models: attn_v and
+    attn_k Q8_0 (Q4_K_M, Q5_K_M, Q6_K), attn_output Q5_K (Q4_K_M)."""
     if not quantizable(gguf_name, shape):
         return "keep", None
     base = recipe.split("_")[0] + "_" + recipe.split("_")[1]  # Q4_K_M -> Q4_K
