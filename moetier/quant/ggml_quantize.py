@@ -231,7 +231,7 @@ _OURS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"Q4_K": _q4_k, "Q5_K": _
 _GGUF_PY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 FLOAT_TYPES = ("F32", "F16", "BF16")
-CHUNK_BLOCKS = 1 << 14  # super-blocks per numpy pass (bounds the temporaries: ~100 MB)
+CHUNK_BLOCKS = 1 << 9  # super-blocks per numpy pass: temporaries stay in cache (2.3x faster than 1 << 14)
 
 
 def block_size(type_name: str) -> int:
