@@ -19,6 +19,13 @@ On the embedded model (``moetier/data/embedded``):
    quantizes activations to 8 bits for its K-quant / Q8_0 dot products, moetier keeps them
    float32).
 
+3. The other families moetier writes (tiny random-weight checkpoints of tests/helpers: qwen2_moe
+   with shared experts and biases, mixtral with its permuted q/k rows and a SentencePiece
+   vocabulary, olmoe with full-width q/k norms (as many KV heads as heads: llama.cpp's OLMoE
+   has no GQA), qwen3_moe) at Q8_0: llama.cpp loads each file and decodes 16 greedy tokens;
+   moetier, teacher-forced on llama.cpp's tokens, gives its own argmax per step (a differing
+   step is reported with moetier's top-2 logit gap there) and the max |logit difference|.
+
 Writes ``bench/results/gguf_quantize.json``. The llama.cpp side runs in the bench's llama-cpp-python
 venv (``bench.scenarios.llama_python``) as ``python bench/bench_gguf_quantize.py llama ...``;
 this file imports only the standard library at the top for that reason.
@@ -169,6 +176,45 @@ def moetier_logits(path: Path, prompt: list[int], forced: list[int] | None, toke
     return ids, torch.stack(rows)
 
 
+FAMILIES = {  # name -> (family, overrides) for tests.helpers.checkpoints.make_tiny_checkpoint
+    "qwen2_moe": ("qwen2_moe", {}),
+    "mixtral": ("mixtral", {"vocab_size": 400, "intermediate_size": 32}),
+    "olmoe": ("olmoe", {"num_key_value_heads": 4, "intermediate_size": 32}),
+    "qwen3_moe": ("qwen3_moe", {}),
+}
+
+
+def families(py: Path, w: Path, res: dict[str, Any], threads: int, tokens: int = 16) -> None:
+    import numpy as np
+
+    from moetier.weights.gguf_write import write_gguf
+    from scripts.make_gguf_fixtures import spm_tokenizer
+    from tests.helpers.checkpoints import make_tiny_checkpoint
+
+    prompt = [5, 17, 40, 9, 33, 101, 7, 60]
+    res["families"] = {}
+    for name, (family, over) in FAMILIES.items():
+        ck = make_tiny_checkpoint(w, family, seed=3, name=f"tiny-{name}", **over)
+        if family == "mixtral":
+            spm_tokenizer(ck, over["vocab_size"])
+        f = w / f"tiny-{name}-Q8_0.gguf"
+        write_gguf(ck, f, "Q8_0")
+        npy = w / f"tiny-{name}.npy"
+        lg = run_llama(py, "generate", str(f), str(npy), "--threads", str(threads), "--tokens", str(tokens),
+                       "--prompt-ids", ",".join(map(str, prompt)))
+        ll = np.load(npy)
+        _, ml = moetier_logits(f, prompt, lg["ids"], tokens)  # teacher-forced on llama.cpp's tokens
+        ml = ml.numpy()
+        diff = [{"step": i, "llama_cpp": lg["ids"][i], "moetier": int(ml[i].argmax()),
+                 "moetier_top2_gap": float(np.diff(np.sort(ml[i])[-2:])[0])}
+                for i in range(tokens) if int(ml[i].argmax()) != lg["ids"][i]]
+        res["families"][name] = {"loads_in_llama_cpp": True, "steps": tokens, "argmax_differs_at": diff,
+                                 "max_abs_logit_diff": float(np.abs(ml - ll).max()),
+                                 "logit_scale_max_abs": float(np.abs(ml).max())}
+        print(f"{name}: llama.cpp ran moetier's Q8_0 file; argmax differs at {len(diff)} of {tokens} steps, "
+              f"max |dlogit| {res['families'][name]['max_abs_logit_diff']:.3g}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "llama":
@@ -247,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({a.tokens} steps); max |dlogit| llama-moetier {g['max_abs_logit_diff_llama_vs_moetier']:.3g}, "
                   f"llama-f32 {g['max_abs_logit_diff_llama_vs_f32_reference']:.3g}, "
                   f"moetier-f32 {g['max_abs_logit_diff_moetier_vs_f32_reference']:.3g}", file=sys.stderr)
+        families(py, w, res, a.threads)
     res["command"] = "python -m bench.bench_gguf_quantize " + " ".join(argv)
     res["cpu"] = os.uname().machine
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
