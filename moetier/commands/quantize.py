@@ -1,5 +1,8 @@
 """``moetier quantize SRC OUT --format int4|int8|fp8 [--group N] [--experts-only]``: write a
-quantized copy of a bf16 / fp32 checkpoint in a released layout other tools read.
+quantized copy of a bf16 / fp32 checkpoint in a released layout other tools read;
+``moetier quantize SRC OUT.gguf --type Q8_0|Q6_K|Q5_K|Q4_K|Q5_K_M|Q4_K_M|BF16|F16|F32``:
+write a GGUF file llama.cpp loads (``moetier.weights.gguf_write``; SRC a checkpoint directory
+or a float GGUF).
 
 * ``int4`` / ``int8``: compressed-tensors pack-quantized (symmetric groups of ``--group``
   values, bf16 scales; transformers and vLLM load it through the ``compressed-tensors``
@@ -26,19 +29,34 @@ import torch
 from moetier.errors import ConfigError
 from moetier.quant.convert import FORMATS, GROUPS, quantization_config, quantize_state_dict
 from moetier.spec import load_spec
+from moetier.weights.gguf_write import OUT_TYPES
 from moetier.weights.safetensors_io import INDEX_NAME, SafetensorsIndex
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "quantize",
-        help="write an int4 / int8 (compressed-tensors) or fp8 (block-scaled) copy of a checkpoint",
-        description="Quantize a bf16/fp32 checkpoint (round to nearest) into a released on-disk layout: "
-        "compressed-tensors pack-quantized int4/int8, or FP8 e4m3 with 128x128 block scales.",
+        help="write an int4 / int8 (compressed-tensors), fp8 (block-scaled) or GGUF (llama.cpp) copy of a checkpoint",
+        description="Quantize a bf16/fp32 checkpoint into a released on-disk layout: compressed-tensors "
+        "pack-quantized int4/int8 or FP8 e4m3 with 128x128 block scales (--format, round to nearest), or a "
+        "GGUF file llama.cpp loads (--type: llama.cpp's quantizers and per-tensor recipe).",
+        epilog="example:\n  moetier quantize moetier/data/embedded emb-Q8_0.gguf --type Q8_0\n\n"
+        "GGUF types (llama.cpp's quantizers: blocks identical to llama-quantize's without an imatrix):\n"
+        "  Q8_0, Q6_K        llama.cpp's presets of those names\n"
+        "  Q4_K, Q5_K        every quantizable tensor in that type (llama-quantize --pure; not aliases\n"
+        "                    of Q4_K_M / Q5_K_M as in llama-quantize)\n"
+        "  Q4_K_M, Q5_K_M    llama.cpp's mixes: output.weight, and attn_v / ffn_down in some layers, Q6_K\n"
+        "  F32, F16, BF16    float (from a quantized .gguf: its dequantization)\n"
+        "Norms, routers and 1-D tensors stay F32. Rows that are not whole 256-value blocks fall back as\n"
+        "llama-quantize does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), said once per tensor.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", metavar="SRC", help="checkpoint directory (bf16 / fp32)")
-    p.add_argument("out", metavar="OUT", help="output directory (created; must be empty if it exists)")
-    p.add_argument("--format", required=True, choices=FORMATS, help="int4 | int8 | fp8")
+    p.add_argument("src", metavar="SRC", help="checkpoint directory (bf16 / fp32), or a float .gguf for --type")
+    p.add_argument("out", metavar="OUT", help="output directory (created; must be empty if it exists), "
+                   "or a new .gguf file for --type")
+    p.add_argument("--format", choices=FORMATS, help="int4 | int8 | fp8 (safetensors layouts)")
+    p.add_argument("--type", dest="gguf_type", choices=OUT_TYPES, metavar="TYPE",
+                   help=f"GGUF output: {' | '.join(OUT_TYPES)}")
     p.add_argument("--group", type=int, default=None, choices=GROUPS,
                    help="int4 / int8: values per scale (default 32 for int4, 128 for int8)")
     p.add_argument("--experts-only", action="store_true", help="quantize the routed experts only")
@@ -92,7 +110,29 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
     return out
 
 
+def run_gguf(args: argparse.Namespace) -> int:
+    import sys
+
+    from moetier.commands.census import fmt_bytes
+    from moetier.weights.gguf_write import write_gguf
+
+    if args.format is not None or args.group is not None or args.experts_only:
+        raise ConfigError("--type (GGUF output) takes no --format / --group / --experts-only")
+    rep = write_gguf(args.src, args.out, args.gguf_type, on_note=lambda s: print(f"note: {s}", file=sys.stderr))
+    types = ", ".join(f"{n} {t}" for t, n in sorted(rep.types.items(), key=lambda kv: -kv[1]))
+    print(f"wrote {rep.path} ({args.gguf_type}): {fmt_bytes(rep.nbytes)} of tensors; tensors by type: {types} "
+          f"({rep.seconds:.1f} s)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.gguf_type is not None:
+        return run_gguf(args)
+    if args.format is None:
+        raise ConfigError("moetier quantize: give --format int4|int8|fp8 (safetensors) or --type "
+                          f"{'|'.join(OUT_TYPES)} (GGUF)")
+    if str(args.out).endswith(".gguf"):
+        raise ConfigError(f"{args.out}: a .gguf output needs --type (one of {', '.join(OUT_TYPES)}), not --format")
     out = quantize_checkpoint(args.src, args.out, args.format, args.group, args.experts_only)
     spec = load_spec(out)
     from moetier.commands.census import fmt_bytes

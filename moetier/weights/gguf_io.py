@@ -153,6 +153,36 @@ def hf_names(gguf_name: str) -> list[str]:
     return out
 
 
+_OURS_TO_GGUF: dict[str, str] = {}  # the inverse of BLOCK_NAMES (first GGUF name wins for shared aliases)
+for _kind, _ours in BLOCK_NAMES.items():
+    for _o in _ours:
+        _OURS_TO_GGUF.setdefault(_o, _kind)
+_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.(weight|bias)$")
+_HF_BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def gguf_tensor_name(hf_name: str) -> tuple[str, int | None] | None:
+    """The GGUF tensor an HF checkpoint tensor goes into (the inverse of :func:`hf_names`):
+    ``(gguf name, expert index)`` for one routed expert's slice of a merged ``*_exps`` tensor,
+    ``(gguf name, None)`` otherwise; None when the tensor has no GGUF name. Mixtral's
+    ``block_sparse_moe.experts.E.w1|w3|w2`` and ``block_sparse_moe.gate`` are the same tensors
+    as ``mlp.experts.E.gate|up|down_proj`` and ``mlp.gate``."""
+    for g, ours in GLOBAL_NAMES.items():
+        if hf_name.startswith(ours + "."):
+            return f"{g}.{hf_name[len(ours) + 1:]}", None
+    m = _HF_EXPERT.match(hf_name)
+    if m:
+        layer, expert, w, suffix = m.groups()
+        kind = next((k for k, v in OLD_EXPERT.items() if v == w), None) or _OURS_TO_GGUF.get(f"mlp.{w}")
+        return (f"blk.{layer}.{kind}_exps.{suffix}", int(expert)) if kind else None
+    m = _HF_BLOCK.match(hf_name)
+    if not m:
+        return None
+    layer, part, suffix = m.groups()
+    kind = _OURS_TO_GGUF.get(part.replace("block_sparse_moe.", "mlp.", 1))
+    return (f"blk.{layer}.{kind}.{suffix}", None) if kind else None
+
+
 def unpermute_rows(rows: int, n_head: int) -> torch.Tensor:
     """Row order that undoes convert_hf_to_gguf's llama q/k permutation.
 
