@@ -188,6 +188,7 @@ typedef struct {
  * concatenated and split into equal contiguous chunks, one per thread. */
 void mt_run_gemvs(mt_gemv_item *items, int n, int nth);
 const mt_fmt *mt_fmt_lookup(int code);
+mt_rows_fn mt_rows_for(const mt_fmt *f, int isa);
 int mt_get_isa(void);
 
 /* ------------------------------------------------------------------------------------ */
@@ -237,5 +238,11 @@ void mt_route(const layer_desc *L, scratch *S, int dt, int64_t *ids, float *w, i
 void mt_moe(const layer_desc *L, scratch *S, int dt, float *x, int n, const mt_weight *const *gate,
             const mt_weight *const *up, const mt_weight *const *down, const float *w, int shared, int nth);
 void mt_dense_mlp(const layer_desc *L, scratch *S, int dt, float *x, int nth);
+/* pieces the multi-token steps (prefill.c) share with the single-token ones */
+void mt_qkv_post(const layer_desc *L, int dt, float *qkv, void *K, void *V, long cap, long pos, const float *cs,
+                 const float *sn);
+void mt_attend_head(const layer_desc *L, const float *q, const void *K, const void *V, int kvdt, long cap, long kv,
+                    long t0, long n, float *o, float *sc);
+void mt_topk_softmax(const layer_desc *L, float *p, int64_t *ids, float *w);
 
 #endif
