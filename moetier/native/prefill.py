@@ -45,6 +45,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mt_moe_many": (I, [P, P, I, L, P, P, P, I, P, P, P, P, I, I]),
         "mt_embed_many": (None, [P, L, P, P]),
         "mt_head_many": (I, [P, P, F, I, P, L, P, P, P, I]),
+        "mt_gemm": (None, [P, P, I, P, L, P, I]),
         "mt_layers_many": (I, [P, I, P, I, L, P, P, P, L, P, P, P, P, P, P, P, P, L, P, P, I]),
     }
     for name, (res, args) in sigs.items():

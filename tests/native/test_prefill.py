@@ -228,6 +228,62 @@ def test_every_isa(lib, ckpt, isa):
         native.set_isa(None)
 
 
+def _gemm_vs_gemv(lib, w, T: int, bias: torch.Tensor | None, nth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mt_gemm of T random rows, the same rows one mt_gemv each)."""
+    import ctypes
+
+    from moetier.native.prefill import _declare
+    from moetier.native.weights import describe
+
+    _declare(lib)
+    d = describe(w)
+    x = torch.randn(T, d.cols, generator=torch.Generator().manual_seed(T))
+    got = torch.full((T + 1, d.rows), float("nan"))  # a sentinel row past the end
+    b = None if bias is None else bias.data_ptr()
+    bdt = 1 if bias is not None and bias.dtype == torch.bfloat16 else 0
+    lib.mt_gemm(ctypes.byref(d), b, bdt, x.data_ptr(), T, got.data_ptr(), nth)
+    want = torch.empty(T, d.rows)
+    for t in range(T):
+        lib.mt_gemv(ctypes.byref(d), b, bdt, x[t].contiguous().data_ptr(), want[t].data_ptr(), 1)
+    assert torch.isnan(got[T]).all()  # nothing written past the last row
+    return got[:T], want
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_is_gemv_per_row(lib, isa, dtype):
+    """The multi-token engine (row blocks, 2x2 register tiles where a format has them, odd rows
+    and tokens left over) gives every (token, row) the single-token product's bits."""
+    if isa not in native.isas_supported():
+        pytest.skip(f"this CPU does not run {isa}")
+    native.set_isa(isa)
+    try:
+        for rows, cols in [(1, 1), (2, 31), (3, 33), (7, 65), (9, 100), (64, 256), (33, 1031), (130, 96)]:
+            w = torch.randn(rows, cols).to(dtype)
+            for T in (1, 2, 3, 8):
+                for bias in (None, torch.randn(rows).to(dtype)):
+                    for nth in (1, 3):
+                        got, want = _gemm_vs_gemv(lib, w, T, bias, nth)
+                        assert torch.equal(got, want), (isa, rows, cols, T, bias is not None, nth)
+    finally:
+        native.set_isa(None)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8", "mxfp4"])
+def test_gemm_quantized_is_gemv_per_row(lib, fmt):
+    from moetier.quant.convert import quantize_weight
+
+    q = quantize_weight(torch.randn(40, 512), fmt, group=32, block=(16, 128))
+    for isa in native.isas_supported():
+        native.set_isa(isa)
+        try:
+            for T in (1, 5):
+                got, want = _gemm_vs_gemv(lib, q, T, None, 2)
+                assert torch.equal(got, want), (fmt, isa, T)
+        finally:
+            native.set_isa(None)
+
+
 # ----------------------------------------------------------------------------------------
 # 4. providers, hooks and observers
 

@@ -16,7 +16,90 @@ typedef struct {
     double *cum; /* cost prefix sums over units (n_units + 1) */
 } gemm_batch;
 
+/* ------------------------------------------------------------------------------------ */
+/* register tiles: 2 weight rows x 2 tokens, each (row, token) summed exactly as the format's
+ * row kernel for this ISA sums it (same accumulators, same column order, same final adds),
+ * so a tile gives the row kernel's bits while reading each weight vector and each x vector
+ * once for two products. Keep in sync with fmt_bf16.c: rows_avx512 (tests/native/
+ * test_prefill.py checks the bits against the row kernel for awkward shapes). */
+
+#include <immintrin.h>
+
+typedef void (*tile_fn)(const mt_weight *W, const float *p0, const float *p1, float *y0, float *y1, long r);
+
+#define BF16_STEP(E, O, lo, hi, xe, xo)                                                                      \
+    do {                                                                                                \
+        E = _mm512_fmadd_ps(lo, xe, E);                                                                 \
+        O = _mm512_fmadd_ps(hi, xo, O);                                                                 \
+    } while (0)
+
+/* one 32-column chunk of rows a, b (w offset c) into accumulator set k of both tokens
+ * (x offset xc in the even / odd halves) */
+#define BF16_CHUNK(k, c, xc, mask)                                                                       \
+    do {                                                                                                \
+        __m512i va = (mask) == 0xffffffffu ? _mm512_loadu_si512((const void *)(wa + (c)))               \
+                                           : _mm512_maskz_loadu_epi16((mask), wa + (c));               \
+        __m512i vb = (mask) == 0xffffffffu ? _mm512_loadu_si512((const void *)(wb + (c)))               \
+                                           : _mm512_maskz_loadu_epi16((mask), wb + (c));               \
+        __m512 alo = _mm512_castsi512_ps(_mm512_slli_epi32(va, 16));                                    \
+        __m512 ahi = _mm512_castsi512_ps(_mm512_and_si512(va, himask));                                 \
+        __m512 blo = _mm512_castsi512_ps(_mm512_slli_epi32(vb, 16));                                    \
+        __m512 bhi = _mm512_castsi512_ps(_mm512_and_si512(vb, himask));                                 \
+        __m512 x0e = _mm512_loadu_ps(e0p + (xc)), x0o = _mm512_loadu_ps(o0p + (xc));                    \
+        __m512 x1e = _mm512_loadu_ps(e1p + (xc)), x1o = _mm512_loadu_ps(o1p + (xc));                    \
+        BF16_STEP(a0e##k, a0o##k, alo, ahi, x0e, x0o);                                                  \
+        BF16_STEP(a1e##k, a1o##k, alo, ahi, x1e, x1o);                                                  \
+        BF16_STEP(b0e##k, b0o##k, blo, bhi, x0e, x0o);                                                  \
+        BF16_STEP(b1e##k, b1o##k, blo, bhi, x1e, x1o);                                                  \
+    } while (0)
+
+MT_TARGET_AVX512 static void bf16_tile_avx512(const mt_weight *W, const float *p0, const float *p1, float *y0,
+                                              float *y1, long r) {
+    const __m512i himask = _mm512_set1_epi32((int)0xffff0000u);
+    long cols = W->cols, cfull = cols & ~31L, rem = cols - cfull, half = mt_fmt_bf16.prep_len(cols) / 2;
+    __mmask32 tail = rem ? (__mmask32)((1ull << rem) - 1) : 0;
+    const bf16 *wa = (const bf16 *)mt_row(W, r), *wb = (const bf16 *)mt_row(W, r + 1);
+    const float *e0p = p0, *o0p = p0 + half, *e1p = p1, *o1p = p1 + half;
+    __m512 a0e0 = _mm512_setzero_ps(), a0o0 = a0e0, a0e1 = a0e0, a0o1 = a0e0, a1e0 = a0e0, a1o0 = a0e0,
+           a1e1 = a0e0, a1o1 = a0e0, b0e0 = a0e0, b0o0 = a0e0, b0e1 = a0e0, b0o1 = a0e0, b1e0 = a0e0,
+           b1o0 = a0e0, b1e1 = a0e0, b1o1 = a0e0;
+    long c = 0;
+    for (; c + 64 <= cfull; c += 64) {
+        BF16_CHUNK(0, c, c / 2, 0xffffffffu);
+        BF16_CHUNK(1, c + 32, c / 2 + 16, 0xffffffffu);
+    }
+    for (; c < cfull; c += 32) BF16_CHUNK(0, c, c / 2, 0xffffffffu);
+    if (tail) BF16_CHUNK(0, c, c / 2, tail);
+    y0[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0e0, a0o0), _mm512_add_ps(a0e1, a0o1)));
+    y1[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a1e0, a1o0), _mm512_add_ps(a1e1, a1o1)));
+    y0[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0e0, b0o0), _mm512_add_ps(b0e1, b0o1)));
+    y1[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b1e0, b1o0), _mm512_add_ps(b1e1, b1o1)));
+}
+
+/* the tile kernel of a format for an ISA (NULL: none; the row kernel runs per token) */
+static tile_fn tile_for(int fmt, int isa) {
+    if (fmt == MT_FMT_BF16 && isa == MT_ISA_AVX512) return bf16_tile_avx512;
+    return NULL;
+}
+
 static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1) {
+    if (it->tile && it->XP) {
+        for (; t0 + 2 <= t1; t0 += 2) {
+            const float *p0 = it->XP + t0 * it->ldxp, *p1 = p0 + it->ldxp;
+            float *y0 = it->Y + t0 * it->ldy, *y1 = y0 + it->ldy;
+            long r = r0;
+            for (; r + 2 <= r1; r += 2) it->tile(it->W, p0, p1, y0, y1, r);
+            if (r < r1) {
+                it->fn(it->W, it->X + (it->idx ? it->idx[t0] : t0) * it->ldx, p0, y0, r, r1);
+                it->fn(it->W, it->X + (it->idx ? it->idx[t0 + 1] : t0 + 1) * it->ldx, p1, y1, r, r1);
+            }
+            if (it->b)
+                for (long q = r0; q < r1; q++) {
+                    y0[q] += ld(it->b, it->bdt, q);
+                    y1[q] += ld(it->b, it->bdt, q);
+                }
+        }
+    }
     for (long t = t0; t < t1; t++) {
         const float *x = it->X + (it->idx ? it->idx[t] : t) * it->ldx;
         const float *xp = it->XP ? it->XP + t * it->ldxp : NULL;
@@ -73,6 +156,7 @@ void mt_run_gemms(mt_gemm_item *items, int n, int nth) {
             abort();
         }
         items[i].fn = mt_rows_for(f, isa);
+        items[i].tile = tile_for(f->code, isa);
         items[i].XP = NULL;
         items[i].ldxp = f->prep ? (f->prep_len(items[i].W->cols) + 15) & ~15L : 0;
         need += items[i].ldxp * items[i].T;
@@ -127,4 +211,10 @@ void mt_run_gemms(mt_gemm_item *items, int n, int nth) {
     }
     if (B.n_units == 0) return;
     parallel_run(gemm_task, &B, elems < PARALLEL_MIN_ELEMS ? 1 : nth);
+}
+
+/* Y [T, W->rows] = X [T, W->cols] W^T (+ b) with nth threads (tests, benchmarks) */
+void mt_gemm(const mt_weight *W, const void *b, int bdt, const float *X, long T, float *Y, int nth) {
+    mt_gemm_item it = {W, b, bdt, X, W->cols, NULL, T, Y, W->rows, NULL, 0, NULL};
+    mt_run_gemms(&it, 1, nth);
 }

@@ -23,6 +23,7 @@ typedef struct {
     const float *XP; /* prepared rows (format's prep), one per t, ldxp floats apart; NULL: none */
     long ldxp;
     mt_rows_fn fn;
+    void (*tile)(const mt_weight *W, const float *p0, const float *p1, float *y0, float *y1, long r);
 } mt_gemm_item;
 
 /* A batch of independent products as one parallel region. Each weight is read in blocks of
