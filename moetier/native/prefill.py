@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from moetier.native.decode import NativeDecoder
 
 MAX_E = 1024  # experts per layer of the whole-step call (csrc/prefill.c: MT_MANY_MAX_E)
+MAX_CALL_TOKENS = 512  # tokens per native call (longer batches: consecutive calls, same bits)
 ROUTE_STRIDE = 64  # ids / weights per token and layer in the whole-step call's output (MAX_TOPK)
 
 
@@ -81,22 +82,52 @@ class ManyStepper:
 
     def step(self, items: list[tuple[Sequence, torch.Tensor]], all_logits: bool) -> torch.Tensor:
         """Run the flat batch ``items`` [(sequence, new token ids [n_i])]; advance the sequences.
-        Float32 logits [sum n_i, V] with ``all_logits``, else [len(items), V] (each item's last)."""
+        Float32 logits [sum n_i, V] with ``all_logits``, else [len(items), V] (each item's last).
+        Batches of more than :data:`MAX_CALL_TOKENS` tokens run as consecutive calls of at most
+        that many (each sequence's tokens in order; the same bits), bounding the scratch memory."""
+        if any(t.shape[0] == 0 for _, t in items):
+            raise ValueError("each item needs at least one new token")
+        if len({id(seq) for seq, _ in items}) != len(items):
+            raise ValueError("a sequence appears twice in one forward")
+        if sum(t.shape[0] for _, t in items) <= MAX_CALL_TOKENS:
+            return self._call(items, all_logits)
+        out: list[torch.Tensor] = []
+        piece: list[tuple[Sequence, torch.Tensor]] = []
+        ends: list[bool] = []  # per piece item: it holds its item's last token
+        room = MAX_CALL_TOKENS
+        for seq, t in items:
+            done = 0
+            while done < t.shape[0]:
+                n = min(room, t.shape[0] - done)
+                piece.append((seq, t[done:done + n]))
+                done += n
+                ends.append(done == t.shape[0])
+                room -= n
+                if room == 0:
+                    out.append(self._pick(self._call(piece, all_logits), ends, all_logits))
+                    piece, ends, room = [], [], MAX_CALL_TOKENS
+        if piece:
+            out.append(self._pick(self._call(piece, all_logits), ends, all_logits))
+        return torch.cat(out)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, ends: list[bool], all_logits: bool) -> torch.Tensor:
+        """The rows of one piece the caller returns: all, or the last of each finished item."""
+        return logits if all_logits else logits[[i for i, e in enumerate(ends) if e]]
+
+    def _call(self, items: list[tuple[Sequence, torch.Tensor]], all_logits: bool) -> torch.Tensor:
+        """One native call for ``items`` (each sequence at most once, every item non-empty)."""
         dec, lib, net = self.dec, self.lib, self.dec.net
         dt, H, nth = dec.dt, dec.H, torch.get_num_threads()
         toks, pos, seq_of, last = [], [], [], []
         start = 0
         for s, (seq, t) in enumerate(items):
             n = t.shape[0]
-            if n == 0:
-                raise ValueError("each item needs at least one new token")
             toks.append(t)
             pos.append(torch.arange(seq.length, seq.length + n))
             seq_of.append(torch.full((n,), s, dtype=torch.int32))
             start += n
             last.append(start - 1)
-        if len({id(seq) for seq, _ in items}) != len(items):
-            raise ValueError("a sequence appears twice in one forward")
         T, S = start, len(items)
         tokens = torch.cat(toks).to(torch.int64).contiguous()
         positions = torch.cat(pos).to(torch.int64).contiguous()  # C long

@@ -180,6 +180,26 @@ def test_batched_steps_equal_one_by_one(lib, ckpt, dtype):
         assert same_kv(kv(seqs[i]), kv(alone))
 
 
+@pytest.mark.parametrize("all_logits", [False, True])
+def test_long_batches_split_into_calls(lib, ckpt, monkeypatch, all_logits):
+    """Batches above MAX_CALL_TOKENS run as several calls (bounded scratch): the same bits."""
+    from moetier.native import prefill
+
+    m = load(ckpt("qwen2_moe_shared"))
+    a0, b0 = m.new_sequence(), m.new_sequence()
+    m.step([(a0, PROMPT[:5])])
+    want = m.step([(a0, PROMPT[5:25]), (b0, PROMPT[:13]), (m.new_sequence(), [4])], all_logits=all_logits)
+    calls = count_many(m)
+    monkeypatch.setattr(prefill, "MAX_CALL_TOKENS", 7)
+    a, b = m.new_sequence(), m.new_sequence()
+    m.step([(a, PROMPT[:5])])
+    got = m.step([(a, PROMPT[5:25]), (b, PROMPT[:13]), (m.new_sequence(), [4])], all_logits=all_logits)
+    assert calls == [5, 34]  # the step_many calls; inside, 34 tokens went as 5 native calls
+    assert got.shape == want.shape == ((34 if all_logits else 3), m.spec.vocab_size)
+    assert torch.equal(got, want)
+    assert a.length == 25 and b.length == 13 and same_kv(kv(a), kv(a0)) and same_kv(kv(b), kv(b0))
+
+
 # ----------------------------------------------------------------------------------------
 # 3. thread count, ISA
 

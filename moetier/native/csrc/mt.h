@@ -12,7 +12,8 @@
  * Files: parallel.c (thread pool), gemv.c (batched row-split engine + ISA dispatch),
  * fmt_*.c (one per weight format: its row dot product, scalar reference + AVX2 + AVX-512),
  * ops.c (norm, rope, SwiGLU), attention.c, moe.c (router, experts, dense MLP), decode.c
- * (scratch, embedding, head, the whole-step path).
+ * (scratch, embedding, head, the whole-step path); many.h, gemm.c, prefill.c (many tokens per
+ * call: prefill and batched steps).
  *
  * Build (moetier/native/__init__.py): fmt_*.c are compiled for the baseline ISA with
  * -ffp-contract=off (their vector variants carry target attributes and are chosen at run time
