@@ -20,7 +20,7 @@ typedef struct {
 /* register tiles: 2 weight rows x 2 tokens, each (row, token) summed exactly as the format's
  * row kernel for this ISA sums it (same accumulators, same column order, same final adds),
  * so a tile gives the row kernel's bits while reading each weight vector and each x vector
- * once for two products. Keep in sync with fmt_bf16.c: rows_avx512 (tests/native/
+ * once for two products. Keep in sync with fmt_bf16.c / fmt_f32.c: rows_avx512 (tests/native/
  * test_prefill.py checks the bits against the row kernel for awkward shapes). */
 
 #include <immintrin.h>
@@ -76,22 +76,61 @@ MT_TARGET_AVX512 static void bf16_tile_avx512(const mt_weight *W, const float *p
     y1[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b1e0, b1o0), _mm512_add_ps(b1e1, b1o1)));
 }
 
+/* float32: mirrors fmt_f32.c: rows_avx512 (a0..a3 over 64-column steps, 16-column steps into
+ * a0, the masked tail into a1, then (a0 + a1) + (a2 + a3)) */
+#define F32_FMA(acc, wv, xv) acc = _mm512_fmadd_ps(wv, xv, acc)
+#define F32_CHUNK(k, c, m)                                                                               \
+    do {                                                                                                \
+        __m512 va = _mm512_maskz_loadu_ps((m), wa + (c)), vb = _mm512_maskz_loadu_ps((m), wb + (c));     \
+        __m512 x0 = _mm512_maskz_loadu_ps((m), p0 + (c)), x1 = _mm512_maskz_loadu_ps((m), p1 + (c));     \
+        F32_FMA(a0_##k, va, x0);                                                                        \
+        F32_FMA(a1_##k, va, x1);                                                                        \
+        F32_FMA(b0_##k, vb, x0);                                                                        \
+        F32_FMA(b1_##k, vb, x1);                                                                        \
+    } while (0)
+
+MT_TARGET_AVX512 static void f32_tile_avx512(const mt_weight *W, const float *p0, const float *p1, float *y0,
+                                             float *y1, long r) {
+    long cols = W->cols, cfull = cols & ~15L;
+    __mmask16 tail = (__mmask16)((1u << (cols & 15)) - 1), all = (__mmask16)0xffff;
+    const float *wa = (const float *)mt_row(W, r), *wb = (const float *)mt_row(W, r + 1);
+    __m512 a0_0 = _mm512_setzero_ps(), a0_1 = a0_0, a0_2 = a0_0, a0_3 = a0_0, a1_0 = a0_0, a1_1 = a0_0,
+           a1_2 = a0_0, a1_3 = a0_0, b0_0 = a0_0, b0_1 = a0_0, b0_2 = a0_0, b0_3 = a0_0, b1_0 = a0_0,
+           b1_1 = a0_0, b1_2 = a0_0, b1_3 = a0_0;
+    long c = 0;
+    for (; c + 64 <= cfull; c += 64) {
+        F32_CHUNK(0, c, all);
+        F32_CHUNK(1, c + 16, all);
+        F32_CHUNK(2, c + 32, all);
+        F32_CHUNK(3, c + 48, all);
+    }
+    for (; c < cfull; c += 16) F32_CHUNK(0, c, all);
+    if (tail) F32_CHUNK(1, c, tail);
+    y0[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0_0, a0_1), _mm512_add_ps(a0_2, a0_3)));
+    y1[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a1_0, a1_1), _mm512_add_ps(a1_2, a1_3)));
+    y0[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0_0, b0_1), _mm512_add_ps(b0_2, b0_3)));
+    y1[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b1_0, b1_1), _mm512_add_ps(b1_2, b1_3)));
+}
+
 /* the tile kernel of a format for an ISA (NULL: none; the row kernel runs per token) */
 static tile_fn tile_for(int fmt, int isa) {
-    if (fmt == MT_FMT_BF16 && isa == MT_ISA_AVX512) return bf16_tile_avx512;
-    return NULL;
+    if (isa != MT_ISA_AVX512) return NULL;
+    return fmt == MT_FMT_BF16 ? bf16_tile_avx512 : fmt == MT_FMT_F32 ? f32_tile_avx512 : NULL;
 }
 
 static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1) {
-    if (it->tile && it->XP) {
+    if (it->tile) { /* on prepared rows when the format prepares x, else on x itself */
         for (; t0 + 2 <= t1; t0 += 2) {
-            const float *p0 = it->XP + t0 * it->ldxp, *p1 = p0 + it->ldxp;
+            const float *x0 = it->X + (it->idx ? it->idx[t0] : t0) * it->ldx;
+            const float *x1 = it->X + (it->idx ? it->idx[t0 + 1] : t0 + 1) * it->ldx;
+            const float *xp0 = it->XP ? it->XP + t0 * it->ldxp : NULL, *xp1 = it->XP ? xp0 + it->ldxp : NULL;
+            const float *p0 = it->XP ? xp0 : x0, *p1 = it->XP ? xp1 : x1;
             float *y0 = it->Y + t0 * it->ldy, *y1 = y0 + it->ldy;
             long r = r0;
             for (; r + 2 <= r1; r += 2) it->tile(it->W, p0, p1, y0, y1, r);
             if (r < r1) {
-                it->fn(it->W, it->X + (it->idx ? it->idx[t0] : t0) * it->ldx, p0, y0, r, r1);
-                it->fn(it->W, it->X + (it->idx ? it->idx[t0 + 1] : t0 + 1) * it->ldx, p1, y1, r, r1);
+                it->fn(it->W, x0, xp0, y0, r, r1);
+                it->fn(it->W, x1, xp1, y1, r, r1);
             }
             if (it->b)
                 for (long q = r0; q < r1; q++) {
