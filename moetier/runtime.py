@@ -280,12 +280,15 @@ class Model:
         """Per kind of step -- ``decode`` (one token of one sequence), ``prefill`` (several tokens of
         one sequence), ``batch`` (several sequences) -- the path it runs on (``native``/``torch``),
         why not native (``None`` when native), and how many such steps ran."""
-        native = self.net.native is not None
-        why_not = None if native else (self.native_reason or "no native decoder")
+        dec = self.net.native
+        why_not = None if dec is not None else (self.native_reason or "no native decoder")
+        many = None if hasattr(dec, "step_many") else (
+            f"native multi-token steps cover the generic families; {type(dec).__name__} decodes natively "
+            "one token at a time (torch path)")
         reasons = {
             "decode": why_not,
-            "prefill": why_not or "native prefill is not implemented (torch path)",
-            "batch": why_not or "native batched steps are not implemented (torch path)",
+            "prefill": why_not or many,
+            "batch": why_not or many,
         }
         return {k: {"path": "native" if reasons[k] is None else "torch", "reason": reasons[k],
                     "steps": self.step_counts[k]} for k in STEP_KINDS}

@@ -475,11 +475,14 @@ class DecoderLM(nn.Module):
 
         items: [(sequence, token ids [n_i])]. Returns float32 logits: [sum n_i, V] if
         ``all_logits`` else [len(items), V] (the last new token of each sequence).
-        One new token of one sequence goes through ``self.native`` when it is set.
+        One new token of one sequence goes through ``self.native`` when it is set, any other batch
+        through its ``step_many`` when it has one (native/prefill.py).
         """
         if self.native is not None and len(items) == 1 and items[0][1].shape[0] == 1:
             seq, toks = items[0]
             return self.native.step(seq, int(toks[0]))
+        if self.native is not None and hasattr(self.native, "step_many") and items:
+            return self.native.step_many(items, all_logits)
         segments: Segments = []
         ids, pos, start, top = [], [], 0, 0
         for seq, toks in items:

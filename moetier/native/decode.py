@@ -10,7 +10,8 @@ shared expert (one call per expert when the provider may recycle a slot on the n
 ``get``). With every expert in RAM (``InMemoryExpertProvider``), no router observer and no
 norm pre-hook, one native call runs all layers from a table of expert descriptors (the same
 functions in the same order: the same bits, minus ~10 us of Python per layer).
-Prefill and batched steps stay on the torch path; both share the KV cache.
+Prefill and batched steps (several tokens / sequences per call) run through
+:meth:`NativeDecoder.step_many` (``native/prefill.py``) with the same per-token arithmetic.
 
 Weights: every matrix is read in its stored format through an ``MtWeight`` descriptor
 (``native/weights.py``): plain float tensors, or QTensors (``QLinear.qweight`` for attention,
@@ -276,6 +277,7 @@ class NativeDecoder(_StepBase):
         self.e_max = max(E, 1)
         self.table_for: Any = None  # the provider the descriptor tables were built for
         self.tables: Any = None  # (gate_up, up, down) pointer tables and their descriptors
+        self.many: Any = None  # the multi-token stepper (native/prefill.py), made on first use
 
     def __del__(self) -> None:
         lib, s = getattr(self, "lib", None), getattr(self, "scratch", None)
@@ -363,6 +365,15 @@ class NativeDecoder(_StepBase):
                     lib.mt_moe(desc, self.scratch, dt, xp, 1, gu, up, dn, ctypes.byref(w, 4 * j), 0, nth)
                 lib.mt_moe(desc, self.scratch, dt, xp, 0, gu, up, dn, w, 1, nth)
         return self._finish(seq, pos, xp, nth)
+
+    def step_many(self, items: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False) -> torch.Tensor:
+        """A flat batch of several tokens / sequences (prefill, batched steps): see
+        ``native/prefill.py``. Float32 logits like ``DecoderLM.forward``."""
+        if self.many is None:
+            from moetier.native.prefill import ManyStepper
+
+            self.many = ManyStepper(self)
+        return self.many.step(items, all_logits)
 
     def _finish(self, seq: Sequence, pos: int, xp: int, nth: int) -> torch.Tensor:
         seq.length = pos + 1

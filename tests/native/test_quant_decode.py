@@ -206,16 +206,14 @@ def test_quantized_release_native_matches_torch(lib, tmp_path, case):
     assert m.provider.get(m.spec.moe_layer_ids[0], 0).quantized
     ids, toks = list(range(3, 20)), [5, 9, 77, 3, 250, 11]
     got, want = steps(m, ids, toks), steps(t, ids, toks)
-    assert torch.equal(got[0], want[0])  # prefill: the same torch code
     assert ((got - want).abs() <= 1e-5 + 1e-6 * want.abs()).all(), (got - want).abs().max().item()
-    # thread-count independence of the native steps (from a one-token start: the torch path's
-    # prefill over QLinear weights is not itself thread-count independent)
+    # thread-count independence of the native prefill and steps
     n0 = torch.get_num_threads()
     try:
         runs = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            runs.append(steps(m, [3], toks))
+            runs.append(steps(m, ids, toks))
     finally:
         torch.set_num_threads(n0)
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])

@@ -36,67 +36,110 @@ typedef struct {
     float *out, *scores;
 } attn_ctx;
 
-static void attn_task(void *vctx, int tid, int nth) {
-    const attn_ctx *A = (const attn_ctx *)vctx;
-    const layer_desc *L = A->L;
-    long D = L->D, nh = L->nh, group = L->nh / L->nkv, n = A->t1 - A->t0;
-    long h0 = nh * tid / nth, h1 = nh * (tid + 1) / nth;
-    float *sc = A->scores + (long)tid * (A->cap > 0 ? A->cap : 1);
-    for (long h = h0; h < h1; h++) {
-        long kv = h / group;
-        const float *q = A->q + h * D;
-        float mx = -INFINITY;
-        for (long t = 0; t < n; t++) {
-            long row = (kv * A->cap + A->t0 + t) * D;
-            float s = 0.0f;
+/* One query head over cache positions [t0, t0 + n) of kv head `kv`: o [D] = softmax(q . K^T *
+ * scale) V; sc: n floats of scratch. Also the per-head body of the multi-token attention
+ * (prefill.c), so a prefilled or batched token gets the bits of a single-token step. */
+void mt_attend_head(const layer_desc *L, const float *q, const void *K, const void *V, int kvdt, long cap, long kv,
+                    long t0, long n, float *o, float *sc) {
+    long D = L->D;
+    float mx = -INFINITY;
 #ifdef MT_AVX512
-            __m512 acc = _mm512_setzero_ps();
-            long d = 0;
-            for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(ld16(A->K, A->kvdt, row + d, 0xffff), _mm512_loadu_ps(q + d), acc);
-            if (d < D) {
-                __mmask16 m = (__mmask16)((1u << (D - d)) - 1);
-                acc = _mm512_fmadd_ps(ld16(A->K, A->kvdt, row + d, m), _mm512_maskz_loadu_ps(m, q + d), acc);
+    /* scores of 16 positions at a time: one accumulator per position (D / 16 FMAs each), then
+     * the 16 horizontal sums as one transpose-add tree. Lane j's sum depends only on position
+     * j's accumulator (the tree is the same for every lane), and positions past the end are
+     * zero vectors, so each score has the same bits wherever its group starts. */
+    long nd = (D + 15) / 16;
+    __mmask16 dm[16];
+    for (long c = 0; c < nd; c++) dm[c] = D - 16 * c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - 16 * c)) - 1);
+    __m512 qv[16];
+    if (nd <= 16) {
+        for (long c = 0; c < nd; c++) qv[c] = _mm512_maskz_loadu_ps(dm[c], q + 16 * c);
+        __m512 vmx = _mm512_set1_ps(-INFINITY), scale = _mm512_set1_ps(L->scale);
+        for (long g = 0; g < n; g += 16) {
+            __m512 a[16];
+            for (int j = 0; j < 16; j++) {
+                a[j] = _mm512_setzero_ps();
+                if (g + j >= n) continue;
+                long row = (kv * cap + t0 + g + j) * D;
+                for (long c = 0; c < nd; c++) a[j] = _mm512_fmadd_ps(ld16(K, kvdt, row + 16 * c, dm[c]), qv[c], a[j]);
             }
-            s = _mm512_reduce_add_ps(acc);
-#else
-            for (long d = 0; d < D; d++) s += ld(A->K, A->kvdt, row + d) * q[d];
+            __m512 x[4];
+            for (int k = 0; k < 4; k++) { /* block b of x[k]: partial sums of positions 4k..4k+3 */
+                __m512 p0 = _mm512_add_ps(_mm512_unpacklo_ps(a[4 * k], a[4 * k + 1]),
+                                          _mm512_unpackhi_ps(a[4 * k], a[4 * k + 1]));
+                __m512 p1 = _mm512_add_ps(_mm512_unpacklo_ps(a[4 * k + 2], a[4 * k + 3]),
+                                          _mm512_unpackhi_ps(a[4 * k + 2], a[4 * k + 3]));
+                x[k] = _mm512_add_ps(_mm512_shuffle_ps(p0, p1, 0x44), _mm512_shuffle_ps(p0, p1, 0xEE));
+            }
+            __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+            __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+            __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
+            s = _mm512_mul_ps(s, scale);
+            __mmask16 live = n - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - g)) - 1);
+            _mm512_mask_storeu_ps(sc + g, live, s);
+            vmx = _mm512_mask_max_ps(vmx, live, vmx, s);
+        }
+        mx = _mm512_reduce_max_ps(vmx);
+    } else
 #endif
+        for (long t = 0; t < n; t++) {
+            long row = (kv * cap + t0 + t) * D;
+            float s = 0.0f;
+            for (long d = 0; d < D; d++) s += ld(K, kvdt, row + d) * q[d];
             s *= L->scale;
             sc[t] = s;
             if (s > mx) mx = s;
         }
-        float sum = 0.0f;
-        for (long t = 0; t < n; t++) {
-            sc[t] = expf(sc[t] - mx);
-            sum += sc[t];
-        }
-        float inv = 1.0f / sum;
-        float *o = A->out + h * D;
-        for (long d = 0; d < D; d++) o[d] = 0.0f;
-        for (long t = 0; t < n; t++) {
-            float p = sc[t] * inv;
-            long row = (kv * A->cap + A->t0 + t) * D;
-            for (long d = 0; d < D; d++) o[d] += p * ld(A->V, A->kvdt, row + d);
-        }
+    float sum = 0.0f;
+    for (long t = 0; t < n; t++) {
+        sc[t] = expf(sc[t] - mx);
+        sum += sc[t];
     }
+    float inv = 1.0f / sum;
+#ifdef MT_AVX512
+    /* o[d] = sum_t p_t V[t, d] (t ascending, one FMA per term): 16 columns per register, up
+     * to 8 registers of o held across the positions */
+    for (long d0 = 0; d0 < D; d0 += 128) {
+        long nd = D - d0 < 128 ? D - d0 : 128, nr = (nd + 15) / 16;
+        __m512 acc[8];
+        __mmask16 m[8];
+        for (long c = 0; c < nr; c++) {
+            acc[c] = _mm512_setzero_ps();
+            m[c] = nd - 16 * c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nd - 16 * c)) - 1);
+        }
+        for (long t = 0; t < n; t++) {
+            __m512 p = _mm512_set1_ps(sc[t] * inv);
+            long row = (kv * cap + t0 + t) * D + d0;
+            for (long c = 0; c < nr; c++) acc[c] = _mm512_fmadd_ps(p, ld16(V, kvdt, row + 16 * c, m[c]), acc[c]);
+        }
+        for (long c = 0; c < nr; c++) _mm512_mask_storeu_ps(o + d0 + 16 * c, m[c], acc[c]);
+    }
+#else
+    for (long d = 0; d < D; d++) o[d] = 0.0f;
+    for (long t = 0; t < n; t++) {
+        float p = sc[t] * inv;
+        long row = (kv * cap + t0 + t) * D;
+        for (long d = 0; d < D; d++) o[d] = fmaf(p, ld(V, kvdt, row + d), o[d]);
+    }
+#endif
 }
 
-/* x += o_proj(attn(norm1(x))); h = norm2(x); writes k, v of position `pos` into the cache.
- * K, V: [nkv, cap, D] in the model dtype; cs/sn: rope cos/sin [D] (float32) for `pos`. */
-int mt_attention(const layer_desc *L, scratch *S, int dt, float *x, void *K, void *V, long cap, long pos,
-                 const float *cs, const float *sn, int nth) {
-    long H = L->H, nh = L->nh, nkv = L->nkv, D = L->D;
-    rms_norm(x, L->ln1, dt, L->eps, S->h, H);
-    float *q = S->qkv, *k = S->qkv + nh * D, *v = S->qkv + (nh + nkv) * D;
-    if (L->qkv_w) {
-        mt_gemv_item it = {L->qkv_w, L->qkv_b, dt, S->h, S->qkv, NULL, NULL};
-        mt_run_gemvs(&it, 1, nth);
-    } else {
-        mt_gemv_item it[3] = {{L->q_w, L->q_b, dt, S->h, q, NULL, NULL},
-                              {L->k_w, L->k_b, dt, S->h, k, NULL, NULL},
-                              {L->v_w, L->v_b, dt, S->h, v, NULL, NULL}};
-        mt_run_gemvs(it, 3, nth);
-    }
+static void attn_task(void *vctx, int tid, int nth) {
+    const attn_ctx *A = (const attn_ctx *)vctx;
+    const layer_desc *L = A->L;
+    long D = L->D, nh = L->nh, group = L->nh / L->nkv;
+    long h0 = nh * tid / nth, h1 = nh * (tid + 1) / nth;
+    float *sc = A->scores + (long)tid * (A->cap > 0 ? A->cap : 1);
+    for (long h = h0; h < h1; h++)
+        mt_attend_head(L, A->q + h * D, A->K, A->V, A->kvdt, A->cap, h / group, A->t0, A->t1 - A->t0, A->out + h * D, sc);
+}
+
+/* After the q/k/v projection of one token at `pos` (qkv = [q | k | v]): q/k norm, rope (cs/sn
+ * its rows), k and v written into the cache K, V [nkv, cap, D] (model dtype dt). */
+void mt_qkv_post(const layer_desc *L, int dt, float *qkv, void *K, void *V, long cap, long pos, const float *cs,
+                 const float *sn) {
+    long nh = L->nh, nkv = L->nkv, D = L->D;
+    float *q = qkv, *k = qkv + nh * D, *v = qkv + (nh + nkv) * D;
     if (L->qk_norm == 1) {
         for (long i = 0; i < nh; i++) rms_norm(q + i * D, L->q_norm, dt, L->eps, q + i * D, D);
         for (long i = 0; i < nkv; i++) rms_norm(k + i * D, L->k_norm, dt, L->eps, k + i * D, D);
@@ -118,6 +161,25 @@ int mt_attention(const layer_desc *L, scratch *S, int dt, float *x, void *K, voi
             memcpy((float *)V + row, v + i * D, D * 4);
         }
     }
+}
+
+/* x += o_proj(attn(norm1(x))); h = norm2(x); writes k, v of position `pos` into the cache.
+ * K, V: [nkv, cap, D] in the model dtype; cs/sn: rope cos/sin [D] (float32) for `pos`. */
+int mt_attention(const layer_desc *L, scratch *S, int dt, float *x, void *K, void *V, long cap, long pos,
+                 const float *cs, const float *sn, int nth) {
+    long H = L->H, nh = L->nh, nkv = L->nkv, D = L->D;
+    rms_norm(x, L->ln1, dt, L->eps, S->h, H);
+    float *q = S->qkv, *k = S->qkv + nh * D, *v = S->qkv + (nh + nkv) * D;
+    if (L->qkv_w) {
+        mt_gemv_item it = {L->qkv_w, L->qkv_b, dt, S->h, S->qkv, NULL, NULL};
+        mt_run_gemvs(&it, 1, nth);
+    } else {
+        mt_gemv_item it[3] = {{L->q_w, L->q_b, dt, S->h, q, NULL, NULL},
+                              {L->k_w, L->k_b, dt, S->h, k, NULL, NULL},
+                              {L->v_w, L->v_b, dt, S->h, v, NULL, NULL}};
+        mt_run_gemvs(it, 3, nth);
+    }
+    mt_qkv_post(L, dt, S->qkv, K, V, cap, pos, cs, sn);
     long t0 = 0;
     if (L->window > 0 && pos + 1 > L->window) t0 = pos + 1 - L->window;
     attn_ctx A = {L, q, K, V, dt, cap, t0, pos + 1, S->attn, S->scores};

@@ -66,7 +66,8 @@ int mt_set_isa(int isa) {
     return 0;
 }
 
-static mt_rows_fn rows_fn(const mt_fmt *f, int isa) {
+/* the row kernel of format f for `isa` (the next lower ISA with a variant) */
+mt_rows_fn mt_rows_for(const mt_fmt *f, int isa) {
     for (int i = isa; i >= 0; i--)
         if (f->rows[i]) return f->rows[i];
     return NULL;
@@ -115,7 +116,7 @@ void mt_run_gemvs(mt_gemv_item *items, int n, int nth) {
             fprintf(stderr, "moetier native: weight format %d has no kernel\n", items[i].W->fmt);
             abort();
         }
-        items[i].fn = rows_fn(f, isa);
+        items[i].fn = mt_rows_for(f, isa);
         items[i].xp = NULL;
         if (f->prep) need += (f->prep_len(items[i].W->cols) + 15) & ~15L;
     }

@@ -4,28 +4,27 @@
 
 #define MAX_ITEMS (2 * 64 + 3)
 
-/* softmax top-k router on S->h: ids (descending weight, ties to the lower id), weights */
-void mt_route(const layer_desc *L, scratch *S, int dt, int64_t *ids, float *w, int nth) {
+/* softmax top-k of one token's router logits p [E] (overwritten by the probabilities): ids
+ * (descending weight, ties to the lower id), weights (normalised / scaled per the layer) */
+void mt_topk_softmax(const layer_desc *L, float *p, int64_t *ids, float *w) {
     long E = L->E, k = L->topk;
-    mt_gemv_item it = {L->router_w, L->router_b, dt, S->h, S->rlog, NULL, NULL};
-    mt_run_gemvs(&it, 1, nth);
     float mx = -INFINITY, sum = 0.0f;
     for (long e = 0; e < E; e++)
-        if (S->rlog[e] > mx) mx = S->rlog[e];
+        if (p[e] > mx) mx = p[e];
     for (long e = 0; e < E; e++) {
-        S->rlog[e] = expf(S->rlog[e] - mx);
-        sum += S->rlog[e];
+        p[e] = expf(p[e] - mx);
+        sum += p[e];
     }
-    for (long e = 0; e < E; e++) S->rlog[e] /= sum;
+    for (long e = 0; e < E; e++) p[e] /= sum;
     for (long j = 0; j < k; j++) {
         long best = -1;
         for (long e = 0; e < E; e++) {
             int taken = 0;
             for (long i = 0; i < j; i++) taken |= ids[i] == e;
-            if (!taken && (best < 0 || S->rlog[e] > S->rlog[best])) best = e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
         }
         ids[j] = best;
-        w[j] = S->rlog[best];
+        w[j] = p[best];
     }
     if (L->norm_topk) {
         float s = 0.0f;
@@ -34,6 +33,13 @@ void mt_route(const layer_desc *L, scratch *S, int dt, int64_t *ids, float *w, i
     }
     if (L->route_scale != 1.0f)
         for (long j = 0; j < k; j++) w[j] *= L->route_scale;
+}
+
+/* softmax top-k router on S->h: ids, weights (mt_topk_softmax) */
+void mt_route(const layer_desc *L, scratch *S, int dt, int64_t *ids, float *w, int nth) {
+    mt_gemv_item it = {L->router_w, L->router_b, dt, S->h, S->rlog, NULL, NULL};
+    mt_run_gemvs(&it, 1, nth);
+    mt_topk_softmax(L, S->rlog, ids, w);
 }
 
 /* x += sum_j w[j] * expert_j(h), then (if `shared`) x += the shared expert (optionally

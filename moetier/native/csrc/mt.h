@@ -12,7 +12,8 @@
  * Files: parallel.c (claim-based worker pool), gemv.c (batched row-split engine + ISA dispatch),
  * fmt_*.c (one per weight format: its row dot product, scalar reference + AVX2 + AVX-512),
  * ops.c (norm, rope, SwiGLU), attention.c, moe.c (router, experts, dense MLP), decode.c
- * (scratch, embedding, head, the whole-step path).
+ * (scratch, embedding, head, the whole-step path); many.h, gemm.c, prefill.c (many tokens per
+ * call: prefill and batched steps).
  *
  * Build (moetier/native/__init__.py): fmt_*.c are compiled for the baseline ISA with
  * -ffp-contract=off (their vector variants carry target attributes and are chosen at run time
@@ -195,6 +196,7 @@ typedef struct {
  * concatenated and split into equal contiguous chunks, one per thread. */
 void mt_run_gemvs(mt_gemv_item *items, int n, int nth);
 const mt_fmt *mt_fmt_lookup(int code);
+mt_rows_fn mt_rows_for(const mt_fmt *f, int isa);
 int mt_get_isa(void);
 
 /* ------------------------------------------------------------------------------------ */
@@ -244,5 +246,11 @@ void mt_route(const layer_desc *L, scratch *S, int dt, int64_t *ids, float *w, i
 void mt_moe(const layer_desc *L, scratch *S, int dt, float *x, int n, const mt_weight *const *gate,
             const mt_weight *const *up, const mt_weight *const *down, const float *w, int shared, int nth);
 void mt_dense_mlp(const layer_desc *L, scratch *S, int dt, float *x, int nth);
+/* pieces the multi-token steps (prefill.c) share with the single-token ones */
+void mt_qkv_post(const layer_desc *L, int dt, float *qkv, void *K, void *V, long cap, long pos, const float *cs,
+                 const float *sn);
+void mt_attend_head(const layer_desc *L, const float *q, const void *K, const void *V, int kvdt, long cap, long kv,
+                    long t0, long n, float *o, float *sc);
+void mt_topk_softmax(const layer_desc *L, float *p, int64_t *ids, float *w);
 
 #endif

@@ -1,0 +1,259 @@
+/* The multi-token product engine (many.h: mt_run_gemms): the row kernels of gemv.c applied to
+ * T activation rows per weight-row block, so each weight block is read from memory once per
+ * call (per token block) instead of once per token. */
+#include "many.h"
+
+#include <stdio.h>
+
+#define BLOCK_BYTES (16L * 1024) /* weight bytes per row block: stays in L1 across the tokens */
+#define TOKEN_BLOCK 128          /* tokens per pass over a thread's row blocks (their x in L2) */
+
+typedef struct {
+    const mt_gemm_item *items;
+    int n;
+    long *unit_item, *unit_r0, *unit_r1; /* units: (item, rows [r0, r1)) */
+    long n_units;
+    double *cum; /* cost prefix sums over units (n_units + 1) */
+} gemm_batch;
+
+/* ------------------------------------------------------------------------------------ */
+/* register tiles: 2 weight rows x 2 tokens, each (row, token) summed exactly as the format's
+ * row kernel for this ISA sums it (same accumulators, same column order, same final adds),
+ * so a tile gives the row kernel's bits while reading each weight vector and each x vector
+ * once for two products. Keep in sync with fmt_bf16.c / fmt_f32.c: rows_avx512 (tests/native/
+ * test_prefill.py checks the bits against the row kernel for awkward shapes). */
+
+#include <immintrin.h>
+
+typedef void (*tile_fn)(const mt_weight *W, const float *p0, const float *p1, float *y0, float *y1, long r);
+
+#define BF16_STEP(E, O, lo, hi, xe, xo)                                                                      \
+    do {                                                                                                \
+        E = _mm512_fmadd_ps(lo, xe, E);                                                                 \
+        O = _mm512_fmadd_ps(hi, xo, O);                                                                 \
+    } while (0)
+
+/* one 32-column chunk of rows a, b (w offset c) into accumulator set k of both tokens
+ * (x offset xc in the even / odd halves) */
+#define BF16_CHUNK(k, c, xc, mask)                                                                       \
+    do {                                                                                                \
+        __m512i va = (mask) == 0xffffffffu ? _mm512_loadu_si512((const void *)(wa + (c)))               \
+                                           : _mm512_maskz_loadu_epi16((mask), wa + (c));               \
+        __m512i vb = (mask) == 0xffffffffu ? _mm512_loadu_si512((const void *)(wb + (c)))               \
+                                           : _mm512_maskz_loadu_epi16((mask), wb + (c));               \
+        __m512 alo = _mm512_castsi512_ps(_mm512_slli_epi32(va, 16));                                    \
+        __m512 ahi = _mm512_castsi512_ps(_mm512_and_si512(va, himask));                                 \
+        __m512 blo = _mm512_castsi512_ps(_mm512_slli_epi32(vb, 16));                                    \
+        __m512 bhi = _mm512_castsi512_ps(_mm512_and_si512(vb, himask));                                 \
+        __m512 x0e = _mm512_loadu_ps(e0p + (xc)), x0o = _mm512_loadu_ps(o0p + (xc));                    \
+        __m512 x1e = _mm512_loadu_ps(e1p + (xc)), x1o = _mm512_loadu_ps(o1p + (xc));                    \
+        BF16_STEP(a0e##k, a0o##k, alo, ahi, x0e, x0o);                                                  \
+        BF16_STEP(a1e##k, a1o##k, alo, ahi, x1e, x1o);                                                  \
+        BF16_STEP(b0e##k, b0o##k, blo, bhi, x0e, x0o);                                                  \
+        BF16_STEP(b1e##k, b1o##k, blo, bhi, x1e, x1o);                                                  \
+    } while (0)
+
+MT_TARGET_AVX512 static void bf16_tile_avx512(const mt_weight *W, const float *p0, const float *p1, float *y0,
+                                              float *y1, long r) {
+    const __m512i himask = _mm512_set1_epi32((int)0xffff0000u);
+    long cols = W->cols, cfull = cols & ~31L, rem = cols - cfull, half = mt_fmt_bf16.prep_len(cols) / 2;
+    __mmask32 tail = rem ? (__mmask32)((1ull << rem) - 1) : 0;
+    const bf16 *wa = (const bf16 *)mt_row(W, r), *wb = (const bf16 *)mt_row(W, r + 1);
+    const float *e0p = p0, *o0p = p0 + half, *e1p = p1, *o1p = p1 + half;
+    __m512 a0e0 = _mm512_setzero_ps(), a0o0 = a0e0, a0e1 = a0e0, a0o1 = a0e0, a1e0 = a0e0, a1o0 = a0e0,
+           a1e1 = a0e0, a1o1 = a0e0, b0e0 = a0e0, b0o0 = a0e0, b0e1 = a0e0, b0o1 = a0e0, b1e0 = a0e0,
+           b1o0 = a0e0, b1e1 = a0e0, b1o1 = a0e0;
+    long c = 0;
+    for (; c + 64 <= cfull; c += 64) {
+        BF16_CHUNK(0, c, c / 2, 0xffffffffu);
+        BF16_CHUNK(1, c + 32, c / 2 + 16, 0xffffffffu);
+    }
+    for (; c < cfull; c += 32) BF16_CHUNK(0, c, c / 2, 0xffffffffu);
+    if (tail) BF16_CHUNK(0, c, c / 2, tail);
+    y0[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0e0, a0o0), _mm512_add_ps(a0e1, a0o1)));
+    y1[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a1e0, a1o0), _mm512_add_ps(a1e1, a1o1)));
+    y0[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0e0, b0o0), _mm512_add_ps(b0e1, b0o1)));
+    y1[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b1e0, b1o0), _mm512_add_ps(b1e1, b1o1)));
+}
+
+/* float32: mirrors fmt_f32.c: rows_avx512 (a0..a3 over 64-column steps, 16-column steps into
+ * a0, the masked tail into a1, then (a0 + a1) + (a2 + a3)) */
+#define F32_FMA(acc, wv, xv) acc = _mm512_fmadd_ps(wv, xv, acc)
+#define F32_CHUNK(k, c, m)                                                                               \
+    do {                                                                                                \
+        __m512 va = _mm512_maskz_loadu_ps((m), wa + (c)), vb = _mm512_maskz_loadu_ps((m), wb + (c));     \
+        __m512 x0 = _mm512_maskz_loadu_ps((m), p0 + (c)), x1 = _mm512_maskz_loadu_ps((m), p1 + (c));     \
+        F32_FMA(a0_##k, va, x0);                                                                        \
+        F32_FMA(a1_##k, va, x1);                                                                        \
+        F32_FMA(b0_##k, vb, x0);                                                                        \
+        F32_FMA(b1_##k, vb, x1);                                                                        \
+    } while (0)
+
+MT_TARGET_AVX512 static void f32_tile_avx512(const mt_weight *W, const float *p0, const float *p1, float *y0,
+                                             float *y1, long r) {
+    long cols = W->cols, cfull = cols & ~15L;
+    __mmask16 tail = (__mmask16)((1u << (cols & 15)) - 1), all = (__mmask16)0xffff;
+    const float *wa = (const float *)mt_row(W, r), *wb = (const float *)mt_row(W, r + 1);
+    __m512 a0_0 = _mm512_setzero_ps(), a0_1 = a0_0, a0_2 = a0_0, a0_3 = a0_0, a1_0 = a0_0, a1_1 = a0_0,
+           a1_2 = a0_0, a1_3 = a0_0, b0_0 = a0_0, b0_1 = a0_0, b0_2 = a0_0, b0_3 = a0_0, b1_0 = a0_0,
+           b1_1 = a0_0, b1_2 = a0_0, b1_3 = a0_0;
+    long c = 0;
+    for (; c + 64 <= cfull; c += 64) {
+        F32_CHUNK(0, c, all);
+        F32_CHUNK(1, c + 16, all);
+        F32_CHUNK(2, c + 32, all);
+        F32_CHUNK(3, c + 48, all);
+    }
+    for (; c < cfull; c += 16) F32_CHUNK(0, c, all);
+    if (tail) F32_CHUNK(1, c, tail);
+    y0[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0_0, a0_1), _mm512_add_ps(a0_2, a0_3)));
+    y1[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a1_0, a1_1), _mm512_add_ps(a1_2, a1_3)));
+    y0[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0_0, b0_1), _mm512_add_ps(b0_2, b0_3)));
+    y1[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b1_0, b1_1), _mm512_add_ps(b1_2, b1_3)));
+}
+
+/* the tile kernel of a format for an ISA (NULL: none; the row kernel runs per token) */
+static tile_fn tile_for(int fmt, int isa) {
+    if (isa != MT_ISA_AVX512) return NULL;
+    return fmt == MT_FMT_BF16 ? bf16_tile_avx512 : fmt == MT_FMT_F32 ? f32_tile_avx512 : NULL;
+}
+
+static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1) {
+    if (it->tile) { /* on prepared rows when the format prepares x, else on x itself */
+        for (; t0 + 2 <= t1; t0 += 2) {
+            const float *x0 = it->X + (it->idx ? it->idx[t0] : t0) * it->ldx;
+            const float *x1 = it->X + (it->idx ? it->idx[t0 + 1] : t0 + 1) * it->ldx;
+            const float *xp0 = it->XP ? it->XP + t0 * it->ldxp : NULL, *xp1 = it->XP ? xp0 + it->ldxp : NULL;
+            const float *p0 = it->XP ? xp0 : x0, *p1 = it->XP ? xp1 : x1;
+            float *y0 = it->Y + t0 * it->ldy, *y1 = y0 + it->ldy;
+            long r = r0;
+            for (; r + 2 <= r1; r += 2) it->tile(it->W, p0, p1, y0, y1, r);
+            if (r < r1) {
+                it->fn(it->W, x0, xp0, y0, r, r1);
+                it->fn(it->W, x1, xp1, y1, r, r1);
+            }
+            if (it->b)
+                for (long q = r0; q < r1; q++) {
+                    y0[q] += ld(it->b, it->bdt, q);
+                    y1[q] += ld(it->b, it->bdt, q);
+                }
+        }
+    }
+    for (long t = t0; t < t1; t++) {
+        const float *x = it->X + (it->idx ? it->idx[t] : t) * it->ldx;
+        const float *xp = it->XP ? it->XP + t * it->ldxp : NULL;
+        float *y = it->Y + t * it->ldy;
+        it->fn(it->W, x, xp, y, r0, r1);
+        if (it->b)
+            for (long r = r0; r < r1; r++) y[r] += ld(it->b, it->bdt, r);
+    }
+}
+
+static void gemm_task(void *vctx, int tid, int nth) {
+    const gemm_batch *B = (const gemm_batch *)vctx;
+    double total = B->cum[B->n_units];
+    double lo = total * tid / nth, hi = total * (tid + 1) / nth;
+    /* this thread's units: those whose cost midpoint falls in [lo, hi) */
+    long u0 = 0, u1;
+    while (u0 < B->n_units && (B->cum[u0] + B->cum[u0 + 1]) / 2 < lo) u0++;
+    u1 = u0;
+    while (u1 < B->n_units && ((B->cum[u1] + B->cum[u1 + 1]) / 2 < hi || tid == nth - 1)) u1++;
+    long tmax = 0;
+    for (long u = u0; u < u1; u++) {
+        long T = B->items[B->unit_item[u]].T;
+        if (T > tmax) tmax = T;
+    }
+    for (long tb = 0; tb < tmax; tb += TOKEN_BLOCK)
+        for (long u = u0; u < u1; u++) {
+            const mt_gemm_item *it = &B->items[B->unit_item[u]];
+            if (tb >= it->T) continue;
+            run_unit(it, B->unit_r0[u], B->unit_r1[u], tb, tb + TOKEN_BLOCK < it->T ? tb + TOKEN_BLOCK : it->T);
+        }
+}
+
+/* caller-thread buffers: prepared rows and the unit table */
+static __thread float *prep_buf = NULL;
+static __thread long prep_cap = 0;
+static __thread long *unit_buf = NULL;
+static __thread double *cum_buf = NULL;
+static __thread long unit_cap = 0;
+
+static long block_rows(const mt_weight *W) {
+    long row_bytes = W->stride > 0 ? W->stride : 1;
+    long rb = BLOCK_BYTES / row_bytes;
+    return rb < 4 ? 4 : rb > 64 ? 64 : rb;
+}
+
+void mt_run_gemms(mt_gemm_item *items, int n, int nth) {
+    int isa = mt_get_isa();
+    long need = 0, n_units = 0;
+    double elems = 0;
+    for (int i = 0; i < n; i++) {
+        const mt_fmt *f = mt_fmt_lookup(items[i].W->fmt);
+        if (!f) {
+            fprintf(stderr, "moetier native: weight format %d has no kernel\n", items[i].W->fmt);
+            abort();
+        }
+        items[i].fn = mt_rows_for(f, isa);
+        items[i].tile = tile_for(f->code, isa);
+        items[i].XP = NULL;
+        items[i].ldxp = f->prep ? (f->prep_len(items[i].W->cols) + 15) & ~15L : 0;
+        need += items[i].ldxp * items[i].T;
+        if (items[i].T > 0) {
+            long rb = block_rows(items[i].W);
+            n_units += (items[i].W->rows + rb - 1) / rb;
+        }
+        elems += (double)items[i].W->rows * items[i].W->cols * items[i].T;
+    }
+    if (need > prep_cap) {
+        free(prep_buf);
+        prep_buf = (float *)aligned_alloc(64, ((need * 4 + 63) / 64) * 64);
+        prep_cap = prep_buf ? need : 0;
+        if (!prep_buf) abort();
+    }
+    if (n_units + 1 > unit_cap) {
+        free(unit_buf);
+        free(cum_buf);
+        unit_cap = 2 * (n_units + 1);
+        unit_buf = (long *)malloc(3 * unit_cap * sizeof(long));
+        cum_buf = (double *)malloc(unit_cap * sizeof(double));
+        if (!unit_buf || !cum_buf) abort();
+    }
+    /* prepared rows; consecutive items over the same rows with the same preparation share them */
+    float *p = prep_buf;
+    for (int i = 0; i < n; i++) {
+        mt_gemm_item *it = &items[i];
+        const mt_fmt *f = mt_fmt_lookup(it->W->fmt);
+        if (!f->prep || it->T == 0) continue;
+        const mt_gemm_item *prev = i > 0 ? &items[i - 1] : NULL;
+        if (prev && prev->XP && prev->X == it->X && prev->ldx == it->ldx && prev->idx == it->idx &&
+            prev->T == it->T && prev->W->cols == it->W->cols && mt_fmt_lookup(prev->W->fmt)->prep == f->prep) {
+            it->XP = prev->XP;
+            continue;
+        }
+        for (long t = 0; t < it->T; t++) f->prep(it->X + (it->idx ? it->idx[t] : t) * it->ldx, it->W->cols, p + t * it->ldxp);
+        it->XP = p;
+        p += it->ldxp * it->T;
+    }
+    gemm_batch B = {items, n, unit_buf, unit_buf + unit_cap, unit_buf + 2 * unit_cap, 0, cum_buf};
+    B.cum[0] = 0;
+    for (int i = 0; i < n; i++) {
+        if (items[i].T == 0) continue;
+        long rb = block_rows(items[i].W);
+        for (long r = 0; r < items[i].W->rows; r += rb) {
+            long u = B.n_units++;
+            B.unit_item[u] = i;
+            B.unit_r0[u] = r;
+            B.unit_r1[u] = r + rb < items[i].W->rows ? r + rb : items[i].W->rows;
+            B.cum[u + 1] = B.cum[u] + (double)(B.unit_r1[u] - r) * items[i].W->cols * items[i].T;
+        }
+    }
+    if (B.n_units == 0) return;
+    parallel_run(gemm_task, &B, elems < PARALLEL_MIN_ELEMS ? 1 : nth);
+}
+
+/* Y [T, W->rows] = X [T, W->cols] W^T (+ b) with nth threads (tests, benchmarks) */
+void mt_gemm(const mt_weight *W, const void *b, int bdt, const float *X, long T, float *Y, int nth) {
+    mt_gemm_item it = {W, b, bdt, X, W->cols, NULL, T, Y, W->rows, NULL, 0, NULL};
+    mt_run_gemms(&it, 1, nth);
+}

@@ -1,0 +1,36 @@
+/* Many tokens per call (gemm.c, prefill.c): prefill (one sequence, T positions) and batched
+ * steps (N sequences, one or more tokens each) through the same per-format row kernels as the
+ * single-token path, so every token's result is bit for bit what a single-token step gives.
+ */
+#ifndef MT_MANY_H
+#define MT_MANY_H
+
+#include "mt.h"
+
+/* Y[t, r] = W[r, :] . X[idx[t], :] (+ b[r]) for t < T, r < W->rows. X rows are ldx floats
+ * apart (idx NULL: row t); Y rows ldy floats apart. */
+typedef struct {
+    const mt_weight *W;
+    const void *b;
+    int bdt;
+    const float *X;
+    long ldx;
+    const int32_t *idx;
+    long T;
+    float *Y;
+    long ldy;
+    /* filled by mt_run_gemms */
+    const float *XP; /* prepared rows (format's prep), one per t, ldxp floats apart; NULL: none */
+    long ldxp;
+    mt_rows_fn fn;
+    void (*tile)(const mt_weight *W, const float *p0, const float *p1, float *y0, float *y1, long r);
+} mt_gemm_item;
+
+/* A batch of independent products as one parallel region. Each weight is read in blocks of
+ * rows small enough to stay in L1 while every token of the item passes over them; (item, row
+ * block) units are split over the threads by cost. Each (t, r) is one call of the format's row
+ * kernel on row r (the same call a single-token product makes): bit-identical to mt_run_gemvs
+ * for every token, whatever T, the thread count or the grouping. */
+void mt_run_gemms(mt_gemm_item *items, int n, int nth);
+
+#endif

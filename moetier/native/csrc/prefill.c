@@ -1,0 +1,317 @@
+/* Many tokens per call through the generic layers (moetier/native/prefill.py): a prompt
+ * (one sequence, T causal positions) or a batched step (N sequences, each its own KV cache),
+ * or any mix, as one flat token batch.
+ *
+ * Per layer: norms and the q/k/v projection as one multi-token product (gemm.c), per token the
+ * q/k norm, rope and the KV write in place at its position in its own sequence's cache, then
+ * attention per (token, head) over that cache (a prompt's tokens see the positions written
+ * before them), o_proj, residual; the router over every token, then the tokens grouped by
+ * expert so each expert's weights are read once per call for all the tokens routed to it.
+ *
+ * Every token's arithmetic is the single-token step's (the same row kernels, attention head and
+ * top-k functions; expert outputs added in the token's top-k order, then the shared expert),
+ * so a prefill or a batched step is bit-identical to stepping the tokens one at a time, and
+ * results do not depend on the thread count or on who else is in the batch.
+ */
+#include "many.h"
+
+#define MT_MANY_MAX_E 1024 /* experts per layer of the whole-step path (prefill.py: MAX_E) */
+
+/* buffers for up to `cap` tokens (grown by reserve) */
+typedef struct {
+    long H, qkv_rows, attn_dim, E, topk, I, SI; /* the largest over the layers */
+    long cap;
+    float *h, *qkv, *attn, *ao, *rlog, *gu, *act, *down, *sgu, *sact, *sh, *sg, *scores;
+    long n_scores;
+    int32_t *slot_tok, *slot_of; /* slot -> token; (token, j) -> slot */
+    long *cnt, *off;             /* per expert: tokens routed to it, first slot */
+    mt_gemm_item *items;         /* 2 E + 3 */
+} many;
+
+void mt_many_free(many *M) {
+    if (!M) return;
+    free(M->h); free(M->qkv); free(M->attn); free(M->ao); free(M->rlog); free(M->gu); free(M->act);
+    free(M->down); free(M->sgu); free(M->sact); free(M->sh); free(M->sg); free(M->scores);
+    free(M->slot_tok); free(M->slot_of); free(M->cnt); free(M->off); free(M->items);
+    free(M);
+}
+
+many *mt_many_new(long H, long qkv_rows, long attn_dim, long E, long topk, long I, long SI) {
+    many *M = (many *)calloc(1, sizeof(many));
+    if (!M) return NULL;
+    M->H = H, M->qkv_rows = qkv_rows, M->attn_dim = attn_dim, M->E = E > 0 ? E : 1;
+    M->topk = topk > 0 ? topk : 1, M->I = I > 0 ? I : 1, M->SI = SI > 0 ? SI : 1;
+    M->cnt = (long *)calloc(M->E, sizeof(long));
+    M->off = (long *)calloc(M->E + 1, sizeof(long));
+    M->items = (mt_gemm_item *)calloc(2 * M->E + 3, sizeof(mt_gemm_item));
+    if (!M->cnt || !M->off || !M->items) {
+        mt_many_free(M);
+        return NULL;
+    }
+    return M;
+}
+
+static int grow(float **p, long n) {
+    float *q = (float *)realloc(*p, (n > 0 ? n : 1) * sizeof(float));
+    if (!q) return -1;
+    *p = q;
+    return 0;
+}
+
+/* buffers for T tokens; returns 0 or -1 (out of memory) */
+static int reserve(many *M, long T) {
+    if (T <= M->cap) return 0;
+    long c = T > 2 * M->cap ? T : 2 * M->cap, S = c * M->topk;
+    if (grow(&M->h, c * M->H) || grow(&M->qkv, c * M->qkv_rows) || grow(&M->attn, c * M->attn_dim) ||
+        grow(&M->ao, c * M->H) || grow(&M->rlog, c * M->E) || grow(&M->gu, S * 2 * M->I) ||
+        grow(&M->act, S * M->I) || grow(&M->down, S * M->H) || grow(&M->sgu, c * 2 * M->SI) ||
+        grow(&M->sact, c * M->SI) || grow(&M->sh, c * M->H) || grow(&M->sg, c))
+        return -1;
+    int32_t *a = (int32_t *)realloc(M->slot_tok, S * sizeof(int32_t));
+    if (!a) return -1;
+    M->slot_tok = a;
+    a = (int32_t *)realloc(M->slot_of, S * sizeof(int32_t));
+    if (!a) return -1;
+    M->slot_of = a;
+    M->cap = c;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* attention                                                                             */
+
+typedef struct {
+    const layer_desc *L;
+    const float *qkv; /* [T, ldq]: q at the start of each row */
+    long ldq;
+    const long *pos;
+    const int32_t *seq;
+    void *const *K, *const *V;
+    const long *cap;
+    int kvdt;
+    long T, scores_per_thread;
+    const double *cum; /* cost prefix sums over the T * nh (token, head) units */
+    float *out, *scores;
+} attn_many_ctx;
+
+static long window_start(const layer_desc *L, long pos) {
+    return L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
+}
+
+static void attn_many_task(void *vctx, int tid, int nth) {
+    const attn_many_ctx *A = (const attn_many_ctx *)vctx;
+    const layer_desc *L = A->L;
+    long nh = L->nh, D = L->D, group = L->nh / L->nkv, n_units = A->T * nh;
+    double total = A->cum[n_units], lo = total * tid / nth, hi = total * (tid + 1) / nth;
+    float *sc = A->scores + (long)tid * A->scores_per_thread;
+    for (long u = 0; u < n_units; u++) {
+        double mid = (A->cum[u] + A->cum[u + 1]) / 2;
+        if (mid < lo || (mid >= hi && tid != nth - 1)) continue;
+        long t = u / nh, h = u % nh, s = A->seq[t], p = A->pos[t], t0 = window_start(L, p);
+        mt_attend_head(L, A->qkv + t * A->ldq + h * D, A->K[s], A->V[s], A->kvdt, A->cap[s], h / group, t0,
+                       p + 1 - t0, A->out + (t * nh + h) * D, sc);
+    }
+}
+
+static __thread double *cum_buf = NULL;
+static __thread long cum_cap = 0;
+
+/* For T tokens x [T, H] (token t at position pos[t] of sequence seq[t]; K[s], V[s] [nkv,
+ * cap[s], D] that sequence's cache buffers, holding every position up to the batch's last):
+ * x += o_proj(attn(norm1(x))); M->h = norm2(x); each token's k, v written at its position.
+ * cs / sn: rope cos / sin tables [positions, D] (float32). Returns 0, or -1 out of memory. */
+int mt_attention_many(const layer_desc *L, many *M, int dt, long T, float *x, const long *pos, const int32_t *seq,
+                      void *const *K, void *const *V, const long *cap, const float *cs, const float *sn, int nth) {
+    long H = L->H, nh = L->nh, nkv = L->nkv, D = L->D, ldq = (nh + 2 * nkv) * D;
+    if (reserve(M, T)) return -1;
+    for (long t = 0; t < T; t++) rms_norm(x + t * H, L->ln1, dt, L->eps, M->h + t * H, H);
+    if (L->qkv_w) {
+        mt_gemm_item it = {L->qkv_w, L->qkv_b, dt, M->h, H, NULL, T, M->qkv, ldq};
+        mt_run_gemms(&it, 1, nth);
+    } else {
+        mt_gemm_item it[3] = {{L->q_w, L->q_b, dt, M->h, H, NULL, T, M->qkv, ldq},
+                              {L->k_w, L->k_b, dt, M->h, H, NULL, T, M->qkv + nh * D, ldq},
+                              {L->v_w, L->v_b, dt, M->h, H, NULL, T, M->qkv + (nh + nkv) * D, ldq}};
+        mt_run_gemms(it, 3, nth);
+    }
+    long smax = 1;
+    for (long t = 0; t < T; t++) {
+        long s = seq[t];
+        mt_qkv_post(L, dt, M->qkv + t * ldq, K[s], V[s], cap[s], pos[t], cs + pos[t] * D, sn + pos[t] * D);
+        if (cap[s] > smax) smax = cap[s];
+    }
+    long n_units = T * nh;
+    if (n_units + 1 > cum_cap) {
+        free(cum_buf);
+        cum_cap = 2 * (n_units + 1);
+        cum_buf = (double *)malloc(cum_cap * sizeof(double));
+        if (!cum_buf) {
+            cum_cap = 0;
+            return -1;
+        }
+    }
+    cum_buf[0] = 0;
+    for (long u = 0; u < n_units; u++) {
+        long p = pos[u / nh];
+        cum_buf[u + 1] = cum_buf[u] + (double)(p + 1 - window_start(L, p)) + 8; /* + fixed cost per head */
+    }
+    int ath = cum_buf[n_units] * D < PARALLEL_MIN_ELEMS ? 1 : nth;
+    if (M->n_scores < smax * ath) {
+        if (grow(&M->scores, smax * ath)) return -1;
+        M->n_scores = smax * ath;
+    }
+    attn_many_ctx A = {L, M->qkv, ldq, pos, seq, K, V, cap, dt, T, smax, cum_buf, M->attn, M->scores};
+    parallel_run(attn_many_task, &A, ath);
+    mt_gemm_item o = {L->o_w, L->o_b, dt, M->attn, nh * D, NULL, T, M->ao, H};
+    mt_run_gemms(&o, 1, nth);
+    for (long t = 0; t < T; t++) {
+        float *xt = x + t * H;
+        const float *a = M->ao + t * H;
+        for (long i = 0; i < H; i++) xt[i] += a[i];
+        rms_norm(xt, L->ln2, dt, L->eps, M->h + t * H, H);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* feed-forward                                                                          */
+
+/* router over M->h for T tokens: ids / w [T, topk] (mt_topk_softmax per token) */
+void mt_route_many(const layer_desc *L, many *M, int dt, long T, int64_t *ids, float *w, int nth) {
+    long E = L->E, k = L->topk;
+    mt_gemm_item it = {L->router_w, L->router_b, dt, M->h, L->H, NULL, T, M->rlog, E};
+    mt_run_gemms(&it, 1, nth);
+    for (long t = 0; t < T; t++) mt_topk_softmax(L, M->rlog + t * E, ids + t * k, w + t * k);
+}
+
+/* slots: the (token, j) pairs sorted by expert, tokens ascending within an expert */
+static void group_slots(const layer_desc *L, many *M, long T, const int64_t *ids) {
+    long E = L->E, k = L->topk;
+    memset(M->cnt, 0, E * sizeof(long));
+    for (long i = 0; i < T * k; i++) M->cnt[ids[i]]++;
+    M->off[0] = 0;
+    for (long e = 0; e < E; e++) M->off[e + 1] = M->off[e] + M->cnt[e];
+    memset(M->cnt, 0, E * sizeof(long));
+    for (long t = 0; t < T; t++)
+        for (long j = 0; j < k; j++) {
+            long e = ids[t * k + j], s = M->off[e] + M->cnt[e]++;
+            M->slot_tok[s] = (int32_t)t;
+            M->slot_of[t * k + j] = (int32_t)s;
+        }
+}
+
+/* The feed-forward of T tokens (h = M->h, routed by ids / w [T, topk] from mt_route_many):
+ * the experts listed (experts[0..n): ids with descriptors gate / up (NULL: gate is the fused
+ * gate_up [2I, H]) / down) run on all the tokens routed to them, their outputs kept per
+ * (token, j). With `finish`: the shared expert (optionally sigmoid-gated) or the dense MLP,
+ * then x[t] += sum_j w[t, j] * expert output (j ascending) + shared, the single-token order.
+ * So experts may come in several calls (one per expert for providers whose weights are valid
+ * only until the next get) and then one finishing call with n = 0: the same bits. */
+int mt_moe_many(const layer_desc *L, many *M, int dt, long T, float *x, const int64_t *ids, const float *w, int n,
+                const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
+                const mt_weight *const *down, int finish, int nth) {
+    long H = L->H, I = L->I, k = L->mlp ? L->topk : 0, SI = finish ? L->SI : 0;
+    if (reserve(M, T)) return -1;
+    if (n > M->E) return -2;
+    if (k) group_slots(L, M, T, ids);
+    mt_gemm_item *items = M->items;
+    int m = 0;
+    for (int j = 0; j < n; j++) {
+        long e = experts[j], c = M->cnt[e], o = M->off[e];
+        if (!c) continue;
+        float *g = M->gu + o * 2 * I;
+        items[m++] = (mt_gemm_item){gate[j], NULL, dt, M->h, H, M->slot_tok + o, c, g, 2 * I};
+        if (up && up[j]) items[m++] = (mt_gemm_item){up[j], NULL, dt, M->h, H, M->slot_tok + o, c, g + I, 2 * I};
+    }
+    if (SI) {
+        items[m++] = (mt_gemm_item){L->s_gate, NULL, dt, M->h, H, NULL, T, M->sgu, 2 * SI};
+        items[m++] = (mt_gemm_item){L->s_up, NULL, dt, M->h, H, NULL, T, M->sgu + SI, 2 * SI};
+        if (L->s_gate_gate) items[m++] = (mt_gemm_item){L->s_gate_gate, NULL, dt, M->h, H, NULL, T, M->sg, 1};
+    }
+    if (m) mt_run_gemms(items, m, nth);
+    m = 0;
+    for (int j = 0; j < n; j++) {
+        long e = experts[j], c = M->cnt[e], o = M->off[e];
+        if (!c) continue;
+        for (long s = o; s < o + c; s++) swiglu(M->gu + s * 2 * I, M->gu + s * 2 * I + I, M->act + s * I, I);
+        items[m++] = (mt_gemm_item){down[j], NULL, dt, M->act + o * I, I, NULL, c, M->down + o * H, H};
+    }
+    if (SI) {
+        for (long t = 0; t < T; t++) swiglu(M->sgu + t * 2 * SI, M->sgu + t * 2 * SI + SI, M->sact + t * SI, SI);
+        items[m++] = (mt_gemm_item){L->s_down, NULL, dt, M->sact, SI, NULL, T, M->sh, H};
+    }
+    if (m) mt_run_gemms(items, m, nth);
+    if (!finish) return 0;
+    for (long t = 0; t < T; t++) {
+        float *xt = x + t * H;
+        for (long j = 0; j < k; j++) {
+            const float *d = M->down + (long)M->slot_of[t * k + j] * H;
+            float wj = w[t * k + j];
+            for (long i = 0; i < H; i++) xt[i] += wj * d[i];
+        }
+        if (SI) {
+            float g = L->s_gate_gate ? 1.0f / (1.0f + expf(-M->sg[t])) : 1.0f;
+            const float *sh = M->sh + t * H;
+            for (long i = 0; i < H; i++) xt[i] += g * sh[i];
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* embedding, head, the whole step                                                       */
+
+void mt_embed(const mt_weight *table, long token, float *x);
+
+/* x [T, H] = rows tokens[t] of the embedding table */
+void mt_embed_many(const mt_weight *table, long T, const int64_t *tokens, float *x) {
+    for (long t = 0; t < T; t++) mt_embed(table, tokens[t], x + t * table->cols);
+}
+
+/* logits [R, V] = out_w . norm(x[rows[r]]) */
+int mt_head_many(const void *norm_w, const mt_weight *out_w, float eps, int dt, many *M, long R, const int32_t *rows,
+                 const float *x, float *logits, int nth) {
+    long H = out_w->cols;
+    if (reserve(M, R)) return -1;
+    for (long r = 0; r < R; r++) rms_norm(x + (long)rows[r] * H, norm_w, dt, eps, M->h + r * H, H);
+    mt_gemm_item it = {out_w, NULL, dt, M->h, H, NULL, R, logits, out_w->rows};
+    mt_run_gemms(&it, 1, nth);
+    return 0;
+}
+
+/* Every layer for T tokens in one call, for providers whose experts all stay in RAM (tables
+ * of descriptors [n_layers * e_max] as for mt_layers; gate NULL for dense layers). K, V, cap:
+ * [n_layers * n_seq] (layer-major); at most MT_MANY_MAX_E experts per layer. ids_out / w_out [n_layers * T * 64]: each MoE layer's
+ * routing (for the caller's bookkeeping). The same functions in the same order as the
+ * per-layer path. Returns 0, or -1 - i when layer i ran out of memory. */
+int mt_layers_many(const layer_desc *const *L, int n_layers, many *M, int dt, long T, float *x, const long *pos,
+                   const int32_t *seq, long n_seq, void *const *K, void *const *V, const long *cap, const float *cs,
+                   const float *sn, const mt_weight *const *gate_table, const mt_weight *const *up_table,
+                   const mt_weight *const *down_table, long e_max, int64_t *ids_out, float *w_out, int nth) {
+    const mt_weight *g[MT_MANY_MAX_E], *u[MT_MANY_MAX_E], *d[MT_MANY_MAX_E];
+    int64_t ex[MT_MANY_MAX_E];
+    for (int i = 0; i < n_layers; i++) {
+        const layer_desc *l = L[i];
+        long o = (long)i * n_seq;
+        if (mt_attention_many(l, M, dt, T, x, pos, seq, K + o, V + o, cap + o, cs, sn, nth)) return -1 - i;
+        if (l->mlp == 0) {
+            if (mt_moe_many(l, M, dt, T, x, NULL, NULL, 0, NULL, NULL, NULL, NULL, 1, nth)) return -1 - i;
+            continue;
+        }
+        int64_t *ids = ids_out + (long)i * T * 64;
+        float *w = w_out + (long)i * T * 64;
+        mt_route_many(l, M, dt, T, ids, w, nth);
+        int n = 0;
+        char seen[MT_MANY_MAX_E] = {0};
+        for (long j = 0; j < T * l->topk; j++)
+            if (!seen[ids[j]]) seen[ids[j]] = 1;
+        for (long e = 0; e < l->E && e < MT_MANY_MAX_E; e++)
+            if (seen[e]) {
+                long kk = (long)i * e_max + e;
+                ex[n] = e, g[n] = gate_table[kk], u[n] = up_table[kk], d[n] = down_table[kk];
+                n++;
+            }
+        if (mt_moe_many(l, M, dt, T, x, ids, w, n, ex, g, u, d, 1, nth)) return -1 - i;
+    }
+    return 0;
+}
