@@ -11,8 +11,9 @@ scores, greedy / group_limited_greedy / noaux_tc with the correction bias, norm_
 routed_scaling_factor), then the routed experts come from the provider as on the torch path
 and one call (``mt_moe``, shared with the generic decoder) runs them plus the shared experts;
 dense layers run ``mt_dense_mlp``. The latent cache is the one the torch path keeps
-(``layers/mla.py``: ``c_kv`` [L, C], ``k_rot`` [L, dr]): prefill and batched steps stay on the
-torch path and share it; no step decompresses it.
+(``layers/mla.py``: ``c_kv`` [L, C], ``k_rot`` [L, dr]); no step decompresses it. Prefill and
+batched steps (several tokens / sequences per call) run through :meth:`MLADecoder.step_many`
+(``native/mla_prefill.py``, ``csrc/mla_many.c``) with the same per-token arithmetic.
 
 Numerics and hooks as in :mod:`moetier.native.decode` (float32 activations, one thread per
 output element, router observers and post-attention-norm pre-hooks kept).
@@ -44,7 +45,7 @@ MAX_ROPE_DIM = 512
 
 
 class MlaDesc(ctypes.Structure):
-    """Mirror of ``mla_desc`` in csrc/mla.c (keep the field order in sync)."""
+    """Mirror of ``mla_desc`` in csrc/mla.h (keep the field order in sync)."""
 
     _fields_ = [
         ("H", ctypes.c_long), ("nh", ctypes.c_long), ("C", ctypes.c_long), ("dn", ctypes.c_long),
@@ -59,7 +60,7 @@ class MlaDesc(ctypes.Structure):
 
 
 class RouteDesc(ctypes.Structure):
-    """Mirror of ``route_desc`` in csrc/mla.c (keep the field order in sync)."""
+    """Mirror of ``route_desc`` in csrc/mla.h (keep the field order in sync)."""
 
     _fields_ = [
         ("E", ctypes.c_long), ("topk", ctypes.c_long), ("n_group", ctypes.c_long), ("topk_group", ctypes.c_long),
@@ -233,6 +234,7 @@ class MLADecoder(_StepBase):
         self.rotary = type(net.rotary)(net.rotary.inv_freq, net.rotary.attention_factor)  # own float32 tables
         self.kv_like = [(torch.empty(0, m.C, dtype=net.dtype), torch.empty(0, m.dr, dtype=net.dtype))
                         for m in self.mla]
+        self.many: Any = None  # the multi-token stepper (native/mla_prefill.py), made on first use
 
     def __del__(self) -> None:
         lib = getattr(self, "lib", None)
@@ -244,6 +246,15 @@ class MLADecoder(_StepBase):
         if getattr(self, "mscratch", None):
             lib.mt_mla_scratch_free(self.mscratch)
             self.mscratch = None
+
+    def step_many(self, items: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False) -> torch.Tensor:
+        """A flat batch of several tokens / sequences (prefill, batched steps): see
+        ``native/mla_prefill.py``. Float32 logits like ``DecoderLM.forward``."""
+        if self.many is None:
+            from moetier.native.mla_prefill import MLAManyStepper
+
+            self.many = MLAManyStepper(self)
+        return self.many.step(items, all_logits)
 
     def step(self, seq: Sequence, token: int) -> torch.Tensor:
         """Feed one token to ``seq`` (advancing it); float32 logits [1, V]."""

@@ -127,19 +127,8 @@ class ManyStepper:
         """One native call for ``items`` (each sequence at most once, every item non-empty)."""
         dec, lib, net = self.dec, self.lib, self.dec.net
         dt, H, nth = dec.dt, dec.H, torch.get_num_threads()
-        toks, pos, seq_of, last = [], [], [], []
-        start = 0
-        for s, (seq, t) in enumerate(items):
-            n = t.shape[0]
-            toks.append(t)
-            pos.append(torch.arange(seq.length, seq.length + n))
-            seq_of.append(torch.full((n,), s, dtype=torch.int32))
-            start += n
-            last.append(start - 1)
-        T, S = start, len(items)
-        tokens = torch.cat(toks).to(torch.int64).contiguous()
-        positions = torch.cat(pos).to(torch.int64).contiguous()  # C long
-        seqs = torch.cat(seq_of).contiguous()
+        tokens, positions, seqs, last = self._flat(items)
+        T, S = tokens.shape[0], len(items)
         top = int(positions.max()) + 1
         cos, sin = dec.rotary.table(top, torch.float32)  # [top, D]
         n_layers = len(dec.descs)
@@ -168,12 +157,34 @@ class ManyStepper:
         else:
             for i, layer in enumerate(net.layers):
                 self._layer(i, layer, T, x, args, S, kp, vp, caps, cos, sin, nth)
+        return self._finish(items, x, last, all_logits, nth)
+
+    @staticmethod
+    def _flat(items: list[tuple[Sequence, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        """The flat batch: token ids [T] int64, positions [T] int64 (C long), each token's item
+        index [T] int32, and each item's last token index (a list)."""
+        toks, pos, seq_of, last = [], [], [], []
+        start = 0
+        for s, (seq, t) in enumerate(items):
+            n = t.shape[0]
+            toks.append(t)
+            pos.append(torch.arange(seq.length, seq.length + n))
+            seq_of.append(torch.full((n,), s, dtype=torch.int32))
+            start += n
+            last.append(start - 1)
+        return (torch.cat(toks).to(torch.int64).contiguous(), torch.cat(pos).to(torch.int64).contiguous(),
+                torch.cat(seq_of).contiguous(), last)
+
+    def _finish(self, items: list[tuple[Sequence, torch.Tensor]], x: torch.Tensor, last: list[int],
+                all_logits: bool, nth: int) -> torch.Tensor:
+        """Advance the sequences; the logits of every token or of each item's last."""
+        dec = self.dec
         for seq, t in items:
             seq.length += t.shape[0]
-        rows = torch.arange(T, dtype=torch.int32) if all_logits else torch.tensor(last, dtype=torch.int32)
+        rows = torch.arange(x.shape[0], dtype=torch.int32) if all_logits else torch.tensor(last, dtype=torch.int32)
         logits = torch.empty(rows.shape[0], dec.V, dtype=torch.float32)
-        if lib.mt_head_many(dec.norm_w, dec.out_w, dec.norm_eps, dt, self.m, rows.shape[0], rows.data_ptr(), xp,
-                            logits.data_ptr(), nth):
+        if self.lib.mt_head_many(dec.norm_w, dec.out_w, dec.norm_eps, dec.dt, self.m, rows.shape[0], rows.data_ptr(),
+                                 x.data_ptr(), logits.data_ptr(), nth):
             raise MemoryError(f"native prefill: out of memory for {rows.shape[0]} logit rows")
         return logits
 
@@ -202,6 +213,14 @@ class ManyStepper:
         ids = torch.empty(T, k, dtype=torch.int64)
         w = torch.empty(T, k, dtype=torch.float32)
         lib.mt_route_many(desc, self.m, dt, T, ids.data_ptr(), w.data_ptr(), nth)
+        self._experts(i, mlp, desc, d, T, xp, ids, w, nth)
+
+    def _experts(self, i: int, mlp: Any, desc: int, d: Any, T: int, xp: int, ids: torch.Tensor, w: torch.Tensor,
+                 nth: int) -> None:
+        """Layer ``i``'s routed experts (routing ``ids`` / ``w`` [T, k]) through the provider, the
+        shared expert and the combine into ``x`` (``mt_moe_many`` on the layer's descriptor ``desc``)."""
+        dec, lib, net = self.dec, self.lib, self.dec.net
+        dt = dec.dt
         for fn in net.observers:
             fn(i, ids.clone(), w.to(net.dtype))
         experts = sorted(set(ids.view(-1).tolist()))

@@ -33,4 +33,24 @@ typedef struct {
  * for every token, whatever T, the thread count or the grouping. */
 void mt_run_gemms(mt_gemm_item *items, int n, int nth);
 
+/* The multi-token scratch of prefill.c (also used by mla_many.c for its norms, router and
+ * feed-forward): buffers for up to `cap` tokens, grown by mt_many_reserve. */
+typedef struct {
+    long H, qkv_rows, attn_dim, E, topk, I, SI; /* the largest over the layers */
+    long cap;
+    float *h, *qkv, *attn, *ao, *rlog, *gu, *act, *down, *sgu, *sact, *sh, *sg, *scores;
+    long n_scores;
+    int32_t *slot_tok, *slot_of; /* slot -> token; (token, j) -> slot */
+    long *cnt, *off;             /* per expert: tokens routed to it, first slot */
+    mt_gemm_item *items;         /* 2 E + 3 */
+} many;
+
+/* buffers for T tokens; returns 0 or -1 (out of memory) */
+int mt_many_reserve(many *M, long T);
+
+/* the feed-forward of T tokens (prefill.c; see there) */
+int mt_moe_many(const layer_desc *L, many *M, int dt, long T, float *x, const int64_t *ids, const float *w, int n,
+                const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
+                const mt_weight *const *down, int finish, int nth);
+
 #endif

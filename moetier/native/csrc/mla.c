@@ -3,7 +3,7 @@
  * noaux_tc with the correction bias, norm_topk_prob, routed_scaling_factor).
  *
  * The cache holds, per position, the normed latent c_kv [C] and the rotated shared key
- * k_rot [dr] (moetier/layers/mla.py; written by the torch prefill and by this step). Keys and
+ * k_rot [dr] (moetier/layers/mla.py; written by the torch path, this step and mla_many.c). Keys and
  * values are never expanded: W_UK (the first dn rows of each head's block of kv_b_proj) is
  * folded into the query, q_lat[h] = W_UK[h]^T q_nope[h] [C], and W_UV (the last dv rows)
  * is applied after the softmax to the attended latent, out[h] = W_UV[h] o_lat[h] [dv]:
@@ -12,25 +12,10 @@
  *   o_lat[h]    = sum_s softmax(score[h])[s] c_kv[s]
  *
  * Every output element is computed by one thread in a fixed order (thread-count independent).
+ * The per-token pieces (mla.h: mt_mla_post, mt_mla_absorb, mt_mla_attend_head, mt_route_pick)
+ * are shared with the multi-token step (mla_many.c).
  */
-#include "mt.h"
-
-/* mirrors moetier/native/mla.py: MlaDesc (keep the field order in sync) */
-typedef struct {
-    long H, nh, C, dn, dr, dv, Rq; /* Rq = 0: queries straight from q_proj */
-    float eps, eps_lat, scale;      /* eps: the layer norms; eps_lat: q_a / kv_a norms */
-    int interleaved;                /* rope on adjacent pairs (de-interleaved first, like the torch path) */
-    const void *ln1, *ln2;
-    const mt_weight *q_w; /* q_proj [nh (dn + dr), H] or q_b_proj [nh (dn + dr), Rq] */
-    const mt_weight *qa_w; /* q_a_proj [Rq, H] (NULL without q_lora) */
-    const void *qa_b, *qa_norm;
-    const mt_weight *kva_w; /* kv_a_proj_with_mqa [C + dr, H] */
-    const void *kva_b, *kva_norm;
-    const void *kvb;       /* kv_b_proj [nh (dn + dv), C], plain model dtype */
-    const mt_weight *uv;   /* nh descriptors: W_UV[h] = rows h (dn + dv) + dn .. + dv of kv_b_proj */
-    const mt_weight *o_w;  /* [H, nh dv] */
-    const void *o_b;
-} mla_desc;
+#include "mla.h"
 
 typedef struct {
     float *q, *qa, *kv, *qlat, *olat, *out, *scores;
@@ -78,28 +63,31 @@ typedef struct {
     long n; /* positions attended: 0 .. n-1 */
 } mla_ctx;
 
-/* q_lat[h][c] = sum_d q_nope[h][d] * kvb[h (dn + dv) + d][c], heads split over threads */
-static void absorb_task(void *vctx, int tid, int nth) {
-    const mla_ctx *A = (const mla_ctx *)vctx;
-    const mla_desc *L = A->L;
+#define ABSORB_COLS 256 /* latent columns per pass (their W_UK rows converted once for all tokens) */
+
+void mt_mla_absorb(const mla_desc *L, int dt, long h, const float *q, long ldq, float *ql, long ldl, long T) {
     long C = L->C, dn = L->dn, dr = L->dr, dv = L->dv;
-    long h0 = L->nh * tid / nth, h1 = L->nh * (tid + 1) / nth;
-    for (long h = h0; h < h1; h++) {
-        const float *qn = A->M->q + h * (dn + dr);
-        float *ql = A->M->qlat + h * C;
-        for (long c = 0; c < C; c++) ql[c] = 0.0f;
+    float wf[ABSORB_COLS];
+    for (long t = 0; t < T; t++) memset(ql + t * ldl, 0, C * sizeof(float));
+    for (long c0 = 0; c0 < C; c0 += ABSORB_COLS) {
+        long n = C - c0 < ABSORB_COLS ? C - c0 : ABSORB_COLS;
         for (long d = 0; d < dn; d++) {
-            long row = (h * (dn + dv) + d) * C;
-            float a = qn[d];
-            if (A->dt == DT_BF16) {
-                const bf16 *w = (const bf16 *)L->kvb + row;
-                for (long c = 0; c < C; c++) ql[c] += a * bf16_to_f32(w[c]);
-            } else {
-                const float *w = (const float *)L->kvb + row;
-                for (long c = 0; c < C; c++) ql[c] += a * w[c];
+            long row = (h * (dn + dv) + d) * C + c0;
+            for (long c = 0; c < n; c++) wf[c] = ld(L->kvb, dt, row + c);
+            for (long t = 0; t < T; t++) {
+                float a = q[t * ldq + h * (dn + dr) + d], *o = ql + t * ldl + c0;
+                for (long c = 0; c < n; c++) o[c] += a * wf[c];
             }
         }
     }
+}
+
+/* q_lat[h] = W_UK[h]^T q_nope[h], heads split over threads */
+static void absorb_task(void *vctx, int tid, int nth) {
+    const mla_ctx *A = (const mla_ctx *)vctx;
+    const mla_desc *L = A->L;
+    long h0 = L->nh * tid / nth, h1 = L->nh * (tid + 1) / nth;
+    for (long h = h0; h < h1; h++) mt_mla_absorb(L, A->dt, h, A->M->q, 0, A->M->qlat + h * L->C, 0, 1);
 }
 
 static inline float dot_dt(const float *a, const void *b, int dt, long off, long n) {
@@ -119,39 +107,64 @@ static inline float dot_dt(const float *a, const void *b, int dt, long off, long
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+void mt_mla_attend_head(const mla_desc *L, int dt, const float *ql, const float *qr, const void *Ckv,
+                        const void *Kr, long n, float *o, float *sc) {
+    long C = L->C, dr = L->dr;
+    float mx = -INFINITY;
+    for (long t = 0; t < n; t++) {
+        float s = (dot_dt(ql, Ckv, dt, t * C, C) + dot_dt(qr, Kr, dt, t * dr, dr)) * L->scale;
+        sc[t] = s;
+        if (s > mx) mx = s;
+    }
+    float sum = 0.0f;
+    for (long t = 0; t < n; t++) {
+        sc[t] = expf(sc[t] - mx);
+        sum += sc[t];
+    }
+    float inv = 1.0f / sum;
+    for (long c = 0; c < C; c++) o[c] = 0.0f;
+    for (long t = 0; t < n; t++) {
+        float p = sc[t] * inv;
+        if (dt == DT_BF16) {
+            const bf16 *v = (const bf16 *)Ckv + t * C;
+            for (long c = 0; c < C; c++) o[c] += p * bf16_to_f32(v[c]);
+        } else {
+            const float *v = (const float *)Ckv + t * C;
+            for (long c = 0; c < C; c++) o[c] += p * v[c];
+        }
+    }
+}
+
 /* softmax attention in the latent space, heads split over threads */
 static void mla_attn_task(void *vctx, int tid, int nth) {
     const mla_ctx *A = (const mla_ctx *)vctx;
     const mla_desc *L = A->L;
-    long C = L->C, dn = L->dn, dr = L->dr, n = A->n;
+    long C = L->C, dn = L->dn, dr = L->dr;
     long h0 = L->nh * tid / nth, h1 = L->nh * (tid + 1) / nth;
-    float *sc = A->M->scores + (long)tid * n;
-    for (long h = h0; h < h1; h++) {
-        const float *ql = A->M->qlat + h * C, *qr = A->M->q + h * (dn + dr) + dn;
-        float mx = -INFINITY;
-        for (long t = 0; t < n; t++) {
-            float s = (dot_dt(ql, A->Ckv, A->dt, t * C, C) + dot_dt(qr, A->Kr, A->dt, t * dr, dr)) * L->scale;
-            sc[t] = s;
-            if (s > mx) mx = s;
-        }
-        float sum = 0.0f;
-        for (long t = 0; t < n; t++) {
-            sc[t] = expf(sc[t] - mx);
-            sum += sc[t];
-        }
-        float inv = 1.0f / sum;
-        float *o = A->M->olat + h * C;
-        for (long c = 0; c < C; c++) o[c] = 0.0f;
-        for (long t = 0; t < n; t++) {
-            float p = sc[t] * inv;
-            if (A->dt == DT_BF16) {
-                const bf16 *v = (const bf16 *)A->Ckv + t * C;
-                for (long c = 0; c < C; c++) o[c] += p * bf16_to_f32(v[c]);
-            } else {
-                const float *v = (const float *)A->Ckv + t * C;
-                for (long c = 0; c < C; c++) o[c] += p * v[c];
-            }
-        }
+    float *sc = A->M->scores + (long)tid * A->n;
+    for (long h = h0; h < h1; h++)
+        mt_mla_attend_head(L, A->dt, A->M->qlat + h * C, A->M->q + h * (dn + dr) + dn, A->Ckv, A->Kr, A->n,
+                           A->M->olat + h * C, sc);
+}
+
+void mt_mla_post(const mla_desc *L, int dt, float *q, float *kv, void *Ckv, void *Kr, long pos, const float *cs,
+                 const float *sn) {
+    long C = L->C, dn = L->dn, dr = L->dr;
+    rms_norm(kv, L->kva_norm, dt, L->eps_lat, kv, C);
+    float *kr = kv + C;
+    for (long h = 0; h < L->nh; h++) {
+        float *qr = q + h * (dn + dr) + dn;
+        if (L->interleaved) deinterleave(qr, dr);
+        rope(qr, cs, sn, (int)dr);
+    }
+    if (L->interleaved) deinterleave(kr, dr);
+    rope(kr, cs, sn, (int)dr);
+    if (dt == DT_BF16) {
+        for (long c = 0; c < C; c++) ((bf16 *)Ckv)[pos * C + c] = f32_to_bf16(kv[c]);
+        for (long r = 0; r < dr; r++) ((bf16 *)Kr)[pos * dr + r] = f32_to_bf16(kr[r]);
+    } else {
+        memcpy((float *)Ckv + pos * C, kv, C * 4);
+        memcpy((float *)Kr + pos * dr, kr, dr * 4);
     }
 }
 
@@ -173,22 +186,7 @@ int mt_mla_attention(const mla_desc *L, mla_scratch *M, scratch *S, int dt, floa
         mt_gemv_item qb = {L->q_w, NULL, dt, M->qa, M->q, NULL, NULL};
         mt_run_gemvs(&qb, 1, nth);
     }
-    rms_norm(M->kv, L->kva_norm, dt, L->eps_lat, M->kv, C);
-    float *kr = M->kv + C;
-    for (long h = 0; h < nh; h++) {
-        float *qr = M->q + h * (dn + dr) + dn;
-        if (L->interleaved) deinterleave(qr, dr);
-        rope(qr, cs, sn, (int)dr);
-    }
-    if (L->interleaved) deinterleave(kr, dr);
-    rope(kr, cs, sn, (int)dr);
-    if (dt == DT_BF16) {
-        for (long c = 0; c < C; c++) ((bf16 *)Ckv)[pos * C + c] = f32_to_bf16(M->kv[c]);
-        for (long r = 0; r < dr; r++) ((bf16 *)Kr)[pos * dr + r] = f32_to_bf16(kr[r]);
-    } else {
-        memcpy((float *)Ckv + pos * C, M->kv, C * 4);
-        memcpy((float *)Kr + pos * dr, kr, dr * 4);
-    }
+    mt_mla_post(L, dt, M->q, M->kv, Ckv, Kr, pos, cs, sn);
     long n = pos + 1;
     mla_ctx A = {L, M, dt, Ckv, Kr, n};
     int ath = nh * dn * C < PARALLEL_MIN_ELEMS ? 1 : nth;
@@ -219,23 +217,16 @@ int mt_mla_attention(const mla_desc *L, mla_scratch *M, scratch *S, int dt, floa
 /* ------------------------------------------------------------------------------------ */
 /* DeepSeek grouped top-k router (moetier/layers/routing.py: grouped_topk)               */
 
-/* mirrors moetier/native/mla.py: RouteDesc */
-typedef struct {
-    long E, topk, n_group, topk_group;
-    int sigmoid; /* 0 softmax, 1 sigmoid */
-    int method;  /* 0 greedy, 1 group_limited_greedy, 2 noaux_tc */
-    int norm_topk, scale_after_norm;
-    float scaling;
-    const mt_weight *w; /* [E, H] */
-    const void *corr;   /* e_score_correction_bias [E] (model dtype) or NULL */
-} route_desc;
-
 /* ids[k] (descending choice value, ties to the lower id), w[k]; scores/choice: [E] scratch */
 void mt_route_grouped(const route_desc *R, const float *h, int dt, float *scores, float *choice, int64_t *ids,
                       float *w, int nth) {
-    long E = R->E, k = R->topk, G = R->n_group > 0 ? R->n_group : 1;
     mt_gemv_item it = {R->w, NULL, dt, h, scores, NULL, NULL};
     mt_run_gemvs(&it, 1, nth);
+    mt_route_pick(R, dt, scores, choice, ids, w);
+}
+
+void mt_route_pick(const route_desc *R, int dt, float *scores, float *choice, int64_t *ids, float *w) {
+    long E = R->E, k = R->topk, G = R->n_group > 0 ? R->n_group : 1;
     if (R->sigmoid) {
         for (long e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
     } else {

@@ -17,17 +17,6 @@
 
 #define MT_MANY_MAX_E 1024 /* experts per layer of the whole-step path (prefill.py: MAX_E) */
 
-/* buffers for up to `cap` tokens (grown by reserve) */
-typedef struct {
-    long H, qkv_rows, attn_dim, E, topk, I, SI; /* the largest over the layers */
-    long cap;
-    float *h, *qkv, *attn, *ao, *rlog, *gu, *act, *down, *sgu, *sact, *sh, *sg, *scores;
-    long n_scores;
-    int32_t *slot_tok, *slot_of; /* slot -> token; (token, j) -> slot */
-    long *cnt, *off;             /* per expert: tokens routed to it, first slot */
-    mt_gemm_item *items;         /* 2 E + 3 */
-} many;
-
 void mt_many_free(many *M) {
     if (!M) return;
     free(M->h); free(M->qkv); free(M->attn); free(M->ao); free(M->rlog); free(M->gu); free(M->act);
@@ -58,8 +47,7 @@ static int grow(float **p, long n) {
     return 0;
 }
 
-/* buffers for T tokens; returns 0 or -1 (out of memory) */
-static int reserve(many *M, long T) {
+int mt_many_reserve(many *M, long T) {
     if (T <= M->cap) return 0;
     long c = T > 2 * M->cap ? T : 2 * M->cap, S = c * M->topk;
     if (grow(&M->h, c * M->H) || grow(&M->qkv, c * M->qkv_rows) || grow(&M->attn, c * M->attn_dim) ||
@@ -123,7 +111,7 @@ static __thread long cum_cap = 0;
 int mt_attention_many(const layer_desc *L, many *M, int dt, long T, float *x, const long *pos, const int32_t *seq,
                       void *const *K, void *const *V, const long *cap, const float *cs, const float *sn, int nth) {
     long H = L->H, nh = L->nh, nkv = L->nkv, D = L->D, ldq = (nh + 2 * nkv) * D;
-    if (reserve(M, T)) return -1;
+    if (mt_many_reserve(M, T)) return -1;
     for (long t = 0; t < T; t++) rms_norm(x + t * H, L->ln1, dt, L->eps, M->h + t * H, H);
     if (L->qkv_w) {
         mt_gemm_item it = {L->qkv_w, L->qkv_b, dt, M->h, H, NULL, T, M->qkv, ldq};
@@ -211,7 +199,7 @@ int mt_moe_many(const layer_desc *L, many *M, int dt, long T, float *x, const in
                 const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
                 const mt_weight *const *down, int finish, int nth) {
     long H = L->H, I = L->I, k = L->mlp ? L->topk : 0, SI = finish ? L->SI : 0;
-    if (reserve(M, T)) return -1;
+    if (mt_many_reserve(M, T)) return -1;
     if (n > M->E) return -2;
     if (k) group_slots(L, M, T, ids);
     mt_gemm_item *items = M->items;
@@ -272,7 +260,7 @@ void mt_embed_many(const mt_weight *table, long T, const int64_t *tokens, float 
 int mt_head_many(const void *norm_w, const mt_weight *out_w, float eps, int dt, many *M, long R, const int32_t *rows,
                  const float *x, float *logits, int nth) {
     long H = out_w->cols;
-    if (reserve(M, R)) return -1;
+    if (mt_many_reserve(M, R)) return -1;
     for (long r = 0; r < R; r++) rms_norm(x + (long)rows[r] * H, norm_w, dt, eps, M->h + r * H, H);
     mt_gemm_item it = {out_w, NULL, dt, M->h, H, NULL, R, logits, out_w->rows};
     mt_run_gemms(&it, 1, nth);

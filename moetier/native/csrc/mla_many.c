@@ -1,0 +1,182 @@
+/* Many tokens per call through the DeepSeek MLA layers (moetier/native/mla_prefill.py): a prompt
+ * (one sequence, T causal positions), one new token of each of N sequences, or a mix, as one flat
+ * token batch, with the per-token arithmetic of the single-token step (mla.c):
+ *
+ *   norm1                         per token (rms_norm)
+ *   q (or q_a -> norm -> q_b), kv_a   multi-token products (gemm.c), each weight read once per call
+ *   c_kv norm, rope, cache write  per token into its own sequence's latent cache (mt_mla_post)
+ *   W_UK absorbed into the query  per (head, token block) (mt_mla_absorb: W_UK rows converted
+ *                                 once for the block, d ascending per element as for one token)
+ *   latent attention              per (token, head) over the positions up to the token's own
+ *                                 (mt_mla_attend_head; a prompt's tokens see the rows written
+ *                                 before them in this call)
+ *   W_UV, o_proj                  multi-token products (W_UV one product per head)
+ *   residual, norm2               per token, into the shared multi-token scratch (many.h)
+ *
+ * then the grouped router per token (mt_route_pick on a multi-token product of the router) and
+ * the feed-forward through prefill.c's mt_moe_many (tokens grouped by expert, shared expert,
+ * dense MLP). Every token runs the same functions in the same order as a single-token step, so
+ * results are bit-identical to stepping the tokens one at a time, whatever the thread count or
+ * the batch mates.
+ */
+#include "many.h"
+#include "mla.h"
+
+#define ABSORB_BLOCK 16 /* tokens per absorb unit (their q_lat rows stay in L2 over the W_UK rows) */
+
+/* buffers for up to `cap` tokens (grown by mla_reserve), sized for the largest layer */
+typedef struct {
+    long nh, C, dn, dr, dv, Rq, E;
+    long cap;
+    float *q, *qa, *kv, *qlat, *olat, *out, *choice, *scores;
+    long n_scores;
+    double *cum;  /* attention cost prefix sums over (token, head) units */
+    long n_cum;
+    mt_gemm_item *items; /* nh (W_UV) */
+} mla_many;
+
+void mt_mla_many_free(mla_many *A) {
+    if (!A) return;
+    free(A->q); free(A->qa); free(A->kv); free(A->qlat); free(A->olat); free(A->out); free(A->choice);
+    free(A->scores); free(A->cum); free(A->items);
+    free(A);
+}
+
+mla_many *mt_mla_many_new(long nh, long C, long dn, long dr, long dv, long Rq, long E) {
+    mla_many *A = (mla_many *)calloc(1, sizeof(mla_many));
+    if (!A) return NULL;
+    A->nh = nh, A->C = C, A->dn = dn, A->dr = dr, A->dv = dv, A->Rq = Rq > 0 ? Rq : 1, A->E = E > 0 ? E : 1;
+    A->items = (mt_gemm_item *)calloc(nh, sizeof(mt_gemm_item));
+    A->choice = (float *)calloc(A->E, sizeof(float));
+    if (!A->items || !A->choice) {
+        mt_mla_many_free(A);
+        return NULL;
+    }
+    return A;
+}
+
+static int grow(float **p, long n) {
+    float *q = (float *)realloc(*p, (n > 0 ? n : 1) * sizeof(float));
+    if (!q) return -1;
+    *p = q;
+    return 0;
+}
+
+static int mla_reserve(mla_many *A, long T) {
+    if (T <= A->cap) return 0;
+    long c = T > 2 * A->cap ? T : 2 * A->cap;
+    if (grow(&A->q, c * A->nh * (A->dn + A->dr)) || grow(&A->qa, c * A->Rq) || grow(&A->kv, c * (A->C + A->dr)) ||
+        grow(&A->qlat, c * A->nh * A->C) || grow(&A->olat, c * A->nh * A->C) || grow(&A->out, c * A->nh * A->dv))
+        return -1;
+    A->cap = c;
+    return 0;
+}
+
+typedef struct {
+    const mla_desc *L;
+    mla_many *A;
+    int dt;
+    long T, ldq;
+    const long *pos;
+    const int32_t *seq;
+    void *const *Ckv, *const *Kr;
+    long scores_per_thread;
+} mla_many_ctx;
+
+/* units (head, block of ABSORB_BLOCK tokens), split evenly over the threads */
+static void absorb_many_task(void *vctx, int tid, int nth) {
+    const mla_many_ctx *X = (const mla_many_ctx *)vctx;
+    const mla_desc *L = X->L;
+    long C = L->C, nb = (X->T + ABSORB_BLOCK - 1) / ABSORB_BLOCK, n_units = L->nh * nb;
+    for (long u = n_units * tid / nth; u < n_units * (tid + 1) / nth; u++) {
+        long h = u / nb, t0 = (u % nb) * ABSORB_BLOCK, n = X->T - t0 < ABSORB_BLOCK ? X->T - t0 : ABSORB_BLOCK;
+        mt_mla_absorb(L, X->dt, h, X->A->q + t0 * X->ldq, X->ldq, X->A->qlat + (t0 * L->nh + h) * C, L->nh * C, n);
+    }
+}
+
+/* units (token, head), split over the threads by cost (positions attended) */
+static void attend_many_task(void *vctx, int tid, int nth) {
+    const mla_many_ctx *X = (const mla_many_ctx *)vctx;
+    const mla_desc *L = X->L;
+    long nh = L->nh, C = L->C, dn = L->dn, n_units = X->T * nh;
+    const double *cum = X->A->cum;
+    double total = cum[n_units], lo = total * tid / nth, hi = total * (tid + 1) / nth;
+    float *sc = X->A->scores + (long)tid * X->scores_per_thread;
+    for (long u = 0; u < n_units; u++) {
+        double mid = (cum[u] + cum[u + 1]) / 2;
+        if (mid < lo || (mid >= hi && tid != nth - 1)) continue;
+        long t = u / nh, h = u % nh, s = X->seq[t];
+        mt_mla_attend_head(L, X->dt, X->A->qlat + u * C, X->A->q + t * X->ldq + h * (dn + L->dr) + dn, X->Ckv[s],
+                           X->Kr[s], X->pos[t] + 1, X->A->olat + u * C, sc);
+    }
+}
+
+/* For T tokens x [T, H] (token t at position pos[t] of sequence seq[t]; Ckv[s] [cap, C], Kr[s]
+ * [cap, dr] that sequence's latent cache, holding a row for every position up to the batch's
+ * last): x += o_proj(MLA(norm1(x))); M->h = norm2(x); each token's c_kv, k_rot written at its
+ * position. cs / sn: rope tables [positions, dr] (float32). Returns 0, or -1 out of memory. */
+int mt_mla_attention_many(const mla_desc *L, mla_many *A, many *M, int dt, long T, float *x, const long *pos,
+                          const int32_t *seq, void *const *Ckv, void *const *Kr, const float *cs, const float *sn,
+                          int nth) {
+    long H = L->H, nh = L->nh, C = L->C, dn = L->dn, dr = L->dr, dv = L->dv, Rq = L->Rq;
+    long ldq = nh * (dn + dr), ldkv = C + dr;
+    if (dr > 512 || nh > A->nh || C > A->C || dn > A->dn || dr > A->dr || dv > A->dv || Rq > A->Rq) return -1;
+    if (mt_many_reserve(M, T) || mla_reserve(A, T)) return -1;
+    for (long t = 0; t < T; t++) rms_norm(x + t * H, L->ln1, dt, L->eps, M->h + t * H, H);
+    mt_gemm_item it[2] = {
+        {Rq ? L->qa_w : L->q_w, Rq ? L->qa_b : NULL, dt, M->h, H, NULL, T, Rq ? A->qa : A->q, Rq ? Rq : ldq},
+        {L->kva_w, L->kva_b, dt, M->h, H, NULL, T, A->kv, ldkv},
+    };
+    mt_run_gemms(it, 2, nth);
+    if (Rq) {
+        for (long t = 0; t < T; t++) rms_norm(A->qa + t * Rq, L->qa_norm, dt, L->eps_lat, A->qa + t * Rq, Rq);
+        mt_gemm_item qb = {L->q_w, NULL, dt, A->qa, Rq, NULL, T, A->q, ldq};
+        mt_run_gemms(&qb, 1, nth);
+    }
+    long nmax = 1;
+    for (long t = 0; t < T; t++) {
+        long s = seq[t], p = pos[t];
+        mt_mla_post(L, dt, A->q + t * ldq, A->kv + t * ldkv, Ckv[s], Kr[s], p, cs + p * dr, sn + p * dr);
+        if (p + 1 > nmax) nmax = p + 1;
+    }
+    mla_many_ctx X = {L, A, dt, T, ldq, pos, seq, Ckv, Kr, nmax};
+    double macs = (double)T * nh * dn * C;
+    parallel_run(absorb_many_task, &X, macs < PARALLEL_MIN_ELEMS ? 1 : nth);
+    long n_units = T * nh;
+    if (n_units + 1 > A->n_cum) {
+        double *c = (double *)realloc(A->cum, (n_units + 1) * sizeof(double));
+        if (!c) return -1;
+        A->cum = c, A->n_cum = n_units + 1;
+    }
+    A->cum[0] = 0;
+    for (long u = 0; u < n_units; u++) A->cum[u + 1] = A->cum[u] + (double)(pos[u / nh] + 1) + 8; /* + per head */
+    int ath = A->cum[n_units] * (2 * C + dr) < PARALLEL_MIN_ELEMS ? 1 : nth;
+    if (A->n_scores < nmax * ath) {
+        if (grow(&A->scores, nmax * ath)) return -1;
+        A->n_scores = nmax * ath;
+    }
+    parallel_run(attend_many_task, &X, ath);
+    for (long h = 0; h < nh; h++) /* out[t, h] = W_UV[h] o_lat[t, h] */
+        A->items[h] = (mt_gemm_item){&L->uv[h], NULL, dt, A->olat + h * C, nh * C, NULL, T, A->out + h * dv, nh * dv};
+    mt_run_gemms(A->items, (int)nh, nth);
+    mt_gemm_item o = {L->o_w, L->o_b, dt, A->out, nh * dv, NULL, T, M->ao, H};
+    mt_run_gemms(&o, 1, nth);
+    for (long t = 0; t < T; t++) {
+        float *xt = x + t * H;
+        const float *a = M->ao + t * H;
+        for (long i = 0; i < H; i++) xt[i] += a[i];
+        rms_norm(xt, L->ln2, dt, L->eps, M->h + t * H, H);
+    }
+    return 0;
+}
+
+/* the grouped router over M->h for T tokens: ids / w [T, topk] (mt_route_pick per token) */
+int mt_route_grouped_many(const route_desc *R, mla_many *A, many *M, int dt, long T, int64_t *ids, float *w,
+                          int nth) {
+    long E = R->E, k = R->topk;
+    if (E > A->E || E > M->E || mt_many_reserve(M, T)) return -1;
+    mt_gemm_item it = {R->w, NULL, dt, M->h, M->H, NULL, T, M->rlog, E};
+    mt_run_gemms(&it, 1, nth);
+    for (long t = 0; t < T; t++) mt_route_pick(R, dt, M->rlog + t * E, A->choice, ids + t * k, w + t * k);
+    return 0;
+}

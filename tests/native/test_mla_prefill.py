@@ -1,0 +1,268 @@
+"""Native multi-token steps of the DeepSeek MLA decoder (moetier/native/mla_prefill.py,
+csrc/mla_many.c) on the tiny checkpoints of test_mla.py (q_lora None / set, softmax greedy /
+group_limited_greedy / noaux_tc routing, dense-first layers, shared experts or none, YaRN,
+interleaved / half rope, attention biases):
+
+- a prefill (all logits) is bit for bit the same tokens stepped one at a time natively (float32
+  and bfloat16), latent cache included; every sequence of a batched step (mixed prefill chunks
+  and single tokens) equals that sequence stepped alone;
+- float32: a 40-token native prefill and 16 greedy steps agree with the torch path within 1e-4,
+  same greedy tokens;
+- results do not depend on the thread count, the ISA, the expert provider (per-expert calls,
+  recycled slots, tiered cache) or the weight format (experts / every linear quantized at load);
+- compute_paths reports native decode, prefill and batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moetier
+import tests.helpers.moe_families  # noqa: F401  (registers the deepseek recipes)
+from moetier import native
+from tests.helpers.checkpoints import make_tiny_checkpoint
+from tests.native.test_decode import DelegatingProvider, RecyclingProvider, wrapped
+from tests.native.test_mla import CONFIGS
+from tests.native.test_prefill import count_many, maxdiff, one_by_one, prefill_then_greedy, same_kv
+
+PROMPT = torch.randint(2, 250, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+STEPS = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _native_on():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MOETIER_NATIVE", raising=False)
+        mp.delenv("MOETIER_ISA", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def lib(_native_on):
+    if native._compiler() is None:
+        pytest.skip("no C compiler on PATH")
+    lib = native.library()
+    assert lib is not None, native.unavailable_reason()
+    return lib
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    made: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in made:
+            family, over = CONFIGS[name]
+            made[name] = make_tiny_checkpoint(tmp_path_factory.mktemp(name), family, tokenizer=False, **over)
+        return made[name]
+
+    return get
+
+
+def kv(seq):
+    """The latent cache rows written so far: per layer (c_kv [L, C], k_rot [L, dr])."""
+    return [[c[: seq.length].clone() for c in layer] for layer in seq.layers]
+
+
+def load(path, **kw):
+    m = moetier.load(path, tokenizer=False, **kw)
+    assert m.native_reason is None, m.native_reason
+    return m
+
+
+# ----------------------------------------------------------------------------------------
+# 1. bit-identical to single-token steps
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_is_single_steps(lib, ckpt, name, dtype):
+    from moetier.native.mla_prefill import MLAManyStepper
+
+    m = load(ckpt(name), dtype=dtype)
+    calls = count_many(m)
+    seq = m.new_sequence()
+    got = m.step([(seq, PROMPT)], all_logits=True)
+    assert calls == [len(PROMPT)] and isinstance(m.net.native.many, MLAManyStepper)
+    want, ref = one_by_one(m, PROMPT)
+    assert torch.equal(got, want), maxdiff(got, want)
+    assert same_kv(kv(seq), kv(ref))  # the latent cache written in place is the single steps' too
+    assert torch.equal(m.step([(m.new_sequence(), PROMPT)]), want[-1:])  # last-token logits only
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batched_steps_equal_one_by_one(lib, ckpt, dtype):
+    """Five sequences with different lengths, one flat batch mixing prefill chunks and single
+    tokens, then batched decode steps: every row equals that sequence stepped alone."""
+    m = load(ckpt("v3"), dtype=dtype)
+    calls = count_many(m)
+    prompts = [PROMPT[: 3 + 7 * i] for i in range(5)]
+    seqs = [m.new_sequence() for _ in prompts]
+    for s, p in zip(seqs[:3], prompts[:3], strict=True):  # three already running
+        m.step([(s, p)])
+    first = m.step([(seqs[0], [9]), (seqs[3], prompts[3]), (seqs[1], [8]), (seqs[4], prompts[4]), (seqs[2], [7])])
+    order = [0, 3, 1, 4, 2]
+    toks = {i: int(first[j].argmax()) for j, i in enumerate(order)}
+    rows = [first]
+    for _ in range(4):
+        out = m.step([(seqs[i], [toks[i]]) for i in range(5)])
+        rows.append(out)
+        toks = {i: int(out[i].argmax()) for i in range(5)}
+    assert calls[3:] == [1 + len(prompts[3]) + 1 + len(prompts[4]) + 1] + [5] * 4
+    assert m.compute_paths()["batch"]["path"] == "native"
+    for j, i in enumerate(order):
+        alone = m.new_sequence()
+        if i < 3:
+            m.step([(alone, prompts[i])])
+            want = m.step([(alone, [9 - i])])
+        else:
+            want = m.step([(alone, prompts[i])])
+        assert torch.equal(first[j], want[0]), (i, maxdiff(first[j], want[0]))
+        for r in rows[1:]:
+            want = m.step([(alone, [int(want[0].argmax())])])
+            assert torch.equal(r[i], want[0]), (i, maxdiff(r[i], want[0]))
+        assert same_kv(kv(seqs[i]), kv(alone))
+
+
+def test_long_batches_split_into_calls(lib, ckpt, monkeypatch):
+    """Batches above MAX_CALL_TOKENS run as several calls (bounded scratch): the same bits."""
+    from moetier.native import prefill
+
+    m = load(ckpt("v2_qlora_yarn"))
+    a0, b0 = m.new_sequence(), m.new_sequence()
+    m.step([(a0, PROMPT[:5])])
+    want = m.step([(a0, PROMPT[5:25]), (b0, PROMPT[:13]), (m.new_sequence(), [4])], all_logits=True)
+    monkeypatch.setattr(prefill, "MAX_CALL_TOKENS", 7)
+    a, b = m.new_sequence(), m.new_sequence()
+    m.step([(a, PROMPT[:5])])
+    got = m.step([(a, PROMPT[5:25]), (b, PROMPT[:13]), (m.new_sequence(), [4])], all_logits=True)
+    assert torch.equal(got, want)
+    assert a.length == 25 and b.length == 13 and same_kv(kv(a), kv(a0)) and same_kv(kv(b), kv(b0))
+
+
+# ----------------------------------------------------------------------------------------
+# 2. float32 vs the torch path
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_f32_prefill_matches_torch(lib, ckpt, name):
+    m, t = load(ckpt(name)), moetier.load(ckpt(name), tokenizer=False, native=False)
+    calls = count_many(m)
+    got, toks = prefill_then_greedy(m, PROMPT, STEPS)
+    want, toks_t = prefill_then_greedy(t, PROMPT, STEPS)
+    assert calls == [len(PROMPT)]  # the prefill ran natively, the steps did not go through it
+    assert got.shape == want.shape == (len(PROMPT) + STEPS, m.spec.vocab_size)
+    assert torch.isfinite(got).all()
+    assert maxdiff(got, want) <= 1e-4, f"{name}: max |native - torch| {maxdiff(got, want):.3g}"
+    assert toks == toks_t
+    paths = m.compute_paths()
+    assert {k: (v["path"], v["reason"]) for k, v in paths.items()} == {
+        "decode": ("native", None), "prefill": ("native", None), "batch": ("native", None)}
+    assert paths["prefill"]["steps"] == 1 and paths["decode"]["steps"] == STEPS
+
+
+# ----------------------------------------------------------------------------------------
+# 3. thread count, ISA
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_thread_count_bit_identical(lib, ckpt, dtype):
+    """120 tokens: the products, the absorb, the attention and the head really split over threads."""
+    m = load(ckpt("v3"), dtype=dtype)
+    prompt = torch.randint(2, 250, (120,), generator=torch.Generator().manual_seed(2)).tolist()
+    before = torch.get_num_threads()
+    runs = {}
+    try:
+        for nth in (1, 2, 3):
+            torch.set_num_threads(nth)
+            seq = m.new_sequence()
+            logits = m.step([(seq, prompt)], all_logits=True)
+            a, b = m.new_sequence(), m.new_sequence()
+            m.step([(a, prompt[:50])])
+            batch = m.step([(a, [5]), (b, prompt[:90])])
+            runs[nth] = (logits, batch, kv(seq))
+    finally:
+        torch.set_num_threads(before)
+    for nth, (logits, batch, cache) in runs.items():
+        assert torch.equal(logits, runs[1][0]), f"{nth} threads: max diff {maxdiff(logits, runs[1][0]):.3g}"
+        assert torch.equal(batch, runs[1][1])
+        assert same_kv(cache, runs[1][2])
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+def test_every_isa(lib, ckpt, isa):
+    if isa not in native.isas_supported():
+        pytest.skip(f"this CPU does not run {isa} (supported: {native.isas_supported()})")
+    native.set_isa(isa)
+    try:
+        assert native.isa() == isa
+        for name in ("v2_lite", "v3"):
+            for dtype in ("float32", "bfloat16"):
+                m = load(ckpt(name), dtype=dtype)
+                got = m.step([(m.new_sequence(), PROMPT)], all_logits=True)
+                want, _ = one_by_one(m, PROMPT)
+                assert torch.equal(got, want), (isa, name, dtype, maxdiff(got, want))
+                if dtype == "float32":
+                    t = moetier.load(ckpt(name), tokenizer=False, native=False)
+                    assert maxdiff(got, t.step([(t.new_sequence(), PROMPT)], all_logits=True)) <= 1e-4
+    finally:
+        native.set_isa(None)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. providers, observers, quantized weights
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_providers_bit_identical(lib, ckpt, dtype):
+    path = ckpt("v3")
+    want, toks = prefill_then_greedy(load(path, dtype=dtype), PROMPT, 6)
+    for cls in (DelegatingProvider, RecyclingProvider):  # one expert per native call
+        m = load(path, dtype=dtype, expert_provider_factory=wrapped(cls))
+        assert not getattr(m.provider, "stable_gets", False)
+        got, _ = prefill_then_greedy(m, PROMPT, 6)
+        assert torch.equal(got, want), (cls.__name__, maxdiff(got, want))
+    tiered = load(path, dtype=dtype, policy="lru", cache_slots=2, prefetch=True)
+    try:
+        got, _ = prefill_then_greedy(tiered, PROMPT, 6)
+        assert torch.equal(got, want), maxdiff(got, want)
+        assert tiered.hierarchy_metrics.accesses > 0
+    finally:
+        tiered.hierarchy.close()
+    capped = load(path, dtype=dtype, expert_cache=0.25)
+    got, _ = prefill_then_greedy(capped, PROMPT, 6)
+    assert torch.equal(got, want), maxdiff(got, want)
+
+
+def test_router_observers_see_the_torch_routing(lib, ckpt):
+    """Observers get [T, k] routings of the prefill, the torch path's experts and weights."""
+    m = load(ckpt("v2_grouped"))
+    t = moetier.load(ckpt("v2_grouped"), tokenizer=False, native=False)
+    seen: dict[str, list] = {"m": [], "t": []}
+    m.add_router_observer(lambda layer, ids, w: seen["m"].append((layer, ids, w)))
+    t.add_router_observer(lambda layer, ids, w: seen["t"].append((layer, ids, w)))
+    m.step([(m.new_sequence(), PROMPT)])
+    t.step([(t.new_sequence(), PROMPT)])
+    k = m.net.native.ffn[1].topk
+    assert [s[0] for s in seen["m"]] == sorted(m.net.moe_blocks())
+    for (la, ia, wa), (lb, ib, wb) in zip(seen["m"], seen["t"], strict=True):
+        assert la == lb and ia.shape == (len(PROMPT), k) and ia.dtype == torch.int64 and wa.dtype == m.dtype
+        order_a, order_b = ia.sort(-1), ib.sort(-1)  # torch.topk's order within a row is its own
+        assert torch.equal(order_a.values, order_b.values)
+        assert maxdiff(wa.gather(-1, order_a.indices), wb.gather(-1, order_b.indices)) < 1e-5
+
+
+@pytest.mark.parametrize("quant,everything", [("int8", False), ("int4", True)])
+def test_quantized_at_load(lib, ckpt, quant, everything):
+    """Quantized experts (and, with quantize_all, every quantizable linear): the row kernels per
+    token in the multi-token products, still bit for bit the single steps."""
+    path = ckpt("v2_qlora_yarn")
+    m = moetier.load(path, tokenizer=False, quantize=quant, quantize_all=everything, quantize_group=32)
+    if m.native_reason is not None:
+        pytest.fail(f"native decode refused: {m.native_reason}")
+    got = m.step([(m.new_sequence(), PROMPT)], all_logits=True)
+    want, _ = one_by_one(m, PROMPT)
+    assert torch.equal(got, want), maxdiff(got, want)
+    t = moetier.load(path, tokenizer=False, quantize=quant, quantize_all=everything, quantize_group=32, native=False)
+    assert maxdiff(got, t.step([(t.new_sequence(), PROMPT)], all_logits=True)) <= 1e-4
