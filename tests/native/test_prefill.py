@@ -9,7 +9,8 @@ batched steps of the generic families.
 - results do not depend on the thread count, the ISA, the expert provider (per-expert calls,
   recycled slots, tiered cache), the whole-step vs per-layer (hooks, observers) path, or the
   weight format (quantized at load, GGUF files);
-- MLA / gpt-oss / Llama-4 decoders have no multi-token path: compute_paths names the torch path.
+- gpt-oss / Llama-4 decoders have no multi-token path: compute_paths names the torch path (MLA:
+  tests/native/test_mla_prefill.py).
 """
 
 from __future__ import annotations
