@@ -17,7 +17,8 @@ Exactness: every token goes through the single-token step's code (``csrc/mla.h``
 post-projection, absorb, attention-head and top-k functions; the same row kernels), so a
 prefill or a batch gives bit for bit the logits of stepping the same tokens one at a time,
 whatever the thread count or the batch mates. Batches above ``prefill.MAX_CALL_TOKENS`` tokens
-run as consecutive calls (the scratch holds [T, heads, kv_lora_rank] floats twice).
+run as consecutive calls; inside a call the latents ([heads, kv_lora_rank] per token) are held
+for 64 tokens at a time (``csrc/mla_many.c: LATENT_CHUNK``).
 """
 
 from __future__ import annotations

@@ -168,7 +168,8 @@ def test_f32_prefill_matches_torch(lib, ckpt, name):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_thread_count_bit_identical(lib, ckpt, dtype):
-    """120 tokens: the products, the absorb, the attention and the head really split over threads."""
+    """120 tokens (two latent chunks): the products, the absorb, the attention and the head
+    really split over threads; and still the single steps' bits."""
     m = load(ckpt("v3"), dtype=dtype)
     prompt = torch.randint(2, 250, (120,), generator=torch.Generator().manual_seed(2)).tolist()
     before = torch.get_num_threads()
@@ -188,6 +189,8 @@ def test_thread_count_bit_identical(lib, ckpt, dtype):
         assert torch.equal(logits, runs[1][0]), f"{nth} threads: max diff {maxdiff(logits, runs[1][0]):.3g}"
         assert torch.equal(batch, runs[1][1])
         assert same_kv(cache, runs[1][2])
+    want, _ = one_by_one(m, prompt)
+    assert torch.equal(runs[1][0], want), maxdiff(runs[1][0], want)
 
 
 @pytest.mark.parametrize("isa", native.ISAS)

@@ -6,7 +6,9 @@
  *   q (or q_a -> norm -> q_b), kv_a   multi-token products (gemm.c), each weight read once per call
  *   c_kv norm, rope, cache write  per token into its own sequence's latent cache (mt_mla_post)
  *   W_UK absorbed into the query  per (head, token block) (mt_mla_absorb: W_UK rows converted
- *                                 once for the block, d ascending per element as for one token)
+ *                                 once for the block, d ascending per element as for one token);
+ *                                 this, the attention and W_UV run LATENT_CHUNK tokens at a time
+ *                                 (their [nh, C] latents held for those tokens only)
  *   latent attention              per (token, head) over the positions up to the token's own
  *                                 (mt_mla_attend_head; a prompt's tokens see the rows written
  *                                 before them in this call)
@@ -23,6 +25,7 @@
 #include "mla.h"
 
 #define ABSORB_BLOCK 16 /* tokens per absorb unit (their q_lat rows stay in L2 over the W_UK rows) */
+#define LATENT_CHUNK 64 /* tokens whose q_lat / o_lat [nh, C] are held at once (bounds the scratch) */
 
 /* buffers for up to `cap` tokens (grown by mla_reserve), sized for the largest layer */
 typedef struct {
@@ -66,8 +69,10 @@ static int mla_reserve(mla_many *A, long T) {
     if (T <= A->cap) return 0;
     long c = T > 2 * A->cap ? T : 2 * A->cap;
     if (grow(&A->q, c * A->nh * (A->dn + A->dr)) || grow(&A->qa, c * A->Rq) || grow(&A->kv, c * (A->C + A->dr)) ||
-        grow(&A->qlat, c * A->nh * A->C) || grow(&A->olat, c * A->nh * A->C) || grow(&A->out, c * A->nh * A->dv))
+        grow(&A->out, c * A->nh * A->dv))
         return -1;
+    long l = c < LATENT_CHUNK ? c : LATENT_CHUNK;
+    if (grow(&A->qlat, l * A->nh * A->C) || grow(&A->olat, l * A->nh * A->C)) return -1;
     A->cap = c;
     return 0;
 }
@@ -76,7 +81,8 @@ typedef struct {
     const mla_desc *L;
     mla_many *A;
     int dt;
-    long T, ldq;
+    long T, ldq; /* T: tokens of this chunk, from t0 */
+    long t0;
     const long *pos;
     const int32_t *seq;
     void *const *Ckv, *const *Kr;
@@ -90,7 +96,8 @@ static void absorb_many_task(void *vctx, int tid, int nth) {
     long C = L->C, nb = (X->T + ABSORB_BLOCK - 1) / ABSORB_BLOCK, n_units = L->nh * nb;
     for (long u = n_units * tid / nth; u < n_units * (tid + 1) / nth; u++) {
         long h = u / nb, t0 = (u % nb) * ABSORB_BLOCK, n = X->T - t0 < ABSORB_BLOCK ? X->T - t0 : ABSORB_BLOCK;
-        mt_mla_absorb(L, X->dt, h, X->A->q + t0 * X->ldq, X->ldq, X->A->qlat + (t0 * L->nh + h) * C, L->nh * C, n);
+        mt_mla_absorb(L, X->dt, h, X->A->q + (X->t0 + t0) * X->ldq, X->ldq, X->A->qlat + (t0 * L->nh + h) * C,
+                      L->nh * C, n);
     }
 }
 
@@ -105,7 +112,7 @@ static void attend_many_task(void *vctx, int tid, int nth) {
     for (long u = 0; u < n_units; u++) {
         double mid = (cum[u] + cum[u + 1]) / 2;
         if (mid < lo || (mid >= hi && tid != nth - 1)) continue;
-        long t = u / nh, h = u % nh, s = X->seq[t];
+        long t = X->t0 + u / nh, h = u % nh, s = X->seq[t];
         mt_mla_attend_head(L, X->dt, X->A->qlat + u * C, X->A->q + t * X->ldq + h * (dn + L->dr) + dn, X->Ckv[s],
                            X->Kr[s], X->pos[t] + 1, X->A->olat + u * C, sc);
     }
@@ -139,26 +146,31 @@ int mt_mla_attention_many(const mla_desc *L, mla_many *A, many *M, int dt, long 
         mt_mla_post(L, dt, A->q + t * ldq, A->kv + t * ldkv, Ckv[s], Kr[s], p, cs + p * dr, sn + p * dr);
         if (p + 1 > nmax) nmax = p + 1;
     }
-    mla_many_ctx X = {L, A, dt, T, ldq, pos, seq, Ckv, Kr, nmax};
-    double macs = (double)T * nh * dn * C;
-    parallel_run(absorb_many_task, &X, macs < PARALLEL_MIN_ELEMS ? 1 : nth);
-    long n_units = T * nh;
-    if (n_units + 1 > A->n_cum) {
-        double *c = (double *)realloc(A->cum, (n_units + 1) * sizeof(double));
-        if (!c) return -1;
-        A->cum = c, A->n_cum = n_units + 1;
+    for (long c0 = 0; c0 < T; c0 += LATENT_CHUNK) { /* absorb, attend, W_UV: LATENT_CHUNK tokens at a time */
+        long n = T - c0 < LATENT_CHUNK ? T - c0 : LATENT_CHUNK;
+        mla_many_ctx X = {L, A, dt, n, ldq, c0, pos, seq, Ckv, Kr, nmax};
+        double macs = (double)n * nh * dn * C;
+        parallel_run(absorb_many_task, &X, macs < PARALLEL_MIN_ELEMS ? 1 : nth);
+        long n_units = n * nh;
+        if (n_units + 1 > A->n_cum) {
+            double *c = (double *)realloc(A->cum, (n_units + 1) * sizeof(double));
+            if (!c) return -1;
+            A->cum = c, A->n_cum = n_units + 1;
+        }
+        A->cum[0] = 0;
+        for (long u = 0; u < n_units; u++) /* positions attended + a fixed cost per head */
+            A->cum[u + 1] = A->cum[u] + (double)(pos[c0 + u / nh] + 1) + 8;
+        int ath = A->cum[n_units] * (2 * C + dr) < PARALLEL_MIN_ELEMS ? 1 : nth;
+        if (A->n_scores < nmax * ath) {
+            if (grow(&A->scores, nmax * ath)) return -1;
+            A->n_scores = nmax * ath;
+        }
+        parallel_run(attend_many_task, &X, ath);
+        for (long h = 0; h < nh; h++) /* out[t, h] = W_UV[h] o_lat[t, h] */
+            A->items[h] = (mt_gemm_item){&L->uv[h], NULL, dt, A->olat + h * C, nh * C, NULL, n,
+                                         A->out + (c0 * nh + h) * dv, nh * dv};
+        mt_run_gemms(A->items, (int)nh, nth);
     }
-    A->cum[0] = 0;
-    for (long u = 0; u < n_units; u++) A->cum[u + 1] = A->cum[u] + (double)(pos[u / nh] + 1) + 8; /* + per head */
-    int ath = A->cum[n_units] * (2 * C + dr) < PARALLEL_MIN_ELEMS ? 1 : nth;
-    if (A->n_scores < nmax * ath) {
-        if (grow(&A->scores, nmax * ath)) return -1;
-        A->n_scores = nmax * ath;
-    }
-    parallel_run(attend_many_task, &X, ath);
-    for (long h = 0; h < nh; h++) /* out[t, h] = W_UV[h] o_lat[t, h] */
-        A->items[h] = (mt_gemm_item){&L->uv[h], NULL, dt, A->olat + h * C, nh * C, NULL, T, A->out + h * dv, nh * dv};
-    mt_run_gemms(A->items, (int)nh, nth);
     mt_gemm_item o = {L->o_w, L->o_b, dt, A->out, nh * dv, NULL, T, M->ao, H};
     mt_run_gemms(&o, 1, nth);
     for (long t = 0; t < T; t++) {
