@@ -279,3 +279,28 @@ def test_quantized_at_load(lib, ckpt, monkeypatch, quant, everything):
     assert torch.equal(got, want), maxdiff(got, want)
     t = moetier.load(path, tokenizer=False, quantize=quant, quantize_all=everything, quantize_group=32, native=False)
     assert maxdiff(got, t.step([(t.new_sequence(), PROMPT)], all_logits=True)) <= 1e-4
+
+
+def test_norm_prehooks_see_the_batch(lib, ckpt):
+    """The hierarchy's router prefetch hooks the post-attention norm: it gets [T, H] in the model
+    dtype, the residual stream the torch path would hand it (float32: within 1e-4)."""
+    m = load(ckpt("v3"))
+    t = moetier.load(ckpt("v3"), tokenizer=False, native=False)
+    got: dict[str, list] = {"m": [], "t": []}
+    for k, model in (("m", m), ("t", t)):
+        norm = model.net.layers[1].post_attention_layernorm
+        norm.register_forward_pre_hook(lambda mod, args, k=k: got[k].append(args[0].clone()))
+        model.step([(model.new_sequence(), PROMPT)])
+    (a,), (b,) = got["m"], got["t"]
+    assert a.shape == (len(PROMPT), m.spec.hidden_size) and a.dtype == m.dtype
+    assert maxdiff(a, b) <= 1e-4
+
+
+def test_bad_batches_refused(lib, ckpt):
+    m = load(ckpt("v2_lite"))
+    s = m.new_sequence()
+    with pytest.raises(ValueError, match="twice"):
+        m.net([(s, torch.tensor([1, 2])), (s, torch.tensor([3]))])
+    with pytest.raises(ValueError, match="at least one"):
+        m.net([(s, torch.tensor([1, 2])), (m.new_sequence(), torch.tensor([], dtype=torch.long))])
+    assert s.length == 0  # nothing advanced
