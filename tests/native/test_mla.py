@@ -3,8 +3,8 @@
 Each config exercises one of: q_lora_rank None / set, softmax greedy / group_limited_greedy /
 noaux_tc (sigmoid + correction bias, routed_scaling_factor, norm_topk_prob), shared experts,
 dense-first layers, YaRN (mscale_all_dim folded into the softmax scale), pair / half rope
-layouts, attention biases. float32: <= 1e-4 max |dlogit| over a 40-token (torch) prefill and
-16 native greedy steps, same tokens; the native decoder really ran (descriptors read back).
+layouts, attention biases. float32: <= 1e-4 max |dlogit| over a 40-token prefill (native:
+mla_prefill.py) and 16 native greedy steps, same tokens; the native decoder really ran (descriptors read back).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def ckpt(tmp_path_factory):
 
 
 def greedy(model, prompt, steps):
-    """Prefill (torch path), then ``steps`` greedy single-token steps: (logits [steps + 1, V], tokens)."""
+    """Prefill (native multi-token, or torch), then ``steps`` greedy single-token steps:
+    (logits [steps + 1, V], tokens)."""
     seq = model.new_sequence()
     out = [model.step([(seq, prompt)])[0]]
     toks = []
@@ -120,7 +121,7 @@ def test_thread_count_bit_identical(lib, ckpt, dtype):
         for nth in (1, 3):
             torch.set_num_threads(nth)
             seq = m.new_sequence()
-            logits = [m.step([(seq, [t])])[0] for t in PROMPT[:12]]  # native steps only (no torch prefill)
+            logits = [m.step([(seq, [t])])[0] for t in PROMPT[:12]]  # single-token steps only
             seqs[nth] = torch.stack(logits)
     finally:
         torch.set_num_threads(before)
