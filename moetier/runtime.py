@@ -283,8 +283,8 @@ class Model:
         dec = self.net.native
         why_not = None if dec is not None else (self.native_reason or "no native decoder")
         many = None if hasattr(dec, "step_many") else (
-            f"native multi-token steps cover the generic families; {type(dec).__name__} decodes natively "
-            "one token at a time (torch path)")
+            f"native multi-token steps cover the generic, gpt-oss and Llama-4 families; {type(dec).__name__} "
+            "decodes natively one token at a time (torch path)")
         reasons = {
             "decode": why_not,
             "prefill": why_not or many,

@@ -9,7 +9,8 @@ batched steps of the generic families.
 - results do not depend on the thread count, the ISA, the expert provider (per-expert calls,
   recycled slots, tiered cache), the whole-step vs per-layer (hooks, observers) path, or the
   weight format (quantized at load, GGUF files);
-- MLA / gpt-oss / Llama-4 decoders have no multi-token path: compute_paths names the torch path.
+- MLA decoders have no multi-token path: compute_paths names the torch path (gpt-oss / Llama-4:
+  tests/native/test_ext_prefill.py).
 """
 
 from __future__ import annotations
@@ -388,7 +389,7 @@ def test_gguf_formats(lib, name):
 
 
 def test_other_decoders_report_torch_prefill(lib, ckpt):
-    m = load(ckpt("gpt_oss"))
+    m = load(ckpt("deepseek_v2"))
     if m.native_reason is not None:
         pytest.skip(m.native_reason)
     assert not hasattr(m.net.native, "step_many")

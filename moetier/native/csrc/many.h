@@ -33,4 +33,10 @@ typedef struct {
  * for every token, whatever T, the thread count or the grouping. */
 void mt_run_gemms(mt_gemm_item *items, int n, int nth);
 
+/* Tokens grouped by expert (prefill.c): the T * k (token, j) routings ids [T, k] as slots sorted
+ * by expert, tokens ascending within an expert: cnt[e] slots from off[e] (off [E + 1]),
+ * slot_tok[slot] its token, slot_of[t * k + j] the slot of (t, j). */
+void mt_group_slots(long E, long k, long T, const int64_t *ids, long *cnt, long *off, int32_t *slot_tok,
+                    int32_t *slot_of);
+
 #endif
