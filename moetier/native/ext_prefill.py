@@ -127,7 +127,7 @@ class ExtManyStepper(ManyStepper):
             h = x.to(net.dtype)
             for hook in list(norm._forward_pre_hooks.values()):
                 hook(norm, (h,))
-        none = (None,) * 8
+        none = (None,) * 6  # experts, gate, up, gate_up bias, down, down bias
         if not d.E:  # a dense layer (Llama-4)
             if lib.mt_ext_moe_many(desc, M, dt, T, xp, None, None, 0, *none, 1, nth):
                 raise MemoryError(f"native prefill: out of memory in layer {i} MLP ({T} tokens)")
