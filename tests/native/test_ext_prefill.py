@@ -298,6 +298,27 @@ def test_every_isa(lib, ckpt, isa, family):
         native.set_isa(None)
 
 
+@pytest.mark.parametrize("isa", native.ISAS)
+def test_mxfp4_every_isa(lib, mxfp4, isa):
+    """MXFP4 experts (their own row kernels per ISA) through the multi-token products."""
+    if isa not in native.isas_supported():
+        pytest.skip(f"this CPU does not run {isa} (supported: {', '.join(native.isas_supported())})")
+    native.set_isa(isa)
+    try:
+        for dtype in ("float32", "bfloat16"):
+            m = load(mxfp4, dtype=dtype)
+            a, b = m.new_sequence(), m.new_sequence()
+            got = m.step([(a, PROMPT)], all_logits=True)
+            want, _ = one_by_one(m, PROMPT)
+            assert torch.equal(got, want), (isa, dtype, maxdiff(got, want))
+            m.step([(b, PROMPT[:9])])
+            batch = m.step([(a, [3]), (b, [4])])
+            assert torch.equal(batch[0], one_by_one(m, PROMPT + [3])[0][-1])
+            assert torch.equal(batch[1], one_by_one(m, PROMPT[:9] + [4])[0][-1])
+    finally:
+        native.set_isa(None)
+
+
 # ----------------------------------------------------------------------------------------
 # 4. weight formats, providers, hooks and observers
 
