@@ -5,6 +5,8 @@
  * a = (u + 1) * g * sigmoid(alpha g)).
  *
  * Every output element is computed by one thread in a fixed order (thread-count independent).
+ * The per-token pieces (the mt_oss_* functions marked NOINLINE, declared in ext.h) are shared
+ * with the multi-token steps (ext_many.c): one definition, the same machine code for both.
  */
 #include "ext.h"
 
@@ -70,7 +72,7 @@ typedef struct {
     long cap, t0, t1;
 } sink_ctx;
 
-#define NOINLINE __attribute__((noinline))
+#define NOINLINE __attribute__((noinline)) /* ext.h pieces: the same code from every caller */
 
 static void sink_attn_task(void *vctx, int tid, int nth) {
     const sink_ctx *A = (const sink_ctx *)vctx;
