@@ -413,3 +413,13 @@ def test_compute_paths_native(lib, ckpt, family):
     p = m.compute_paths()
     for kind in ("decode", "prefill", "batch"):
         assert p[kind] == {"path": "native", "reason": None, "steps": 1}, (kind, p[kind])
+
+
+def test_bad_batches_refused(lib, ckpt):
+    m = load(ckpt("gpt_oss"))
+    s = m.new_sequence()
+    with pytest.raises(ValueError, match="twice"):
+        m.net([(s, torch.tensor([1, 2])), (s, torch.tensor([3]))])
+    with pytest.raises(ValueError, match="at least one"):
+        m.net([(s, torch.tensor([1, 2])), (m.new_sequence(), torch.tensor([], dtype=torch.long))])
+    assert s.length == 0  # nothing advanced
