@@ -9,11 +9,13 @@ expert input, shared expert, dense layers).
   bfloat16, the KV written in place included; every sequence of a batched step (mixed prefill
   chunks and single tokens, different lengths) is bit for bit that sequence stepped alone;
 - results do not depend on the thread count, the ISA, the expert provider (per-expert calls,
-  a recycled slot, a tiered cache) or the weight format (gpt-oss MXFP4 experts);
+  a recycled slot, a tiered cache) or the weight format (gpt-oss MXFP4 experts, GGUF files);
 - ``Model.compute_paths()`` reports native decode, prefill and batch steps.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -348,6 +350,20 @@ def test_mxfp4_experts(lib, mxfp4, dtype):
         assert tiered.hierarchy_metrics.accesses > 0
     finally:
         tiered.hierarchy.close()
+
+
+@pytest.mark.parametrize("name", ["gptoss-mxfp4", "gptoss-bf16"])
+def test_gguf_gpt_oss(lib, name):
+    """gpt-oss GGUF files (ggml MXFP4 experts, separate gate / up): the same bits as single steps."""
+    pytest.importorskip("gguf")
+    m = load(Path(__file__).resolve().parents[1] / "data" / "gguf" / f"{name}.gguf")
+    assert m.native_reason is None, m.native_reason
+    prompt = [p % m.spec.vocab_size for p in PROMPT]
+    calls = count_many(m)
+    got = m.step([(m.new_sequence(), prompt)], all_logits=True)
+    assert calls == [len(prompt)]
+    want, _ = one_by_one(m, prompt)
+    assert torch.equal(got, want), maxdiff(got, want)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
