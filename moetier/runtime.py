@@ -283,8 +283,8 @@ class Model:
         dec = self.net.native
         why_not = None if dec is not None else (self.native_reason or "no native decoder")
         many = None if hasattr(dec, "step_many") else (
-            f"native multi-token steps cover the generic and MLA families; {type(dec).__name__} decodes natively "
-            "one token at a time (torch path)")
+            f"native multi-token steps cover the generic, MLA, gpt-oss and Llama-4 families; "
+            f"{type(dec).__name__} decodes natively one token at a time (torch path)")
         reasons = {
             "decode": why_not,
             "prefill": why_not or many,

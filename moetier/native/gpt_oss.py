@@ -7,7 +7,9 @@ none, o_proj with bias, residual, post-attention norm), one for the router (top-
 biased logits, softmax over those k), then the experts come from the provider as on the
 torch path and one call runs them with their biases and the clamped SwiGLU (plain or MXFP4
 weights through the ``mt_weight`` descriptors). The KV cache is the torch path's
-(``[n_kv, L, D]`` per layer): prefill and batched steps stay on the torch path and share it.
+(``[n_kv, L, D]`` per layer); prefill and batched steps (several tokens / sequences per call) run
+through :meth:`ExtDecoder.step_many` (``native/ext_prefill.py``, ``csrc/ext_many.c``) with the
+same per-token arithmetic (``csrc/ext.h``).
 
 Numerics and hooks as in :mod:`moetier.native.decode`.
 """
@@ -195,9 +197,19 @@ class ExtDecoder(_StepBase):
             raise MemoryError("native decode: could not allocate scratch buffers")
         self.rotary = type(net.rotary)(net.rotary.inv_freq, net.rotary.attention_factor)  # own float32 tables
         self.kv_like = [(torch.empty(d.nkv, 0, d.D, dtype=net.dtype),) * 2 for d in self.descs]
+        self.many: Any = None  # the multi-token stepper (native/ext_prefill.py), made on first use
 
     def describe_layer(self, i: int, layer: Any, d: OssDesc) -> None:
         raise NotImplementedError
+
+    def step_many(self, items: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False) -> torch.Tensor:
+        """A flat batch of several tokens / sequences (prefill, batched steps): see
+        ``native/ext_prefill.py``. Float32 logits like ``DecoderLM.forward``."""
+        if self.many is None:
+            from moetier.native.ext_prefill import ExtManyStepper
+
+            self.many = ExtManyStepper(self)
+        return self.many.step(items, all_logits)
 
     def __del__(self) -> None:
         lib = getattr(self, "lib", None)

@@ -9,8 +9,8 @@ batched steps of the generic families.
 - results do not depend on the thread count, the ISA, the expert provider (per-expert calls,
   recycled slots, tiered cache), the whole-step vs per-layer (hooks, observers) path, or the
   weight format (quantized at load, GGUF files);
-- gpt-oss / Llama-4 decoders have no multi-token path: compute_paths names the torch path (MLA:
-  tests/native/test_mla_prefill.py).
+- every family's native decoder has the multi-token path (MLA: tests/native/test_mla_prefill.py,
+  gpt-oss / Llama-4: tests/native/test_ext_prefill.py).
 """
 
 from __future__ import annotations
@@ -385,18 +385,17 @@ def test_gguf_formats(lib, name):
 
 
 # ----------------------------------------------------------------------------------------
-# 6. families without the multi-token path
+# 6. every family has the multi-token path
 
 
-def test_other_decoders_report_torch_prefill(lib, ckpt):
-    m = load(ckpt("gpt_oss"))
-    if m.native_reason is not None:
-        pytest.skip(m.native_reason)
-    assert not hasattr(m.net.native, "step_many")
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "gpt_oss", "llama4"])
+def test_every_family_prefills_natively(lib, ckpt, family):
+    m = load(ckpt(family))
+    assert m.native_reason is None, m.native_reason
+    assert hasattr(m.net.native, "step_many")
     m.step([(m.new_sequence(), PROMPT[:5])])
     p = m.compute_paths()
-    assert p["decode"]["path"] == "native"
-    assert p["prefill"]["path"] == "torch" and "one token at a time" in p["prefill"]["reason"]
+    assert {k: v["path"] for k, v in p.items()} == {"decode": "native", "prefill": "native", "batch": "native"}
     assert p["prefill"]["steps"] == 1
 
 

@@ -53,4 +53,10 @@ int mt_moe_many(const layer_desc *L, many *M, int dt, long T, float *x, const in
                 const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
                 const mt_weight *const *down, int finish, int nth);
 
+/* Tokens grouped by expert (prefill.c): the T * k (token, j) routings ids [T, k] as slots sorted
+ * by expert, tokens ascending within an expert: cnt[e] slots from off[e] (off [E + 1]),
+ * slot_tok[slot] its token, slot_of[t * k + j] the slot of (t, j). */
+void mt_group_slots(long E, long k, long T, const int64_t *ids, long *cnt, long *off, int32_t *slot_tok,
+                    int32_t *slot_of);
+
 #endif

@@ -13,7 +13,8 @@
  * fmt_*.c (one per weight format: its row dot product, scalar reference + AVX2 + AVX-512),
  * ops.c (norm, rope, SwiGLU), attention.c, moe.c (router, experts, dense MLP), decode.c
  * (scratch, embedding, head, the whole-step path); many.h, gemm.c, prefill.c (many tokens per
- * call: prefill and batched steps).
+ * call: prefill and batched steps); mla.c (DeepSeek MLA); ext.h, sinks.c, ext_many.c (gpt-oss /
+ * Llama-4: single- and multi-token steps).
  *
  * Build (moetier/native/__init__.py): fmt_*.c are compiled for the baseline ISA with
  * -ffp-contract=off (their vector variants carry target attributes and are chosen at run time

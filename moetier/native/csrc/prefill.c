@@ -172,19 +172,18 @@ void mt_route_many(const layer_desc *L, many *M, int dt, long T, int64_t *ids, f
     for (long t = 0; t < T; t++) mt_topk_softmax(L, M->rlog + t * E, ids + t * k, w + t * k);
 }
 
-/* slots: the (token, j) pairs sorted by expert, tokens ascending within an expert */
-static void group_slots(const layer_desc *L, many *M, long T, const int64_t *ids) {
-    long E = L->E, k = L->topk;
-    memset(M->cnt, 0, E * sizeof(long));
-    for (long i = 0; i < T * k; i++) M->cnt[ids[i]]++;
-    M->off[0] = 0;
-    for (long e = 0; e < E; e++) M->off[e + 1] = M->off[e] + M->cnt[e];
-    memset(M->cnt, 0, E * sizeof(long));
+void mt_group_slots(long E, long k, long T, const int64_t *ids, long *cnt, long *off, int32_t *slot_tok,
+                    int32_t *slot_of) {
+    memset(cnt, 0, E * sizeof(long));
+    for (long i = 0; i < T * k; i++) cnt[ids[i]]++;
+    off[0] = 0;
+    for (long e = 0; e < E; e++) off[e + 1] = off[e] + cnt[e];
+    memset(cnt, 0, E * sizeof(long));
     for (long t = 0; t < T; t++)
         for (long j = 0; j < k; j++) {
-            long e = ids[t * k + j], s = M->off[e] + M->cnt[e]++;
-            M->slot_tok[s] = (int32_t)t;
-            M->slot_of[t * k + j] = (int32_t)s;
+            long e = ids[t * k + j], s = off[e] + cnt[e]++;
+            slot_tok[s] = (int32_t)t;
+            slot_of[t * k + j] = (int32_t)s;
         }
 }
 
@@ -201,7 +200,7 @@ int mt_moe_many(const layer_desc *L, many *M, int dt, long T, float *x, const in
     long H = L->H, I = L->I, k = L->mlp ? L->topk : 0, SI = finish ? L->SI : 0;
     if (mt_many_reserve(M, T)) return -1;
     if (n > M->E) return -2;
-    if (k) group_slots(L, M, T, ids);
+    if (k) mt_group_slots(L->E, k, T, ids, M->cnt, M->off, M->slot_tok, M->slot_of);
     mt_gemm_item *items = M->items;
     int m = 0;
     for (int j = 0; j < n; j++) {

@@ -5,32 +5,10 @@
  * a = (u + 1) * g * sigmoid(alpha g)).
  *
  * Every output element is computed by one thread in a fixed order (thread-count independent).
+ * The per-token pieces (the mt_oss_* functions marked NOINLINE, declared in ext.h) are shared
+ * with the multi-token steps (ext_many.c): one definition, the same machine code for both.
  */
-#include "mt.h"
-
-/* mirrors moetier/native/gpt_oss.py: OssDesc (keep the field order in sync) */
-typedef struct {
-    long H, nh, nkv, D;
-    int window; /* 0 = none, else attend to the last `window` positions */
-    float eps, scale;
-    const void *ln1, *ln2, *sinks; /* sinks [nh] (model dtype) */
-    const mt_weight *q_w, *k_w, *v_w, *o_w;
-    const void *q_b, *k_b, *v_b, *o_b;
-    long E, topk, I;
-    float limit, alpha;
-    const mt_weight *router_w;
-    const void *router_b;
-    /* Llama-4 variants (gpt-oss: rope 1, the rest 0) */
-    int rope;        /* 0 none (NoPE), 1 rotate-half, 2 adjacent pairs (de-interleaved first) */
-    int qk_l2;       /* q and k L2-normed per head after the rotation (no weight, eps) */
-    int chunk;       /* > 0: attend only within the query's chunk of this many positions */
-    float floor_scale, attn_scale; /* attn_scale > 0: q *= 1 + attn_scale log(1 + floor((pos+1)/floor_scale)) */
-    int route;       /* 0: softmax over the k chosen logits (gpt-oss); 1: sigmoid of each (Llama-4) */
-    int act;         /* 0: clamped SwiGLU (limit, alpha); 1: SiLU SwiGLU */
-    int scale_input; /* experts see h * w[j] and their outputs add with weight 1 (Llama-4) */
-    long SI;         /* shared expert / dense MLP intermediate size (0: none) */
-    const mt_weight *s_gate, *s_up, *s_down;
-} oss_desc;
+#include "ext.h"
 
 typedef struct {
     float *h, *q, *k, *v, *attn, *ao, *logits, *gu, *act, *down, *xin, *scores;
@@ -94,40 +72,77 @@ typedef struct {
     long cap, t0, t1;
 } sink_ctx;
 
+#define NOINLINE __attribute__((noinline)) /* ext.h pieces: the same code from every caller */
+
 static void sink_attn_task(void *vctx, int tid, int nth) {
     const sink_ctx *A = (const sink_ctx *)vctx;
     const oss_desc *L = A->L;
-    long D = L->D, nh = L->nh, group = L->nh / L->nkv, n = A->t1 - A->t0;
+    long D = L->D, nh = L->nh, n = A->t1 - A->t0;
     long h0 = nh * tid / nth, h1 = nh * (tid + 1) / nth;
     float *sc = A->S->scores + (long)tid * n;
-    for (long h = h0; h < h1; h++) {
-        long kv = h / group;
-        const float *q = A->S->q + h * D;
-        float sink = L->sinks ? ld(L->sinks, A->dt, h) : -INFINITY;
-        float mx = sink;
-        for (long t = 0; t < n; t++) {
-            long row = (kv * A->cap + A->t0 + t) * D;
-            float acc[8] = {0};
-            long d = 0;
-            for (; d + 8 <= D; d += 8)
-                for (int j = 0; j < 8; j++) acc[j] += ld(A->K, A->dt, row + d + j) * q[d + j];
-            for (; d < D; d++) acc[d & 7] += ld(A->K, A->dt, row + d) * q[d];
-            float s = (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) * L->scale;
-            sc[t] = s;
-            if (s > mx) mx = s;
-        }
-        float sum = L->sinks ? expf(sink - mx) : 0.0f;
-        for (long t = 0; t < n; t++) {
-            sc[t] = expf(sc[t] - mx);
-            sum += sc[t];
-        }
-        float inv = 1.0f / sum;
-        float *o = A->S->attn + h * D;
-        for (long d = 0; d < D; d++) o[d] = 0.0f;
-        for (long t = 0; t < n; t++) {
-            float p = sc[t] * inv;
-            long row = (kv * A->cap + A->t0 + t) * D;
-            for (long d = 0; d < D; d++) o[d] += p * ld(A->V, A->dt, row + d);
+    for (long h = h0; h < h1; h++)
+        mt_oss_attend_head(L, A->S->q + h * D, A->K, A->V, A->dt, A->cap, h, A->t0, n, A->S->attn + h * D, sc);
+}
+
+NOINLINE void mt_oss_attend_head(const oss_desc *L, const float *q, const void *K, const void *V, int dt, long cap,
+                                 long h, long t0, long n, float *o, float *sc) {
+    long D = L->D, kv = h / (L->nh / L->nkv);
+    float sink = L->sinks ? ld(L->sinks, dt, h) : -INFINITY;
+    float mx = sink;
+    for (long t = 0; t < n; t++) {
+        long row = (kv * cap + t0 + t) * D;
+        float acc[8] = {0};
+        long d = 0;
+        for (; d + 8 <= D; d += 8)
+            for (int j = 0; j < 8; j++) acc[j] += ld(K, dt, row + d + j) * q[d + j];
+        for (; d < D; d++) acc[d & 7] += ld(K, dt, row + d) * q[d];
+        float s = (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) * L->scale;
+        sc[t] = s;
+        if (s > mx) mx = s;
+    }
+    float sum = L->sinks ? expf(sink - mx) : 0.0f;
+    for (long t = 0; t < n; t++) {
+        sc[t] = expf(sc[t] - mx);
+        sum += sc[t];
+    }
+    float inv = 1.0f / sum;
+    for (long d = 0; d < D; d++) o[d] = 0.0f;
+    for (long t = 0; t < n; t++) {
+        float p = sc[t] * inv;
+        long row = (kv * cap + t0 + t) * D;
+        for (long d = 0; d < D; d++) o[d] += p * ld(V, dt, row + d);
+    }
+}
+
+NOINLINE long mt_oss_first(const oss_desc *L, long pos) {
+    long t0 = (L->window > 0 && pos + 1 > L->window) ? pos + 1 - L->window : 0;
+    if (L->chunk > 0) t0 = (pos / L->chunk) * L->chunk;
+    return t0;
+}
+
+NOINLINE void mt_oss_qkv_post(const oss_desc *L, int dt, float *q, float *k, const float *v, void *K, void *V,
+                              long cap, long pos, const float *cs, const float *sn) {
+    long nh = L->nh, nkv = L->nkv, D = L->D;
+    for (long i = 0; i < nh + nkv; i++) {
+        float *u = i < nh ? q + i * D : k + (i - nh) * D;
+        if (L->rope == 2) deinterleave_pairs(u, D);
+        if (L->rope) rope(u, cs, sn, (int)D);
+        if (L->qk_l2) l2_norm(u, L->eps, D);
+    }
+    if (L->attn_scale > 0.0f) {
+        float t = 1.0f + L->attn_scale * logf(1.0f + floorf((float)(pos + 1) / L->floor_scale));
+        for (long i = 0; i < nh * D; i++) q[i] *= t;
+    }
+    for (long i = 0; i < nkv; i++) {
+        long row = (i * cap + pos) * D;
+        if (dt == DT_BF16) {
+            for (long d = 0; d < D; d++) {
+                ((bf16 *)K)[row + d] = f32_to_bf16(k[i * D + d]);
+                ((bf16 *)V)[row + d] = f32_to_bf16(v[i * D + d]);
+            }
+        } else {
+            memcpy((float *)K + row, k + i * D, D * 4);
+            memcpy((float *)V + row, v + i * D, D * 4);
         }
     }
 }
@@ -136,7 +151,7 @@ static void sink_attn_task(void *vctx, int tid, int nth) {
  * cache K, V [nkv, cap, D] (model dtype). cs/sn: rope cos/sin [D] for `pos`. -1: no memory. */
 int mt_oss_attention(const oss_desc *L, oss_scratch *S, int dt, float *x, void *K, void *V, long cap, long pos,
                      const float *cs, const float *sn, int nth) {
-    long H = L->H, nh = L->nh, nkv = L->nkv, D = L->D;
+    long H = L->H, nh = L->nh, D = L->D;
     rms_norm(x, L->ln1, dt, L->eps, S->h, H);
     mt_gemv_item it[3] = {
         {L->q_w, L->q_b, dt, S->h, S->q, NULL, NULL},
@@ -144,30 +159,8 @@ int mt_oss_attention(const oss_desc *L, oss_scratch *S, int dt, float *x, void *
         {L->v_w, L->v_b, dt, S->h, S->v, NULL, NULL},
     };
     mt_run_gemvs(it, 3, nth);
-    for (long i = 0; i < nh + nkv; i++) {
-        float *v = i < nh ? S->q + i * D : S->k + (i - nh) * D;
-        if (L->rope == 2) deinterleave_pairs(v, D);
-        if (L->rope) rope(v, cs, sn, (int)D);
-        if (L->qk_l2) l2_norm(v, L->eps, D);
-    }
-    if (L->attn_scale > 0.0f) {
-        float t = 1.0f + L->attn_scale * logf(1.0f + floorf((float)(pos + 1) / L->floor_scale));
-        for (long i = 0; i < nh * D; i++) S->q[i] *= t;
-    }
-    for (long i = 0; i < nkv; i++) {
-        long row = (i * cap + pos) * D;
-        if (dt == DT_BF16) {
-            for (long d = 0; d < D; d++) {
-                ((bf16 *)K)[row + d] = f32_to_bf16(S->k[i * D + d]);
-                ((bf16 *)V)[row + d] = f32_to_bf16(S->v[i * D + d]);
-            }
-        } else {
-            memcpy((float *)K + row, S->k + i * D, D * 4);
-            memcpy((float *)V + row, S->v + i * D, D * 4);
-        }
-    }
-    long t0 = (L->window > 0 && pos + 1 > L->window) ? pos + 1 - L->window : 0;
-    if (L->chunk > 0) t0 = (pos / L->chunk) * L->chunk;
+    mt_oss_qkv_post(L, dt, S->q, S->k, S->v, K, V, cap, pos, cs, sn);
+    long t0 = mt_oss_first(L, pos);
     int ath = (pos + 1 - t0) * nh * D < PARALLEL_MIN_ELEMS ? 1 : nth;
     long need = (pos + 1 - t0) * ath;
     if (S->n_scores < need) {
@@ -188,18 +181,22 @@ int mt_oss_attention(const oss_desc *L, oss_scratch *S, int dt, float *x, void *
 /* router on S->h: ids = top-k of the biased logits (descending, ties to the lower id),
  * w = softmax over those k logits */
 void mt_oss_route(const oss_desc *L, oss_scratch *S, int dt, int64_t *ids, float *w, int nth) {
-    long E = L->E, k = L->topk;
     mt_gemv_item it = {L->router_w, L->router_b, dt, S->h, S->logits, NULL, NULL};
     mt_run_gemvs(&it, 1, nth);
+    mt_oss_topk(L, S->logits, ids, w);
+}
+
+NOINLINE void mt_oss_topk(const oss_desc *L, const float *logits, int64_t *ids, float *w) {
+    long E = L->E, k = L->topk;
     for (long j = 0; j < k; j++) {
         long best = -1;
         for (long e = 0; e < E; e++) {
             int taken = 0;
             for (long i = 0; i < j; i++) taken |= ids[i] == e;
-            if (!taken && (best < 0 || S->logits[e] > S->logits[best])) best = e;
+            if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
         }
         ids[j] = best;
-        w[j] = S->logits[best];
+        w[j] = logits[best];
     }
     if (L->route == 1) {
         for (long j = 0; j < k; j++) w[j] = 1.0f / (1.0f + expf(-w[j]));
@@ -213,7 +210,7 @@ void mt_oss_route(const oss_desc *L, oss_scratch *S, int dt, int64_t *ids, float
     for (long j = 0; j < k; j++) w[j] /= sum;
 }
 
-static void activate(const oss_desc *L, const float *g, const float *u, float *a, long n) {
+NOINLINE void mt_oss_activate(const oss_desc *L, const float *g, const float *u, float *a, long n) {
     if (L->act == 1) {
         swiglu(g, u, a, n);
         return;
@@ -254,7 +251,7 @@ void mt_oss_experts(const oss_desc *L, oss_scratch *S, int dt, float *x, int n, 
     mt_run_gemvs(items, m, nth);
     for (int j = 0; j < n; j++) {
         const float *g = S->gu + j * 2 * I;
-        activate(L, g, g + I, S->act + j * I, I);
+        mt_oss_activate(L, g, g + I, S->act + j * I, I);
     }
     m = 0;
     for (int j = 0; j < n; j++) items[m++] = (mt_gemv_item){down[j], db[j], dt, S->act + j * I, S->down + j * H, NULL, NULL};
