@@ -11,7 +11,10 @@ scores, greedy / group_limited_greedy / noaux_tc with the correction bias, norm_
 routed_scaling_factor), then the routed experts come from the provider as on the torch path
 and one call (``mt_moe``, shared with the generic decoder) runs them plus the shared experts;
 dense layers run ``mt_dense_mlp``. The latent cache is the one the torch path keeps
-(``layers/mla.py``: ``c_kv`` [L, C], ``k_rot`` [L, dr]); no step decompresses it. Prefill and
+(``layers/mla.py``: ``c_kv`` [L, C], ``k_rot`` [L, dr]); no step decompresses it. The absorbed
+attention reads ``kv_b_proj`` as plain model-dtype rows; a ``kv_b_proj`` stored quantized (FP8
+releases, ``--quantize-all``, GGUF block types) is dequantized once at build, exactly as the torch
+path dequantizes it per use (:func:`plain_kv_b`; the ``--max-ram`` budget charges the copy). Prefill and
 batched steps (several tokens / sequences per call) run through :meth:`MLADecoder.step_many`
 (``native/mla_prefill.py``, ``csrc/mla_many.c``) with the same per-token arithmetic.
 
