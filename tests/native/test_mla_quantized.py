@@ -187,3 +187,67 @@ def test_budget_estimate_and_cache_sizing_count_native_bytes(ckpt):
 
     # the RSS is measured again by each call (it moves by far less than a slot between them)
     assert slots(0) - slots(10 * slot) in (9, 10, 11)
+
+
+# ----------------------------------------------------------------------------------------
+# GGUF: an older-converter file whose kv_b_proj is one quantized attn_kv_b tensor
+
+
+def gguf_with_attn_kv_b(dst):
+    """tests/data/gguf/deepseek2-q8_0.gguf with each layer's attn_k_b / attn_v_b pair replaced by
+    one Q8_0 ``attn_kv_b`` [nh (dn + dv), C] (the layout older llama.cpp converters wrote)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from moetier.quant.ggml_quantize import quantize
+    from moetier.weights.gguf_io import GGUFIndex
+    from tests.gguf.helpers import fixture
+
+    src = fixture("deepseek2-q8_0")
+    idx = GGUFIndex(src)
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, str(r.fields["general.architecture"].contents()))
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        w.add_key_value(name, f.contents(), vtype, f.types[1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for t in r.tensors:
+        if t.name.endswith("attn_v_b.weight"):
+            continue
+        if t.name.endswith("attn_k_b.weight"):
+            i = t.name.split(".")[1]
+            kv = idx.read(f"model.layers.{i}.self_attn.kv_b_proj.weight", torch.float32).numpy()  # [rows, C]
+            w.add_tensor(f"blk.{i}.attn_kv_b.weight", quantize(kv, "Q8_0"), raw_dtype=q8)
+            continue
+        qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
+        data = np.array(t.data).view(np.uint8).reshape(-1)
+        shape = [int(x) for x in reversed(t.shape.tolist())]
+        bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+        w.add_tensor(t.name, data.reshape(*shape[:-1], shape[-1] // bs * ts), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_gguf_quantized_attn_kv_b(lib, tmp_path):
+    path = gguf_with_attn_kv_b(tmp_path / "deepseek2-kvb-q8_0.gguf")
+    m = moetier.load(path, tokenizer=False, dtype="float32")
+    t = moetier.load(path, tokenizer=False, dtype="float32", native=False)
+    assert m.native_reason is None, m.native_reason
+    q = getattr(m.net.layers[0].self_attn.kv_b_proj, "qweight", None)
+    assert isinstance(q, QTensor) and q.fmt == "q8_0"
+    assert m.net.native.copy_bytes == plain_copy_bytes(m.spec, 4)
+    got, toks = prefill_then_greedy(m, PROMPT, STEPS)
+    want, toks_t = prefill_then_greedy(t, PROMPT, STEPS)
+    assert maxdiff(got, want) <= TOL and toks == toks_t
+    pre = m.step([(m.new_sequence(), PROMPT)], all_logits=True)
+    assert torch.equal(pre, one_by_one(m, PROMPT)[0])
+    h = tiered.load(path, max_ram="2G", tokenizer=False, dtype="float32")
+    try:
+        assert h.memory_budget.native_bytes == h.net.native.copy_bytes == m.net.native.copy_bytes
+    finally:
+        h.hierarchy.close()
