@@ -443,11 +443,22 @@ def native_copy_bytes(d: Any, spec: ModelSpec, itemsize: int, load_kwargs: dict[
     if spec.attention != "mla" or load_kwargs.get("native") is False or not native.enabled():
         return 0
     names = [f"model.layers.{i}.self_attn.kv_b_proj.weight" for i in range(spec.num_layers)]
+    if load_kwargs.get("quantize_all"):  # every plain kv_b_proj is quantized at load (quant/atload.py)
+        import torch
+
+        from moetier.quant.convert import quantizable
+
+        shape = (spec.num_heads * (spec.qk_nope_head_dim + spec.v_head_dim), spec.kv_lora_rank)
+        if quantizable(names[0], torch.empty(shape, device="meta"), experts_only=False):
+            return plain_copy_bytes(spec, itemsize)
     if d.suffix == ".gguf":
         from moetier.weights.gguf_io import GGUFIndex
 
         gi = GGUFIndex(d)
-        n = sum(1 for x in names if x in gi.tensors and gi.is_quantized(x))
+        try:
+            n = sum(1 for x in names if x in gi.tensors and gi.is_quantized(x))
+        finally:
+            gi.close()
     elif spec.quantization is not None:
         from moetier.weights.safetensors_io import SafetensorsIndex
 
@@ -456,13 +467,6 @@ def native_copy_bytes(d: Any, spec: ModelSpec, itemsize: int, load_kwargs: dict[
             n = sum(1 for x in names if x in si.quantized)
         finally:
             si.close()
-    elif load_kwargs.get("quantize_all"):
-        import torch
-
-        from moetier.quant.convert import quantizable
-
-        shape = (spec.num_heads * (spec.qk_nope_head_dim + spec.v_head_dim), spec.kv_lora_rank)
-        n = len(names) if quantizable(names[0], torch.empty(shape, device="meta"), experts_only=False) else 0
     else:
         n = 0
     return plain_copy_bytes(spec, itemsize, n)
