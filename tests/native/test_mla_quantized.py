@@ -10,7 +10,8 @@ plain_kv_b``, the torch path's ``QLinear.weight``) and runs natively.
   single steps; the copy is the torch path's dequantized weight, bit for bit;
 - the ``--max-ram`` budget charges the copy (``MemoryBudget.native_bytes``) before loading, in
   the estimate, in the cache sizing after loading and in the total, and the header-based charge
-  equals what the decoder made.
+  equals what the decoder made;
+- every ISA (MOETIER_ISA paths); a GGUF whose kv_b_proj is one Q8_0 ``attn_kv_b``.
 """
 
 from __future__ import annotations
@@ -118,6 +119,24 @@ def test_quantized_kv_b_runs_natively(lib, ckpt, name):
     m.step([(c, PROMPT[:5])])
     assert torch.equal(batch[0], m.step([(c, [PROMPT[5]])])[0])
     assert torch.equal(batch[1], m.step([(d, PROMPT[:7])])[0])
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+def test_every_isa(lib, ckpt, isa):
+    """The FP8 release (its other projections through each ISA's FP8 row kernels): native prefill
+    = native single steps, within 1e-4 of the torch path."""
+    if isa not in native.isas_supported():
+        pytest.skip(f"this CPU does not run {isa} (supported: {native.isas_supported()})")
+    native.set_isa(isa)
+    try:
+        assert native.isa() == isa
+        m, t = load(ckpt, "fp8_release"), load(ckpt, "fp8_release", native=False)
+        assert m.native_reason is None, m.native_reason
+        got = m.step([(m.new_sequence(), PROMPT)], all_logits=True)
+        assert torch.equal(got, one_by_one(m, PROMPT)[0]), isa
+        assert maxdiff(got, t.step([(t.new_sequence(), PROMPT)], all_logits=True)) <= TOL
+    finally:
+        native.set_isa(None)
 
 
 def test_bfloat16_copy_is_the_torch_weight(lib, ckpt):
