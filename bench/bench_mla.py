@@ -2,13 +2,15 @@
 steps: native/mla.py, native/mla_prefill.py) vs its torch path, side by side in one run.
 
     python -m bench.bench_mla [--tokens 64,512] [--decode 16] [--batch 8] [--runs 3] [--threads 2]
-                              [--layers 3] [--name mla]   # -> bench/results/<name>.json
+                              [--layers 3] [--quantize int8|int4|fp8] [--name mla]   # -> bench/results/<name>.json
 
 Model: a synthetic bf16 checkpoint shaped like DeepSeek-V2-Lite's layers (hidden 2048, 16 heads,
 MLA kv_lora_rank 512, qk_nope 128, qk_rope 64, v_head 128, YaRN; 64 routed experts top-6 of
 intermediate 1408 plus 2 shared, layer 0 dense of intermediate 10944) with ``--layers`` layers
 and a 32k vocabulary (V2-Lite's 102k head would dominate a 3-layer model's decode), random
-weights (std 1/sqrt(fan_in)) written once to the bench cache. Everything in RAM.
+weights (std 1/sqrt(fan_in)) written once to the bench cache. Everything in RAM. ``--quantize``
+loads it with every linear weight quantized at load (``quantize_all``, kv_b_proj included: the
+native decoder then reads its one plain copy, ``native/mla.py: plain_kv_b``).
 
 One model; each run does the native path then the torch path (the decoder detached for the
 call), alternating, so both see the same machine state; medians over runs, the ratio per run
@@ -121,10 +123,12 @@ def timed(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def run(path: Path, tokens: list[int], decode: int, batch: int, runs: int, threads: int) -> list[dict[str, Any]]:
+def run(path: Path, tokens: list[int], decode: int, batch: int, runs: int, threads: int,
+        quantize: str | None = None) -> list[dict[str, Any]]:
     import moetier
 
-    m = moetier.load(path, tokenizer=False, threads=threads)
+    q = {"quantize": quantize, "quantize_all": True} if quantize else {}
+    m = moetier.load(path, tokenizer=False, threads=threads, **q)
     dec = m.net.native
     paths = m.compute_paths()
     assert dec is not None and all(p["path"] == "native" for p in paths.values()), paths
@@ -194,16 +198,20 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--quantize", default=None, choices=("int8", "int4", "fp8"),
+                    help="every linear weight (kv_b_proj included) quantized at load")
     ap.add_argument("--name", default="mla", help="result file bench/results/<name>.json")
     a = ap.parse_args()
     path = ensure_model(a.layers)
-    results = run(path, [int(t) for t in a.tokens.split(",")], a.decode, a.batch, a.runs, a.threads)
+    results = run(path, [int(t) for t in a.tokens.split(",")], a.decode, a.batch, a.runs, a.threads,
+                  a.quantize)
     llama = (bench_cache() / "llama-venv" / "bin" / "python").exists()
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
     write_result(a.name, {
         "benchmark": "DeepSeek MLA (V2-Lite-shaped, bf16, in RAM): moetier native vs torch path, "
                      "prefill / decode / batched decode tok/s",
+        "quantize_all": a.quantize,
         "command": "python -m bench.bench_mla " + " ".join(sys.argv[1:]),
         "model": {"layers": a.layers, **{k: v for k, v in SHAPE.items() if k != "rope_parameters"}},
         "threads": a.threads, "runs": a.runs, "loadavg_1m_after": float(load),

@@ -11,7 +11,10 @@ scores, greedy / group_limited_greedy / noaux_tc with the correction bias, norm_
 routed_scaling_factor), then the routed experts come from the provider as on the torch path
 and one call (``mt_moe``, shared with the generic decoder) runs them plus the shared experts;
 dense layers run ``mt_dense_mlp``. The latent cache is the one the torch path keeps
-(``layers/mla.py``: ``c_kv`` [L, C], ``k_rot`` [L, dr]); no step decompresses it. Prefill and
+(``layers/mla.py``: ``c_kv`` [L, C], ``k_rot`` [L, dr]); no step decompresses it. The absorbed
+attention reads ``kv_b_proj`` as plain model-dtype rows; a ``kv_b_proj`` stored quantized (FP8
+releases, ``--quantize-all``, GGUF block types) is dequantized once at build, exactly as the torch
+path dequantizes it per use (:func:`plain_kv_b`; the ``--max-ram`` budget charges the copy). Prefill and
 batched steps (several tokens / sequences per call) run through :meth:`MLADecoder.step_many`
 (``native/mla_prefill.py``, ``csrc/mla_many.c``) with the same per-token arithmetic.
 
@@ -103,9 +106,8 @@ def unsupported(net: DecoderLM) -> str | None:
         if a.shape.qk_rope_head_dim > MAX_ROPE_DIM or a.shape.qk_rope_head_dim % 2:
             return f"layer {i}: qk_rope_head_dim {a.shape.qk_rope_head_dim}"
         kvb = _weight(a.kv_b_proj)
-        if isinstance(kvb, QTensor) or kvb.dtype != net.dtype:
-            what = kvb.fmt if isinstance(kvb, QTensor) else kvb.dtype
-            return f"layer {i}: kv_b_proj is stored as {what} (the absorbed attention reads plain model-dtype weights)"
+        if not isinstance(kvb, QTensor) and kvb.dtype != net.dtype:  # a QTensor gets a plain copy (plain_kv_b)
+            return f"layer {i}: kv_b_proj is stored as {kvb.dtype}, not the model dtype {net.dtype}"
         if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
             return f"layer {i}: norms are not RMSNorm"
         if isinstance(mlp, MoEBlock):
@@ -136,6 +138,34 @@ def unsupported(net: DecoderLM) -> str | None:
     return None
 
 
+def plain_kv_b(attn: MLAAttention, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """``kv_b_proj`` [nh (dn + dv), C] in ``dtype`` as the torch path reads it
+    (``MLAAttention.weights``), and the bytes of any copy made for it.
+
+    The absorbed attention splits it per head into W_UK / W_UV and reads plain rows
+    (``csrc/mla.c``). A plain weight is used in place (0 bytes). A quantized one (``QLinear``:
+    FP8 block, int4 / int8 group, MXFP4, GGUF block types) is dequantized ONCE here through
+    ``QLinear.weight`` -- the format's reference dequantizer the torch path calls per use -- so
+    both paths read the same values; the copy lives as long as the decoder. Its bytes are
+    charged by the ``--max-ram`` budget before loading (``weights/budget.py: native_bytes``,
+    :func:`plain_copy_bytes`)."""
+    if isinstance(_weight(attn.kv_b_proj), QTensor):
+        w = attn.kv_b_proj.weight  # QLinear.weight: qweight.dequantize(model dtype), a new tensor
+        w = (w if w.dtype == dtype else w.to(dtype)).contiguous()
+        return w, w.numel() * w.element_size()
+    return attn.kv_b_proj.weight, 0
+
+
+def plain_copy_bytes(spec: Any, itemsize: int, layers: int | None = None) -> int:
+    """The RAM :class:`MLADecoder` adds when ``layers`` (default: all) layers store ``kv_b_proj``
+    quantized: one plain ``[nh (dn + dv), C]`` copy each at ``itemsize`` bytes per value
+    (DeepSeek-V3: 61 x 32768 x 512 x 2 B = 2.0 GB in bf16, against ~700 GB of weights)."""
+    if spec.attention != "mla":
+        return 0
+    rows = spec.num_heads * (spec.qk_nope_head_dim + spec.v_head_dim)
+    return (spec.num_layers if layers is None else layers) * rows * spec.kv_lora_rank * itemsize
+
+
 class MLADecoder(_StepBase):
     """Native single-token decode for one MLA :class:`DecoderLM` (see the module docstring)."""
 
@@ -147,6 +177,7 @@ class MLADecoder(_StepBase):
         self.H = H = s.hidden_size
         self.V = s.vocab_size
         self.keep: list[Any] = []  # descriptors and arrays the layer descriptors point at
+        self.copy_bytes = 0  # plain copies of quantized kv_b_proj weights held in self.keep (plain_kv_b)
         self.mla: list[MlaDesc] = []
         self.ffn: list[LayerDesc] = []
         self.routes: list[RouteDesc | None] = []
@@ -170,7 +201,10 @@ class MLADecoder(_StepBase):
                 m.q_w = self._w(_weight(a.q_proj), f"layer {i} q_proj")
             m.kva_w = self._w(_weight(a.kv_a_proj_with_mqa), f"layer {i} kv_a_proj_with_mqa")
             m.kva_b, m.kva_norm = _ptr(a.kv_a_proj_with_mqa.bias), _ptr(a.kv_a_layernorm.weight)
-            kvb = _weight(a.kv_b_proj)  # [nh (dn + dv), C], plain (see unsupported)
+            kvb, copied = plain_kv_b(a, net.dtype)  # [nh (dn + dv), C], plain (a copy if stored quantized)
+            if copied:
+                self.keep.append(kvb)
+                self.copy_bytes += copied
             m.kvb = _ptr(kvb)
             uv = (MtWeight * m.nh)()
             blocks = kvb.view(m.nh, m.dn + m.dv, m.C)

@@ -9,6 +9,11 @@ Accounting (all bytes):
 * ``pinned``     - routed experts the plan pins resident (slots);
 * ``cache``      - the expert-cache slots (what is left goes here);
 * ``transient``  - prefetch slots (``prefetch_max_inflight_bytes``) + 2 bypass slots;
+* ``native``     - plain copies the native decoder makes after the cache is sized: the MLA
+                   ``kv_b_proj`` in the model dtype when it is stored quantized (FP8 releases,
+                   ``--quantize-all``; ``native/mla.py: plain_kv_b``; DeepSeek-V3 bf16: 2.0 GB),
+                   charged before loading from the spec (``tiered.native_copy_bytes``) because
+                   the measured RSS after loading does not hold them yet; 0 for other models;
 * ``kv``         - the KV cache of ``batch`` sequences of ``context`` tokens (runtime dtype);
 * ``activations``- a bound for one forward of ``prefill_tokens`` tokens (hidden copies, q/k/v,
                    attention scores per head in float32, the widest FFN intermediate, and the
@@ -22,7 +27,7 @@ Accounting (all bytes):
 
 One estimate, made before loading, that holds: :func:`check_upfront` adds process +
 ``loading`` (what reading a checkpoint adds besides its weights: the tokenizer, the native
-library, thread stacks; :func:`loading_bytes`) + always-on + KV + activations + requests + margin + the
+library, thread stacks; :func:`loading_bytes`) + always-on + native copies + KV + activations + requests + margin + the
 expert slots these options ask for (an explicit ``--expert-cache``, else ``top_k`` cache
 slots, plus pinned, prefetch and bypass slots) and refuses a smaller budget, naming the
 smallest ``--max-ram`` that works and what each option moves it by. After the always-on
@@ -113,6 +118,7 @@ class MemoryBudget:
     loading_bytes: int = 0  # estimated RSS loading adds besides the weights
     estimated_total: int = 0  # check_upfront's estimate of total_reserved (an upper bound)
     request_bytes: int = 0  # the server's request memory (serve/memory.py), 0 outside `moetier serve`
+    native_bytes: int = 0  # plain copies the native decoder makes after loading (MLA kv_b_proj stored quantized)
     # filled as the load proceeds
     always_on_bytes: int = 0
     loaded_rss: int | None = None  # RSS after the always-on weights were loaded
@@ -130,8 +136,8 @@ class MemoryBudget:
         slots = self.cache_slots + self.pinned_slots + self.prefetch_slots + self.bypass_slots
         base = self.loaded_rss if self.loaded_rss is not None else (
             (self.baseline_rss or DEFAULT_PROCESS_BYTES) + self.always_on_bytes)
-        return (base + slots * self.slot_bytes + self.kv_bytes + self.activation_bytes + self.request_bytes
-                + self.margin_bytes)
+        return (base + self.native_bytes + slots * self.slot_bytes + self.kv_bytes + self.activation_bytes
+                + self.request_bytes + self.margin_bytes)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -197,8 +203,8 @@ def check_upfront(spec: ModelSpec, budget: MemoryBudget, *, always_on_bytes: flo
     base = budget.baseline_rss or DEFAULT_PROCESS_BYTES
     n_cache = spec.top_k if cache_slots is None else max(int(cache_slots), 0)
     n_slots = n_cache + transient_slots + pinned_slots
-    fixed = (base + budget.loading_bytes + budget.always_on_bytes + budget.kv_bytes + budget.activation_bytes
-             + budget.request_bytes + n_slots * slot_bytes)
+    fixed = (base + budget.loading_bytes + budget.always_on_bytes + budget.native_bytes + budget.kv_bytes
+             + budget.activation_bytes + budget.request_bytes + n_slots * slot_bytes)
     smallest = smallest_max_ram(fixed)
     budget.estimated_total = fixed + budget.margin_bytes
     if budget.max_ram >= smallest:
@@ -221,7 +227,7 @@ def check_upfront(spec: ModelSpec, budget: MemoryBudget, *, always_on_bytes: flo
     raise BudgetError(
         f"--max-ram {fmt(budget.max_ram)} is too small for {spec.name} with these options: the smallest that "
         f"works is --max-ram {math.ceil(smallest / 1e6)}M (process {fmt(base)} + loading "
-        f"{fmt(budget.loading_bytes)} + always-on weights {fmt(budget.always_on_bytes)} + KV cache "
+        f"{fmt(budget.loading_bytes)} + always-on weights {fmt(budget.always_on_bytes)}{_nat(budget)} + KV cache "
         f"{fmt(budget.kv_bytes)} for {budget.batch}x{budget.context} tokens + activations "
         f"{fmt(budget.activation_bytes)}{_req(budget)} + {n_slots} expert slots of {fmt(slot_bytes)} ({cache_what}, "
         f"{transient_slots} transient, {pinned_slots} pinned) + margin {fmt(margin_for(smallest))}). "
@@ -236,14 +242,15 @@ def cache_slots_for(spec: ModelSpec, plan: Any, *, slot_bytes: int, n_pinned: in
     if not b.kv_bytes:
         _fill_reserves(spec, b)
     b.loaded_rss = rss_bytes()
-    fixed = (b.loaded_rss + b.kv_bytes + b.activation_bytes + b.request_bytes + b.margin_bytes
+    # native copies are made after this measurement (the native decoder is built after the provider)
+    fixed = (b.loaded_rss + b.native_bytes + b.kv_bytes + b.activation_bytes + b.request_bytes + b.margin_bytes
              + (n_pinned + prefetch_slots + bypass_slots) * slot_bytes)
     n = (b.max_ram - fixed) // slot_bytes
     if n < spec.top_k:
         need = fixed + spec.top_k * slot_bytes
         raise BudgetError(
             f"--max-ram {fmt(b.max_ram)} is too small for {spec.name}: after loading the always-on weights "
-            f"the process holds {fmt(b.loaded_rss)}; with KV cache {fmt(b.kv_bytes)}, activations "
+            f"the process holds {fmt(b.loaded_rss)}; with{_nat(b, '', ',')} KV cache {fmt(b.kv_bytes)}, activations "
             f"{fmt(b.activation_bytes)}{_req(b, ',')}, {n_pinned + prefetch_slots + bypass_slots} pinned/transient "
             f"slots and "
             f"{spec.top_k} cache slots of {fmt(slot_bytes)} it needs {fmt(need)}{_off(b)}; raise --max-ram to >= "
@@ -268,7 +275,8 @@ def record(spec: ModelSpec, budget: MemoryBudget, *, slot_bytes: int, cache_slot
             f"--max-ram {fmt(budget.max_ram)}: the expert cache of {cache_slots} slots "
             f"({fmt(cache_slots * slot_bytes)}) "
             f"does not fit: the run would reserve {fmt(budget.total_reserved)} (process with always-on weights "
-            f"{fmt(budget.loaded_rss)}, KV {fmt(budget.kv_bytes)}, activations {fmt(budget.activation_bytes)}"
+            f"{fmt(budget.loaded_rss)},{_nat(budget, '', ',')} KV {fmt(budget.kv_bytes)}, activations "
+            f"{fmt(budget.activation_bytes)}"
             f"{_req(budget, ',')}, margin {fmt(budget.margin_bytes)}){_off(budget)}; lower --expert-cache or raise "
             f"--max-ram to >= "
             f"{math.ceil(smallest_max_ram(budget.total_reserved - budget.margin_bytes) / 1e6)}M"
@@ -277,6 +285,10 @@ def record(spec: ModelSpec, budget: MemoryBudget, *, slot_bytes: int, cache_slot
 
 def _req(b: MemoryBudget, sep: str = " +") -> str:
     return f"{sep} requests {fmt(b.request_bytes)}" if b.request_bytes else ""
+
+
+def _nat(b: MemoryBudget, sep: str = " +", end: str = "") -> str:
+    return f"{sep} native decoder copies {fmt(b.native_bytes)}{end}" if b.native_bytes else ""
 
 
 def _off(b: MemoryBudget) -> str:

@@ -431,6 +431,47 @@ def routing_profile_for(model_dir: Any, spec: ModelSpec) -> np.ndarray | None:
     return load_profile(p, spec) if p.is_file() else None
 
 
+def native_copy_bytes(d: Any, spec: ModelSpec, itemsize: int, load_kwargs: dict[str, Any]) -> int:
+    """RAM the native decoder will add after loading, for the budget (``MemoryBudget.native_bytes``):
+    the plain model-dtype copy of every MLA ``kv_b_proj`` stored quantized -- in the checkpoint
+    (FP8 releases, GGUF block types) or at load (``quantize_all``) -- see ``native/mla.py:
+    plain_kv_b``. Read from the tensor headers, before any weight is loaded; 0 when the native
+    path is off or the model is not MLA."""
+    from moetier import native
+    from moetier.native.mla import plain_copy_bytes
+
+    if spec.attention != "mla" or load_kwargs.get("native") is False or not native.enabled():
+        return 0
+    names = [f"model.layers.{i}.self_attn.kv_b_proj.weight" for i in range(spec.num_layers)]
+    if load_kwargs.get("quantize_all"):  # every plain kv_b_proj is quantized at load (quant/atload.py)
+        import torch
+
+        from moetier.quant.convert import quantizable
+
+        shape = (spec.num_heads * (spec.qk_nope_head_dim + spec.v_head_dim), spec.kv_lora_rank)
+        if quantizable(names[0], torch.empty(shape, device="meta"), experts_only=False):
+            return plain_copy_bytes(spec, itemsize)
+    if d.suffix == ".gguf":
+        from moetier.weights.gguf_io import GGUFIndex
+
+        gi = GGUFIndex(d)
+        try:
+            n = sum(1 for x in names if x in gi.tensors and gi.is_quantized(x))
+        finally:
+            gi.close()
+    elif spec.quantization is not None:
+        from moetier.weights.safetensors_io import SafetensorsIndex
+
+        si = SafetensorsIndex(d, quant=spec.quantization)
+        try:
+            n = sum(1 for x in names if x in si.quantized)
+        finally:
+            si.close()
+    else:
+        n = 0
+    return plain_copy_bytes(spec, itemsize, n)
+
+
 def hierarchy_options_given(opts: dict[str, Any]) -> bool:
     return any(opts.get(k) is not None for k in ("max_ram", "policy", "expert_cache", "cache_scope", "prefetch",
                                                   "plan"))
@@ -496,7 +537,8 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
     if pl.max_ram is not None:
         mb = budget_mod.MemoryBudget(max_ram=pl.max_ram, context=context, batch=batch, itemsize=itemsize,
                                      baseline_rss=baseline, loading_bytes=budget_mod.loading_bytes(d),
-                                     request_bytes=int(request_bytes))
+                                     request_bytes=int(request_bytes),
+                                     native_bytes=native_copy_bytes(d, spec, itemsize, load_kwargs))
         slot = -(-int(cen.expert_bytes) // 4096) * 4096
         pf = prefetch_slot_count(pl, spec, slot)
         n_experts = spec.num_moe_layers * spec.num_experts

@@ -257,14 +257,11 @@ def test_router_observers_see_the_torch_routing(lib, ckpt):
 
 
 @pytest.mark.parametrize("quant,everything", [("int8", False), ("int4", True)])
-def test_quantized_at_load(lib, ckpt, monkeypatch, quant, everything):
-    """Quantized experts (and, with quantize_all, q_a / q_b / kv_a / o_proj, the dense and shared
-    MLPs and the head): the row kernels per token in the multi-token products, still bit for bit
-    the single steps. kv_b_proj stays plain, as the absorbed attention requires (mla.unsupported)."""
-    from moetier.quant import atload
-
-    plain = atload.quantizable
-    monkeypatch.setattr(atload, "quantizable", lambda name, w, **kw: "kv_b_proj" not in name and plain(name, w, **kw))
+def test_quantized_at_load(lib, ckpt, quant, everything):
+    """Quantized experts (and, with quantize_all, q_a / q_b / kv_a / kv_b / o_proj, the dense and
+    shared MLPs and the head): the row kernels per token in the multi-token products, still bit
+    for bit the single steps; kv_b_proj is read from its one plain copy (mla.plain_kv_b,
+    tests/native/test_mla_quantized.py)."""
     path = ckpt("v2_qlora_yarn")
     m = moetier.load(path, tokenizer=False, quantize=quant, quantize_all=everything, quantize_group=32)
     if m.native_reason is not None:
@@ -273,7 +270,9 @@ def test_quantized_at_load(lib, ckpt, monkeypatch, quant, everything):
         from moetier.quant import QTensor
 
         a = m.net.layers[0].self_attn
-        assert all(isinstance(getattr(p, "qweight", None), QTensor) for p in (a.q_a_proj, a.q_b_proj, a.o_proj))
+        assert all(isinstance(getattr(p, "qweight", None), QTensor)
+                   for p in (a.q_a_proj, a.q_b_proj, a.kv_b_proj, a.o_proj))
+        assert m.net.native.copy_bytes > 0
     got = m.step([(m.new_sequence(), PROMPT)], all_logits=True)
     want, _ = one_by_one(m, PROMPT)
     assert torch.equal(got, want), maxdiff(got, want)
