@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -99,16 +100,26 @@ def choose_cap(file_bytes: int, moetier_smallest: int | None, ratio: float = CAP
 
 def moetier_smallest_max_ram(model: Path, threads: int) -> int | None:
     """moetier's smallest working ``--max-ram`` for ``model`` with the cap options (prefetch on),
-    read from its refusal of a 1 MB budget ("the smallest that works is --max-ram NNNM"),
-    in a fresh process (the budget counts the process's own RSS)."""
-    import re
-
-    code = ("import moetier.weights.tiered as t, sys\n"
-            "try:\n"
-            f"    t.load({str(model)!r}, tokenizer=False, dtype='float32', threads={threads}, max_ram=10**6,"
-            " prefetch=True)\n"
-            "except Exception as e:\n"
-            "    print(e)\n")
+    read from its refusal of a too-small budget ("the smallest that works is --max-ram NNNM"),
+    in a fresh process (the budget counts the process's own RSS). The first budget tried,
+    1 MB, is refused as below the always-on set (its size in GB named); the second, just
+    above that set, by the budget check that names the smallest."""
+    code = f"""
+import re, moetier.weights.tiered as t
+budget = 10**6
+for _ in range(3):
+    try:
+        t.load({str(model)!r}, tokenizer=False, dtype="float32", threads={threads}, max_ram=f"{{budget}}B",
+               prefetch=True)
+        print("LOADED", budget)
+        break
+    except Exception as e:
+        print(e)
+        m = re.search(r"below the always-on set of .*?[(]([0-9.]+) GB", str(e))
+        if not m:
+            break
+        budget = int(float(m.group(1)) * 1e9) + 16 * 10**6
+"""
     env = {**os.environ, "PYTHONPATH": str(sc.REPO)}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     m = re.search(r"smallest that works is --max-ram (\d+)M", p.stdout + p.stderr)
@@ -364,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             row: dict[str, Any] = {"scenario": name, "type": t, "file": f.name, "file_bytes": f.stat().st_size,
                                    "tensor_types": types}
             cap = None
-            if name == "cap":
+            if name == "cap" or a.cap:
                 smallest = moetier_smallest_max_ram(f, a.threads)
                 cap = a.cap or choose_cap(f.stat().st_size, smallest)
                 row.update(cap_bytes=cap, moetier_smallest_max_ram=smallest,
