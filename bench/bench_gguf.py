@@ -29,12 +29,15 @@ worker of this scenario runs inside a fresh cgroup-v1 memory group at the cap (p
 charged; ``bench.common.run_worker``, the bf16 side-by-side's code) after the page cache is
 dropped: moetier with ``max_ram`` = the cap and prefetch on (``scenarios.overcap_moetier_options``:
 routed experts read from the GGUF file's byte ranges into its expert cache, nothing mapped),
-llama.cpp with mmap (its default) and ``use_extra_bufts`` as ``bench/peers.py`` decides; if
-that OOMs under the cap (its repacked layouts are copies in anonymous memory) the remaining
-llama.cpp runs use ``use_extra_bufts=False`` (llama.cpp's ``--no-repack``) and the row
-records both. Recorded per engine: cgroup peak, peak RSS, and moetier's hit rate and bytes
-read over the timed runs. Every timed worker (all scenarios) holds ``/tmp/moetier-bench.lock``
-(``bench.common.bench_lock``, the lock of ``flock /tmp/moetier-bench.lock``).
+llama.cpp with mmap (its default): first one bounded try (``--repack-try-s``, 180 s) with
+``use_extra_bufts`` as ``bench/peers.py`` decides; its repacked layouts are copies of the
+weights in anonymous memory, which a cap below the file cannot hold (on this machine the
+loader sat at the cap, in page-fault waits, for minutes), so when that try does not finish
+(recorded as ``llama_cpp_repack_try``) the timed llama.cpp runs use ``use_extra_bufts=False``
+(llama.cpp's ``--no-repack``: every weight served from the mapped file). Recorded per
+engine: cgroup peak, peak RSS, and moetier's hit rate and bytes read over the timed runs.
+Every timed worker (all scenarios) holds ``/tmp/moetier-bench.lock`` (``bench.common.bench_lock``,
+the lock of ``flock /tmp/moetier-bench.lock``).
 """
 
 from __future__ import annotations
@@ -127,9 +130,11 @@ for _ in range(3):
 
 
 def _worker(engine: str, model: Path, ids: list[int], tokens: int, runs: int, threads: int,
-            cap: int | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+            cap: int | None = None, options: dict[str, Any] | None = None,
+            timeout: float = CAP_TIMEOUT_S) -> dict[str, Any]:
     """One engine process (holding the bench lock). ``cap``: cold (page cache dropped) inside a
-    cgroup memory group at ``cap`` bytes; ``options``: the engine's JSON options."""
+    cgroup memory group at ``cap`` bytes (``timeout`` seconds at most); ``options``: the
+    engine's JSON options."""
     py = str(sc.llama_python()) if engine == "llama_cpp" else sys.executable
     cmd = [py, str(sc.PEERS), "moetier_steps" if engine == "moetier" else engine, str(model),
            "--prompt-ids", ",".join(map(str, ids)), "--tokens", str(tokens),
@@ -139,7 +144,7 @@ def _worker(engine: str, model: Path, ids: list[int], tokens: int, runs: int, th
     env = {**os.environ, "PYTHONPATH": str(sc.REPO), "TOKENIZERS_PARALLELISM": "false"}
     with bench_lock():
         if cap is not None:
-            return run_worker(cmd, cap, timeout=CAP_TIMEOUT_S, env=env)
+            return run_worker(cmd, cap, timeout=timeout, env=env)
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("BENCH_RESULT "):
@@ -147,14 +152,36 @@ def _worker(engine: str, model: Path, ids: list[int], tokens: int, runs: int, th
     raise RuntimeError(f"{engine} on {model.name} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
 
 
+def sc_peers_no_repack() -> bool:
+    """bench/peers.py already loads llama.cpp without its repacked layouts here (AMX CPUs)."""
+    from bench.peers import cpu_has_amx
+
+    return cpu_has_amx()
+
+
 def speed(model: Path, vocab: int, prompts: list[int], tokens: int, runs: int, rounds: int,
-          threads: int, cap: int | None = None) -> dict[str, Any]:
+          threads: int, cap: int | None = None, repack_probe_s: float = 0.0) -> dict[str, Any]:
     """Interleaved rounds of both engines; per engine and prompt length the per-run rates.
-    ``cap``: every worker under that memory cap (moetier with ``max_ram`` = cap)."""
+    ``cap``: every worker under that memory cap (moetier with ``max_ram`` = cap; llama.cpp
+    first tried for at most ``repack_probe_s`` s as bench/peers.py decides, then, if that did
+    not finish, with ``use_extra_bufts=False``)."""
     out: dict[str, Any] = {}
     options: dict[str, dict[str, Any] | None] = {"moetier": None, "llama_cpp": None}
     if cap is not None:
         options["moetier"] = sc.overcap_moetier_options(model, cap)
+        if repack_probe_s and not sc_peers_no_repack():
+            # llama.cpp as bench/peers.py decides (repacked layouts: anonymous copies of the
+            # weights, which a cap below the file cannot hold): one bounded try, recorded
+            ids = sc.prompt_ids(vocab, prompts[0])
+            _log(f"llama_cpp with its repacked layouts under the cap: one try of at most {repack_probe_s:.0f} s")
+            res = _worker("llama_cpp", model, ids, 2, 1, threads, cap, None, timeout=repack_probe_s)
+            out["llama_cpp_repack_try"] = {k: res.get(k) for k in (
+                "status", "returncode", "cgroup_peak_bytes", "wall_s", "use_extra_bufts", "load_s", "error")}
+            _log(f"llama_cpp repacked: {res['status']} (peak {(res.get('cgroup_peak_bytes') or 0) / 1e9:.2f} GB)")
+            if res["status"] == "ok":
+                out.pop("llama_cpp_repack_try")
+            else:
+                options["llama_cpp"] = {"use_extra_bufts": False}  # llama.cpp's --no-repack
     for r in range(rounds):
         for n in prompts:
             ids = sc.prompt_ids(vocab, n)
@@ -348,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only render the README table from these JSONs (comma-separated; rows in that order)")
     ap.add_argument("--readme-with", default="",
                     help="after a run, the README table also gets the rows of these JSONs (comma-separated)")
+    ap.add_argument("--repack-try-s", type=float, default=180.0,
+                    help="under a cap: seconds llama.cpp gets with its repacked layouts before --no-repack")
     ap.add_argument("--cap", type=lambda x: int(float(x)), default=None,
                     help="scenario cap: memory cap in bytes (default: choose_cap)")
     a = ap.parse_args(argv)
@@ -382,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                            file_over_cap=f.stat().st_size / cap, moetier_options=sc.overcap_moetier_options(f, cap))
                 _log(f"cap {cap / sc.GIB:.3f} GiB (file / {f.stat().st_size / cap:.2f}; moetier's smallest "
                      f"--max-ram {'?' if smallest is None else f'{smallest / 1e9:.2f} GB'})")
-            sp = speed(f, vocab, prompts, a.tokens, a.runs, a.rounds, a.threads, cap)
+            sp = speed(f, vocab, prompts, a.tokens, a.runs, a.rounds, a.threads, cap,
+                       repack_probe_s=a.repack_try_s if cap is not None else 0.0)
             row["speed"] = sp
             row["ratios"] = ratios(sp, prompts)
             o_m, o_l = sp["moetier"][str(prompts[0])]["output_ids"], sp["llama_cpp"][str(prompts[0])]["output_ids"]
