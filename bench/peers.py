@@ -258,24 +258,24 @@ def load_llama(model: str, n_ctx: int, threads: int, extra: dict[str, Any],
     """``llama_cpp.Llama`` for ``model``; ``extra["use_extra_bufts"]`` (default: not on AMX CPUs)
     goes into the model parameters (the high-level constructor has no argument for it).
     Returns (llm, use_extra_bufts)."""
-    import llama_cpp
+    import llama_cpp.llama_cpp as low  # the module ``Llama`` takes its default params from
     from llama_cpp import Llama
 
     extra = dict(extra)
     bufts = bool(extra.pop("use_extra_bufts", not cpu_has_amx()))
-    orig = llama_cpp.llama_model_default_params
+    orig = low.llama_model_default_params
 
     def params() -> Any:
         p = orig()
         p.use_extra_bufts = bufts
         return p
 
-    llama_cpp.llama_model_default_params = params
+    low.llama_model_default_params = params
     try:
         llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
                     n_ubatch=512, logits_all=logits_all, verbose=False, **extra)
     finally:
-        llama_cpp.llama_model_default_params = orig
+        low.llama_model_default_params = orig
     assert llm.model_params.use_extra_bufts == bufts
     return llm, bufts
 
