@@ -285,6 +285,10 @@ def ratios(sp: dict[str, Any], prompts: list[int]) -> dict[str, Any]:
     return out
 
 
+def _rate(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"  # under a cap, decode rates are ~0.4 tok/s
+
+
 def render(doc: dict[str, Any]) -> str:
     """The README table (markdown) from the results JSON: per rate, moetier / llama.cpp medians
     and their ratio, per wall second and per CPU second of the engine's process."""
@@ -303,8 +307,8 @@ def render(doc: dict[str, Any]) -> str:
         cells = []
         for key, _ in cols:
             x = r.get(key)
-            cells.append("-" if x is None else
-                         f"{x['moetier']['median']:.1f} / {x['llama_cpp']['median']:.1f} ({x['ratio_median']:.2f}x)")
+            cells.append("-" if x is None else f"{_rate(x['moetier']['median'])} / "
+                         f"{_rate(x['llama_cpp']['median'])} ({x['ratio_median']:.2f}x)")
         acc = row.get("accuracy") or {}
         dl = f"{acc['moetier_max_abs_dlogit']:.2g} / {acc['llama_cpp_max_abs_dlogit']:.2g}" if acc else "-"
         same = row.get("same_greedy_tokens")

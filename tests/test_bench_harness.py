@@ -192,5 +192,5 @@ def test_gguf_cap_choice_and_cap_rows_in_the_table(tmp_path) -> None:
     doc = bench_gguf.combined([tmp_path / "a.json", tmp_path / "b.json"])
     assert [(x["scenario"], x["file_bytes"]) for x in doc["rows"]] == [("ram", 2.6e9), ("cap", 3 * 2**30)]
     table = bench_gguf.render(doc)
-    assert "| cap (cap 1.00 GiB = file / 3.0) | Q4_K_M | 3.22 | 2 | 3.0 / 1.0 (3.00x) |" in table
+    assert "| cap (cap 1.00 GiB = file / 3.0) | Q4_K_M | 3.22 | 2 | 3.00 / 1.00 (3.00x) |" in table
     assert "| ram | Q8_0 |" in table and "prefill 512 tok/s" in table
