@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.common import RESULTS, drop_caches, run_capped
+from bench.common import RESULTS, parse_worker_output, run_worker  # noqa: F401 (parse_worker_output: re-export)
 from bench.scenarios import (
     EXTRA_SCENARIOS,
     GIB,
@@ -48,13 +48,6 @@ def _log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def parse_worker_output(stdout: str) -> dict[str, Any] | None:
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT "):])
-    return None
-
-
 def engine_command(engine: str, model: Path, dtype: str, ids: list[int], args: argparse.Namespace,
                    options: dict[str, Any] | None) -> list[str]:
     py = str(llama_python()) if engine == "llama_cpp" else sys.executable
@@ -69,26 +62,14 @@ def engine_command(engine: str, model: Path, dtype: str, ids: list[int], args: a
 
 
 def run_engine(engine: str, cmd: list[str], cap: int | None, timeout: float) -> dict[str, Any]:
-    dropped = drop_caches()
-    limit = cap if cap is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TOKENIZERS_PARALLELISM": "false"}
+    limit = cap if cap is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     _log(f"{engine}: {' '.join(cmd[:6])} ... (cap {limit / GIB:.2f} GiB)")
-    try:
-        r = run_capped(cmd, limit, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "error": f"did not finish warm-up + runs within {timeout:.0f} s",
-                "page_cache_dropped": dropped, "cap_bytes": cap}
-    except Exception as e:  # cgroup missing
-        return {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000], "page_cache_dropped": dropped}
-    res = parse_worker_output(r.stdout)
-    base = {"cgroup_peak_bytes": r.cgroup_peak_bytes, "wall_s": r.wall_s, "page_cache_dropped": dropped,
-            "cap_bytes": cap}
-    if r.returncode != 0 or res is None:
-        status = "oom" if r.oom_killed else "failed"
-        return {"status": status, "returncode": r.returncode, "error": r.stderr[-2000:], **base}
-    res["output_ids_sample"] = res.pop("output_ids", [])[:32]
-    return {"status": "ok", **res, **base}
+    res = run_worker(cmd, cap, timeout=timeout, env=env)
+    if res["status"] == "ok":
+        res["output_ids_sample"] = res.pop("output_ids", [])[:32]
+    return res
 
 
 def planner_figures(d: Path, precision: str, prompt_tokens: int, decode_tokens: int, cap: int | None,

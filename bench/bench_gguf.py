@@ -3,9 +3,12 @@
     python -m bench.bench_gguf [--scenarios embedded,ram] [--types Q8_0,Q4_K_M] [--threads 2]
                                [--prompts 64,512] [--tokens 32] [--rounds 2] [--out bench/results/gguf.json]
     python -m bench.bench_gguf --report bench/results/gguf.json   # the README table from the JSON
+    python -m bench.bench_gguf --scenarios cap --types Q4_K_M --prompts 64 --tokens 16 --runs 2 \
+                               --out bench/results/gguf_cap.json            # (c): under a memory cap
 
 Files: each scenario's checkpoint (``bench/scenarios.py``: (a) the embedded model, (b) the
-2.5 GB synthetic Qwen3-MoE) converted by llama.cpp's ``convert_hf_to_gguf.py`` at bf16, then
+2.5 GB synthetic Qwen3-MoE, (c) ``cap``: the ~8.5 GB "wide" model of the bf16 over-cap
+scenario) converted by llama.cpp's ``convert_hf_to_gguf.py`` at bf16, then
 quantized by llama.cpp's own quantizer (``llama_model_quantize`` = ``llama-quantize``,
 through ``bench/peers.py quantize``) to each type; cached in ``$MOETIER_BENCH_CACHE/gguf``.
 Both engines read that one file.
@@ -18,6 +21,23 @@ each engine's decode-path logits (one token per forward, teacher-forced along mo
 greedy continuation) vs the dequantized float32 model (moetier's torch path in float32 on the
 same file: every weight exactly ``gguf.quants.dequantize``'s value, float32 activations; the
 tests check that path against transformers), and whether the 32 greedy tokens are identical.
+
+(c) ``cap``: the quantized file is ~3x the memory cap (:func:`choose_cap`: a third of the
+file, raised to moetier's own smallest ``--max-ram`` for it if that is larger, which
+:func:`moetier_smallest_max_ram` reads from moetier's refusal of a too-small budget). Every
+worker of this scenario runs inside a fresh cgroup-v1 memory group at the cap (page cache
+charged; ``bench.common.run_worker``, the bf16 side-by-side's code) after the page cache is
+dropped: moetier with ``max_ram`` = the cap and prefetch on (``scenarios.overcap_moetier_options``:
+routed experts read from the GGUF file's byte ranges into its expert cache, nothing mapped),
+llama.cpp with mmap (its default): first one bounded try (``--repack-try-s``, 180 s) with
+``use_extra_bufts`` as ``bench/peers.py`` decides; its repacked layouts are copies of the
+weights in anonymous memory, which a cap below the file cannot hold (on this machine the
+loader sat at the cap, in page-fault waits, for minutes), so when that try does not finish
+(recorded as ``llama_cpp_repack_try``) the timed llama.cpp runs use ``use_extra_bufts=False``
+(llama.cpp's ``--no-repack``: every weight served from the mapped file). Recorded per
+engine: cgroup peak, peak RSS, and moetier's hit rate and bytes read over the timed runs.
+Every timed worker (all scenarios) holds ``/tmp/moetier-bench.lock`` (``bench.common.bench_lock``,
+the lock of ``flock /tmp/moetier-bench.lock``).
 """
 
 from __future__ import annotations
@@ -26,6 +46,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -37,8 +58,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import scenarios as sc
+from bench.common import bench_lock, run_worker
 
 TYPES = ("Q8_0", "Q4_K_M")
+# bench_gguf scenario -> bench/scenarios.py scenario of the checkpoint
+SOURCES = {"embedded": "embedded", "ram": "ram", "cap": "overcap"}
+CAP_RATIO = 3.0  # (c): the file is ~3x the cap
+GIB_8 = sc.GIB // 8
+CAP_TIMEOUT_S = 900.0  # one worker under the cap (load + warm-up + runs)
 
 
 def _log(msg: str) -> None:
@@ -61,37 +88,122 @@ def ensure_quantized(src: Path, recipe: str) -> Path:
 
 
 def scenario_file(name: str, recipe: str) -> Path:
-    s = {**sc.SCENARIOS, **sc.EXTRA_SCENARIOS}[name]
+    s = {**sc.SCENARIOS, **sc.EXTRA_SCENARIOS}[SOURCES.get(name, name)]
     return ensure_quantized(sc.ensure_gguf(s.resolve(), "bf16"), recipe)
 
 
-def _worker(engine: str, model: Path, ids: list[int], tokens: int, runs: int, threads: int) -> dict[str, Any]:
+def choose_cap(file_bytes: int, moetier_smallest: int | None, ratio: float = CAP_RATIO) -> int:
+    """The memory cap of (c): ``file_bytes / ratio`` rounded to 1/8 GiB, raised (rounded up to
+    1/8 GiB) to moetier's smallest working ``--max-ram`` for the file when that is larger."""
+    cap = max(1, round(file_bytes / ratio / GIB_8)) * GIB_8
+    if moetier_smallest is not None and moetier_smallest > cap:
+        cap = -(-int(moetier_smallest) // GIB_8) * GIB_8
+    return cap
+
+
+def moetier_smallest_max_ram(model: Path, threads: int) -> int | None:
+    """moetier's smallest working ``--max-ram`` for ``model`` with the cap options (prefetch on),
+    read from its refusal of a too-small budget ("the smallest that works is --max-ram NNNM"),
+    in a fresh process (the budget counts the process's own RSS). The first budget tried,
+    1 MB, is refused as below the always-on set (its size in GB named); the second, just
+    above that set, by the budget check that names the smallest."""
+    code = f"""
+import re, moetier.weights.tiered as t
+budget = 10**6
+for _ in range(3):
+    try:
+        t.load({str(model)!r}, tokenizer=False, dtype="float32", threads={threads}, max_ram=f"{{budget}}B",
+               prefetch=True)
+        print("LOADED", budget)
+        break
+    except Exception as e:
+        print(e)
+        m = re.search(r"below the always-on set of .*?[(]([0-9.]+) GB", str(e))
+        if not m:
+            break
+        budget = int(float(m.group(1)) * 1e9) + 16 * 10**6
+"""
+    env = {**os.environ, "PYTHONPATH": str(sc.REPO)}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    m = re.search(r"smallest that works is --max-ram (\d+)M", p.stdout + p.stderr)
+    return int(m.group(1)) * 10**6 if m else None
+
+
+def _worker(engine: str, model: Path, ids: list[int], tokens: int, runs: int, threads: int,
+            cap: int | None = None, options: dict[str, Any] | None = None,
+            timeout: float = CAP_TIMEOUT_S) -> dict[str, Any]:
+    """One engine process (holding the bench lock). ``cap``: cold (page cache dropped) inside a
+    cgroup memory group at ``cap`` bytes (``timeout`` seconds at most); ``options``: the
+    engine's JSON options."""
     py = str(sc.llama_python()) if engine == "llama_cpp" else sys.executable
     cmd = [py, str(sc.PEERS), "moetier_steps" if engine == "moetier" else engine, str(model),
            "--prompt-ids", ",".join(map(str, ids)), "--tokens", str(tokens),
            "--runs", str(runs), "--threads", str(threads), "--dtype", "float32"]
+    if options:
+        cmd += ["--", json.dumps(options)]
     env = {**os.environ, "PYTHONPATH": str(sc.REPO), "TOKENIZERS_PARALLELISM": "false"}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    with bench_lock():
+        if cap is not None:
+            return run_worker(cmd, cap, timeout=timeout, env=env)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT "):])
+            return {"status": "ok", **json.loads(line[len("BENCH_RESULT "):])}
     raise RuntimeError(f"{engine} on {model.name} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
 
 
+def sc_peers_no_repack() -> bool:
+    """bench/peers.py already loads llama.cpp without its repacked layouts here (AMX CPUs)."""
+    from bench.peers import cpu_has_amx
+
+    return cpu_has_amx()
+
+
 def speed(model: Path, vocab: int, prompts: list[int], tokens: int, runs: int, rounds: int,
-          threads: int) -> dict[str, Any]:
-    """Interleaved rounds of both engines; per engine and prompt length the per-run rates."""
+          threads: int, cap: int | None = None, repack_probe_s: float = 0.0) -> dict[str, Any]:
+    """Interleaved rounds of both engines; per engine and prompt length the per-run rates.
+    ``cap``: every worker under that memory cap (moetier with ``max_ram`` = cap; llama.cpp
+    first tried for at most ``repack_probe_s`` s as bench/peers.py decides, then, if that did
+    not finish, with ``use_extra_bufts=False``)."""
     out: dict[str, Any] = {}
+    options: dict[str, dict[str, Any] | None] = {"moetier": None, "llama_cpp": None}
+    if cap is not None:
+        options["moetier"] = sc.overcap_moetier_options(model, cap)
+        if repack_probe_s and not sc_peers_no_repack():
+            # llama.cpp as bench/peers.py decides (repacked layouts: anonymous copies of the
+            # weights, which a cap below the file cannot hold): one bounded try, recorded
+            ids = sc.prompt_ids(vocab, prompts[0])
+            _log(f"llama_cpp with its repacked layouts under the cap: one try of at most {repack_probe_s:.0f} s")
+            res = _worker("llama_cpp", model, ids, 2, 1, threads, cap, None, timeout=repack_probe_s)
+            out["llama_cpp_repack_try"] = {k: res.get(k) for k in (
+                "status", "returncode", "cgroup_peak_bytes", "wall_s", "use_extra_bufts", "load_s", "error")}
+            _log(f"llama_cpp repacked: {res['status']} (peak {(res.get('cgroup_peak_bytes') or 0) / 1e9:.2f} GB)")
+            if res["status"] == "ok":
+                out.pop("llama_cpp_repack_try")
+            else:
+                options["llama_cpp"] = {"use_extra_bufts": False}  # llama.cpp's --no-repack
     for r in range(rounds):
         for n in prompts:
             ids = sc.prompt_ids(vocab, n)
             # decode is timed after the first prompt length only; longer prompts: prefill only
             steps = tokens if n == prompts[0] else 2
             for engine in ("moetier", "llama_cpp") if r % 2 == 0 else ("llama_cpp", "moetier"):
-                t0 = time.perf_counter()
-                res = _worker(engine, model, ids, steps, runs, threads)
-                e = out.setdefault(engine, {}).setdefault(str(n), {"prefill": [], "decode": [], "prefill_cpu": [],
-                                                                   "decode_cpu": [], "output_ids": None})
+                t0, load0 = time.perf_counter(), os.getloadavg()[0]
+                res = _worker(engine, model, ids, steps, runs, threads, cap, options[engine])
+                eo = out.setdefault(engine, {})
+                if res["status"] != "ok":
+                    eo.setdefault("failures", []).append({k: res.get(k) for k in (
+                        "status", "returncode", "cgroup_peak_bytes", "wall_s", "error")} | {"options": options[engine]})
+                    _log(f"round {r}: {engine} prompt {n}: {res['status']} under the cap "
+                         f"(peak {(res.get('cgroup_peak_bytes') or 0) / 1e9:.2f} GB)")
+                    if engine == "llama_cpp" and res["status"] == "oom" and (options[engine] or {}).get(
+                            "use_extra_bufts") is not False:  # repacked copies do not fit: --no-repack
+                        options[engine] = {**(options[engine] or {}), "use_extra_bufts": False}
+                        res = _worker(engine, model, ids, steps, runs, threads, cap, options[engine])
+                    if res["status"] != "ok":
+                        raise RuntimeError(f"{engine} on {model.name}: {res['status']}: {res.get('error', '')[-2000:]}")
+                e = eo.setdefault(str(n), {"prefill": [], "decode": [], "prefill_cpu": [], "decode_cpu": [],
+                                           "output_ids": None})
                 e["prefill"] += res["prefill_tokens_per_s_runs"]
                 e["prefill_cpu"] += res["prefill_tokens_per_cpu_s_runs"]
                 if steps == tokens:
@@ -100,10 +212,16 @@ def speed(model: Path, vocab: int, prompts: list[int], tokens: int, runs: int, r
                     e["output_ids"] = res["output_ids"]
                 for k in ("decode_path", "native_reason", "compute_paths", "use_extra_bufts", "system_info"):
                     if k in res:
-                        out[engine][k] = res[k]
+                        eo[k] = res[k]
+                eo.setdefault("workers", []).append(
+                    {"round": r, "prompt": n, "options": options[engine], "loadavg_1min": [load0, os.getloadavg()[0]],
+                     **{k: res.get(k) for k in ("peak_rss_bytes", "cgroup_peak_bytes", "page_cache_dropped",
+                                                "load_s", "first_run", "hierarchy", "worker_wall_s")
+                        if res.get(k) is not None}})
                 pre, dec = (statistics.median(res[f"{k}_tokens_per_s_runs"]) for k in ("prefill", "decode"))
-                _log(f"round {r}: {engine} prompt {n}: prefill {pre:.1f} decode {dec:.1f} tok/s "
-                     f"({time.perf_counter() - t0:.0f} s)")
+                _log(f"round {r}: {engine} prompt {n}: prefill {pre:.1f} decode {dec:.2f} tok/s "
+                     f"({time.perf_counter() - t0:.0f} s" + (f", cgroup peak {res['cgroup_peak_bytes'] / 1e9:.2f} GB"
+                                                             if res.get("cgroup_peak_bytes") else "") + ")")
     return out
 
 
@@ -167,6 +285,10 @@ def ratios(sp: dict[str, Any], prompts: list[int]) -> dict[str, Any]:
     return out
 
 
+def _rate(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"  # under a cap, decode rates are ~0.4 tok/s
+
+
 def render(doc: dict[str, Any]) -> str:
     """The README table (markdown) from the results JSON: per rate, moetier / llama.cpp medians
     and their ratio, per wall second and per CPU second of the engine's process."""
@@ -185,13 +307,16 @@ def render(doc: dict[str, Any]) -> str:
         cells = []
         for key, _ in cols:
             x = r.get(key)
-            cells.append("-" if x is None else
-                         f"{x['moetier']['median']:.1f} / {x['llama_cpp']['median']:.1f} ({x['ratio_median']:.2f}x)")
+            cells.append("-" if x is None else f"{_rate(x['moetier']['median'])} / "
+                         f"{_rate(x['llama_cpp']['median'])} ({x['ratio_median']:.2f}x)")
         acc = row.get("accuracy") or {}
         dl = f"{acc['moetier_max_abs_dlogit']:.2g} / {acc['llama_cpp_max_abs_dlogit']:.2g}" if acc else "-"
         same = row.get("same_greedy_tokens")
         threads = row.get("settings", {}).get("threads", doc.get("threads", "-"))
-        lines.append(f"| {row['scenario']} | {row['type']} | {row['file_bytes'] / 1e9:.2f} | {threads} | "
+        model = row["scenario"]
+        if row.get("cap_bytes"):  # (c): the cgroup cap both engines ran under
+            model += f" (cap {row['cap_bytes'] / sc.GIB:.2f} GiB = file / {row['file_bytes'] / row['cap_bytes']:.1f})"
+        lines.append(f"| {model} | {row['type']} | {row['file_bytes'] / 1e9:.2f} | {threads} | "
                      + " | ".join(cells) + f" | {'-' if same is None else 'yes' if same else 'no'} | {dl} |")
     return "\n".join(lines) + "\n"
 
@@ -220,8 +345,22 @@ def _merged(out: Path, doc: dict[str, Any]) -> list[dict[str, Any]]:
     if out.exists():
         for r in json.loads(out.read_text()).get("rows", []):
             rows.setdefault((r["scenario"], r["type"]), r)
-    order = {n: i for i, n in enumerate([*sc.SCENARIOS, *sc.EXTRA_SCENARIOS])}
+    order = {n: i for i, n in enumerate([*SOURCES, *sc.EXTRA_SCENARIOS])}
     return sorted(rows.values(), key=lambda r: (order.get(r["scenario"], 99), r["type"] != "Q8_0", r["type"]))
+
+
+def combined(paths: list[Path]) -> dict[str, Any]:
+    """One table's document from several results JSONs: the first's fields, every file's rows
+    (each with its own settings), first file's row winning for a repeated (scenario, type)."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    seen: set[tuple[str, str]] = set()
+    rows = []
+    for d in docs:
+        for r in d.get("rows", []):
+            if (r["scenario"], r["type"]) not in seen:
+                seen.add((r["scenario"], r["type"]))
+                rows.append(r)
+    return {**docs[0], "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,11 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accuracy", default="embedded", help="scenarios whose logits are compared ('' = none)")
     ap.add_argument("--out", default=str(sc.REPO / "bench" / "results" / "gguf.json"))
     ap.add_argument("--prepare-only", action="store_true", help="only make the GGUF files")
-    ap.add_argument("--report", default=None, help="only render README table from this JSON")
+    ap.add_argument("--report", default=None,
+                    help="only render the README table from these JSONs (comma-separated; rows in that order)")
+    ap.add_argument("--readme-with", default="",
+                    help="after a run, the README table also gets the rows of these JSONs (comma-separated)")
+    ap.add_argument("--repack-try-s", type=float, default=180.0,
+                    help="under a cap: seconds llama.cpp gets with its repacked layouts before --no-repack")
+    ap.add_argument("--cap", type=lambda x: int(float(x)), default=None,
+                    help="scenario cap: memory cap in bytes (default: choose_cap)")
     a = ap.parse_args(argv)
     readme = sc.REPO / "bench" / "README.md"
     if a.report:
-        write_readme(json.loads(Path(a.report).read_text()), readme)
+        write_readme(combined([Path(x) for x in a.report.split(",")]), readme)
         return 0
     prompts = [int(x) for x in a.prompts.split(",")]
     doc: dict[str, Any] = {"host": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -261,7 +407,16 @@ def main(argv: list[str] | None = None) -> int:
             del r
             row: dict[str, Any] = {"scenario": name, "type": t, "file": f.name, "file_bytes": f.stat().st_size,
                                    "tensor_types": types}
-            sp = speed(f, vocab, prompts, a.tokens, a.runs, a.rounds, a.threads)
+            cap = None
+            if name == "cap" or a.cap:
+                smallest = moetier_smallest_max_ram(f, a.threads)
+                cap = a.cap or choose_cap(f.stat().st_size, smallest)
+                row.update(cap_bytes=cap, moetier_smallest_max_ram=smallest,
+                           file_over_cap=f.stat().st_size / cap, moetier_options=sc.overcap_moetier_options(f, cap))
+                _log(f"cap {cap / sc.GIB:.3f} GiB (file / {f.stat().st_size / cap:.2f}; moetier's smallest "
+                     f"--max-ram {'?' if smallest is None else f'{smallest / 1e9:.2f} GB'})")
+            sp = speed(f, vocab, prompts, a.tokens, a.runs, a.rounds, a.threads, cap,
+                       repack_probe_s=a.repack_try_s if cap is not None else 0.0)
             row["speed"] = sp
             row["ratios"] = ratios(sp, prompts)
             o_m, o_l = sp["moetier"][str(prompts[0])]["output_ids"], sp["llama_cpp"][str(prompts[0])]["output_ids"]
@@ -278,8 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         doc["load_avg_end"] = os.getloadavg()
         doc["rows"] = _merged(Path(a.out), doc)
         Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
-        write_readme(doc, readme)
-        print(render(doc))
+        table = combined([Path(a.out), *(Path(x) for x in a.readme_with.split(",") if x)])
+        write_readme(table, readme)
+        print(render(table))
     return 0
 
 

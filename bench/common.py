@@ -7,6 +7,8 @@ charges it), so moetier, llama.cpp's mmap and transformers face the same limit.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -15,12 +17,25 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 RESULTS = Path(__file__).resolve().parent / "results"
+BENCH_LOCK = Path("/tmp/moetier-bench.lock")  # the lock of `flock /tmp/moetier-bench.lock CMD`
+
+
+@contextlib.contextmanager
+def bench_lock(path: Path = BENCH_LOCK) -> Iterator[None]:
+    """Hold the machine-wide benchmark lock (flock(2), the same lock as ``flock(1)`` on
+    ``path``) so timed runs of different benchmarks never overlap on the shared cores."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cgroup_available() -> bool:
@@ -86,6 +101,39 @@ def run_capped(cmd: Sequence[str], limit_bytes: int | None, *, timeout: float = 
                     break
                 except OSError:
                     time.sleep(0.1)
+
+
+def parse_worker_output(stdout: str) -> dict | None:
+    """The ``BENCH_RESULT {json}`` line of a ``bench/peers.py`` worker (the last one), or None."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    return None
+
+
+def run_worker(cmd: Sequence[str], cap: int | None, *, timeout: float, env: dict[str, str] | None = None) -> dict:
+    """One ``bench/peers.py`` worker, cold, in its own cgroup: the page cache dropped first,
+    then ``cmd`` under a memory group limited to ``cap`` (RSS + page cache charged), or for
+    ``cap=None`` a group at the machine's RAM size (used only to read the peak).
+
+    Returns the worker's result plus ``status`` (ok | oom | failed | timeout),
+    ``cgroup_peak_bytes``, ``wall_s``, ``page_cache_dropped`` and ``cap_bytes``."""
+    dropped = drop_caches()
+    limit = cap if cap is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        r = run_capped(cmd, limit, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "error": f"did not finish warm-up + runs within {timeout:.0f} s",
+                "page_cache_dropped": dropped, "cap_bytes": cap}
+    except Exception as e:  # cgroup missing
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000], "page_cache_dropped": dropped}
+    res = parse_worker_output(r.stdout)
+    base = {"cgroup_peak_bytes": r.cgroup_peak_bytes, "wall_s": r.wall_s, "page_cache_dropped": dropped,
+            "cap_bytes": cap}
+    if r.returncode != 0 or res is None:
+        status = "oom" if r.oom_killed else "failed"
+        return {"status": status, "returncode": r.returncode, "error": r.stderr[-2000:], **base}
+    return {"status": "ok", **res, **base}
 
 
 def median(xs: Sequence[float]) -> float:

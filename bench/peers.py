@@ -127,16 +127,33 @@ def _load_moetier(a: argparse.Namespace) -> tuple[Any, dict[str, Any], float]:
     return m, kw, time.perf_counter() - t0
 
 
+def hierarchy_summary(m: Any) -> dict[str, Any]:
+    """The weight hierarchy's figures of a tiered-loaded model (since its metrics' last reset)."""
+    summ = m.hierarchy_metrics.summary()
+    out = {k: summ.get(k) for k in ("tokens", "hit_rate", "decode_hit_rate", "cache_hit_rate", "bytes_per_token",
+                                    "store_bytes_demand", "store_bytes_prefetch", "stall_seconds",
+                                    "prefetch_precision", "prefetch_recall") if k in summ}
+    h = getattr(m, "hierarchy", None)
+    if h is not None:
+        out["cache_bytes"] = getattr(h, "cache_bytes", None)
+        out["pinned_bytes"] = getattr(h, "pinned_bytes", None)
+    return out
+
+
 def run_moetier_steps(a: argparse.Namespace) -> dict[str, Any]:
     """moetier through ``Model.step`` in the same timed loop as llama.cpp's (prompt in one
     forward, then one token per forward; wall and CPU time)."""
     import torch
 
     m, kw, load_s = _load_moetier(a)
-    state: dict[str, Any] = {}
+    metrics = getattr(m, "hierarchy_metrics", None)  # tiered load (--max-ram ...): hit rate, bytes read
+    state: dict[str, Any] = {"resets": 0}
 
     def reset() -> None:
         state["seq"] = m.new_sequence(capacity=len(a.prompt_ids) + a.tokens + 1)
+        state["resets"] += 1
+        if metrics is not None and state["resets"] == 2:  # the timed runs' figures, not the warm-up's
+            metrics.reset()
 
     def fwd(ids: list[int]) -> int:
         return int(m.step([(state["seq"], ids)])[0].argmax())
@@ -145,6 +162,8 @@ def run_moetier_steps(a: argparse.Namespace) -> dict[str, Any]:
     res.update(load_s=load_s, torch_threads=torch.get_num_threads(), load_kwargs={k: str(v) for k, v in kw.items()},
                decode_path="native" if m.native_reason is None else "torch", native_reason=m.native_reason,
                compute_paths=m.compute_paths())
+    if metrics is not None:
+        res["hierarchy"] = hierarchy_summary(m)
     return res
 
 
@@ -173,14 +192,7 @@ def run_moetier(a: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"prefill_tokens_per_s_runs": pre, "decode_tokens_per_s_runs": dec,
                            "first_run": first, "output_ids": ids}
     if metrics is not None:
-        summ = metrics.summary()
-        res["hierarchy"] = {k: summ.get(k) for k in ("hit_rate", "decode_hit_rate", "cache_hit_rate", "bytes_per_token",
-                                                      "stall_seconds", "prefetch_precision", "prefetch_recall")
-                            if k in summ}
-        h = getattr(m, "hierarchy", None)
-        if h is not None:
-            res["hierarchy"]["cache_bytes"] = getattr(h, "cache_bytes", None)
-            res["hierarchy"]["pinned_bytes"] = getattr(h, "pinned_bytes", None)
+        res["hierarchy"] = hierarchy_summary(m)
     if a.profile_steps:
         res["profile"] = profile_decode(m, a.prompt_ids, a.profile_steps)
     res.update(load_s=load_s, torch_threads=torch.get_num_threads(), load_kwargs={k: str(v) for k, v in kw.items()},
@@ -246,24 +258,24 @@ def load_llama(model: str, n_ctx: int, threads: int, extra: dict[str, Any],
     """``llama_cpp.Llama`` for ``model``; ``extra["use_extra_bufts"]`` (default: not on AMX CPUs)
     goes into the model parameters (the high-level constructor has no argument for it).
     Returns (llm, use_extra_bufts)."""
-    import llama_cpp
+    import llama_cpp.llama_cpp as low  # the module ``Llama`` takes its default params from
     from llama_cpp import Llama
 
     extra = dict(extra)
     bufts = bool(extra.pop("use_extra_bufts", not cpu_has_amx()))
-    orig = llama_cpp.llama_model_default_params
+    orig = low.llama_model_default_params
 
     def params() -> Any:
         p = orig()
         p.use_extra_bufts = bufts
         return p
 
-    llama_cpp.llama_model_default_params = params
+    low.llama_model_default_params = params
     try:
         llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
                     n_ubatch=512, logits_all=logits_all, verbose=False, **extra)
     finally:
-        llama_cpp.llama_model_default_params = orig
+        low.llama_model_default_params = orig
     assert llm.model_params.use_extra_bufts == bufts
     return llm, bufts
 

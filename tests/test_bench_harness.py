@@ -167,3 +167,30 @@ def test_gguf_side_by_side_ratios_table_and_readme_block(tmp_path) -> None:
     once = readme.read_text()
     bench_gguf.write_readme(doc, readme)  # replaces its block, keeps the rest
     assert readme.read_text() == once and once.startswith("# bench\n\ntext\n") and once.count("| embedded |") == 1
+
+
+def test_gguf_cap_choice_and_cap_rows_in_the_table(tmp_path) -> None:
+    import json
+
+    from bench import bench_gguf
+
+    g8 = 2**30 // 8
+    # a third of the file, to 1/8 GiB; moetier's smallest --max-ram raises it (rounded up)
+    assert bench_gguf.choose_cap(3 * 2**30, None) == 2**30
+    assert bench_gguf.choose_cap(3 * 2**30, 2**30 - 1) == 2**30
+    assert bench_gguf.choose_cap(3 * 2**30, 2**30 + 1) == 2**30 + g8
+    assert bench_gguf.choose_cap(2_600_000_000, 900_000_000) == 7 * g8  # 0.807 GiB -> 0.875 GiB
+    assert bench_gguf.choose_cap(1000, None) == g8  # never zero
+    r = {"decode_64": {"moetier": {"median": 3.0}, "llama_cpp": {"median": 1.0}, "ratio_median": 3.0}}
+    a = {"prompts": [64, 512], "threads": 2, "rows": [{"scenario": "ram", "type": "Q8_0", "file_bytes": 2.6e9,
+                                                        "ratios": r}]}
+    b = {"prompts": [64], "threads": 2, "rows": [{"scenario": "cap", "type": "Q4_K_M", "file_bytes": 3 * 2**30,
+                                                   "cap_bytes": 2**30, "ratios": r},
+                                                  {"scenario": "ram", "type": "Q8_0", "file_bytes": 1.0, "ratios": {}}]}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    doc = bench_gguf.combined([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [(x["scenario"], x["file_bytes"]) for x in doc["rows"]] == [("ram", 2.6e9), ("cap", 3 * 2**30)]
+    table = bench_gguf.render(doc)
+    assert "| cap (cap 1.00 GiB = file / 3.0) | Q4_K_M | 3.22 | 2 | 3.00 / 1.00 (3.00x) |" in table
+    assert "| ram | Q8_0 |" in table and "prefill 512 tok/s" in table

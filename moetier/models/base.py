@@ -322,6 +322,20 @@ class ExpertReader:
             gate, up, down = (self._finite(n, self.index.read(n, self.dtype)) for n in (g, u, d))
         return ExpertWeights.from_parts(gate, up, down)
 
+    def layer_structure(self, layer: int) -> tuple[Any, ...] | None:
+        """What fixes the stored layout of ``layer``'s experts, from the headers: per expert
+        tensor its format (or dtype) and shape; None when unknown. Layers with equal structures
+        share a slot layout (``moetier.weights.store``)."""
+        t = self.layers.get(layer)
+        if t is None:
+            return None
+        out = []
+        for n in (t.gate_up, t.gate, t.up, t.down):
+            if n:
+                info = self.index.info(n.format(e=0))
+                out.append((getattr(info, "fmt", None) or info.dtype, tuple(info.shape)))
+        return tuple(out)
+
     def expert_nbytes(self) -> int:
         """Bytes of one expert in the runtime dtype (quantized: its stored bytes)."""
         s = self.spec

@@ -685,6 +685,15 @@ def expert_reader(index: GGUFIndex, spec: ModelSpec, dtype: torch.dtype) -> Any:
             biases = [self._bias(n, expert) if merged else None for n in (g, u, d)]
             return ExpertWeights.from_parts(gate, up, down, *biases)
 
+        def layer_structure(self, layer: int) -> tuple[Any, ...] | None:
+            """Per expert tensor of ``layer``: its ggml type (or dtype) and shape. llama.cpp's
+            K-quant recipes mix types across layers (Q4_K_M: ``ffn_down_exps`` Q6_K in some)."""
+            names = self.names.get(layer)
+            if names is None:
+                return None
+            return tuple((getattr(i, "fmt", None) or i.dtype, tuple(i.shape))
+                         for i in (self.index.info(n.format(e=0)) for n in names[:3]))
+
         def expert_nbytes(self) -> int:
             """Bytes of one expert: stored bytes (quantized) or in the runtime dtype."""
             if not self.quantized:

@@ -51,6 +51,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -198,7 +199,16 @@ class SlotLayout:
         """Bytes of the expert's tensors (without alignment padding)."""
         return sum(math.prod(s) for _, s in self._parts()) * self.itemsize
 
-    def views(self, buf: torch.Tensor) -> ExpertWeights:
+    variants = 1  # one structure for every layer (see LayeredSlotLayout)
+
+    def variant_of(self, layer: int | None) -> int:
+        return 0
+
+    def all_views(self, buf: torch.Tensor) -> list[ExpertWeights]:
+        """``views`` of ``buf`` for every variant (index = ``variant_of(layer)``)."""
+        return [self.views(buf)]
+
+    def views(self, buf: torch.Tensor, layer: int | None = None) -> ExpertWeights:
         """The expert's tensors as views of ``buf`` (a uint8 slot buffer)."""
         t = {}
         for name, (off, shape) in self.offsets().items():
@@ -229,13 +239,48 @@ class StoredSlotLayout:
         return {k: (off, math.prod(shape) * torch.empty(0, dtype=dt).element_size())
                 for k, dt, shape, off in self.parts}
 
-    def views(self, buf: torch.Tensor) -> ExpertWeights:
+    variants = 1
+
+    def variant_of(self, layer: int | None) -> int:
+        return 0
+
+    def all_views(self, buf: torch.Tensor) -> list[ExpertWeights]:
+        """``views`` of ``buf`` for every variant (index = ``variant_of(layer)``)."""
+        return [self.views(buf)]
+
+    def views(self, buf: torch.Tensor, layer: int | None = None) -> ExpertWeights:
         """The expert (QTensors whose parts are contiguous views of ``buf``, a uint8 slot)."""
         t = {}
         for k, dt, shape, off in self.parts:
             n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
             t[k] = buf[off : off + n].view(dt).view(shape)
         return self.template.with_leaves(t)
+
+
+class LayeredSlotLayout:
+    """Stored slot layouts of a model whose layers store their experts differently (llama.cpp's
+    Q4_K_M / Q3_K_M... recipes give ``ffn_down_exps`` Q6_K in some layers and Q4_K in the others):
+    one :class:`StoredSlotLayout` per distinct structure, a slot as large as the largest.
+    ``views(buf, layer)`` views a slot with that layer's structure; ``variant_of(layer)`` names it
+    (the tiered provider makes each slot's views once per variant)."""
+
+    def __init__(self, layouts: list[StoredSlotLayout], variant_of_layer: dict[int, int]):
+        self.layouts, self._of = layouts, dict(variant_of_layer)
+        self.variants = len(layouts)
+        self.slot_bytes = max(x.slot_bytes for x in layouts)
+        self.expert_bytes = max(x.expert_bytes for x in layouts)  # what a slot must hold
+
+    def variant_of(self, layer: int | None) -> int:
+        return 0 if layer is None else self._of[layer]
+
+    def byte_offsets(self) -> dict[str, tuple[int, int]]:
+        return self.layouts[0].byte_offsets()
+
+    def views(self, buf: torch.Tensor, layer: int | None = None) -> ExpertWeights:
+        return self.layouts[self.variant_of(layer)].views(buf)
+
+    def all_views(self, buf: torch.Tensor) -> list[ExpertWeights]:
+        return [x.views(buf) for x in self.layouts]
 
 
 @dataclass(frozen=True)
@@ -287,9 +332,9 @@ class ExpertStore:
             # learn the layout (biases, intermediate width) from one expert
             layer0 = s.moe_layer_ids[0]
             w = reader.read(layer0, 0)
-            self.layout: SlotLayout | StoredSlotLayout
+            self.layout: SlotLayout | StoredSlotLayout | LayeredSlotLayout
             if w.quantized:
-                self.layout = StoredSlotLayout(w)
+                self.layout = self._stored_layout(reader, layer0, w)
             else:
                 self.layout = SlotLayout(self.dtype, w.down.shape[0], w.intermediate,
                                          w.gate_up_bias is not None, w.down_bias is not None)
@@ -303,6 +348,27 @@ class ExpertStore:
         self._dst = self.layout.byte_offsets()
         if self.io == "direct" and not self._direct_supported():
             self.io = "buffered"
+
+    def _stored_layout(self, reader: ExpertReader, layer0: int,
+                       w: ExpertWeights) -> StoredSlotLayout | LayeredSlotLayout:
+        """One stored layout, or (layers storing their experts in different formats / shapes,
+        told apart from the headers) one per distinct structure, each learnt from one expert read."""
+        sig = getattr(reader, "layer_structure", None)
+        try:
+            keys = {layer: sig(layer) for layer in self.spec.moe_layer_ids} if sig is not None else {}
+        except (KeyError, WeightError, AttributeError):  # a family reader with other names: one layout
+            keys = {}
+        if len(set(keys.values())) <= 1 or None in keys.values():
+            return StoredSlotLayout(w)
+        layouts: list[StoredSlotLayout] = []
+        index: dict[Any, int] = {}
+        of: dict[int, int] = {}
+        for layer, k in keys.items():
+            if k not in index:
+                index[k] = len(layouts)
+                layouts.append(StoredSlotLayout(w if layer == layer0 else reader.read(layer, 0)))
+            of[layer] = index[k]
+        return LayeredSlotLayout(layouts, of)
 
     # ----- layout of one expert on disk -----
     def pieces(self, layer: int, expert: int) -> list[list[_Piece]]:
@@ -465,7 +531,7 @@ class ExpertStore:
 
         Returns the number of bytes read from the files via :attr:`last_bytes` of the thread.
         """
-        w = self.layout.views(buf)
+        w = self.layout.views(buf, layer)
         if self._generic:
             try:
                 src = self.reader.read(layer, expert)

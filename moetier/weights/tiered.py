@@ -75,7 +75,8 @@ class TieredExpertProvider:
         if touch:
             self.pool.touch()
         self.worker = IOWorker(self.store, self.pool.slot, self.metrics, threads=io_threads)
-        self._views = [self.layout.views(self.pool.slot(i)) for i in range(self.pool.n)]  # per slot, made once
+        # per slot and layout variant (layers storing experts differently), made once
+        self._views = [self.layout.all_views(self.pool.slot(i)) for i in range(self.pool.n)]
         # resident (pinned) experts: own slots, read once
         pinned_keys = sorted(k for k, t in self.tiers.items() if t == "resident")
         self.pinned_pool = SlotPool(len(pinned_keys), self.slot_bytes) if pinned_keys else None
@@ -278,7 +279,7 @@ class TieredExpertProvider:
                     self.cache.mark_invalid(key)
                     raise job.error
                 self.cache.mark_valid(key)
-            return self._views[self.cache.slot_of[key]]
+            return self._views[self.cache.slot_of[key]][self.layout.variant_of(layer)]
         # bypass
         self._free_consumed_bypass()
         if job is None:
@@ -297,7 +298,7 @@ class TieredExpertProvider:
         self.consumed_bypass.append(job)
         if job.error is not None:
             raise job.error
-        return self._views[job.slot]
+        return self._views[job.slot][self.layout.variant_of(layer)]
 
     # ----- prefetch -----
     def prefetch(self, layer: int, ranked: Seq[int]) -> None:

@@ -33,11 +33,12 @@ def hf_original(name: str) -> torch.nn.Module:
 
 
 def rewrite_gguf(src: Path, dst: Path, *, split_max_tensors: int = 0, retype: dict[str, int] | None = None,
-                 unmerge_experts: bool = False) -> None:
+                 unmerge_experts: bool = False, requant: dict[str, int] | None = None) -> None:
     """Copy a GGUF file with gguf-py's writer: optionally split (``dst`` gets the
     ``-0000i-of-0000n`` names), relabel tensors' ggml type (``retype``: name -> type id, the
-    bytes unchanged; to make files with types moetier refuses), or write merged experts as the
-    older per-expert tensors ``blk.N.ffn_gate.E.weight`` (``unmerge_experts``)."""
+    bytes unchanged; to make files with types moetier refuses), re-quantize tensors to another
+    type (``requant``: name -> type id, gguf-py's dequantize then quantize), or write merged
+    experts as the older per-expert tensors ``blk.N.ffn_gate.E.weight`` (``unmerge_experts``)."""
     import gguf
     import numpy as np
 
@@ -54,6 +55,10 @@ def rewrite_gguf(src: Path, dst: Path, *, split_max_tensors: int = 0, retype: di
         qtype = gguf.GGMLQuantizationType((retype or {}).get(t.name, int(t.tensor_type)))
         data = np.array(t.data).view(np.uint8).reshape(-1)
         shape = [int(x) for x in reversed(t.shape.tolist())]
+        if t.name in (requant or {}):
+            qtype = gguf.GGMLQuantizationType(requant[t.name])  # type: ignore[index]
+            values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+            data = gguf.quants.quantize(values, qtype).reshape(-1)
         bs, ts = gguf.GGML_QUANT_SIZES[qtype]
         data = data.reshape(*shape[:-1], shape[-1] // bs * ts)
         if unmerge_experts and t.name.endswith("_exps.weight"):

@@ -15,7 +15,7 @@ import torch
 import moetier
 from moetier.quant import QTensor
 from moetier.weights.gguf_io import GGUFIndex
-from tests.gguf.helpers import DATA, fixture
+from tests.gguf.helpers import DATA, fixture, rewrite_gguf
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra (pip install moetier[gguf]) is not installed")
 
@@ -100,6 +100,30 @@ def test_tiered_store_serves_stored_blocks_from_the_gguf_file(name: str) -> None
     e = ram.provider.get(ram.spec.moe_layer_ids[0], 1)
     assert e.quantized and e.nbytes == ram.expert_reader.expert_nbytes()
     assert tiered.hierarchy_metrics.summary()["store_bytes_demand"] > 0
+
+
+def test_tiered_store_serves_layers_that_store_experts_in_different_types(tmp_path) -> None:
+    """llama.cpp's K-quant recipes give ``ffn_down_exps`` a different type in some layers
+    (Q4_K_M: Q6_K in some, Q4_K in the others): the tiered store keeps one slot layout per
+    structure (a slot as large as the largest) and serves each layer with its own; same
+    logits as every expert in RAM."""
+    from moetier.weights.store import LayeredSlotLayout
+
+    f = tmp_path / "mixed.gguf"
+    q5_0 = int(gguf.GGMLQuantizationType.Q5_0)
+    rewrite_gguf(fixture("qwen3moe-q8_0"), f, requant={"blk.1.ffn_down_exps.weight": q5_0})
+    ram = moetier.load(f, dtype="float32", tokenizer=False)
+    assert [ram.provider.get(i, 0).down.fmt for i in (0, 1)] == ["q8_0", "q5_0"]
+    for opts in ({"expert_cache": 0.5}, {"expert_cache": 0}, {"max_ram": "4G"}):  # cached, bypassed, budget
+        tiered = moetier.load(f, dtype="float32", tokenizer=False, **opts)
+        lay = tiered.hierarchy.layout
+        assert isinstance(lay, LayeredSlotLayout) and lay.variants == 2 and lay.variant_of(0) != lay.variant_of(1)
+        assert lay.slot_bytes == max(x.slot_bytes for x in lay.layouts)
+        prompt = [5, 17, 40, 99, 3, 250, 12, 7]
+        assert torch.equal(ram.logits(prompt), tiered.logits(prompt)), opts
+        seq_r, seq_t = ram.new_sequence(capacity=12), tiered.new_sequence(capacity=12)
+        for ids in (prompt, [9], [33]):  # the decode path too
+            assert torch.equal(ram.step([(seq_r, ids)])[0], tiered.step([(seq_t, ids)])[0]), opts
 
 
 def _dequantized(r, name: str) -> torch.Tensor:
