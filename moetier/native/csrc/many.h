@@ -24,6 +24,7 @@ typedef struct {
     long ldxp;
     mt_rows_fn fn;
     void (*tile)(const mt_weight *W, const float *p0, const float *p1, float *y0, float *y1, long r);
+    mt_tile_fn qtile; /* the format's own tile (mt_fmt.tiles: quantized formats), up to MT_TILE_T tokens */
 } mt_gemm_item;
 
 /* A batch of independent products as one parallel region. Each weight is read in blocks of
