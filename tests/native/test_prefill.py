@@ -413,6 +413,25 @@ def test_gguf_formats(lib, name):
     assert torch.equal(got, want), maxdiff(got, want)
 
 
+@pytest.mark.parametrize("isa", native.ISAS)
+def test_gguf_tiles_every_isa(lib, isa):
+    """q4_k / q6_k (the k-quant file) and q8_0 experts through the multi-token tiles of each ISA
+    (tokens grouped by expert): a prefill is the single steps, bit for bit."""
+    pytest.importorskip("gguf")
+    if isa not in native.isas_supported():
+        pytest.skip(f"this CPU does not run {isa}")
+    native.set_isa(isa)
+    try:
+        for name in ("qwen3moe-kquant", "qwen3moe-q8_0"):
+            m = moetier.load(GGUF / f"{name}.gguf", tokenizer=False)
+            prompt = [p % m.spec.vocab_size for p in PROMPT]
+            got = m.step([(m.new_sequence(), prompt)], all_logits=True)
+            want, _ = one_by_one(m, prompt)
+            assert torch.equal(got, want), (name, isa, maxdiff(got, want))
+    finally:
+        native.set_isa(None)
+
+
 # ----------------------------------------------------------------------------------------
 # 6. every family has the multi-token path
 
