@@ -17,13 +17,13 @@ typedef struct {
 } gemm_batch;
 
 /* ------------------------------------------------------------------------------------ */
-/* (Quantized formats with tiles keep them next to their row kernels: mt_fmt.tiles, 1 row x up
- * to MT_TILE_T tokens, run first in run_unit.)
- * register tiles of the float formats: 2 weight rows x 2 tokens, each (row, token) summed exactly as the format's
- * row kernel for this ISA sums it (same accumulators, same column order, same final adds),
- * so a tile gives the row kernel's bits while reading each weight vector and each x vector
- * once for two products. Keep in sync with fmt_bf16.c / fmt_f32.c: rows_avx512 (tests/native/
- * test_prefill.py checks the bits against the row kernel for awkward shapes). */
+/* register tiles of the float formats (quantized formats keep theirs next to their row kernels:
+ * mt_fmt.tiles, 1 row x up to MT_TILE_T tokens, run first in run_unit): 2 weight rows x 2
+ * tokens, each (row, token) summed exactly as the format's row kernel for this ISA sums it
+ * (same accumulators, same column order, same final adds), so a tile gives the row kernel's
+ * bits while reading each weight vector and each x vector once for two products. Keep in sync
+ * with fmt_bf16.c / fmt_f32.c: rows_avx512 (tests/native/test_prefill.py checks the bits
+ * against the row kernel for awkward shapes). */
 
 #include <immintrin.h>
 
