@@ -305,6 +305,35 @@ def test_gemm_quantized_is_gemv_per_row(lib, fmt):
             native.set_isa(None)
 
 
+@pytest.mark.parametrize("isa", native.ISAS)
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0"])
+def test_gemm_ggml_tiles_are_gemv_per_row(lib, fmt, isa):
+    """GGUF formats with multi-token tiles (up to 4 tokens per pass over a row, the rest per
+    token; 130 tokens cross the engine's 128-token blocks): every (token, row) has the
+    single-token row kernel's bits, rows in strided buffers, with and without bias."""
+    pytest.importorskip("gguf")
+    from moetier.quant import QTensor
+    from tests.native.test_quant_kernels import GGML_TYPE, ggml_blocks, strided
+
+    if isa not in native.isas_supported():
+        pytest.skip(f"this CPU does not run {isa}")
+    gen = torch.Generator().manual_seed(GGML_TYPE[fmt])
+    native.set_isa(isa)
+    try:
+        for rows, cols in [(1, 256), (5, 768), (33, 256), (7, 512 + 256)]:
+            data = ggml_blocks(fmt, rows, cols, gen)
+            for w in (QTensor(fmt, (rows, cols), data, block=(1, 256 if fmt != "q8_0" else 32)),
+                      QTensor(fmt, (rows, cols), strided(data, gen), block=(1, 256 if fmt != "q8_0" else 32))):
+                for T in (1, 2, 3, 4, 5, 6, 7, 130):
+                    bias = torch.randn(rows, generator=gen) if T % 2 else None
+                    for nth in (1, 2) if T in (7, 130) else (1,):
+                        got, want = _gemm_vs_gemv(lib, w, T, bias, nth)
+                        assert torch.isfinite(want).all()
+                        assert torch.equal(got, want), (fmt, isa, rows, cols, T, nth, maxdiff(got, want))
+    finally:
+        native.set_isa(None)
+
+
 # ----------------------------------------------------------------------------------------
 # 4. providers, hooks and observers
 
@@ -382,6 +411,25 @@ def test_gguf_formats(lib, name):
     got = m.step([(m.new_sequence(), prompt)], all_logits=True)
     want, _ = one_by_one(m, prompt)
     assert torch.equal(got, want), maxdiff(got, want)
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+def test_gguf_tiles_every_isa(lib, isa):
+    """q4_k / q6_k (the k-quant file) and q8_0 experts through the multi-token tiles of each ISA
+    (tokens grouped by expert): a prefill is the single steps, bit for bit."""
+    pytest.importorskip("gguf")
+    if isa not in native.isas_supported():
+        pytest.skip(f"this CPU does not run {isa}")
+    native.set_isa(isa)
+    try:
+        for name in ("qwen3moe-kquant", "qwen3moe-q8_0"):
+            m = moetier.load(GGUF / f"{name}.gguf", tokenizer=False)
+            prompt = [p % m.spec.vocab_size for p in PROMPT]
+            got = m.step([(m.new_sequence(), prompt)], all_logits=True)
+            want, _ = one_by_one(m, prompt)
+            assert torch.equal(got, want), (name, isa, maxdiff(got, want))
+    finally:
+        native.set_isa(None)
 
 
 # ----------------------------------------------------------------------------------------

@@ -112,4 +112,93 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
     }
 }
 
-const mt_fmt mt_fmt_q4_k = {MT_FMT_Q4_K, "q4_k", {rows_scalar, rows_avx2, rows_avx512}, sum32_len, sum32, dequant};
+/* Tiles (mt_tile_fn): the row kernels above for n tokens at once, each token with its own
+ * accumulators and the same operations in the same order (so the same bits); the scales, the
+ * nibble unpacking and the conversion to float are done once for the n tokens. Keep in sync
+ * with rows_avx2 / rows_avx512 (tests/native/test_prefill.py compares the bits). */
+MT_TARGET_AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const mt_weight *W, const float *const *x,
+                                                                            const float *const *xp, float *const *y,
+                                                                            const int n, long r0, long r1) {
+    long nb = W->cols / 256;
+    const __m256i m4 = _mm256_set1_epi32(15);
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m256 a0[MT_TILE_T], a1[MT_TILE_T], am[MT_TILE_T];
+        for (int j = 0; j < n; j++) a0[j] = a1[j] = am[j] = _mm256_setzero_ps();
+        for (long i = 0; i < nb; i++, b += QB) {
+            __m256 Dv, Mv;
+            kq_scales8(b, &Dv, &Mv);
+            for (int j = 0; j < n; j++) am[j] = _mm256_fmadd_ps(Mv, _mm256_loadu_ps(xp[j] + 8 * i), am[j]);
+            for (int p = 0; p < 4; p++) {
+                const uint8_t *q = b + 16 + 32 * p;
+                __m256 s0[MT_TILE_T], s1[MT_TILE_T];
+                for (int j = 0; j < n; j++) s0[j] = s1[j] = _mm256_setzero_ps();
+                for (int k = 0; k < 4; k++) {
+                    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * k)));
+                    __m256 wl = _mm256_cvtepi32_ps(_mm256_and_si256(v, m4)), wh = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+                    for (int j = 0; j < n; j++) {
+                        const float *xs = x[j] + 256 * i + 64 * p;
+                        s0[j] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xs + 8 * k), s0[j]);
+                        s1[j] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xs + 32 + 8 * k), s1[j]);
+                    }
+                }
+                __m256 D0 = _mm256_permutevar8x32_ps(Dv, _mm256_set1_epi32(2 * p));
+                __m256 D1 = _mm256_permutevar8x32_ps(Dv, _mm256_set1_epi32(2 * p + 1));
+                for (int j = 0; j < n; j++) {
+                    a0[j] = _mm256_fmadd_ps(D0, s0[j], a0[j]);
+                    a1[j] = _mm256_fmadd_ps(D1, s1[j], a1[j]);
+                }
+            }
+        }
+        for (int j = 0; j < n; j++) y[j][r] = hsum256(_mm256_add_ps(a0[j], a1[j])) - hsum256(am[j]);
+    }
+}
+
+MT_TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512_n(const mt_weight *W,
+                                                                                const float *const *x,
+                                                                                const float *const *xp,
+                                                                                float *const *y, const int n,
+                                                                                long r0, long r1) {
+    long nb = W->cols / 256;
+    const __m512i m4 = _mm512_set1_epi32(15);
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m512 a0[MT_TILE_T], a1[MT_TILE_T];
+        __m256 am[MT_TILE_T];
+        for (int j = 0; j < n; j++) {
+            a0[j] = a1[j] = _mm512_setzero_ps();
+            am[j] = _mm256_setzero_ps();
+        }
+        for (long i = 0; i < nb; i++, b += QB) {
+            __m256 Dv, Mv;
+            kq_scales8(b, &Dv, &Mv);
+            for (int j = 0; j < n; j++) am[j] = _mm256_fmadd_ps(Mv, _mm256_loadu_ps(xp[j] + 8 * i), am[j]);
+            __m512 Dz = _mm512_castps256_ps512(Dv);
+            for (int p = 0; p < 4; p++) { /* qs[32p, 32p + 32): sub-block 2p (low), 2p + 1 (high) */
+                const uint8_t *q = b + 16 + 32 * p;
+                __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+                __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+                __m512 w0l = _mm512_cvtepi32_ps(_mm512_and_si512(v0, m4)), w0h = _mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4));
+                __m512 w1l = _mm512_cvtepi32_ps(_mm512_and_si512(v1, m4)), w1h = _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4));
+                __m512 D0 = _mm512_permutexvar_ps(_mm512_set1_epi32(2 * p), Dz);
+                __m512 D1 = _mm512_permutexvar_ps(_mm512_set1_epi32(2 * p + 1), Dz);
+                for (int j = 0; j < n; j++) {
+                    const float *xs = x[j] + 256 * i + 64 * p;
+                    __m512 s0 = _mm512_mul_ps(w0l, _mm512_loadu_ps(xs));
+                    __m512 s1 = _mm512_mul_ps(w0h, _mm512_loadu_ps(xs + 32));
+                    s0 = _mm512_fmadd_ps(w1l, _mm512_loadu_ps(xs + 16), s0);
+                    s1 = _mm512_fmadd_ps(w1h, _mm512_loadu_ps(xs + 48), s1);
+                    a0[j] = _mm512_fmadd_ps(D0, s0, a0[j]);
+                    a1[j] = _mm512_fmadd_ps(D1, s1, a1[j]);
+                }
+            }
+        }
+        for (int j = 0; j < n; j++) y[j][r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j])) - hsum256(am[j]);
+    }
+}
+
+MT_TILES(tile_avx2, tile_avx2_n, MT_TARGET_AVX2)
+MT_TILES(tile_avx512, tile_avx512_n, MT_TARGET_AVX512)
+
+const mt_fmt mt_fmt_q4_k = {MT_FMT_Q4_K, "q4_k", {rows_scalar, rows_avx2, rows_avx512}, sum32_len, sum32, dequant,
+                            {NULL, tile_avx2, tile_avx512}};

@@ -111,4 +111,76 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
     }
 }
 
-const mt_fmt mt_fmt_q6_k = {MT_FMT_Q6_K, "q6_k", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL, dequant};
+/* Tiles (mt_tile_fn): the row kernels above for n tokens at once, each token with its own
+ * accumulators and the same operations in the same order (so the same bits); the unpacking and
+ * the scaled weights w are computed once for the n tokens. Keep in sync with rows_avx2 /
+ * rows_avx512 (tests/native/test_prefill.py compares the bits). */
+MT_TARGET_AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const mt_weight *W, const float *const *x,
+                                                                            const float *const *xp, float *const *y,
+                                                                            const int n, long r0, long r1) {
+    (void)xp;
+    long nb = W->cols / 256;
+    int8_t q[256] __attribute__((aligned(32)));
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m256 a0[MT_TILE_T], a1[MT_TILE_T];
+        for (int j = 0; j < n; j++) a0[j] = a1[j] = _mm256_setzero_ps();
+        for (long i = 0; i < nb; i++, b += QB) {
+            unpack_q6(b, q);
+            __m256 S[2];
+            scales16(b, &S[0], &S[1]);
+            for (int t = 0; t < 16; t++) {
+                __m256 D = _mm256_permutevar8x32_ps(S[t >> 3], _mm256_set1_epi32(t & 7));
+                __m256 w0 = _mm256_mul_ps(D, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16 * t)))));
+                __m256 w1 = _mm256_mul_ps(D, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16 * t + 8)))));
+                for (int j = 0; j < n; j++) {
+                    const float *xb = x[j] + 256 * i;
+                    a0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb + 16 * t), a0[j]);
+                    a1[j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 16 * t + 8), a1[j]);
+                }
+            }
+        }
+        for (int j = 0; j < n; j++) y[j][r] = hsum256(_mm256_add_ps(a0[j], a1[j]));
+    }
+}
+
+MT_TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512_n(const mt_weight *W,
+                                                                                const float *const *x,
+                                                                                const float *const *xp,
+                                                                                float *const *y, const int n,
+                                                                                long r0, long r1) {
+    (void)xp;
+    long nb = W->cols / 256;
+    int8_t q[256] __attribute__((aligned(64)));
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m512 a0[MT_TILE_T], a1[MT_TILE_T];
+        for (int j = 0; j < n; j++) a0[j] = a1[j] = _mm512_setzero_ps();
+        for (long i = 0; i < nb; i++, b += QB) {
+            unpack_q6(b, q);
+            __m256 lo, hi;
+            scales16(b, &lo, &hi);
+            float Ds[16] __attribute__((aligned(64)));
+            _mm256_store_ps(Ds, lo);
+            _mm256_store_ps(Ds + 8, hi);
+            for (int t = 0; t < 16; t += 2) {
+                __m512 w0 = _mm512_mul_ps(_mm512_set1_ps(Ds[t]),
+                                          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(q + 16 * t)))));
+                __m512 w1 = _mm512_mul_ps(_mm512_set1_ps(Ds[t + 1]),
+                                          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(q + 16 * t + 16)))));
+                for (int j = 0; j < n; j++) {
+                    const float *xb = x[j] + 256 * i;
+                    a0[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + 16 * t), a0[j]);
+                    a1[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16 * t + 16), a1[j]);
+                }
+            }
+        }
+        for (int j = 0; j < n; j++) y[j][r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
+    }
+}
+
+MT_TILES(tile_avx2, tile_avx2_n, MT_TARGET_AVX2)
+MT_TILES(tile_avx512, tile_avx512_n, MT_TARGET_AVX512)
+
+const mt_fmt mt_fmt_q6_k = {MT_FMT_Q6_K, "q6_k", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL, dequant,
+                            {NULL, tile_avx2, tile_avx512}};

@@ -17,11 +17,13 @@ typedef struct {
 } gemm_batch;
 
 /* ------------------------------------------------------------------------------------ */
-/* register tiles: 2 weight rows x 2 tokens, each (row, token) summed exactly as the format's
- * row kernel for this ISA sums it (same accumulators, same column order, same final adds),
- * so a tile gives the row kernel's bits while reading each weight vector and each x vector
- * once for two products. Keep in sync with fmt_bf16.c / fmt_f32.c: rows_avx512 (tests/native/
- * test_prefill.py checks the bits against the row kernel for awkward shapes). */
+/* register tiles of the float formats (quantized formats keep theirs next to their row kernels:
+ * mt_fmt.tiles, 1 row x up to MT_TILE_T tokens, run first in run_unit): 2 weight rows x 2
+ * tokens, each (row, token) summed exactly as the format's row kernel for this ISA sums it
+ * (same accumulators, same column order, same final adds), so a tile gives the row kernel's
+ * bits while reading each weight vector and each x vector once for two products. Keep in sync
+ * with fmt_bf16.c / fmt_f32.c: rows_avx512 (tests/native/test_prefill.py checks the bits
+ * against the row kernel for awkward shapes). */
 
 #include <immintrin.h>
 
@@ -119,6 +121,21 @@ static tile_fn tile_for(int fmt, int isa) {
 }
 
 static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1) {
+    if (it->qtile) /* up to MT_TILE_T tokens per pass over the rows */
+        for (; t0 + 1 < t1; t0 += MT_TILE_T) {
+            int n = t1 - t0 < MT_TILE_T ? (int)(t1 - t0) : MT_TILE_T;
+            const float *x[MT_TILE_T], *xp[MT_TILE_T];
+            float *y[MT_TILE_T];
+            for (int j = 0; j < n; j++) {
+                x[j] = it->X + (it->idx ? it->idx[t0 + j] : t0 + j) * it->ldx;
+                xp[j] = it->XP ? it->XP + (t0 + j) * it->ldxp : NULL;
+                y[j] = it->Y + (t0 + j) * it->ldy;
+            }
+            it->qtile(it->W, x, xp, y, n, r0, r1);
+            if (it->b)
+                for (int j = 0; j < n; j++)
+                    for (long q = r0; q < r1; q++) y[j][q] += ld(it->b, it->bdt, q);
+        }
     if (it->tile) { /* on prepared rows when the format prepares x, else on x itself */
         for (; t0 + 2 <= t1; t0 += 2) {
             const float *x0 = it->X + (it->idx ? it->idx[t0] : t0) * it->ldx;
@@ -196,6 +213,7 @@ void mt_run_gemms(mt_gemm_item *items, int n, int nth) {
         }
         items[i].fn = mt_rows_for(f, isa);
         items[i].tile = tile_for(f->code, isa);
+        items[i].qtile = f->rows[isa] ? f->tiles[isa] : NULL; /* a tile mirrors this ISA's row kernel */
         items[i].XP = NULL;
         items[i].ldxp = f->prep ? (f->prep_len(items[i].W->cols) + 15) & ~15L : 0;
         need += items[i].ldxp * items[i].T;
@@ -254,6 +272,6 @@ void mt_run_gemms(mt_gemm_item *items, int n, int nth) {
 
 /* Y [T, W->rows] = X [T, W->cols] W^T (+ b) with nth threads (tests, benchmarks) */
 void mt_gemm(const mt_weight *W, const void *b, int bdt, const float *X, long T, float *Y, int nth) {
-    mt_gemm_item it = {W, b, bdt, X, W->cols, NULL, T, Y, W->rows, NULL, 0, NULL};
+    mt_gemm_item it = {W, b, bdt, X, W->cols, NULL, T, Y, W->rows, NULL, 0, NULL, NULL, NULL};
     mt_run_gemms(&it, 1, nth);
 }

@@ -24,13 +24,15 @@ typedef struct {
     long ldxp;
     mt_rows_fn fn;
     void (*tile)(const mt_weight *W, const float *p0, const float *p1, float *y0, float *y1, long r);
+    mt_tile_fn qtile; /* the format's own tile (mt_fmt.tiles: quantized formats), up to MT_TILE_T tokens */
 } mt_gemm_item;
 
 /* A batch of independent products as one parallel region. Each weight is read in blocks of
  * rows small enough to stay in L1 while every token of the item passes over them; (item, row
- * block) units are split over the threads by cost. Each (t, r) is one call of the format's row
- * kernel on row r (the same call a single-token product makes): bit-identical to mt_run_gemvs
- * for every token, whatever T, the thread count or the grouping. */
+ * block) units are split over the threads by cost. Each (t, r) is summed by the format's row
+ * kernel on row r (the same call a single-token product makes) or by a register tile doing that
+ * kernel's operations in its order for several tokens (gemm.c: tile_for, mt_fmt.tiles):
+ * bit-identical to mt_run_gemvs for every token, whatever T, the thread count or the grouping. */
 void mt_run_gemms(mt_gemm_item *items, int n, int nth);
 
 /* The multi-token scratch of prefill.c (also used by mla_many.c for its norms, router and

@@ -80,6 +80,14 @@ typedef void (*mt_rows_fn)(const mt_weight *w, const float *x, const float *xp, 
  * GGUF block size divides it); c0 + n <= cols. */
 typedef void (*mt_dequant_fn)(const mt_weight *w, long r, long c0, long n, float *out);
 
+/* A format's multi-token tile (gemm.c): for n <= MT_TILE_T tokens j, y[j][r] = W[r, :] . x[j]
+ * for rows [r0, r1), each (row, token) summed exactly as the row kernel of the same ISA sums
+ * it (same accumulators, same order, same final adds: the same bits), the weights read and
+ * unpacked once for the n tokens. xp[j]: x[j] prepared (NULL entries if the format has no prep). */
+#define MT_TILE_T 4
+typedef void (*mt_tile_fn)(const mt_weight *w, const float *const *x, const float *const *xp, float *const *y,
+                           int n, long r0, long r1);
+
 typedef struct {
     int code;
     const char *name;
@@ -87,6 +95,7 @@ typedef struct {
     long (*prep_len)(long cols);  /* floats of prepared x (NULL: the format needs none) */
     void (*prep)(const float *x, long cols, float *xp);
     mt_dequant_fn dequant;        /* NULL for plain float formats */
+    mt_tile_fn tiles[MT_N_ISA];   /* NULL: none for this ISA (gemm.c runs the row kernel per token) */
 } mt_fmt;
 
 /* the formats (fmt_*.c) */

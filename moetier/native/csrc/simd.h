@@ -31,6 +31,20 @@ MT_TARGET_AVX2 static inline __m128i nibbles_interleaved(__m128i b8) {
 MT_TARGET_AVX2 static inline float f16_to_f32_c(uint16_t h) { return _cvtsh_ss(h); }
 
 
+/* A format's tile (mt_tile_fn) `name` from an inline body(W, x, xp, y, n, r0, r1): one copy per
+ * token count, n a constant in each (the per-token accumulators stay in registers). */
+_Static_assert(MT_TILE_T == 4, "MT_TILES instantiates n = 1..4");
+#define MT_TILES(name, body, target)                                                                     \
+    target static void name(const mt_weight *W, const float *const *x, const float *const *xp, float *const *y, \
+                            int n, long r0, long r1) {                                                  \
+        switch (n) {                                                                                    \
+        case 1: body(W, x, xp, y, 1, r0, r1); break;                                                    \
+        case 2: body(W, x, xp, y, 2, r0, r1); break;                                                    \
+        case 3: body(W, x, xp, y, 3, r0, r1); break;                                                    \
+        default: body(W, x, xp, y, 4, r0, r1); break;                                                   \
+        }                                                                                               \
+    }
+
 /* ------------------------------------------------------------------------------------ */
 /* GGUF block formats: one driver per ISA over a format's two pieces                     */
 /*   scales(block, D, M): per 16-value chunk t of the block, w = D[t] * q + M[t]          */
