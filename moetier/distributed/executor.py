@@ -57,6 +57,7 @@ from moetier.errors import MoetierError
 
 CMD_MOE, CMD_STOP, CMD_PING, CMD_MOE_INLINE = 1, 2, 3, 4
 HEADER = 24  # bytes: (command, layer, rows) as int64
+TAG_CTRL, TAG_ROWS, TAG_COMBINE = 1, 2, 3  # point-to-point message tags (rank 0 <-> a follower)
 DEFAULT_TIMEOUT_S = 60.0  # step collectives (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
 DEFAULT_START_TIMEOUT_S = 600.0  # start-up (MOETIER_EP_START_TIMEOUT): joining, hash check, loading
 
@@ -77,8 +78,8 @@ class EPStats:
     remote_pairs: int = 0  # token-expert pairs computed on another rank (rank 0) / for rank 0
     local_pairs: int = 0  # pairs computed where their token lives / here for rank 0
     moe_calls: int = 0
-    collectives: int = 0  # all_to_all_single calls (control, dispatch, combine, pings)
-    comm_s: float = 0.0  # inside collectives (includes waiting for the peers)
+    collectives: int = 0  # step messages posted (point-to-point: control, dispatch, combine, pings)
+    comm_s: float = 0.0  # posting and waiting for step messages (includes waiting for the peers)
     compute_s: float = 0.0  # expert FFNs on this rank
     cpu_s: float = 0.0  # this process's CPU time (all threads) when the figures were gathered
 
@@ -149,22 +150,23 @@ class EPGroup:
         self._beat_stop = threading.Event()
         self.fault: str | None = None  # the first collective failure (then every rank exits)
 
-    # ----- collectives (every failure becomes one clear line) -----
-    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
-             in_splits: list[int] | None = None, wait: bool = True) -> Any:
-        """One ``all_to_all_single`` on the step group; ``wait=False`` returns a handle for
-        :meth:`_wait` (a send this rank need not wait for: it computes meanwhile)."""
+    # ----- messages (every failure becomes one clear line) -----
+    def _p2p(self, t: torch.Tensor, peer: int, tag: int, send: bool, wait: bool = True) -> Any:
+        """One point-to-point ``isend`` / ``irecv`` of ``t`` on the step group (gloo posts it from
+        this thread: no hand-off to c10d's worker thread, as a collective has); ``wait=False``
+        returns a handle for :meth:`_wait` (this rank computes meanwhile)."""
         if self.fault is not None:
             raise DistributedError(self.fault)
         t0 = time.perf_counter()
         try:
-            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self._pg, async_op=not wait)
+            op = dist.isend if send else dist.irecv
+            work = op(t, peer, group=self._pg, tag=tag)
         except (RuntimeError, dist.DistBackendError) as e:
             self._failed(e)
         self.stats.comm_s += time.perf_counter() - t0
         self.stats.collectives += 1
         if wait:
-            self._last = time.monotonic()
+            self._wait(work)
             return None
         return work
 
@@ -191,8 +193,9 @@ class EPGroup:
         self.ctrl_bytes = HEADER + self.inline_rows * self.row_bytes
 
     def _send_ctrl(self, cmd: int, layer: int = 0, counts: Seq[int] | None = None,
-                   rows: list[torch.Tensor] | None = None, wait: bool = True) -> Any:
-        """Rank 0: one fixed-size control message to each follower, with its rows if inline."""
+                   rows: list[torch.Tensor] | None = None, wait: bool = True) -> list[Any]:
+        """Rank 0: one fixed-size control message to each follower, with its rows if inline;
+        returns the sends' handles (``wait=False``)."""
         P, W = self.world, self.ctrl_bytes
         buf = torch.zeros(P - 1, W, dtype=torch.uint8)  # [followers, W]
         hdr = torch.tensor([[cmd, layer, (counts[r] if counts else 0)] for r in range(1, P)], dtype=torch.long)
@@ -201,18 +204,22 @@ class EPGroup:
             for r in range(1, P):
                 b = rows[r].reshape(-1)
                 buf[r - 1, HEADER:HEADER + b.numel()] = b
-        work = self._a2a(torch.empty(0, W, dtype=torch.uint8), buf, [0] * P, [0] + [1] * (P - 1), wait=wait)
+        works = [self._p2p(buf[r - 1], r, TAG_CTRL, send=True, wait=False) for r in range(1, P)]
         self.stats.meta_bytes += (P - 1) * W
-        return work
+        if wait:
+            for w in works:
+                self._wait(w)
+            return []
+        return works
 
     def _recv_ctrl(self) -> tuple[int, int, int, torch.Tensor]:
         """Follower: (command, layer, rows, the message's row area [inline_rows, row_bytes])."""
-        P, W = self.world, self.ctrl_bytes
-        recv = torch.empty(1, W, dtype=torch.uint8)
-        self._a2a(recv, torch.empty(0, W, dtype=torch.uint8), [1] + [0] * (P - 1), [0] * P)
+        W = self.ctrl_bytes
+        recv = torch.empty(W, dtype=torch.uint8)
+        self._p2p(recv, 0, TAG_CTRL, send=False)
         self.stats.meta_bytes += W
-        cmd, layer, n = recv[0, :HEADER].clone().view(torch.long).tolist()
-        return cmd, layer, n, recv[0, HEADER:].view(self.inline_rows, self.row_bytes)
+        cmd, layer, n = recv[:HEADER].clone().view(torch.long).tolist()
+        return cmd, layer, n, recv[HEADER:].view(self.inline_rows, self.row_bytes)
 
     # ----- liveness (rank 0 pings idle followers, so their wait never reaches the timeout) -----
     def ready(self) -> None:
@@ -303,17 +310,18 @@ class EPGroup:
         by_rank = list(torch.split(send, counts))  # [counts[r], row_bytes] each
         inline = P == 1 or max(counts[1:]) <= self.inline_rows
         remote = T * k - n0
-        with self._lock:  # sends go out while rank 0 computes its own share
-            sent = [self._send_ctrl(CMD_MOE_INLINE if inline else CMD_MOE, layer, counts,
-                                    by_rank if inline else None, wait=False)]
+        y_rem = torch.empty(remote, H, dtype=x.dtype)  # [remote, H]: the followers' outputs, by rank
+        with self._lock:  # sends go out and receives are posted while rank 0 computes its own share
+            pending = self._send_ctrl(CMD_MOE_INLINE if inline else CMD_MOE, layer, counts,
+                                      by_rank if inline else None, wait=False)
+            followers = [r for r in range(1, P) if counts[r]]
             if not inline:
-                sent.append(self._a2a(torch.empty(0, send.shape[1], dtype=torch.uint8), send[n0:], [0] * P,
-                                      [0] + counts[1:], wait=False))
+                pending += [self._p2p(by_rank[r], r, TAG_ROWS, send=True, wait=False) for r in followers]
+            back = torch.split(y_rem, counts[1:])  # views [counts[r], H]
+            pending += [self._p2p(back[r - 1], r, TAG_COMBINE, send=False, wait=False) for r in followers]
             y0 = self.compute(*unpack(by_rank[0], x.dtype), layer, provider, glu)  # [n0, H], own share
-            for w in sent:
+            for w in pending:
                 self._wait(w)
-            y_rem = torch.empty(remote, H, dtype=x.dtype)
-            self._a2a(y_rem, torch.empty(0, H, dtype=x.dtype), [0] + counts[1:], [0] * P)
         y_sent = torch.cat([y0, y_rem])  # [T*k, H] in send order
         row = H * x.element_size()
         s = self.stats
@@ -347,7 +355,6 @@ class EPGroup:
         gathered stats), or after ``max_calls`` layers (returns None)."""
         blocks = model.net.moe_blocks()
         provider = model.provider.local if isinstance(model.provider, ExpertParallelProvider) else model.provider
-        zeros = [0] * self.world
         calls = 0
         first = min(blocks)
         while max_calls is None or calls < max_calls:
@@ -360,16 +367,17 @@ class EPGroup:
                 raise DistributedError(f"rank {self.rank}: unexpected command {cmd} for layer {layer} from rank 0")
             if layer == first and hasattr(provider, "on_step"):  # a tiered provider counts steps (its policy)
                 provider.on_step(n, decode=False)
-            splits = [n] + zeros[1:]
             if cmd == CMD_MOE_INLINE:
                 recv = inline_rows[:n]
             else:
                 recv = torch.empty(n, self.row_bytes, dtype=torch.uint8)
-                self._a2a(recv, torch.empty(0, self.row_bytes, dtype=torch.uint8), splits, zeros)
+                if n:
+                    self._p2p(recv, 0, TAG_ROWS, send=False)
             x, e = unpack(recv, self.dtype)
             with torch.inference_mode():
                 y = self.compute(x, e, layer, provider, blocks[layer].glu)
-            self._a2a(torch.empty(0, self.hidden, dtype=self.dtype), y.contiguous(), zeros, splits)
+            if n:  # rank 0 posted a receive for exactly these n rows
+                self._p2p(y.contiguous(), 0, TAG_COMBINE, send=True)
             row = self.hidden * x.element_size()
             s = self.stats
             s.dispatch_bytes_recv += n * row
