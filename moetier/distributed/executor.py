@@ -55,7 +55,7 @@ import torch.distributed as dist
 from moetier.distributed.placement import EPPlacement
 from moetier.errors import MoetierError
 
-CMD_MOE, CMD_STOP, CMD_PING, CMD_MOE_INLINE = 1, 2, 3, 4
+CMD_MOE, CMD_STOP, CMD_PING, CMD_MOE_INLINE, CMD_MOE_ONE = 1, 2, 3, 4, 5  # ONE: inline, decode of one token
 HEADER = 24  # bytes: (command, layer, rows) as int64
 TAG_CTRL, TAG_ROWS, TAG_COMBINE = 1, 2, 3  # point-to-point message tags (rank 0 <-> a follower)
 DEFAULT_TIMEOUT_S = 60.0  # step collectives (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
@@ -213,13 +213,12 @@ class EPGroup:
         return works
 
     def _recv_ctrl(self) -> tuple[int, int, int, torch.Tensor]:
-        """Follower: (command, layer, rows, the message's row area [inline_rows, row_bytes])."""
-        W = self.ctrl_bytes
-        recv = torch.empty(W, dtype=torch.uint8)
+        """Follower: (command, layer, rows, the message's bytes [ctrl_bytes])."""
+        recv = torch.empty(self.ctrl_bytes, dtype=torch.uint8)
         self._p2p(recv, 0, TAG_CTRL, send=False)
-        self.stats.meta_bytes += W
-        cmd, layer, n = recv[:HEADER].clone().view(torch.long).tolist()
-        return cmd, layer, n, recv[HEADER:].view(self.inline_rows, self.row_bytes)
+        self.stats.meta_bytes += self.ctrl_bytes
+        cmd, layer, n = struct.unpack_from("<3q", recv.numpy())
+        return cmd, layer, n, recv
 
     # ----- liveness (rank 0 pings idle followers, so their wait never reaches the timeout) -----
     def ready(self) -> None:
@@ -282,6 +281,24 @@ class EPGroup:
         self.stats.compute_s += time.perf_counter() - t0
         return y
 
+    def _compute_one(self, msg: torch.Tensor, n: int, layer: int, provider: Any, glu: Any) -> torch.Tensor:
+        """Follower, decode of one token: the n rows of a ``CMD_MOE_ONE`` message all carry that
+        token's hidden row; each expert runs on it as the single-process decode path does -> [n, H]."""
+        from moetier.layers.moe import expert_forward
+
+        if n == 0:
+            return torch.empty(0, self.hidden, dtype=self.dtype)
+        rb, hb = self.row_bytes, self.row_bytes - 8
+        mv = msg.numpy()
+        ids = [struct.unpack_from("<q", mv, HEADER + i * rb + hb)[0] for i in range(n)]
+        x = msg[HEADER:HEADER + hb].view(self.dtype)[None].clone()  # [1, H], a fresh (aligned) copy
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            provider.require(layer, sorted(set(ids)))
+            y = torch.cat([expert_forward(x, provider.get(layer, e), glu) for e in ids])  # [n, H]
+        self.stats.compute_s += time.perf_counter() - t0
+        return y
+
     def _owner(self, layer: int, e: int) -> int:
         own = self._owners[e]
         if len(own) == 1:
@@ -292,10 +309,65 @@ class EPGroup:
         return own[j % len(own)]
 
     # ----- rank 0 -----
+    def _dispatch_one(self, x: torch.Tensor, ids: list[int], ws: list[float], layer: int, provider: Any,
+                      glu: Any) -> torch.Tensor:
+        """:meth:`dispatch` for one token (decode): the same messages, bytes and sums, in a few
+        torch ops (the control messages are built with ``struct``; rank 0's experts run like the
+        single-process decode path)."""
+        from moetier.layers.moe import expert_forward
+
+        P, H, W, rb, k = self.world, x.shape[1], self.ctrl_bytes, self.row_bytes, len(ids)
+        dest = [self._owner(layer, e) for e in ids]  # pair order
+        xb = x.contiguous().view(torch.uint8)  # [1, H*bytes]
+        hb = xb.shape[1]
+        back = torch.empty(k - dest.count(0), H, dtype=x.dtype)  # [remote, H]: the followers' outputs
+        where: dict[int, int] = {}  # pair -> its row of back
+        msgs, recvs = [], []  # (follower, control message), (follower, rows of back)
+        for r in range(1, P):
+            pairs = sorted((j for j in range(k) if dest[j] == r), key=lambda j: (ids[j], j))  # by expert
+            n, off = len(pairs), len(where)
+            ba = bytearray(W)  # header, n rows (x's bytes + the expert id), zeros
+            struct.pack_into("<3q", ba, 0, CMD_MOE_ONE, layer, n)
+            for i, j in enumerate(pairs):
+                struct.pack_into("<q", ba, HEADER + i * rb + hb, ids[j])
+                where[j] = off + i
+            buf = torch.frombuffer(ba, dtype=torch.uint8)  # [W]
+            if n:
+                buf[HEADER:HEADER + n * rb].view(n, rb)[:, :hb] = xb  # [n, H*bytes] <- [1, H*bytes]
+                recvs.append((r, back[off:off + n]))
+            msgs.append((r, buf))
+        local = [j for j in range(k) if dest[j] == 0]
+        with self._lock:  # the receives are posted and the sends go out before rank 0 computes its share
+            pending = [self._p2p(b, r, TAG_COMBINE, send=False, wait=False) for r, b in recvs]
+            pending += [self._p2p(b, r, TAG_CTRL, send=True, wait=False) for r, b in msgs]
+            t0 = time.perf_counter()
+            y: dict[int, torch.Tensor] = {}
+            if local:
+                provider.require(layer, sorted({ids[j] for j in local}))
+                for j in local:  # [1, H] each, as the single-process decode path computes it
+                    y[j] = expert_forward(x, provider.get(layer, ids[j]), glu)
+            self.stats.compute_s += time.perf_counter() - t0
+            for w in pending:
+                self._wait(w)
+        remote, row = len(where), H * x.element_size()
+        s = self.stats
+        s.meta_bytes += (P - 1) * W + remote * 8 - remote * row
+        s.dispatch_bytes_sent += remote * row
+        s.combine_bytes_recv += remote * row
+        s.remote_pairs += remote
+        s.local_pairs += len(local)
+        s.moe_calls += 1
+        out = torch.zeros_like(x)
+        for j, wj in enumerate(ws):  # the same sum, in the same order, as the single-process dispatch
+            out.add_(y[j] if j in y else back[where[j]:where[j] + 1], alpha=wj)
+        return out
+
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
                  provider: Any, glu: Any) -> torch.Tensor:
         """The expert-parallel twin of :func:`moetier.layers.moe.dispatch` (rank 0 only)."""
         T, k = topk_ids.shape
+        if T == 1 and self.world > 1 and k <= self.inline_rows:
+            return self._dispatch_one(x, topk_ids[0].tolist(), topk_weights[0].tolist(), layer, provider, glu)
         P, H = self.world, x.shape[1]
         flat = topk_ids.reshape(-1)  # [T*k]
         experts = flat.tolist()
@@ -358,31 +430,34 @@ class EPGroup:
         calls = 0
         first = min(blocks)
         while max_calls is None or calls < max_calls:
-            cmd, layer, n, inline_rows = self._recv_ctrl()
+            cmd, layer, n, msg = self._recv_ctrl()
             if cmd == CMD_STOP:
                 return self._gather_stats()
             if cmd == CMD_PING:
                 continue
-            if cmd not in (CMD_MOE, CMD_MOE_INLINE) or layer not in blocks:
+            if cmd not in (CMD_MOE, CMD_MOE_INLINE, CMD_MOE_ONE) or layer not in blocks:
                 raise DistributedError(f"rank {self.rank}: unexpected command {cmd} for layer {layer} from rank 0")
             if layer == first and hasattr(provider, "on_step"):  # a tiered provider counts steps (its policy)
                 provider.on_step(n, decode=False)
-            if cmd == CMD_MOE_INLINE:
-                recv = inline_rows[:n]
+            if cmd == CMD_MOE_ONE:  # one token's row n times, each with another expert
+                y = self._compute_one(msg, n, layer, provider, blocks[layer].glu)
             else:
-                recv = torch.empty(n, self.row_bytes, dtype=torch.uint8)
-                if n:
-                    self._p2p(recv, 0, TAG_ROWS, send=False)
-            x, e = unpack(recv, self.dtype)
-            with torch.inference_mode():
-                y = self.compute(x, e, layer, provider, blocks[layer].glu)
+                if cmd == CMD_MOE_INLINE:
+                    recv = msg[HEADER:HEADER + n * self.row_bytes].view(n, self.row_bytes)
+                else:
+                    recv = torch.empty(n, self.row_bytes, dtype=torch.uint8)
+                    if n:
+                        self._p2p(recv, 0, TAG_ROWS, send=False)
+                x, e = unpack(recv, self.dtype)
+                with torch.inference_mode():
+                    y = self.compute(x, e, layer, provider, blocks[layer].glu)
             if n:  # rank 0 posted a receive for exactly these n rows
                 self._p2p(y.contiguous(), 0, TAG_COMBINE, send=True)
-            row = self.hidden * x.element_size()
+            row = self.hidden * y.element_size()
             s = self.stats
             s.dispatch_bytes_recv += n * row
             s.combine_bytes_sent += n * row
-            s.meta_bytes += n * 8 - (n * row if cmd == CMD_MOE_INLINE else 0)
+            s.meta_bytes += n * 8 - (n * row if cmd != CMD_MOE else 0)
             s.local_pairs += n
             s.moe_calls += 1
             calls += 1
