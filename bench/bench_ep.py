@@ -107,7 +107,7 @@ def worker(cfg_path: str, out_path: str) -> int:
         print(json.dumps(r), flush=True)
     out = {"points": results, "pingpong_round_trip_s": pingpong if world > 1 else None,
            "threads": {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
-                       "os_threads": len(os.listdir("/proc/self/task"))},
+                       "os_threads": len(os.listdir("/proc/self/task")), "cpus": sorted(os.sched_getaffinity(0))},
            "hidden": model.spec.hidden_size, "top_k": model.spec.top_k,
            "moe_layers": len(model.spec.moe_layer_ids), "world": world, "dtype": str(model.dtype)}
     if group is not None:
