@@ -184,32 +184,38 @@ def loopback(args: argparse.Namespace) -> None:
     rounds = []
     for i in range(args.rounds):
         row = {}
-        for P in (1, 2):  # side by side, alternating
-            out = tmp / f"out{P}.json"
-            if P == 1:
+        for key in ("P1", "P2", "P2_unpinned"):  # side by side, alternating
+            out = tmp / f"out_{key}.json"
+            if key == "P1":
                 subprocess.run(_worker_cmd(cfg, out), env=_env(), check=True, stdout=subprocess.DEVNULL)
-            else:
-                codes = spawn(_worker_cmd(cfg, out), P, _env(), timeout_s=600)
-                assert codes == [0] * P, codes
+            else:  # P2: each rank pinned to its own core (the default); P2_unpinned: MOETIER_EP_PIN=0
+                env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key == "P2_unpinned" else {})}
+                codes = spawn(_worker_cmd(cfg, out), 2, env, timeout_s=600)
+                assert codes == [0, 0], codes
             got = json.loads(out.read_text())
-            row[f"P{P}"] = got["points"][0]
-            row[f"threads_P{P}"] = got["threads"]
-            if P == 2:
+            row[key] = got["points"][0]
+            row[f"threads_{key}"] = got["threads"]
+            if key == "P2":
                 row["pingpong_round_trip_s"] = got["pingpong_round_trip_s"]
+        row["ratio_unpinned"] = row["P2_unpinned"]["tokens_per_s"] / row["P1"]["tokens_per_s"]
         row["ratio"] = row["P2"]["tokens_per_s"] / row["P1"]["tokens_per_s"]
         rounds.append(row)
         p1, p2 = row["P1"], row["P2"]
         print(f"round {i}: P=1 {p1['tokens_per_s']:.1f} tok/s, P=2 {p2['tokens_per_s']:.1f} tok/s "
-              f"(x{row['ratio']:.2f}); CPU ms/token P=1 {p1['process_cpu_s_per_step'] * 1e3:.2f}, P=2 rank 0 "
+              f"(x{row['ratio']:.2f}; unpinned {row['P2_unpinned']['tokens_per_s']:.1f}, "
+              f"x{row['ratio_unpinned']:.2f}); "
+              f"CPU ms/token P=1 {p1['process_cpu_s_per_step'] * 1e3:.2f}, P=2 rank 0 "
               f"{p2['process_cpu_s_per_step'] * 1e3:.2f}; {p2['collectives_per_step']:.0f} collectives/token "
               f"at {p2['collective_s'] * 1e6:.0f} us; per token: comm {p2['comm_s_per_step'] * 1e3:.2f} ms, "
               f"local {p2['local_s_per_step'] * 1e3:.2f} ms; bare round trip (control out, row back): "
               + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in row["pingpong_round_trip_s"].items()), flush=True)
     load = os.getloadavg()
     res = {"model": "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
-           "median_ratio": statistics.median(r["ratio"] for r in rounds), "loadavg": load,
+           "median_ratio": statistics.median(r["ratio"] for r in rounds),
+           "median_ratio_unpinned": statistics.median(r["ratio_unpinned"] for r in rounds), "loadavg": load,
            "command": " ".join(["python -m bench.bench_ep loopback", *sys.argv[2:]])}
-    print(f"median P=2 / P=1 decode tok/s: {res['median_ratio']:.2f} (load average {load[0]:.1f})")
+    print(f"median P=2 / P=1 decode tok/s: {res['median_ratio']:.2f}, unpinned {res['median_ratio_unpinned']:.2f} "
+          f"(load average {load[0]:.1f})")
     print("wrote", write_result("ep_loopback", res))
 
 
