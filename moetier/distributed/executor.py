@@ -3,18 +3,29 @@
 Batch-1 layout ("rank 0 alone"): rank 0 loads the whole model but only its share of the
 routed experts, runs embeddings, attention, routers, shared experts and the LM head; ranks
 1..P-1 hold only their experts (and, for now, a replicated copy of the always-on weights)
-and run :meth:`EPGroup.serve`. At every MoE layer rank 0 does, with ``all_to_all_single``:
+and run :meth:`EPGroup.serve`. At every MoE layer rank 0 exchanges point-to-point messages
+(gloo ``isend`` / ``irecv``, tags ``TAG_*``) with each follower:
 
 1. control: one fixed-size message to every follower: ``(command, layer, rows)`` (3 int64)
    followed by room for ``inline_rows`` (= top-k) dispatch rows. When every follower's rows
    fit (decode of one sequence), they travel here ("counts sent with the data") and step 2 is
-   skipped: two collectives per MoE layer instead of three;
+   skipped: two messages per follower per MoE layer instead of three;
 2. dispatch (larger batches): the hidden row of every token-expert pair to the rank owning
-   that expert (variable splits), its expert id (int64) appended to the row's bytes (:func:`pack`);
+   that expert, its expert id (int64) appended to the row's bytes (:func:`pack`);
 3. each rank (rank 0 too, for its own share, while the followers compute theirs) runs its
    experts on its rows, grouped by expert (:func:`moetier.layers.moe.dispatch`, k = 1, weight 1);
-4. combine: the unweighted expert outputs go back to rank 0, which applies the top-k
-   weights and sums them exactly like the single-process dispatch (same order).
+4. combine: the unweighted expert outputs go back to rank 0 (its receives are posted before it
+   computes), which applies the top-k weights and sums them exactly like the single-process
+   dispatch (same order).
+
+Point-to-point, not ``all_to_all_single``: c10d hands every gloo collective to its worker
+thread and waits for it (a thread hand-off each way), while gloo posts a send or receive from
+the calling thread; the decode round trip (control out, row back) measured 275-380 us with two
+collectives vs 95-140 us with isend/irecv (bench/bench_ep.py loopback). Decode of one token
+(``CMD_MOE_ONE``, the same bytes as ``CMD_MOE_INLINE``) has its own short path on both sides
+(:meth:`EPGroup._dispatch_one`, :meth:`EPGroup._compute_one`): messages built with ``struct``,
+each expert run on the token's row as the single-process decode path does. :func:`init` pins
+each local rank to its own CPUs (:func:`pin_local_rank`).
 
 Top-k weights are applied at the source: this is the planner's ``direct`` all-to-all (one
 row per remote pair each way, DeepEP low-latency style), where applying them at the owner
@@ -58,7 +69,7 @@ from moetier.errors import MoetierError
 CMD_MOE, CMD_STOP, CMD_PING, CMD_MOE_INLINE, CMD_MOE_ONE = 1, 2, 3, 4, 5  # ONE: inline, decode of one token
 HEADER = 24  # bytes: (command, layer, rows) as int64
 TAG_CTRL, TAG_ROWS, TAG_COMBINE = 1, 2, 3  # point-to-point message tags (rank 0 <-> a follower)
-DEFAULT_TIMEOUT_S = 60.0  # step collectives (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
+DEFAULT_TIMEOUT_S = 60.0  # step messages (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
 DEFAULT_START_TIMEOUT_S = 600.0  # start-up (MOETIER_EP_START_TIMEOUT): joining, hash check, loading
 
 
@@ -93,7 +104,7 @@ class EPStats:
 
 def pack(x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """Rows x [n, H] and their expert ids [n] (int64) as one byte tensor [n, H*bytes + 8]:
-    one dispatch collective instead of two (the bytes of x are sent unchanged)."""
+    one dispatch message instead of two (the bytes of x are sent unchanged)."""
     return torch.cat([x.contiguous().view(torch.uint8),  # [n, H*bytes]
                       experts.to(torch.long)[:, None].contiguous().view(torch.uint8)], dim=1)  # [n, 8]
 
@@ -131,7 +142,7 @@ class EPGroup:
     rank: int
     world: int
     placement: EPPlacement
-    timeout_s: float | None = None  # step collectives; None: MOETIER_EP_TIMEOUT or DEFAULT_TIMEOUT_S
+    timeout_s: float | None = None  # step messages; None: MOETIER_EP_TIMEOUT or DEFAULT_TIMEOUT_S
     stats: EPStats = field(default_factory=EPStats)
     _rr: dict[tuple[int, int], int] = field(default_factory=dict)
     _owners: list[list[int]] = field(default_factory=list)
@@ -140,15 +151,15 @@ class EPGroup:
         self._owners = self.placement.owners()
         if self.timeout_s is None:
             self.timeout_s = float(os.environ.get("MOETIER_EP_TIMEOUT", DEFAULT_TIMEOUT_S))
-        # the step collectives run on their own group: its timeout is the fault detector (a dead or
+        # the step messages run on their own group: its timeout is the fault detector (a dead or
         # stopped peer), while start-up (loading, hash check) waits on the default group's longer one
         self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s)) \
             if dist.is_initialized() else None
-        self._lock = threading.Lock()  # one MoE layer (control, dispatch, combine) or ping at a time
+        self._lock = threading.Lock()  # one MoE layer's messages (control, dispatch, combine) or a ping at a time
         self._last = time.monotonic()
         self._beat: threading.Thread | None = None
         self._beat_stop = threading.Event()
-        self.fault: str | None = None  # the first collective failure (then every rank exits)
+        self.fault: str | None = None  # the first step-message failure (then every rank exits)
 
     # ----- messages (every failure becomes one clear line) -----
     def _p2p(self, t: torch.Tensor, peer: int, tag: int, send: bool, wait: bool = True) -> Any:
@@ -572,7 +583,7 @@ def init(timeout_s: float | None = None) -> tuple[int, int]:
     WORLD_SIZE), after pinning this rank to its share of the machine's CPUs (:func:`pin_local_rank`).
     ``timeout_s`` (default ``MOETIER_EP_START_TIMEOUT`` or 600 s) bounds the start-up
     collectives (joining, the hash check, waiting for every rank to load); the per-step
-    collectives have their own, shorter timeout (:class:`EPGroup`, ``MOETIER_EP_TIMEOUT``)."""
+    messages have their own, shorter timeout (:class:`EPGroup`, ``MOETIER_EP_TIMEOUT``)."""
     rw = env_rank()
     if rw is None:
         raise DistributedError("--ep auto: RANK / WORLD_SIZE are not set (start with torchrun, or use --ep P "
