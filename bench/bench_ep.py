@@ -6,7 +6,7 @@
 
 ``loopback``: decode tok/s of one process (torch path, 1 thread: what every EP rank runs) and of
 ``P = 2`` ranks on 127.0.0.1 (1 thread each), alternated ``--rounds`` times in one run, on the
-embedded model (batch 1). Per collective: rank 0's time inside ``all_to_all_single``.
+embedded model (batch 1). Per message: rank 0's time posting and waiting for step messages (``isend``/``irecv``).
 
 ``sweep`` (root): two network namespaces joined by one veth pair; each end's egress gets a
 ``tbf`` qdisc (rate BW, bucket ``max(2 frames, BW x 200 us)`` so a layer's message cannot pass
@@ -106,6 +106,8 @@ def worker(cfg_path: str, out_path: str) -> int:
         results.append(r)
         print(json.dumps(r), flush=True)
     out = {"points": results, "pingpong_round_trip_s": pingpong if world > 1 else None,
+           "threads": {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
+                       "os_threads": len(os.listdir("/proc/self/task")), "cpus": sorted(os.sched_getaffinity(0))},
            "hidden": model.spec.hidden_size, "top_k": model.spec.top_k,
            "moe_layers": len(model.spec.moe_layer_ids), "world": world, "dtype": str(model.dtype)}
     if group is not None:
@@ -115,27 +117,51 @@ def worker(cfg_path: str, out_path: str) -> int:
     return 0
 
 
-def pingpong_s(rank: int, world: int, nbytes: int, n: int) -> float:
-    """Median round trip of the decode pattern without model work: rank 0 -> every follower
-    (one ``nbytes`` control message), then every follower -> rank 0 (one row back): two
-    ``all_to_all_single`` calls, what one MoE layer of a decode step costs beyond compute."""
+def pingpong_s(rank: int, world: int, nbytes: int, n: int) -> dict[str, float]:
+    """Median round trip of the decode pattern without model work, per message pattern:
+    rank 0 -> every follower (one ``nbytes`` control message), then every follower -> rank 0
+    (one hidden row back), what one MoE layer of a decode step costs beyond compute.
+    ``all_to_all_single`` (two collectives: what the executor used before) and ``isend/irecv``
+    (point-to-point, the receive posted first: what it uses now), interleaved in blocks of 20
+    so load drifts hit both alike."""
     import torch
     import torch.distributed as dist
 
-    P = world
-    out_msg, back = torch.zeros(P - 1, nbytes, dtype=torch.uint8), torch.zeros(1, nbytes, dtype=torch.uint8)
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
+    P, row = world, 4096
+    out_msg, back = torch.zeros(P - 1, nbytes, dtype=torch.uint8), torch.zeros(row, dtype=torch.uint8)
+    got_back = torch.empty(P - 1, row, dtype=torch.uint8)
+    ctrl = torch.empty(nbytes, dtype=torch.uint8)
+    e = torch.empty(0, nbytes, dtype=torch.uint8)
+
+    def a2a() -> None:
         if rank == 0:
-            dist.all_to_all_single(torch.empty(0, nbytes, dtype=torch.uint8), out_msg, [0] * P, [0] + [1] * (P - 1))
-            dist.all_to_all_single(torch.empty(P - 1, nbytes, dtype=torch.uint8), torch.empty(0, nbytes,
-                                   dtype=torch.uint8), [0] + [1] * (P - 1), [0] * P)
+            dist.all_to_all_single(e, out_msg, [0] * P, [0] + [1] * (P - 1))
+            dist.all_to_all_single(got_back, torch.empty(0, row, dtype=torch.uint8), [0] + [1] * (P - 1), [0] * P)
         else:
-            dist.all_to_all_single(back, torch.empty(0, nbytes, dtype=torch.uint8), [1] + [0] * (P - 1), [0] * P)
-            dist.all_to_all_single(torch.empty(0, nbytes, dtype=torch.uint8), back, [0] * P, [1] + [0] * (P - 1))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            dist.all_to_all_single(ctrl[None], e, [1] + [0] * (P - 1), [0] * P)
+            dist.all_to_all_single(torch.empty(0, row, dtype=torch.uint8), back[None], [0] * P, [1] + [0] * (P - 1))
+
+    def p2p() -> None:
+        if rank == 0:
+            ws = [dist.irecv(got_back[r - 1], r, tag=3) for r in range(1, P)]
+            ws += [dist.isend(out_msg[r - 1], r, tag=1) for r in range(1, P)]
+            for w in ws:
+                w.wait()
+        else:
+            dist.irecv(ctrl, 0, tag=1).wait()
+            dist.isend(back, 0, tag=3).wait()
+
+    times: dict[str, list[float]] = {"all_to_all_single": [], "isend/irecv": []}
+    for f in (a2a, p2p):  # warm-up
+        for _ in range(20):
+            f()
+    for _ in range(max(1, n // 20)):
+        for name, f in (("all_to_all_single", a2a), ("isend/irecv", p2p)):
+            for _ in range(20):
+                t0 = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _worker_cmd(cfg: Path, out: Path) -> list[str]:
@@ -153,36 +179,43 @@ def loopback(args: argparse.Namespace) -> None:
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ep_{os.getpid()}"
     tmp.mkdir(exist_ok=True)
     cfg = tmp / "cfg.json"
-    cfg.write_text(json.dumps({"dtype": args.dtype, "pingpong": 200, "points": [
+    cfg.write_text(json.dumps({"dtype": args.dtype, "pingpong": 400, "points": [
         {"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}]}))
     rounds = []
     for i in range(args.rounds):
         row = {}
-        for P in (1, 2):  # side by side, alternating
-            out = tmp / f"out{P}.json"
-            if P == 1:
+        for key in ("P1", "P2", "P2_unpinned"):  # side by side, alternating
+            out = tmp / f"out_{key}.json"
+            if key == "P1":
                 subprocess.run(_worker_cmd(cfg, out), env=_env(), check=True, stdout=subprocess.DEVNULL)
-            else:
-                codes = spawn(_worker_cmd(cfg, out), P, _env(), timeout_s=600)
-                assert codes == [0] * P, codes
+            else:  # P2: each rank pinned to its own core (the default); P2_unpinned: MOETIER_EP_PIN=0
+                env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key == "P2_unpinned" else {})}
+                codes = spawn(_worker_cmd(cfg, out), 2, env, timeout_s=600)
+                assert codes == [0, 0], codes
             got = json.loads(out.read_text())
-            row[f"P{P}"] = got["points"][0]
-            if P == 2:
+            row[key] = got["points"][0]
+            row[f"threads_{key}"] = got["threads"]
+            if key == "P2":
                 row["pingpong_round_trip_s"] = got["pingpong_round_trip_s"]
+        row["ratio_unpinned"] = row["P2_unpinned"]["tokens_per_s"] / row["P1"]["tokens_per_s"]
         row["ratio"] = row["P2"]["tokens_per_s"] / row["P1"]["tokens_per_s"]
         rounds.append(row)
         p1, p2 = row["P1"], row["P2"]
         print(f"round {i}: P=1 {p1['tokens_per_s']:.1f} tok/s, P=2 {p2['tokens_per_s']:.1f} tok/s "
-              f"(x{row['ratio']:.2f}); CPU ms/token P=1 {p1['process_cpu_s_per_step'] * 1e3:.2f}, P=2 rank 0 "
+              f"(x{row['ratio']:.2f}; unpinned {row['P2_unpinned']['tokens_per_s']:.1f}, "
+              f"x{row['ratio_unpinned']:.2f}); "
+              f"CPU ms/token P=1 {p1['process_cpu_s_per_step'] * 1e3:.2f}, P=2 rank 0 "
               f"{p2['process_cpu_s_per_step'] * 1e3:.2f}; {p2['collectives_per_step']:.0f} collectives/token "
               f"at {p2['collective_s'] * 1e6:.0f} us; per token: comm {p2['comm_s_per_step'] * 1e3:.2f} ms, "
-              f"local {p2['local_s_per_step'] * 1e3:.2f} ms; bare ping-pong (2 collectives) "
-              f"{row['pingpong_round_trip_s'] * 1e6:.0f} us", flush=True)
+              f"local {p2['local_s_per_step'] * 1e3:.2f} ms; bare round trip (control out, row back): "
+              + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in row["pingpong_round_trip_s"].items()), flush=True)
     load = os.getloadavg()
     res = {"model": "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
-           "median_ratio": statistics.median(r["ratio"] for r in rounds), "loadavg": load,
+           "median_ratio": statistics.median(r["ratio"] for r in rounds),
+           "median_ratio_unpinned": statistics.median(r["ratio_unpinned"] for r in rounds), "loadavg": load,
            "command": " ".join(["python -m bench.bench_ep loopback", *sys.argv[2:]])}
-    print(f"median P=2 / P=1 decode tok/s: {res['median_ratio']:.2f} (load average {load[0]:.1f})")
+    print(f"median P=2 / P=1 decode tok/s: {res['median_ratio']:.2f}, unpinned {res['median_ratio_unpinned']:.2f} "
+          f"(load average {load[0]:.1f})")
     print("wrote", write_result("ep_loopback", res))
 
 

@@ -1,7 +1,7 @@
 """Expert parallelism on ``torch.distributed`` (gloo on CPU): see docs/expert-parallel.md.
 
 * :mod:`.placement` - which experts each rank holds (torch-free: the planner writes it);
-* :mod:`.executor` - the group: dispatch / combine with ``all_to_all_single``, follower loop;
+* :mod:`.executor` - the group: dispatch / combine with point-to-point messages, follower loop;
 * :mod:`.rank` - :func:`load` one rank's share of a model, :func:`install` the dispatch;
 * :mod:`.launch` - ``moetier run --ep auto|P``.
 
@@ -17,6 +17,7 @@ from typing import Any
 _NAMES = {
     "DistributedError": "executor", "EPGroup": "executor", "EPStats": "executor", "ExpertParallelProvider": "executor",
     "init": "executor", "shutdown": "executor", "model_digest": "executor", "exit_after_fault": "executor",
+    "pinned_cpus": "executor",
     "install": "rank", "load": "rank",
     "EPPlacement": "placement", "contiguous": "placement",
 }

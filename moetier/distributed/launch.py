@@ -163,7 +163,8 @@ def _load_rank(args: argparse.Namespace, load_kw: dict[str, Any]) -> tuple[Any, 
     kw = {k: v for k, v in load_kw.items() if k != "native"}
     if kw.get("threads") is None:  # ranks sharing a machine share its cores (OpenMP workers spin-wait)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        kw["threads"] = max(1, (os.cpu_count() or 1) // max(1, local))
+        pinned = ep.pinned_cpus()  # this rank's own CPUs, or None: share the machine's
+        kw["threads"] = len(pinned) if pinned else max(1, (os.cpu_count() or 1) // max(1, local))
     model, group = ep.load(args.model_dir, rank, world, placement, **kw)
     return model, group, placement, rank, world
 
