@@ -62,7 +62,7 @@ from bench.common import bench_lock, run_worker
 
 TYPES = ("Q8_0", "Q4_K_M")
 # bench_gguf scenario -> bench/scenarios.py scenario of the checkpoint
-SOURCES = {"embedded": "embedded", "ram": "ram", "cap": "overcap"}
+SOURCES = {"embedded": "embedded", "ram": "ram", "cap": "overcap", "mla": "mla"}
 CAP_RATIO = 3.0  # (c): the file is ~3x the cap
 GIB_8 = sc.GIB // 8
 CAP_TIMEOUT_S = 900.0  # one worker under the cap (load + warm-up + runs)
@@ -88,8 +88,13 @@ def ensure_quantized(src: Path, recipe: str) -> Path:
 
 
 def scenario_file(name: str, recipe: str) -> Path:
-    s = {**sc.SCENARIOS, **sc.EXTRA_SCENARIOS}[SOURCES.get(name, name)]
-    return ensure_quantized(sc.ensure_gguf(s.resolve(), "bf16"), recipe)
+    if name == "mla":  # the DeepSeek-V2-Lite-shaped synthetic of bench_mla.py (deepseek2 GGUF, MLA)
+        from bench.bench_mla import ensure_model
+
+        src = ensure_model(3)
+    else:
+        src = {**sc.SCENARIOS, **sc.EXTRA_SCENARIOS}[SOURCES.get(name, name)].resolve()
+    return ensure_quantized(sc.ensure_gguf(src, "bf16"), recipe)
 
 
 def choose_cap(file_bytes: int, moetier_smallest: int | None, ratio: float = CAP_RATIO) -> int:

@@ -372,6 +372,19 @@ def convert(llama_cpp_dir: str, argv: list[str]) -> None:
             return LLAMA_CPP_PRE_FALLBACK
 
     cb.TextModel.get_vocab_base_pre = get_vocab_base_pre
+    # DeepSeek-V2-Lite-style configs (q_lora_rank null): this converter omits the key and this
+    # llama.cpp's loader and quantizer then refuse the file; write 0 (llama.cpp and moetier read
+    # 0 as "no query LoRA")
+    import conversion.deepseek as cd  # type: ignore[import-not-found]
+
+    orig_params = cd.DeepseekV2Model.set_gguf_parameters
+
+    def set_gguf_parameters(self: Any) -> None:
+        orig_params(self)
+        if self.hparams.get("q_lora_rank") is None:
+            self.gguf_writer.add_q_lora_rank(0)
+
+    cd.DeepseekV2Model.set_gguf_parameters = set_gguf_parameters
     script = os.path.join(llama_cpp_dir, "convert_hf_to_gguf.py")
     sys.argv = [script, *argv]
     runpy.run_path(script, run_name="__main__")

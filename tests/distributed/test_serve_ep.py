@@ -4,6 +4,7 @@ serves the same answer again."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -29,8 +30,11 @@ def get(url: str, body: dict | None = None) -> tuple[int, dict]:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        try:
+            return e.code, json.loads(e.read())
+        except http.client.HTTPException:  # the launcher stopped the server mid-answer (restart)
+            return 0, {}
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException):
         return 0, {}
 
 
