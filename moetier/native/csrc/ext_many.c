@@ -51,21 +51,14 @@ ext_many *mt_ext_many_new(long H, long ldq, long qdim, long E, long topk, long I
     return M;
 }
 
-static int grow(float **p, long n) {
-    float *q = (float *)realloc(*p, (n > 0 ? n : 1) * sizeof(float));
-    if (!q) return -1;
-    *p = q;
-    return 0;
-}
-
 /* buffers for T tokens; 0 or -1 (out of memory) */
 static int reserve(ext_many *M, long T) {
     if (T <= M->cap) return 0;
     long c = T > 2 * M->cap ? T : 2 * M->cap, S = c * M->topk;
-    if (grow(&M->h, c * M->H) || grow(&M->qkv, c * M->ldq) || grow(&M->attn, c * M->qdim) ||
-        grow(&M->ao, c * M->H) || grow(&M->rlog, c * M->E) || grow(&M->gu, S * 2 * M->I) ||
-        grow(&M->act, S * M->I) || grow(&M->down, S * M->H) || grow(&M->xin, S * M->H) ||
-        grow(&M->sgu, c * 2 * M->SI) || grow(&M->sact, c * M->SI) || grow(&M->sh, c * M->H))
+    if (mt_grow(&M->h, c * M->H) || mt_grow(&M->qkv, c * M->ldq) || mt_grow(&M->attn, c * M->qdim) ||
+        mt_grow(&M->ao, c * M->H) || mt_grow(&M->rlog, c * M->E) || mt_grow(&M->gu, S * 2 * M->I) ||
+        mt_grow(&M->act, S * M->I) || mt_grow(&M->down, S * M->H) || mt_grow(&M->xin, S * M->H) ||
+        mt_grow(&M->sgu, c * 2 * M->SI) || mt_grow(&M->sact, c * M->SI) || mt_grow(&M->sh, c * M->H))
         return -1;
     int32_t *a = (int32_t *)realloc(M->slot_tok, S * sizeof(int32_t));
     if (!a) return -1;
@@ -109,8 +102,6 @@ static void ext_attn_task(void *vctx, int tid, int nth) {
     }
 }
 
-static __thread double *cum_buf = NULL;
-static __thread long cum_cap = 0;
 
 /* For T tokens x [T, H] (token t at position pos[t] of sequence seq[t]; K[s], V[s] [nkv, cap[s],
  * D] that sequence's cache buffers, holding every position up to the batch's last):
@@ -134,35 +125,21 @@ int mt_ext_attention_many(const oss_desc *L, ext_many *M, int dt, long T, float 
                         sn + p * D);
         if (p + 1 - mt_oss_first(L, p) > smax) smax = p + 1 - mt_oss_first(L, p);
     }
-    if (n_units + 1 > cum_cap) {
-        free(cum_buf);
-        cum_cap = 2 * (n_units + 1);
-        cum_buf = (double *)malloc(cum_cap * sizeof(double));
-        if (!cum_buf) {
-            cum_cap = 0;
-            return -1;
-        }
-    }
-    cum_buf[0] = 0;
+    double *cum = mt_cum_reserve(n_units + 1);
+    if (!cum) return -1;
+    cum[0] = 0;
     for (long u = 0; u < n_units; u++) {
         long p = pos[u / nh];
-        cum_buf[u + 1] = cum_buf[u] + (double)(p + 1 - mt_oss_first(L, p)) + 8; /* + fixed cost per head */
+        cum[u + 1] = cum[u] + (double)(p + 1 - mt_oss_first(L, p)) + 8; /* + fixed cost per head */
     }
-    int ath = cum_buf[n_units] * D < PARALLEL_MIN_ELEMS ? 1 : nth;
+    int ath = cum[n_units] * D < PARALLEL_MIN_ELEMS ? 1 : nth;
     if (M->n_scores < smax * ath) {
-        if (grow(&M->scores, smax * ath)) return -1;
+        if (mt_grow(&M->scores, smax * ath)) return -1;
         M->n_scores = smax * ath;
     }
-    ext_attn_ctx A = {L, M->qkv, ldq, pos, seq, K, V, cap, dt, T, smax, cum_buf, M->attn, M->scores};
+    ext_attn_ctx A = {L, M->qkv, ldq, pos, seq, K, V, cap, dt, T, smax, cum, M->attn, M->scores};
     parallel_run(ext_attn_task, &A, ath);
-    mt_gemm_item o = {L->o_w, L->o_b, dt, M->attn, nh * D, NULL, T, M->ao, H};
-    mt_run_gemms(&o, 1, nth);
-    for (long t = 0; t < T; t++) {
-        float *xt = x + t * H;
-        const float *a = M->ao + t * H;
-        for (long i = 0; i < H; i++) xt[i] += a[i];
-        rms_norm(xt, L->ln2, dt, L->eps, M->h + t * H, H);
-    }
+    mt_attn_out(L->o_w, L->o_b, dt, M->attn, nh * D, T, M->ao, x, H, L->ln2, L->eps, M->h, nth);
     return 0;
 }
 

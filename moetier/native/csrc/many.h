@@ -61,4 +61,13 @@ int mt_moe_many(const layer_desc *L, many *M, int dt, long T, float *x, const in
 void mt_group_slots(long E, long k, long T, const int64_t *ids, long *cnt, long *off, int32_t *slot_tok,
                     int32_t *slot_of);
 
+/* Shared by the multi-token steps (prefill.c, ext_many.c, mla_many.c; defined in prefill.c). */
+/* *p grown (realloc) to n floats; 0 or -1 (out of memory, *p unchanged) */
+int mt_grow(float **p, long n);
+/* this thread's buffer of at least n doubles (the attention cost prefix sums), or NULL */
+double *mt_cum_reserve(long n);
+/* after attention: ao = o_proj(attn) [T, H] (attn rows in_dim wide), x += ao, h = norm(x) per token */
+void mt_attn_out(const mt_weight *o_w, const void *o_b, int dt, const float *attn, long in_dim, long T, float *ao,
+                 float *x, long H, const void *ln, float eps, float *h, int nth);
+
 #endif

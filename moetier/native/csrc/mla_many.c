@@ -58,21 +58,14 @@ mla_many *mt_mla_many_new(long nh, long C, long dn, long dr, long dv, long Rq, l
     return A;
 }
 
-static int grow(float **p, long n) {
-    float *q = (float *)realloc(*p, (n > 0 ? n : 1) * sizeof(float));
-    if (!q) return -1;
-    *p = q;
-    return 0;
-}
-
 static int mla_reserve(mla_many *A, long T) {
     if (T <= A->cap) return 0;
     long c = T > 2 * A->cap ? T : 2 * A->cap;
-    if (grow(&A->q, c * A->nh * (A->dn + A->dr)) || grow(&A->qa, c * A->Rq) || grow(&A->kv, c * (A->C + A->dr)) ||
-        grow(&A->out, c * A->nh * A->dv))
+    if (mt_grow(&A->q, c * A->nh * (A->dn + A->dr)) || mt_grow(&A->qa, c * A->Rq) || mt_grow(&A->kv, c * (A->C + A->dr)) ||
+        mt_grow(&A->out, c * A->nh * A->dv))
         return -1;
     long l = c < LATENT_CHUNK ? c : LATENT_CHUNK;
-    if (grow(&A->qlat, l * A->nh * A->C) || grow(&A->olat, l * A->nh * A->C)) return -1;
+    if (mt_grow(&A->qlat, l * A->nh * A->C) || mt_grow(&A->olat, l * A->nh * A->C)) return -1;
     A->cap = c;
     return 0;
 }
@@ -162,7 +155,7 @@ int mt_mla_attention_many(const mla_desc *L, mla_many *A, many *M, int dt, long 
             A->cum[u + 1] = A->cum[u] + (double)(pos[c0 + u / nh] + 1) + 8;
         int ath = A->cum[n_units] * (2 * C + dr) < PARALLEL_MIN_ELEMS ? 1 : nth;
         if (A->n_scores < nmax * ath) {
-            if (grow(&A->scores, nmax * ath)) return -1;
+            if (mt_grow(&A->scores, nmax * ath)) return -1;
             A->n_scores = nmax * ath;
         }
         parallel_run(attend_many_task, &X, ath);
@@ -171,14 +164,7 @@ int mt_mla_attention_many(const mla_desc *L, mla_many *A, many *M, int dt, long 
                                          A->out + (c0 * nh + h) * dv, nh * dv};
         mt_run_gemms(A->items, (int)nh, nth);
     }
-    mt_gemm_item o = {L->o_w, L->o_b, dt, A->out, nh * dv, NULL, T, M->ao, H};
-    mt_run_gemms(&o, 1, nth);
-    for (long t = 0; t < T; t++) {
-        float *xt = x + t * H;
-        const float *a = M->ao + t * H;
-        for (long i = 0; i < H; i++) xt[i] += a[i];
-        rms_norm(xt, L->ln2, dt, L->eps, M->h + t * H, H);
-    }
+    mt_attn_out(L->o_w, L->o_b, dt, A->out, nh * dv, T, M->ao, x, H, L->ln2, L->eps, M->h, nth);
     return 0;
 }
 

@@ -40,7 +40,7 @@ many *mt_many_new(long H, long qkv_rows, long attn_dim, long E, long topk, long 
     return M;
 }
 
-static int grow(float **p, long n) {
+int mt_grow(float **p, long n) {
     float *q = (float *)realloc(*p, (n > 0 ? n : 1) * sizeof(float));
     if (!q) return -1;
     *p = q;
@@ -50,10 +50,10 @@ static int grow(float **p, long n) {
 int mt_many_reserve(many *M, long T) {
     if (T <= M->cap) return 0;
     long c = T > 2 * M->cap ? T : 2 * M->cap, S = c * M->topk;
-    if (grow(&M->h, c * M->H) || grow(&M->qkv, c * M->qkv_rows) || grow(&M->attn, c * M->attn_dim) ||
-        grow(&M->ao, c * M->H) || grow(&M->rlog, c * M->E) || grow(&M->gu, S * 2 * M->I) ||
-        grow(&M->act, S * M->I) || grow(&M->down, S * M->H) || grow(&M->sgu, c * 2 * M->SI) ||
-        grow(&M->sact, c * M->SI) || grow(&M->sh, c * M->H) || grow(&M->sg, c))
+    if (mt_grow(&M->h, c * M->H) || mt_grow(&M->qkv, c * M->qkv_rows) || mt_grow(&M->attn, c * M->attn_dim) ||
+        mt_grow(&M->ao, c * M->H) || mt_grow(&M->rlog, c * M->E) || mt_grow(&M->gu, S * 2 * M->I) ||
+        mt_grow(&M->act, S * M->I) || mt_grow(&M->down, S * M->H) || mt_grow(&M->sgu, c * 2 * M->SI) ||
+        mt_grow(&M->sact, c * M->SI) || mt_grow(&M->sh, c * M->H) || mt_grow(&M->sg, c))
         return -1;
     int32_t *a = (int32_t *)realloc(M->slot_tok, S * sizeof(int32_t));
     if (!a) return -1;
@@ -104,6 +104,31 @@ static void attn_many_task(void *vctx, int tid, int nth) {
 static __thread double *cum_buf = NULL;
 static __thread long cum_cap = 0;
 
+double *mt_cum_reserve(long n) {
+    if (n > cum_cap) {
+        free(cum_buf);
+        cum_cap = 2 * n;
+        cum_buf = (double *)malloc(cum_cap * sizeof(double));
+        if (!cum_buf) {
+            cum_cap = 0;
+            return NULL;
+        }
+    }
+    return cum_buf;
+}
+
+void mt_attn_out(const mt_weight *o_w, const void *o_b, int dt, const float *attn, long in_dim, long T, float *ao,
+                 float *x, long H, const void *ln, float eps, float *h, int nth) {
+    mt_gemm_item o = {o_w, o_b, dt, attn, in_dim, NULL, T, ao, H};
+    mt_run_gemms(&o, 1, nth);
+    for (long t = 0; t < T; t++) {
+        float *xt = x + t * H;
+        const float *a = ao + t * H;
+        for (long i = 0; i < H; i++) xt[i] += a[i];
+        rms_norm(xt, ln, dt, eps, h + t * H, H);
+    }
+}
+
 /* For T tokens x [T, H] (token t at position pos[t] of sequence seq[t]; K[s], V[s] [nkv,
  * cap[s], D] that sequence's cache buffers, holding every position up to the batch's last):
  * x += o_proj(attn(norm1(x))); M->h = norm2(x); each token's k, v written at its position.
@@ -129,35 +154,21 @@ int mt_attention_many(const layer_desc *L, many *M, int dt, long T, float *x, co
         if (cap[s] > smax) smax = cap[s];
     }
     long n_units = T * nh;
-    if (n_units + 1 > cum_cap) {
-        free(cum_buf);
-        cum_cap = 2 * (n_units + 1);
-        cum_buf = (double *)malloc(cum_cap * sizeof(double));
-        if (!cum_buf) {
-            cum_cap = 0;
-            return -1;
-        }
-    }
-    cum_buf[0] = 0;
+    double *cum = mt_cum_reserve(n_units + 1);
+    if (!cum) return -1;
+    cum[0] = 0;
     for (long u = 0; u < n_units; u++) {
         long p = pos[u / nh];
-        cum_buf[u + 1] = cum_buf[u] + (double)(p + 1 - window_start(L, p)) + 8; /* + fixed cost per head */
+        cum[u + 1] = cum[u] + (double)(p + 1 - window_start(L, p)) + 8; /* + fixed cost per head */
     }
-    int ath = cum_buf[n_units] * D < PARALLEL_MIN_ELEMS ? 1 : nth;
+    int ath = cum[n_units] * D < PARALLEL_MIN_ELEMS ? 1 : nth;
     if (M->n_scores < smax * ath) {
-        if (grow(&M->scores, smax * ath)) return -1;
+        if (mt_grow(&M->scores, smax * ath)) return -1;
         M->n_scores = smax * ath;
     }
-    attn_many_ctx A = {L, M->qkv, ldq, pos, seq, K, V, cap, dt, T, smax, cum_buf, M->attn, M->scores};
+    attn_many_ctx A = {L, M->qkv, ldq, pos, seq, K, V, cap, dt, T, smax, cum, M->attn, M->scores};
     parallel_run(attn_many_task, &A, ath);
-    mt_gemm_item o = {L->o_w, L->o_b, dt, M->attn, nh * D, NULL, T, M->ao, H};
-    mt_run_gemms(&o, 1, nth);
-    for (long t = 0; t < T; t++) {
-        float *xt = x + t * H;
-        const float *a = M->ao + t * H;
-        for (long i = 0; i < H; i++) xt[i] += a[i];
-        rms_norm(xt, L->ln2, dt, L->eps, M->h + t * H, H);
-    }
+    mt_attn_out(L->o_w, L->o_b, dt, M->attn, nh * D, T, M->ao, x, H, L->ln2, L->eps, M->h, nth);
     return 0;
 }
 
