@@ -30,21 +30,7 @@ PROMPT = torch.randint(2, 250, (40,), generator=torch.Generator().manual_seed(5)
 STEPS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _native_on():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MOETIER_NATIVE", raising=False)
-        mp.delenv("MOETIER_ISA", raising=False)
-        yield
-
-
-@pytest.fixture(scope="module")
-def lib(_native_on):
-    if native._compiler() is None:
-        pytest.skip("no C compiler on PATH")
-    lib = native.library()
-    assert lib is not None, native.unavailable_reason()
-    return lib
+pytestmark = pytest.mark.usefixtures("_native_on")  # lib: tests/native/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,21 +26,7 @@ from moetier.quant import QTensor
 gguf = pytest.importorskip("gguf")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _native_on():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MOETIER_NATIVE", raising=False)
-        mp.delenv("MOETIER_ISA", raising=False)
-        yield
-
-
-@pytest.fixture(scope="module")
-def lib(_native_on):
-    if native._compiler() is None:
-        pytest.skip("no C compiler on PATH")
-    lib = native.library()
-    assert lib is not None, native.unavailable_reason()
-    return lib
+pytestmark = pytest.mark.usefixtures("_native_on")  # lib: tests/native/conftest.py
 
 
 @contextlib.contextmanager
