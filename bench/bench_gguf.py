@@ -87,14 +87,16 @@ def ensure_quantized(src: Path, recipe: str) -> Path:
     return out
 
 
-def scenario_file(name: str, recipe: str) -> Path:
-    if name == "mla":  # the DeepSeek-V2-Lite-shaped synthetic of bench_mla.py (deepseek2 GGUF, MLA)
-        from bench.bench_mla import ensure_model
+def _mla_model() -> Path:
+    """The DeepSeek-V2-Lite-shaped synthetic of bench_mla.py (a deepseek2 GGUF: MLA)."""
+    from bench.bench_mla import ensure_model
 
-        src = ensure_model(3)
-    else:
-        src = {**sc.SCENARIOS, **sc.EXTRA_SCENARIOS}[SOURCES.get(name, name)].resolve()
-    return ensure_quantized(sc.ensure_gguf(src, "bf16"), recipe)
+    return ensure_model(3)
+
+
+def scenario_file(name: str, recipe: str) -> Path:
+    checkpoints = {n: s.resolve for n, s in {**sc.SCENARIOS, **sc.EXTRA_SCENARIOS}.items()} | {"mla": _mla_model}
+    return ensure_quantized(sc.ensure_gguf(checkpoints[SOURCES.get(name, name)](), "bf16"), recipe)
 
 
 def choose_cap(file_bytes: int, moetier_smallest: int | None, ratio: float = CAP_RATIO) -> int:
