@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import sys
 import threading
 import time
 from collections.abc import Sequence as Seq
@@ -67,8 +68,13 @@ from moetier.distributed.placement import EPPlacement
 from moetier.errors import MoetierError
 
 CMD_MOE, CMD_STOP, CMD_PING, CMD_MOE_INLINE, CMD_MOE_ONE = 1, 2, 3, 4, 5  # ONE: inline, decode of one token
+CMD_STEP = 6  # replicated: (CMD_STEP, words, all_logits) + the step's description (int64 words)
 HEADER = 24  # bytes: (command, layer, rows) as int64
 TAG_CTRL, TAG_ROWS, TAG_COMBINE = 1, 2, 3  # point-to-point message tags (rank 0 <-> a follower)
+TAG_EXCHANGE = 4  # replicated: one message per (rank, other rank) per MoE layer
+EXCHANGES = ("replicated", "direct")  # --ep-exchange: see docs/expert-parallel.md
+STEP_INLINE_WORDS = 32  # replicated: a step description this short travels in the control message
+TRAILER = 8  # replicated: the routing check (int64) after an exchange message's rows
 DEFAULT_TIMEOUT_S = 60.0  # step messages (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
 DEFAULT_START_TIMEOUT_S = 600.0  # start-up (MOETIER_EP_START_TIMEOUT): joining, hash check, loading
 
@@ -114,9 +120,23 @@ def unpack(b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     return b[:, :-8].contiguous().view(dtype), b[:, -8:].reshape(-1).clone().view(torch.long)  # fresh: offset 0
 
 
-def model_digest(model_dir: str | Path, dtype: torch.dtype, placement: EPPlacement) -> bytes:
-    """sha256 of config.json, every safetensors file's name, size and header, the dtype and the
-    placement: ranks started with a different model or placement disagree here."""
+class _Enough(Exception):
+    """A replicated follower served the MoE layers it was asked to (``serve(max_calls=...)``)."""
+
+
+def _original_dispatch_k1(x: torch.Tensor, experts: torch.Tensor, layer: int, provider: Any,
+                          glu: Any) -> torch.Tensor:
+    """Rows x [n, H] with their expert ids [n] -> unweighted outputs [n, H], grouped by expert
+    like the single-process dispatch (the same row batches per expert)."""
+    from moetier.distributed.rank import _original_dispatch
+
+    return _original_dispatch(x, experts[:, None], torch.ones(x.shape[0], 1, dtype=x.dtype), layer, provider, glu)
+
+
+def model_digest(model_dir: str | Path, dtype: torch.dtype, placement: EPPlacement,
+                 exchange: str = "replicated") -> bytes:
+    """sha256 of config.json, every safetensors file's name, size and header, the dtype, the
+    placement and the exchange: ranks started with a different model or placement disagree here."""
     d = Path(model_dir)
     h = hashlib.sha256()
     h.update((d / "config.json").read_bytes())
@@ -127,6 +147,7 @@ def model_digest(model_dir: str | Path, dtype: torch.dtype, placement: EPPlaceme
             h.update(f.name.encode() + str(f.stat().st_size).encode() + head + fh.read(min(n, 1 << 24)))
     h.update(str(dtype).encode())
     h.update(placement.digest().encode())
+    h.update(exchange.encode())
     return h.digest()
 
 
@@ -143,12 +164,18 @@ class EPGroup:
     world: int
     placement: EPPlacement
     timeout_s: float | None = None  # step messages; None: MOETIER_EP_TIMEOUT or DEFAULT_TIMEOUT_S
+    exchange: str = "replicated"  # or "direct" (see the module docstring)
     stats: EPStats = field(default_factory=EPStats)
     _rr: dict[tuple[int, int], int] = field(default_factory=dict)
     _owners: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.exchange not in EXCHANGES:
+            raise DistributedError(f"expert-parallel exchange {self.exchange!r}: expected one of {', '.join(EXCHANGES)}")
         self._owners = self.placement.owners()
+        self._calls_left: int | None = None  # replicated follower: stop after this many MoE layers (tests)
+        self._next_seq = 0  # replicated, rank 0: the id the next new sequence gets
+        self._freed: list[int] = []  # replicated, rank 0: ids of sequences gone since the last step
         if self.timeout_s is None:
             self.timeout_s = float(os.environ.get("MOETIER_EP_TIMEOUT", DEFAULT_TIMEOUT_S))
         # the step messages run on their own group: its timeout is the fault detector (a dead or
@@ -201,7 +228,8 @@ class EPGroup:
         self.hidden, self.dtype = hidden, dtype
         self.row_bytes = hidden * torch.empty(0, dtype=dtype).element_size() + 8
         self.inline_rows = top_k
-        self.ctrl_bytes = HEADER + self.inline_rows * self.row_bytes
+        self.ctrl_bytes = HEADER + (STEP_INLINE_WORDS * 8 if self.exchange == "replicated"
+                                    else self.inline_rows * self.row_bytes)
 
     def _send_ctrl(self, cmd: int, layer: int = 0, counts: Seq[int] | None = None,
                    rows: list[torch.Tensor] | None = None, wait: bool = True) -> list[Any]:
@@ -278,17 +306,15 @@ class EPGroup:
             raise DistributedError(
                 f"rank {self.rank}: ranks {bad} were started with a different model, dtype or placement than rank 0 "
                 f"(hash {bytes(got[bad[0]].tolist()).hex()[:12]} vs {bytes(got[0].tolist()).hex()[:12]}); "
-                "start every rank with the same model directory, --dtype and placement")
+                "start every rank with the same model directory, --dtype, placement and --ep-exchange")
 
     # ----- expert compute (any rank) -----
     def compute(self, x: torch.Tensor, experts: torch.Tensor, layer: int, provider: Any, glu: Any) -> torch.Tensor:
         """Rows x [n, H] with their expert ids [n] -> unweighted expert outputs [n, H]."""
-        from moetier.distributed.rank import _original_dispatch
-
         if x.shape[0] == 0:
             return x
         t0 = time.perf_counter()
-        y = _original_dispatch(x, experts[:, None], torch.ones(x.shape[0], 1, dtype=x.dtype), layer, provider, glu)
+        y = _original_dispatch_k1(x, experts, layer, provider, glu)
         self.stats.compute_s += time.perf_counter() - t0
         return y
 
@@ -376,6 +402,8 @@ class EPGroup:
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
                  provider: Any, glu: Any) -> torch.Tensor:
         """The expert-parallel twin of :func:`moetier.layers.moe.dispatch` (rank 0 only)."""
+        if self.exchange == "replicated":
+            return self._exchange(x, topk_ids, topk_weights, layer, provider, glu)
         T, k = topk_ids.shape
         if T == 1 and self.world > 1 and k <= self.inline_rows:
             return self._dispatch_one(x, topk_ids[0].tolist(), topk_weights[0].tolist(), layer, provider, glu)
@@ -426,6 +454,169 @@ class EPGroup:
         out.index_add_(0, ref // k, y[ref] * w[ref, None])
         return out
 
+    # ----- replicated exchange (every rank runs the model; one message per pair of ranks per MoE layer) -----
+    def mirrored(self, model: Any) -> Any:
+        """Rank 0: ``model.step`` that first tells every follower what to step (one control
+        message: the sequences, their new tokens, the sequences gone since), so that each runs
+        the same forward on its own copy of the always-on weights."""
+        step = model.step
+
+        def mirrored_step(items: Seq[tuple[Any, Any]], all_logits: bool = False) -> torch.Tensor:
+            if self.world > 1:
+                for _, toks in items:
+                    model._ids(toks)  # bad ids: refused here, before the followers hear of the step
+                self._send_step(items, all_logits)
+            return step(items, all_logits)
+        return mirrored_step
+
+    def _send_step(self, items: Seq[tuple[Any, Any]], all_logits: bool) -> None:
+        import weakref
+
+        words: list[int] = []
+        for seq, toks in items:
+            ids = toks.reshape(-1).tolist() if isinstance(toks, torch.Tensor) else [int(t) for t in toks]
+            sid = getattr(seq, "_ep_id", None)
+            if sid is None:  # first seen: the followers make their copy; told when it is gone
+                sid = seq._ep_id = self._next_seq
+                self._next_seq += 1
+                weakref.finalize(seq, self._freed.append, sid)
+            words += [sid, seq.capacity, seq.length, len(ids), *ids]
+        freed, self._freed = self._freed, []
+        words = [len(freed), *freed, len(items), *words]
+        n = len(words)
+        msg = torch.zeros(self.ctrl_bytes, dtype=torch.uint8)
+        body = torch.tensor(words, dtype=torch.long)
+        msg[:HEADER] = torch.tensor([CMD_STEP, n, int(all_logits)], dtype=torch.long).view(torch.uint8)
+        if n <= STEP_INLINE_WORDS:
+            msg[HEADER:HEADER + 8 * n] = body.view(torch.uint8)
+        with self._lock:
+            works = [self._p2p(msg, r, TAG_CTRL, send=True, wait=False) for r in range(1, self.world)]
+            if n > STEP_INLINE_WORDS:
+                works += [self._p2p(body, r, TAG_ROWS, send=True, wait=False) for r in range(1, self.world)]
+            for w in works:
+                self._wait(w)
+        self.stats.meta_bytes += (self.world - 1) * (self.ctrl_bytes + (8 * n if n > STEP_INLINE_WORDS else 0))
+
+    def _serve_replicated(self, model: Any) -> list[dict[str, Any]] | None:
+        """Follower loop of the replicated exchange: run every step rank 0 runs, on copies of its
+        sequences (its MoE layers exchange expert outputs with every rank)."""
+        step = type(model).step.__get__(model)  # the plain step (rank 0's is mirrored)
+        seqs: dict[int, Any] = {}
+        while True:
+            cmd, n, all_logits, msg = self._recv_ctrl()
+            if cmd == CMD_STOP:
+                return self._gather_stats()
+            if cmd == CMD_PING:
+                continue
+            if cmd != CMD_STEP:
+                raise DistributedError(f"rank {self.rank}: unexpected command {cmd} from rank 0")
+            if n <= STEP_INLINE_WORDS:
+                words = msg[HEADER:HEADER + 8 * n].clone().view(torch.long).tolist()
+            else:
+                body = torch.empty(n, dtype=torch.long)
+                self._p2p(body, 0, TAG_ROWS, send=False)
+                self.stats.meta_bytes += 8 * n
+                words = body.tolist()
+            nf = words[0]
+            for sid in words[1:1 + nf]:
+                seqs.pop(sid, None)
+            i, items = 2 + nf, []
+            for _ in range(words[1 + nf]):
+                sid, cap, length, nt = words[i:i + 4]
+                toks = words[i + 4:i + 4 + nt]
+                i += 4 + nt
+                seq = seqs.get(sid)
+                if seq is None or (length == 0 and seq.length != 0):  # new, or freed and reused by rank 0
+                    seq = seqs[sid] = model.new_sequence(capacity=cap)
+                if seq.length != length:
+                    raise DistributedError(f"rank {self.rank}: sequence {sid} has {seq.length} tokens here, "
+                                           f"{length} on rank 0")
+                items.append((seq, toks))
+            try:
+                step(items, all_logits=bool(all_logits))
+            except _Enough:
+                return None
+            except DistributedError:
+                raise
+            except Exception as e:  # the same forward fails the same way on rank 0, which reports it
+                print(f"moetier: rank {self.rank}: step failed as on rank 0: {_first_line(e)}", file=sys.stderr)
+
+    def _exchange(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
+                  provider: Any, glu: Any) -> torch.Tensor:
+        """Replicated MoE layer (every rank, same x and routing): run this rank's pairs, send
+        their unweighted outputs to every other rank and receive theirs (one message each way
+        per pair of ranks), then sum all pairs exactly like the single-process dispatch."""
+        from moetier.layers.moe import expert_forward
+
+        if self._calls_left is not None:
+            if self._calls_left <= 0:
+                raise _Enough
+            self._calls_left -= 1
+        T, k = topk_ids.shape
+        P, me, H = self.world, self.rank, x.shape[1]
+        experts = topk_ids.reshape(-1).tolist()  # [T*k], pair order
+        dest = [self._owner(layer, e) for e in experts]  # identical on every rank (same routing, same counters)
+        check = hash((T, *experts))  # the routing check: every rank must have routed alike
+        if T == 1:  # decode: each rank's pairs in pair order
+            pairs = [[j for j in range(k) if dest[j] == r] for r in range(P)]
+        else:  # by expert, then pair: the single-process dispatch's row batches
+            order = sorted(range(T * k), key=lambda i: (dest[i], experts[i], i))
+            pairs, o = [], 0
+            for r in range(P):
+                n = dest.count(r)
+                pairs.append(order[o:o + n])
+                o += n
+        mine = pairs[me]
+        es = x.element_size()
+        row = H * es
+        send = torch.empty(len(mine) * row + TRAILER, dtype=torch.uint8)
+        ys = send[:-TRAILER].view(x.dtype).view(len(mine), H)  # [mine, H]: this rank's outputs, sent as they are
+        struct.pack_into("<q", send.numpy(), len(mine) * row, check)
+        bufs = {r: torch.empty(len(pairs[r]) * row + TRAILER, dtype=torch.uint8) for r in range(P) if r != me}
+        with self._lock:
+            recvs = [self._p2p(b, r, TAG_EXCHANGE, send=False, wait=False) for r, b in bufs.items()]
+            t0 = time.perf_counter()
+            if mine:
+                if T == 1:
+                    provider.require(layer, sorted({experts[j] for j in mine}))
+                    for i, j in enumerate(mine):  # [1, H] each, as the single-process decode path computes it
+                        ys[i:i + 1] = expert_forward(x, provider.get(layer, experts[j]), glu)
+                else:
+                    idx = torch.tensor(mine, dtype=torch.long)
+                    ys.copy_(_original_dispatch_k1(x[idx // k], topk_ids.reshape(-1)[idx], layer, provider, glu))
+            self.stats.compute_s += time.perf_counter() - t0
+            sends = [self._p2p(send, r, TAG_EXCHANGE, send=True, wait=False) for r in bufs]
+            for w in recvs + sends:
+                self._wait(w)
+        for r, b in bufs.items():
+            got = struct.unpack_from("<q", b.numpy(), b.numel() - TRAILER)[0]
+            if got != check:
+                self.fault = (f"rank {self.rank}: rank {r} routed layer {layer} differently (its forward diverged: "
+                              "start every rank with the same --threads and options)")
+                raise DistributedError(self.fault)
+        s = self.stats
+        s.combine_bytes_sent += (P - 1) * (send.numel() - TRAILER)
+        s.combine_bytes_recv += sum(b.numel() - TRAILER for b in bufs.values())
+        s.meta_bytes += (P - 1) * TRAILER
+        s.local_pairs += len(mine)
+        s.remote_pairs += T * k - len(mine)
+        s.moe_calls += 1
+        rows = {r: (ys if r == me else bufs[r][:-TRAILER].view(x.dtype).view(-1, H)) for r in range(P)}
+        out = torch.zeros_like(x)
+        if T == 1:  # the same sum, in the same order, as the single-process decode
+            at = {j: (r, i) for r in range(P) for i, j in enumerate(pairs[r])}
+            for j, wj in enumerate(topk_weights[0].tolist()):
+                r, i = at[j]
+                out.add_(rows[r][i:i + 1], alpha=wj)
+            return out
+        y = torch.empty(T * k, H, dtype=x.dtype)
+        y[torch.tensor([j for r in range(P) for j in pairs[r]], dtype=torch.long)] = torch.cat(
+            [rows[r] for r in range(P)])  # [T*k, H] in pair order
+        w = topk_weights.reshape(-1)
+        ref = topk_ids.reshape(-1).argsort(stable=True)  # single-process order: by expert, then pair
+        out.index_add_(0, ref // k, y[ref] * w[ref, None])
+        return out
+
     def stop(self) -> list[dict[str, Any]]:
         """Rank 0: release the followers; returns every rank's stats (index = rank)."""
         self._stop_heartbeat()
@@ -436,6 +627,9 @@ class EPGroup:
     def serve(self, model: Any, max_calls: int | None = None) -> list[dict[str, Any]] | None:
         """Follower loop: serve rank 0's MoE layers until it says stop (then returns the
         gathered stats), or after ``max_calls`` layers (returns None)."""
+        if self.exchange == "replicated":
+            self._calls_left = max_calls
+            return self._serve_replicated(model)
         blocks = model.net.moe_blocks()
         provider = model.provider.local if isinstance(model.provider, ExpertParallelProvider) else model.provider
         calls = 0

@@ -105,6 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-expert loads for --redundant-experts (routing profile or trace)")
     g.add_argument("--placement", default=None, metavar="FILE",
                    help="expert placement JSON (moetier.ep_placement/1) instead of a computed one")
+    g.add_argument("--ep-exchange", default="replicated", choices=("replicated", "direct"),
+                   help="replicated (default): every rank runs attention and routers, one exchange of expert "
+                        "outputs per MoE layer; direct: rank 0 alone runs them and sends rows to the experts' ranks")
     g.add_argument("--ep-restarts", type=int, default=3, metavar="N",
                    help="serve --ep P: restart the local job up to N times after a rank fails (under torchrun: "
                         "its --max-restarts)")
@@ -165,7 +168,8 @@ def _load_rank(args: argparse.Namespace, load_kw: dict[str, Any]) -> tuple[Any, 
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         pinned = ep.pinned_cpus()  # this rank's own CPUs, or None: share the machine's
         kw["threads"] = len(pinned) if pinned else max(1, (os.cpu_count() or 1) // max(1, local))
-    model, group = ep.load(args.model_dir, rank, world, placement, **kw)
+    model, group = ep.load(args.model_dir, rank, world, placement,
+                           exchange=getattr(args, "ep_exchange", "replicated"), **kw)
     return model, group, placement, rank, world
 
 
