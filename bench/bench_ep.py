@@ -142,12 +142,16 @@ def pingpong_s(rank: int, world: int, nbytes: int, n: int) -> dict[str, float]:
             dist.all_to_all_single(ctrl[None], e, [1] + [0] * (P - 1), [0] * P)
             dist.all_to_all_single(torch.empty(0, row, dtype=torch.uint8), back[None], [0] * P, [1] + [0] * (P - 1))
 
-    peer = torch.zeros(row, dtype=torch.uint8)
+    peers = [r for r in range(P) if r != rank]
+    posted: list = []
 
-    def exchange() -> None:  # replicated: every rank sends one row to every other and receives theirs
-        ws = [dist.irecv(peer if P == 2 else torch.empty(row, dtype=torch.uint8), r, tag=4)
-              for r in range(P) if r != rank]
-        ws += [dist.isend(back, r, tag=4) for r in range(P) if r != rank]
+    def exchange() -> None:  # replicated: every rank sends one row to every other and receives theirs,
+        # the receives posted one exchange ahead (as the executor does)
+        if not posted:
+            posted.extend(dist.irecv(torch.empty(row, dtype=torch.uint8), r, tag=4) for r in peers)
+        now = list(posted)
+        posted[:] = [dist.irecv(torch.empty(row, dtype=torch.uint8), r, tag=4) for r in peers]
+        ws = now + [dist.isend(back, r, tag=4) for r in peers]
         for w in ws:
             w.wait()
 
@@ -172,6 +176,10 @@ def pingpong_s(rank: int, world: int, nbytes: int, n: int) -> dict[str, float]:
                 t0 = time.perf_counter()
                 f()
                 times[name].append(time.perf_counter() - t0)
+    for r in peers:  # answer the last posted receives
+        dist.isend(back, r, tag=4).wait()
+    for w in posted:
+        w.wait()
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -190,6 +198,8 @@ def loopback(args: argparse.Namespace) -> None:
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ep_{os.getpid()}"
     tmp.mkdir(exist_ok=True)
     variants = {"P1": "replicated", "P2": "replicated", "P2_direct": "direct"}  # key -> --ep-exchange
+    if args.unpinned:
+        variants |= {"P2_unpinned": "replicated", "P2_direct_unpinned": "direct"}
     for key, exchange in variants.items():
         (tmp / f"cfg_{key}.json").write_text(json.dumps({
             "dtype": args.dtype, "pingpong": 400 if key == "P2" else 0, "exchange": exchange,
@@ -201,8 +211,9 @@ def loopback(args: argparse.Namespace) -> None:
             cfg, out = tmp / f"cfg_{key}.json", tmp / f"out_{key}.json"
             if key == "P1":
                 subprocess.run(_worker_cmd(cfg, out), env=_env(), check=True, stdout=subprocess.DEVNULL)
-            else:  # each rank pinned to its own core (the default)
-                codes = spawn(_worker_cmd(cfg, out), 2, _env(), timeout_s=600)
+            else:  # each rank pinned to its own core (the default), or not (MOETIER_EP_PIN=0)
+                env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key.endswith("_unpinned") else {})}
+                codes = spawn(_worker_cmd(cfg, out), 2, env, timeout_s=600)
                 assert codes == [0, 0], codes
             got = json.loads(out.read_text())
             row[key] = got["points"][0]
@@ -211,10 +222,12 @@ def loopback(args: argparse.Namespace) -> None:
                 row["pingpong_round_trip_s"] = got["pingpong_round_trip_s"]
         p1 = row["P1"]["tokens_per_s"]
         row["ratio"] = row["P2"]["tokens_per_s"] / p1
-        row["ratio_direct"] = row["P2_direct"]["tokens_per_s"] / p1
+        for key in variants:
+            if key not in ("P1", "P2"):
+                row["ratio" + key[2:]] = row[key]["tokens_per_s"] / p1
         rounds.append(row)
         line = [f"round {i}: P=1 {p1:.1f} tok/s"]
-        for key, r in (("P2 replicated", row["P2"]), ("P2 direct", row["P2_direct"])):
+        for key, r in ((k, row[k]) for k in variants if k != "P1"):
             line.append(f"{key} {r['tokens_per_s']:.1f} tok/s (x{r['tokens_per_s'] / p1:.2f}; "
                         f"{r['collectives_per_step']:.0f} msgs/token at {r['collective_s'] * 1e6:.0f} us, "
                         f"comm {r['comm_s_per_step'] * 1e3:.2f} ms/token, rank 0 CPU "
@@ -224,10 +237,11 @@ def loopback(args: argparse.Namespace) -> None:
     load = os.getloadavg()
     res = {"model": "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
            "median_ratio": statistics.median(r["ratio"] for r in rounds),
-           "median_ratio_direct": statistics.median(r["ratio_direct"] for r in rounds), "loadavg": load,
+           **{"median_ratio" + k[2:]: statistics.median(r["ratio" + k[2:]] for r in rounds)
+              for k in variants if k != "P1"}, "loadavg": load,
            "command": " ".join(["python -m bench.bench_ep loopback", *sys.argv[2:]])}
-    print(f"median P=2 / P=1 decode tok/s: replicated {res['median_ratio']:.2f}, direct "
-          f"{res['median_ratio_direct']:.2f} (load average {load[0]:.1f})")
+    print("median P=2 / P=1 decode tok/s: " + ", ".join(
+        f"{k} {res['median_ratio' + k[2:]]:.2f}" for k in variants if k != "P1") + f" (load average {load[0]:.1f})")
     print("wrote", write_result("ep_loopback", res))
 
 
@@ -453,6 +467,7 @@ def main() -> int:
     lb.add_argument("--rounds", type=int, default=2)
     lb.add_argument("--tokens", type=int, default=48)
     lb.add_argument("--dtype", default="float32")
+    lb.add_argument("--unpinned", action="store_true", help="also P = 2 without pinning (MOETIER_EP_PIN=0)")
     sw = sub.add_parser("sweep")
     sw.add_argument("--batch", type=int, default=32)
     sw.add_argument("--steps", type=int, default=8)
