@@ -66,13 +66,14 @@ import torch.distributed as dist
 
 from moetier.distributed.placement import EPPlacement
 from moetier.errors import MoetierError
+from moetier.planner.cluster import EP_EXCHANGES as EXCHANGES
 
 CMD_MOE, CMD_STOP, CMD_PING, CMD_MOE_INLINE, CMD_MOE_ONE = 1, 2, 3, 4, 5  # ONE: inline, decode of one token
 CMD_STEP = 6  # replicated: (CMD_STEP, words, all_logits) + the step's description (int64 words)
 HEADER = 24  # bytes: (command, layer, rows) as int64
 TAG_CTRL, TAG_ROWS, TAG_COMBINE = 1, 2, 3  # point-to-point message tags (rank 0 <-> a follower)
 TAG_EXCHANGE = 4  # replicated: one message per (rank, other rank) per MoE layer
-EXCHANGES = ("replicated", "direct")  # --ep-exchange: see docs/expert-parallel.md
+DEFAULT_EXCHANGE = "replicated"  # --ep-exchange (EXCHANGES: moetier.planner.cluster.EP_EXCHANGES)
 STEP_INLINE_WORDS = 32  # replicated: a step description this short travels in the control message
 SLOT_HEADER = 16  # replicated: an exchange message starts with (rows, routing check) as int64
 DEFAULT_TIMEOUT_S = 60.0  # step messages (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
@@ -134,7 +135,7 @@ def _original_dispatch_k1(x: torch.Tensor, experts: torch.Tensor, layer: int, pr
 
 
 def model_digest(model_dir: str | Path, dtype: torch.dtype, placement: EPPlacement,
-                 exchange: str = "replicated") -> bytes:
+                 exchange: str = DEFAULT_EXCHANGE) -> bytes:
     """sha256 of config.json, every safetensors file's name, size and header, the dtype, the
     placement and the exchange: ranks started with a different model or placement disagree here."""
     d = Path(model_dir)
@@ -164,7 +165,7 @@ class EPGroup:
     world: int
     placement: EPPlacement
     timeout_s: float | None = None  # step messages; None: MOETIER_EP_TIMEOUT or DEFAULT_TIMEOUT_S
-    exchange: str = "replicated"  # or "direct" (see the module docstring)
+    exchange: str = DEFAULT_EXCHANGE  # "replicated" or "direct" (see the module docstring)
     stats: EPStats = field(default_factory=EPStats)
     _rr: dict[tuple[int, int], int] = field(default_factory=dict)
     _owners: list[list[int]] = field(default_factory=list)
@@ -768,7 +769,7 @@ class EPMetrics:
     group: EPGroup
 
     def to_dict(self) -> dict[str, Any]:
-        from moetier.planner.cluster import direct_remote_pairs, pair_bytes
+        from moetier.planner.cluster import direct_remote_pairs, ep_rows_per_token, pair_bytes
 
         g, s = self.group, self.group.stats
         dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(getattr(g, "dtype", None), "fp32")
@@ -776,6 +777,7 @@ class EPMetrics:
         k = getattr(g, "inline_rows", 1)
         return {"expert_parallel": {
             **{f.name: getattr(s, f.name) for f in fields(s)}, "ranks": g.world, "rank": g.rank,
+            "exchange": g.exchange, "planner_rows_per_token_total": ep_rows_per_token(g.exchange, k, g.world)["total"],
             "planner_pair_bytes": pair_bytes(getattr(g, "hidden", 0), dt),
             "planner_remote_pairs_per_token": direct_remote_pairs(k, g.world)[0],
             "measured_remote_pairs_per_token": s.remote_pairs * k / pairs if pairs else 0.0}}

@@ -11,7 +11,13 @@ from typing import Any
 
 import torch
 
-from moetier.distributed.executor import DistributedError, EPGroup, ExpertParallelProvider, model_digest
+from moetier.distributed.executor import (
+    DEFAULT_EXCHANGE,
+    DistributedError,
+    EPGroup,
+    ExpertParallelProvider,
+    model_digest,
+)
 from moetier.distributed.placement import EPPlacement, contiguous
 from moetier.layers import moe as _moe
 
@@ -35,7 +41,7 @@ def install() -> None:
 
 
 def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement | None = None,
-         dtype: str | torch.dtype = "auto", timeout_s: float | None = None, exchange: str = "replicated",
+         dtype: str | torch.dtype = "auto", timeout_s: float | None = None, exchange: str = DEFAULT_EXCHANGE,
          **kw: Any) -> tuple[Any, EPGroup]:
     """Load one rank's share of an expert-parallel model (after :func:`init`).
 
