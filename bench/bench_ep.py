@@ -68,7 +68,7 @@ def worker(cfg_path: str, out_path: str) -> int:
     if world > 1:
         rank, world = ep.init(timeout_s=120.0)
         model, group = ep.load(None, rank, world, None, dtype=dtype, tokenizer=False, threads=1,
-                               exchange=cfg.get("exchange", "replicated"))
+                               exchange=cfg.get("exchange", ep.DEFAULT_EXCHANGE))
         pingpong = cfg.get("pingpong", 0) and pingpong_s(rank, world, group.ctrl_bytes, cfg["pingpong"])
         if rank != 0:
             group.serve(model)
@@ -197,9 +197,9 @@ def loopback(args: argparse.Namespace) -> None:
 
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ep_{os.getpid()}"
     tmp.mkdir(exist_ok=True)
-    variants = {"P1": "replicated", "P2": "replicated", "P2_direct": "direct"}  # key -> --ep-exchange
+    variants = {"P1": "direct", "P2": "direct", "P2_replicated": "replicated"}  # key -> --ep-exchange
     if args.unpinned:
-        variants |= {"P2_unpinned": "replicated", "P2_direct_unpinned": "direct"}
+        variants |= {"P2_unpinned": "direct", "P2_replicated_unpinned": "replicated"}
     for key, exchange in variants.items():
         (tmp / f"cfg_{key}.json").write_text(json.dumps({
             "dtype": args.dtype, "pingpong": 400 if key == "P2" else 0, "exchange": exchange,
