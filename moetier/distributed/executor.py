@@ -1,10 +1,10 @@
-"""Expert-parallel MoE execution over ``torch.distributed`` (gloo on CPU).
+"""Expert-parallel MoE execution over ``torch.distributed`` (gloo on CPU), in one of two
+exchange patterns (``EPGroup.exchange``; docs/expert-parallel.md):
 
-Batch-1 layout ("rank 0 alone"): rank 0 loads the whole model but only its share of the
-routed experts, runs embeddings, attention, routers, shared experts and the LM head; ranks
-1..P-1 hold only their experts (and, for now, a replicated copy of the always-on weights)
-and run :meth:`EPGroup.serve`. At every MoE layer rank 0 exchanges point-to-point messages
-(gloo ``isend`` / ``irecv``, tags ``TAG_*``) with each follower:
+``"direct"`` (default; batch-1 layout "rank 0 alone"): rank 0 runs embeddings, attention,
+routers, shared experts and the LM head and holds only its share of the routed experts;
+ranks 1..P-1 hold their experts and run :meth:`EPGroup.serve`. At every MoE layer rank 0
+exchanges point-to-point messages (gloo ``isend`` / ``irecv``, tags ``TAG_*``) with each follower:
 
 1. control: one fixed-size message to every follower: ``(command, layer, rows)`` (3 int64)
    followed by room for ``inline_rows`` (= top-k) dispatch rows. When every follower's rows
@@ -17,6 +17,14 @@ and run :meth:`EPGroup.serve`. At every MoE layer rank 0 exchanges point-to-poin
 4. combine: the unweighted expert outputs go back to rank 0 (its receives are posted before it
    computes), which applies the top-k weights and sums them exactly like the single-process
    dispatch (same order).
+
+``"replicated"``: every rank runs the whole forward on the same inputs (rank 0's ``model.step``
+is :meth:`EPGroup.mirrored`: one ``CMD_STEP`` control message per step tells the followers the
+sequences and tokens; :meth:`EPGroup._serve_replicated` runs them on copies). The always-on
+compute is deterministic, so routing is identical everywhere; at each MoE layer every rank runs
+its own pairs and sends their unweighted outputs to every other rank, one message per ordered
+pair of ranks (:meth:`EPGroup._exchange`; receives posted one exchange ahead), then every rank
+sums all pairs in the single-process order.
 
 Point-to-point, not ``all_to_all_single``: c10d hands every gloo collective to its worker
 thread and waits for it (a thread hand-off each way), while gloo posts a send or receive from
@@ -36,10 +44,10 @@ with per-(token, rank) dedup (summing a token's pairs on one rank before the com
 saves ``k - distinct ranks`` rows per token: not done yet.
 
 Bytes counted (per rank): hidden rows sent to / received from *other* ranks, equal to
-``remote pairs x moetier.planner.cluster.pair_bytes(H, dtype)``, whether they travel inline
-in the control message or in the dispatch; everything else on the wire (headers, expert ids,
-the unused room of a fixed-size control message) is ``meta_bytes`` (rank 0 counts what it
-sends, followers what they receive).
+``moetier.planner.cluster.ep_step_rows(exchange, ...) x pair_bytes(H, dtype)`` (in ``direct``,
+whether they travel inline in the control message or in the dispatch); everything else on the
+wire (headers, expert ids, step descriptions, the unused room of fixed-size messages) is
+``meta_bytes``.
 
 The dispatch is plugged in without touching the model code: :func:`moetier.distributed.rank.install` wraps the
 module-level ``dispatch`` of :mod:`moetier.layers.moe` (and llama4's import of it); the
@@ -777,7 +785,8 @@ class EPMetrics:
         k = getattr(g, "inline_rows", 1)
         return {"expert_parallel": {
             **{f.name: getattr(s, f.name) for f in fields(s)}, "ranks": g.world, "rank": g.rank,
-            "exchange": g.exchange, "planner_rows_per_token_total": ep_rows_per_token(g.exchange, k, g.world)["total"],
+            "exchange": g.exchange, "replicated_exchange": int(g.exchange == "replicated"),
+            "planner_rows_per_token_total": ep_rows_per_token(g.exchange, k, g.world)["total"],
             "planner_pair_bytes": pair_bytes(getattr(g, "hidden", 0), dt),
             "planner_remote_pairs_per_token": direct_remote_pairs(k, g.world)[0],
             "measured_remote_pairs_per_token": s.remote_pairs * k / pairs if pairs else 0.0}}

@@ -1,7 +1,7 @@
 """Four ranks on gloo over loopback (kept small for 2-core CI: a tiny mixtral, 8 experts, a few
-tokens): the same logits and greedy tokens as one process with and without replicas, bytes by
-the planner's formula, and a HUNG rank (SIGSTOP) that makes every other rank exit with one line
-within the step timeout instead of waiting forever."""
+tokens): the same logits and greedy tokens as one process with and without replicas, in both
+exchange patterns, bytes by the planner's formula, and a HUNG rank (SIGSTOP, replicated exchange)
+that makes every other rank exit with one line within the step timeout instead of waiting forever."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ def job(tmp_path_factory):
     cases = [{"name": f"mixtral/{x}", "model": str(mixtral), "exchange": x} for x in EXCHANGES] + [
         {"name": f"mixtral-r4/{x}", "model": str(mixtral), "redundant": 4, "routing_profile": str(skew),
          "exchange": x} for x in EXCHANGES] + [
-        {"name": "hangs", "model": str(mixtral), "hang_after": 2, "hang_rank": HUNG, "timeout": STEP_TIMEOUT},
+        # replicated: every rank waits on every other's exchange (the P = 2 module's dying rank runs direct)
+        {"name": "hangs", "model": str(mixtral), "hang_after": 2, "hang_rank": HUNG, "timeout": STEP_TIMEOUT,
+         "exchange": "replicated"},
     ]
     for c in cases:
         c["prompt"], c["new"] = PROMPT, NEW
