@@ -200,6 +200,8 @@ def loopback(args: argparse.Namespace) -> None:
     variants = {"P1": "direct", "P2": "direct", "P2_replicated": "replicated"}  # key -> --ep-exchange
     if args.unpinned:
         variants |= {"P2_unpinned": "direct", "P2_replicated_unpinned": "replicated"}
+    if args.interference:
+        variants["P1x2"] = "direct"
     for key, exchange in variants.items():
         (tmp / f"cfg_{key}.json").write_text(json.dumps({
             "dtype": args.dtype, "pingpong": 400 if key == "P2" else 0, "exchange": exchange,
@@ -211,6 +213,16 @@ def loopback(args: argparse.Namespace) -> None:
             cfg, out = tmp / f"cfg_{key}.json", tmp / f"out_{key}.json"
             if key == "P1":
                 subprocess.run(_worker_cmd(cfg, out), env=_env(), check=True, stdout=subprocess.DEVNULL)
+            elif key == "P1x2":  # two single processes at once, each pinned to its own CPU: do the CPUs interfere?
+                cpus = sorted(os.sched_getaffinity(0))[:2]
+                outs = [tmp / f"out_{key}_{c}.json" for c in cpus]
+                procs = [subprocess.Popen(_worker_cmd(tmp / "cfg_P1.json", o), env=_env(), stdout=subprocess.DEVNULL,
+                                          preexec_fn=lambda c=c: os.sched_setaffinity(0, [c]))
+                         for c, o in zip(cpus, outs)]
+                assert [q.wait() for q in procs] == [0, 0]
+                pts = [json.loads(o.read_text())["points"][0] for o in outs]
+                row[key] = {"tokens_per_s": statistics.mean(q["tokens_per_s"] for q in pts), "each": pts}
+                continue
             else:  # each rank pinned to its own core (the default), or not (MOETIER_EP_PIN=0)
                 env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key.endswith("_unpinned") else {})}
                 codes = spawn(_worker_cmd(cfg, out), 2, env, timeout_s=600)
@@ -227,11 +239,14 @@ def loopback(args: argparse.Namespace) -> None:
                 row["ratio" + key[2:]] = row[key]["tokens_per_s"] / p1
         rounds.append(row)
         line = [f"round {i}: P=1 {p1:.1f} tok/s"]
-        for key, r in ((k, row[k]) for k in variants if k != "P1"):
+        for key, r in ((k, row[k]) for k in variants if k not in ("P1", "P1x2")):
             line.append(f"{key} {r['tokens_per_s']:.1f} tok/s (x{r['tokens_per_s'] / p1:.2f}; "
                         f"{r['collectives_per_step']:.0f} msgs/token at {r['collective_s'] * 1e6:.0f} us, "
                         f"comm {r['comm_s_per_step'] * 1e3:.2f} ms/token, rank 0 CPU "
                         f"{r['process_cpu_s_per_step'] * 1e3:.2f} ms/token)")
+        if "P1x2" in row:
+            line.append(f"two P=1 processes at once: {row['P1x2']['tokens_per_s']:.1f} tok/s each "
+                        f"(x{row['ratiox2']:.2f} of one alone)")
         print("; ".join(line) + "; bare round trips: " + ", ".join(
             f"{k} {v * 1e6:.0f} us" for k, v in row["pingpong_round_trip_s"].items()), flush=True)
     load = os.getloadavg()
@@ -468,6 +483,8 @@ def main() -> int:
     lb.add_argument("--tokens", type=int, default=48)
     lb.add_argument("--dtype", default="float32")
     lb.add_argument("--unpinned", action="store_true", help="also P = 2 without pinning (MOETIER_EP_PIN=0)")
+    lb.add_argument("--interference", action="store_true",
+                    help="also two P = 1 processes at once, pinned to one CPU each (how much the CPUs slow each other)")
     sw = sub.add_parser("sweep")
     sw.add_argument("--batch", type=int, default=32)
     sw.add_argument("--steps", type=int, default=8)
