@@ -5,8 +5,11 @@
     python -m bench.bench_ep plot
 
 ``loopback``: decode tok/s of one process (torch path, 1 thread: what every EP rank runs) and of
-``P = 2`` ranks on 127.0.0.1 (1 thread each), alternated ``--rounds`` times in one run, on the
-embedded model (batch 1). Per message: rank 0's time posting and waiting for step messages (``isend``/``irecv``).
+``P = 2`` ranks on 127.0.0.1 (1 thread each) with the ``direct`` (default) and ``replicated``
+exchanges, alternated ``--rounds`` times in one run, on the embedded model (batch 1). Per
+message: rank 0's time posting and waiting for step messages (``isend``/``irecv``). Bare round
+trips of the message patterns without model work; ``--unpinned`` adds P = 2 without pinning,
+``--interference`` two single processes at once, one per CPU (do the CPUs slow each other?).
 
 ``sweep`` (root): two network namespaces joined by one veth pair; each end's egress gets a
 ``tbf`` qdisc (rate BW, bucket ``max(2 frames, BW x 200 us)`` so a layer's message cannot pass
