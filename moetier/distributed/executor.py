@@ -186,6 +186,7 @@ class EPGroup:
         self._calls_left: int | None = None  # replicated follower: stop after this many MoE layers (tests)
         self._next_seq = 0  # replicated, rank 0: the id the next new sequence gets
         self._freed: list[int] = []  # replicated, rank 0: ids of sequences gone since the last step
+        self._mirrors: dict[int, Any] = {}  # replicated follower: rank 0's sequences (id -> this rank's copy)
         self._slots: dict[int, tuple[torch.Tensor, Any]] = {}  # replicated: posted receives (peer -> buffer, work)
         self._ctrl_next: tuple[torch.Tensor, Any] | None = None  # follower: the next control message's receive
         if self.timeout_s is None:
@@ -504,10 +505,12 @@ class EPGroup:
             if sid is None:  # first seen: the followers make their copy; told when it is gone
                 sid = seq._ep_id = self._next_seq
                 self._next_seq += 1
-                weakref.finalize(seq, self._freed.append, sid)
+                weakref.finalize(seq, self._gone, sid)
             words += [sid, seq.capacity, seq.length, len(ids), *ids]
-        freed, self._freed = self._freed, []
-        words = [len(freed), *freed, len(items), *words]
+        nf = len(self._freed)
+        freed = self._freed[:nf]
+        del self._freed[:nf]  # (a finalizer may append meanwhile: it stays for the next step)
+        words = [nf, *freed, len(items), *words]
         n = len(words)
         msg = torch.zeros(self.ctrl_bytes, dtype=torch.uint8)
         body = torch.tensor(words, dtype=torch.long)
@@ -522,11 +525,14 @@ class EPGroup:
                 self._wait(w)
         self.stats.meta_bytes += (self.world - 1) * (self.ctrl_bytes + (8 * n if n > STEP_INLINE_WORDS else 0))
 
+    def _gone(self, sid: int) -> None:
+        self._freed.append(sid)
+
     def _serve_replicated(self, model: Any) -> list[dict[str, Any]] | None:
         """Follower loop of the replicated exchange: run every step rank 0 runs, on copies of its
         sequences (its MoE layers exchange expert outputs with every rank)."""
         step = type(model).step.__get__(model)  # the plain step (rank 0's is mirrored)
-        seqs: dict[int, Any] = {}
+        seqs = self._mirrors
         while True:
             cmd, n, all_logits, msg = self._recv_ctrl()
             if cmd == CMD_STOP:

@@ -61,6 +61,8 @@ def main() -> int:
                     with open(f"{out}.rank{rank}.err", "w") as f:
                         f.write(str(e))
                     ep.exit_after_fault(str(e))
+                if group.exchange == "replicated":  # rank 0's dropped sequences (the prefill's) were dropped here
+                    assert len(group._mirrors) == 1, f"rank {rank} keeps {len(group._mirrors)} sequences"
                 if c.get("hierarchy"):  # the rank read only experts it owns, into its own cache
                     read = {e for (_, e) in model.provider.local.cache.slot_of}
                     assert read and read <= mine, f"rank {rank} cached experts it does not own: {read - mine}"
