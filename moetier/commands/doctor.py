@@ -118,6 +118,8 @@ def _text(d: dict[str, Any]) -> list[str]:
         ("compiler", f"{n['compiler']} ({n['compiler_version']})" if n["compiler"] else "NONE on PATH"),
         ("compiled isa", " ".join(n["isa"]) or "-"),
         ("kernels", kern),
+        ("kernel isas", (" ".join(n["isas_supported"]) + " (this CPU runs; MOETIER_ISA forces one)")
+         if n["isas_supported"] else "-"),
         ("sources", f"{', '.join(n['sources'])} (flags {' '.join(n['flags'])})"),
         ("torch", f"{t['version']}, {t['threads']} threads ({t['interop_threads']} inter-op); env: {env}"),
         ("cache", f"{c['dir']} ({'writable' if c['writable'] else 'NOT writable'})"),

@@ -2,7 +2,7 @@
 
 The shared library is built with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``;
 ``-O3``; the weight kernels ``csrc/fmt_*.c`` for the baseline ISA with ``-ffp-contract=off``, their
-AVX2 and AVX-512 variants behind target attributes; every other file with ``-march=native``) into
+AVX2, AVX-512 and AVX-512 VNNI variants behind target attributes; every other file with ``-march=native``) into
 the kernel cache (``<moetier cache>/native``, see
 ``planner.probe.cache_dir``), keyed by a hash of the sources, the flags, the compiler version and
 the CPU's feature flags, so a rebuild happens only when one of them changes. Building takes about a
@@ -17,9 +17,11 @@ no compiler is found or the build fails, :func:`library` returns ``None``, print
 :func:`unavailable_reason` says why; the runtime falls back to the torch path. :func:`build_info`
 (used by ``moetier doctor``) reports the compiler, the ISA it targets and the library's path.
 
-The weight kernels use the best instruction set the CPU has (``scalar`` < ``avx2`` < ``avx512``,
-see :func:`isa`); ``MOETIER_ISA=scalar|avx2|avx512`` forces one (an ISA the CPU lacks makes the
-native path unavailable, with the reason).
+The weight kernels use the best instruction set the CPU has (``scalar`` < ``avx2`` < ``avx512`` <
+``avx512vnni``, see :func:`isa`; at ``avx512vnni`` the integer-weight formats that have kernels for it
+compute their dot products in integer arithmetic on x split into int8 digits, the others run their
+``avx512`` kernels); ``MOETIER_ISA=scalar|avx2|avx512|avx512vnni`` forces one (an ISA the CPU lacks
+makes the native path unavailable, with the reason).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ FLAGS = ["-O3", "-fPIC", "-fno-math-errno", "-std=gnu11", "-fopenmp"]
 NATIVE_FLAGS = ["-march=native"]  # glue code (attention, ops, ...): tuned for this CPU
 KERNEL_FLAGS = ["-ffp-contract=off"]  # fmt_*.c: baseline ISA, explicit FMAs only (variants via target attributes)
 LIBS = ["-lm"]
-ISAS = ("scalar", "avx2", "avx512")  # MT_ISA_* order
+ISAS = ("scalar", "avx2", "avx512", "avx512vnni")  # MT_ISA_* order
 FIX = "apt-get install gcc (or dnf install gcc / xcode-select --install), or set CC to a working C compiler"
 
 _lib: ctypes.CDLL | None = None
@@ -258,7 +260,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def isa() -> str | None:
-    """The instruction set the weight kernels use (``scalar``/``avx2``/``avx512``), or ``None``
+    """The instruction set the weight kernels use (``scalar``/``avx2``/``avx512``/``avx512vnni``), or ``None``
     when the native kernels are unavailable."""
     lib = library()
     return None if lib is None else ISAS[lib.mt_get_isa()]

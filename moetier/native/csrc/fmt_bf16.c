@@ -5,9 +5,13 @@
  * odd (xo) columns (`prep`: mt_prep_evenodd, zero-padded past the end). */
 #include "simd.h"
 
-long mt_prep_evenodd_len(long cols) { return 2 * mt_evenodd_half(cols); }
+long mt_prep_evenodd_len(long cols, int isa) {
+    (void)isa;
+    return 2 * mt_evenodd_half(cols);
+}
 
-void mt_prep_evenodd(const float *x, long cols, float *xp) {
+void mt_prep_evenodd(const float *x, long cols, float *xp, int isa) {
+    (void)isa;
     long half = mt_evenodd_half(cols);
     float *xe = xp, *xo = xp + half;
     for (long j = 0; j < half; j++) {

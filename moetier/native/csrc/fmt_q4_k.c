@@ -200,5 +200,95 @@ MT_TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512_n
 MT_TILES(tile_avx2, tile_avx2_n, MT_TARGET_AVX2)
 MT_TILES(tile_avx512, tile_avx512_n, MT_TARGET_AVX512)
 
-const mt_fmt mt_fmt_q4_k = {MT_FMT_Q4_K, "q4_k", {rows_scalar, rows_avx2, rows_avx512}, sum32_len, sum32, dequant,
-                            {NULL, tile_avx2, tile_avx512}};
+/* ---- AVX-512 VNNI: integer dot products on x's digits (simd.h) ----
+ * Prepared x: the 32-value sums (as above), then one digit scale s per super-block, then per
+ * super-block 768 bytes of digits: for each of its 4 nibble vectors (qs[0, 64) low / high
+ * nibbles = sub-blocks (0, 2) / (1, 3), qs[64, 128) = (4, 6) / (5, 7)) the 3 digits of the 64
+ * values they multiply, in that order. Per nibble vector and digit one vpdpbusd gives 16 lane
+ * sums of 4 products (|P| <= 4 * 15 * 127, an int16), weighted by their sub-block's 6-bit
+ * scale in integer (vpdpwssd: the low int16 of P times sc); per super-block and digit the
+ * int32 total T (|T| <= 4 * 63 * 7620) is scaled once in float: acc += (d * s) * T. The
+ * "- dmin * m" term uses the float sums of x, as the kernels above. */
+
+static long vnni_digits_at(long cols) { return (cols / 32 + cols / 256 + 15) & ~15L; } /* floats */
+
+static long prep_len(long cols, int isa) { return isa >= MT_ISA_AVX512VNNI ? vnni_digits_at(cols) + 3 * cols / 4 : cols / 32; }
+
+MT_TARGET_VNNI static void prep_vnni(const float *x, long cols, float *xp) {
+    float *S = xp + cols / 32;
+    __m128i *A = (__m128i *)(xp + vnni_digits_at(cols));
+    for (long i = 0; i < cols / 256; i++, x += 256) {
+        float amax = absmax(x, 256), s = digit_scale(amax), rinv = digit_rinv(amax);
+        S[i] = s;
+        for (int v = 0; v < 4; v++) /* nibble vector v: sub-blocks 4 (v / 2) + (v % 2) and the one 2 above */
+            for (int q = 0; q < 4; q++) { /* its 16-value quarter q */
+                __m128i a[3];
+                digits16(_mm512_loadu_ps(x + 128 * (v >> 1) + 32 * (v & 1) + 64 * (q >> 1) + 16 * (q & 1)), s, rinv,
+                         &a[0], &a[1], &a[2]);
+                for (int k = 0; k < 3; k++) _mm_store_si128(A + 4 * (3 * v + k) + q, a[k]);
+            }
+        A += 48;
+    }
+}
+
+static void prep(const float *x, long cols, float *xp, int isa) {
+    sum32(x, cols, xp, isa);
+    if (isa >= MT_ISA_AVX512VNNI) prep_vnni(x, cols, xp);
+}
+
+MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(const mt_weight *W, const float *const *x,
+                                                                            const float *const *xp, float *const *y,
+                                                                            const int n, long r0, long r1) {
+    (void)x;
+    long nb = W->cols / 256, cols = W->cols;
+    const __m512i m4 = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();
+    const __m512i sel[4] = {_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
+                            _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3),
+                            _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
+                            _mm512_setr_epi32(5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7)};
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m512 acc[MT_TILE_T][3];
+        __m256 am[MT_TILE_T];
+        for (int j = 0; j < n; j++) {
+            acc[j][0] = acc[j][1] = acc[j][2] = _mm512_setzero_ps();
+            am[j] = _mm256_setzero_ps();
+        }
+        for (long i = 0; i < nb; i++, b += QB) {
+            uint16_t dh;
+            memcpy(&dh, b, 2);
+            float d = f16_to_f32_c(dh);
+            __m128i sm = kq_scale_min_bytes(b);
+            __m256 Mv = kq_mins8(b, sm);
+            __m512i sc = _mm512_cvtepu8_epi32(sm), SC[4], w[4];
+            for (int v = 0; v < 4; v++) SC[v] = _mm512_permutexvar_epi32(sel[v], sc);
+            __m512i v0 = _mm512_loadu_si512((const void *)(b + 16)), v1 = _mm512_loadu_si512((const void *)(b + 80));
+            w[0] = _mm512_and_si512(v0, m4);
+            w[1] = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
+            w[2] = _mm512_and_si512(v1, m4);
+            w[3] = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+            for (int j = 0; j < n; j++) {
+                am[j] = _mm256_fmadd_ps(Mv, _mm256_loadu_ps(xp[j] + 8 * i), am[j]);
+                const __m512i *A = (const __m512i *)(xp[j] + vnni_digits_at(cols)) + 12 * i;
+                __m512 ds = _mm512_set1_ps(d * xp[j][cols / 32 + i]);
+                for (int k = 0; k < 3; k++) {
+                    __m512i T = zero;
+                    for (int v = 0; v < 4; v++)
+                        T = _mm512_dpwssd_epi32(T, _mm512_dpbusd_epi32(zero, w[v], _mm512_load_si512(A + 3 * v + k)), SC[v]);
+                    acc[j][k] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(T), acc[j][k]);
+                }
+            }
+        }
+        for (int j = 0; j < n; j++) y[j][r] = digits_reduce(acc[j][0], acc[j][1], acc[j][2]) - hsum256(am[j]);
+    }
+}
+
+MT_TILES(tile_vnni, tile_vnni_n, MT_TARGET_VNNI)
+
+/* the row kernel is the tile for one token (the same code, so the same bits) */
+MT_TARGET_VNNI static void rows_vnni(const mt_weight *W, const float *x, const float *xp, float *y, long r0, long r1) {
+    tile_vnni_n(W, &x, &xp, &y, 1, r0, r1);
+}
+
+const mt_fmt mt_fmt_q4_k = {MT_FMT_Q4_K, "q4_k", {rows_scalar, rows_avx2, rows_avx512, rows_vnni}, prep_len, prep,
+                            dequant, {NULL, tile_avx2, tile_avx512, tile_vnni}};

@@ -58,7 +58,7 @@ typedef void (*tile_fn)(const mt_weight *W, const float *p0, const float *p1, fl
 MT_TARGET_AVX512 static void bf16_tile_avx512(const mt_weight *W, const float *p0, const float *p1, float *y0,
                                               float *y1, long r) {
     const __m512i himask = _mm512_set1_epi32((int)0xffff0000u);
-    long cols = W->cols, cfull = cols & ~31L, rem = cols - cfull, half = mt_fmt_bf16.prep_len(cols) / 2;
+    long cols = W->cols, cfull = cols & ~31L, rem = cols - cfull, half = mt_evenodd_half(cols);
     __mmask32 tail = rem ? (__mmask32)((1ull << rem) - 1) : 0;
     const bf16 *wa = (const bf16 *)mt_row(W, r), *wb = (const bf16 *)mt_row(W, r + 1);
     const float *e0p = p0, *o0p = p0 + half, *e1p = p1, *o1p = p1 + half;
@@ -211,11 +211,12 @@ void mt_run_gemms(mt_gemm_item *items, int n, int nth) {
             fprintf(stderr, "moetier native: weight format %d has no kernel\n", items[i].W->fmt);
             abort();
         }
-        items[i].fn = mt_rows_for(f, isa);
-        items[i].tile = tile_for(f->code, isa);
-        items[i].qtile = f->rows[isa] ? f->tiles[isa] : NULL; /* a tile mirrors this ISA's row kernel */
+        int fi = mt_isa_of(f, isa); /* the ISA of this format's kernels: its row kernel, tile, prepared x */
+        items[i].fn = f->rows[fi];
+        items[i].tile = tile_for(f->code, fi);
+        items[i].qtile = f->tiles[fi]; /* a tile mirrors the row kernel of its ISA */
         items[i].XP = NULL;
-        items[i].ldxp = f->prep ? (f->prep_len(items[i].W->cols) + 15) & ~15L : 0;
+        items[i].ldxp = f->prep ? (f->prep_len(items[i].W->cols, fi) + 15) & ~15L : 0;
         need += items[i].ldxp * items[i].T;
         if (items[i].T > 0) {
             long rb = block_rows(items[i].W);
@@ -243,13 +244,16 @@ void mt_run_gemms(mt_gemm_item *items, int n, int nth) {
         mt_gemm_item *it = &items[i];
         const mt_fmt *f = mt_fmt_lookup(it->W->fmt);
         if (!f->prep || it->T == 0) continue;
+        int fi = mt_isa_of(f, isa);
         const mt_gemm_item *prev = i > 0 ? &items[i - 1] : NULL;
+        const mt_fmt *pf = prev ? mt_fmt_lookup(prev->W->fmt) : NULL;
         if (prev && prev->XP && prev->X == it->X && prev->ldx == it->ldx && prev->idx == it->idx &&
-            prev->T == it->T && prev->W->cols == it->W->cols && mt_fmt_lookup(prev->W->fmt)->prep == f->prep) {
+            prev->T == it->T && prev->W->cols == it->W->cols && pf->prep == f->prep && mt_isa_of(pf, isa) == fi) {
             it->XP = prev->XP;
             continue;
         }
-        for (long t = 0; t < it->T; t++) f->prep(it->X + (it->idx ? it->idx[t] : t) * it->ldx, it->W->cols, p + t * it->ldxp);
+        for (long t = 0; t < it->T; t++)
+            f->prep(it->X + (it->idx ? it->idx[t] : t) * it->ldx, it->W->cols, p + t * it->ldxp, fi);
         it->XP = p;
         p += it->ldxp * it->T;
     }

@@ -36,6 +36,8 @@ int mt_isa_supported(int isa) {
         return mt_isa_supported(MT_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                __builtin_cpu_supports("avx512dq");
+    case MT_ISA_AVX512VNNI:
+        return mt_isa_supported(MT_ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
     default:
         return 0;
     }
@@ -66,11 +68,11 @@ int mt_set_isa(int isa) {
     return 0;
 }
 
-/* the row kernel of format f for `isa` (the next lower ISA with a variant) */
-mt_rows_fn mt_rows_for(const mt_fmt *f, int isa) {
-    for (int i = isa; i >= 0; i--)
-        if (f->rows[i]) return f->rows[i];
-    return NULL;
+/* the ISA whose kernels (row kernel, tile, prepared x) format f runs when `isa` is chosen: the
+ * highest one up to `isa` with a row kernel */
+int mt_isa_of(const mt_fmt *f, int isa) {
+    while (isa > 0 && !f->rows[isa]) isa--;
+    return isa;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -116,9 +118,9 @@ void mt_run_gemvs(mt_gemv_item *items, int n, int nth) {
             fprintf(stderr, "moetier native: weight format %d has no kernel\n", items[i].W->fmt);
             abort();
         }
-        items[i].fn = mt_rows_for(f, isa);
+        items[i].fn = f->rows[mt_isa_of(f, isa)];
         items[i].xp = NULL;
-        if (f->prep) need += (f->prep_len(items[i].W->cols) + 15) & ~15L;
+        if (f->prep) need += (f->prep_len(items[i].W->cols, mt_isa_of(f, isa)) + 15) & ~15L;
     }
     if (need > prep_cap) {
         free(prep_buf);
@@ -130,15 +132,17 @@ void mt_run_gemvs(mt_gemv_item *items, int n, int nth) {
     for (int i = 0; i < n; i++) {
         const mt_fmt *f = mt_fmt_lookup(items[i].W->fmt);
         if (!f->prep) continue;
+        int fi = mt_isa_of(f, isa);
         const mt_gemv_item *prev = i > 0 ? &items[i - 1] : NULL;
-        if (prev && prev->xp && prev->x == items[i].x && prev->W->cols == items[i].W->cols &&
-            mt_fmt_lookup(prev->W->fmt)->prep == f->prep) {
+        const mt_fmt *pf = prev ? mt_fmt_lookup(prev->W->fmt) : NULL;
+        if (prev && prev->xp && prev->x == items[i].x && prev->W->cols == items[i].W->cols && pf->prep == f->prep &&
+            mt_isa_of(pf, isa) == fi) {
             items[i].xp = prev->xp; /* same x, same preparation: reuse */
             continue;
         }
-        f->prep(items[i].x, items[i].W->cols, p);
+        f->prep(items[i].x, items[i].W->cols, p, fi);
         items[i].xp = p;
-        p += (f->prep_len(items[i].W->cols) + 15) & ~15L;
+        p += (f->prep_len(items[i].W->cols, fi) + 15) & ~15L;
     }
     gemv_batch B = {items, n, 0};
     long elems = 0;

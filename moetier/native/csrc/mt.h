@@ -10,7 +10,8 @@
  * live (RAM, cache slot, prefetch slot): tiered runs are bit-identical to in-RAM runs.
  *
  * Files: parallel.c (claim-based worker pool), gemv.c (batched row-split engine + ISA dispatch),
- * fmt_*.c (one per weight format: its row dot product, scalar reference + AVX2 + AVX-512),
+ * fmt_*.c (one per weight format: its row dot product, scalar reference + AVX2 + AVX-512, and for
+ * the integer-weight formats AVX-512 VNNI),
  * ops.c (norm, rope, SwiGLU), attention.c, moe.c (router, experts, dense MLP), decode.c
  * (scratch, embedding, head, the whole-step path); many.h, gemm.c, prefill.c (many tokens per
  * call: prefill and batched steps); mla.c (DeepSeek MLA); ext.h, sinks.c, ext_many.c (gpt-oss /
@@ -43,11 +44,15 @@ enum {
     MT_FMT_GGML_MXFP4 = 139,
 };
 
-/* instruction sets of the weight kernels (gemv.c picks one at run time) */
-enum { MT_ISA_SCALAR = 0, MT_ISA_AVX2 = 1, MT_ISA_AVX512 = 2, MT_N_ISA = 3 };
+/* instruction sets of the weight kernels (gemv.c picks one at run time). avx512vnni: AVX-512
+ * plus VNNI (vpdpbusd: u8 x s8 dot products into int32); the integer-weight formats that have
+ * kernels there multiply their codes with x decomposed into int8 digits (simd.h: digits of x)
+ * in integer arithmetic; a format without them runs its avx512 kernels. */
+enum { MT_ISA_SCALAR = 0, MT_ISA_AVX2 = 1, MT_ISA_AVX512 = 2, MT_ISA_AVX512VNNI = 3, MT_N_ISA = 4 };
 
 #define MT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define MT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define MT_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
 /* One 2-D weight [rows, cols] in its stored format (built in Python: native/weights.py).
  * Row r's packed values start at data + r * stride (bytes). Formats with separate scales:
@@ -72,7 +77,7 @@ typedef struct {
 static inline const void *mt_row(const mt_weight *w, long r) { return (const char *)w->data + r * w->stride; }
 
 /* A format's row kernel: y[r] = W[r, :] . x for rows [r0, r1). xp: x prepared by the
- * format's `prep` (NULL if it has none). */
+ * format's `prep` for the kernel's ISA (NULL if it has none). */
 typedef void (*mt_rows_fn)(const mt_weight *w, const float *x, const float *xp, float *y, long r0, long r1);
 
 /* A format's reference dequantizer: out[0, n) = W[r, c0 : c0 + n) as float32, bit for bit the
@@ -88,12 +93,16 @@ typedef void (*mt_dequant_fn)(const mt_weight *w, long r, long c0, long n, float
 typedef void (*mt_tile_fn)(const mt_weight *w, const float *const *x, const float *const *xp, float *const *y,
                            int n, long r0, long r1);
 
+/* A format's kernels. rows[i] NULL: no variant for ISA i, the next lower ISA with one runs
+ * (its row kernel, its tile and x prepared for it: mt_isa_of). `prep` prepares x once per
+ * product for the kernels of ISA `isa` (the one mt_isa_of chose) into prep_len(cols, isa)
+ * floats (64-byte aligned). */
 typedef struct {
     int code;
     const char *name;
-    mt_rows_fn rows[MT_N_ISA];    /* NULL: no variant for this ISA (the next lower one runs) */
-    long (*prep_len)(long cols);  /* floats of prepared x (NULL: the format needs none) */
-    void (*prep)(const float *x, long cols, float *xp);
+    mt_rows_fn rows[MT_N_ISA];
+    long (*prep_len)(long cols, int isa);  /* NULL: the format needs no prepared x */
+    void (*prep)(const float *x, long cols, float *xp, int isa);
     mt_dequant_fn dequant;        /* NULL for plain float formats */
     mt_tile_fn tiles[MT_N_ISA];   /* NULL: none for this ISA (gemm.c runs the row kernel per token) */
 } mt_fmt;
@@ -107,8 +116,8 @@ extern const mt_fmt mt_fmt_f32, mt_fmt_bf16, mt_fmt_f16, mt_fmt_fp8, mt_fmt_int4
  * zero past the end: the `prep` of bf16 (2 values per dword) and of the 2-codes-per-byte
  * nibble formats (int4_group, mxfp4; nibble.h). Defined in fmt_bf16.c. */
 static inline long mt_evenodd_half(long cols) { return (cols / 2 + 16 + 15) & ~15L; }
-long mt_prep_evenodd_len(long cols);
-void mt_prep_evenodd(const float *x, long cols, float *xp);
+long mt_prep_evenodd_len(long cols, int isa);
+void mt_prep_evenodd(const float *x, long cols, float *xp, int isa);
 
 /* The scalar reference row kernel of a quantized format: each 256-column chunk of a row
  * dequantized by `dq` into a local buffer, then the f32 reference dot product (8 lane sums,
@@ -206,7 +215,7 @@ typedef struct {
  * concatenated and split into equal contiguous chunks, one per thread. */
 void mt_run_gemvs(mt_gemv_item *items, int n, int nth);
 const mt_fmt *mt_fmt_lookup(int code);
-mt_rows_fn mt_rows_for(const mt_fmt *f, int isa);
+int mt_isa_of(const mt_fmt *f, int isa); /* the ISA of the kernels f runs when `isa` is chosen */
 int mt_get_isa(void);
 
 /* ------------------------------------------------------------------------------------ */

@@ -152,32 +152,101 @@ MT_TARGET_AVX2 static inline __m128i bits16(uint32_t qh, int j0) {
 /* the 8 D[j] = d * sc[j] and M[j] = dmin * m[j]: the 6-bit fields unpacked four at a time
  * (32-bit masks, ggml's get_scale_min_k4 layout), one vector multiply each; the reference's
  * products, so the same bits */
-MT_TARGET_AVX2 static inline void kq_scales8(const uint8_t *b, __m256 *D, __m256 *M) {
-    uint16_t dh, mh;
+MT_TARGET_AVX2 static inline __m128i kq_scale_min_bytes(const uint8_t *b) { /* sc[0..8) then m[0..8) */
     uint32_t u0, u1, u2;
-    memcpy(&dh, b, 2);
-    memcpy(&mh, b + 2, 2);
     memcpy(&u0, b + 4, 4);
     memcpy(&u1, b + 8, 4);
     memcpy(&u2, b + 12, 4);
     uint32_t sc_lo = u0 & 0x3f3f3f3fu, m_lo = u1 & 0x3f3f3f3fu;
     uint32_t sc_hi = (u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4);
     uint32_t m_hi = ((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4);
-    __m128i s = _mm_setr_epi32((int)sc_lo, (int)sc_hi, (int)m_lo, (int)m_hi);
+    return _mm_setr_epi32((int)sc_lo, (int)sc_hi, (int)m_lo, (int)m_hi);
+}
+
+/* the 8 M[j] = dmin * m[j] of the bytes above */
+MT_TARGET_AVX2 static inline __m256 kq_mins8(const uint8_t *b, __m128i s) {
+    uint16_t mh;
+    memcpy(&mh, b + 2, 2);
+    return _mm256_mul_ps(_mm256_set1_ps(f16_to_f32_c(mh)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(s, 8))));
+}
+
+MT_TARGET_AVX2 static inline void kq_scales8(const uint8_t *b, __m256 *D, __m256 *M) {
+    uint16_t dh;
+    memcpy(&dh, b, 2);
+    __m128i s = kq_scale_min_bytes(b);
     *D = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32_c(dh)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(s)));
-    *M = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32_c(mh)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(s, 8))));
+    *M = kq_mins8(b, s);
 }
 
 /* a format's `prep` of x for kernels that factor a sub-block's "- dmin * m" out of its sum:
  * the sum of each 32 values of x (fixed order) */
-static inline long sum32_len(long cols) { return cols / 32; }
+static inline long sum32_len(long cols, int isa) {
+    (void)isa;
+    return cols / 32;
+}
 
-static inline void sum32(const float *x, long cols, float *xp) {
+static inline void sum32(const float *x, long cols, float *xp, int isa) {
+    (void)isa;
     for (long j = 0; j < cols / 32; j++) {
         float s = 0.0f;
         for (int i = 0; i < 32; i++) s += x[32 * j + i];
         xp[j] = s;
     }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* x as int8 digits (the avx512vnni kernels)                                              */
+/*   A block of x (16 or more values sharing one scale s = max |x| / 127) as three signed  */
+/*   int8 digits per value: x = s * (a1 + a2 / 254 + a3 / 254^2) + e, |a| <= 127, |e| <=   */
+/*   s / (2 * 254^2) (plus float rounding of the residuals): max |x| * 6.1e-8, float32     */
+/*   grade. A kernel's integer codes q times the digits are exact in int32 (vpdpbusd: 64    */
+/*   u8 x s8 products per instruction), one sum per digit; the three sums P1, P2, P3 are    */
+/*   scaled once per block and combined in float: s * (P1 + (P2 + P3 / 254) / 254).        */
+/*   Not a lossy quantization of x (llama.cpp's q8 activations): only float32 rounding.    */
+
+#define MT_DIGIT_INV (1.0f / 254.0f)
+
+/* the scale s of a block whose largest |x| is amax, and 1 / s (0 for an all-zero block) */
+static inline float digit_scale(float amax) { return amax / 127.0f; }
+static inline float digit_rinv(float amax) { return amax > 0.0f ? 127.0f / amax : 0.0f; }
+
+/* the three digits of 16 values of a block with scale s (rinv = digit_rinv), as int8 */
+MT_TARGET_VNNI static inline void digits16(__m512 x, float s, float rinv, __m128i *a1, __m128i *a2, __m128i *a3) {
+    const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+#define DIGIT(t) _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps((t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi)
+    __m512 d1 = DIGIT(_mm512_mul_ps(x, _mm512_set1_ps(rinv)));
+    __m512 r1 = _mm512_fnmadd_ps(d1, _mm512_set1_ps(s), x); /* x - s a1, one rounding */
+    __m512 d2 = DIGIT(_mm512_mul_ps(r1, _mm512_set1_ps(rinv * 254.0f)));
+    __m512 r2 = _mm512_fnmadd_ps(d2, _mm512_set1_ps(s * MT_DIGIT_INV), r1);
+    __m512 d3 = DIGIT(_mm512_mul_ps(r2, _mm512_set1_ps(rinv * (254.0f * 254.0f))));
+#undef DIGIT
+    *a1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(d1));
+    *a2 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(d2));
+    *a3 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(d3));
+}
+
+/* max |x[i]| over n values (n a multiple of 16); NaN if one is NaN (the product is then NaN) */
+MT_TARGET_VNNI static inline float absmax(const float *x, long n) {
+    __m512 m = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (long i = 0; i < n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        m = _mm512_max_ps(m, _mm512_abs_ps(v));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    return nan ? f32_from_bits(0x7fc00000u) : _mm512_reduce_max_ps(m);
+}
+
+/* acc1 + acc23 / 254^2, summed over the lanes (acc23: the digit-2 sums times 254 plus the
+ * digit-3 sums) */
+MT_TARGET_VNNI static inline float digits_reduce2(__m512 acc1, __m512 acc23) {
+    return _mm512_reduce_add_ps(_mm512_fmadd_ps(acc23, _mm512_set1_ps(MT_DIGIT_INV * MT_DIGIT_INV), acc1));
+}
+
+/* acc1 + (acc2 + acc3 / 254) / 254, summed over the lanes: the dot product of the digit sums */
+MT_TARGET_VNNI static inline float digits_reduce(__m512 acc1, __m512 acc2, __m512 acc3) {
+    const __m512 c = _mm512_set1_ps(MT_DIGIT_INV);
+    return _mm512_reduce_add_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(acc3, c, acc2), c, acc1));
 }
 
 #endif
