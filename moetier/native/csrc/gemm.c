@@ -120,7 +120,19 @@ static tile_fn tile_for(int fmt, int isa) {
     return fmt == MT_FMT_BF16 ? bf16_tile_avx512 : fmt == MT_FMT_F32 ? f32_tile_avx512 : NULL;
 }
 
-static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1) {
+/* software prefetch of the next unit's weights, spread over this unit's tile calls: a unit's
+ * rows are a short stream the hardware prefetcher picks up late, and its first pass over them
+ * waits on memory while the later passes compute from L1; this overlaps the two */
+typedef struct {
+    const char *p, *end; /* lines still to prefetch */
+    long per_call;       /* lines per tile call */
+} prefetch_run;
+
+static inline void prefetch_step(prefetch_run *pf) {
+    for (long i = 0; i < pf->per_call && pf->p < pf->end; i++, pf->p += 64) _mm_prefetch(pf->p, _MM_HINT_T0);
+}
+
+static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1, const char *next, long next_bytes) {
     if (it->qtile) /* up to MT_TILE_T tokens per pass over the rows */
         for (; t0 + 1 < t1; t0 += MT_TILE_T) {
             int n = t1 - t0 < MT_TILE_T ? (int)(t1 - t0) : MT_TILE_T;
@@ -137,6 +149,8 @@ static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1)
                     for (long q = r0; q < r1; q++) y[j][q] += ld(it->b, it->bdt, q);
         }
     if (it->tile) { /* on prepared rows when the format prepares x, else on x itself */
+        long calls = ((t1 - t0) / 2) * ((r1 - r0) / 2);
+        prefetch_run pf = {next, next + (next ? next_bytes : 0), calls ? ((next_bytes + 63) / 64 + calls - 1) / calls : 0};
         for (; t0 + 2 <= t1; t0 += 2) {
             const float *x0 = it->X + (it->idx ? it->idx[t0] : t0) * it->ldx;
             const float *x1 = it->X + (it->idx ? it->idx[t0 + 1] : t0 + 1) * it->ldx;
@@ -144,7 +158,10 @@ static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1)
             const float *p0 = it->XP ? xp0 : x0, *p1 = it->XP ? xp1 : x1;
             float *y0 = it->Y + t0 * it->ldy, *y1 = y0 + it->ldy;
             long r = r0;
-            for (; r + 2 <= r1; r += 2) it->tile(it->W, p0, p1, y0, y1, r);
+            for (; r + 2 <= r1; r += 2) {
+                it->tile(it->W, p0, p1, y0, y1, r);
+                prefetch_step(&pf);
+            }
             if (r < r1) {
                 it->fn(it->W, x0, xp0, y0, r, r1);
                 it->fn(it->W, x1, xp1, y1, r, r1);
@@ -184,7 +201,17 @@ static void gemm_task(void *vctx, int tid, int nth) {
         for (long u = u0; u < u1; u++) {
             const mt_gemm_item *it = &B->items[B->unit_item[u]];
             if (tb >= it->T) continue;
-            run_unit(it, B->unit_r0[u], B->unit_r1[u], tb, tb + TOKEN_BLOCK < it->T ? tb + TOKEN_BLOCK : it->T);
+            long v = u + 1; /* the next unit this thread runs in this token block: its rows to prefetch */
+            while (v < u1 && tb >= B->items[B->unit_item[v]].T) v++;
+            const char *next = NULL;
+            long next_bytes = 0;
+            if (v < u1) {
+                const mt_weight *W = B->items[B->unit_item[v]].W;
+                next = (const char *)mt_row(W, B->unit_r0[v]);
+                next_bytes = (B->unit_r1[v] - B->unit_r0[v]) * W->stride;
+            }
+            run_unit(it, B->unit_r0[u], B->unit_r1[u], tb, tb + TOKEN_BLOCK < it->T ? tb + TOKEN_BLOCK : it->T,
+                     next, next_bytes);
         }
 }
 
