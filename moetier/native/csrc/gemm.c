@@ -30,6 +30,8 @@ typedef struct {
 typedef void (*tile_fn)(const mt_weight *W, const float *const *p, float *const *y, int n, long r);
 
 #define MT_INLINE static inline __attribute__((always_inline))
+/* the token loops fully unrolled so the accumulator arrays live in registers (2 x 3 x 4 of the
+ * 32 zmm; without the pragma GCC keeps them on the stack) */
 #define FOR_T _Pragma("GCC unroll 3") for (int j = 0; j < NT; j++)
 
 /* bfloat16, NT tokens: per (row, token) the accumulators e0 o0 e1 o1 of rows_avx512 (even /
