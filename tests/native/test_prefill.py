@@ -259,15 +259,16 @@ def _gemm_vs_gemv(lib, w, T: int, bias: torch.Tensor | None, nth: int) -> tuple[
 @pytest.mark.parametrize("isa", native.ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemm_is_gemv_per_row(lib, isa, dtype):
-    """The multi-token engine (row blocks, 2x2 register tiles where a format has them, odd rows
-    and tokens left over) gives every (token, row) the single-token product's bits."""
+    """The multi-token engine (row blocks, register tiles of 2 rows x 3 or 2 tokens where a format
+    has them: T = 4, 5, 7, 8 split 2+2, 3+2, 3+2+2, 3+3+2; odd rows and tokens left over) gives
+    every (token, row) the single-token product's bits."""
     if isa not in native.isas_supported():
         pytest.skip(f"this CPU does not run {isa}")
     native.set_isa(isa)
     try:
         for rows, cols in [(1, 1), (2, 31), (3, 33), (7, 65), (9, 100), (64, 256), (33, 1031), (130, 96)]:
             w = torch.randn(rows, cols).to(dtype)
-            for T in (1, 2, 3, 8):
+            for T in (1, 2, 3, 4, 5, 7, 8):
                 for bias in (None, torch.randn(rows).to(dtype)):
                     for nth in (1, 3):
                         got, want = _gemm_vs_gemv(lib, w, T, bias, nth)
