@@ -90,61 +90,146 @@ static void absorb_task(void *vctx, int tid, int nth) {
     for (long h = h0; h < h1; h++) mt_mla_absorb(L, A->dt, h, A->M->q, 0, A->M->qlat + h * L->C, 0, 1);
 }
 
-static inline float dot_dt(const float *a, const void *b, int dt, long off, long n) {
-    float acc[8] = {0};
-    long i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define MLA_AVX512 1
+
+static inline __m512 ld16(const void *p, int dt, long i, __mmask16 m) {
     if (dt == DT_BF16) {
-        const bf16 *p = (const bf16 *)b + off;
-        for (; i + 8 <= n; i += 8)
-            for (int j = 0; j < 8; j++) acc[j] += a[i + j] * bf16_to_f32(p[i + j]);
-        for (; i < n; i++) acc[i & 7] += a[i] * bf16_to_f32(p[i]);
-    } else {
-        const float *p = (const float *)b + off;
-        for (; i + 8 <= n; i += 8)
-            for (int j = 0; j < 8; j++) acc[j] += a[i + j] * p[i + j];
-        for (; i < n; i++) acc[i & 7] += a[i] * p[i];
+        __m256i h = _mm256_maskz_loadu_epi16(m, (const bf16 *)p + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    return _mm512_maskz_loadu_ps(m, (const float *)p + i);
 }
 
-void mt_mla_attend_head(const mla_desc *L, int dt, const float *ql, const float *qr, const void *Ckv,
-                        const void *Kr, long n, float *o, float *sc) {
+static inline __mmask16 tail_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+
+/* the 16 lanes summed as ((l[j] + l[j+8]) + (l[j+4] + l[j+12])) ... : hsum16's tree */
+static inline float hsum16_v(__m512 v) {
+    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_shuffle_ps(b, b, 1)));
+}
+#endif
+
+/* 16 lane sums reduced: l[j] += l[j + 8], then + l[j + 4], + l[j + 2], + l[j + 1] */
+static inline float hsum16(float *l) {
+    for (int k = 8; k >= 1; k /= 2)
+        for (int j = 0; j < k; j++) l[j] += l[j + k];
+    return l[0];
+}
+
+
+/* score[r][s] = scale * ([ql[r] | qr[r]] . [Ckv[s] | Kr[s]]) for r < R <= MLA_ROWS, s < n: 16 lane
+ * accumulators (lane j takes the elements j, j + 16, ... of the C part, then of the dr part,
+ * one FMA each), reduced by hsum16's tree. Each score's bits depend only on its row and key. */
+static void mla_scores(const mla_desc *L, int dt, const float *ql, const float *qr, long ldqr, int R,
+                       const void *Ckv, const void *Kr, long n, float *sc, long ldsc) {
     long C = L->C, dr = L->dr;
-    float mx = -INFINITY;
-    for (long t = 0; t < n; t++) {
-        float s = (dot_dt(ql, Ckv, dt, t * C, C) + dot_dt(qr, Kr, dt, t * dr, dr)) * L->scale;
-        sc[t] = s;
-        if (s > mx) mx = s;
+#ifdef MLA_AVX512
+    for (long s0 = 0; s0 < n; s0 += 4) {
+        int ns = n - s0 < 4 ? (int)(n - s0) : 4;
+        __m512 acc[MLA_ROWS][4];
+        for (int r = 0; r < MLA_ROWS; r++)
+            for (int k = 0; k < 4; k++) acc[r][k] = _mm512_setzero_ps();
+        for (int part = 0; part < 2; part++) {
+            long D = part ? dr : C;
+            const float *q = part ? qr : ql;
+            long ldq = part ? ldqr : C;
+            const void *K = part ? Kr : Ckv;
+            for (long c = 0; c < D; c += 16) {
+                __mmask16 m = tail_mask(D - c);
+                __m512 kv[4];
+                for (int k = 0; k < ns; k++) kv[k] = ld16(K, dt, (s0 + k) * D + c, m);
+                for (int r = 0; r < R; r++) {
+                    __m512 qv = _mm512_maskz_loadu_ps(m, q + r * ldq + c);
+                    for (int k = 0; k < ns; k++) acc[r][k] = _mm512_fmadd_ps(qv, kv[k], acc[r][k]);
+                }
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int k = 0; k < ns; k++) sc[r * ldsc + s0 + k] = hsum16_v(acc[r][k]) * L->scale;
     }
-    float sum = 0.0f;
-    for (long t = 0; t < n; t++) {
-        sc[t] = expf(sc[t] - mx);
-        sum += sc[t];
+#else
+    for (int r = 0; r < R; r++)
+        for (long s = 0; s < n; s++) {
+            float l[16] = {0};
+            for (long c = 0; c < C; c++) l[c & 15] = fmaf(ql[r * C + c], ld(Ckv, dt, s * C + c), l[c & 15]);
+            for (long c = 0; c < dr; c++) l[c & 15] = fmaf(qr[r * ldqr + c], ld(Kr, dt, s * dr + c), l[c & 15]);
+            sc[r * ldsc + s] = hsum16(l) * L->scale;
+        }
+#endif
+}
+
+/* o[r][c] = sum_s p[r][s] Ckv[s][c] (s ascending, one FMA per term) for r < R */
+static void mla_values(const mla_desc *L, int dt, int R, const float *p, long ldp, const void *Ckv, long n, float *o,
+                       long ldo) {
+    long C = L->C;
+#ifdef MLA_AVX512
+    for (long c0 = 0; c0 < C; c0 += 64) {
+        int nc = (int)((C - c0 + 15) / 16 < 4 ? (C - c0 + 15) / 16 : 4);
+        __mmask16 m[4];
+        __m512 acc[MLA_ROWS][4];
+        for (int c = 0; c < nc; c++) m[c] = tail_mask(C - c0 - 16 * c);
+        for (int r = 0; r < MLA_ROWS; r++)
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+        for (long s = 0; s < n; s++) {
+            __m512 v[4];
+            for (int c = 0; c < nc; c++) v[c] = ld16(Ckv, dt, s * C + c0 + 16 * c, m[c]);
+            for (int r = 0; r < R; r++) {
+                __m512 pv = _mm512_set1_ps(p[r * ldp + s]);
+                for (int c = 0; c < nc; c++) acc[r][c] = _mm512_fmadd_ps(pv, v[c], acc[r][c]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < nc; c++) _mm512_mask_storeu_ps(o + r * ldo + c0 + 16 * c, m[c], acc[r][c]);
     }
-    float inv = 1.0f / sum;
-    for (long c = 0; c < C; c++) o[c] = 0.0f;
-    for (long t = 0; t < n; t++) {
-        float p = sc[t] * inv;
-        if (dt == DT_BF16) {
-            const bf16 *v = (const bf16 *)Ckv + t * C;
-            for (long c = 0; c < C; c++) o[c] += p * bf16_to_f32(v[c]);
-        } else {
-            const float *v = (const float *)Ckv + t * C;
-            for (long c = 0; c < C; c++) o[c] += p * v[c];
+#else
+    for (int r = 0; r < R; r++) {
+        float *orow = o + r * ldo;
+        for (long c = 0; c < C; c++) orow[c] = 0.0f;
+        for (long s = 0; s < n; s++) {
+            float pr = p[r * ldp + s];
+            for (long c = 0; c < C; c++) orow[c] = fmaf(pr, ld(Ckv, dt, s * C + c), orow[c]);
         }
     }
+#endif
 }
 
-/* softmax attention in the latent space, heads split over threads */
+void mt_mla_attend_rows(const mla_desc *L, int dt, int R, const float *ql, const float *qr, long ldqr,
+                        const void *Ckv, const void *Kr, long n, float *o, float *sc) {
+    long C = L->C;
+    for (int r0 = 0; r0 < R; r0 += MLA_ROWS) {
+        int nr = R - r0 < MLA_ROWS ? R - r0 : MLA_ROWS;
+        mla_scores(L, dt, ql + r0 * C, qr + r0 * ldqr, ldqr, nr, Ckv, Kr, n, sc, n);
+        for (int r = 0; r < nr; r++) {
+            float *s = sc + r * n, mx = -INFINITY, sum = 0.0f;
+            for (long t = 0; t < n; t++)
+                if (s[t] > mx) mx = s[t];
+            for (long t = 0; t < n; t++) {
+                s[t] = expf(s[t] - mx);
+                sum += s[t];
+            }
+            float inv = 1.0f / sum;
+            for (long t = 0; t < n; t++) s[t] *= inv;
+        }
+        mla_values(L, dt, nr, sc, n, Ckv, n, o + r0 * C, C);
+    }
+}
+
+/* softmax attention in the latent space, groups of MLA_ROWS heads split over threads */
 static void mla_attn_task(void *vctx, int tid, int nth) {
     const mla_ctx *A = (const mla_ctx *)vctx;
     const mla_desc *L = A->L;
-    long C = L->C, dn = L->dn, dr = L->dr;
-    long h0 = L->nh * tid / nth, h1 = L->nh * (tid + 1) / nth;
-    float *sc = A->M->scores + (long)tid * A->n;
-    for (long h = h0; h < h1; h++)
-        mt_mla_attend_head(L, A->dt, A->M->qlat + h * C, A->M->q + h * (dn + dr) + dn, A->Ckv, A->Kr, A->n,
-                           A->M->olat + h * C, sc);
+    long C = L->C, dn = L->dn, dr = L->dr, ng = (L->nh + MLA_ROWS - 1) / MLA_ROWS;
+    float *sc = A->M->scores + (long)tid * MLA_ROWS * A->n;
+    for (long g = ng * tid / nth; g < ng * (tid + 1) / nth; g++) {
+        long h = g * MLA_ROWS;
+        int R = L->nh - h < MLA_ROWS ? (int)(L->nh - h) : MLA_ROWS;
+        mt_mla_attend_rows(L, A->dt, R, A->M->qlat + h * C, A->M->q + h * (dn + dr) + dn, dn + dr, A->Ckv, A->Kr,
+                           A->n, A->M->olat + h * C, sc);
+    }
 }
 
 void mt_mla_post(const mla_desc *L, int dt, float *q, float *kv, void *Ckv, void *Kr, long pos, const float *cs,
@@ -192,7 +277,7 @@ int mt_mla_attention(const mla_desc *L, mla_scratch *M, scratch *S, int dt, floa
     int ath = nh * dn * C < PARALLEL_MIN_ELEMS ? 1 : nth;
     parallel_run(absorb_task, &A, ath);
     ath = n * nh * (2 * C + dr) < PARALLEL_MIN_ELEMS ? 1 : nth;
-    long need = n * ath;
+    long need = n * MLA_ROWS * ath;
     if (M->n_scores < need) {
         float *p = (float *)realloc(M->scores, need * 4);
         if (!p) return -1;

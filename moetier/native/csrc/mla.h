@@ -44,10 +44,15 @@ void mt_mla_post(const mla_desc *L, int dt, float *q, float *kv, void *Ckv, void
  * kvb[h (dn + dv) + d][c] (d ascending, per element). q rows ldq floats apart, ql rows ldl. */
 void mt_mla_absorb(const mla_desc *L, int dt, long h, const float *q, long ldq, float *ql, long ldl, long T);
 
-/* One (token, head): softmax attention in the latent space over positions 0 .. n-1 of Ckv / Kr;
- * ql [C] the absorbed query, qr [dr] the roped query part, o [C] the attended latent, sc [n] scratch. */
-void mt_mla_attend_head(const mla_desc *L, int dt, const float *ql, const float *qr, const void *Ckv,
-                        const void *Kr, long n, float *o, float *sc);
+#define MLA_ROWS 4 /* heads of one token per pass over the cache (mt_mla_attend_rows) */
+
+/* R heads of one token: softmax attention in the latent space over positions 0 .. n-1 of Ckv /
+ * Kr. ql [R, C] the absorbed queries (rows C apart), qr the roped query parts (rows ldqr apart,
+ * dr each), o [R, C] the attended latents, sc [R n] scratch. Each head's result depends only
+ * on its own query and the cache (not on R or on the heads beside it): the single-token step
+ * and the multi-token one group heads differently and get the same bits. */
+void mt_mla_attend_rows(const mla_desc *L, int dt, int R, const float *ql, const float *qr, long ldqr,
+                        const void *Ckv, const void *Kr, long n, float *o, float *sc);
 
 /* The routing of one token from its router logits `scores` [E] (overwritten by the scores):
  * ids[k] (descending choice value, ties to the lower id), w[k]; choice [E] scratch. */

@@ -94,20 +94,21 @@ static void absorb_many_task(void *vctx, int tid, int nth) {
     }
 }
 
-/* units (token, head), split over the threads by cost (positions attended) */
+/* units (token, group of MLA_ROWS heads), split over the threads by cost (positions attended) */
 static void attend_many_task(void *vctx, int tid, int nth) {
     const mla_many_ctx *X = (const mla_many_ctx *)vctx;
     const mla_desc *L = X->L;
-    long nh = L->nh, C = L->C, dn = L->dn, n_units = X->T * nh;
+    long nh = L->nh, C = L->C, dn = L->dn, ng = (nh + MLA_ROWS - 1) / MLA_ROWS, n_units = X->T * ng;
     const double *cum = X->A->cum;
     double total = cum[n_units], lo = total * tid / nth, hi = total * (tid + 1) / nth;
     float *sc = X->A->scores + (long)tid * X->scores_per_thread;
     for (long u = 0; u < n_units; u++) {
         double mid = (cum[u] + cum[u + 1]) / 2;
         if (mid < lo || (mid >= hi && tid != nth - 1)) continue;
-        long t = X->t0 + u / nh, h = u % nh, s = X->seq[t];
-        mt_mla_attend_head(L, X->dt, X->A->qlat + u * C, X->A->q + t * X->ldq + h * (dn + L->dr) + dn, X->Ckv[s],
-                           X->Kr[s], X->pos[t] + 1, X->A->olat + u * C, sc);
+        long tl = u / ng, h = (u % ng) * MLA_ROWS, t = X->t0 + tl, s = X->seq[t];
+        int R = nh - h < MLA_ROWS ? (int)(nh - h) : MLA_ROWS;
+        mt_mla_attend_rows(L, X->dt, R, X->A->qlat + (tl * nh + h) * C, X->A->q + t * X->ldq + h * (dn + L->dr) + dn,
+                           dn + L->dr, X->Ckv[s], X->Kr[s], X->pos[t] + 1, X->A->olat + (tl * nh + h) * C, sc);
     }
 }
 
@@ -141,22 +142,22 @@ int mt_mla_attention_many(const mla_desc *L, mla_many *A, many *M, int dt, long 
     }
     for (long c0 = 0; c0 < T; c0 += LATENT_CHUNK) { /* absorb, attend, W_UV: LATENT_CHUNK tokens at a time */
         long n = T - c0 < LATENT_CHUNK ? T - c0 : LATENT_CHUNK;
-        mla_many_ctx X = {L, A, dt, n, ldq, c0, pos, seq, Ckv, Kr, nmax};
+        mla_many_ctx X = {L, A, dt, n, ldq, c0, pos, seq, Ckv, Kr, nmax * MLA_ROWS};
         double macs = (double)n * nh * dn * C;
         parallel_run(absorb_many_task, &X, macs < PARALLEL_MIN_ELEMS ? 1 : nth);
-        long n_units = n * nh;
+        long ng = (nh + MLA_ROWS - 1) / MLA_ROWS, n_units = n * ng;
         if (n_units + 1 > A->n_cum) {
             double *c = (double *)realloc(A->cum, (n_units + 1) * sizeof(double));
             if (!c) return -1;
             A->cum = c, A->n_cum = n_units + 1;
         }
         A->cum[0] = 0;
-        for (long u = 0; u < n_units; u++) /* positions attended + a fixed cost per head */
-            A->cum[u + 1] = A->cum[u] + (double)(pos[c0 + u / nh] + 1) + 8;
-        int ath = A->cum[n_units] * (2 * C + dr) < PARALLEL_MIN_ELEMS ? 1 : nth;
-        if (A->n_scores < nmax * ath) {
-            if (mt_grow(&A->scores, nmax * ath)) return -1;
-            A->n_scores = nmax * ath;
+        for (long u = 0; u < n_units; u++) /* positions attended + a fixed cost per head group */
+            A->cum[u + 1] = A->cum[u] + (double)(pos[c0 + u / ng] + 1) + 8;
+        int ath = A->cum[n_units] * MLA_ROWS * (2 * C + dr) < PARALLEL_MIN_ELEMS ? 1 : nth;
+        if (A->n_scores < nmax * MLA_ROWS * ath) {
+            if (mt_grow(&A->scores, nmax * MLA_ROWS * ath)) return -1;
+            A->n_scores = nmax * MLA_ROWS * ath;
         }
         parallel_run(attend_many_task, &X, ath);
         for (long h = 0; h < nh; h++) /* out[t, h] = W_UV[h] o_lat[t, h] */
