@@ -80,6 +80,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         ("mt_mla_scratch_free", None, [P]),
         ("mt_mla_attention", I, [P, P, P, I, P, P, P, L, P, P, I]),
         ("mt_route_grouped", None, [P, P, I, P, P, P, P, I]),
+        ("mt_mla_layers", I, [P, P, P, I, P, P, I, P, P, P, L, P, P, P, P, P, P, P, L, P, I]),
     ):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -268,6 +269,18 @@ class MLADecoder(_StepBase):
         self.rotary = type(net.rotary)(net.rotary.inv_freq, net.rotary.attention_factor)  # own float32 tables
         self.kv_like = [(torch.empty(0, m.C, dtype=net.dtype), torch.empty(0, m.dr, dtype=net.dtype))
                         for m in self.mla]
+        # whole-step path (one native call for all layers) for in-RAM experts, see _StepBase._table()
+        n = len(net.layers)
+        self.norms = [layer.post_attention_layernorm for layer in net.layers]
+        self.blocks = net.moe_blocks()
+        self.ffn_descs, self.e_max = self.ffn, max(E, 1)
+        self.mla_array = (ctypes.c_void_p * n)(*self.mla_ptrs)
+        self.ffn_array = (ctypes.c_void_p * n)(*self.ffn_ptrs)
+        self.route_array = (ctypes.c_void_p * n)(*self.route_ptrs)
+        self.c_ptrs, self.r_ptrs = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)()
+        self.ids_all = (ctypes.c_int64 * (n * MAX_TOPK))()
+        self.table_for: Any = None  # the provider the descriptor tables were built for
+        self.tables: Any = None
         self.many: Any = None  # the multi-token stepper (native/mla_prefill.py), made on first use
 
     def __del__(self) -> None:
@@ -299,6 +312,18 @@ class MLADecoder(_StepBase):
         xp, cp, sp = self._begin(token, pos)
         observers = net.observers
         sp_ = self.scratch
+        if not observers and not any(n._forward_pre_hooks for n in self.norms) and self._table():
+            # every layer in one native call: same functions, same order, same bits
+            for i in range(len(self.mla)):
+                C, R = cache_reserve(seq, i, self.kv_like[i], pos + 1, time_dim=0)
+                self.c_ptrs[i], self.r_ptrs[i] = C.data_ptr(), R.data_ptr()
+            gu, up, dn = self.tables
+            rc = lib.mt_mla_layers(self.mla_array, self.ffn_array, self.route_array, len(self.mla), self.mscratch,
+                                   sp_, dt, xp, self.c_ptrs, self.r_ptrs, pos, cp, sp, self.scores.data_ptr(),
+                                   self.choice.data_ptr(), gu, up, dn, self.e_max, self.ids_all, nth)
+            if rc:
+                raise MemoryError(f"native decode: no memory for attention scores (layer {-1 - rc})")
+            return self._finish(seq, pos, xp, nth)
         for i, layer in enumerate(net.layers):
             C, R = cache_reserve(seq, i, self.kv_like[i], pos + 1, time_dim=0)  # [cap, C], [cap, dr]
             if lib.mt_mla_attention(self.mla_ptrs[i], self.mscratch, sp_, dt, xp, C.data_ptr(), R.data_ptr(), pos,
@@ -334,7 +359,4 @@ class MLADecoder(_StepBase):
                     gu[0], up[0], dn[0] = get(provider.get(i, e), i, e, d)
                     lib.mt_moe(desc, sp_, dt, xp, 1, gu, up, dn, ctypes.byref(w, 4 * j), 0, nth)
                 lib.mt_moe(desc, sp_, dt, xp, 0, gu, up, dn, w, 1, nth)
-        seq.length = pos + 1
-        logits = torch.empty(1, self.V, dtype=torch.float32)
-        lib.mt_head(self.norm_w, self.out_w, self.norm_eps, dt, sp_, xp, logits.data_ptr(), nth)
-        return logits
+        return self._finish(seq, pos, xp, nth)

@@ -299,6 +299,41 @@ int mt_mla_attention(const mla_desc *L, mla_scratch *M, scratch *S, int dt, floa
     return 0;
 }
 
+void mt_route_grouped(const route_desc *R, const float *h, int dt, float *scores, float *choice, int64_t *ids,
+                      float *w, int nth);
+
+/* Every layer of one decode step in one call, for providers whose experts all stay in RAM (the
+ * MLA counterpart of decode.c: mt_layers): per layer mt_mla_attention, then mt_dense_mlp (R[i]
+ * NULL) or mt_route_grouped and mt_moe with the chosen experts' descriptors from the tables
+ * ([n_layers * e_max]). The same functions in the same order as the Python-driven step (the
+ * same bits). Ckv[i], Kr[i]: layer i's latent cache; scores / choice: [E] scratch; ids_out
+ * [n_layers * 64]. Returns 0, or -1 - i when layer i could not allocate attention scratch. */
+int mt_mla_layers(const mla_desc *const *A, const layer_desc *const *F, const route_desc *const *R, int n_layers,
+                  mla_scratch *M, scratch *S, int dt, float *x, void *const *Ckv, void *const *Kr, long pos,
+                  const float *cs, const float *sn, float *scores, float *choice,
+                  const mt_weight *const *gate_table, const mt_weight *const *up_table,
+                  const mt_weight *const *down_table, long e_max, int64_t *ids_out, int nth) {
+    const mt_weight *g[64], *u[64], *d[64];
+    float w[64];
+    for (int i = 0; i < n_layers; i++) {
+        if (mt_mla_attention(A[i], M, S, dt, x, Ckv[i], Kr[i], pos, cs, sn, nth)) return -1 - i;
+        if (!R[i]) {
+            mt_dense_mlp(F[i], S, dt, x, nth);
+            continue;
+        }
+        int64_t *ids = ids_out + (long)i * 64;
+        mt_route_grouped(R[i], S->h, dt, scores, choice, ids, w, nth);
+        for (long j = 0; j < R[i]->topk; j++) {
+            long k = (long)i * e_max + ids[j];
+            g[j] = gate_table[k];
+            u[j] = up_table[k];
+            d[j] = down_table[k];
+        }
+        mt_moe(F[i], S, dt, x, (int)R[i]->topk, g, u, d, w, 1, nth);
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* DeepSeek grouped top-k router (moetier/layers/routing.py: grouped_topk)               */
 
