@@ -64,20 +64,41 @@ typedef struct {
 } mla_ctx;
 
 #define ABSORB_COLS 256 /* latent columns per pass (their W_UK rows converted once for all tokens) */
+#define ABSORB_ROWS 4   /* W_UK rows per pass over a token's q_lat columns */
+
+/* o[c] = fmaf(a[k], w[k][c], o[c]) for k = 0 .. m - 1 in order, c < n (one FMA per term: the
+ * same bits however the rows are grouped) */
+static inline void absorb_rows(float *o, const float *a, const float *const *w, int m, long n) {
+    if (m == ABSORB_ROWS) {
+        const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+        for (long c = 0; c < n; c++)
+            o[c] = fmaf(a[3], w3[c], fmaf(a[2], w2[c], fmaf(a[1], w1[c], fmaf(a[0], w0[c], o[c]))));
+        return;
+    }
+    for (int k = 0; k < m; k++)
+        for (long c = 0; c < n; c++) o[c] = fmaf(a[k], w[k][c], o[c]);
+}
 
 void mt_mla_absorb(const mla_desc *L, int dt, long h, const float *q, long ldq, float *ql, long ldl, long T) {
     long C = L->C, dn = L->dn, dr = L->dr, dv = L->dv;
-    float wf[ABSORB_COLS];
+    float wf[ABSORB_ROWS][ABSORB_COLS];
     for (long t = 0; t < T; t++) memset(ql + t * ldl, 0, C * sizeof(float));
     for (long c0 = 0; c0 < C; c0 += ABSORB_COLS) {
         long n = C - c0 < ABSORB_COLS ? C - c0 : ABSORB_COLS;
-        for (long d = 0; d < dn; d++) {
-            long row = (h * (dn + dv) + d) * C + c0;
-            for (long c = 0; c < n; c++) wf[c] = ld(L->kvb, dt, row + c);
-            for (long t = 0; t < T; t++) {
-                float a = q[t * ldq + h * (dn + dr) + d], *o = ql + t * ldl + c0;
-                for (long c = 0; c < n; c++) o[c] += a * wf[c];
+        for (long d0 = 0; d0 < dn; d0 += ABSORB_ROWS) {
+            int m = dn - d0 < ABSORB_ROWS ? (int)(dn - d0) : ABSORB_ROWS;
+            const float *w[ABSORB_ROWS];
+            for (int k = 0; k < m; k++) {
+                long row = (h * (dn + dv) + d0 + k) * C + c0;
+                if (dt == DT_F32) {
+                    w[k] = (const float *)L->kvb + row;
+                } else {
+                    for (long c = 0; c < n; c++) wf[k][c] = ld(L->kvb, dt, row + c);
+                    w[k] = wf[k];
+                }
             }
+            for (long t = 0; t < T; t++)
+                absorb_rows(ql + t * ldl + c0, q + t * ldq + h * (dn + dr) + d0, w, m, n);
         }
     }
 }
