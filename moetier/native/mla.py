@@ -59,6 +59,7 @@ class MlaDesc(ctypes.Structure):
         ("q_w", ctypes.c_void_p), ("qa_w", ctypes.c_void_p), ("qa_b", ctypes.c_void_p), ("qa_norm", ctypes.c_void_p),
         ("kva_w", ctypes.c_void_p), ("kva_b", ctypes.c_void_p), ("kva_norm", ctypes.c_void_p),
         ("kvb", ctypes.c_void_p), ("uv", ctypes.c_void_p), ("o_w", ctypes.c_void_p), ("o_b", ctypes.c_void_p),
+        ("kvb_w", ctypes.c_void_p),
     ]
 
 
@@ -206,7 +207,7 @@ class MLADecoder(_StepBase):
             if copied:
                 self.keep.append(kvb)
                 self.copy_bytes += copied
-            m.kvb = _ptr(kvb)
+            m.kvb, m.kvb_w = _ptr(kvb), self._w(kvb, f"layer {i} kv_b_proj")
             uv = (MtWeight * m.nh)()
             blocks = kvb.view(m.nh, m.dn + m.dv, m.C)
             for h in range(m.nh):

@@ -36,6 +36,9 @@ from moetier.native.prefill import ManyStepper
 if TYPE_CHECKING:
     from moetier.native.mla import MLADecoder
 
+PLAIN: bool | None = None  # the plain form: None chosen per run by cost, False never, True whenever allowed
+PLAIN_MODES = {None: -1, False: 0, True: 1}
+
 
 def _declare(lib: ctypes.CDLL) -> None:
     prefill._declare(lib)
@@ -45,7 +48,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name, res, args in (
         ("mt_mla_many_new", P, [L, L, L, L, L, L, L]),
         ("mt_mla_many_free", None, [P]),
-        ("mt_mla_attention_many", I, [P, P, P, I, L, P, P, P, P, P, P, P, I]),
+        ("mt_mla_attention_many", I, [P, P, P, I, L, P, P, P, P, P, P, P, I, I]),
         ("mt_route_grouped_many", I, [P, P, P, I, L, P, P, I]),
     ):
         fn = getattr(lib, name)
@@ -101,7 +104,7 @@ class MLAManyStepper(ManyStepper):
             o = i * S * sz
             if lib.mt_mla_attention_many(dec.mla_ptrs[i], self.a, self.m, dt, T, xp, positions.data_ptr(),
                                          seqs.data_ptr(), ctypes.byref(ckv, o), ctypes.byref(kr, o), cos.data_ptr(),
-                                         sin.data_ptr(), nth):
+                                         sin.data_ptr(), PLAIN_MODES[PLAIN], nth):
                 raise MemoryError(f"native MLA prefill: out of memory in layer {i} attention ({T} tokens)")
             norm = layer.post_attention_layernorm
             if norm._forward_pre_hooks:

@@ -142,12 +142,20 @@ static inline float hsum16(float *l) {
 }
 
 
-/* score[r][s] = scale * ([ql[r] | qr[r]] . [Ckv[s] | Kr[s]]) for r < R <= MLA_ROWS, s < n: 16 lane
- * accumulators (lane j takes the elements j, j + 16, ... of the C part, then of the dr part,
- * one FMA each), reduced by hsum16's tree. Each score's bits depend only on its row and key. */
-static void mla_scores(const mla_desc *L, int dt, const float *ql, const float *qr, long ldqr, int R,
-                       const void *Ckv, const void *Kr, long n, float *sc, long ldsc) {
-    long C = L->C, dr = L->dr;
+/* rows of a matrix: row i at element i * ld of p (dtype dt), D columns */
+typedef struct {
+    const void *p;
+    long ld;
+    int dt;
+    long D;
+} mla_rows;
+
+/* score[r][s] = scale * ([q1[r] | q2[r]] . [K1[s] | K2[s]]) for r < R <= MLA_ROWS, s < n (q1, q2
+ * float rows ld1 / ld2 apart, as wide as K1 / K2): 16 lane accumulators (lane j takes the
+ * elements j, j + 16, ... of the first part, then of the second, one FMA each), reduced by
+ * hsum16's tree. Each score's bits depend only on its row and key. */
+static void mla_scores(float scale, const float *q1, long ld1, const float *q2, long ld2, int R, mla_rows K1,
+                       mla_rows K2, long n, float *sc, long ldsc) {
 #ifdef MLA_AVX512
     for (long s0 = 0; s0 < n; s0 += 4) {
         int ns = n - s0 < 4 ? (int)(n - s0) : 4;
@@ -155,14 +163,13 @@ static void mla_scores(const mla_desc *L, int dt, const float *ql, const float *
         for (int r = 0; r < MLA_ROWS; r++)
             for (int k = 0; k < 4; k++) acc[r][k] = _mm512_setzero_ps();
         for (int part = 0; part < 2; part++) {
-            long D = part ? dr : C;
-            const float *q = part ? qr : ql;
-            long ldq = part ? ldqr : C;
-            const void *K = part ? Kr : Ckv;
-            for (long c = 0; c < D; c += 16) {
-                __mmask16 m = tail_mask(D - c);
+            mla_rows K = part ? K2 : K1;
+            const float *q = part ? q2 : q1;
+            long ldq = part ? ld2 : ld1;
+            for (long c = 0; c < K.D; c += 16) {
+                __mmask16 m = tail_mask(K.D - c);
                 __m512 kv[4];
-                for (int k = 0; k < ns; k++) kv[k] = ld16(K, dt, (s0 + k) * D + c, m);
+                for (int k = 0; k < ns; k++) kv[k] = ld16(K.p, K.dt, (s0 + k) * K.ld + c, m);
                 for (int r = 0; r < R; r++) {
                     __m512 qv = _mm512_maskz_loadu_ps(m, q + r * ldq + c);
                     for (int k = 0; k < ns; k++) acc[r][k] = _mm512_fmadd_ps(qv, kv[k], acc[r][k]);
@@ -170,35 +177,39 @@ static void mla_scores(const mla_desc *L, int dt, const float *ql, const float *
             }
         }
         for (int r = 0; r < R; r++)
-            for (int k = 0; k < ns; k++) sc[r * ldsc + s0 + k] = hsum16_v(acc[r][k]) * L->scale;
+            for (int k = 0; k < ns; k++) sc[r * ldsc + s0 + k] = hsum16_v(acc[r][k]) * scale;
     }
 #else
     for (int r = 0; r < R; r++)
         for (long s = 0; s < n; s++) {
             float l[16] = {0};
-            for (long c = 0; c < C; c++) l[c & 15] = fmaf(ql[r * C + c], ld(Ckv, dt, s * C + c), l[c & 15]);
-            for (long c = 0; c < dr; c++) l[c & 15] = fmaf(qr[r * ldqr + c], ld(Kr, dt, s * dr + c), l[c & 15]);
-            sc[r * ldsc + s] = hsum16(l) * L->scale;
+            for (long c = 0; c < K1.D; c++) l[c & 15] = fmaf(q1[r * ld1 + c], ld(K1.p, K1.dt, s * K1.ld + c), l[c & 15]);
+            for (long c = 0; c < K2.D; c++) l[c & 15] = fmaf(q2[r * ld2 + c], ld(K2.p, K2.dt, s * K2.ld + c), l[c & 15]);
+            sc[r * ldsc + s] = hsum16(l) * scale;
         }
 #endif
 }
 
-/* o[r][c] = sum_s p[r][s] Ckv[s][c] (s ascending, one FMA per term) for r < R */
-static void mla_values(const mla_desc *L, int dt, int R, const float *p, long ldp, const void *Ckv, long n, float *o,
-                       long ldo) {
-    long C = L->C;
+/* o[r][c] = sum_{s < n[r]} p[r][s] V[s][c] (s ascending, one FMA per term) for r < R */
+static void mla_values(int R, const float *p, long ldp, const long *n, mla_rows V, float *o, long ldo) {
+    long nmin = n[0], nmax = n[0];
+    for (int r = 1; r < R; r++) {
+        if (n[r] < nmin) nmin = n[r];
+        if (n[r] > nmax) nmax = n[r];
+    }
 #ifdef MLA_AVX512
-    for (long c0 = 0; c0 < C; c0 += 64) {
-        int nc = (int)((C - c0 + 15) / 16 < 4 ? (C - c0 + 15) / 16 : 4);
+    for (long c0 = 0; c0 < V.D; c0 += 64) {
+        int nc = (int)((V.D - c0 + 15) / 16 < 4 ? (V.D - c0 + 15) / 16 : 4);
         __mmask16 m[4];
         __m512 acc[MLA_ROWS][4];
-        for (int c = 0; c < nc; c++) m[c] = tail_mask(C - c0 - 16 * c);
+        for (int c = 0; c < nc; c++) m[c] = tail_mask(V.D - c0 - 16 * c);
         for (int r = 0; r < MLA_ROWS; r++)
             for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
-        for (long s = 0; s < n; s++) {
+        for (long s = 0; s < nmax; s++) {
             __m512 v[4];
-            for (int c = 0; c < nc; c++) v[c] = ld16(Ckv, dt, s * C + c0 + 16 * c, m[c]);
+            for (int c = 0; c < nc; c++) v[c] = ld16(V.p, V.dt, s * V.ld + c0 + 16 * c, m[c]);
             for (int r = 0; r < R; r++) {
+                if (s >= nmin && s >= n[r]) continue;
                 __m512 pv = _mm512_set1_ps(p[r * ldp + s]);
                 for (int c = 0; c < nc; c++) acc[r][c] = _mm512_fmadd_ps(pv, v[c], acc[r][c]);
             }
@@ -207,36 +218,55 @@ static void mla_values(const mla_desc *L, int dt, int R, const float *p, long ld
             for (int c = 0; c < nc; c++) _mm512_mask_storeu_ps(o + r * ldo + c0 + 16 * c, m[c], acc[r][c]);
     }
 #else
+    (void)nmin;
+    (void)nmax;
     for (int r = 0; r < R; r++) {
         float *orow = o + r * ldo;
-        for (long c = 0; c < C; c++) orow[c] = 0.0f;
-        for (long s = 0; s < n; s++) {
+        for (long c = 0; c < V.D; c++) orow[c] = 0.0f;
+        for (long s = 0; s < n[r]; s++) {
             float pr = p[r * ldp + s];
-            for (long c = 0; c < C; c++) orow[c] = fmaf(pr, ld(Ckv, dt, s * C + c), orow[c]);
+            for (long c = 0; c < V.D; c++) orow[c] = fmaf(pr, ld(V.p, V.dt, s * V.ld + c), orow[c]);
         }
     }
 #endif
 }
 
+/* R <= MLA_ROWS query rows over keys s < n[r]: scores, softmax per row, values */
+static void attend(float scale, int R, const float *q1, long ld1, const float *q2, long ld2, mla_rows K1, mla_rows K2,
+                   mla_rows V, const long *n, float *o, long ldo, float *sc) {
+    long nmax = n[0];
+    for (int r = 1; r < R; r++)
+        if (n[r] > nmax) nmax = n[r];
+    mla_scores(scale, q1, ld1, q2, ld2, R, K1, K2, nmax, sc, nmax);
+    for (int r = 0; r < R; r++) {
+        float *s = sc + r * nmax, mx = -INFINITY, sum = 0.0f;
+        for (long t = 0; t < n[r]; t++)
+            if (s[t] > mx) mx = s[t];
+        for (long t = 0; t < n[r]; t++) {
+            s[t] = expf(s[t] - mx);
+            sum += s[t];
+        }
+        float inv = 1.0f / sum;
+        for (long t = 0; t < n[r]; t++) s[t] *= inv;
+    }
+    mla_values(R, sc, nmax, n, V, o, ldo);
+}
+
 void mt_mla_attend_rows(const mla_desc *L, int dt, int R, const float *ql, const float *qr, long ldqr,
                         const void *Ckv, const void *Kr, long n, float *o, float *sc) {
-    long C = L->C;
+    long C = L->C, ns[MLA_ROWS] = {n, n, n, n};
+    mla_rows ckv = {Ckv, C, dt, C}, kr = {Kr, L->dr, dt, L->dr};
     for (int r0 = 0; r0 < R; r0 += MLA_ROWS) {
         int nr = R - r0 < MLA_ROWS ? R - r0 : MLA_ROWS;
-        mla_scores(L, dt, ql + r0 * C, qr + r0 * ldqr, ldqr, nr, Ckv, Kr, n, sc, n);
-        for (int r = 0; r < nr; r++) {
-            float *s = sc + r * n, mx = -INFINITY, sum = 0.0f;
-            for (long t = 0; t < n; t++)
-                if (s[t] > mx) mx = s[t];
-            for (long t = 0; t < n; t++) {
-                s[t] = expf(s[t] - mx);
-                sum += s[t];
-            }
-            float inv = 1.0f / sum;
-            for (long t = 0; t < n; t++) s[t] *= inv;
-        }
-        mla_values(L, dt, nr, sc, n, Ckv, n, o + r0 * C, C);
+        attend(L->scale, nr, ql + r0 * C, C, qr + r0 * ldqr, ldqr, ckv, kr, ckv, ns, o + r0 * C, C, sc);
     }
+}
+
+void mt_mla_attend_plain(const mla_desc *L, int dt, int R, const float *q, long ldq, const float *kv, long ldkv,
+                         const void *Kr, const long *n, float *o, long ldo, float *sc) {
+    long dn = L->dn, dr = L->dr;
+    mla_rows k = {kv, ldkv, DT_F32, dn}, kr = {Kr, dr, dt, dr}, v = {kv + dn, ldkv, DT_F32, L->dv};
+    attend(L->scale, R, q, ldq, q + dn, ldq, k, kr, v, n, o, ldo, sc);
 }
 
 /* softmax attention in the latent space, groups of MLA_ROWS heads split over threads */
