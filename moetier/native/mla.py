@@ -14,9 +14,12 @@ dense layers run ``mt_dense_mlp``. The latent cache is the one the torch path ke
 (``layers/mla.py``: ``c_kv`` [L, C], ``k_rot`` [L, dr]); no step decompresses it. The absorbed
 attention reads ``kv_b_proj`` as plain model-dtype rows; a ``kv_b_proj`` stored quantized (FP8
 releases, ``--quantize-all``, GGUF block types) is dequantized once at build, exactly as the torch
-path dequantizes it per use (:func:`plain_kv_b`; the ``--max-ram`` budget charges the copy). Prefill and
-batched steps (several tokens / sequences per call) run through :meth:`MLADecoder.step_many`
-(``native/mla_prefill.py``, ``csrc/mla_many.c``) with the same per-token arithmetic.
+path dequantizes it per use (:func:`plain_kv_b`; the ``--max-ram`` budget charges the copy). With
+every expert in RAM (``InMemoryExpertProvider``), no router observer and no norm pre-hook, one
+native call runs all layers (``mt_mla_layers``: the same functions in the same order, the same
+bits). Prefill and batched steps (several tokens / sequences per call) run through
+:meth:`MLADecoder.step_many` (``native/mla_prefill.py``, ``csrc/mla_many.c``): single tokens with
+the same per-token arithmetic, a prompt's tokens in the plain (decompressed) form.
 
 Numerics and hooks as in :mod:`moetier.native.decode` (float32 activations, one thread per
 output element, router observers and post-attention-norm pre-hooks kept).

@@ -11,9 +11,11 @@
  *   score[h, s] = scale * (q_lat[h] . c_kv[s] + q_rot[h] . k_rot[s])
  *   o_lat[h]    = sum_s softmax(score[h])[s] c_kv[s]
  *
+ * All heads share the latent keys: the attention runs MLA_ROWS heads per pass over the cache.
  * Every output element is computed by one thread in a fixed order (thread-count independent).
- * The per-token pieces (mla.h: mt_mla_post, mt_mla_absorb, mt_mla_attend_head, mt_route_pick)
- * are shared with the multi-token step (mla_many.c).
+ * The per-token pieces (mla.h: mt_mla_post, mt_mla_absorb, mt_mla_attend_rows, mt_route_pick;
+ * mt_mla_attend_plain, the plain form's attention) are shared with the multi-token step
+ * (mla_many.c). mt_mla_layers runs every layer of a step in one call (experts in RAM).
  */
 #include "mla.h"
 

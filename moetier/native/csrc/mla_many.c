@@ -1,25 +1,28 @@
 /* Many tokens per call through the DeepSeek MLA layers (moetier/native/mla_prefill.py): a prompt
  * (one sequence, T causal positions), one new token of each of N sequences, or a mix, as one flat
- * token batch, with the per-token arithmetic of the single-token step (mla.c):
+ * token batch:
  *
  *   norm1                         per token (rms_norm)
  *   q (or q_a -> norm -> q_b), kv_a   multi-token products (gemm.c), each weight read once per call
  *   c_kv norm, rope, cache write  per token into its own sequence's latent cache (mt_mla_post)
- *   W_UK absorbed into the query  per (head, token block) (mt_mla_absorb: W_UK rows converted
- *                                 once for the block, d ascending per element as for one token);
- *                                 this, the attention and W_UV run LATENT_CHUNK tokens at a time
- *                                 (their [nh, C] latents held for those tokens only)
- *   latent attention              per (token, head) over the positions up to the token's own
- *                                 (mt_mla_attend_head; a prompt's tokens see the rows written
- *                                 before them in this call)
- *   W_UV, o_proj                  multi-token products (W_UV one product per head)
+ *   per run of one sequence's consecutive tokens, the absorbed form (the single-token step's):
+ *     W_UK absorbed into the query  per (head, token block) (mt_mla_absorb: W_UK rows converted
+ *                                   once for the block, d ascending per element as for one token);
+ *                                   this, the attention and W_UV run LATENT_CHUNK tokens at a time
+ *                                   (their [nh, C] latents held for those tokens only)
+ *     latent attention              per (token, 4 heads) over the positions up to the token's own
+ *                                   (mt_mla_attend_rows; a prompt's tokens see the rows written
+ *                                   before them in this call)
+ *     W_UV                          multi-token products (one per head)
+ *   or the plain form (plain_run, below: 2+ tokens, by cost)
+ *   o_proj                        a multi-token product
  *   residual, norm2               per token, into the shared multi-token scratch (many.h)
  *
  * then the grouped router per token (mt_route_pick on a multi-token product of the router) and
  * the feed-forward through prefill.c's mt_moe_many (tokens grouped by expert, shared expert,
- * dense MLP). Every token runs the same functions in the same order as a single-token step, so
- * results are bit-identical to stepping the tokens one at a time, whatever the thread count or
- * the batch mates.
+ * dense MLP). In the absorbed form every token runs the same functions in the same order as a
+ * single-token step, so results are bit-identical to stepping the tokens one at a time, whatever
+ * the thread count or the batch mates; the plain form is within float rounding of that.
  */
 #include "many.h"
 #include "mla.h"
