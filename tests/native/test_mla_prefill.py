@@ -36,14 +36,6 @@ STEPS = 16
 pytestmark = pytest.mark.usefixtures("_native_on")  # lib: tests/native/conftest.py
 
 
-@pytest.fixture
-def absorbed(monkeypatch):
-    """Multi-token steps in the absorbed form only (the single-token step's arithmetic)."""
-    from moetier.native import mla_prefill
-
-    monkeypatch.setattr(mla_prefill, "PLAIN", False)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     made: dict[str, object] = {}
