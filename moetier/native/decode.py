@@ -193,6 +193,39 @@ class _StepBase:
         D = cos.shape[1]
         return xp, cos.data_ptr() + 4 * D * pos, sin.data_ptr() + 4 * D * pos
 
+    def _finish(self, seq: Sequence, pos: int, xp: int, nth: int) -> torch.Tensor:
+        """Advance ``seq`` past ``pos``; the logits [1, V] of the residual stream at ``xp``."""
+        seq.length = pos + 1
+        logits = torch.empty(1, self.V, dtype=torch.float32)
+        self.lib.mt_head(self.norm_w, self.out_w, self.norm_eps, self.dt, self.scratch, xp, logits.data_ptr(), nth)
+        return logits
+
+    def _table(self) -> bool:
+        """Descriptor tables of every routed expert when the provider keeps them all in RAM
+        (``InMemoryExpertProvider``); False when another provider is attached. For the whole-step
+        calls (all layers in one native call); reads ``blocks`` (``net.moe_blocks()``), ``e_max``,
+        ``ffn_descs`` (each layer's feed-forward ``LayerDesc``), ``experts``, ``table_for``."""
+        from moetier.models.base import InMemoryExpertProvider
+
+        blocks = self.blocks
+        providers = {id(b.provider) for b in blocks.values()}
+        provider = next(iter(blocks.values())).provider if blocks else None
+        if len(providers) > 1 or type(provider) is not InMemoryExpertProvider:
+            return False
+        if self.table_for is provider:
+            return True
+        n, E = len(self.net.layers), self.e_max
+        gu, up, dn = ((ctypes.c_void_p * (n * E))() for _ in range(3))
+        for i in blocks:
+            for e in range(self.ffn_descs[i].E):
+                ew = provider.experts.get((i, e))
+                if ew is None or ew.gate_up_bias is not None or ew.down_bias is not None:
+                    return False
+                k = i * E + e
+                gu[k], up[k], dn[k] = self.experts.get(ew, i, e, self.ffn_descs[i])
+        self.tables, self.table_for = (gu, up, dn), provider
+        return True
+
 
 class NativeDecoder(_StepBase):
     """Native single-token decode for one :class:`DecoderLM` (see the module docstring)."""
@@ -275,6 +308,7 @@ class NativeDecoder(_StepBase):
         self.k_ptrs, self.v_ptrs, self.caps = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)(), (ctypes.c_long * n)()
         self.ids_all = (ctypes.c_int64 * (n * MAX_TOPK))()
         self.e_max = max(E, 1)
+        self.ffn_descs = self.descs
         self.table_for: Any = None  # the provider the descriptor tables were built for
         self.tables: Any = None  # (gate_up, up, down) pointer tables and their descriptors
         self.many: Any = None  # the multi-token stepper (native/prefill.py), made on first use
@@ -284,30 +318,6 @@ class NativeDecoder(_StepBase):
         if lib is not None and s:
             lib.mt_scratch_free(s)
             self.scratch = None
-
-    def _table(self) -> bool:
-        """Descriptor tables of every routed expert when the provider keeps them all in RAM
-        (``InMemoryExpertProvider``); False when another provider is attached."""
-        from moetier.models.base import InMemoryExpertProvider
-
-        blocks = self.blocks
-        providers = {id(b.provider) for b in blocks.values()}
-        provider = next(iter(blocks.values())).provider if blocks else None
-        if len(providers) > 1 or type(provider) is not InMemoryExpertProvider:
-            return False
-        if self.table_for is provider:
-            return True
-        n, E = len(self.net.layers), self.e_max
-        gu, up, dn = ((ctypes.c_void_p * (n * E))() for _ in range(3))
-        for i in blocks:
-            for e in range(self.descs[i].E):
-                ew = provider.experts.get((i, e))
-                if ew is None or ew.gate_up_bias is not None or ew.down_bias is not None:
-                    return False
-                k = i * E + e
-                gu[k], up[k], dn[k] = self.experts.get(ew, i, e, self.descs[i])
-        self.tables, self.table_for = (gu, up, dn), provider
-        return True
 
     def step(self, seq: Sequence, token: int) -> torch.Tensor:
         """Feed one token to ``seq`` (advancing it); float32 logits [1, V]."""
@@ -374,12 +384,6 @@ class NativeDecoder(_StepBase):
 
             self.many = ManyStepper(self)
         return self.many.step(items, all_logits)
-
-    def _finish(self, seq: Sequence, pos: int, xp: int, nth: int) -> torch.Tensor:
-        seq.length = pos + 1
-        logits = torch.empty(1, self.V, dtype=torch.float32)
-        self.lib.mt_head(self.norm_w, self.out_w, self.norm_eps, self.dt, self.scratch, xp, logits.data_ptr(), nth)
-        return logits
 
 
 def build(net: DecoderLM) -> tuple[Any, str | None]:

@@ -14,9 +14,12 @@ dense layers run ``mt_dense_mlp``. The latent cache is the one the torch path ke
 (``layers/mla.py``: ``c_kv`` [L, C], ``k_rot`` [L, dr]); no step decompresses it. The absorbed
 attention reads ``kv_b_proj`` as plain model-dtype rows; a ``kv_b_proj`` stored quantized (FP8
 releases, ``--quantize-all``, GGUF block types) is dequantized once at build, exactly as the torch
-path dequantizes it per use (:func:`plain_kv_b`; the ``--max-ram`` budget charges the copy). Prefill and
-batched steps (several tokens / sequences per call) run through :meth:`MLADecoder.step_many`
-(``native/mla_prefill.py``, ``csrc/mla_many.c``) with the same per-token arithmetic.
+path dequantizes it per use (:func:`plain_kv_b`; the ``--max-ram`` budget charges the copy). With
+every expert in RAM (``InMemoryExpertProvider``), no router observer and no norm pre-hook, one
+native call runs all layers (``mt_mla_layers``: the same functions in the same order, the same
+bits). Prefill and batched steps (several tokens / sequences per call) run through
+:meth:`MLADecoder.step_many` (``native/mla_prefill.py``, ``csrc/mla_many.c``): single tokens with
+the same per-token arithmetic, a prompt's tokens in the plain (decompressed) form.
 
 Numerics and hooks as in :mod:`moetier.native.decode` (float32 activations, one thread per
 output element, router observers and post-attention-norm pre-hooks kept).
@@ -59,6 +62,7 @@ class MlaDesc(ctypes.Structure):
         ("q_w", ctypes.c_void_p), ("qa_w", ctypes.c_void_p), ("qa_b", ctypes.c_void_p), ("qa_norm", ctypes.c_void_p),
         ("kva_w", ctypes.c_void_p), ("kva_b", ctypes.c_void_p), ("kva_norm", ctypes.c_void_p),
         ("kvb", ctypes.c_void_p), ("uv", ctypes.c_void_p), ("o_w", ctypes.c_void_p), ("o_b", ctypes.c_void_p),
+        ("kvb_w", ctypes.c_void_p),
     ]
 
 
@@ -80,6 +84,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         ("mt_mla_scratch_free", None, [P]),
         ("mt_mla_attention", I, [P, P, P, I, P, P, P, L, P, P, I]),
         ("mt_route_grouped", None, [P, P, I, P, P, P, P, I]),
+        ("mt_mla_layers", I, [P, P, P, I, P, P, I, P, P, P, L, P, P, P, P, P, P, P, L, P, I]),
     ):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -205,7 +210,7 @@ class MLADecoder(_StepBase):
             if copied:
                 self.keep.append(kvb)
                 self.copy_bytes += copied
-            m.kvb = _ptr(kvb)
+            m.kvb, m.kvb_w = _ptr(kvb), self._w(kvb, f"layer {i} kv_b_proj")
             uv = (MtWeight * m.nh)()
             blocks = kvb.view(m.nh, m.dn + m.dv, m.C)
             for h in range(m.nh):
@@ -268,6 +273,18 @@ class MLADecoder(_StepBase):
         self.rotary = type(net.rotary)(net.rotary.inv_freq, net.rotary.attention_factor)  # own float32 tables
         self.kv_like = [(torch.empty(0, m.C, dtype=net.dtype), torch.empty(0, m.dr, dtype=net.dtype))
                         for m in self.mla]
+        # whole-step path (one native call for all layers) for in-RAM experts, see _StepBase._table()
+        n = len(net.layers)
+        self.norms = [layer.post_attention_layernorm for layer in net.layers]
+        self.blocks = net.moe_blocks()
+        self.ffn_descs, self.e_max = self.ffn, max(E, 1)
+        self.mla_array = (ctypes.c_void_p * n)(*self.mla_ptrs)
+        self.ffn_array = (ctypes.c_void_p * n)(*self.ffn_ptrs)
+        self.route_array = (ctypes.c_void_p * n)(*self.route_ptrs)
+        self.c_ptrs, self.r_ptrs = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)()
+        self.ids_all = (ctypes.c_int64 * (n * MAX_TOPK))()
+        self.table_for: Any = None  # the provider the descriptor tables were built for
+        self.tables: Any = None
         self.many: Any = None  # the multi-token stepper (native/mla_prefill.py), made on first use
 
     def __del__(self) -> None:
@@ -299,6 +316,18 @@ class MLADecoder(_StepBase):
         xp, cp, sp = self._begin(token, pos)
         observers = net.observers
         sp_ = self.scratch
+        if not observers and not any(n._forward_pre_hooks for n in self.norms) and self._table():
+            # every layer in one native call: same functions, same order, same bits
+            for i in range(len(self.mla)):
+                C, R = cache_reserve(seq, i, self.kv_like[i], pos + 1, time_dim=0)
+                self.c_ptrs[i], self.r_ptrs[i] = C.data_ptr(), R.data_ptr()
+            gu, up, dn = self.tables
+            rc = lib.mt_mla_layers(self.mla_array, self.ffn_array, self.route_array, len(self.mla), self.mscratch,
+                                   sp_, dt, xp, self.c_ptrs, self.r_ptrs, pos, cp, sp, self.scores.data_ptr(),
+                                   self.choice.data_ptr(), gu, up, dn, self.e_max, self.ids_all, nth)
+            if rc:
+                raise MemoryError(f"native decode: no memory for attention scores (layer {-1 - rc})")
+            return self._finish(seq, pos, xp, nth)
         for i, layer in enumerate(net.layers):
             C, R = cache_reserve(seq, i, self.kv_like[i], pos + 1, time_dim=0)  # [cap, C], [cap, dr]
             if lib.mt_mla_attention(self.mla_ptrs[i], self.mscratch, sp_, dt, xp, C.data_ptr(), R.data_ptr(), pos,
@@ -334,7 +363,4 @@ class MLADecoder(_StepBase):
                     gu[0], up[0], dn[0] = get(provider.get(i, e), i, e, d)
                     lib.mt_moe(desc, sp_, dt, xp, 1, gu, up, dn, ctypes.byref(w, 4 * j), 0, nth)
                 lib.mt_moe(desc, sp_, dt, xp, 0, gu, up, dn, w, 1, nth)
-        seq.length = pos + 1
-        logits = torch.empty(1, self.V, dtype=torch.float32)
-        lib.mt_head(self.norm_w, self.out_w, self.norm_eps, dt, sp_, xp, logits.data_ptr(), nth)
-        return logits
+        return self._finish(seq, pos, xp, nth)

@@ -6,19 +6,34 @@ flat token batch (a prompt's T causal positions, one token of each of N sequence
 runs layer by layer. Per layer one native call for the attention (``mt_mla_attention_many``:
 norm; q (``q_proj``, or ``q_a_proj -> norm -> q_b_proj``) and ``kv_a_proj_with_mqa`` as
 multi-token products; per token the latent norm, rope and the write of ``c_kv`` / ``k_rot``
-into its own sequence's latent cache; W_UK folded into the queries per (head, token block);
-latent attention per (token, head); W_UV and o_proj as multi-token products; residual and
-post-attention norm), one for the grouped router (``mt_route_grouped_many``: a multi-token
-product, then the single-token top-k selection per token), then the experts come from the
-provider (``require`` the layer's unique experts, then ``get``) and ``mt_moe_many`` (prefill.c)
-runs them grouped by expert, plus the shared expert or the dense MLP.
+into its own sequence's latent cache; then per run of one sequence's tokens the absorbed or the
+plain form (below); o_proj as a multi-token product; residual and post-attention norm), one for
+the grouped router (``mt_route_grouped_many``: a multi-token product, then the single-token top-k
+selection per token), then the experts come from the provider (``require`` the layer's unique
+experts, then ``get``) and ``mt_moe_many`` (prefill.c) runs them grouped by expert, plus the
+shared expert or the dense MLP.
 
-Exactness: every token goes through the single-token step's code (``csrc/mla.h``: the same
-post-projection, absorb, attention-head and top-k functions; the same row kernels), so a
-prefill or a batch gives bit for bit the logits of stepping the same tokens one at a time,
-whatever the thread count or the batch mates. Batches above ``prefill.MAX_CALL_TOKENS`` tokens
-run as consecutive calls; inside a call the latents ([heads, kv_lora_rank] per token) are held
-for 64 tokens at a time (``csrc/mla_many.c: LATENT_CHUNK``).
+Two forms of the attention (``csrc/mla_many.c``):
+
+- absorbed, the single-token step's: W_UK folded into the queries per (head, token block),
+  latent attention per (token, 4 heads) over kv_lora_rank + rope dims per position, W_UV
+  products. A single token (decode steps, alone or batched) always takes it.
+- plain, DeepSeek's and vLLM's prefill: the context of a run of 2+ tokens decompressed from
+  the latent cache with ``kv_b_proj`` (k_nope and v per head, float32 scratch, never kept), then
+  attention per (head, 4 tokens) over qk_nope + rope and v_head dims: ~3x fewer multiply-adds
+  per (token, head, position) for the price of decompressing the positions attended instead of
+  absorbing the run's queries. Chosen per run when it costs fewer multiply-adds (a prompt, or a
+  chunk over a context not much longer than itself); :data:`PLAIN` forces either form.
+
+Exactness: in the absorbed form every token goes through the single-token step's code
+(``csrc/mla.h``: the same post-projection, absorb, attention and top-k functions; the same row
+kernels), so a prefill or a batch gives bit for bit the logits of stepping the same tokens one
+at a time, whatever the thread count or the batch mates. The plain form rounds differently
+(within float rounding of that: ``tests/native/test_mla_prefill.py``); its results still do not
+depend on the thread count, the batch mates or how a batch is split into calls. Batches above
+``prefill.MAX_CALL_TOKENS`` tokens run as consecutive calls; inside a call the absorbed form
+holds latents ([heads, kv_lora_rank] per token) for 64 tokens at a time
+(``csrc/mla_many.c: LATENT_CHUNK``).
 """
 
 from __future__ import annotations
@@ -36,6 +51,9 @@ from moetier.native.prefill import ManyStepper
 if TYPE_CHECKING:
     from moetier.native.mla import MLADecoder
 
+PLAIN: bool | None = None  # the plain form: None chosen per run by cost, False never, True whenever allowed
+PLAIN_MODES = {None: -1, False: 0, True: 1}
+
 
 def _declare(lib: ctypes.CDLL) -> None:
     prefill._declare(lib)
@@ -45,7 +63,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name, res, args in (
         ("mt_mla_many_new", P, [L, L, L, L, L, L, L]),
         ("mt_mla_many_free", None, [P]),
-        ("mt_mla_attention_many", I, [P, P, P, I, L, P, P, P, P, P, P, P, I]),
+        ("mt_mla_attention_many", I, [P, P, P, I, L, P, P, P, P, P, P, P, I, I]),
         ("mt_route_grouped_many", I, [P, P, P, I, L, P, P, I]),
     ):
         fn = getattr(lib, name)
@@ -101,7 +119,7 @@ class MLAManyStepper(ManyStepper):
             o = i * S * sz
             if lib.mt_mla_attention_many(dec.mla_ptrs[i], self.a, self.m, dt, T, xp, positions.data_ptr(),
                                          seqs.data_ptr(), ctypes.byref(ckv, o), ctypes.byref(kr, o), cos.data_ptr(),
-                                         sin.data_ptr(), nth):
+                                         sin.data_ptr(), PLAIN_MODES[PLAIN], nth):
                 raise MemoryError(f"native MLA prefill: out of memory in layer {i} attention ({T} tokens)")
             norm = layer.post_attention_layernorm
             if norm._forward_pre_hooks:

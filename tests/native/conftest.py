@@ -1,5 +1,5 @@
 """Fixtures shared by the native-kernel tests: the native path on (whatever the caller's
-environment says) and the built library."""
+environment says), the built library, and the MLA multi-token steps held to the absorbed form."""
 
 from __future__ import annotations
 
@@ -26,3 +26,12 @@ def lib(_native_on):
     lib = native.library()
     assert lib is not None, native.unavailable_reason()
     return lib
+
+
+@pytest.fixture
+def absorbed(monkeypatch):
+    """MLA multi-token steps in the absorbed form only (the single-token step's arithmetic, so a
+    prefill is bit for bit the single steps; the plain form a prompt takes by default is not)."""
+    from moetier.native import mla_prefill
+
+    monkeypatch.setattr(mla_prefill, "PLAIN", False)

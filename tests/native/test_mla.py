@@ -164,6 +164,23 @@ def test_router_observers_and_tiered_provider_same_bits(lib, ckpt, tmp_path):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("name", ["v2_lite", "v3", "v3_halves_bias_noshared"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_whole_step_path_bit_identical(lib, ckpt, name, dtype):
+    """In-RAM experts, no observer: one native call for all layers (``mt_mla_layers``); a no-op
+    router observer forces the per-layer Python-driven path. Same bits, and the whole-step path
+    is really taken (its expert tables get built) only without the observer."""
+    fast = moetier.load(ckpt(name), tokenizer=False, dtype=dtype)
+    want, toks = greedy(fast, PROMPT, 10)
+    assert fast.net.native.table_for is fast.provider
+    slow = moetier.load(ckpt(name), tokenizer=False, dtype=dtype)
+    slow.add_router_observer(lambda layer, ids, w: None)
+    got, toks_s = greedy(slow, PROMPT, 10)
+    assert slow.net.native.table_for is None
+    assert torch.equal(got, want), (got - want).abs().max().item()
+    assert toks_s == toks
+
+
 def test_kept_groups_smaller_than_top_k_fall_back(lib, tmp_path):
     """top-k larger than the experts of the kept groups: torch.topk's choice among the masked
     experts is unspecified, so this (degenerate) routing stays on the torch path, with a reason."""

@@ -7,7 +7,7 @@ plain_kv_b``, the torch path's ``QLinear.weight``) and runs natively.
   quantized at load with int4 / int8 groups (quantize_all: kv_b_proj included): compute_paths
   native for decode / prefill / batch; float32: a 32-token native prefill and 16 greedy steps
   within 1e-4 of the torch path, same tokens; the native prefill is bit for bit the native
-  single steps; the copy is the torch path's dequantized weight, bit for bit;
+  single steps (absorbed form); the copy is the torch path's dequantized weight, bit for bit;
 - the ``--max-ram`` budget charges the copy (``MemoryBudget.native_bytes``) before loading, in
   the estimate, in the cache sizing after loading and in the total, and the header-based charge
   equals what the decoder made;
@@ -68,7 +68,7 @@ def load(ckpt, name, **kw):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_quantized_kv_b_runs_natively(lib, ckpt, name):
+def test_quantized_kv_b_runs_natively(lib, ckpt, absorbed, name):
     m, t = load(ckpt, name), load(ckpt, name, native=False)
     assert m.native_reason is None, m.native_reason
     assert {k: (v["path"], v["reason"]) for k, v in m.compute_paths().items()} == {
@@ -108,7 +108,7 @@ def test_quantized_kv_b_runs_natively(lib, ckpt, name):
 
 
 @pytest.mark.parametrize("isa", native.ISAS)
-def test_every_isa(lib, ckpt, isa):
+def test_every_isa(lib, ckpt, absorbed, isa):
     """The FP8 release (its other projections through each ISA's FP8 row kernels): native prefill
     = native single steps, within 1e-4 of the torch path."""
     if isa not in native.isas_supported():
@@ -125,7 +125,7 @@ def test_every_isa(lib, ckpt, isa):
         native.set_isa(None)
 
 
-def test_bfloat16_copy_is_the_torch_weight(lib, ckpt):
+def test_bfloat16_copy_is_the_torch_weight(lib, ckpt, absorbed):
     """bfloat16 model: the copy holds the values the torch path reads (dequantized in float32,
     rounded to bfloat16 once), 2 bytes each."""
     m = load(ckpt, "fp8_release", dtype="bfloat16")
@@ -238,7 +238,7 @@ def gguf_with_attn_kv_b(dst):
     return dst
 
 
-def test_gguf_quantized_attn_kv_b(lib, tmp_path):
+def test_gguf_quantized_attn_kv_b(lib, tmp_path, absorbed):
     path = gguf_with_attn_kv_b(tmp_path / "deepseek2-kvb-q8_0.gguf")
     m = moetier.load(path, tokenizer=False, dtype="float32")
     t = moetier.load(path, tokenizer=False, dtype="float32", native=False)

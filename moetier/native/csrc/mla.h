@@ -21,6 +21,7 @@ typedef struct {
     const mt_weight *uv;   /* nh descriptors: W_UV[h] = rows h (dn + dv) + dn .. + dv of kv_b_proj */
     const mt_weight *o_w;  /* [H, nh dv] */
     const void *o_b;
+    const mt_weight *kvb_w; /* kv_b_proj (kvb) as one plain weight: the plain form's decompression */
 } mla_desc;
 
 /* mirrors moetier/native/mla.py: RouteDesc */
@@ -44,10 +45,23 @@ void mt_mla_post(const mla_desc *L, int dt, float *q, float *kv, void *Ckv, void
  * kvb[h (dn + dv) + d][c] (d ascending, per element). q rows ldq floats apart, ql rows ldl. */
 void mt_mla_absorb(const mla_desc *L, int dt, long h, const float *q, long ldq, float *ql, long ldl, long T);
 
-/* One (token, head): softmax attention in the latent space over positions 0 .. n-1 of Ckv / Kr;
- * ql [C] the absorbed query, qr [dr] the roped query part, o [C] the attended latent, sc [n] scratch. */
-void mt_mla_attend_head(const mla_desc *L, int dt, const float *ql, const float *qr, const void *Ckv,
-                        const void *Kr, long n, float *o, float *sc);
+#define MLA_ROWS 4 /* heads of one token per pass over the cache (mt_mla_attend_rows) */
+
+/* R heads of one token: softmax attention in the latent space over positions 0 .. n-1 of Ckv /
+ * Kr. ql [R, C] the absorbed queries (rows C apart), qr the roped query parts (rows ldqr apart,
+ * dr each), o [R, C] the attended latents, sc [R n] scratch. Each head's result depends only
+ * on its own query and the cache (not on R or on the heads beside it): the single-token step
+ * and the multi-token one group heads differently and get the same bits. */
+void mt_mla_attend_rows(const mla_desc *L, int dt, int R, const float *ql, const float *qr, long ldqr,
+                        const void *Ckv, const void *Kr, long n, float *o, float *sc);
+
+/* The plain (decompressed) form for R <= MLA_ROWS tokens of one sequence and one head: q rows
+ * ldq floats apart, [q_nope (dn) | q_rot (dr, roped)]; kv rows ldkv floats apart, the head's
+ * decompressed [k_nope (dn) | v (dv)] per position (float32); Kr [positions, dr] the cache's
+ * rotary keys. Row r attends positions 0 .. n[r] - 1; o rows [dv] ldo floats apart; sc
+ * [R max n] scratch. A row's result depends only on its own query and the keys / values. */
+void mt_mla_attend_plain(const mla_desc *L, int dt, int R, const float *q, long ldq, const float *kv, long ldkv,
+                         const void *Kr, const long *n, float *o, long ldo, float *sc);
 
 /* The routing of one token from its router logits `scores` [E] (overwritten by the scores):
  * ids[k] (descending choice value, ties to the lower id), w[k]; choice [E] scratch. */
