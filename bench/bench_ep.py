@@ -5,8 +5,11 @@
     python -m bench.bench_ep plot
 
 ``loopback``: decode tok/s of one process (torch path, 1 thread: what every EP rank runs) and of
-``P = 2`` ranks on 127.0.0.1 (1 thread each), alternated ``--rounds`` times in one run, on the
-embedded model (batch 1). Per message: rank 0's time posting and waiting for step messages (``isend``/``irecv``).
+``P = 2`` ranks on 127.0.0.1 (1 thread each) with the ``direct`` (default) and ``replicated``
+exchanges, alternated ``--rounds`` times in one run, on the embedded model (batch 1). Per
+message: rank 0's time posting and waiting for step messages (``isend``/``irecv``). Bare round
+trips of the message patterns without model work; ``--unpinned`` adds P = 2 without pinning,
+``--interference`` two single processes at once, one per CPU (do the CPUs slow each other?).
 
 ``sweep`` (root): two network namespaces joined by one veth pair; each end's egress gets a
 ``tbf`` qdisc (rate BW, bucket ``max(2 frames, BW x 200 us)`` so a layer's message cannot pass
@@ -67,7 +70,8 @@ def worker(cfg_path: str, out_path: str) -> int:
     group = None
     if world > 1:
         rank, world = ep.init(timeout_s=120.0)
-        model, group = ep.load(None, rank, world, None, dtype=dtype, tokenizer=False, threads=1)
+        model, group = ep.load(None, rank, world, None, dtype=dtype, tokenizer=False, threads=1,
+                               exchange=cfg.get("exchange", ep.DEFAULT_EXCHANGE))
         pingpong = cfg.get("pingpong", 0) and pingpong_s(rank, world, group.ctrl_bytes, cfg["pingpong"])
         if rank != 0:
             group.serve(model)
@@ -141,6 +145,19 @@ def pingpong_s(rank: int, world: int, nbytes: int, n: int) -> dict[str, float]:
             dist.all_to_all_single(ctrl[None], e, [1] + [0] * (P - 1), [0] * P)
             dist.all_to_all_single(torch.empty(0, row, dtype=torch.uint8), back[None], [0] * P, [1] + [0] * (P - 1))
 
+    peers = [r for r in range(P) if r != rank]
+    posted: list = []
+
+    def exchange() -> None:  # replicated: every rank sends one row to every other and receives theirs,
+        # the receives posted one exchange ahead (as the executor does)
+        if not posted:
+            posted.extend(dist.irecv(torch.empty(row, dtype=torch.uint8), r, tag=4) for r in peers)
+        now = list(posted)
+        posted[:] = [dist.irecv(torch.empty(row, dtype=torch.uint8), r, tag=4) for r in peers]
+        ws = now + [dist.isend(back, r, tag=4) for r in peers]
+        for w in ws:
+            w.wait()
+
     def p2p() -> None:
         if rank == 0:
             ws = [dist.irecv(got_back[r - 1], r, tag=3) for r in range(1, P)]
@@ -151,16 +168,21 @@ def pingpong_s(rank: int, world: int, nbytes: int, n: int) -> dict[str, float]:
             dist.irecv(ctrl, 0, tag=1).wait()
             dist.isend(back, 0, tag=3).wait()
 
-    times: dict[str, list[float]] = {"all_to_all_single": [], "isend/irecv": []}
-    for f in (a2a, p2p):  # warm-up
+    pats = (("all_to_all_single", a2a), ("isend/irecv", p2p), ("exchange", exchange))
+    times: dict[str, list[float]] = {name: [] for name, _ in pats}
+    for _, f in pats:  # warm-up
         for _ in range(20):
             f()
     for _ in range(max(1, n // 20)):
-        for name, f in (("all_to_all_single", a2a), ("isend/irecv", p2p)):
+        for name, f in pats:
             for _ in range(20):
                 t0 = time.perf_counter()
                 f()
                 times[name].append(time.perf_counter() - t0)
+    for r in peers:  # answer the last posted receives
+        dist.isend(back, r, tag=4).wait()
+    for w in posted:
+        w.wait()
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -178,18 +200,34 @@ def loopback(args: argparse.Namespace) -> None:
 
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ep_{os.getpid()}"
     tmp.mkdir(exist_ok=True)
-    cfg = tmp / "cfg.json"
-    cfg.write_text(json.dumps({"dtype": args.dtype, "pingpong": 400, "points": [
-        {"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}]}))
+    variants = {"P1": "direct", "P2": "direct", "P2_replicated": "replicated"}  # key -> --ep-exchange
+    if args.unpinned:
+        variants |= {"P2_unpinned": "direct", "P2_replicated_unpinned": "replicated"}
+    if args.interference:
+        variants["P1x2"] = "direct"
+    for key, exchange in variants.items():
+        (tmp / f"cfg_{key}.json").write_text(json.dumps({
+            "dtype": args.dtype, "pingpong": 400 if key == "P2" else 0, "exchange": exchange,
+            "points": [{"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}]}))
     rounds = []
     for i in range(args.rounds):
         row = {}
-        for key in ("P1", "P2", "P2_unpinned"):  # side by side, alternating
-            out = tmp / f"out_{key}.json"
+        for key in variants:  # side by side, alternating
+            cfg, out = tmp / f"cfg_{key}.json", tmp / f"out_{key}.json"
             if key == "P1":
                 subprocess.run(_worker_cmd(cfg, out), env=_env(), check=True, stdout=subprocess.DEVNULL)
-            else:  # P2: each rank pinned to its own core (the default); P2_unpinned: MOETIER_EP_PIN=0
-                env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key == "P2_unpinned" else {})}
+            elif key == "P1x2":  # two single processes at once, each pinned to its own CPU: do the CPUs interfere?
+                cpus = sorted(os.sched_getaffinity(0))[:2]
+                outs = [tmp / f"out_{key}_{c}.json" for c in cpus]
+                procs = [subprocess.Popen(_worker_cmd(tmp / "cfg_P1.json", o), env=_env(), stdout=subprocess.DEVNULL,
+                                          preexec_fn=lambda c=c: os.sched_setaffinity(0, [c]))
+                         for c, o in zip(cpus, outs)]
+                assert [q.wait() for q in procs] == [0, 0]
+                pts = [json.loads(o.read_text())["points"][0] for o in outs]
+                row[key] = {"tokens_per_s": statistics.mean(q["tokens_per_s"] for q in pts), "each": pts}
+                continue
+            else:  # each rank pinned to its own core (the default), or not (MOETIER_EP_PIN=0)
+                env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key.endswith("_unpinned") else {})}
                 codes = spawn(_worker_cmd(cfg, out), 2, env, timeout_s=600)
                 assert codes == [0, 0], codes
             got = json.loads(out.read_text())
@@ -197,25 +235,31 @@ def loopback(args: argparse.Namespace) -> None:
             row[f"threads_{key}"] = got["threads"]
             if key == "P2":
                 row["pingpong_round_trip_s"] = got["pingpong_round_trip_s"]
-        row["ratio_unpinned"] = row["P2_unpinned"]["tokens_per_s"] / row["P1"]["tokens_per_s"]
-        row["ratio"] = row["P2"]["tokens_per_s"] / row["P1"]["tokens_per_s"]
+        p1 = row["P1"]["tokens_per_s"]
+        row["ratio"] = row["P2"]["tokens_per_s"] / p1
+        for key in variants:
+            if key not in ("P1", "P2"):
+                row["ratio" + key[2:]] = row[key]["tokens_per_s"] / p1
         rounds.append(row)
-        p1, p2 = row["P1"], row["P2"]
-        print(f"round {i}: P=1 {p1['tokens_per_s']:.1f} tok/s, P=2 {p2['tokens_per_s']:.1f} tok/s "
-              f"(x{row['ratio']:.2f}; unpinned {row['P2_unpinned']['tokens_per_s']:.1f}, "
-              f"x{row['ratio_unpinned']:.2f}); "
-              f"CPU ms/token P=1 {p1['process_cpu_s_per_step'] * 1e3:.2f}, P=2 rank 0 "
-              f"{p2['process_cpu_s_per_step'] * 1e3:.2f}; {p2['collectives_per_step']:.0f} collectives/token "
-              f"at {p2['collective_s'] * 1e6:.0f} us; per token: comm {p2['comm_s_per_step'] * 1e3:.2f} ms, "
-              f"local {p2['local_s_per_step'] * 1e3:.2f} ms; bare round trip (control out, row back): "
-              + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in row["pingpong_round_trip_s"].items()), flush=True)
+        line = [f"round {i}: P=1 {p1:.1f} tok/s"]
+        for key, r in ((k, row[k]) for k in variants if k not in ("P1", "P1x2")):
+            line.append(f"{key} {r['tokens_per_s']:.1f} tok/s (x{r['tokens_per_s'] / p1:.2f}; "
+                        f"{r['collectives_per_step']:.0f} msgs/token at {r['collective_s'] * 1e6:.0f} us, "
+                        f"comm {r['comm_s_per_step'] * 1e3:.2f} ms/token, rank 0 CPU "
+                        f"{r['process_cpu_s_per_step'] * 1e3:.2f} ms/token)")
+        if "P1x2" in row:
+            line.append(f"two P=1 processes at once: {row['P1x2']['tokens_per_s']:.1f} tok/s each "
+                        f"(x{row['ratiox2']:.2f} of one alone)")
+        print("; ".join(line) + "; bare round trips: " + ", ".join(
+            f"{k} {v * 1e6:.0f} us" for k, v in row["pingpong_round_trip_s"].items()), flush=True)
     load = os.getloadavg()
     res = {"model": "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
            "median_ratio": statistics.median(r["ratio"] for r in rounds),
-           "median_ratio_unpinned": statistics.median(r["ratio_unpinned"] for r in rounds), "loadavg": load,
+           **{"median_ratio" + k[2:]: statistics.median(r["ratio" + k[2:]] for r in rounds)
+              for k in variants if k != "P1"}, "loadavg": load,
            "command": " ".join(["python -m bench.bench_ep loopback", *sys.argv[2:]])}
-    print(f"median P=2 / P=1 decode tok/s: {res['median_ratio']:.2f}, unpinned {res['median_ratio_unpinned']:.2f} "
-          f"(load average {load[0]:.1f})")
+    print("median P=2 / P=1 decode tok/s: " + ", ".join(
+        f"{k} {res['median_ratio' + k[2:]]:.2f}" for k in variants if k != "P1") + f" (load average {load[0]:.1f})")
     print("wrote", write_result("ep_loopback", res))
 
 
@@ -441,6 +485,9 @@ def main() -> int:
     lb.add_argument("--rounds", type=int, default=2)
     lb.add_argument("--tokens", type=int, default=48)
     lb.add_argument("--dtype", default="float32")
+    lb.add_argument("--unpinned", action="store_true", help="also P = 2 without pinning (MOETIER_EP_PIN=0)")
+    lb.add_argument("--interference", action="store_true",
+                    help="also two P = 1 processes at once, pinned to one CPU each (how much the CPUs slow each other)")
     sw = sub.add_parser("sweep")
     sw.add_argument("--batch", type=int, default=32)
     sw.add_argument("--steps", type=int, default=8)

@@ -17,7 +17,7 @@ from typing import Any
 _NAMES = {
     "DistributedError": "executor", "EPGroup": "executor", "EPStats": "executor", "ExpertParallelProvider": "executor",
     "init": "executor", "shutdown": "executor", "model_digest": "executor", "exit_after_fault": "executor",
-    "pinned_cpus": "executor",
+    "pinned_cpus": "executor", "DEFAULT_EXCHANGE": "executor",
     "install": "rank", "load": "rank",
     "EPPlacement": "placement", "contiguous": "placement",
 }

@@ -1,10 +1,10 @@
-"""Expert-parallel MoE execution over ``torch.distributed`` (gloo on CPU).
+"""Expert-parallel MoE execution over ``torch.distributed`` (gloo on CPU), in one of two
+exchange patterns (``EPGroup.exchange``; docs/expert-parallel.md):
 
-Batch-1 layout ("rank 0 alone"): rank 0 loads the whole model but only its share of the
-routed experts, runs embeddings, attention, routers, shared experts and the LM head; ranks
-1..P-1 hold only their experts (and, for now, a replicated copy of the always-on weights)
-and run :meth:`EPGroup.serve`. At every MoE layer rank 0 exchanges point-to-point messages
-(gloo ``isend`` / ``irecv``, tags ``TAG_*``) with each follower:
+``"direct"`` (default; batch-1 layout "rank 0 alone"): rank 0 runs embeddings, attention,
+routers, shared experts and the LM head and holds only its share of the routed experts;
+ranks 1..P-1 hold their experts and run :meth:`EPGroup.serve`. At every MoE layer rank 0
+exchanges point-to-point messages (gloo ``isend`` / ``irecv``, tags ``TAG_*``) with each follower:
 
 1. control: one fixed-size message to every follower: ``(command, layer, rows)`` (3 int64)
    followed by room for ``inline_rows`` (= top-k) dispatch rows. When every follower's rows
@@ -17,6 +17,14 @@ and run :meth:`EPGroup.serve`. At every MoE layer rank 0 exchanges point-to-poin
 4. combine: the unweighted expert outputs go back to rank 0 (its receives are posted before it
    computes), which applies the top-k weights and sums them exactly like the single-process
    dispatch (same order).
+
+``"replicated"``: every rank runs the whole forward on the same inputs (rank 0's ``model.step``
+is :meth:`EPGroup.mirrored`: one ``CMD_STEP`` control message per step tells the followers the
+sequences and tokens; :meth:`EPGroup._serve_replicated` runs them on copies). The always-on
+compute is deterministic, so routing is identical everywhere; at each MoE layer every rank runs
+its own pairs and sends their unweighted outputs to every other rank, one message per ordered
+pair of ranks (:meth:`EPGroup._exchange`; receives posted one exchange ahead), then every rank
+sums all pairs in the single-process order.
 
 Point-to-point, not ``all_to_all_single``: c10d hands every gloo collective to its worker
 thread and waits for it (a thread hand-off each way), while gloo posts a send or receive from
@@ -36,10 +44,10 @@ with per-(token, rank) dedup (summing a token's pairs on one rank before the com
 saves ``k - distinct ranks`` rows per token: not done yet.
 
 Bytes counted (per rank): hidden rows sent to / received from *other* ranks, equal to
-``remote pairs x moetier.planner.cluster.pair_bytes(H, dtype)``, whether they travel inline
-in the control message or in the dispatch; everything else on the wire (headers, expert ids,
-the unused room of a fixed-size control message) is ``meta_bytes`` (rank 0 counts what it
-sends, followers what they receive).
+``moetier.planner.cluster.ep_step_rows(exchange, ...) x pair_bytes(H, dtype)`` (in ``direct``,
+whether they travel inline in the control message or in the dispatch); everything else on the
+wire (headers, expert ids, step descriptions, the unused room of fixed-size messages) is
+``meta_bytes``.
 
 The dispatch is plugged in without touching the model code: :func:`moetier.distributed.rank.install` wraps the
 module-level ``dispatch`` of :mod:`moetier.layers.moe` (and llama4's import of it); the
@@ -52,6 +60,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import sys
 import threading
 import time
 from collections.abc import Sequence as Seq
@@ -65,10 +74,16 @@ import torch.distributed as dist
 
 from moetier.distributed.placement import EPPlacement
 from moetier.errors import MoetierError
+from moetier.planner.cluster import EP_EXCHANGES as EXCHANGES
 
 CMD_MOE, CMD_STOP, CMD_PING, CMD_MOE_INLINE, CMD_MOE_ONE = 1, 2, 3, 4, 5  # ONE: inline, decode of one token
+CMD_STEP = 6  # replicated: (CMD_STEP, words, all_logits) + the step's description (int64 words)
 HEADER = 24  # bytes: (command, layer, rows) as int64
 TAG_CTRL, TAG_ROWS, TAG_COMBINE = 1, 2, 3  # point-to-point message tags (rank 0 <-> a follower)
+TAG_EXCHANGE = 4  # replicated: one message per (rank, other rank) per MoE layer
+DEFAULT_EXCHANGE = "direct"  # --ep-exchange (EXCHANGES: moetier.planner.cluster.EP_EXCHANGES); measured best, see docs
+STEP_INLINE_WORDS = 32  # replicated: a step description this short travels in the control message
+SLOT_HEADER = 16  # replicated: an exchange message starts with (rows, routing check) as int64
 DEFAULT_TIMEOUT_S = 60.0  # step messages (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
 DEFAULT_START_TIMEOUT_S = 600.0  # start-up (MOETIER_EP_START_TIMEOUT): joining, hash check, loading
 
@@ -114,9 +129,23 @@ def unpack(b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     return b[:, :-8].contiguous().view(dtype), b[:, -8:].reshape(-1).clone().view(torch.long)  # fresh: offset 0
 
 
-def model_digest(model_dir: str | Path, dtype: torch.dtype, placement: EPPlacement) -> bytes:
-    """sha256 of config.json, every safetensors file's name, size and header, the dtype and the
-    placement: ranks started with a different model or placement disagree here."""
+class _Enough(Exception):
+    """A replicated follower served the MoE layers it was asked to (``serve(max_calls=...)``)."""
+
+
+def _original_dispatch_k1(x: torch.Tensor, experts: torch.Tensor, layer: int, provider: Any,
+                          glu: Any) -> torch.Tensor:
+    """Rows x [n, H] with their expert ids [n] -> unweighted outputs [n, H], grouped by expert
+    like the single-process dispatch (the same row batches per expert)."""
+    from moetier.distributed.rank import _original_dispatch
+
+    return _original_dispatch(x, experts[:, None], torch.ones(x.shape[0], 1, dtype=x.dtype), layer, provider, glu)
+
+
+def model_digest(model_dir: str | Path, dtype: torch.dtype, placement: EPPlacement,
+                 exchange: str = DEFAULT_EXCHANGE) -> bytes:
+    """sha256 of config.json, every safetensors file's name, size and header, the dtype, the
+    placement and the exchange: ranks started with a different model or placement disagree here."""
     d = Path(model_dir)
     h = hashlib.sha256()
     h.update((d / "config.json").read_bytes())
@@ -127,6 +156,7 @@ def model_digest(model_dir: str | Path, dtype: torch.dtype, placement: EPPlaceme
             h.update(f.name.encode() + str(f.stat().st_size).encode() + head + fh.read(min(n, 1 << 24)))
     h.update(str(dtype).encode())
     h.update(placement.digest().encode())
+    h.update(exchange.encode())
     return h.digest()
 
 
@@ -143,12 +173,22 @@ class EPGroup:
     world: int
     placement: EPPlacement
     timeout_s: float | None = None  # step messages; None: MOETIER_EP_TIMEOUT or DEFAULT_TIMEOUT_S
+    exchange: str = DEFAULT_EXCHANGE  # "replicated" or "direct" (see the module docstring)
     stats: EPStats = field(default_factory=EPStats)
     _rr: dict[tuple[int, int], int] = field(default_factory=dict)
     _owners: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.exchange not in EXCHANGES:
+            raise DistributedError(f"expert-parallel exchange {self.exchange!r}: expected one of "
+                                   f"{', '.join(EXCHANGES)}")
         self._owners = self.placement.owners()
+        self._calls_left: int | None = None  # replicated follower: stop after this many MoE layers (tests)
+        self._next_seq = 0  # replicated, rank 0: the id the next new sequence gets
+        self._freed: list[int] = []  # replicated, rank 0: ids of sequences gone since the last step
+        self._mirrors: dict[int, Any] = {}  # replicated follower: rank 0's sequences (id -> this rank's copy)
+        self._slots: dict[int, tuple[torch.Tensor, Any]] = {}  # replicated: posted receives (peer -> buffer, work)
+        self._ctrl_next: tuple[torch.Tensor, Any] | None = None  # follower: the next control message's receive
         if self.timeout_s is None:
             self.timeout_s = float(os.environ.get("MOETIER_EP_TIMEOUT", DEFAULT_TIMEOUT_S))
         # the step messages run on their own group: its timeout is the fault detector (a dead or
@@ -201,7 +241,8 @@ class EPGroup:
         self.hidden, self.dtype = hidden, dtype
         self.row_bytes = hidden * torch.empty(0, dtype=dtype).element_size() + 8
         self.inline_rows = top_k
-        self.ctrl_bytes = HEADER + self.inline_rows * self.row_bytes
+        self.ctrl_bytes = HEADER + (STEP_INLINE_WORDS * 8 if self.exchange == "replicated"
+                                    else self.inline_rows * self.row_bytes)
 
     def _send_ctrl(self, cmd: int, layer: int = 0, counts: Seq[int] | None = None,
                    rows: list[torch.Tensor] | None = None, wait: bool = True) -> list[Any]:
@@ -225,11 +266,20 @@ class EPGroup:
 
     def _recv_ctrl(self) -> tuple[int, int, int, torch.Tensor]:
         """Follower: (command, layer, rows, the message's bytes [ctrl_bytes])."""
-        recv = torch.empty(self.ctrl_bytes, dtype=torch.uint8)
-        self._p2p(recv, 0, TAG_CTRL, send=False)
+        if self._ctrl_next is None:
+            self._post_ctrl()
+        recv, work = self._ctrl_next
+        self._ctrl_next = None
+        self._wait(work)
         self.stats.meta_bytes += self.ctrl_bytes
         cmd, layer, n = struct.unpack_from("<3q", recv.numpy())
+        if cmd != CMD_STOP:
+            self._post_ctrl()  # rank 0's next control message finds its receive posted (see _post_slots)
         return cmd, layer, n, recv
+
+    def _post_ctrl(self) -> None:
+        buf = torch.empty(self.ctrl_bytes, dtype=torch.uint8)
+        self._ctrl_next = (buf, self._p2p(buf, 0, TAG_CTRL, send=False, wait=False))
 
     # ----- liveness (rank 0 pings idle followers, so their wait never reaches the timeout) -----
     def ready(self) -> None:
@@ -240,6 +290,10 @@ class EPGroup:
             raise DistributedError(f"rank {self.rank}: waiting for the other ranks to load failed "
                                    f"({_first_line(e)})") from None
         self._last = time.monotonic()
+        if self.exchange == "replicated" and self.world > 1:
+            self._post_slots()
+        if self.rank != 0 and self.world > 1:
+            self._post_ctrl()
         if self.rank == 0 and self.world > 1 and self._beat is None:
             self._beat = threading.Thread(target=self._heartbeat, name="moetier-ep-heartbeat", daemon=True)
             self._beat.start()
@@ -278,17 +332,15 @@ class EPGroup:
             raise DistributedError(
                 f"rank {self.rank}: ranks {bad} were started with a different model, dtype or placement than rank 0 "
                 f"(hash {bytes(got[bad[0]].tolist()).hex()[:12]} vs {bytes(got[0].tolist()).hex()[:12]}); "
-                "start every rank with the same model directory, --dtype and placement")
+                "start every rank with the same model directory, --dtype, placement and --ep-exchange")
 
     # ----- expert compute (any rank) -----
     def compute(self, x: torch.Tensor, experts: torch.Tensor, layer: int, provider: Any, glu: Any) -> torch.Tensor:
         """Rows x [n, H] with their expert ids [n] -> unweighted expert outputs [n, H]."""
-        from moetier.distributed.rank import _original_dispatch
-
         if x.shape[0] == 0:
             return x
         t0 = time.perf_counter()
-        y = _original_dispatch(x, experts[:, None], torch.ones(x.shape[0], 1, dtype=x.dtype), layer, provider, glu)
+        y = _original_dispatch_k1(x, experts, layer, provider, glu)
         self.stats.compute_s += time.perf_counter() - t0
         return y
 
@@ -376,6 +428,8 @@ class EPGroup:
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
                  provider: Any, glu: Any) -> torch.Tensor:
         """The expert-parallel twin of :func:`moetier.layers.moe.dispatch` (rank 0 only)."""
+        if self.exchange == "replicated":
+            return self._exchange(x, topk_ids, topk_weights, layer, provider, glu)
         T, k = topk_ids.shape
         if T == 1 and self.world > 1 and k <= self.inline_rows:
             return self._dispatch_one(x, topk_ids[0].tolist(), topk_weights[0].tolist(), layer, provider, glu)
@@ -426,16 +480,229 @@ class EPGroup:
         out.index_add_(0, ref // k, y[ref] * w[ref, None])
         return out
 
+    # ----- replicated exchange (every rank runs the model; one message per pair of ranks per MoE layer) -----
+    def mirrored(self, model: Any) -> Any:
+        """Rank 0: ``model.step`` that first tells every follower what to step (one control
+        message: the sequences, their new tokens, the sequences gone since), so that each runs
+        the same forward on its own copy of the always-on weights."""
+        step = model.step
+
+        def mirrored_step(items: Seq[tuple[Any, Any]], all_logits: bool = False) -> torch.Tensor:
+            if self.world > 1:
+                for _, toks in items:
+                    model._ids(toks)  # bad ids: refused here, before the followers hear of the step
+                self._send_step(items, all_logits)
+            return step(items, all_logits)
+        return mirrored_step
+
+    def _send_step(self, items: Seq[tuple[Any, Any]], all_logits: bool) -> None:
+        import weakref
+
+        words: list[int] = []
+        for seq, toks in items:
+            ids = toks.reshape(-1).tolist() if isinstance(toks, torch.Tensor) else [int(t) for t in toks]
+            sid = getattr(seq, "_ep_id", None)
+            if sid is None:  # first seen: the followers make their copy; told when it is gone
+                sid = seq._ep_id = self._next_seq
+                self._next_seq += 1
+                weakref.finalize(seq, self._gone, sid)
+            words += [sid, seq.capacity, seq.length, len(ids), *ids]
+        nf = len(self._freed)
+        freed = self._freed[:nf]
+        del self._freed[:nf]  # (a finalizer may append meanwhile: it stays for the next step)
+        words = [nf, *freed, len(items), *words]
+        n = len(words)
+        msg = torch.zeros(self.ctrl_bytes, dtype=torch.uint8)
+        body = torch.tensor(words, dtype=torch.long)
+        msg[:HEADER] = torch.tensor([CMD_STEP, n, int(all_logits)], dtype=torch.long).view(torch.uint8)
+        if n <= STEP_INLINE_WORDS:
+            msg[HEADER:HEADER + 8 * n] = body.view(torch.uint8)
+        with self._lock:
+            works = [self._p2p(msg, r, TAG_CTRL, send=True, wait=False) for r in range(1, self.world)]
+            if n > STEP_INLINE_WORDS:
+                works += [self._p2p(body, r, TAG_ROWS, send=True, wait=False) for r in range(1, self.world)]
+            for w in works:
+                self._wait(w)
+        self.stats.meta_bytes += (self.world - 1) * (self.ctrl_bytes + (8 * n if n > STEP_INLINE_WORDS else 0))
+
+    def _gone(self, sid: int) -> None:
+        self._freed.append(sid)
+
+    def _serve_replicated(self, model: Any) -> list[dict[str, Any]] | None:
+        """Follower loop of the replicated exchange: run every step rank 0 runs, on copies of its
+        sequences (its MoE layers exchange expert outputs with every rank)."""
+        step = type(model).step.__get__(model)  # the plain step (rank 0's is mirrored)
+        seqs = self._mirrors
+        while True:
+            cmd, n, all_logits, msg = self._recv_ctrl()
+            if cmd == CMD_STOP:
+                self._bye()
+                return self._gather_stats()
+            if cmd == CMD_PING:
+                continue
+            if cmd != CMD_STEP:
+                raise DistributedError(f"rank {self.rank}: unexpected command {cmd} from rank 0")
+            if n <= STEP_INLINE_WORDS:
+                words = msg[HEADER:HEADER + 8 * n].clone().view(torch.long).tolist()
+            else:
+                body = torch.empty(n, dtype=torch.long)
+                self._p2p(body, 0, TAG_ROWS, send=False)
+                self.stats.meta_bytes += 8 * n
+                words = body.tolist()
+            nf = words[0]
+            for sid in words[1:1 + nf]:
+                seqs.pop(sid, None)
+            i, items = 2 + nf, []
+            for _ in range(words[1 + nf]):
+                sid, cap, length, nt = words[i:i + 4]
+                toks = words[i + 4:i + 4 + nt]
+                i += 4 + nt
+                seq = seqs.get(sid)
+                if seq is None or (length == 0 and seq.length != 0):  # new, or freed and reused by rank 0
+                    seq = seqs[sid] = model.new_sequence(capacity=cap)
+                if seq.length != length:
+                    raise DistributedError(f"rank {self.rank}: sequence {sid} has {seq.length} tokens here, "
+                                           f"{length} on rank 0")
+                items.append((seq, toks))
+            try:
+                step(items, all_logits=bool(all_logits))
+            except _Enough:
+                return None
+            except DistributedError:
+                raise
+            except Exception as e:  # the same forward fails the same way on rank 0, which reports it
+                print(f"moetier: rank {self.rank}: step failed as on rank 0: {_first_line(e)}", file=sys.stderr)
+
+    def _slot_bytes(self) -> int:
+        return SLOT_HEADER + self.inline_rows * self.hidden * torch.empty(0, dtype=self.dtype).element_size()
+
+    def _post_slots(self) -> None:
+        """Post the receive of every peer's next exchange message (fixed size: header + top-k rows).
+        gloo holds a send until the receiver has announced its receive (NOTIFY_RECV_READY from
+        the peer's loop thread); posted one exchange ahead, the announcement is always there
+        when the peer sends (measured round trip ~130 us vs 0.4-3.7 ms posted when needed)."""
+        W = self._slot_bytes()
+        self._slots = {}
+        for r in range(self.world):
+            if r != self.rank:
+                buf = torch.empty(W, dtype=torch.uint8)
+                self._slots[r] = (buf, self._p2p(buf, r, TAG_EXCHANGE, send=False, wait=False))
+
+    def _bye(self) -> None:
+        """Replicated, at stop: answer every peer's posted slot (header n = -1) and take ours."""
+        W = self._slot_bytes()
+        msg = torch.zeros(W, dtype=torch.uint8)
+        struct.pack_into("<2q", msg.numpy(), 0, -1, 0)
+        with self._lock:
+            sends = [self._p2p(msg, r, TAG_EXCHANGE, send=True, wait=False) for r in self._slots]
+            for _, w in self._slots.values():
+                self._wait(w)
+            for w in sends:
+                self._wait(w)
+        self._slots = {}
+
+    def _exchange(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
+                  provider: Any, glu: Any) -> torch.Tensor:
+        """Replicated MoE layer (every rank, same x and routing): run this rank's pairs, send
+        their unweighted outputs to every other rank and receive theirs (one message each way
+        per pair of ranks: a fixed-size slot of up to top-k rows, the rest of a larger batch's rows
+        in a second message), then sum all pairs exactly like the single-process dispatch."""
+        from moetier.layers.moe import expert_forward
+
+        if self._calls_left is not None:
+            if self._calls_left <= 0:
+                raise _Enough
+            self._calls_left -= 1
+        T, k = topk_ids.shape
+        P, me, H, cap = self.world, self.rank, x.shape[1], self.inline_rows
+        experts = topk_ids.reshape(-1).tolist()  # [T*k], pair order
+        dest = [self._owner(layer, e) for e in experts]  # identical on every rank (same routing, same counters)
+        check = hash((T, *experts))  # the routing check: every rank must have routed alike
+        if T == 1:  # decode: each rank's pairs in pair order
+            pairs = [[j for j in range(k) if dest[j] == r] for r in range(P)]
+        else:  # by expert, then pair: the single-process dispatch's row batches
+            order = sorted(range(T * k), key=lambda i: (dest[i], experts[i], i))
+            pairs, o = [], 0
+            for r in range(P):
+                n = dest.count(r)
+                pairs.append(order[o:o + n])
+                o += n
+        mine, row = pairs[me], H * x.element_size()
+        W = SLOT_HEADER + cap * row
+        send = torch.empty(SLOT_HEADER + max(len(mine), cap) * row, dtype=torch.uint8)
+        struct.pack_into("<2q", send.numpy(), 0, len(mine), check)
+        ys = send[SLOT_HEADER:].view(x.dtype).view(-1, H)  # [max(mine, cap), H]: outputs written in place
+        with self._lock:
+            slots = self._slots
+            self._post_slots()  # the next exchange's, before this one's sends go out
+            more = {r: torch.empty((len(pairs[r]) - cap) * row, dtype=torch.uint8) for r in slots
+                    if len(pairs[r]) > cap}  # a batch's rows beyond the slot: both sides know how many
+            pending = [self._p2p(b, r, TAG_ROWS, send=False, wait=False) for r, b in more.items()]
+            t0 = time.perf_counter()
+            if mine:
+                if T == 1:
+                    provider.require(layer, sorted({experts[j] for j in mine}))
+                    for i, j in enumerate(mine):  # [1, H] each, as the single-process decode path computes it
+                        ys[i:i + 1] = expert_forward(x, provider.get(layer, experts[j]), glu)
+                else:
+                    idx = torch.tensor(mine, dtype=torch.long)
+                    ys[:len(mine)] = _original_dispatch_k1(x[idx // k], topk_ids.reshape(-1)[idx], layer, provider,
+                                                           glu)
+            ys[len(mine):].zero_()  # the slot's unused rows
+            self.stats.compute_s += time.perf_counter() - t0
+            pending += [self._p2p(send[:W], r, TAG_EXCHANGE, send=True, wait=False) for r in slots]
+            if len(mine) > cap:
+                pending += [self._p2p(send[W:], r, TAG_ROWS, send=True, wait=False) for r in slots]
+            for _, w in slots.values():
+                self._wait(w)
+            for w in pending:
+                self._wait(w)
+        rows = {me: ys[:len(mine)]}
+        for r, (b, _) in slots.items():
+            n, got = struct.unpack_from("<2q", b.numpy(), 0)
+            if n != len(pairs[r]) or got != check:
+                self.fault = (f"rank {self.rank}: rank {r} routed layer {layer} differently (its forward diverged: "
+                              "start every rank with the same --threads and options)")
+                raise DistributedError(self.fault)
+            y = b[SLOT_HEADER:].view(x.dtype).view(cap, H)[:min(n, cap)]
+            rows[r] = y if r not in more else torch.cat([y, more[r].view(x.dtype).view(-1, H)])
+        s = self.stats
+        s.combine_bytes_sent += len(slots) * len(mine) * row
+        s.combine_bytes_recv += sum(rows[r].shape[0] for r in slots) * row
+        s.meta_bytes += len(slots) * (W - min(len(mine), cap) * row)  # sent: headers and unused slot rows
+        s.local_pairs += len(mine)
+        s.remote_pairs += T * k - len(mine)
+        s.moe_calls += 1
+        out = torch.zeros_like(x)
+        if T == 1:  # the same sum, in the same order, as the single-process decode
+            at = {j: (r, i) for r in range(P) for i, j in enumerate(pairs[r])}
+            for j, wj in enumerate(topk_weights[0].tolist()):
+                r, i = at[j]
+                out.add_(rows[r][i:i + 1], alpha=wj)
+            return out
+        y = torch.empty(T * k, H, dtype=x.dtype)
+        y[torch.tensor([j for r in range(P) for j in pairs[r]], dtype=torch.long)] = torch.cat(
+            [rows[r] for r in range(P)])  # [T*k, H] in pair order
+        w = topk_weights.reshape(-1)
+        ref = topk_ids.reshape(-1).argsort(stable=True)  # single-process order: by expert, then pair
+        out.index_add_(0, ref // k, y[ref] * w[ref, None])
+        return out
+
     def stop(self) -> list[dict[str, Any]]:
         """Rank 0: release the followers; returns every rank's stats (index = rank)."""
         self._stop_heartbeat()
         self._send_ctrl(CMD_STOP)
+        if self._slots:
+            self._bye()
         return self._gather_stats()
 
     # ----- ranks 1..P-1 -----
     def serve(self, model: Any, max_calls: int | None = None) -> list[dict[str, Any]] | None:
         """Follower loop: serve rank 0's MoE layers until it says stop (then returns the
         gathered stats), or after ``max_calls`` layers (returns None)."""
+        if self.exchange == "replicated":
+            self._calls_left = max_calls
+            return self._serve_replicated(model)
         blocks = model.net.moe_blocks()
         provider = model.provider.local if isinstance(model.provider, ExpertParallelProvider) else model.provider
         calls = 0
@@ -516,7 +783,7 @@ class EPMetrics:
     group: EPGroup
 
     def to_dict(self) -> dict[str, Any]:
-        from moetier.planner.cluster import direct_remote_pairs, pair_bytes
+        from moetier.planner.cluster import direct_remote_pairs, ep_rows_per_token, pair_bytes
 
         g, s = self.group, self.group.stats
         dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(getattr(g, "dtype", None), "fp32")
@@ -524,6 +791,8 @@ class EPMetrics:
         k = getattr(g, "inline_rows", 1)
         return {"expert_parallel": {
             **{f.name: getattr(s, f.name) for f in fields(s)}, "ranks": g.world, "rank": g.rank,
+            "exchange": g.exchange, "replicated_exchange": int(g.exchange == "replicated"),
+            "planner_rows_per_token_total": ep_rows_per_token(g.exchange, k, g.world)["total"],
             "planner_pair_bytes": pair_bytes(getattr(g, "hidden", 0), dt),
             "planner_remote_pairs_per_token": direct_remote_pairs(k, g.world)[0],
             "measured_remote_pairs_per_token": s.remote_pairs * k / pairs if pairs else 0.0}}

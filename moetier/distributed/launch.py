@@ -105,6 +105,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-expert loads for --redundant-experts (routing profile or trace)")
     g.add_argument("--placement", default=None, metavar="FILE",
                    help="expert placement JSON (moetier.ep_placement/1) instead of a computed one")
+    g.add_argument("--ep-exchange", default=None, choices=("replicated", "direct"),
+                   help="replicated: every rank runs attention and routers, one exchange of expert outputs per MoE "
+                        "layer; direct: rank 0 alone runs them and sends rows to the experts' ranks (default: "
+                        "see docs/expert-parallel.md)")
     g.add_argument("--ep-restarts", type=int, default=3, metavar="N",
                    help="serve --ep P: restart the local job up to N times after a rank fails (under torchrun: "
                         "its --max-restarts)")
@@ -165,18 +169,21 @@ def _load_rank(args: argparse.Namespace, load_kw: dict[str, Any]) -> tuple[Any, 
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         pinned = ep.pinned_cpus()  # this rank's own CPUs, or None: share the machine's
         kw["threads"] = len(pinned) if pinned else max(1, (os.cpu_count() or 1) // max(1, local))
-    model, group = ep.load(args.model_dir, rank, world, placement, **kw)
+    model, group = ep.load(args.model_dir, rank, world, placement,
+                           exchange=getattr(args, "ep_exchange", None) or ep.DEFAULT_EXCHANGE, **kw)
     return model, group, placement, rank, world
 
 
 def report_figures(model: Any, group: Any, placement: Any, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``expert_parallel`` block of ``--json``: every rank's counters next to the planner's formula."""
-    from moetier.planner.cluster import direct_remote_pairs, pair_bytes
+    from moetier.planner.cluster import direct_remote_pairs, ep_rows_per_token, pair_bytes
 
     s, H, k, world = model.spec, model.spec.hidden_size, model.spec.top_k, group.world
     dt = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}[str(model.dtype)]
     out_pairs, _ = direct_remote_pairs(k, world)
-    return {"ranks": world, "placement": placement.to_json()["device_experts"], "per_rank": per_rank,
+    return {"ranks": world, "exchange": group.exchange,
+            "planner_rows_per_token": ep_rows_per_token(group.exchange, k, world),
+            "placement": placement.to_json()["device_experts"], "per_rank": per_rank,
             "pair_bytes": pair_bytes(H, dt), "step_timeout_s": group.timeout_s,
             "planner_remote_pairs_per_token": out_pairs,
             "measured_remote_pairs_per_token": per_rank[0]["remote_pairs"] / max(

@@ -11,7 +11,13 @@ from typing import Any
 
 import torch
 
-from moetier.distributed.executor import DistributedError, EPGroup, ExpertParallelProvider, model_digest
+from moetier.distributed.executor import (
+    DEFAULT_EXCHANGE,
+    DistributedError,
+    EPGroup,
+    ExpertParallelProvider,
+    model_digest,
+)
 from moetier.distributed.placement import EPPlacement, contiguous
 from moetier.layers import moe as _moe
 
@@ -35,7 +41,8 @@ def install() -> None:
 
 
 def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement | None = None,
-         dtype: str | torch.dtype = "auto", timeout_s: float | None = None, **kw: Any) -> tuple[Any, EPGroup]:
+         dtype: str | torch.dtype = "auto", timeout_s: float | None = None, exchange: str = DEFAULT_EXCHANGE,
+         **kw: Any) -> tuple[Any, EPGroup]:
     """Load one rank's share of an expert-parallel model (after :func:`init`).
 
     placement: default contiguous. Weight-hierarchy options in ``kw`` (``max_ram``, ``expert_cache``,
@@ -43,7 +50,9 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
     its own budget (prefetch off). Checks with the other ranks that all loaded the same model,
     dtype and placement (raises :class:`DistributedError` otherwise), and returns once every
     rank has loaded. ``timeout_s``: the step collectives' timeout (default ``MOETIER_EP_TIMEOUT``
-    or 60 s). Native decode is off.
+    or 60 s). ``exchange``: ``"replicated"`` (every rank runs the always-on compute; rank 0's
+    ``model.step`` tells the followers what to step) or ``"direct"`` (rank 0 alone runs it and sends
+    rows to the experts' ranks). Native decode is off.
     """
     from moetier.models.base import InMemoryExpertProvider
     from moetier.runtime import EMBEDDED_DIR, resolve_dtype
@@ -57,8 +66,8 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
     placement = placement or contiguous(spec.num_experts, world)
     if placement.ranks != world:
         raise DistributedError(f"placement has {placement.ranks} ranks, the job has {world}")
-    group = EPGroup(rank, world, placement, timeout_s=timeout_s)
-    group.check_same(model_digest(d, resolve_dtype(dtype, spec), placement))
+    group = EPGroup(rank, world, placement, timeout_s=timeout_s, exchange=exchange)
+    group.check_same(model_digest(d, resolve_dtype(dtype, spec), placement, exchange))
     install()
     mine = sorted(set(placement.device_experts[rank]))
 
@@ -80,5 +89,7 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
         model = load_model(d, dtype=dtype, expert_provider_factory=factory, native=False, **kw)
     model.native_reason = "off under expert parallelism (the native decoder does not dispatch across ranks)"
     group.configure(spec.hidden_size, model.dtype, spec.top_k)
+    if exchange == "replicated" and rank == 0:
+        model.step = group.mirrored(model)  # every step is run by every rank
     group.ready()
     return model, group

@@ -16,8 +16,8 @@ attention head, top-k and combine order), so a prefill or a batch gives bit for 
 of stepping the same tokens one at a time, whatever the thread count or the batch mates.
 
 Kernel choice, measured (2026-12-01, Zen 4, one thread, ``mt_gemm`` vs ``torch.nn.functional.linear``
-on the same weights, 16-512 rows): the own products (2x2 register tiles for bf16 / f32 on
-AVX-512) run 31-39 GMAC/s; torch's oneDNN bf16 GEMM 50-108 GMAC/s but on activations rounded to
+on the same weights, 16-512 rows): the own products (then 2x2 register tiles for bf16 / f32 on
+AVX-512; now 2 rows x 3 tokens) run 31-39 GMAC/s; torch's oneDNN bf16 GEMM 50-108 GMAC/s but on activations rounded to
 bf16 (a different result from the single-token step), its f32 GEMM 31-48 GMAC/s with a
 thread-count-dependent reduction order (and an f32 copy of bf16 weights). The own kernels keep the
 bits above; the cost is compute-bound prefill of long prompts in bf16 (512 tokens: 0.5-0.9x the

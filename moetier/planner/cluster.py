@@ -728,6 +728,43 @@ def direct_remote_pairs(top_k: int, ep: int, domain: int = 1) -> tuple[float, fl
     return top_k * (ep - domain) / ep, top_k * (domain - 1) / ep
 
 
+EP_EXCHANGES = ("replicated", "direct")  # the CPU expert-parallel runtime's patterns (docs/expert-parallel.md)
+
+
+def ep_step_rows(exchange: str, world: int, rank: int, local_pairs: int, remote_pairs: int) -> dict[str, int]:
+    """Hidden rows one rank of the expert-parallel runtime (``moetier.distributed``) moves, given
+    the token-expert pairs it computed (``local_pairs``) and those computed on other ranks
+    (``remote_pairs``: counted by rank 0 in ``direct``; by every rank in ``replicated``). Times
+    :func:`pair_bytes` this is the runtime's measured byte count, exactly (asserted by tests):
+
+    * ``direct`` (rank 0 alone runs attention and routers; this module's ``direct`` mode): rank 0
+      dispatches each remote pair's row to the expert's rank and gets one row back; a follower
+      receives and returns one row per pair it computes;
+    * ``replicated`` (every rank runs attention and routers): no dispatch; every rank sends each
+      of its pairs' outputs to every other rank (``world - 1`` rows per local pair) and receives
+      one row per pair computed elsewhere.
+    """
+    if exchange == "direct":
+        if rank == 0:
+            return {"dispatch_sent": remote_pairs, "dispatch_recv": 0, "combine_sent": 0, "combine_recv": remote_pairs}
+        return {"dispatch_sent": 0, "dispatch_recv": local_pairs, "combine_sent": local_pairs, "combine_recv": 0}
+    if exchange == "replicated":
+        return {"dispatch_sent": 0, "dispatch_recv": 0, "combine_sent": local_pairs * (world - 1),
+                "combine_recv": remote_pairs}
+    raise ValueError(f"exchange {exchange!r}: expected one of {EP_EXCHANGES}")
+
+
+def ep_rows_per_token(exchange: str, top_k: int, world: int) -> dict[str, float]:
+    """Expected rows per token of the same patterns with experts spread evenly (uniform routing):
+    rank 0's rows sent and received, and the rows every link of the job carries in total.
+    ``direct``: rank 0 sends and receives ``k (P-1)/P`` (:func:`direct_remote_pairs`), ``2 k (P-1)/P``
+    in all; ``replicated``: every rank sends and receives ``k (P-1)/P``, ``k (P-1)`` in all (equal
+    for P = 2, more for P > 2: the price of no dispatch)."""
+    remote = direct_remote_pairs(top_k, world)[0]
+    total = {"direct": 2 * remote, "replicated": world * remote}[exchange]
+    return {"rank0_sent": remote, "rank0_recv": remote, "total": total}
+
+
 def _all_to_all(sh: Shape, machine: Machine, fab: Fabrics, lay: Layout, T: float, imb: float,
                 n_mb: int, mode: str) -> CommTerm:
     H = sh.hidden

@@ -1,9 +1,9 @@
 """One rank of the test job: ``python -m tests.distributed._worker OUT CASES.json`` under a
 torchrun-style environment. For each case every rank loads its share; rank 0 records the
 prefill logits, a greedy decode (tokens, logits) and per-step byte counters, then stops the
-followers. Rank 0 writes everything to OUT (torch.save). A start-up refusal (hash mismatch:
-``"model_by_rank": {"1": DIR}`` or ``"redundant_by_rank": {"1": R}``) is recorded as
-``{"error": message}`` and the job goes on;
+followers. Rank 0 writes everything to OUT (torch.save). ``"exchange"`` picks the pattern. A
+start-up refusal (hash mismatch: ``"model_by_rank": {"1": DIR}``, ``"redundant_by_rank": {"1": R}``
+or ``"exchange_by_rank": {"1": X}``) is recorded as ``{"error": message}`` and the job goes on;
 ``"die_after": n`` (last case) makes rank 1 exit abruptly after serving n MoE layers, ``"hang_after":
 n`` makes rank ``"hang_rank"`` stop itself (SIGSTOP) instead; rank 0 records the error it gets (within
 the case's step ``"timeout"``), saves, and leaves; a follower that sees the fault writes its one-line
@@ -30,11 +30,12 @@ def main() -> int:
         for c in cases:
             path = c.get("model_by_rank", {}).get(str(rank), c["model"])
             redundant = c.get("redundant_by_rank", {}).get(str(rank), c.get("redundant", 0))
+            exchange = c.get("exchange_by_rank", {}).get(str(rank), c.get("exchange", ep.DEFAULT_EXCHANGE))
             placement = make_placement(path, world, 0 if c.get("placement") else redundant,
                                        c.get("placement"), c.get("routing_profile"))
             try:
                 model, group = ep.load(path, rank, world, placement, dtype="float32", tokenizer=False, threads=1,
-                                       timeout_s=c.get("timeout"), **c.get("hierarchy", {}))
+                                       timeout_s=c.get("timeout"), exchange=exchange, **c.get("hierarchy", {}))
             except ep.DistributedError as e:  # every rank sees a start-up refusal: record it, go on
                 results.append({"error": str(e)})
                 continue
@@ -60,6 +61,8 @@ def main() -> int:
                     with open(f"{out}.rank{rank}.err", "w") as f:
                         f.write(str(e))
                     ep.exit_after_fault(str(e))
+                if group.exchange == "replicated":  # rank 0's dropped sequences (the prefill's) were dropped here
+                    assert len(group._mirrors) == 1, f"rank {rank} keeps {len(group._mirrors)} sequences"
                 if c.get("hierarchy"):  # the rank read only experts it owns, into its own cache
                     read = {e for (_, e) in model.provider.local.cache.slot_of}
                     assert read and read <= mine, f"rank {rank} cached experts it does not own: {read - mine}"
@@ -86,7 +89,8 @@ def main() -> int:
                 logits = model.step([(seq, [t])])
                 step_logits.append(logits[0])
                 after = vars(group.stats)
-                steps.append({k: after[k] - before[k] for k in ("dispatch_bytes_sent", "combine_bytes_recv",
+                steps.append({k: after[k] - before[k] for k in ("dispatch_bytes_sent", "dispatch_bytes_recv",
+                                                                "combine_bytes_sent", "combine_bytes_recv",
                                                                 "remote_pairs", "local_pairs")}
                              | {"routed": [list(r) for r in routed]})
             if c.get("hierarchy"):
@@ -94,7 +98,7 @@ def main() -> int:
                 assert read and read <= mine, f"rank 0 cached experts it does not own: {read - mine}"
             results.append({"prefill": prefill, "tokens": toks, "step_logits": torch.stack(step_logits),
                             "steps": steps, "per_rank": group.stop(), "placement": placement.to_json(),
-                            "hidden": model.spec.hidden_size})
+                            "hidden": model.spec.hidden_size, "exchange": group.exchange})
         if rank == 0:
             torch.save(results, out)
         return 0

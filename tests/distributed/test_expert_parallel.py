@@ -18,7 +18,8 @@ import tests.helpers.moe_families  # noqa: F401  (registers deepseek_v3)
 from moetier.distributed import placement as pl
 from moetier.distributed.launch import make_placement, spawn
 from moetier.errors import ConfigError
-from moetier.planner.cluster import pair_bytes
+from moetier.planner.cluster import EP_EXCHANGES as EXCHANGES
+from moetier.planner.cluster import ep_step_rows, pair_bytes
 from moetier.runtime import EMBEDDED_DIR
 from tests.helpers import make_tiny_checkpoint
 
@@ -35,23 +36,29 @@ def job(tmp_path_factory):
     emitted = emit_embedded_placement(tmp / "placement.json")
     skew = tmp / "loads.json"
     skew.write_text(json.dumps({"loads": [40.0, 1.0, 1.0, 25.0, 2.0, 1.0, 9.0, 1.0]}))
-    cases = [
+    base = [
         {"name": "embedded", "model": str(EMBEDDED_DIR)},
         {"name": "embedded-r4", "model": str(EMBEDDED_DIR), "placement": str(emitted), "redundant": 4},
         # each rank's own weight hierarchy over its share: a 10% expert cache (12 slots < 64 owned)
         {"name": "embedded-tiered", "model": str(EMBEDDED_DIR), "hierarchy": {"expert_cache": "10%"}},
         {"name": "mixtral", "model": str(mixtral)},
         {"name": "mixtral-r2", "model": str(mixtral), "redundant": 2, "routing_profile": str(skew)},
+        {"name": "deepseek_v3", "model": str(dsv3)},
         {"name": "deepseek_v3-r2", "model": str(dsv3), "redundant": 2},
+    ]
+    cases = [{**c, "name": f"{c['name']}/{x}", "exchange": x} for c in base for x in EXCHANGES] + [
         {"name": "mismatch", "model": str(EMBEDDED_DIR), "model_by_rank": {"1": str(mixtral)}},
         {"name": "placement-mismatch", "model": str(EMBEDDED_DIR), "redundant_by_rank": {"1": 4}},
-        {"name": "dies", "model": str(EMBEDDED_DIR), "die_after": 3},  # last: rank 1 exits
+        {"name": "exchange-mismatch", "model": str(EMBEDDED_DIR), "exchange": "replicated",
+         "exchange_by_rank": {"1": "direct"}},
+        # last: rank 1 exits (direct; test_four_ranks hangs a rank under replicated)
+        {"name": "dies", "model": str(EMBEDDED_DIR), "die_after": 3, "exchange": "direct"},
     ]
     n_exp = {c["name"]: moetier.spec.load_spec(c["model"]).num_experts for c in cases}
     for c in cases:
         if c.get("redundant") and not c.get("routing_profile"):
             if c["model"] != str(EMBEDDED_DIR):  # a made-up skew for the tiny model
-                p = tmp / f"{c['name']}.json"
+                p = tmp / f"{c['name'].replace('/', '-')}.json"
                 p.write_text(json.dumps({"loads": [float((7 * e) % 5 + 1) for e in range(n_exp[c["name"]])]}))
                 c["routing_profile"] = str(p)
         c["prompt"], c["new"] = PROMPT, NEW
@@ -97,7 +104,8 @@ def reference(c: dict) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     return prefill, toks, torch.stack(steps)
 
 
-CASES = ["embedded", "embedded-r4", "embedded-tiered", "mixtral", "mixtral-r2", "deepseek_v3-r2"]
+CASES = [f"{c}/{x}" for c in ("embedded", "embedded-r4", "embedded-tiered", "mixtral", "mixtral-r2", "deepseek_v3",
+                               "deepseek_v3-r2") for x in EXCHANGES]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -123,9 +131,13 @@ def test_bytes_match_the_planner_formula(job, name):
     row = pair_bytes(r["hidden"], "fp32")  # the cluster planner's bytes per pair per direction
     owner = {e: ranks for e, ranks in enumerate(pl.EPPlacement(
         r["placement"]["num_experts"], tuple(map(tuple, r["placement"]["device_experts"]))).owners())}
-    for s in r["steps"]:
-        assert s["dispatch_bytes_sent"] == s["remote_pairs"] * row
-        assert s["combine_bytes_recv"] == s["remote_pairs"] * row
+    assert r["exchange"] == c["exchange"]
+    for s in r["steps"]:  # rank 0, every decode step: the bytes the planner's formula gives for its pairs
+        rows = ep_step_rows(c["exchange"], WORLD, 0, s["local_pairs"], s["remote_pairs"])
+        assert s["remote_pairs"] > 0 or s["local_pairs"] > 0
+        for kind in ("dispatch", "combine"):
+            for way in ("sent", "recv"):
+                assert s[f"{kind}_bytes_{way}"] == rows[f"{kind}_{way}"] * row
         pairs = sum(len(ids) for ids in s["routed"])
         assert s["remote_pairs"] + s["local_pairs"] == pairs
         sure_remote = sum(1 for ids in s["routed"] for e in ids if 0 not in owner[e])
@@ -133,9 +145,15 @@ def test_bytes_match_the_planner_formula(job, name):
         assert sure_remote <= s["remote_pairs"] <= pairs - sure_local
         if not c.get("redundant"):
             assert s["remote_pairs"] == sure_remote
-    per = r["per_rank"]
+    per = r["per_rank"]  # the whole run (prefill included), every rank
+    for rank, p in enumerate(per):
+        rows = ep_step_rows(c["exchange"], WORLD, rank, p["local_pairs"], p["remote_pairs"])
+        assert [p[f"{kind}_bytes_{way}"] for kind in ("dispatch", "combine") for way in ("sent", "recv")] == \
+            [rows[f"{kind}_{way}"] * row for kind in ("dispatch", "combine") for way in ("sent", "recv")]
     assert per[1]["dispatch_bytes_recv"] == per[0]["dispatch_bytes_sent"]
     assert per[1]["combine_bytes_sent"] == per[0]["combine_bytes_recv"]
+    if c["exchange"] == "replicated":  # no dispatch; each rank's outputs reach the other
+        assert per[0]["dispatch_bytes_sent"] == 0 and per[0]["combine_bytes_sent"] == per[1]["combine_bytes_recv"] > 0
 
 
 def test_placement_must_cover_every_expert(tmp_path):
@@ -151,9 +169,9 @@ def test_placement_must_cover_every_expert(tmp_path):
     assert pl.load(f, 6, 4) == good
 
 
-@pytest.mark.parametrize("name", ["mismatch", "placement-mismatch"])
+@pytest.mark.parametrize("name", ["mismatch", "placement-mismatch", "exchange-mismatch"])
 def test_a_rank_with_another_model_or_placement_is_refused_at_start(job, name):
-    _, r = job[name]  # rank 1 loaded another model / computed another placement (4 replicas)
+    _, r = job[name]  # rank 1 loaded another model / computed another placement (4 replicas) / exchange
     assert "ranks [1] were started with a different model, dtype or placement than rank 0" in r["error"]
     assert "\n" not in r["error"]
 
@@ -164,13 +182,14 @@ def test_a_dead_rank_stops_the_others_with_a_clear_error(job):
     assert "a peer rank died" in r["error"] and "\n" not in r["error"]
 
 
-def test_cli_spawns_local_ranks_and_reports_bytes(tmp_path, capfd):
-    """``moetier run --ep 2 --redundant-experts 4 --json``: the text of the single-process run,
-    rank 0 prints alone, per-rank bytes add up and match the planner's bytes per pair."""
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_cli_spawns_local_ranks_and_reports_bytes(tmp_path, capfd, exchange):
+    """``moetier run --ep 2 --redundant-experts 4 --ep-exchange X --json``: the text of the
+    single-process run, rank 0 prints alone, per-rank bytes add up and match the planner's formula."""
     from moetier.cli import main
 
     argv = ["run", "--prompt", "Once upon a time", "--max-tokens", "5", "--dtype", "float32", "--json",
-            "--ep", "2", "--redundant-experts", "4"]
+            "--ep", "2", "--redundant-experts", "4", "--ep-exchange", exchange]
     assert main(argv) == 0  # the ranks run the arguments main() parsed (not this process's sys.argv)
     out = capfd.readouterr().out.strip().splitlines()
     assert len(out) == 1  # only rank 0 prints
@@ -178,11 +197,16 @@ def test_cli_spawns_local_ranks_and_reports_bytes(tmp_path, capfd):
     ref = moetier.load(dtype="float32", native=False, threads=1)
     assert d["text"] == ref.generate("Once upon a time", max_tokens=5)
     ep = d["expert_parallel"]
-    assert ep["ranks"] == 2 and len(ep["per_rank"]) == 2
+    assert ep["ranks"] == 2 and len(ep["per_rank"]) == 2 and ep["exchange"] == exchange
+    assert ep["pair_bytes"] == pair_bytes(256, "fp32")
+    for rank, r in enumerate(ep["per_rank"]):
+        rows = ep_step_rows(exchange, 2, rank, r["local_pairs"], r["remote_pairs"])
+        assert r["dispatch_bytes_sent"] == rows["dispatch_sent"] * ep["pair_bytes"]
+        assert r["combine_bytes_recv"] == rows["combine_recv"] * ep["pair_bytes"]
+        assert r["combine_bytes_sent"] == rows["combine_sent"] * ep["pair_bytes"]
     r0, rest = ep["per_rank"][0], ep["per_rank"][1:]
-    assert r0["dispatch_bytes_sent"] == sum(r["dispatch_bytes_recv"] for r in rest) == r0["remote_pairs"] * \
-        ep["pair_bytes"] == r0["remote_pairs"] * pair_bytes(256, "fp32")
-    assert r0["combine_bytes_recv"] == sum(r["combine_bytes_sent"] for r in rest)
+    assert r0["combine_bytes_recv"] == sum(r["combine_bytes_sent"] for r in rest) > 0
+    assert r0["remote_pairs"] == sum(r["local_pairs"] for r in rest)
     assert all(r["local_pairs"] > 0 for r in rest)  # every rank computed experts
 
 

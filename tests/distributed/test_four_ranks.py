@@ -1,7 +1,7 @@
 """Four ranks on gloo over loopback (kept small for 2-core CI: a tiny mixtral, 8 experts, a few
-tokens): the same logits and greedy tokens as one process with and without replicas, bytes by
-the planner's formula, and a HUNG rank (SIGSTOP) that makes every other rank exit with one line
-within the step timeout instead of waiting forever."""
+tokens): the same logits and greedy tokens as one process with and without replicas, in both
+exchange patterns, bytes by the planner's formula, and a HUNG rank (SIGSTOP, replicated exchange)
+that makes every other rank exit with one line within the step timeout instead of waiting forever."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from moetier.distributed.launch import spawn
-from moetier.planner.cluster import pair_bytes
+from moetier.planner.cluster import EP_EXCHANGES as EXCHANGES
+from moetier.planner.cluster import ep_step_rows, pair_bytes
 from tests.distributed.test_expert_parallel import reference
 from tests.helpers import make_tiny_checkpoint
 
@@ -30,10 +31,12 @@ def job(tmp_path_factory):
     mixtral = make_tiny_checkpoint(tmp, "mixtral", num_local_experts=8)
     skew = tmp / "loads.json"
     skew.write_text(json.dumps({"loads": [30.0, 1.0, 2.0, 12.0, 1.0, 6.0, 1.0, 3.0]}))
-    cases = [
-        {"name": "mixtral", "model": str(mixtral)},
-        {"name": "mixtral-r4", "model": str(mixtral), "redundant": 4, "routing_profile": str(skew)},
-        {"name": "hangs", "model": str(mixtral), "hang_after": 2, "hang_rank": HUNG, "timeout": STEP_TIMEOUT},
+    cases = [{"name": f"mixtral/{x}", "model": str(mixtral), "exchange": x} for x in EXCHANGES] + [
+        {"name": f"mixtral-r4/{x}", "model": str(mixtral), "redundant": 4, "routing_profile": str(skew),
+         "exchange": x} for x in EXCHANGES] + [
+        # replicated: every rank waits on every other's exchange (the P = 2 module's dying rank runs direct)
+        {"name": "hangs", "model": str(mixtral), "hang_after": 2, "hang_rank": HUNG, "timeout": STEP_TIMEOUT,
+         "exchange": "replicated"},
     ]
     for c in cases:
         c["prompt"], c["new"] = PROMPT, NEW
@@ -46,7 +49,7 @@ def job(tmp_path_factory):
     return {c["name"]: (c, r) for c, r in zip(cases, got)} | {"codes": codes, "errs": errs}
 
 
-@pytest.mark.parametrize("name", ["mixtral", "mixtral-r4"])
+@pytest.mark.parametrize("name", [f"{c}/{x}" for c in ("mixtral", "mixtral-r4") for x in EXCHANGES])
 def test_four_ranks_same_logits_and_tokens_as_one_process(job, name):
     c, r = job[name]
     prefill, toks, steps = reference(c)
@@ -58,13 +61,21 @@ def test_four_ranks_same_logits_and_tokens_as_one_process(job, name):
     else:
         assert sum(len(d) for d in r["placement"]["device_experts"]) == 8 + 4
     per = r["per_rank"]
-    assert len(per) == WORLD
-    assert per[0]["dispatch_bytes_sent"] == sum(p["dispatch_bytes_recv"] for p in per[1:]) > 0
-    assert per[0]["combine_bytes_recv"] == sum(p["combine_bytes_sent"] for p in per[1:])
+    assert len(per) == WORLD and r["exchange"] == c["exchange"]
     assert per[0]["remote_pairs"] == sum(p["local_pairs"] for p in per[1:])
     row = pair_bytes(r["hidden"], "fp32")
+    ways = [f"{kind}_{way}" for kind in ("dispatch", "combine") for way in ("sent", "recv")]
+    for rank, p in enumerate(per):  # every rank: the planner's formula for its pairs
+        rows = ep_step_rows(c["exchange"], WORLD, rank, p["local_pairs"], p["remote_pairs"])
+        assert [p[f"{w.split('_')[0]}_bytes_{w.split('_')[1]}"] for w in ways] == [rows[w] * row for w in ways]
+    if c["exchange"] == "direct":
+        assert per[0]["dispatch_bytes_sent"] == sum(p["dispatch_bytes_recv"] for p in per[1:]) > 0
+        assert per[0]["combine_bytes_recv"] == sum(p["combine_bytes_sent"] for p in per[1:])
+    else:  # every rank's outputs go to the 3 others
+        assert sum(p["combine_bytes_sent"] for p in per) == 3 * sum(p["combine_bytes_recv"] for p in per) / 3 > 0
     for s in r["steps"]:
-        assert s["dispatch_bytes_sent"] == s["combine_bytes_recv"] == s["remote_pairs"] * row
+        rows = ep_step_rows(c["exchange"], WORLD, 0, s["local_pairs"], s["remote_pairs"])
+        assert [s[f"{w.split('_')[0]}_bytes_{w.split('_')[1]}"] for w in ways] == [rows[w] * row for w in ways]
     followers_used = [p["local_pairs"] > 0 for p in per[1:]]
     assert sum(followers_used) >= 2  # experts really ran on several other ranks
 

@@ -78,6 +78,7 @@ def test_serve_ep_503_on_a_hung_rank_then_restart_resumes(tmp_path):
                         if line.startswith("moetier_weights_expert_parallel_"))
         pre = "moetier_weights_expert_parallel_"
         assert float(prom[pre + "remote_pairs"]) > 0 and float(prom[pre + "planner_pair_bytes"]) == 256 * 4
+        assert float(prom[pre + "replicated_exchange"]) == 0  # the default: direct
         assert float(prom[pre + "dispatch_bytes_sent"]) == float(prom[pre + "remote_pairs"]) * 256 * 4
         ranks = ranks_of(p.pid)
         os.kill(ranks[1], signal.SIGSTOP)  # hung follower: alive, silent
@@ -99,3 +100,44 @@ def test_serve_ep_503_on_a_hung_rank_then_restart_resumes(tmp_path):
         log.close()
     text = (tmp_path / "serve.log").read_text()
     assert "restarting it (1 of 1)" in text
+
+
+@pytest.mark.slow
+def test_serve_ep_replicated_answers_like_one_process(tmp_path):
+    """``serve --ep 2 --ep-exchange replicated``: the follower mirrors every engine step (new, batched
+    and freed sequences) on its own copies; concurrent requests answer like one process, and
+    /metrics reports the replicated pattern's bytes."""
+    import concurrent.futures
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "serve.log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "moetier", "serve", "--ep", "2", "--port", str(port),
+                          "--log-level", "warning", "--ep-exchange", "replicated", "--ep-restarts", "0"],
+                         env=dict(os.environ), stdout=log, stderr=log)
+    prompts = [PROMPT, "The little dog", "Once upon a time"]  # the same prompt twice: a sequence per request
+    try:
+        wait_for(f"{base}/health", 200, 300)
+        ref = moetier.load(dtype="float32", native=False, threads=1)
+        for _ in range(2):  # the second round reuses nothing: its sequences are new, the first round's freed
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                got = list(pool.map(lambda q: get(f"{base}/v1/completions",
+                                                  {"prompt": q, "max_tokens": 6, "temperature": 0}), prompts))
+            assert [c for c, _ in got] == [200] * 3
+            assert [b["choices"][0]["text"] for _, b in got] == [ref.generate(q, max_tokens=6) for q in prompts]
+        with urllib.request.urlopen(f"{base}/metrics", timeout=60) as r:
+            prom = dict(line.rsplit(" ", 1) for line in r.read().decode().splitlines()
+                        if line.startswith("moetier_weights_expert_parallel_"))
+        pre = "moetier_weights_expert_parallel_"
+        assert float(prom[pre + "replicated_exchange"]) == 1
+        assert float(prom[pre + "dispatch_bytes_sent"]) == 0  # no dispatch: rank 1 ran the same forward
+        assert float(prom[pre + "combine_bytes_sent"]) == float(prom[pre + "local_pairs"]) * 256 * 4 > 0
+        assert float(prom[pre + "combine_bytes_recv"]) == float(prom[pre + "remote_pairs"]) * 256 * 4 > 0
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        log.close()

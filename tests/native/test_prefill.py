@@ -259,15 +259,16 @@ def _gemm_vs_gemv(lib, w, T: int, bias: torch.Tensor | None, nth: int) -> tuple[
 @pytest.mark.parametrize("isa", native.ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemm_is_gemv_per_row(lib, isa, dtype):
-    """The multi-token engine (row blocks, 2x2 register tiles where a format has them, odd rows
-    and tokens left over) gives every (token, row) the single-token product's bits."""
+    """The multi-token engine (row blocks, register tiles of 2 rows x 3 or 2 tokens where a format
+    has them: T = 4, 5, 7, 8 split 2+2, 3+2, 3+2+2, 3+3+2; odd rows and tokens left over) gives
+    every (token, row) the single-token product's bits."""
     if isa not in native.isas_supported():
         pytest.skip(f"this CPU does not run {isa}")
     native.set_isa(isa)
     try:
         for rows, cols in [(1, 1), (2, 31), (3, 33), (7, 65), (9, 100), (64, 256), (33, 1031), (130, 96)]:
             w = torch.randn(rows, cols).to(dtype)
-            for T in (1, 2, 3, 8):
+            for T in (1, 2, 3, 4, 5, 7, 8):
                 for bias in (None, torch.randn(rows).to(dtype)):
                     for nth in (1, 3):
                         got, want = _gemm_vs_gemv(lib, w, T, bias, nth)
@@ -292,12 +293,13 @@ def test_gemm_quantized_is_gemv_per_row(lib, fmt):
 
 
 @pytest.mark.parametrize("isa", native.ISAS)
-@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0", "ggml_mxfp4"])
 def test_gemm_ggml_tiles_are_gemv_per_row(lib, fmt, isa):
     """GGUF formats with multi-token tiles (up to 4 tokens per pass over a row, the rest per
     token; 130 tokens cross the engine's 128-token blocks): every (token, row) has the
     single-token row kernel's bits, rows in strided buffers, with and without bias."""
     pytest.importorskip("gguf")
+    from moetier.native.weights import GGML_BLOCKS
     from moetier.quant import QTensor
     from tests.native.test_quant_kernels import GGML_TYPE, ggml_blocks, strided
 
@@ -308,14 +310,44 @@ def test_gemm_ggml_tiles_are_gemv_per_row(lib, fmt, isa):
     try:
         for rows, cols in [(1, 256), (5, 768), (33, 256), (7, 512 + 256)]:
             data = ggml_blocks(fmt, rows, cols, gen)
-            for w in (QTensor(fmt, (rows, cols), data, block=(1, 256 if fmt != "q8_0" else 32)),
-                      QTensor(fmt, (rows, cols), strided(data, gen), block=(1, 256 if fmt != "q8_0" else 32))):
+            bs = GGML_BLOCKS[fmt][1]
+            for w in (QTensor(fmt, (rows, cols), data, block=(1, bs)),
+                      QTensor(fmt, (rows, cols), strided(data, gen), block=(1, bs))):
                 for T in (1, 2, 3, 4, 5, 6, 7, 130):
                     bias = torch.randn(rows, generator=gen) if T % 2 else None
                     for nth in (1, 2) if T in (7, 130) else (1,):
                         got, want = _gemm_vs_gemv(lib, w, T, bias, nth)
                         assert torch.isfinite(want).all()
                         assert torch.equal(got, want), (fmt, isa, rows, cols, T, nth, maxdiff(got, want))
+    finally:
+        native.set_isa(None)
+
+
+@pytest.mark.parametrize("isa", native.ISAS)
+def test_gemm_mxfp4_tiles_are_gemv_per_row(lib, isa):
+    """gpt-oss MXFP4 with multi-token tiles: every (token, row) has the row kernel's bits, for
+    partial groups and chunks (odd column counts), strided rows and gate/up interleaved rows."""
+    from moetier.quant import QTensor
+    from tests.native.test_quant_kernels import strided
+
+    if isa not in native.isas_supported():
+        pytest.skip(f"this CPU does not run {isa}")
+    gen = torch.Generator().manual_seed(7)
+    native.set_isa(isa)
+    try:
+        for rows, cols in [(1, 32), (5, 90), (33, 640), (7, 17), (6, 2880)]:
+            groups = -(-cols // 32)
+            data = torch.randint(0, 256, (2 * rows, 16 * groups), generator=gen, dtype=torch.uint8)
+            scale = torch.randint(110, 140, (2 * rows, groups), generator=gen, dtype=torch.uint8)
+            for w in (QTensor("mxfp4", (rows, cols), data[:rows], scale[:rows], block=(1, 32)),
+                      QTensor("mxfp4", (rows, cols), strided(data[:rows], gen), scale[:rows], block=(1, 32)),
+                      QTensor("mxfp4", (rows, cols), data[0::2], scale[0::2], block=(1, 32))):
+                for T in (1, 2, 3, 4, 5, 7, 130):
+                    bias = torch.randn(rows, generator=gen) if T % 2 else None
+                    for nth in (1, 2) if T in (7, 130) else (1,):
+                        got, want = _gemm_vs_gemv(lib, w, T, bias, nth)
+                        assert torch.isfinite(want).all()
+                        assert torch.equal(got, want), (isa, rows, cols, T, nth, maxdiff(got, want))
     finally:
         native.set_isa(None)
 

@@ -274,7 +274,7 @@ def test_int_groups(lib, isa, bits):
 # the avx512vnni kernels: x as int8 digits (csrc/simd.h), integer dot products
 
 # the formats with avx512vnni kernels; every other one runs its avx512 kernels at that level
-VNNI_FORMATS = ("int4_group", "q4_k", "q6_k")
+VNNI_FORMATS = ("int4_group", "q4_k", "q6_k", "mxfp4", "ggml_mxfp4")
 
 
 def test_vnni_dispatch(lib):

@@ -147,8 +147,174 @@ MT_TARGET_AVX512 static void rows_avx512_ggml(const mt_weight *W, const float *x
     }
 }
 
-/* the prepared x (even / odd columns) is read by the AVX-512 kernel only */
-const mt_fmt mt_fmt_mxfp4 = {MT_FMT_MXFP4, "mxfp4", {rows_scalar, rows_avx2, rows_avx512}, mt_prep_evenodd_len,
-                             mt_prep_evenodd, dequant};
+/* ---- AVX-512 VNNI: integer dot products on x's digits (simd.h) ----
+ * 2 * e2m1 is an integer in [-12, 12] and 2^(e - 127) / 2 a power of two, so a 32-value group
+ * times x's int8 digits is exact in int32. The weights enter vpdpbusd as its unsigned operand,
+ * offset by 12 (one vpshufb of the nibble: u = 2 * E2M1[code] + 12 in [0, 24]), x's digits as
+ * the signed one; the offset's share, 12 * (the lane's digit sum), comes subtracted from the
+ * accumulator's start (stored with the digits).
+ *
+ * A chunk is 128 values = 4 groups = 64 code bytes, byte b holding a code of group b / 16, so
+ * lane l of a vpdpbusd belongs to group l / 4 and its 16 lane sums are scaled in float by a
+ * per-lane power of two. Per chunk and digit k: D = C_k + u_lo . A_k + u_hi . B_k (A / B: the
+ * digits of the values under the low / high nibbles, C_k = -12 * their lane sums; |D| <= 8 *
+ * 12 * 127, exact in float), acc_k += (2^(e - 127) * s / 2) * D; y = digits_reduce(acc).
+ *
+ * Prepared x (floats): one digit scale s / 2 per chunk (padded to 16), then per chunk 9 x 64
+ * bytes: A_0, B_0, A_1, B_1, A_2, B_2, C_0, C_1, C_2 (int32 x 16). Values past cols have digit
+ * 0 (so do their offsets), whatever code bytes a kernel reads there. Layouts: mxfp4 (gpt-oss):
+ * A = the chunk's even values, B = its odd ones; ggml_mxfp4: group g's bytes hold values
+ * 32 g + j (low) and 32 g + 16 + j (high), j < 16. */
+
+enum { VNNI_GPT_OSS = 0, VNNI_GGML = 1 };
+
+static long vnni_nchunks(long cols) { return (cols + 127) / 128; }
+static long vnni_head(long cols) { return (vnni_nchunks(cols) + 15) & ~15L; }
+static long vnni_len(long cols) { return vnni_head(cols) + 144 * vnni_nchunks(cols); }
+
+MT_TARGET_VNNI static void prep_vnni(const float *x, long cols, float *xp, int layout) {
+    float *S = xp;
+    __m512i *P = (__m512i *)(xp + vnni_head(cols));
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1)), twelve = _mm512_set1_epi8(12);
+    for (long c = 0; c < vnni_nchunks(cols); c++, x += 128, P += 9) {
+        __m512 v[8], m = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int q = 0; q < 8; q++) {
+            long n = cols - 128 * c - 16 * q;
+            __mmask16 k = n >= 16 ? 0xffff : n > 0 ? (__mmask16)((1u << n) - 1) : 0;
+            v[q] = _mm512_maskz_loadu_ps(k, x + 16 * q);
+            m = _mm512_max_ps(m, _mm512_abs_ps(v[q]));
+            nan |= _mm512_cmp_ps_mask(v[q], v[q], _CMP_UNORD_Q);
+        }
+        float amax = nan ? f32_from_bits(0x7fc00000u) : _mm512_reduce_max_ps(m);
+        float s = digit_scale(amax), rinv = digit_rinv(amax);
+        S[c] = 0.5f * s;
+        __m128i *D = (__m128i *)P;
+        for (int q = 0; q < 4; q++) { /* group q: its 16 low-nibble values, its 16 high-nibble ones */
+            __m512 lo, hi;
+            if (layout == VNNI_GPT_OSS) {
+                lo = _mm512_permutex2var_ps(v[2 * q], ev, v[2 * q + 1]);
+                hi = _mm512_permutex2var_ps(v[2 * q], od, v[2 * q + 1]);
+            } else {
+                lo = v[2 * q];
+                hi = v[2 * q + 1];
+            }
+            __m128i a[3], b[3];
+            digits16(lo, s, rinv, &a[0], &a[1], &a[2]);
+            digits16(hi, s, rinv, &b[0], &b[1], &b[2]);
+            for (int k = 0; k < 3; k++) {
+                _mm_store_si128(D + 4 * (2 * k) + q, a[k]);
+                _mm_store_si128(D + 4 * (2 * k + 1) + q, b[k]);
+            }
+        }
+        for (int k = 0; k < 3; k++) {
+            __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), twelve, _mm512_load_si512(P + 2 * k));
+            t = _mm512_dpbusd_epi32(t, twelve, _mm512_load_si512(P + 2 * k + 1));
+            _mm512_store_si512(P + 6 + k, _mm512_sub_epi32(_mm512_setzero_si512(), t));
+        }
+    }
+}
+
+/* 16 e8m0 bytes (n < 16: the first n, zeros after) -> 2^(e - 127) as floats, e8m0_to_f32's values */
+MT_TARGET_VNNI static inline __m512 e8m0x16(const uint8_t *e, long n) {
+    __mmask16 k = n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1);
+    __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, e));
+    __m512i f = _mm512_slli_epi32(v, 23);
+    f = _mm512_mask_mov_epi32(f, _mm512_cmpeq_epi32_mask(v, _mm512_setzero_si512()), _mm512_set1_epi32(0x00400000));
+    f = _mm512_mask_mov_epi32(f, _mm512_cmpeq_epi32_mask(v, _mm512_set1_epi32(255)), _mm512_set1_epi32(0x7fc00000));
+    return _mm512_castsi512_ps(f);
+}
+
+/* the 64 code bytes of chunk c (n of them stored in the row; zeros after), group g in bytes [16 g, 16 g + 16) */
+MT_TARGET_VNNI static inline __m512i chunk_codes(const uint8_t *row, long c, long n, int layout) {
+    if (layout == VNNI_GPT_OSS) {
+        if (n >= 64) return _mm512_loadu_si512((const void *)(row + 64 * c));
+        return _mm512_maskz_loadu_epi8(n > 0 ? ((__mmask64)1 << n) - 1 : 0, row + 64 * c);
+    }
+    const uint8_t *b = row + 17 * 4 * c + 1; /* ggml: n is a multiple of 16 */
+    __m512i v = _mm512_setzero_si512();
+    if (n >= 16) v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)b));
+    if (n >= 32) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 17)), 1);
+    if (n >= 48) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 34)), 2);
+    if (n >= 64) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 51)), 3);
+    return v;
+}
+
+MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(const mt_weight *W, const float *const *x,
+                                                                            const float *const *xp, float *const *y,
+                                                                            const int n, long r0, long r1,
+                                                                            const int layout) {
+    (void)x;
+    long cols = W->cols, nch = vnni_nchunks(cols), ngroups = (cols + 31) / 32;
+    long bytes = layout == VNNI_GPT_OSS ? (cols + 1) / 2 : 16 * ngroups;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const __m512i tab = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    const __m512i lane_group = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)mt_row(W, r);
+        __m512 acc[MT_TILE_T][3], F = _mm512_setzero_ps();
+        for (int j = 0; j < n; j++) acc[j][0] = acc[j][1] = acc[j][2] = _mm512_setzero_ps();
+        for (long c = 0; c < nch; c++) {
+            if ((c & 3) == 0) { /* the exponents of groups [4 c, 4 c + 16) */
+                long ng = ngroups - 4 * c < 16 ? ngroups - 4 * c : 16;
+                if (layout == VNNI_GPT_OSS) {
+                    F = e8m0x16((const uint8_t *)mt_srow(W, r) + 4 * c, ng);
+                } else {
+                    uint8_t e[16];
+                    for (long g = 0; g < ng; g++) e[g] = row[17 * (4 * c + g)];
+                    F = e8m0x16(e, ng);
+                }
+            }
+            __m512 fw = _mm512_permutexvar_ps(_mm512_add_epi32(lane_group, _mm512_set1_epi32(4 * (int)(c & 3))), F);
+            __m512i v = chunk_codes(row, c, bytes - 64 * c, layout);
+            __m512i ul = _mm512_shuffle_epi8(tab, _mm512_and_si512(v, m4));
+            __m512i uh = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+            for (int j = 0; j < n; j++) {
+                const __m512i *P = (const __m512i *)(xp[j] + vnni_head(cols)) + 9 * c;
+                __m512 f = _mm512_mul_ps(fw, _mm512_set1_ps(xp[j][c]));
+                for (int k = 0; k < 3; k++) {
+                    __m512i D = _mm512_dpbusd_epi32(_mm512_load_si512(P + 6 + k), ul, _mm512_load_si512(P + 2 * k));
+                    D = _mm512_dpbusd_epi32(D, uh, _mm512_load_si512(P + 2 * k + 1));
+                    acc[j][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(D), f, acc[j][k]);
+                }
+            }
+        }
+        for (int j = 0; j < n; j++) y[j][r] = digits_reduce(acc[j][0], acc[j][1], acc[j][2]);
+    }
+}
+
+#define TILE_GPT_OSS(W, x, xp, y, n, r0, r1) tile_vnni_n(W, x, xp, y, n, r0, r1, VNNI_GPT_OSS)
+#define TILE_GGML(W, x, xp, y, n, r0, r1) tile_vnni_n(W, x, xp, y, n, r0, r1, VNNI_GGML)
+MT_TILES(tile_vnni, TILE_GPT_OSS, MT_TARGET_VNNI)
+MT_TILES(tile_vnni_ggml, TILE_GGML, MT_TARGET_VNNI)
+
+/* the row kernels are the tiles for one token (the same code, so the same bits) */
+MT_TARGET_VNNI static void rows_vnni(const mt_weight *W, const float *x, const float *xp, float *y, long r0, long r1) {
+    tile_vnni_n(W, &x, &xp, &y, 1, r0, r1, VNNI_GPT_OSS);
+}
+
+MT_TARGET_VNNI static void rows_vnni_ggml(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
+                                          long r1) {
+    tile_vnni_n(W, &x, &xp, &y, 1, r0, r1, VNNI_GGML);
+}
+
+/* prepared x: even / odd columns for the AVX-512 kernel (nibble.h), digits for VNNI; none below */
+static long prep_len(long cols, int isa) { return isa >= MT_ISA_AVX512VNNI ? vnni_len(cols) : mt_prep_evenodd_len(cols, isa); }
+
+static void prep(const float *x, long cols, float *xp, int isa) {
+    if (isa >= MT_ISA_AVX512VNNI) prep_vnni(x, cols, xp, VNNI_GPT_OSS);
+    else mt_prep_evenodd(x, cols, xp, isa);
+}
+
+static long prep_len_ggml(long cols, int isa) { return isa >= MT_ISA_AVX512VNNI ? vnni_len(cols) : 0; }
+
+static void prep_ggml(const float *x, long cols, float *xp, int isa) {
+    if (isa >= MT_ISA_AVX512VNNI) prep_vnni(x, cols, xp, VNNI_GGML);
+}
+
+const mt_fmt mt_fmt_mxfp4 = {MT_FMT_MXFP4, "mxfp4", {rows_scalar, rows_avx2, rows_avx512, rows_vnni}, prep_len, prep,
+                             dequant, {NULL, NULL, NULL, tile_vnni}};
 const mt_fmt mt_fmt_ggml_mxfp4 = {MT_FMT_GGML_MXFP4, "ggml_mxfp4", {rows_scalar_ggml, rows_avx2_ggml,
-                                  rows_avx512_ggml}, NULL, NULL, dequant_ggml};
+                                  rows_avx512_ggml, rows_vnni_ggml}, prep_len_ggml, prep_ggml, dequant_ggml,
+                                  {NULL, NULL, NULL, tile_vnni_ggml}};

@@ -19,7 +19,7 @@ typedef struct {
 /* ------------------------------------------------------------------------------------ */
 /* register tiles of the float formats (quantized formats keep theirs next to their row kernels:
  * mt_fmt.tiles, 1 row x up to MT_TILE_T tokens, run first in run_unit): 2 weight rows x 2
- * tokens, each (row, token) summed exactly as the format's row kernel for this ISA sums it
+ * or 3 tokens, each (row, token) summed exactly as the format's row kernel for this ISA sums it
  * (same accumulators, same column order, same final adds), so a tile gives the row kernel's
  * bits while reading each weight vector and each x vector once for two products. Keep in sync
  * with fmt_bf16.c / fmt_f32.c: rows_avx512 (tests/native/test_prefill.py checks the bits
@@ -27,17 +27,24 @@ typedef struct {
 
 #include <immintrin.h>
 
-typedef void (*tile_fn)(const mt_weight *W, const float *p0, const float *p1, float *y0, float *y1, long r);
+typedef void (*tile_fn)(const mt_weight *W, const float *const *p, float *const *y, int n, long r);
 
-#define BF16_STEP(E, O, lo, hi, xe, xo)                                                                      \
-    do {                                                                                                \
-        E = _mm512_fmadd_ps(lo, xe, E);                                                                 \
-        O = _mm512_fmadd_ps(hi, xo, O);                                                                 \
-    } while (0)
+#define MT_INLINE static inline __attribute__((always_inline))
+/* the token loops fully unrolled so the accumulator arrays live in registers (2 x 3 x 4 of the
+ * 32 zmm; without the pragma GCC keeps them on the stack) */
+#define FOR_T _Pragma("GCC unroll 3") for (int j = 0; j < NT; j++)
 
-/* one 32-column chunk of rows a, b (w offset c) into accumulator set k of both tokens
- * (x offset xc in the even / odd halves) */
-#define BF16_CHUNK(k, c, xc, mask)                                                                       \
+/* bfloat16, NT tokens: per (row, token) the accumulators e0 o0 e1 o1 of rows_avx512 (even /
+ * odd columns, 64-column steps alternating sets 0 and 1; the 32-column rest and the masked tail
+ * into set 0), combined as (e0 + o0) + (e1 + o1) */
+MT_INLINE void bf16_tile_nt(const mt_weight *W, const float *const *p, float *const *y, long r, const int NT) {
+    const __m512i himask = _mm512_set1_epi32((int)0xffff0000u);
+    long cols = W->cols, cfull = cols & ~31L, rem = cols - cfull, half = mt_evenodd_half(cols);
+    __mmask32 tail = rem ? (__mmask32)((1ull << rem) - 1) : 0;
+    const bf16 *wa = (const bf16 *)mt_row(W, r), *wb = (const bf16 *)mt_row(W, r + 1);
+    __m512 A[3][4], Bv[3][4]; /* [token][e0 o0 e1 o1] of rows a, b */
+    FOR_T _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) A[j][k] = Bv[j][k] = _mm512_setzero_ps();
+#define BF16_TCHUNK(k, c, mask)                                                                          \
     do {                                                                                                \
         __m512i va = (mask) == 0xffffffffu ? _mm512_loadu_si512((const void *)(wa + (c)))               \
                                            : _mm512_maskz_loadu_epi16((mask), wa + (c));               \
@@ -47,71 +54,78 @@ typedef void (*tile_fn)(const mt_weight *W, const float *p0, const float *p1, fl
         __m512 ahi = _mm512_castsi512_ps(_mm512_and_si512(va, himask));                                 \
         __m512 blo = _mm512_castsi512_ps(_mm512_slli_epi32(vb, 16));                                    \
         __m512 bhi = _mm512_castsi512_ps(_mm512_and_si512(vb, himask));                                 \
-        __m512 x0e = _mm512_loadu_ps(e0p + (xc)), x0o = _mm512_loadu_ps(o0p + (xc));                    \
-        __m512 x1e = _mm512_loadu_ps(e1p + (xc)), x1o = _mm512_loadu_ps(o1p + (xc));                    \
-        BF16_STEP(a0e##k, a0o##k, alo, ahi, x0e, x0o);                                                  \
-        BF16_STEP(a1e##k, a1o##k, alo, ahi, x1e, x1o);                                                  \
-        BF16_STEP(b0e##k, b0o##k, blo, bhi, x0e, x0o);                                                  \
-        BF16_STEP(b1e##k, b1o##k, blo, bhi, x1e, x1o);                                                  \
+        FOR_T {                                                                                         \
+            __m512 xe = _mm512_loadu_ps(p[j] + (c) / 2), xo = _mm512_loadu_ps(p[j] + half + (c) / 2);   \
+            A[j][2 * (k)] = _mm512_fmadd_ps(alo, xe, A[j][2 * (k)]);                                    \
+            A[j][2 * (k) + 1] = _mm512_fmadd_ps(ahi, xo, A[j][2 * (k) + 1]);                            \
+            Bv[j][2 * (k)] = _mm512_fmadd_ps(blo, xe, Bv[j][2 * (k)]);                                  \
+            Bv[j][2 * (k) + 1] = _mm512_fmadd_ps(bhi, xo, Bv[j][2 * (k) + 1]);                          \
+        }                                                                                               \
     } while (0)
-
-MT_TARGET_AVX512 static void bf16_tile_avx512(const mt_weight *W, const float *p0, const float *p1, float *y0,
-                                              float *y1, long r) {
-    const __m512i himask = _mm512_set1_epi32((int)0xffff0000u);
-    long cols = W->cols, cfull = cols & ~31L, rem = cols - cfull, half = mt_evenodd_half(cols);
-    __mmask32 tail = rem ? (__mmask32)((1ull << rem) - 1) : 0;
-    const bf16 *wa = (const bf16 *)mt_row(W, r), *wb = (const bf16 *)mt_row(W, r + 1);
-    const float *e0p = p0, *o0p = p0 + half, *e1p = p1, *o1p = p1 + half;
-    __m512 a0e0 = _mm512_setzero_ps(), a0o0 = a0e0, a0e1 = a0e0, a0o1 = a0e0, a1e0 = a0e0, a1o0 = a0e0,
-           a1e1 = a0e0, a1o1 = a0e0, b0e0 = a0e0, b0o0 = a0e0, b0e1 = a0e0, b0o1 = a0e0, b1e0 = a0e0,
-           b1o0 = a0e0, b1e1 = a0e0, b1o1 = a0e0;
     long c = 0;
     for (; c + 64 <= cfull; c += 64) {
-        BF16_CHUNK(0, c, c / 2, 0xffffffffu);
-        BF16_CHUNK(1, c + 32, c / 2 + 16, 0xffffffffu);
+        BF16_TCHUNK(0, c, 0xffffffffu);
+        BF16_TCHUNK(1, c + 32, 0xffffffffu);
     }
-    for (; c < cfull; c += 32) BF16_CHUNK(0, c, c / 2, 0xffffffffu);
-    if (tail) BF16_CHUNK(0, c, c / 2, tail);
-    y0[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0e0, a0o0), _mm512_add_ps(a0e1, a0o1)));
-    y1[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a1e0, a1o0), _mm512_add_ps(a1e1, a1o1)));
-    y0[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0e0, b0o0), _mm512_add_ps(b0e1, b0o1)));
-    y1[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b1e0, b1o0), _mm512_add_ps(b1e1, b1o1)));
+    for (; c < cfull; c += 32) BF16_TCHUNK(0, c, 0xffffffffu);
+    if (tail) BF16_TCHUNK(0, c, tail);
+#undef BF16_TCHUNK
+    FOR_T {
+        y[j][r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(A[j][0], A[j][1]), _mm512_add_ps(A[j][2], A[j][3])));
+        y[j][r + 1] =
+            _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(Bv[j][0], Bv[j][1]), _mm512_add_ps(Bv[j][2], Bv[j][3])));
+    }
 }
 
-/* float32: mirrors fmt_f32.c: rows_avx512 (a0..a3 over 64-column steps, 16-column steps into
- * a0, the masked tail into a1, then (a0 + a1) + (a2 + a3)) */
-#define F32_FMA(acc, wv, xv) acc = _mm512_fmadd_ps(wv, xv, acc)
-#define F32_CHUNK(k, c, m)                                                                               \
-    do {                                                                                                \
-        __m512 va = _mm512_maskz_loadu_ps((m), wa + (c)), vb = _mm512_maskz_loadu_ps((m), wb + (c));     \
-        __m512 x0 = _mm512_maskz_loadu_ps((m), p0 + (c)), x1 = _mm512_maskz_loadu_ps((m), p1 + (c));     \
-        F32_FMA(a0_##k, va, x0);                                                                        \
-        F32_FMA(a1_##k, va, x1);                                                                        \
-        F32_FMA(b0_##k, vb, x0);                                                                        \
-        F32_FMA(b1_##k, vb, x1);                                                                        \
-    } while (0)
-
-MT_TARGET_AVX512 static void f32_tile_avx512(const mt_weight *W, const float *p0, const float *p1, float *y0,
-                                             float *y1, long r) {
+/* float32, NT tokens: mirrors fmt_f32.c: rows_avx512 (a0..a3 over 64-column steps, 16-column
+ * steps into a0, the masked tail into a1, then (a0 + a1) + (a2 + a3)) */
+MT_INLINE void f32_tile_nt(const mt_weight *W, const float *const *p, float *const *y, long r, const int NT) {
     long cols = W->cols, cfull = cols & ~15L;
     __mmask16 tail = (__mmask16)((1u << (cols & 15)) - 1), all = (__mmask16)0xffff;
     const float *wa = (const float *)mt_row(W, r), *wb = (const float *)mt_row(W, r + 1);
-    __m512 a0_0 = _mm512_setzero_ps(), a0_1 = a0_0, a0_2 = a0_0, a0_3 = a0_0, a1_0 = a0_0, a1_1 = a0_0,
-           a1_2 = a0_0, a1_3 = a0_0, b0_0 = a0_0, b0_1 = a0_0, b0_2 = a0_0, b0_3 = a0_0, b1_0 = a0_0,
-           b1_1 = a0_0, b1_2 = a0_0, b1_3 = a0_0;
+    __m512 A[3][4], Bv[3][4];
+    FOR_T _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) A[j][k] = Bv[j][k] = _mm512_setzero_ps();
+#define F32_TCHUNK(k, c, m)                                                                              \
+    do {                                                                                                \
+        __m512 va = _mm512_maskz_loadu_ps((m), wa + (c)), vb = _mm512_maskz_loadu_ps((m), wb + (c));     \
+        FOR_T {                                                                                         \
+            __m512 xv = _mm512_maskz_loadu_ps((m), p[j] + (c));                                         \
+            A[j][k] = _mm512_fmadd_ps(va, xv, A[j][k]);                                                 \
+            Bv[j][k] = _mm512_fmadd_ps(vb, xv, Bv[j][k]);                                               \
+        }                                                                                               \
+    } while (0)
     long c = 0;
     for (; c + 64 <= cfull; c += 64) {
-        F32_CHUNK(0, c, all);
-        F32_CHUNK(1, c + 16, all);
-        F32_CHUNK(2, c + 32, all);
-        F32_CHUNK(3, c + 48, all);
+        F32_TCHUNK(0, c, all);
+        F32_TCHUNK(1, c + 16, all);
+        F32_TCHUNK(2, c + 32, all);
+        F32_TCHUNK(3, c + 48, all);
     }
-    for (; c < cfull; c += 16) F32_CHUNK(0, c, all);
-    if (tail) F32_CHUNK(1, c, tail);
-    y0[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0_0, a0_1), _mm512_add_ps(a0_2, a0_3)));
-    y1[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a1_0, a1_1), _mm512_add_ps(a1_2, a1_3)));
-    y0[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0_0, b0_1), _mm512_add_ps(b0_2, b0_3)));
-    y1[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b1_0, b1_1), _mm512_add_ps(b1_2, b1_3)));
+    for (; c < cfull; c += 16) F32_TCHUNK(0, c, all);
+    if (cols & 15) F32_TCHUNK(1, c, tail);
+#undef F32_TCHUNK
+    FOR_T {
+        y[j][r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(A[j][0], A[j][1]), _mm512_add_ps(A[j][2], A[j][3])));
+        y[j][r + 1] =
+            _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(Bv[j][0], Bv[j][1]), _mm512_add_ps(Bv[j][2], Bv[j][3])));
+    }
+}
+
+/* 2 weight rows x n (2 or 3) tokens */
+MT_TARGET_AVX512 static void bf16_tile_avx512(const mt_weight *W, const float *const *p, float *const *y, int n,
+                                              long r) {
+    if (n == 3)
+        bf16_tile_nt(W, p, y, r, 3);
+    else
+        bf16_tile_nt(W, p, y, r, 2);
+}
+
+MT_TARGET_AVX512 static void f32_tile_avx512(const mt_weight *W, const float *const *p, float *const *y, int n,
+                                             long r) {
+    if (n == 3)
+        f32_tile_nt(W, p, y, r, 3);
+    else
+        f32_tile_nt(W, p, y, r, 2);
 }
 
 /* the tile kernel of a format for an ISA (NULL: none; the row kernel runs per token) */
@@ -120,7 +134,19 @@ static tile_fn tile_for(int fmt, int isa) {
     return fmt == MT_FMT_BF16 ? bf16_tile_avx512 : fmt == MT_FMT_F32 ? f32_tile_avx512 : NULL;
 }
 
-static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1) {
+/* software prefetch of the next unit's weights, spread over this unit's tile calls: a unit's
+ * rows are a short stream the hardware prefetcher picks up late, and its first pass over them
+ * waits on memory while the later passes compute from L1; this overlaps the two */
+typedef struct {
+    const char *p, *end; /* lines still to prefetch */
+    long per_call;       /* lines per tile call */
+} prefetch_run;
+
+static inline void prefetch_step(prefetch_run *pf) {
+    for (long i = 0; i < pf->per_call && pf->p < pf->end; i++, pf->p += 64) _mm_prefetch(pf->p, _MM_HINT_T0);
+}
+
+static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1, const char *next, long next_bytes) {
     if (it->qtile) /* up to MT_TILE_T tokens per pass over the rows */
         for (; t0 + 1 < t1; t0 += MT_TILE_T) {
             int n = t1 - t0 < MT_TILE_T ? (int)(t1 - t0) : MT_TILE_T;
@@ -136,24 +162,29 @@ static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1)
                 for (int j = 0; j < n; j++)
                     for (long q = r0; q < r1; q++) y[j][q] += ld(it->b, it->bdt, q);
         }
-    if (it->tile) { /* on prepared rows when the format prepares x, else on x itself */
-        for (; t0 + 2 <= t1; t0 += 2) {
-            const float *x0 = it->X + (it->idx ? it->idx[t0] : t0) * it->ldx;
-            const float *x1 = it->X + (it->idx ? it->idx[t0 + 1] : t0 + 1) * it->ldx;
-            const float *xp0 = it->XP ? it->XP + t0 * it->ldxp : NULL, *xp1 = it->XP ? xp0 + it->ldxp : NULL;
-            const float *p0 = it->XP ? xp0 : x0, *p1 = it->XP ? xp1 : x1;
-            float *y0 = it->Y + t0 * it->ldy, *y1 = y0 + it->ldy;
-            long r = r0;
-            for (; r + 2 <= r1; r += 2) it->tile(it->W, p0, p1, y0, y1, r);
-            if (r < r1) {
-                it->fn(it->W, x0, xp0, y0, r, r1);
-                it->fn(it->W, x1, xp1, y1, r, r1);
+    if (it->tile) { /* on prepared rows when the format prepares x, else on x itself; 3 tokens a pass, then 2 */
+        long calls = ((t1 - t0 + 2) / 3) * ((r1 - r0) / 2);
+        prefetch_run pf = {next, next + (next ? next_bytes : 0), calls ? ((next_bytes + 63) / 64 + calls - 1) / calls : 0};
+        while (t0 + 2 <= t1) {
+            int n = t1 - t0 == 2 || t1 - t0 == 4 ? 2 : 3;
+            const float *x[3], *p[3];
+            float *y[3];
+            for (int j = 0; j < n; j++) {
+                x[j] = it->X + (it->idx ? it->idx[t0 + j] : t0 + j) * it->ldx;
+                p[j] = it->XP ? it->XP + (t0 + j) * it->ldxp : x[j];
+                y[j] = it->Y + (t0 + j) * it->ldy;
             }
-            if (it->b)
-                for (long q = r0; q < r1; q++) {
-                    y0[q] += ld(it->b, it->bdt, q);
-                    y1[q] += ld(it->b, it->bdt, q);
-                }
+            long r = r0;
+            for (; r + 2 <= r1; r += 2) {
+                it->tile(it->W, p, y, n, r);
+                prefetch_step(&pf);
+            }
+            for (int j = 0; j < n; j++) {
+                if (r < r1) it->fn(it->W, x[j], it->XP ? p[j] : NULL, y[j], r, r1);
+                if (it->b)
+                    for (long q = r0; q < r1; q++) y[j][q] += ld(it->b, it->bdt, q);
+            }
+            t0 += n;
         }
     }
     for (long t = t0; t < t1; t++) {
@@ -184,7 +215,17 @@ static void gemm_task(void *vctx, int tid, int nth) {
         for (long u = u0; u < u1; u++) {
             const mt_gemm_item *it = &B->items[B->unit_item[u]];
             if (tb >= it->T) continue;
-            run_unit(it, B->unit_r0[u], B->unit_r1[u], tb, tb + TOKEN_BLOCK < it->T ? tb + TOKEN_BLOCK : it->T);
+            long v = u + 1; /* the next unit this thread runs in this token block: its rows to prefetch */
+            while (v < u1 && tb >= B->items[B->unit_item[v]].T) v++;
+            const char *next = NULL;
+            long next_bytes = 0;
+            if (v < u1) {
+                const mt_weight *W = B->items[B->unit_item[v]].W;
+                next = (const char *)mt_row(W, B->unit_r0[v]);
+                next_bytes = (B->unit_r1[v] - B->unit_r0[v]) * W->stride;
+            }
+            run_unit(it, B->unit_r0[u], B->unit_r1[u], tb, tb + TOKEN_BLOCK < it->T ? tb + TOKEN_BLOCK : it->T,
+                     next, next_bytes);
         }
 }
 

@@ -23,7 +23,7 @@ typedef struct {
     const float *XP; /* prepared rows (format's prep), one per t, ldxp floats apart; NULL: none */
     long ldxp;
     mt_rows_fn fn;
-    void (*tile)(const mt_weight *W, const float *p0, const float *p1, float *y0, float *y1, long r);
+    void (*tile)(const mt_weight *W, const float *const *p, float *const *y, int n, long r); /* 2 rows x n = 2, 3 tokens */
     mt_tile_fn qtile; /* the format's own tile (mt_fmt.tiles: quantized formats), up to MT_TILE_T tokens */
 } mt_gemm_item;
 
