@@ -271,6 +271,72 @@ def test_int_groups(lib, isa, bits):
 
 
 # ----------------------------------------------------------------------------------------
+# the avx512vnni kernels: x as int8 digits (csrc/simd.h), integer dot products
+
+# the formats with avx512vnni kernels; every other one runs its avx512 kernels at that level
+VNNI_FORMATS = ("int4_group", "q4_k", "q6_k", "mxfp4", "ggml_mxfp4")
+
+
+def test_vnni_dispatch(lib):
+    """Which kernels run at avx512vnni: the digit kernels of VNNI_FORMATS, the avx512 ones of
+    the rest (their rows, tiles and prepared x together)."""
+    from moetier.native.weights import CODES, PLAIN_CODES
+
+    vnni, avx512 = ISAS.index("avx512vnni"), ISAS.index("avx512")
+    for name, code in [*CODES.items(), *((str(k), v) for k, v in PLAIN_CODES.items())]:
+        assert lib.mt_fmt_isa(code, vnni) == (vnni if name in VNNI_FORMATS else avx512), name
+        assert lib.mt_fmt_isa(code, avx512) == avx512, name
+
+
+def heavy_x(n: int, gen: torch.Generator) -> torch.Tensor:
+    """x with a wide dynamic range: log-normal magnitudes (outliers 1000x the typical value next
+    to tiny ones in the same block), an all-zero stretch and a few exact zeros."""
+    x = torch.randn(n, generator=gen) * torch.exp(2.5 * torch.randn(n, generator=gen))
+    x[n // 2 : n // 2 + 64] = 0.0
+    x[::97] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantized_gemv_heavy_tailed_x(lib, isa):
+    """y = W x for x with outliers within 1e-5 of float64 (relative to |W| |x|) on every ISA: the
+    digit kernels keep float32-grade activations (a kernel that dropped a digit of x errs by
+    ~1e-4 here), thread counts agree bit for bit."""
+    need(isa)
+    gen = torch.Generator().manual_seed(21)
+    cases = []
+    for fmt in ("q4_k", "q8_0", "q6_k"):
+        data = ggml_blocks(fmt, 37, 1024, gen)
+        cases.append((QTensor(fmt, (37, 1024), data, block=(1, 256 if fmt != "q8_0" else 32)),
+                      ggml_ref(fmt, data, 1024)))
+    for bits, g, zero, cols in ((4, 32, False, 1024), (4, 128, True, 1000), (4, 64, True, 520), (8, 128, False, 1024)):
+        packed, scale, z, ref = int_case(37, cols, bits, g, gen, torch.bfloat16, zero)
+        cases.append((QTensor(f"int{bits}_group", (37, cols), packed, scale, z, block=(1, g)), ref))
+    for q, ref in cases:
+        x = heavy_x(ref.shape[1], gen)
+        with forced(isa):
+            ys = [gemv(lib, q, x, n) for n in (1, 2, 3)]
+        w64 = ref.double()
+        err = ((ys[0].double() - w64 @ x.double()).abs() / (w64.abs() @ x.double().abs()).clamp_min(1e-30)).max().item()
+        assert err <= 1e-5, (isa, q.fmt, tuple(q.shape), err)
+        assert all(torch.equal(y, ys[0]) for y in ys[1:])
+
+
+def test_vnni_nonfinite_x(lib):
+    """A NaN in x gives NaN rows at avx512vnni as at avx512 (the digits' block scale carries it)."""
+    need("avx512vnni")
+    gen = torch.Generator().manual_seed(22)
+    packed, scale, z, ref = int_case(3, 256, 4, 32, gen, torch.float32, False)
+    data = ggml_blocks("q4_k", 3, 256, gen)
+    for q in (QTensor("int4_group", (3, 256), packed, scale, z, block=(1, 32)),
+              QTensor("q4_k", (3, 256), data, block=(1, 256))):
+        x = torch.randn(256, generator=gen)
+        x[100] = float("nan")
+        with forced("avx512vnni"):
+            assert torch.isnan(gemv(lib, q, x)).all(), q.fmt
+
+
+# ----------------------------------------------------------------------------------------
 # float16 and descriptor validation
 
 

@@ -172,8 +172,167 @@ MT_TARGET_AVX512 static void rows_avx512_4(const mt_weight *W, const float *x, c
     nib_rows512(W, xp, y, r0, r1, int4_table);
 }
 
+/* ---- AVX-512 VNNI (int4): integer dot products on x's digits (simd.h), groups of a multiple
+ * of 32 (others run the avx512 kernel) ----
+ * x is prepared after the even / odd columns the avx512 kernel reads, in chunks of 128 columns
+ * (zero past the end). A chunk's 64 code bytes are two byte vectors, the low nibbles (even
+ * columns) and the high ones (odd columns), whose int32 lane l holds columns 8l .. 8l + 7. The
+ * stored unsigned codes u (value u - 8 - zero) multiply the digits a (vpdpbusd), each lane
+ * started at -8 sum(a) over its columns (prepared), so it ends at the exact sum of (u - 8) a
+ * (|P| <= 8 * 8 * 127); per lane the digit sums are scaled in float by the group's scale times
+ * the digit scale of the lane's 32 columns (digits 2 and 3 joined first: 256 P2 + P3). Zero
+ * points subtract zero * sum(x) per lane in float (prepared sums). */
+typedef struct {
+    float s[16], sum[16]; /* per lane: the digit scale of its columns, the sum of x over them */
+    int32_t init[3][16];  /* per digit and lane: -8 times the sum of its columns' digits */
+    int8_t a[3][128];     /* per digit: the 64 even columns, then the 64 odd ones */
+} chunk4;
+_Static_assert(sizeof(chunk4) == 11 * 64, "chunks are whole 64-byte lines");
+
+static long prep_len4(long cols, int isa) {
+    return mt_prep_evenodd_len(cols, isa) + (isa >= MT_ISA_AVX512VNNI ? (cols + 127) / 128 * (long)(sizeof(chunk4) / 4) : 0);
+}
+
+/* the digits of 32 columns v[0, 32) (one digit scale): digit k of the 16 values i0 picks at
+ * a + k * stride + off0, of those i1 picks at a + k * stride + off1; returns the digit scale */
+MT_TARGET_VNNI static inline float digits32(const float *v, __m512i i0, __m512i i1, int8_t *a, int stride, int off0,
+                                            int off1) {
+    float amax = absmax(v, 32), s = digit_scale(amax), rinv = digit_rinv(amax);
+    __m512 lo = _mm512_loadu_ps(v), hi = _mm512_loadu_ps(v + 16);
+    __m128i d[2][3];
+    digits16(_mm512_permutex2var_ps(lo, i0, hi), s, rinv, &d[0][0], &d[0][1], &d[0][2]);
+    digits16(_mm512_permutex2var_ps(lo, i1, hi), s, rinv, &d[1][0], &d[1][1], &d[1][2]);
+    for (int k = 0; k < 3; k++) {
+        _mm_storeu_si128((__m128i *)(a + k * stride + off0), d[0][k]);
+        _mm_storeu_si128((__m128i *)(a + k * stride + off1), d[1][k]);
+    }
+    return s;
+}
+
+/* x's columns [c0, c0 + n) zero-padded to n floats in buf (or x itself when all exist) */
+static inline const float *padded(const float *x, long cols, long c0, long n, float *buf) {
+    if (c0 + n <= cols) return x + c0;
+    memset(buf, 0, n * sizeof(float));
+    memcpy(buf, x + c0, (cols - c0) * sizeof(float));
+    return buf;
+}
+
+MT_TARGET_VNNI static void prep4_vnni(const float *x, long cols, chunk4 *C) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1)), o = _mm512_set1_epi8(8);
+    float buf[128];
+    for (long c0 = 0; c0 < cols; c0 += 128, C++) {
+        const float *v = padded(x, cols, c0, 128, buf);
+        for (int b = 0; b < 4; b++) { /* 32 columns: lanes 4b .. 4b + 3, bytes 16b .. 16b + 15 of each half */
+            float s = digits32(v + 32 * b, even, odd, C->a[0], 128, 16 * b, 64 + 16 * b);
+            for (int l = 4 * b; l < 4 * b + 4; l++) {
+                float t = 0.0f;
+                for (int i = 0; i < 8; i++) t += v[8 * l + i];
+                C->s[l] = s;
+                C->sum[l] = t;
+            }
+        }
+        for (int k = 0; k < 3; k++) {
+            __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), o, _mm512_load_si512((const void *)C->a[k]));
+            t = _mm512_dpbusd_epi32(t, o, _mm512_load_si512((const void *)(C->a[k] + 64)));
+            _mm512_store_si512((void *)C->init[k], _mm512_sub_epi32(_mm512_setzero_si512(), t));
+        }
+    }
+}
+
+static void prep4(const float *x, long cols, float *xp, int isa) {
+    mt_prep_evenodd(x, cols, xp, isa);
+    if (isa >= MT_ISA_AVX512VNNI) prep4_vnni(x, cols, (chunk4 *)(xp + mt_prep_evenodd_len(cols, isa)));
+}
+
+/* n consecutive scales of a scale row from group gi (n <= 4), as floats (the values ld_scale reads) */
+MT_TARGET_VNNI static inline __m128 scales_n(const void *srow, int sdt, long gi, int n) {
+    __mmask8 m = (__mmask8)((1u << n) - 1);
+    switch (sdt) {
+    case DT_BF16: return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_maskz_loadu_epi16(m, (const bf16 *)srow + gi)), 16));
+    case DT_F16: return _mm_cvtph_ps(_mm_maskz_loadu_epi16(m, (const uint16_t *)srow + gi));
+    case DT_F32: return _mm_maskz_loadu_ps(m, (const float *)srow + gi);
+    default: {
+        float t[4] = {0, 0, 0, 0};
+        for (int i = 0; i < n; i++) t[i] = ld_scale(srow, sdt, gi + i);
+        return _mm_loadu_ps(t);
+    }
+    }
+}
+
+/* The scales S and zero points Z of the four 32-column blocks from column c0 of a row, each in
+ * the 4 lanes that hold it; Z only when the row has zero points; blocks past the end get 0.
+ * gi: the group of column c0 (kept by the caller: no division per chunk). */
+MT_TARGET_VNNI static inline void group_lanes(const mt_weight *W, const void *srow, const int8_t *z, long c0, long gi,
+                                              __m512 *S, __m512 *Z) {
+    const int nblk = 4;
+    long g = W->bcols, cols = W->cols;
+    if (g % 128 == 0) { /* the chunk lies in one group */
+        *S = _mm512_set1_ps(ld_scale(srow, W->sdt, gi));
+        if (z) *Z = _mm512_set1_ps((float)z[gi]);
+        return;
+    }
+    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    long nb = (cols - c0 + 31) / 32 < nblk ? (cols - c0 + 31) / 32 : nblk; /* blocks that exist */
+    __m128 s4, z4 = _mm_setzero_ps();
+    if (g == 32) { /* consecutive groups */
+        s4 = scales_n(srow, W->sdt, gi, (int)nb);
+        if (z) z4 = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)((1u << nb) - 1), z + gi)));
+    } else { /* a few groups: block b's is gi or one after it */
+        float st[4] = {0, 0, 0, 0}, zt[4] = {0, 0, 0, 0};
+        for (int b = 0; b < nb; b++) {
+            long gb = gi + ((c0 + 32 * b) >= (gi + 1) * g);
+            st[b] = ld_scale(srow, W->sdt, gb);
+            if (z) zt[b] = (float)z[gb];
+        }
+        s4 = _mm_loadu_ps(st);
+        z4 = _mm_loadu_ps(zt);
+    }
+    *S = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
+    if (z) *Z = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(z4));
+}
+
+MT_TARGET_VNNI static void rows_vnni4(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
+                                      long r1) {
+    if (W->bcols % 32) { /* groups the digit kernel does not take */
+        rows_avx512_4(W, x, xp, y, r0, r1);
+        return;
+    }
+    long cols = W->cols, bytes = (cols + 1) / 2;
+    const chunk4 *C0 = (const chunk4 *)(xp + mt_prep_evenodd_len(cols, MT_ISA_AVX512VNNI));
+    const __m512i m4 = _mm512_set1_epi8(0x0f), c256 = _mm512_set1_epi32(256);
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)mt_row(W, r);
+        const void *srow = mt_srow(W, r);
+        const int8_t *z = mt_zrow(W, r);
+        __m512 acc1 = _mm512_setzero_ps(), acc23 = acc1, az = acc1;
+        const chunk4 *C = C0;
+        long gi = 0; /* the group of column 2j */
+        for (long j = 0; j < bytes; j += 64, C++) { /* code bytes [j, j + 64): columns 2j .. 2j + 127 */
+            while (2 * j >= (gi + 1) * W->bcols) gi++;
+            __m512i v = j + 64 <= bytes ? _mm512_loadu_si512((const void *)(row + j))
+                                        : _mm512_maskz_loadu_epi8((__mmask64)((1ull << (bytes - j)) - 1), row + j);
+            __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            __m512 S, Z;
+            group_lanes(W, srow, z, 2 * j, gi, &S, &Z);
+            if (z) az = _mm512_fmadd_ps(_mm512_mul_ps(S, Z), _mm512_load_ps(C->sum), az);
+            __m512i P[3];
+            for (int k = 0; k < 3; k++) /* |P| <= 8 * 8 * 127 */
+                P[k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_load_si512((const void *)C->init[k]), lo,
+                                                               _mm512_load_si512((const void *)C->a[k])),
+                                           hi, _mm512_load_si512((const void *)(C->a[k] + 64)));
+            __m512 L = _mm512_mul_ps(S, _mm512_load_ps(C->s));
+            acc1 = _mm512_fmadd_ps(L, _mm512_cvtepi32_ps(P[0]), acc1);
+            acc23 = _mm512_fmadd_ps(L, _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(P[2], P[1], c256)), acc23);
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_fmadd_ps(acc23, _mm512_set1_ps(MT_DIGIT_UNIT), acc1)) - _mm512_reduce_add_ps(az);
+    }
+}
+
+/* int8 has no avx512vnni kernel: the same digit scheme (4 columns per lane, |P| up to 4 * 128
+ * * 127, three float digit sums per lane, prepared lane sums) measured slower than its avx512
+ * kernel at groups of 128 on Zen 4 (it reads more prepared bytes per column than x itself) */
 const mt_fmt mt_fmt_int8 = {MT_FMT_INT8_GROUP, "int8_group", {rows_scalar8, rows_avx2_8, rows_avx512_8}, NULL, NULL,
                             dequant_int8};
-/* int4's prepared x (even / odd columns) is read by the AVX-512 kernel only */
-const mt_fmt mt_fmt_int4 = {MT_FMT_INT4_GROUP, "int4_group", {rows_scalar4, rows_avx2_4, rows_avx512_4},
-                            mt_prep_evenodd_len, mt_prep_evenodd, dequant_int4};
+const mt_fmt mt_fmt_int4 = {MT_FMT_INT4_GROUP, "int4_group", {rows_scalar4, rows_avx2_4, rows_avx512_4, rows_vnni4},
+                            prep_len4, prep4, dequant_int4};

@@ -204,11 +204,15 @@ MT_TILES(tile_avx512, tile_avx512_n, MT_TARGET_AVX512)
  * Prepared x: the 32-value sums (as above), then one digit scale s per super-block, then per
  * super-block 768 bytes of digits: for each of its 4 nibble vectors (qs[0, 64) low / high
  * nibbles = sub-blocks (0, 2) / (1, 3), qs[64, 128) = (4, 6) / (5, 7)) the 3 digits of the 64
- * values they multiply, in that order. Per nibble vector and digit one vpdpbusd gives 16 lane
- * sums of 4 products (|P| <= 4 * 15 * 127, an int16), weighted by their sub-block's 6-bit
- * scale in integer (vpdpwssd: the low int16 of P times sc); per super-block and digit the
- * int32 total T (|T| <= 4 * 63 * 7620) is scaled once in float: acc += (d * s) * T. The
- * "- dmin * m" term uses the float sums of x, as the kernels above. */
+ * values they multiply, in that order.
+ * Per nibble vector and digit one vpdpbusd gives 16 lane sums P of 4 products (|P| <= 4 * 15 *
+ * 127: an int16), weighted by their sub-block's 6-bit scale sc in integer (vpdpwssd: the low
+ * int16 of P times sc); per super-block and digit the int32 total T (|T| <= 4 * 63 * 7620) is
+ * scaled once in float: acc += (d * s) * T, the three digits' accumulators combined at the end
+ * (digits_reduce). The "- dmin * m" term uses the float sums of x, as the kernels above.
+ * (Measured on Zen 4, where the vector-op count per super-block decides: joining the three
+ * digit sums in integer first (shifts and adds), packing two vectors' P per vpdpwssd or
+ * vpmaddubsw instead of vpdpbusd were all slower.) */
 
 static long vnni_digits_at(long cols) { return (cols / 32 + cols / 256 + 15) & ~15L; } /* floats */
 

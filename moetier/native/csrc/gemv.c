@@ -22,6 +22,12 @@ const mt_fmt *mt_fmt_lookup(int code) {
 /* 1 when the kernels read weights of format `code` */
 int mt_fmt_supported(int code) { return mt_fmt_lookup(code) != NULL; }
 
+/* the ISA of the kernels format `code` runs when `isa` is chosen (-1: unknown format) */
+int mt_fmt_isa(int code, int isa) {
+    const mt_fmt *f = mt_fmt_lookup(code);
+    return f && isa >= 0 && isa < MT_N_ISA ? mt_isa_of(f, isa) : -1;
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* instruction set                                                                       */
 

@@ -197,14 +197,17 @@ static inline void sum32(const float *x, long cols, float *xp, int isa) {
 /* ------------------------------------------------------------------------------------ */
 /* x as int8 digits (the avx512vnni kernels)                                              */
 /*   A block of x (16 or more values sharing one scale s = max |x| / 127) as three signed  */
-/*   int8 digits per value: x = s * (a1 + a2 / 254 + a3 / 254^2) + e, |a| <= 127, |e| <=   */
-/*   s / (2 * 254^2) (plus float rounding of the residuals): max |x| * 6.1e-8, float32     */
-/*   grade. A kernel's integer codes q times the digits are exact in int32 (vpdpbusd: 64    */
-/*   u8 x s8 products per instruction), one sum per digit; the three sums P1, P2, P3 are    */
-/*   scaled once per block and combined in float: s * (P1 + (P2 + P3 / 254) / 254).        */
-/*   Not a lossy quantization of x (llama.cpp's q8 activations): only float32 rounding.    */
+/*   int8 digits per value: x = s * (a1 + a2 / 254 + a3 / (254 * 256)) + e, |a1|, |a2| <=  */
+/*   127, -128 <= a3 <= 127, |e| <= s / (254 * 256) (plus float rounding of the residuals):  */
+/*   max |x| * 1.2e-7, float32 grade (not a lossy quantization of x as llama.cpp's q8      */
+/*   activations). A kernel's integer codes q times the digits are exact in int32          */
+/*   (vpdpbusd: 64 u8 x s8 products per instruction), one lane sum P per digit, scaled     */
+/*   once per block and combined in float: P1 + P2 / 254 + P3 / (254 * 256) (or P2 and P3   */
+/*   joined exactly first, 256 P2 + P3, when that fits).                                    */
 
-#define MT_DIGIT_INV (1.0f / 254.0f)
+#define MT_DIGIT_R2 254.0f
+#define MT_DIGIT_R3 256.0f
+#define MT_DIGIT_UNIT (1.0f / (MT_DIGIT_R2 * MT_DIGIT_R3)) /* the value of V = 1 in units of s */
 
 /* the scale s of a block whose largest |x| is amax, and 1 / s (0 for an all-zero block) */
 static inline float digit_scale(float amax) { return amax / 127.0f; }
@@ -212,14 +215,14 @@ static inline float digit_rinv(float amax) { return amax > 0.0f ? 127.0f / amax 
 
 /* the three digits of 16 values of a block with scale s (rinv = digit_rinv), as int8 */
 MT_TARGET_VNNI static inline void digits16(__m512 x, float s, float rinv, __m128i *a1, __m128i *a2, __m128i *a3) {
-    const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
-#define DIGIT(t) _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps((t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi)
-    __m512 d1 = DIGIT(_mm512_mul_ps(x, _mm512_set1_ps(rinv)));
+    const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f), lo3 = _mm512_set1_ps(-128.0f);
+#define ROUND(t) _mm512_roundscale_ps((t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+    __m512 d1 = _mm512_min_ps(_mm512_max_ps(ROUND(_mm512_mul_ps(x, _mm512_set1_ps(rinv))), lo), hi);
     __m512 r1 = _mm512_fnmadd_ps(d1, _mm512_set1_ps(s), x); /* x - s a1, one rounding */
-    __m512 d2 = DIGIT(_mm512_mul_ps(r1, _mm512_set1_ps(rinv * 254.0f)));
-    __m512 r2 = _mm512_fnmadd_ps(d2, _mm512_set1_ps(s * MT_DIGIT_INV), r1);
-    __m512 d3 = DIGIT(_mm512_mul_ps(r2, _mm512_set1_ps(rinv * (254.0f * 254.0f))));
-#undef DIGIT
+    __m512 d2 = _mm512_min_ps(_mm512_max_ps(ROUND(_mm512_mul_ps(r1, _mm512_set1_ps(rinv * MT_DIGIT_R2))), lo), hi);
+    __m512 r2 = _mm512_fnmadd_ps(d2, _mm512_set1_ps(s / MT_DIGIT_R2), r1);
+    __m512 d3 = _mm512_min_ps(_mm512_max_ps(ROUND(_mm512_mul_ps(r2, _mm512_set1_ps(rinv * (MT_DIGIT_R2 * MT_DIGIT_R3)))), lo3), hi);
+#undef ROUND
     *a1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(d1));
     *a2 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(d2));
     *a3 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(d3));
@@ -237,16 +240,10 @@ MT_TARGET_VNNI static inline float absmax(const float *x, long n) {
     return nan ? f32_from_bits(0x7fc00000u) : _mm512_reduce_max_ps(m);
 }
 
-/* acc1 + acc23 / 254^2, summed over the lanes (acc23: the digit-2 sums times 254 plus the
- * digit-3 sums) */
-MT_TARGET_VNNI static inline float digits_reduce2(__m512 acc1, __m512 acc23) {
-    return _mm512_reduce_add_ps(_mm512_fmadd_ps(acc23, _mm512_set1_ps(MT_DIGIT_INV * MT_DIGIT_INV), acc1));
-}
-
-/* acc1 + (acc2 + acc3 / 254) / 254, summed over the lanes: the dot product of the digit sums */
+/* acc1 + acc2 / 254 + acc3 / (254 * 256), summed over the lanes (the digit sums combined in float) */
 MT_TARGET_VNNI static inline float digits_reduce(__m512 acc1, __m512 acc2, __m512 acc3) {
-    const __m512 c = _mm512_set1_ps(MT_DIGIT_INV);
-    return _mm512_reduce_add_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(acc3, c, acc2), c, acc1));
+    __m512 t = _mm512_fmadd_ps(acc3, _mm512_set1_ps(1.0f / MT_DIGIT_R3), acc2);
+    return _mm512_reduce_add_ps(_mm512_fmadd_ps(t, _mm512_set1_ps(1.0f / MT_DIGIT_R2), acc1));
 }
 
 #endif
