@@ -37,7 +37,8 @@ loader sat at the cap, in page-fault waits, for minutes), so when that try does 
 (llama.cpp's ``--no-repack``: every weight served from the mapped file). Recorded per
 engine: cgroup peak, peak RSS, and moetier's hit rate and bytes read over the timed runs.
 Every timed worker (all scenarios) holds ``/tmp/moetier-bench.lock`` (``bench.common.bench_lock``,
-the lock of ``flock /tmp/moetier-bench.lock``).
+the lock of ``flock /tmp/moetier-bench.lock``; under ``flock`` of that file the bench sees its parent
+holding it and does not wait for itself).
 """
 
 from __future__ import annotations

@@ -194,3 +194,34 @@ def test_gguf_cap_choice_and_cap_rows_in_the_table(tmp_path) -> None:
     table = bench_gguf.render(doc)
     assert "| cap (cap 1.00 GiB = file / 3.0) | Q4_K_M | 3.22 | 2 | 3.00 / 1.00 (3.00x) |" in table
     assert "| ram | Q8_0 |" in table and "prefill 512 tok/s" in table
+
+
+
+def test_bench_lock_under_flock_of_the_same_file(tmp_path):
+    """`flock LOCK python -m bench...`: the bench's own lock sees an ancestor holding it and goes on
+    (taking it again would wait forever); a lock held by an unrelated process is waited for."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lock = tmp_path / "bench.lock"
+    root = Path(__file__).resolve().parents[1]
+    child = (f"from pathlib import Path; from bench.common import bench_lock\n"
+             f"with bench_lock(Path({str(lock)!r})): print('inside')")
+    # what flock(1) does: hold the lock, run the command as a child
+    parent = (f"import fcntl, subprocess, sys\nf = open({str(lock)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+              f"sys.exit(subprocess.run([sys.executable, '-c', {child!r}]).returncode)")
+    r = subprocess.run([sys.executable, "-c", parent], cwd=root, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "inside", r.stderr
+    # an unrelated holder: the bench waits (times out here) and says so
+    hold = (f"import fcntl, time\nf = open({str(lock)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+            f"print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(subprocess.TimeoutExpired) as e:
+            subprocess.run([sys.executable, "-c", child], cwd=root, capture_output=True, timeout=8)
+        assert b"waiting for" in (e.value.stderr or b"")
+    finally:
+        holder.kill()
+        holder.wait()
