@@ -66,6 +66,18 @@ void mt_group_slots(long E, long k, long T, const int64_t *ids, long *cnt, long 
 int mt_grow(float **p, long n);
 /* this thread's buffer of at least n doubles (the attention cost prefix sums), or NULL */
 double *mt_cum_reserve(long n);
+/* the units [*u0, *u1) thread tid of nth runs when units are split by cost: cum[0..n] their cost
+ * prefix sums, a unit goes to the thread whose share of the total holds the unit's midpoint */
+static inline void mt_cum_range(const double *cum, long n, int tid, int nth, long *u0, long *u1) {
+    double total = cum[n], lo = total * tid / nth, hi = total * (tid + 1) / nth;
+    long u = 0;
+    while (u < n && (cum[u] + cum[u + 1]) / 2 < lo) u++;
+    *u0 = u;
+    if (tid == nth - 1) u = n;
+    else
+        while (u < n && (cum[u] + cum[u + 1]) / 2 < hi) u++;
+    *u1 = u;
+}
 /* after attention: ao = o_proj(attn) [T, H] (attn rows in_dim wide), x += ao, h = norm(x) per token */
 void mt_attn_out(const mt_weight *o_w, const void *o_b, int dt, const float *attn, long in_dim, long T, float *ao,
                  float *x, long H, const void *ln, float eps, float *h, int nth);

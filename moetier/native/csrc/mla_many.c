@@ -105,11 +105,10 @@ static void attend_many_task(void *vctx, int tid, int nth) {
     const mla_desc *L = X->L;
     long nh = L->nh, C = L->C, dn = L->dn, ng = (nh + MLA_ROWS - 1) / MLA_ROWS, n_units = X->T * ng;
     const double *cum = X->A->cum;
-    double total = cum[n_units], lo = total * tid / nth, hi = total * (tid + 1) / nth;
     float *sc = X->A->scores + (long)tid * X->scores_per_thread;
-    for (long u = 0; u < n_units; u++) {
-        double mid = (cum[u] + cum[u + 1]) / 2;
-        if (mid < lo || (mid >= hi && tid != nth - 1)) continue;
+    long u0, u1;
+    mt_cum_range(cum, n_units, tid, nth, &u0, &u1);
+    for (long u = u0; u < u1; u++) {
         long tl = u / ng, h = (u % ng) * MLA_ROWS, t = X->t0 + tl, s = X->seq[t];
         int R = nh - h < MLA_ROWS ? (int)(nh - h) : MLA_ROWS;
         mt_mla_attend_rows(L, X->dt, R, X->A->qlat + (tl * nh + h) * C, X->A->q + t * X->ldq + h * (dn + L->dr) + dn,
@@ -158,11 +157,10 @@ static void plain_task(void *vctx, int tid, int nth) {
     const mla_desc *L = X->L;
     long nh = L->nh, dn = L->dn, dr = L->dr, dv = L->dv, nb = (X->T + MLA_ROWS - 1) / MLA_ROWS, n_units = X->nhc * nb;
     const double *cum = X->A->cum;
-    double total = cum[n_units], lo = total * tid / nth, hi = total * (tid + 1) / nth;
     float *sc = X->A->scores + (long)tid * X->scores_per_thread;
-    for (long u = 0; u < n_units; u++) {
-        double mid = (cum[u] + cum[u + 1]) / 2;
-        if (mid < lo || (mid >= hi && tid != nth - 1)) continue;
+    long u0, u1;
+    mt_cum_range(cum, n_units, tid, nth, &u0, &u1);
+    for (long u = u0; u < u1; u++) {
         long h = X->h0 + u / nb, t = X->a + (u % nb) * MLA_ROWS, n[MLA_ROWS];
         int R = X->a + X->T - t < MLA_ROWS ? (int)(X->a + X->T - t) : MLA_ROWS;
         for (int r = 0; r < R; r++) n[r] = X->pos[t + r] + 1;

@@ -90,11 +90,10 @@ static void attn_many_task(void *vctx, int tid, int nth) {
     const attn_many_ctx *A = (const attn_many_ctx *)vctx;
     const layer_desc *L = A->L;
     long nh = L->nh, D = L->D, group = L->nh / L->nkv, n_units = A->T * nh;
-    double total = A->cum[n_units], lo = total * tid / nth, hi = total * (tid + 1) / nth;
     float *sc = A->scores + (long)tid * A->scores_per_thread;
-    for (long u = 0; u < n_units; u++) {
-        double mid = (A->cum[u] + A->cum[u + 1]) / 2;
-        if (mid < lo || (mid >= hi && tid != nth - 1)) continue;
+    long u0, u1;
+    mt_cum_range(A->cum, n_units, tid, nth, &u0, &u1);
+    for (long u = u0; u < u1; u++) {
         long t = u / nh, h = u % nh, s = A->seq[t], p = A->pos[t], t0 = window_start(L, p);
         mt_attend_head(L, A->qkv + t * A->ldq + h * D, A->K[s], A->V[s], A->kvdt, A->cap[s], h / group, t0,
                        p + 1 - t0, A->out + (t * nh + h) * D, sc);
