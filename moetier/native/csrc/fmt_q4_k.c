@@ -245,7 +245,7 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                                                                             const int n, long r0, long r1) {
     (void)x;
     long nb = W->cols / 256, cols = W->cols;
-    const __m512i m4 = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
     const __m512i sel[4] = {_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
                             _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3),
                             _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
@@ -275,12 +275,7 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                 am[j] = _mm256_fmadd_ps(Mv, _mm256_loadu_ps(xp[j] + 8 * i), am[j]);
                 const __m512i *A = (const __m512i *)(xp[j] + vnni_digits_at(cols)) + 12 * i;
                 __m512 ds = _mm512_set1_ps(d * xp[j][cols / 32 + i]);
-                for (int k = 0; k < 3; k++) {
-                    __m512i T = zero;
-                    for (int v = 0; v < 4; v++)
-                        T = _mm512_dpwssd_epi32(T, _mm512_dpbusd_epi32(zero, w[v], _mm512_load_si512(A + 3 * v + k)), SC[v]);
-                    acc[j][k] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(T), acc[j][k]);
-                }
+                vnni_scaled_digits4(w, A, SC, ds, acc[j]);
             }
         }
         for (int j = 0; j < n; j++) y[j][r] = digits_reduce(acc[j][0], acc[j][1], acc[j][2]) - hsum256(am[j]);

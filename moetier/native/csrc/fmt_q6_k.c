@@ -239,7 +239,7 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                                                                             const int n, long r0, long r1) {
     (void)x;
     long nb = W->cols / 256, cols = W->cols;
-    const __m512i zero = _mm512_setzero_si512(), lo16 = _mm512_set1_epi32(0xffff);
+    const __m512i lo16 = _mm512_set1_epi32(0xffff);
     for (long r = r0; r < r1; r++) {
         const uint8_t *b = (const uint8_t *)mt_row(W, r);
         __m512 acc[MT_TILE_T][3], am[MT_TILE_T];
@@ -259,12 +259,7 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                 am[j] = _mm512_fmadd_ps(D, _mm512_loadu_ps(xp[j] + 16 * i), am[j]);
                 const __m512i *A = (const __m512i *)(xp[j] + vnni_digits_at(cols)) + 12 * i;
                 __m512 ds = _mm512_set1_ps(d * xp[j][cols / 16 + i]);
-                for (int k = 0; k < 3; k++) {
-                    __m512i T = zero;
-                    for (int v = 0; v < 4; v++)
-                        T = _mm512_dpwssd_epi32(T, _mm512_dpbusd_epi32(zero, w[v], _mm512_load_si512(A + 3 * v + k)), SC[v]);
-                    acc[j][k] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(T), acc[j][k]);
-                }
+                vnni_scaled_digits4(w, A, SC, ds, acc[j]);
             }
         }
         for (int j = 0; j < n; j++)

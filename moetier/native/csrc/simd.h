@@ -241,6 +241,21 @@ MT_TARGET_VNNI static inline float absmax(const float *x, long n) {
 }
 
 /* acc1 + acc2 / 254 + acc3 / (254 * 256), summed over the lanes (the digit sums combined in float) */
+/* k-quant super-block step on x's three digits (q4_k, q6_k): for each digit k, the unsigned codes
+ * w[v] times digit vectors A[3 v + k] (vpdpbusd, 4 products per int32 lane), each lane's sum times
+ * its sub-block's int scale SC[v] (vpdpwssd), summed over v in int32, then acc[k] += ds * float(sum) */
+MT_TARGET_VNNI static inline __attribute__((always_inline)) void vnni_scaled_digits4(const __m512i w[4], const __m512i *A,
+                                                                                    const __m512i SC[4], __m512 ds,
+                                                                                    __m512 acc[3]) {
+    const __m512i zero = _mm512_setzero_si512();
+    for (int k = 0; k < 3; k++) {
+        __m512i T = zero;
+        for (int v = 0; v < 4; v++)
+            T = _mm512_dpwssd_epi32(T, _mm512_dpbusd_epi32(zero, w[v], _mm512_load_si512(A + 3 * v + k)), SC[v]);
+        acc[k] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(T), acc[k]);
+    }
+}
+
 MT_TARGET_VNNI static inline float digits_reduce(__m512 acc1, __m512 acc2, __m512 acc3) {
     __m512 t = _mm512_fmadd_ps(acc3, _mm512_set1_ps(1.0f / MT_DIGIT_R3), acc2);
     return _mm512_reduce_add_ps(_mm512_fmadd_ps(t, _mm512_set1_ps(1.0f / MT_DIGIT_R2), acc1));
