@@ -58,6 +58,17 @@ def ranks_of(spawner: int) -> dict[int, int]:
     return out
 
 
+
+def stop(p: subprocess.Popen, log) -> None:
+    """SIGTERM the server (killed if it has not exited within 30 s), then close its log."""
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    log.close()
+
 @pytest.mark.slow
 def test_serve_ep_503_on_a_hung_rank_then_restart_resumes(tmp_path):
     port = free_port()
@@ -91,13 +102,7 @@ def test_serve_ep_503_on_a_hung_rank_then_restart_resumes(tmp_path):
         assert code == 200 and again["choices"][0]["text"] == ref
         assert ranks_of(p.pid)[1] != ranks[1]
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        log.close()
+        stop(p, log)
     text = (tmp_path / "serve.log").read_text()
     assert "restarting it (1 of 1)" in text
 
@@ -134,10 +139,4 @@ def test_serve_ep_replicated_answers_like_one_process(tmp_path):
         assert float(prom[pre + "combine_bytes_sent"]) == float(prom[pre + "local_pairs"]) * 256 * 4 > 0
         assert float(prom[pre + "combine_bytes_recv"]) == float(prom[pre + "remote_pairs"]) * 256 * 4 > 0
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        log.close()
+        stop(p, log)
