@@ -19,10 +19,12 @@ arrives (:class:`~moetier.weights.metrics.HierarchyMetrics`).
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +70,7 @@ class IOWorker:
                          for i in range(max(1, threads))]
         for t in self._threads:
             t.start()
+        _LIVE.add(self)
 
     def submit(self, job: ReadJob) -> ReadJob:
         with self._cv:
@@ -116,6 +119,22 @@ class IOWorker:
             self._cv.notify_all()
         for t in self._threads:
             t.join(timeout=30)
+
+
+_LIVE: weakref.WeakSet[IOWorker] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_workers() -> None:
+    """Drain the reading threads before the interpreter finalizes. They are daemon threads
+    (an idle one must not keep the process alive), but one caught inside a torch call that
+    released the GIL (a read's copy or finite check) would be stopped by ``pthread_exit``
+    when it takes the GIL back during finalization, and unwinding through torch's C++ frames
+    aborts the process ("terminate called without an active exception", exit -6). atexit
+    runs before that, while the threads still run: queued guesses are dropped and the reads
+    in flight finish."""
+    for w in list(_LIVE):
+        w.close()
 
 
 class RouterPrefetcher:

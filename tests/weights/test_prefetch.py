@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +101,32 @@ def test_demand_reads_go_before_guesses(ckpt):
     finally:
         w.close()
     del m
+
+
+def test_process_exits_cleanly_with_a_read_in_flight(tmp_path):
+    """CI saw `moetier run --max-ram 1G ...` abort at exit (-6, "terminate called without an
+    active exception"): a daemon reading thread inside a torch call when the interpreter
+    finalized. The script below exits while a read that spends its time in torch is running;
+    without the atexit drain in moetier.weights.prefetch it aborts every time."""
+    script = tmp_path / "exit_mid_read.py"
+    script.write_text(textwrap.dedent("""
+        import time, torch
+        from moetier.weights.metrics import HierarchyMetrics
+        from moetier.weights.prefetch import IOWorker, ReadJob
+
+        class SlowStore:
+            def read_into(self, layer, expert, buf):
+                a = torch.randn(600, 600)
+                for _ in range(60):
+                    a = torch.mm(a, a).clamp_(-1, 1)  # torch releases the GIL in here
+            def last_bytes(self):
+                return 0
+
+        w = IOWorker(SlowStore(), lambda i: None, HierarchyMetrics())
+        w.submit(ReadJob(0, 0, 0, prefetch=True))
+        w.submit(ReadJob(0, 1, 1, prefetch=True))  # queued: dropped at exit, not read
+        time.sleep(0.05)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"exit {p.returncode}: {p.stderr[-500:]}"
