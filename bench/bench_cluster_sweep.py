@@ -25,12 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moetier.catalog import resolve_model
 from moetier.planner import cluster
 from moetier.planner import published as published_figures
 from moetier.planner.calibration import DEFAULT
 from moetier.planner.cluster import ClusterError, Layout, plan_cluster
 from moetier.planner.machines import get_machine
-from moetier.spec import resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

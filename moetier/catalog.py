@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from moetier.errors import ConfigError
-from moetier.spec import ModelSpec, spec_from_config
+from moetier.spec import ModelSpec, load_spec, spec_from_config
 
 CONVENTIONS: dict[str, str] = {
     "embedding_and_lm_head": "counts the embedding table and the LM head",
@@ -129,3 +130,16 @@ def get(name: str) -> ModelSpec:
 def published(name: str) -> Published:
     """The publisher's total / active parameter counts of ``name`` and how they were counted."""
     return entry(name).published
+
+
+def resolve_model(model: str | Path) -> ModelSpec:
+    """A catalog name (``deepseek-v3``), a config.json path, a model directory or a GGUF file."""
+    p = Path(model)
+    if p.exists():
+        return load_spec(p)
+    if isinstance(model, str) and model in names():
+        return get(model)
+    raise ConfigError(
+        f"model {str(model)!r}: not a config.json, a model directory, a .gguf file, or a catalog name; "
+        f"catalog names: {', '.join(names())}"
+    )

@@ -604,18 +604,3 @@ def load_spec(path: str | Path, name: str | None = None) -> ModelSpec:
         raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
     display = name or (p.name if p.is_dir() else p.stem)
     return spec_from_config(cfg, name=display, source=str(cfg_path))
-
-
-def resolve_model(model: str | Path) -> ModelSpec:
-    """A catalog name (``deepseek-v3``), a config.json path, a model directory or a GGUF file."""
-    from moetier import catalog
-
-    p = Path(model)
-    if p.exists():
-        return load_spec(p)
-    if isinstance(model, str) and model in catalog.names():
-        return catalog.get(model)
-    raise ConfigError(
-        f"model {str(model)!r}: not a config.json, a model directory, a .gguf file, or a catalog name; "
-        f"catalog names: {', '.join(catalog.names())}"
-    )

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from moetier import catalog
+from moetier.catalog import resolve_model
 from moetier.cli import main
 from moetier.errors import ConfigError
 from moetier.planner.census import census, parse_precision
-from moetier.spec import ModelSpec, resolve_model
+from moetier.spec import ModelSpec
 
 EXPECTED = {
     "deepseek-v3", "deepseek-v2-lite", "kimi-k2", "qwen3-30b-a3b", "qwen3-235b-a22b", "qwen1.5-moe-a2.7b",

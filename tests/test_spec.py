@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from moetier import catalog
+from moetier.catalog import resolve_model
 from moetier.cli import main
 from moetier.errors import ConfigError, MoetierError, UnsupportedModelError
-from moetier.spec import ARCHITECTURES, MODEL_TYPES, load_spec, resolve_model, spec_from_config
+from moetier.spec import ARCHITECTURES, MODEL_TYPES, load_spec, spec_from_config
 
 SHARED = Path("/work/shared/data/model-configs")
 SHARED_FILES = sorted(SHARED.glob("*.json")) if SHARED.is_dir() else []

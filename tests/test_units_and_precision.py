@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from moetier.catalog import resolve_model
 from moetier.cli import main
 from moetier.errors import ConfigError, MoetierError
 from moetier.planner import roofline
 from moetier.planner.census import census
 from moetier.planner.machines import parse_quantity, parse_size
-from moetier.spec import resolve_model
 from moetier.traces.simulate import parse_cache_size
 from moetier.weights.plan import default_plan, parse_bytes
 from tests.helpers import make_tiny_checkpoint

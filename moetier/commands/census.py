@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from moetier import catalog
+from moetier.catalog import resolve_model
 from moetier.errors import ConfigError
 from moetier.planner.census import ALWAYS_ON_GROUPS, Census, census
-from moetier.spec import resolve_model
 from moetier.weights.stored import StoredCensus, checkpoint_precision, stored_census
 
 

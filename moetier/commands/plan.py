@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from moetier.catalog import resolve_model
 from moetier.errors import ConfigError
 from moetier.planner import cluster_cli as cluster_planner
 from moetier.planner import roofline
 from moetier.planner.machines import get_machine
-from moetier.spec import resolve_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

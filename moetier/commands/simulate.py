@@ -75,7 +75,7 @@ def _policies(text: str) -> list[str]:
 
 def trace_spec(trace_model: str | None, model: str | None, num_experts: int | None, what: str) -> Any:
     """The catalog model a trace was recorded from (``--model`` overrides the provenance)."""
-    from moetier.spec import resolve_model
+    from moetier.catalog import resolve_model
     from moetier.traces.importers import catalog_name_for
 
     name = model or catalog_name_for(trace_model)

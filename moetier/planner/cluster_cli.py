@@ -336,9 +336,9 @@ def emit_placement(spec: ModelSpec, lay: Layout, path: str, routing_profile: str
 
 def run_plan_command(args: argparse.Namespace) -> int:
     """``moetier plan MODEL --machine M --devices N ...``: the cluster planner's CLI entry."""
+    from moetier.catalog import resolve_model
     from moetier.planner import whatif_cluster
     from moetier.planner.machines import get_machine
-    from moetier.spec import resolve_model
 
     if getattr(args, "published", False):
         return _run_published(args)

@@ -29,11 +29,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from moetier.catalog import resolve_model
 from moetier.errors import MoetierError
 from moetier.planner.calibration import DEFAULT, Calibration
 from moetier.planner.cluster import ClusterResult, Layout, batch_for_user_speed, plan_cluster
 from moetier.planner.machines import get_machine
-from moetier.spec import resolve_model
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "published"
 METRICS = ("output tokens/s per device", "input tokens/s per device", "tokens/s per user",

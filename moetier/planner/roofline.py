@@ -725,7 +725,7 @@ def plan(spec: ModelSpec | str, machine: Machine | str, *, batch: int = 1, conte
     ``spec`` / ``machine`` may also be names (resolved with ``resolve_model`` / ``get_machine``).
     """
     if isinstance(spec, str):
-        from moetier.spec import resolve_model
+        from moetier.catalog import resolve_model
 
         spec = resolve_model(spec)
     if isinstance(machine, str):

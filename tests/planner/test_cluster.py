@@ -8,12 +8,12 @@ from dataclasses import replace
 
 import pytest
 
+from moetier.catalog import resolve_model
 from moetier.cli import main
 from moetier.planner import cluster, cluster_cli, whatif_cluster
 from moetier.planner.calibration import DEFAULT, calibration_for
 from moetier.planner.cluster import ClusterError, Layout, plan_cluster
 from moetier.planner.machines import get_machine
-from moetier.spec import resolve_model
 
 
 @pytest.fixture(scope="module")

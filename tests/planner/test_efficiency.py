@@ -6,10 +6,10 @@ import math
 
 import pytest
 
+from moetier.catalog import resolve_model
 from moetier.planner import efficiency as eff
 from moetier.planner.cluster import Layout, plan_cluster
 from moetier.planner.machines import get_machine
-from moetier.spec import resolve_model
 
 
 def test_padded_rows_rounds_up_to_whole_tiles():

@@ -125,9 +125,9 @@ def test_regimes_validated(validation, figs):
 def test_gb200_fp4_experts_credited_where_expert_gemms_bind(figs):
     f8 = next(f for f in figs if f.id == "sglang-gb200-decode-fp8")
     lay = f8.layout_obj()
+    from moetier.catalog import resolve_model
     from moetier.planner.cluster import plan_cluster
     from moetier.planner.machines import get_machine
-    from moetier.spec import resolve_model
 
     ds, gb = resolve_model("deepseek-v3"), get_machine("gb200")
     a = plan_cluster(ds, gb, lay, precision="fp8")

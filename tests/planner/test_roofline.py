@@ -8,12 +8,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from moetier.catalog import resolve_model
 from moetier.cli import main
 from moetier.errors import MoetierError
 from moetier.planner import roofline as rl
 from moetier.planner.census import census
 from moetier.planner.hardware import Efficiency, Link, Machine, MemoryTier
-from moetier.spec import resolve_model, spec_from_config
+from moetier.spec import spec_from_config
 
 CFG = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=1000, hidden_size=256,
            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
