@@ -18,8 +18,22 @@ __all__ = ["__version__", "load"]
 def load(path: Any = None, **opts: Any) -> Any:
     """Load a model for inference; ``path=None`` is the embedded model.
 
-    See :func:`moetier.runtime.load` for the options.
+    Options: those of :func:`moetier.runtime.load` (everything in RAM); any other option is a
+    weight-hierarchy one (``max_ram``, ``expert_cache``, ``policy``, ``prefetch``, ``plan``, ...)
+    and the model is loaded by :func:`moetier.weights.tiered.load`, with its routed experts
+    served from a cache over the files.
     """
-    from moetier.runtime import load as _load
+    import inspect
 
-    return _load(path, **opts)
+    from moetier import runtime
+
+    hierarchy = set(opts) - set(inspect.signature(runtime.load).parameters)
+    if not hierarchy:
+        return runtime.load(path, **opts)
+    if opts.get("expert_provider_factory") is not None:
+        from moetier.errors import ConfigError
+
+        raise ConfigError("pass either expert_provider_factory or weight-hierarchy options, not both")
+    from moetier.weights import tiered
+
+    return tiered.load(path, **opts)

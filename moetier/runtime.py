@@ -81,7 +81,6 @@ def load(
     quantize: str | None = None,
     quantize_all: bool = False,
     quantize_group: int | None = None,
-    **hierarchy: Any,
 ) -> Model:
     """Load a checkpoint directory or a GGUF file (``None`` = the embedded model) for inference.
 
@@ -104,18 +103,10 @@ def load(
     quantize: "int4" | "int8" | "fp8": keep routed experts (with ``quantize_all``, every linear
     weight but embeddings / LM head / routers) quantized at load, ``quantize_group`` values per
     scale (``moetier.quant.atload``); weights stored quantized stay as stored.
-    hierarchy: weight-hierarchy options (``max_ram``, ``policy``, ``expert_cache``,
-    ``cache_scope``, ``prefetch``, ``plan``, ...): routed experts are then served from a cache
-    over the files, see :func:`moetier.weights.tiered.load`.
+    With weight-hierarchy options (``max_ram``, ``policy``, ``expert_cache``, ``prefetch``,
+    ``plan``, ...) :func:`moetier.load` goes to :func:`moetier.weights.tiered.load` instead, which
+    sizes a cache over the files and calls this with its expert provider.
     """
-    if hierarchy:
-        if expert_provider_factory is not None:
-            raise ConfigError("pass either expert_provider_factory or weight-hierarchy options, not both")
-        from moetier.weights import tiered
-
-        return tiered.load(path, dtype=dtype, tokenizer=tokenizer, threads=threads, check_finite=check_finite,
-                           native=native, hugepages=hugepages, context=context, quantize=quantize,
-                           quantize_all=quantize_all, quantize_group=quantize_group, **hierarchy)
     auto = _thread_setting(threads)
     d = Path(path) if path is not None else EMBEDDED_DIR
     index: Any
