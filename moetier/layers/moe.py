@@ -20,7 +20,7 @@ from moetier.layers.linear import linear
 from moetier.layers.mlp import GatedMLP, activation
 
 if TYPE_CHECKING:
-    from moetier.models.base import ExpertProvider, ExpertWeights
+    from moetier.layers.experts import ExpertProvider, ExpertWeights
 
 SMALL_ROWS = 4  # bf16 expert matmuls with at most this many rows bypass oneDNN
 
