@@ -40,9 +40,7 @@ The spec: :func:`config_from_gguf` turns the ``{arch}.*`` metadata into the HF-s
 from __future__ import annotations
 
 import math
-import os
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,7 @@ from moetier.errors import ConfigError, MoetierError, UnsupportedModelError, Wei
 from moetier.quant import QTensor
 from moetier.quant.ggml import PLAIN_TYPES, GGMLFormat, check_type, type_name
 from moetier.spec import ModelSpec, spec_from_config
+from moetier.weights.fileio import OpenFiles
 from moetier.weights.safetensors_io import QInfo
 
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
@@ -301,8 +300,7 @@ class GGUFIndex:
                     self.tensors[n] = GGUFTensorInfo(n, gname, f.path, tid, shape, start, end)
                 if names:
                     self._canonical.append(names[0])
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()
+        self._files = OpenFiles()
         self._unpermute: dict[str, int] = {}  # our name -> n_head for llama-arch q/k rows
         if self.arch == "llama":
             nh = int(self.meta.get("llama.attention.head_count", 0))
@@ -356,26 +354,11 @@ class GGUFIndex:
         return spec_from_gguf(self, name)
 
     # ----- raw reads -----
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(path)
-                if fd is None:
-                    fd = os.open(path, os.O_RDONLY)
-                    self._fds[path] = fd
-        return fd
-
     def _pread_into(self, info: GGUFTensorInfo, out: torch.Tensor, offset: int) -> None:
         buf = out.view(-1).view(torch.uint8).numpy()
-        fd, done, n = self._fd(info.file), 0, buf.nbytes
-        if offset + n > info.end:
+        if offset + buf.nbytes > info.end:
             raise WeightError(f"{info.file}: tensor '{info.gguf_name}': read past its end")
-        while done < n:
-            got = os.preadv(fd, [buf[done:]], offset + done)
-            if got <= 0:
-                raise WeightError(f"{info.file}: tensor '{info.gguf_name}': file ended early (truncated?)")
-            done += got
+        self._files.pread_exact(info.file, buf, offset, f"tensor '{info.gguf_name}'")
 
     def _stored(self, info: GGUFTensorInfo, row0: int, nrows: int) -> torch.Tensor | QTensor:
         """Rows [row0, row0 + nrows) of the tensor flattened to 2-D [rows, cols], as stored
@@ -466,10 +449,7 @@ class GGUFIndex:
         return kv.reshape(-1, kv.shape[-1]).contiguous()
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self._files.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +41,7 @@ import torch
 
 from moetier.errors import WeightError
 from moetier.quant import QTensor
+from moetier.weights.fileio import OpenFiles
 
 if TYPE_CHECKING:
     from moetier.spec import QuantConfig
@@ -183,8 +182,7 @@ class SafetensorsIndex:
         self.dir = Path(directory)
         self.tensors: dict[str, TensorInfo] = {}
         self.quantized: dict[str, QInfo] = {}  # logical name -> stored parts
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()
+        self._files = OpenFiles()
         index_path = self.dir / INDEX_NAME
         if index_path.exists():
             files, weight_map = self._read_index(index_path)
@@ -363,24 +361,8 @@ class SafetensorsIndex:
         return self._qtensor(q, index)
 
     # ----- reads -----
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(path)
-                if fd is None:
-                    fd = os.open(path, os.O_RDONLY)
-                    self._fds[path] = fd
-        return fd
-
     def _pread_into(self, info: TensorInfo, out: torch.Tensor, offset: int) -> None:
-        buf = out.view(-1).view(torch.uint8).numpy()
-        fd, done, n = self._fd(info.file), 0, buf.nbytes
-        while done < n:
-            got = os.preadv(fd, [buf[done:]], offset + done)
-            if got <= 0:
-                raise WeightError(f"{info.file}: tensor '{info.name}': file ended early (truncated?)")
-            done += got
+        self._files.pread_exact(info.file, out.view(-1).view(torch.uint8).numpy(), offset, f"tensor '{info.name}'")
 
     def _stored(self, name: str) -> TensorInfo:
         info = self.tensors.get(name)
@@ -425,10 +407,7 @@ class SafetensorsIndex:
         return t if dtype is None or dtype == t.dtype else t.to(dtype)
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self._files.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:

@@ -57,6 +57,7 @@ import torch
 
 from moetier.errors import WeightError
 from moetier.models.base import ExpertReader, ExpertWeights
+from moetier.weights.fileio import OpenFiles
 
 ALIGN = 4096
 IO_MODES = ("auto", "buffered", "direct")
@@ -324,7 +325,7 @@ class ExpertStore:
         self._stored = False  # quantized experts read from their stored byte ranges (no reader.read)
         self._tls = threading.local()
         self._lock = threading.Lock()
-        self._fds: dict[tuple[Path, bool], int] = {}
+        self._files = OpenFiles()
         self.io_requested = io
         self.io = "buffered" if io == "buffered" else "direct"
         s = self.spec
@@ -476,16 +477,7 @@ class ExpertStore:
 
     # ----- file descriptors -----
     def _fd(self, path: Path, direct: bool) -> int:
-        key = (path, direct)
-        fd = self._fds.get(key)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(key)
-                if fd is None:
-                    flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
-                    fd = os.open(path, flags)
-                    self._fds[key] = fd
-        return fd
+        return self._files.fd(path, direct)
 
     def _direct_supported(self) -> bool:
         if not hasattr(os, "O_DIRECT") or self._generic:
@@ -690,13 +682,7 @@ class ExpertStore:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        with self._lock:
-            for fd in self._fds.values():
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._fds.clear()
+        self._files.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
