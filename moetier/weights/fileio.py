@@ -16,7 +16,8 @@ from moetier.errors import WeightError
 
 
 class OpenFiles:
-    """``fd(path, direct=False)`` opens each file once (thread-safe); ``close()`` closes all."""
+    """``fd(path, direct=False)`` opens each file once (thread-safe); ``close()`` (or garbage
+    collection) closes them all."""
 
     def __init__(self) -> None:
         self._fds: dict[tuple[Path, bool], int] = {}
@@ -51,3 +52,9 @@ class OpenFiles:
                 except OSError:
                     pass
             self._fds.clear()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -451,12 +451,6 @@ class GGUFIndex:
     def close(self) -> None:
         self._files.close()
 
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
-
 
 # ----------------------------------------------------------------------------- spec
 

@@ -408,9 +408,3 @@ class SafetensorsIndex:
 
     def close(self) -> None:
         self._files.close()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
