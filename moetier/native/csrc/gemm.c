@@ -147,7 +147,9 @@ static inline void prefetch_step(prefetch_run *pf) {
 }
 
 static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1, const char *next, long next_bytes) {
-    if (it->qtile) /* up to MT_TILE_T tokens per pass over the rows */
+    if (it->qtile && t0 + 1 < t1) { /* up to MT_TILE_T tokens per pass over the rows, one row per call */
+        long calls = ((t1 - t0 + MT_TILE_T - 2) / MT_TILE_T) * (r1 - r0); /* passes of 2+ tokens x rows */
+        prefetch_run pf = {next, next + (next ? next_bytes : 0), calls ? ((next_bytes + 63) / 64 + calls - 1) / calls : 0};
         for (; t0 + 1 < t1; t0 += MT_TILE_T) {
             int n = t1 - t0 < MT_TILE_T ? (int)(t1 - t0) : MT_TILE_T;
             const float *x[MT_TILE_T], *xp[MT_TILE_T];
@@ -157,11 +159,15 @@ static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1,
                 xp[j] = it->XP ? it->XP + (t0 + j) * it->ldxp : NULL;
                 y[j] = it->Y + (t0 + j) * it->ldy;
             }
-            it->qtile(it->W, x, xp, y, n, r0, r1);
+            for (long r = r0; r < r1; r++) {
+                it->qtile(it->W, x, xp, y, n, r, r + 1);
+                prefetch_step(&pf);
+            }
             if (it->b)
                 for (int j = 0; j < n; j++)
                     for (long q = r0; q < r1; q++) y[j][q] += ld(it->b, it->bdt, q);
         }
+    }
     if (it->tile) { /* on prepared rows when the format prepares x, else on x itself; 3 tokens a pass, then 2 */
         long calls = ((t1 - t0 + 2) / 3) * ((r1 - r0) / 2);
         prefetch_run pf = {next, next + (next ? next_bytes : 0), calls ? ((next_bytes + 63) / 64 + calls - 1) / calls : 0};
