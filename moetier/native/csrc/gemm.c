@@ -154,10 +154,11 @@ static inline void prefetch_step(prefetch_run *pf) {
 
 static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1, const char *next, long next_bytes) {
     if (it->qtile && t0 + 1 < t1) { /* up to MT_TILE_T tokens per pass over the rows, two rows per call */
-        long calls = ((t1 - t0 + MT_TILE_T - 2) / MT_TILE_T) * ((r1 - r0 + 1) / 2); /* passes of 2+ tokens x row pairs */
+        /* the tokens in passes of equal size (6: 3 + 3, 5: 3 + 2, not 4 + 2 / 4 + 1 row-kernel call) */
+        long passes = (t1 - t0 + MT_TILE_T - 1) / MT_TILE_T, calls = passes * ((r1 - r0 + 1) / 2);
         prefetch_run pf = {next, next + (next ? next_bytes : 0), calls ? ((next_bytes + 63) / 64 + calls - 1) / calls : 0};
-        for (; t0 + 1 < t1; t0 += MT_TILE_T) {
-            int n = t1 - t0 < MT_TILE_T ? (int)(t1 - t0) : MT_TILE_T;
+        for (; t0 < t1; passes--) {
+            int n = (int)((t1 - t0 + passes - 1) / passes);
             const float *x[MT_TILE_T], *xp[MT_TILE_T];
             float *y[MT_TILE_T];
             for (int j = 0; j < n; j++) {
@@ -172,6 +173,7 @@ static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1,
             if (it->b)
                 for (int j = 0; j < n; j++)
                     for (long q = r0; q < r1; q++) y[j][q] += ld(it->b, it->bdt, q);
+            t0 += n;
         }
     }
     if (it->tile) { /* on prepared rows when the format prepares x, else on x itself; 3 tokens a pass, then 2 */
