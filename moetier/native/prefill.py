@@ -31,8 +31,16 @@ after, AVX-512: q4_k 31 / 30 -> 57 / 52, q6_k 19 / 19 -> 51 / 47, q8_0 37 / 35 -
 q4_k 20 / 20 -> 36 / 35, q6_k 11 / 12 -> 32 / 31, q8_0 23 / 22 -> 41 / 37. End to end (llama.cpp's
 own files of the 2.5 GB synthetic Qwen3-MoE, one thread, best of 3, two interleaved rounds),
 prefill 512 tokens: Q4_K_M 128-132 -> 184-190 tok/s, Q8_0 146-158 -> 237-240 tok/s. (8 tokens
-per tile instead of 4 measured within the noise.) The other quantized formats still run their
-row kernel once per token.
+per tile instead of 4 measured within the noise.) 2026-12-02 (issue 16, the DeepSeek-V2-Lite-shaped
+GGUFs; one thread, ``mt_gemm``, CPU time, old and new library alternating in one process, load
+average 11-33 from other jobs): the tile path software-prefetches the next row block (64 experts of
+1408 x 2048 with ~6 tokens each were waiting on memory: q8_0 24-27 -> 46-50 GMAC/s, q4_k 44 -> 50);
+q8_0 / q5_0 tiles take 2 rows per pass (each x vector loaded once for both: q8_0 1408 x 2048, 64 /
+512 tokens 55 / 52 -> 65 / 66 GMAC/s); q5_0 has tiles (Q4_K_M files store 1408- and 10944-wide
+``ffn_down`` as q5_0: 13-18 -> 36-45 GMAC/s); the tokens per pass are bounded so their x rows stay in
+L2 (the dense layer's 10944-wide down projection: 35-37 -> 48-50 GMAC/s); a unit's tokens are split
+into passes of equal size (5 tokens: 3 + 2, not 4 + a row-kernel call). The other quantized formats
+still run their row kernel once per token.
 """
 
 from __future__ import annotations

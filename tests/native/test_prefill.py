@@ -293,7 +293,7 @@ def test_gemm_quantized_is_gemv_per_row(lib, fmt):
 
 
 @pytest.mark.parametrize("isa", native.ISAS)
-@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0", "ggml_mxfp4"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0", "q5_0", "ggml_mxfp4"])
 def test_gemm_ggml_tiles_are_gemv_per_row(lib, fmt, isa):
     """GGUF formats with multi-token tiles (up to 4 tokens per pass over a row, the rest per
     token; 130 tokens cross the engine's 128-token blocks): every (token, row) has the

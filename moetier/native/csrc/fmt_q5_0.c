@@ -74,4 +74,31 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
     }
 }
 
-const mt_fmt mt_fmt_q5_0 = {MT_FMT_Q5_0, "q5_0", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL, dequant};
+/* Tiles (mt_tile_fn): the row kernels above for n tokens at once (simd.h: i8_tile_*, each
+ * block's codes unpacked and converted to float once for the n tokens; the same bits) */
+MT_TARGET_AVX2 static inline const int8_t *codes(const uint8_t *b, int8_t *buf) {
+    codes32(b, buf);
+    return buf;
+}
+
+MT_TARGET_AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const mt_weight *W, const float *const *x,
+                                                                            const float *const *xp, float *const *y,
+                                                                            const int n, long r0, long r1) {
+    (void)xp;
+    i8_tile_avx2(W, x, y, n, r0, r1, 22, codes);
+}
+
+MT_TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512_n(const mt_weight *W,
+                                                                                const float *const *x,
+                                                                                const float *const *xp,
+                                                                                float *const *y, const int n,
+                                                                                long r0, long r1) {
+    (void)xp;
+    i8_tile_avx512(W, x, y, n, r0, r1, 22, codes);
+}
+
+MT_TILES(tile_avx2, tile_avx2_n, MT_TARGET_AVX2)
+MT_TILES(tile_avx512, tile_avx512_n, MT_TARGET_AVX512)
+
+const mt_fmt mt_fmt_q5_0 = {MT_FMT_Q5_0, "q5_0", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL, dequant,
+                            {NULL, tile_avx2, tile_avx512}};

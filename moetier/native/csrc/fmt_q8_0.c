@@ -57,37 +57,18 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
     }
 }
 
-/* Tiles (mt_tile_fn): the row kernels above for n tokens at once, each token with its own
- * accumulators and dot32_i8's operations in the same order (so the same bits); the codes are
- * converted to float once for the n tokens. Keep in sync with rows_avx2 / rows_avx512 and
- * simd.h: dot32_i8_* (tests/native/test_prefill.py compares the bits). */
+/* Tiles (mt_tile_fn): the row kernels above for n tokens at once (simd.h: i8_tile_*, the codes
+ * converted to float once for the n tokens; the same bits) */
+static inline const int8_t *codes(const uint8_t *b, int8_t *buf) {
+    (void)buf;
+    return (const int8_t *)(b + 2);
+}
+
 MT_TARGET_AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const mt_weight *W, const float *const *x,
                                                                             const float *const *xp, float *const *y,
                                                                             const int n, long r0, long r1) {
     (void)xp;
-    long nb = W->cols / 32;
-    for (long r = r0; r < r1; r++) {
-        const uint8_t *b = (const uint8_t *)mt_row(W, r);
-        __m256 a0[MT_TILE_T], a1[MT_TILE_T];
-        for (int j = 0; j < n; j++) a0[j] = a1[j] = _mm256_setzero_ps();
-        for (long i = 0; i < nb; i++, b += QB) {
-            uint16_t dh;
-            memcpy(&dh, b, 2);
-            __m256 d = _mm256_set1_ps(f16_to_f32_c(dh)), q[4];
-            for (int k = 0; k < 4; k++)
-                q[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * k))));
-            for (int j = 0; j < n; j++) {
-                const float *xb = x[j] + 32 * i;
-                __m256 s0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb)), s1 = _mm256_mul_ps(q[1], _mm256_loadu_ps(xb + 8));
-                s0 = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xb + 16), s0);
-                s1 = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb + 24), s1);
-                __m256 s = _mm256_add_ps(s0, s1);
-                if (i & 1) a1[j] = _mm256_fmadd_ps(d, s, a1[j]);
-                else a0[j] = _mm256_fmadd_ps(d, s, a0[j]);
-            }
-        }
-        for (int j = 0; j < n; j++) y[j][r] = hsum256(_mm256_add_ps(a0[j], a1[j]));
-    }
+    i8_tile_avx2(W, x, y, n, r0, r1, QB, codes);
 }
 
 MT_TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512_n(const mt_weight *W,
@@ -96,26 +77,7 @@ MT_TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512_n
                                                                                 float *const *y, const int n,
                                                                                 long r0, long r1) {
     (void)xp;
-    long nb = W->cols / 32;
-    for (long r = r0; r < r1; r++) {
-        const uint8_t *b = (const uint8_t *)mt_row(W, r);
-        __m512 a0[MT_TILE_T], a1[MT_TILE_T];
-        for (int j = 0; j < n; j++) a0[j] = a1[j] = _mm512_setzero_ps();
-        for (long i = 0; i < nb; i++, b += QB) {
-            uint16_t dh;
-            memcpy(&dh, b, 2);
-            __m512 d = _mm512_set1_ps(f16_to_f32_c(dh));
-            __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2))));
-            __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18))));
-            for (int j = 0; j < n; j++) {
-                const float *xb = x[j] + 32 * i;
-                __m512 s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
-                if (i & 1) a1[j] = _mm512_fmadd_ps(d, s, a1[j]);
-                else a0[j] = _mm512_fmadd_ps(d, s, a0[j]);
-            }
-        }
-        for (int j = 0; j < n; j++) y[j][r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
-    }
+    i8_tile_avx512(W, x, y, n, r0, r1, QB, codes);
 }
 
 MT_TILES(tile_avx2, tile_avx2_n, MT_TARGET_AVX2)

@@ -6,7 +6,12 @@
 #include <stdio.h>
 
 #define BLOCK_BYTES (16L * 1024) /* weight bytes per row block: stays in L1 across the tokens */
-#define TOKEN_BLOCK 128          /* tokens per pass over a thread's row blocks (their x in L2) */
+#define TOKEN_BLOCK 128          /* at most this many tokens per pass over a thread's row blocks */
+/* Bytes of the tokens' activation rows (x and prepared x) one pass keeps in L2 while the row
+ * blocks stream by: wide rows (a dense MLP's down projection, 10944 columns = 43 KB per token)
+ * take fewer tokens per pass, so x stays in L2 instead of being re-read from L3 for every row
+ * block. Each weight is read once per pass (from memory when it exceeds the caches). */
+#define X_BLOCK_BYTES (384L * 1024)
 
 typedef struct {
     const mt_gemm_item *items;
@@ -14,6 +19,7 @@ typedef struct {
     long *unit_item, *unit_r0, *unit_r1; /* units: (item, rows [r0, r1)) */
     long n_units;
     double *cum; /* cost prefix sums over units (n_units + 1) */
+    long tblock; /* tokens per pass (token_block) */
 } gemm_batch;
 
 /* ------------------------------------------------------------------------------------ */
@@ -147,9 +153,12 @@ static inline void prefetch_step(prefetch_run *pf) {
 }
 
 static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1, const char *next, long next_bytes) {
-    if (it->qtile) /* up to MT_TILE_T tokens per pass over the rows */
-        for (; t0 + 1 < t1; t0 += MT_TILE_T) {
-            int n = t1 - t0 < MT_TILE_T ? (int)(t1 - t0) : MT_TILE_T;
+    if (it->qtile && t0 + 1 < t1) { /* up to MT_TILE_T tokens per pass over the rows, two rows per call */
+        /* the tokens in passes of equal size (6: 3 + 3, 5: 3 + 2, not 4 + 2 / 4 + 1 row-kernel call) */
+        long passes = (t1 - t0 + MT_TILE_T - 1) / MT_TILE_T, calls = passes * ((r1 - r0 + 1) / 2);
+        prefetch_run pf = {next, next + (next ? next_bytes : 0), calls ? ((next_bytes + 63) / 64 + calls - 1) / calls : 0};
+        for (; t0 < t1; passes--) {
+            int n = (int)((t1 - t0 + passes - 1) / passes);
             const float *x[MT_TILE_T], *xp[MT_TILE_T];
             float *y[MT_TILE_T];
             for (int j = 0; j < n; j++) {
@@ -157,11 +166,16 @@ static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1,
                 xp[j] = it->XP ? it->XP + (t0 + j) * it->ldxp : NULL;
                 y[j] = it->Y + (t0 + j) * it->ldy;
             }
-            it->qtile(it->W, x, xp, y, n, r0, r1);
+            for (long r = r0; r < r1; r += 2) {
+                it->qtile(it->W, x, xp, y, n, r, r + 2 < r1 ? r + 2 : r1);
+                prefetch_step(&pf);
+            }
             if (it->b)
                 for (int j = 0; j < n; j++)
                     for (long q = r0; q < r1; q++) y[j][q] += ld(it->b, it->bdt, q);
+            t0 += n;
         }
+    }
     if (it->tile) { /* on prepared rows when the format prepares x, else on x itself; 3 tokens a pass, then 2 */
         long calls = ((t1 - t0 + 2) / 3) * ((r1 - r0) / 2);
         prefetch_run pf = {next, next + (next ? next_bytes : 0), calls ? ((next_bytes + 63) / 64 + calls - 1) / calls : 0};
@@ -211,7 +225,8 @@ static void gemm_task(void *vctx, int tid, int nth) {
         long T = B->items[B->unit_item[u]].T;
         if (T > tmax) tmax = T;
     }
-    for (long tb = 0; tb < tmax; tb += TOKEN_BLOCK)
+    long TB = B->tblock;
+    for (long tb = 0; tb < tmax; tb += TB)
         for (long u = u0; u < u1; u++) {
             const mt_gemm_item *it = &B->items[B->unit_item[u]];
             if (tb >= it->T) continue;
@@ -224,7 +239,7 @@ static void gemm_task(void *vctx, int tid, int nth) {
                 next = (const char *)mt_row(W, B->unit_r0[v]);
                 next_bytes = (B->unit_r1[v] - B->unit_r0[v]) * W->stride;
             }
-            run_unit(it, B->unit_r0[u], B->unit_r1[u], tb, tb + TOKEN_BLOCK < it->T ? tb + TOKEN_BLOCK : it->T,
+            run_unit(it, B->unit_r0[u], B->unit_r1[u], tb, tb + TB < it->T ? tb + TB : it->T,
                      next, next_bytes);
         }
 }
@@ -298,7 +313,12 @@ void mt_run_gemms(mt_gemm_item *items, int n, int nth) {
         it->XP = p;
         p += it->ldxp * it->T;
     }
-    gemm_batch B = {items, n, unit_buf, unit_buf + unit_cap, unit_buf + 2 * unit_cap, 0, cum_buf};
+    gemm_batch B = {items, n, unit_buf, unit_buf + unit_cap, unit_buf + 2 * unit_cap, 0, cum_buf, TOKEN_BLOCK};
+    for (int i = 0; i < n; i++) { /* tokens per pass: the widest item's activation rows fit X_BLOCK_BYTES */
+        long tb = X_BLOCK_BYTES / (4 * (items[i].W->cols + items[i].ldxp)) & ~(long)(MT_TILE_T - 1);
+        if (tb < 2 * MT_TILE_T) tb = 2 * MT_TILE_T;
+        if (items[i].T > 0 && tb < B.tblock) B.tblock = tb;
+    }
     B.cum[0] = 0;
     for (int i = 0; i < n; i++) {
         if (items[i].T == 0) continue;

@@ -126,6 +126,97 @@ MT_TARGET_AVX512 static inline __m512 dot32_i8_avx512(const int8_t *q, const flo
                            _mm512_loadu_ps(x + 16), s);
 }
 
+/* Multi-token tiles (mt_tile_fn bodies) of the formats whose row kernels are dot32_i8 per
+ * 32-value block times the block's float16 d at its first two bytes, alternating two
+ * accumulators (q8_0, q5_0): the row kernel's operations in its order for n tokens (so the same
+ * bits), the block's codes (codes(b, buf): a pointer to its 32 int8 codes, unpacked into buf if
+ * need be) unpacked and converted to float once for the n tokens. Keep in sync with
+ * dot32_i8_* above and the formats' rows_avx2 / rows_avx512 (tests/native/test_prefill.py
+ * compares the bits). */
+typedef const int8_t *(*mt_codes32_fn)(const uint8_t *b, int8_t *buf);
+
+MT_TARGET_AVX2 static inline __attribute__((always_inline)) void i8_tile_avx2(const mt_weight *W, const float *const *x,
+                                                                             float *const *y, const int n, long r0,
+                                                                             long r1, const long bbytes,
+                                                                             mt_codes32_fn codes) {
+    long nb = W->cols / 32;
+    int8_t buf[32] __attribute__((aligned(32)));
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m256 a0[MT_TILE_T], a1[MT_TILE_T];
+        for (int j = 0; j < n; j++) a0[j] = a1[j] = _mm256_setzero_ps();
+        for (long i = 0; i < nb; i++, b += bbytes) {
+            uint16_t dh;
+            memcpy(&dh, b, 2);
+            const int8_t *c = codes(b, buf);
+            __m256 d = _mm256_set1_ps(f16_to_f32_c(dh)), q[4];
+            for (int k = 0; k < 4; k++)
+                q[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + 8 * k))));
+            for (int j = 0; j < n; j++) {
+                const float *xb = x[j] + 32 * i;
+                __m256 s0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb)), s1 = _mm256_mul_ps(q[1], _mm256_loadu_ps(xb + 8));
+                s0 = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xb + 16), s0);
+                s1 = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb + 24), s1);
+                __m256 s = _mm256_add_ps(s0, s1);
+                if (i & 1) a1[j] = _mm256_fmadd_ps(d, s, a1[j]);
+                else a0[j] = _mm256_fmadd_ps(d, s, a0[j]);
+            }
+        }
+        for (int j = 0; j < n; j++) y[j][r] = hsum256(_mm256_add_ps(a0[j], a1[j]));
+    }
+}
+
+/* R (1 or 2) rows from r for n tokens: each x vector loaded once for the R rows */
+MT_TARGET_AVX512 static inline __attribute__((always_inline)) void i8_rows_avx512(const mt_weight *W,
+                                                                                 const float *const *x,
+                                                                                 float *const *y, const int n,
+                                                                                 long r, const int R,
+                                                                                 const long bbytes,
+                                                                                 mt_codes32_fn codes) {
+    long nb = W->cols / 32;
+    int8_t buf[2][32] __attribute__((aligned(32)));
+    const uint8_t *b[2];
+    __m512 a0[2][MT_TILE_T], a1[2][MT_TILE_T];
+    for (int k = 0; k < R; k++) {
+        b[k] = (const uint8_t *)mt_row(W, r + k);
+        for (int j = 0; j < n; j++) a0[k][j] = a1[k][j] = _mm512_setzero_ps();
+    }
+    for (long i = 0; i < nb; i++) {
+        __m512 d[2], q0[2], q1[2];
+        for (int k = 0; k < R; k++) {
+            uint16_t dh;
+            memcpy(&dh, b[k], 2);
+            const int8_t *c = codes(b[k], buf[k]);
+            d[k] = _mm512_set1_ps(f16_to_f32_c(dh));
+            q0[k] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c)));
+            q1[k] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16))));
+            b[k] += bbytes;
+        }
+        for (int j = 0; j < n; j++) {
+            const float *xb = x[j] + 32 * i;
+            __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+            for (int k = 0; k < R; k++) {
+                __m512 s = _mm512_fmadd_ps(q1[k], x1, _mm512_mul_ps(q0[k], x0));
+                if (i & 1) a1[k][j] = _mm512_fmadd_ps(d[k], s, a1[k][j]);
+                else a0[k][j] = _mm512_fmadd_ps(d[k], s, a0[k][j]);
+            }
+        }
+    }
+    for (int k = 0; k < R; k++)
+        for (int j = 0; j < n; j++) y[j][r + k] = _mm512_reduce_add_ps(_mm512_add_ps(a0[k][j], a1[k][j]));
+}
+
+MT_TARGET_AVX512 static inline __attribute__((always_inline)) void i8_tile_avx512(const mt_weight *W,
+                                                                                 const float *const *x,
+                                                                                 float *const *y, const int n,
+                                                                                 long r0, long r1,
+                                                                                 const long bbytes,
+                                                                                 mt_codes32_fn codes) {
+    long r = r0;
+    for (; r + 2 <= r1; r += 2) i8_rows_avx512(W, x, y, n, r, 2, bbytes, codes);
+    if (r < r1) i8_rows_avx512(W, x, y, n, r, 1, bbytes, codes);
+}
+
 /* 32 bits -> 32 bytes of 0x00 / 0xff (byte j: bit j) */
 MT_TARGET_AVX2 static inline __m256i bytes_from_bits32(uint32_t bits) {
     const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
