@@ -96,7 +96,7 @@ STEP_INLINE_WORDS = 32  # replicated: a step description this short travels in t
 SLOT_HEADER = 16  # replicated: an exchange message starts with (rows, routing check) as int64
 DEFAULT_TIMEOUT_S = 60.0  # step messages (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
 DEFAULT_START_TIMEOUT_S = 600.0  # start-up (MOETIER_EP_START_TIMEOUT): joining, hash check, loading
-DEFAULT_SPIN_US = 1000.0  # MOETIER_EP_SPIN_US: direct decode, how long a rank polls for a message before sleeping
+DEFAULT_SPIN_US = 2000.0  # MOETIER_EP_SPIN_US: direct decode, a rank polls this long before sleeping (> a step gap)
 ANSWER_HEADER = 8  # direct decode answer: its number (int64, from 1), then top-k rows
 
 
