@@ -10,8 +10,9 @@ exchanges, alternated ``--rounds`` times in one run, on the embedded model (batc
 message: rank 0's time posting and waiting for step messages (``isend``/``irecv``). Bare round
 trips of the message patterns without model work; ``--unpinned`` adds P = 2 without pinning,
 ``--interference`` two single processes at once, one per CPU (do the CPUs slow each other?),
-``--baseline DIR`` P = 2 ``direct`` run from another source tree (e.g. ``git archive <commit> |
-tar -x -C DIR``: old vs new code alternated in one run, under the same load).
+``--nospin`` P = 2 ``direct`` without polling (``MOETIER_EP_SPIN_US=0``), ``--baseline DIR``
+P = 2 ``direct`` run from another source tree (e.g. ``git worktree add DIR <commit>``: old vs
+new code alternated in one run).
 
 ``sweep`` (root): two network namespaces joined by one veth pair; each end's egress gets a
 ``tbf`` qdisc (rate BW, bucket ``max(2 frames, BW x 200 us)`` so a layer's message cannot pass
@@ -207,6 +208,8 @@ def loopback(args: argparse.Namespace) -> None:
         variants |= {"P2_unpinned": "direct", "P2_replicated_unpinned": "replicated"}
     if args.interference:
         variants["P1x2"] = "direct"
+    if args.nospin:
+        variants["P2_nospin"] = "direct"
     if args.baseline:
         variants["P2_baseline"] = "direct"
     for key, exchange in variants.items():
@@ -231,7 +234,8 @@ def loopback(args: argparse.Namespace) -> None:
                 row[key] = {"tokens_per_s": statistics.mean(q["tokens_per_s"] for q in pts), "each": pts}
                 continue
             else:  # each rank pinned to its own core (the default), or not (MOETIER_EP_PIN=0)
-                env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key.endswith("_unpinned") else {})}
+                env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key.endswith("_unpinned") else {}),
+                       **({"MOETIER_EP_SPIN_US": "0"} if key.endswith("_nospin") else {})}
                 cmd = _worker_cmd(cfg, out)
                 if key.endswith("_baseline"):  # that tree's bench_ep.py puts its own root first on sys.path
                     base = Path(args.baseline).resolve()
@@ -495,6 +499,7 @@ def main() -> int:
     lb.add_argument("--tokens", type=int, default=48)
     lb.add_argument("--dtype", default="float32")
     lb.add_argument("--unpinned", action="store_true", help="also P = 2 without pinning (MOETIER_EP_PIN=0)")
+    lb.add_argument("--nospin", action="store_true", help="also P = 2 direct without polling (MOETIER_EP_SPIN_US=0)")
     lb.add_argument("--baseline", metavar="DIR", help="also P = 2 direct run from the source tree DIR (old code)")
     lb.add_argument("--interference", action="store_true",
                     help="also two P = 1 processes at once, pinned to one CPU each (how much the CPUs slow each other)")

@@ -6,13 +6,14 @@ time it takes beyond a single process's.
 
 Every rank wraps ``EPGroup``'s message calls (``_p2p``: posting a send / receive, ``_wait``),
 its decode paths (``dispatch``, ``_dispatch_one``, ``_recv_ctrl``, ``_compute_one``,
-``_exchange``, ``_post_slots``) and every expert FFN (``expert_forward``) with
-``time.perf_counter`` (CLOCK_MONOTONIC: one clock for every process on the machine), decodes
-``--tokens`` greedy steps of the embedded model (float32, 1 thread per rank; ``--ranks 1``: one
-process, torch path) and writes its events to ``OUTDIR/ev<rank>.json``. The summary prints, per
-decode step (medians over steps after 3 warm-up steps), each rank's time in each wrapped call,
-then for ``direct`` the median latencies around one MoE layer and six layers' timelines in
-microseconds from the start of rank 0's dispatch. The wrappers add a few us per call.
+``_exchange``, ``_post_slots``, ``_spin``, ``_post_answer``, ``_send_answer``) and every
+expert FFN (``expert_forward``) with ``time.perf_counter`` (CLOCK_MONOTONIC: one clock for
+every process on the machine), decodes ``--tokens`` greedy steps of the embedded model
+(float32, 1 thread per rank; ``--ranks 1``: one process, torch path) and writes its events to
+``OUTDIR/ev<rank>.json``. The summary prints, per decode step (medians over the steps after 3
+warm-up steps), each rank's time in each wrapped call, then for ``direct`` the median
+latencies around one MoE layer and six layers' timelines in microseconds from the start of
+rank 0's dispatch. The wrappers add a few us per call.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 EVENTS: list[tuple[str, float, float, dict]] = []
-GROUP_CALLS = ("dispatch", "_dispatch_one", "_recv_ctrl", "_compute_one", "_exchange", "_post_slots")
+GROUP_CALLS = ("dispatch", "_dispatch_one", "_recv_ctrl", "_compute_one", "_exchange", "_post_slots", "_spin",
+               "_post_answer", "_send_answer")  # those the code has
 
 
 def _wrap(obj, attr: str, name: str, info=None) -> None:
@@ -63,7 +65,8 @@ def worker(outdir: str, tokens: int, exchange: str) -> None:
         _wrap(G, "_wait", "wait")
         _wrap(G, "_p2p", "post", lambda self, t, peer, tag, send, wait=True: {"send": send, "tag": tag})
         for m in GROUP_CALLS:
-            _wrap(G, m, m)
+            if hasattr(G, m):
+                _wrap(G, m, m)
         if rank != 0:
             try:
                 group.serve(model)
