@@ -9,7 +9,10 @@
 exchanges, alternated ``--rounds`` times in one run, on the embedded model (batch 1). Per
 message: rank 0's time posting and waiting for step messages (``isend``/``irecv``). Bare round
 trips of the message patterns without model work; ``--unpinned`` adds P = 2 without pinning,
-``--interference`` two single processes at once, one per CPU (do the CPUs slow each other?).
+``--interference`` two single processes at once, one per CPU (do the CPUs slow each other?),
+``--nospin`` P = 2 ``direct`` without polling (``MOETIER_EP_SPIN_US=0``), ``--baseline DIR``
+P = 2 ``direct`` run from another source tree (e.g. ``git worktree add DIR <commit>``: old vs
+new code alternated in one run).
 
 ``sweep`` (root): two network namespaces joined by one veth pair; each end's egress gets a
 ``tbf`` qdisc (rate BW, bucket ``max(2 frames, BW x 200 us)`` so a layer's message cannot pass
@@ -205,6 +208,10 @@ def loopback(args: argparse.Namespace) -> None:
         variants |= {"P2_unpinned": "direct", "P2_replicated_unpinned": "replicated"}
     if args.interference:
         variants["P1x2"] = "direct"
+    if args.nospin:
+        variants["P2_nospin"] = "direct"
+    if args.baseline:
+        variants["P2_baseline"] = "direct"
     for key, exchange in variants.items():
         (tmp / f"cfg_{key}.json").write_text(json.dumps({
             "dtype": args.dtype, "pingpong": 400 if key == "P2" else 0, "exchange": exchange,
@@ -227,8 +234,14 @@ def loopback(args: argparse.Namespace) -> None:
                 row[key] = {"tokens_per_s": statistics.mean(q["tokens_per_s"] for q in pts), "each": pts}
                 continue
             else:  # each rank pinned to its own core (the default), or not (MOETIER_EP_PIN=0)
-                env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key.endswith("_unpinned") else {})}
-                codes = spawn(_worker_cmd(cfg, out), 2, env, timeout_s=600)
+                env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key.endswith("_unpinned") else {}),
+                       **({"MOETIER_EP_SPIN_US": "0"} if key.endswith("_nospin") else {})}
+                cmd = _worker_cmd(cfg, out)
+                if key.endswith("_baseline"):  # that tree's bench_ep.py puts its own root first on sys.path
+                    base = Path(args.baseline).resolve()
+                    cmd = [sys.executable, str(base / "bench" / "bench_ep.py"), *cmd[3:]]
+                    env["PYTHONPATH"] = str(base)
+                codes = spawn(cmd, 2, env, timeout_s=600)
                 assert codes == [0, 0], codes
             got = json.loads(out.read_text())
             row[key] = got["points"][0]
@@ -486,6 +499,8 @@ def main() -> int:
     lb.add_argument("--tokens", type=int, default=48)
     lb.add_argument("--dtype", default="float32")
     lb.add_argument("--unpinned", action="store_true", help="also P = 2 without pinning (MOETIER_EP_PIN=0)")
+    lb.add_argument("--nospin", action="store_true", help="also P = 2 direct without polling (MOETIER_EP_SPIN_US=0)")
+    lb.add_argument("--baseline", metavar="DIR", help="also P = 2 direct run from the source tree DIR (old code)")
     lb.add_argument("--interference", action="store_true",
                     help="also two P = 1 processes at once, pinned to one CPU each (how much the CPUs slow each other)")
     sw = sub.add_parser("sweep")

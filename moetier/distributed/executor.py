@@ -16,7 +16,10 @@ exchanges point-to-point messages (gloo ``isend`` / ``irecv``, tags ``TAG_*``) w
    experts on its rows, grouped by expert (:func:`moetier.layers.moe.dispatch`, k = 1, weight 1);
 4. combine: the unweighted expert outputs go back to rank 0 (its receives are posted before it
    computes), which applies the top-k weights and sums them exactly like the single-process
-   dispatch (same order).
+   dispatch (same order). Decode of one token answers into a receive posted one answer ahead
+   (``TAG_ANSWER``, fixed size, two tags alternating: :meth:`EPGroup._post_answer`), and both
+   ranks poll the buffer of the message they wait for (:meth:`EPGroup._spin`, up to
+   ``MOETIER_EP_SPIN_US``) before sleeping in gloo's wait.
 
 ``"replicated"``: every rank runs the whole forward on the same inputs (rank 0's ``model.step``
 is :meth:`EPGroup.mirrored`: one ``CMD_STEP`` control message per step tells the followers the
@@ -32,8 +35,14 @@ the calling thread; the decode round trip (control out, row back) measured 275-3
 collectives vs 95-140 us with isend/irecv (bench/bench_ep.py loopback). Decode of one token
 (``CMD_MOE_ONE``, the same bytes as ``CMD_MOE_INLINE``) has its own short path on both sides
 (:meth:`EPGroup._dispatch_one`, :meth:`EPGroup._compute_one`): messages built with ``struct``,
-each expert run on the token's row as the single-process decode path does. :func:`init` pins
-each local rank to its own CPUs (:func:`pin_local_rank`).
+each expert run on the token's row as the single-process decode path does. Measured per MoE
+layer (one decode step, 2 ranks on this 2-core VM): a gloo send on loopback costs its sender
+40-50 us and a posted receive (its notice to the sender) 10-30 us; a rank asleep in ``wait``
+cost another 20-40 us to wake, and a receive posted just before the peer's send disturbed the
+peer. So the decode path keeps exactly one send per rank on the critical path: the answer's
+receive is posted right after the control message goes out (its notice rides behind it),
+the follower posts its next control receive after answering, and the waiting rank polls.
+:func:`init` pins each local rank to its own CPUs (:func:`pin_local_rank`).
 
 Top-k weights are applied at the source: this is the planner's ``direct`` all-to-all (one
 row per remote pair each way, DeepEP low-latency style), where applying them at the owner
@@ -81,11 +90,14 @@ CMD_STEP = 6  # replicated: (CMD_STEP, words, all_logits) + the step's descripti
 HEADER = 24  # bytes: (command, layer, rows) as int64
 TAG_CTRL, TAG_ROWS, TAG_COMBINE = 1, 2, 3  # point-to-point message tags (rank 0 <-> a follower)
 TAG_EXCHANGE = 4  # replicated: one message per (rank, other rank) per MoE layer
+TAG_ANSWER = 5  # direct, decode of one token: a follower's answer i travels on TAG_ANSWER + i % 2 (see _post_answer)
 DEFAULT_EXCHANGE = "direct"  # --ep-exchange (EXCHANGES: moetier.planner.cluster.EP_EXCHANGES); measured best, see docs
 STEP_INLINE_WORDS = 32  # replicated: a step description this short travels in the control message
 SLOT_HEADER = 16  # replicated: an exchange message starts with (rows, routing check) as int64
 DEFAULT_TIMEOUT_S = 60.0  # step messages (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
 DEFAULT_START_TIMEOUT_S = 600.0  # start-up (MOETIER_EP_START_TIMEOUT): joining, hash check, loading
+DEFAULT_SPIN_US = 2000.0  # MOETIER_EP_SPIN_US: direct decode, a rank polls this long before sleeping (> a step gap)
+ANSWER_HEADER = 8  # direct decode answer: its number (int64, from 1), then top-k rows
 
 
 class DistributedError(MoetierError):
@@ -189,8 +201,11 @@ class EPGroup:
         self._mirrors: dict[int, Any] = {}  # replicated follower: rank 0's sequences (id -> this rank's copy)
         self._slots: dict[int, tuple[torch.Tensor, Any]] = {}  # replicated: posted receives (peer -> buffer, work)
         self._ctrl_next: tuple[torch.Tensor, Any] | None = None  # follower: the next control message's receive
+        self._answers: dict[int, list[tuple[torch.Tensor, Any]]] = {}  # direct, rank 0: posted answer receives
+        self._answer_no: dict[int, int] = {}  # direct: answers posted (rank 0, per follower) / sent (follower)
         if self.timeout_s is None:
             self.timeout_s = float(os.environ.get("MOETIER_EP_TIMEOUT", DEFAULT_TIMEOUT_S))
+        self.spin_s = float(os.environ.get("MOETIER_EP_SPIN_US", DEFAULT_SPIN_US)) * 1e-6
         # the step messages run on their own group: its timeout is the fault detector (a dead or
         # stopped peer), while start-up (loading, hash check) waits on the default group's longer one
         self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s)) \
@@ -220,6 +235,20 @@ class EPGroup:
             self._wait(work)
             return None
         return work
+
+    def _spin(self, first: Any) -> None:
+        """Poll a posted receive's first word (``first``: a numpy int64 view of its buffer, zeroed
+        before posting; every message polled for starts with a nonzero word) for up to ``spin_s``
+        before :meth:`_wait` sleeps. gloo's loop thread reads a message straight into the buffer;
+        a rank that sleeps instead leaves its CPU idle, and on this VM waking an idle CPU costs
+        the sender 30-50 us per message (bench/bench_ep.py loopback, docs/expert-parallel.md)."""
+        if self.spin_s <= 0:
+            return
+        t0 = time.perf_counter()
+        end = t0 + self.spin_s
+        while first[0] == 0 and time.perf_counter() < end:
+            pass
+        self.stats.comm_s += time.perf_counter() - t0
 
     def _wait(self, work: Any) -> None:
         t0 = time.perf_counter()
@@ -264,22 +293,49 @@ class EPGroup:
             return []
         return works
 
-    def _recv_ctrl(self) -> tuple[int, int, int, torch.Tensor]:
-        """Follower: (command, layer, rows, the message's bytes [ctrl_bytes])."""
+    def _recv_ctrl(self, post_next: bool = True) -> tuple[int, int, int, torch.Tensor]:
+        """Follower: (command, layer, rows, the message's bytes [ctrl_bytes]). ``post_next``: post
+        the next control message's receive now (else the caller posts it, :meth:`_post_ctrl`,
+        once its answer is out: posting sends the peer a notice, off the critical path then)."""
         if self._ctrl_next is None:
             self._post_ctrl()
         recv, work = self._ctrl_next
         self._ctrl_next = None
+        if self.exchange == "direct":
+            self._spin(recv[:8].numpy().view("<i8"))  # the command: nonzero
         self._wait(work)
         self.stats.meta_bytes += self.ctrl_bytes
         cmd, layer, n = struct.unpack_from("<3q", recv.numpy())
-        if cmd != CMD_STOP:
+        if cmd != CMD_STOP and post_next:
             self._post_ctrl()  # rank 0's next control message finds its receive posted (see _post_slots)
         return cmd, layer, n, recv
 
     def _post_ctrl(self) -> None:
-        buf = torch.empty(self.ctrl_bytes, dtype=torch.uint8)
+        buf = torch.zeros(self.ctrl_bytes, dtype=torch.uint8)  # zeros: see _spin
         self._ctrl_next = (buf, self._p2p(buf, 0, TAG_CTRL, send=False, wait=False))
+
+    def _answer_bytes(self) -> int:
+        return ANSWER_HEADER + self.inline_rows * (self.row_bytes - 8)  # its number, top-k hidden rows
+
+    def _post_answer(self, r: int) -> None:
+        """Rank 0 (direct): post the receive of follower ``r``'s next decode answer (fixed size:
+        top-k rows). Receives are posted ahead -- one from :meth:`ready` on, the next while rank 0's
+        own experts have run and it would wait anyway -- so the follower's answer never waits for
+        a receive-ready notice (gloo holds a send until the receiver announced its receive), and
+        the notice leaves when neither rank is on the critical path. Two may be outstanding, so
+        consecutive answers alternate between two tags (an answer matches its own receive)."""
+        buf = torch.zeros(self._answer_bytes(), dtype=torch.uint8)  # zeros: see _spin
+        i = self._answer_no.get(r, 0)
+        self._answer_no[r] = i + 1
+        self._answers.setdefault(r, []).append((buf, self._p2p(buf, r, TAG_ANSWER + i % 2, send=False, wait=False)))
+
+    def _send_answer(self, ans: torch.Tensor) -> None:
+        """Follower (direct): answer i of this job (``ans``: its bytes [answer_bytes], the header
+        free) as number i + 1 on TAG_ANSWER + i % 2 (rank 0 posted its receive)."""
+        i = self._answer_no.get(0, 0)
+        self._answer_no[0] = i + 1
+        struct.pack_into("<q", ans.numpy(), 0, i + 1)
+        self._p2p(ans, 0, TAG_ANSWER + i % 2, send=True)
 
     # ----- liveness (rank 0 pings idle followers, so their wait never reaches the timeout) -----
     def ready(self) -> None:
@@ -294,6 +350,9 @@ class EPGroup:
             self._post_slots()
         if self.rank != 0 and self.world > 1:
             self._post_ctrl()
+        if self.rank == 0 and self.exchange == "direct":
+            for r in range(1, self.world):
+                self._post_answer(r)
         if self.rank == 0 and self.world > 1 and self._beat is None:
             self._beat = threading.Thread(target=self._heartbeat, name="moetier-ep-heartbeat", daemon=True)
             self._beat.start()
@@ -346,21 +405,26 @@ class EPGroup:
 
     def _compute_one(self, msg: torch.Tensor, n: int, layer: int, provider: Any, glu: Any) -> torch.Tensor:
         """Follower, decode of one token: the n rows of a ``CMD_MOE_ONE`` message all carry that
-        token's hidden row; each expert runs on it as the single-process decode path does -> [n, H]."""
+        token's hidden row; each expert runs on it as the single-process decode path does ->
+        the answer's bytes: a header (:meth:`_send_answer` numbers it), then [top-k, H]: row i
+        the i-th pair's output, the rows past n zero (none when n = 0: no answer)."""
         from moetier.layers.moe import expert_forward
 
         if n == 0:
-            return torch.empty(0, self.hidden, dtype=self.dtype)
+            return torch.empty(ANSWER_HEADER, dtype=torch.uint8)
         rb, hb = self.row_bytes, self.row_bytes - 8
         mv = msg.numpy()
         ids = [struct.unpack_from("<q", mv, HEADER + i * rb + hb)[0] for i in range(n)]
         x = msg[HEADER:HEADER + hb].view(self.dtype)[None].clone()  # [1, H], a fresh (aligned) copy
         t0 = time.perf_counter()
+        ans = torch.zeros(self._answer_bytes(), dtype=torch.uint8)  # header, then the rows
+        y = ans[ANSWER_HEADER:].view(self.dtype).view(self.inline_rows, self.hidden)  # [top-k, H]
         with torch.inference_mode():
             provider.require(layer, sorted(set(ids)))
-            y = torch.cat([expert_forward(x, provider.get(layer, e), glu) for e in ids])  # [n, H]
+            for i, e in enumerate(ids):
+                y[i:i + 1] = expert_forward(x, provider.get(layer, e), glu)
         self.stats.compute_s += time.perf_counter() - t0
-        return y
+        return ans
 
     def _owner(self, layer: int, e: int) -> int:
         own = self._owners[e]
@@ -374,35 +438,38 @@ class EPGroup:
     # ----- rank 0 -----
     def _dispatch_one(self, x: torch.Tensor, ids: list[int], ws: list[float], layer: int, provider: Any,
                       glu: Any) -> torch.Tensor:
-        """:meth:`dispatch` for one token (decode): the same messages, bytes and sums, in a few
-        torch ops (the control messages are built with ``struct``; rank 0's experts run like the
-        single-process decode path)."""
+        """:meth:`dispatch` for one token (decode): the same bytes and sums, in a few torch ops.
+        Per follower one control message (built with ``struct``: header, then the token's row
+        and an expert id per pair) and, when it got pairs, one answer back into a receive posted
+        ahead (:meth:`_post_answer`); rank 0's experts run like the single-process decode path
+        while the followers compute theirs."""
         from moetier.layers.moe import expert_forward
 
         P, H, W, rb, k = self.world, x.shape[1], self.ctrl_bytes, self.row_bytes, len(ids)
         dest = [self._owner(layer, e) for e in ids]  # pair order
         xb = x.contiguous().view(torch.uint8)  # [1, H*bytes]
         hb = xb.shape[1]
-        back = torch.empty(k - dest.count(0), H, dtype=x.dtype)  # [remote, H]: the followers' outputs
-        where: dict[int, int] = {}  # pair -> its row of back
-        msgs, recvs = [], []  # (follower, control message), (follower, rows of back)
+        where: dict[int, tuple[int, int]] = {}  # pair -> (follower, its row of the answer)
+        msgs, asked = [], []  # (follower, control message), followers that answer
         for r in range(1, P):
             pairs = sorted((j for j in range(k) if dest[j] == r), key=lambda j: (ids[j], j))  # by expert
-            n, off = len(pairs), len(where)
+            n = len(pairs)
             ba = bytearray(W)  # header, n rows (x's bytes + the expert id), zeros
             struct.pack_into("<3q", ba, 0, CMD_MOE_ONE, layer, n)
             for i, j in enumerate(pairs):
                 struct.pack_into("<q", ba, HEADER + i * rb + hb, ids[j])
-                where[j] = off + i
+                where[j] = (r, i)
             buf = torch.frombuffer(ba, dtype=torch.uint8)  # [W]
             if n:
                 buf[HEADER:HEADER + n * rb].view(n, rb)[:, :hb] = xb  # [n, H*bytes] <- [1, H*bytes]
-                recvs.append((r, back[off:off + n]))
+                asked.append(r)
             msgs.append((r, buf))
         local = [j for j in range(k) if dest[j] == 0]
-        with self._lock:  # the receives are posted and the sends go out before rank 0 computes its share
-            pending = [self._p2p(b, r, TAG_COMBINE, send=False, wait=False) for r, b in recvs]
-            pending += [self._p2p(b, r, TAG_CTRL, send=True, wait=False) for r, b in msgs]
+        with self._lock:  # the sends go out before rank 0 computes its share
+            pending = [self._p2p(b, r, TAG_CTRL, send=True, wait=False) for r, b in msgs]
+            answers = {r: self._answers[r].pop(0) for r in asked}
+            for r in asked:  # the next answers' receives: their notices follow the control messages
+                self._post_answer(r)
             t0 = time.perf_counter()
             y: dict[int, torch.Tensor] = {}
             if local:
@@ -412,9 +479,14 @@ class EPGroup:
             self.stats.compute_s += time.perf_counter() - t0
             for w in pending:
                 self._wait(w)
+            for b, w in answers.values():
+                self._spin(b[:8].numpy().view("<i8"))
+                self._wait(w)
+        back = {r: b[ANSWER_HEADER:].view(x.dtype).view(-1, H) for r, (b, _) in answers.items()}  # [top-k, H]
         remote, row = len(where), H * x.element_size()
         s = self.stats
-        s.meta_bytes += (P - 1) * W + remote * 8 - remote * row
+        s.meta_bytes += (P - 1) * W + remote * 8 - remote * row + len(asked) * ANSWER_HEADER + \
+            (len(asked) * k - remote) * row  # + the answers' headers and room
         s.dispatch_bytes_sent += remote * row
         s.combine_bytes_recv += remote * row
         s.remote_pairs += remote
@@ -422,7 +494,11 @@ class EPGroup:
         s.moe_calls += 1
         out = torch.zeros_like(x)
         for j, wj in enumerate(ws):  # the same sum, in the same order, as the single-process dispatch
-            out.add_(y[j] if j in y else back[where[j]:where[j] + 1], alpha=wj)
+            if j in y:
+                out.add_(y[j], alpha=wj)
+            else:
+                r, i = where[j]
+                out.add_(back[r][i:i + 1], alpha=wj)
         return out
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
@@ -694,6 +770,11 @@ class EPGroup:
         self._send_ctrl(CMD_STOP)
         if self._slots:
             self._bye()
+        for posted in self._answers.values():  # direct: every follower answers the receive posted last
+            for _, w in posted:
+                self._wait(w)
+            self.stats.meta_bytes += len(posted) * self._answer_bytes()
+        self._answers = {}
         return self._gather_stats()
 
     # ----- ranks 1..P-1 -----
@@ -708,9 +789,13 @@ class EPGroup:
         calls = 0
         first = min(blocks)
         while max_calls is None or calls < max_calls:
-            cmd, layer, n, msg = self._recv_ctrl()
-            if cmd == CMD_STOP:
+            cmd, layer, n, msg = self._recv_ctrl(post_next=False)
+            if cmd == CMD_STOP:  # the answer rank 0 has posted a receive for, then the figures
+                self._send_answer(torch.zeros(self._answer_bytes(), dtype=torch.uint8))
+                self.stats.meta_bytes += self._answer_bytes()
                 return self._gather_stats()
+            if cmd != CMD_MOE_ONE or n == 0:  # (an answer goes out first: see below)
+                self._post_ctrl()
             if cmd == CMD_PING:
                 continue
             if cmd not in (CMD_MOE, CMD_MOE_INLINE, CMD_MOE_ONE) or layer not in blocks:
@@ -718,7 +803,8 @@ class EPGroup:
             if layer == first and hasattr(provider, "on_step"):  # a tiered provider counts steps (its policy)
                 provider.on_step(n, decode=False)
             if cmd == CMD_MOE_ONE:  # one token's row n times, each with another expert
-                y = self._compute_one(msg, n, layer, provider, blocks[layer].glu)
+                ans = self._compute_one(msg, n, layer, provider, blocks[layer].glu)  # the answer's bytes
+                y = ans[ANSWER_HEADER:].view(self.dtype).view(-1, self.hidden)  # [top-k, H], n rows used
             else:
                 if cmd == CMD_MOE_INLINE:
                     recv = msg[HEADER:HEADER + n * self.row_bytes].view(n, self.row_bytes)
@@ -729,13 +815,17 @@ class EPGroup:
                 x, e = unpack(recv, self.dtype)
                 with torch.inference_mode():
                     y = self.compute(x, e, layer, provider, blocks[layer].glu)
-            if n:  # rank 0 posted a receive for exactly these n rows
+            if cmd == CMD_MOE_ONE and n:  # into the receive rank 0 posted ahead; then our next one
+                self._send_answer(ans)
+                self._post_ctrl()
+            elif n:  # rank 0 posted a receive for exactly these n rows
                 self._p2p(y.contiguous(), 0, TAG_COMBINE, send=True)
             row = self.hidden * y.element_size()
             s = self.stats
             s.dispatch_bytes_recv += n * row
             s.combine_bytes_sent += n * row
-            s.meta_bytes += n * 8 - (n * row if cmd != CMD_MOE else 0)
+            s.meta_bytes += n * 8 - (n * row if cmd != CMD_MOE else 0) + \
+                ((y.shape[0] - n) * row + ANSWER_HEADER) * (cmd == CMD_MOE_ONE and n > 0)  # the answer's rest
             s.local_pairs += n
             s.moe_calls += 1
             calls += 1
