@@ -241,13 +241,16 @@ class EPGroup:
         before posting; every message polled for starts with a nonzero word) for up to ``spin_s``
         before :meth:`_wait` sleeps. gloo's loop thread reads a message straight into the buffer;
         a rank that sleeps instead leaves its CPU idle, and on this VM waking an idle CPU costs
-        the sender 30-50 us per message (bench/bench_ep.py loopback, docs/expert-parallel.md)."""
+        the sender 30-50 us per message (bench/bench_ep.py loopback, docs/expert-parallel.md).
+        Each poll yields the CPU: a rank pinned to one CPU must not keep gloo's thread (which
+        fills the buffer) or another process off it while it waits (a 2 ms spin without the
+        yield stalled a round at 816 us per message)."""
         if self.spin_s <= 0:
             return
         t0 = time.perf_counter()
         end = t0 + self.spin_s
         while first[0] == 0 and time.perf_counter() < end:
-            pass
+            os.sched_yield()  # a thread waiting for this CPU (gloo's own, another job) runs first
         self.stats.comm_s += time.perf_counter() - t0
 
     def _wait(self, work: Any) -> None:
