@@ -293,7 +293,7 @@ def test_gemm_quantized_is_gemv_per_row(lib, fmt):
 
 
 @pytest.mark.parametrize("isa", native.ISAS)
-@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0", "ggml_mxfp4"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0", "q5_0", "ggml_mxfp4"])
 def test_gemm_ggml_tiles_are_gemv_per_row(lib, fmt, isa):
     """GGUF formats with multi-token tiles (up to 4 tokens per pass over a row, the rest per
     token; 130 tokens cross the engine's 128-token blocks): every (token, row) has the
@@ -308,9 +308,9 @@ def test_gemm_ggml_tiles_are_gemv_per_row(lib, fmt, isa):
     gen = torch.Generator().manual_seed(GGML_TYPE[fmt])
     native.set_isa(isa)
     try:
-        for rows, cols in [(1, 256), (5, 768), (33, 256), (7, 512 + 256)]:
+        bs = GGML_BLOCKS[fmt][1]
+        for rows, cols in [(1, 256), (5, 768), (33, 256), (7, 512 + 256), *([(3, 416)] if bs == 32 else [])]:
             data = ggml_blocks(fmt, rows, cols, gen)
-            bs = GGML_BLOCKS[fmt][1]
             for w in (QTensor(fmt, (rows, cols), data, block=(1, bs)),
                       QTensor(fmt, (rows, cols), strided(data, gen), block=(1, bs))):
                 for T in (1, 2, 3, 4, 5, 6, 7, 130):

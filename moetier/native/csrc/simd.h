@@ -261,4 +261,87 @@ MT_TARGET_VNNI static inline float digits_reduce(__m512 acc1, __m512 acc2, __m51
     return _mm512_reduce_add_ps(_mm512_fmadd_ps(t, _mm512_set1_ps(1.0f / MT_DIGIT_R2), acc1));
 }
 
+/* ---- 32-value blocks with one float scale each (ggml_mxfp4, mxfp4, q5_0) on x's digits ----
+ * Unsigned codes u = q + off (vpdpbusd's unsigned operand) times x's signed digits; the offset's
+ * share, -off * (each lane's digit sum), starts the accumulator (stored with the digits), so a
+ * lane's int32 sum is sum (u - off) a = sum q a exactly. A chunk is 128 values = 4 blocks = 64
+ * code bytes, byte b holding codes of block b / 16: lane l of a vpdpbusd belongs to block l / 4,
+ * its 16 lane sums are scaled in float per lane (the block's scale times the chunk's digit
+ * scale). Per chunk and digit k: D = C_k + u_lo . A_k + u_hi . B_k (A / B: the digits of the
+ * values under the low / high code bytes, C_k = -off * their lane sums; |D| <= 8 * 255 * 128,
+ * exact in float), acc_k += f * D; y = digits_reduce(acc).
+ * Prepared x (floats): one digit scale s * sfac per chunk (padded to 16), then per chunk 9 x 64
+ * bytes: A_0, B_0, A_1, B_1, A_2, B_2, C_0, C_1, C_2 (int32 x 16). Values past cols have digit
+ * 0 (so do their offsets), whatever code bytes a kernel reads there. Layouts: BLK32_EVEN_ODD
+ * (gpt-oss mxfp4): A = the chunk's even values, B = its odd ones; BLK32_HALVES (GGUF blocks):
+ * block g's bytes hold values 32 g + j (low) and 32 g + 16 + j (high), j < 16. */
+
+enum { BLK32_EVEN_ODD = 0, BLK32_HALVES = 1 };
+
+static inline long blk32_nchunks(long cols) { return (cols + 127) / 128; }
+static inline long blk32_head(long cols) { return (blk32_nchunks(cols) + 15) & ~15L; }
+static inline long blk32_len(long cols) { return blk32_head(cols) + 144 * blk32_nchunks(cols); }
+
+MT_TARGET_VNNI static inline void blk32_prep(const float *x, long cols, float *xp, int layout, int off, float sfac) {
+    float *S = xp;
+    __m512i *P = (__m512i *)(xp + blk32_head(cols));
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1)), offv = _mm512_set1_epi8((char)off);
+    for (long c = 0; c < blk32_nchunks(cols); c++, x += 128, P += 9) {
+        __m512 v[8], m = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int q = 0; q < 8; q++) {
+            long n = cols - 128 * c - 16 * q;
+            __mmask16 k = n >= 16 ? 0xffff : n > 0 ? (__mmask16)((1u << n) - 1) : 0;
+            v[q] = _mm512_maskz_loadu_ps(k, x + 16 * q);
+            m = _mm512_max_ps(m, _mm512_abs_ps(v[q]));
+            nan |= _mm512_cmp_ps_mask(v[q], v[q], _CMP_UNORD_Q);
+        }
+        float amax = nan ? f32_from_bits(0x7fc00000u) : _mm512_reduce_max_ps(m);
+        float s = digit_scale(amax), rinv = digit_rinv(amax);
+        S[c] = sfac * s;
+        __m128i *D = (__m128i *)P;
+        for (int q = 0; q < 4; q++) { /* block q: its 16 low-byte values, its 16 high-byte ones */
+            __m512 lo, hi;
+            if (layout == BLK32_EVEN_ODD) {
+                lo = _mm512_permutex2var_ps(v[2 * q], ev, v[2 * q + 1]);
+                hi = _mm512_permutex2var_ps(v[2 * q], od, v[2 * q + 1]);
+            } else {
+                lo = v[2 * q];
+                hi = v[2 * q + 1];
+            }
+            __m128i a[3], b[3];
+            digits16(lo, s, rinv, &a[0], &a[1], &a[2]);
+            digits16(hi, s, rinv, &b[0], &b[1], &b[2]);
+            for (int k = 0; k < 3; k++) {
+                _mm_store_si128(D + 4 * (2 * k) + q, a[k]);
+                _mm_store_si128(D + 4 * (2 * k + 1) + q, b[k]);
+            }
+        }
+        for (int k = 0; k < 3; k++) {
+            __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offv, _mm512_load_si512(P + 2 * k));
+            t = _mm512_dpbusd_epi32(t, offv, _mm512_load_si512(P + 2 * k + 1));
+            _mm512_store_si512(P + 6 + k, _mm512_sub_epi32(_mm512_setzero_si512(), t));
+        }
+    }
+}
+
+/* one chunk of one token: the unsigned codes ul / uh (low / high bytes' values) times the digits of
+ * prepared chunk P (9 vectors, above), each lane scaled by f, into acc[3] */
+MT_TARGET_VNNI static inline __attribute__((always_inline)) void blk32_chunk(__m512i ul, __m512i uh, const __m512i *P,
+                                                                            __m512 f, __m512 acc[3]) {
+    for (int k = 0; k < 3; k++) {
+        __m512i D = _mm512_dpbusd_epi32(_mm512_load_si512(P + 6 + k), ul, _mm512_load_si512(P + 2 * k));
+        D = _mm512_dpbusd_epi32(D, uh, _mm512_load_si512(P + 2 * k + 1));
+        acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(D), f, acc[k]);
+    }
+}
+
+/* lane l of a chunk's vpdpbusd belongs to block l / 4: the per-lane scales of chunk c from the
+ * scales F of blocks [4 (c - c % 4), + 16) */
+MT_TARGET_VNNI static inline __m512 blk32_lane_scales(__m512 F, long c) {
+    const __m512i lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(_mm512_add_epi32(lane_block, _mm512_set1_epi32(4 * (int)(c & 3))), F);
+}
+
 #endif
