@@ -246,10 +246,8 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
     (void)x;
     long nb = W->cols / 256, cols = W->cols;
     const __m512i m4 = _mm512_set1_epi8(0x0f);
-    const __m512i sel[4] = {_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
-                            _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3),
-                            _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
-                            _mm512_setr_epi32(5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7)};
+    /* nibble vector v's lanes 0-7 / 8-15: sub-blocks (0, 2), (1, 3), (4, 6), (5, 7) for v = 0..3 */
+    const __m512i idx[2] = {VSUB_INDEX(0, 1, 0, 1, 2, 3, 2, 3), VSUB_INDEX(4, 5, 4, 5, 6, 7, 6, 7)};
     for (long r = r0; r < r1; r++) {
         const uint8_t *b = (const uint8_t *)mt_row(W, r);
         __m512 acc[MT_TILE_T][3];
@@ -264,8 +262,8 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
             float d = f16_to_f32_c(dh);
             __m128i sm = kq_scale_min_bytes(b);
             __m256 Mv = kq_mins8(b, sm);
-            __m512i sc = _mm512_cvtepu8_epi32(sm), SC[4], w[4];
-            for (int v = 0; v < 4; v++) SC[v] = _mm512_permutexvar_epi32(sel[v], sc);
+            __m512i SCP[2], w[4];
+            vsub_scales(_mm512_castsi256_si512(_mm256_cvtepu8_epi16(sm)), idx, SCP);
             __m512i v0 = _mm512_loadu_si512((const void *)(b + 16)), v1 = _mm512_loadu_si512((const void *)(b + 80));
             w[0] = _mm512_and_si512(v0, m4);
             w[1] = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
@@ -275,7 +273,7 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                 am[j] = _mm256_fmadd_ps(Mv, _mm256_loadu_ps(xp[j] + 8 * i), am[j]);
                 const __m512i *A = (const __m512i *)(xp[j] + vnni_digits_at(cols)) + 12 * i;
                 __m512 ds = _mm512_set1_ps(d * xp[j][cols / 32 + i]);
-                vnni_scaled_digits4(w, A, SC, ds, acc[j]);
+                vnni_scaled_digits4(w, A, SCP, ds, acc[j]);
             }
         }
         for (int j = 0; j < n; j++) y[j][r] = digits_reduce(acc[j][0], acc[j][1], acc[j][2]) - hsum256(am[j]);

@@ -242,18 +242,37 @@ MT_TARGET_VNNI static inline float absmax(const float *x, long n) {
 
 /* acc1 + acc2 / 254 + acc3 / (254 * 256), summed over the lanes (the digit sums combined in float) */
 /* k-quant super-block step on x's three digits (q4_k, q6_k): for each digit k, the unsigned codes
- * w[v] times digit vectors A[3 v + k] (vpdpbusd, 4 products per int32 lane), each lane's sum times
- * its sub-block's int scale SC[v] (vpdpwssd), summed over v in int32, then acc[k] += ds * float(sum) */
+ * w[v] times digit vectors A[3 v + k] (vpdpbusd, 4 products per int32 lane: |P| <= 4 * 63 * 128,
+ * an int16), the lane sums of vectors (0, 1) and (2, 3) packed pairwise into int16 (vpackssdw,
+ * exact: per 128-bit lane the 4 sums of the first, then the 4 of the second), times their
+ * sub-blocks' int scales SCP[0] / SCP[1] (the same word layout, vsub_scales) and summed in
+ * int32 (vpdpwssd: two words per lane), then acc[k] += ds * float(sum) (|sum| < 2^24: exact).
+ * 12 vpdpbusd + 6 vpdpwssd per super-block and token (one vpdpwssd per vector measured slower:
+ * Zen 4 runs VNNI at one 512-bit op per cycle, vpackssdw on other pipes). */
 MT_TARGET_VNNI static inline __attribute__((always_inline)) void vnni_scaled_digits4(const __m512i w[4], const __m512i *A,
-                                                                                    const __m512i SC[4], __m512 ds,
+                                                                                    const __m512i SCP[2], __m512 ds,
                                                                                     __m512 acc[3]) {
     const __m512i zero = _mm512_setzero_si512();
     for (int k = 0; k < 3; k++) {
-        __m512i T = zero;
-        for (int v = 0; v < 4; v++)
-            T = _mm512_dpwssd_epi32(T, _mm512_dpbusd_epi32(zero, w[v], _mm512_load_si512(A + 3 * v + k)), SC[v]);
+        __m512i P0 = _mm512_dpbusd_epi32(zero, w[0], _mm512_load_si512(A + k));
+        __m512i P1 = _mm512_dpbusd_epi32(zero, w[1], _mm512_load_si512(A + 3 + k));
+        __m512i P2 = _mm512_dpbusd_epi32(zero, w[2], _mm512_load_si512(A + 6 + k));
+        __m512i P3 = _mm512_dpbusd_epi32(zero, w[3], _mm512_load_si512(A + 9 + k));
+        __m512i T = _mm512_dpwssd_epi32(zero, _mm512_packs_epi32(P0, P1), SCP[0]);
+        T = _mm512_dpwssd_epi32(T, _mm512_packs_epi32(P2, P3), SCP[1]);
         acc[k] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(T), acc[k]);
     }
+}
+
+/* the packed sub-block scales of vnni_scaled_digits4 from a super-block's int16 scales sc16 (words
+ * 0 .. 15): sub(v, L) = the sub-block of vector v's lanes in 128-bit lane L; SCP[p] word 8 L + i =
+ * sc of sub(2 p, L) for i < 4, of sub(2 p + 1, L) for i >= 4 */
+#define VSUB_INDEX(s00, s01, s10, s11, s20, s21, s30, s31) \
+    _mm512_set_epi16(s31, s31, s31, s31, s30, s30, s30, s30, s21, s21, s21, s21, s20, s20, s20, s20, \
+                     s11, s11, s11, s11, s10, s10, s10, s10, s01, s01, s01, s01, s00, s00, s00, s00)
+MT_TARGET_VNNI static inline void vsub_scales(__m512i sc16, const __m512i idx[2], __m512i SCP[2]) {
+    SCP[0] = _mm512_permutexvar_epi16(idx[0], sc16);
+    SCP[1] = _mm512_permutexvar_epi16(idx[1], sc16);
 }
 
 MT_TARGET_VNNI static inline float digits_reduce(__m512 acc1, __m512 acc2, __m512 acc3) {
