@@ -195,6 +195,7 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
     long bytes = layout == VNNI_GPT_OSS ? (cols + 1) / 2 : 16 * ngroups;
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     const __m512i tab = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    row_sums S = {.y = y, .n = n, .k = 0, .r = r0};
     for (long r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)mt_row(W, r);
         __m512 acc[MT_TILE_T][3], F = _mm512_setzero_ps();
@@ -218,7 +219,8 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                 blk32_chunk(ul, uh, (const __m512i *)(xp[j] + blk32_head(cols)) + 9 * c,
                             _mm512_mul_ps(fw, _mm512_set1_ps(xp[j][c])), acc[j]);
         }
-        for (int j = 0; j < n; j++) y[j][r] = digits_reduce(acc[j][0], acc[j][1], acc[j][2]);
+        for (int j = 0; j < n; j++) S.v[j][S.k] = digits_combine(acc[j]);
+        row_sums_next(&S, r + 1 == r1);
     }
 }
 

@@ -248,6 +248,7 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     /* nibble vector v's lanes 0-7 / 8-15: sub-blocks (0, 2), (1, 3), (4, 6), (5, 7) for v = 0..3 */
     const __m512i idx[2] = {VSUB_INDEX(0, 1, 0, 1, 2, 3, 2, 3), VSUB_INDEX(4, 5, 4, 5, 6, 7, 6, 7)};
+    row_sums S = {.y = y, .n = n, .k = 0, .r = r0};
     for (long r = r0; r < r1; r++) {
         const uint8_t *b = (const uint8_t *)mt_row(W, r);
         __m512 acc[MT_TILE_T][3];
@@ -276,7 +277,8 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                 vnni_scaled_digits4(w, A, SCP, ds, acc[j]);
             }
         }
-        for (int j = 0; j < n; j++) y[j][r] = digits_reduce(acc[j][0], acc[j][1], acc[j][2]) - hsum256(am[j]);
+        for (int j = 0; j < n; j++) S.v[j][S.k] = _mm512_sub_ps(digits_combine(acc[j]), _mm512_zextps256_ps512(am[j]));
+        row_sums_next(&S, r + 1 == r1);
     }
 }
 

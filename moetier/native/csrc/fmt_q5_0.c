@@ -126,6 +126,7 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                                                                             const int n, long r0, long r1) {
     (void)x;
     long cols = W->cols, nch = blk32_nchunks(cols), nblk = cols / 32;
+    row_sums S = {.y = y, .n = n, .k = 0, .r = r0};
     for (long r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)mt_row(W, r);
         __m512 acc[MT_TILE_T][3];
@@ -138,7 +139,8 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                 blk32_chunk(ul, uh, (const __m512i *)(xp[j] + blk32_head(cols)) + 9 * c,
                             _mm512_mul_ps(fd, _mm512_set1_ps(xp[j][c])), acc[j]);
         }
-        for (int j = 0; j < n; j++) y[j][r] = digits_reduce(acc[j][0], acc[j][1], acc[j][2]);
+        for (int j = 0; j < n; j++) S.v[j][S.k] = digits_combine(acc[j]);
+        row_sums_next(&S, r + 1 == r1);
     }
 }
 

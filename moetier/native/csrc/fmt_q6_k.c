@@ -241,6 +241,7 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
     long nb = W->cols / 256, cols = W->cols;
     /* lanes 4t .. 4t + 3 of vector v (128-bit lane t): sub-block 4v + t */
     const __m512i idx[2] = {VSUB_INDEX(0, 4, 1, 5, 2, 6, 3, 7), VSUB_INDEX(8, 12, 9, 13, 10, 14, 11, 15)};
+    row_sums S = {.y = y, .n = n, .k = 0, .r = r0};
     for (long r = r0; r < r1; r++) {
         const uint8_t *b = (const uint8_t *)mt_row(W, r);
         __m512 acc[MT_TILE_T][3], am[MT_TILE_T];
@@ -262,7 +263,8 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
             }
         }
         for (int j = 0; j < n; j++)
-            y[j][r] = digits_reduce(acc[j][0], acc[j][1], acc[j][2]) - 32.0f * _mm512_reduce_add_ps(am[j]);
+            S.v[j][S.k] = _mm512_fnmadd_ps(_mm512_set1_ps(32.0f), am[j], digits_combine(acc[j]));
+        row_sums_next(&S, r + 1 == r1);
     }
 }
 

@@ -280,6 +280,51 @@ MT_TARGET_VNNI static inline float digits_reduce(__m512 acc1, __m512 acc2, __m51
     return _mm512_reduce_add_ps(_mm512_fmadd_ps(t, _mm512_set1_ps(1.0f / MT_DIGIT_R2), acc1));
 }
 
+/* acc1 + acc2 / 254 + acc3 / (254 * 256) per lane (digits_reduce before its lane sum) */
+MT_TARGET_VNNI static inline __m512 digits_combine(const __m512 acc[3]) {
+    __m512 t = _mm512_fmadd_ps(acc[2], _mm512_set1_ps(1.0f / MT_DIGIT_R3), acc[1]);
+    return _mm512_fmadd_ps(t, _mm512_set1_ps(1.0f / MT_DIGIT_R2), acc[0]);
+}
+
+/* Lane j of the result: the sum of a[j]'s 16 lanes, for 16 vectors at once (a transpose-add
+ * tree, the same for every j: each sum has the same bits whichever vectors share its group) */
+MT_TARGET_AVX512 static inline __m512 lanes16_sums(const __m512 a[16]) {
+    __m512 x[4];
+    for (int k = 0; k < 4; k++) { /* block b of x[k]: partial sums of vectors 4k..4k+3 */
+        __m512 p0 = _mm512_add_ps(_mm512_unpacklo_ps(a[4 * k], a[4 * k + 1]), _mm512_unpackhi_ps(a[4 * k], a[4 * k + 1]));
+        __m512 p1 = _mm512_add_ps(_mm512_unpacklo_ps(a[4 * k + 2], a[4 * k + 3]),
+                                  _mm512_unpackhi_ps(a[4 * k + 2], a[4 * k + 3]));
+        x[k] = _mm512_add_ps(_mm512_shuffle_ps(p0, p1, 0x44), _mm512_shuffle_ps(p0, p1, 0xEE));
+    }
+    __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+    __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
+}
+
+/* A row kernel's outputs as lane sums of one vector per (token, row), summed 16 rows at a time
+ * (lanes16_sums: ~1 vector op per row instead of a horizontal reduction each). put(j, v) after
+ * row r's vectors, then done(r) after each row. */
+typedef struct {
+    __m512 v[MT_TILE_T][16];
+    float *const *y;
+    int n, k;
+    long r; /* the first pending row */
+} row_sums;
+
+MT_TARGET_AVX512 static inline __attribute__((always_inline)) void row_sums_flush(row_sums *S) {
+    for (int j = 0; j < S->n; j++) {
+        for (int i = S->k; i < 16; i++) S->v[j][i] = _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(S->y[j] + S->r, (__mmask16)((1u << S->k) - 1), lanes16_sums(S->v[j]));
+    }
+    S->r += S->k;
+    S->k = 0;
+}
+
+/* row done (call with last = 1 for the kernel's last row) */
+MT_TARGET_AVX512 static inline __attribute__((always_inline)) void row_sums_next(row_sums *S, int last) {
+    if (++S->k == 16 || last) row_sums_flush(S);
+}
+
 /* ---- 32-value blocks with one float scale each (ggml_mxfp4, mxfp4, q5_0) on x's digits ----
  * Unsigned codes u = q + off (vpdpbusd's unsigned operand) times x's signed digits; the offset's
  * share, -off * (each lane's digit sum), starts the accumulator (stored with the digits), so a
