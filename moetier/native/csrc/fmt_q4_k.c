@@ -258,13 +258,18 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
             am[j] = _mm256_setzero_ps();
         }
         for (long i = 0; i < nb; i++, b += QB) {
-            uint16_t dh;
-            memcpy(&dh, b, 2);
-            float d = f16_to_f32_c(dh);
-            __m128i sm = kq_scale_min_bytes(b);
-            __m256 Mv = kq_mins8(b, sm);
+            /* the scales unpacked in general registers (kq_scale_min_bytes' fields as two words), then
+             * few vector ops: Zen 4 runs this kernel at its vector-op count */
+            uint32_t dd, u0, u1, u2;
+            memcpy(&dd, b, 4), memcpy(&u0, b + 4, 4), memcpy(&u1, b + 8, 4), memcpy(&u2, b + 12, 4);
+            uint64_t sc8 = (u0 & 0x3f3f3f3fu) | (uint64_t)((u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)) << 32;
+            uint64_t m8 = (u1 & 0x3f3f3f3fu) | (uint64_t)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)) << 32;
+            __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)); /* d, dmin */
+            __m512 dz = _mm512_broadcastss_ps(dm);
+            __m256 Mv = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), _mm256_set1_epi32(1)),
+                                      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m8))));
             __m512i SCP[2], w[4];
-            vsub_scales(_mm512_castsi256_si512(_mm256_cvtepu8_epi16(sm)), idx, SCP);
+            vsub_scales(_mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc8))), idx, SCP);
             __m512i v0 = _mm512_loadu_si512((const void *)(b + 16)), v1 = _mm512_loadu_si512((const void *)(b + 80));
             w[0] = _mm512_and_si512(v0, m4);
             w[1] = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
@@ -273,7 +278,7 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
             for (int j = 0; j < n; j++) {
                 am[j] = _mm256_fmadd_ps(Mv, _mm256_loadu_ps(xp[j] + 8 * i), am[j]);
                 const __m512i *A = (const __m512i *)(xp[j] + vnni_digits_at(cols)) + 12 * i;
-                __m512 ds = _mm512_set1_ps(d * xp[j][cols / 32 + i]);
+                __m512 ds = _mm512_mul_ps(dz, _mm512_set1_ps(xp[j][cols / 32 + i]));
                 vnni_scaled_digits4(w, A, SCP, ds, acc[j]);
             }
         }
