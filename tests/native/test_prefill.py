@@ -308,9 +308,9 @@ def test_gemm_ggml_tiles_are_gemv_per_row(lib, fmt, isa):
     gen = torch.Generator().manual_seed(GGML_TYPE[fmt])
     native.set_isa(isa)
     try:
-        for rows, cols in [(1, 256), (5, 768), (33, 256), (7, 512 + 256)]:
+        bs = GGML_BLOCKS[fmt][1]
+        for rows, cols in [(1, 256), (5, 768), (33, 256), (7, 512 + 256), *([(3, 416)] if bs == 32 else [])]:
             data = ggml_blocks(fmt, rows, cols, gen)
-            bs = GGML_BLOCKS[fmt][1]
             for w in (QTensor(fmt, (rows, cols), data, block=(1, bs)),
                       QTensor(fmt, (rows, cols), strided(data, gen), block=(1, bs))):
                 for T in (1, 2, 3, 4, 5, 6, 7, 130):

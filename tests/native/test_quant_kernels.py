@@ -274,7 +274,7 @@ def test_int_groups(lib, isa, bits):
 # the avx512vnni kernels: x as int8 digits (csrc/simd.h), integer dot products
 
 # the formats with avx512vnni kernels; every other one runs its avx512 kernels at that level
-VNNI_FORMATS = ("int4_group", "q4_k", "q6_k", "mxfp4", "ggml_mxfp4")
+VNNI_FORMATS = ("int4_group", "q4_k", "q5_0", "q6_k", "mxfp4", "ggml_mxfp4")
 
 
 def test_vnni_dispatch(lib):
@@ -305,10 +305,9 @@ def test_quantized_gemv_heavy_tailed_x(lib, isa):
     need(isa)
     gen = torch.Generator().manual_seed(21)
     cases = []
-    for fmt in ("q4_k", "q8_0", "q6_k"):
-        data = ggml_blocks(fmt, 37, 1024, gen)
-        cases.append((QTensor(fmt, (37, 1024), data, block=(1, 256 if fmt != "q8_0" else 32)),
-                      ggml_ref(fmt, data, 1024)))
+    for fmt, cols in (("q4_k", 1024), ("q8_0", 1024), ("q6_k", 1024), ("q5_0", 1024), ("q5_0", 416)):
+        data = ggml_blocks(fmt, 37, cols, gen)
+        cases.append((QTensor(fmt, (37, cols), data, block=(1, GGML_BLOCKS[fmt][1])), ggml_ref(fmt, data, cols)))
     for bits, g, zero, cols in ((4, 32, False, 1024), (4, 128, True, 1000), (4, 64, True, 520), (8, 128, False, 1024)):
         packed, scale, z, ref = int_case(37, cols, bits, g, gen, torch.bfloat16, zero)
         cases.append((QTensor(f"int{bits}_group", (37, cols), packed, scale, z, block=(1, g)), ref))

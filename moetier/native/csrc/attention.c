@@ -1,6 +1,7 @@
 /* Attention of one new token: norm, fused q/k/v, q/k norm, rope, cache write, attention
  * over the cache (parallel over query heads), o_proj, residual, post-attention norm. */
 #include "mt.h"
+#include "simd.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -63,18 +64,7 @@ void mt_attend_head(const layer_desc *L, const float *q, const void *K, const vo
                 long row = (kv * cap + t0 + g + j) * D;
                 for (long c = 0; c < nd; c++) a[j] = _mm512_fmadd_ps(ld16(K, kvdt, row + 16 * c, dm[c]), qv[c], a[j]);
             }
-            __m512 x[4];
-            for (int k = 0; k < 4; k++) { /* block b of x[k]: partial sums of positions 4k..4k+3 */
-                __m512 p0 = _mm512_add_ps(_mm512_unpacklo_ps(a[4 * k], a[4 * k + 1]),
-                                          _mm512_unpackhi_ps(a[4 * k], a[4 * k + 1]));
-                __m512 p1 = _mm512_add_ps(_mm512_unpacklo_ps(a[4 * k + 2], a[4 * k + 3]),
-                                          _mm512_unpackhi_ps(a[4 * k + 2], a[4 * k + 3]));
-                x[k] = _mm512_add_ps(_mm512_shuffle_ps(p0, p1, 0x44), _mm512_shuffle_ps(p0, p1, 0xEE));
-            }
-            __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
-            __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
-            __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
-            s = _mm512_mul_ps(s, scale);
+            __m512 s = _mm512_mul_ps(lanes16_sums(a), scale);
             __mmask16 live = n - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - g)) - 1);
             _mm512_mask_storeu_ps(sc + g, live, s);
             vmx = _mm512_mask_max_ps(vmx, live, vmx, s);

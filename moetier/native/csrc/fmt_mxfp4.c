@@ -147,73 +147,18 @@ MT_TARGET_AVX512 static void rows_avx512_ggml(const mt_weight *W, const float *x
     }
 }
 
-/* ---- AVX-512 VNNI: integer dot products on x's digits (simd.h) ----
+/* ---- AVX-512 VNNI: integer dot products on x's digits (simd.h: blk32_*) ----
  * 2 * e2m1 is an integer in [-12, 12] and 2^(e - 127) / 2 a power of two, so a 32-value group
  * times x's int8 digits is exact in int32. The weights enter vpdpbusd as its unsigned operand,
  * offset by 12 (one vpshufb of the nibble: u = 2 * E2M1[code] + 12 in [0, 24]), x's digits as
- * the signed one; the offset's share, 12 * (the lane's digit sum), comes subtracted from the
- * accumulator's start (stored with the digits).
- *
- * A chunk is 128 values = 4 groups = 64 code bytes, byte b holding a code of group b / 16, so
- * lane l of a vpdpbusd belongs to group l / 4 and its 16 lane sums are scaled in float by a
- * per-lane power of two. Per chunk and digit k: D = C_k + u_lo . A_k + u_hi . B_k (A / B: the
- * digits of the values under the low / high nibbles, C_k = -12 * their lane sums; |D| <= 8 *
- * 12 * 127, exact in float), acc_k += (2^(e - 127) * s / 2) * D; y = digits_reduce(acc).
- *
- * Prepared x (floats): one digit scale s / 2 per chunk (padded to 16), then per chunk 9 x 64
- * bytes: A_0, B_0, A_1, B_1, A_2, B_2, C_0, C_1, C_2 (int32 x 16). Values past cols have digit
- * 0 (so do their offsets), whatever code bytes a kernel reads there. Layouts: mxfp4 (gpt-oss):
- * A = the chunk's even values, B = its odd ones; ggml_mxfp4: group g's bytes hold values
- * 32 g + j (low) and 32 g + 16 + j (high), j < 16. */
+ * the signed one (prepared by blk32_prep with offset 12 and the digit scale halved); each lane's
+ * sum scaled in float by its group's 2^(e - 127) times s / 2. Layouts: mxfp4 (gpt-oss) is
+ * BLK32_EVEN_ODD (byte k: values 2k, 2k + 1), ggml_mxfp4 BLK32_HALVES. */
 
-enum { VNNI_GPT_OSS = 0, VNNI_GGML = 1 };
-
-static long vnni_nchunks(long cols) { return (cols + 127) / 128; }
-static long vnni_head(long cols) { return (vnni_nchunks(cols) + 15) & ~15L; }
-static long vnni_len(long cols) { return vnni_head(cols) + 144 * vnni_nchunks(cols); }
+enum { VNNI_GPT_OSS = BLK32_EVEN_ODD, VNNI_GGML = BLK32_HALVES };
 
 MT_TARGET_VNNI static void prep_vnni(const float *x, long cols, float *xp, int layout) {
-    float *S = xp;
-    __m512i *P = (__m512i *)(xp + vnni_head(cols));
-    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1)), twelve = _mm512_set1_epi8(12);
-    for (long c = 0; c < vnni_nchunks(cols); c++, x += 128, P += 9) {
-        __m512 v[8], m = _mm512_setzero_ps();
-        __mmask16 nan = 0;
-        for (int q = 0; q < 8; q++) {
-            long n = cols - 128 * c - 16 * q;
-            __mmask16 k = n >= 16 ? 0xffff : n > 0 ? (__mmask16)((1u << n) - 1) : 0;
-            v[q] = _mm512_maskz_loadu_ps(k, x + 16 * q);
-            m = _mm512_max_ps(m, _mm512_abs_ps(v[q]));
-            nan |= _mm512_cmp_ps_mask(v[q], v[q], _CMP_UNORD_Q);
-        }
-        float amax = nan ? f32_from_bits(0x7fc00000u) : _mm512_reduce_max_ps(m);
-        float s = digit_scale(amax), rinv = digit_rinv(amax);
-        S[c] = 0.5f * s;
-        __m128i *D = (__m128i *)P;
-        for (int q = 0; q < 4; q++) { /* group q: its 16 low-nibble values, its 16 high-nibble ones */
-            __m512 lo, hi;
-            if (layout == VNNI_GPT_OSS) {
-                lo = _mm512_permutex2var_ps(v[2 * q], ev, v[2 * q + 1]);
-                hi = _mm512_permutex2var_ps(v[2 * q], od, v[2 * q + 1]);
-            } else {
-                lo = v[2 * q];
-                hi = v[2 * q + 1];
-            }
-            __m128i a[3], b[3];
-            digits16(lo, s, rinv, &a[0], &a[1], &a[2]);
-            digits16(hi, s, rinv, &b[0], &b[1], &b[2]);
-            for (int k = 0; k < 3; k++) {
-                _mm_store_si128(D + 4 * (2 * k) + q, a[k]);
-                _mm_store_si128(D + 4 * (2 * k + 1) + q, b[k]);
-            }
-        }
-        for (int k = 0; k < 3; k++) {
-            __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), twelve, _mm512_load_si512(P + 2 * k));
-            t = _mm512_dpbusd_epi32(t, twelve, _mm512_load_si512(P + 2 * k + 1));
-            _mm512_store_si512(P + 6 + k, _mm512_sub_epi32(_mm512_setzero_si512(), t));
-        }
-    }
+    blk32_prep(x, cols, xp, layout, 12, 0.5f);
 }
 
 /* 16 e8m0 bytes (n < 16: the first n, zeros after) -> 2^(e - 127) as floats, e8m0_to_f32's values */
@@ -246,11 +191,11 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                                                                             const int n, long r0, long r1,
                                                                             const int layout) {
     (void)x;
-    long cols = W->cols, nch = vnni_nchunks(cols), ngroups = (cols + 31) / 32;
+    long cols = W->cols, nch = blk32_nchunks(cols), ngroups = (cols + 31) / 32;
     long bytes = layout == VNNI_GPT_OSS ? (cols + 1) / 2 : 16 * ngroups;
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     const __m512i tab = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
-    const __m512i lane_group = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    row_sums S = {.y = y, .n = n, .k = 0, .r = r0};
     for (long r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)mt_row(W, r);
         __m512 acc[MT_TILE_T][3], F = _mm512_setzero_ps();
@@ -266,21 +211,16 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                     F = e8m0x16(e, ng);
                 }
             }
-            __m512 fw = _mm512_permutexvar_ps(_mm512_add_epi32(lane_group, _mm512_set1_epi32(4 * (int)(c & 3))), F);
+            __m512 fw = blk32_lane_scales(F, c);
             __m512i v = chunk_codes(row, c, bytes - 64 * c, layout);
             __m512i ul = _mm512_shuffle_epi8(tab, _mm512_and_si512(v, m4));
             __m512i uh = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
-            for (int j = 0; j < n; j++) {
-                const __m512i *P = (const __m512i *)(xp[j] + vnni_head(cols)) + 9 * c;
-                __m512 f = _mm512_mul_ps(fw, _mm512_set1_ps(xp[j][c]));
-                for (int k = 0; k < 3; k++) {
-                    __m512i D = _mm512_dpbusd_epi32(_mm512_load_si512(P + 6 + k), ul, _mm512_load_si512(P + 2 * k));
-                    D = _mm512_dpbusd_epi32(D, uh, _mm512_load_si512(P + 2 * k + 1));
-                    acc[j][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(D), f, acc[j][k]);
-                }
-            }
+            for (int j = 0; j < n; j++)
+                blk32_chunk(ul, uh, (const __m512i *)(xp[j] + blk32_head(cols)) + 9 * c,
+                            _mm512_mul_ps(fw, _mm512_set1_ps(xp[j][c])), acc[j]);
         }
-        for (int j = 0; j < n; j++) y[j][r] = digits_reduce(acc[j][0], acc[j][1], acc[j][2]);
+        for (int j = 0; j < n; j++) S.v[j][S.k] = digits_combine(acc[j]);
+        row_sums_next(&S, r + 1 == r1);
     }
 }
 
@@ -300,14 +240,14 @@ MT_TARGET_VNNI static void rows_vnni_ggml(const mt_weight *W, const float *x, co
 }
 
 /* prepared x: even / odd columns for the AVX-512 kernel (nibble.h), digits for VNNI; none below */
-static long prep_len(long cols, int isa) { return isa >= MT_ISA_AVX512VNNI ? vnni_len(cols) : mt_prep_evenodd_len(cols, isa); }
+static long prep_len(long cols, int isa) { return isa >= MT_ISA_AVX512VNNI ? blk32_len(cols) : mt_prep_evenodd_len(cols, isa); }
 
 static void prep(const float *x, long cols, float *xp, int isa) {
     if (isa >= MT_ISA_AVX512VNNI) prep_vnni(x, cols, xp, VNNI_GPT_OSS);
     else mt_prep_evenodd(x, cols, xp, isa);
 }
 
-static long prep_len_ggml(long cols, int isa) { return isa >= MT_ISA_AVX512VNNI ? vnni_len(cols) : 0; }
+static long prep_len_ggml(long cols, int isa) { return isa >= MT_ISA_AVX512VNNI ? blk32_len(cols) : 0; }
 
 static void prep_ggml(const float *x, long cols, float *xp, int isa) {
     if (isa >= MT_ISA_AVX512VNNI) prep_vnni(x, cols, xp, VNNI_GGML);

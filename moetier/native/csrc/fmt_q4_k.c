@@ -246,10 +246,9 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
     (void)x;
     long nb = W->cols / 256, cols = W->cols;
     const __m512i m4 = _mm512_set1_epi8(0x0f);
-    const __m512i sel[4] = {_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
-                            _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3),
-                            _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
-                            _mm512_setr_epi32(5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7)};
+    /* nibble vector v's lanes 0-7 / 8-15: sub-blocks (0, 2), (1, 3), (4, 6), (5, 7) for v = 0..3 */
+    const __m512i idx[2] = {VSUB_INDEX(0, 1, 0, 1, 2, 3, 2, 3), VSUB_INDEX(4, 5, 4, 5, 6, 7, 6, 7)};
+    row_sums S = {.y = y, .n = n, .k = 0, .r = r0};
     for (long r = r0; r < r1; r++) {
         const uint8_t *b = (const uint8_t *)mt_row(W, r);
         __m512 acc[MT_TILE_T][3];
@@ -259,13 +258,18 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
             am[j] = _mm256_setzero_ps();
         }
         for (long i = 0; i < nb; i++, b += QB) {
-            uint16_t dh;
-            memcpy(&dh, b, 2);
-            float d = f16_to_f32_c(dh);
-            __m128i sm = kq_scale_min_bytes(b);
-            __m256 Mv = kq_mins8(b, sm);
-            __m512i sc = _mm512_cvtepu8_epi32(sm), SC[4], w[4];
-            for (int v = 0; v < 4; v++) SC[v] = _mm512_permutexvar_epi32(sel[v], sc);
+            /* the scales unpacked in general registers (kq_scale_min_bytes' fields as two words), then
+             * few vector ops: Zen 4 runs this kernel at its vector-op count */
+            uint32_t dd, u0, u1, u2;
+            memcpy(&dd, b, 4), memcpy(&u0, b + 4, 4), memcpy(&u1, b + 8, 4), memcpy(&u2, b + 12, 4);
+            uint64_t sc8 = (u0 & 0x3f3f3f3fu) | (uint64_t)((u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)) << 32;
+            uint64_t m8 = (u1 & 0x3f3f3f3fu) | (uint64_t)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)) << 32;
+            __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)); /* d, dmin */
+            __m512 dz = _mm512_broadcastss_ps(dm);
+            __m256 Mv = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), _mm256_set1_epi32(1)),
+                                      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m8))));
+            __m512i SCP[2], w[4];
+            vsub_scales(_mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc8))), idx, SCP);
             __m512i v0 = _mm512_loadu_si512((const void *)(b + 16)), v1 = _mm512_loadu_si512((const void *)(b + 80));
             w[0] = _mm512_and_si512(v0, m4);
             w[1] = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
@@ -274,11 +278,12 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
             for (int j = 0; j < n; j++) {
                 am[j] = _mm256_fmadd_ps(Mv, _mm256_loadu_ps(xp[j] + 8 * i), am[j]);
                 const __m512i *A = (const __m512i *)(xp[j] + vnni_digits_at(cols)) + 12 * i;
-                __m512 ds = _mm512_set1_ps(d * xp[j][cols / 32 + i]);
-                vnni_scaled_digits4(w, A, SC, ds, acc[j]);
+                __m512 ds = _mm512_mul_ps(dz, _mm512_set1_ps(xp[j][cols / 32 + i]));
+                vnni_scaled_digits4(w, A, SCP, ds, acc[j]);
             }
         }
-        for (int j = 0; j < n; j++) y[j][r] = digits_reduce(acc[j][0], acc[j][1], acc[j][2]) - hsum256(am[j]);
+        for (int j = 0; j < n; j++) S.v[j][S.k] = _mm512_sub_ps(digits_combine(acc[j]), _mm512_zextps256_ps512(am[j]));
+        row_sums_next(&S, r + 1 == r1);
     }
 }
 

@@ -100,5 +100,91 @@ MT_TARGET_AVX512 static inline __attribute__((always_inline)) void tile_avx512_n
 MT_TILES(tile_avx2, tile_avx2_n, MT_TARGET_AVX2)
 MT_TILES(tile_avx512, tile_avx512_n, MT_TARGET_AVX512)
 
-const mt_fmt mt_fmt_q5_0 = {MT_FMT_Q5_0, "q5_0", {rows_scalar, rows_avx2, rows_avx512}, NULL, NULL, dequant,
-                            {NULL, tile_avx2, tile_avx512}};
+/* ---- AVX-512 VNNI: integer dot products on x's digits (simd.h: blk32_*) ----
+ * The 5-bit codes q in [0, 32) are vpdpbusd's unsigned operand as stored (u = q, offset 16:
+ * the "- 16" comes from the prepared accumulator start), x's digits (blk32_prep, BLK32_HALVES:
+ * q5_0's nibble layout) the signed one; a block's lanes are scaled in float by d times the
+ * chunk's digit scale. Per chunk of 4 blocks: their 4 x 16 nibble bytes, the 5th bits set from
+ * the 4 qh words (a byte mask each for the low / high nibbles' values). */
+
+/* the codes of the ng (<= 4) blocks at b as ul / uh (blk32 layout; zeros past them) and the
+ * per-lane block scales d (blk32_chunk's f before the digit scale) */
+MT_TARGET_VNNI static inline __attribute__((always_inline)) void chunk_q5(const uint8_t *b, long ng, __m512i *ul,
+                                                                         __m512i *uh, __m512 *fd) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), b4 = _mm512_set1_epi8(0x10);
+    const __m512i lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    uint64_t klo = 0, khi = 0, d4 = 0;
+    __m512i v;
+    if (ng == 4) {
+        uint32_t q0, q1, q2, q3;
+        uint16_t h0, h1, h2, h3;
+        memcpy(&q0, b + 2, 4), memcpy(&q1, b + 24, 4), memcpy(&q2, b + 46, 4), memcpy(&q3, b + 68, 4);
+        memcpy(&h0, b, 2), memcpy(&h1, b + 22, 2), memcpy(&h2, b + 44, 2), memcpy(&h3, b + 66, 2);
+        klo = (uint64_t)(q0 & 0xffffu) | (uint64_t)(q1 & 0xffffu) << 16 | (uint64_t)(q2 & 0xffffu) << 32 |
+              (uint64_t)(q3 & 0xffffu) << 48;
+        khi = (uint64_t)(q0 >> 16) | (uint64_t)(q1 >> 16) << 16 | (uint64_t)(q2 >> 16) << 32 | (uint64_t)(q3 >> 16) << 48;
+        d4 = (uint64_t)h0 | (uint64_t)h1 << 16 | (uint64_t)h2 << 32 | (uint64_t)h3 << 48;
+        v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(b + 6)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 28)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 50)), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 72)), 3);
+    } else {
+        v = _mm512_setzero_si512();
+        for (long g = 0; g < ng; g++) {
+            uint32_t qh;
+            uint16_t h;
+            memcpy(&qh, b + 22 * g + 2, 4);
+            memcpy(&h, b + 22 * g, 2);
+            klo |= (uint64_t)(qh & 0xffffu) << (16 * g);
+            khi |= (uint64_t)(qh >> 16) << (16 * g);
+            d4 |= (uint64_t)h << (16 * g);
+            v = _mm512_mask_loadu_epi8(v, (__mmask64)0xffff << (16 * g), b + 22 * g + 6 - 16 * g);
+        }
+    }
+    *ul = _mm512_mask_add_epi8(_mm512_and_si512(v, m4), (__mmask64)klo, _mm512_and_si512(v, m4), b4);
+    __m512i hn = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    *uh = _mm512_mask_add_epi8(hn, (__mmask64)khi, hn, b4);
+    *fd = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128((long long)d4))));
+}
+
+MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(const mt_weight *W, const float *const *x,
+                                                                            const float *const *xp, float *const *y,
+                                                                            const int n, long r0, long r1) {
+    (void)x;
+    long cols = W->cols, nch = blk32_nchunks(cols), nblk = cols / 32;
+    row_sums S = {.y = y, .n = n, .k = 0, .r = r0};
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)mt_row(W, r);
+        __m512 acc[MT_TILE_T][3];
+        for (int j = 0; j < n; j++) acc[j][0] = acc[j][1] = acc[j][2] = _mm512_setzero_ps();
+        for (long c = 0; c < nch; c++) {
+            __m512i ul, uh;
+            __m512 fd;
+            chunk_q5(row + 22 * 4 * c, nblk - 4 * c < 4 ? nblk - 4 * c : 4, &ul, &uh, &fd);
+            for (int j = 0; j < n; j++)
+                blk32_chunk(ul, uh, (const __m512i *)(xp[j] + blk32_head(cols)) + 9 * c,
+                            _mm512_mul_ps(fd, _mm512_set1_ps(xp[j][c])), acc[j]);
+        }
+        for (int j = 0; j < n; j++) S.v[j][S.k] = digits_combine(acc[j]);
+        row_sums_next(&S, r + 1 == r1);
+    }
+}
+
+MT_TILES(tile_vnni, tile_vnni_n, MT_TARGET_VNNI)
+
+/* the row kernel is the tile for one token (the same code, so the same bits) */
+MT_TARGET_VNNI static void rows_vnni(const mt_weight *W, const float *x, const float *xp, float *y, long r0, long r1) {
+    tile_vnni_n(W, &x, &xp, &y, 1, r0, r1);
+}
+
+/* x is prepared for the avx512vnni kernels only */
+static long prep_len(long cols, int isa) { return isa >= MT_ISA_AVX512VNNI ? blk32_len(cols) : 0; }
+
+MT_TARGET_VNNI static void prep_vnni(const float *x, long cols, float *xp) { blk32_prep(x, cols, xp, BLK32_HALVES, 16, 1.0f); }
+
+static void prep(const float *x, long cols, float *xp, int isa) {
+    if (isa >= MT_ISA_AVX512VNNI) prep_vnni(x, cols, xp);
+}
+
+const mt_fmt mt_fmt_q5_0 = {MT_FMT_Q5_0, "q5_0", {rows_scalar, rows_avx2, rows_avx512, rows_vnni}, prep_len, prep,
+                            dequant, {NULL, tile_avx2, tile_avx512, tile_vnni}};

@@ -239,7 +239,9 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                                                                             const int n, long r0, long r1) {
     (void)x;
     long nb = W->cols / 256, cols = W->cols;
-    const __m512i lo16 = _mm512_set1_epi32(0xffff);
+    /* lanes 4t .. 4t + 3 of vector v (128-bit lane t): sub-block 4v + t */
+    const __m512i idx[2] = {VSUB_INDEX(0, 4, 1, 5, 2, 6, 3, 7), VSUB_INDEX(8, 12, 9, 13, 10, 14, 11, 15)};
+    row_sums S = {.y = y, .n = n, .k = 0, .r = r0};
     for (long r = r0; r < r1; r++) {
         const uint8_t *b = (const uint8_t *)mt_row(W, r);
         __m512 acc[MT_TILE_T][3], am[MT_TILE_T];
@@ -249,21 +251,20 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
             memcpy(&dh, b + 208, 2);
             float d = f16_to_f32_c(dh);
             __m128i sc8 = _mm_loadu_si128((const __m128i *)(b + 192));
-            __m512i sc = _mm512_and_si512(_mm512_cvtepi8_epi32(sc8), lo16), SC[4], w[4]; /* int16 sc, high half 0 */
+            __m512i SCP[2], w[4];
             __m512 D = _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8)));
-            for (int v = 0; v < 4; v++) /* lanes 4t .. 4t + 3 of vector v: sub-block 4v + t */
-                SC[v] = _mm512_permutexvar_epi32(
-                    _mm512_add_epi32(_mm512_set1_epi32(4 * v), _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)), sc);
+            vsub_scales(_mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc8)), idx, SCP);
             codes_vnni(b, w);
             for (int j = 0; j < n; j++) {
                 am[j] = _mm512_fmadd_ps(D, _mm512_loadu_ps(xp[j] + 16 * i), am[j]);
                 const __m512i *A = (const __m512i *)(xp[j] + vnni_digits_at(cols)) + 12 * i;
                 __m512 ds = _mm512_set1_ps(d * xp[j][cols / 16 + i]);
-                vnni_scaled_digits4(w, A, SC, ds, acc[j]);
+                vnni_scaled_digits4(w, A, SCP, ds, acc[j]);
             }
         }
         for (int j = 0; j < n; j++)
-            y[j][r] = digits_reduce(acc[j][0], acc[j][1], acc[j][2]) - 32.0f * _mm512_reduce_add_ps(am[j]);
+            S.v[j][S.k] = _mm512_fnmadd_ps(_mm512_set1_ps(32.0f), am[j], digits_combine(acc[j]));
+        row_sums_next(&S, r + 1 == r1);
     }
 }
 

@@ -333,23 +333,170 @@ MT_TARGET_VNNI static inline float absmax(const float *x, long n) {
 
 /* acc1 + acc2 / 254 + acc3 / (254 * 256), summed over the lanes (the digit sums combined in float) */
 /* k-quant super-block step on x's three digits (q4_k, q6_k): for each digit k, the unsigned codes
- * w[v] times digit vectors A[3 v + k] (vpdpbusd, 4 products per int32 lane), each lane's sum times
- * its sub-block's int scale SC[v] (vpdpwssd), summed over v in int32, then acc[k] += ds * float(sum) */
+ * w[v] times digit vectors A[3 v + k] (vpdpbusd, 4 products per int32 lane: |P| <= 4 * 63 * 128,
+ * an int16), the lane sums of vectors (0, 1) and (2, 3) packed pairwise into int16 (vpackssdw,
+ * exact: per 128-bit lane the 4 sums of the first, then the 4 of the second), times their
+ * sub-blocks' int scales SCP[0] / SCP[1] (the same word layout, vsub_scales) and summed in
+ * int32 (vpdpwssd: two words per lane), then acc[k] += ds * float(sum) (|sum| < 2^24: exact).
+ * 12 vpdpbusd + 6 vpdpwssd per super-block and token (one vpdpwssd per vector measured slower:
+ * Zen 4 runs VNNI at one 512-bit op per cycle, vpackssdw on other pipes). */
 MT_TARGET_VNNI static inline __attribute__((always_inline)) void vnni_scaled_digits4(const __m512i w[4], const __m512i *A,
-                                                                                    const __m512i SC[4], __m512 ds,
+                                                                                    const __m512i SCP[2], __m512 ds,
                                                                                     __m512 acc[3]) {
     const __m512i zero = _mm512_setzero_si512();
     for (int k = 0; k < 3; k++) {
-        __m512i T = zero;
-        for (int v = 0; v < 4; v++)
-            T = _mm512_dpwssd_epi32(T, _mm512_dpbusd_epi32(zero, w[v], _mm512_load_si512(A + 3 * v + k)), SC[v]);
+        __m512i P0 = _mm512_dpbusd_epi32(zero, w[0], _mm512_load_si512(A + k));
+        __m512i P1 = _mm512_dpbusd_epi32(zero, w[1], _mm512_load_si512(A + 3 + k));
+        __m512i P2 = _mm512_dpbusd_epi32(zero, w[2], _mm512_load_si512(A + 6 + k));
+        __m512i P3 = _mm512_dpbusd_epi32(zero, w[3], _mm512_load_si512(A + 9 + k));
+        __m512i T = _mm512_dpwssd_epi32(zero, _mm512_packs_epi32(P0, P1), SCP[0]);
+        T = _mm512_dpwssd_epi32(T, _mm512_packs_epi32(P2, P3), SCP[1]);
         acc[k] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(T), acc[k]);
     }
+}
+
+/* the packed sub-block scales of vnni_scaled_digits4 from a super-block's int16 scales sc16 (words
+ * 0 .. 15): sub(v, L) = the sub-block of vector v's lanes in 128-bit lane L; SCP[p] word 8 L + i =
+ * sc of sub(2 p, L) for i < 4, of sub(2 p + 1, L) for i >= 4 */
+#define VSUB_INDEX(s00, s01, s10, s11, s20, s21, s30, s31) \
+    _mm512_set_epi16(s31, s31, s31, s31, s30, s30, s30, s30, s21, s21, s21, s21, s20, s20, s20, s20, \
+                     s11, s11, s11, s11, s10, s10, s10, s10, s01, s01, s01, s01, s00, s00, s00, s00)
+MT_TARGET_VNNI static inline void vsub_scales(__m512i sc16, const __m512i idx[2], __m512i SCP[2]) {
+    SCP[0] = _mm512_permutexvar_epi16(idx[0], sc16);
+    SCP[1] = _mm512_permutexvar_epi16(idx[1], sc16);
 }
 
 MT_TARGET_VNNI static inline float digits_reduce(__m512 acc1, __m512 acc2, __m512 acc3) {
     __m512 t = _mm512_fmadd_ps(acc3, _mm512_set1_ps(1.0f / MT_DIGIT_R3), acc2);
     return _mm512_reduce_add_ps(_mm512_fmadd_ps(t, _mm512_set1_ps(1.0f / MT_DIGIT_R2), acc1));
+}
+
+/* acc1 + acc2 / 254 + acc3 / (254 * 256) per lane (digits_reduce before its lane sum) */
+MT_TARGET_VNNI static inline __m512 digits_combine(const __m512 acc[3]) {
+    __m512 t = _mm512_fmadd_ps(acc[2], _mm512_set1_ps(1.0f / MT_DIGIT_R3), acc[1]);
+    return _mm512_fmadd_ps(t, _mm512_set1_ps(1.0f / MT_DIGIT_R2), acc[0]);
+}
+
+/* Lane j of the result: the sum of a[j]'s 16 lanes, for 16 vectors at once (a transpose-add
+ * tree, the same for every j: each sum has the same bits whichever vectors share its group) */
+MT_TARGET_AVX512 static inline __m512 lanes16_sums(const __m512 a[16]) {
+    __m512 x[4];
+    for (int k = 0; k < 4; k++) { /* block b of x[k]: partial sums of vectors 4k..4k+3 */
+        __m512 p0 = _mm512_add_ps(_mm512_unpacklo_ps(a[4 * k], a[4 * k + 1]), _mm512_unpackhi_ps(a[4 * k], a[4 * k + 1]));
+        __m512 p1 = _mm512_add_ps(_mm512_unpacklo_ps(a[4 * k + 2], a[4 * k + 3]),
+                                  _mm512_unpackhi_ps(a[4 * k + 2], a[4 * k + 3]));
+        x[k] = _mm512_add_ps(_mm512_shuffle_ps(p0, p1, 0x44), _mm512_shuffle_ps(p0, p1, 0xEE));
+    }
+    __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+    __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
+}
+
+/* A row kernel's outputs as lane sums of one vector per (token, row), summed 16 rows at a time
+ * (lanes16_sums: ~1 vector op per row instead of a horizontal reduction each). put(j, v) after
+ * row r's vectors, then done(r) after each row. */
+typedef struct {
+    __m512 v[MT_TILE_T][16];
+    float *const *y;
+    int n, k;
+    long r; /* the first pending row */
+} row_sums;
+
+MT_TARGET_AVX512 static inline __attribute__((always_inline)) void row_sums_flush(row_sums *S) {
+    for (int j = 0; j < S->n; j++) {
+        for (int i = S->k; i < 16; i++) S->v[j][i] = _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(S->y[j] + S->r, (__mmask16)((1u << S->k) - 1), lanes16_sums(S->v[j]));
+    }
+    S->r += S->k;
+    S->k = 0;
+}
+
+/* row done (call with last = 1 for the kernel's last row) */
+MT_TARGET_AVX512 static inline __attribute__((always_inline)) void row_sums_next(row_sums *S, int last) {
+    if (++S->k == 16 || last) row_sums_flush(S);
+}
+
+/* ---- 32-value blocks with one float scale each (ggml_mxfp4, mxfp4, q5_0) on x's digits ----
+ * Unsigned codes u = q + off (vpdpbusd's unsigned operand) times x's signed digits; the offset's
+ * share, -off * (each lane's digit sum), starts the accumulator (stored with the digits), so a
+ * lane's int32 sum is sum (u - off) a = sum q a exactly. A chunk is 128 values = 4 blocks = 64
+ * code bytes, byte b holding codes of block b / 16: lane l of a vpdpbusd belongs to block l / 4,
+ * its 16 lane sums are scaled in float per lane (the block's scale times the chunk's digit
+ * scale). Per chunk and digit k: D = C_k + u_lo . A_k + u_hi . B_k (A / B: the digits of the
+ * values under the low / high code bytes, C_k = -off * their lane sums; |D| <= 8 * 255 * 128,
+ * exact in float), acc_k += f * D; y = digits_reduce(acc).
+ * Prepared x (floats): one digit scale s * sfac per chunk (padded to 16), then per chunk 9 x 64
+ * bytes: A_0, B_0, A_1, B_1, A_2, B_2, C_0, C_1, C_2 (int32 x 16). Values past cols have digit
+ * 0 (so do their offsets), whatever code bytes a kernel reads there. Layouts: BLK32_EVEN_ODD
+ * (gpt-oss mxfp4): A = the chunk's even values, B = its odd ones; BLK32_HALVES (GGUF blocks):
+ * block g's bytes hold values 32 g + j (low) and 32 g + 16 + j (high), j < 16. */
+
+enum { BLK32_EVEN_ODD = 0, BLK32_HALVES = 1 };
+
+static inline long blk32_nchunks(long cols) { return (cols + 127) / 128; }
+static inline long blk32_head(long cols) { return (blk32_nchunks(cols) + 15) & ~15L; }
+static inline long blk32_len(long cols) { return blk32_head(cols) + 144 * blk32_nchunks(cols); }
+
+MT_TARGET_VNNI static inline void blk32_prep(const float *x, long cols, float *xp, int layout, int off, float sfac) {
+    float *S = xp;
+    __m512i *P = (__m512i *)(xp + blk32_head(cols));
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1)), offv = _mm512_set1_epi8((char)off);
+    for (long c = 0; c < blk32_nchunks(cols); c++, x += 128, P += 9) {
+        __m512 v[8], m = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int q = 0; q < 8; q++) {
+            long n = cols - 128 * c - 16 * q;
+            __mmask16 k = n >= 16 ? 0xffff : n > 0 ? (__mmask16)((1u << n) - 1) : 0;
+            v[q] = _mm512_maskz_loadu_ps(k, x + 16 * q);
+            m = _mm512_max_ps(m, _mm512_abs_ps(v[q]));
+            nan |= _mm512_cmp_ps_mask(v[q], v[q], _CMP_UNORD_Q);
+        }
+        float amax = nan ? f32_from_bits(0x7fc00000u) : _mm512_reduce_max_ps(m);
+        float s = digit_scale(amax), rinv = digit_rinv(amax);
+        S[c] = sfac * s;
+        __m128i *D = (__m128i *)P;
+        for (int q = 0; q < 4; q++) { /* block q: its 16 low-byte values, its 16 high-byte ones */
+            __m512 lo, hi;
+            if (layout == BLK32_EVEN_ODD) {
+                lo = _mm512_permutex2var_ps(v[2 * q], ev, v[2 * q + 1]);
+                hi = _mm512_permutex2var_ps(v[2 * q], od, v[2 * q + 1]);
+            } else {
+                lo = v[2 * q];
+                hi = v[2 * q + 1];
+            }
+            __m128i a[3], b[3];
+            digits16(lo, s, rinv, &a[0], &a[1], &a[2]);
+            digits16(hi, s, rinv, &b[0], &b[1], &b[2]);
+            for (int k = 0; k < 3; k++) {
+                _mm_store_si128(D + 4 * (2 * k) + q, a[k]);
+                _mm_store_si128(D + 4 * (2 * k + 1) + q, b[k]);
+            }
+        }
+        for (int k = 0; k < 3; k++) {
+            __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offv, _mm512_load_si512(P + 2 * k));
+            t = _mm512_dpbusd_epi32(t, offv, _mm512_load_si512(P + 2 * k + 1));
+            _mm512_store_si512(P + 6 + k, _mm512_sub_epi32(_mm512_setzero_si512(), t));
+        }
+    }
+}
+
+/* one chunk of one token: the unsigned codes ul / uh (low / high bytes' values) times the digits of
+ * prepared chunk P (9 vectors, above), each lane scaled by f, into acc[3] */
+MT_TARGET_VNNI static inline __attribute__((always_inline)) void blk32_chunk(__m512i ul, __m512i uh, const __m512i *P,
+                                                                            __m512 f, __m512 acc[3]) {
+    for (int k = 0; k < 3; k++) {
+        __m512i D = _mm512_dpbusd_epi32(_mm512_load_si512(P + 6 + k), ul, _mm512_load_si512(P + 2 * k));
+        D = _mm512_dpbusd_epi32(D, uh, _mm512_load_si512(P + 2 * k + 1));
+        acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(D), f, acc[k]);
+    }
+}
+
+/* lane l of a chunk's vpdpbusd belongs to block l / 4: the per-lane scales of chunk c from the
+ * scales F of blocks [4 (c - c % 4), + 16) */
+MT_TARGET_VNNI static inline __m512 blk32_lane_scales(__m512 F, long c) {
+    const __m512i lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(_mm512_add_epi32(lane_block, _mm512_set1_epi32(4 * (int)(c & 3))), F);
 }
 
 #endif
