@@ -1,6 +1,7 @@
 """Native GEMV kernels of two checkouts side by side: the same weight, alternating single calls.
 
     python bench/compare_kernels.py --base /work/main --formats q8_0,q4_k --isas avx512,avx2 [--rows 512 --cols 4096]
+        [--group 32] (int4_group / int8_group)
 
 The base checkout's library is built (or taken from the kernel cache) by a subprocess run
 inside it; this checkout's by ``moetier.native``. Each (format, ISA): ``y = W x`` on a random
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--group", type=int, default=128, help="values per scale of int4_group / int8_group")
     ap.add_argument("--calls", type=int, default=60)
     a = ap.parse_args(argv)
     new = native.library()
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| format | isa | base Gweights/s | this Gweights/s | this / base | max abs dy / max abs y |")
     print("|---|---|---:|---:|---:|---:|")
     for f in a.formats.split(","):
-        w = random_weight(f, a.rows, a.cols)
+        w = random_weight(f, a.rows, a.cols, group=a.group)
         d, x = describe(w), torch.randn(a.cols)
         ys = {"base": torch.empty(a.rows), "this": torch.empty(a.rows)}
         for isa in a.isas.split(","):

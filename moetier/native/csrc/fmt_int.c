@@ -272,6 +272,18 @@ MT_TARGET_VNNI static inline void group_lanes(const mt_weight *W, const void *sr
         if (z) *Z = _mm512_set1_ps((float)z[gi]);
         return;
     }
+    if (g == 32 && W->sdt == DT_BF16 && !z && c0 + 128 <= cols) {
+        /* the common case (compressed-tensors int4 g32: bf16 scales, symmetric), a whole chunk:
+         * its 4 scales broadcast to every 128-bit lane, one in-lane byte shuffle puts scale b's
+         * bf16 bits in the high half of lane b's 4 dwords (bf16 -> float as ld_scale: bits << 16) */
+        const __m512i sel = _mm512_setr_epi32(0x01008080, 0x01008080, 0x01008080, 0x01008080, 0x03028080, 0x03028080,
+                                              0x03028080, 0x03028080, 0x05048080, 0x05048080, 0x05048080, 0x05048080,
+                                              0x07068080, 0x07068080, 0x07068080, 0x07068080);
+        long long four;
+        memcpy(&four, (const bf16 *)srow + gi, 8);
+        *S = _mm512_castsi512_ps(_mm512_shuffle_epi8(_mm512_set1_epi64(four), sel));
+        return;
+    }
     const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     long nb = (cols - c0 + 31) / 32 < nblk ? (cols - c0 + 31) / 32 : nblk; /* blocks that exist */
     __m128 s4, z4 = _mm_setzero_ps();
@@ -301,6 +313,7 @@ MT_TARGET_VNNI static void rows_vnni4(const mt_weight *W, const float *x, const 
     long cols = W->cols, bytes = (cols + 1) / 2;
     const chunk4 *C0 = (const chunk4 *)(xp + mt_prep_evenodd_len(cols, MT_ISA_AVX512VNNI));
     const __m512i m4 = _mm512_set1_epi8(0x0f), c256 = _mm512_set1_epi32(256);
+    int gshift = (W->bcols & (W->bcols - 1)) ? -1 : __builtin_ctzl((unsigned long)W->bcols); /* power-of-two groups */
     for (long r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)mt_row(W, r);
         const void *srow = mt_srow(W, r);
@@ -309,7 +322,9 @@ MT_TARGET_VNNI static void rows_vnni4(const mt_weight *W, const float *x, const 
         const chunk4 *C = C0;
         long gi = 0; /* the group of column 2j */
         for (long j = 0; j < bytes; j += 64, C++) { /* code bytes [j, j + 64): columns 2j .. 2j + 127 */
-            while (2 * j >= (gi + 1) * W->bcols) gi++;
+            if (gshift >= 0) gi = (2 * j) >> gshift;
+            else
+                while (2 * j >= (gi + 1) * W->bcols) gi++;
             __m512i v = j + 64 <= bytes ? _mm512_loadu_si512((const void *)(row + j))
                                         : _mm512_maskz_loadu_epi8((__mmask64)((1ull << (bytes - j)) - 1), row + j);
             __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
