@@ -95,8 +95,8 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
         const uint8_t *row = (const uint8_t *)mt_row(W, r);
         const void *srow = mt_srow(W, r);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-        for (long b0 = 0; b0 < cols; b0 += bc) {
-            __m512 s = _mm512_set1_ps(ld_scale(srow, W->sdt, b0 / bc) * 256.0f);
+        for (long b0 = 0, bi = 0; b0 < cols; b0 += bc, bi++) {
+            __m512 s = _mm512_set1_ps(ld_scale(srow, W->sdt, bi) * 256.0f);
             long end = b0 + bc < cols ? b0 + bc : cols, c = b0;
             __m512 p0 = _mm512_setzero_ps(), p1 = p0;
             for (; c < end; c += 32) {

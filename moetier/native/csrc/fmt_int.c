@@ -133,8 +133,7 @@ MT_TARGET_AVX512 static void rows_avx512_8(const mt_weight *W, const float *x, c
         const void *srow = mt_srow(W, r);
         const int8_t *z = mt_zrow(W, r);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-        for (long b0 = 0; b0 < cols; b0 += g) {
-            long gi = b0 / g;
+        for (long b0 = 0, gi = 0; b0 < cols; b0 += g, gi++) {
             __m512 s = _mm512_set1_ps(ld_scale(srow, W->sdt, gi));
             __m512i off = _mm512_set1_epi32(128 + (z ? z[gi] : 0));
             long end = b0 + g < cols ? b0 + g : cols, c = b0;
