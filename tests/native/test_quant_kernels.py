@@ -261,7 +261,8 @@ def test_int_groups(lib, isa, bits):
     fmt = f"int{bits}_group"
     for rows, cols, g, sdtype, zero in ((1, 32, 32, torch.bfloat16, False), (5, 100, 32, torch.float32, True),
                                         (3, 129, 64, torch.float16, False), (6, 70, 6, torch.bfloat16, True),
-                                        (4, 7, 128, torch.float32, True), (2, 300, 300, torch.bfloat16, False)):
+                                        (4, 7, 128, torch.float32, True), (2, 300, 300, torch.bfloat16, False),
+                                        (3, 300, 32, torch.bfloat16, False), (3, 200, 96, torch.bfloat16, True)):
         packed, scale, z, ref = int_case(rows, cols, bits, g, gen, sdtype, zero)
         q = QTensor(fmt, (rows, cols), packed, scale, z, block=(1, g))
         check(lib, q, ref, isa, gen)
