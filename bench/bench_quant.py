@@ -8,7 +8,8 @@ model's 4 layers repeated 4x, experts widened to 704 units, hidden 256; top-4 of
 ``ram`` is the 2.5 GB synthetic of scenario (b) (``bench_runtime.ensure_synthetic(2.5)``:
 hidden 1024, 15 layers, top-8 of 64 experts of 384 units; copies beside it in ``...-quant``).
 ``moetier quantize`` writes a copy in each format (every linear but embeddings / LM head /
-routers). Per model and thread setting: every format is loaded (``moetier.load``;
+routers, as the released checkpoints; plus an int4 g32 copy of the routed experts only). Per
+model and thread setting: every format is loaded (``moetier.load``;
 ``native_reason`` recorded: ``None`` = native decode kernels), warmed up with one generation of
 the same prompt (pre-touches the weights the prompt routes to), then ``--rounds`` rounds, each
 running every format in turn (interleaved, so machine load hits all alike) on the same 32
@@ -40,8 +41,12 @@ from bench.common import median, write_result
 
 ROOT = Path("/tmp/moetier-bench-quant")
 REPO = Path(__file__).resolve().parents[1]
-FORMATS = [("bf16", None, None), ("int8 g128", "int8", 128), ("fp8", "fp8", None), ("int4 g32", "int4", 32),
-           ("int4 g128", "int4", 128)]
+# (row name, --format, --group, --experts-only): every linear a release quantizes (attention, experts;
+# embeddings / LM head / routers stay bf16 as in the released int4 / int8 / fp8 checkpoints), and
+# one experts-only copy (what ``--quantize int4`` gives at load) to separate attention's share
+FORMATS = [("bf16", None, None, False), ("int8 g128", "int8", 128, False), ("fp8", "fp8", None, False),
+           ("int4 g32", "int4", 32, False), ("int4 g128", "int4", 128, False),
+           ("int4 g32 experts-only", "int4", 32, True)]
 MODELS = ("wide", "ram")  # the 0.55 GB wide embedded model (hidden 256), the 2.5 GB synthetic (hidden 1024)
 
 
@@ -59,11 +64,12 @@ def build(model: str = "wide") -> dict[str, Path]:
             subprocess.run([sys.executable, str(REPO / "scripts" / "make_wide_model.py"), "--out", str(src),
                             "--repeat", "4", "--expert-inter", "704"], check=True, stdout=subprocess.DEVNULL)
     dirs = {"bf16": src}
-    for name, fmt, group in FORMATS[1:]:
+    for name, fmt, group, experts_only in FORMATS[1:]:
         out = root / name.replace(" ", "-")
         if not (out / "config.json").is_file():
             cmd = [sys.executable, "-m", "moetier", "quantize", str(src), str(out), "--format", fmt]
-            subprocess.run(cmd + (["--group", str(group)] if group else []), check=True)
+            cmd += (["--group", str(group)] if group else []) + (["--experts-only"] if experts_only else [])
+            subprocess.run(cmd, check=True)
         dirs[name] = out
     return dirs
 
