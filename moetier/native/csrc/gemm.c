@@ -12,6 +12,11 @@
  * take fewer tokens per pass, so x stays in L2 instead of being re-read from L3 for every row
  * block. Each weight is read once per pass (from memory when it exceeds the caches). */
 #define X_BLOCK_BYTES (384L * 1024)
+/* rows per call of a quantized tile: a multiple of the 2-row q8_0 / q5_0 tiles and of the 16 rows
+ * the VNNI tiles reduce together (simd.h: row_sums; called with 2 rows they paid a 16-row
+ * reduction per pair: embedded Q4_K_M prefill ran at 0.4x), small enough that the prefetch of
+ * the next unit stays spread over the pass */
+#define QTILE_ROWS 16L
 
 typedef struct {
     const mt_gemm_item *items;
@@ -153,9 +158,9 @@ static inline void prefetch_step(prefetch_run *pf) {
 }
 
 static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1, const char *next, long next_bytes) {
-    if (it->qtile && t0 + 1 < t1) { /* up to MT_TILE_T tokens per pass over the rows, two rows per call */
+    if (it->qtile && t0 + 1 < t1) { /* up to MT_TILE_T tokens per pass over the rows, QTILE_ROWS rows per call */
         /* the tokens in passes of equal size (6: 3 + 3, 5: 3 + 2, not 4 + 2 / 4 + 1 row-kernel call) */
-        long passes = (t1 - t0 + MT_TILE_T - 1) / MT_TILE_T, calls = passes * ((r1 - r0 + 1) / 2);
+        long passes = (t1 - t0 + MT_TILE_T - 1) / MT_TILE_T, calls = passes * ((r1 - r0 + QTILE_ROWS - 1) / QTILE_ROWS);
         prefetch_run pf = {next, next + (next ? next_bytes : 0), calls ? ((next_bytes + 63) / 64 + calls - 1) / calls : 0};
         for (; t0 < t1; passes--) {
             int n = (int)((t1 - t0 + passes - 1) / passes);
@@ -166,8 +171,8 @@ static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1,
                 xp[j] = it->XP ? it->XP + (t0 + j) * it->ldxp : NULL;
                 y[j] = it->Y + (t0 + j) * it->ldy;
             }
-            for (long r = r0; r < r1; r += 2) {
-                it->qtile(it->W, x, xp, y, n, r, r + 2 < r1 ? r + 2 : r1);
+            for (long r = r0; r < r1; r += QTILE_ROWS) {
+                it->qtile(it->W, x, xp, y, n, r, r + QTILE_ROWS < r1 ? r + QTILE_ROWS : r1);
                 prefetch_step(&pf);
             }
             if (it->b)
