@@ -13,7 +13,8 @@
 * dense matmul FLOP/s in fp32 and bf16 through torch,
 * the native decode kernels' rate per stored format (weights/s of ``y = W x`` at all usable
   cores, a cache-resident weight: ``native.rates.planner_rates``; empty when the native
-  library is unavailable): the planner's decode bound takes the slower of memory and kernel.
+  library is unavailable; best of 3 interleaved rounds after a warm-up): the planner's decode
+  bound adds the kernel time to the memory time, since the same cores stream and compute.
 
 Results are cached as JSON with a timestamp in the user cache dir:
 ``$MOETIER_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/moetier``, else ``~/.cache/moetier``
@@ -57,7 +58,7 @@ class ProbeSizes:
     matmul_n: int = 1024
     matmul_seconds: float = 0.5
     kernel_n: int = 1024  # native kernel rates: an n x n weight per format
-    kernel_seconds: float = 0.1  # per format
+    kernel_seconds: float = 0.3  # per format, spread over 3 interleaved rounds (best kept)
 
 
 def cache_dir() -> Path:
@@ -318,6 +319,7 @@ def machine_from_probe(rec: dict[str, Any]) -> Machine:
         ),
         flops={k: float(v) for k, v in rec["matmul_flops"].items()},
         kernel_rates={k: float(v) for k, v in rec.get("kernel_rates", {}).items()},
+        kernels_add_to_memory=True,  # the CPU's own cores stream and compute (roofline module doc)
         efficiency=Efficiency(compute=1.0, memory=1.0, link=1.0),
         compute_tier="dram",
         confidence="M",
