@@ -805,7 +805,9 @@ def plan(spec: ModelSpec | str, machine: Machine | str, *, batch: int = 1, conte
     e = machine.efficiency
     notes += [
         f"efficiency (sustained/peak): compute {e.compute:g}, memory {e.memory:g}, link {e.link:g}",
-        "step time = " + ("max(compute, memory, communication): resources overlap" if overlap
+        "step time = " + (("max(compute, memory + kernels, communication) (decode, batch 1)"
+                           if machine.kernels_add_to_memory and machine.kernel_rates
+                           else "max(compute, memory, communication)") + ": resources overlap" if overlap
                           else "compute + memory + communication: no overlap"),
         f"KV cache {KV_BYTES_PER_ELEMENT:g} bytes/element ("
         + ("MLA: kv_lora_rank + qk_rope_head_dim per token per layer" if spec.attention == "mla"
