@@ -20,7 +20,8 @@ num_experts (the active share) + always-on (attention, norms, routers, LM head; 
 table is not counted: one row per token). Stored GB/s = bytes/token x tok/s. Planner bound:
 ``plan()`` of the checkpoint at its stored formats on the probed ``cpu`` machine (``moetier
 probe``: memory bandwidth and the native kernels' rate per format), context = prompt + half the
-decode; "binds on" says whether memory or the dequantizing kernel sets it. Agreement: greedy
+decode; "binds on" is the planner's binding resource (on the probed CPU "memory+compute":
+memory time + the dequantizing kernels' time, which add on cores that both stream and compute). Agreement: greedy
 tokens equal to bf16's at the same position, out of ``--tokens``. With 1 thread the bench also
 records the caller's CPU time per decode step (a generation's thread CPU time minus that of a
 prefill-only one, over the decode steps): the work per token, robust to other processes
@@ -101,8 +102,8 @@ def planner_bound(d: Path, context: int) -> dict:
     prec = checkpoint_precision(d, spec)
     r = plan(spec, m, context=context, precision=prec)
     mem = plan(spec, replace(m, kernel_rates={}), context=context, precision=prec)
-    binds = "kernel" if r.decode_tokens_per_s < mem.decode_tokens_per_s * (1 - 1e-9) else mem.bottleneck
-    return {"precision": prec, "decode_tokens_per_s": r.decode_tokens_per_s, "binds_on": binds,
+    return {"precision": prec, "decode_tokens_per_s": r.decode_tokens_per_s, "binds_on": r.bottleneck,
+            "memory_s": r.decode.memory_s, "kernel_s": r.decode.kernel_s, "kernel_mode": r.decode.kernel_mode,
             "memory_bound_tokens_per_s": mem.decode_tokens_per_s, "kernel_rates": dict(m.kernel_rates),
             "memory_read_bw": m.tier("dram").read_bw}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,9 +90,13 @@ def _nbytes(w: torch.Tensor | QTensor) -> int:
 
 
 def measure(fmt: str, isa: str | None = None, threads: int = 1, rows: int = 4096, cols: int = 4096,
-            repeats: int = 5, seconds: float = 0.3, group: int = 128) -> Rate:
+            repeats: int = 5, seconds: float = 0.3, group: int = 128, warmup: int = 3,
+            clock: Callable[[], float] = time.perf_counter) -> Rate:
     """Time ``y = W x`` for a random ``fmt`` weight (best of ``repeats`` batches of products
-    filling about ``seconds`` in total). ``isa`` None: the default (best) one."""
+    filling about ``seconds`` in total, after ``warmup`` untimed products). ``isa`` None: the
+    default (best) one. ``clock``: wall time by default; ``time.thread_time`` at ``threads=1``
+    counts only the CPU time the product took (the calling thread runs it), not time spent
+    descheduled by other processes."""
     lib = native.library()
     if lib is None:
         raise RuntimeError(native.unavailable_reason() or "native kernels unavailable")
@@ -105,17 +110,18 @@ def measure(fmt: str, isa: str | None = None, threads: int = 1, rows: int = 4096
         if isa is not None:
             native.set_isa(isa)
         used = native.isa() or "?"
-        lib.mt_gemv(*args)  # warm-up (pages in, caches)
-        t = time.perf_counter()
+        for _ in range(max(1, warmup)):  # warm-up: pages in, caches, worker threads awake, clocks up
+            lib.mt_gemv(*args)
+        t = clock()
         lib.mt_gemv(*args)
-        one = max(time.perf_counter() - t, 1e-7)
+        one = max(clock() - t, 1e-7)
         n = max(1, int(seconds / repeats / one))
         best = math.inf
         for _ in range(repeats):
-            t = time.perf_counter()
+            t = clock()
             for _ in range(n):
                 lib.mt_gemv(*args)
-            best = min(best, (time.perf_counter() - t) / n)
+            best = min(best, max(clock() - t, 1e-9) / n)
     finally:
         native.set_isa(before)
     return Rate(fmt, used, threads, rows, cols, best, _nbytes(w))
@@ -133,9 +139,24 @@ PLANNER_FORMATS = {"fp32": ("f32", 0), "bf16": ("bf16", 0), "fp8": ("fp8_e4m3_bl
                    "int4:g128": ("int4_group", 128), "fp4": ("mxfp4", 0)}
 
 
-def planner_rates(threads: int, rows: int = 1024, cols: int = 1024, seconds: float = 0.1) -> dict[str, float]:
-    """Decode GEMV weights/s per census format at ``threads`` threads (``moetier probe``:
+def planner_rates(threads: int, rows: int = 1024, cols: int = 1024, seconds: float = 0.1,
+                  rounds: int = 3) -> dict[str, float]:
+    """Decode GEMV weights/s per census format for ``threads`` cores (``moetier probe``:
     ``Machine.kernel_rates``). The weight is small enough to stay in cache, so this is the
-    kernel's compute rate; the planner takes the memory bound separately."""
-    return {name: measure(fmt, None, threads, rows, cols, seconds=seconds, group=g or 128).weights_per_s
-            for name, (fmt, g) in PLANNER_FORMATS.items()}
+    kernel's compute rate; the planner adds the memory time separately on a CPU (the roofline
+    module doc). Measured on one thread in that thread's CPU time (``time.thread_time``: time
+    spent descheduled by other processes does not count), best of ``rounds`` passes over all
+    formats (each about ``seconds`` / ``rounds`` of CPU time after a warm-up), times ``threads``
+    (the rows split evenly over the cores; compute in cache scales with them: int4 g32 10.4 /
+    20.1, int8 g128 20.1 / 40.0 Gweights/s at 1 / 2 threads, quiet, 4096 x 4096). Why: the wall
+    clock at all cores on this shared 2-core machine read int4 g128 at 14 Gweights/s under load
+    vs 37-41 quiet, and gave 1.5-4x spreads between three probes a minute apart at load 10-15,
+    where this reads bf16 38.7-42.7, fp8 24.7-25.2, int8 g128 32.3-32.6, int4 g32 41.6-43.0 per
+    core (2026-12-02, load average 10)."""
+    best: dict[str, float] = {}
+    for _ in range(max(1, rounds)):
+        for name, (fmt, g) in PLANNER_FORMATS.items():
+            r = measure(fmt, None, 1, rows, cols, seconds=seconds / max(1, rounds), group=g or 128,
+                        clock=time.thread_time)
+            best[name] = max(best.get(name, 0.0), r.weights_per_s)
+    return {name: v * max(1, threads) for name, v in best.items()}

@@ -73,6 +73,10 @@ class Machine:
     # by census format (bf16, fp32, fp8, int8:g128, int4:g32, fp4, ...): `moetier probe`. Empty:
     # not measured (catalog machines); the planner then bounds decode by memory and FLOPs only.
     kernel_rates: Mapping[str, float] = field(default_factory=dict)
+    # True where the cores that run those kernels also do the streaming (a CPU: no separate load
+    # units keep the weights coming while the cores dequantize and multiply): a decode step then
+    # takes memory time + kernel time, not the larger of the two. False: they overlap (max).
+    kernels_add_to_memory: bool = False
     source: str = ""
     notes: tuple[str, ...] = ()
 

@@ -13,7 +13,9 @@
 * dense matmul FLOP/s in fp32 and bf16 through torch,
 * the native decode kernels' rate per stored format (weights/s of ``y = W x`` at all usable
   cores, a cache-resident weight: ``native.rates.planner_rates``; empty when the native
-  library is unavailable): the planner's decode bound takes the slower of memory and kernel.
+  library is unavailable; one core's rate in its CPU time, best of 3 interleaved rounds after a
+  warm-up, times the usable cores): the planner's decode bound adds the kernel time to the
+  memory time, since the same cores stream and compute.
 
 Results are cached as JSON with a timestamp in the user cache dir:
 ``$MOETIER_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/moetier``, else ``~/.cache/moetier``
@@ -42,6 +44,7 @@ from moetier.planner.hardware import Efficiency, Machine, MemoryTier
 from moetier.weights.store import DEFAULT_IO_DEPTH, DEFAULT_IO_THREADS, read_aligned
 
 PROBE_VERSION = 3  # 2: disk read with the store's pattern (read_aligned, shuffled blocks); 3: its readers
+KERNEL_RATES_METHOD = "1-thread CPU time x cores"  # native.rates.planner_rates; older records re-probe
 STALE_SECONDS = 7 * 86400  # a cached probe older than this is measured again
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which a probe is "under load"
 
@@ -57,7 +60,7 @@ class ProbeSizes:
     matmul_n: int = 1024
     matmul_seconds: float = 0.5
     kernel_n: int = 1024  # native kernel rates: an n x n weight per format
-    kernel_seconds: float = 0.1  # per format
+    kernel_seconds: float = 0.3  # per format, spread over 3 interleaved rounds (best kept)
 
 
 def cache_dir() -> Path:
@@ -222,6 +225,7 @@ def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dic
         "disk_method": disk_method,
         "matmul_flops": {"fp32": f32, "bf16": bf16},
         "kernel_rates": kernels,
+        "kernel_rates_method": KERNEL_RATES_METHOD,
         "sizes": {"mem_bytes": sizes.mem_bytes, "disk_bytes": sizes.disk_bytes, "matmul_n": sizes.matmul_n},
         "probe_seconds": time.perf_counter() - t_start,
         "load_per_core": load,
@@ -279,8 +283,8 @@ def load_cached() -> dict[str, Any] | None:
         return None
     need = ("memory_read_bw", "disk_read_bw", "matmul_flops", "ram_bytes", "disk_free_bytes", "timestamp",
             "kernel_rates")  # a record from before kernel rates is measured again
-    if any(k not in data for k in need):
-        return None
+    if any(k not in data for k in need) or data.get("kernel_rates_method") != KERNEL_RATES_METHOD:
+        return None  # ... and one whose kernel rates were timed the older, load-sensitive way
     return data
 
 
@@ -318,6 +322,7 @@ def machine_from_probe(rec: dict[str, Any]) -> Machine:
         ),
         flops={k: float(v) for k, v in rec["matmul_flops"].items()},
         kernel_rates={k: float(v) for k, v in rec.get("kernel_rates", {}).items()},
+        kernels_add_to_memory=True,  # the CPU's own cores stream and compute (roofline module doc)
         efficiency=Efficiency(compute=1.0, memory=1.0, link=1.0),
         compute_tier="dram",
         confidence="M",

@@ -34,9 +34,20 @@ Model (all SI units; every assumption is listed in ``PlanResult.assumptions``):
   MLA prefill with decompressed K/V: 2 x heads x (qk_nope + qk_rope + v_head_dim) per key;
   sliding-window layers use min(C, window)). Integer weight formats are taken to compute at
   bf16 (weight-only quantization); fp8 / fp4 at their own rate when the machine has one.
-  A single-token decode step's compute time is at least the time of its GEMVs at the machine's
-  measured per-format kernel rates (``Machine.kernel_rates``, weights/s, from ``moetier probe``):
-  on a CPU the dequantizing kernel, not memory, can bind (e.g. int4 on 2 cores).
+  A single-token decode step also runs its GEMVs at the machine's measured per-format kernel
+  rates (``Machine.kernel_rates``, weights/s of a cache-resident weight, from ``moetier probe``):
+  kernel time = sum over the matrices multiplied of params / their stored format's rate. How it
+  combines with memory time depends on who streams (``Machine.kernels_add_to_memory``):
+  - a CPU (the probed ``cpu`` machine): the same cores stream the weights and dequantize /
+    multiply them, and measured decode steps show the two *add*: per core, time per token =
+    bytes / memory rate + weights / kernel compute rate. On the 2-core EPYC (Zen 4) dev machine,
+    2.5 GB synthetic MoE, 1 thread, CPU ms per token predicted vs measured: bf16 16.5 / 16.9,
+    int8 g128 13.2 / 11.9-13.6, fp8 14.9 / 12.9-13.6, int4 g32 10.0 / 9.5 (bench/README.md,
+    2026-12-02), while max(memory, kernel) put the quantized formats at 35-60% of their bound.
+    The step's "memory+compute" time is then memory time + kernel time (the binding resource
+    named ``memory+compute``); FLOP-rate compute and communication still overlap with it.
+  - otherwise (accelerators, whose load units keep streaming while the ALUs work): the kernel
+    time is a floor on compute time and the step takes the max as below.
 * Memory time = sum over the fast tiers of bytes read per step / (bandwidth x efficiency.memory).
   Per step: every always-on group once (embedding: only the looked-up rows), the expected number
   of unique experts touched by the step's tokens, ``sum_e 1 - (1 - p_le)^T`` per layer (tokens
@@ -51,8 +62,9 @@ Model (all SI units; every assumption is listed in ``PlanResult.assumptions``):
   them one way, the share moved is ``t_in / (t_move + t_in)`` and the time
   ``t_move t_in / (t_move + t_in)``, below either alone (the faster path gets most experts).
   Moved bytes are also read again from the compute tier (counted in memory time).
-* Step time = max(compute, memory, communication) with ``overlap=True`` (the three resources
-  work concurrently, the slowest binds); ``overlap=False`` adds them. Decode tokens/s =
+* Step time = max(compute, memory, communication) (and memory+compute, above) with
+  ``overlap=True`` (the resources work concurrently, the slowest binds); ``overlap=False`` adds
+  compute, memory and communication. Decode tokens/s =
   batch / step time; prefill tokens/s = batch x context / time of one prefill forward.
 """
 
@@ -76,7 +88,7 @@ from moetier.spec import ModelSpec
 DEFAULT_CONTEXT = 4096
 KV_BYTES_PER_ELEMENT = 2.0  # bf16 KV cache
 DEFAULT_SRAM_BW = 80e12  # Groq LPU SRAM bandwidth (hardware.md, U): default for a what-if SRAM tier
-RESOURCES = ("compute", "memory", "communication")
+RESOURCES = ("compute", "memory", "memory+compute", "communication")
 
 
 class PlanError(MoetierError):
@@ -288,12 +300,25 @@ class PhaseResult:
     flops: float  # FLOPs done by the compute tier in one step
     expected_unique_experts: float  # summed over MoE layers
     tiers: tuple[TierTraffic, ...]
+    # single-token decode: the native GEMVs' time at the measured kernel rates, and how it meets
+    # memory time: "add" (CPU: memory+compute = memory + kernel), "max" (a floor on compute), ""
+    kernel_s: float = 0.0
+    kernel_mode: str = ""
+
+    @property
+    def memory_compute_s(self) -> float:
+        """Memory time + kernel time where they add (``kernel_mode == "add"``), else 0."""
+        return self.memory_s + self.kernel_s if self.kernel_mode == "add" else 0.0
 
     def to_json(self) -> dict[str, Any]:
+        times = {"compute": self.compute_s, "memory": self.memory_s, "communication": self.communication_s}
+        if self.kernel_mode:
+            times["kernel"] = self.kernel_s
+        if self.kernel_mode == "add":
+            times["memory+compute"] = self.memory_compute_s
         return {"tokens_per_step": self.tokens, "tokens_per_s": self.tokens_per_s,
-                "step_time_s": self.step_time_s,
-                "times_s": {"compute": self.compute_s, "memory": self.memory_s,
-                            "communication": self.communication_s},
+                "step_time_s": self.step_time_s, "kernel_mode": self.kernel_mode,
+                "times_s": times,
                 "bottleneck": self.bottleneck, "flops": self.flops,
                 "expected_unique_experts": self.expected_unique_experts,
                 "tiers": [t.to_json() for t in self.tiers]}
@@ -673,8 +698,12 @@ def _phase(ctx: _Ctx, name: str, tokens: float, kv_read: float, kv_write: float,
     if f_routed:
         compute_s += f_routed / rate("routed_experts")
         flops_total += f_routed
+    kernel_s, kernel_mode = 0.0, ""
     if tokens == 1 and m.kernel_rates:
-        compute_s = max(compute_s, _kernel_s(ctx, dev_routed))
+        kernel_s = _kernel_s(ctx, dev_routed)
+        kernel_mode = "add" if m.kernels_add_to_memory and overlap else "max"
+        if kernel_mode == "max":
+            compute_s = max(compute_s, kernel_s)
     memory_s = 0.0
     for i in range(n):
         t = m.tiers[i]
@@ -687,11 +716,15 @@ def _phase(ctx: _Ctx, name: str, tokens: float, kv_read: float, kv_write: float,
             traffic.append(TierTraffic(t.name, False, 0.0, served[i], ts, mode, bw, f))
     times = {"compute": compute_s, "memory": memory_s, "communication": comm_s}
     step = max(times.values()) if overlap else sum(times.values())
-    bottleneck = max(RESOURCES, key=lambda k: times[k])
+    if kernel_mode == "add":  # the same cores stream and compute: their times add (module doc)
+        times["memory+compute"] = memory_s + kernel_s
+        step = max(step, times["memory+compute"])
+    # ties go to the first named (e.g. "memory" when no group's format has a kernel rate)
+    bottleneck = max((k for k in RESOURCES if k in times), key=lambda k: times[k])
     return PhaseResult(name=name, tokens=tokens, tokens_per_s=tokens / step if step > 0 else math.inf,
                        step_time_s=step, compute_s=compute_s, memory_s=memory_s, communication_s=comm_s,
                        bottleneck=bottleneck, flops=flops_total, expected_unique_experts=unique_total,
-                       tiers=tuple(traffic))
+                       tiers=tuple(traffic), kernel_s=kernel_s, kernel_mode=kernel_mode)
 
 
 def _kernel_s(ctx: _Ctx, routed_on_device: float) -> float:
@@ -772,15 +805,19 @@ def plan(spec: ModelSpec | str, machine: Machine | str, *, batch: int = 1, conte
     e = machine.efficiency
     notes += [
         f"efficiency (sustained/peak): compute {e.compute:g}, memory {e.memory:g}, link {e.link:g}",
-        "step time = " + ("max(compute, memory, communication): resources overlap" if overlap
+        "step time = " + (("max(compute, memory + kernels, communication) (decode, batch 1)"
+                           if machine.kernels_add_to_memory and machine.kernel_rates
+                           else "max(compute, memory, communication)") + ": resources overlap" if overlap
                           else "compute + memory + communication: no overlap"),
         f"KV cache {KV_BYTES_PER_ELEMENT:g} bytes/element ("
         + ("MLA: kv_lora_rank + qk_rope_head_dim per token per layer" if spec.attention == "mla"
            else "GQA: 2 x kv_heads x head_dim per token per layer") + ")",
         "integer weight formats compute at bf16 (weight-only quantization)",
-        *(["decode (batch 1): compute time is at least the native GEMVs' time at the measured per-format "
-           "kernel rates (moetier probe): " + ", ".join(f"{k} {v / 1e9:.1f} Gweights/s"
-                                                           for k, v in sorted(machine.kernel_rates.items()))]
+        *([("decode (batch 1): the native GEMVs' time at the measured per-format kernel rates "
+            + ("adds to memory time (the same cores stream and compute: memory+compute)"
+               if machine.kernels_add_to_memory and overlap else "is a floor on compute time")
+            + " (moetier probe): " + ", ".join(f"{k} {v / 1e9:.1f} Gweights/s"
+                                               for k, v in sorted(machine.kernel_rates.items())))]
           if machine.kernel_rates else []),
         "prefill: one forward over batch x context tokens; KV written once",
     ]
@@ -1025,7 +1062,13 @@ def format_plan(r: PlanResult, machine: Machine | None = None) -> str:
                            "computed in place")
                 lines.append(f"    comm {t.name:9s} {fmt_seconds(t.time_s):>10s}  {fmt_bytes(t.served_bytes)} "
                              f"{how}")
-        lines.append(f"    => compute {fmt_seconds(ph.compute_s)} | memory {fmt_seconds(ph.memory_s)} | "
+        if ph.kernel_mode:
+            how = ("added to memory: the same cores stream and compute" if ph.kernel_mode == "add"
+                   else "a floor on compute")
+            lines.append(f"    kernels        {fmt_seconds(ph.kernel_s):>10s}  native GEMVs at the measured "
+                         f"kernel rates ({how})")
+        both = (f" | memory+compute {fmt_seconds(ph.memory_compute_s)}" if ph.kernel_mode == "add" else "")
+        lines.append(f"    => compute {fmt_seconds(ph.compute_s)} | memory {fmt_seconds(ph.memory_s)}{both} | "
                      f"communication {fmt_seconds(ph.communication_s)}")
     lines.append("")
     if r.expert_tier.size:

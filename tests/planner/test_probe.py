@@ -86,8 +86,18 @@ def _fake_record() -> dict:
             "host": "fake", "cores_usable": 2, "cores_logical": 2, "cores_physical": 2,
             "ram_bytes": 16e9, "ram_available_bytes": 8e9, "disk_free_bytes": 1e12, "disk_dir": "/x",
             "memory_read_bw": 20e9, "disk_read_bw": 2e9, "disk_method": "O_DIRECT",
-            "matmul_flops": {"fp32": 1e11, "bf16": 2e11}, "kernel_rates": {}, "sizes": {},
-            "probe_seconds": 1.0}
+            "matmul_flops": {"fp32": 1e11, "bf16": 2e11}, "kernel_rates": {},
+            "kernel_rates_method": probe.KERNEL_RATES_METHOD, "sizes": {}, "probe_seconds": 1.0}
+
+
+def test_a_record_with_kernel_rates_timed_the_old_way_is_measured_again(cache):
+    cache.mkdir(parents=True)
+    rec = _fake_record()
+    probe.cache_path().write_text(json.dumps(rec))
+    assert probe.load_cached() is not None
+    del rec["kernel_rates_method"]  # wall-clock rates at all cores (before 2026-12-02): load-sensitive
+    probe.cache_path().write_text(json.dumps(rec))
+    assert probe.load_cached() is None
 
 
 def test_probe_cli_reads_cache(cache, capsys):

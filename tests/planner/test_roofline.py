@@ -383,29 +383,35 @@ def test_load_profile_reads_the_embedded_models_routing_profile():
     assert p.max() > 2 * spec.top_k / spec.num_experts
 
 
+_KERNEL_REC = {"ram_bytes": 1e10, "memory_read_bw": 1e12, "disk_free_bytes": 1e11, "disk_read_bw": 1e9,
+               "matmul_flops": {"fp32": 1e15, "bf16": 1e15}, "timestamp": 0.0,
+               "kernel_rates": {"bf16": 2e9, "int4:g32": 1e9, "int4:g128": 4e9}}
+
+
 def test_decode_bound_takes_the_measured_kernel_rate_when_it_is_slower_than_memory():
-    """`moetier probe` records the native decode GEMV's weights/s per stored format; a decode step
-    then needs at least every matrix's params / its format's rate (fed probe dict, no timing)."""
+    """`moetier probe` records the native decode GEMV's weights/s per stored format; where the
+    kernels overlap memory (``kernels_add_to_memory=False``: an accelerator's load units) a
+    decode step needs at least every matrix's params / its format's rate (fed probe dict, no
+    timing)."""
     from moetier.planner.probe import machine_from_probe
 
-    rec = {"ram_bytes": 1e10, "memory_read_bw": 1e12, "disk_free_bytes": 1e11, "disk_read_bw": 1e9,
-           "matmul_flops": {"fp32": 1e15, "bf16": 1e15}, "timestamp": 0.0,
-           "kernel_rates": {"bf16": 2e9, "int4:g32": 1e9, "int4:g128": 4e9}}
-    m = machine_from_probe(rec)
+    rec = _KERNEL_REC
+    m = replace(machine_from_probe(rec), kernels_add_to_memory=False)
     cen = census(SPEC, "int4:g32")
     # by hand: embedding is a row copy, norms are vectors; keep-high groups (LM head, router) are bf16
     g = cen.groups
     want = ((g["lm_head"].params + g["router"].params) / 2e9 + g["attention"].params / 1e9
             + 4 * 2 * cen.expert_params / 1e9)  # 4 MoE layers x top-2 experts at batch 1
     r = rl.plan(SPEC, m, precision="int4:g32", context=16)
-    assert r.decode.compute_s == pytest.approx(want)
-    assert r.decode.memory_s < want and r.bottleneck == "compute"
+    assert r.decode.compute_s == pytest.approx(want) and r.decode.kernel_s == pytest.approx(want)
+    assert r.decode.kernel_mode == "max" and r.decode.memory_s < want and r.bottleneck == "compute"
     assert r.decode_tokens_per_s == pytest.approx(1 / want)
     assert any("kernel rates" in a for a in r.assumptions)
     # an unmeasured group size takes the nearest measured one of the same width (g64 -> g32)
     assert m.kernel_rate("int4:g64") == 1e9 and m.kernel_rate("int4:g100") == 4e9 and m.kernel_rate("fp8") is None
     # kernels faster than memory: the memory bound stands, as without kernel rates
-    fast = machine_from_probe({**rec, "memory_read_bw": 1e9, "kernel_rates": {"bf16": 1e15, "int4:g32": 1e15}})
+    fast = replace(machine_from_probe({**rec, "memory_read_bw": 1e9, "kernel_rates": {"bf16": 1e15, "int4:g32": 1e15}}),
+                   kernels_add_to_memory=False)
     none = machine_from_probe({**rec, "memory_read_bw": 1e9, "kernel_rates": {}})
     r_fast, r_none = (rl.plan(SPEC, x, precision="int4:g32", context=16) for x in (fast, none))
     assert r_fast.bottleneck == "memory"
@@ -413,3 +419,48 @@ def test_decode_bound_takes_the_measured_kernel_rate_when_it_is_slower_than_memo
     # prefill (many tokens per step) is not a GEMV: unchanged by kernel rates
     assert r.prefill.compute_s == pytest.approx(rl.plan(SPEC, replace(m, kernel_rates={}), precision="int4:g32",
                                                         context=16).prefill.compute_s)
+
+
+def test_cpu_decode_bound_adds_kernel_time_to_memory_time():
+    """On the probed CPU the same cores stream the weights and run the dequantizing kernels, and
+    measured decode steps show the two add (bench/README.md, 2026-12-02): the decode bound is
+    bytes / bandwidth + weights / kernel rate, named "memory+compute"; a format without a kernel
+    rate keeps the plain memory bound; prefill and non-CPU machines are unchanged."""
+    from moetier.planner.probe import machine_from_probe
+
+    rec = {**_KERNEL_REC, "memory_read_bw": 1e9}
+    m = machine_from_probe(rec)
+    assert m.kernels_add_to_memory
+    cen = census(SPEC, "int4:g32")
+    g = cen.groups
+    kernel = ((g["lm_head"].params + g["router"].params) / 2e9 + g["attention"].params / 1e9
+              + 4 * 2 * cen.expert_params / 1e9)
+    r = rl.plan(SPEC, m, precision="int4:g32", context=16)
+    d = r.decode
+    assert d.kernel_mode == "add" and d.kernel_s == pytest.approx(kernel)
+    assert d.memory_s == pytest.approx(d.tiers[0].read_bytes / 1e9)  # bytes / bandwidth, as before
+    assert d.step_time_s == pytest.approx(d.memory_s + kernel)  # the sum, not max(memory, kernel)
+    assert d.step_time_s > 1.5 * max(d.memory_s, kernel)  # both terms matter in this case
+    assert r.bottleneck == "memory+compute" and r.decode_tokens_per_s == pytest.approx(1 / (d.memory_s + kernel))
+    assert d.compute_s < kernel  # the kernel time is not also counted as FLOP compute
+    assert d.to_json()["times_s"]["memory+compute"] == pytest.approx(d.memory_s + kernel)
+    text = rl.format_plan(r)
+    assert "bound by memory+compute" in text and "added to memory" in text
+    assert any("adds to memory time" in a for a in r.assumptions)
+    # formats without a kernel rate (bf16, fp8 + its bf16 LM head / router here): exactly the
+    # memory bound of a machine without kernel rates, named "memory"
+    only_int4, none = replace(m, kernel_rates={"int4:g32": 1e9}), replace(m, kernel_rates={})
+    for prec in ("bf16", "fp8"):
+        a, b = (rl.plan(SPEC, x, precision=prec, context=16) for x in (only_int4, none))
+        assert a.decode.kernel_s == 0.0 and a.bottleneck == "memory" == b.bottleneck
+        assert a.decode_tokens_per_s == pytest.approx(b.decode_tokens_per_s)
+    # the same machine marked as overlapping (accelerator-like) takes the max instead
+    ov = rl.plan(SPEC, replace(m, kernels_add_to_memory=False), precision="int4:g32", context=16)
+    assert ov.decode.step_time_s == pytest.approx(max(d.memory_s, kernel))
+    # prefill (many tokens per step) is not a GEMV: unchanged
+    assert r.prefill.step_time_s == pytest.approx(
+        rl.plan(SPEC, replace(m, kernel_rates={}), precision="int4:g32", context=16).prefill.step_time_s)
+    # overlap=False already adds every resource: the kernel time is a compute floor there, not counted twice
+    no = rl.plan(SPEC, m, precision="int4:g32", context=16, overlap=False).decode
+    assert no.kernel_mode == "max" and no.step_time_s == pytest.approx(
+        max(no.compute_s, kernel) + no.memory_s + no.communication_s)
