@@ -155,7 +155,8 @@ def mla_attend(
 class SplitKVB(nn.Module):
     """``kv_b_proj`` kept as GGUF stores it: llama.cpp's per-head ``attn_k_b`` (W_UK[h]
     transposed) and ``attn_v_b`` (W_UV[h]) as stored (block formats as QTensors, or plain
-    float16 / bfloat16 / float32), never rebuilt as one model-dtype matrix. ``k_b`` [nh C, dn] (head h: rows h C .. + C), ``v_b`` [nh dv, C]. :attr:`weight`
+    float16 / bfloat16 / float32), never rebuilt as one model-dtype matrix. ``k_b`` [nh C, dn]
+    (head h: rows h C .. + C), ``v_b`` [nh dv, C]. :attr:`weight`
     is the dequantized ``[nh (dn + dv), C]`` (a new tensor per access, as ``QLinear.weight``);
     the native decoder runs the absorb and W_UV as products over the stored rows
     (``native/mla.py``)."""

@@ -113,7 +113,7 @@ def unsupported(net: DecoderLM) -> str | None:
         if a.shape.qk_rope_head_dim > MAX_ROPE_DIM or a.shape.qk_rope_head_dim % 2:
             return f"layer {i}: qk_rope_head_dim {a.shape.qk_rope_head_dim}"
         kvb = _weight(a.kv_b_proj) if not isinstance(a.kv_b_proj, SplitKVB) else None  # SplitKVB: read as stored
-        if kvb is not None and not isinstance(kvb, QTensor) and kvb.dtype != net.dtype:  # a QTensor gets a plain copy (plain_kv_b)
+        if kvb is not None and not isinstance(kvb, QTensor) and kvb.dtype != net.dtype:  # QTensor: plain_kv_b
             return f"layer {i}: kv_b_proj is stored as {kvb.dtype}, not the model dtype {net.dtype}"
         if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
             return f"layer {i}: norms are not RMSNorm"
