@@ -35,6 +35,7 @@ from moetier.errors import ConfigError
 from moetier.layers.attention import Segments, cache_append
 from moetier.layers.norm import RMSNorm, rms_norm
 from moetier.layers.rope import apply_rope, yarn_get_mscale
+from moetier.quant import QTensor, dense
 
 
 def mla_softmax_scale(qk_head_dim: int, rope_scaling: Mapping[str, Any] | None) -> float:
@@ -149,6 +150,40 @@ def mla_attend(
     o_lat = p @ c_kv  # [heads, T, C]
     out = torch.einsum("htc,hvc->thv", o_lat, w_uv).reshape(T, nh * dv)  # [T, heads * dv]
     return F.linear(out, w.o_proj, w.o_proj_bias)  # [T, H]
+
+
+class SplitKVB(nn.Module):
+    """``kv_b_proj`` kept as GGUF stores it: llama.cpp's per-head ``attn_k_b`` (W_UK[h]
+    transposed) and ``attn_v_b`` (W_UV[h]) as stored (block formats as QTensors, or plain
+    float16 / bfloat16 / float32), never rebuilt as one model-dtype matrix. ``k_b`` [nh C, dn]
+    (head h: rows h C .. + C), ``v_b`` [nh dv, C]. :attr:`weight`
+    is the dequantized ``[nh (dn + dv), C]`` (a new tensor per access, as ``QLinear.weight``);
+    the native decoder runs the absorb and W_UV as products over the stored rows
+    (``native/mla.py``)."""
+
+    def __init__(self, k_b: Tensor | QTensor, v_b: Tensor | QTensor, num_heads: int, dtype: torch.dtype):
+        super().__init__()
+        (kr, dn), (vr, C) = tuple(k_b.shape), tuple(v_b.shape)
+        dv = vr // num_heads
+        if kr != num_heads * C or vr != num_heads * dv:
+            raise ValueError(f"SplitKVB: k_b {list(k_b.shape)} / v_b {list(v_b.shape)} for {num_heads} heads")
+        self.k_b, self.v_b, self.num_heads, self.compute_dtype = k_b, v_b, num_heads, dtype
+        self.in_features, self.out_features = C, num_heads * (dn + dv)
+
+    @property
+    def weight(self) -> Tensor:
+        nh = self.num_heads
+        kb = dense(self.k_b, torch.float32).view(nh, self.in_features, -1)  # [nh, C, dn]
+        vb = dense(self.v_b, torch.float32).view(nh, -1, self.in_features)  # [nh, dv, C]
+        kv = torch.cat([kb.transpose(1, 2), vb], dim=1)  # [nh, dn + dv, C]
+        return kv.reshape(-1, self.in_features).to(self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"k_b={self.k_b.dtype}, v_b={self.v_b.dtype}")
 
 
 class MLAAttention(nn.Module):

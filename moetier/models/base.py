@@ -451,6 +451,14 @@ def load_dense_weights(net: DecoderLM, index: SafetensorsIndex, dtype: torch.dty
             )
         owner, _, leaf = name.rpartition(".")
         mod = net.get_submodule(owner)
+        split = getattr(index, "kv_b_split", None)  # GGUF MLA: attn_k_b / attn_v_b kept as stored
+        parts = split(ck) if split is not None and leaf == "weight" else None
+        if parts is not None:
+            from moetier.layers.mla import SplitKVB
+
+            _swap(net, owner, SplitKVB(*parts, num_heads=net.get_submodule(owner.rpartition(".")[0]).shape.num_heads,
+                                       dtype=dtype))
+            continue
         if isinstance(info, QInfo):
             if leaf != "weight" or not isinstance(mod, nn.Linear):
                 raise WeightError(f"{info.where}: '{ck}' is stored as {info.fmt}, which moetier reads for linear "

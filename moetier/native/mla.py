@@ -12,8 +12,10 @@ routed_scaling_factor), then the routed experts come from the provider as on the
 and one call (``mt_moe``, shared with the generic decoder) runs them plus the shared experts;
 dense layers run ``mt_dense_mlp``. The latent cache is the one the torch path keeps
 (``layers/mla.py``: ``c_kv`` [L, C], ``k_rot`` [L, dr]); no step decompresses it. The absorbed
-attention reads ``kv_b_proj`` as plain model-dtype rows; a ``kv_b_proj`` stored quantized (FP8
-releases, ``--quantize-all``, GGUF block types) is dequantized once at build, exactly as the torch
+attention reads ``kv_b_proj`` as plain model-dtype rows, except a GGUF's block-type ``attn_k_b`` /
+``attn_v_b`` (``layers/mla.py: SplitKVB``), whose per-head rows the absorb and W_UV read as stored
+through the formats' products (no copy); another ``kv_b_proj`` stored quantized (FP8
+releases, ``--quantize-all``) is dequantized once at build, exactly as the torch
 path dequantizes it per use (:func:`plain_kv_b`; the ``--max-ram`` budget charges the copy). With
 every expert in RAM (``InMemoryExpertProvider``), no router observer and no norm pre-hook, one
 native call runs all layers (``mt_mla_layers``: the same functions in the same order, the same
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moetier.layers.attention import Sequence, cache_reserve
-from moetier.layers.mla import MLAAttention
+from moetier.layers.mla import MLAAttention, SplitKVB
 from moetier.layers.mlp import GatedMLP
 from moetier.layers.moe import MoEBlock
 from moetier.layers.norm import RMSNorm
@@ -62,7 +64,7 @@ class MlaDesc(ctypes.Structure):
         ("q_w", ctypes.c_void_p), ("qa_w", ctypes.c_void_p), ("qa_b", ctypes.c_void_p), ("qa_norm", ctypes.c_void_p),
         ("kva_w", ctypes.c_void_p), ("kva_b", ctypes.c_void_p), ("kva_norm", ctypes.c_void_p),
         ("kvb", ctypes.c_void_p), ("uv", ctypes.c_void_p), ("o_w", ctypes.c_void_p), ("o_b", ctypes.c_void_p),
-        ("kvb_w", ctypes.c_void_p),
+        ("kvb_w", ctypes.c_void_p), ("uk", ctypes.c_void_p),
     ]
 
 
@@ -110,8 +112,8 @@ def unsupported(net: DecoderLM) -> str | None:
             return f"layer {i} attention is a {type(a).__name__}"
         if a.shape.qk_rope_head_dim > MAX_ROPE_DIM or a.shape.qk_rope_head_dim % 2:
             return f"layer {i}: qk_rope_head_dim {a.shape.qk_rope_head_dim}"
-        kvb = _weight(a.kv_b_proj)
-        if not isinstance(kvb, QTensor) and kvb.dtype != net.dtype:  # a QTensor gets a plain copy (plain_kv_b)
+        kvb = _weight(a.kv_b_proj) if not isinstance(a.kv_b_proj, SplitKVB) else None  # SplitKVB: read as stored
+        if kvb is not None and not isinstance(kvb, QTensor) and kvb.dtype != net.dtype:  # QTensor: plain_kv_b
             return f"layer {i}: kv_b_proj is stored as {kvb.dtype}, not the model dtype {net.dtype}"
         if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
             return f"layer {i}: norms are not RMSNorm"
@@ -161,6 +163,11 @@ def plain_kv_b(attn: MLAAttention, dtype: torch.dtype) -> tuple[torch.Tensor, in
     return attn.kv_b_proj.weight, 0
 
 
+def _rows(w: torch.Tensor | QTensor, a: int, n: int) -> torch.Tensor | QTensor:
+    """Rows ``[a, a + n)`` of a 2-D weight, sharing its memory."""
+    return w.row_slice(a, a + n) if isinstance(w, QTensor) else w[a:a + n]
+
+
 def plain_copy_bytes(spec: Any, itemsize: int, layers: int | None = None) -> int:
     """The RAM :class:`MLADecoder` adds when ``layers`` (default: all) layers store ``kv_b_proj``
     quantized: one plain ``[nh (dn + dv), C]`` copy each at ``itemsize`` bytes per value
@@ -206,15 +213,23 @@ class MLADecoder(_StepBase):
                 m.q_w = self._w(_weight(a.q_proj), f"layer {i} q_proj")
             m.kva_w = self._w(_weight(a.kv_a_proj_with_mqa), f"layer {i} kv_a_proj_with_mqa")
             m.kva_b, m.kva_norm = _ptr(a.kv_a_proj_with_mqa.bias), _ptr(a.kv_a_layernorm.weight)
-            kvb, copied = plain_kv_b(a, net.dtype)  # [nh (dn + dv), C], plain (a copy if stored quantized)
-            if copied:
-                self.keep.append(kvb)
-                self.copy_bytes += copied
-            m.kvb, m.kvb_w = _ptr(kvb), self._w(kvb, f"layer {i} kv_b_proj")
             uv = (MtWeight * m.nh)()
-            blocks = kvb.view(m.nh, m.dn + m.dv, m.C)
-            for h in range(m.nh):
-                describe(blocks[h, m.dn:], out=uv[h], what=f"layer {i} kv_b_proj (W_UV head {h})")
+            if isinstance(a.kv_b_proj, SplitKVB):  # GGUF attn_k_b / attn_v_b as stored: products per head
+                uk, kb, vb = (MtWeight * m.nh)(), a.kv_b_proj.k_b, a.kv_b_proj.v_b  # [nh C, dn], [nh dv, C]
+                for h in range(m.nh):
+                    describe(_rows(kb, h * m.C, m.C), out=uk[h], what=f"layer {i} attn_k_b head {h}")
+                    describe(_rows(vb, h * m.dv, m.dv), out=uv[h], what=f"layer {i} attn_v_b head {h}")
+                self.keep += [uk, kb, vb]
+                m.uk = ctypes.addressof(uk)  # m.kvb, m.kvb_w stay NULL: prefill runs the absorbed form
+            else:
+                kvb, copied = plain_kv_b(a, net.dtype)  # [nh (dn + dv), C], plain (a copy if stored quantized)
+                if copied:
+                    self.keep.append(kvb)
+                    self.copy_bytes += copied
+                m.kvb, m.kvb_w = _ptr(kvb), self._w(kvb, f"layer {i} kv_b_proj")
+                blocks = kvb.view(m.nh, m.dn + m.dv, m.C)
+                for h in range(m.nh):
+                    describe(blocks[h, m.dn:], out=uv[h], what=f"layer {i} kv_b_proj (W_UV head {h})")
             self.keep.append(uv)
             m.uv = ctypes.addressof(uv)
             m.o_w, m.o_b = self._w(_weight(a.o_proj), f"layer {i} o_proj"), _ptr(a.o_proj.bias)

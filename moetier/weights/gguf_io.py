@@ -20,7 +20,8 @@ Undone converter transforms (``convert_hf_to_gguf.py``): for ``llama``-architect
 rotary halves interleaved, for ggml's adjacent-pair rope); :func:`unpermute_rows` restores
 HF's order (row permutation of whole rows: valid for quantized rows too). For ``deepseek2``
 the converter splits ``kv_b_proj`` into ``attn_k_b`` (transposed per head) and ``attn_v_b``;
-:meth:`read` rebuilds ``kv_b_proj`` (a float tensor: it is a small always-on weight).
+:meth:`read` rebuilds ``kv_b_proj`` as a float tensor; the model loader keeps block-type parts as
+stored instead (:meth:`GGUFIndex.kv_b_split`, ``layers/mla.py: SplitKVB``).
 
 Tensor types: F32/F16/BF16 are plain tensors; the block types are
 :mod:`moetier.quant.ggml` formats. The reader interface is the safetensors reader's
@@ -435,6 +436,29 @@ class GGUFIndex:
         out.copy_(t.view(out.shape))
         return out
 
+    def kv_b_kept(self, name: str) -> bool:
+        """Whether ``kv_b_proj`` ``name`` is loaded as its stored parts (:meth:`kv_b_split`), from
+        the headers."""
+        parts = self._kv_b.get(name)
+        if parts is None:
+            return False
+        for g in parts:
+            s = self.gguf[g].stored
+            if (s.block_size and self.gguf[g].shape[-1] % s.block_size if isinstance(s, GGMLFormat)
+                    else s not in (torch.float32, torch.float16, torch.bfloat16)):
+                return False
+        return True
+
+    def kv_b_split(self, name: str) -> tuple[torch.Tensor | QTensor, torch.Tensor | QTensor] | None:
+        """``kv_b_proj`` ``name`` as its stored parts: ``attn_k_b`` [nh C, dn] and ``attn_v_b``
+        [nh dv, C], each a QTensor (block types) or a plain float16 / bfloat16 / float32 tensor
+        (the loader keeps them, ``layers/mla.py: SplitKVB``); None when ``name`` is no such pair
+        (or a part's rows are not whole blocks: then :meth:`read` rebuilds it)."""
+        if not self.kv_b_kept(name):
+            return None
+        kb, vb = (self._stored(self.gguf[g], 0, math.prod(self.gguf[g].shape[:-1])) for g in self._kv_b[name])
+        return kb, vb
+
     def _read_kv_b(self, name: str) -> torch.Tensor:
         kb_name, vb_name = self._kv_b[name]
         kb, vb = self.gguf[kb_name], self.gguf[vb_name]
@@ -713,8 +737,11 @@ def stored_census(path: str | Path, cen: Any, dtype: torch.dtype) -> Any:
             routed += n
         else:
             always += n
-    for name in index._kv_b:  # rebuilt float tensors replace attn_k_b / attn_v_b
-        always += math.prod(index.tensors[name].shape) * item
+    for name, parts in index._kv_b.items():  # attn_k_b / attn_v_b kept as stored, or a rebuilt float tensor
+        if index.kv_b_kept(name):
+            always += sum(index.gguf[g].nbytes for g in parts)
+        else:
+            always += math.prod(index.tensors[name].shape) * item
     n_exp = max(1, spec.num_experts * spec.num_moe_layers)
     return replace(cen, always_on_bytes=float(always), routed_bytes=float(routed),
                    total_bytes=float(always + routed), expert_bytes=float(routed / n_exp),

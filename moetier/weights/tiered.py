@@ -435,8 +435,9 @@ def routing_profile_for(model_dir: Any, spec: ModelSpec) -> np.ndarray | None:
 def native_copy_bytes(d: Any, spec: ModelSpec, itemsize: int, load_kwargs: dict[str, Any]) -> int:
     """RAM the native decoder will add after loading, for the budget (``MemoryBudget.native_bytes``):
     the plain model-dtype copy of every MLA ``kv_b_proj`` stored quantized -- in the checkpoint
-    (FP8 releases, GGUF block types) or at load (``quantize_all``) -- see ``native/mla.py:
-    plain_kv_b``. Read from the tensor headers, before any weight is loaded; 0 when the native
+    (FP8 releases, an older GGUF's one block-type ``attn_kv_b``; not a GGUF's ``attn_k_b`` /
+    ``attn_v_b`` pair, read as stored: ``layers/mla.py: SplitKVB``) or at load (``quantize_all``)
+    -- see ``native/mla.py: plain_kv_b``. Read from the tensor headers, before any weight is loaded; 0 when the native
     path is off or the model is not MLA."""
     from moetier import native
     from moetier.native.mla import plain_copy_bytes

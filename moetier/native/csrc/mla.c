@@ -328,7 +328,17 @@ int mt_mla_attention(const mla_desc *L, mla_scratch *M, scratch *S, int dt, floa
     long n = pos + 1;
     mla_ctx A = {L, M, dt, Ckv, Kr, n};
     int ath = nh * dn * C < PARALLEL_MIN_ELEMS ? 1 : nth;
-    parallel_run(absorb_task, &A, ath);
+    mt_gemv_item items[256];
+    if (L->uk) { /* q_lat[h] = W_UK[h]^T q_nope[h] through the stored format's products */
+        for (long h0 = 0; h0 < nh; h0 += 256) {
+            int m = 0;
+            for (long h = h0; h < nh && m < 256; h++, m++)
+                items[m] = (mt_gemv_item){&L->uk[h], NULL, dt, M->q + h * (dn + dr), M->qlat + h * C, NULL, NULL};
+            mt_run_gemvs(items, m, nth);
+        }
+    } else {
+        parallel_run(absorb_task, &A, ath);
+    }
     ath = n * nh * (2 * C + dr) < PARALLEL_MIN_ELEMS ? 1 : nth;
     long need = n * MLA_ROWS * ath;
     if (M->n_scores < need) {
@@ -338,12 +348,11 @@ int mt_mla_attention(const mla_desc *L, mla_scratch *M, scratch *S, int dt, floa
         M->n_scores = need;
     }
     parallel_run(mla_attn_task, &A, ath);
-    mt_gemv_item uv[256];
     for (long h0 = 0; h0 < nh; h0 += 256) { /* W_UV[h] o_lat[h], heads in batches of 256 */
         int m = 0;
         for (long h = h0; h < nh && m < 256; h++, m++)
-            uv[m] = (mt_gemv_item){&L->uv[h], NULL, dt, M->olat + h * C, M->out + h * dv, NULL, NULL};
-        mt_run_gemvs(uv, m, nth);
+            items[m] = (mt_gemv_item){&L->uv[h], NULL, dt, M->olat + h * C, M->out + h * dv, NULL, NULL};
+        mt_run_gemvs(items, m, nth);
     }
     mt_gemv_item o = {L->o_w, L->o_b, dt, M->out, S->ao, NULL, NULL};
     mt_run_gemvs(&o, 1, nth);

@@ -17,11 +17,13 @@ typedef struct {
     const void *qa_b, *qa_norm;
     const mt_weight *kva_w; /* kv_a_proj_with_mqa [C + dr, H] */
     const void *kva_b, *kva_norm;
-    const void *kvb;       /* kv_b_proj [nh (dn + dv), C], plain model dtype */
-    const mt_weight *uv;   /* nh descriptors: W_UV[h] = rows h (dn + dv) + dn .. + dv of kv_b_proj */
+    const void *kvb;       /* kv_b_proj [nh (dn + dv), C], plain model dtype (NULL when uk is given) */
+    const mt_weight *uv;   /* nh descriptors: W_UV[h] [dv, C] (rows h (dn + dv) + dn .. + dv of kv_b_proj) */
     const mt_weight *o_w;  /* [H, nh dv] */
     const void *o_b;
-    const mt_weight *kvb_w; /* kv_b_proj (kvb) as one plain weight: the plain form's decompression */
+    const mt_weight *kvb_w; /* kv_b_proj (kvb) as one plain weight: the plain form's decompression (or NULL) */
+    const mt_weight *uk;    /* NULL, or nh descriptors W_UK[h]^T [C, dn] in any weight format (GGUF attn_k_b,
+                             * kept as stored): the absorb runs as products over them instead of kvb's rows */
 } mla_desc;
 
 /* mirrors moetier/native/mla.py: RouteDesc */
@@ -42,7 +44,8 @@ void mt_mla_post(const mla_desc *L, int dt, float *q, float *kv, void *Ckv, void
                  const float *sn);
 
 /* W_UK folded into the queries of head h for T tokens: ql[t][c] = sum_d q[t][h (dn + dr) + d] *
- * kvb[h (dn + dv) + d][c] (d ascending, per element). q rows ldq floats apart, ql rows ldl. */
+ * kvb[h (dn + dv) + d][c] (d ascending, per element). q rows ldq floats apart, ql rows ldl.
+ * Plain kvb only: with L->uk the callers run the products over uk[h] (mt_run_gemvs / _gemms). */
 void mt_mla_absorb(const mla_desc *L, int dt, long h, const float *q, long ldq, float *ql, long ldl, long T);
 
 #define MLA_ROWS 4 /* heads of one token per pass over the cache (mt_mla_attend_rows) */

@@ -143,7 +143,7 @@ typedef struct {
  * 1 whenever allowed (runs of 2 tokens or more whose decompressed rows fit one head per pass) */
 static int use_plain(const mla_desc *L, long a, long b, const long *pos, int mode) {
     long T = b - a, n = pos[b - 1] + 1, C = L->C, dn = L->dn, dr = L->dr, dv = L->dv;
-    if (mode == 0 || T < 2 || n * (dn + dv) > PLAIN_MAX_FLOATS) return 0;
+    if (mode == 0 || !L->kvb_w || T < 2 || n * (dn + dv) > PLAIN_MAX_FLOATS) return 0;
     if (mode == 1) return 1;
     double P = 0;
     for (long t = a; t < b; t++) P += (double)(pos[t] + 1);
@@ -259,7 +259,14 @@ int mt_mla_attention_many(const mla_desc *L, mla_many *A, many *M, int dt, long 
             long n = b - c0 < LATENT_CHUNK ? b - c0 : LATENT_CHUNK;
             mla_many_ctx X = {L, A, dt, n, ldq, c0, pos, seq, Ckv, Kr, nmax * MLA_ROWS};
             double macs = (double)n * nh * dn * C;
-            parallel_run(absorb_many_task, &X, macs < PARALLEL_MIN_ELEMS ? 1 : nth);
+            if (L->uk) { /* q_lat[t, h] = W_UK[h]^T q_nope[t, h] through the stored format's products */
+                for (long h = 0; h < nh; h++)
+                    A->items[h] = (mt_gemm_item){&L->uk[h], NULL, dt, A->q + c0 * ldq + h * (dn + dr), ldq, NULL, n,
+                                                 A->qlat + h * C, nh * C};
+                mt_run_gemms(A->items, (int)nh, nth);
+            } else {
+                parallel_run(absorb_many_task, &X, macs < PARALLEL_MIN_ELEMS ? 1 : nth);
+            }
             long ng = (nh + MLA_ROWS - 1) / MLA_ROWS, n_units = n * ng;
             if (n_units + 1 > A->n_cum) {
                 double *c = (double *)realloc(A->cum, (n_units + 1) * sizeof(double));
