@@ -152,6 +152,14 @@ def mla_attend(
     return F.linear(out, w.o_proj, w.o_proj_bias)  # [T, H]
 
 
+def kv_b_from_parts(k_b: Tensor | QTensor, v_b: Tensor | QTensor, num_heads: int) -> Tensor:
+    """HF's ``kv_b_proj`` weight [nh (dn + dv), C] in float32 from llama.cpp's per-head parts:
+    ``attn_k_b`` [nh C, dn] (W_UK[h] transposed) and ``attn_v_b`` [nh dv, C], as stored."""
+    kb = dense(k_b, torch.float32).reshape(num_heads, -1, k_b.shape[-1])  # [nh, C, dn]
+    vb = dense(v_b, torch.float32).reshape(num_heads, -1, v_b.shape[-1])  # [nh, dv, C]
+    return torch.cat([kb.transpose(1, 2), vb], dim=1).reshape(-1, vb.shape[-1])  # [nh (dn + dv), C]
+
+
 class SplitKVB(nn.Module):
     """``kv_b_proj`` kept as GGUF stores it: llama.cpp's per-head ``attn_k_b`` (W_UK[h]
     transposed) and ``attn_v_b`` (W_UV[h]) as stored (block formats as QTensors, or plain
@@ -172,11 +180,7 @@ class SplitKVB(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        nh = self.num_heads
-        kb = dense(self.k_b, torch.float32).view(nh, self.in_features, -1)  # [nh, C, dn]
-        vb = dense(self.v_b, torch.float32).view(nh, -1, self.in_features)  # [nh, dv, C]
-        kv = torch.cat([kb.transpose(1, 2), vb], dim=1)  # [nh, dn + dv, C]
-        return kv.reshape(-1, self.in_features).to(self.compute_dtype)
+        return kv_b_from_parts(self.k_b, self.v_b, self.num_heads).to(self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight)

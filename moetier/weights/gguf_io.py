@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from moetier.errors import ConfigError, MoetierError, UnsupportedModelError, WeightError
+from moetier.layers.mla import kv_b_from_parts
 from moetier.quant import QTensor
 from moetier.quant.ggml import PLAIN_TYPES, GGMLFormat, check_type, type_name
 from moetier.spec import ModelSpec, spec_from_config
@@ -454,23 +455,16 @@ class GGUFIndex:
         [nh dv, C], each a QTensor (block types) or a plain float16 / bfloat16 / float32 tensor
         (the loader keeps them, ``layers/mla.py: SplitKVB``); None when ``name`` is no such pair
         (or a part's rows are not whole blocks: then :meth:`read` rebuilds it)."""
-        if not self.kv_b_kept(name):
-            return None
+        return self._kv_b_parts(name) if self.kv_b_kept(name) else None
+
+    def _kv_b_parts(self, name: str) -> tuple[torch.Tensor | QTensor, torch.Tensor | QTensor]:
+        """``attn_k_b`` / ``attn_v_b`` of ``kv_b_proj`` ``name`` as stored, flattened to 2-D rows."""
         kb, vb = (self._stored(self.gguf[g], 0, math.prod(self.gguf[g].shape[:-1])) for g in self._kv_b[name])
         return kb, vb
 
     def _read_kv_b(self, name: str) -> torch.Tensor:
-        kb_name, vb_name = self._kv_b[name]
-        kb, vb = self.gguf[kb_name], self.gguf[vb_name]
-
-        def full(info: GGUFTensorInfo) -> torch.Tensor:
-            rows = math.prod(info.shape[:-1])
-            w = self._stored(info, 0, rows)
-            return (w.dequantize() if isinstance(w, QTensor) else w.float()).view(info.shape)
-
-        k_b, v_b = full(kb), full(vb)  # [nh, C, dn], [nh, dv, C]
-        kv = torch.cat([k_b.transpose(1, 2), v_b], dim=1)  # [nh, dn + dv, C]
-        return kv.reshape(-1, kv.shape[-1]).contiguous()
+        kb = self.gguf[self._kv_b[name][0]]  # [nh, C, dn]
+        return kv_b_from_parts(*self._kv_b_parts(name), num_heads=kb.shape[0]).contiguous()
 
     def close(self) -> None:
         self._files.close()
