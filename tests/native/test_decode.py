@@ -18,11 +18,19 @@ import torch
 import moetier
 import tests.helpers.moe_families  # noqa: F401  (registers deepseek/gpt_oss/llama4 recipes)
 from moetier import native
-from moetier.models.base import ExpertWeights, InMemoryExpertProvider
 from moetier.native.weights import describe
-from tests.helpers import make_tiny_checkpoint
+from tests.native.common import (
+    DelegatingProvider,
+    RecyclingProvider,
+    ckpt_fixture,
+    count_native,
+    load,
+    maxdiff,
+    wrapped,
+)
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # qwen2_moe without shared
+pytestmark = [pytest.mark.usefixtures("_native_on"),  # lib: tests/native/conftest.py
+              pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")]  # qwen2_moe without shared
 
 ATOL, RTOL = 1e-5, 1e-6  # float32: |native - torch| <= 1e-5 + 1e-6 |logit| (tied-embedding logits reach ~40)
 PROMPT = [5, 17, 42, 7, 99, 3, 250, 11]  # 8 tokens: the KV cache starts at 16 slots
@@ -73,41 +81,7 @@ EXPECT: dict[str, dict[str, list]] = {
 # ----------------------------------------------------------------------------------------
 # fixtures and helpers
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _native_on():
-    """The module tests the native path: an ambient MOETIER_NATIVE=0 must not turn it off."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MOETIER_NATIVE", raising=False)
-        yield
-
-
-@pytest.fixture(scope="module")
-def lib(_native_on):
-    if native._compiler() is None:
-        pytest.skip("no C compiler on PATH")
-    lib = native.library()
-    assert lib is not None, native.unavailable_reason()
-    return lib
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    made: dict[tuple, object] = {}
-
-    def get(name: str, **extra):
-        key = (name, tuple(sorted(extra.items())))
-        if key not in made:
-            family, over = CONFIGS[name] if name in CONFIGS else (name, {})
-            made[key] = make_tiny_checkpoint(tmp_path_factory.mktemp(name), family, tokenizer=False,
-                                             **{**over, **extra})
-        return made[key]
-
-    return get
-
-
-def load(path, **kw):
-    return moetier.load(path, tokenizer=False, **kw)
+ckpt = ckpt_fixture(CONFIGS)
 
 
 def native_pair(path, dtype="float32", **kw):
@@ -116,20 +90,6 @@ def native_pair(path, dtype="float32", **kw):
     assert m.native_reason is None and m.net.native is not None, m.native_reason
     assert t.native_reason is not None and t.net.native is None
     return m, t
-
-
-def count_native(model) -> list[int]:
-    """Record every token that goes through ``net.native.step``."""
-    calls: list[int] = []
-    dec = model.net.native
-    inner = dec.step
-
-    def step(seq, token):
-        calls.append(token)
-        return inner(seq, token)
-
-    dec.step = step
-    return calls
 
 
 def kv_capacity(seq) -> int:
@@ -163,10 +123,6 @@ def forced(model, prompt, tokens, capacity=0):
     for t in tokens:
         out.append(model.step([(seq, [t])])[0])
     return torch.stack(out)
-
-
-def maxdiff(a, b) -> float:
-    return (a - b).abs().max().item()
 
 
 def close(got, want) -> bool:
@@ -353,42 +309,6 @@ def test_thread_count_bit_identical(lib, ckpt, name, dtype):
 
 # ----------------------------------------------------------------------------------------
 # 4. per-expert calls (providers without stable_gets) == one call for all experts
-
-
-class DelegatingProvider:
-    """The in-memory provider without ``stable_gets``: the native step goes one expert per call."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def require(self, layer, expert_ids):
-        self.inner.require(layer, expert_ids)
-
-    def get(self, layer, expert):
-        return self.inner.get(layer, expert)
-
-
-class RecyclingProvider(DelegatingProvider):
-    """Every get() is served from ONE reused slot (valid only until the next get), like a slot
-    pool under pressure."""
-
-    def __init__(self, inner):
-        super().__init__(inner)
-        self.slot: ExpertWeights | None = None
-        self.gets = 0
-
-    def get(self, layer, expert):
-        ew = self.inner.get(layer, expert)
-        if self.slot is None:
-            self.slot = ExpertWeights(torch.empty_like(ew.gate_up), torch.empty_like(ew.down))
-        self.slot.gate_up.copy_(ew.gate_up)
-        self.slot.down.copy_(ew.down)
-        self.gets += 1
-        return self.slot
-
-
-def wrapped(cls):
-    return lambda spec, reader: cls(InMemoryExpertProvider.from_reader(spec, reader))
 
 
 @pytest.mark.parametrize("name", ["qwen2_moe_shared", "qwen3_moe_mlp_only", "mixtral_window"])

@@ -20,12 +20,21 @@ from pathlib import Path
 import pytest
 import torch
 
-import moetier
 import tests.helpers.moe_families  # noqa: F401  (registers the gpt_oss / llama4 recipes)
 from moetier import native
-from moetier.models.base import ExpertWeights, InMemoryExpertProvider
-from tests.helpers.checkpoints import make_tiny_checkpoint
-from tests.native.test_decode import DelegatingProvider
+from tests.native.common import (
+    DelegatingProvider,
+    RecyclingProvider,
+    ckpt_fixture,
+    count_many,
+    kv,
+    load,
+    maxdiff,
+    one_by_one,
+    prefill_then_greedy,
+    same_kv,
+    wrapped,
+)
 
 PROMPT = torch.randint(2, 250, (40,), generator=torch.Generator().manual_seed(16)).tolist()
 STEPS = 16
@@ -42,18 +51,7 @@ FAMILIES = ["gpt_oss", "llama4"]
 
 pytestmark = pytest.mark.usefixtures("_native_on")  # lib: tests/native/conftest.py
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    made: dict[str, object] = {}
-
-    def get(name: str):
-        if name not in made:
-            family, over = CONFIGS[name]
-            made[name] = make_tiny_checkpoint(tmp_path_factory.mktemp(name), family, tokenizer=False, **over)
-        return made[name]
-
-    return get
+ckpt = ckpt_fixture(CONFIGS)
 
 
 @pytest.fixture(scope="module")
@@ -62,79 +60,6 @@ def mxfp4(tmp_path_factory):
 
     return make_quantized_checkpoint(tmp_path_factory.mktemp("mxfp4"), "gpt_oss", "mxfp4", tokenizer=False,
                                      num_hidden_layers=2)
-
-
-def load(path, **kw):
-    return moetier.load(path, tokenizer=False, **kw)
-
-
-def count_many(model) -> list[int]:
-    """Tokens per call of the native multi-token path."""
-    calls: list[int] = []
-    dec = model.net.native
-    inner = dec.step_many
-
-    def step_many(items, all_logits=False):
-        calls.append(sum(t.shape[0] for _, t in items))
-        return inner(items, all_logits)
-
-    dec.step_many = step_many
-    return calls
-
-
-def prefill_then_greedy(model, prompt, steps):
-    """All logits of the prompt [len(prompt), V], then ``steps`` greedy steps: (logits, tokens)."""
-    seq = model.new_sequence()
-    out = [model.step([(seq, prompt)], all_logits=True)]
-    toks = []
-    for _ in range(steps):
-        toks.append(int(out[-1][-1].argmax()))
-        out.append(model.step([(seq, [toks[-1]])]))
-    return torch.cat(out), toks
-
-
-def one_by_one(model, tokens, seq=None):
-    """Logits of ``tokens`` fed one at a time (single-token native steps) [len, V], and the sequence."""
-    seq = seq if seq is not None else model.new_sequence()
-    return torch.cat([model.step([(seq, [t])]) for t in tokens]), seq
-
-
-def maxdiff(a, b) -> float:
-    return (a - b).abs().max().item()
-
-
-def kv(seq):
-    return [[c[:, : seq.length].clone() for c in layer] for layer in seq.layers]
-
-
-def same_kv(a, b) -> bool:
-    return all(torch.equal(x, y) for la, lb in zip(a, b, strict=True) for x, y in zip(la, lb, strict=True))
-
-
-class OssRecyclingProvider(DelegatingProvider):
-    """Every get() is served from ONE reused slot (valid only until the next get), biases included."""
-
-    def __init__(self, inner):
-        super().__init__(inner)
-        self.slot: ExpertWeights | None = None
-        self.gets = 0
-
-    def get(self, layer, expert):
-        ew = self.inner.get(layer, expert)
-        if self.slot is None:
-            self.slot = ExpertWeights(torch.empty_like(ew.gate_up), torch.empty_like(ew.down),
-                                      None if ew.gate_up_bias is None else torch.empty_like(ew.gate_up_bias),
-                                      None if ew.down_bias is None else torch.empty_like(ew.down_bias))
-        for dst, src in ((self.slot.gate_up, ew.gate_up), (self.slot.down, ew.down),
-                         (self.slot.gate_up_bias, ew.gate_up_bias), (self.slot.down_bias, ew.down_bias)):
-            if src is not None:
-                dst.copy_(src)
-        self.gets += 1
-        return self.slot
-
-
-def wrapped(cls):
-    return lambda spec, reader: cls(InMemoryExpertProvider.from_reader(spec, reader))
 
 
 # ----------------------------------------------------------------------------------------
@@ -360,12 +285,12 @@ def test_providers_bit_identical(lib, ckpt, family, dtype):
     path = ckpt(family)
     base = load(path, dtype=dtype)
     want, toks = prefill_then_greedy(base, PROMPT, 6)
-    for cls in (DelegatingProvider, OssRecyclingProvider):
+    for cls in (DelegatingProvider, RecyclingProvider):
         m = load(path, dtype=dtype, expert_provider_factory=wrapped(cls))
         assert m.native_reason is None and not getattr(m.provider, "stable_gets", False)
         got, _ = prefill_then_greedy(m, PROMPT, 6)
         assert torch.equal(got, want), (cls.__name__, maxdiff(got, want))
-        if cls is OssRecyclingProvider:
+        if cls is RecyclingProvider:
             assert m.provider.gets > 0
     tiered = load(path, dtype=dtype, policy="lru", cache_slots=2, prefetch=True)
     try:

@@ -10,8 +10,7 @@ import torch
 
 import moetier
 import tests.helpers.moe_families  # noqa: F401  (registers the gpt_oss recipe)
-from moetier import native
-from tests.helpers.checkpoints import make_tiny_checkpoint
+from tests.native.common import ckpt_fixture, greedy_steps
 
 PROMPT = [(5 * i + 1) % 250 + 2 for i in range(40)]
 STEPS = 16
@@ -22,46 +21,13 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _native_on():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MOETIER_NATIVE", raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("_native_on")  # lib: tests/native/conftest.py
 
-
-@pytest.fixture(scope="module")
-def lib(_native_on):
-    if native._compiler() is None:
-        pytest.skip("no C compiler on PATH")
-    lib = native.library()
-    assert lib is not None, native.unavailable_reason()
-    return lib
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    made: dict[str, object] = {}
-
-    def get(name: str):
-        if name not in made:
-            made[name] = make_tiny_checkpoint(tmp_path_factory.mktemp(name), "gpt_oss", tokenizer=False,
-                                              **CONFIGS[name])
-        return made[name]
-
-    return get
+ckpt = ckpt_fixture(CONFIGS, "gpt_oss")
 
 
 def greedy(model, prompt, steps):
-    seq = model.new_sequence()
-    out = [model.step([(seq, prompt)])[0]] if prompt else []
-    toks = []
-    tok = 7
-    for _ in range(steps):
-        if out:
-            tok = int(out[-1].argmax())
-        toks.append(tok)
-        out.append(model.step([(seq, [tok])])[0])
-    return torch.stack(out), toks
+    return greedy_steps(model, prompt, steps, first=7)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -10,8 +10,8 @@ import torch
 
 import moetier
 import tests.helpers.moe_families  # noqa: F401  (registers the deepseek / gpt_oss / llama4 recipes)
-from moetier import native
 from tests.helpers.checkpoints import FAMILIES, make_tiny_checkpoint
+from tests.native.common import greedy_steps
 
 PROMPT = [(3 * i + 4) % 250 + 2 for i in range(40)]
 STEPS = 16
@@ -23,32 +23,11 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _native_on():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MOETIER_NATIVE", raising=False)
-        yield
-
-
-@pytest.fixture(scope="module")
-def lib(_native_on):
-    if native._compiler() is None:
-        pytest.skip("no C compiler on PATH")
-    lib = native.library()
-    assert lib is not None, native.unavailable_reason()
-    return lib
+pytestmark = pytest.mark.usefixtures("_native_on")  # lib: tests/native/conftest.py
 
 
 def greedy(model, prompt, steps):
-    seq = model.new_sequence()
-    out = [model.step([(seq, prompt)])[0]] if prompt else []
-    toks, tok = [], 9
-    for _ in range(steps):
-        if out:
-            tok = int(out[-1].argmax())
-        toks.append(tok)
-        out.append(model.step([(seq, [tok])])[0])
-    return torch.stack(out), toks
+    return greedy_steps(model, prompt, steps, first=9)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

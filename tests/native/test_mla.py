@@ -14,8 +14,8 @@ import torch
 
 import moetier
 import tests.helpers.moe_families  # noqa: F401  (registers the deepseek recipes)
-from moetier import native
 from tests.helpers.checkpoints import make_tiny_checkpoint
+from tests.native.common import ckpt_fixture, greedy_steps
 
 PROMPT = [(7 * i + 3) % 250 + 2 for i in range(40)]
 STEPS = 16
@@ -36,45 +36,13 @@ CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _native_on():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MOETIER_NATIVE", raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("_native_on")  # lib: tests/native/conftest.py
 
-
-@pytest.fixture(scope="module")
-def lib(_native_on):
-    if native._compiler() is None:
-        pytest.skip("no C compiler on PATH")
-    lib = native.library()
-    assert lib is not None, native.unavailable_reason()
-    return lib
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    made: dict[str, object] = {}
-
-    def get(name: str):
-        if name not in made:
-            family, over = CONFIGS[name]
-            made[name] = make_tiny_checkpoint(tmp_path_factory.mktemp(name), family, tokenizer=False, **over)
-        return made[name]
-
-    return get
+ckpt = ckpt_fixture(CONFIGS)
 
 
 def greedy(model, prompt, steps):
-    """Prefill (native multi-token, or torch), then ``steps`` greedy single-token steps:
-    (logits [steps + 1, V], tokens)."""
-    seq = model.new_sequence()
-    out = [model.step([(seq, prompt)])[0]]
-    toks = []
-    for _ in range(steps):
-        toks.append(int(out[-1].argmax()))
-        out.append(model.step([(seq, [toks[-1]])])[0])
-    return torch.stack(out), toks
+    return greedy_steps(model, prompt, steps, first=7)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -22,7 +22,7 @@ from moetier import native
 from moetier.layers.linear import QLinear
 from moetier.layers.mla import SplitKVB
 from moetier.quant import QTensor, nbytes
-from tests.native.test_prefill import maxdiff, one_by_one, prefill_then_greedy
+from tests.native.common import maxdiff, one_by_one, prefill_then_greedy
 
 PROMPT = torch.randint(2, 250, (32,), generator=torch.Generator().manual_seed(16)).tolist()
 STEPS = 8

@@ -24,10 +24,20 @@ import torch
 import moetier
 import tests.helpers.moe_families  # noqa: F401  (registers the deepseek recipes)
 from moetier import native
-from tests.helpers.checkpoints import make_tiny_checkpoint
-from tests.native.test_decode import DelegatingProvider, RecyclingProvider, wrapped
+from tests.native.common import (
+    DelegatingProvider,
+    RecyclingProvider,
+    ckpt_fixture,
+    count_many,
+    latent_kv,
+    maxdiff,
+    one_by_one,
+    prefill_then_greedy,
+    same_kv,
+    wrapped,
+)
+from tests.native.common import load as _load
 from tests.native.test_mla import CONFIGS
-from tests.native.test_prefill import count_many, maxdiff, one_by_one, prefill_then_greedy, same_kv
 
 PROMPT = torch.randint(2, 250, (40,), generator=torch.Generator().manual_seed(5)).tolist()
 STEPS = 16
@@ -35,27 +45,12 @@ STEPS = 16
 
 pytestmark = pytest.mark.usefixtures("_native_on")  # lib: tests/native/conftest.py
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    made: dict[str, object] = {}
-
-    def get(name: str):
-        if name not in made:
-            family, over = CONFIGS[name]
-            made[name] = make_tiny_checkpoint(tmp_path_factory.mktemp(name), family, tokenizer=False, **over)
-        return made[name]
-
-    return get
-
-
-def kv(seq):
-    """The latent cache rows written so far: per layer (c_kv [L, C], k_rot [L, dr])."""
-    return [[c[: seq.length].clone() for c in layer] for layer in seq.layers]
+ckpt = ckpt_fixture(CONFIGS)
+kv = latent_kv
 
 
 def load(path, **kw):
-    m = moetier.load(path, tokenizer=False, **kw)
+    m = _load(path, **kw)
     assert m.native_reason is None, m.native_reason
     return m
 

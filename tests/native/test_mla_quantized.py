@@ -30,7 +30,7 @@ from moetier.weights import budget as B
 from moetier.weights import tiered
 from tests.helpers.checkpoints import make_tiny_checkpoint
 from tests.helpers.quantized import make_quantized_checkpoint
-from tests.native.test_prefill import maxdiff, one_by_one, prefill_then_greedy
+from tests.native.common import maxdiff, one_by_one, prefill_then_greedy
 
 PROMPT = torch.randint(2, 250, (32,), generator=torch.Generator().manual_seed(14)).tolist()
 STEPS = 16

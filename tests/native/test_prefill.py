@@ -22,7 +22,20 @@ import torch
 
 import moetier
 from moetier import native
-from tests.native.test_decode import CONFIGS, DelegatingProvider, RecyclingProvider, wrapped
+from tests.native.common import (
+    DelegatingProvider,
+    RecyclingProvider,
+    ckpt_fixture,
+    count_many,
+    kv,
+    load,
+    maxdiff,
+    one_by_one,
+    prefill_then_greedy,
+    same_kv,
+    wrapped,
+)
+from tests.native.test_decode import CONFIGS
 
 PROMPT = torch.randint(0, 250, (40,), generator=torch.Generator().manual_seed(11)).tolist()
 STEPS = 16
@@ -31,69 +44,7 @@ GGUF = Path(__file__).resolve().parents[1] / "data" / "gguf"
 
 pytestmark = pytest.mark.usefixtures("_native_on")  # lib: tests/native/conftest.py
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from tests.helpers import make_tiny_checkpoint
-
-    made: dict[tuple, Path] = {}
-
-    def get(name: str, **extra):
-        key = (name, tuple(sorted(extra.items())))
-        if key not in made:
-            family, over = CONFIGS[name] if name in CONFIGS else (name, {})
-            made[key] = make_tiny_checkpoint(tmp_path_factory.mktemp(name), family, tokenizer=False,
-                                             **{**over, **extra})
-        return made[key]
-
-    return get
-
-
-def load(path, **kw):
-    return moetier.load(path, tokenizer=False, **kw)
-
-
-def count_many(model) -> list[int]:
-    """Tokens per call of the native multi-token path."""
-    calls: list[int] = []
-    dec = model.net.native
-    inner = dec.step_many
-
-    def step_many(items, all_logits=False):
-        calls.append(sum(t.shape[0] for _, t in items))
-        return inner(items, all_logits)
-
-    dec.step_many = step_many
-    return calls
-
-
-def prefill_then_greedy(model, prompt, steps):
-    """All logits of the prompt [len(prompt), V], then ``steps`` greedy steps: (logits, tokens)."""
-    seq = model.new_sequence()
-    out = [model.step([(seq, prompt)], all_logits=True)]
-    toks = []
-    for _ in range(steps):
-        toks.append(int(out[-1][-1].argmax()))
-        out.append(model.step([(seq, [toks[-1]])]))
-    return torch.cat(out), toks
-
-
-def one_by_one(model, tokens, seq=None):
-    """Logits of ``tokens`` fed one at a time (single-token native steps) [len, V], and the sequence."""
-    seq = seq if seq is not None else model.new_sequence()
-    return torch.cat([model.step([(seq, [t])]) for t in tokens]), seq
-
-
-def maxdiff(a, b) -> float:
-    return (a - b).abs().max().item()
-
-
-def kv(seq):
-    return [[c[:, : seq.length].clone() for c in layer] for layer in seq.layers]
-
-
-def same_kv(a, b) -> bool:
-    return all(torch.equal(x, y) for la, lb in zip(a, b, strict=True) for x, y in zip(la, lb, strict=True))
+ckpt = ckpt_fixture(CONFIGS)
 
 
 # ----------------------------------------------------------------------------------------
