@@ -35,6 +35,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import wait_healthy  # noqa: E402
 from moetier.serve.app import free_port  # noqa: E402
 
 PROMPTS = [
@@ -185,18 +186,7 @@ def bench_one_server(args: argparse.Namespace, dtype: str, counts: list[int]) ->
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited with {server.returncode}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("server did not come up")
-            time.sleep(0.5)
+        wait_healthy(server, base)
         model_id = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
         from moetier.runtime import EMBEDDED_DIR
         from moetier.tokenizer import Tokenizer

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_serve import PROMPTS, metrics, reference  # noqa: E402
+from bench.common import wait_healthy  # noqa: E402
 from moetier.serve.app import free_port  # noqa: E402
 
 HOSTILE: list[tuple[str, str, dict[str, Any], dict[str, str], set[int]]] = [
@@ -98,18 +99,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited with {server.returncode}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("server did not come up")
-            time.sleep(0.5)
+        wait_healthy(server, base)
         refs = {p: reference(base, p, args.max_tokens) for p in PROMPTS}  # one request at a time
         proc = psutil.Process(server.pid)
         stop_at = time.monotonic() + args.duration

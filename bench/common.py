@@ -214,3 +214,21 @@ def write_result(name: str, payload: dict) -> Path:
     out = RESULTS / f"{name}.json"
     out.write_text(json.dumps({"provenance": provenance(), **payload}, indent=2, sort_keys=False) + "\n")
     return out
+
+
+def wait_healthy(server: subprocess.Popen, base: str, timeout: float = 300) -> None:
+    """Block until the server at ``base`` answers /health with 200 (exit if it dies or times out)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"server exited with {server.returncode}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("server did not come up")
+        time.sleep(0.5)
