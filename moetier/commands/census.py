@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         from moetier.weights.gguf_io import file_census
 
         precision, source = "checkpoint", "as stored (GGUF block types)"
-        c = file_census(args.model, census(spec, "bf16"))
+        c = file_census(args.model, spec)
     else:
         if cat is None and has_weights(args.model) and args.precision in (None, "checkpoint"):
             stored = stored_census(args.model, spec)  # the files' real bytes per group

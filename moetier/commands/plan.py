@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+from typing import Any
 
 from moetier.catalog import resolve_model
 from moetier.errors import ConfigError
@@ -90,12 +92,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _precision(args: argparse.Namespace) -> str:
+def _precision(args: argparse.Namespace) -> Any:
     """As ``moetier census``: a local checkpoint as stored unless a precision is asked for."""
     if args.precision not in (None, "checkpoint"):
         return args.precision
     from moetier.commands.census import has_weights, resolve_precision
 
+    if Path(args.model).suffix == ".gguf" and Path(args.model).is_file():  # the file's block types and bytes
+        from moetier.weights.gguf_io import file_precision
+
+        return file_precision(args.model, resolve_model(args.model))
     if has_weights(args.model):
         from moetier.spec import load_spec
         from moetier.weights.stored import checkpoint_precision

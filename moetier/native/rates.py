@@ -136,7 +136,8 @@ def measure_all(isa: str | None = None, threads: int = 1, rows: int = 4096, cols
 # census format (the planner's names) -> (native format, group size)
 PLANNER_FORMATS = {"fp32": ("f32", 0), "bf16": ("bf16", 0), "fp8": ("fp8_e4m3_block", 0),
                    "int8:g128": ("int8_group", 128), "int4:g32": ("int4_group", 32),
-                   "int4:g128": ("int4_group", 128), "fp4": ("mxfp4", 0)}
+                   "int4:g128": ("int4_group", 128), "fp4": ("mxfp4", 0),
+                   **{t: (t, 0) for t in GGML_BLOCKS if t != "ggml_mxfp4"}}  # GGUF files' types (q8_0, q4_k, ...)
 
 
 def planner_rates(threads: int, rows: int = 1024, cols: int = 1024, seconds: float = 0.1,
@@ -156,7 +157,8 @@ def planner_rates(threads: int, rows: int = 1024, cols: int = 1024, seconds: flo
     best: dict[str, float] = {}
     for _ in range(max(1, rounds)):
         for name, (fmt, g) in PLANNER_FORMATS.items():
-            r = measure(fmt, None, 1, rows, cols, seconds=seconds / max(1, rounds), group=g or 128,
+            bs = GGML_BLOCKS[fmt][1] if fmt in GGML_BLOCKS else 1  # whole blocks per row
+            r = measure(fmt, None, 1, rows, -(-cols // bs) * bs, seconds=seconds / max(1, rounds), group=g or 128,
                         clock=time.thread_time)
             best[name] = max(best.get(name, 0.0), r.weights_per_s)
     return {name: v * max(1, threads) for name, v in best.items()}

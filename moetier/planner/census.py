@@ -90,11 +90,19 @@ _SIMPLE_FORMATS: dict[str, float] = {
     # NVFP4: 4-bit elements + one fp8 E4M3 scale per 16 (the per-tensor fp32 scale is negligible)
     "nvfp4": 0.5 + 1.0 / 16,
 }
+# GGUF block types: bytes per block / weights per block (ggml's block layouts; the same table as
+# quant/ggml.py's, which imports torch: tests/gguf/test_gguf_reader.py holds them equal)
+GGML_FORMAT_BYTES: dict[str, float] = {
+    "q4_0": 18 / 32, "q4_1": 20 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32, "q8_0": 34 / 32,
+    "q2_k": 84 / 256, "q3_k": 110 / 256, "q4_k": 144 / 256, "q5_k": 176 / 256, "q6_k": 210 / 256,
+}
+_SIMPLE_FORMATS.update(GGML_FORMAT_BYTES)
 _INT_RE = re.compile(r"^int(4|8)(?::g(\d+))?$")
 _DEFAULT_INT_GROUP = {4: 128, 8: 0}  # int8: per-output-channel scales (< 0.1 % overhead, ignored)
 
 VALID_FORMS = (
     "bf16, fp16, fp32, fp8, int8, int8:gN, int4 (= int4:g128), int4:gN, fp4 (= mxfp4), nvfp4, "
+    "a GGUF block type (" + ", ".join(GGML_FORMAT_BYTES) + "), "
     "or mixed:GROUP=FORMAT,... with GROUP in "
     + ", ".join(GROUPS + tuple(_ALIASES) + ("default",))
 )
@@ -130,6 +138,9 @@ class Precision:
 
     name: str
     formats: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # (group, format)
+    # (group, bytes per parameter as a file stores it, vectors included): a checkpoint's own
+    # bytes where a group mixes formats (a GGUF Q4_K_M's experts: Q4_K and Q6_K tensors)
+    stored: tuple[tuple[str, float], ...] = field(default=(), compare=False)
 
     def format_of(self, group: str) -> str:
         """Storage format of ``group`` (e.g. ``"int4:g128"``); aliases such as ``experts`` allowed."""
@@ -143,13 +154,20 @@ class Precision:
         """The format family without the group size (``int4``, ``fp8``, ...): a key of Machine.flops."""
         return self.format_of(group).split(":", 1)[0]
 
+    def _stored(self, group: str) -> float | None:
+        g = _resolve_group(group)
+        return next((b for name, b in self.stored if name == g), None)
+
     def bytes_per_param(self, group: str) -> float:
         """Bytes per parameter of a matrix in ``group``, including group-scale overhead."""
-        return _format_bytes(self.format_of(group))
+        b = self._stored(group)
+        return b if b is not None else _format_bytes(self.format_of(group))
 
     def vector_bytes_per_param(self, group: str) -> float:
-        """Bytes per element of the group's vectors (biases, sinks): never below bf16."""
-        return max(2.0, self.bytes_per_param(group))
+        """Bytes per element of the group's vectors (biases, sinks): never below bf16 (a file's
+        stored bytes per parameter as they are)."""
+        b = self._stored(group)
+        return b if b is not None else max(2.0, self.bytes_per_param(group))
 
 
 def _resolve_group(group: str) -> str:

@@ -389,7 +389,7 @@ def run_plan_command(args: argparse.Namespace) -> int:
         r = plan_cluster(spec, machine, lay, precision=precision)
     doc.update(r.to_json())
     text += summary_lines(r)
-    low = precision.strip().lower()
+    low = precision.strip().lower() if isinstance(precision, str) else precision.name  # a file's Precision
     if low.startswith("mixed:") and not any(f"{k}=" in low for k in ("default", "rest")):
         note = (f"--precision {precision}: groups not named are bf16 (the mixed: default); for an FP8 checkpoint "
                 "add default=fp8")

@@ -44,7 +44,7 @@ from moetier.planner.hardware import Efficiency, Machine, MemoryTier
 from moetier.weights.store import DEFAULT_IO_DEPTH, DEFAULT_IO_THREADS, read_aligned
 
 PROBE_VERSION = 3  # 2: disk read with the store's pattern (read_aligned, shuffled blocks); 3: its readers
-KERNEL_RATES_METHOD = "1-thread CPU time x cores"  # native.rates.planner_rates; older records re-probe
+KERNEL_RATES_METHOD = "1-thread CPU time x cores, GGUF types"  # native.rates.planner_rates; older records re-probe
 STALE_SECONDS = 7 * 86400  # a cached probe older than this is measured again
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which a probe is "under load"
 

@@ -769,31 +769,53 @@ def _census_group(gguf_name: str) -> str | None:
     return None
 
 
-def file_census(path: str | Path, cen: Any) -> Any:
-    """``cen`` with every group's bytes as stored in the GGUF file, and the stored ggml types as
-    each group's format (``moetier census MODEL.gguf``)."""
-    from dataclasses import replace
+_PLANNER_FORMAT = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "mxfp4": "fp4"}
 
-    from moetier.planner.census import Precision
 
-    index = GGUFIndex(path)
+def _stored_by_group(index: GGUFIndex) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Per census group: stored bytes, and bytes per ggml type (lower case)."""
     size: dict[str, int] = {}
-    types: dict[str, set[str]] = {}
+    types: dict[str, dict[str, int]] = {}
     for info in index.gguf.values():
         g = _census_group(info.gguf_name)
         if g is None:
             continue
+        t = info.ggml_type.lower()
         size[g] = size.get(g, 0) + info.nbytes
-        types.setdefault(g, set()).add(info.ggml_type.lower())
-    groups = {n: replace(g, bytes=float(size.get(n, 0 if g.params == 0 else g.bytes))) for n, g in cen.groups.items()}
-    if cen.spec.tie_word_embeddings and "lm_head" in groups:
-        groups["lm_head"] = replace(groups["lm_head"], bytes=0.0)
-    fmt = tuple((n, "+".join(sorted(types.get(n, {"-"})))) for n in cen.groups)
-    always = sum(g.bytes for g in groups.values() if g.always_on and g.name != "mtp")
-    routed = groups["routed_experts"].bytes
-    spec = cen.spec
-    n_exp = max(1, spec.num_experts * spec.num_moe_layers)
-    return replace(cen, precision=Precision(name="as stored in the GGUF file", formats=fmt), groups=groups,
-                   always_on_bytes=float(always), routed_bytes=float(routed), total_bytes=float(always + routed),
-                   expert_bytes=float(routed / n_exp),
-                   active_bytes=float(always + spec.top_k * spec.num_moe_layers * routed / n_exp))
+        types.setdefault(g, {})[t] = types.get(g, {}).get(t, 0) + info.nbytes
+    return size, types
+
+
+def file_precision(path: str | Path, spec: Any, index: GGUFIndex | None = None) -> Any:
+    """The GGUF file's stored formats as a planner precision (``moetier plan MODEL.gguf``): per
+    census group, the ggml type holding most of its bytes (its kernel rate and FLOPs) and the
+    group's exact stored bytes per parameter (a Q4_K_M group mixes Q4_K and Q6_K tensors)."""
+    from moetier.planner.census import Precision, census
+
+    size, types = _stored_by_group(index or GGUFIndex(path))
+    params = census(spec, "bf16").groups
+    fmts, stored = [], []
+    for g, gc in params.items():
+        if g in types:
+            top = max(types[g], key=lambda t: types[g][t])
+            fmts.append((g, _PLANNER_FORMAT.get(top, top)))
+            if gc.params:
+                stored.append((g, size[g] / gc.params))
+        else:  # not in the file (a tied LM head, no MTP layer): as the embedding, else bf16
+            fmts.append((g, next((f for n, f in fmts if n == "embedding"), "bf16")))
+    return Precision(name="as stored in the GGUF file", formats=tuple(fmts), stored=tuple(stored))
+
+
+def file_census(path: str | Path, spec: Any) -> Any:
+    """``spec``'s census with every group's bytes as stored in the GGUF file, and the stored ggml
+    types (all of a group's, joined with ``+``) as each group's format (``moetier census MODEL.gguf``)."""
+    from dataclasses import replace
+
+    from moetier.planner.census import census
+
+    index = GGUFIndex(path)
+    prec = file_precision(path, spec, index)
+    _, types = _stored_by_group(index)
+    shown = tuple((g, "+".join(sorted(types[g])) if g in types else "-") for g, _ in prec.formats)
+    c = census(spec, prec)
+    return replace(c, precision=replace(prec, formats=shown))

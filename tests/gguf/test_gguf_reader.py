@@ -140,3 +140,44 @@ def test_census_of_a_gguf_counts_its_stored_bytes(capsys: pytest.CaptureFixture[
     assert cli(["census", str(f)]) == 0
     out = capsys.readouterr().out
     assert "q2_k+q3_k+q4_k" in out and "routed" in out
+
+
+def test_plan_of_a_gguf_uses_its_stored_bytes_and_types(capsys: pytest.CaptureFixture[str]) -> None:
+    """`moetier plan MODEL.gguf` plans the file's own bytes (a mix of k-quant types per group),
+    not the spec's float dtype; its census bytes per group are the file's."""
+    import json
+
+    from moetier.planner.census import census
+    from moetier.spec import load_spec
+    from moetier.weights.gguf_io import _census_group, file_precision
+
+    f = fixture("qwen3moe-kquant")
+    idx = GGUFIndex(f)
+    stored: dict[str, int] = {}
+    for i in idx.gguf.values():
+        g = _census_group(i.gguf_name)
+        stored[g] = stored.get(g, 0) + i.nbytes
+    assert cli(["plan", str(f), "--machine", "cpu", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["precision"] == "as stored in the GGUF file"
+    assert d["bytes"]["routed"] == pytest.approx(stored["routed_experts"], rel=1e-12)
+    spec = load_spec(f)
+    prec = file_precision(f, spec)
+    c = census(spec, prec)
+    for g, b in stored.items():
+        assert c.groups[g].bytes == pytest.approx(b, rel=1e-12), g
+    # each group's planner format is a type the group holds (for its kernel rate and FLOPs)
+    assert prec.format_of("routed_experts") in {"q2_k", "q3_k", "q4_k"}
+    # as asked, a precision still overrides the file
+    assert cli(["plan", str(f), "--machine", "cpu", "--json", "--precision", "bf16"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes"]["routed"] != pytest.approx(stored["routed_experts"])
+
+
+def test_ggml_block_bytes_match_the_reader() -> None:
+    """The planner's torch-free GGUF block table equals the reader's block layouts."""
+    from moetier.planner.census import GGML_FORMAT_BYTES, parse_precision
+    from moetier.quant.ggml import BY_TYPE
+
+    want = {f.name: f.type_size / f.block_size for f in BY_TYPE.values() if f.name != "ggml_mxfp4"}
+    assert GGML_FORMAT_BYTES == want
+    assert parse_precision("mixed:experts=q4_k,default=q8_0").bytes_per_param("routed_experts") == 144 / 256

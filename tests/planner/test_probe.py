@@ -55,7 +55,9 @@ def test_probe_measures_and_caches(cache, monkeypatch):
     from moetier import native
 
     if native.library() is not None:  # the native decode kernels' rate per stored format
-        assert set(rec["kernel_rates"]) == {"fp32", "bf16", "fp8", "int8:g128", "int4:g32", "int4:g128", "fp4"}
+        assert set(rec["kernel_rates"]) == {"fp32", "bf16", "fp8", "int8:g128", "int4:g32", "int4:g128", "fp4",
+                                            "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
+                                            "q6_k"}  # the GGUF files' types too (`moetier plan MODEL.gguf`)
         assert all(v > 0 for v in rec["kernel_rates"].values())
         assert m.kernel_rate("int4:g32") == rec["kernel_rates"]["int4:g32"]
     else:
