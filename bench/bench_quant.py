@@ -19,7 +19,8 @@ Bytes per token are the checkpoint's stored bytes (``stored_census``): routed ex
 num_experts (the active share) + always-on (attention, norms, routers, LM head; the embedding
 table is not counted: one row per token). Stored GB/s = bytes/token x tok/s. Planner bound:
 ``plan()`` of the checkpoint at its stored formats on the probed ``cpu`` machine (``moetier
-probe``: memory bandwidth and the native kernels' rate per format), context = prompt + half the
+probe``: memory bandwidth and the native kernels' rate per format; a numeric ``--threads`` N sees
+N cores' worth: one core's memory read and kernel rates at 1), context = prompt + half the
 decode; "binds on" is the planner's binding resource (on the probed CPU "memory+compute":
 memory time + the dequantizing kernels' time, which add on cores that both stream and compute). Agreement: greedy
 tokens equal to bf16's at the same position, out of ``--tokens``. With 1 thread the bench also
@@ -87,9 +88,10 @@ def bytes_per_token(d: Path) -> tuple[int, int, dict[str, str | None]]:
     return routed, always, {g: st.format_of(g) for g in st.bytes}
 
 
-def planner_bound(d: Path, context: int) -> dict:
+def planner_bound(d: Path, context: int, threads: int | None = None) -> dict:
     """The planner's decode bound for checkpoint ``d`` in RAM on the probed ``cpu`` machine, at
-    its stored formats: with the measured kernel rates, and memory / FLOPs only."""
+    its stored formats: with the measured kernel rates, and memory / FLOPs only. ``threads``: the
+    machine as a run on that many cores sees it (one core's memory read and kernel rates at 1)."""
     from dataclasses import replace
 
     from moetier.planner.machines import get_machine
@@ -98,7 +100,9 @@ def planner_bound(d: Path, context: int) -> dict:
     from moetier.weights.stored import checkpoint_precision
 
     spec = load_spec(d)
-    m = get_machine("cpu")
+    from moetier.planner.probe import cpu_machine
+
+    m = cpu_machine(cores=threads) if threads else get_machine("cpu")
     prec = checkpoint_precision(d, spec)
     r = plan(spec, m, context=context, precision=prec)
     mem = plan(spec, replace(m, kernel_rates={}), context=context, precision=prec)
@@ -140,7 +144,7 @@ def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) ->
                   "agree_with_bf16": sum(a == b for a, b in zip(ids[n], ids["bf16"]))}
         if cpu[n]:  # 1 thread: work per token, robust to machine load (CPU time, not wall time)
             out[n]["decode_cpu_ms_per_token"] = 1e3 * median(cpu[n])
-        out[n]["planner"] = planner_bound(dirs[n], len(prompt) + tokens // 2)
+        out[n]["planner"] = planner_bound(dirs[n], len(prompt) + tokens // 2, threads)
         out[n]["fraction_of_bound"] = tps / out[n]["planner"]["decode_tokens_per_s"]
     for n in out:
         out[n]["speedup_vs_bf16"] = out[n]["decode_tok_s"] / out["bf16"]["decode_tok_s"]
