@@ -26,7 +26,8 @@ memory time + the dequantizing kernels' time, which add on cores that both strea
 tokens equal to bf16's at the same position, out of ``--tokens``. With 1 thread the bench also
 records the caller's CPU time per decode step (a generation's thread CPU time minus that of a
 prefill-only one, over the decode steps): the work per token, robust to other processes
-taking the cores (wall-clock tok/s on a loaded machine is not). Results:
+taking the cores (wall-clock tok/s on a loaded machine is not), and its fraction of the bound
+(tokens per CPU second / bound tok/s). Results:
 ``bench/results/quant_decode.json`` and a markdown table on stdout.
 """
 
@@ -146,6 +147,9 @@ def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) ->
             out[n]["decode_cpu_ms_per_token"] = 1e3 * median(cpu[n])
         out[n]["planner"] = planner_bound(dirs[n], len(prompt) + tokens // 2, threads)
         out[n]["fraction_of_bound"] = tps / out[n]["planner"]["decode_tokens_per_s"]
+        if cpu[n]:  # the same in CPU time: tokens per CPU second of the one decode thread
+            out[n]["fraction_of_bound_cpu"] = 1e3 / out[n]["decode_cpu_ms_per_token"] / out[n]["planner"][
+                "decode_tokens_per_s"]
     for n in out:
         out[n]["speedup_vs_bf16"] = out[n]["decode_tok_s"] / out["bf16"]["decode_tok_s"]
         if "decode_cpu_ms_per_token" in out[n]:
@@ -159,7 +163,7 @@ def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) ->
 def table(res: dict, tokens: int) -> str:
     lines = ["| threads | format | native | MB/token (routed + always-on) | bytes vs bf16 | decode tok/s | vs bf16 "
              "| stored GB/s | planner bound tok/s (binds on) | of bound | 1-thread CPU ms/token (vs bf16) "
-             "| greedy = bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| of bound (CPU time) | greedy = bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for th, rows in res.items():
         for n, r in rows.items():
             lines.append(f"| {th} | {n} | {'yes' if r['native_reason'] is None else 'no'} "
@@ -169,7 +173,7 @@ def table(res: dict, tokens: int) -> str:
                          f"| {r['planner']['decode_tokens_per_s']:.1f} ({r['planner']['binds_on']}) "
                          f"| {r['fraction_of_bound']:.0%} "
                          + (f"| {r['decode_cpu_ms_per_token']:.2f} ({r['cpu_speedup_vs_bf16']:.2f}x) "
-                            if "decode_cpu_ms_per_token" in r else "| - ")
+                            f"| {r['fraction_of_bound_cpu']:.0%} " if "decode_cpu_ms_per_token" in r else "| - | - ")
                          + f"| {r['agree_with_bf16']}/{tokens} |")
     return "\n".join(lines)
 
