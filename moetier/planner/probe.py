@@ -46,7 +46,7 @@ from moetier.weights.store import DEFAULT_IO_DEPTH, DEFAULT_IO_THREADS, read_ali
 
 PROBE_VERSION = 3  # 2: disk read with the store's pattern (read_aligned, shuffled blocks); 3: its readers
 KERNEL_RATES_METHOD = "1-thread CPU time x cores"  # native.rates.planner_rates; older records re-probe
-MEMORY_METHOD = "native stream, CPU time, best pass"  # measure_memory_bw; older records (torch sum) re-probe
+MEMORY_METHOD = "native stream, CPU time, best pass"  # measure_memory_bw; records without a method re-probe
 STALE_SECONDS = 7 * 86400  # a cached probe older than this is measured again
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which a probe is "under load"
 
@@ -373,8 +373,8 @@ def load_cached() -> dict[str, Any] | None:
             "kernel_rates")  # a record from before kernel rates is measured again
     if any(k not in data for k in need) or data.get("kernel_rates_method") != KERNEL_RATES_METHOD:
         return None  # ... and one whose kernel rates were timed the older, load-sensitive way
-    if data.get("memory_method") != MEMORY_METHOD:
-        return None  # ... or its memory bandwidth (a wall-clock torch sum)
+    if "memory_method" not in data:
+        return None  # ... or its memory bandwidth the old way (a wall-clock torch sum, unlabelled)
     return data
 
 

@@ -110,6 +110,9 @@ def test_a_record_with_the_old_memory_figure_is_measured_again(cache):
     del rec["memory_method"]
     probe.cache_path().write_text(json.dumps(rec))
     assert probe.load_cached() is None
+    # one taken without the native library says so and is kept (no re-probe on every command)
+    probe.cache_path().write_text(json.dumps({**rec, "memory_method": "torch sum, wall clock"}))
+    assert probe.load_cached() is not None
 
 
 def test_best_pass_is_the_slowest_thread_of_the_fastest_pass():
