@@ -19,13 +19,15 @@ Bytes per token are the checkpoint's stored bytes (``stored_census``): routed ex
 num_experts (the active share) + always-on (attention, norms, routers, LM head; the embedding
 table is not counted: one row per token). Stored GB/s = bytes/token x tok/s. Planner bound:
 ``plan()`` of the checkpoint at its stored formats on the probed ``cpu`` machine (``moetier
-probe``: memory bandwidth and the native kernels' rate per format), context = prompt + half the
+probe``: memory bandwidth and the native kernels' rate per format; a numeric ``--threads`` N sees
+N cores' worth: one core's memory read and kernel rates at 1), context = prompt + half the
 decode; "binds on" is the planner's binding resource (on the probed CPU "memory+compute":
 memory time + the dequantizing kernels' time, which add on cores that both stream and compute). Agreement: greedy
 tokens equal to bf16's at the same position, out of ``--tokens``. With 1 thread the bench also
 records the caller's CPU time per decode step (a generation's thread CPU time minus that of a
 prefill-only one, over the decode steps): the work per token, robust to other processes
-taking the cores (wall-clock tok/s on a loaded machine is not). Results:
+taking the cores (wall-clock tok/s on a loaded machine is not), and its fraction of the bound
+(tokens per CPU second / bound tok/s). Results:
 ``bench/results/quant_decode.json`` and a markdown table on stdout.
 """
 
@@ -87,9 +89,10 @@ def bytes_per_token(d: Path) -> tuple[int, int, dict[str, str | None]]:
     return routed, always, {g: st.format_of(g) for g in st.bytes}
 
 
-def planner_bound(d: Path, context: int) -> dict:
+def planner_bound(d: Path, context: int, threads: int | None = None) -> dict:
     """The planner's decode bound for checkpoint ``d`` in RAM on the probed ``cpu`` machine, at
-    its stored formats: with the measured kernel rates, and memory / FLOPs only."""
+    its stored formats: with the measured kernel rates, and memory / FLOPs only. ``threads``: the
+    machine as a run on that many cores sees it (one core's memory read and kernel rates at 1)."""
     from dataclasses import replace
 
     from moetier.planner.machines import get_machine
@@ -98,7 +101,9 @@ def planner_bound(d: Path, context: int) -> dict:
     from moetier.weights.stored import checkpoint_precision
 
     spec = load_spec(d)
-    m = get_machine("cpu")
+    from moetier.planner.probe import cpu_machine
+
+    m = cpu_machine(cores=threads) if threads else get_machine("cpu")
     prec = checkpoint_precision(d, spec)
     r = plan(spec, m, context=context, precision=prec)
     mem = plan(spec, replace(m, kernel_rates={}), context=context, precision=prec)
@@ -140,8 +145,11 @@ def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) ->
                   "agree_with_bf16": sum(a == b for a, b in zip(ids[n], ids["bf16"]))}
         if cpu[n]:  # 1 thread: work per token, robust to machine load (CPU time, not wall time)
             out[n]["decode_cpu_ms_per_token"] = 1e3 * median(cpu[n])
-        out[n]["planner"] = planner_bound(dirs[n], len(prompt) + tokens // 2)
+        out[n]["planner"] = planner_bound(dirs[n], len(prompt) + tokens // 2, threads)
         out[n]["fraction_of_bound"] = tps / out[n]["planner"]["decode_tokens_per_s"]
+        if cpu[n]:  # the same in CPU time: tokens per CPU second of the one decode thread
+            out[n]["fraction_of_bound_cpu"] = 1e3 / out[n]["decode_cpu_ms_per_token"] / out[n]["planner"][
+                "decode_tokens_per_s"]
     for n in out:
         out[n]["speedup_vs_bf16"] = out[n]["decode_tok_s"] / out["bf16"]["decode_tok_s"]
         if "decode_cpu_ms_per_token" in out[n]:
@@ -155,7 +163,7 @@ def run(dirs: dict[str, Path], threads: int | None, rounds: int, tokens: int) ->
 def table(res: dict, tokens: int) -> str:
     lines = ["| threads | format | native | MB/token (routed + always-on) | bytes vs bf16 | decode tok/s | vs bf16 "
              "| stored GB/s | planner bound tok/s (binds on) | of bound | 1-thread CPU ms/token (vs bf16) "
-             "| greedy = bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| of bound (CPU time) | greedy = bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for th, rows in res.items():
         for n, r in rows.items():
             lines.append(f"| {th} | {n} | {'yes' if r['native_reason'] is None else 'no'} "
@@ -165,7 +173,7 @@ def table(res: dict, tokens: int) -> str:
                          f"| {r['planner']['decode_tokens_per_s']:.1f} ({r['planner']['binds_on']}) "
                          f"| {r['fraction_of_bound']:.0%} "
                          + (f"| {r['decode_cpu_ms_per_token']:.2f} ({r['cpu_speedup_vs_bf16']:.2f}x) "
-                            if "decode_cpu_ms_per_token" in r else "| - ")
+                            f"| {r['fraction_of_bound_cpu']:.0%} " if "decode_cpu_ms_per_token" in r else "| - | - ")
                          + f"| {r['agree_with_bf16']}/{tokens} |")
     return "\n".join(lines)
 

@@ -149,7 +149,7 @@ def ensure_synthetic(size_gb: float) -> Path:
 def memory_bandwidth() -> float:
     from moetier.planner.probe import measure_memory_bw
 
-    return measure_memory_bw(1024 * 2**20, 5)
+    return measure_memory_bw(1024 * 2**20, 5)[1]  # all cores
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
         ("cores", f"{rec.get('cores_usable')} usable / {rec.get('cores_logical')} logical"
                   f" / {rec.get('cores_physical') or '?'} physical"),
         ("RAM", f"{fmt_bytes(rec['ram_bytes'])} ({fmt_bytes(rec.get('ram_available_bytes'))} available)"),
-        ("memory read", fmt_si(rec["memory_read_bw"], "B/s")),
+        ("memory read", fmt_si(rec["memory_read_bw"], "B/s")
+         + (f" all cores, {fmt_si(rec['memory_read_bw_per_core'], 'B/s')} one core"
+            if rec.get("memory_read_bw_per_core") else "")
+         + f" ({rec.get('memory_method', 'torch sum, wall clock')})"),
         ("disk read", f"{fmt_si(rec['disk_read_bw'], 'B/s')} ({rec.get('disk_method')}, {rec.get('disk_dir')})"),
         ("disk free", fmt_bytes(rec["disk_free_bytes"])),
         ("matmul fp32", fmt_si(rec["matmul_flops"]["fp32"], "FLOP/s")),

@@ -212,6 +212,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mt_get_isa": (I, []),
         "mt_set_isa": (I, [I]),
         "mt_dequant_rows": (I, [P, L, L, P]),
+        "mt_read_bw": (ctypes.c_uint64, [P, L, I, I, P, P]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

@@ -2,8 +2,9 @@
 
 ``probe(...) -> dict`` measures, in a few seconds:
 
-* memory read bandwidth (best of several full passes of a reduction over a buffer much
-  larger than the caches, all cores via torch's intra-op threads),
+* memory read bandwidth, one core and all cores (``measure_memory_bw``: native readers stream
+  a buffer of at least 8x the largest cache with plain vector loads, each pass timed in the
+  readers' CPU time, best of several passes; torch's wall-clock sum without the native library),
 * disk read bandwidth with ``O_DIRECT`` on a temporary file written in the cache dir (so the
   page cache is bypassed; falls back to ``posix_fadvise(DONTNEED)`` where O_DIRECT is not
   supported, and says so in ``disk_method``), read with the expert store's pattern (shuffled
@@ -45,6 +46,7 @@ from moetier.weights.store import DEFAULT_IO_DEPTH, DEFAULT_IO_THREADS, read_ali
 
 PROBE_VERSION = 3  # 2: disk read with the store's pattern (read_aligned, shuffled blocks); 3: its readers
 KERNEL_RATES_METHOD = "1-thread CPU time x cores, GGUF types"  # native.rates.planner_rates; older records re-probe
+MEMORY_METHOD = "native stream, CPU time, best pass"  # measure_memory_bw; records without a method re-probe
 STALE_SECONDS = 7 * 86400  # a cached probe older than this is measured again
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which a probe is "under load"
 
@@ -54,7 +56,7 @@ class ProbeSizes:
     """Work sizes; the defaults keep a probe under ~20 s on a small machine."""
 
     mem_bytes: int = 256 * 2**20
-    mem_repeats: int = 5
+    mem_repeats: int = 8  # passes per thread setting (best kept), after one warm-up pass
     disk_bytes: int = 256 * 2**20
     disk_block: int = 8 * 2**20
     matmul_n: int = 1024
@@ -79,8 +81,28 @@ def cache_path() -> Path:
 # measurements
 
 
-def measure_memory_bw(nbytes: int, repeats: int) -> float:
-    """Sustained read bandwidth (bytes/s): best pass of a sum over ``nbytes`` of float32."""
+def llc_bytes() -> int:
+    """The largest CPU cache (bytes) the OS reports (sysfs; 0 where unknown)."""
+    best = 0
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            t = f.read_text().strip().upper()
+            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(t[-1:], 1)
+            best = max(best, int(t.rstrip("KMG")) * mult)
+        except (OSError, ValueError):
+            continue
+    return best
+
+
+def memory_buffer_bytes(min_bytes: int) -> int:
+    """How much a bandwidth probe reads: ``min_bytes``, and at least 8x the largest cache (so
+    the passes stream from DRAM, not from a cache that kept the previous pass)."""
+    return max(int(min_bytes), 8 * llc_bytes())
+
+
+def torch_sum_bw(nbytes: int, repeats: int) -> float:
+    """bytes/s of the best of ``repeats`` wall-clock torch sums over ``nbytes`` of float32 (the
+    fallback without the native library)."""
     import torch
 
     n = max(1, nbytes // 4)
@@ -92,6 +114,66 @@ def measure_memory_bw(nbytes: int, repeats: int) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t0)
     return n * 4 / max(best, 1e-9)
+
+
+def best_rates(nbytes: int, cpu: list[list[float]]) -> float:
+    """bytes/s of the best pass: ``cpu[t][p]`` = thread t's CPU seconds for pass p over its slice
+    (``nbytes`` over all threads); a pass lasts as long as its slowest thread."""
+    passes = min(len(c) for c in cpu)
+    best = max(nbytes / max(max(c[p] for c in cpu), 1e-9) for p in range(passes))
+    return best
+
+
+def read_passes(nbytes: int, threads: int, passes: int) -> tuple[list[list[float]], list[list[float]], int]:
+    """Stream a fresh ``nbytes`` buffer ``passes`` times on ``threads`` threads at once (native
+    ``mt_read_bw``): per thread and pass (CPU seconds, wall seconds), and the bytes read per pass
+    (whole 64-byte lines per thread). Raises ``RuntimeError`` when the native library is
+    unavailable or a reader did not read every byte (the word sum is checked)."""
+    import torch
+
+    from moetier import native
+
+    lib = native.library()
+    if lib is None:
+        raise RuntimeError(native.unavailable_reason() or "native kernels unavailable")
+    threads, passes = max(1, threads), max(1, passes)
+    lines = nbytes // 64 // threads * threads
+    words = lines * 8
+    buf = torch.arange(words, dtype=torch.int64)  # written: paged in, and a known sum
+    cpu = torch.zeros(threads * passes, dtype=torch.float64)
+    wall = torch.zeros(threads * passes, dtype=torch.float64)
+    got = lib.mt_read_bw(buf.data_ptr(), words * 8, threads, passes, cpu.data_ptr(), wall.data_ptr())
+    want = (words * (words - 1) // 2 * passes) % 2**64
+    if got != want:
+        raise RuntimeError(f"memory probe: the readers summed {got}, expected {want} (not every byte was read)")
+    c, w = cpu.view(threads, passes).tolist(), wall.view(threads, passes).tolist()
+    return c, w, words * 8
+
+
+def measure_memory_bw(nbytes: int, repeats: int, threads: int | None = None) -> tuple[float, float]:
+    """Sustained memory read bandwidth (bytes/s), ``(one core, all cores)``: the best of ``repeats``
+    passes over a buffer of ``memory_buffer_bytes(nbytes)``, read with plain sequential vector
+    loads (the decode kernels' pattern) on one thread, then on ``threads`` (default: the usable
+    cores) at once, each pass timed in the readers' CPU time (``read_passes``; like the kernel
+    rates of ``native.rates.planner_rates``: time the OS gives other processes does not count).
+    Why: a wall-clock torch sum read 27-47 GB/s on the shared 2-core VM over one day."""
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - non-Linux
+            threads = os.cpu_count() or 1
+    from moetier import native
+
+    if native.library() is None:  # no native readers: torch's sum, wall clock (all cores)
+        bw = torch_sum_bw(nbytes, repeats)
+        return bw / max(1, threads), bw
+    n = memory_buffer_bytes(nbytes)
+    cpu1, _, b1 = read_passes(n, 1, repeats + 1)  # the first pass pages in / warms up: dropped
+    one = best_rates(b1, [c[1:] for c in cpu1])
+    if threads <= 1:
+        return one, one
+    cpun, _, bn = read_passes(n, threads, repeats + 1)
+    return one, best_rates(bn, [c[1:] for c in cpun])
 
 
 def measure_disk_bw(directory: Path, nbytes: int, block: int) -> tuple[float, str]:
@@ -196,7 +278,10 @@ def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dic
     directory = directory or cache_dir()
     load = load_per_core()  # before our own work adds to it
     t_start = time.perf_counter()
-    mem_bw = measure_memory_bw(sizes.mem_bytes, sizes.mem_repeats)
+    from moetier import native
+
+    mem_core, mem_bw = measure_memory_bw(sizes.mem_bytes, sizes.mem_repeats)
+    mem_method = MEMORY_METHOD if native.library() is not None else "torch sum, wall clock"
     disk_bw, disk_method = measure_disk_bw(directory, sizes.disk_bytes, sizes.disk_block)
     f32 = measure_matmul_flops("fp32", sizes.matmul_n, sizes.matmul_seconds)
     bf16 = measure_matmul_flops("bf16", sizes.matmul_n, sizes.matmul_seconds)
@@ -221,12 +306,15 @@ def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dic
         "disk_free_bytes": float(shutil.disk_usage(directory).free),
         "disk_dir": str(directory),
         "memory_read_bw": mem_bw,
+        "memory_read_bw_per_core": mem_core,
+        "memory_method": mem_method,
         "disk_read_bw": disk_bw,
         "disk_method": disk_method,
         "matmul_flops": {"fp32": f32, "bf16": bf16},
         "kernel_rates": kernels,
         "kernel_rates_method": KERNEL_RATES_METHOD,
-        "sizes": {"mem_bytes": sizes.mem_bytes, "disk_bytes": sizes.disk_bytes, "matmul_n": sizes.matmul_n},
+        "sizes": {"mem_bytes": memory_buffer_bytes(sizes.mem_bytes), "disk_bytes": sizes.disk_bytes,
+                  "matmul_n": sizes.matmul_n},
         "probe_seconds": time.perf_counter() - t_start,
         "load_per_core": load,
     }
@@ -285,6 +373,8 @@ def load_cached() -> dict[str, Any] | None:
             "kernel_rates")  # a record from before kernel rates is measured again
     if any(k not in data for k in need) or data.get("kernel_rates_method") != KERNEL_RATES_METHOD:
         return None  # ... and one whose kernel rates were timed the older, load-sensitive way
+    if "memory_method" not in data:
+        return None  # ... or its memory bandwidth the old way (a wall-clock torch sum, unlabelled)
     return data
 
 
@@ -312,23 +402,34 @@ def get_probe(refresh: bool = False, sizes: ProbeSizes | None = None) -> tuple[d
     return rec, False
 
 
-def machine_from_probe(rec: dict[str, Any]) -> Machine:
-    """The measured ``cpu`` Machine: dram (compute) -> ssd."""
+def machine_from_probe(rec: dict[str, Any], cores: int | None = None) -> Machine:
+    """The measured ``cpu`` Machine: dram (compute) -> ssd. ``cores``: the machine as seen by a
+    run on that many of the usable cores (e.g. ``--threads 1``): memory read at the one-core
+    figure times ``cores`` (at most the all-core one), kernel rates scaled by ``cores`` / usable
+    (they are one core's rate times the usable cores)."""
+    usable = int(rec.get("cores_usable") or 1)
+    mem_bw, scale = float(rec["memory_read_bw"]), 1.0
+    if cores is not None and 0 < cores < usable:
+        scale = cores / usable
+        per_core = rec.get("memory_read_bw_per_core")
+        mem_bw = min(mem_bw, float(per_core) * cores) if per_core else mem_bw * scale
     return Machine(
         name="cpu",
         tiers=(
-            MemoryTier("dram", float(rec["ram_bytes"]), float(rec["memory_read_bw"])),
+            MemoryTier("dram", float(rec["ram_bytes"]), mem_bw),
             MemoryTier("ssd", float(rec["disk_free_bytes"]), float(rec["disk_read_bw"])),
         ),
         flops={k: float(v) for k, v in rec["matmul_flops"].items()},
-        kernel_rates={k: float(v) for k, v in rec.get("kernel_rates", {}).items()},
+        kernel_rates={k: float(v) * scale for k, v in rec.get("kernel_rates", {}).items()},
         kernels_add_to_memory=True,  # the CPU's own cores stream and compute (roofline module doc)
         efficiency=Efficiency(compute=1.0, memory=1.0, link=1.0),
         compute_tier="dram",
         confidence="M",
         source=f"moetier probe: {describe(rec)} (cache {cache_path()}; `moetier probe --refresh` re-measures)",
         notes=(
-            f"measured: {rec.get('cores_usable', '?')} usable cores, memory read by torch sum, disk read "
+            f"measured: {rec.get('cores_usable', '?')} usable cores"
+            + (f" (as seen by {cores})" if cores is not None and 0 < cores < usable else "")
+            + f", memory read: {rec.get('memory_method', 'torch sum, wall clock')}, disk read "
             f"{rec.get('disk_method', '?')}, matmul n={rec.get('sizes', {}).get('matmul_n', '?')}, "
             f"native kernel rates: {', '.join(sorted(rec.get('kernel_rates', {}))) or 'not measured'}",
             "efficiency 1.0: figures are already sustained measurements",
@@ -337,6 +438,6 @@ def machine_from_probe(rec: dict[str, Any]) -> Machine:
     )
 
 
-def cpu_machine(refresh: bool = False, sizes: ProbeSizes | None = None) -> Machine:
+def cpu_machine(refresh: bool = False, sizes: ProbeSizes | None = None, cores: int | None = None) -> Machine:
     rec, _ = get_probe(refresh=refresh, sizes=sizes)
-    return machine_from_probe(rec)
+    return machine_from_probe(rec, cores)

@@ -193,6 +193,30 @@ def test_fp8_subnormals_and_extremes(lib):
         check(lib, QTensor("fp8_e4m3_block", tuple(data.shape), data, scale, block=block), ref, isa, gen)
 
 
+def test_fp8_subnormal_codes_under_daz(lib):
+    """The AVX-512 fp8 kernel reads e4m3 subnormal codes as float32 subnormals: with MXCSR.DAZ set
+    on the calling thread (torch.set_flush_denormal) they would read as zero, so the AVX2 (F16C)
+    kernel runs there instead; the product stays exact."""
+    need("avx512")
+    codes = torch.tensor([[c for c in range(1, 8)] + [0x80 | c for c in range(1, 8)] + [0x38, 0xB8]] * 2,
+                         dtype=torch.uint8)  # the 14 subnormal codes and +-1
+    data = codes.view(torch.float8_e4m3fn)
+    scale = torch.tensor([[0.5]])
+    block = (2, 128)
+    q = QTensor("fp8_e4m3_block", tuple(data.shape), data, scale, block=block)
+    ref = fp8_ref(data, scale, block)
+    x = torch.linspace(1.0, 2.0, data.shape[1])
+    want = ref.double() @ x.double()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no DAZ / FTZ")
+    try:
+        with forced("avx512"):
+            got = gemv(lib, q, x, 1)  # one thread: the caller's MXCSR
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=0), (got, want)
+
+
 # ----------------------------------------------------------------------------------------
 # MXFP4 (gpt-oss layout) vs the OCP e2m1 table
 

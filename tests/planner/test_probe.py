@@ -32,8 +32,9 @@ def test_probe_measures_and_caches(cache, monkeypatch):
     assert (cache / "probe.json").is_file()
     on_disk = json.loads((cache / "probe.json").read_text())
     assert on_disk["timestamp"] == rec["timestamp"]
-    for k in ("memory_read_bw", "disk_read_bw", "ram_bytes", "disk_free_bytes"):
+    for k in ("memory_read_bw", "memory_read_bw_per_core", "disk_read_bw", "ram_bytes", "disk_free_bytes"):
         assert rec[k] > 0, k
+    assert rec["memory_method"] in (probe.MEMORY_METHOD, "torch sum, wall clock")
     assert rec["matmul_flops"]["fp32"] > 0 and rec["matmul_flops"]["bf16"] > 0
     assert rec["cores_usable"] >= 1
     assert rec["disk_method"] in ("O_DIRECT", "fadvise-DONTNEED")
@@ -89,7 +90,8 @@ def _fake_record() -> dict:
             "ram_bytes": 16e9, "ram_available_bytes": 8e9, "disk_free_bytes": 1e12, "disk_dir": "/x",
             "memory_read_bw": 20e9, "disk_read_bw": 2e9, "disk_method": "O_DIRECT",
             "matmul_flops": {"fp32": 1e11, "bf16": 2e11}, "kernel_rates": {},
-            "kernel_rates_method": probe.KERNEL_RATES_METHOD, "sizes": {}, "probe_seconds": 1.0}
+            "kernel_rates_method": probe.KERNEL_RATES_METHOD, "sizes": {}, "probe_seconds": 1.0,
+            "memory_read_bw_per_core": 12e9, "memory_method": probe.MEMORY_METHOD}
 
 
 def test_a_record_with_kernel_rates_timed_the_old_way_is_measured_again(cache):
@@ -100,6 +102,69 @@ def test_a_record_with_kernel_rates_timed_the_old_way_is_measured_again(cache):
     del rec["kernel_rates_method"]  # wall-clock rates at all cores (before 2026-12-02): load-sensitive
     probe.cache_path().write_text(json.dumps(rec))
     assert probe.load_cached() is None
+
+
+def test_a_record_with_the_old_memory_figure_is_measured_again(cache):
+    """A record whose memory bandwidth was a wall-clock torch sum (27-47 GB/s over one day on the
+    shared VM) is measured again with the native CPU-time readers."""
+    cache.mkdir(parents=True)
+    rec = _fake_record()
+    del rec["memory_method"]
+    probe.cache_path().write_text(json.dumps(rec))
+    assert probe.load_cached() is None
+    # one taken without the native library says so and is kept (no re-probe on every command)
+    probe.cache_path().write_text(json.dumps({**rec, "memory_method": "torch sum, wall clock"}))
+    assert probe.load_cached() is not None
+
+
+def test_best_pass_is_the_slowest_thread_of_the_fastest_pass():
+    # 2 threads, 3 passes over 8 GB in all: pass 1's slowest thread took 0.5 s -> 16 GB/s
+    cpu = [[1.0, 0.4, 0.9], [0.9, 0.5, 2.0]]
+    assert probe.best_rates(8e9, cpu) == pytest.approx(16e9)
+    assert probe.best_rates(8e9, [[2.0, 4.0]]) == pytest.approx(4e9)
+
+
+def test_memory_buffer_is_larger_than_the_caches(monkeypatch):
+    monkeypatch.setattr(probe, "llc_bytes", lambda: 32 * 2**20)
+    assert probe.memory_buffer_bytes(4 * 2**20) == 256 * 2**20
+    assert probe.memory_buffer_bytes(2**30) == 2**30
+
+
+def test_memory_readers_read_every_byte_and_time_memory_not_cache():
+    """The native readers' word sum equals the buffer's (every byte read on every pass, for 1
+    and 2 threads: read_passes raises otherwise), the rates are plausible, and a buffer far larger
+    than the caches reads slower than one that stays in L2 (the timing is of the reads)."""
+    from moetier import native
+
+    if native.library() is None:
+        pytest.skip("native library unavailable")
+    big = probe.memory_buffer_bytes(64 * 2**20)
+    for threads in (1, 2):
+        cpu, wall, nbytes = probe.read_passes(big, threads, 3)
+        assert len(cpu) == threads and all(len(c) == 3 for c in cpu)
+        assert 0 <= big - nbytes < 64 * threads
+        assert all(t > 0 for c in cpu for t in c) and all(t > 0 for c in wall for t in c)
+    cpu, _, nbytes = probe.read_passes(big, 1, 4)
+    dram = probe.best_rates(nbytes, [c[1:] for c in cpu])
+    cpu, _, nbytes = probe.read_passes(256 * 2**10, 1, 40)
+    cached = probe.best_rates(nbytes, [c[1:] for c in cpu])
+    assert 1e8 < dram < 1e12
+    assert cached > 1.3 * dram, (cached, dram)
+    one, every = probe.measure_memory_bw(16 * 2**20, 2)
+    assert 1e8 < one < 1e12 and every >= 0.5 * one
+
+
+def test_machine_as_seen_by_fewer_cores():
+    """A 1-thread run's bound: one core's memory read and kernel rates, not the machine's."""
+    rec = {**_fake_record(), "kernel_rates": {"bf16": 80e9, "int4:g32": 60e9}}
+    full = probe.machine_from_probe(rec)
+    one = probe.machine_from_probe(rec, cores=1)
+    assert full.tier("dram").read_bw == 20e9 and one.tier("dram").read_bw == 12e9
+    assert full.kernel_rate("bf16") == 80e9 and one.kernel_rate("bf16") == 40e9
+    assert one.kernel_rate("int4:g32") == 30e9
+    assert probe.machine_from_probe(rec, cores=2).tier("dram").read_bw == 20e9
+    old = {k: v for k, v in rec.items() if k != "memory_read_bw_per_core"}
+    assert probe.machine_from_probe(old, cores=1).tier("dram").read_bw == 10e9
 
 
 def test_probe_cli_reads_cache(cache, capsys):
