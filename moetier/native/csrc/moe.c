@@ -8,13 +8,10 @@
  * (descending weight, ties to the lower id), weights (normalised / scaled per the layer) */
 void mt_topk_softmax(const layer_desc *L, float *p, int64_t *ids, float *w) {
     long E = L->E, k = L->topk;
-    float mx = -INFINITY, sum = 0.0f;
+    float mx = -INFINITY;
     for (long e = 0; e < E; e++)
         if (p[e] > mx) mx = p[e];
-    for (long e = 0; e < E; e++) {
-        p[e] = expf(p[e] - mx);
-        sum += p[e];
-    }
+    float sum = mt_exp_sum(p, E, mx);
     for (long e = 0; e < E; e++) p[e] /= sum;
     for (long j = 0; j < k; j++) {
         long best = -1;
