@@ -8,8 +8,10 @@ top-k router, then the routed experts come from the model's ``ExpertProvider`` e
 the torch path (``require`` then ``get``), and one native call runs all of them plus the
 shared expert (one call per expert when the provider may recycle a slot on the next
 ``get``). With every expert in RAM (``InMemoryExpertProvider``), no router observer and no
-norm pre-hook, one native call runs all layers from a table of expert descriptors (the same
-functions in the same order: the same bits, minus ~10 us of Python per layer).
+norm pre-hook, one native call runs the whole step -- embedding, all layers from a table of
+expert descriptors, head -- from a step descriptor built once (:meth:`NativeDecoder.whole_step`;
+the same functions in the same order: the same bits, minus ~10 us of Python per layer), and
+``Model.step`` calls :meth:`NativeDecoder.step` directly (``direct_steps``).
 Prefill and batched steps (several tokens / sequences per call) run through
 :meth:`NativeDecoder.step_many` (``native/prefill.py``) with the same per-token arithmetic.
 
