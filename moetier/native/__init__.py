@@ -206,6 +206,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mt_embed": (None, [P, L, P]),
         "mt_gemv": (None, [P, P, I, P, P, I]),
         "mt_layers": (I, [P, I, P, I, P, P, P, P, L, P, P, P, P, P, L, P, I]),
+        "mt_step": (I, [P, L, L, P, I]),
         "mt_fmt_supported": (I, [I]),
         "mt_fmt_isa": (I, [I, I]),
         "mt_isa_supported": (I, [I]),

@@ -8,8 +8,10 @@ top-k router, then the routed experts come from the model's ``ExpertProvider`` e
 the torch path (``require`` then ``get``), and one native call runs all of them plus the
 shared expert (one call per expert when the provider may recycle a slot on the next
 ``get``). With every expert in RAM (``InMemoryExpertProvider``), no router observer and no
-norm pre-hook, one native call runs all layers from a table of expert descriptors (the same
-functions in the same order: the same bits, minus ~10 us of Python per layer).
+norm pre-hook, one native call runs the whole step -- embedding, all layers from a table of
+expert descriptors, head -- from a step descriptor built once (:meth:`NativeDecoder.whole_step`;
+the same functions in the same order: the same bits, minus ~10 us of Python per layer), and
+``Model.step`` calls :meth:`NativeDecoder.step` directly (``direct_steps``).
 Prefill and batched steps (several tokens / sequences per call) run through
 :meth:`NativeDecoder.step_many` (``native/prefill.py``) with the same per-token arithmetic.
 
@@ -33,6 +35,7 @@ prefetch) are called with the residual stream in the model dtype; router observe
 from __future__ import annotations
 
 import ctypes
+import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -71,6 +74,23 @@ class LayerDesc(ctypes.Structure):
         ("s_down", ctypes.c_void_p), ("s_gate_gate", ctypes.c_void_p),
         ("q_w", ctypes.c_void_p), ("k_w", ctypes.c_void_p), ("v_w", ctypes.c_void_p),
         ("q_b", ctypes.c_void_p), ("k_b", ctypes.c_void_p), ("v_b", ctypes.c_void_p),
+    ]
+
+
+class StepDesc(ctypes.Structure):
+    """Mirror of ``step_desc`` in csrc/decode.c (keep the field order in sync): everything one
+    whole decode step (``mt_step``) reads, built once; the KV and rope fields are rebound only
+    when a sequence's cache buffers or the rope table change."""
+
+    _fields_ = [
+        ("L", ctypes.c_void_p), ("n_layers", ctypes.c_int), ("dt", ctypes.c_int),
+        ("S", ctypes.c_void_p), ("x", ctypes.c_void_p),
+        ("K", ctypes.c_void_p), ("V", ctypes.c_void_p), ("cap", ctypes.c_void_p),
+        ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("rope_rows", ctypes.c_long), ("rope_d", ctypes.c_long),
+        ("gate_table", ctypes.c_void_p), ("up_table", ctypes.c_void_p), ("down_table", ctypes.c_void_p),
+        ("e_max", ctypes.c_long), ("ids_out", ctypes.c_void_p),
+        ("emb", ctypes.c_void_p), ("norm_w", ctypes.c_void_p), ("out_w", ctypes.c_void_p),
+        ("norm_eps", ctypes.c_float),
     ]
 
 
@@ -205,6 +225,13 @@ class _StepBase:
         (``InMemoryExpertProvider``); False when another provider is attached. For the whole-step
         calls (all layers in one native call); reads ``blocks`` (``net.moe_blocks()``), ``e_max``,
         ``ffn_descs`` (each layer's feed-forward ``LayerDesc``), ``experts``, ``table_for``."""
+        t = self.table_for
+        if t is not None:
+            for b in self.blocks.values():
+                if b.provider is not t:
+                    break
+            else:
+                return True
         from moetier.models.base import InMemoryExpertProvider
 
         blocks = self.blocks
@@ -224,11 +251,19 @@ class _StepBase:
                 k = i * E + e
                 gu[k], up[k], dn[k] = self.experts.get(ew, i, e, self.ffn_descs[i])
         self.tables, self.table_for = (gu, up, dn), provider
+        self._tables_bound()
         return True
+
+    def _tables_bound(self) -> None:
+        """Hook: the expert tables were (re)built (the generic decoder points its step descriptor at them)."""
 
 
 class NativeDecoder(_StepBase):
     """Native single-token decode for one :class:`DecoderLM` (see the module docstring)."""
+
+    # Model.step may call step() directly, outside torch.inference_mode and the module call (when
+    # the network has no forward hooks): step enters inference mode itself where it runs torch ops
+    direct_steps = True
 
     def __init__(self, net: DecoderLM, lib: ctypes.CDLL):
         self.net, self.lib = net, lib
@@ -312,6 +347,62 @@ class NativeDecoder(_StepBase):
         self.table_for: Any = None  # the provider the descriptor tables were built for
         self.tables: Any = None  # (gate_up, up, down) pointer tables and their descriptors
         self.many: Any = None  # the multi-token stepper (native/prefill.py), made on first use
+        # the whole decode step in one call (mt_step, see whole_step): its descriptor, the KV
+        # buffers it points at (held, so the pointers stay valid; rebound when a sequence's
+        # buffers change) and the rope tables (held likewise)
+        sd = self.sd = StepDesc()
+        sd.L, sd.n_layers, sd.dt = ctypes.addressof(self.desc_array), n, self.dt
+        sd.S, sd.x = self.scratch, self.x.data_ptr()
+        sd.K, sd.V, sd.cap = (ctypes.addressof(a) for a in (self.k_ptrs, self.v_ptrs, self.caps))
+        sd.e_max, sd.ids_out = self.e_max, ctypes.addressof(self.ids_all)
+        sd.emb, sd.norm_w, sd.out_w, sd.norm_eps = self.emb, self.norm_w, self.out_w, self.norm_eps
+        self.sd_addr = ctypes.addressof(sd)
+        self.mt_step = lib.mt_step
+        self.kv_bufs: list[Any] = []  # seq.layers entries the descriptor points at
+        self.kv_cap = 0  # the smallest of their capacities
+        self.rope_keep: Any = None  # the (cos, sin) tables the descriptor points at
+
+    def _tables_bound(self) -> None:
+        self.sd.gate_table, self.sd.up_table, self.sd.down_table = (ctypes.addressof(t) for t in self.tables)
+
+    def _bind_kv(self, seq: Sequence, pos: int) -> None:
+        """Point the step descriptor at ``seq``'s cache buffers (reserved for ``pos + 1`` tokens)."""
+        for i in range(len(self.descs)):
+            K, Vc = cache_reserve(seq, i, self.kv_like[i], pos + 1)
+            self.k_ptrs[i], self.v_ptrs[i], self.caps[i] = K.data_ptr(), Vc.data_ptr(), K.shape[1]
+        self.kv_bufs = list(seq.layers)
+        self.kv_cap = min(self.caps)
+
+    def _bind_rope(self, pos: int) -> None:
+        """Point the step descriptor at rope tables of at least ``pos + 1`` rows."""
+        cos, sin = self.rotary.table(pos + 1, torch.float32)
+        self.rope_keep = (cos, sin)
+        self.sd.cos, self.sd.sin = cos.data_ptr(), sin.data_ptr()
+        self.sd.rope_rows, self.sd.rope_d = cos.shape[0], cos.shape[1]
+
+    def whole_step(self, seq: Sequence, token: int) -> torch.Tensor | None:
+        """The whole decode step of ``token`` (embedding, every layer, head) in one native call when
+        every routed expert is in RAM (``InMemoryExpertProvider``) and no router observer or norm
+        pre-hook is set: float32 logits [1, V], ``seq`` advanced. Otherwise ``None``, nothing done
+        (``step`` then drives the layers from Python). Same functions, same order: the same bits."""
+        if self.net.observers or not self._table():
+            return None
+        for n in self.norms:
+            if n._forward_pre_hooks:
+                return None
+        pos = seq.length
+        if pos >= self.kv_cap or not all(map(operator.is_, seq.layers, self.kv_bufs)):
+            self._bind_kv(seq, pos)
+        if pos >= self.sd.rope_rows:
+            self._bind_rope(pos)
+        logits = torch.empty(1, self.V, dtype=torch.float32)
+        rc = self.mt_step(self.sd_addr, token, pos, logits.data_ptr(), torch.get_num_threads())
+        if rc == -1000:
+            raise RuntimeError(f"native decode: position {pos} outside the bound KV cache or rope table")
+        if rc:
+            raise MemoryError(f"native decode: no memory for attention scores (layer {-1 - rc})")
+        seq.length = pos + 1
+        return logits
 
     def __del__(self) -> None:
         lib, s = getattr(self, "lib", None), getattr(self, "scratch", None)
@@ -321,23 +412,20 @@ class NativeDecoder(_StepBase):
 
     def step(self, seq: Sequence, token: int) -> torch.Tensor:
         """Feed one token to ``seq`` (advancing it); float32 logits [1, V]."""
+        logits = self.whole_step(seq, token)  # every layer in one native call: same functions, same bits
+        if logits is not None:
+            return logits
+        with torch.inference_mode():
+            return self._step_layers(seq, token)
+
+    def _step_layers(self, seq: Sequence, token: int) -> torch.Tensor:
+        """A step with Python driving each layer (providers, observers, norm pre-hooks)."""
         net, lib, dt, H = self.net, self.lib, self.dt, self.H
         nth = torch.get_num_threads()
         pos = seq.length
         x = self.x
         xp, cp, sp = self._begin(token, pos)
         observers = net.observers
-        if not observers and not any(n._forward_pre_hooks for n in self.norms) and self._table():
-            # every layer in one native call: same functions, same order, same bits
-            for i in range(len(self.descs)):
-                K, Vc = cache_reserve(seq, i, self.kv_like[i], pos + 1)
-                self.k_ptrs[i], self.v_ptrs[i], self.caps[i] = K.data_ptr(), Vc.data_ptr(), K.shape[1]
-            gu, up, dn = self.tables
-            rc = lib.mt_layers(self.desc_array, len(self.descs), self.scratch, dt, xp, self.k_ptrs, self.v_ptrs,
-                               self.caps, pos, cp, sp, gu, up, dn, self.e_max, self.ids_all, nth)
-            if rc:
-                raise MemoryError(f"native decode: no memory for attention scores (layer {-1 - rc})")
-            return self._finish(seq, pos, xp, nth)
         for i, layer in enumerate(net.layers):
             desc = self.desc_ptrs[i]
             K, Vc = cache_reserve(seq, i, self.kv_like[i], pos + 1)

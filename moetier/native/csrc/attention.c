@@ -18,6 +18,39 @@ static inline __m512 ld16(const void *p, int dt, long i, __mmask16 m) {
 }
 #endif
 
+#ifdef MT_AVX512
+/* Lane j: K's row base + j D (position j of a group of 16; zero for j >= m) dotted with q (qv:
+ * its ND vectors of 16, dm their masks): one accumulator per position, then the 16 horizontal
+ * sums as one transpose-add tree. Inlined with ND a constant for the common head sizes, so the
+ * 16 accumulators stay in registers (the same operations, so the same bits, for every ND). */
+static inline __attribute__((always_inline)) __m512 group_scores(const void *K, int kvdt, long base, long D, long m,
+                                                                 const __m512 *qv, const __mmask16 *dm,
+                                                                 const long ND) {
+    __m512 a[16];
+    for (int j = 0; j < 16; j++) {
+        a[j] = _mm512_setzero_ps();
+        if (j >= m) continue;
+        for (long c = 0; c < ND; c++) a[j] = _mm512_fmadd_ps(ld16(K, kvdt, base + j * D + 16 * c, dm[c]), qv[c], a[j]);
+    }
+    return lanes16_sums(a);
+}
+
+/* o [NR x 16 columns, masks m] = sum over positions t < n of p_t V[base + t D] (t ascending, one
+ * FMA per term), p_t = sc[t] * inv; inlined with NR a constant for the common head sizes, so
+ * the accumulators stay in registers (the same operations, so the same bits, for every NR) */
+static inline __attribute__((always_inline)) void attend_values(const void *V, int kvdt, long base, long D, long n,
+                                                                const float *sc, float inv, float *o,
+                                                                const __mmask16 *m, const long NR) {
+    __m512 acc[8];
+    for (long c = 0; c < NR; c++) acc[c] = _mm512_setzero_ps();
+    for (long t = 0; t < n; t++) {
+        __m512 p = _mm512_set1_ps(sc[t] * inv);
+        for (long c = 0; c < NR; c++) acc[c] = _mm512_fmadd_ps(p, ld16(V, kvdt, base + t * D + 16 * c, m[c]), acc[c]);
+    }
+    for (long c = 0; c < NR; c++) _mm512_mask_storeu_ps(o + 16 * c, m[c], acc[c]);
+}
+#endif
+
 static int ensure_scores(scratch *S, long cap, int nth) {
     long need = (cap > 0 ? cap : 1) * (long)nth;
     if (S->n_scores >= need) return 0;
@@ -57,14 +90,11 @@ void mt_attend_head(const layer_desc *L, const float *q, const void *K, const vo
         for (long c = 0; c < nd; c++) qv[c] = _mm512_maskz_loadu_ps(dm[c], q + 16 * c);
         __m512 vmx = _mm512_set1_ps(-INFINITY), scale = _mm512_set1_ps(L->scale);
         for (long g = 0; g < n; g += 16) {
-            __m512 a[16];
-            for (int j = 0; j < 16; j++) {
-                a[j] = _mm512_setzero_ps();
-                if (g + j >= n) continue;
-                long row = (kv * cap + t0 + g + j) * D;
-                for (long c = 0; c < nd; c++) a[j] = _mm512_fmadd_ps(ld16(K, kvdt, row + 16 * c, dm[c]), qv[c], a[j]);
-            }
-            __m512 s = _mm512_mul_ps(lanes16_sums(a), scale);
+            long base = (kv * cap + t0 + g) * D, m = n - g;
+            __m512 s = nd == 4 ? group_scores(K, kvdt, base, D, m, qv, dm, 4)    /* D = 64 */
+                       : nd == 8 ? group_scores(K, kvdt, base, D, m, qv, dm, 8) /* D = 128 */
+                                 : group_scores(K, kvdt, base, D, m, qv, dm, nd);
+            s = _mm512_mul_ps(s, scale);
             __mmask16 live = n - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - g)) - 1);
             _mm512_mask_storeu_ps(sc + g, live, s);
             vmx = _mm512_mask_max_ps(vmx, live, vmx, s);
@@ -80,29 +110,17 @@ void mt_attend_head(const layer_desc *L, const float *q, const void *K, const vo
             sc[t] = s;
             if (s > mx) mx = s;
         }
-    float sum = 0.0f;
-    for (long t = 0; t < n; t++) {
-        sc[t] = expf(sc[t] - mx);
-        sum += sc[t];
-    }
-    float inv = 1.0f / sum;
+    float inv = 1.0f / mt_exp_sum(sc, n, mx);
 #ifdef MT_AVX512
     /* o[d] = sum_t p_t V[t, d] (t ascending, one FMA per term): 16 columns per register, up
      * to 8 registers of o held across the positions */
     for (long d0 = 0; d0 < D; d0 += 128) {
-        long nd = D - d0 < 128 ? D - d0 : 128, nr = (nd + 15) / 16;
-        __m512 acc[8];
+        long nd = D - d0 < 128 ? D - d0 : 128, nr = (nd + 15) / 16, base = (kv * cap + t0) * D + d0;
         __mmask16 m[8];
-        for (long c = 0; c < nr; c++) {
-            acc[c] = _mm512_setzero_ps();
-            m[c] = nd - 16 * c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nd - 16 * c)) - 1);
-        }
-        for (long t = 0; t < n; t++) {
-            __m512 p = _mm512_set1_ps(sc[t] * inv);
-            long row = (kv * cap + t0 + t) * D + d0;
-            for (long c = 0; c < nr; c++) acc[c] = _mm512_fmadd_ps(p, ld16(V, kvdt, row + 16 * c, m[c]), acc[c]);
-        }
-        for (long c = 0; c < nr; c++) _mm512_mask_storeu_ps(o + d0 + 16 * c, m[c], acc[c]);
+        for (long c = 0; c < nr; c++) m[c] = nd - 16 * c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nd - 16 * c)) - 1);
+        if (nr == 4) attend_values(V, kvdt, base, D, n, sc, inv, o + d0, m, 4); /* D = 64 */
+        else if (nr == 8) attend_values(V, kvdt, base, D, n, sc, inv, o + d0, m, 8); /* D = 128, 256, ... */
+        else attend_values(V, kvdt, base, D, n, sc, inv, o + d0, m, nr);
     }
 #else
     for (long d = 0; d < D; d++) o[d] = 0.0f;

@@ -1,5 +1,6 @@
-/* Decode-step entry points: scratch buffers, embedding, the output head, and the whole-step
- * path (every layer in one call). The layer steps live in attention.c and moe.c. */
+/* Decode-step entry points: scratch buffers, embedding, the output head, the whole-step path
+ * (every layer in one call) and the whole decode step (embedding, every layer, head: mt_step).
+ * The layer steps live in attention.c and moe.c. */
 #include "mt.h"
 
 void mt_scratch_free(scratch *s);
@@ -84,5 +85,43 @@ int mt_layers(const layer_desc *const *L, int n_layers, scratch *S, int dt, floa
         }
         mt_moe(ld_, S, dt, x, (int)ld_->topk, g, u, d, w, 1, nth);
     }
+    return 0;
+}
+
+/* Everything a whole decode step reads, set up once by the decoder (native/decode.py:
+ * StepDesc, keep the field order in sync) and updated only when a sequence's KV buffers or the
+ * rope table change, so a step is one call with (token, position). */
+typedef struct {
+    const layer_desc *const *L;
+    int n_layers, dt;
+    scratch *S;
+    float *x;                     /* residual stream [H] */
+    void *const *K, *const *V;    /* per layer: cache buffers [nkv, cap, D] (model dtype) */
+    const long *cap;              /* per layer: their capacity */
+    const float *cos, *sin;       /* rope tables [rope_rows, rope_d] float32 */
+    long rope_rows, rope_d;
+    const mt_weight *const *gate_table, *const *up_table, *const *down_table; /* mt_layers' tables */
+    long e_max;
+    int64_t *ids_out;             /* [n_layers * 64] */
+    const mt_weight *emb;         /* token embedding [V, H] */
+    const void *norm_w;           /* final norm (model dtype) */
+    const mt_weight *out_w;       /* LM head [V, H] */
+    float norm_eps;
+} step_desc;
+
+/* One decode step of one token at `pos` (< every cap and < rope_rows): x = embedding row of
+ * `token`, every layer (mt_layers: the same functions, the same bits), logits [V] = the head.
+ * Returns 0, -1 - i when layer i could not allocate attention scratch, or -1000 when pos is
+ * outside the caches or the rope table. */
+int mt_step(const step_desc *P, long token, long pos, float *logits, int nth) {
+    if (pos < 0 || pos >= P->rope_rows) return -1000;
+    for (int i = 0; i < P->n_layers; i++)
+        if (pos >= P->cap[i]) return -1000;
+    mt_embed(P->emb, token, P->x);
+    int rc = mt_layers(P->L, P->n_layers, P->S, P->dt, P->x, P->K, P->V, P->cap, pos, P->cos + pos * P->rope_d,
+                       P->sin + pos * P->rope_d, P->gate_table, P->up_table, P->down_table, P->e_max, P->ids_out,
+                       nth);
+    if (rc) return rc;
+    mt_head(P->norm_w, P->out_w, P->norm_eps, P->dt, P->S, P->x, logits, nth);
     return 0;
 }

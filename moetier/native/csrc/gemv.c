@@ -5,19 +5,18 @@
 
 #include <stdio.h>
 
-/* every format the kernels read; mt_fmt_lookup searches this table */
-static const mt_fmt *const FORMATS[] = {
-    &mt_fmt_f32,  &mt_fmt_bf16, &mt_fmt_f16,  &mt_fmt_fp8,  &mt_fmt_mxfp4, &mt_fmt_int4,
-    &mt_fmt_int8, &mt_fmt_q4_0, &mt_fmt_q4_1, &mt_fmt_q5_0, &mt_fmt_q5_1,  &mt_fmt_q8_0,
-    &mt_fmt_q2_k, &mt_fmt_q3_k, &mt_fmt_q4_k, &mt_fmt_q5_k, &mt_fmt_q6_k,  &mt_fmt_ggml_mxfp4,
+/* every format the kernels read, indexed by its code (MT_FMT_*, all < 256): mt_fmt_lookup is
+ * one load (a decode step looks formats up ~100 times) */
+static const mt_fmt *const BY_CODE[256] = {
+    [MT_FMT_F32] = &mt_fmt_f32,   [MT_FMT_BF16] = &mt_fmt_bf16, [MT_FMT_F16] = &mt_fmt_f16,
+    [MT_FMT_FP8_E4M3_BLOCK] = &mt_fmt_fp8, [MT_FMT_MXFP4] = &mt_fmt_mxfp4, [MT_FMT_INT4_GROUP] = &mt_fmt_int4,
+    [MT_FMT_INT8_GROUP] = &mt_fmt_int8, [MT_FMT_Q4_0] = &mt_fmt_q4_0, [MT_FMT_Q4_1] = &mt_fmt_q4_1,
+    [MT_FMT_Q5_0] = &mt_fmt_q5_0, [MT_FMT_Q5_1] = &mt_fmt_q5_1, [MT_FMT_Q8_0] = &mt_fmt_q8_0,
+    [MT_FMT_Q2_K] = &mt_fmt_q2_k, [MT_FMT_Q3_K] = &mt_fmt_q3_k, [MT_FMT_Q4_K] = &mt_fmt_q4_k,
+    [MT_FMT_Q5_K] = &mt_fmt_q5_k, [MT_FMT_Q6_K] = &mt_fmt_q6_k, [MT_FMT_GGML_MXFP4] = &mt_fmt_ggml_mxfp4,
 };
-#define N_FORMATS ((int)(sizeof(FORMATS) / sizeof(FORMATS[0])))
 
-const mt_fmt *mt_fmt_lookup(int code) {
-    for (int i = 0; i < N_FORMATS; i++)
-        if (FORMATS[i]->code == code) return FORMATS[i];
-    return NULL;
-}
+const mt_fmt *mt_fmt_lookup(int code) { return code >= 0 && code < 256 ? BY_CODE[code] : NULL; }
 
 /* 1 when the kernels read weights of format `code` */
 int mt_fmt_supported(int code) { return mt_fmt_lookup(code) != NULL; }

@@ -8,21 +8,18 @@
  * (descending weight, ties to the lower id), weights (normalised / scaled per the layer) */
 void mt_topk_softmax(const layer_desc *L, float *p, int64_t *ids, float *w) {
     long E = L->E, k = L->topk;
-    float mx = -INFINITY, sum = 0.0f;
+    float mx = -INFINITY;
     for (long e = 0; e < E; e++)
         if (p[e] > mx) mx = p[e];
-    for (long e = 0; e < E; e++) {
-        p[e] = expf(p[e] - mx);
-        sum += p[e];
-    }
+    float sum = mt_exp_sum(p, E, mx);
     for (long e = 0; e < E; e++) p[e] /= sum;
+    unsigned char taken[E]; /* experts already chosen */
+    memset(taken, 0, (size_t)E);
     for (long j = 0; j < k; j++) {
         long best = -1;
-        for (long e = 0; e < E; e++) {
-            int taken = 0;
-            for (long i = 0; i < j; i++) taken |= ids[i] == e;
-            if (!taken && (best < 0 || p[e] > p[best])) best = e;
-        }
+        for (long e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+        taken[best] = 1;
         ids[j] = best;
         w[j] = p[best];
     }
