@@ -277,6 +277,24 @@ def accuracy(model: Path, vocab: int, n_prompt: int, tokens: int, threads: int) 
     }
 
 
+def planner_bound(model: Path, threads: int, context: int, refresh: bool = False) -> dict[str, Any]:
+    """The planner's batch-1 decode bound for the GGUF file in RAM on the probed CPU as a run on
+    ``threads`` cores sees it (one core's memory read at 1), at the file's own block types and
+    bytes (``moetier plan MODEL.gguf``)."""
+    from moetier.planner.probe import cpu_machine
+    from moetier.planner.roofline import plan
+    from moetier.spec import load_spec
+    from moetier.weights.gguf_io import file_precision
+
+    spec = load_spec(model)
+    m = cpu_machine(refresh=refresh, cores=threads)
+    r = plan(spec, m, context=context, precision=file_precision(model, spec))
+    return {"decode_tokens_per_s": float(r.decode_tokens_per_s), "binds_on": r.bottleneck,
+            "memory_s": float(r.decode.memory_s), "kernel_s": float(r.decode.kernel_s),
+            "memory_alone_tokens_per_s": 1.0 / float(r.decode.memory_s),
+            "memory_read_bw": float(m.tier("dram").read_bw), "cores": threads}
+
+
 def _summary(engine_res: dict[str, Any], n: str, key: str) -> dict[str, float] | None:
     v = engine_res.get(n, {}).get(key) or []
     return {"median": statistics.median(v), "best": max(v), "runs": len(v)} if v else None
@@ -308,8 +326,9 @@ def render(doc: dict[str, Any]) -> str:
             continue
         cols += [(key, f"{title} tok/s"), (key.replace("_", "_cpu_", 1), f"{title} tok/CPU-s")]
     head = ("| model | type | GB | threads | " + " | ".join(t for _, t in cols) +
-            " | same greedy tokens | max abs dlogit vs f32 (moetier / llama.cpp) |")
-    lines = [head, "|" + "---|" * (len(cols) + 6)]
+            " | moetier decode of the planner's bound | same greedy tokens "
+            "| max abs dlogit vs f32 (moetier / llama.cpp) |")
+    lines = [head, "|" + "---|" * (len(cols) + 7)]
     for row in doc["rows"]:
         r = row["ratios"]
         cells = []
@@ -324,8 +343,11 @@ def render(doc: dict[str, Any]) -> str:
         model = row["scenario"]
         if row.get("cap_bytes"):  # (c): the cgroup cap both engines ran under
             model += f" (cap {row['cap_bytes'] / sc.GIB:.2f} GiB = file / {row['file_bytes'] / row['cap_bytes']:.1f})"
+        pl = row.get("planner") or {}
+        bound = (f"{pl['fraction_of_bound']:.0%} of {_rate(pl['decode_tokens_per_s'])} ({pl['binds_on']}; "
+                 f"memory alone {_rate(pl['memory_alone_tokens_per_s'])})" if "fraction_of_bound" in pl else "-")
         lines.append(f"| {model} | {row['type']} | {row['file_bytes'] / 1e9:.2f} | {threads} | "
-                     + " | ".join(cells) + f" | {'-' if same is None else 'yes' if same else 'no'} | {dl} |")
+                     + " | ".join(cells) + f" | {bound} | {'-' if same is None else 'yes' if same else 'no'} | {dl} |")
     return "\n".join(lines) + "\n"
 
 
@@ -427,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
                        repack_probe_s=a.repack_try_s if cap is not None else 0.0)
             row["speed"] = sp
             row["ratios"] = ratios(sp, prompts)
+            if cap is None:  # in RAM: the planner's bound after a fresh probe (a cap's bound is the store's)
+                row["planner"] = planner_bound(f, a.threads, prompts[0] + a.tokens // 2, refresh=True)
+                d = row["ratios"].get(f"decode_{prompts[0]}")
+                if d:
+                    row["planner"]["fraction_of_bound"] = d["moetier"]["median"] / row["planner"]["decode_tokens_per_s"]
             o_m, o_l = sp["moetier"][str(prompts[0])]["output_ids"], sp["llama_cpp"][str(prompts[0])]["output_ids"]
             row["same_greedy_tokens"] = o_m == o_l
             row["greedy_tokens_equal_prefix"] = next((i for i, (x, y) in enumerate(zip(o_m, o_l)) if x != y),

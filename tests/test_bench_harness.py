@@ -159,8 +159,11 @@ def test_gguf_side_by_side_ratios_table_and_readme_block(tmp_path) -> None:
                                                         "llama_cpp_max_abs_dlogit": 0.08}}]}
     table = bench_gguf.render(doc)
     assert ("| embedded | Q4_K_M | 0.01 | 1 | 100.0 / 50.0 (2.00x) | 300.0 / 100.0 (3.00x) | 20.0 / 20.0 (1.00x) | - "
-            "| 50.0 / 50.0 (1.00x) | - | no |") in table
+            "| 50.0 / 50.0 (1.00x) | - | - | no |") in table
     assert "6e-06 / 0.08" in table
+    doc["rows"][0]["planner"] = {"fraction_of_bound": 0.8, "decode_tokens_per_s": 125.0, "binds_on": "memory",
+                                 "memory_alone_tokens_per_s": 125.0}
+    assert "| 80% of 125.0 (memory; memory alone 125.0) | no |" in bench_gguf.render(doc)
     readme = tmp_path / "README.md"
     readme.write_text("# bench\n\ntext\n")
     bench_gguf.write_readme(doc, readme)
