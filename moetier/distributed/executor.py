@@ -208,6 +208,9 @@ class EPGroup:
         self._ctrl_next: tuple[torch.Tensor, Any] | None = None  # follower: the next control message's receive
         self._answers: dict[int, list[tuple[torch.Tensor, Any]]] = {}  # direct, rank 0: posted answer receives
         self._answer_no: dict[int, int] = {}  # direct: answers posted (rank 0, per follower) / sent (follower)
+        self._ctrl_bufs: dict[int, torch.Tensor] = {}  # direct, native decode: rank 0's control message per follower
+        self._told: dict[int, float] = {}  # direct, native decode: when rank 0 last sent each follower a message
+        self._ans_buf: torch.Tensor | None = None  # direct, native decode: a follower's answer (reused)
         if self.timeout_s is None:
             self.timeout_s = float(os.environ.get("MOETIER_EP_TIMEOUT", DEFAULT_TIMEOUT_S))
         self.spin_s = float(os.environ.get("MOETIER_EP_SPIN_US", DEFAULT_SPIN_US)) * 1e-6
@@ -451,8 +454,10 @@ class EPGroup:
         t0 = time.perf_counter()
         ctypes.memmove(dec.h_ptr, msg.data_ptr() + HEADER, h4)  # the MoE input h: the first row
         dec.expert_rows(layer, provider, ids, False, torch.get_num_threads())
-        ans = torch.zeros(self._answer_bytes(), dtype=torch.uint8)
-        ctypes.memmove(ans.data_ptr() + ANSWER_HEADER, dec.down_ptr, n * h4)
+        if self._ans_buf is None:  # reused: its send is waited for before the next control message
+            self._ans_buf = torch.zeros(self._answer_bytes(), dtype=torch.uint8)
+        ans = self._ans_buf
+        ctypes.memmove(ans.data_ptr() + ANSWER_HEADER, dec.down_ptr, n * h4)  # rows past n: unused room
         self.stats.compute_s += time.perf_counter() - t0
         return ans
 
@@ -544,13 +549,19 @@ class EPGroup:
         dest = [self._owner(layer, e) for e in ids]  # pair order
         where: dict[int, tuple[int, int]] = {}  # pair -> (follower, its row of the answer)
         msgs, asked = [], []  # (follower, control message), followers that answer
+        now = time.monotonic()
+        if not self._ctrl_bufs:  # one control message per follower, reused (its send is waited for below)
+            self._ctrl_bufs = {r: torch.zeros(W, dtype=torch.uint8) for r in range(1, P)}
+            self._told = dict.fromkeys(range(1, P), 0.0)
         for r in range(1, P):
             pairs = sorted((j for j in range(k) if dest[j] == r), key=lambda j: (ids[j], j))  # by expert
             n = len(pairs)
-            ba = bytearray(W)  # header, n rows (h's bytes + the expert id), zeros
-            struct.pack_into("<3q", ba, 0, CMD_MOE_NATIVE, layer, n)
-            buf = torch.frombuffer(ba, dtype=torch.uint8)  # [W]
-            base = buf.data_ptr() + HEADER
+            if n == 0 and now - self._told[r] < self.timeout_s / 8:
+                continue  # nothing for this follower (heard from rank 0 recently: no ping needed)
+            self._told[r] = now
+            buf = self._ctrl_bufs[r]
+            ba, base = buf.numpy(), buf.data_ptr() + HEADER
+            struct.pack_into("<3q", ba, 0, CMD_MOE_NATIVE, layer, n)  # header, n rows (h's bytes + the expert id)
             for i, j in enumerate(pairs):
                 ctypes.memmove(base + i * rb, dec.h_ptr, h4)
                 struct.pack_into("<q", ba, HEADER + i * rb + h4, ids[j])
@@ -580,7 +591,7 @@ class EPGroup:
         dec.add_rows(layer, xp, k)  # answers stay alive until here
         remote = len(where)
         s = self.stats
-        s.meta_bytes += (P - 1) * W + remote * 8 - remote * h4 + len(asked) * self._answer_bytes() - remote * h4
+        s.meta_bytes += len(msgs) * W + remote * 8 - remote * h4 + len(asked) * self._answer_bytes() - remote * h4
         s.dispatch_bytes_sent += remote * h4
         s.combine_bytes_recv += remote * h4
         s.remote_pairs += remote
