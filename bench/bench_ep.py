@@ -218,12 +218,11 @@ def loopback(args: argparse.Namespace) -> None:
         variants |= {"P1_native": "direct", "P2_native": "direct"}
     heavy = None
     if args.rank0_experts:  # rank 0 (which runs attention too) holds the N hottest experts, rank 1 the rest
-        from moetier.distributed.placement import profile_loads
+        from moetier.distributed.placement import profile_loads, rank0_heavy
         from moetier.runtime import EMBEDDED_DIR
 
         loads = profile_loads(EMBEDDED_DIR / "routing_profile.json")
-        hot = sorted(range(len(loads)), key=lambda e: (-loads[e], e))
-        heavy = [sorted(hot[:args.rank0_experts]), sorted(hot[args.rank0_experts:])]
+        heavy = [list(d) for d in rank0_heavy(loads, 2, args.rank0_experts).device_experts]
         variants[f"P2_native_rank0_{args.rank0_experts}"] = "direct"
     if args.unpinned:
         variants |= {"P2_unpinned": "direct", "P2_replicated_unpinned": "replicated"}

@@ -47,11 +47,15 @@ def job(tmp_path_factory):
         {"name": "deepseek_v3-r2", "model": str(dsv3), "redundant": 2},
     ]
     qwen2 = make_tiny_checkpoint(tmp, "qwen2_moe")  # a sigmoid-gated shared expert
+    heavy = tmp / "heavy.json"  # rank 0 holds 28 of 32: many layers send the follower nothing
+    pl.rank0_heavy(pl.profile_loads(EMBEDDED_DIR / "routing_profile.json"), WORLD, 28).save(heavy)
     cases = [{**c, "name": f"{c['name']}/{x}", "exchange": x} for c in base for x in EXCHANGES] + [
         # native decode under EP (direct): rank 0's native step, every rank's experts in the native kernels
         {**c, "name": f"{c['name']}/native", "exchange": "direct", "native": True} for c in base
         if c["name"] in NATIVE_BASES] + [
         {"name": "qwen2_moe/native", "model": str(qwen2), "exchange": "direct", "native": True},
+        {"name": "embedded-heavy/native", "model": str(EMBEDDED_DIR), "placement": str(heavy), "exchange": "direct",
+         "native": True},
         {"name": "qwen2_moe/direct", "model": str(qwen2), "exchange": "direct"},
     ] + [
         {"name": "mismatch", "model": str(EMBEDDED_DIR), "model_by_rank": {"1": str(mixtral)}},
@@ -153,7 +157,7 @@ def reference_native(c: dict, prefill_native: bool) -> tuple[torch.Tensor, list[
     return m.logits(c["prompt"]), toks, torch.stack(steps)
 
 
-NATIVE = [f"{c}/native" for c in NATIVE_BASES if c != "deepseek_v3"] + ["qwen2_moe/native"]
+NATIVE = [f"{c}/native" for c in NATIVE_BASES if c != "deepseek_v3"] + ["qwen2_moe/native", "embedded-heavy/native"]
 
 
 @pytest.mark.parametrize("name", NATIVE)
@@ -240,6 +244,17 @@ def test_placement_must_cover_every_expert(tmp_path):
     assert good.device_experts == ((0,), (1, 2), (3,), (4, 5))
     good.save(f)
     assert pl.load(f, 6, 4) == good
+
+
+def test_rank0_heavy_placement_gives_rank0_the_hottest_experts(tmp_path):
+    loads = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 4.0]
+    p = pl.rank0_heavy(loads, 3, 3)
+    assert p.device_experts == ((2, 4, 6), (0, 1, 3), (5, 7))  # the rest dealt hottest first: 0, 7, 3, 5, 1
+    assert sorted(e for d in p.device_experts for e in d) == list(range(8))
+    p.save(tmp_path / "p.json")
+    assert pl.load(tmp_path / "p.json", 8, 3) == p
+    with pytest.raises(ConfigError, match="rank 0 holding 7 of 8 experts with 3 ranks: expected 1..6"):
+        pl.rank0_heavy(loads, 3, 7)
 
 
 @pytest.mark.parametrize("name", ["mismatch", "placement-mismatch", "exchange-mismatch"])
