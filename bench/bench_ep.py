@@ -12,7 +12,11 @@ trips of the message patterns without model work; ``--unpinned`` adds P = 2 with
 ``--interference`` two single processes at once, one per CPU (do the CPUs slow each other?),
 ``--nospin`` P = 2 ``direct`` without polling (``MOETIER_EP_SPIN_US=0``), ``--baseline DIR``
 P = 2 ``direct`` run from another source tree (e.g. ``git worktree add DIR <commit>``: old vs
-new code alternated in one run).
+new code alternated in one run). ``P1`` / ``P2`` are the torch path (``native=False``);
+``--native`` adds one native process (``P1_native``) and P = 2 with native decode on every rank
+(``P2_native``; ratio ``ratio_native`` = P2_native / P1_native per round), ``--rank0-experts N``
+P = 2 native with rank 0 holding the N hottest experts (``placement.rank0_heavy``);
+``--no-replicated`` leaves out P = 2 ``replicated``; ``--out NAME`` names the results file.
 
 ``sweep`` (root): two network namespaces joined by one veth pair; each end's egress gets a
 ``tbf`` qdisc (rate BW, bucket ``max(2 frames, BW x 200 us)`` so a layer's message cannot pass
