@@ -12,7 +12,11 @@ trips of the message patterns without model work; ``--unpinned`` adds P = 2 with
 ``--interference`` two single processes at once, one per CPU (do the CPUs slow each other?),
 ``--nospin`` P = 2 ``direct`` without polling (``MOETIER_EP_SPIN_US=0``), ``--baseline DIR``
 P = 2 ``direct`` run from another source tree (e.g. ``git worktree add DIR <commit>``: old vs
-new code alternated in one run).
+new code alternated in one run). ``P1`` / ``P2`` are the torch path (``native=False``);
+``--native`` adds one native process (``P1_native``) and P = 2 with native decode on every rank
+(``P2_native``; ratio ``ratio_native`` = P2_native / P1_native per round), ``--rank0-experts N``
+P = 2 native with rank 0 holding the N hottest experts (``placement.rank0_heavy``);
+``--no-replicated`` leaves out P = 2 ``replicated``; ``--out NAME`` names the results file.
 
 ``sweep`` (root): two network namespaces joined by one veth pair; each end's egress gets a
 ``tbf`` qdisc (rate BW, bucket ``max(2 frames, BW x 200 us)`` so a layer's message cannot pass
@@ -73,15 +77,23 @@ def worker(cfg_path: str, out_path: str) -> int:
     group = None
     if world > 1:
         rank, world = ep.init(timeout_s=120.0)
-        model, group = ep.load(None, rank, world, None, dtype=dtype, tokenizer=False, threads=1,
-                               exchange=cfg.get("exchange", ep.DEFAULT_EXCHANGE))
+        placement = None
+        if cfg.get("device_experts"):  # a placement of the bench's own (--rank0-experts)
+            from moetier.distributed.placement import EPPlacement
+
+            placement = EPPlacement(sum(len(d) for d in cfg["device_experts"]),
+                                    tuple(tuple(d) for d in cfg["device_experts"]))
+        model, group = ep.load(None, rank, world, placement, dtype=dtype, tokenizer=False, threads=1,
+                               exchange=cfg.get("exchange", ep.DEFAULT_EXCHANGE), native=cfg.get("native", False))
         pingpong = cfg.get("pingpong", 0) and pingpong_s(rank, world, group.ctrl_bytes, cfg["pingpong"])
         if rank != 0:
             group.serve(model)
             ep.shutdown()
             return 0
     else:
-        model = moetier.load(None, dtype=dtype, tokenizer=False, native=False, threads=1)
+        model = moetier.load(None, dtype=dtype, tokenizer=False, native=None if cfg.get("native") else False,
+                             threads=1)
+        assert not cfg.get("native") or model.native_reason is None, model.native_reason
     results = []
     for pt in cfg["points"]:
         for cmd in pt.get("tc", []):
@@ -203,7 +215,19 @@ def loopback(args: argparse.Namespace) -> None:
 
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ep_{os.getpid()}"
     tmp.mkdir(exist_ok=True)
-    variants = {"P1": "direct", "P2": "direct", "P2_replicated": "replicated"}  # key -> --ep-exchange
+    variants = {"P1": "direct", "P2": "direct"}  # key -> --ep-exchange
+    if not args.no_replicated:
+        variants["P2_replicated"] = "replicated"
+    if args.native:  # native decode: one native process, and P = 2 direct with native decode on every rank
+        variants |= {"P1_native": "direct", "P2_native": "direct"}
+    heavy = None
+    if args.rank0_experts:  # rank 0 (which runs attention too) holds the N hottest experts, rank 1 the rest
+        from moetier.distributed.placement import profile_loads, rank0_heavy
+        from moetier.runtime import EMBEDDED_DIR
+
+        loads = profile_loads(EMBEDDED_DIR / "routing_profile.json")
+        heavy = [list(d) for d in rank0_heavy(loads, 2, args.rank0_experts).device_experts]
+        variants[f"P2_native_rank0_{args.rank0_experts}"] = "direct"
     if args.unpinned:
         variants |= {"P2_unpinned": "direct", "P2_replicated_unpinned": "replicated"}
     if args.interference:
@@ -215,13 +239,15 @@ def loopback(args: argparse.Namespace) -> None:
     for key, exchange in variants.items():
         (tmp / f"cfg_{key}.json").write_text(json.dumps({
             "dtype": args.dtype, "pingpong": 400 if key == "P2" else 0, "exchange": exchange,
+            "native": "_native" in key, "device_experts": heavy if "_rank0_" in key else None,
             "points": [{"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}]}))
     rounds = []
+    load0 = os.getloadavg()
     for i in range(args.rounds):
         row = {}
         for key in variants:  # side by side, alternating
             cfg, out = tmp / f"cfg_{key}.json", tmp / f"out_{key}.json"
-            if key == "P1":
+            if key in ("P1", "P1_native"):
                 subprocess.run(_worker_cmd(cfg, out), env=_env(), check=True, stdout=subprocess.DEVNULL)
             elif key == "P1x2":  # two single processes at once, each pinned to its own CPU: do the CPUs interfere?
                 cpus = sorted(os.sched_getaffinity(0))[:2]
@@ -251,11 +277,21 @@ def loopback(args: argparse.Namespace) -> None:
         p1 = row["P1"]["tokens_per_s"]
         row["ratio"] = row["P2"]["tokens_per_s"] / p1
         for key in variants:
-            if key not in ("P1", "P2"):
+            if key not in ("P1", "P2", "P1_native", "P2_native") and "_native" not in key:
                 row["ratio" + key[2:]] = row[key]["tokens_per_s"] / p1
+        if args.native:  # the like-for-like ratio: native P = 2 over native P = 1
+            p1n = row["P1_native"]["tokens_per_s"]
+            row["ratio_native"] = row["P2_native"]["tokens_per_s"] / p1n
+            row["ratio_native_over_torch_P1"] = row["P2_native"]["tokens_per_s"] / p1
+            row["ratio_P1_native_over_torch"] = p1n / p1
+            for key in variants:
+                if key.startswith("P2_native_"):
+                    row["ratio" + key[2:]] = row[key]["tokens_per_s"] / p1n
         rounds.append(row)
         line = [f"round {i}: P=1 {p1:.1f} tok/s"]
-        for key, r in ((k, row[k]) for k in variants if k not in ("P1", "P1x2")):
+        if args.native:
+            line.append(f"P=1 native {row['P1_native']['tokens_per_s']:.1f} tok/s")
+        for key, r in ((k, row[k]) for k in variants if k not in ("P1", "P1x2", "P1_native")):
             line.append(f"{key} {r['tokens_per_s']:.1f} tok/s (x{r['tokens_per_s'] / p1:.2f}; "
                         f"{r['collectives_per_step']:.0f} msgs/token at {r['collective_s'] * 1e6:.0f} us, "
                         f"comm {r['comm_s_per_step'] * 1e3:.2f} ms/token, rank 0 CPU "
@@ -266,14 +302,17 @@ def loopback(args: argparse.Namespace) -> None:
         print("; ".join(line) + "; bare round trips: " + ", ".join(
             f"{k} {v * 1e6:.0f} us" for k, v in row["pingpong_round_trip_s"].items()), flush=True)
     load = os.getloadavg()
+    ratios = ["ratio" + k[2:] for k in variants if k not in ("P1", "P1_native", "P2_native")]
+    if args.native:
+        ratios += ["ratio_native", "ratio_native_over_torch_P1", "ratio_P1_native_over_torch"]
     res = {"model": "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
-           "median_ratio": statistics.median(r["ratio"] for r in rounds),
-           **{"median_ratio" + k[2:]: statistics.median(r["ratio" + k[2:]] for r in rounds)
-              for k in variants if k != "P1"}, "loadavg": load,
+           **{"median_" + k: statistics.median(r[k] for r in rounds) for k in ratios},
+           "median_tokens_per_s": {k: statistics.median(r[k]["tokens_per_s"] for r in rounds) for k in variants},
+           "loadavg_start": load0, "loadavg": load,
            "command": " ".join(["python -m bench.bench_ep loopback", *sys.argv[2:]])}
-    print("median P=2 / P=1 decode tok/s: " + ", ".join(
-        f"{k} {res['median_ratio' + k[2:]]:.2f}" for k in variants if k != "P1") + f" (load average {load[0]:.1f})")
-    print("wrote", write_result("ep_loopback", res))
+    print("median ratios: " + ", ".join(f"{k} {res['median_' + k]:.2f}" for k in ratios)
+          + f" (load average {load0[0]:.1f} -> {load[0]:.1f})")
+    print("wrote", write_result(args.out, res))
 
 
 # ------------------------------------------------------------------------------------------ netns
@@ -501,6 +540,12 @@ def main() -> int:
     lb.add_argument("--unpinned", action="store_true", help="also P = 2 without pinning (MOETIER_EP_PIN=0)")
     lb.add_argument("--nospin", action="store_true", help="also P = 2 direct without polling (MOETIER_EP_SPIN_US=0)")
     lb.add_argument("--baseline", metavar="DIR", help="also P = 2 direct run from the source tree DIR (old code)")
+    lb.add_argument("--native", action="store_true",
+                    help="also one native process and P = 2 direct with native decode on every rank")
+    lb.add_argument("--no-replicated", action="store_true", help="leave out P = 2 replicated (shorter runs)")
+    lb.add_argument("--rank0-experts", type=int, default=0, metavar="N",
+                    help="with --native: also P = 2 native with rank 0 holding the N hottest experts (routing profile)")
+    lb.add_argument("--out", default="ep_loopback", help="results name (bench/results/NAME.json)")
     lb.add_argument("--interference", action="store_true",
                     help="also two P = 1 processes at once, pinned to one CPU each (how much the CPUs slow each other)")
     sw = sub.add_parser("sweep")

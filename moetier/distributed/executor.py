@@ -66,6 +66,7 @@ and to the original otherwise. Native decode is off under EP (it bypasses ``disp
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import struct
@@ -87,6 +88,7 @@ from moetier.planner.cluster import EP_EXCHANGES as EXCHANGES
 
 CMD_MOE, CMD_STOP, CMD_PING, CMD_MOE_INLINE, CMD_MOE_ONE = 1, 2, 3, 4, 5  # ONE: inline, decode of one token
 CMD_STEP = 6  # replicated: (CMD_STEP, words, all_logits) + the step's description (int64 words)
+CMD_MOE_NATIVE = 7  # direct, native decode of one token: CMD_MOE_ONE's layout with float32 rows (native/decode.py)
 HEADER = 24  # bytes: (command, layer, rows) as int64
 TAG_CTRL, TAG_ROWS, TAG_COMBINE = 1, 2, 3  # point-to-point message tags (rank 0 <-> a follower)
 TAG_EXCHANGE = 4  # replicated: one message per (rank, other rank) per MoE layer
@@ -155,9 +157,10 @@ def _original_dispatch_k1(x: torch.Tensor, experts: torch.Tensor, layer: int, pr
 
 
 def model_digest(model_dir: str | Path, dtype: torch.dtype, placement: EPPlacement,
-                 exchange: str = DEFAULT_EXCHANGE) -> bytes:
+                 exchange: str = DEFAULT_EXCHANGE, native: bool = False) -> bytes:
     """sha256 of config.json, every safetensors file's name, size and header, the dtype, the
-    placement and the exchange: ranks started with a different model or placement disagree here."""
+    placement, the exchange and whether decode runs natively: ranks started with a different
+    model or placement disagree here."""
     d = Path(model_dir)
     h = hashlib.sha256()
     h.update((d / "config.json").read_bytes())
@@ -169,6 +172,8 @@ def model_digest(model_dir: str | Path, dtype: torch.dtype, placement: EPPlaceme
     h.update(str(dtype).encode())
     h.update(placement.digest().encode())
     h.update(exchange.encode())
+    if native:
+        h.update(b"native")
     return h.digest()
 
 
@@ -203,6 +208,9 @@ class EPGroup:
         self._ctrl_next: tuple[torch.Tensor, Any] | None = None  # follower: the next control message's receive
         self._answers: dict[int, list[tuple[torch.Tensor, Any]]] = {}  # direct, rank 0: posted answer receives
         self._answer_no: dict[int, int] = {}  # direct: answers posted (rank 0, per follower) / sent (follower)
+        self._ctrl_bufs: dict[int, torch.Tensor] = {}  # direct, native decode: rank 0's control message per follower
+        self._told: dict[int, float] = {}  # direct, native decode: when rank 0 last sent each follower a message
+        self._ans_buf: torch.Tensor | None = None  # direct, native decode: a follower's answer (reused)
         if self.timeout_s is None:
             self.timeout_s = float(os.environ.get("MOETIER_EP_TIMEOUT", DEFAULT_TIMEOUT_S))
         self.spin_s = float(os.environ.get("MOETIER_EP_SPIN_US", DEFAULT_SPIN_US)) * 1e-6
@@ -268,13 +276,17 @@ class EPGroup:
                       f"a peer rank died, hung or was stopped (step timeout {self.timeout_s:g} s)")
         raise DistributedError(self.fault) from None
 
-    def configure(self, hidden: int, dtype: torch.dtype, top_k: int) -> None:
-        """The row format (every rank, after loading): a dispatch row is H values + an int64 id."""
-        self.hidden, self.dtype = hidden, dtype
+    def configure(self, hidden: int, dtype: torch.dtype, top_k: int, native: Any = None) -> None:
+        """The row format (every rank, after loading): a dispatch row is H values + an int64 id.
+        ``native``: this rank's native decoder (``direct`` only; every rank has one or none): decode
+        steps then run through :meth:`native_one` and move float32 rows (the native activations),
+        so the fixed-size messages have room for k float32 rows."""
+        self.hidden, self.dtype, self.native = hidden, dtype, native
         self.row_bytes = hidden * torch.empty(0, dtype=dtype).element_size() + 8
+        self.room_row = max(self.row_bytes - 8, 4 * hidden if native is not None else 0)  # a row's room in messages
         self.inline_rows = top_k
         self.ctrl_bytes = HEADER + (STEP_INLINE_WORDS * 8 if self.exchange == "replicated"
-                                    else self.inline_rows * self.row_bytes)
+                                    else self.inline_rows * (self.room_row + 8))
 
     def _send_ctrl(self, cmd: int, layer: int = 0, counts: Seq[int] | None = None,
                    rows: list[torch.Tensor] | None = None, wait: bool = True) -> list[Any]:
@@ -318,7 +330,7 @@ class EPGroup:
         self._ctrl_next = (buf, self._p2p(buf, 0, TAG_CTRL, send=False, wait=False))
 
     def _answer_bytes(self) -> int:
-        return ANSWER_HEADER + self.inline_rows * (self.row_bytes - 8)  # its number, top-k hidden rows
+        return ANSWER_HEADER + self.inline_rows * self.room_row  # its number, room for top-k hidden rows
 
     def _post_answer(self, r: int) -> None:
         """Rank 0 (direct): post the receive of follower ``r``'s next decode answer (fixed size:
@@ -394,7 +406,7 @@ class EPGroup:
             raise DistributedError(
                 f"rank {self.rank}: ranks {bad} were started with a different model, dtype or placement than rank 0 "
                 f"(hash {bytes(got[bad[0]].tolist()).hex()[:12]} vs {bytes(got[0].tolist()).hex()[:12]}); "
-                "start every rank with the same model directory, --dtype, placement and --ep-exchange")
+                "start every rank with the same model directory, --dtype, placement, --ep-exchange and native setting")
 
     # ----- expert compute (any rank) -----
     def compute(self, x: torch.Tensor, experts: torch.Tensor, layer: int, provider: Any, glu: Any) -> torch.Tensor:
@@ -421,11 +433,31 @@ class EPGroup:
         x = msg[HEADER:HEADER + hb].view(self.dtype)[None].clone()  # [1, H], a fresh (aligned) copy
         t0 = time.perf_counter()
         ans = torch.zeros(self._answer_bytes(), dtype=torch.uint8)  # header, then the rows
-        y = ans[ANSWER_HEADER:].view(self.dtype).view(self.inline_rows, self.hidden)  # [top-k, H]
+        y = ans[ANSWER_HEADER:ANSWER_HEADER + self.inline_rows * hb].view(self.dtype).view(-1, self.hidden)  # [k, H]
         with torch.inference_mode():
             provider.require(layer, sorted(set(ids)))
             for i, e in enumerate(ids):
                 y[i:i + 1] = expert_forward(x, provider.get(layer, e), glu)
+        self.stats.compute_s += time.perf_counter() - t0
+        return ans
+
+    def _compute_native(self, msg: torch.Tensor, n: int, layer: int, provider: Any) -> torch.Tensor:
+        """Follower, native decode of one token (``CMD_MOE_NATIVE``: n float32 rows of the token's MoE
+        input, each with an expert id): the experts run through this rank's native decoder on that
+        row, as the single-process native step runs them (``mt_moe_rows``) -> the answer's bytes
+        (header, then row i = the i-th pair's unweighted float32 output)."""
+        if n == 0:
+            return torch.empty(ANSWER_HEADER, dtype=torch.uint8)
+        dec, h4 = self.native, 4 * self.hidden
+        rb, mv = h4 + 8, msg.numpy()
+        ids = [struct.unpack_from("<q", mv, HEADER + i * rb + h4)[0] for i in range(n)]
+        t0 = time.perf_counter()
+        ctypes.memmove(dec.h_ptr, msg.data_ptr() + HEADER, h4)  # the MoE input h: the first row
+        dec.expert_rows(layer, provider, ids, False, torch.get_num_threads())
+        if self._ans_buf is None:  # reused: its send is waited for before the next control message
+            self._ans_buf = torch.zeros(self._answer_bytes(), dtype=torch.uint8)
+        ans = self._ans_buf
+        ctypes.memmove(ans.data_ptr() + ANSWER_HEADER, dec.down_ptr, n * h4)  # rows past n: unused room
         self.stats.compute_s += time.perf_counter() - t0
         return ans
 
@@ -488,8 +520,8 @@ class EPGroup:
         back = {r: b[ANSWER_HEADER:].view(x.dtype).view(-1, H) for r, (b, _) in answers.items()}  # [top-k, H]
         remote, row = len(where), H * x.element_size()
         s = self.stats
-        s.meta_bytes += (P - 1) * W + remote * 8 - remote * row + len(asked) * ANSWER_HEADER + \
-            (len(asked) * k - remote) * row  # + the answers' headers and room
+        s.meta_bytes += (P - 1) * W + remote * 8 - remote * row + len(asked) * self._answer_bytes() - \
+            remote * row  # + the answers' headers and room
         s.dispatch_bytes_sent += remote * row
         s.combine_bytes_recv += remote * row
         s.remote_pairs += remote
@@ -503,6 +535,68 @@ class EPGroup:
                 r, i = where[j]
                 out.add_(back[r][i:i + 1], alpha=wj)
         return out
+
+    def native_one(self, dec: Any, layer: int, k: int, xp: int, provider: Any, nth: int) -> None:
+        """Rank 0, native decode of one token (:meth:`ExpertParallelProvider.native_moe`, called by
+        ``NativeDecoder.step`` after the native router): the messages of :meth:`_dispatch_one`
+        with the float32 MoE input ``h`` as rows (``CMD_MOE_NATIVE``); rank 0 runs its own experts
+        and the shared expert natively while the followers run theirs, then adds the k rows into
+        the residual stream at ``xp`` with the routing weights in the single-process order
+        (``mt_moe_add``): the bits of one native process."""
+        P, W, h4 = self.world, self.ctrl_bytes, 4 * self.hidden
+        rb = h4 + 8
+        ids = dec.ids[:k]
+        dest = [self._owner(layer, e) for e in ids]  # pair order
+        where: dict[int, tuple[int, int]] = {}  # pair -> (follower, its row of the answer)
+        msgs, asked = [], []  # (follower, control message), followers that answer
+        now = time.monotonic()
+        if not self._ctrl_bufs:  # one control message per follower, reused (its send is waited for below)
+            self._ctrl_bufs = {r: torch.zeros(W, dtype=torch.uint8) for r in range(1, P)}
+            self._told = dict.fromkeys(range(1, P), 0.0)
+        for r in range(1, P):
+            pairs = sorted((j for j in range(k) if dest[j] == r), key=lambda j: (ids[j], j))  # by expert
+            n = len(pairs)
+            if n == 0 and now - self._told[r] < self.timeout_s / 8:
+                continue  # nothing for this follower (heard from rank 0 recently: no ping needed)
+            self._told[r] = now
+            buf = self._ctrl_bufs[r]
+            ba, base = buf.numpy(), buf.data_ptr() + HEADER
+            struct.pack_into("<3q", ba, 0, CMD_MOE_NATIVE, layer, n)  # header, n rows (h's bytes + the expert id)
+            for i, j in enumerate(pairs):
+                ctypes.memmove(base + i * rb, dec.h_ptr, h4)
+                struct.pack_into("<q", ba, HEADER + i * rb + h4, ids[j])
+                where[j] = (r, i)
+            if n:
+                asked.append(r)
+            msgs.append((r, buf))
+        local = [j for j in range(k) if dest[j] == 0]
+        rows = dec.rows
+        with self._lock:  # the sends go out before rank 0 computes its share
+            pending = [self._p2p(b, r, TAG_CTRL, send=True, wait=False) for r, b in msgs]
+            answers = {r: self._answers[r].pop(0) for r in asked}
+            for r in asked:  # the next answers' receives: their notices follow the control messages
+                self._post_answer(r)
+            t0 = time.perf_counter()
+            dec.expert_rows(layer, provider, [ids[j] for j in local], True, nth)  # own share + shared expert
+            self.stats.compute_s += time.perf_counter() - t0
+            for s, j in enumerate(local):
+                rows[j] = dec.down_ptr + s * h4
+            for w in pending:
+                self._wait(w)
+            for b, w in answers.values():
+                self._spin(b[:8].numpy().view("<i8"))
+                self._wait(w)
+        for j, (r, i) in where.items():
+            rows[j] = answers[r][0].data_ptr() + ANSWER_HEADER + i * h4
+        dec.add_rows(layer, xp, k)  # answers stay alive until here
+        remote = len(where)
+        s = self.stats
+        s.meta_bytes += len(msgs) * W + remote * 8 - remote * h4 + len(asked) * self._answer_bytes() - remote * h4
+        s.dispatch_bytes_sent += remote * h4
+        s.combine_bytes_recv += remote * h4
+        s.remote_pairs += remote
+        s.local_pairs += len(local)
+        s.moe_calls += 1
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
                  provider: Any, glu: Any) -> torch.Tensor:
@@ -797,17 +891,22 @@ class EPGroup:
                 self._send_answer(torch.zeros(self._answer_bytes(), dtype=torch.uint8))
                 self.stats.meta_bytes += self._answer_bytes()
                 return self._gather_stats()
-            if cmd != CMD_MOE_ONE or n == 0:  # (an answer goes out first: see below)
+            one = cmd in (CMD_MOE_ONE, CMD_MOE_NATIVE)  # decode of one token: an answer
+            if not one or n == 0:  # (an answer goes out first: see below)
                 self._post_ctrl()
             if cmd == CMD_PING:
                 continue
-            if cmd not in (CMD_MOE, CMD_MOE_INLINE, CMD_MOE_ONE) or layer not in blocks:
+            if cmd not in (CMD_MOE, CMD_MOE_INLINE, CMD_MOE_ONE, CMD_MOE_NATIVE) or layer not in blocks or (
+                    cmd == CMD_MOE_NATIVE and self.native is None):
                 raise DistributedError(f"rank {self.rank}: unexpected command {cmd} for layer {layer} from rank 0")
             if layer == first and hasattr(provider, "on_step"):  # a tiered provider counts steps (its policy)
                 provider.on_step(n, decode=False)
-            if cmd == CMD_MOE_ONE:  # one token's row n times, each with another expert
+            if cmd == CMD_MOE_NATIVE:  # one token's float32 row n times, each with another expert
+                ans = self._compute_native(msg, n, layer, provider)
+                row = 4 * self.hidden
+            elif cmd == CMD_MOE_ONE:  # one token's row n times, each with another expert
                 ans = self._compute_one(msg, n, layer, provider, blocks[layer].glu)  # the answer's bytes
-                y = ans[ANSWER_HEADER:].view(self.dtype).view(-1, self.hidden)  # [top-k, H], n rows used
+                row = self.row_bytes - 8
             else:
                 if cmd == CMD_MOE_INLINE:
                     recv = msg[HEADER:HEADER + n * self.row_bytes].view(n, self.row_bytes)
@@ -818,17 +917,17 @@ class EPGroup:
                 x, e = unpack(recv, self.dtype)
                 with torch.inference_mode():
                     y = self.compute(x, e, layer, provider, blocks[layer].glu)
-            if cmd == CMD_MOE_ONE and n:  # into the receive rank 0 posted ahead; then our next one
+                row = self.row_bytes - 8
+            if one and n:  # into the receive rank 0 posted ahead; then our next one
                 self._send_answer(ans)
                 self._post_ctrl()
             elif n:  # rank 0 posted a receive for exactly these n rows
                 self._p2p(y.contiguous(), 0, TAG_COMBINE, send=True)
-            row = self.hidden * y.element_size()
             s = self.stats
             s.dispatch_bytes_recv += n * row
             s.combine_bytes_sent += n * row
             s.meta_bytes += n * 8 - (n * row if cmd != CMD_MOE else 0) + \
-                ((y.shape[0] - n) * row + ANSWER_HEADER) * (cmd == CMD_MOE_ONE and n > 0)  # the answer's rest
+                (self._answer_bytes() - n * row) * (one and n > 0)  # the answer's header and room
             s.local_pairs += n
             s.moe_calls += 1
             calls += 1
@@ -865,6 +964,11 @@ class ExpertParallelProvider:
                  glu: Any) -> torch.Tensor:
         return self.group.dispatch(x, topk_ids, topk_weights, layer, self.local, glu)
 
+    def native_moe(self, dec: Any, layer: int, k: int, xp: int, nth: int) -> None:
+        """``NativeDecoder.step``'s hook: this layer's routed experts (routing in ``dec.ids`` /
+        ``dec.w``) and shared expert, added into the residual stream at ``xp`` (:meth:`EPGroup.native_one`)."""
+        self.group.native_one(dec, layer, k, xp, self.local, nth)
+
     @property
     def metrics(self) -> EPMetrics:
         """This rank's counters next to the planner's formula (the server's /metrics reads it)."""
@@ -880,6 +984,8 @@ class EPMetrics:
 
         g, s = self.group, self.group.stats
         dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(getattr(g, "dtype", None), "fp32")
+        if getattr(g, "native", None) is not None:  # decode steps move the native float32 rows
+            dt = "fp32"
         pairs = s.remote_pairs + s.local_pairs
         k = getattr(g, "inline_rows", 1)
         return {"expert_parallel": {

@@ -164,7 +164,7 @@ def _load_rank(args: argparse.Namespace, load_kw: dict[str, Any]) -> tuple[Any, 
 
     rank, world = ep.init()
     placement = make_placement(args.model_dir, world, args.redundant_experts, args.placement, args.routing_profile)
-    kw = {k: v for k, v in load_kw.items() if k != "native"}
+    kw = dict(load_kw)  # native: False with --no-native, else decode runs natively under direct (ep.load)
     if kw.get("threads") is None:  # ranks sharing a machine share its cores (OpenMP workers spin-wait)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         pinned = ep.pinned_cpus()  # this rank's own CPUs, or None: share the machine's
@@ -180,6 +180,8 @@ def report_figures(model: Any, group: Any, placement: Any, per_rank: list[dict[s
 
     s, H, k, world = model.spec, model.spec.hidden_size, model.spec.top_k, group.world
     dt = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}[str(model.dtype)]
+    if getattr(group, "native", None) is not None:  # native decode steps move float32 rows
+        dt = "fp32"
     out_pairs, _ = direct_remote_pairs(k, world)
     return {"ranks": world, "exchange": group.exchange,
             "planner_rows_per_token": ep_rows_per_token(group.exchange, k, world),

@@ -5,6 +5,8 @@ token-expert pair goes to.
 * :func:`from_profile`: the cluster planner's EPLB replicate-and-pack
   (:func:`moetier.planner.eplb.place`) over a routing profile summed over layers, with
   ``R`` redundant copies of the hottest experts.
+* :func:`rank0_heavy`: rank 0 holds the N hottest experts, the other ranks the rest (write it
+  with :meth:`EPPlacement.save`, run it with ``--placement``).
 
 A placement is written/read as JSON (``{"format": "moetier.ep_placement/1", "num_experts",
 "device_experts": [[...], ...]}``); one that leaves an expert on no rank is refused.
@@ -92,6 +94,22 @@ def from_profile(loads: np.ndarray, ranks: int, redundant: int) -> EPPlacement:
         raise ConfigError(f"--redundant-experts {redundant}: expected >= 0")
     pl = eplb.place(loads, ranks, redundant)
     return EPPlacement(len(loads), tuple(tuple(d) for d in pl.device_experts))
+
+
+def rank0_heavy(loads: np.ndarray, ranks: int, rank0_experts: int) -> EPPlacement:
+    """Rank 0 (which also runs attention, routers and the head under ``direct``) holds the
+    ``rank0_experts`` hottest experts by ``loads``; the others are dealt to ranks 1..P-1 in
+    descending load, one each in turn (no copies). More of a decode step's pairs stay on rank 0,
+    and a layer whose pairs all do sends no message (docs/expert-parallel.md: measured)."""
+    E = len(loads)
+    if ranks < 2 or not 0 < rank0_experts <= E - (ranks - 1):
+        raise ConfigError(f"rank 0 holding {rank0_experts} of {E} experts with {ranks} ranks: expected "
+                          f"1..{E - ranks + 1} (every other rank needs one)")
+    hot = sorted(range(E), key=lambda e: (-float(loads[e]), e))
+    dev: list[list[int]] = [sorted(hot[:rank0_experts])] + [[] for _ in range(ranks - 1)]
+    for i, e in enumerate(hot[rank0_experts:]):
+        dev[1 + i % (ranks - 1)].append(e)
+    return EPPlacement(E, tuple(tuple(sorted(d)) for d in dev))
 
 
 def load(path: str | Path, num_experts: int, ranks: int) -> EPPlacement:

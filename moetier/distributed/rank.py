@@ -40,9 +40,34 @@ def install() -> None:
     llama4.dispatch = _ep_dispatch  # type: ignore[attr-defined]
 
 
+class ExpertParallelDecode:
+    """``DecoderLM.native`` under expert parallelism: the native decoder's single-token ``step``
+    (its MoE layers exchange rows through the group: ``ExpertParallelProvider.native_moe``), and
+    no ``step_many``, so prefill and batched steps take the torch path (whose ``dispatch`` the
+    group wraps). Native multi-token steps do not dispatch across ranks yet."""
+
+    def __init__(self, dec: Any):
+        self.dec = dec
+
+    def step(self, seq: Any, token: int) -> torch.Tensor:
+        return self.dec.step(seq, token)
+
+
+def _native_everywhere(mine: bool) -> bool:
+    """True when every rank built a native decoder (a rank without one turns it off for all)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([int(mine)], dtype=torch.long)
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    except (RuntimeError, dist.DistBackendError) as e:
+        raise DistributedError(f"native decode agreement with the other ranks failed ({e})") from None
+    return bool(t.item())
+
+
 def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement | None = None,
          dtype: str | torch.dtype = "auto", timeout_s: float | None = None, exchange: str = DEFAULT_EXCHANGE,
-         **kw: Any) -> tuple[Any, EPGroup]:
+         native: bool | None = None, **kw: Any) -> tuple[Any, EPGroup]:
     """Load one rank's share of an expert-parallel model (after :func:`init`).
 
     placement: default contiguous. Weight-hierarchy options in ``kw`` (``max_ram``, ``expert_cache``,
@@ -52,7 +77,11 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
     rank has loaded. ``timeout_s``: the step collectives' timeout (default ``MOETIER_EP_TIMEOUT``
     or 60 s). ``exchange``: ``"replicated"`` (every rank runs the always-on compute; rank 0's
     ``model.step`` tells the followers what to step) or ``"direct"`` (rank 0 alone runs it and sends
-    rows to the experts' ranks). Native decode is off.
+    rows to the experts' ranks). ``native`` (default: on with ``direct``, off with ``replicated``):
+    decode steps run in the native kernels on every rank (:class:`ExpertParallelDecode`), the
+    experts' float32 rows exchanged per MoE layer (bit-identical to one native process), when every
+    rank can build the native decoder for the model (the generic decoder family; else the torch path
+    everywhere, ``model.native_reason`` says why). Prefill and batched steps take the torch path.
     """
     from moetier.models.base import InMemoryExpertProvider
     from moetier.runtime import EMBEDDED_DIR, resolve_dtype
@@ -66,8 +95,12 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
     placement = placement or contiguous(spec.num_experts, world)
     if placement.ranks != world:
         raise DistributedError(f"placement has {placement.ranks} ranks, the job has {world}")
+    if native is None:
+        native = exchange == "direct"
+    if native and exchange != "direct":
+        raise DistributedError(f"native decode under expert parallelism needs --ep-exchange direct (not {exchange})")
     group = EPGroup(rank, world, placement, timeout_s=timeout_s, exchange=exchange)
-    group.check_same(model_digest(d, resolve_dtype(dtype, spec), placement, exchange))
+    group.check_same(model_digest(d, resolve_dtype(dtype, spec), placement, exchange, native=native))
     install()
     mine = sorted(set(placement.device_experts[rank]))
 
@@ -78,7 +111,8 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
             raise DistributedError("--prefetch under expert parallelism: not supported (rank 0's router guesses "
                                    "would read experts other ranks hold); use --no-prefetch")
         kw["prefetch"] = False
-        model = tiered.load(d, dtype=dtype, native=False, wrap=lambda local: ExpertParallelProvider(local, group),
+        model = tiered.load(d, dtype=dtype, native=None if native else False,
+                            wrap=lambda local: ExpertParallelProvider(local, group),
                             experts_held=len(mine) * len(spec.moe_layer_ids), **kw)
     else:
         def factory(spec: Any, reader: Any) -> ExpertParallelProvider:
@@ -86,9 +120,21 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
                                             for e in mine})
             return ExpertParallelProvider(local, group)
 
-        model = load_model(d, dtype=dtype, expert_provider_factory=factory, native=False, **kw)
-    model.native_reason = "off under expert parallelism (the native decoder does not dispatch across ranks)"
-    group.configure(spec.hidden_size, model.dtype, spec.top_k)
+        model = load_model(d, dtype=dtype, expert_provider_factory=factory,
+                           native=None if native else False, **kw)
+    from moetier.native.decode import NativeDecoder
+
+    dec = model.net.native
+    ok = type(dec) is NativeDecoder  # the generic decoder: its MoE layers call the provider's native_moe
+    if native and not _native_everywhere(ok):
+        ok = False
+        model.native_reason = (model.native_reason if dec is None else
+                               f"off under expert parallelism ({type(dec).__name__} does not dispatch across ranks)"
+                               if type(dec) is not NativeDecoder else "off: another rank could not build it")
+    elif not native:
+        model.native_reason = "off under expert parallelism (native=False, or --ep-exchange replicated)"
+    model.net.native = ExpertParallelDecode(dec) if ok else None
+    group.configure(spec.hidden_size, model.dtype, spec.top_k, native=dec if ok else None)
     if exchange == "replicated" and rank == 0:
         model.step = group.mirrored(model)  # every step is run by every rank
     group.ready()

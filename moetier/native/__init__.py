@@ -201,6 +201,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mt_attention": (I, [P, P, I, P, P, P, L, L, P, P, I]),
         "mt_route": (None, [P, P, I, P, P, I]),
         "mt_moe": (None, [P, P, I, P, I, P, P, P, P, I, I]),
+        "mt_moe_rows": (None, [P, P, I, I, P, P, P, I, P, I]),
+        "mt_moe_add": (None, [P, P, P, I, P, P, I]),
         "mt_dense_mlp": (None, [P, P, I, P, I]),
         "mt_head": (None, [P, P, F, I, P, P, P, I]),
         "mt_embed": (None, [P, L, P]),

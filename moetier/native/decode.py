@@ -7,7 +7,10 @@ rope, cache write, attention, o_proj, residual, post-attention norm), one for th
 top-k router, then the routed experts come from the model's ``ExpertProvider`` exactly as on
 the torch path (``require`` then ``get``), and one native call runs all of them plus the
 shared expert (one call per expert when the provider may recycle a slot on the next
-``get``). With every expert in RAM (``InMemoryExpertProvider``), no router observer and no
+``get``). A provider with a ``native_moe`` hook (expert parallelism) takes over that part:
+it has the experts computed where they live (:meth:`NativeDecoder.expert_rows` on each rank,
+rows exchanged) and combines them with :meth:`NativeDecoder.add_rows`, the same sum.
+With every expert in RAM (``InMemoryExpertProvider``), no router observer and no
 norm pre-hook, one native call runs the whole step -- embedding, all layers from a table of
 expert descriptors, head -- from a step descriptor built once (:meth:`NativeDecoder.whole_step`;
 the same functions in the same order: the same bits, minus ~10 us of Python per layer), and
@@ -92,6 +95,16 @@ class StepDesc(ctypes.Structure):
         ("emb", ctypes.c_void_p), ("norm_w", ctypes.c_void_p), ("out_w", ctypes.c_void_p),
         ("norm_eps", ctypes.c_float),
     ]
+
+
+class ScratchHead(ctypes.Structure):
+    """The leading fields of ``scratch`` in csrc/mt.h (keep in sync): the MoE input ``h`` [H] and
+    the routed experts' output rows ``down`` [top-k, H], both float32 (expert parallelism moves
+    them between ranks: distributed/executor.py)."""
+
+    _fields_ = [("n_scores", ctypes.c_long), ("h", ctypes.c_void_p), ("qkv", ctypes.c_void_p),
+                ("attn", ctypes.c_void_p), ("ao", ctypes.c_void_p), ("gu", ctypes.c_void_p),
+                ("act", ctypes.c_void_p), ("down", ctypes.c_void_p)]
 
 
 def _silu_glu(block: MoEBlock) -> bool:
@@ -321,6 +334,9 @@ class NativeDecoder(_StepBase):
         if not self.scratch:
             raise MemoryError("native decode: could not allocate scratch buffers")
         self.x = torch.zeros(self.H, dtype=torch.float32)  # residual stream [H]
+        head = ScratchHead.from_address(self.scratch)
+        self.h_ptr, self.down_ptr = head.h, head.down  # the MoE input [H], expert output rows [top-k, H]
+        self.rows = (ctypes.c_void_p * MAX_TOPK)()  # per pair: its output row (mt_moe_add)
         self.ids = (ctypes.c_int64 * MAX_TOPK)()
         self.w = (ctypes.c_float * MAX_TOPK)()
         # per-call expert descriptor addresses: gate_up (or gate), up (NULL when fused), down
@@ -451,6 +467,10 @@ class NativeDecoder(_StepBase):
                 for fn in observers:
                     fn(i, ids_t, w_t)
             provider = mlp.provider
+            native_moe = getattr(provider, "native_moe", None)
+            if native_moe is not None:  # the experts are computed elsewhere too (expert parallelism)
+                native_moe(self, i, k, xp, nth)
+                continue
             provider.require(i, sorted(set(ids)))
             gu, up, dn, w, get = self.gu, self.up, self.dn, self.w, self.experts.get
             if getattr(provider, "stable_gets", False):  # every get() stays valid: one call
@@ -463,6 +483,31 @@ class NativeDecoder(_StepBase):
                     lib.mt_moe(desc, self.scratch, dt, xp, 1, gu, up, dn, ctypes.byref(w, 4 * j), 0, nth)
                 lib.mt_moe(desc, self.scratch, dt, xp, 0, gu, up, dn, w, 1, nth)
         return self._finish(seq, pos, xp, nth)
+
+    def expert_rows(self, layer: int, provider: Any, experts: list[int], shared: bool, nth: int) -> None:
+        """Layer ``layer``'s routed ``experts`` (from ``provider``: ``require``, then ``get``) on the
+        MoE input ``h`` (``h_ptr``), unweighted: expert s's output row [H] float32 at ``down_ptr +
+        4 H s``; with ``shared`` the layer's shared expert too (kept for :meth:`add_rows`). The
+        same gemv rows as :meth:`step` runs for them (``mt_moe_rows``): the same bits."""
+        lib, d, desc = self.lib, self.descs[layer], self.desc_ptrs[layer]
+        gu, up, dn, get = self.gu, self.up, self.dn, self.experts.get
+        if experts:
+            provider.require(layer, sorted(set(experts)))
+        if getattr(provider, "stable_gets", False):  # every get() stays valid: one call
+            for s, e in enumerate(experts):
+                gu[s], up[s], dn[s] = get(provider.get(layer, e), layer, e, d)
+            lib.mt_moe_rows(desc, self.scratch, self.dt, len(experts), gu, up, dn, int(shared), None, nth)
+            return
+        for s, e in enumerate(experts):  # a get() may recycle the previous one's slot
+            gu[0], up[0], dn[0] = get(provider.get(layer, e), layer, e, d)
+            lib.mt_moe_rows(desc, self.scratch, self.dt, 1, gu, up, dn, 0, self.down_ptr + 4 * self.H * s, nth)
+        if shared:
+            lib.mt_moe_rows(desc, self.scratch, self.dt, 0, gu, up, dn, 1, None, nth)
+
+    def add_rows(self, layer: int, xp: int, k: int) -> None:
+        """The residual stream at ``xp`` += the routing weights ``w[j]`` x row ``rows[j]`` for j = 0..k-1
+        in that order, then the shared expert (:meth:`expert_rows`): the single-process combine."""
+        self.lib.mt_moe_add(self.desc_ptrs[layer], self.scratch, xp, k, self.rows, self.w, 1)
 
     def step_many(self, items: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False) -> torch.Tensor:
         """A flat batch of several tokens / sequences (prefill, batched steps): see

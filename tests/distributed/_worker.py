@@ -1,7 +1,8 @@
 """One rank of the test job: ``python -m tests.distributed._worker OUT CASES.json`` under a
 torchrun-style environment. For each case every rank loads its share; rank 0 records the
 prefill logits, a greedy decode (tokens, logits) and per-step byte counters, then stops the
-followers. Rank 0 writes everything to OUT (torch.save). ``"exchange"`` picks the pattern. A
+followers. Rank 0 writes everything to OUT (torch.save). ``"exchange"`` picks the pattern,
+``"native"`` native decode (``ep.load(native=...)``, default off here). A
 start-up refusal (hash mismatch: ``"model_by_rank": {"1": DIR}``, ``"redundant_by_rank": {"1": R}``
 or ``"exchange_by_rank": {"1": X}``) is recorded as ``{"error": message}`` and the job goes on;
 ``"die_after": n`` (last case) makes rank 1 exit abruptly after serving n MoE layers, ``"hang_after":
@@ -35,7 +36,8 @@ def main() -> int:
                                        c.get("placement"), c.get("routing_profile"))
             try:
                 model, group = ep.load(path, rank, world, placement, dtype="float32", tokenizer=False, threads=1,
-                                       timeout_s=c.get("timeout"), exchange=exchange, **c.get("hierarchy", {}))
+                                       timeout_s=c.get("timeout"), exchange=exchange, native=c.get("native", False),
+                                       **c.get("hierarchy", {}))
             except ep.DistributedError as e:  # every rank sees a start-up refusal: record it, go on
                 results.append({"error": str(e)})
                 continue
@@ -93,12 +95,19 @@ def main() -> int:
                                                                 "combine_bytes_sent", "combine_bytes_recv",
                                                                 "remote_pairs", "local_pairs")}
                              | {"routed": [list(r) for r in routed]})
+            one_by_one = None
+            if c.get("native"):  # the prompt a token at a time too: every step a (native) decode step
+                seq = model.new_sequence(capacity=len(c["prompt"]) + c["new"] + 1)
+                one_by_one = torch.cat([model.step([(seq, [t])]) for t in c["prompt"] + toks])
             if c.get("hierarchy"):
                 read = {e for (_, e) in model.provider.local.cache.slot_of}
                 assert read and read <= mine, f"rank 0 cached experts it does not own: {read - mine}"
+            paths = model.compute_paths()
             results.append({"prefill": prefill, "tokens": toks, "step_logits": torch.stack(step_logits),
                             "steps": steps, "per_rank": group.stop(), "placement": placement.to_json(),
-                            "hidden": model.spec.hidden_size, "exchange": group.exchange})
+                            "hidden": model.spec.hidden_size, "exchange": group.exchange,
+                            "decode_path": paths["decode"]["path"], "prefill_path": paths["prefill"]["path"],
+                            "native_reason": model.native_reason, "one_by_one": one_by_one})
         if rank == 0:
             torch.save(results, out)
         return 0

@@ -46,7 +46,18 @@ def job(tmp_path_factory):
         {"name": "deepseek_v3", "model": str(dsv3)},
         {"name": "deepseek_v3-r2", "model": str(dsv3), "redundant": 2},
     ]
+    qwen2 = make_tiny_checkpoint(tmp, "qwen2_moe")  # a sigmoid-gated shared expert
+    heavy = tmp / "heavy.json"  # rank 0 holds 28 of 32: many layers send the follower nothing
+    pl.rank0_heavy(pl.profile_loads(EMBEDDED_DIR / "routing_profile.json"), WORLD, 28).save(heavy)
     cases = [{**c, "name": f"{c['name']}/{x}", "exchange": x} for c in base for x in EXCHANGES] + [
+        # native decode under EP (direct): rank 0's native step, every rank's experts in the native kernels
+        {**c, "name": f"{c['name']}/native", "exchange": "direct", "native": True} for c in base
+        if c["name"] in NATIVE_BASES] + [
+        {"name": "qwen2_moe/native", "model": str(qwen2), "exchange": "direct", "native": True},
+        {"name": "embedded-heavy/native", "model": str(EMBEDDED_DIR), "placement": str(heavy), "exchange": "direct",
+         "native": True},
+        {"name": "qwen2_moe/direct", "model": str(qwen2), "exchange": "direct"},
+    ] + [
         {"name": "mismatch", "model": str(EMBEDDED_DIR), "model_by_rank": {"1": str(mixtral)}},
         {"name": "placement-mismatch", "model": str(EMBEDDED_DIR), "redundant_by_rank": {"1": 4}},
         {"name": "exchange-mismatch", "model": str(EMBEDDED_DIR), "exchange": "replicated",
@@ -104,6 +115,7 @@ def reference(c: dict) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     return prefill, toks, torch.stack(steps)
 
 
+NATIVE_BASES = ("embedded", "embedded-r4", "embedded-tiered", "mixtral", "mixtral-r2", "deepseek_v3")
 CASES = [f"{c}/{x}" for c in ("embedded", "embedded-r4", "embedded-tiered", "mixtral", "mixtral-r2", "deepseek_v3",
                                "deepseek_v3-r2") for x in EXCHANGES]
 
@@ -125,7 +137,72 @@ def test_same_logits_and_tokens_as_one_process(job, name):
         assert copies == moetier.spec.load_spec(c["model"]).num_experts + c["redundant"]
 
 
-@pytest.mark.parametrize("name", CASES)
+def reference_native(c: dict, prefill_native: bool) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """One native process (1 thread). ``prefill_native=False``: the prompt on the torch path and
+    each decode step native, as under expert parallelism (``rank.ExpertParallelDecode``)."""
+    from moetier.distributed.rank import ExpertParallelDecode
+
+    m = moetier.load(c["model"], dtype="float32", tokenizer=False, threads=1)
+    assert m.native_reason is None
+    if not prefill_native:
+        m.net.native = ExpertParallelDecode(m.net.native)
+    seq = m.new_sequence(capacity=len(c["prompt"]) + c["new"] + 1)
+    logits = m.step([(seq, c["prompt"])])
+    toks, steps = [], []
+    for _ in range(c["new"]):
+        t = int(logits[0].argmax())
+        toks.append(t)
+        logits = m.step([(seq, [t])])
+        steps.append(logits[0])
+    return m.logits(c["prompt"]), toks, torch.stack(steps)
+
+
+NATIVE = [f"{c}/native" for c in NATIVE_BASES if c != "deepseek_v3"] + ["qwen2_moe/native", "embedded-heavy/native"]
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_native_decode_under_ep_is_one_native_process_bit_for_bit(job, name):
+    """Native decode on every rank (rank 0: attention, router, shared expert, its experts; the
+    followers: theirs, from the float32 row) = one native process stepping the same tokens, bit for
+    bit, with replicas too (each row is one expert's gemv rows, whichever rank runs it); within 1e-5
+    of a fully native process (native prefill) and of the torch path, same greedy tokens."""
+    c, r = job[name]
+    check_native(c, r)
+    per = r["per_rank"]
+    assert per[0]["remote_pairs"] > 0 and per[1]["local_pairs"] == per[0]["remote_pairs"]
+
+
+def check_native(c: dict, r: dict) -> None:
+    """A native-decode EP run ``r`` of case ``c`` against one process (see the test above)."""
+    assert (r["decode_path"], r["prefill_path"], r["native_reason"]) == ("native", "torch", None)
+    m = moetier.load(c["model"], dtype="float32", tokenizer=False, threads=1)
+    seq = m.new_sequence(capacity=len(c["prompt"]) + c["new"] + 1)  # every token a native decode step
+    assert torch.equal(r["one_by_one"], torch.cat([m.step([(seq, [t])]) for t in c["prompt"] + r["tokens"]]))
+    prefill, toks, steps = reference_native(c, prefill_native=False)
+    assert r["tokens"] == toks
+    if not c.get("redundant"):  # replicas change the torch path's prefill batches (its KV cache) by an ulp
+        assert torch.equal(r["step_logits"], steps) and torch.equal(r["prefill"], prefill)
+    for ref in (reference_native(c, prefill_native=True), reference(c)):
+        assert r["tokens"] == ref[1]
+        assert (r["step_logits"] - ref[2]).abs().max().item() <= 1e-5
+        assert (r["prefill"] - ref[0]).abs().max().item() <= 1e-5
+
+
+def test_native_decode_under_ep_falls_back_where_the_decoder_cannot_dispatch(job):
+    c, r = job["deepseek_v3/native"]  # the MLA decoder has no native_moe hook: torch path on every rank
+    assert r["decode_path"] == "torch" and "MLADecoder does not dispatch across ranks" in r["native_reason"]
+    prefill, toks, steps = reference(c)
+    assert r["tokens"] == toks and torch.equal(r["step_logits"], steps)
+
+
+def test_qwen2_moe_torch_path_under_ep(job):
+    c, r = job["qwen2_moe/direct"]
+    assert r["decode_path"] == "torch"
+    prefill, toks, steps = reference(c)
+    assert r["tokens"] == toks and torch.equal(r["step_logits"], steps) and torch.equal(r["prefill"], prefill)
+
+
+@pytest.mark.parametrize("name", CASES + NATIVE)
 def test_bytes_match_the_planner_formula(job, name):
     c, r = job[name]
     row = pair_bytes(r["hidden"], "fp32")  # the cluster planner's bytes per pair per direction
@@ -167,6 +244,17 @@ def test_placement_must_cover_every_expert(tmp_path):
     assert good.device_experts == ((0,), (1, 2), (3,), (4, 5))
     good.save(f)
     assert pl.load(f, 6, 4) == good
+
+
+def test_rank0_heavy_placement_gives_rank0_the_hottest_experts(tmp_path):
+    loads = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 4.0]
+    p = pl.rank0_heavy(loads, 3, 3)
+    assert p.device_experts == ((2, 4, 6), (0, 1, 3), (5, 7))  # the rest dealt hottest first: 0, 7, 3, 5, 1
+    assert sorted(e for d in p.device_experts for e in d) == list(range(8))
+    p.save(tmp_path / "p.json")
+    assert pl.load(tmp_path / "p.json", 8, 3) == p
+    with pytest.raises(ConfigError, match="rank 0 holding 7 of 8 experts with 3 ranks: expected 1..6"):
+        pl.rank0_heavy(loads, 3, 7)
 
 
 @pytest.mark.parametrize("name", ["mismatch", "placement-mismatch", "exchange-mismatch"])

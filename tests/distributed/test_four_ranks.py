@@ -15,7 +15,7 @@ import torch
 from moetier.distributed.launch import spawn
 from moetier.planner.cluster import EP_EXCHANGES as EXCHANGES
 from moetier.planner.cluster import ep_step_rows, pair_bytes
-from tests.distributed.test_expert_parallel import reference
+from tests.distributed.test_expert_parallel import check_native, reference
 from tests.helpers import make_tiny_checkpoint
 
 WORLD = 4
@@ -34,6 +34,9 @@ def job(tmp_path_factory):
     cases = [{"name": f"mixtral/{x}", "model": str(mixtral), "exchange": x} for x in EXCHANGES] + [
         {"name": f"mixtral-r4/{x}", "model": str(mixtral), "redundant": 4, "routing_profile": str(skew),
          "exchange": x} for x in EXCHANGES] + [
+        {"name": "mixtral/native", "model": str(mixtral), "exchange": "direct", "native": True},
+        {"name": "mixtral-r4/native", "model": str(mixtral), "redundant": 4, "routing_profile": str(skew),
+         "exchange": "direct", "native": True}] + [
         # replicated: every rank waits on every other's exchange (the P = 2 module's dying rank runs direct)
         {"name": "hangs", "model": str(mixtral), "hang_after": 2, "hang_rank": HUNG, "timeout": STEP_TIMEOUT,
          "exchange": "replicated"},
@@ -49,15 +52,18 @@ def job(tmp_path_factory):
     return {c["name"]: (c, r) for c, r in zip(cases, got)} | {"codes": codes, "errs": errs}
 
 
-@pytest.mark.parametrize("name", [f"{c}/{x}" for c in ("mixtral", "mixtral-r4") for x in EXCHANGES])
+@pytest.mark.parametrize("name", [f"{c}/{x}" for c in ("mixtral", "mixtral-r4") for x in (*EXCHANGES, "native")])
 def test_four_ranks_same_logits_and_tokens_as_one_process(job, name):
     c, r = job[name]
+    if c.get("native"):  # native decode on every rank: one native process's bits (replicas too)
+        check_native(c, r)
     prefill, toks, steps = reference(c)
     assert r["tokens"] == toks
     assert (r["prefill"] - prefill).abs().max().item() <= 1e-5
     assert (r["step_logits"] - steps).abs().max().item() <= 1e-5
-    if not c.get("redundant"):  # same expert batches, same order: bit for bit
-        assert torch.equal(r["step_logits"], steps) and torch.equal(r["prefill"], prefill)
+    if not c.get("redundant"):  # same expert batches, same order: bit for bit (the torch path)
+        assert torch.equal(r["prefill"], prefill)
+        assert torch.equal(r["step_logits"], steps) or c.get("native")
     else:
         assert sum(len(d) for d in r["placement"]["device_experts"]) == 8 + 4
     per = r["per_rank"]

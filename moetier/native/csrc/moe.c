@@ -39,17 +39,19 @@ void mt_route(const layer_desc *L, scratch *S, int dt, int64_t *ids, float *w, i
     mt_topk_softmax(L, S->rlog, ids, w);
 }
 
-/* x += sum_j w[j] * expert_j(h), then (if `shared`) x += the shared expert (optionally
- * sigmoid-gated) or the dense MLP; h = S->h. Expert j: gate[j] [I, H] and up[j] [I, H], or
- * (up[j] == NULL) gate[j] is the fused gate_up [2I, H] (gate rows first); down[j] [H, I];
- * n <= 64. The additions into x happen in the order j = 0..n-1, then shared, so calling this
- * once per expert (n = 1) and then with n = 0 gives the same bits as one call with all
- * experts (for providers whose weights are valid only until the next get). */
-void mt_moe(const layer_desc *L, scratch *S, int dt, float *x, int n, const mt_weight *const *gate,
-            const mt_weight *const *up, const mt_weight *const *down, const float *w, int shared, int nth) {
+/* The routed experts j = 0..n-1 on h = S->h, unweighted: expert j's output row into
+ * out + j * H (out NULL: S->down), and (if `shared`) the shared expert (optionally
+ * sigmoid-gated) or the dense MLP into S->sh (its gate logit into S->sg). Expert j: gate[j]
+ * [I, H] and up[j] [I, H], or (up[j] == NULL) gate[j] is the fused gate_up [2I, H] (gate rows
+ * first); down[j] [H, I]; n <= top-k. Every output element is one gemv row: its bits do not
+ * depend on which experts share the call (expert parallelism computes a token's experts on
+ * several ranks, distributed/executor.py: native_one). */
+void mt_moe_rows(const layer_desc *L, scratch *S, int dt, int n, const mt_weight *const *gate,
+                 const mt_weight *const *up, const mt_weight *const *down, int shared, float *out, int nth) {
     long H = L->H, I = L->I, SI = shared ? L->SI : 0;
     mt_gemv_item items[MAX_ITEMS];
     int m = 0;
+    if (!out) out = S->down;
     memset(items, 0, sizeof(items));
     for (int j = 0; j < n; j++) {
         float *g = S->gu + j * 2 * I;
@@ -72,18 +74,40 @@ void mt_moe(const layer_desc *L, scratch *S, int dt, float *x, int n, const mt_w
         swiglu(g, g + SI, S->act + n * I, SI);
     }
     m = 0;
-    for (int j = 0; j < n; j++) items[m++] = (mt_gemv_item){down[j], NULL, dt, S->act + j * I, S->down + j * H, NULL, NULL};
+    for (int j = 0; j < n; j++) items[m++] = (mt_gemv_item){down[j], NULL, dt, S->act + j * I, out + j * H, NULL, NULL};
     if (SI) items[m++] = (mt_gemv_item){L->s_down, NULL, dt, S->act + n * I, S->sh, NULL, NULL};
     mt_run_gemvs(items, m, nth);
+}
+
+/* x += w[j] * rows[j] [H] for j = 0..n-1 in that order, then (if `shared` and the layer has
+ * one) x += the shared expert S->sh (times sigmoid(S->sg[0]) when gated): the one combine
+ * of a token's experts, wherever their rows were computed. */
+void mt_moe_add(const layer_desc *L, scratch *S, float *x, int n, const float *const *rows, const float *w,
+                int shared) {
+    long H = L->H;
     for (int j = 0; j < n; j++) {
-        const float *d = S->down + j * H;
+        const float *d = rows[j];
         float wj = w[j];
         for (long i = 0; i < H; i++) x[i] += wj * d[i];
     }
-    if (SI) {
+    if (shared && L->SI) {
         float g = L->s_gate_gate ? 1.0f / (1.0f + expf(-S->sg[0])) : 1.0f;
         for (long i = 0; i < H; i++) x[i] += g * S->sh[i];
     }
+}
+
+/* x += sum_j w[j] * expert_j(h), then (if `shared`) x += the shared expert (optionally
+ * sigmoid-gated) or the dense MLP; h = S->h (mt_moe_rows, then mt_moe_add). n <= 64. The
+ * additions into x happen in the order j = 0..n-1, then shared, so calling this once per
+ * expert (n = 1) and then with n = 0 gives the same bits as one call with all experts (for
+ * providers whose weights are valid only until the next get). */
+void mt_moe(const layer_desc *L, scratch *S, int dt, float *x, int n, const mt_weight *const *gate,
+            const mt_weight *const *up, const mt_weight *const *down, const float *w, int shared, int nth) {
+    const float *rows[64];
+    if (n == 0 && !(shared && L->SI)) return;
+    mt_moe_rows(L, S, dt, n, gate, up, down, shared, NULL, nth);
+    for (int j = 0; j < n; j++) rows[j] = S->down + j * L->H;
+    mt_moe_add(L, S, x, n, rows, w, shared);
 }
 
 /* dense gated MLP: x += down(silu(gate(h)) * up(h)) with the layer's s_* weights */

@@ -265,6 +265,10 @@ int mt_attention(const layer_desc *L, scratch *S, int dt, float *x, void *K, voi
 void mt_route(const layer_desc *L, scratch *S, int dt, int64_t *ids, float *w, int nth);
 void mt_moe(const layer_desc *L, scratch *S, int dt, float *x, int n, const mt_weight *const *gate,
             const mt_weight *const *up, const mt_weight *const *down, const float *w, int shared, int nth);
+void mt_moe_rows(const layer_desc *L, scratch *S, int dt, int n, const mt_weight *const *gate,
+                 const mt_weight *const *up, const mt_weight *const *down, int shared, float *out, int nth);
+void mt_moe_add(const layer_desc *L, scratch *S, float *x, int n, const float *const *rows, const float *w,
+                int shared);
 void mt_dense_mlp(const layer_desc *L, scratch *S, int dt, float *x, int nth);
 /* pieces the multi-token steps (prefill.c) share with the single-token ones */
 void mt_qkv_post(const layer_desc *L, int dt, float *qkv, void *K, void *V, long cap, long pos, const float *cs,
