@@ -499,4 +499,52 @@ MT_TARGET_VNNI static inline __m512 blk32_lane_scales(__m512 F, long c) {
     return _mm512_permutexvar_ps(_mm512_add_epi32(lane_block, _mm512_set1_epi32(4 * (int)(c & 3))), F);
 }
 
+
+/* ------------------------------------------------------------------------------------ */
+/* softmax exponentials (attention.c, mla.c, sinks.c: the single- and multi-token steps   */
+/* share these, so both give the same bits)                                               */
+
+/* exp of 16 floats: 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts),
+ * exp(r) by Cephes' degree-7 expf polynomial, 2^k applied by vscalefps: within 2 ulp of
+ * expf; x <= -104 (and -inf) gives 0, NaN stays NaN */
+MT_TARGET_AVX512 static inline __m512 mt_exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x); /* NaN: the second operand, x */
+    x = _mm512_min_ps(_mm512_set1_ps(88.5f), x);
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, k);
+}
+
+/* s[t] = exp(s[t] - mx) for t < n, returning their sum (per lane in t order, then the 16 lanes
+ * in a fixed tree): the softmax numerators. Built for AVX-512 where the including file is
+ * (-march=native files), else expf in t order. */
+static inline float mt_softmax_exp(float *s, long n, float mx) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    __m512 m = _mm512_set1_ps(mx), acc = _mm512_setzero_ps();
+    for (long t = 0; t < n; t += 16) {
+        __mmask16 live = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
+        __m512 e = mt_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), m));
+        _mm512_mask_storeu_ps(s + t, live, e);
+        acc = _mm512_mask_add_ps(acc, live, acc, e);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float sum = 0.0f;
+    for (long t = 0; t < n; t++) {
+        s[t] = expf(s[t] - mx);
+        sum += s[t];
+    }
+    return sum;
+#endif
+}
+
 #endif
