@@ -355,6 +355,33 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void vnni_scaled_dig
     }
 }
 
+/* vnni_scaled_digits4 with digits 2 and 3 joined in integer (q4_k: |P| <= 4 * 15 * 128, sc <= 63):
+ * T23 = sum sc (256 P2 + P3) in one vpdpwssd chain (digit 2's scales times 256: SCP256, still
+ * int16; |T23| <= 257 * 4 * 63 * 7680 < 2^31, exact), so one int32 total, one conversion and one
+ * FMA for both: acc[0] += ds * T1, acc[1] += ds * float(T23) (rounded to float's 24 bits: a
+ * relative 6e-8 of digit 3's unit sum, far below float32 grade). Not for q6_k: its 6-bit codes
+ * and int8 scales could overflow T23. Combine with digits_combine2. */
+MT_TARGET_VNNI static inline __attribute__((always_inline)) void vnni_scaled_digits4_join(
+    const __m512i w[4], const __m512i *A, const __m512i SCP[2], const __m512i SCP256[2], __m512 ds, __m512 acc[2]) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i P[3][4];
+    for (int k = 0; k < 3; k++)
+        for (int v = 0; v < 4; v++) P[k][v] = _mm512_dpbusd_epi32(zero, w[v], _mm512_load_si512(A + 3 * v + k));
+    __m512i T1 = _mm512_dpwssd_epi32(zero, _mm512_packs_epi32(P[0][0], P[0][1]), SCP[0]);
+    T1 = _mm512_dpwssd_epi32(T1, _mm512_packs_epi32(P[0][2], P[0][3]), SCP[1]);
+    __m512i T23 = _mm512_dpwssd_epi32(zero, _mm512_packs_epi32(P[1][0], P[1][1]), SCP256[0]);
+    T23 = _mm512_dpwssd_epi32(T23, _mm512_packs_epi32(P[1][2], P[1][3]), SCP256[1]);
+    T23 = _mm512_dpwssd_epi32(T23, _mm512_packs_epi32(P[2][0], P[2][1]), SCP[0]);
+    T23 = _mm512_dpwssd_epi32(T23, _mm512_packs_epi32(P[2][2], P[2][3]), SCP[1]);
+    acc[0] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(T1), acc[0]);
+    acc[1] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(T23), acc[1]);
+}
+
+/* acc[0] + acc[1] / (254 * 256) per lane (the sums of vnni_scaled_digits4_join) */
+MT_TARGET_VNNI static inline __m512 digits_combine2(const __m512 acc[2]) {
+    return _mm512_fmadd_ps(acc[1], _mm512_set1_ps(MT_DIGIT_UNIT), acc[0]);
+}
+
 /* the packed sub-block scales of vnni_scaled_digits4 from a super-block's int16 scales sc16 (words
  * 0 .. 15): sub(v, L) = the sub-block of vector v's lanes in 128-bit lane L; SCP[p] word 8 L + i =
  * sc of sub(2 p, L) for i < 4, of sub(2 p + 1, L) for i >= 4 */
