@@ -444,32 +444,37 @@ MT_TARGET_AVX512 static inline __attribute__((always_inline)) void row_sums_next
 }
 
 /* ---- 32-value blocks with one float scale each (ggml_mxfp4, mxfp4, q5_0) on x's digits ----
- * Unsigned codes u = q + off (vpdpbusd's unsigned operand) times x's signed digits; the offset's
- * share, -off * (each lane's digit sum), starts the accumulator (stored with the digits), so a
- * lane's int32 sum is sum (u - off) a = sum q a exactly. A chunk is 128 values = 4 blocks = 64
- * code bytes, byte b holding codes of block b / 16: lane l of a vpdpbusd belongs to block l / 4,
- * its 16 lane sums are scaled in float per lane (the block's scale times the chunk's digit
- * scale). Per chunk and digit k: D = C_k + u_lo . A_k + u_hi . B_k (A / B: the digits of the
- * values under the low / high code bytes, C_k = -off * their lane sums; |D| <= 8 * 255 * 128,
- * exact in float), acc_k += f * D; y = digits_reduce(acc).
- * Prepared x (floats): one digit scale s * sfac per chunk (padded to 16), then per chunk 9 x 64
- * bytes: A_0, B_0, A_1, B_1, A_2, B_2, C_0, C_1, C_2 (int32 x 16). Values past cols have digit
- * 0 (so do their offsets), whatever code bytes a kernel reads there. Layouts: BLK32_EVEN_ODD
- * (gpt-oss mxfp4): A = the chunk's even values, B = its odd ones; BLK32_HALVES (GGUF blocks):
- * block g's bytes hold values 32 g + j (low) and 32 g + 16 + j (high), j < 16. */
+ * The codes' signed values v (q5_0: q - 16, mxfp4: 2 * e2m1) are vpdpbusd's signed operand, x's
+ * digits a biased by 128 (a + 128 in [0, 255]) its unsigned one, so a lane's int32 sum is
+ * sum (a + 128) v = sum a v + 128 sum v; the second term depends on the weights only: computed
+ * once per row chunk (blk32_bias: -128 sum v per lane) it starts the accumulators of every token
+ * and digit, and each lane's sum is sum v a exactly. A chunk is 128 values = 4 blocks = 64 code
+ * bytes, byte b holding codes of block b / 16: lane l of a vpdpbusd belongs to block l / 4, its 16
+ * lane sums are scaled in float per lane (the block's scale times the chunk's digit scale). Per
+ * chunk and digit k: D = bias + A_k . v_lo + B_k . v_hi (A / B: the biased digits of the values
+ * under the low / high code bytes; |D| <= 8 * 128 * 16, exact in float), acc_k += f * D;
+ * y = digits_reduce(acc).
+ * Prepared x (floats): one digit scale s * sfac per chunk (padded to 16), then per chunk 6 x 64
+ * bytes: A_0, B_0, A_1, B_1, A_2, B_2. Values past cols have digit 0, so they add 0 whatever
+ * code bytes a kernel reads there (the bias is computed from the same bytes). Layouts:
+ * BLK32_EVEN_ODD (gpt-oss mxfp4): A = the chunk's even values, B = its odd ones; BLK32_HALVES
+ * (GGUF blocks): block g's bytes hold values 32 g + j (low) and 32 g + 16 + j (high), j < 16. */
 
 enum { BLK32_EVEN_ODD = 0, BLK32_HALVES = 1 };
 
+#define BLK32_VECS 6 /* 64-byte vectors of digits per prepared chunk */
+
 static inline long blk32_nchunks(long cols) { return (cols + 127) / 128; }
 static inline long blk32_head(long cols) { return (blk32_nchunks(cols) + 15) & ~15L; }
-static inline long blk32_len(long cols) { return blk32_head(cols) + 144 * blk32_nchunks(cols); }
+static inline long blk32_len(long cols) { return blk32_head(cols) + 16 * BLK32_VECS * blk32_nchunks(cols); }
 
-MT_TARGET_VNNI static inline void blk32_prep(const float *x, long cols, float *xp, int layout, int off, float sfac) {
+MT_TARGET_VNNI static inline void blk32_prep(const float *x, long cols, float *xp, int layout, float sfac) {
     float *S = xp;
     __m512i *P = (__m512i *)(xp + blk32_head(cols));
     const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1)), offv = _mm512_set1_epi8((char)off);
-    for (long c = 0; c < blk32_nchunks(cols); c++, x += 128, P += 9) {
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    const __m128i bias = _mm_set1_epi8((char)0x80); /* a + 128 (mod 256) = a ^ 0x80 */
+    for (long c = 0; c < blk32_nchunks(cols); c++, x += 128, P += BLK32_VECS) {
         __m512 v[8], m = _mm512_setzero_ps();
         __mmask16 nan = 0;
         for (int q = 0; q < 8; q++) {
@@ -496,25 +501,28 @@ MT_TARGET_VNNI static inline void blk32_prep(const float *x, long cols, float *x
             digits16(lo, s, rinv, &a[0], &a[1], &a[2]);
             digits16(hi, s, rinv, &b[0], &b[1], &b[2]);
             for (int k = 0; k < 3; k++) {
-                _mm_store_si128(D + 4 * (2 * k) + q, a[k]);
-                _mm_store_si128(D + 4 * (2 * k + 1) + q, b[k]);
+                _mm_store_si128(D + 4 * (2 * k) + q, _mm_xor_si128(a[k], bias));
+                _mm_store_si128(D + 4 * (2 * k + 1) + q, _mm_xor_si128(b[k], bias));
             }
-        }
-        for (int k = 0; k < 3; k++) {
-            __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offv, _mm512_load_si512(P + 2 * k));
-            t = _mm512_dpbusd_epi32(t, offv, _mm512_load_si512(P + 2 * k + 1));
-            _mm512_store_si512(P + 6 + k, _mm512_sub_epi32(_mm512_setzero_si512(), t));
         }
     }
 }
 
-/* one chunk of one token: the unsigned codes ul / uh (low / high bytes' values) times the digits of
- * prepared chunk P (9 vectors, above), each lane scaled by f, into acc[3] */
-MT_TARGET_VNNI static inline __attribute__((always_inline)) void blk32_chunk(__m512i ul, __m512i uh, const __m512i *P,
-                                                                            __m512 f, __m512 acc[3]) {
+/* -128 * (the 4 low-byte + 4 high-byte values) per lane: the accumulator start of blk32_chunk */
+MT_TARGET_VNNI static inline __m512i blk32_bias(__m512i vl, __m512i vh) {
+    const __m512i b = _mm512_set1_epi8((char)0x80);
+    __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), b, vl);
+    return _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(t, b, vh));
+}
+
+/* one chunk of one token: the signed values vl / vh (low / high bytes' values) times the biased
+ * digits of prepared chunk P (BLK32_VECS vectors, above), from start bias (blk32_bias of vl, vh),
+ * each lane scaled by f, into acc[3] */
+MT_TARGET_VNNI static inline __attribute__((always_inline)) void blk32_chunk(__m512i vl, __m512i vh, __m512i bias,
+                                                                            const __m512i *P, __m512 f, __m512 acc[3]) {
     for (int k = 0; k < 3; k++) {
-        __m512i D = _mm512_dpbusd_epi32(_mm512_load_si512(P + 6 + k), ul, _mm512_load_si512(P + 2 * k));
-        D = _mm512_dpbusd_epi32(D, uh, _mm512_load_si512(P + 2 * k + 1));
+        __m512i D = _mm512_dpbusd_epi32(bias, _mm512_load_si512(P + 2 * k), vl);
+        D = _mm512_dpbusd_epi32(D, _mm512_load_si512(P + 2 * k + 1), vh);
         acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(D), f, acc[k]);
     }
 }
