@@ -40,7 +40,16 @@ q8_0 / q5_0 tiles take 2 rows per pass (each x vector loaded once for both: q8_0
 ``ffn_down`` as q5_0: 13-18 -> 36-45 GMAC/s); the tokens per pass are bounded so their x rows stay in
 L2 (the dense layer's 10944-wide down projection: 35-37 -> 48-50 GMAC/s); a unit's tokens are split
 into passes of equal size (5 tokens: 3 + 2, not 4 + a row-kernel call). The other quantized formats
-still run their row kernel once per token.
+still run their row kernel once per token. 2026-12-02 (branch q4kpf; ``mt_gemm``, 1 thread, best of 15
+alternating with the previous library, load average 15-30 from other jobs): the blk32 digit kernels
+(q5_0, mxfp4, ggml_mxfp4) take x's digits biased by 128 against the codes' signed values, the bias
+share once per row chunk (6 digit vectors per chunk instead of 9): q5_0 2048 x 1408, 48 / 6 tokens
+47-50 -> 54-55 GMAC/s, mxfp4 +3-5%; q4_k joins digits 2 and 3 in integer (+0-5%, within the noise).
+The q4_k avx512vnni tile (~60 GMAC/s) is bound by its 18 VNNI ops per super-block and token (12
+vpdpbusd for three digits, 6 vpdpwssd for the sub-block scales): without the 6 scale ops it would
+run 75 (a measurement with wrong sums), and an int16 main digit against int16 scaled weights (14 VNNI
+ops) measured 0.94-0.98x once the weights' scaling (vpmullw) is paid. llama.cpp's repacked q4_K x
+q8_K (one int8 digit) does a third of the integer work; float32-grade activations keep this gap.
 """
 
 from __future__ import annotations

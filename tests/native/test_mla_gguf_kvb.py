@@ -8,6 +8,9 @@ products over their rows (``csrc/mla.c``, ``csrc/mla_many.c``: ``mla_desc.uk``).
   rebuild bit for bit; native (every ISA forced) within 1e-4 of the torch path over a 32-token
   prefill and greedy steps, same tokens; the native prefill is bit for bit the single steps;
   1 and 2 threads give the same bits; the decoder copies nothing;
+- block-quantized ``attn_k_b`` (its rows are dn wide, and the fixture's dn = 16 is below every
+  block size): the fixture widened to dn = 32 (``widen_nope``: random ``attn_q_b`` rows and
+  ``attn_k_b`` for the wider heads, in Q8_0 / Q5_0 / Q4_1) goes through the same checks;
 - the always-on bytes the budget charges (``stored_census``) are the bytes the loaded model
   holds, and the native decoder adds none (``MemoryBudget.native_bytes`` 0).
 """
@@ -35,7 +38,50 @@ VARIANTS = {  # name -> ({tensor suffix: ggml type name} re-quantized from the f
     "vb_q5_0": {"attn_v_b.weight": "Q5_0"},
     "vb_q4_0_kb_bf16": {"attn_v_b.weight": "Q4_0", "attn_k_b.weight": "BF16"},
     "vb_q4_1": {"attn_v_b.weight": "Q4_1"},
+    # dn widened to 32 (widen_nope), so attn_k_b's rows hold whole 32-value blocks
+    "kb_q8_0_dn32": {"attn_k_b.weight": "Q8_0"},
+    "kb_q5_0_vb_q4_0_dn32": {"attn_k_b.weight": "Q5_0", "attn_v_b.weight": "Q4_0"},
+    "kb_q4_1_dn32": {"attn_k_b.weight": "Q4_1"},
 }
+WIDE_DN = 32
+
+
+def widen_nope(src, dst, dn: int, seed: int = 0) -> None:
+    """``src`` (a deepseek2 GGUF with a q_lora_rank) with qk_nope_head_dim ``dn``: the keys that
+    carry it and the tensors whose shape has it (``attn_q_b`` rows nh (dn + dr), ``attn_k_b``
+    [nh, C, dn]) rewritten, with random values (the tests compare engines on the same file),
+    in the source's types; everything else copied."""
+    import gguf
+    import numpy as np
+
+    r = gguf.GGUFReader(src)
+    arch = str(r.fields["general.architecture"].contents())
+    meta = {k: f.contents() for k, f in r.fields.items()}
+    dr, nh = int(meta[f"{arch}.rope.dimension_count"]), int(meta[f"{arch}.attention.head_count"])
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(dst, arch)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        sub = f.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, dn + dr if name == f"{arch}.attention.key_length_mla" else f.contents(), vtype, sub)
+    for t in r.tensors:
+        shape = [int(x) for x in reversed(t.shape.tolist())]
+        if t.name.endswith("attn_q_b.weight"):
+            shape = [nh * (dn + dr), shape[1]]
+        elif t.name.endswith("attn_k_b.weight"):
+            shape = [shape[0], shape[1], dn]
+        else:
+            w.add_tensor(t.name, np.array(t.data).view(np.uint8).reshape(-1).reshape(
+                *shape[:-1], -1), raw_dtype=t.tensor_type)
+            continue
+        values = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+        w.add_tensor(t.name, gguf.quants.quantize(values, t.tensor_type), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +94,10 @@ def gguf_file(tmp_path_factory):
     def get(name):
         if name not in made:
             src = fixture("deepseek2-q8_0")
+            if name.endswith("_dn32"):
+                wide = tmp_path_factory.mktemp("wide") / "deepseek2-dn32.gguf"
+                widen_nope(src, wide, WIDE_DN)
+                src = wide
             if not VARIANTS[name]:
                 made[name] = src
             else:
@@ -85,6 +135,8 @@ def test_split_kv_b_is_the_float_rebuild(gguf_file, name):
     kb, vb = _types(m)
     want_v = VARIANTS[name].get("attn_v_b.weight", "Q8_0").lower()
     assert vb == want_v, (kb, vb)
+    if name.endswith("_dn32"):
+        assert kb == VARIANTS[name]["attn_k_b.weight"].lower(), (kb, vb)  # block-quantized k_b
 
 
 @pytest.mark.parametrize("isa", native.isas_supported())

@@ -110,7 +110,7 @@ void mt_attend_head(const layer_desc *L, const float *q, const void *K, const vo
             sc[t] = s;
             if (s > mx) mx = s;
         }
-    float inv = 1.0f / mt_exp_sum(sc, n, mx);
+    float inv = 1.0f / mt_softmax_exp(sc, n, mx);
 #ifdef MT_AVX512
     /* o[d] = sum_t p_t V[t, d] (t ascending, one FMA per term): 16 columns per register, up
      * to 8 registers of o held across the positions */

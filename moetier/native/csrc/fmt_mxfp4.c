@@ -149,16 +149,16 @@ MT_TARGET_AVX512 static void rows_avx512_ggml(const mt_weight *W, const float *x
 
 /* ---- AVX-512 VNNI: integer dot products on x's digits (simd.h: blk32_*) ----
  * 2 * e2m1 is an integer in [-12, 12] and 2^(e - 127) / 2 a power of two, so a 32-value group
- * times x's int8 digits is exact in int32. The weights enter vpdpbusd as its unsigned operand,
- * offset by 12 (one vpshufb of the nibble: u = 2 * E2M1[code] + 12 in [0, 24]), x's digits as
- * the signed one (prepared by blk32_prep with offset 12 and the digit scale halved); each lane's
+ * times x's int8 digits is exact in int32. The weights enter vpdpbusd as its signed operand
+ * (one vpshufb of the nibble: 2 * E2M1[code] in [-12, 12]), x's biased digits as the unsigned
+ * one (prepared by blk32_prep with the digit scale halved); each lane's
  * sum scaled in float by its group's 2^(e - 127) times s / 2. Layouts: mxfp4 (gpt-oss) is
  * BLK32_EVEN_ODD (byte k: values 2k, 2k + 1), ggml_mxfp4 BLK32_HALVES. */
 
 enum { VNNI_GPT_OSS = BLK32_EVEN_ODD, VNNI_GGML = BLK32_HALVES };
 
 MT_TARGET_VNNI static void prep_vnni(const float *x, long cols, float *xp, int layout) {
-    blk32_prep(x, cols, xp, layout, 12, 0.5f);
+    blk32_prep(x, cols, xp, layout, 0.5f);
 }
 
 /* 16 e8m0 bytes (n < 16: the first n, zeros after) -> 2^(e - 127) as floats, e8m0_to_f32's values */
@@ -194,7 +194,7 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
     long cols = W->cols, nch = blk32_nchunks(cols), ngroups = (cols + 31) / 32;
     long bytes = layout == VNNI_GPT_OSS ? (cols + 1) / 2 : 16 * ngroups;
     const __m512i m4 = _mm512_set1_epi8(0x0f);
-    const __m512i tab = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    const __m512i tab = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12));
     row_sums S = {.y = y, .n = n, .k = 0, .r = r0};
     for (long r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)mt_row(W, r);
@@ -215,8 +215,9 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
             __m512i v = chunk_codes(row, c, bytes - 64 * c, layout);
             __m512i ul = _mm512_shuffle_epi8(tab, _mm512_and_si512(v, m4));
             __m512i uh = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+            __m512i bias = blk32_bias(ul, uh);
             for (int j = 0; j < n; j++)
-                blk32_chunk(ul, uh, (const __m512i *)(xp[j] + blk32_head(cols)) + 9 * c,
+                blk32_chunk(ul, uh, bias, (const __m512i *)(xp[j] + blk32_head(cols)) + BLK32_VECS * c,
                             _mm512_mul_ps(fw, _mm512_set1_ps(xp[j][c])), acc[j]);
         }
         for (int j = 0; j < n; j++) S.v[j][S.k] = digits_combine(acc[j]);

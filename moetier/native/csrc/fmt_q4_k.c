@@ -251,10 +251,10 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
     row_sums S = {.y = y, .n = n, .k = 0, .r = r0};
     for (long r = r0; r < r1; r++) {
         const uint8_t *b = (const uint8_t *)mt_row(W, r);
-        __m512 acc[MT_TILE_T][3];
+        __m512 acc[MT_TILE_T][2];
         __m256 am[MT_TILE_T];
         for (int j = 0; j < n; j++) {
-            acc[j][0] = acc[j][1] = acc[j][2] = _mm512_setzero_ps();
+            acc[j][0] = acc[j][1] = _mm512_setzero_ps();
             am[j] = _mm256_setzero_ps();
         }
         for (long i = 0; i < nb; i++, b += QB) {
@@ -268,8 +268,10 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
             __m512 dz = _mm512_broadcastss_ps(dm);
             __m256 Mv = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), _mm256_set1_epi32(1)),
                                       _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m8))));
-            __m512i SCP[2], w[4];
+            __m512i SCP[2], SCP256[2], w[4];
             vsub_scales(_mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc8))), idx, SCP);
+            SCP256[0] = _mm512_slli_epi16(SCP[0], 8);
+            SCP256[1] = _mm512_slli_epi16(SCP[1], 8);
             __m512i v0 = _mm512_loadu_si512((const void *)(b + 16)), v1 = _mm512_loadu_si512((const void *)(b + 80));
             w[0] = _mm512_and_si512(v0, m4);
             w[1] = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
@@ -279,10 +281,10 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
                 am[j] = _mm256_fmadd_ps(Mv, _mm256_loadu_ps(xp[j] + 8 * i), am[j]);
                 const __m512i *A = (const __m512i *)(xp[j] + vnni_digits_at(cols)) + 12 * i;
                 __m512 ds = _mm512_mul_ps(dz, _mm512_set1_ps(xp[j][cols / 32 + i]));
-                vnni_scaled_digits4(w, A, SCP, ds, acc[j]);
+                vnni_scaled_digits4_join(w, A, SCP, SCP256, ds, acc[j]);
             }
         }
-        for (int j = 0; j < n; j++) S.v[j][S.k] = _mm512_sub_ps(digits_combine(acc[j]), _mm512_zextps256_ps512(am[j]));
+        for (int j = 0; j < n; j++) S.v[j][S.k] = _mm512_sub_ps(digits_combine2(acc[j]), _mm512_zextps256_ps512(am[j]));
         row_sums_next(&S, r + 1 == r1);
     }
 }

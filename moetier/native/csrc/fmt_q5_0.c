@@ -101,14 +101,13 @@ MT_TILES(tile_avx2, tile_avx2_n, MT_TARGET_AVX2)
 MT_TILES(tile_avx512, tile_avx512_n, MT_TARGET_AVX512)
 
 /* ---- AVX-512 VNNI: integer dot products on x's digits (simd.h: blk32_*) ----
- * The 5-bit codes q in [0, 32) are vpdpbusd's unsigned operand as stored (u = q, offset 16:
- * the "- 16" comes from the prepared accumulator start), x's digits (blk32_prep, BLK32_HALVES:
- * q5_0's nibble layout) the signed one; a block's lanes are scaled in float by d times the
- * chunk's digit scale. Per chunk of 4 blocks: their 4 x 16 nibble bytes, the 5th bits set from
+ * The 5-bit codes' values q - 16 in [-16, 16) are vpdpbusd's signed operand, x's biased digits
+ * (blk32_prep, BLK32_HALVES: q5_0's nibble layout) the unsigned one; a block's lanes are scaled
+ * in float by d times the chunk's digit scale. Per chunk of 4 blocks: their 4 x 16 nibble bytes, the 5th bits set from
  * the 4 qh words (a byte mask each for the low / high nibbles' values). */
 
-/* the codes of the ng (<= 4) blocks at b as ul / uh (blk32 layout; zeros past them) and the
- * per-lane block scales d (blk32_chunk's f before the digit scale) */
+/* the values q - 16 of the ng (<= 4) blocks at b as vl / vh (blk32 layout; -16 past them) and
+ * the per-lane block scales d (blk32_chunk's f before the digit scale) */
 MT_TARGET_VNNI static inline __attribute__((always_inline)) void chunk_q5(const uint8_t *b, long ng, __m512i *ul,
                                                                          __m512i *uh, __m512 *fd) {
     const __m512i m4 = _mm512_set1_epi8(0x0f), b4 = _mm512_set1_epi8(0x10);
@@ -141,8 +140,9 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void chunk_q5(const 
             v = _mm512_mask_loadu_epi8(v, (__mmask64)0xffff << (16 * g), b + 22 * g + 6 - 16 * g);
         }
     }
-    *ul = _mm512_mask_add_epi8(_mm512_and_si512(v, m4), (__mmask64)klo, _mm512_and_si512(v, m4), b4);
-    __m512i hn = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    const __m512i m16 = _mm512_set1_epi8(-16);
+    __m512i ln = _mm512_add_epi8(_mm512_and_si512(v, m4), m16), hn = _mm512_add_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), m16);
+    *ul = _mm512_mask_add_epi8(ln, (__mmask64)klo, ln, b4);
     *uh = _mm512_mask_add_epi8(hn, (__mmask64)khi, hn, b4);
     *fd = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128((long long)d4))));
 }
@@ -161,8 +161,9 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void tile_vnni_n(con
             __m512i ul, uh;
             __m512 fd;
             chunk_q5(row + 22 * 4 * c, nblk - 4 * c < 4 ? nblk - 4 * c : 4, &ul, &uh, &fd);
+            __m512i bias = blk32_bias(ul, uh);
             for (int j = 0; j < n; j++)
-                blk32_chunk(ul, uh, (const __m512i *)(xp[j] + blk32_head(cols)) + 9 * c,
+                blk32_chunk(ul, uh, bias, (const __m512i *)(xp[j] + blk32_head(cols)) + BLK32_VECS * c,
                             _mm512_mul_ps(fd, _mm512_set1_ps(xp[j][c])), acc[j]);
         }
         for (int j = 0; j < n; j++) S.v[j][S.k] = digits_combine(acc[j]);
@@ -180,7 +181,7 @@ MT_TARGET_VNNI static void rows_vnni(const mt_weight *W, const float *x, const f
 /* x is prepared for the avx512vnni kernels only */
 static long prep_len(long cols, int isa) { return isa >= MT_ISA_AVX512VNNI ? blk32_len(cols) : 0; }
 
-MT_TARGET_VNNI static void prep_vnni(const float *x, long cols, float *xp) { blk32_prep(x, cols, xp, BLK32_HALVES, 16, 1.0f); }
+MT_TARGET_VNNI static void prep_vnni(const float *x, long cols, float *xp) { blk32_prep(x, cols, xp, BLK32_HALVES, 1.0f); }
 
 static void prep(const float *x, long cols, float *xp, int isa) {
     if (isa >= MT_ISA_AVX512VNNI) prep_vnni(x, cols, xp);

@@ -18,6 +18,7 @@
  * (mla_many.c). mt_mla_layers runs every layer of a step in one call (experts in RAM).
  */
 #include "mla.h"
+#include "simd.h"
 
 typedef struct {
     float *q, *qa, *kv, *qlat, *olat, *out, *scores;
@@ -241,14 +242,10 @@ static void attend(float scale, int R, const float *q1, long ld1, const float *q
         if (n[r] > nmax) nmax = n[r];
     mla_scores(scale, q1, ld1, q2, ld2, R, K1, K2, nmax, sc, nmax);
     for (int r = 0; r < R; r++) {
-        float *s = sc + r * nmax, mx = -INFINITY, sum = 0.0f;
+        float *s = sc + r * nmax, mx = -INFINITY;
         for (long t = 0; t < n[r]; t++)
             if (s[t] > mx) mx = s[t];
-        for (long t = 0; t < n[r]; t++) {
-            s[t] = expf(s[t] - mx);
-            sum += s[t];
-        }
-        float inv = 1.0f / sum;
+        float inv = 1.0f / mt_softmax_exp(s, n[r], mx);
         for (long t = 0; t < n[r]; t++) s[t] *= inv;
     }
     mla_values(R, sc, nmax, n, V, o, ldo);

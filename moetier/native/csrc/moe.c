@@ -1,6 +1,7 @@
 /* The feed-forward half of a layer: the softmax top-k router, routed experts (SwiGLU) plus
  * the shared expert (optionally sigmoid-gated), and the dense gated MLP. */
 #include "mt.h"
+#include "simd.h"
 
 #define MAX_ITEMS (2 * 64 + 3)
 
@@ -11,7 +12,7 @@ void mt_topk_softmax(const layer_desc *L, float *p, int64_t *ids, float *w) {
     float mx = -INFINITY;
     for (long e = 0; e < E; e++)
         if (p[e] > mx) mx = p[e];
-    float sum = mt_exp_sum(p, E, mx);
+    float sum = mt_softmax_exp(p, E, mx);
     for (long e = 0; e < E; e++) p[e] /= sum;
     unsigned char taken[E]; /* experts already chosen */
     memset(taken, 0, (size_t)E);

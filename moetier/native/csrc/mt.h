@@ -224,7 +224,6 @@ int mt_get_isa(void);
 void rms_norm(const float *x, const void *w, int dt, float eps, float *out, long n);
 void rope(float *v, const float *cs, const float *sn, int D);
 void swiglu(const float *g, const float *u, float *a, long n); /* a = silu(g) * u */
-float mt_exp_sum(float *v, long n, float sub);                /* v = exp(v - sub); returns sum(v) */
 
 /* ------------------------------------------------------------------------------------ */
 /* the layer description (mirrors moetier/native/decode.py: LayerDesc)                   */

@@ -355,6 +355,33 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void vnni_scaled_dig
     }
 }
 
+/* vnni_scaled_digits4 with digits 2 and 3 joined in integer (q4_k: |P| <= 4 * 15 * 128, sc <= 63):
+ * T23 = sum sc (256 P2 + P3) in one vpdpwssd chain (digit 2's scales times 256: SCP256, still
+ * int16; |T23| <= 257 * 4 * 63 * 7680 < 2^31, exact), so one int32 total, one conversion and one
+ * FMA for both: acc[0] += ds * T1, acc[1] += ds * float(T23) (rounded to float's 24 bits: a
+ * relative 6e-8 of digit 3's unit sum, far below float32 grade). Not for q6_k: its 6-bit codes
+ * and int8 scales could overflow T23. Combine with digits_combine2. */
+MT_TARGET_VNNI static inline __attribute__((always_inline)) void vnni_scaled_digits4_join(
+    const __m512i w[4], const __m512i *A, const __m512i SCP[2], const __m512i SCP256[2], __m512 ds, __m512 acc[2]) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i P[3][4];
+    for (int k = 0; k < 3; k++)
+        for (int v = 0; v < 4; v++) P[k][v] = _mm512_dpbusd_epi32(zero, w[v], _mm512_load_si512(A + 3 * v + k));
+    __m512i T1 = _mm512_dpwssd_epi32(zero, _mm512_packs_epi32(P[0][0], P[0][1]), SCP[0]);
+    T1 = _mm512_dpwssd_epi32(T1, _mm512_packs_epi32(P[0][2], P[0][3]), SCP[1]);
+    __m512i T23 = _mm512_dpwssd_epi32(zero, _mm512_packs_epi32(P[1][0], P[1][1]), SCP256[0]);
+    T23 = _mm512_dpwssd_epi32(T23, _mm512_packs_epi32(P[1][2], P[1][3]), SCP256[1]);
+    T23 = _mm512_dpwssd_epi32(T23, _mm512_packs_epi32(P[2][0], P[2][1]), SCP[0]);
+    T23 = _mm512_dpwssd_epi32(T23, _mm512_packs_epi32(P[2][2], P[2][3]), SCP[1]);
+    acc[0] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(T1), acc[0]);
+    acc[1] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(T23), acc[1]);
+}
+
+/* acc[0] + acc[1] / (254 * 256) per lane (the sums of vnni_scaled_digits4_join) */
+MT_TARGET_VNNI static inline __m512 digits_combine2(const __m512 acc[2]) {
+    return _mm512_fmadd_ps(acc[1], _mm512_set1_ps(MT_DIGIT_UNIT), acc[0]);
+}
+
 /* the packed sub-block scales of vnni_scaled_digits4 from a super-block's int16 scales sc16 (words
  * 0 .. 15): sub(v, L) = the sub-block of vector v's lanes in 128-bit lane L; SCP[p] word 8 L + i =
  * sc of sub(2 p, L) for i < 4, of sub(2 p + 1, L) for i >= 4 */
@@ -417,32 +444,37 @@ MT_TARGET_AVX512 static inline __attribute__((always_inline)) void row_sums_next
 }
 
 /* ---- 32-value blocks with one float scale each (ggml_mxfp4, mxfp4, q5_0) on x's digits ----
- * Unsigned codes u = q + off (vpdpbusd's unsigned operand) times x's signed digits; the offset's
- * share, -off * (each lane's digit sum), starts the accumulator (stored with the digits), so a
- * lane's int32 sum is sum (u - off) a = sum q a exactly. A chunk is 128 values = 4 blocks = 64
- * code bytes, byte b holding codes of block b / 16: lane l of a vpdpbusd belongs to block l / 4,
- * its 16 lane sums are scaled in float per lane (the block's scale times the chunk's digit
- * scale). Per chunk and digit k: D = C_k + u_lo . A_k + u_hi . B_k (A / B: the digits of the
- * values under the low / high code bytes, C_k = -off * their lane sums; |D| <= 8 * 255 * 128,
- * exact in float), acc_k += f * D; y = digits_reduce(acc).
- * Prepared x (floats): one digit scale s * sfac per chunk (padded to 16), then per chunk 9 x 64
- * bytes: A_0, B_0, A_1, B_1, A_2, B_2, C_0, C_1, C_2 (int32 x 16). Values past cols have digit
- * 0 (so do their offsets), whatever code bytes a kernel reads there. Layouts: BLK32_EVEN_ODD
- * (gpt-oss mxfp4): A = the chunk's even values, B = its odd ones; BLK32_HALVES (GGUF blocks):
- * block g's bytes hold values 32 g + j (low) and 32 g + 16 + j (high), j < 16. */
+ * The codes' signed values v (q5_0: q - 16, mxfp4: 2 * e2m1) are vpdpbusd's signed operand, x's
+ * digits a biased by 128 (a + 128 in [0, 255]) its unsigned one, so a lane's int32 sum is
+ * sum (a + 128) v = sum a v + 128 sum v; the second term depends on the weights only: computed
+ * once per row chunk (blk32_bias: -128 sum v per lane) it starts the accumulators of every token
+ * and digit, and each lane's sum is sum v a exactly. A chunk is 128 values = 4 blocks = 64 code
+ * bytes, byte b holding codes of block b / 16: lane l of a vpdpbusd belongs to block l / 4, its 16
+ * lane sums are scaled in float per lane (the block's scale times the chunk's digit scale). Per
+ * chunk and digit k: D = bias + A_k . v_lo + B_k . v_hi (A / B: the biased digits of the values
+ * under the low / high code bytes; |D| <= 8 * 128 * 16, exact in float), acc_k += f * D;
+ * y = digits_reduce(acc).
+ * Prepared x (floats): one digit scale s * sfac per chunk (padded to 16), then per chunk 6 x 64
+ * bytes: A_0, B_0, A_1, B_1, A_2, B_2. Values past cols have digit 0, so they add 0 whatever
+ * code bytes a kernel reads there (the bias is computed from the same bytes). Layouts:
+ * BLK32_EVEN_ODD (gpt-oss mxfp4): A = the chunk's even values, B = its odd ones; BLK32_HALVES
+ * (GGUF blocks): block g's bytes hold values 32 g + j (low) and 32 g + 16 + j (high), j < 16. */
 
 enum { BLK32_EVEN_ODD = 0, BLK32_HALVES = 1 };
 
+#define BLK32_VECS 6 /* 64-byte vectors of digits per prepared chunk */
+
 static inline long blk32_nchunks(long cols) { return (cols + 127) / 128; }
 static inline long blk32_head(long cols) { return (blk32_nchunks(cols) + 15) & ~15L; }
-static inline long blk32_len(long cols) { return blk32_head(cols) + 144 * blk32_nchunks(cols); }
+static inline long blk32_len(long cols) { return blk32_head(cols) + 16 * BLK32_VECS * blk32_nchunks(cols); }
 
-MT_TARGET_VNNI static inline void blk32_prep(const float *x, long cols, float *xp, int layout, int off, float sfac) {
+MT_TARGET_VNNI static inline void blk32_prep(const float *x, long cols, float *xp, int layout, float sfac) {
     float *S = xp;
     __m512i *P = (__m512i *)(xp + blk32_head(cols));
     const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1)), offv = _mm512_set1_epi8((char)off);
-    for (long c = 0; c < blk32_nchunks(cols); c++, x += 128, P += 9) {
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    const __m128i bias = _mm_set1_epi8((char)0x80); /* a + 128 (mod 256) = a ^ 0x80 */
+    for (long c = 0; c < blk32_nchunks(cols); c++, x += 128, P += BLK32_VECS) {
         __m512 v[8], m = _mm512_setzero_ps();
         __mmask16 nan = 0;
         for (int q = 0; q < 8; q++) {
@@ -469,25 +501,28 @@ MT_TARGET_VNNI static inline void blk32_prep(const float *x, long cols, float *x
             digits16(lo, s, rinv, &a[0], &a[1], &a[2]);
             digits16(hi, s, rinv, &b[0], &b[1], &b[2]);
             for (int k = 0; k < 3; k++) {
-                _mm_store_si128(D + 4 * (2 * k) + q, a[k]);
-                _mm_store_si128(D + 4 * (2 * k + 1) + q, b[k]);
+                _mm_store_si128(D + 4 * (2 * k) + q, _mm_xor_si128(a[k], bias));
+                _mm_store_si128(D + 4 * (2 * k + 1) + q, _mm_xor_si128(b[k], bias));
             }
-        }
-        for (int k = 0; k < 3; k++) {
-            __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offv, _mm512_load_si512(P + 2 * k));
-            t = _mm512_dpbusd_epi32(t, offv, _mm512_load_si512(P + 2 * k + 1));
-            _mm512_store_si512(P + 6 + k, _mm512_sub_epi32(_mm512_setzero_si512(), t));
         }
     }
 }
 
-/* one chunk of one token: the unsigned codes ul / uh (low / high bytes' values) times the digits of
- * prepared chunk P (9 vectors, above), each lane scaled by f, into acc[3] */
-MT_TARGET_VNNI static inline __attribute__((always_inline)) void blk32_chunk(__m512i ul, __m512i uh, const __m512i *P,
-                                                                            __m512 f, __m512 acc[3]) {
+/* -128 * (the 4 low-byte + 4 high-byte values) per lane: the accumulator start of blk32_chunk */
+MT_TARGET_VNNI static inline __m512i blk32_bias(__m512i vl, __m512i vh) {
+    const __m512i b = _mm512_set1_epi8((char)0x80);
+    __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), b, vl);
+    return _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(t, b, vh));
+}
+
+/* one chunk of one token: the signed values vl / vh (low / high bytes' values) times the biased
+ * digits of prepared chunk P (BLK32_VECS vectors, above), from start bias (blk32_bias of vl, vh),
+ * each lane scaled by f, into acc[3] */
+MT_TARGET_VNNI static inline __attribute__((always_inline)) void blk32_chunk(__m512i vl, __m512i vh, __m512i bias,
+                                                                            const __m512i *P, __m512 f, __m512 acc[3]) {
     for (int k = 0; k < 3; k++) {
-        __m512i D = _mm512_dpbusd_epi32(_mm512_load_si512(P + 6 + k), ul, _mm512_load_si512(P + 2 * k));
-        D = _mm512_dpbusd_epi32(D, uh, _mm512_load_si512(P + 2 * k + 1));
+        __m512i D = _mm512_dpbusd_epi32(bias, _mm512_load_si512(P + 2 * k), vl);
+        D = _mm512_dpbusd_epi32(D, _mm512_load_si512(P + 2 * k + 1), vh);
         acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(D), f, acc[k]);
     }
 }
@@ -497,6 +532,54 @@ MT_TARGET_VNNI static inline __attribute__((always_inline)) void blk32_chunk(__m
 MT_TARGET_VNNI static inline __m512 blk32_lane_scales(__m512 F, long c) {
     const __m512i lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     return _mm512_permutexvar_ps(_mm512_add_epi32(lane_block, _mm512_set1_epi32(4 * (int)(c & 3))), F);
+}
+
+
+/* ------------------------------------------------------------------------------------ */
+/* exponentials (softmax in attention.c, mla.c, sinks.c, moe.c's router; SwiGLU in ops.c: */
+/* the single- and multi-token steps share these, so both give the same bits)             */
+
+/* exp of 16 floats: 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts),
+ * exp(r) by Cephes' degree-7 expf polynomial, 2^k applied by vscalefps: within 2 ulp of
+ * expf; x <= -104 (and -inf) gives 0, NaN stays NaN */
+MT_TARGET_AVX512 static inline __m512 mt_exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x); /* NaN: the second operand, x */
+    x = _mm512_min_ps(_mm512_set1_ps(88.5f), x);
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, k);
+}
+
+/* s[t] = exp(s[t] - mx) for t < n, returning their sum (per lane in t order, then the 16 lanes
+ * in a fixed tree): the softmax numerators. Built for AVX-512 where the including file is
+ * (-march=native files), else expf in t order. */
+static inline float mt_softmax_exp(float *s, long n, float mx) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    __m512 m = _mm512_set1_ps(mx), acc = _mm512_setzero_ps();
+    for (long t = 0; t < n; t += 16) {
+        __mmask16 live = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
+        __m512 e = mt_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), m));
+        _mm512_mask_storeu_ps(s + t, live, e);
+        acc = _mm512_mask_add_ps(acc, live, acc, e);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float sum = 0.0f;
+    for (long t = 0; t < n; t++) {
+        s[t] = expf(s[t] - mx);
+        sum += s[t];
+    }
+    return sum;
+#endif
 }
 
 #endif

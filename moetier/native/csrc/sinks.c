@@ -9,6 +9,7 @@
  * with the multi-token steps (ext_many.c): one definition, the same machine code for both.
  */
 #include "ext.h"
+#include "simd.h"
 
 typedef struct {
     float *h, *q, *k, *v, *attn, *ao, *logits, *gu, *act, *down, *xin, *scores;
@@ -100,11 +101,7 @@ NOINLINE void mt_oss_attend_head(const oss_desc *L, const float *q, const void *
         sc[t] = s;
         if (s > mx) mx = s;
     }
-    float sum = L->sinks ? expf(sink - mx) : 0.0f;
-    for (long t = 0; t < n; t++) {
-        sc[t] = expf(sc[t] - mx);
-        sum += sc[t];
-    }
+    float sum = (L->sinks ? expf(sink - mx) : 0.0f) + mt_softmax_exp(sc, n, mx);
     float inv = 1.0f / sum;
     for (long d = 0; d < D; d++) o[d] = 0.0f;
     for (long t = 0; t < n; t++) {
