@@ -39,20 +39,29 @@ MT_TARGET_AVX2 static void rows_avx2(const mt_weight *W, const float *x, const f
     }
 }
 
-/* Tiles (mt_tile_fn): the row kernels for n tokens at once (simd.h: i8_tile_*, the codes
+MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
+                                         long r1) {
+    (void)xp;
+    long nb = W->cols / 32;
+    for (long r = r0; r < r1; r++) {
+        const uint8_t *b = (const uint8_t *)mt_row(W, r);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        for (long i = 0; i < nb; i++, b += QB) {
+            uint16_t dh;
+            memcpy(&dh, b, 2);
+            __m512 s = dot32_i8_avx512((const int8_t *)(b + 2), x + 32 * i), d = _mm512_set1_ps(f16_to_f32_c(dh));
+            if (i & 1) a1 = _mm512_fmadd_ps(d, s, a1);
+            else a0 = _mm512_fmadd_ps(d, s, a0);
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+}
+
+/* Tiles (mt_tile_fn): the row kernels above for n tokens at once (simd.h: i8_tile_*, the codes
  * converted to float once for the n tokens; the same bits) */
 static inline const int8_t *codes(const uint8_t *b, int8_t *buf) {
     (void)buf;
     return (const int8_t *)(b + 2);
-}
-
-/* the AVX-512 row kernel is the tile body for one token: two rows per pass (two independent
- * accumulator chains in flight; each row's sums as dot32_i8_avx512 per block, times d into
- * alternating accumulators) */
-MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
-                                         long r1) {
-    (void)xp;
-    i8_tile_avx512(W, &x, &y, 1, r0, r1, QB, codes);
 }
 
 MT_TARGET_AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const mt_weight *W, const float *const *x,
