@@ -332,6 +332,16 @@ class EPGroup:
     def _answer_bytes(self) -> int:
         return ANSWER_HEADER + self.inline_rows * self.room_row  # its number, room for top-k hidden rows
 
+    def _send_steps(self, msgs: list, asked: list[int]) -> tuple[list, dict]:
+        """Rank 0 (direct, under ``_lock``): send each follower its step message without waiting,
+        take the answer receives already posted for the followers ``asked``, and post their next
+        ones (the notices follow the control messages): (pending sends, answers by rank)."""
+        pending = [self._p2p(b, r, TAG_CTRL, send=True, wait=False) for r, b in msgs]
+        answers = {r: self._answers[r].pop(0) for r in asked}
+        for r in asked:
+            self._post_answer(r)
+        return pending, answers
+
     def _post_answer(self, r: int) -> None:
         """Rank 0 (direct): post the receive of follower ``r``'s next decode answer (fixed size:
         top-k rows). Receives are posted ahead -- one from :meth:`ready` on, the next while rank 0's
@@ -501,10 +511,7 @@ class EPGroup:
             msgs.append((r, buf))
         local = [j for j in range(k) if dest[j] == 0]
         with self._lock:  # the sends go out before rank 0 computes its share
-            pending = [self._p2p(b, r, TAG_CTRL, send=True, wait=False) for r, b in msgs]
-            answers = {r: self._answers[r].pop(0) for r in asked}
-            for r in asked:  # the next answers' receives: their notices follow the control messages
-                self._post_answer(r)
+            pending, answers = self._send_steps(msgs, asked)
             t0 = time.perf_counter()
             y: dict[int, torch.Tensor] = {}
             if local:
@@ -572,10 +579,7 @@ class EPGroup:
         local = [j for j in range(k) if dest[j] == 0]
         rows = dec.rows
         with self._lock:  # the sends go out before rank 0 computes its share
-            pending = [self._p2p(b, r, TAG_CTRL, send=True, wait=False) for r, b in msgs]
-            answers = {r: self._answers[r].pop(0) for r in asked}
-            for r in asked:  # the next answers' receives: their notices follow the control messages
-                self._post_answer(r)
+            pending, answers = self._send_steps(msgs, asked)
             t0 = time.perf_counter()
             dec.expert_rows(layer, provider, [ids[j] for j in local], True, nth)  # own share + shared expert
             self.stats.compute_s += time.perf_counter() - t0
