@@ -120,8 +120,7 @@ def best_rates(nbytes: int, cpu: list[list[float]]) -> float:
     """bytes/s of the best pass: ``cpu[t][p]`` = thread t's CPU seconds for pass p over its slice
     (``nbytes`` over all threads); a pass lasts as long as its slowest thread."""
     passes = min(len(c) for c in cpu)
-    best = max(nbytes / max(max(c[p] for c in cpu), 1e-9) for p in range(passes))
-    return best
+    return max(nbytes / max(max(c[p] for c in cpu), 1e-9) for p in range(passes))
 
 
 def read_passes(nbytes: int, threads: int, passes: int) -> tuple[list[list[float]], list[list[float]], int]:

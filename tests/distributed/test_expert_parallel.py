@@ -101,9 +101,8 @@ def test_plan_emits_the_placement_the_runtime_computes(tmp_path, capsys):
     assert sum(len(d) for d in got.device_experts) == 36 and max(len(d) for d in got.device_experts) == 18
 
 
-def reference(c: dict) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-    m = moetier.load(c["model"], dtype="float32", tokenizer=False, native=False, threads=1)
-    prefill = m.logits(c["prompt"])
+def greedy(m, c: dict) -> tuple[list[int], torch.Tensor]:
+    """The prompt in one step, then ``c["new"]`` greedy single-token steps: (tokens, their logits [new, V])."""
     seq = m.new_sequence(capacity=len(c["prompt"]) + c["new"] + 1)
     logits = m.step([(seq, c["prompt"])])
     toks, steps = [], []
@@ -112,7 +111,13 @@ def reference(c: dict) -> tuple[torch.Tensor, list[int], torch.Tensor]:
         toks.append(t)
         logits = m.step([(seq, [t])])
         steps.append(logits[0])
-    return prefill, toks, torch.stack(steps)
+    return toks, torch.stack(steps)
+
+
+def reference(c: dict) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    m = moetier.load(c["model"], dtype="float32", tokenizer=False, native=False, threads=1)
+    prefill = m.logits(c["prompt"])
+    return (prefill, *greedy(m, c))
 
 
 NATIVE_BASES = ("embedded", "embedded-r4", "embedded-tiered", "mixtral", "mixtral-r2", "deepseek_v3")
@@ -146,15 +151,8 @@ def reference_native(c: dict, prefill_native: bool) -> tuple[torch.Tensor, list[
     assert m.native_reason is None
     if not prefill_native:
         m.net.native = ExpertParallelDecode(m.net.native)
-    seq = m.new_sequence(capacity=len(c["prompt"]) + c["new"] + 1)
-    logits = m.step([(seq, c["prompt"])])
-    toks, steps = [], []
-    for _ in range(c["new"]):
-        t = int(logits[0].argmax())
-        toks.append(t)
-        logits = m.step([(seq, [t])])
-        steps.append(logits[0])
-    return m.logits(c["prompt"]), toks, torch.stack(steps)
+    toks, steps = greedy(m, c)
+    return m.logits(c["prompt"]), toks, steps
 
 
 NATIVE = [f"{c}/native" for c in NATIVE_BASES if c != "deepseek_v3"] + ["qwen2_moe/native", "embedded-heavy/native"]
