@@ -275,7 +275,22 @@ def serve(
     or Ctrl-C, in-flight requests are drained within ``shutdown_timeout`` seconds."""
     _configure_logging(log_level)
     cfg = _uvicorn_config(app, host, port, log_level, timeout_graceful_shutdown=max(1, math.ceil(shutdown_timeout)))
+    freeze_startup_heap()
     DrainingServer(cfg).run()
+
+
+def freeze_startup_heap() -> int:
+    """Move every object alive after start-up (torch, the model, the tokenizer: ~170k objects on
+    the embedded model) out of the cyclic collector's sight; returns how many are frozen.
+
+    A full collection then scans only what serving allocated: 0.04 ms instead of ~220 ms measured
+    on the embedded model (Zen 4), a pause that would otherwise stall every stream at once
+    whenever enough long-lived objects accumulate to trigger one."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
