@@ -69,11 +69,14 @@ def generate(name: str, p: argparse.ArgumentParser, rnd: random.Random, extra: d
 
 @pytest.fixture()
 def stubs(monkeypatch, tmp_path):
+    """Stubs for the fuzz; also runs it in ``tmp_path``: generated options such as ``--plot 25%``
+    or ``--out h100`` write relative paths, which must not land in the checkout."""
     import moetier.runtime
     import moetier.serve.app
     from moetier.planner import probe as probe_mod
 
     monkeypatch.setenv("MOETIER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(moetier.serve.app, "serve", lambda *a, **k: None)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     real_probe = probe_mod.probe
