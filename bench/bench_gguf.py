@@ -1,6 +1,6 @@
 """moetier vs llama.cpp on the SAME GGUF file: speed, greedy tokens, and distance to the float model.
 
-    python -m bench.bench_gguf [--scenarios embedded,ram] [--types Q8_0,Q4_K_M] [--threads 2]
+    python -m bench.bench_gguf [--scenarios embedded,ram] [--types Q8_0,Q4_K_M] [--threads 2]   # also BF16
                                [--prompts 64,512] [--tokens 32] [--rounds 2] [--out bench/results/gguf.json]
     python -m bench.bench_gguf --report bench/results/gguf.json   # the README table from the JSON
     python -m bench.bench_gguf --scenarios cap --types Q4_K_M --prompts 64 --tokens 16 --runs 2 \
@@ -74,7 +74,10 @@ def _log(msg: str) -> None:
 
 
 def ensure_quantized(src: Path, recipe: str) -> Path:
-    """``src`` (a bf16 GGUF) quantized by llama.cpp to ``recipe`` (cached next to it)."""
+    """``src`` (a bf16 GGUF) quantized by llama.cpp to ``recipe`` (cached next to it); ``BF16``:
+    ``src`` itself."""
+    if recipe.upper() == "BF16":
+        return src
     out = src.with_name(src.name.replace("-bf16.gguf", f"-{recipe}.gguf"))
     if out.exists():
         return out
@@ -137,6 +140,14 @@ for _ in range(3):
     return int(m.group(1)) * 10**6 if m else None
 
 
+def run_dtype(model: Path) -> str:
+    """moetier's dtype for ``model``: ``bfloat16`` for the bf16 file (weights kept in their bf16
+    bytes, as llama.cpp keeps them; ``float32`` would hold and stream a float32 copy, twice the
+    bytes), else ``float32`` (quantized weights stay in their blocks either way; float32 is the
+    activations' type of moetier's native quantized kernels)."""
+    return "bfloat16" if model.name.endswith("-bf16.gguf") else "float32"
+
+
 def _worker(engine: str, model: Path, ids: list[int], tokens: int, runs: int, threads: int,
             cap: int | None = None, options: dict[str, Any] | None = None,
             timeout: float = CAP_TIMEOUT_S) -> dict[str, Any]:
@@ -146,7 +157,7 @@ def _worker(engine: str, model: Path, ids: list[int], tokens: int, runs: int, th
     py = str(sc.llama_python()) if engine == "llama_cpp" else sys.executable
     cmd = [py, str(sc.PEERS), "moetier_steps" if engine == "moetier" else engine, str(model),
            "--prompt-ids", ",".join(map(str, ids)), "--tokens", str(tokens),
-           "--runs", str(runs), "--threads", str(threads), "--dtype", "float32"]
+           "--runs", str(runs), "--threads", str(threads), "--dtype", run_dtype(model)]
     if options:
         cmd += ["--", json.dumps(options)]
     env = {**os.environ, "PYTHONPATH": str(sc.REPO), "TOKENIZERS_PARALLELISM": "false"}

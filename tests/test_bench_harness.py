@@ -172,6 +172,16 @@ def test_gguf_side_by_side_ratios_table_and_readme_block(tmp_path) -> None:
     assert readme.read_text() == once and once.startswith("# bench\n\ntext\n") and once.count("| embedded |") == 1
 
 
+def test_gguf_bf16_type_is_the_converted_file_run_at_bfloat16(tmp_path) -> None:
+    from bench import bench_gguf
+
+    src = tmp_path / "m-bf16.gguf"
+    src.write_bytes(b"GGUF")
+    assert bench_gguf.ensure_quantized(src, "BF16") == src  # no llama.cpp quantize, no copy
+    assert bench_gguf.run_dtype(src) == "bfloat16"  # weights in their bf16 bytes, not a float32 copy
+    assert bench_gguf.run_dtype(tmp_path / "m-Q8_0.gguf") == "float32"
+
+
 def test_gguf_cap_choice_and_cap_rows_in_the_table(tmp_path) -> None:
     import json
 
