@@ -16,7 +16,10 @@ new code alternated in one run). ``P1`` / ``P2`` are the torch path (``native=Fa
 ``--native`` adds one native process (``P1_native``) and P = 2 with native decode on every rank
 (``P2_native``; ratio ``ratio_native`` = P2_native / P1_native per round), ``--rank0-experts N``
 P = 2 native with rank 0 holding the N hottest experts (``placement.rank0_heavy``);
-``--no-replicated`` leaves out P = 2 ``replicated``; ``--out NAME`` names the results file.
+``--no-replicated`` leaves out P = 2 ``replicated``; ``--out NAME`` names the results file;
+``--transport gloo|shm|auto`` sets the P = 2 runs' ``MOETIER_EP_TRANSPORT`` (default auto; replicated
+always gloo), ``--transport both`` runs every P = 2 ``direct`` variant on gloo and again on shared
+memory (keys ``..._shm``, ratios ``ratio_shm``, ``ratio_native_shm``, ...), alternated.
 
 ``sweep`` (root): two network namespaces joined by one veth pair; each end's egress gets a
 ``tbf`` qdisc (rate BW, bucket ``max(2 frames, BW x 200 us)`` so a layer's message cannot pass
@@ -122,6 +125,7 @@ def worker(cfg_path: str, out_path: str) -> int:
             r["local_s_per_step"] = r["step_s_mean"] - d["comm_s"]
             r["collective_s"] = d["comm_s"] / max(1.0, d["collectives"])
             r["collectives_per_step"] = d["collectives"]
+            r["transport"] = group.transport
         results.append(r)
         print(json.dumps(r), flush=True)
     out = {"points": results, "pingpong_round_trip_s": pingpong if world > 1 else None,
@@ -236,6 +240,9 @@ def loopback(args: argparse.Namespace) -> None:
         variants["P2_nospin"] = "direct"
     if args.baseline:
         variants["P2_baseline"] = "direct"
+    if args.transport == "both":  # the P = 2 direct variants on gloo, and again on shared memory ("_shm")
+        variants |= {f"{k}_shm": x for k, x in variants.items()
+                     if k.startswith("P2") and x == "direct" and not k.endswith(("_baseline", "_unpinned"))}
     for key, exchange in variants.items():
         (tmp / f"cfg_{key}.json").write_text(json.dumps({
             "dtype": args.dtype, "pingpong": 400 if key == "P2" else 0, "exchange": exchange,
@@ -261,7 +268,9 @@ def loopback(args: argparse.Namespace) -> None:
                 continue
             else:  # each rank pinned to its own core (the default), or not (MOETIER_EP_PIN=0)
                 env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key.endswith("_unpinned") else {}),
-                       **({"MOETIER_EP_SPIN_US": "0"} if key.endswith("_nospin") else {})}
+                       **({"MOETIER_EP_SPIN_US": "0"} if "_nospin" in key else {}),
+                       "MOETIER_EP_TRANSPORT": "shm" if key.endswith("_shm") else
+                       "gloo" if args.transport == "both" or variants[key] == "replicated" else args.transport}
                 cmd = _worker_cmd(cfg, out)
                 if key.endswith("_baseline"):  # that tree's bench_ep.py puts its own root first on sys.path
                     base = Path(args.baseline).resolve()
@@ -292,7 +301,8 @@ def loopback(args: argparse.Namespace) -> None:
         if args.native:
             line.append(f"P=1 native {row['P1_native']['tokens_per_s']:.1f} tok/s")
         for key, r in ((k, row[k]) for k in variants if k not in ("P1", "P1x2", "P1_native")):
-            line.append(f"{key} {r['tokens_per_s']:.1f} tok/s (x{r['tokens_per_s'] / p1:.2f}; "
+            base = row["P1_native"]["tokens_per_s"] if "_native" in key else p1
+            line.append(f"{key} [{r['transport']}] {r['tokens_per_s']:.1f} tok/s (x{r['tokens_per_s'] / base:.2f}; "
                         f"{r['collectives_per_step']:.0f} msgs/token at {r['collective_s'] * 1e6:.0f} us, "
                         f"comm {r['comm_s_per_step'] * 1e3:.2f} ms/token, rank 0 CPU "
                         f"{r['process_cpu_s_per_step'] * 1e3:.2f} ms/token)")
@@ -545,6 +555,9 @@ def main() -> int:
     lb.add_argument("--no-replicated", action="store_true", help="leave out P = 2 replicated (shorter runs)")
     lb.add_argument("--rank0-experts", type=int, default=0, metavar="N",
                     help="with --native: also P = 2 native with rank 0 holding the N hottest experts (routing profile)")
+    lb.add_argument("--transport", choices=("gloo", "shm", "auto", "both"), default="auto",
+                    help="P = 2 step messages (MOETIER_EP_TRANSPORT); both: every P = 2 direct variant on gloo and "
+                         "again on shm (keys ..._shm), alternated")
     lb.add_argument("--out", default="ep_loopback", help="results name (bench/results/NAME.json)")
     lb.add_argument("--interference", action="store_true",
                     help="also two P = 1 processes at once, pinned to one CPU each (how much the CPUs slow each other)")

@@ -28,8 +28,8 @@ NEW = 6
 WORLD = 2
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
+@pytest.fixture(scope="module", params=["gloo", "auto"])  # auto: shared memory for direct (one machine)
+def job(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("ep")
     mixtral = make_tiny_checkpoint(tmp, "mixtral", num_local_experts=8)
     dsv3 = make_tiny_checkpoint(tmp, "deepseek_v3")
@@ -77,11 +77,13 @@ def job(tmp_path_factory):
     spec_file.write_text(json.dumps(cases))
     t0 = time.monotonic()
     codes = spawn([sys.executable, "-m", "tests.distributed._worker", str(out), str(spec_file)], WORLD,
-                  {"MOETIER_EP_TIMEOUT": "20"}, quiet_followers=False, timeout_s=600)
+                  {"MOETIER_EP_TIMEOUT": "20", "MOETIER_EP_TRANSPORT": request.param}, quiet_followers=False,
+                  timeout_s=600)
     assert codes == [0, 3]  # rank 1 dies in the last case (exit 3); rank 0 reports it and finishes
     got = torch.load(out)
     assert len(got) == len(cases)
-    return {c["name"]: (c, r) for c, r in zip(cases, got)} | {"elapsed": time.monotonic() - t0}
+    return {c["name"]: (c, r) for c, r in zip(cases, got)} | {"elapsed": time.monotonic() - t0,
+                                                              "transport": request.param}
 
 
 def emit_embedded_placement(path):
@@ -266,6 +268,19 @@ def test_a_dead_rank_stops_the_others_with_a_clear_error(job):
     _, r = job["dies"]
     assert r["error"] is not None and r["error"].startswith("rank 0: all-to-all with the other ranks failed")
     assert "a peer rank died" in r["error"] and "\n" not in r["error"]
+    if job["transport"] == "auto":  # shm: the dead-peer check names the rank
+        assert "(shm: rank 1 (pid " in r["error"] and ") exited)" in r["error"]
+
+
+def test_transport_taken_and_no_segment_left(job):
+    """``MOETIER_EP_TRANSPORT``: gloo everywhere, or auto: shared memory for ``direct`` (every rank on
+    this machine), gloo for ``replicated``; a shm segment is unlinked once every rank has mapped it."""
+    done = [(c, r) for name, (c, r) in ((n, v) for n, v in job.items() if isinstance(v, tuple)) if "transport" in r]
+    assert len(done) >= len(CASES)
+    for c, r in done:
+        want = "shm" if job["transport"] == "auto" and c["exchange"] == "direct" else "gloo"
+        assert r["transport"] == want, c["name"]
+        assert not r["segment_left"], c["name"]
 
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
