@@ -50,9 +50,30 @@ LINE = 64  # bytes: a ring's acked word, a slot's header and every payload start
 MAGIC = 0x3170_6865_6974_656D  # b"metiehp1" little-endian: a moetier segment's first word
 HEADER_BYTES = LINE  # the segment's header: magic, size, creator pid, creator start time
 CHECK_EVERY_S = 0.02  # dead-peer check while waiting
-SLEEP_FIRST_S, SLEEP_MAX_S = 50e-6, 1e-3  # back-off after the spin
+SLEEP_FIRST_S, SLEEP_MAX_S = 50e-6, 1e-3  # back-off after the spin when there is no futex to sleep on
 TRANSPORTS = ("gloo", "shm", "auto")
 X86_64 = ("x86_64", "amd64")
+
+
+_SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 202, 0, 1  # x86-64 Linux; shared (not FUTEX_PRIVATE): across processes
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def futex_wait(addr: int, value: int, timeout_s: float) -> None:
+    """Sleep while the 32-bit word at ``addr`` equals ``value`` (the kernel compares under its
+    lock: a wake after the change cannot be missed), at most ``timeout_s``."""
+    ts = _Timespec(int(timeout_s), int((timeout_s % 1) * 1e9))
+    _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(addr), _FUTEX_WAIT, ctypes.c_uint32(value & 0xFFFFFFFF),
+                  ctypes.byref(ts), None, 0)
+
+
+def futex_wake(addr: int) -> None:
+    _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(addr), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
 
 
 class ShmError(Exception):
@@ -218,6 +239,7 @@ class Ring:
         self.seq = [h // 8 for h in heads]
         self.views = [torch.frombuffer(mm, dtype=torch.uint8, count=slot_bytes, offset=h + LINE) for h in heads]
         self.ptrs = [v.data_ptr() for v in self.views]
+        self.seq_addr = [p - LINE for p in self.ptrs]  # a slot's seq word (its low 32 bits: the futex)
         self.sent = self.got = 0  # messages written (writer) / taken (reader)
 
     def send(self, data: torch.Tensor) -> None:
@@ -232,6 +254,7 @@ class Ring:
         ctypes.memmove(self.ptrs[i], data.data_ptr(), n)
         self.w[self.seq[i] + 1] = n
         self.w[self.seq[i]] = m  # last: x86-64 does not reorder stores
+        futex_wake(self.seq_addr[i])  # a reader asleep on the slot (after its spin)
         self.sent = m
 
     def recv(self) -> torch.Tensor:
@@ -249,13 +272,14 @@ class Ring:
                     raise ShmError(f"shm {self.what}: slot {i} holds message {s}, expected {m} or {old} "
                                    "(out of sequence)")
                 return s == m
-            self._await(ready, "message")
+            self._await(ready, "message", (self.seq_addr[i], old))
         self.got = m
         n = int(self.w[at + 1])
         return self.views[i] if n == self.slot_bytes else self.views[i][:n]
 
-    def _await(self, ready: Callable[[], bool], what: str) -> None:
-        """Poll ``ready`` (yielding the CPU) for ``spin_s``, then sleep 50 us doubling to 1 ms;
+    def _await(self, ready: Callable[[], bool], what: str, futex: tuple[int, int] | None = None) -> None:
+        """Poll ``ready`` (yielding the CPU) for ``spin_s``, then sleep: on the futex ``(address,
+        value while not ready)`` when given (the writer wakes it), else 50 us doubling to 1 ms;
         check the peer every 20 ms; :class:`ShmError` after ``timeout_s``."""
         t0 = time.perf_counter()
         spin_end, check, end = t0 + self.spin_s, t0 + CHECK_EVERY_S, t0 + self.timeout_s
@@ -263,7 +287,7 @@ class Ring:
         while not ready():
             now = time.perf_counter()
             if now < spin_end:
-                os.sched_yield()
+                os.sched_yield()  # the CPU goes to whoever waits for it; a pinned rank must not starve it
                 continue
             if now >= check:
                 self.peer.check()
@@ -271,8 +295,11 @@ class Ring:
             if now >= end:
                 raise ShmError(f"shm: Timed out after {self.timeout_s:g} s waiting for rank {self.peer.rank} "
                                f"({self.what}, {what})")
-            time.sleep(nap)
-            nap = min(2 * nap, SLEEP_MAX_S)
+            if futex is not None:
+                futex_wait(futex[0], futex[1], min(CHECK_EVERY_S, end - now))
+            else:
+                time.sleep(nap)
+                nap = min(2 * nap, SLEEP_MAX_S)
 
 
 class ShmTransport:
