@@ -17,11 +17,17 @@ acknowledges message m (the ring's ``acked`` word) when it asks for message m + 
 payload it was handed stays valid until then; the writer waits while ``SLOTS`` messages are
 unacknowledged. A slot holding neither message m nor its previous occupant is an error.
 
-Waiting (:meth:`Ring._await`): poll with ``os.sched_yield()`` for ``MOETIER_EP_SPIN_US``, then
-sleep 50 us, doubling up to 1 ms; every 20 ms check that the peer process is alive
-(:class:`Peer`: its pid's ``/proc`` entry, start time and state), and give up after the step
-timeout (``MOETIER_EP_TIMEOUT``): both raise :class:`ShmError` naming the rank, which the group
-turns into its fault (every other rank exits with one line; the server answers 503).
+Waiting (:meth:`Ring._await`): poll with ``os.sched_yield()`` for ``MOETIER_EP_SPIN_US`` (default
+2000 us, as for gloo: longer than the gap between two decode steps), then sleep on the awaited
+slot's seq word as a futex (the writer calls ``FUTEX_WAKE`` after every message; the kernel
+compares the word under its lock, so a wake cannot be missed) in 20 ms naps; every 20 ms check
+that the peer process is alive (:class:`Peer`: its pid's ``/proc`` entry, start time and state),
+and give up after the step timeout (``MOETIER_EP_TIMEOUT``): both raise :class:`ShmError` naming
+the rank, which the group turns into its fault (every other rank exits with one line; the server
+answers 503). A writer waiting for a free slot (rare: the protocol keeps at most two messages in
+flight) sleeps 50 us doubling to 1 ms instead. Spinning with the yield measured best on this
+2-CPU VM (bench/README.md, 2026-12-03): without the yield, or with a 50-200 us spin, a rank
+lost its CPU to other jobs more often.
 
 Only the fixed-size messages travel here (control, decode answers); a batched step's dispatch
 and combine rows and the ``replicated`` exchange stay on gloo.
