@@ -302,6 +302,10 @@ def test_cli_spawns_local_ranks_and_reports_bytes(tmp_path, capfd, exchange):
     assert d["text"] == ref.generate("Once upon a time", max_tokens=5)
     ep = d["expert_parallel"]
     assert ep["ranks"] == 2 and len(ep["per_rank"]) == 2 and ep["exchange"] == exchange
+    import os
+
+    gloo = os.environ.get("MOETIER_EP_TRANSPORT", "auto") == "gloo" or exchange == "replicated"
+    assert ep["transport"] == ("gloo" if gloo else "shm")  # auto: both ranks on this machine
     assert ep["pair_bytes"] == pair_bytes(256, "fp32")
     for rank, r in enumerate(ep["per_rank"]):
         rows = ep_step_rows(exchange, 2, rank, r["local_pairs"], r["remote_pairs"])
