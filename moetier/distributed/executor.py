@@ -304,7 +304,8 @@ class EPGroup:
         self._mirrors: dict[int, Any] = {}  # replicated follower: rank 0's sequences (id -> this rank's copy)
         self._slots: dict[int, tuple[torch.Tensor, Any]] = {}  # replicated: posted receives (peer -> buffer, work)
         self._answers_sent = 0  # direct, a follower: answers sent (each carries its number)
-        self._ctrl_bufs: dict[int, torch.Tensor] = {}  # direct, native decode: rank 0's control message per follower
+        self._ctrl_bufs: dict[int, tuple[torch.Tensor, Any, int]] = {}  # direct, native decode: rank 0's control
+        # message per follower (tensor, its numpy view, its address)
         self._told: dict[int, float] = {}  # direct, native decode: when rank 0 last sent each follower a message
         self._ans_buf: torch.Tensor | None = None  # direct, native decode: a follower's answer (reused)
         if self.timeout_s is None:
@@ -475,13 +476,15 @@ class EPGroup:
             err = f"rank 0: could not create the shm segment /dev/shm/{name} ({_first_line(e)})"
         self._agree(err)
         try:
-            if self.rank != 0:
-                mm = shm.attach(name, size)
-        except (OSError, shm.ShmError) as e:
-            err = f"rank {self.rank}: could not map the shm segment /dev/shm/{name} ({_first_line(e)})"
-        self._agree(err)
-        if self.rank == 0:
-            shm.unlink(name)  # every rank has mapped it: nothing stays in /dev/shm
+            try:
+                if self.rank != 0:
+                    mm = shm.attach(name, size)
+            except (OSError, shm.ShmError) as e:
+                err = f"rank {self.rank}: could not map the shm segment /dev/shm/{name} ({_first_line(e)})"
+            self._agree(err)
+        finally:
+            if self.rank == 0:
+                shm.unlink(name)  # every rank has mapped it (or set-up failed): nothing stays in /dev/shm
         peers = {r: shm.Peer(r, d["pid"], d["start"]) for r, d in enumerate(ids)}
         self._tr = shm.ShmTransport(self, mm, peers, self._failed)
 
@@ -688,7 +691,8 @@ class EPGroup:
         msgs, asked = [], []  # (follower, control message), followers that answer
         now = time.monotonic()
         if not self._ctrl_bufs:  # one control message per follower, reused (its send is waited for below)
-            self._ctrl_bufs = {r: torch.zeros(W, dtype=torch.uint8) for r in range(1, P)}
+            bufs = {r: torch.zeros(W, dtype=torch.uint8) for r in range(1, P)}
+            self._ctrl_bufs = {r: (b, b.numpy(), b.data_ptr()) for r, b in bufs.items()}
             self._told = dict.fromkeys(range(1, P), 0.0)
         for r in range(1, P):
             pairs = sorted((j for j in range(k) if dest[j] == r), key=lambda j: (ids[j], j))  # by expert
@@ -696,8 +700,8 @@ class EPGroup:
             if n == 0 and now - self._told[r] < self.timeout_s / 8:
                 continue  # nothing for this follower (heard from rank 0 recently: no ping needed)
             self._told[r] = now
-            buf = self._ctrl_bufs[r]
-            ba, base = buf.numpy(), buf.data_ptr() + HEADER
+            buf, ba, base = self._ctrl_bufs[r]
+            base += HEADER
             struct.pack_into("<3q", ba, 0, CMD_MOE_NATIVE, layer, n)  # header, n rows (h's bytes + the expert id)
             for i, j in enumerate(pairs):
                 ctypes.memmove(base + i * rb, dec.h_ptr, h4)

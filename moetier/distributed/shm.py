@@ -247,6 +247,7 @@ class Ring:
         self.ptrs = [v.data_ptr() for v in self.views]
         self.seq_addr = [p - LINE for p in self.ptrs]  # a slot's seq word (its low 32 bits: the futex)
         self.sent = self.got = 0  # messages written (writer) / taken (reader)
+        self.checked = time.perf_counter()  # the peer's last liveness check by the writer
 
     def send(self, data: torch.Tensor) -> None:
         """Writer: message ``sent + 1`` (``data``: contiguous uint8) into its slot, seq last."""
@@ -254,6 +255,10 @@ class Ring:
         if n > self.slot_bytes:
             raise ShmError(f"shm {self.what}: a message of {n} bytes exceeds the slot ({self.slot_bytes} bytes)")
         m = self.sent + 1
+        now = time.perf_counter()
+        if now >= self.checked + CHECK_EVERY_S:  # a dead reader is noticed by its writer too (rank 0's pings)
+            self.peer.check()
+            self.checked = now
         if self.w[self.acked] < m - SLOTS:  # the slot's previous message is not read yet
             self._await(lambda: self.w[self.acked] >= m - SLOTS, "room")
         i = (m - 1) % SLOTS
@@ -336,18 +341,21 @@ class ShmTransport:
     def size(world: int, ctrl_bytes: int, answer_bytes: int) -> int:
         return HEADER_BYTES + (world - 1) * (ring_bytes(ctrl_bytes) + ring_bytes(answer_bytes))
 
-    def _io(self, f: Callable[[], Any]) -> Any:
+    def _io(self, f: Callable[[Any], Any], arg: Any = None) -> Any:
+        """``f(arg)`` (a ring's send or recv) counted as one step message; a failure -> the group's fault."""
         g = self.g
         if g.fault is not None:
             from moetier.distributed.executor import DistributedError
             raise DistributedError(g.fault)
         t0 = time.perf_counter()
         try:
-            out = f()
+            out = f(arg) if arg is not None else f()
         except ShmError as e:
             self.fail(e)
-        g.stats.comm_s += time.perf_counter() - t0
-        g.stats.collectives += 1
+        t1 = time.perf_counter()
+        s = g.stats
+        s.comm_s += t1 - t0
+        s.collectives += 1
         g._last = time.monotonic()
         return out
 
@@ -357,7 +365,7 @@ class ShmTransport:
     # rank 0
     def send(self, msgs: list[tuple[int, torch.Tensor]]) -> list[Any]:
         for r, b in msgs:
-            self._io(lambda r=r, b=b: self.ctrl[r].send(b))
+            self._io(self.ctrl[r].send, b)
         return []
 
     def done(self, pending: list[Any]) -> None:
@@ -367,7 +375,7 @@ class ShmTransport:
         return {r: r for r in asked}
 
     def answer(self, token: Any) -> torch.Tensor:
-        return self._io(lambda: self.ans[token].recv())
+        return self._io(self.ans[token].recv)
 
     def finish(self) -> int:
         """At stop: every follower's last answer (it answers the stop)."""
@@ -377,10 +385,10 @@ class ShmTransport:
 
     # a follower
     def recv_ctrl(self) -> torch.Tensor:
-        return self._io(lambda: self.ctrl[0].recv())
+        return self._io(self.ctrl[0].recv)
 
     def ctrl_read(self) -> None:
         pass
 
     def reply(self, ans: torch.Tensor) -> None:
-        self._io(lambda: self.ans[0].send(ans))
+        self._io(self.ans[0].send, ans)

@@ -105,6 +105,10 @@ def test_dead_peer_is_reported_with_its_rank_within_the_check_interval(seg):
     child.wait()
     with pytest.raises(shm.ShmError, match="exited"):
         peer.check()
+    w, _ = ends(mm, peer)  # a writer notices too (rank 0 pinging a dead idle follower), within 20 ms
+    time.sleep(2 * shm.CHECK_EVERY_S)
+    with pytest.raises(shm.ShmError, match=f"shm: rank 3 \\(pid {child.pid}\\) exited"):
+        w.send(msg(0))
 
 
 def test_hung_peer_times_out(seg):
