@@ -55,6 +55,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -88,7 +89,7 @@ def worker(cfg_path: str, out_path: str) -> int:
                                     tuple(tuple(d) for d in cfg["device_experts"]))
         model, group = ep.load(None, rank, world, placement, dtype=dtype, tokenizer=False, threads=1,
                                exchange=cfg.get("exchange", ep.DEFAULT_EXCHANGE), native=cfg.get("native", False))
-        pingpong = cfg.get("pingpong", 0) and pingpong_s(rank, world, group.ctrl_bytes, cfg["pingpong"])
+        pingpong = cfg.get("pingpong", 0) and pingpong_s(rank, world, group.ctrl_bytes, cfg["pingpong"], group)
         if rank != 0:
             group.serve(model)
             ep.shutdown()
@@ -140,13 +141,14 @@ def worker(cfg_path: str, out_path: str) -> int:
     return 0
 
 
-def pingpong_s(rank: int, world: int, nbytes: int, n: int) -> dict[str, float]:
+def pingpong_s(rank: int, world: int, nbytes: int, n: int, group: Any = None) -> dict[str, float]:
     """Median round trip of the decode pattern without model work, per message pattern:
     rank 0 -> every follower (one ``nbytes`` control message), then every follower -> rank 0
     (one hidden row back), what one MoE layer of a decode step costs beyond compute.
     ``all_to_all_single`` (two collectives: what the executor used before) and ``isend/irecv``
     (point-to-point, the receive posted first: what it uses now), interleaved in blocks of 20
-    so load drifts hit both alike."""
+    so load drifts hit both alike; ``shm``: the same pattern over the group's shared-memory rings
+    (a control message out, an answer back) when the group's transport is shm."""
     import torch
     import torch.distributed as dist
 
@@ -187,7 +189,21 @@ def pingpong_s(rank: int, world: int, nbytes: int, n: int) -> dict[str, float]:
             dist.irecv(ctrl, 0, tag=1).wait()
             dist.isend(back, 0, tag=3).wait()
 
+    def over_shm() -> None:  # the group's own rings (the same count of messages on both sides: in step)
+        tr = group._tr
+        if rank == 0:
+            with group._lock:  # no heartbeat ping in between
+                tr.send([(r, out_msg[r - 1]) for r in range(1, P)])
+                for r in range(1, P):
+                    tr.answer(r)
+        else:
+            tr.recv_ctrl()
+            tr.reply(answer)
+
     pats = (("all_to_all_single", a2a), ("isend/irecv", p2p), ("exchange", exchange))
+    if group is not None and group.transport == "shm":
+        answer = torch.zeros(group._answer_bytes(), dtype=torch.uint8)
+        pats += (("shm", over_shm),)
     times: dict[str, list[float]] = {name: [] for name, _ in pats}
     for _, f in pats:  # warm-up
         for _ in range(20):
@@ -245,7 +261,7 @@ def loopback(args: argparse.Namespace) -> None:
                      if k.startswith("P2") and x == "direct" and not k.endswith(("_baseline", "_unpinned"))}
     for key, exchange in variants.items():
         (tmp / f"cfg_{key}.json").write_text(json.dumps({
-            "dtype": args.dtype, "pingpong": 400 if key == "P2" else 0, "exchange": exchange,
+            "dtype": args.dtype, "pingpong": 400 if key in ("P2", "P2_shm") else 0, "exchange": exchange,
             "native": "_native" in key, "device_experts": heavy if "_rank0_" in key else None,
             "points": [{"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}]}))
     rounds = []
@@ -283,6 +299,8 @@ def loopback(args: argparse.Namespace) -> None:
             row[f"threads_{key}"] = got["threads"]
             if key == "P2":
                 row["pingpong_round_trip_s"] = got["pingpong_round_trip_s"]
+            if key == "P2_shm":  # the same patterns measured in the shm job, with the shm rings' round trip
+                row["pingpong_round_trip_s_shm_job"] = got["pingpong_round_trip_s"]
         p1 = row["P1"]["tokens_per_s"]
         row["ratio"] = row["P2"]["tokens_per_s"] / p1
         for key in variants:
@@ -310,7 +328,10 @@ def loopback(args: argparse.Namespace) -> None:
             line.append(f"two P=1 processes at once: {row['P1x2']['tokens_per_s']:.1f} tok/s each "
                         f"(x{row['ratiox2']:.2f} of one alone)")
         print("; ".join(line) + "; bare round trips: " + ", ".join(
-            f"{k} {v * 1e6:.0f} us" for k, v in row["pingpong_round_trip_s"].items()), flush=True)
+            f"{k} {v * 1e6:.0f} us" for k, v in row["pingpong_round_trip_s"].items())
+            + ("; in the shm job: " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in
+                                                row["pingpong_round_trip_s_shm_job"].items())
+               if "pingpong_round_trip_s_shm_job" in row else ""), flush=True)
     load = os.getloadavg()
     ratios = ["ratio" + k[2:] for k in variants if k not in ("P1", "P1_native", "P2_native")]
     if args.native:
