@@ -21,6 +21,12 @@ exchanges point-to-point messages (gloo ``isend`` / ``irecv``, tags ``TAG_*``) w
    ranks poll the buffer of the message they wait for (:meth:`EPGroup._spin`, up to
    ``MOETIER_EP_SPIN_US``) before sleeping in gloo's wait.
 
+Transport (``MOETIER_EP_TRANSPORT`` gloo | shm | auto, picked once in
+:meth:`EPGroup._setup_transport`): the control messages and decode answers go through
+:class:`GlooTransport` (gloo point-to-point, any hosts) or :class:`moetier.distributed.shm.ShmTransport`
+(shared-memory rings, ranks on one x86-64 machine: auto's choice there for ``direct``); the
+group above them is the same. Batched rows, the replicated exchange and start-up stay on gloo.
+
 ``"replicated"``: every rank runs the whole forward on the same inputs (rank 0's ``model.step``
 is :meth:`EPGroup.mirrored`: one ``CMD_STEP`` control message per step tells the followers the
 sequences and tokens; :meth:`EPGroup._serve_replicated` runs them on copies). The always-on
@@ -61,7 +67,7 @@ wire (headers, expert ids, step descriptions, the unused room of fixed-size mess
 The dispatch is plugged in without touching the model code: :func:`moetier.distributed.rank.install` wraps the
 module-level ``dispatch`` of :mod:`moetier.layers.moe` (and llama4's import of it); the
 wrapper forwards to :meth:`ExpertParallelProvider.dispatch` when a block's provider is one,
-and to the original otherwise. Native decode is off under EP (it bypasses ``dispatch``).
+and to the original otherwise. Native decode steps hand each MoE layer to :meth:`EPGroup.native_one`.
 """
 
 from __future__ import annotations
