@@ -25,9 +25,10 @@ that the peer process is alive (:class:`Peer`: its pid's ``/proc`` entry, start 
 and give up after the step timeout (``MOETIER_EP_TIMEOUT``): both raise :class:`ShmError` naming
 the rank, which the group turns into its fault (every other rank exits with one line; the server
 answers 503). A writer waiting for a free slot (rare: the protocol keeps at most two messages in
-flight) sleeps 50 us doubling to 1 ms instead. Spinning with the yield measured best on this
-2-CPU VM (bench/README.md, 2026-12-03): without the yield, or with a 50-200 us spin, a rank
-lost its CPU to other jobs more often.
+flight) sleeps 50 us doubling to 1 ms instead. Spinning 2000 us with the yield measured best
+on this 2-CPU VM when other jobs left the CPUs alone (no yield, or a 50-200 us spin, did worse);
+under other jobs' load a polling rank loses its CPU for a scheduler slice and shm fell behind
+gloo (docs/expert-parallel.md, "Shared-memory transport"; ``MOETIER_EP_SPIN_US=0`` or gloo then).
 
 Only the fixed-size messages travel here (control, decode answers); a batched step's dispatch
 and combine rows and the ``replicated`` exchange stay on gloo.
