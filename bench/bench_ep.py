@@ -16,7 +16,10 @@ new code alternated in one run). ``P1`` / ``P2`` are the torch path (``native=Fa
 ``--native`` adds one native process (``P1_native``) and P = 2 with native decode on every rank
 (``P2_native``; ratio ``ratio_native`` = P2_native / P1_native per round), ``--rank0-experts N``
 P = 2 native with rank 0 holding the N hottest experts (``placement.rank0_heavy``);
-``--no-replicated`` leaves out P = 2 ``replicated``; ``--out NAME`` names the results file.
+``--no-replicated`` leaves out P = 2 ``replicated``; ``--out NAME`` names the results file;
+``--transport gloo|shm|auto`` sets the P = 2 runs' ``MOETIER_EP_TRANSPORT`` (default auto; replicated
+always gloo), ``--transport both`` runs every P = 2 ``direct`` variant on gloo and again on shared
+memory (keys ``..._shm``, ratios ``ratio_shm``, ``ratio_native_shm``, ...), alternated.
 
 ``sweep`` (root): two network namespaces joined by one veth pair; each end's egress gets a
 ``tbf`` qdisc (rate BW, bucket ``max(2 frames, BW x 200 us)`` so a layer's message cannot pass
@@ -52,6 +55,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -85,7 +89,7 @@ def worker(cfg_path: str, out_path: str) -> int:
                                     tuple(tuple(d) for d in cfg["device_experts"]))
         model, group = ep.load(None, rank, world, placement, dtype=dtype, tokenizer=False, threads=1,
                                exchange=cfg.get("exchange", ep.DEFAULT_EXCHANGE), native=cfg.get("native", False))
-        pingpong = cfg.get("pingpong", 0) and pingpong_s(rank, world, group.ctrl_bytes, cfg["pingpong"])
+        pingpong = cfg.get("pingpong", 0) and pingpong_s(rank, world, group.ctrl_bytes, cfg["pingpong"], group)
         if rank != 0:
             group.serve(model)
             ep.shutdown()
@@ -122,6 +126,7 @@ def worker(cfg_path: str, out_path: str) -> int:
             r["local_s_per_step"] = r["step_s_mean"] - d["comm_s"]
             r["collective_s"] = d["comm_s"] / max(1.0, d["collectives"])
             r["collectives_per_step"] = d["collectives"]
+            r["transport"] = group.transport
         results.append(r)
         print(json.dumps(r), flush=True)
     out = {"points": results, "pingpong_round_trip_s": pingpong if world > 1 else None,
@@ -136,13 +141,14 @@ def worker(cfg_path: str, out_path: str) -> int:
     return 0
 
 
-def pingpong_s(rank: int, world: int, nbytes: int, n: int) -> dict[str, float]:
+def pingpong_s(rank: int, world: int, nbytes: int, n: int, group: Any = None) -> dict[str, float]:
     """Median round trip of the decode pattern without model work, per message pattern:
     rank 0 -> every follower (one ``nbytes`` control message), then every follower -> rank 0
     (one hidden row back), what one MoE layer of a decode step costs beyond compute.
     ``all_to_all_single`` (two collectives: what the executor used before) and ``isend/irecv``
     (point-to-point, the receive posted first: what it uses now), interleaved in blocks of 20
-    so load drifts hit both alike."""
+    so load drifts hit both alike; ``shm``: the same pattern over the group's shared-memory rings
+    (a control message out, an answer back) when the group's transport is shm."""
     import torch
     import torch.distributed as dist
 
@@ -183,7 +189,21 @@ def pingpong_s(rank: int, world: int, nbytes: int, n: int) -> dict[str, float]:
             dist.irecv(ctrl, 0, tag=1).wait()
             dist.isend(back, 0, tag=3).wait()
 
+    def over_shm() -> None:  # the group's own rings (the same count of messages on both sides: in step)
+        tr = group._tr
+        if rank == 0:
+            with group._lock:  # no heartbeat ping in between
+                tr.send([(r, out_msg[r - 1]) for r in range(1, P)])
+                for r in range(1, P):
+                    tr.answer(r)
+        else:
+            tr.recv_ctrl()
+            tr.reply(answer)
+
     pats = (("all_to_all_single", a2a), ("isend/irecv", p2p), ("exchange", exchange))
+    if group is not None and group.transport == "shm":
+        answer = torch.zeros(group._answer_bytes(), dtype=torch.uint8)
+        pats += (("shm", over_shm),)
     times: dict[str, list[float]] = {name: [] for name, _ in pats}
     for _, f in pats:  # warm-up
         for _ in range(20):
@@ -236,9 +256,12 @@ def loopback(args: argparse.Namespace) -> None:
         variants["P2_nospin"] = "direct"
     if args.baseline:
         variants["P2_baseline"] = "direct"
+    if args.transport == "both":  # the P = 2 direct variants on gloo, and again on shared memory ("_shm")
+        variants |= {f"{k}_shm": x for k, x in variants.items()
+                     if k.startswith("P2") and x == "direct" and not k.endswith(("_baseline", "_unpinned"))}
     for key, exchange in variants.items():
         (tmp / f"cfg_{key}.json").write_text(json.dumps({
-            "dtype": args.dtype, "pingpong": 400 if key == "P2" else 0, "exchange": exchange,
+            "dtype": args.dtype, "pingpong": 400 if key in ("P2", "P2_shm") else 0, "exchange": exchange,
             "native": "_native" in key, "device_experts": heavy if "_rank0_" in key else None,
             "points": [{"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}]}))
     rounds = []
@@ -261,7 +284,9 @@ def loopback(args: argparse.Namespace) -> None:
                 continue
             else:  # each rank pinned to its own core (the default), or not (MOETIER_EP_PIN=0)
                 env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key.endswith("_unpinned") else {}),
-                       **({"MOETIER_EP_SPIN_US": "0"} if key.endswith("_nospin") else {})}
+                       **({"MOETIER_EP_SPIN_US": "0"} if "_nospin" in key else {}),
+                       "MOETIER_EP_TRANSPORT": "shm" if key.endswith("_shm") else
+                       "gloo" if args.transport == "both" or variants[key] == "replicated" else args.transport}
                 cmd = _worker_cmd(cfg, out)
                 if key.endswith("_baseline"):  # that tree's bench_ep.py puts its own root first on sys.path
                     base = Path(args.baseline).resolve()
@@ -274,6 +299,8 @@ def loopback(args: argparse.Namespace) -> None:
             row[f"threads_{key}"] = got["threads"]
             if key == "P2":
                 row["pingpong_round_trip_s"] = got["pingpong_round_trip_s"]
+            if key == "P2_shm":  # the same patterns measured in the shm job, with the shm rings' round trip
+                row["pingpong_round_trip_s_shm_job"] = got["pingpong_round_trip_s"]
         p1 = row["P1"]["tokens_per_s"]
         row["ratio"] = row["P2"]["tokens_per_s"] / p1
         for key in variants:
@@ -292,7 +319,8 @@ def loopback(args: argparse.Namespace) -> None:
         if args.native:
             line.append(f"P=1 native {row['P1_native']['tokens_per_s']:.1f} tok/s")
         for key, r in ((k, row[k]) for k in variants if k not in ("P1", "P1x2", "P1_native")):
-            line.append(f"{key} {r['tokens_per_s']:.1f} tok/s (x{r['tokens_per_s'] / p1:.2f}; "
+            base = row["P1_native"]["tokens_per_s"] if "_native" in key else p1
+            line.append(f"{key} [{r['transport']}] {r['tokens_per_s']:.1f} tok/s (x{r['tokens_per_s'] / base:.2f}; "
                         f"{r['collectives_per_step']:.0f} msgs/token at {r['collective_s'] * 1e6:.0f} us, "
                         f"comm {r['comm_s_per_step'] * 1e3:.2f} ms/token, rank 0 CPU "
                         f"{r['process_cpu_s_per_step'] * 1e3:.2f} ms/token)")
@@ -300,7 +328,10 @@ def loopback(args: argparse.Namespace) -> None:
             line.append(f"two P=1 processes at once: {row['P1x2']['tokens_per_s']:.1f} tok/s each "
                         f"(x{row['ratiox2']:.2f} of one alone)")
         print("; ".join(line) + "; bare round trips: " + ", ".join(
-            f"{k} {v * 1e6:.0f} us" for k, v in row["pingpong_round_trip_s"].items()), flush=True)
+            f"{k} {v * 1e6:.0f} us" for k, v in row["pingpong_round_trip_s"].items())
+            + ("; in the shm job: " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in
+                                                row["pingpong_round_trip_s_shm_job"].items())
+               if "pingpong_round_trip_s_shm_job" in row else ""), flush=True)
     load = os.getloadavg()
     ratios = ["ratio" + k[2:] for k in variants if k not in ("P1", "P1_native", "P2_native")]
     if args.native:
@@ -545,6 +576,9 @@ def main() -> int:
     lb.add_argument("--no-replicated", action="store_true", help="leave out P = 2 replicated (shorter runs)")
     lb.add_argument("--rank0-experts", type=int, default=0, metavar="N",
                     help="with --native: also P = 2 native with rank 0 holding the N hottest experts (routing profile)")
+    lb.add_argument("--transport", choices=("gloo", "shm", "auto", "both"), default="auto",
+                    help="P = 2 step messages (MOETIER_EP_TRANSPORT); both: every P = 2 direct variant on gloo and "
+                         "again on shm (keys ..._shm), alternated")
     lb.add_argument("--out", default="ep_loopback", help="results name (bench/results/NAME.json)")
     lb.add_argument("--interference", action="store_true",
                     help="also two P = 1 processes at once, pinned to one CPU each (how much the CPUs slow each other)")

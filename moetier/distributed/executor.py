@@ -21,6 +21,12 @@ exchanges point-to-point messages (gloo ``isend`` / ``irecv``, tags ``TAG_*``) w
    ranks poll the buffer of the message they wait for (:meth:`EPGroup._spin`, up to
    ``MOETIER_EP_SPIN_US``) before sleeping in gloo's wait.
 
+Transport (``MOETIER_EP_TRANSPORT`` gloo | shm | auto, picked once in
+:meth:`EPGroup._setup_transport`): the control messages and decode answers go through
+:class:`GlooTransport` (gloo point-to-point, any hosts) or :class:`moetier.distributed.shm.ShmTransport`
+(shared-memory rings, ranks on one x86-64 machine: auto's choice there for ``direct``); the
+group above them is the same. Batched rows, the replicated exchange and start-up stay on gloo.
+
 ``"replicated"``: every rank runs the whole forward on the same inputs (rank 0's ``model.step``
 is :meth:`EPGroup.mirrored`: one ``CMD_STEP`` control message per step tells the followers the
 sequences and tokens; :meth:`EPGroup._serve_replicated` runs them on copies). The always-on
@@ -61,7 +67,7 @@ wire (headers, expert ids, step descriptions, the unused room of fixed-size mess
 The dispatch is plugged in without touching the model code: :func:`moetier.distributed.rank.install` wraps the
 module-level ``dispatch`` of :mod:`moetier.layers.moe` (and llama4's import of it); the
 wrapper forwards to :meth:`ExpertParallelProvider.dispatch` when a block's provider is one,
-and to the original otherwise. Native decode is off under EP (it bypasses ``dispatch``).
+and to the original otherwise. Native decode steps hand each MoE layer to :meth:`EPGroup.native_one`.
 """
 
 from __future__ import annotations
@@ -182,6 +188,104 @@ def _first_line(e: BaseException) -> str:
     return s[0][:200] if s else type(e).__name__
 
 
+class GlooTransport:
+    """The step messages as gloo point-to-point messages on the group's step group (any hosts,
+    both exchanges). The interface the group calls (:class:`moetier.distributed.shm.ShmTransport`
+    has the same): rank 0 ``send`` s control messages (handles for ``done``), ``expect`` s the
+    answers of the followers it gave pairs and takes each with ``answer``, and at stop
+    ``finish`` es (the answers still owed; returns how many); a follower ``recv_ctrl`` s, makes
+    the next control message receivable with ``ctrl_read`` and answers with ``reply``.
+
+    gloo holds a send until the receiver has announced its receive, so receives are posted
+    ahead: the follower's next control receive (:meth:`ctrl_read`), and rank 0's answer
+    receives one answer ahead (:meth:`_post_answer`); a waiting rank polls the receive buffer
+    (:meth:`EPGroup._spin`) before sleeping in gloo's ``wait``."""
+
+    name = "gloo"
+
+    def __init__(self, group: EPGroup):
+        self.g = group
+        self._ctrl_next: tuple[torch.Tensor, Any] | None = None  # follower: the next control message's receive
+        self._answers: dict[int, list[tuple[torch.Tensor, Any]]] = {}  # direct, rank 0: posted answer receives
+        self._answer_no: dict[int, int] = {}  # direct: answers posted (rank 0, per follower) / sent (follower)
+
+    def start(self) -> None:
+        g = self.g
+        if g.rank != 0:
+            self.ctrl_read()
+        elif g.exchange == "direct":
+            for r in range(1, g.world):
+                self._post_answer(r)
+
+    # rank 0
+    def send(self, msgs: list[tuple[int, torch.Tensor]]) -> list[Any]:
+        return [self.g._p2p(b, r, TAG_CTRL, send=True, wait=False) for r, b in msgs]
+
+    def done(self, pending: list[Any]) -> None:
+        for w in pending:
+            self.g._wait(w)
+
+    def expect(self, asked: list[int]) -> dict[int, Any]:
+        """The answer receives already posted for the followers ``asked``; their next ones are
+        posted now (the notices follow the control messages just sent)."""
+        answers = {r: self._answers[r].pop(0) for r in asked}
+        for r in asked:
+            self._post_answer(r)
+        return answers
+
+    def answer(self, a: tuple[torch.Tensor, Any]) -> torch.Tensor:
+        b, w = a
+        self.g._spin(b[:8].numpy().view("<i8"))
+        self.g._wait(w)
+        return b
+
+    def finish(self) -> int:
+        n = 0
+        for posted in self._answers.values():  # direct: every follower answers the receive posted last
+            for _, w in posted:
+                self.g._wait(w)
+                n += 1
+        self._answers = {}
+        return n
+
+    def _post_answer(self, r: int) -> None:
+        """Rank 0 (direct): post the receive of follower ``r``'s next decode answer (fixed size:
+        top-k rows). Receives are posted ahead -- one from :meth:`start` on, the next while rank 0's
+        own experts have run and it would wait anyway -- so the follower's answer never waits for
+        a receive-ready notice (gloo holds a send until the receiver announced its receive), and
+        the notice leaves when neither rank is on the critical path. Two may be outstanding, so
+        consecutive answers alternate between two tags (an answer matches its own receive)."""
+        buf = torch.zeros(self.g._answer_bytes(), dtype=torch.uint8)  # zeros: see _spin
+        i = self._answer_no.get(r, 0)
+        self._answer_no[r] = i + 1
+        self._answers.setdefault(r, []).append(
+            (buf, self.g._p2p(buf, r, TAG_ANSWER + i % 2, send=False, wait=False)))
+
+    # a follower
+    def recv_ctrl(self) -> torch.Tensor:
+        if self._ctrl_next is None:
+            self.ctrl_read()
+        recv, work = self._ctrl_next
+        self._ctrl_next = None
+        if self.g.exchange == "direct":
+            self.g._spin(recv[:8].numpy().view("<i8"))  # the command: nonzero
+        self.g._wait(work)
+        return recv
+
+    def ctrl_read(self) -> None:
+        buf = torch.zeros(self.g.ctrl_bytes, dtype=torch.uint8)  # zeros: see _spin
+        self._ctrl_next = (buf, self.g._p2p(buf, 0, TAG_CTRL, send=False, wait=False))
+
+    def reply(self, ans: torch.Tensor) -> None:
+        """Answer i (numbered i + 1 in its header) on TAG_ANSWER + i % 2 (rank 0 posted its receive)."""
+        i = self._answer_no.get(0, 0)
+        self._answer_no[0] = i + 1
+        self.g._p2p(ans, 0, TAG_ANSWER + i % 2, send=True)
+
+
+_groups_made = 0  # EPGroups set up by this process: part of a shm segment's name (same order on every rank)
+
+
 @dataclass
 class EPGroup:
     """This process's place in the expert-parallel job."""
@@ -205,10 +309,9 @@ class EPGroup:
         self._freed: list[int] = []  # replicated, rank 0: ids of sequences gone since the last step
         self._mirrors: dict[int, Any] = {}  # replicated follower: rank 0's sequences (id -> this rank's copy)
         self._slots: dict[int, tuple[torch.Tensor, Any]] = {}  # replicated: posted receives (peer -> buffer, work)
-        self._ctrl_next: tuple[torch.Tensor, Any] | None = None  # follower: the next control message's receive
-        self._answers: dict[int, list[tuple[torch.Tensor, Any]]] = {}  # direct, rank 0: posted answer receives
-        self._answer_no: dict[int, int] = {}  # direct: answers posted (rank 0, per follower) / sent (follower)
-        self._ctrl_bufs: dict[int, torch.Tensor] = {}  # direct, native decode: rank 0's control message per follower
+        self._answers_sent = 0  # direct, a follower: answers sent (each carries its number)
+        self._ctrl_bufs: dict[int, tuple[torch.Tensor, Any, int]] = {}  # direct, native decode: rank 0's control
+        # message per follower (tensor, its numpy view, its address)
         self._told: dict[int, float] = {}  # direct, native decode: when rank 0 last sent each follower a message
         self._ans_buf: torch.Tensor | None = None  # direct, native decode: a follower's answer (reused)
         if self.timeout_s is None:
@@ -223,6 +326,9 @@ class EPGroup:
         self._beat: threading.Thread | None = None
         self._beat_stop = threading.Event()
         self.fault: str | None = None  # the first step-message failure (then every rank exits)
+        self._tr: Any = GlooTransport(self)  # the step messages' transport (:meth:`_setup_transport`, in ready)
+        self.transport, self.transport_why = "gloo", "not set up"
+        self.shm_name: str | None = None  # shm: the segment's name (unlinked once every rank mapped it)
 
     # ----- messages (every failure becomes one clear line) -----
     def _p2p(self, t: torch.Tensor, peer: int, tag: int, send: bool, wait: bool = True) -> Any:
@@ -291,7 +397,7 @@ class EPGroup:
     def _send_ctrl(self, cmd: int, layer: int = 0, counts: Seq[int] | None = None,
                    rows: list[torch.Tensor] | None = None, wait: bool = True) -> list[Any]:
         """Rank 0: one fixed-size control message to each follower, with its rows if inline;
-        returns the sends' handles (``wait=False``)."""
+        returns the sends' handles (``wait=False``; :meth:`GlooTransport.done`)."""
         P, W = self.world, self.ctrl_bytes
         buf = torch.zeros(P - 1, W, dtype=torch.uint8)  # [followers, W]
         hdr = torch.tensor([[cmd, layer, (counts[r] if counts else 0)] for r in range(1, P)], dtype=torch.long)
@@ -300,25 +406,19 @@ class EPGroup:
             for r in range(1, P):
                 b = rows[r].reshape(-1)
                 buf[r - 1, HEADER:HEADER + b.numel()] = b
-        works = [self._p2p(buf[r - 1], r, TAG_CTRL, send=True, wait=False) for r in range(1, P)]
+        works = self._tr.send([(r, buf[r - 1]) for r in range(1, P)])
         self.stats.meta_bytes += (P - 1) * W
         if wait:
-            for w in works:
-                self._wait(w)
+            self._tr.done(works)
             return []
         return works
 
     def _recv_ctrl(self, post_next: bool = True) -> tuple[int, int, int, torch.Tensor]:
-        """Follower: (command, layer, rows, the message's bytes [ctrl_bytes]). ``post_next``: post
-        the next control message's receive now (else the caller posts it, :meth:`_post_ctrl`,
-        once its answer is out: posting sends the peer a notice, off the critical path then)."""
-        if self._ctrl_next is None:
-            self._post_ctrl()
-        recv, work = self._ctrl_next
-        self._ctrl_next = None
-        if self.exchange == "direct":
-            self._spin(recv[:8].numpy().view("<i8"))  # the command: nonzero
-        self._wait(work)
+        """Follower: (command, layer, rows, the message's bytes [ctrl_bytes]). ``post_next``: make
+        the next control message's receive ready now (gloo: post it; else the caller does,
+        :meth:`_post_ctrl`, once its answer is out: posting sends the peer a notice, off the
+        critical path then)."""
+        recv = self._tr.recv_ctrl()
         self.stats.meta_bytes += self.ctrl_bytes
         cmd, layer, n = struct.unpack_from("<3q", recv.numpy())
         if cmd != CMD_STOP and post_next:
@@ -326,41 +426,85 @@ class EPGroup:
         return cmd, layer, n, recv
 
     def _post_ctrl(self) -> None:
-        buf = torch.zeros(self.ctrl_bytes, dtype=torch.uint8)  # zeros: see _spin
-        self._ctrl_next = (buf, self._p2p(buf, 0, TAG_CTRL, send=False, wait=False))
+        self._tr.ctrl_read()
 
     def _answer_bytes(self) -> int:
         return ANSWER_HEADER + self.inline_rows * self.room_row  # its number, room for top-k hidden rows
 
     def _send_steps(self, msgs: list, asked: list[int]) -> tuple[list, dict]:
-        """Rank 0 (direct, under ``_lock``): send each follower its step message without waiting,
-        take the answer receives already posted for the followers ``asked``, and post their next
-        ones (the notices follow the control messages): (pending sends, answers by rank)."""
-        pending = [self._p2p(b, r, TAG_CTRL, send=True, wait=False) for r, b in msgs]
-        answers = {r: self._answers[r].pop(0) for r in asked}
-        for r in asked:
-            self._post_answer(r)
-        return pending, answers
-
-    def _post_answer(self, r: int) -> None:
-        """Rank 0 (direct): post the receive of follower ``r``'s next decode answer (fixed size:
-        top-k rows). Receives are posted ahead -- one from :meth:`ready` on, the next while rank 0's
-        own experts have run and it would wait anyway -- so the follower's answer never waits for
-        a receive-ready notice (gloo holds a send until the receiver announced its receive), and
-        the notice leaves when neither rank is on the critical path. Two may be outstanding, so
-        consecutive answers alternate between two tags (an answer matches its own receive)."""
-        buf = torch.zeros(self._answer_bytes(), dtype=torch.uint8)  # zeros: see _spin
-        i = self._answer_no.get(r, 0)
-        self._answer_no[r] = i + 1
-        self._answers.setdefault(r, []).append((buf, self._p2p(buf, r, TAG_ANSWER + i % 2, send=False, wait=False)))
+        """Rank 0 (direct, under ``_lock``): send each follower its step message without waiting
+        and note the answers of the followers ``asked``: (pending sends, answer handles by rank:
+        :meth:`GlooTransport.answer`)."""
+        return self._tr.send(msgs), self._tr.expect(asked)
 
     def _send_answer(self, ans: torch.Tensor) -> None:
         """Follower (direct): answer i of this job (``ans``: its bytes [answer_bytes], the header
-        free) as number i + 1 on TAG_ANSWER + i % 2 (rank 0 posted its receive)."""
-        i = self._answer_no.get(0, 0)
-        self._answer_no[0] = i + 1
-        struct.pack_into("<q", ans.numpy(), 0, i + 1)
-        self._p2p(ans, 0, TAG_ANSWER + i % 2, send=True)
+        free) as number i + 1."""
+        self._answers_sent += 1
+        struct.pack_into("<q", ans.numpy(), 0, self._answers_sent)
+        self._tr.reply(ans)
+
+    # ----- the transport (gloo or shared memory), picked in one place -----
+    def _setup_transport(self) -> None:
+        """Every rank, after loading (collectives on the default group): pick the transport of
+        the step messages (``MOETIER_EP_TRANSPORT`` gloo | shm | auto, default auto:
+        :func:`moetier.distributed.shm.choose`) and, for shm, map the segment: rank 0 creates it,
+        the followers map it, rank 0 unlinks it once all have."""
+        from moetier.distributed import shm
+
+        global _groups_made
+        _groups_made += 1
+        requested = os.environ.get("MOETIER_EP_TRANSPORT", "auto").strip().lower() or "auto"
+        mine = shm.identity()
+        ids: list[Any] = [None] * self.world
+        try:
+            if self.world > 1:
+                dist.all_gather_object(ids, mine)
+            else:
+                ids = [mine]
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise DistributedError(f"rank {self.rank}: transport agreement failed ({_first_line(e)})") from None
+        try:
+            self.transport, self.transport_why = shm.choose(requested, ids, self.exchange)
+        except ValueError as e:
+            raise DistributedError(str(e)) from None
+        if self.transport == "gloo":
+            self._tr = GlooTransport(self)
+            return
+        name = self.shm_name = shm.segment_name(shm.job_key(_groups_made))
+        size = shm.ShmTransport.size(self.world, self.ctrl_bytes, self._answer_bytes())
+        err = ""
+        mm = None
+        try:
+            if self.rank == 0:
+                mm = shm.create(name, size)
+        except (OSError, shm.ShmError) as e:
+            err = f"rank 0: could not create the shm segment /dev/shm/{name} ({_first_line(e)})"
+        self._agree(err)
+        try:
+            try:
+                if self.rank != 0:
+                    mm = shm.attach(name, size)
+            except (OSError, shm.ShmError) as e:
+                err = f"rank {self.rank}: could not map the shm segment /dev/shm/{name} ({_first_line(e)})"
+            self._agree(err)
+        finally:
+            if self.rank == 0:
+                shm.unlink(name)  # every rank has mapped it (or set-up failed): nothing stays in /dev/shm
+        peers = {r: shm.Peer(r, d["pid"], d["start"]) for r, d in enumerate(ids)}
+        self._tr = shm.ShmTransport(self, mm, peers, self._failed)
+
+    def _agree(self, err: str) -> None:
+        """A start-up step every rank passes or every rank leaves with the first rank's error."""
+        got: list[Any] = [None] * self.world
+        try:
+            dist.all_gather_object(got, err)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise DistributedError(f"rank {self.rank}: shm set-up with the other ranks failed "
+                                   f"({_first_line(e)})") from None
+        bad = [e for e in got if e]
+        if bad:
+            raise DistributedError(bad[0])
 
     # ----- liveness (rank 0 pings idle followers, so their wait never reaches the timeout) -----
     def ready(self) -> None:
@@ -370,14 +514,12 @@ class EPGroup:
         except (RuntimeError, dist.DistBackendError) as e:
             raise DistributedError(f"rank {self.rank}: waiting for the other ranks to load failed "
                                    f"({_first_line(e)})") from None
+        self._setup_transport()
         self._last = time.monotonic()
         if self.exchange == "replicated" and self.world > 1:
             self._post_slots()
-        if self.rank != 0 and self.world > 1:
-            self._post_ctrl()
-        if self.rank == 0 and self.exchange == "direct":
-            for r in range(1, self.world):
-                self._post_answer(r)
+        if self.world > 1:
+            self._tr.start()
         if self.rank == 0 and self.world > 1 and self._beat is None:
             self._beat = threading.Thread(target=self._heartbeat, name="moetier-ep-heartbeat", daemon=True)
             self._beat.start()
@@ -519,12 +661,9 @@ class EPGroup:
                 for j in local:  # [1, H] each, as the single-process decode path computes it
                     y[j] = expert_forward(x, provider.get(layer, ids[j]), glu)
             self.stats.compute_s += time.perf_counter() - t0
-            for w in pending:
-                self._wait(w)
-            for b, w in answers.values():
-                self._spin(b[:8].numpy().view("<i8"))
-                self._wait(w)
-        back = {r: b[ANSWER_HEADER:].view(x.dtype).view(-1, H) for r, (b, _) in answers.items()}  # [top-k, H]
+            self._tr.done(pending)
+            got = {r: self._tr.answer(a) for r, a in answers.items()}
+        back = {r: b[ANSWER_HEADER:].view(x.dtype).view(-1, H) for r, b in got.items()}  # [top-k, H]
         remote, row = len(where), H * x.element_size()
         s = self.stats
         s.meta_bytes += (P - 1) * W + remote * 8 - remote * row + len(asked) * self._answer_bytes() - \
@@ -558,7 +697,8 @@ class EPGroup:
         msgs, asked = [], []  # (follower, control message), followers that answer
         now = time.monotonic()
         if not self._ctrl_bufs:  # one control message per follower, reused (its send is waited for below)
-            self._ctrl_bufs = {r: torch.zeros(W, dtype=torch.uint8) for r in range(1, P)}
+            bufs = {r: torch.zeros(W, dtype=torch.uint8) for r in range(1, P)}
+            self._ctrl_bufs = {r: (b, b.numpy(), b.data_ptr()) for r, b in bufs.items()}
             self._told = dict.fromkeys(range(1, P), 0.0)
         for r in range(1, P):
             pairs = sorted((j for j in range(k) if dest[j] == r), key=lambda j: (ids[j], j))  # by expert
@@ -566,8 +706,8 @@ class EPGroup:
             if n == 0 and now - self._told[r] < self.timeout_s / 8:
                 continue  # nothing for this follower (heard from rank 0 recently: no ping needed)
             self._told[r] = now
-            buf = self._ctrl_bufs[r]
-            ba, base = buf.numpy(), buf.data_ptr() + HEADER
+            buf, ba, base = self._ctrl_bufs[r]
+            base += HEADER
             struct.pack_into("<3q", ba, 0, CMD_MOE_NATIVE, layer, n)  # header, n rows (h's bytes + the expert id)
             for i, j in enumerate(pairs):
                 ctypes.memmove(base + i * rb, dec.h_ptr, h4)
@@ -585,13 +725,10 @@ class EPGroup:
             self.stats.compute_s += time.perf_counter() - t0
             for s, j in enumerate(local):
                 rows[j] = dec.down_ptr + s * h4
-            for w in pending:
-                self._wait(w)
-            for b, w in answers.values():
-                self._spin(b[:8].numpy().view("<i8"))
-                self._wait(w)
+            self._tr.done(pending)
+            got = {r: self._tr.answer(a) for r, a in answers.items()}
         for j, (r, i) in where.items():
-            rows[j] = answers[r][0].data_ptr() + ANSWER_HEADER + i * h4
+            rows[j] = got[r].data_ptr() + ANSWER_HEADER + i * h4
         dec.add_rows(layer, xp, k)  # answers stay alive until here
         remote = len(where)
         s = self.stats
@@ -695,7 +832,7 @@ class EPGroup:
         if n <= STEP_INLINE_WORDS:
             msg[HEADER:HEADER + 8 * n] = body.view(torch.uint8)
         with self._lock:
-            works = [self._p2p(msg, r, TAG_CTRL, send=True, wait=False) for r in range(1, self.world)]
+            works = self._tr.send([(r, msg) for r in range(1, self.world)])
             if n > STEP_INLINE_WORDS:
                 works += [self._p2p(body, r, TAG_ROWS, send=True, wait=False) for r in range(1, self.world)]
             for w in works:
@@ -871,11 +1008,8 @@ class EPGroup:
         self._send_ctrl(CMD_STOP)
         if self._slots:
             self._bye()
-        for posted in self._answers.values():  # direct: every follower answers the receive posted last
-            for _, w in posted:
-                self._wait(w)
-            self.stats.meta_bytes += len(posted) * self._answer_bytes()
-        self._answers = {}
+        if self.exchange == "direct":  # every follower answers the stop
+            self.stats.meta_bytes += self._tr.finish() * self._answer_bytes()
         return self._gather_stats()
 
     # ----- ranks 1..P-1 -----
@@ -995,6 +1129,7 @@ class EPMetrics:
         return {"expert_parallel": {
             **{f.name: getattr(s, f.name) for f in fields(s)}, "ranks": g.world, "rank": g.rank,
             "exchange": g.exchange, "replicated_exchange": int(g.exchange == "replicated"),
+            "transport": g.transport, "shm_transport": int(g.transport == "shm"),
             "planner_rows_per_token_total": ep_rows_per_token(g.exchange, k, g.world)["total"],
             "planner_pair_bytes": pair_bytes(getattr(g, "hidden", 0), dt),
             "planner_remote_pairs_per_token": direct_remote_pairs(k, g.world)[0],

@@ -183,7 +183,8 @@ def report_figures(model: Any, group: Any, placement: Any, per_rank: list[dict[s
     if getattr(group, "native", None) is not None:  # native decode steps move float32 rows
         dt = "fp32"
     out_pairs, _ = direct_remote_pairs(k, world)
-    return {"ranks": world, "exchange": group.exchange,
+    return {"ranks": world, "exchange": group.exchange, "transport": group.transport,
+            "transport_why": group.transport_why,
             "planner_rows_per_token": ep_rows_per_token(group.exchange, k, world),
             "placement": placement.to_json()["device_experts"], "per_rank": per_rank,
             "pair_bytes": pair_bytes(H, dt), "step_timeout_s": group.timeout_s,

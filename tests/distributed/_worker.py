@@ -20,6 +20,7 @@ import sys
 import torch
 
 import moetier.distributed as ep
+from moetier.distributed import shm
 from moetier.distributed.launch import make_placement
 
 
@@ -41,6 +42,7 @@ def main() -> int:
             except ep.DistributedError as e:  # every rank sees a start-up refusal: record it, go on
                 results.append({"error": str(e)})
                 continue
+            left = group.shm_name is not None and (shm.SHM_DIR / group.shm_name).exists()  # unlinked at set-up?
             mine = set(placement.device_experts[rank])
             n_layers = len(model.spec.moe_layer_ids)
             if c.get("hierarchy"):  # a tiered provider over this rank's share: fewer slots than the share
@@ -107,7 +109,8 @@ def main() -> int:
                             "steps": steps, "per_rank": group.stop(), "placement": placement.to_json(),
                             "hidden": model.spec.hidden_size, "exchange": group.exchange,
                             "decode_path": paths["decode"]["path"], "prefill_path": paths["prefill"]["path"],
-                            "native_reason": model.native_reason, "one_by_one": one_by_one})
+                            "native_reason": model.native_reason, "one_by_one": one_by_one,
+                            "transport": group.transport, "segment_left": left})
         if rank == 0:
             torch.save(results, out)
         return 0

@@ -28,8 +28,8 @@ NEW = 6
 WORLD = 2
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
+@pytest.fixture(scope="module", params=["gloo", "auto"])  # auto: shared memory for direct (one machine)
+def job(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("ep")
     mixtral = make_tiny_checkpoint(tmp, "mixtral", num_local_experts=8)
     dsv3 = make_tiny_checkpoint(tmp, "deepseek_v3")
@@ -63,7 +63,10 @@ def job(tmp_path_factory):
         {"name": "exchange-mismatch", "model": str(EMBEDDED_DIR), "exchange": "replicated",
          "exchange_by_rank": {"1": "direct"}},
         # last: rank 1 exits (direct; test_four_ranks hangs a rank under replicated)
-        {"name": "dies", "model": str(EMBEDDED_DIR), "die_after": 3, "exchange": "direct"},
+        # gloo: rank 1 dies in the prefill (its batched rows travel on gloo under both transports);
+        # auto: after 8 prefill layers and 2 decode layers, so rank 0 notices on shared memory
+        {"name": "dies", "model": str(EMBEDDED_DIR), "die_after": 3 if request.param == "gloo" else 10,
+         "exchange": "direct"},
     ]
     n_exp = {c["name"]: moetier.spec.load_spec(c["model"]).num_experts for c in cases}
     for c in cases:
@@ -77,11 +80,13 @@ def job(tmp_path_factory):
     spec_file.write_text(json.dumps(cases))
     t0 = time.monotonic()
     codes = spawn([sys.executable, "-m", "tests.distributed._worker", str(out), str(spec_file)], WORLD,
-                  {"MOETIER_EP_TIMEOUT": "20"}, quiet_followers=False, timeout_s=600)
+                  {"MOETIER_EP_TIMEOUT": "20", "MOETIER_EP_TRANSPORT": request.param}, quiet_followers=False,
+                  timeout_s=600)
     assert codes == [0, 3]  # rank 1 dies in the last case (exit 3); rank 0 reports it and finishes
     got = torch.load(out)
     assert len(got) == len(cases)
-    return {c["name"]: (c, r) for c, r in zip(cases, got)} | {"elapsed": time.monotonic() - t0}
+    return {c["name"]: (c, r) for c, r in zip(cases, got)} | {"elapsed": time.monotonic() - t0,
+                                                              "transport": request.param}
 
 
 def emit_embedded_placement(path):
@@ -266,6 +271,19 @@ def test_a_dead_rank_stops_the_others_with_a_clear_error(job):
     _, r = job["dies"]
     assert r["error"] is not None and r["error"].startswith("rank 0: all-to-all with the other ranks failed")
     assert "a peer rank died" in r["error"] and "\n" not in r["error"]
+    if job["transport"] == "auto":  # shm (rank 1 died in a decode step): the dead-peer check names the rank
+        assert "(shm: rank 1 (pid " in r["error"] and ") exited)" in r["error"]
+
+
+def test_transport_taken_and_no_segment_left(job):
+    """``MOETIER_EP_TRANSPORT``: gloo everywhere, or auto: shared memory for ``direct`` (every rank on
+    this machine), gloo for ``replicated``; a shm segment is unlinked once every rank has mapped it."""
+    done = [(c, r) for name, (c, r) in ((n, v) for n, v in job.items() if isinstance(v, tuple)) if "transport" in r]
+    assert len(done) >= len(CASES)
+    for c, r in done:
+        want = "shm" if job["transport"] == "auto" and c["exchange"] == "direct" else "gloo"
+        assert r["transport"] == want, c["name"]
+        assert not r["segment_left"], c["name"]
 
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
@@ -284,6 +302,10 @@ def test_cli_spawns_local_ranks_and_reports_bytes(tmp_path, capfd, exchange):
     assert d["text"] == ref.generate("Once upon a time", max_tokens=5)
     ep = d["expert_parallel"]
     assert ep["ranks"] == 2 and len(ep["per_rank"]) == 2 and ep["exchange"] == exchange
+    import os
+
+    gloo = os.environ.get("MOETIER_EP_TRANSPORT", "auto") == "gloo" or exchange == "replicated"
+    assert ep["transport"] == ("gloo" if gloo else "shm")  # auto: both ranks on this machine
     assert ep["pair_bytes"] == pair_bytes(256, "fp32")
     for rank, r in enumerate(ep["per_rank"]):
         rows = ep_step_rows(exchange, 2, rank, r["local_pairs"], r["remote_pairs"])

@@ -90,6 +90,8 @@ def test_serve_ep_503_on_a_hung_rank_then_restart_resumes(tmp_path):
         pre = "moetier_weights_expert_parallel_"
         assert float(prom[pre + "remote_pairs"]) > 0 and float(prom[pre + "planner_pair_bytes"]) == 256 * 4
         assert float(prom[pre + "replicated_exchange"]) == 0  # the default: direct
+        shm = os.environ.get("MOETIER_EP_TRANSPORT", "auto") != "gloo"  # auto: both ranks on this machine
+        assert float(prom[pre + "shm_transport"]) == shm
         assert float(prom[pre + "dispatch_bytes_sent"]) == float(prom[pre + "remote_pairs"]) * 256 * 4
         ranks = ranks_of(p.pid)
         os.kill(ranks[1], signal.SIGSTOP)  # hung follower: alive, silent
@@ -135,6 +137,7 @@ def test_serve_ep_replicated_answers_like_one_process(tmp_path):
                         if line.startswith("moetier_weights_expert_parallel_"))
         pre = "moetier_weights_expert_parallel_"
         assert float(prom[pre + "replicated_exchange"]) == 1
+        assert float(prom[pre + "shm_transport"]) == 0  # replicated: gloo
         assert float(prom[pre + "dispatch_bytes_sent"]) == 0  # no dispatch: rank 1 ran the same forward
         assert float(prom[pre + "combine_bytes_sent"]) == float(prom[pre + "local_pairs"]) * 256 * 4 > 0
         assert float(prom[pre + "combine_bytes_recv"]) == float(prom[pre + "remote_pairs"]) * 256 * 4 > 0
