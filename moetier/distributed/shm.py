@@ -27,8 +27,11 @@ the rank, which the group turns into its fault (every other rank exits with one 
 answers 503). A writer waiting for a free slot (rare: the protocol keeps at most two messages in
 flight) sleeps 50 us doubling to 1 ms instead. Spinning 2000 us with the yield measured best
 on this 2-CPU VM when other jobs left the CPUs alone (no yield, or a 50-200 us spin, did worse);
-under other jobs' load a polling rank loses its CPU for a scheduler slice and shm fell behind
-gloo (docs/expert-parallel.md, "Shared-memory transport"; ``MOETIER_EP_SPIN_US=0`` or gloo then).
+under other jobs' load a polling rank lost its CPU for a scheduler slice at each yield and shm fell
+behind gloo, so a yield that returns later than :data:`LOST_CPU_S` ends the poll (futex at once)
+and the next :data:`NO_SPIN_S` of waits do not poll: with one CPU held by a busy loop that made
+native P = 2 decode 3-7x faster than always polling, quiet no slower (docs/expert-parallel.md,
+"Shared-memory transport", "Adaptive wait").
 
 Only the fixed-size messages travel here (control, decode answers); a batched step's dispatch
 and combine rows and the ``replicated`` exchange stay on gloo.
@@ -57,6 +60,8 @@ LINE = 64  # bytes: a ring's acked word, a slot's header and every payload start
 MAGIC = 0x3170_6865_6974_656D  # b"metiehp1" little-endian: a moetier segment's first word
 HEADER_BYTES = LINE  # the segment's header: magic, size, creator pid, creator start time
 CHECK_EVERY_S = 0.02  # dead-peer check while waiting
+LOST_CPU_S = 200e-6  # a sched_yield that returns this late gave the CPU to another job (the CPU is contended)
+NO_SPIN_S = 0.5  # ... then a reader sleeps on the futex at once (no polling) for this long
 SLEEP_FIRST_S, SLEEP_MAX_S = 50e-6, 1e-3  # back-off after the spin when there is no futex to sleep on
 TRANSPORTS = ("gloo", "shm", "auto")
 X86_64 = ("x86_64", "amd64")
@@ -249,6 +254,7 @@ class Ring:
         self.seq_addr = [p - LINE for p in self.ptrs]  # a slot's seq word (its low 32 bits: the futex)
         self.sent = self.got = 0  # messages written (writer) / taken (reader)
         self.checked = time.perf_counter()  # the peer's last liveness check by the writer
+        self.no_spin_until = 0.0  # after a yield lost the CPU to another job: sleep at once until then
 
     def send(self, data: torch.Tensor) -> None:
         """Writer: message ``sent + 1`` (``data``: contiguous uint8) into its slot, seq last."""
@@ -294,12 +300,15 @@ class Ring:
         value while not ready)`` when given (the writer wakes it), else 50 us doubling to 1 ms;
         check the peer every 20 ms; :class:`ShmError` after ``timeout_s``."""
         t0 = time.perf_counter()
-        spin_end, check, end = t0 + self.spin_s, t0 + CHECK_EVERY_S, t0 + self.timeout_s
+        spin_end = t0 + self.spin_s if t0 >= self.no_spin_until else t0
+        check, end = t0 + CHECK_EVERY_S, t0 + self.timeout_s
         nap = SLEEP_FIRST_S
         while not ready():
             now = time.perf_counter()
             if now < spin_end:
                 os.sched_yield()  # the CPU goes to whoever waits for it; a pinned rank must not starve it
+                if time.perf_counter() - now > LOST_CPU_S:  # another job ran: polling now costs a slice
+                    spin_end, self.no_spin_until = now, now + NO_SPIN_S
                 continue
             if now >= check:
                 self.peer.check()

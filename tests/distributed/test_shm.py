@@ -175,3 +175,30 @@ def test_identity_of_this_process():
     d = shm.identity()
     assert d["boot"] and d["pidns"].startswith("pid:") and d["start"] == shm.start_time(d["pid"])
     assert shm.choose("auto", [d, dict(d)], "direct")[0] == "shm"
+
+
+def test_a_reader_that_loses_its_cpu_while_polling_sleeps_at_once(seg, monkeypatch):
+    """A sched_yield that returns late (another job took the CPU) ends the poll: the reader sleeps
+    on the futex for this wait and skips polling for the next ones (shm.NO_SPIN_S)."""
+    _, mm = seg
+    w, r = ends(mm, spin_us=1e6)  # would poll for a whole second
+    yields = []
+
+    def slow_yield():
+        yields.append(time.perf_counter())
+        time.sleep(2 * shm.LOST_CPU_S)  # as if another process held the CPU
+
+    monkeypatch.setattr(shm.os, "sched_yield", slow_yield)
+    import threading
+
+    t = threading.Timer(0.05, lambda: w.send(msg(1)))
+    t.start()
+    t0 = time.perf_counter()
+    assert torch.equal(r.recv(), msg(1))
+    t.join()
+    assert len(yields) == 1 and time.perf_counter() - t0 < 0.5  # one yield, then the futex (woken by send)
+    assert r.no_spin_until > t0
+    t = threading.Timer(0.02, lambda: w.send(msg(2)))
+    t.start()
+    assert torch.equal(r.recv(), msg(2)) and len(yields) == 1  # the next wait does not poll at all
+    t.join()
