@@ -81,7 +81,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
     g = group if group is not None else (32 if fmt == "int4" else 128)
     if experts_only and keep_head:
         raise ConfigError("--keep-head: with --experts-only the LM head is not quantized anyway; give one of them")
-    head = None if experts_only else head_format(fmt, g, keep_head, on_disk=True)
+    head = None if experts_only else head_format(fmt, g, keep_head, on_disk=True, cols=spec.hidden_size)
     tied = head is not None and spec.tie_word_embeddings
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: output directory exists and is not empty")

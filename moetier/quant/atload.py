@@ -43,10 +43,9 @@ def check(fmt: str | None, group: int | None) -> int:
 
 def weight_quantizer(fmt: str, group: int, keep_head: bool = False) -> Callable[[str, torch.Tensor], QTensor | None]:
     """``(checkpoint name, float weight) -> QTensor | None`` for ``load_dense_weights(quantize=)``."""
-    head = head_format(fmt, group, keep_head)
-
     def q(name: str, w: torch.Tensor) -> QTensor | None:
         if is_head(name):
+            head = head_format(fmt, group, keep_head, cols=w.shape[1])
             return None if head is None else quantize_weight(w, *head)
         return quantize_weight(w, fmt, group) if quantizable(name, w, experts_only=False) else None
 
@@ -58,10 +57,10 @@ def tied_head(net: Any, fmt: str, group: int, keep_head: bool = False) -> None:
     of its own, a quantized copy of the embedding [V, H] (the embedding stays as loaded)."""
     from moetier.layers.linear import QLinear
 
-    head = head_format(fmt, group, keep_head)
+    emb = net.embed_tokens.weight  # [V, H]
+    head = head_format(fmt, group, keep_head, cols=emb.shape[1])
     if head is None or net.lm_head is not None:
         return
-    emb = net.embed_tokens.weight  # [V, H]
     net.lm_head = QLinear(quantize_weight(emb, *head), None, emb.dtype)
 
 
@@ -92,7 +91,7 @@ class QuantizingExpertReader:
         return self.read(self.spec.moe_layer_ids[0], 0).nbytes
 
 
-def census_groups(fmt: str, group: int, quantize_all: bool, keep_head: bool = False) -> str:
+def census_groups(fmt: str, group: int, quantize_all: bool, keep_head: bool = False, hidden: int | None = None) -> str:
     """The ``mixed:`` precision entries (``moetier.planner.census``) of the groups quantized at
     load, e.g. ``ffn=int4:g32,attention=int4:g32,lm_head=int8:g128``."""
 
@@ -102,7 +101,7 @@ def census_groups(fmt: str, group: int, quantize_all: bool, keep_head: bool = Fa
     if not quantize_all:
         return "routed=" + name(fmt, group)
     out = f"ffn={name(fmt, group)},attention={name(fmt, group)}"
-    head = head_format(fmt, group, keep_head)
+    head = head_format(fmt, group, keep_head, cols=hidden)
     return out if head is None else out + ",lm_head=" + name(*head)
 
 

@@ -46,16 +46,21 @@ def is_head(name: str) -> bool:
     return bool(_HEAD.search(name))
 
 
-def head_format(fmt: str, group: int, keep_head: bool = False, on_disk: bool = False) -> tuple[str, int] | None:
-    """``(format, group)`` of the LM head when every linear weight is quantized to ``fmt``
-    (group ``group``), or ``None`` to keep it as stored. Under int4 the head is int8 g128 (an
-    int4 head costs too much quality). FP8 checkpoints on disk (``on_disk``) keep it: readers of
+def head_format(fmt: str, group: int, keep_head: bool = False, on_disk: bool = False,
+                cols: int | None = None) -> tuple[str, int] | None:
+    """``(format, group)`` of the LM head [V, ``cols``] when every linear weight is quantized to
+    ``fmt`` (group ``group``), or ``None`` to keep it as stored. Under int4 the head is int8 g128
+    (an int4 head costs too much quality; g64 / g32 when ``cols`` is not a multiple of 128:
+    compressed-tensors reads whole groups only). FP8 checkpoints on disk (``on_disk``) keep it: readers of
     the FP8 layout keep the head plain (transformers' FineGrainedFP8 leaves the output embedding
     unconverted unless ``modules_to_not_convert`` is given, so an F8 head with a
     ``weight_scale_inv`` would be read unscaled)."""
     if keep_head or (fmt == "fp8" and on_disk):
         return None
-    return HEAD_UNDER_INT4 if fmt == "int4" else (fmt, group)
+    if fmt != "int4":
+        return fmt, group
+    f, g = HEAD_UNDER_INT4
+    return f, next((x for x in (g, g // 2, g // 4) if cols and cols % x == 0), g)
 
 
 def quantize_weight(w: torch.Tensor, fmt: str, group: int = 128,

@@ -524,7 +524,7 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
         qfmt = load_kwargs["quantize"]
         g = check(qfmt, load_kwargs.get("quantize_group"))
         groups = census_groups(qfmt, g, bool(load_kwargs.get("quantize_all")),
-                               bool(load_kwargs.get("quantize_keep_head")))
+                               bool(load_kwargs.get("quantize_keep_head")), spec.hidden_size)
         prec = f"mixed:{groups},default={prec}"
     cen = census(spec, prec)
     if d.suffix == ".gguf":  # stored block types: the bytes the runtime will actually hold

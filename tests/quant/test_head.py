@@ -127,6 +127,9 @@ def test_census_groups_names_the_head():
     assert census_groups("fp8", 128, True) == "ffn=fp8,attention=fp8,lm_head=fp8"
     assert census_groups("int8", 64, True, keep_head=True) == "ffn=int8:g64,attention=int8:g64"
     assert census_groups("int4", 32, False) == "routed=int4:g32"
+    # a head whose rows are not whole 128-value groups: g64 / g32 (compressed-tensors reads whole groups)
+    assert census_groups("int4", 32, True, hidden=192).endswith("lm_head=int8:g64")
+    assert census_groups("int4", 32, True, hidden=96).endswith("lm_head=int8:g32")
 
 
 def _stored(d, name):
