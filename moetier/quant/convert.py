@@ -51,10 +51,13 @@ def head_format(fmt: str, group: int, keep_head: bool = False, on_disk: bool = F
     """``(format, group)`` of the LM head [V, ``cols``] when every linear weight is quantized to
     ``fmt`` (group ``group``), or ``None`` to keep it as stored. Under int4 the head is int8 g128
     (an int4 head costs too much quality; g64 / g32 when ``cols`` is not a multiple of 128:
-    compressed-tensors reads whole groups only). FP8 checkpoints on disk (``on_disk``) keep it: readers of
-    the FP8 layout keep the head plain (transformers' FineGrainedFP8 leaves the output embedding
-    unconverted unless ``modules_to_not_convert`` is given, so an F8 head with a
-    ``weight_scale_inv`` would be read unscaled)."""
+    compressed-tensors reads whole groups only). FP8 checkpoints on disk (``on_disk``) keep it
+    plain, as the FP8 releases do: transformers' FineGrainedFP8 quantizer leaves the output
+    embedding out of its FP8 layers unless ``modules_to_not_convert`` says otherwise, so where
+    it keeps FP8 layers (GPU) an F8 head's ``weight_scale_inv`` has no layer to go to (checked
+    with transformers 5.24 on CPU, where it dequantizes everything at load: there the head's
+    scales *are* applied, exactly when the vocabulary is whole 128-row blocks, and wrongly on a
+    partial last block: 84 of 300 rows off)."""
     if keep_head or (fmt == "fp8" and on_disk):
         return None
     if fmt != "int4":
