@@ -80,6 +80,20 @@ def test_quantized_head_native_matches_torch(ck, fmt):
     assert keep.net.dense_bytes_per_token() - m.net.dense_bytes_per_token() == V * H * 4 - head.qweight.nbytes
 
 
+def test_tiered_quantized_head_equals_in_ram(ck):
+    """A cache over the files with everything quantized at load: the same logits as in RAM, and
+    the budget's precision names the head's format."""
+    kw = dict(tokenizer=False, dtype="float32", quantize="int4", quantize_all=True, quantize_group=32)
+    m = moetier.load(ck, **kw)
+    t = moetier.load(ck, expert_cache=0.25, **kw)
+    try:
+        ids = [(3 * i + 2) % V for i in range(10)]
+        assert torch.equal(decode_logits(t, ids), decode_logits(m, ids))
+        assert "lm_head=int8:g128" in t.placement_precision
+    finally:
+        t.hierarchy.close()
+
+
 def test_keep_head_and_option_errors(ck):
     m = moetier.load(ck, tokenizer=False, dtype="float32", quantize="int8", quantize_all=True,
                      quantize_keep_head=True)
