@@ -110,7 +110,7 @@ def add_arguments(p: Any) -> None:
     g.add_argument("--quantize", default=None, choices=CHOICES,
                    help="keep routed experts in this format (int4 / int8 groups, fp8 blocks), quantized at load")
     g.add_argument("--quantize-all", action="store_true",
-                   help="with --quantize: also attention, dense FFN and shared-expert weights")
+                   help="with --quantize: also attention, dense FFN, shared-expert weights and the LM head")
     g.add_argument("--quantize-group", type=int, default=None, choices=(32, 64, 128),
                    help="values per scale for int4 / int8 (default: int4 32, int8 128)")
     g.add_argument("--keep-head", action="store_true",
