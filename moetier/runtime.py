@@ -88,6 +88,7 @@ def load(
     quantize: str | None = None,
     quantize_all: bool = False,
     quantize_group: int | None = None,
+    quantize_keep_head: bool = False,
 ) -> Model:
     """Load a checkpoint directory or a GGUF file (``None`` = the embedded model) for inference.
 
@@ -108,7 +109,8 @@ def load(
     (``max_position_embeddings``, the default); with ``max_ram`` the budget reserves KV cache
     for it. Prompts beyond it are refused (:attr:`Model.context_limit`).
     quantize: "int4" | "int8" | "fp8": keep routed experts (with ``quantize_all``, every linear
-    weight but embeddings / LM head / routers) quantized at load, ``quantize_group`` values per
+    weight but embeddings / routers, and the LM head unless ``quantize_keep_head``: int8 g128
+    under int4, a tied head as its own copy) quantized at load, ``quantize_group`` values per
     scale (``moetier.quant.atload``); weights stored quantized stay as stored.
     With weight-hierarchy options (``max_ram``, ``policy``, ``expert_cache``, ``prefetch``,
     ``plan``, ...) :func:`moetier.load` goes to :func:`moetier.weights.tiered.load` instead, which
@@ -152,16 +154,20 @@ def load(
 
             reader = expert_reader(index, spec, dt)
     qdense = None
-    if quantize is not None or quantize_all:
+    if quantize is not None or quantize_all or quantize_keep_head:
         from moetier.quant import atload
 
         group = atload.check(quantize, quantize_group)
         assert quantize is not None
+        if quantize_keep_head and not quantize_all:
+            raise ConfigError("quantize_keep_head=True needs quantize_all=True (the LM head is quantized only with it)")
         if reader is not None:
             reader = atload.QuantizingExpertReader(reader, quantize, group)
         if quantize_all:
-            qdense = atload.weight_quantizer(quantize, group)
+            qdense = atload.weight_quantizer(quantize, group, quantize_keep_head)
     load_dense_weights(net, index, dt, check_finite=check_finite, quantize=qdense)
+    if qdense is not None and net.lm_head is None:  # tied: the head gets its own quantized copy
+        atload.tied_head(net, quantize, group, quantize_keep_head)
     provider: ExpertProvider | None = None
     if reader is not None:
         provider = (expert_provider_factory or default_provider)(spec, reader)

@@ -1,4 +1,4 @@
-"""``moetier quantize SRC OUT --format int4|int8|fp8 [--group N] [--experts-only]``: write a
+"""``moetier quantize SRC OUT --format int4|int8|fp8 [--group N] [--experts-only | --keep-head]``: write a
 quantized copy of a bf16 / fp32 checkpoint in a released layout other tools read;
 ``moetier quantize SRC OUT.gguf --type Q8_0|Q6_K|Q5_K|Q4_K|Q5_K_M|Q4_K_M|BF16|F16|F32``:
 write a GGUF file llama.cpp loads (``moetier.weights.gguf_write``; SRC a checkpoint directory
@@ -11,10 +11,13 @@ or a float GGUF).
   layout, ``quant_method: "fp8"``).
 
 Quantized: every linear weight a quantized release quantizes (attention, dense FFN, shared and
-routed experts), or only the routed experts with ``--experts-only``; embeddings, LM head,
-norms and routers are copied. One source shard at a time (memory: one shard). config.json
-gets the ``quantization_config``; the other files (tokenizer, generation config, ...) are
-copied. moetier reads the result back (``moetier.load(OUT)``).
+routed experts) and the LM head (int8 as the rest; int8 group 128 under int4; kept with
+``--keep-head``, and always under fp8: FP8 readers keep the head plain, see
+``quant/convert.py: head_format``), or only the routed experts with ``--experts-only``;
+embeddings, norms and routers are copied. A tied head (``tie_word_embeddings``) is written as
+its own quantized ``lm_head`` and the config unties it; the embedding stays. One source shard
+at a time (memory: one shard). config.json gets the ``quantization_config``; the other files
+(tokenizer, generation config, ...) are copied. moetier reads the result back (``moetier.load(OUT)``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 
 from moetier.errors import ConfigError
-from moetier.quant.convert import FORMATS, GROUPS, quantization_config, quantize_state_dict
+from moetier.quant.convert import FORMATS, GROUPS, head_format, quantization_config, quantize_state_dict
 from moetier.spec import load_spec
 from moetier.weights.gguf_write import OUT_TYPES
 from moetier.weights.safetensors_io import INDEX_NAME, SafetensorsIndex
@@ -60,11 +63,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--group", type=int, default=None, choices=GROUPS,
                    help="int4 / int8: values per scale (default 32 for int4, 128 for int8)")
     p.add_argument("--experts-only", action="store_true", help="quantize the routed experts only")
+    p.add_argument("--keep-head", action="store_true",
+                   help="keep the LM head as stored (default: int8 like the rest, int8 group 128 under int4; "
+                   "fp8 always keeps it)")
     p.set_defaults(func=run)
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int | None = None,
-                        experts_only: bool = False) -> Path:
+                        experts_only: bool = False, keep_head: bool = False) -> Path:
     src, out = Path(src), Path(out)
     spec = load_spec(src)
     if spec.quantization is not None:
@@ -73,6 +79,10 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     g = group if group is not None else (32 if fmt == "int4" else 128)
+    if experts_only and keep_head:
+        raise ConfigError("--keep-head: with --experts-only the LM head is not quantized anyway; give one of them")
+    head = None if experts_only else head_format(fmt, g, keep_head, on_disk=True, cols=spec.hidden_size)
+    tied = head is not None and spec.tie_word_embeddings
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: output directory exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +98,10 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
         for path, names in sorted(by_file.items()):
             sd = {n: idx.read(n) for n in names}
             sd = {n: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t for n, t in sd.items()}
-            q, ign = quantize_state_dict(sd, fmt, group=g, experts_only=experts_only)
+            if tied and "model.embed_tokens.weight" in sd and "lm_head.weight" not in idx.tensors:
+                # the tied head's own copy (quantized below)
+                sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+            q, ign = quantize_state_dict(sd, fmt, group=g, experts_only=experts_only, head=head)
             keep_dtype = {n: idx.info(n).torch_dtype for n in names}
             # tensors copied as they were (upcast above only to quantize)
             q = {n: t.to(keep_dtype[n]) if n in keep_dtype and t.dtype == torch.float32 else t.contiguous()
@@ -105,7 +118,11 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
         if f.is_file() and f.suffix != ".safetensors" and f.name not in (INDEX_NAME, "config.json"):
             shutil.copy(f, out / f.name)
     cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    cfg["quantization_config"] = quantization_config(fmt, g, ignore=sorted(ignore))
+    if tied:
+        if not any(n.startswith("lm_head.") for n in weight_map):
+            raise ConfigError(f"{src}: tie_word_embeddings is set but no shard holds model.embed_tokens.weight")
+        cfg["tie_word_embeddings"] = False
+    cfg["quantization_config"] = quantization_config(fmt, g, ignore=sorted(ignore), head=head)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
@@ -116,8 +133,8 @@ def run_gguf(args: argparse.Namespace) -> int:
     from moetier.commands.census import fmt_bytes
     from moetier.weights.gguf_write import write_gguf
 
-    if args.format is not None or args.group is not None or args.experts_only:
-        raise ConfigError("--type (GGUF output) takes no --format / --group / --experts-only")
+    if args.format is not None or args.group is not None or args.experts_only or args.keep_head:
+        raise ConfigError("--type (GGUF output) takes no --format / --group / --experts-only / --keep-head")
     rep = write_gguf(args.src, args.out, args.gguf_type, on_note=lambda s: print(f"note: {s}", file=sys.stderr))
     types = ", ".join(f"{n} {t}" for t, n in sorted(rep.types.items(), key=lambda kv: -kv[1]))
     print(f"wrote {rep.path} ({args.gguf_type}): {fmt_bytes(rep.nbytes)} of tensors; tensors by type: {types} "
@@ -133,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
                           f"{'|'.join(OUT_TYPES)} (GGUF)")
     if str(args.out).endswith(".gguf"):
         raise ConfigError(f"{args.out}: a .gguf output needs --type (one of {', '.join(OUT_TYPES)}), not --format")
-    out = quantize_checkpoint(args.src, args.out, args.format, args.group, args.experts_only)
+    out = quantize_checkpoint(args.src, args.out, args.format, args.group, args.experts_only, args.keep_head)
     spec = load_spec(out)
     from moetier.commands.census import fmt_bytes
     from moetier.weights.stored import stored_census

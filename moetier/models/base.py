@@ -30,7 +30,7 @@ from torch import nn
 from moetier.errors import WeightError
 from moetier.layers.attention import Attention, Segments, Sequence
 from moetier.layers.experts import ExpertProvider, ExpertWeights
-from moetier.layers.linear import QLinear
+from moetier.layers.linear import QLinear, linear
 from moetier.layers.mlp import GatedMLP
 from moetier.layers.moe import MoEBlock, RouterObserver, SoftmaxTopKRouter
 from moetier.layers.norm import RMSNorm
@@ -403,6 +403,8 @@ class DecoderLM(nn.Module):
             last = [s + n - 1 for _, s, n in segments]
             x = x[last] if len(last) > 1 or last[0] != x.shape[0] - 1 else x[-1:]
         x = self.norm(x)
+        if isinstance(self.lm_head, QLinear):  # a quantized head: dequantized per use, float32 product
+            return linear(x.float(), self.lm_head.qweight)
         return torch.nn.functional.linear(x, self.output_weight()).float()
 
     def dense_bytes_per_token(self) -> int:

@@ -34,7 +34,11 @@ Bytes: matrices are stored at the group's precision (with group-scale overhead f
 block fp8); vectors (biases, norms, sinks, correction biases) stay at >= bf16, as real quantized
 checkpoints keep them. ``active_bytes`` is what one decoded token reads (batch 1): the always-on
 groups, with the embedding contributing only its looked-up row (unless tied: then the LM head
-reads the whole matrix), plus ``top_k`` routed experts per MoE layer.
+reads the whole matrix), plus ``top_k`` routed experts per MoE layer. A tied LM head given a
+quantized format other than the embedding's (``mixed:...,lm_head=int8:g128``: moetier's
+``--quantize-all`` keeps a quantized copy of the tied embedding as the head) is that copy:
+``lm_head`` holds its bytes and is what a token reads, the embedding one row
+(``Census.head_copy``; the copy is not counted in ``total_params`` / ``active_params``).
 """
 
 from __future__ import annotations
@@ -264,6 +268,12 @@ class Census:
     active_bytes: float  # bytes read to decode one token at batch 1
     expert_params: int  # ONE routed expert
     expert_bytes: float
+    head_copy: bool = False  # a tied LM head kept as its own quantized copy (module doc)
+
+    @property
+    def head_is_embedding(self) -> bool:
+        """The embedding matrix is read whole per token as the LM head (tied, no copy)."""
+        return self.spec.tie_word_embeddings and not self.head_copy
 
     @property
     def mtp_params(self) -> int:
@@ -412,12 +422,18 @@ def _expert_parts(spec: ModelSpec) -> _Parts:
     return p
 
 
-def _count(spec: ModelSpec) -> dict[str, _Parts]:
+def _head_copy(spec: ModelSpec, prec: Precision) -> bool:
+    """A tied LM head stored apart: quantized, in another format than the embedding's."""
+    head = prec.format_of("lm_head")
+    return spec.tie_word_embeddings and head != prec.format_of("embedding") and _format_bytes(head) < 2.0
+
+
+def _count(spec: ModelSpec, head_copy: bool = False) -> dict[str, _Parts]:
     h, v = spec.hidden_size, spec.vocab_size
     n_moe, n_dense = spec.num_moe_layers, spec.num_dense_layers
     parts = {g: _Parts() for g in GROUPS}
     parts["embedding"].matrix = v * h
-    parts["lm_head"].matrix = 0 if spec.tie_word_embeddings else v * h
+    parts["lm_head"].matrix = v * h if head_copy or not spec.tie_word_embeddings else 0
 
     attn, attn_norm = _attention_layer(spec)
     parts["attention"].matrix = attn.matrix * spec.num_layers
@@ -479,7 +495,9 @@ def _mtp_follows_groups(prec: Precision) -> bool:
 def census(spec: ModelSpec, precision: str | Precision = "bf16") -> Census:
     """Per-group parameters and bytes of ``spec`` stored at ``precision``."""
     prec = precision if isinstance(precision, Precision) else parse_precision(precision)
-    parts = _count(spec)
+    head_copy = _head_copy(spec, prec)
+    tied = spec.tie_word_embeddings and not head_copy  # the embedding matrix is read as the LM head
+    parts = _count(spec, head_copy)
     expert = _expert_parts(spec) if spec.num_experts else _Parts()
     expert_bytes = expert.matrix * prec.bytes_per_param("routed_experts") + expert.vector * (
         prec.vector_bytes_per_param("routed_experts")
@@ -501,15 +519,16 @@ def census(spec: ModelSpec, precision: str | Precision = "bf16") -> Census:
         )
 
     main = [g for g in GROUPS if g != "mtp"]
-    total_params = sum(groups[g].params for g in main)
-    active_params = sum(groups[g].active_params for g in main)
+    copy = groups["lm_head"].params if head_copy else 0  # not a parameter of the model
+    total_params = sum(groups[g].params for g in main) - copy
+    active_params = sum(groups[g].active_params for g in main) - copy
     emb = groups["embedding"]
     excl = active_params - (0 if spec.tie_word_embeddings else emb.active_params)
-    always_on_params = sum(groups[g].params for g in ALWAYS_ON_GROUPS)
+    always_on_params = sum(groups[g].params for g in ALWAYS_ON_GROUPS) - copy
     always_on_bytes = sum(groups[g].bytes for g in ALWAYS_ON_GROUPS)
     routed_bytes = groups["routed_experts"].bytes
     # bytes read per decoded token: the embedding contributes one row unless it doubles as LM head
-    emb_read = emb.bytes if spec.tie_word_embeddings else spec.hidden_size * prec.bytes_per_param("embedding")
+    emb_read = emb.bytes if tied else spec.hidden_size * prec.bytes_per_param("embedding")
     active_bytes = (
         always_on_bytes - emb.bytes + emb_read + spec.num_moe_layers * spec.top_k * expert_bytes
     )
@@ -529,4 +548,5 @@ def census(spec: ModelSpec, precision: str | Precision = "bf16") -> Census:
         active_bytes=active_bytes,
         expert_params=expert.total,
         expert_bytes=expert_bytes,
+        head_copy=head_copy,
     )

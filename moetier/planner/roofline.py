@@ -606,7 +606,7 @@ def _phase(ctx: _Ctx, name: str, tokens: float, kv_read: float, kv_write: float,
         if g == "mtp":
             continue
         b = cen.groups[g].bytes
-        if g == "embedding" and not spec.tie_word_embeddings:
+        if g == "embedding" and not cen.head_is_embedding:
             b = min(b, tokens * spec.hidden_size * prec.bytes_per_param("embedding"))
         served[ti] += b
         transfers[ti] += 1
@@ -651,7 +651,7 @@ def _phase(ctx: _Ctx, name: str, tokens: float, kv_read: float, kv_write: float,
     compute_s = 0.0
     flops_total = 0.0
     for g in ALWAYS_ON_GROUPS:
-        if g == "embedding" and not spec.tie_word_embeddings:
+        if g == "embedding" and not cen.head_is_embedding:
             continue
         f = 2.0 * tokens * cen.groups[g].params
         if f:
@@ -732,10 +732,10 @@ def _kernel_s(ctx: _Ctx, routed_on_device: float) -> float:
     per-format kernel rates (weights/s): every matrix the compute tier multiplies (always-on
     groups, the routed experts computed there), each at its stored format's rate. Groups whose
     format has no measured rate count as free here (they stay bounded by memory and FLOPs)."""
-    spec, m, cen, prec = ctx.spec, ctx.machine, ctx.cen, ctx.prec
+    m, cen, prec = ctx.machine, ctx.cen, ctx.prec
     total = 0.0
     for g in ALWAYS_ON_GROUPS:
-        if g == "norms" or (g == "embedding" and not spec.tie_word_embeddings):
+        if g == "norms" or (g == "embedding" and not cen.head_is_embedding):
             continue  # vectors; the embedding is one row per token, copied
         r = m.kernel_rate(prec.format_of(g))
         if r and cen.groups[g].params:

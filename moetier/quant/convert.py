@@ -9,7 +9,10 @@
   ``experts.gate_up_proj [E, H, 2I]`` / ``experts.down_proj [E, I, H]`` tensors.
 
 Which weights: :func:`quantizable` (2-D linear weights; never embeddings, the LM head, norms,
-routers or shared-expert gates), restricted to routed experts with ``experts_only``.
+routers or shared-expert gates), restricted to routed experts with ``experts_only``. The LM
+head is quantized apart, in :func:`head_format` (``moetier quantize`` and ``--quantize-all``
+unless ``--keep-head``): int8 / fp8 as the rest, int8 group 128 under int4 (an int4 head costs
+too much quality); a tied head gets its own copy, the embedding stays.
 Quantization is round-to-nearest (``moetier.quant.fp8.quantize``, ``intgroup.quantize``,
 ``mxfp4.quantize``).
 """
@@ -27,6 +30,8 @@ FORMATS = ("fp8", "int8", "int4")
 GROUPS = (32, 64, 128)
 _EXPERT = re.compile(r"\.experts\.(\d+\.)?")
 _NEVER = re.compile(r"(embed_tokens|lm_head|norm|\.gate\.weight$|\.router\.|shared_expert_gate)")
+_HEAD = re.compile(r"(^|\.)lm_head\.weight$")
+HEAD_UNDER_INT4 = ("int8", 128)  # (format, group) of the LM head when the rest is int4
 
 
 def quantizable(name: str, t: torch.Tensor, experts_only: bool) -> bool:
@@ -34,6 +39,31 @@ def quantizable(name: str, t: torch.Tensor, experts_only: bool) -> bool:
     if not name.endswith(".weight") or t.dim() != 2 or not t.is_floating_point() or _NEVER.search(name):
         return False
     return not experts_only or bool(_EXPERT.search(name))
+
+
+def is_head(name: str) -> bool:
+    """``name`` is the LM head's weight (``lm_head.weight``, ``language_model.lm_head.weight``)."""
+    return bool(_HEAD.search(name))
+
+
+def head_format(fmt: str, group: int, keep_head: bool = False, on_disk: bool = False,
+                cols: int | None = None) -> tuple[str, int] | None:
+    """``(format, group)`` of the LM head [V, ``cols``] when every linear weight is quantized to
+    ``fmt`` (group ``group``), or ``None`` to keep it as stored. Under int4 the head is int8 g128
+    (an int4 head costs too much quality; g64 / g32 when ``cols`` is not a multiple of 128:
+    compressed-tensors reads whole groups only). FP8 checkpoints on disk (``on_disk``) keep it
+    plain, as the FP8 releases do: transformers' FineGrainedFP8 quantizer leaves the output
+    embedding out of its FP8 layers unless ``modules_to_not_convert`` says otherwise, so where
+    it keeps FP8 layers (GPU) an F8 head's ``weight_scale_inv`` has no layer to go to (checked
+    with transformers 5.24 on CPU, where it dequantizes everything at load: there the head's
+    scales *are* applied, exactly when the vocabulary is whole 128-row blocks, and wrongly on a
+    partial last block: 84 of 300 rows off)."""
+    if keep_head or (fmt == "fp8" and on_disk):
+        return None
+    if fmt != "int4":
+        return fmt, group
+    f, g = HEAD_UNDER_INT4
+    return f, next((x for x in (g, g // 2, g // 4) if cols and cols % x == 0), g)
 
 
 def quantize_weight(w: torch.Tensor, fmt: str, group: int = 128,
@@ -61,40 +91,51 @@ def stored_tensors(name: str, q: QTensor) -> Iterator[tuple[str, torch.Tensor]]:
         yield f"{base}.weight_shape", torch.tensor(q.shape, dtype=torch.int64)
 
 
+def _ct_group(bits: int, group: int, targets: list[str]) -> dict:
+    return {"targets": targets,
+            "weights": {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group",
+                        "group_size": group, "dynamic": False, "actorder": None, "observer": "minmax"},
+            "input_activations": None, "output_activations": None}
+
+
 def quantization_config(fmt: str, group: int = 128, block: tuple[int, int] = (128, 128),
-                        ignore: list[str] | None = None) -> dict:
-    """The config.json ``quantization_config`` of a checkpoint written by :func:`quantize_state_dict`."""
+                        ignore: list[str] | None = None, head: tuple[str, int] | None = None) -> dict:
+    """The config.json ``quantization_config`` of a checkpoint written by :func:`quantize_state_dict`;
+    ``head``: the LM head's (format, group) when it is quantized in another scheme than the rest
+    (compressed-tensors: a second config group targeting ``lm_head`` by name, which wins over
+    the ``Linear`` class target; moetier matches a tensor to a group by bits and group count)."""
     if fmt == "fp8":
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                 "weight_block_size": list(block)}
     if fmt == "mxfp4":
         return {"quant_method": "mxfp4", "modules_to_not_convert": ignore or []}
-    bits = int(fmt[3:])
+    groups = {"group_0": _ct_group(int(fmt[3:]), group, ["Linear"])}
+    if head is not None and head != (fmt, group):
+        assert head[0] in ("int4", "int8"), head
+        groups["group_1"] = _ct_group(int(head[0][3:]), head[1], ["lm_head"])
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group",
-                        "group_size": group, "dynamic": False, "actorder": None, "observer": "minmax"},
-            "input_activations": None, "output_activations": None,
-        }},
+        "config_groups": groups,
         "ignore": ignore or [],
         "kv_cache_scheme": None,
     }
 
 
 def quantize_state_dict(sd: dict[str, torch.Tensor], fmt: str, *, group: int = 128,
-                        block: tuple[int, int] = (128, 128), experts_only: bool = False
-                        ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``sd`` with its quantizable weights in ``fmt`` (``fp8`` | ``int8`` | ``int4``).
-    Returns the new state dict and the names of the linear modules left unquantized (for
-    compressed-tensors' ``ignore``)."""
+                        block: tuple[int, int] = (128, 128), experts_only: bool = False,
+                        head: tuple[str, int] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``sd`` with its quantizable weights in ``fmt`` (``fp8`` | ``int8`` | ``int4``), and the LM
+    head in ``head`` = (format, group) when given (:func:`head_format`; ``None``: kept, as the
+    released layouts do). Returns the new state dict and the names of the linear modules left
+    unquantized (for compressed-tensors' ``ignore``)."""
     out: dict[str, torch.Tensor] = {}
     ignore = []
     for name, t in sd.items():
-        if quantizable(name, t, experts_only):
+        if head is not None and is_head(name) and t.dim() == 2 and t.is_floating_point():
+            out.update(stored_tensors(name, quantize_weight(t, head[0], head[1], block)))
+        elif quantizable(name, t, experts_only):
             out.update(stored_tensors(name, quantize_weight(t, fmt, group, block)))
         else:
             if name.endswith(".weight") and t.dim() == 2 and "embed_tokens" not in name and "norm" not in name:

@@ -519,12 +519,12 @@ def load(path: Any = None, *, plan: Any = None, max_ram: Any = None, policy: str
 
         prec = checkpoint_precision(d, spec, plain=prec)
     elif load_kwargs.get("quantize"):  # quantized at load (moetier.quant.atload)
-        from moetier.quant.atload import check
+        from moetier.quant.atload import census_groups, check
 
         qfmt = load_kwargs["quantize"]
         g = check(qfmt, load_kwargs.get("quantize_group"))
-        qprec = qfmt if qfmt == "fp8" else f"{qfmt}:g{g}"
-        groups = "ffn=" + qprec + ",attention=" + qprec if load_kwargs.get("quantize_all") else "routed=" + qprec
+        groups = census_groups(qfmt, g, bool(load_kwargs.get("quantize_all")),
+                               bool(load_kwargs.get("quantize_keep_head")), spec.hidden_size)
         prec = f"mixed:{groups},default={prec}"
     cen = census(spec, prec)
     if d.suffix == ".gguf":  # stored block types: the bytes the runtime will actually hold

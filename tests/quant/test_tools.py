@@ -61,7 +61,8 @@ def test_quantize_command_round_trip(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     q = cfg["quantization_config"]
     assert q["format"] == "pack-quantized" and q["config_groups"]["group_0"]["weights"]["group_size"] == 32
-    assert "lm_head" in q["ignore"] and "model.layers.0.mlp.gate" in q["ignore"]
+    assert "lm_head" not in q["ignore"] and "model.layers.0.mlp.gate" in q["ignore"]  # head: int8 g128
+    assert q["config_groups"]["group_1"]["targets"] == ["lm_head"]
     m = moetier.load(out, dtype="float32", tokenizer=False)
     assert m.provider.get(0, 0).split[0].fmt == "int4_group"
     # moetier's own loader == transformers on the dequantized weights
@@ -102,8 +103,8 @@ def test_quantize_at_load(tmp_path):
     assert not any(type(m).__name__ == "QLinear" for m in q4.net.modules())  # experts only by default
     assert q4.native_reason is None  # the native kernels read int4_group weights as stored
     qa = moetier.load(ck, tokenizer=False, dtype="float32", quantize="int8", quantize_all=True)
-    assert sum(type(m).__name__ == "QLinear" for m in qa.net.modules()) == 2 * 4  # q, k, v, o per layer
-    assert qa.net.lm_head.__class__.__name__ == "Linear"
+    assert sum(type(m).__name__ == "QLinear" for m in qa.net.modules()) == 2 * 4 + 1  # q, k, v, o per layer; head
+    assert qa.net.lm_head.qweight.fmt == "int8_group"
     ids = list(range(4, 40))
     lp, l4, l8 = plain.logits(ids), q4.logits(ids), qa.logits(ids)
     assert 0 < (l8 - lp).abs().max() < (l4 - lp).abs().max()  # int8 closer than int4 g32
