@@ -125,6 +125,8 @@ class EPStats:
     local_pairs: int = 0  # pairs computed where their token lives / here for rank 0
     moe_calls: int = 0
     collectives: int = 0  # step messages posted (point-to-point: control, dispatch, combine, pings)
+    native_calls: int = 0  # MoE layers whose exchange ran inside the native step (native_ep.py)
+    sleeps: int = 0  # native exchange: waits for a message or a slot that went to sleep (not only polled)
     comm_s: float = 0.0  # posting and waiting for step messages (includes waiting for the peers)
     compute_s: float = 0.0  # expert FFNs on this rank
     cpu_s: float = 0.0  # this process's CPU time (all threads) when the figures were gathered
@@ -329,6 +331,9 @@ class EPGroup:
         self._tr: Any = GlooTransport(self)  # the step messages' transport (:meth:`_setup_transport`, in ready)
         self.transport, self.transport_why = "gloo", "not set up"
         self.shm_name: str | None = None  # shm: the segment's name (unlinked once every rank mapped it)
+        # direct + shm + native decode: the exchange inside the native step (native_ep.py), or None and why
+        self.native_exchange: Any = None
+        self.native_exchange_why = "not set up"
 
     # ----- messages (every failure becomes one clear line) -----
     def _p2p(self, t: torch.Tensor, peer: int, tag: int, send: bool, wait: bool = True) -> Any:
@@ -520,6 +525,12 @@ class EPGroup:
             self._post_slots()
         if self.world > 1:
             self._tr.start()
+        if self.exchange == "direct" and self.world > 1 and getattr(self, "native", None) is not None:
+            from moetier.distributed.native_ep import NativeExchange
+
+            self.native_exchange, self.native_exchange_why = NativeExchange.make(self, self.native)
+            if self.native_exchange is not None and self.rank == 0:
+                self.native.bind_exchange(self.native_exchange)  # whole steps exchange inside mt_step
         if self.rank == 0 and self.world > 1 and self._beat is None:
             self._beat = threading.Thread(target=self._heartbeat, name="moetier-ep-heartbeat", daemon=True)
             self._beat.start()
@@ -1023,7 +1034,12 @@ class EPGroup:
         provider = model.provider.local if isinstance(model.provider, ExpertParallelProvider) else model.provider
         calls = 0
         first = min(blocks)
+        ex = self.native_exchange
         while max_calls is None or calls < max_calls:
+            if ex is not None:  # rank 0's native decode messages, answered in C until another kind arrives
+                calls += ex.serve(-1 if max_calls is None else max_calls - calls, torch.get_num_threads())
+                if max_calls is not None and calls >= max_calls:
+                    break
             cmd, layer, n, msg = self._recv_ctrl(post_next=False)
             if cmd == CMD_STOP:  # the answer rank 0 has posted a receive for, then the figures
                 self._send_answer(torch.zeros(self._answer_bytes(), dtype=torch.uint8))
@@ -1130,6 +1146,7 @@ class EPMetrics:
             **{f.name: getattr(s, f.name) for f in fields(s)}, "ranks": g.world, "rank": g.rank,
             "exchange": g.exchange, "replicated_exchange": int(g.exchange == "replicated"),
             "transport": g.transport, "shm_transport": int(g.transport == "shm"),
+            "native_exchange": int(g.native_exchange is not None), "native_exchange_why": g.native_exchange_why,
             "planner_rows_per_token_total": ep_rows_per_token(g.exchange, k, g.world)["total"],
             "planner_pair_bytes": pair_bytes(getattr(g, "hidden", 0), dt),
             "planner_remote_pairs_per_token": direct_remote_pairs(k, g.world)[0],

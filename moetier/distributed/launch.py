@@ -184,7 +184,8 @@ def report_figures(model: Any, group: Any, placement: Any, per_rank: list[dict[s
         dt = "fp32"
     out_pairs, _ = direct_remote_pairs(k, world)
     return {"ranks": world, "exchange": group.exchange, "transport": group.transport,
-            "transport_why": group.transport_why,
+            "transport_why": group.transport_why, "native_exchange": group.native_exchange is not None,
+            "native_exchange_why": group.native_exchange_why,
             "planner_rows_per_token": ep_rows_per_token(group.exchange, k, world),
             "placement": placement.to_json()["device_experts"], "per_rank": per_rank,
             "pair_bytes": pair_bytes(H, dt), "step_timeout_s": group.timeout_s,

@@ -237,6 +237,16 @@ def unlink(name: str) -> None:
     (SHM_DIR / name).unlink(missing_ok=True)
 
 
+class RingState(ctypes.Structure):
+    """A ring end's counters and addresses, shared with the native exchange (``mt_ring`` in
+    moetier/native/csrc/ep.h; keep the field order in sync): a rank's Python and C ends of one
+    ring are one end."""
+
+    _fields_ = [("acked", ctypes.c_void_p), ("seq", ctypes.c_void_p * SLOTS), ("slot_bytes", ctypes.c_long),
+                ("sent", ctypes.c_int64), ("got", ctypes.c_int64), ("no_spin_until", ctypes.c_double),
+                ("spin_s", ctypes.c_double), ("id", ctypes.c_int)]
+
+
 class Ring:
     """One direction between two ranks in a mapped segment (see the module docstring)."""
 
@@ -252,9 +262,16 @@ class Ring:
         self.views = [torch.frombuffer(mm, dtype=torch.uint8, count=slot_bytes, offset=h + LINE) for h in heads]
         self.ptrs = [v.data_ptr() for v in self.views]
         self.seq_addr = [p - LINE for p in self.ptrs]  # a slot's seq word (its low 32 bits: the futex)
-        self.sent = self.got = 0  # messages written (writer) / taken (reader)
+        # messages written (writer) / taken (reader); after a yield lost the CPU to another job:
+        # sleep at once until no_spin_until (perf_counter = CLOCK_MONOTONIC, as in C)
+        self.st = RingState(acked=self.seq_addr[0] - LINE, seq=(ctypes.c_void_p * SLOTS)(*self.seq_addr),
+                            slot_bytes=slot_bytes, spin_s=spin_s)
         self.checked = time.perf_counter()  # the peer's last liveness check by the writer
-        self.no_spin_until = 0.0  # after a yield lost the CPU to another job: sleep at once until then
+
+    sent = property(lambda self: self.st.sent, lambda self, v: setattr(self.st, "sent", v))
+    got = property(lambda self: self.st.got, lambda self, v: setattr(self.st, "got", v))
+    no_spin_until = property(lambda self: self.st.no_spin_until,
+                             lambda self, v: setattr(self.st, "no_spin_until", v))
 
     def send(self, data: torch.Tensor) -> None:
         """Writer: message ``sent + 1`` (``data``: contiguous uint8) into its slot, seq last."""

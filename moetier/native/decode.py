@@ -93,7 +93,7 @@ class StepDesc(ctypes.Structure):
         ("gate_table", ctypes.c_void_p), ("up_table", ctypes.c_void_p), ("down_table", ctypes.c_void_p),
         ("e_max", ctypes.c_long), ("ids_out", ctypes.c_void_p),
         ("emb", ctypes.c_void_p), ("norm_w", ctypes.c_void_p), ("out_w", ctypes.c_void_p),
-        ("norm_eps", ctypes.c_float),
+        ("norm_eps", ctypes.c_float), ("ep", ctypes.c_void_p),
     ]
 
 
@@ -254,18 +254,29 @@ class _StepBase:
             return False
         if self.table_for is provider:
             return True
-        n, E = len(self.net.layers), self.e_max
-        gu, up, dn = ((ctypes.c_void_p * (n * E))() for _ in range(3))
-        for i in blocks:
-            for e in range(self.ffn_descs[i].E):
-                ew = provider.experts.get((i, e))
-                if ew is None or ew.gate_up_bias is not None or ew.down_bias is not None:
-                    return False
-                k = i * E + e
-                gu[k], up[k], dn[k] = self.experts.get(ew, i, e, self.ffn_descs[i])
-        self.tables, self.table_for = (gu, up, dn), provider
+        tables = self.expert_tables(provider)
+        if tables is None:
+            return False
+        self.tables, self.table_for = tables, provider
         self._tables_bound()
         return True
+
+    def expert_tables(self, provider: Any, missing_ok: bool = False) -> Any:
+        """(gate_up, up, down) descriptor tables [n_layers * e_max] (addresses) of the routed experts
+        of an ``InMemoryExpertProvider``, or None when an expert has biases (the native MoE has none)
+        or, unless ``missing_ok`` (expert parallelism: a rank's share; NULL entries), is missing."""
+        n, E = len(self.net.layers), self.e_max
+        gu, up, dn = ((ctypes.c_void_p * (n * E))() for _ in range(3))
+        for i in self.blocks:
+            for e in range(self.ffn_descs[i].E):
+                ew = provider.experts.get((i, e))
+                if ew is None and missing_ok:
+                    continue
+                if ew is None or ew.gate_up_bias is not None or ew.down_bias is not None:
+                    return None
+                k = i * E + e
+                gu[k], up[k], dn[k] = self.experts.get(ew, i, e, self.ffn_descs[i])
+        return gu, up, dn
 
     def _tables_bound(self) -> None:
         """Hook: the expert tables were (re)built (the generic decoder points its step descriptor at them)."""
@@ -377,6 +388,15 @@ class NativeDecoder(_StepBase):
         self.kv_bufs: list[Any] = []  # seq.layers entries the descriptor points at
         self.kv_cap = 0  # the smallest of their capacities
         self.rope_keep: Any = None  # the (cos, sin) tables the descriptor points at
+        # expert parallelism over shared memory: the exchange inside mt_step (distributed/native_ep.py,
+        # set by bind_exchange); then the descriptor's tables hold this rank's experts only
+        self.exchange: Any = None
+
+    def bind_exchange(self, ex: Any) -> None:
+        """Run whole steps with ``ex`` (a ``NativeExchange``): its expert tables and state."""
+        self.exchange, self.tables, self.table_for = ex, ex.tables, ex
+        self._tables_bound()
+        self.sd.ep = ex.addr
 
     def _tables_bound(self) -> None:
         self.sd.gate_table, self.sd.up_table, self.sd.down_table = (ctypes.addressof(t) for t in self.tables)
@@ -401,7 +421,8 @@ class NativeDecoder(_StepBase):
         every routed expert is in RAM (``InMemoryExpertProvider``) and no router observer or norm
         pre-hook is set: float32 logits [1, V], ``seq`` advanced. Otherwise ``None``, nothing done
         (``step`` then drives the layers from Python). Same functions, same order: the same bits."""
-        if self.net.observers or not self._table():
+        ex = self.exchange
+        if self.net.observers or (ex is None and not self._table()):
             return None
         for n in self.norms:
             if n._forward_pre_hooks:
@@ -412,7 +433,10 @@ class NativeDecoder(_StepBase):
         if pos >= self.sd.rope_rows:
             self._bind_rope(pos)
         logits = torch.empty(1, self.V, dtype=torch.float32)
-        rc = self.mt_step(self.sd_addr, token, pos, logits.data_ptr(), torch.get_num_threads())
+        if ex is None:
+            rc = self.mt_step(self.sd_addr, token, pos, logits.data_ptr(), torch.get_num_threads())
+        else:  # expert parallelism: the MoE layers exchange rows with the other ranks inside the call
+            rc = ex.step(self.mt_step, self.sd_addr, token, pos, logits.data_ptr(), torch.get_num_threads())
         if rc == -1000:
             raise RuntimeError(f"native decode: position {pos} outside the bound KV cache or rope table")
         if rc:

@@ -76,7 +76,7 @@ def main() -> int:
                     model.generate_ids(c["prompt"], c["new"])
                     results.append({"error": None})
                 except ep.DistributedError as e:
-                    results.append({"error": str(e)})
+                    results.append({"error": str(e), "native_calls": group.stats.native_calls})
                 torch.save(results, out)
                 os._exit(0)  # the group is broken: leave without its destructors
             routed: list = []
@@ -97,10 +97,14 @@ def main() -> int:
                                                                 "combine_bytes_sent", "combine_bytes_recv",
                                                                 "remote_pairs", "local_pairs")}
                              | {"routed": [list(r) for r in routed]})
-            one_by_one = None
-            if c.get("native"):  # the prompt a token at a time too: every step a (native) decode step
+            one_by_one = one_by_one_stats = None
+            if c.get("native"):  # the prompt a token at a time too: every step a (native) decode step,
+                # without the observer: rank 0's whole steps (with shm: the exchange inside mt_step)
+                model.remove_router_observer(model.net.observers[0])
                 seq = model.new_sequence(capacity=len(c["prompt"]) + c["new"] + 1)
+                before = dict(vars(group.stats))
                 one_by_one = torch.cat([model.step([(seq, [t])]) for t in c["prompt"] + toks])
+                one_by_one_stats = {k: v - before[k] for k, v in vars(group.stats).items()}
             if c.get("hierarchy"):
                 read = {e for (_, e) in model.provider.local.cache.slot_of}
                 assert read and read <= mine, f"rank 0 cached experts it does not own: {read - mine}"
@@ -110,6 +114,7 @@ def main() -> int:
                             "hidden": model.spec.hidden_size, "exchange": group.exchange,
                             "decode_path": paths["decode"]["path"], "prefill_path": paths["prefill"]["path"],
                             "native_reason": model.native_reason, "one_by_one": one_by_one,
+                            "one_by_one_stats": one_by_one_stats, "native_exchange": group.native_exchange_why,
                             "transport": group.transport, "segment_left": left})
         if rank == 0:
             torch.save(results, out)

@@ -64,9 +64,10 @@ def job(tmp_path_factory, request):
          "exchange_by_rank": {"1": "direct"}},
         # last: rank 1 exits (direct; test_four_ranks hangs a rank under replicated)
         # gloo: rank 1 dies in the prefill (its batched rows travel on gloo under both transports);
-        # auto: after 8 prefill layers and 2 decode layers, so rank 0 notices on shared memory
+        # auto: after 8 prefill layers and 2 decode layers, so rank 0 notices on shared memory, inside
+        # its native step's exchange (csrc/ep.c: the 20 ms liveness callback)
         {"name": "dies", "model": str(EMBEDDED_DIR), "die_after": 3 if request.param == "gloo" else 10,
-         "exchange": "direct"},
+         "exchange": "direct", "native": True},
     ]
     n_exp = {c["name"]: moetier.spec.load_spec(c["model"]).num_experts for c in cases}
     for c in cases:
@@ -175,6 +176,34 @@ def test_native_decode_under_ep_is_one_native_process_bit_for_bit(job, name):
     assert per[0]["remote_pairs"] > 0 and per[1]["local_pairs"] == per[0]["remote_pairs"]
 
 
+@pytest.mark.parametrize("name", NATIVE)
+def test_the_exchange_runs_inside_the_native_step_on_shared_memory(job, name):
+    """shm (auto): rank 0's whole steps exchange inside ``mt_step`` (csrc/ep.c) and the follower
+    answers in C: every MoE layer of the observer-free steps (``one_by_one``, bit-identical to one
+    process: test above) counted as native, with the planner's bytes for their pairs; gloo: the
+    Python path. The follower serves every native decode message in C either way on shm."""
+    c, r = job[name]
+    s, per = r["one_by_one_stats"], r["per_rank"]
+    layers = len(moetier.spec.load_spec(c["model"]).moe_layer_ids)
+    steps = len(c["prompt"]) + len(r["tokens"])
+    if job["transport"] == "gloo" or c.get("hierarchy"):  # Python's exchange (a tiered rank: its provider's reads)
+        assert r["native_exchange"].startswith("the gloo transport" if job["transport"] == "gloo" else
+                                               "this rank's experts are not all in RAM")
+        assert s["native_calls"] == 0 and per[1]["native_calls"] == 0
+        return
+    assert r["native_exchange"] == "native"
+    assert s["native_calls"] == s["moe_calls"] == layers * steps
+    rows = ep_step_rows("direct", WORLD, 0, s["local_pairs"], s["remote_pairs"])
+    row = pair_bytes(r["hidden"], "fp32")
+    assert s["remote_pairs"] > 0 and s["local_pairs"] + s["remote_pairs"] == steps * layers * \
+        moetier.spec.load_spec(c["model"]).top_k
+    for kind, way in (("dispatch", "sent"), ("combine", "recv")):
+        assert s[f"{kind}_bytes_{way}"] == rows[f"{kind}_{way}"] * row > 0
+    # the follower answered every decode message of the run in C (the observed steps' too): its
+    # other MoE calls are the two prompt forwards' batched layers (the torch path)
+    assert per[1]["native_calls"] > 0 and per[1]["moe_calls"] - per[1]["native_calls"] == 2 * layers
+
+
 def check_native(c: dict, r: dict) -> None:
     """A native-decode EP run ``r`` of case ``c`` against one process (see the test above)."""
     assert (r["decode_path"], r["prefill_path"], r["native_reason"]) == ("native", "torch", None)
@@ -273,6 +302,7 @@ def test_a_dead_rank_stops_the_others_with_a_clear_error(job):
     assert "a peer rank died" in r["error"] and "\n" not in r["error"]
     if job["transport"] == "auto":  # shm (rank 1 died in a decode step): the dead-peer check names the rank
         assert "(shm: rank 1 (pid " in r["error"] and ") exited)" in r["error"]
+        assert r["native_calls"] > 0  # rank 0 was exchanging inside its native step
 
 
 def test_transport_taken_and_no_segment_left(job):

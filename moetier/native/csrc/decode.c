@@ -1,7 +1,7 @@
 /* Decode-step entry points: scratch buffers, embedding, the output head, the whole-step path
  * (every layer in one call) and the whole decode step (embedding, every layer, head: mt_step).
  * The layer steps live in attention.c and moe.c. */
-#include "mt.h"
+#include "ep.h"
 
 void mt_scratch_free(scratch *s);
 
@@ -55,17 +55,13 @@ void mt_embed(const mt_weight *table, long token, float *x) {
     }
 }
 
-/* Every layer of one decode step in one call, for providers whose experts all stay in RAM
- * (tables of gate / up / down descriptors per layer and expert, [n_layers * e_max], NULL for
- * dense layers; up NULL for fused gate_up). The same per-layer functions as the
- * Python-driven path, in the same order, so the result is bit-identical to it. K[i], V[i]:
- * layer i's cache buffers; cap[i] their capacity. ids_out [n_layers * 64]: each MoE layer's
- * chosen experts (for the caller's bookkeeping). Returns 0, or -1 - i when layer i could not
- * allocate attention scratch. */
-int mt_layers(const layer_desc *const *L, int n_layers, scratch *S, int dt, float *x, void *const *K,
-              void *const *V, const long *cap, long pos, const float *cs, const float *sn,
-              const mt_weight *const *gate_table, const mt_weight *const *up_table,
-              const mt_weight *const *down_table, long e_max, int64_t *ids_out, int nth) {
+/* mt_layers; with `ep` (expert parallelism, ep.h) each MoE layer's experts are exchanged with
+ * the other ranks (mt_ep_moe; the tables then hold only this rank's experts): -2000 when that
+ * fails (ep->err says why). */
+static int layers(const layer_desc *const *L, int n_layers, scratch *S, int dt, float *x, void *const *K,
+                  void *const *V, const long *cap, long pos, const float *cs, const float *sn,
+                  const mt_weight *const *gate_table, const mt_weight *const *up_table,
+                  const mt_weight *const *down_table, long e_max, int64_t *ids_out, mt_ep *ep, int nth) {
     const mt_weight *g[64], *u[64], *d[64];
     float w[64];
     for (int i = 0; i < n_layers; i++) {
@@ -77,6 +73,11 @@ int mt_layers(const layer_desc *const *L, int n_layers, scratch *S, int dt, floa
         }
         int64_t *ids = ids_out + (long)i * 64;
         mt_route(ld_, S, dt, ids, w, nth);
+        if (ep) { /* expert parallelism: this rank's experts here, the others' over the rings (ep.c) */
+            long o = (long)i * e_max;
+            if (mt_ep_moe(ep, ld_, S, dt, x, i, ids, w, gate_table + o, up_table + o, down_table + o, nth)) return -2000;
+            continue;
+        }
         for (long j = 0; j < ld_->topk; j++) {
             long k = (long)i * e_max + ids[j];
             g[j] = gate_table[k];
@@ -86,6 +87,21 @@ int mt_layers(const layer_desc *const *L, int n_layers, scratch *S, int dt, floa
         mt_moe(ld_, S, dt, x, (int)ld_->topk, g, u, d, w, 1, nth);
     }
     return 0;
+}
+
+/* Every layer of one decode step in one call, for providers whose experts all stay in RAM
+ * (tables of gate / up / down descriptors per layer and expert, [n_layers * e_max], NULL for
+ * dense layers; up NULL for fused gate_up). The same per-layer functions as the
+ * Python-driven path, in the same order, so the result is bit-identical to it. K[i], V[i]:
+ * layer i's cache buffers; cap[i] their capacity. ids_out [n_layers * 64]: each MoE layer's
+ * chosen experts (for the caller's bookkeeping). Returns 0, or -1 - i when layer i could not
+ * allocate attention scratch. */
+int mt_layers(const layer_desc *const *L, int n_layers, scratch *S, int dt, float *x, void *const *K,
+              void *const *V, const long *cap, long pos, const float *cs, const float *sn,
+              const mt_weight *const *gate_table, const mt_weight *const *up_table,
+              const mt_weight *const *down_table, long e_max, int64_t *ids_out, int nth) {
+    return layers(L, n_layers, S, dt, x, K, V, cap, pos, cs, sn, gate_table, up_table, down_table, e_max, ids_out,
+                  NULL, nth);
 }
 
 /* Everything a whole decode step reads, set up once by the decoder (native/decode.py:
@@ -107,20 +123,21 @@ typedef struct {
     const void *norm_w;           /* final norm (model dtype) */
     const mt_weight *out_w;       /* LM head [V, H] */
     float norm_eps;
+    mt_ep *ep;                    /* expert parallelism (ep.h), or NULL */
 } step_desc;
 
 /* One decode step of one token at `pos` (< every cap and < rope_rows): x = embedding row of
  * `token`, every layer (mt_layers: the same functions, the same bits), logits [V] = the head.
- * Returns 0, -1 - i when layer i could not allocate attention scratch, or -1000 when pos is
- * outside the caches or the rope table. */
+ * Returns 0, -1 - i when layer i could not allocate attention scratch, -1000 when pos is
+ * outside the caches or the rope table, or -2000 when the expert-parallel exchange failed. */
 int mt_step(const step_desc *P, long token, long pos, float *logits, int nth) {
     if (pos < 0 || pos >= P->rope_rows) return -1000;
     for (int i = 0; i < P->n_layers; i++)
         if (pos >= P->cap[i]) return -1000;
     mt_embed(P->emb, token, P->x);
-    int rc = mt_layers(P->L, P->n_layers, P->S, P->dt, P->x, P->K, P->V, P->cap, pos, P->cos + pos * P->rope_d,
-                       P->sin + pos * P->rope_d, P->gate_table, P->up_table, P->down_table, P->e_max, P->ids_out,
-                       nth);
+    int rc = layers(P->L, P->n_layers, P->S, P->dt, P->x, P->K, P->V, P->cap, pos, P->cos + pos * P->rope_d,
+                    P->sin + pos * P->rope_d, P->gate_table, P->up_table, P->down_table, P->e_max, P->ids_out, P->ep,
+                    nth);
     if (rc) return rc;
     mt_head(P->norm_w, P->out_w, P->norm_eps, P->dt, P->S, P->x, logits, nth);
     return 0;
