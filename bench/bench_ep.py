@@ -14,7 +14,9 @@ trips of the message patterns without model work; ``--unpinned`` adds P = 2 with
 P = 2 ``direct`` run from another source tree (e.g. ``git worktree add DIR <commit>``: old vs
 new code alternated in one run). ``P1`` / ``P2`` are the torch path (``native=False``);
 ``--native`` adds one native process (``P1_native``) and P = 2 with native decode on every rank
-(``P2_native``; ratio ``ratio_native`` = P2_native / P1_native per round), ``--rank0-experts N``
+(``P2_native``; ratio ``ratio_native`` = P2_native / P1_native per round; on shm its exchange runs
+inside the native step, ``moetier/distributed/native_ep.py``), ``--py-exchange`` the same driven
+from Python (``P2_native_pyex``, ``MOETIER_EP_NATIVE_EXCHANGE=0``), ``--rank0-experts N``
 P = 2 native with rank 0 holding the N hottest experts (``placement.rank0_heavy``);
 ``--no-replicated`` leaves out P = 2 ``replicated``; ``--out NAME`` names the results file;
 ``--transport gloo|shm|auto`` sets the P = 2 runs' ``MOETIER_EP_TRANSPORT`` (default auto; replicated
@@ -238,8 +240,11 @@ def loopback(args: argparse.Namespace) -> None:
     variants = {"P1": "direct", "P2": "direct"}  # key -> --ep-exchange
     if not args.no_replicated:
         variants["P2_replicated"] = "replicated"
+    args.native = args.native or args.py_exchange
     if args.native:  # native decode: one native process, and P = 2 direct with native decode on every rank
         variants |= {"P1_native": "direct", "P2_native": "direct"}
+    if args.py_exchange:  # the same with the exchange in Python (MOETIER_EP_NATIVE_EXCHANGE=0; shm only differs)
+        variants["P2_native_pyex"] = "direct"
     heavy = None
     if args.rank0_experts:  # rank 0 (which runs attention too) holds the N hottest experts, rank 1 the rest
         from moetier.distributed.placement import profile_loads, rank0_heavy
@@ -285,6 +290,7 @@ def loopback(args: argparse.Namespace) -> None:
             else:  # each rank pinned to its own core (the default), or not (MOETIER_EP_PIN=0)
                 env = {**_env(), **({"MOETIER_EP_PIN": "0"} if key.endswith("_unpinned") else {}),
                        **({"MOETIER_EP_SPIN_US": "0"} if "_nospin" in key else {}),
+                       **({"MOETIER_EP_NATIVE_EXCHANGE": "0"} if "_pyex" in key else {}),
                        "MOETIER_EP_TRANSPORT": "shm" if key.endswith("_shm") else
                        "gloo" if args.transport == "both" or variants[key] == "replicated" else args.transport}
                 cmd = _worker_cmd(cfg, out)
@@ -570,6 +576,9 @@ def main() -> int:
     lb.add_argument("--dtype", default="float32")
     lb.add_argument("--unpinned", action="store_true", help="also P = 2 without pinning (MOETIER_EP_PIN=0)")
     lb.add_argument("--nospin", action="store_true", help="also P = 2 direct without polling (MOETIER_EP_SPIN_US=0)")
+    lb.add_argument("--py-exchange", action="store_true",
+                    help="with --native: also P = 2 native with the shm exchange driven from Python "
+                         "(MOETIER_EP_NATIVE_EXCHANGE=0) instead of inside the native step")
     lb.add_argument("--baseline", metavar="DIR", help="also P = 2 direct run from the source tree DIR (old code)")
     lb.add_argument("--native", action="store_true",
                     help="also one native process and P = 2 direct with native decode on every rank")

@@ -15,7 +15,8 @@
  * ops.c (norm, rope, SwiGLU), attention.c, moe.c (router, experts, dense MLP), decode.c
  * (scratch, embedding, head, the whole-step path); many.h, gemm.c, prefill.c (many tokens per
  * call: prefill and batched steps); mla.c (DeepSeek MLA); ext.h, sinks.c, ext_many.c (gpt-oss /
- * Llama-4: single- and multi-token steps).
+ * Llama-4: single- and multi-token steps); ep.h, ep.c (expert parallelism: the decode step's
+ * exchange over the shared-memory rings of moetier/distributed/shm.py).
  *
  * Build (moetier/native/__init__.py): fmt_*.c are compiled for the baseline ISA with
  * -ffp-contract=off (their vector variants carry target attributes and are chosen at run time
