@@ -16,7 +16,8 @@ new code alternated in one run). ``P1`` / ``P2`` are the torch path (``native=Fa
 ``--native`` adds one native process (``P1_native``) and P = 2 with native decode on every rank
 (``P2_native``; ratio ``ratio_native`` = P2_native / P1_native per round; on shm its exchange runs
 inside the native step, ``moetier/distributed/native_ep.py``), ``--py-exchange`` the same driven
-from Python (``P2_native_pyex``, ``MOETIER_EP_NATIVE_EXCHANGE=0``), ``--rank0-experts N``
+from Python (``P2_native_pyex``, ``MOETIER_EP_NATIVE_EXCHANGE=0``), ``--all-threads`` one native
+process with every CPU (``P1_native_all``, ``moetier run``'s default), ``--rank0-experts N``
 P = 2 native with rank 0 holding the N hottest experts (``placement.rank0_heavy``);
 ``--no-replicated`` leaves out P = 2 ``replicated``; ``--out NAME`` names the results file;
 ``--transport gloo|shm|auto`` sets the P = 2 runs' ``MOETIER_EP_TRANSPORT`` (default auto; replicated
@@ -98,7 +99,7 @@ def worker(cfg_path: str, out_path: str) -> int:
             return 0
     else:
         model = moetier.load(None, dtype=dtype, tokenizer=False, native=None if cfg.get("native") else False,
-                             threads=1)
+                             threads=cfg.get("threads", 1))
         assert not cfg.get("native") or model.native_reason is None, model.native_reason
     results = []
     for pt in cfg["points"]:
@@ -243,6 +244,8 @@ def loopback(args: argparse.Namespace) -> None:
     args.native = args.native or args.py_exchange
     if args.native:  # native decode: one native process, and P = 2 direct with native decode on every rank
         variants |= {"P1_native": "direct", "P2_native": "direct"}
+    if args.native and args.all_threads:  # one native process with every CPU (moetier run's default)
+        variants["P1_native_all"] = "direct"
     if args.py_exchange:  # the same with the exchange in Python (MOETIER_EP_NATIVE_EXCHANGE=0; shm only differs)
         variants["P2_native_pyex"] = "direct"
     heavy = None
@@ -268,6 +271,7 @@ def loopback(args: argparse.Namespace) -> None:
         (tmp / f"cfg_{key}.json").write_text(json.dumps({
             "dtype": args.dtype, "pingpong": 400 if key in ("P2", "P2_shm") else 0, "exchange": exchange,
             "native": "_native" in key, "device_experts": heavy if "_rank0_" in key else None,
+            "threads": len(os.sched_getaffinity(0)) if key == "P1_native_all" else 1,
             "points": [{"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}]}))
     rounds = []
     load0 = os.getloadavg()
@@ -275,8 +279,10 @@ def loopback(args: argparse.Namespace) -> None:
         row = {}
         for key in variants:  # side by side, alternating
             cfg, out = tmp / f"cfg_{key}.json", tmp / f"out_{key}.json"
-            if key in ("P1", "P1_native"):
-                subprocess.run(_worker_cmd(cfg, out), env=_env(), check=True, stdout=subprocess.DEVNULL)
+            if key in ("P1", "P1_native", "P1_native_all"):
+                env = {**_env(), **({"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
+                                    if key == "P1_native_all" else {})}
+                subprocess.run(_worker_cmd(cfg, out), env=env, check=True, stdout=subprocess.DEVNULL)
             elif key == "P1x2":  # two single processes at once, each pinned to its own CPU: do the CPUs interfere?
                 cpus = sorted(os.sched_getaffinity(0))[:2]
                 outs = [tmp / f"out_{key}_{c}.json" for c in cpus]
@@ -310,7 +316,7 @@ def loopback(args: argparse.Namespace) -> None:
         p1 = row["P1"]["tokens_per_s"]
         row["ratio"] = row["P2"]["tokens_per_s"] / p1
         for key in variants:
-            if key not in ("P1", "P2", "P1_native", "P2_native") and "_native" not in key:
+            if key not in ("P1", "P2", "P1_native", "P2_native", "P1_native_all") and "_native" not in key:
                 row["ratio" + key[2:]] = row[key]["tokens_per_s"] / p1
         if args.native:  # the like-for-like ratio: native P = 2 over native P = 1
             p1n = row["P1_native"]["tokens_per_s"]
@@ -320,11 +326,17 @@ def loopback(args: argparse.Namespace) -> None:
             for key in variants:
                 if key.startswith("P2_native_"):
                     row["ratio" + key[2:]] = row[key]["tokens_per_s"] / p1n
+            if "P1_native_all" in row:  # P = 2 native over one native process using every CPU
+                row["ratio_native_over_all_threads"] = row["P2_native"]["tokens_per_s"] / \
+                    row["P1_native_all"]["tokens_per_s"]
         rounds.append(row)
         line = [f"round {i}: P=1 {p1:.1f} tok/s"]
         if args.native:
             line.append(f"P=1 native {row['P1_native']['tokens_per_s']:.1f} tok/s")
-        for key, r in ((k, row[k]) for k in variants if k not in ("P1", "P1x2", "P1_native")):
+        if "P1_native_all" in row:
+            line.append(f"P=1 native, {len(os.sched_getaffinity(0))} threads "
+                        f"{row['P1_native_all']['tokens_per_s']:.1f} tok/s")
+        for key, r in ((k, row[k]) for k in variants if k not in ("P1", "P1x2", "P1_native", "P1_native_all")):
             base = row["P1_native"]["tokens_per_s"] if "_native" in key else p1
             line.append(f"{key} [{r['transport']}] {r['tokens_per_s']:.1f} tok/s (x{r['tokens_per_s'] / base:.2f}; "
                         f"{r['collectives_per_step']:.0f} msgs/token at {r['collective_s'] * 1e6:.0f} us, "
@@ -339,9 +351,11 @@ def loopback(args: argparse.Namespace) -> None:
                                                 row["pingpong_round_trip_s_shm_job"].items())
                if "pingpong_round_trip_s_shm_job" in row else ""), flush=True)
     load = os.getloadavg()
-    ratios = ["ratio" + k[2:] for k in variants if k not in ("P1", "P1_native", "P2_native")]
+    ratios = ["ratio" + k[2:] for k in variants if k not in ("P1", "P1_native", "P2_native", "P1_native_all")]
     if args.native:
         ratios += ["ratio_native", "ratio_native_over_torch_P1", "ratio_P1_native_over_torch"]
+    if "P1_native_all" in variants:
+        ratios.append("ratio_native_over_all_threads")
     res = {"model": "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
            **{"median_" + k: statistics.median(r[k] for r in rounds) for k in ratios},
            "median_tokens_per_s": {k: statistics.median(r[k]["tokens_per_s"] for r in rounds) for k in variants},
@@ -576,6 +590,9 @@ def main() -> int:
     lb.add_argument("--dtype", default="float32")
     lb.add_argument("--unpinned", action="store_true", help="also P = 2 without pinning (MOETIER_EP_PIN=0)")
     lb.add_argument("--nospin", action="store_true", help="also P = 2 direct without polling (MOETIER_EP_SPIN_US=0)")
+    lb.add_argument("--all-threads", action="store_true",
+                    help="with --native: also one native process with every CPU (P1_native_all; moetier run's "
+                         "default), ratio_native_over_all_threads = P2_native over it")
     lb.add_argument("--py-exchange", action="store_true",
                     help="with --native: also P = 2 native with the shm exchange driven from Python "
                          "(MOETIER_EP_NATIVE_EXCHANGE=0) instead of inside the native step")
