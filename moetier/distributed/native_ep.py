@@ -101,7 +101,7 @@ class NativeExchange:
             own_n[e] = len(ranks)
             for c, r in enumerate(ranks):
                 own[e * P + c] = r
-        self.rr = (ctypes.c_int64 * (len(dec.descs) * E))()
+        self.rr = (ctypes.c_int64 * (len(dec.ffn_descs) * E))()
         self.told = (ctypes.c_double * P)()
         self.keep = (ctrl, ans, own_n, own)
         self.check_cb = CHECK_FN(self._check)  # held: C calls it
@@ -196,7 +196,7 @@ class NativeExchange:
         st.answers_sent = g._answers_sent
         t = self.tables
         try:
-            n = self._serve(self.addr, ctypes.addressof(dec.desc_array), len(dec.descs), dec.scratch, dec.dt,
+            n = self._serve(self.addr, ctypes.addressof(dec.ffn_desc_array), len(dec.ffn_descs), dec.scratch, dec.dt,
                             ctypes.addressof(t[0]), ctypes.addressof(t[1]), ctypes.addressof(t[2]), limit, nth)
         finally:
             g._answers_sent = st.answers_sent

@@ -80,7 +80,7 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
     rows to the experts' ranks). ``native`` (default: on with ``direct``, off with ``replicated``):
     decode steps run in the native kernels on every rank (:class:`ExpertParallelDecode`), the
     experts' float32 rows exchanged per MoE layer (bit-identical to one native process), when every
-    rank can build the native decoder for the model (the generic decoder family; else the torch path
+    rank can build the native decoder for the model (the generic decoder family and DeepSeek's MLA; else the torch path
     everywhere, ``model.native_reason`` says why). Prefill and batched steps take the torch path.
     """
     from moetier.models.base import InMemoryExpertProvider
@@ -123,14 +123,16 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
         model = load_model(d, dtype=dtype, expert_provider_factory=factory,
                            native=None if native else False, **kw)
     from moetier.native.decode import NativeDecoder
+    from moetier.native.mla import MLADecoder
 
     dec = model.net.native
-    ok = type(dec) is NativeDecoder  # the generic decoder: its MoE layers call the provider's native_moe
+    ok = type(dec) in (NativeDecoder, MLADecoder)  # their MoE layers call the provider's native_moe
     if native and not _native_everywhere(ok):
         ok = False
         model.native_reason = (model.native_reason if dec is None else
                                f"off under expert parallelism ({type(dec).__name__} does not dispatch across ranks)"
-                               if type(dec) is not NativeDecoder else "off: another rank could not build it")
+                               if type(dec) not in (NativeDecoder, MLADecoder) else
+                               "off: another rank could not build it")
     elif not native:
         model.native_reason = "off under expert parallelism (native=False, or --ep-exchange replicated)"
     model.net.native = ExpertParallelDecode(dec) if ok else None

@@ -212,6 +212,15 @@ class _StepBase:
     """What every native single-token decoder shares: weight descriptors kept alive with the
     decoder, and the start of a step (embedding row into ``self.x``, the rope row of ``pos``)."""
 
+    # expert parallelism over shared memory: the exchange inside the whole step (a NativeExchange,
+    # distributed/native_ep.py, set by bind_exchange); the expert tables then hold this rank's experts only
+    exchange: Any = None
+
+    def bind_exchange(self, ex: Any) -> None:
+        """Run whole steps with ``ex`` (a ``NativeExchange``): its expert tables and state."""
+        self.exchange, self.tables, self.table_for = ex, ex.tables, ex
+        self._tables_bound()
+
     def _w(self, t: torch.Tensor | QTensor, what: str) -> int:
         """Address of a descriptor of weight ``t`` (kept alive with the decoder)."""
         d = describe(t, what=what)
@@ -232,6 +241,32 @@ class _StepBase:
         logits = torch.empty(1, self.V, dtype=torch.float32)
         self.lib.mt_head(self.norm_w, self.out_w, self.norm_eps, self.dt, self.scratch, xp, logits.data_ptr(), nth)
         return logits
+
+    def expert_rows(self, layer: int, provider: Any, experts: list[int], shared: bool, nth: int) -> None:
+        """Expert parallelism (distributed/executor.py): layer ``layer``'s routed ``experts`` (from
+        ``provider``: ``require``, then ``get``) on the MoE input ``h`` (``h_ptr``), unweighted: expert
+        s's output row [H] float32 at ``down_ptr + 4 H s``; with ``shared`` the layer's shared expert
+        too (kept for :meth:`add_rows`). The same gemv rows as ``step`` runs for them
+        (``mt_moe_rows``): the same bits."""
+        lib, d, desc = self.lib, self.ffn_descs[layer], self.ffn_desc_ptrs[layer]
+        gu, up, dn, get = self.gu, self.up, self.dn, self.experts.get
+        if experts:
+            provider.require(layer, sorted(set(experts)))
+        if getattr(provider, "stable_gets", False):  # every get() stays valid: one call
+            for s, e in enumerate(experts):
+                gu[s], up[s], dn[s] = get(provider.get(layer, e), layer, e, d)
+            lib.mt_moe_rows(desc, self.scratch, self.dt, len(experts), gu, up, dn, int(shared), None, nth)
+            return
+        for s, e in enumerate(experts):  # a get() may recycle the previous one's slot
+            gu[0], up[0], dn[0] = get(provider.get(layer, e), layer, e, d)
+            lib.mt_moe_rows(desc, self.scratch, self.dt, 1, gu, up, dn, 0, self.down_ptr + 4 * self.H * s, nth)
+        if shared:
+            lib.mt_moe_rows(desc, self.scratch, self.dt, 0, gu, up, dn, 1, None, nth)
+
+    def add_rows(self, layer: int, xp: int, k: int) -> None:
+        """The residual stream at ``xp`` += the routing weights ``w[j]`` x row ``rows[j]`` for j = 0..k-1
+        in that order, then the shared expert (:meth:`expert_rows`): the single-process combine."""
+        self.lib.mt_moe_add(self.ffn_desc_ptrs[layer], self.scratch, xp, k, self.rows, self.w, 1)
 
     def _table(self) -> bool:
         """Descriptor tables of every routed expert when the provider keeps them all in RAM
@@ -366,11 +401,11 @@ class NativeDecoder(_StepBase):
         n = len(net.layers)
         self.norms = [layer.post_attention_layernorm for layer in net.layers]
         self.blocks = net.moe_blocks()
-        self.desc_array = (ctypes.c_void_p * n)(*self.desc_ptrs)
+        self.desc_array = self.ffn_desc_array = (ctypes.c_void_p * n)(*self.desc_ptrs)
         self.k_ptrs, self.v_ptrs, self.caps = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)(), (ctypes.c_long * n)()
         self.ids_all = (ctypes.c_int64 * (n * MAX_TOPK))()
         self.e_max = max(E, 1)
-        self.ffn_descs = self.descs
+        self.ffn_descs, self.ffn_desc_ptrs = self.descs, self.desc_ptrs  # each layer's feed-forward LayerDesc
         self.table_for: Any = None  # the provider the descriptor tables were built for
         self.tables: Any = None  # (gate_up, up, down) pointer tables and their descriptors
         self.many: Any = None  # the multi-token stepper (native/prefill.py), made on first use
@@ -388,18 +423,10 @@ class NativeDecoder(_StepBase):
         self.kv_bufs: list[Any] = []  # seq.layers entries the descriptor points at
         self.kv_cap = 0  # the smallest of their capacities
         self.rope_keep: Any = None  # the (cos, sin) tables the descriptor points at
-        # expert parallelism over shared memory: the exchange inside mt_step (distributed/native_ep.py,
-        # set by bind_exchange); then the descriptor's tables hold this rank's experts only
-        self.exchange: Any = None
-
-    def bind_exchange(self, ex: Any) -> None:
-        """Run whole steps with ``ex`` (a ``NativeExchange``): its expert tables and state."""
-        self.exchange, self.tables, self.table_for = ex, ex.tables, ex
-        self._tables_bound()
-        self.sd.ep = ex.addr
 
     def _tables_bound(self) -> None:
         self.sd.gate_table, self.sd.up_table, self.sd.down_table = (ctypes.addressof(t) for t in self.tables)
+        self.sd.ep = None if self.exchange is None else self.exchange.addr
 
     def _bind_kv(self, seq: Sequence, pos: int) -> None:
         """Point the step descriptor at ``seq``'s cache buffers (reserved for ``pos + 1`` tokens)."""
@@ -507,31 +534,6 @@ class NativeDecoder(_StepBase):
                     lib.mt_moe(desc, self.scratch, dt, xp, 1, gu, up, dn, ctypes.byref(w, 4 * j), 0, nth)
                 lib.mt_moe(desc, self.scratch, dt, xp, 0, gu, up, dn, w, 1, nth)
         return self._finish(seq, pos, xp, nth)
-
-    def expert_rows(self, layer: int, provider: Any, experts: list[int], shared: bool, nth: int) -> None:
-        """Layer ``layer``'s routed ``experts`` (from ``provider``: ``require``, then ``get``) on the
-        MoE input ``h`` (``h_ptr``), unweighted: expert s's output row [H] float32 at ``down_ptr +
-        4 H s``; with ``shared`` the layer's shared expert too (kept for :meth:`add_rows`). The
-        same gemv rows as :meth:`step` runs for them (``mt_moe_rows``): the same bits."""
-        lib, d, desc = self.lib, self.descs[layer], self.desc_ptrs[layer]
-        gu, up, dn, get = self.gu, self.up, self.dn, self.experts.get
-        if experts:
-            provider.require(layer, sorted(set(experts)))
-        if getattr(provider, "stable_gets", False):  # every get() stays valid: one call
-            for s, e in enumerate(experts):
-                gu[s], up[s], dn[s] = get(provider.get(layer, e), layer, e, d)
-            lib.mt_moe_rows(desc, self.scratch, self.dt, len(experts), gu, up, dn, int(shared), None, nth)
-            return
-        for s, e in enumerate(experts):  # a get() may recycle the previous one's slot
-            gu[0], up[0], dn[0] = get(provider.get(layer, e), layer, e, d)
-            lib.mt_moe_rows(desc, self.scratch, self.dt, 1, gu, up, dn, 0, self.down_ptr + 4 * self.H * s, nth)
-        if shared:
-            lib.mt_moe_rows(desc, self.scratch, self.dt, 0, gu, up, dn, 1, None, nth)
-
-    def add_rows(self, layer: int, xp: int, k: int) -> None:
-        """The residual stream at ``xp`` += the routing weights ``w[j]`` x row ``rows[j]`` for j = 0..k-1
-        in that order, then the shared expert (:meth:`expert_rows`): the single-process combine."""
-        self.lib.mt_moe_add(self.desc_ptrs[layer], self.scratch, xp, k, self.rows, self.w, 1)
 
     def step_many(self, items: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False) -> torch.Tensor:
         """A flat batch of several tokens / sequences (prefill, batched steps): see

@@ -40,7 +40,17 @@ from moetier.layers.mlp import GatedMLP
 from moetier.layers.moe import MoEBlock
 from moetier.layers.norm import RMSNorm
 from moetier.layers.routing import GroupedTopKRouter
-from moetier.native.decode import DT, MAX_TOPK, LayerDesc, _ExpertDescs, _ptr, _silu_glu, _StepBase, _weight
+from moetier.native.decode import (
+    DT,
+    MAX_TOPK,
+    LayerDesc,
+    ScratchHead,
+    _ExpertDescs,
+    _ptr,
+    _silu_glu,
+    _StepBase,
+    _weight,
+)
 from moetier.native.weights import MtWeight, describe
 from moetier.quant import QTensor
 
@@ -86,7 +96,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         ("mt_mla_scratch_free", None, [P]),
         ("mt_mla_attention", I, [P, P, P, I, P, P, P, L, P, P, I]),
         ("mt_route_grouped", None, [P, P, I, P, P, P, P, I]),
-        ("mt_mla_layers", I, [P, P, P, I, P, P, I, P, P, P, L, P, P, P, P, P, P, P, L, P, I]),
+        ("mt_mla_layers", I, [P, P, P, I, P, P, I, P, P, P, L, P, P, P, P, P, P, P, L, P, P, I]),
     ):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -269,8 +279,9 @@ class MLADecoder(_StepBase):
         self.mscratch = lib.mt_mla_scratch_new(nh_max, C_max, dn_max, dr_max, dv_max, Rq_max)
         if not self.scratch or not self.mscratch:
             raise MemoryError("native decode: could not allocate scratch buffers")
-        # the scratch's normed hidden state h (struct scratch: long n_scores, then float *h)
-        self.h_ptr = ctypes.c_void_p.from_address(self.scratch + ctypes.sizeof(ctypes.c_long)).value
+        head = ScratchHead.from_address(self.scratch)
+        self.h_ptr, self.down_ptr = head.h, head.down  # the MoE input [H], expert output rows [top-k, H]
+        self.rows = (ctypes.c_void_p * MAX_TOPK)()  # per pair: its output row (mt_moe_add; expert parallelism)
         self.x = torch.zeros(H, dtype=torch.float32)  # residual stream [H]
         self.scores = torch.zeros(E, dtype=torch.float32)
         self.choice = torch.zeros(E, dtype=torch.float32)
@@ -292,9 +303,9 @@ class MLADecoder(_StepBase):
         n = len(net.layers)
         self.norms = [layer.post_attention_layernorm for layer in net.layers]
         self.blocks = net.moe_blocks()
-        self.ffn_descs, self.e_max = self.ffn, max(E, 1)
+        self.ffn_descs, self.ffn_desc_ptrs, self.e_max = self.ffn, self.ffn_ptrs, max(E, 1)
         self.mla_array = (ctypes.c_void_p * n)(*self.mla_ptrs)
-        self.ffn_array = (ctypes.c_void_p * n)(*self.ffn_ptrs)
+        self.ffn_array = self.ffn_desc_array = (ctypes.c_void_p * n)(*self.ffn_ptrs)
         self.route_array = (ctypes.c_void_p * n)(*self.route_ptrs)
         self.c_ptrs, self.r_ptrs = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)()
         self.ids_all = (ctypes.c_int64 * (n * MAX_TOPK))()
@@ -331,15 +342,20 @@ class MLADecoder(_StepBase):
         xp, cp, sp = self._begin(token, pos)
         observers = net.observers
         sp_ = self.scratch
-        if not observers and not any(n._forward_pre_hooks for n in self.norms) and self._table():
+        ex = self.exchange  # expert parallelism: the MoE layers exchange rows inside the call (native_ep.py)
+        if not observers and not any(n._forward_pre_hooks for n in self.norms) and (ex is not None or self._table()):
             # every layer in one native call: same functions, same order, same bits
             for i in range(len(self.mla)):
                 C, R = cache_reserve(seq, i, self.kv_like[i], pos + 1, time_dim=0)
                 self.c_ptrs[i], self.r_ptrs[i] = C.data_ptr(), R.data_ptr()
             gu, up, dn = self.tables
-            rc = lib.mt_mla_layers(self.mla_array, self.ffn_array, self.route_array, len(self.mla), self.mscratch,
-                                   sp_, dt, xp, self.c_ptrs, self.r_ptrs, pos, cp, sp, self.scores.data_ptr(),
-                                   self.choice.data_ptr(), gu, up, dn, self.e_max, self.ids_all, nth)
+            args = (self.mla_array, self.ffn_array, self.route_array, len(self.mla), self.mscratch, sp_, dt, xp,
+                    self.c_ptrs, self.r_ptrs, pos, cp, sp, self.scores.data_ptr(), self.choice.data_ptr(), gu, up, dn,
+                    self.e_max, self.ids_all)
+            if ex is None:
+                rc = lib.mt_mla_layers(*args, None, nth)
+            else:
+                rc = ex.step(lib.mt_mla_layers, *args, ex.addr, nth)
             if rc:
                 raise MemoryError(f"native decode: no memory for attention scores (layer {-1 - rc})")
             return self._finish(seq, pos, xp, nth)
@@ -367,6 +383,10 @@ class MLADecoder(_StepBase):
                 for fn in observers:
                     fn(i, ids_t, w_t)
             provider = mlp.provider
+            native_moe = getattr(provider, "native_moe", None)
+            if native_moe is not None:  # the experts are computed elsewhere too (expert parallelism)
+                native_moe(self, i, k, xp, nth)
+                continue
             provider.require(i, sorted(set(ids)))
             gu, up, dn, w, get = self.gu, self.up, self.dn, self.w, self.experts.get
             if getattr(provider, "stable_gets", False):

@@ -54,6 +54,8 @@ def job(tmp_path_factory, request):
         {**c, "name": f"{c['name']}/native", "exchange": "direct", "native": True} for c in base
         if c["name"] in NATIVE_BASES] + [
         {"name": "qwen2_moe/native", "model": str(qwen2), "exchange": "direct", "native": True},
+        {"name": "gpt_oss/native", "model": str(make_tiny_checkpoint(tmp, "gpt_oss")), "exchange": "direct",
+         "native": True},
         {"name": "embedded-heavy/native", "model": str(EMBEDDED_DIR), "placement": str(heavy), "exchange": "direct",
          "native": True},
         {"name": "qwen2_moe/direct", "model": str(qwen2), "exchange": "direct"},
@@ -126,7 +128,7 @@ def reference(c: dict) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     return (prefill, *greedy(m, c))
 
 
-NATIVE_BASES = ("embedded", "embedded-r4", "embedded-tiered", "mixtral", "mixtral-r2", "deepseek_v3")
+NATIVE_BASES = ("embedded", "embedded-r4", "embedded-tiered", "mixtral", "mixtral-r2", "deepseek_v3", "deepseek_v3-r2")
 CASES = [f"{c}/{x}" for c in ("embedded", "embedded-r4", "embedded-tiered", "mixtral", "mixtral-r2", "deepseek_v3",
                                "deepseek_v3-r2") for x in EXCHANGES]
 
@@ -161,7 +163,7 @@ def reference_native(c: dict, prefill_native: bool) -> tuple[torch.Tensor, list[
     return m.logits(c["prompt"]), toks, steps
 
 
-NATIVE = [f"{c}/native" for c in NATIVE_BASES if c != "deepseek_v3"] + ["qwen2_moe/native", "embedded-heavy/native"]
+NATIVE = [f"{c}/native" for c in NATIVE_BASES] + ["qwen2_moe/native", "embedded-heavy/native"]
 
 
 @pytest.mark.parametrize("name", NATIVE)
@@ -221,8 +223,8 @@ def check_native(c: dict, r: dict) -> None:
 
 
 def test_native_decode_under_ep_falls_back_where_the_decoder_cannot_dispatch(job):
-    c, r = job["deepseek_v3/native"]  # the MLA decoder has no native_moe hook: torch path on every rank
-    assert r["decode_path"] == "torch" and "MLADecoder does not dispatch across ranks" in r["native_reason"]
+    c, r = job["gpt_oss/native"]  # the gpt-oss decoder has no native_moe hook: torch path on every rank
+    assert r["decode_path"] == "torch" and "GptOssDecoder does not dispatch across ranks" in r["native_reason"]
     prefill, toks, steps = reference(c)
     assert r["tokens"] == toks and torch.equal(r["step_logits"], steps)
 

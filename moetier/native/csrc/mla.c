@@ -17,6 +17,7 @@
  * mt_mla_attend_plain, the plain form's attention) are shared with the multi-token step
  * (mla_many.c). mt_mla_layers runs every layer of a step in one call (experts in RAM).
  */
+#include "ep.h"
 #include "mla.h"
 #include "simd.h"
 
@@ -366,12 +367,14 @@ void mt_route_grouped(const route_desc *R, const float *h, int dt, float *scores
  * NULL) or mt_route_grouped and mt_moe with the chosen experts' descriptors from the tables
  * ([n_layers * e_max]). The same functions in the same order as the Python-driven step (the
  * same bits). Ckv[i], Kr[i]: layer i's latent cache; scores / choice: [E] scratch; ids_out
- * [n_layers * 64]. Returns 0, or -1 - i when layer i could not allocate attention scratch. */
+ * [n_layers * 64]. With `ep` (expert parallelism, ep.h) each MoE layer's experts are exchanged
+ * with the other ranks (mt_ep_moe; the tables hold this rank's experts). Returns 0, -1 - i when
+ * layer i could not allocate attention scratch, or -2000 when the exchange failed (ep->err). */
 int mt_mla_layers(const mla_desc *const *A, const layer_desc *const *F, const route_desc *const *R, int n_layers,
                   mla_scratch *M, scratch *S, int dt, float *x, void *const *Ckv, void *const *Kr, long pos,
                   const float *cs, const float *sn, float *scores, float *choice,
                   const mt_weight *const *gate_table, const mt_weight *const *up_table,
-                  const mt_weight *const *down_table, long e_max, int64_t *ids_out, int nth) {
+                  const mt_weight *const *down_table, long e_max, int64_t *ids_out, mt_ep *ep, int nth) {
     const mt_weight *g[64], *u[64], *d[64];
     float w[64];
     for (int i = 0; i < n_layers; i++) {
@@ -382,6 +385,11 @@ int mt_mla_layers(const mla_desc *const *A, const layer_desc *const *F, const ro
         }
         int64_t *ids = ids_out + (long)i * 64;
         mt_route_grouped(R[i], S->h, dt, scores, choice, ids, w, nth);
+        if (ep) {
+            long o = (long)i * e_max;
+            if (mt_ep_moe(ep, F[i], S, dt, x, i, ids, w, gate_table + o, up_table + o, down_table + o, nth)) return -2000;
+            continue;
+        }
         for (long j = 0; j < R[i]->topk; j++) {
             long k = (long)i * e_max + ids[j];
             g[j] = gate_table[k];
