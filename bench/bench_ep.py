@@ -90,7 +90,7 @@ def worker(cfg_path: str, out_path: str) -> int:
 
             placement = EPPlacement(sum(len(d) for d in cfg["device_experts"]),
                                     tuple(tuple(d) for d in cfg["device_experts"]))
-        model, group = ep.load(None, rank, world, placement, dtype=dtype, tokenizer=False, threads=1,
+        model, group = ep.load(cfg.get("model"), rank, world, placement, dtype=dtype, tokenizer=False, threads=1,
                                exchange=cfg.get("exchange", ep.DEFAULT_EXCHANGE), native=cfg.get("native", False))
         pingpong = cfg.get("pingpong", 0) and pingpong_s(rank, world, group.ctrl_bytes, cfg["pingpong"], group)
         if rank != 0:
@@ -98,8 +98,8 @@ def worker(cfg_path: str, out_path: str) -> int:
             ep.shutdown()
             return 0
     else:
-        model = moetier.load(None, dtype=dtype, tokenizer=False, native=None if cfg.get("native") else False,
-                             threads=cfg.get("threads", 1))
+        model = moetier.load(cfg.get("model"), dtype=dtype, tokenizer=False,
+                             native=None if cfg.get("native") else False, threads=cfg.get("threads", 1))
         assert not cfg.get("native") or model.native_reason is None, model.native_reason
     results = []
     for pt in cfg["points"]:
@@ -270,6 +270,7 @@ def loopback(args: argparse.Namespace) -> None:
     for key, exchange in variants.items():
         (tmp / f"cfg_{key}.json").write_text(json.dumps({
             "dtype": args.dtype, "pingpong": 400 if key in ("P2", "P2_shm") else 0, "exchange": exchange,
+            "model": args.model,
             "native": "_native" in key, "device_experts": heavy if "_rank0_" in key else None,
             "threads": len(os.sched_getaffinity(0)) if key == "P1_native_all" else 1,
             "points": [{"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}]}))
@@ -356,7 +357,7 @@ def loopback(args: argparse.Namespace) -> None:
         ratios += ["ratio_native", "ratio_native_over_torch_P1", "ratio_P1_native_over_torch"]
     if "P1_native_all" in variants:
         ratios.append("ratio_native_over_all_threads")
-    res = {"model": "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
+    res = {"model": args.model or "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
            **{"median_" + k: statistics.median(r[k] for r in rounds) for k in ratios},
            "median_tokens_per_s": {k: statistics.median(r[k]["tokens_per_s"] for r in rounds) for k in variants},
            "loadavg_start": load0, "loadavg": load,
@@ -588,6 +589,7 @@ def main() -> int:
     lb.add_argument("--rounds", type=int, default=2)
     lb.add_argument("--tokens", type=int, default=48)
     lb.add_argument("--dtype", default="float32")
+    lb.add_argument("--model", default=None, help="a model directory (default: the embedded model)")
     lb.add_argument("--unpinned", action="store_true", help="also P = 2 without pinning (MOETIER_EP_PIN=0)")
     lb.add_argument("--nospin", action="store_true", help="also P = 2 direct without polling (MOETIER_EP_SPIN_US=0)")
     lb.add_argument("--all-threads", action="store_true",
