@@ -268,6 +268,36 @@ class _StepBase:
         in that order, then the shared expert (:meth:`expert_rows`): the single-process combine."""
         self.lib.mt_moe_add(self.ffn_desc_ptrs[layer], self.scratch, xp, k, self.rows, self.w, 1)
 
+    def _routed(self, i: int, provider: Any, xp: int, nth: int) -> None:
+        """A Python-driven step's MoE layer ``i`` after its router (``ids`` / ``w``): the router
+        observers, then the routed experts and the shared expert added into the residual stream at
+        ``xp``: through the provider's ``native_moe`` hook (expert parallelism), else ``require`` /
+        ``get`` and ``mt_moe`` (one call when every ``get`` stays valid, else one expert at a
+        time: the same bits)."""
+        lib, dt, S, d, desc = self.lib, self.dt, self.scratch, self.ffn_descs[i], self.ffn_desc_ptrs[i]
+        k = d.topk
+        ids = self.ids[:k]
+        if self.net.observers:
+            ids_t = torch.tensor([ids], dtype=torch.int64)
+            w_t = torch.tensor([self.w[:k]], dtype=torch.float32).to(self.net.dtype)
+            for fn in self.net.observers:
+                fn(i, ids_t, w_t)
+        native_moe = getattr(provider, "native_moe", None)
+        if native_moe is not None:  # the experts are computed elsewhere too (expert parallelism)
+            native_moe(self, i, k, xp, nth)
+            return
+        provider.require(i, sorted(set(ids)))
+        gu, up, dn, w, get = self.gu, self.up, self.dn, self.w, self.experts.get
+        if getattr(provider, "stable_gets", False):  # every get() stays valid: one call
+            for j, e in enumerate(ids):
+                gu[j], up[j], dn[j] = get(provider.get(i, e), i, e, d)
+            lib.mt_moe(desc, S, dt, xp, k, gu, up, dn, w, 1, nth)
+        else:  # a get() may recycle the previous one's slot: one expert at a time (same bits)
+            for j, e in enumerate(ids):
+                gu[0], up[0], dn[0] = get(provider.get(i, e), i, e, d)
+                lib.mt_moe(desc, S, dt, xp, 1, gu, up, dn, ctypes.byref(w, 4 * j), 0, nth)
+            lib.mt_moe(desc, S, dt, xp, 0, gu, up, dn, w, 1, nth)
+
     def _table(self) -> bool:
         """Descriptor tables of every routed expert when the provider keeps them all in RAM
         (``InMemoryExpertProvider``); False when another provider is attached. For the whole-step
@@ -492,7 +522,6 @@ class NativeDecoder(_StepBase):
         pos = seq.length
         x = self.x
         xp, cp, sp = self._begin(token, pos)
-        observers = net.observers
         for i, layer in enumerate(net.layers):
             desc = self.desc_ptrs[i]
             K, Vc = cache_reserve(seq, i, self.kv_like[i], pos + 1)
@@ -508,31 +537,8 @@ class NativeDecoder(_StepBase):
             if type(mlp) is GatedMLP:
                 lib.mt_dense_mlp(desc, self.scratch, dt, xp, nth)
                 continue
-            d = self.descs[i]
-            k = d.topk
             lib.mt_route(desc, self.scratch, dt, self.ids, self.w, nth)
-            ids = self.ids[:k]
-            if observers:
-                ids_t = torch.tensor([ids], dtype=torch.int64)
-                w_t = torch.tensor([self.w[:k]], dtype=torch.float32).to(net.dtype)
-                for fn in observers:
-                    fn(i, ids_t, w_t)
-            provider = mlp.provider
-            native_moe = getattr(provider, "native_moe", None)
-            if native_moe is not None:  # the experts are computed elsewhere too (expert parallelism)
-                native_moe(self, i, k, xp, nth)
-                continue
-            provider.require(i, sorted(set(ids)))
-            gu, up, dn, w, get = self.gu, self.up, self.dn, self.w, self.experts.get
-            if getattr(provider, "stable_gets", False):  # every get() stays valid: one call
-                for j, e in enumerate(ids):
-                    gu[j], up[j], dn[j] = get(provider.get(i, e), i, e, d)
-                lib.mt_moe(desc, self.scratch, dt, xp, k, gu, up, dn, w, 1, nth)
-            else:  # a get() may recycle the previous one's slot: one expert at a time (same bits)
-                for j, e in enumerate(ids):
-                    gu[0], up[0], dn[0] = get(provider.get(i, e), i, e, d)
-                    lib.mt_moe(desc, self.scratch, dt, xp, 1, gu, up, dn, ctypes.byref(w, 4 * j), 0, nth)
-                lib.mt_moe(desc, self.scratch, dt, xp, 0, gu, up, dn, w, 1, nth)
+            self._routed(i, mlp.provider, xp, nth)
         return self._finish(seq, pos, xp, nth)
 
     def step_many(self, items: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False) -> torch.Tensor:

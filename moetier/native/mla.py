@@ -372,30 +372,7 @@ class MLADecoder(_StepBase):
             if type(mlp) is GatedMLP:
                 lib.mt_dense_mlp(desc, sp_, dt, xp, nth)
                 continue
-            d = self.ffn[i]
-            k = d.topk
             lib.mt_route_grouped(self.route_ptrs[i], self.h_ptr, dt, self.scores.data_ptr(),
                                  self.choice.data_ptr(), self.ids, self.w, nth)
-            ids = self.ids[:k]
-            if observers:
-                ids_t = torch.tensor([ids], dtype=torch.int64)
-                w_t = torch.tensor([self.w[:k]], dtype=torch.float32).to(net.dtype)
-                for fn in observers:
-                    fn(i, ids_t, w_t)
-            provider = mlp.provider
-            native_moe = getattr(provider, "native_moe", None)
-            if native_moe is not None:  # the experts are computed elsewhere too (expert parallelism)
-                native_moe(self, i, k, xp, nth)
-                continue
-            provider.require(i, sorted(set(ids)))
-            gu, up, dn, w, get = self.gu, self.up, self.dn, self.w, self.experts.get
-            if getattr(provider, "stable_gets", False):
-                for j, e in enumerate(ids):
-                    gu[j], up[j], dn[j] = get(provider.get(i, e), i, e, d)
-                lib.mt_moe(desc, sp_, dt, xp, k, gu, up, dn, w, 1, nth)
-            else:  # a get() may recycle the previous one's slot: one expert at a time (same bits)
-                for j, e in enumerate(ids):
-                    gu[0], up[0], dn[0] = get(provider.get(i, e), i, e, d)
-                    lib.mt_moe(desc, sp_, dt, xp, 1, gu, up, dn, ctypes.byref(w, 4 * j), 0, nth)
-                lib.mt_moe(desc, sp_, dt, xp, 0, gu, up, dn, w, 1, nth)
+            self._routed(i, mlp.provider, xp, nth)
         return self._finish(seq, pos, xp, nth)
