@@ -95,6 +95,7 @@ from moetier.planner.cluster import EP_EXCHANGES as EXCHANGES
 CMD_MOE, CMD_STOP, CMD_PING, CMD_MOE_INLINE, CMD_MOE_ONE = 1, 2, 3, 4, 5  # ONE: inline, decode of one token
 CMD_STEP = 6  # replicated: (CMD_STEP, words, all_logits) + the step's description (int64 words)
 CMD_MOE_NATIVE = 7  # direct, native decode of one token: CMD_MOE_ONE's layout with float32 rows (native/decode.py)
+CMD_HEAD_NATIVE = 8  # direct, native exchange: the normed hidden state [H] float32 -> a follower's rows of the LM head
 HEADER = 24  # bytes: (command, layer, rows) as int64
 TAG_CTRL, TAG_ROWS, TAG_COMBINE = 1, 2, 3  # point-to-point message tags (rank 0 <-> a follower)
 TAG_EXCHANGE = 4  # replicated: one message per (rank, other rank) per MoE layer
@@ -127,6 +128,7 @@ class EPStats:
     collectives: int = 0  # step messages posted (point-to-point: control, dispatch, combine, pings)
     native_calls: int = 0  # MoE layers whose exchange ran inside the native step (native_ep.py)
     sleeps: int = 0  # native exchange: waits for a message or a slot that went to sleep (not only polled)
+    head_bytes: int = 0  # native exchange: LM-head logits moved between ranks (the head's rows are split)
     comm_s: float = 0.0  # posting and waiting for step messages (includes waiting for the peers)
     compute_s: float = 0.0  # expert FFNs on this rank
     cpu_s: float = 0.0  # this process's CPU time (all threads) when the figures were gathered
@@ -333,6 +335,7 @@ class EPGroup:
         self.shm_name: str | None = None  # shm: the segment's name (unlinked once every rank mapped it)
         # direct + shm + native decode: the exchange inside the native step (native_ep.py), or None and why
         self.native_exchange: Any = None
+        self.head_answer_bytes = 0  # shm: a head ring's slot (configure)
         self.native_exchange_why = "not set up"
 
     # ----- messages (every failure becomes one clear line) -----
@@ -398,6 +401,10 @@ class EPGroup:
         self.inline_rows = top_k
         self.ctrl_bytes = HEADER + (STEP_INLINE_WORDS * 8 if self.exchange == "replicated"
                                     else self.inline_rows * (self.room_row + 8))
+        # the native exchange splits the LM head's rows over the ranks (native_ep.py): a follower's
+        # answer holds its slice of the logits (room for the largest slice; shm only)
+        V = getattr(native, "V", 0) if native is not None and self.exchange == "direct" else 0
+        self.head_answer_bytes = ANSWER_HEADER + 4 * -(-V // self.world) if V and self.world > 1 else 0
 
     def _send_ctrl(self, cmd: int, layer: int = 0, counts: Seq[int] | None = None,
                    rows: list[torch.Tensor] | None = None, wait: bool = True) -> list[Any]:
@@ -477,7 +484,8 @@ class EPGroup:
             self._tr = GlooTransport(self)
             return
         name = self.shm_name = shm.segment_name(shm.job_key(_groups_made))
-        size = shm.ShmTransport.size(self.world, self.ctrl_bytes, self._answer_bytes())
+        size = shm.ShmTransport.size(self.world, self.ctrl_bytes, self._answer_bytes(),
+                                     self.head_answer_bytes)
         err = ""
         mm = None
         try:
@@ -529,8 +537,19 @@ class EPGroup:
             from moetier.distributed.native_ep import NativeExchange
 
             self.native_exchange, self.native_exchange_why = NativeExchange.make(self, self.native)
-            if self.native_exchange is not None and self.rank == 0:
-                self.native.bind_exchange(self.native_exchange)  # whole steps exchange inside mt_step
+            ex = self.native_exchange
+            # the LM head's rows split over the ranks: only when every rank answers in C (and agrees)
+            split = os.environ.get("MOETIER_EP_SPLIT_HEAD", "1").strip() != "0" and ex is not None
+            t = torch.tensor([int(split)], dtype=torch.long)
+            try:
+                dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            except (RuntimeError, dist.DistBackendError) as e:
+                raise DistributedError(f"rank {self.rank}: native exchange agreement failed ({_first_line(e)})") \
+                    from None
+            if ex is not None:
+                ex.set_head_split(bool(t.item()))
+                if self.rank == 0:
+                    self.native.bind_exchange(ex)  # whole steps exchange inside mt_step
         if self.rank == 0 and self.world > 1 and self._beat is None:
             self._beat = threading.Thread(target=self._heartbeat, name="moetier-ep-heartbeat", daemon=True)
             self._beat.start()

@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from moetier.distributed.shm import Ring, ShmError
+from moetier.native.weights import describe, rows
 
 E_SEQ, E_CHECK, E_EXPERT = 1, 2, 3  # csrc/ep.h: MT_EP_E_*
 STEP_FAILED = -2000  # mt_step: the exchange failed
@@ -39,7 +40,8 @@ FOLD = (("comm_s", "comm_s"), ("compute_s", "compute_s"), ("collectives", "colle
         ("meta_bytes", "meta_bytes"), ("dispatch_sent", "dispatch_bytes_sent"),
         ("dispatch_recv", "dispatch_bytes_recv"), ("combine_sent", "combine_bytes_sent"),
         ("combine_recv", "combine_bytes_recv"), ("remote_pairs", "remote_pairs"), ("local_pairs", "local_pairs"),
-        ("moe_calls", "moe_calls"), ("native_calls", "native_calls"), ("sleeps", "sleeps"))
+        ("moe_calls", "moe_calls"), ("native_calls", "native_calls"), ("sleeps", "sleeps"),
+        ("head_bytes", "head_bytes"))
 
 
 class EPState(ctypes.Structure):
@@ -56,6 +58,8 @@ class EPState(ctypes.Structure):
         ("dispatch_recv", ctypes.c_int64), ("combine_sent", ctypes.c_int64), ("combine_recv", ctypes.c_int64),
         ("remote_pairs", ctypes.c_int64), ("local_pairs", ctypes.c_int64), ("moe_calls", ctypes.c_int64),
         ("native_calls", ctypes.c_int64), ("sleeps", ctypes.c_int64),
+        ("head_split", ctypes.c_int), ("head", ctypes.c_void_p), ("head_mine", ctypes.c_void_p),
+        ("head_off", ctypes.c_void_p), ("head_n", ctypes.c_void_p), ("head_bytes", ctypes.c_int64),
         ("err", ctypes.c_int), ("err_ring", ctypes.c_int), ("err_a", ctypes.c_int64), ("err_b", ctypes.c_int64),
     ]
 
@@ -89,13 +93,23 @@ class NativeExchange:
         self.error: BaseException | None = None
         self.rings: list[Ring] = []
         self.reads: list[bool] = []  # this rank reads the ring (else writes it)
-        ctrl, ans = (ctypes.c_void_p * P)(), (ctypes.c_void_p * P)()
+        ctrl, ans, head = (ctypes.c_void_p * P)(), (ctypes.c_void_p * P)(), (ctypes.c_void_p * P)()
         for r in sorted(tr.ctrl):
-            for arr, ring, reads in ((ctrl, tr.ctrl[r], g.rank != 0), (ans, tr.ans[r], g.rank == 0)):
+            ends = [(ctrl, tr.ctrl[r], g.rank != 0), (ans, tr.ans[r], g.rank == 0)]
+            if r in tr.head:
+                ends.append((head, tr.head[r], g.rank == 0))
+            for arr, ring, reads in ends:
                 ring.st.id = len(self.rings)
                 self.rings.append(ring)
                 self.reads.append(reads)
                 arr[r] = ctypes.addressof(ring.st)
+        # the LM head's rows split over the ranks: rank r computes [off[r], off[r] + n[r]) (set_head_split)
+        V = dec.V
+        per = -(-V // P)
+        self.head_off = (ctypes.c_long * P)(*[min(V, r * per) for r in range(P)])
+        self.head_n = (ctypes.c_long * P)(*[min(V, (r + 1) * per) - min(V, r * per) for r in range(P)])
+        mine = rows(dec.head_weight, self.head_off[g.rank], self.head_n[g.rank])
+        self.head_mine = describe(mine, what="output head rows")
         own_n, own = (ctypes.c_int32 * E)(), (ctypes.c_int32 * (E * P))()
         for e, ranks in enumerate(g._owners):
             own_n[e] = len(ranks)
@@ -103,16 +117,27 @@ class NativeExchange:
                 own[e * P + c] = r
         self.rr = (ctypes.c_int64 * (len(dec.ffn_descs) * E))()
         self.told = (ctypes.c_double * P)()
-        self.keep = (ctrl, ans, own_n, own)
+        self.keep = (ctrl, ans, head, own_n, own)
         self.check_cb = CHECK_FN(self._check)  # held: C calls it
         self.st = EPState(world=P, rank=g.rank, H=g.hidden, e_max=E, ctrl_bytes=g.ctrl_bytes,
                           answer_bytes=g._answer_bytes(), ctrl=ctypes.addressof(ctrl), ans=ctypes.addressof(ans),
                           own_n=ctypes.addressof(own_n), own=ctypes.addressof(own),
                           rr=ctypes.addressof(self.rr), told=ctypes.addressof(self.told), ping_s=g.timeout_s / 8,
-                          check=self.check_cb)
+                          check=self.check_cb, head=ctypes.addressof(head), head_mine=ctypes.addressof(self.head_mine),
+                          head_off=ctypes.addressof(self.head_off), head_n=ctypes.addressof(self.head_n))
         self.addr = ctypes.addressof(self.st)
         lib = dec.lib
-        self._serve = lib.mt_ep_serve
+        self._serve, self._head = lib.mt_ep_serve, lib.mt_ep_head
+
+    @property
+    def head_split(self) -> bool:
+        return bool(self.st.head_split)
+
+    def set_head_split(self, on: bool) -> None:
+        """Split the LM head's rows over the ranks (every rank's exchange agreed, and each has its
+        head ring): rank 0's steps then send the normed hidden state with the last MoE layer's
+        messages' ring and gather the followers' logits (``mt_ep_head``)."""
+        self.st.head_split = int(bool(on) and bool(self.group._tr.head))
 
     @classmethod
     def make(cls, group: Any, dec: Any) -> tuple[NativeExchange | None, str]:
@@ -184,6 +209,11 @@ class NativeExchange:
         if rc == STEP_FAILED:
             self._fail()
         return rc
+
+    def head(self, norm_w: int, eps: float, dt: int, scratch: int, xp: int, logits: int, nth: int) -> None:
+        """Rank 0, a Python-driven step's LM head split over the ranks (``mt_ep_head``)."""
+        if self.step(self._head, self.addr, norm_w, eps, dt, scratch, xp, logits, nth) == -1:
+            self._fail()
 
     def serve(self, limit: int, nth: int) -> int:
         """A follower: answer rank 0's native decode messages until another kind arrives (left for

@@ -350,23 +350,29 @@ class ShmTransport:
     def __init__(self, group: Any, mm: mmap.mmap, peers: dict[int, Peer], fail: Callable[[BaseException], None]):
         self.g, self.mm, self.fail = group, mm, fail
         g = group
-        ctrl, ans = g.ctrl_bytes, g._answer_bytes()
-        per = ring_bytes(ctrl) + ring_bytes(ans)
+        ctrl, ans, head = g.ctrl_bytes, g._answer_bytes(), getattr(g, "head_answer_bytes", 0)
+        per = ring_bytes(ctrl) + ring_bytes(ans) + (ring_bytes(head) if head else 0)
         spin, tmo = g.spin_s, g.timeout_s
         self.ctrl: dict[int, Ring] = {}  # rank 0: by follower; a follower: {0: its ring}
         self.ans: dict[int, Ring] = {}
+        self.head: dict[int, Ring] = {}  # the native exchange's split LM head (native_ep.py): answers
         for r in range(1, g.world):
             if g.rank not in (0, r):
                 continue
             peer = peers[r if g.rank == 0 else 0]
             base = HEADER_BYTES + (r - 1) * per
             self.ctrl[peer.rank] = Ring(mm, base, ctrl, peer, f"control to rank {r}", spin, tmo, g.rank)
-            self.ans[peer.rank] = Ring(mm, base + ring_bytes(ctrl), ans, peer, f"answers of rank {r}", spin, tmo,
-                                       g.rank)
+            base += ring_bytes(ctrl)
+            self.ans[peer.rank] = Ring(mm, base, ans, peer, f"answers of rank {r}", spin, tmo, g.rank)
+            if head:
+                self.head[peer.rank] = Ring(mm, base + ring_bytes(ans), head, peer, f"head rows of rank {r}", spin,
+                                            tmo, g.rank)
 
     @staticmethod
-    def size(world: int, ctrl_bytes: int, answer_bytes: int) -> int:
-        return HEADER_BYTES + (world - 1) * (ring_bytes(ctrl_bytes) + ring_bytes(answer_bytes))
+    def size(world: int, ctrl_bytes: int, answer_bytes: int, head_bytes: int = 0) -> int:
+        """The segment's bytes: per follower a control, an answer and (``head_bytes`` > 0) a head ring."""
+        return HEADER_BYTES + (world - 1) * (ring_bytes(ctrl_bytes) + ring_bytes(answer_bytes) +
+                                             (ring_bytes(head_bytes) if head_bytes else 0))
 
     def _io(self, f: Callable[[Any], Any], arg: Any = None) -> Any:
         """``f(arg)`` (a ring's send or recv) counted as one step message; a failure -> the group's fault."""

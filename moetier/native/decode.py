@@ -239,7 +239,11 @@ class _StepBase:
         """Advance ``seq`` past ``pos``; the logits [1, V] of the residual stream at ``xp``."""
         seq.length = pos + 1
         logits = torch.empty(1, self.V, dtype=torch.float32)
-        self.lib.mt_head(self.norm_w, self.out_w, self.norm_eps, self.dt, self.scratch, xp, logits.data_ptr(), nth)
+        ex = self.exchange
+        if ex is not None and ex.head_split:  # expert parallelism: the head's rows split over the ranks
+            ex.head(self.norm_w, self.norm_eps, self.dt, self.scratch, xp, logits.data_ptr(), nth)
+        else:
+            self.lib.mt_head(self.norm_w, self.out_w, self.norm_eps, self.dt, self.scratch, xp, logits.data_ptr(), nth)
         return logits
 
     def expert_rows(self, layer: int, provider: Any, experts: list[int], shared: bool, nth: int) -> None:
@@ -422,7 +426,8 @@ class NativeDecoder(_StepBase):
         self.norm_w = _ptr(net.norm.weight)
         self.norm_eps = net.norm.eps
         head = net.embed_tokens if net.lm_head is None else net.lm_head
-        self.out_w = self._w(_weight(head), "output head")
+        self.head_weight = _weight(head)  # [V, H] (expert parallelism splits its rows: native_ep.py)
+        self.out_w = self._w(self.head_weight, "output head")
         self.emb = self._w(_weight(net.embed_tokens), "embed_tokens")
         self.rotary = type(net.rotary)(net.rotary.inv_freq, net.rotary.attention_factor)  # own float32 tables
         self.kv_like = [(torch.empty(a.n_kv, 0, a.head_dim, dtype=net.dtype),) * 2

@@ -51,7 +51,7 @@ from moetier.native.decode import (
     _StepBase,
     _weight,
 )
-from moetier.native.weights import MtWeight, describe
+from moetier.native.weights import MtWeight, describe, rows
 from moetier.quant import QTensor
 
 if TYPE_CHECKING:
@@ -173,11 +173,6 @@ def plain_kv_b(attn: MLAAttention, dtype: torch.dtype) -> tuple[torch.Tensor, in
     return attn.kv_b_proj.weight, 0
 
 
-def _rows(w: torch.Tensor | QTensor, a: int, n: int) -> torch.Tensor | QTensor:
-    """Rows ``[a, a + n)`` of a 2-D weight, sharing its memory."""
-    return w.row_slice(a, a + n) if isinstance(w, QTensor) else w[a:a + n]
-
-
 def plain_copy_bytes(spec: Any, itemsize: int, layers: int | None = None) -> int:
     """The RAM :class:`MLADecoder` adds when ``layers`` (default: all) layers store ``kv_b_proj``
     quantized: one plain ``[nh (dn + dv), C]`` copy each at ``itemsize`` bytes per value
@@ -227,8 +222,8 @@ class MLADecoder(_StepBase):
             if isinstance(a.kv_b_proj, SplitKVB):  # GGUF attn_k_b / attn_v_b as stored: products per head
                 uk, kb, vb = (MtWeight * m.nh)(), a.kv_b_proj.k_b, a.kv_b_proj.v_b  # [nh C, dn], [nh dv, C]
                 for h in range(m.nh):
-                    describe(_rows(kb, h * m.C, m.C), out=uk[h], what=f"layer {i} attn_k_b head {h}")
-                    describe(_rows(vb, h * m.dv, m.dv), out=uv[h], what=f"layer {i} attn_v_b head {h}")
+                    describe(rows(kb, h * m.C, m.C), out=uk[h], what=f"layer {i} attn_k_b head {h}")
+                    describe(rows(vb, h * m.dv, m.dv), out=uv[h], what=f"layer {i} attn_v_b head {h}")
                 self.keep += [uk, kb, vb]
                 m.uk = ctypes.addressof(uk)  # m.kvb, m.kvb_w stay NULL: prefill runs the absorbed form
             else:
@@ -294,7 +289,8 @@ class MLADecoder(_StepBase):
         self.route_ptrs = [None if r is None else ctypes.addressof(r) for r in self.routes]
         self.norm_w, self.norm_eps = _ptr(net.norm.weight), net.norm.eps
         head = net.embed_tokens if net.lm_head is None else net.lm_head
-        self.out_w = self._w(_weight(head), "output head")
+        self.head_weight = _weight(head)  # [V, H] (expert parallelism splits its rows: native_ep.py)
+        self.out_w = self._w(self.head_weight, "output head")
         self.emb = self._w(_weight(net.embed_tokens), "embed_tokens")
         self.rotary = type(net.rotary)(net.rotary.inv_freq, net.rotary.attention_factor)  # own float32 tables
         self.kv_like = [(torch.empty(0, m.C, dtype=net.dtype), torch.empty(0, m.dr, dtype=net.dtype))

@@ -56,6 +56,11 @@ def _row_stride_bytes(t: torch.Tensor, what: str) -> int:
     return t.stride(0) * t.element_size()
 
 
+def rows(w: torch.Tensor | QTensor, a: int, n: int) -> torch.Tensor | QTensor:
+    """Rows ``[a, a + n)`` of a 2-D weight, sharing its memory (a quantized one's scales too)."""
+    return w.row_slice(a, a + n) if isinstance(w, QTensor) else w[a:a + n]
+
+
 def describe(w: torch.Tensor | QTensor, out: MtWeight | None = None, what: str = "weight") -> MtWeight:
     """The descriptor of ``w`` (filled into ``out`` when given; then the caller keeps ``w``
     alive). ``what`` names the weight in errors."""

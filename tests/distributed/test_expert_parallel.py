@@ -191,9 +191,12 @@ def test_the_exchange_runs_inside_the_native_step_on_shared_memory(job, name):
     if job["transport"] == "gloo" or c.get("hierarchy"):  # Python's exchange (a tiered rank: its provider's reads)
         assert r["native_exchange"].startswith("the gloo transport" if job["transport"] == "gloo" else
                                                "this rank's experts are not all in RAM")
-        assert s["native_calls"] == 0 and per[1]["native_calls"] == 0
+        assert s["native_calls"] == 0 and per[1]["native_calls"] == 0 and per[0]["head_bytes"] == 0
         return
     assert r["native_exchange"] == "native"
+    # the LM head's rows split over the ranks: rank 0 gathers the follower's half of every step's logits
+    V = moetier.spec.load_spec(c["model"]).vocab_size
+    assert s["head_bytes"] == steps * 4 * (V - -(-V // WORLD)) and per[1]["head_bytes"] == per[0]["head_bytes"]
     assert s["native_calls"] == s["moe_calls"] == layers * steps
     rows = ep_step_rows("direct", WORLD, 0, s["local_pairs"], s["remote_pairs"])
     row = pair_bytes(r["hidden"], "fp32")

@@ -139,6 +139,8 @@ int mt_step(const step_desc *P, long token, long pos, float *logits, int nth) {
                     P->sin + pos * P->rope_d, P->gate_table, P->up_table, P->down_table, P->e_max, P->ids_out, P->ep,
                     nth);
     if (rc) return rc;
+    if (P->ep && P->ep->head_split) /* expert parallelism: the head's rows split over the ranks too */
+        return mt_ep_head(P->ep, P->norm_w, P->norm_eps, P->dt, P->S, P->x, logits, nth) ? -2000 : 0;
     mt_head(P->norm_w, P->out_w, P->norm_eps, P->dt, P->S, P->x, logits, nth);
     return 0;
 }

@@ -16,6 +16,7 @@
 
 #define LINE_WORDS 8          /* shm.py LINE = 64 bytes */
 #define CMD_MOE_NATIVE 7      /* executor.py */
+#define CMD_HEAD_NATIVE 8     /* executor.py */
 #define HEADER 24             /* executor.py HEADER: (command, layer, rows) */
 #define ANSWER_HEADER 8       /* executor.py ANSWER_HEADER */
 #define CHECK_EVERY_S 0.02    /* shm.py CHECK_EVERY_S */
@@ -192,6 +193,37 @@ int mt_ep_moe(mt_ep *ep, const layer_desc *L, scratch *S, int dt, float *x, int 
     return 0;
 }
 
+int mt_ep_head(mt_ep *ep, const void *norm_w, float eps, int dt, scratch *S, const float *x, float *logits, int nth) {
+    int P = ep->world;
+    long H = ep->H, moved = 0;
+    rms_norm(x, norm_w, dt, eps, S->h, H); /* as mt_head */
+    double t0 = now_s();
+    for (int r = 1; r < P; r++) {
+        mt_ring *R = ep->ctrl[r];
+        char *p = ring_reserve(ep, R);
+        if (!p) return -1;
+        int64_t hdr[3] = {CMD_HEAD_NATIVE, 0, 0};
+        memcpy(p, hdr, sizeof(hdr));
+        memcpy(p + HEADER, S->h, (size_t)(4 * H));
+        ring_publish(R, ep->ctrl_bytes);
+        ep->told[r] = t0;
+    }
+    double t1 = now_s();
+    mt_gemv_item it = {ep->head_mine, NULL, dt, S->h, logits, NULL, NULL};
+    mt_run_gemvs(&it, 1, nth);
+    double t2 = now_s();
+    for (int r = 1; r < P; r++) {
+        const char *a = ring_next(ep, ep->head[r], 0);
+        if (!a) return -1;
+        memcpy(logits + ep->head_off[r], a + ANSWER_HEADER, (size_t)(4 * ep->head_n[r]));
+        moved += 4 * ep->head_n[r];
+    }
+    ep->comm_s += (t1 - t0) + (now_s() - t2);
+    ep->collectives += 2 * (P - 1), ep->meta_bytes += (P - 1) * ep->ctrl_bytes;
+    ep->head_bytes += moved;
+    return 0;
+}
+
 /* A follower: serve rank 0's CMD_MOE_NATIVE messages (executor.py: EPGroup._compute_native,
  * the same rows: mt_moe_rows, written straight into the answer's slot) until a message of
  * another kind or for a layer this loop does not serve arrives (left untaken, for the Python
@@ -210,6 +242,23 @@ long mt_ep_serve(mt_ep *ep, const layer_desc *const *L, int n_layers, scratch *S
         if (!p) return -1;
         int64_t hdr[3];
         memcpy(hdr, p, sizeof(hdr));
+        if (hdr[0] == CMD_HEAD_NATIVE && ep->head_split) { /* this rank's rows of the LM head (mt_ep_head) */
+            C->got++;
+            memcpy(S->h, p + HEADER, (size_t)(4 * ep->H));
+            char *a = ring_reserve(ep, ep->head[0]);
+            if (!a) return -1;
+            double t1 = now_s();
+            mt_gemv_item it = {ep->head_mine, NULL, dt, S->h, (float *)(a + ANSWER_HEADER), NULL, NULL};
+            mt_run_gemvs(&it, 1, nth);
+            double t2 = now_s();
+            int64_t num = ep->head[0]->sent + 1;
+            memcpy(a, &num, 8);
+            ring_publish(ep->head[0], ANSWER_HEADER + 4 * ep->head_n[0]);
+            ep->comm_s += (t1 - t0) + (now_s() - t2);
+            ep->collectives += 2, ep->meta_bytes += ep->ctrl_bytes;
+            ep->head_bytes += 4 * ep->head_n[0];
+            continue;
+        }
         long layer = (long)hdr[1], n = (long)hdr[2];
         if (hdr[0] != CMD_MOE_NATIVE || layer < 0 || layer >= n_layers || L[layer]->mlp != 1 || n < 0 ||
             n > L[layer]->topk)

@@ -47,6 +47,13 @@ typedef struct {
     int64_t collectives, meta_bytes, dispatch_sent, dispatch_recv, combine_sent, combine_recv;
     int64_t remote_pairs, local_pairs, moe_calls, native_calls;
     int64_t sleeps;              /* waits that went to sleep (futex / nap) after or instead of polling */
+    /* the LM head split over the ranks (head_split): rank r computes rows [head_off[r], + head_n[r])
+     * of it (head_mine: a descriptor of those rows) from rank 0's normed hidden state */
+    int head_split;
+    mt_ring *const *head;        /* [world]: rank 0: each follower's head-answer ring; a follower: [0] its own */
+    const mt_weight *head_mine;
+    const long *head_off, *head_n;
+    int64_t head_bytes;          /* logits moved between ranks */
     /* the failure (err != 0): ring, and for MT_EP_E_SEQ the slot's seq and the expected one,
      * for MT_EP_E_EXPERT the layer and the expert not held */
     int err, err_ring;
@@ -61,5 +68,10 @@ typedef struct {
 int mt_ep_moe(mt_ep *ep, const layer_desc *L, scratch *S, int dt, float *x, int layer, const int64_t *ids,
               const float *w, const mt_weight *const *gate, const mt_weight *const *up,
               const mt_weight *const *down, int nth);
+
+/* Rank 0: logits [V] = out_w . norm(x) with the rows split over the ranks (the followers' from
+ * the normed x sent to them, answered into their head rings): the same gemv rows as mt_head, the
+ * same bits. Returns 0 or -1 (ep->err). */
+int mt_ep_head(mt_ep *ep, const void *norm_w, float eps, int dt, scratch *S, const float *x, float *logits, int nth);
 
 #endif
