@@ -2,9 +2,13 @@
 
 ``probe(...) -> dict`` measures, in a few seconds:
 
-* memory read bandwidth, one core and all cores (``measure_memory_bw``: native readers stream
-  a buffer of at least 8x the largest cache with plain vector loads, each pass timed in the
-  readers' CPU time, best of several passes; torch's wall-clock sum without the native library),
+* memory read bandwidth, one core and all cores (:class:`MemoryReaders`: native readers stream
+  a buffer of at least 8x the largest cache the way the decode kernels read weights, with the
+  vector loads of the kernels' instruction set, each thread's slice as ``READ_STREAMS``
+  sequential streams side by side; each pass timed in the readers' CPU time; the best pass of
+  ``MEMORY_ROUNDS`` rounds spread over the probe (at its start, after the disk, at its end), so
+  a moment of other traffic on the memory bus does not set the figure; torch's wall-clock sum
+  without the native library),
 * disk read bandwidth with ``O_DIRECT`` on a temporary file written in the cache dir (so the
   page cache is bypassed; falls back to ``posix_fadvise(DONTNEED)`` where O_DIRECT is not
   supported, and says so in ``disk_method``), read with the expert store's pattern (shuffled
