@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
         ("memory read", fmt_si(rec["memory_read_bw"], "B/s")
          + (f" all cores, {fmt_si(rec['memory_read_bw_per_core'], 'B/s')} one core"
             if rec.get("memory_read_bw_per_core") else "")
-         + f" ({rec.get('memory_method', 'torch sum, wall clock')})"),
+         + f" ({rec.get('memory_method', 'torch sum, wall clock')}"
+         + (f"; {rec['memory_reader']}" if rec.get("memory_reader") else "") + ")"
+         + _rounds(rec.get("memory_rounds"))),
         ("disk read", f"{fmt_si(rec['disk_read_bw'], 'B/s')} ({rec.get('disk_method')}, {rec.get('disk_dir')})"),
         ("disk free", fmt_bytes(rec["disk_free_bytes"])),
         ("matmul fp32", fmt_si(rec["matmul_flops"]["fp32"], "FLOP/s")),
@@ -46,3 +48,12 @@ def run(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"  {k:12s} {v}")
     return 0
+
+
+def _rounds(rounds: list | None) -> str:
+    """'; rounds one core 20.1-22.3, all cores 38.0-41.2 GB/s': how much the memory figure moved
+    during the probe (the figures above are the best)."""
+    if not rounds or len(rounds) < 2:
+        return ""
+    one, every = [r[0] / 1e9 for r in rounds], [r[1] / 1e9 for r in rounds]
+    return (f"; rounds one core {min(one):.1f}-{max(one):.1f}, all cores {min(every):.1f}-{max(every):.1f} GB/s")

@@ -215,7 +215,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mt_get_isa": (I, []),
         "mt_set_isa": (I, [I]),
         "mt_dequant_rows": (I, [P, L, L, P]),
-        "mt_read_bw": (ctypes.c_uint64, [P, L, I, I, P, P]),
+        "mt_read_bw": (ctypes.c_uint64, [P, L, I, I, I, P, P]),
         "mt_ep_serve": (L, [P, P, I, P, I, P, P, P, L, I]),
         "mt_ep_head": (I, [P, P, F, I, P, P, P, I]),
     }

@@ -2,9 +2,13 @@
 
 ``probe(...) -> dict`` measures, in a few seconds:
 
-* memory read bandwidth, one core and all cores (``measure_memory_bw``: native readers stream
-  a buffer of at least 8x the largest cache with plain vector loads, each pass timed in the
-  readers' CPU time, best of several passes; torch's wall-clock sum without the native library),
+* memory read bandwidth, one core and all cores (:class:`MemoryReaders`: native readers stream
+  a buffer of at least 8x the largest cache the way the decode kernels read weights, with the
+  vector loads of the kernels' instruction set, each thread's slice as ``READ_STREAMS``
+  sequential streams side by side; each pass timed in the readers' CPU time; the best pass of
+  ``MEMORY_ROUNDS`` rounds spread over the probe (at its start, after the disk, at its end), so
+  a moment of other traffic on the memory bus does not set the figure; torch's wall-clock sum
+  without the native library),
 * disk read bandwidth with ``O_DIRECT`` on a temporary file written in the cache dir (so the
   page cache is bypassed; falls back to ``posix_fadvise(DONTNEED)`` where O_DIRECT is not
   supported, and says so in ``disk_method``), read with the expert store's pattern (shuffled
@@ -44,9 +48,11 @@ from moetier.errors import MoetierError
 from moetier.planner.hardware import Efficiency, Machine, MemoryTier
 from moetier.weights.store import DEFAULT_IO_DEPTH, DEFAULT_IO_THREADS, read_aligned
 
-PROBE_VERSION = 3  # 2: disk read with the store's pattern (read_aligned, shuffled blocks); 3: its readers
+PROBE_VERSION = 4  # 2: disk read with the store's pattern (read_aligned, shuffled blocks); 3: its readers;
+# 4: memory read with the kernels' loads, several streams per thread, rounds spread over the probe
 KERNEL_RATES_METHOD = "1-thread CPU time x cores, GGUF types"  # native.rates.planner_rates; older records re-probe
-MEMORY_METHOD = "native stream, CPU time, best pass"  # measure_memory_bw; records without a method re-probe
+MEMORY_ROUNDS = 3  # the probe's memory rounds: at its start, after the disk, at its end
+MEMORY_METHOD = f"native stream, CPU time, best pass of {MEMORY_ROUNDS} rounds"  # records without a method re-probe
 STALE_SECONDS = 7 * 86400  # a cached probe older than this is measured again
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which a probe is "under load"
 
@@ -123,11 +129,34 @@ def best_rates(nbytes: int, cpu: list[list[float]]) -> float:
     return max(nbytes / max(max(c[p] for c in cpu), 1e-9) for p in range(passes))
 
 
-def read_passes(nbytes: int, threads: int, passes: int) -> tuple[list[list[float]], list[list[float]], int]:
-    """Stream a fresh ``nbytes`` buffer ``passes`` times on ``threads`` threads at once (native
-    ``mt_read_bw``): per thread and pass (CPU seconds, wall seconds), and the bytes read per pass
-    (whole 64-byte lines per thread). Raises ``RuntimeError`` when the native library is
-    unavailable or a reader did not read every byte (the word sum is checked)."""
+READ_STREAMS = 4  # sequential streams per reader thread (membw.c); why: bench/README.md, the probe's memory figure
+
+
+def read_isa() -> str | None:
+    """The loads the memory readers use: the weight kernels' instruction set (``native.isa()``;
+    at ``avx512vnni`` the AVX-512 loads), None without the native library."""
+    from moetier import native
+
+    isa = native.isa()
+    return "avx512" if isa == "avx512vnni" else isa
+
+
+def read_buffer(nbytes: int) -> Any:
+    """A written (paged-in) int64 buffer of ``nbytes // 8`` words with a known sum: what the
+    memory readers stream."""
+    import torch
+
+    return torch.arange(max(8, nbytes // 8), dtype=torch.int64)
+
+
+def read_passes(buf: Any, threads: int, passes: int,
+                streams: int = READ_STREAMS) -> tuple[list[list[float]], list[list[float]], int]:
+    """Stream ``buf`` (an int64 tensor from :func:`read_buffer`, or a byte count: a fresh one)
+    ``passes`` times on ``threads`` threads at once (native ``mt_read_bw``: each thread reads its
+    slice as ``streams`` sequential streams with the loads of the weight kernels' instruction
+    set, ``native.isa()``): per thread and pass (CPU seconds, wall seconds), and the bytes read
+    per pass. Raises ``RuntimeError`` when the native library is unavailable or the readers' word
+    sum is not the buffer's (not every byte was read)."""
     import torch
 
     from moetier import native
@@ -135,44 +164,74 @@ def read_passes(nbytes: int, threads: int, passes: int) -> tuple[list[list[float
     lib = native.library()
     if lib is None:
         raise RuntimeError(native.unavailable_reason() or "native kernels unavailable")
+    if isinstance(buf, int):
+        buf = read_buffer(buf)
     threads, passes = max(1, threads), max(1, passes)
-    lines = nbytes // 64 // threads * threads
-    words = lines * 8
-    buf = torch.arange(words, dtype=torch.int64)  # written: paged in, and a known sum
+    words = buf.numel()
     cpu = torch.zeros(threads * passes, dtype=torch.float64)
     wall = torch.zeros(threads * passes, dtype=torch.float64)
-    got = lib.mt_read_bw(buf.data_ptr(), words * 8, threads, passes, cpu.data_ptr(), wall.data_ptr())
-    want = (words * (words - 1) // 2 * passes) % 2**64
+    got = lib.mt_read_bw(buf.data_ptr(), words, threads, streams, passes, cpu.data_ptr(), wall.data_ptr())
+    want = int(buf.sum()) * passes % 2**64
     if got != want:
         raise RuntimeError(f"memory probe: the readers summed {got}, expected {want} (not every byte was read)")
     c, w = cpu.view(threads, passes).tolist(), wall.view(threads, passes).tolist()
     return c, w, words * 8
 
 
-def measure_memory_bw(nbytes: int, repeats: int, threads: int | None = None) -> tuple[float, float]:
+class MemoryReaders:
+    """The memory read figures ``(one core, all cores)``, measured in rounds over one buffer of
+    ``memory_buffer_bytes(nbytes)``: :meth:`round` reads it ``passes`` times on one thread, then
+    on ``threads`` at once; :meth:`rates` keeps the best pass of all rounds. The probe spreads its
+    rounds over its other measurements, so one moment of another process's (or VM's) traffic on
+    the memory bus does not set the figure the planner keeps for a week."""
+
+    def __init__(self, nbytes: int, threads: int | None = None):
+        self.threads = threads if threads is not None else usable_cores()
+        self.buf = read_buffer(memory_buffer_bytes(nbytes))
+        read_passes(self.buf, 1, 1)  # warm-up, not kept: TLB, clocks, the prefetchers
+        self.one = self.every = 0.0
+        self.rounds: list[tuple[float, float]] = []
+
+    def round(self, passes: int) -> None:
+        cpu1, _, b = read_passes(self.buf, 1, passes)
+        one = best_rates(b, cpu1)
+        every = one
+        if self.threads > 1:
+            cpun, _, b = read_passes(self.buf, self.threads, passes)
+            every = best_rates(b, cpun)
+        self.rounds.append((one, every))
+        self.one, self.every = max(self.one, one), max(self.every, every)
+
+    def rates(self) -> tuple[float, float]:
+        return self.one, self.every
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def measure_memory_bw(nbytes: int, repeats: int, threads: int | None = None, rounds: int = 1) -> tuple[float, float]:
     """Sustained memory read bandwidth (bytes/s), ``(one core, all cores)``: the best of ``repeats``
-    passes over a buffer of ``memory_buffer_bytes(nbytes)``, read with plain sequential vector
-    loads (the decode kernels' pattern) on one thread, then on ``threads`` (default: the usable
-    cores) at once, each pass timed in the readers' CPU time (``read_passes``; like the kernel
-    rates of ``native.rates.planner_rates``: time the OS gives other processes does not count).
-    Why: a wall-clock torch sum read 27-47 GB/s on the shared 2-core VM over one day."""
-    if threads is None:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - non-Linux
-            threads = os.cpu_count() or 1
+    passes (in ``rounds`` back-to-back rounds, after one warm-up pass) over a buffer of
+    ``memory_buffer_bytes(nbytes)``, read the way the decode kernels read their weights
+    (sequential streams, the kernels' vector loads: ``read_passes``) on one thread, then on
+    ``threads`` (default: the usable cores) at once, each pass timed in the readers' CPU time
+    (like the kernel rates of ``native.rates.planner_rates``: time the OS gives other processes
+    does not count). Why: a wall-clock torch sum read 27-47 GB/s on the shared 2-core VM over one
+    day. ``probe`` spreads its rounds over its other measurements (:class:`MemoryReaders`)."""
+    threads = usable_cores() if threads is None else threads
     from moetier import native
 
     if native.library() is None:  # no native readers: torch's sum, wall clock (all cores)
         bw = torch_sum_bw(nbytes, repeats)
         return bw / max(1, threads), bw
-    n = memory_buffer_bytes(nbytes)
-    cpu1, _, b1 = read_passes(n, 1, repeats + 1)  # the first pass pages in / warms up: dropped
-    one = best_rates(b1, [c[1:] for c in cpu1])
-    if threads <= 1:
-        return one, one
-    cpun, _, bn = read_passes(n, threads, repeats + 1)
-    return one, best_rates(bn, [c[1:] for c in cpun])
+    m = MemoryReaders(nbytes, threads)
+    for _ in range(max(1, rounds)):
+        m.round(-(-max(1, repeats) // max(1, rounds)))
+    return m.rates()
 
 
 def measure_disk_bw(directory: Path, nbytes: int, block: int) -> tuple[float, str]:
@@ -279,17 +338,28 @@ def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dic
     t_start = time.perf_counter()
     from moetier import native
 
-    mem_core, mem_bw = measure_memory_bw(sizes.mem_bytes, sizes.mem_repeats)
-    mem_method = MEMORY_METHOD if native.library() is not None else "torch sum, wall clock"
+    affinity = usable_cores()
+    # memory: MEMORY_ROUNDS rounds spread over the other measurements (MemoryReaders), best pass kept
+    mem = MemoryReaders(sizes.mem_bytes, affinity) if native.library() is not None else None
+    passes = -(-max(1, sizes.mem_repeats) // MEMORY_ROUNDS)
+    if mem is not None:
+        mem.round(passes)
     disk_bw, disk_method = measure_disk_bw(directory, sizes.disk_bytes, sizes.disk_block)
+    if mem is not None:
+        mem.round(passes)
     f32 = measure_matmul_flops("fp32", sizes.matmul_n, sizes.matmul_seconds)
     bf16 = measure_matmul_flops("bf16", sizes.matmul_n, sizes.matmul_seconds)
     vm = psutil.virtual_memory()
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        affinity = os.cpu_count() or 1
     kernels = measure_kernel_rates(affinity, sizes.kernel_n, sizes.kernel_seconds)
+    if mem is not None:
+        mem.round(passes)
+        mem_core, mem_bw = mem.rates()
+        mem_method, mem_reader = MEMORY_METHOD, f"{read_isa()} loads, {READ_STREAMS} streams per thread"
+        mem_rounds = [[one, every] for one, every in mem.rounds]
+        del mem
+    else:  # no native readers: torch's sum, wall clock (all cores)
+        mem_core, mem_bw = measure_memory_bw(sizes.mem_bytes, sizes.mem_repeats, affinity)
+        mem_method, mem_reader, mem_rounds = "torch sum, wall clock", None, []
     return {
         "version": PROBE_VERSION,
         "timestamp": time.time(),
@@ -307,6 +377,8 @@ def probe(sizes: ProbeSizes | None = None, directory: Path | None = None) -> dic
         "memory_read_bw": mem_bw,
         "memory_read_bw_per_core": mem_core,
         "memory_method": mem_method,
+        "memory_reader": mem_reader,
+        "memory_rounds": mem_rounds,  # [one core, all cores] bytes/s per round (the figures: the best)
         "disk_read_bw": disk_bw,
         "disk_method": disk_method,
         "matmul_flops": {"fp32": f32, "bf16": bf16},

@@ -1,13 +1,17 @@
 /* Memory read bandwidth for the planner's probe (planner/probe.py: measure_memory_bw).
  *
- * mt_read_bw(buf, bytes, nth, passes, cpu, wall): nth threads (the caller and nth - 1 new ones)
- * each read their own slice of buf (bytes / nth, whole 64-byte lines) `passes` times, every
- * pass started by all threads at once (a barrier), with plain sequential vector loads: the
- * decode kernels' access pattern (weights streamed once, the hardware prefetcher ahead). Each
- * pass is timed in the reading thread's CPU time (cpu[t * passes + p]: time the OS gave other
- * processes does not count, as the kernel rates of native/rates.py) and in wall time (wall[...]).
- * Returns the sum of the buffer's 64-bit words over every slice and pass (the caller checks it:
- * every byte was read). */
+ * mt_read_bw(buf, words, nth, streams, passes, cpu, wall): nth threads (the caller and nth - 1
+ * new ones) each read their own slice of buf's `words` 64-bit words `passes` times, every pass
+ * started by all threads at once (a barrier). A slice is read as `streams` sequential streams
+ * side by side (its lines cut into `streams` equal runs, one line of each per step; any words
+ * past the last whole run read after), with the loads of the instruction set the weight kernels
+ * run (mt_get_isa, which mt_set_isa / MOETIER_ISA force): 64-byte AVX-512 loads at avx512 and
+ * avx512vnni, 32-byte AVX2 loads at avx2, 8-byte loads at scalar. The decode kernels' pattern:
+ * weights read once, in order, by the kernels' loads, the hardware prefetcher ahead. Each pass is
+ * timed in the reading thread's CPU time (cpu[t * passes + p]: time the OS gave other processes
+ * does not count, as the kernel rates of native/rates.py) and in wall time (wall[...]).
+ * Returns the sum (mod 2^64) of the buffer's words over every slice and pass (the caller checks
+ * it: every word was read, whatever the size, thread count, streams or ISA). */
 #include "mt.h"
 
 #include <immintrin.h>
@@ -16,10 +20,12 @@
 #include <stdatomic.h>
 #include <time.h>
 
+#define MT_READ_MAX_STREAMS 8
+
 typedef struct {
     const uint64_t *p;
     long words;
-    int passes;
+    int streams, passes, isa;
     double *cpu, *wall;
     pthread_barrier_t *bar;
     _Atomic int *go; /* 0 until the barrier is set up for the threads that exist; then 1 (-1: give up) */
@@ -32,31 +38,68 @@ static double clock_s(clockid_t c) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-/* sum of n 64-bit words (n a multiple of 8): 256-bit loads, four independent sums */
-MT_TARGET_AVX2 static uint64_t sum_avx2(const uint64_t *p, long n) {
-    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
-    long i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_add_epi64(s0, _mm256_loadu_si256((const __m256i *)(p + i)));
-        s1 = _mm256_add_epi64(s1, _mm256_loadu_si256((const __m256i *)(p + i + 4)));
-        s2 = _mm256_add_epi64(s2, _mm256_loadu_si256((const __m256i *)(p + i + 8)));
-        s3 = _mm256_add_epi64(s3, _mm256_loadu_si256((const __m256i *)(p + i + 12)));
-    }
-    for (; i < n; i += 4) s0 = _mm256_add_epi64(s0, _mm256_loadu_si256((const __m256i *)(p + i)));
-    uint64_t t[4];
-    _mm256_storeu_si256((__m256i *)t, _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3)));
-    return t[0] + t[1] + t[2] + t[3];
+/* Each sum_<isa>(p, n, streams): the sum of words [0, n) of p, read as `streams` runs of `run`
+ * whole lines each (one line of every run per step, one accumulator per run), then the words
+ * past the runs (sum_tail). */
+static uint64_t sum_tail(const uint64_t *p, long from, long n) {
+    uint64_t s = 0;
+    for (long i = from; i < n; i++) s += p[i];
+    return s;
 }
 
-static uint64_t sum_scalar(const uint64_t *p, long n) {
-    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (long i = 0; i < n; i += 4) {
-        s0 += p[i];
-        s1 += p[i + 1];
-        s2 += p[i + 2];
-        s3 += p[i + 3];
+static uint64_t sum_scalar(const uint64_t *p, long n, int streams) {
+    long run = n / 8 / streams * 8; /* words per stream */
+    uint64_t acc[MT_READ_MAX_STREAMS] = {0}, s = 0;
+    for (long i = 0; i < run; i += 8)
+        for (int k = 0; k < streams; k++) {
+            const uint64_t *q = p + k * run + i;
+            acc[k] += ((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]));
+        }
+    for (int k = 0; k < streams; k++) s += acc[k];
+    return s + sum_tail(p, streams * run, n);
+}
+
+MT_TARGET_AVX2 static uint64_t sum_avx2(const uint64_t *p, long n, int streams) {
+    long run = n / 8 / streams * 8;
+    __m256i acc[MT_READ_MAX_STREAMS];
+    for (int k = 0; k < streams; k++) acc[k] = _mm256_setzero_si256();
+    for (long i = 0; i < run; i += 8)
+        for (int k = 0; k < streams; k++) {
+            const __m256i *q = (const __m256i *)(p + k * run + i);
+            acc[k] = _mm256_add_epi64(acc[k], _mm256_add_epi64(_mm256_loadu_si256(q), _mm256_loadu_si256(q + 1)));
+        }
+    __m256i a = _mm256_setzero_si256();
+    for (int k = 0; k < streams; k++) a = _mm256_add_epi64(a, acc[k]);
+    uint64_t t[4];
+    _mm256_storeu_si256((__m256i *)t, a);
+    return t[0] + t[1] + t[2] + t[3] + sum_tail(p, streams * run, n);
+}
+
+MT_TARGET_AVX512 static uint64_t sum_avx512(const uint64_t *p, long n, int streams) {
+    long run = n / 8 / streams * 8;
+    __m512i acc[MT_READ_MAX_STREAMS];
+    for (int k = 0; k < streams; k++) acc[k] = _mm512_setzero_si512();
+    for (long i = 0; i < run; i += 8)
+        for (int k = 0; k < streams; k++) acc[k] = _mm512_add_epi64(acc[k], _mm512_loadu_si512(p + k * run + i));
+    __m512i a = _mm512_setzero_si512();
+    for (int k = 0; k < streams; k++) a = _mm512_add_epi64(a, acc[k]);
+    return (uint64_t)_mm512_reduce_add_epi64(a) + sum_tail(p, streams * run, n);
+}
+
+/* the stream count as a constant in each call, so the compiler unrolls the inner loop */
+static uint64_t sum_words(const uint64_t *p, long n, int streams, int isa) {
+#define MT_READ_CASES(fn)                                                                                 \
+    switch (streams) {                                                                                \
+    case 1: return fn(p, n, 1);                                                                       \
+    case 2: return fn(p, n, 2);                                                                       \
+    case 4: return fn(p, n, 4);                                                                       \
+    default: return fn(p, n, MT_READ_MAX_STREAMS);                                                    \
     }
-    return s0 + s1 + s2 + s3;
+    streams = streams >= 8 ? 8 : streams >= 4 ? 4 : streams >= 2 ? 2 : 1;
+    if (isa >= MT_ISA_AVX512) MT_READ_CASES(sum_avx512)
+    if (isa == MT_ISA_AVX2) MT_READ_CASES(sum_avx2)
+    MT_READ_CASES(sum_scalar)
+#undef MT_READ_CASES
 }
 
 static void *reader(void *v) {
@@ -64,11 +107,10 @@ static void *reader(void *v) {
     int go;
     while ((go = atomic_load(a->go)) == 0) sched_yield();
     if (go < 0) return NULL;
-    int avx2 = __builtin_cpu_supports("avx2");
     for (int k = 0; k < a->passes; k++) {
         pthread_barrier_wait(a->bar);
         double c0 = clock_s(CLOCK_THREAD_CPUTIME_ID), w0 = clock_s(CLOCK_MONOTONIC);
-        uint64_t s = avx2 ? sum_avx2(a->p, a->words) : sum_scalar(a->p, a->words);
+        uint64_t s = sum_words(a->p, a->words, a->streams, a->isa);
         a->cpu[k] = clock_s(CLOCK_THREAD_CPUTIME_ID) - c0;
         a->wall[k] = clock_s(CLOCK_MONOTONIC) - w0;
         a->sum += s;
@@ -76,17 +118,20 @@ static void *reader(void *v) {
     return NULL;
 }
 
-uint64_t mt_read_bw(const void *buf, long bytes, int nth, int passes, double *cpu, double *wall) {
+/* streams: 1, 2, 4 or 8 (others round down to one of them). Thread t's slice: whole lines,
+ * the last thread's also the words past them. */
+uint64_t mt_read_bw(const void *buf, long words, int nth, int streams, int passes, double *cpu, double *wall) {
     if (nth < 1) nth = 1;
     if (nth > 256) nth = 256;
-    long lines = bytes / 64, per = lines / nth;
+    long per = words / 8 / nth * 8;
+    int isa = mt_get_isa();
     pthread_barrier_t bar;
     _Atomic int go = 0;
     reader_arg args[256];
     pthread_t th[256];
     for (int t = 0; t < nth; t++)
-        args[t] = (reader_arg){(const uint64_t *)buf + (long)t * per * 8, per * 8, passes, cpu + (long)t * passes,
-                               wall + (long)t * passes, &bar, &go, 0};
+        args[t] = (reader_arg){(const uint64_t *)buf + (long)t * per, t == nth - 1 ? words - (long)t * per : per,
+                               streams, passes, isa, cpu + (long)t * passes, wall + (long)t * passes, &bar, &go, 0};
     int started = 1;
     while (started < nth && pthread_create(&th[started], NULL, reader, &args[started]) == 0) started++;
     if (started < nth) { /* a thread could not start: nothing measured (the caller sees sum 0) */
