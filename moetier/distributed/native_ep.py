@@ -72,6 +72,8 @@ def unavailable(group: Any, dec: Any) -> str | None:
         return "off (MOETIER_EP_NATIVE_EXCHANGE=0)"
     if dec is None:
         return "no native decode"
+    if not hasattr(dec, "ffn_desc_array"):  # gpt-oss / Llama-4 (csrc/sinks.c): the Python-driven exchange
+        return f"{type(dec).__name__} exchanges from Python (no C exchange for its experts yet)"
     if group.transport != "shm":
         return f"the {group.transport} transport (the native exchange runs on shared memory)"
     providers = {id(b.provider) for b in dec.blocks.values()}

@@ -123,15 +123,17 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
         model = load_model(d, dtype=dtype, expert_provider_factory=factory,
                            native=None if native else False, **kw)
     from moetier.native.decode import NativeDecoder
+    from moetier.native.gpt_oss import ExtDecoder
     from moetier.native.mla import MLADecoder
 
     dec = model.net.native
-    ok = type(dec) in (NativeDecoder, MLADecoder)  # their MoE layers call the provider's native_moe
+    # their MoE layers call the provider's native_moe (gpt-oss / Llama-4: unless top-k > 1 on a weighted input)
+    ok = type(dec) in (NativeDecoder, MLADecoder) or (isinstance(dec, ExtDecoder) and dec.ep_reason() is None)
     if native and not _native_everywhere(ok):
         ok = False
         model.native_reason = (model.native_reason if dec is None else
-                               f"off under expert parallelism ({type(dec).__name__} does not dispatch across ranks)"
-                               if type(dec) not in (NativeDecoder, MLADecoder) else
+                               f"off under expert parallelism ({type(dec).__name__}: {dec.ep_reason()})"
+                               if isinstance(dec, ExtDecoder) and dec.ep_reason() is not None else
                                "off: another rank could not build it")
     elif not native:
         model.native_reason = "off under expert parallelism (native=False, or --ep-exchange replicated)"

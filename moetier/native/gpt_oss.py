@@ -59,6 +59,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         ("mt_oss_attention", I, [P, P, I, P, P, P, L, L, P, P, I]),
         ("mt_oss_route", None, [P, P, I, P, P, I]),
         ("mt_oss_experts", None, [P, P, I, P, I, P, P, P, P, P, P, I]),
+        ("mt_oss_rows", None, [P, P, I, I, P, P, P, P, P, P, I, P, I]),
+        ("mt_oss_add", None, [P, P, I, P, P]),
+        ("mt_oss_scale_h", None, [P, P, P]),
         ("mt_oss_mlp", None, [P, P, I, P, I]),
     ):
         fn = getattr(lib, name)
@@ -182,6 +185,11 @@ class ExtDecoder(_StepBase):
         if not self.scratch:
             raise MemoryError("native decode: could not allocate scratch buffers")
         self.x = torch.zeros(H, dtype=torch.float32)  # residual stream [H]
+        # oss_scratch (csrc/sinks.c) starts with float *h; its 10th pointer is down [top-k, H]: the MoE
+        # input and the expert output rows expert parallelism moves (distributed/executor.py)
+        ptrs = (ctypes.c_void_p * 10).from_address(self.scratch)
+        self.h_ptr, self.down_ptr = ptrs[0], ptrs[9]
+        self.rows = (ctypes.c_void_p * MAX_TOPK)()
         self.ids = (ctypes.c_int64 * MAX_TOPK)()
         self.w = (ctypes.c_float * MAX_TOPK)()
         self.g, self.u, self.gb, self.dn, self.db = ((ctypes.c_void_p * MAX_TOPK)() for _ in range(5))
@@ -222,6 +230,39 @@ class ExtDecoder(_StepBase):
             lib.mt_scratch_free(self.head_scratch)
             self.head_scratch = None
 
+    def ep_reason(self) -> str | None:
+        """Why expert parallelism cannot run this decoder's MoE layers natively (None: it can): a
+        pair's input row must be the token's one row, or (Llama-4's weighted input) top-1."""
+        for i, d in enumerate(self.descs):
+            if d.E and d.scale_input and d.topk != 1:
+                return f"layer {i}: top-{d.topk} with the routing weight on the expert input"
+        return None
+
+    def expert_rows(self, layer: int, provider: Any, experts: list[int], shared: bool, nth: int) -> None:
+        """Expert parallelism: layer ``layer``'s routed ``experts`` on the MoE input at ``h_ptr`` (a
+        Llama-4 pair's already scaled: ``mt_oss_scale_h``), unweighted, expert s's row at ``down_ptr
+        + 4 H s`` (``mt_oss_rows``: the single-process gemv rows, the same bits). The shared expert /
+        dense MLP ran before the router (``mt_oss_mlp``): ``shared`` adds nothing here."""
+        lib, d, desc, H = self.lib, self.descs[layer], self.desc_ptrs[layer], self.H
+        g, u, gb, dn, db, get = self.g, self.u, self.gb, self.dn, self.db, self.experts.get
+        if not experts:
+            return
+        provider.require(layer, sorted(set(experts)))
+        if getattr(provider, "stable_gets", False):
+            for s, e in enumerate(experts):
+                g[s], u[s], gb[s], dn[s], db[s] = get(provider.get(layer, e), layer, e, H, d.I, self.dtype)
+            lib.mt_oss_rows(desc, self.scratch, self.dt, len(experts), g, u, gb, dn, db, self.w, 0, None, nth)
+            return
+        for s, e in enumerate(experts):  # a get() may recycle the previous one's slot
+            g[0], u[0], gb[0], dn[0], db[0] = get(provider.get(layer, e), layer, e, H, d.I, self.dtype)
+            lib.mt_oss_rows(desc, self.scratch, self.dt, 1, g, u, gb, dn, db, self.w, 0, self.down_ptr + 4 * H * s,
+                            nth)
+
+    def add_rows(self, layer: int, xp: int, k: int) -> None:
+        """The residual stream at ``xp`` += the k rows ``rows[j]`` with the routing weights (1 for a
+        weighted input) in pair order (``mt_oss_add``): the single-process combine."""
+        self.lib.mt_oss_add(self.desc_ptrs[layer], xp, k, self.rows, self.w)
+
     def step(self, seq: Sequence, token: int) -> torch.Tensor:
         """Feed one token to ``seq`` (advancing it); float32 logits [1, V]."""
         net, lib, dt, H = self.net, self.lib, self.dt, self.H
@@ -254,6 +295,12 @@ class ExtDecoder(_StepBase):
                 for fn in observers:
                     fn(i, ids_t, w_t)
             provider = layer.mlp.provider
+            native_moe = getattr(provider, "native_moe", None)
+            if native_moe is not None:  # expert parallelism: each pair's input row goes to its expert's rank
+                if d.scale_input:  # Llama-4 (top-1): the weight goes into the input, as mt_oss_rows forms it
+                    lib.mt_oss_scale_h(desc, S, w)
+                native_moe(self, i, k, xp, nth)
+                continue
             provider.require(i, sorted(set(ids)))
             get = self.experts.get
             if getattr(provider, "stable_gets", False):

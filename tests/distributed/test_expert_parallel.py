@@ -54,8 +54,10 @@ def job(tmp_path_factory, request):
         {**c, "name": f"{c['name']}/native", "exchange": "direct", "native": True} for c in base
         if c["name"] in NATIVE_BASES] + [
         {"name": "qwen2_moe/native", "model": str(qwen2), "exchange": "direct", "native": True},
-        {"name": "gpt_oss/native", "model": str(make_tiny_checkpoint(tmp, "gpt_oss")), "exchange": "direct",
-         "native": True},
+        # csrc/sinks.c's decoders: gpt-oss (biases, clamped SwiGLU, top-k) and Llama-4 (top-1 on a
+        # weighted input, a shared expert), natively and on the torch path
+        *({"name": f"{fam}/{x}", "model": str(make_tiny_checkpoint(tmp, fam)), "exchange": "direct",
+           "native": x == "native"} for fam in ("gpt_oss", "llama4") for x in ("native", "direct")),
         {"name": "embedded-heavy/native", "model": str(EMBEDDED_DIR), "placement": str(heavy), "exchange": "direct",
          "native": True},
         {"name": "qwen2_moe/direct", "model": str(qwen2), "exchange": "direct"},
@@ -163,7 +165,8 @@ def reference_native(c: dict, prefill_native: bool) -> tuple[torch.Tensor, list[
     return m.logits(c["prompt"]), toks, steps
 
 
-NATIVE = [f"{c}/native" for c in NATIVE_BASES] + ["qwen2_moe/native", "embedded-heavy/native"]
+NATIVE = [f"{c}/native" for c in NATIVE_BASES] + ["qwen2_moe/native", "embedded-heavy/native", "gpt_oss/native",
+                                                   "llama4/native"]
 
 
 @pytest.mark.parametrize("name", NATIVE)
@@ -188,9 +191,11 @@ def test_the_exchange_runs_inside_the_native_step_on_shared_memory(job, name):
     s, per = r["one_by_one_stats"], r["per_rank"]
     layers = len(moetier.spec.load_spec(c["model"]).moe_layer_ids)
     steps = len(c["prompt"]) + len(r["tokens"])
-    if job["transport"] == "gloo" or c.get("hierarchy"):  # Python's exchange (a tiered rank: its provider's reads)
-        assert r["native_exchange"].startswith("the gloo transport" if job["transport"] == "gloo" else
-                                               "this rank's experts are not all in RAM")
+    ext = name.split("/")[0] in ("gpt_oss", "llama4")  # csrc/sinks.c's experts: the Python-driven exchange
+    if job["transport"] == "gloo" or c.get("hierarchy") or ext:  # Python's exchange (a tiered rank: its reads)
+        why = (("GptOssDecoder" if "gpt_oss" in name else "Llama4Decoder") if ext else
+               "the gloo transport" if job["transport"] == "gloo" else "this rank's experts are not all in RAM")
+        assert r["native_exchange"].startswith(why)
         assert s["native_calls"] == 0 and per[1]["native_calls"] == 0 and per[0]["head_bytes"] == 0
         return
     assert r["native_exchange"] == "native"
@@ -225,11 +230,13 @@ def check_native(c: dict, r: dict) -> None:
         assert (r["prefill"] - ref[0]).abs().max().item() <= 1e-5
 
 
-def test_native_decode_under_ep_falls_back_where_the_decoder_cannot_dispatch(job):
-    c, r = job["gpt_oss/native"]  # the gpt-oss decoder has no native_moe hook: torch path on every rank
-    assert r["decode_path"] == "torch" and "GptOssDecoder does not dispatch across ranks" in r["native_reason"]
-    prefill, toks, steps = reference(c)
-    assert r["tokens"] == toks and torch.equal(r["step_logits"], steps)
+def test_llama4_and_gpt_oss_torch_path_under_ep(job):
+    for name in ("llama4/direct", "gpt_oss/direct"):
+        c, r = job[name]
+        assert r["decode_path"] == "torch", name
+        prefill, toks, steps = reference(c)
+        assert r["tokens"] == toks and torch.equal(r["step_logits"], steps), name
+        assert (r["prefill"] - prefill).abs().max().item() <= 1e-5, name
 
 
 def test_qwen2_moe_torch_path_under_ep(job):

@@ -220,21 +220,23 @@ NOINLINE void mt_oss_activate(const oss_desc *L, const float *g, const float *u,
     }
 }
 
-/* x += sum_j w[j] * expert_j(S->h) for n experts (scale_input: x += expert_j(w[j] * S->h)):
- * gate[j] [I, H] + up[j] [I, H], or (up[j] NULL) gate[j] = gate_up [2I, H]; gub[j]: gate_up
- * bias [2I] (gate then up) or NULL, down[j] [H, I] with bias db[j] [H] or NULL. Additions into
- * x in the order j = 0..n-1 (one call per expert gives the same bits as one call for all). */
-void mt_oss_experts(const oss_desc *L, oss_scratch *S, int dt, float *x, int n, const mt_weight *const *gate,
-                    const mt_weight *const *up, const void *const *gub, const mt_weight *const *down,
-                    const void *const *db, const float *w, int nth) {
+/* The routed experts j = 0..n-1, unweighted: expert j's output row [H] into out + j * H (out NULL:
+ * S->down), its input S->h, or (scale_input and `scale`) S->h * w[j] (expert parallelism sends a
+ * Llama-4 pair's input already scaled: scale 0). gate[j] [I, H] + up[j] [I, H], or (up[j] NULL)
+ * gate[j] = gate_up [2I, H]; gub[j]: gate_up bias [2I] (gate then up) or NULL, down[j] [H, I] with
+ * bias db[j] [H] or NULL. Every output element is one gemv row: the same bits wherever it runs. */
+void mt_oss_rows(const oss_desc *L, oss_scratch *S, int dt, int n, const mt_weight *const *gate,
+                 const mt_weight *const *up, const void *const *gub, const mt_weight *const *down,
+                 const void *const *db, const float *w, int scale, float *out, int nth) {
     long H = L->H, I = L->I;
     mt_gemv_item items[2 * 64];
     int m = 0;
     if (n <= 0) return;
+    if (!out) out = S->down;
     for (int j = 0; j < n; j++) {
         float *g = S->gu + j * 2 * I;
         const float *in = S->h;
-        if (L->scale_input) {
+        if (L->scale_input && scale) {
             float *xi = S->xin + j * H;
             for (long i = 0; i < H; i++) xi[i] = S->h[i] * w[j];
             in = xi;
@@ -251,13 +253,38 @@ void mt_oss_experts(const oss_desc *L, oss_scratch *S, int dt, float *x, int n, 
         mt_oss_activate(L, g, g + I, S->act + j * I, I);
     }
     m = 0;
-    for (int j = 0; j < n; j++) items[m++] = (mt_gemv_item){down[j], db[j], dt, S->act + j * I, S->down + j * H, NULL, NULL};
+    for (int j = 0; j < n; j++) items[m++] = (mt_gemv_item){down[j], db[j], dt, S->act + j * I, out + j * H, NULL, NULL};
     mt_run_gemvs(items, m, nth);
+}
+
+/* x += c_j * rows[j] [H] for j = 0..n-1 in that order, c_j = w[j] (1 with scale_input: the weight
+ * went into the input): the one combine of a token's experts, wherever their rows were computed. */
+void mt_oss_add(const oss_desc *L, float *x, int n, const float *const *rows, const float *w) {
+    long H = L->H;
     for (int j = 0; j < n; j++) {
-        const float *d = S->down + j * H;
+        const float *d = rows[j];
         float wj = L->scale_input ? 1.0f : w[j];
         for (long i = 0; i < H; i++) x[i] += wj * d[i];
     }
+}
+
+/* S->h *= w[0]: a Llama-4 (scale_input, top-1) pair's expert input, before expert parallelism
+ * sends it (the same product mt_oss_rows forms) */
+void mt_oss_scale_h(const oss_desc *L, oss_scratch *S, const float *w) {
+    for (long i = 0; i < L->H; i++) S->h[i] = S->h[i] * w[0];
+}
+
+/* x += sum_j w[j] * expert_j(S->h) for n experts (scale_input: x += expert_j(w[j] * S->h)):
+ * mt_oss_rows then mt_oss_add. Additions into x in the order j = 0..n-1 (one call per expert
+ * gives the same bits as one call for all). */
+void mt_oss_experts(const oss_desc *L, oss_scratch *S, int dt, float *x, int n, const mt_weight *const *gate,
+                    const mt_weight *const *up, const void *const *gub, const mt_weight *const *down,
+                    const void *const *db, const float *w, int nth) {
+    const float *rows[64];
+    if (n <= 0) return;
+    mt_oss_rows(L, S, dt, n, gate, up, gub, down, db, w, 1, NULL, nth);
+    for (int j = 0; j < n; j++) rows[j] = S->down + j * L->H;
+    mt_oss_add(L, x, n, rows, w);
 }
 
 /* x += down(silu(gate(h)) * up(h)) with the layer's shared-expert / dense-MLP weights */
