@@ -129,6 +129,7 @@ class EPStats:
     native_calls: int = 0  # MoE layers whose exchange ran inside the native step (native_ep.py)
     sleeps: int = 0  # native exchange: waits for a message or a slot that went to sleep (not only polled)
     head_bytes: int = 0  # native exchange: LM-head logits moved between ranks (the head's rows are split)
+    head_rows: int = 0  # native exchange: the LM head's rows this rank computes (native_ep.head_rows)
     comm_s: float = 0.0  # posting and waiting for step messages (includes waiting for the peers)
     compute_s: float = 0.0  # expert FFNs on this rank
     cpu_s: float = 0.0  # this process's CPU time (all threads) when the figures were gathered
@@ -402,9 +403,10 @@ class EPGroup:
         self.ctrl_bytes = HEADER + (STEP_INLINE_WORDS * 8 if self.exchange == "replicated"
                                     else self.inline_rows * (self.room_row + 8))
         # the native exchange splits the LM head's rows over the ranks (native_ep.py): a follower's
-        # answer holds its slice of the logits (room for the largest slice; shm only)
+        # answer holds its slice of the logits (shm only)
         V = getattr(native, "V", 0) if native is not None and self.exchange == "direct" else 0
-        self.head_answer_bytes = ANSWER_HEADER + 4 * -(-V // self.world) if V and self.world > 1 else 0
+        # (a follower's share is at most (V - 1) / (P - 1) rows: native_ep.head_rows)
+        self.head_answer_bytes = ANSWER_HEADER + 4 * -(-V // (self.world - 1)) if V and self.world > 1 else 0
 
     def _send_ctrl(self, cmd: int, layer: int = 0, counts: Seq[int] | None = None,
                    rows: list[torch.Tensor] | None = None, wait: bool = True) -> list[Any]:

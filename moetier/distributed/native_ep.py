@@ -84,6 +84,33 @@ def unavailable(group: Any, dec: Any) -> str | None:
     return None
 
 
+def always_on_bytes(dec: Any) -> int:
+    """Bytes of the weights rank 0 alone reads per decode step besides the LM head: every weight
+    descriptor the decoder made for the always-on set (attention, routers, shared experts, dense
+    layers; ``dec.keep``), minus the head and the embedding table (one row per token)."""
+    from moetier.native.weights import MtWeight
+
+    skip = {dec.out_w, dec.emb}
+    return sum(d.rows * d.stride for d in dec.keep if isinstance(d, MtWeight) and ctypes.addressof(d) not in skip)
+
+
+def head_rows(dec: Any, world: int, even: bool = False) -> list[int]:
+    """Rows of the LM head [V, H] each rank computes (rank 0 first). ``even``: V / world each.
+    Else balanced: rank 0 also reads the always-on weights (:func:`always_on_bytes`, A) while the
+    followers wait, so each rank gets (A + head) / world bytes of work: rank 0 the head rows that
+    leave after A (at least one), the followers the rest in equal parts. The routed experts are
+    split by the placement and left out."""
+    V = dec.V
+    if even or world < 2:
+        per = -(-V // world)
+        return [min(V, (r + 1) * per) - min(V, r * per) for r in range(world)]
+    head = V * describe(rows(dec.head_weight, 0, 1), what="output head").stride
+    A = always_on_bytes(dec)
+    n0 = max(1, min(V - (world - 1), round(V * max(0.0, (A + head) / world - A) / head)))
+    rest = V - n0
+    return [n0] + [rest // (world - 1) + (1 if r < rest % (world - 1) else 0) for r in range(world - 1)]
+
+
 class NativeExchange:
     """One rank's native exchange: its rings' C view, the owner table, the expert tables of the
     experts it holds, and the counters (see the module docstring)."""
@@ -106,12 +133,12 @@ class NativeExchange:
                 self.reads.append(reads)
                 arr[r] = ctypes.addressof(ring.st)
         # the LM head's rows split over the ranks: rank r computes [off[r], off[r] + n[r]) (set_head_split)
-        V = dec.V
-        per = -(-V // P)
-        self.head_off = (ctypes.c_long * P)(*[min(V, r * per) for r in range(P)])
-        self.head_n = (ctypes.c_long * P)(*[min(V, (r + 1) * per) - min(V, r * per) for r in range(P)])
+        counts = head_rows(dec, P, os.environ.get("MOETIER_EP_SPLIT_HEAD", "balanced").strip() == "even")
+        self.head_n = (ctypes.c_long * P)(*counts)
+        self.head_off = (ctypes.c_long * P)(*[sum(counts[:r]) for r in range(P)])
         mine = rows(dec.head_weight, self.head_off[g.rank], self.head_n[g.rank])
         self.head_mine = describe(mine, what="output head rows")
+        g.stats.head_rows = counts[g.rank]
         own_n, own = (ctypes.c_int32 * E)(), (ctypes.c_int32 * (E * P))()
         for e, ranks in enumerate(g._owners):
             own_n[e] = len(ranks)
@@ -139,7 +166,8 @@ class NativeExchange:
         """Split the LM head's rows over the ranks (every rank's exchange agreed, and each has its
         head ring): rank 0's steps then send the normed hidden state with the last MoE layer's
         messages' ring and gather the followers' logits (``mt_ep_head``)."""
-        self.st.head_split = int(bool(on) and bool(self.group._tr.head))
+        fits = 8 + 4 * max(self.head_n[1:], default=0) <= self.group.head_answer_bytes  # a follower's slot
+        self.st.head_split = int(bool(on) and bool(self.group._tr.head) and fits)
 
     @classmethod
     def make(cls, group: Any, dec: Any) -> tuple[NativeExchange | None, str]:

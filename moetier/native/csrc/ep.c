@@ -253,10 +253,10 @@ long mt_ep_serve(mt_ep *ep, const layer_desc *const *L, int n_layers, scratch *S
             double t2 = now_s();
             int64_t num = ep->head[0]->sent + 1;
             memcpy(a, &num, 8);
-            ring_publish(ep->head[0], ANSWER_HEADER + 4 * ep->head_n[0]);
+            ring_publish(ep->head[0], ANSWER_HEADER + 4 * ep->head_n[ep->rank]);
             ep->comm_s += (t1 - t0) + (now_s() - t2);
             ep->collectives += 2, ep->meta_bytes += ep->ctrl_bytes;
-            ep->head_bytes += 4 * ep->head_n[0];
+            ep->head_bytes += 4 * ep->head_n[ep->rank];
             continue;
         }
         long layer = (long)hdr[1], n = (long)hdr[2];
