@@ -18,8 +18,7 @@ new code alternated in one run). ``P1`` / ``P2`` are the torch path (``native=Fa
 inside the native step, ``moetier/distributed/native_ep.py``), ``--py-exchange`` the same driven
 from Python (``P2_native_pyex``, ``MOETIER_EP_NATIVE_EXCHANGE=0``), ``--whole-head`` the native exchange
 with rank 0 computing the whole LM head (``P2_native_wholehead``, ``MOETIER_EP_SPLIT_HEAD=0``; by
-default its rows are split over the ranks, balanced against rank 0's always-on reads),
-``--even-head`` split evenly (``P2_native_evenhead``), ``--all-threads`` one native
+default its rows are split over the ranks), ``--all-threads`` one native
 process with every CPU (``P1_native_all``, ``moetier run``'s default), ``--rank0-experts N``
 P = 2 native with rank 0 holding the N hottest experts (``placement.rank0_heavy``);
 ``--no-replicated`` leaves out P = 2 ``replicated``; ``--out NAME`` names the results file;
@@ -244,7 +243,7 @@ def loopback(args: argparse.Namespace) -> None:
     variants = {"P1": "direct", "P2": "direct"}  # key -> --ep-exchange
     if not args.no_replicated:
         variants["P2_replicated"] = "replicated"
-    args.native = args.native or args.py_exchange or args.whole_head or args.even_head
+    args.native = args.native or args.py_exchange or args.whole_head
     if args.native:  # native decode: one native process, and P = 2 direct with native decode on every rank
         variants |= {"P1_native": "direct", "P2_native": "direct"}
     if args.native and args.all_threads:  # one native process with every CPU (moetier run's default)
@@ -253,8 +252,6 @@ def loopback(args: argparse.Namespace) -> None:
         variants["P2_native_pyex"] = "direct"
     if args.whole_head:  # the native exchange without splitting the LM head (MOETIER_EP_SPLIT_HEAD=0)
         variants["P2_native_wholehead"] = "direct"
-    if args.even_head:  # the LM head's rows split evenly instead of balanced (MOETIER_EP_SPLIT_HEAD=even)
-        variants["P2_native_evenhead"] = "direct"
     heavy = None
     if args.rank0_experts:  # rank 0 (which runs attention too) holds the N hottest experts, rank 1 the rest
         from moetier.distributed.placement import profile_loads, rank0_heavy
@@ -306,7 +303,6 @@ def loopback(args: argparse.Namespace) -> None:
                        **({"MOETIER_EP_SPIN_US": "0"} if "_nospin" in key else {}),
                        **({"MOETIER_EP_NATIVE_EXCHANGE": "0"} if "_pyex" in key else {}),
                        **({"MOETIER_EP_SPLIT_HEAD": "0"} if "_wholehead" in key else {}),
-                       **({"MOETIER_EP_SPLIT_HEAD": "even"} if "_evenhead" in key else {}),
                        "MOETIER_EP_TRANSPORT": "shm" if key.endswith("_shm") else
                        "gloo" if args.transport == "both" or variants[key] == "replicated" else args.transport}
                 cmd = _worker_cmd(cfg, out)
@@ -601,9 +597,6 @@ def main() -> int:
     lb.add_argument("--model", default=None, help="a model directory (default: the embedded model)")
     lb.add_argument("--unpinned", action="store_true", help="also P = 2 without pinning (MOETIER_EP_PIN=0)")
     lb.add_argument("--nospin", action="store_true", help="also P = 2 direct without polling (MOETIER_EP_SPIN_US=0)")
-    lb.add_argument("--even-head", action="store_true",
-                    help="with --native: also P = 2 native with the LM head's rows split evenly "
-                         "(MOETIER_EP_SPLIT_HEAD=even) instead of balanced against rank 0's always-on reads")
     lb.add_argument("--whole-head", action="store_true",
                     help="with --native: also P = 2 native with rank 0 computing the whole LM head "
                          "(MOETIER_EP_SPLIT_HEAD=0) instead of splitting its rows over the ranks")

@@ -84,31 +84,13 @@ def unavailable(group: Any, dec: Any) -> str | None:
     return None
 
 
-def always_on_bytes(dec: Any) -> int:
-    """Bytes of the weights rank 0 alone reads per decode step besides the LM head: every weight
-    descriptor the decoder made for the always-on set (attention, routers, shared experts, dense
-    layers; ``dec.keep``), minus the head and the embedding table (one row per token)."""
-    from moetier.native.weights import MtWeight
-
-    skip = {dec.out_w, dec.emb}
-    return sum(d.rows * d.stride for d in dec.keep if isinstance(d, MtWeight) and ctypes.addressof(d) not in skip)
-
-
-def head_rows(dec: Any, world: int, even: bool = False) -> list[int]:
-    """Rows of the LM head [V, H] each rank computes (rank 0 first). ``even``: V / world each.
-    Else balanced: rank 0 also reads the always-on weights (:func:`always_on_bytes`, A) while the
-    followers wait, so each rank gets (A + head) / world bytes of work: rank 0 the head rows that
-    leave after A (at least one), the followers the rest in equal parts. The routed experts are
-    split by the placement and left out."""
-    V = dec.V
-    if even or world < 2:
-        per = -(-V // world)
-        return [min(V, (r + 1) * per) - min(V, r * per) for r in range(world)]
-    head = V * describe(rows(dec.head_weight, 0, 1), what="output head").stride
-    A = always_on_bytes(dec)
-    n0 = max(1, min(V - (world - 1), round(V * max(0.0, (A + head) / world - A) / head)))
-    rest = V - n0
-    return [n0] + [rest // (world - 1) + (1 if r < rest % (world - 1) else 0) for r in range(world - 1)]
+def head_rows(V: int, world: int) -> list[int]:
+    """Rows of the LM head [V, H] each rank computes (rank 0 first): ceil(V / world) each, the last
+    the rest. Even, not weighted by rank 0's other work: the head runs after the layers, when every
+    rank is free (weighting it against rank 0's always-on reads measured slower:
+    docs/expert-parallel.md, "The LM head split over the ranks")."""
+    per = -(-V // world)
+    return [min(V, (r + 1) * per) - min(V, r * per) for r in range(world)]
 
 
 class NativeExchange:
@@ -133,7 +115,7 @@ class NativeExchange:
                 self.reads.append(reads)
                 arr[r] = ctypes.addressof(ring.st)
         # the LM head's rows split over the ranks: rank r computes [off[r], off[r] + n[r]) (set_head_split)
-        counts = head_rows(dec, P, os.environ.get("MOETIER_EP_SPLIT_HEAD", "balanced").strip() == "even")
+        counts = head_rows(dec.V, P)
         self.head_n = (ctypes.c_long * P)(*counts)
         self.head_off = (ctypes.c_long * P)(*[sum(counts[:r]) for r in range(P)])
         mine = rows(dec.head_weight, self.head_off[g.rank], self.head_n[g.rank])

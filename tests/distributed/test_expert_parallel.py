@@ -199,10 +199,9 @@ def test_the_exchange_runs_inside_the_native_step_on_shared_memory(job, name):
         assert s["native_calls"] == 0 and per[1]["native_calls"] == 0 and per[0]["head_bytes"] == 0
         return
     assert r["native_exchange"] == "native"
-    # the LM head's rows split over the ranks (rank 0 fewer: it reads the always-on weights too):
-    # rank 0 gathers the follower's share of every step's logits
+    # the LM head's rows split over the ranks: rank 0 gathers the follower's share of every step's logits
     V = moetier.spec.load_spec(c["model"]).vocab_size
-    assert per[0]["head_rows"] + per[1]["head_rows"] == V and 0 < per[0]["head_rows"] <= per[1]["head_rows"]
+    assert [p["head_rows"] for p in per] == [-(-V // WORLD), V - -(-V // WORLD)]
     assert s["head_bytes"] == steps * 4 * per[1]["head_rows"] and per[1]["head_bytes"] == per[0]["head_bytes"]
     assert s["native_calls"] == s["moe_calls"] == layers * steps
     rows = ep_step_rows("direct", WORLD, 0, s["local_pairs"], s["remote_pairs"])
