@@ -404,8 +404,10 @@ class EPGroup:
                                     else self.inline_rows * (self.room_row + 8))
         # the native exchange splits the LM head's rows over the ranks (native_ep.py): a follower's
         # answer holds its slice of the logits (shm only)
+        from moetier.distributed.native_ep import head_rows
+
         V = getattr(native, "V", 0) if native is not None and self.exchange == "direct" else 0
-        self.head_answer_bytes = ANSWER_HEADER + 4 * -(-V // self.world) if V and self.world > 1 else 0
+        self.head_answer_bytes = ANSWER_HEADER + 4 * max(head_rows(V, self.world)[1:]) if V and self.world > 1 else 0
 
     def _send_ctrl(self, cmd: int, layer: int = 0, counts: Seq[int] | None = None,
                    rows: list[torch.Tensor] | None = None, wait: bool = True) -> list[Any]:

@@ -32,7 +32,7 @@ from moetier.distributed.shm import Ring, ShmError
 from moetier.native.weights import describe, rows
 
 E_SEQ, E_CHECK, E_EXPERT = 1, 2, 3  # csrc/ep.h: MT_EP_E_*
-STEP_FAILED = -2000  # mt_step: the exchange failed
+STEP_FAILED = -2000  # mt_step, mt_mla_layers, mt_ep_head: the exchange failed (csrc/ep.h: MT_EP_FAILED)
 CHECK_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_double)
 
 # EPState counter -> EPStats field (folded after every call)
@@ -148,8 +148,7 @@ class NativeExchange:
         """Split the LM head's rows over the ranks (every rank's exchange agreed, and each has its
         head ring): rank 0's steps then send the normed hidden state with the last MoE layer's
         messages' ring and gather the followers' logits (``mt_ep_head``)."""
-        fits = 8 + 4 * max(self.head_n[1:], default=0) <= self.group.head_answer_bytes  # a follower's slot
-        self.st.head_split = int(bool(on) and bool(self.group._tr.head) and fits)
+        self.st.head_split = int(bool(on) and bool(self.group._tr.head))
 
     @classmethod
     def make(cls, group: Any, dec: Any) -> tuple[NativeExchange | None, str]:
@@ -224,8 +223,7 @@ class NativeExchange:
 
     def head(self, norm_w: int, eps: float, dt: int, scratch: int, xp: int, logits: int, nth: int) -> None:
         """Rank 0, a Python-driven step's LM head split over the ranks (``mt_ep_head``)."""
-        if self.step(self._head, self.addr, norm_w, eps, dt, scratch, xp, logits, nth) == -1:
-            self._fail()
+        self.step(self._head, self.addr, norm_w, eps, dt, scratch, xp, logits, nth)
 
     def serve(self, limit: int, nth: int) -> int:
         """A follower: answer rank 0's native decode messages until another kind arrives (left for

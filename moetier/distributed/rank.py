@@ -80,8 +80,9 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
     rows to the experts' ranks). ``native`` (default: on with ``direct``, off with ``replicated``):
     decode steps run in the native kernels on every rank (:class:`ExpertParallelDecode`), the
     experts' float32 rows exchanged per MoE layer (bit-identical to one native process), when every
-    rank can build the native decoder for the model (the generic decoder family and DeepSeek's MLA; else the torch path
-    everywhere, ``model.native_reason`` says why). Prefill and batched steps take the torch path.
+    rank can build the native decoder for the model (every family; Llama-4-style weighted expert
+    inputs only with top-1; else the torch path everywhere, ``model.native_reason`` says why).
+    Prefill and batched steps take the torch path.
     """
     from moetier.models.base import InMemoryExpertProvider
     from moetier.runtime import EMBEDDED_DIR, resolve_dtype

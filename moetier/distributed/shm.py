@@ -350,7 +350,7 @@ class ShmTransport:
     def __init__(self, group: Any, mm: mmap.mmap, peers: dict[int, Peer], fail: Callable[[BaseException], None]):
         self.g, self.mm, self.fail = group, mm, fail
         g = group
-        ctrl, ans, head = g.ctrl_bytes, g._answer_bytes(), getattr(g, "head_answer_bytes", 0)
+        ctrl, ans, head = g.ctrl_bytes, g._answer_bytes(), g.head_answer_bytes
         per = ring_bytes(ctrl) + ring_bytes(ans) + (ring_bytes(head) if head else 0)
         spin, tmo = g.spin_s, g.timeout_s
         self.ctrl: dict[int, Ring] = {}  # rank 0: by follower; a follower: {0: its ring}

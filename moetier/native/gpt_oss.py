@@ -68,6 +68,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype, fn.argtypes = res, args
 
 
+class OssScratchHead(ctypes.Structure):
+    """The leading fields of ``oss_scratch`` in csrc/sinks.c (keep in sync): the MoE input ``h``
+    [H] and the expert output rows ``down`` [top-k, H], float32 (expert parallelism moves them:
+    distributed/executor.py)."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("h", "q", "k", "v", "attn", "ao", "logits", "gu", "act", "down")]
+
+
 def is_gpt_oss(net: DecoderLM) -> bool:
     from moetier.models.gpt_oss import GptOss
 
@@ -185,10 +193,8 @@ class ExtDecoder(_StepBase):
         if not self.scratch:
             raise MemoryError("native decode: could not allocate scratch buffers")
         self.x = torch.zeros(H, dtype=torch.float32)  # residual stream [H]
-        # oss_scratch (csrc/sinks.c) starts with float *h; its 10th pointer is down [top-k, H]: the MoE
-        # input and the expert output rows expert parallelism moves (distributed/executor.py)
-        ptrs = (ctypes.c_void_p * 10).from_address(self.scratch)
-        self.h_ptr, self.down_ptr = ptrs[0], ptrs[9]
+        head = OssScratchHead.from_address(self.scratch)
+        self.h_ptr, self.down_ptr = head.h, head.down  # the MoE input [H], expert output rows [top-k, H]
         self.rows = (ctypes.c_void_p * MAX_TOPK)()
         self.ids = (ctypes.c_int64 * MAX_TOPK)()
         self.w = (ctypes.c_float * MAX_TOPK)()

@@ -75,7 +75,8 @@ static int layers(const layer_desc *const *L, int n_layers, scratch *S, int dt, 
         mt_route(ld_, S, dt, ids, w, nth);
         if (ep) { /* expert parallelism: this rank's experts here, the others' over the rings (ep.c) */
             long o = (long)i * e_max;
-            if (mt_ep_moe(ep, ld_, S, dt, x, i, ids, w, gate_table + o, up_table + o, down_table + o, nth)) return -2000;
+            if (mt_ep_moe(ep, ld_, S, dt, x, i, ids, w, gate_table + o, up_table + o, down_table + o, nth))
+                return MT_EP_FAILED;
             continue;
         }
         for (long j = 0; j < ld_->topk; j++) {
@@ -140,7 +141,7 @@ int mt_step(const step_desc *P, long token, long pos, float *logits, int nth) {
                     nth);
     if (rc) return rc;
     if (P->ep && P->ep->head_split) /* expert parallelism: the head's rows split over the ranks too */
-        return mt_ep_head(P->ep, P->norm_w, P->norm_eps, P->dt, P->S, P->x, logits, nth) ? -2000 : 0;
+        return mt_ep_head(P->ep, P->norm_w, P->norm_eps, P->dt, P->S, P->x, logits, nth);
     mt_head(P->norm_w, P->out_w, P->norm_eps, P->dt, P->S, P->x, logits, nth);
     return 0;
 }

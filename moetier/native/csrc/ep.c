@@ -201,7 +201,7 @@ int mt_ep_head(mt_ep *ep, const void *norm_w, float eps, int dt, scratch *S, con
     for (int r = 1; r < P; r++) {
         mt_ring *R = ep->ctrl[r];
         char *p = ring_reserve(ep, R);
-        if (!p) return -1;
+        if (!p) return MT_EP_FAILED;
         int64_t hdr[3] = {CMD_HEAD_NATIVE, 0, 0};
         memcpy(p, hdr, sizeof(hdr));
         memcpy(p + HEADER, S->h, (size_t)(4 * H));
@@ -214,7 +214,7 @@ int mt_ep_head(mt_ep *ep, const void *norm_w, float eps, int dt, scratch *S, con
     double t2 = now_s();
     for (int r = 1; r < P; r++) {
         const char *a = ring_next(ep, ep->head[r], 0);
-        if (!a) return -1;
+        if (!a) return MT_EP_FAILED;
         memcpy(logits + ep->head_off[r], a + ANSWER_HEADER, (size_t)(4 * ep->head_n[r]));
         moved += 4 * ep->head_n[r];
     }

@@ -26,6 +26,9 @@ typedef struct {
  * (the peer is gone or the step timeout passed; the Python side keeps the error). */
 typedef int (*mt_ep_check_fn)(int ring, double waited_s);
 
+/* what a call whose exchange failed returns (mt_step, mt_mla_layers, mt_ep_head) */
+#define MT_EP_FAILED (-2000)
+
 /* errors (mt_ep.err) */
 enum { MT_EP_OK = 0, MT_EP_E_SEQ = 1, MT_EP_E_CHECK = 2, MT_EP_E_EXPERT = 3 };
 
@@ -71,7 +74,7 @@ int mt_ep_moe(mt_ep *ep, const layer_desc *L, scratch *S, int dt, float *x, int 
 
 /* Rank 0: logits [V] = out_w . norm(x) with the rows split over the ranks (the followers' from
  * the normed x sent to them, answered into their head rings): the same gemv rows as mt_head, the
- * same bits. Returns 0 or -1 (ep->err). */
+ * same bits. Returns 0 or MT_EP_FAILED (ep->err). */
 int mt_ep_head(mt_ep *ep, const void *norm_w, float eps, int dt, scratch *S, const float *x, float *logits, int nth);
 
 #endif

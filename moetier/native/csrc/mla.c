@@ -387,7 +387,8 @@ int mt_mla_layers(const mla_desc *const *A, const layer_desc *const *F, const ro
         mt_route_grouped(R[i], S->h, dt, scores, choice, ids, w, nth);
         if (ep) {
             long o = (long)i * e_max;
-            if (mt_ep_moe(ep, F[i], S, dt, x, i, ids, w, gate_table + o, up_table + o, down_table + o, nth)) return -2000;
+            if (mt_ep_moe(ep, F[i], S, dt, x, i, ids, w, gate_table + o, up_table + o, down_table + o, nth))
+                return MT_EP_FAILED;
             continue;
         }
         for (long j = 0; j < R[i]->topk; j++) {
