@@ -96,6 +96,7 @@ CMD_MOE, CMD_STOP, CMD_PING, CMD_MOE_INLINE, CMD_MOE_ONE = 1, 2, 3, 4, 5  # ONE:
 CMD_STEP = 6  # replicated: (CMD_STEP, words, all_logits) + the step's description (int64 words)
 CMD_MOE_NATIVE = 7  # direct, native decode of one token: CMD_MOE_ONE's layout with float32 rows (native/decode.py)
 CMD_HEAD_NATIVE = 8  # direct, native exchange: the normed hidden state [H] float32 -> a follower's rows of the LM head
+CMD_MOE_NATIVE_MANY = 9  # direct, native multi-token step: CMD_MOE's layout with float32 rows (inline when n <= top-k)
 HEADER = 24  # bytes: (command, layer, rows) as int64
 TAG_CTRL, TAG_ROWS, TAG_COMBINE = 1, 2, 3  # point-to-point message tags (rank 0 <-> a follower)
 TAG_EXCHANGE = 4  # replicated: one message per (rank, other rank) per MoE layer
@@ -646,6 +647,18 @@ class EPGroup:
         self.stats.compute_s += time.perf_counter() - t0
         return ans
 
+    def _compute_native_many(self, recv: torch.Tensor, layer: int, provider: Any) -> torch.Tensor:
+        """Follower, a multi-token native step (``CMD_MOE_NATIVE_MANY``: rows [n, 4H + 8] of float32
+        MoE inputs, each with its expert id): the experts run through this rank's native decoder's
+        multi-token scratch (``ManyStepper.expert_rows``) -> unweighted float32 outputs [n, H]."""
+        if recv.shape[0] == 0:
+            return torch.empty(0, self.hidden, dtype=torch.float32)
+        x, e = unpack(recv, torch.float32)
+        t0 = time.perf_counter()
+        y = self.native.many_stepper().expert_rows(layer, provider, x, e, torch.get_num_threads())
+        self.stats.compute_s += time.perf_counter() - t0
+        return y
+
     def _owner(self, layer: int, e: int) -> int:
         own = self._owners[e]
         if len(own) == 1:
@@ -770,6 +783,60 @@ class EPGroup:
         s.combine_bytes_recv += remote * h4
         s.remote_pairs += remote
         s.local_pairs += len(local)
+        s.moe_calls += 1
+
+    def native_many(self, st: Any, layer: int, desc: int, d: Any, T: int, xp: int, ids: torch.Tensor,
+                    w: torch.Tensor, provider: Any, nth: int) -> None:
+        """Rank 0, a native multi-token step (:meth:`ExpertParallelProvider.native_many`, called by
+        ``ManyStepper._experts`` after the native router; ``st`` the stepper, routing ``ids`` / ``w``
+        [T, k]): :meth:`dispatch`'s messages with the float32 MoE inputs as rows
+        (``CMD_MOE_NATIVE_MANY``; each follower's pairs by expert, then pair). Rank 0 runs its own
+        experts natively (``mt_moe_many`` without the combine) while the followers run theirs
+        (``mt_rows_many``), writes their rows into the scratch's slots, then the shared expert
+        and the combine run as in one process: the bits of one native process."""
+        P, k = self.world, ids.shape[1]
+        h4 = 4 * self.hidden
+        h, _ = st.buffers(T, k)  # [T, H] the MoE inputs
+        flat = ids.view(-1)  # [T*k]
+        experts = flat.tolist()
+        dest = [self._owner(layer, e) for e in experts]
+        order = sorted(range(T * k), key=lambda i: (dest[i], experts[i], i))  # pairs by rank, then expert
+        counts = [0] * P
+        for r in dest:
+            counts[r] += 1
+        n0, remote = counts[0], T * k - counts[0]
+        order_t = torch.tensor(order, dtype=torch.long)
+        rem_t = order_t[n0:]
+        send = pack(h[rem_t // k], flat[rem_t])  # [remote, 4H + 8], by destination rank
+        by_rank = [send[:0]] + list(torch.split(send, counts[1:]))
+        inline = [r > 0 and counts[r] <= self.inline_rows for r in range(P)]  # per follower: in the control message
+        y_rem = torch.empty(remote, self.hidden, dtype=torch.float32)  # the followers' outputs, by rank
+        mine = sorted({experts[i] for i in order[:n0]})
+        with self._lock:  # sends go out and receives are posted while rank 0 computes its own share
+            pending = self._send_ctrl(CMD_MOE_NATIVE_MANY, layer, counts,
+                                      [b if inline[r] else b[:0] for r, b in enumerate(by_rank)], wait=False)
+            followers = [r for r in range(1, P) if counts[r]]
+            pending += [self._p2p(by_rank[r], r, TAG_ROWS, send=True, wait=False) for r in followers if not inline[r]]
+            back = torch.split(y_rem, counts[1:])  # views [counts[r], H]
+            pending += [self._p2p(back[r - 1], r, TAG_COMBINE, send=False, wait=False) for r in followers]
+            t0 = time.perf_counter()
+            st.local_experts(layer, provider, desc, d, T, xp, ids, w, mine, False, nth)
+            self.stats.compute_s += time.perf_counter() - t0
+            for wk in pending:
+                self._wait(wk)
+        if remote:
+            _, down = st.buffers(T, k)  # [T*k, H] by slot: experts ascending, pairs ascending within one
+            slot_of = torch.empty(T * k, dtype=torch.long)
+            slot_of[flat.argsort(stable=True)] = torch.arange(T * k)
+            down[slot_of[rem_t]] = y_rem
+        st.finish_experts(layer, desc, T, xp, ids, w, nth)
+        s = self.stats
+        s.dispatch_bytes_sent += remote * h4
+        s.combine_bytes_recv += remote * h4
+        # ids; the inline rows were counted in the control messages
+        s.meta_bytes += remote * 8 - sum(counts[r] for r in range(P) if inline[r]) * h4
+        s.remote_pairs += remote
+        s.local_pairs += n0
         s.moe_calls += 1
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
@@ -1072,8 +1139,8 @@ class EPGroup:
                 self._post_ctrl()
             if cmd == CMD_PING:
                 continue
-            if cmd not in (CMD_MOE, CMD_MOE_INLINE, CMD_MOE_ONE, CMD_MOE_NATIVE) or layer not in blocks or (
-                    cmd == CMD_MOE_NATIVE and self.native is None):
+            if cmd not in (CMD_MOE, CMD_MOE_INLINE, CMD_MOE_ONE, CMD_MOE_NATIVE, CMD_MOE_NATIVE_MANY) or \
+                    layer not in blocks or (cmd in (CMD_MOE_NATIVE, CMD_MOE_NATIVE_MANY) and self.native is None):
                 raise DistributedError(f"rank {self.rank}: unexpected command {cmd} for layer {layer} from rank 0")
             if layer == first and hasattr(provider, "on_step"):  # a tiered provider counts steps (its policy)
                 provider.on_step(n, decode=False)
@@ -1083,6 +1150,16 @@ class EPGroup:
             elif cmd == CMD_MOE_ONE:  # one token's row n times, each with another expert
                 ans = self._compute_one(msg, n, layer, provider, blocks[layer].glu)  # the answer's bytes
                 row = self.row_bytes - 8
+            elif cmd == CMD_MOE_NATIVE_MANY:  # float32 rows, each with its expert (a multi-token native step)
+                row = 4 * self.hidden
+                inline = n <= self.inline_rows
+                if inline:
+                    recv = msg[HEADER:HEADER + n * (row + 8)].view(n, row + 8)
+                else:
+                    recv = torch.empty(n, row + 8, dtype=torch.uint8)
+                    if n:
+                        self._p2p(recv, 0, TAG_ROWS, send=False)
+                y = self._compute_native_many(recv, layer, provider)
             else:
                 if cmd == CMD_MOE_INLINE:
                     recv = msg[HEADER:HEADER + n * self.row_bytes].view(n, self.row_bytes)
@@ -1102,7 +1179,8 @@ class EPGroup:
             s = self.stats
             s.dispatch_bytes_recv += n * row
             s.combine_bytes_sent += n * row
-            s.meta_bytes += n * 8 - (n * row if cmd != CMD_MOE else 0) + \
+            counted = cmd in (CMD_MOE_INLINE, CMD_MOE_ONE, CMD_MOE_NATIVE) or (cmd == CMD_MOE_NATIVE_MANY and inline)
+            s.meta_bytes += n * 8 - (n * row if counted else 0) + \
                 (self._answer_bytes() - n * row) * (one and n > 0)  # the answer's header and room
             s.local_pairs += n
             s.moe_calls += 1
@@ -1144,6 +1222,12 @@ class ExpertParallelProvider:
         """``NativeDecoder.step``'s hook: this layer's routed experts (routing in ``dec.ids`` /
         ``dec.w``) and shared expert, added into the residual stream at ``xp`` (:meth:`EPGroup.native_one`)."""
         self.group.native_one(dec, layer, k, xp, self.local, nth)
+
+    def native_many(self, st: Any, layer: int, desc: int, d: Any, T: int, xp: int, ids: torch.Tensor,
+                    w: torch.Tensor, nth: int) -> None:
+        """``ManyStepper._experts``'s hook (prefill, batched steps): this layer's routed experts and
+        shared expert for the ``T`` tokens, added into the residual stream at ``xp`` (:meth:`EPGroup.native_many`)."""
+        self.group.native_many(st, layer, desc, d, T, xp, ids, w, self.local, nth)
 
     @property
     def metrics(self) -> EPMetrics:

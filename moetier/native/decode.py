@@ -549,11 +549,15 @@ class NativeDecoder(_StepBase):
     def step_many(self, items: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False) -> torch.Tensor:
         """A flat batch of several tokens / sequences (prefill, batched steps): see
         ``native/prefill.py``. Float32 logits like ``DecoderLM.forward``."""
+        return self.many_stepper().step(items, all_logits)
+
+    def many_stepper(self) -> Any:
+        """This decoder's :class:`~moetier.native.prefill.ManyStepper` (made on first use)."""
         if self.many is None:
             from moetier.native.prefill import ManyStepper
 
             self.many = ManyStepper(self)
-        return self.many.step(items, all_logits)
+        return self.many
 
 
 def build(net: DecoderLM) -> tuple[Any, str | None]:

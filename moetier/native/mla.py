@@ -323,11 +323,15 @@ class MLADecoder(_StepBase):
     def step_many(self, items: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False) -> torch.Tensor:
         """A flat batch of several tokens / sequences (prefill, batched steps): see
         ``native/mla_prefill.py``. Float32 logits like ``DecoderLM.forward``."""
+        return self.many_stepper().step(items, all_logits)
+
+    def many_stepper(self) -> Any:
+        """This decoder's :class:`~moetier.native.mla_prefill.MLAManyStepper` (made on first use)."""
         if self.many is None:
             from moetier.native.mla_prefill import MLAManyStepper
 
             self.many = MLAManyStepper(self)
-        return self.many.step(items, all_logits)
+        return self.many
 
     def step(self, seq: Sequence, token: int) -> torch.Tensor:
         """Feed one token to ``seq`` (advancing it); float32 logits [1, V]."""

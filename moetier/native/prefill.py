@@ -84,6 +84,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mt_head_many": (I, [P, P, F, I, P, L, P, P, P, I]),
         "mt_gemm": (None, [P, P, I, P, L, P, I]),
         "mt_layers_many": (I, [P, I, P, I, L, P, P, P, L, P, P, P, P, P, P, P, P, L, P, P, I]),
+        "mt_rows_many": (I, [P, P, I, L, P, P, I, P, P, P, P, P, I]),
+        "mt_many_bufs": (None, [P, P, P, P]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -246,13 +248,26 @@ class ManyStepper:
     def _experts(self, i: int, mlp: Any, desc: int, d: Any, T: int, xp: int, ids: torch.Tensor, w: torch.Tensor,
                  nth: int) -> None:
         """Layer ``i``'s routed experts (routing ``ids`` / ``w`` [T, k]) through the provider, the
-        shared expert and the combine into ``x`` (``mt_moe_many`` on the layer's descriptor ``desc``)."""
-        dec, lib, net = self.dec, self.lib, self.dec.net
-        dt = dec.dt
+        shared expert and the combine into ``x`` (``mt_moe_many`` on the layer's descriptor ``desc``).
+        A provider with a ``native_many`` hook (expert parallelism) computes them across ranks."""
+        net = self.dec.net
         for fn in net.observers:
             fn(i, ids.clone(), w.to(net.dtype))
-        experts = sorted(set(ids.view(-1).tolist()))
         provider = mlp.provider
+        native_many = getattr(provider, "native_many", None)
+        if native_many is not None:
+            native_many(self, i, desc, d, T, xp, ids, w, nth)
+            return
+        self.local_experts(i, provider, desc, d, T, xp, ids, w, sorted(set(ids.view(-1).tolist())), True, nth)
+
+    def local_experts(self, i: int, provider: Any, desc: int, d: Any, T: int, xp: int, ids: torch.Tensor,
+                      w: torch.Tensor, experts: list[int], finish: bool, nth: int) -> None:
+        """``mt_moe_many`` for ``experts`` of layer ``i`` (from ``provider``: ``require``, then ``get``),
+        then with ``finish`` the shared expert and the combine into ``x``. Without ``finish`` the
+        other pairs' output rows may be written into the scratch (:meth:`buffers`) before
+        :meth:`finish_experts`."""
+        dec, lib = self.dec, self.lib
+        dt = dec.dt
         provider.require(i, experts)
         get, ex, gu, up, dn = dec.experts.get, self.ex_ids, self.gu, self.up, self.dn
         common = (desc, self.m, dt, T, xp, ids.data_ptr(), w.data_ptr())
@@ -260,13 +275,66 @@ class ManyStepper:
             for j, e in enumerate(experts):
                 ex[j] = e
                 gu[j], up[j], dn[j] = get(provider.get(i, e), i, e, d)
-            rc = lib.mt_moe_many(*common, len(experts), ex, gu, up, dn, 1, nth)
+            rc = lib.mt_moe_many(*common, len(experts), ex, gu, up, dn, int(finish), nth)
         else:  # a get() may recycle the previous one's slot: one expert per call (same bits)
             rc = 0
             for e in experts:
                 ex[0] = e
                 gu[0], up[0], dn[0] = get(provider.get(i, e), i, e, d)
                 rc = rc or lib.mt_moe_many(*common, 1, ex, gu, up, dn, 0, nth)
-            rc = rc or lib.mt_moe_many(*common, 0, ex, gu, up, dn, 1, nth)
+            if finish:
+                rc = rc or lib.mt_moe_many(*common, 0, ex, gu, up, dn, 1, nth)
         if rc:
             raise MemoryError(f"native prefill: out of memory in layer {i} experts ({T} tokens)")
+
+    def finish_experts(self, i: int, desc: int, T: int, xp: int, ids: torch.Tensor, w: torch.Tensor, nth: int) -> None:
+        """The shared expert and the combine of layer ``i``'s pairs into ``x`` (every pair's output row
+        in the scratch: :meth:`local_experts` without ``finish``, the rest written in)."""
+        if self.lib.mt_moe_many(desc, self.m, self.dec.dt, T, xp, ids.data_ptr(), w.data_ptr(), 0, None, None, None,
+                                None, 1, nth):
+            raise MemoryError(f"native prefill: out of memory in layer {i} experts ({T} tokens)")
+
+    def buffers(self, T: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the scratch after a layer's router: the MoE inputs ``h`` [T, H] and the expert
+        output rows [T * k, H] by slot (experts ascending, tokens ascending within one; the
+        ``mt_moe_many`` grouping), float32."""
+        h, dn, so = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+        self.lib.mt_many_bufs(self.m, ctypes.byref(h), ctypes.byref(dn), ctypes.byref(so))
+        H = self.dec.H
+        return (_view(h.value, T * H).view(T, H), _view(dn.value, T * k * H).view(T * k, H))
+
+    def ffn_desc(self, i: int) -> tuple[int, Any]:
+        """Layer ``i``'s feed-forward descriptor: (its address, the ``LayerDesc``)."""
+        return self.dec.ffn_desc_ptrs[i], self.dec.ffn_descs[i]
+
+    def expert_rows(self, i: int, provider: Any, x: torch.Tensor, ids: torch.Tensor, nth: int) -> torch.Tensor:
+        """Expert parallelism's follower: rows ``x`` [n, H] float32, row r for expert ``ids[r]`` of
+        layer ``i`` (held by ``provider``) -> their unweighted outputs [n, H] float32, each the bits
+        rank 0's single-process call gives that (token, expert) (``mt_rows_many``)."""
+        dec, lib = self.dec, self.lib
+        desc, d = self.ffn_desc(i)
+        n = x.shape[0]
+        out = torch.empty(n, dec.H, dtype=torch.float32)
+        experts = sorted(set(ids.tolist()))
+        provider.require(i, experts)
+        get, ex, gu, up, dn = dec.experts.get, self.ex_ids, self.gu, self.up, self.dn
+        common = (desc, self.m, dec.dt, n, x.data_ptr(), ids.data_ptr())
+        if getattr(provider, "stable_gets", False):
+            for j, e in enumerate(experts):
+                ex[j] = e
+                gu[j], up[j], dn[j] = get(provider.get(i, e), i, e, d)
+            rc = lib.mt_rows_many(*common, len(experts), ex, gu, up, dn, out.data_ptr(), nth)
+        else:  # one expert per call (its rows only)
+            rc = 0
+            for e in experts:
+                ex[0] = e
+                gu[0], up[0], dn[0] = get(provider.get(i, e), i, e, d)
+                rc = rc or lib.mt_rows_many(*common, 1, ex, gu, up, dn, out.data_ptr(), nth)
+        if rc:
+            raise MemoryError(f"native prefill: out of memory in layer {i} experts ({n} rows)")
+        return out
+
+
+def _view(addr: int, n: int) -> torch.Tensor:
+    """A float32 tensor over ``n`` floats at ``addr`` (native scratch; no copy)."""
+    return torch.frombuffer((ctypes.c_float * n).from_address(addr), dtype=torch.float32)

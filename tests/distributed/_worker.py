@@ -97,7 +97,12 @@ def main() -> int:
                                                                 "combine_bytes_sent", "combine_bytes_recv",
                                                                 "remote_pairs", "local_pairs")}
                              | {"routed": [list(r) for r in routed]})
-            one_by_one = one_by_one_stats = None
+            one_by_one = one_by_one_stats = batch = None
+            if c.get("native"):  # a batched step: two sequences' prompts, then a token each (all logits)
+                s1, s2 = (model.new_sequence(capacity=len(c["prompt"]) + 2) for _ in range(2))
+                half = len(c["prompt"]) // 2
+                batch = torch.cat([model.step([(s1, c["prompt"][:half]), (s2, c["prompt"][half:])], all_logits=True),
+                                   model.step([(s1, toks[:1]), (s2, toks[1:2])], all_logits=True)])
             if c.get("native"):  # the prompt a token at a time too: every step a (native) decode step,
                 # without the observer: rank 0's whole steps (with shm: the exchange inside mt_step)
                 model.remove_router_observer(model.net.observers[0])
@@ -114,7 +119,8 @@ def main() -> int:
                             "hidden": model.spec.hidden_size, "exchange": group.exchange,
                             "decode_path": paths["decode"]["path"], "prefill_path": paths["prefill"]["path"],
                             "native_reason": model.native_reason, "one_by_one": one_by_one,
-                            "one_by_one_stats": one_by_one_stats, "native_exchange": group.native_exchange_why,
+                            "one_by_one_stats": one_by_one_stats, "batch": batch,
+                            "native_exchange": group.native_exchange_why,
                             "transport": group.transport, "segment_left": left})
         if rank == 0:
             torch.save(results, out)

@@ -211,19 +211,33 @@ def test_the_exchange_runs_inside_the_native_step_on_shared_memory(job, name):
     for kind, way in (("dispatch", "sent"), ("combine", "recv")):
         assert s[f"{kind}_bytes_{way}"] == rows[f"{kind}_{way}"] * row > 0
     # the follower answered every decode message of the run in C (the observed steps' too): its
-    # other MoE calls are the two prompt forwards' batched layers (the torch path)
-    assert per[1]["native_calls"] > 0 and per[1]["moe_calls"] - per[1]["native_calls"] == 2 * layers
+    # other MoE calls are the layers of the four multi-token forwards (two prompts, two batched steps)
+    assert per[1]["native_calls"] > 0 and per[1]["moe_calls"] - per[1]["native_calls"] == 4 * layers
 
 
 def check_native(c: dict, r: dict) -> None:
-    """A native-decode EP run ``r`` of case ``c`` against one process (see the test above)."""
-    assert (r["decode_path"], r["prefill_path"], r["native_reason"]) == ("native", "torch", None)
+    """A native-decode EP run ``r`` of case ``c`` against one process (see the test above). The
+    generic and MLA decoders' prefill and batched steps run natively under EP too: bit for bit one
+    native process (each (token, expert) row the same kernels' sum, whichever rank runs it, and
+    the combine in the single-process order), replicas or not; gpt-oss / Llama-4 prefill on the
+    torch path."""
+    many = c["name"].split("/")[0] not in ("gpt_oss", "llama4")
+    assert (r["decode_path"], r["prefill_path"], r["native_reason"]) == (
+        "native", "native" if many else "torch", None)
     m = moetier.load(c["model"], dtype="float32", tokenizer=False, threads=1)
     seq = m.new_sequence(capacity=len(c["prompt"]) + c["new"] + 1)  # every token a native decode step
     assert torch.equal(r["one_by_one"], torch.cat([m.step([(seq, [t])]) for t in c["prompt"] + r["tokens"]]))
-    prefill, toks, steps = reference_native(c, prefill_native=False)
+    s1, s2 = (m.new_sequence(capacity=len(c["prompt"]) + 2) for _ in range(2))
+    half = len(c["prompt"]) // 2
+    batch = torch.cat([m.step([(s1, c["prompt"][:half]), (s2, c["prompt"][half:])], all_logits=True),
+                       m.step([(s1, r["tokens"][:1]), (s2, r["tokens"][1:2])], all_logits=True)])
+    if many:
+        assert torch.equal(r["batch"], batch)
+    else:
+        assert (r["batch"] - batch).abs().max().item() <= 1e-5
+    prefill, toks, steps = reference_native(c, prefill_native=many)
     assert r["tokens"] == toks
-    if not c.get("redundant"):  # replicas change the torch path's prefill batches (its KV cache) by an ulp
+    if many or not c.get("redundant"):  # replicas change the torch path's prefill batches (its KV cache) by an ulp
         assert torch.equal(r["step_logits"], steps) and torch.equal(r["prefill"], prefill)
     for ref in (reference_native(c, prefill_native=True), reference(c)):
         assert r["tokens"] == ref[1]

@@ -62,7 +62,7 @@ def test_four_ranks_same_logits_and_tokens_as_one_process(job, name):
     assert (r["prefill"] - prefill).abs().max().item() <= 1e-5
     assert (r["step_logits"] - steps).abs().max().item() <= 1e-5
     if not c.get("redundant"):  # same expert batches, same order: bit for bit (the torch path)
-        assert torch.equal(r["prefill"], prefill)
+        assert torch.equal(r["prefill"], prefill) or c.get("native")  # (native: check_native's bits)
         assert torch.equal(r["step_logits"], steps) or c.get("native")
     else:
         assert sum(len(d) for d in r["placement"]["device_experts"]) == 8 + 4

@@ -55,6 +55,13 @@ int mt_moe_many(const layer_desc *L, many *M, int dt, long T, float *x, const in
                 const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
                 const mt_weight *const *down, int finish, int nth);
 
+/* expert parallelism (prefill.c; see there): a follower's rows of several experts, and rank 0's
+ * view of the scratch's h / down / slot_of */
+int mt_rows_many(const layer_desc *L, many *M, int dt, long n, const float *h, const int64_t *ids, int ne,
+                 const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
+                 const mt_weight *const *down, float *out, int nth);
+void mt_many_bufs(const many *M, float **h, float **down, int32_t **slot_of);
+
 /* Tokens grouped by expert (prefill.c): the T * k (token, j) routings ids [T, k] as slots sorted
  * by expert, tokens ascending within an expert: cnt[e] slots from off[e] (off [E + 1]),
  * slot_tok[slot] its token, slot_of[t * k + j] the slot of (t, j). */

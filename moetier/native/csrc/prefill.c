@@ -255,6 +255,51 @@ int mt_moe_many(const layer_desc *L, many *M, int dt, long T, float *x, const in
     return 0;
 }
 
+/* Expert parallelism's follower side of a multi-token layer: n rows h [n, H] (the MoE inputs rank 0
+ * sent), row r for expert ids[r]; the experts listed (experts[0..ne), descriptors as for
+ * mt_moe_many) run on their rows as mt_moe_many's routed part runs them (rows grouped by expert,
+ * the same gemm items): out[r] = expert ids[r](h[r]), unweighted, for the rows of listed experts
+ * (others untouched, so experts may come in several calls). Each (row, expert) gets the bits the
+ * single-process call gives its (token, j). 0, -1 (out of memory) or -2 (more experts than E). */
+int mt_rows_many(const layer_desc *L, many *M, int dt, long n, const float *h, const int64_t *ids, int ne,
+                 const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
+                 const mt_weight *const *down, float *out, int nth) {
+    long H = L->H, I = L->I;
+    if (mt_many_reserve(M, n)) return -1;
+    if (ne > M->E) return -2;
+    mt_group_slots(L->E, 1, n, ids, M->cnt, M->off, M->slot_tok, M->slot_of);
+    mt_gemm_item *items = M->items;
+    int m = 0;
+    for (int j = 0; j < ne; j++) {
+        long e = experts[j], c = M->cnt[e], o = M->off[e];
+        if (!c) continue;
+        float *g = M->gu + o * 2 * I;
+        items[m++] = (mt_gemm_item){gate[j], NULL, dt, h, H, M->slot_tok + o, c, g, 2 * I};
+        if (up && up[j]) items[m++] = (mt_gemm_item){up[j], NULL, dt, h, H, M->slot_tok + o, c, g + I, 2 * I};
+    }
+    if (m) mt_run_gemms(items, m, nth);
+    m = 0;
+    for (int j = 0; j < ne; j++) {
+        long e = experts[j], c = M->cnt[e], o = M->off[e];
+        if (!c) continue;
+        for (long s = o; s < o + c; s++) swiglu(M->gu + s * 2 * I, M->gu + s * 2 * I + I, M->act + s * I, I);
+        items[m++] = (mt_gemm_item){down[j], NULL, dt, M->act + o * I, I, NULL, c, M->down + o * H, H};
+    }
+    if (m) mt_run_gemms(items, m, nth);
+    for (int j = 0; j < ne; j++) {
+        long e = experts[j], c = M->cnt[e], o = M->off[e];
+        for (long s = o; s < o + c; s++) memcpy(out + (long)M->slot_tok[s] * H, M->down + s * H, H * sizeof(float));
+    }
+    return 0;
+}
+
+/* The scratch's MoE input rows (h: [cap, H], written by the attention / router calls), expert
+ * output rows (down: [cap * topk, H], by slot) and (token, j) -> slot map of the last mt_moe_many,
+ * for expert parallelism's rank 0 (valid until the next call that grows the scratch). */
+void mt_many_bufs(const many *M, float **h, float **down, int32_t **slot_of) {
+    *h = M->h, *down = M->down, *slot_of = M->slot_of;
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* embedding, head, the whole step                                                       */
 
