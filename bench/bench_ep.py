@@ -107,17 +107,29 @@ def worker(cfg_path: str, out_path: str) -> int:
     for pt in cfg["points"]:
         for cmd in pt.get("tc", []):
             subprocess.run(cmd, check=True)
-        B, n, warm = pt["batch"], pt["steps"], pt.get("warmup", 3)
-        seqs = [model.new_sequence(capacity=len(PROMPT) + n + warm + 2) for _ in range(B)]
-        logits = torch.cat([model.step([(s, [(p + 13 * b) % 4000 for p in PROMPT])]) for b, s in enumerate(seqs)])
+        n, warm = pt["steps"], pt.get("warmup", 3)
+        if pt["name"] == "prefill":  # an N-token prompt into a fresh sequence per step
+            N = pt["prompt"]
+            prompt = [(13 * i + 5) % model.spec.vocab_size for i in range(N)]
+            B = N  # tokens per timed step
+
+            def run_step(i: int, prompt: list[int] = prompt, N: int = N) -> None:
+                model.step([(model.new_sequence(capacity=N + 1), prompt)])
+        else:  # B sequences, one token each per step
+            B = pt["batch"]
+            seqs = [model.new_sequence(capacity=len(PROMPT) + n + warm + 2) for _ in range(B)]
+            last = [torch.cat([model.step([(s, [(p + 13 * b) % 4000 for p in PROMPT])]) for b, s in enumerate(seqs)])]
+
+            def run_step(i: int, seqs: list = seqs, last: list = last) -> None:
+                toks = last[0].argmax(dim=-1).tolist()
+                last[0] = model.step([(s, [t]) for s, t in zip(seqs, toks)])
         times, before, cpu0, th0 = [], None, 0.0, 0.0
         for i in range(warm + n):
             if i == warm:
                 before = dict(vars(group.stats)) if group else None
                 cpu0, th0 = time.process_time(), time.thread_time()
-            toks = logits.argmax(dim=-1).tolist()
             t0 = time.perf_counter()
-            logits = model.step([(s, [t]) for s, t in zip(seqs, toks)])
+            run_step(i)
             if i >= warm:
                 times.append(time.perf_counter() - t0)
         r = {"name": pt["name"], "batch": B, "steps": n, "step_s": statistics.median(times),
@@ -235,6 +247,20 @@ def _env() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------- loopback
+def point(args: argparse.Namespace) -> dict:
+    """The measured step of ``--point``: decode (one sequence, ``--tokens`` steps), ``batch:B`` (B
+    sequences, a token each per step: the server's batched step), ``prefill:N`` (an N-token prompt
+    into a fresh sequence, ``--tokens`` // 8 times, at least 3). tok/s counts every token of a step."""
+    kind, _, num = args.point.partition(":")
+    if kind == "decode" and not num:
+        return {"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}
+    if kind == "batch" and num.isdigit() and int(num) > 0:
+        return {"name": "decode", "batch": int(num), "steps": args.tokens, "warmup": 3}
+    if kind == "prefill" and num.isdigit() and int(num) > 0:
+        return {"name": "prefill", "batch": 1, "prompt": int(num), "steps": max(3, args.tokens // 8), "warmup": 1}
+    raise SystemExit(f"--point {args.point}: expected decode, batch:B or prefill:N")
+
+
 def loopback(args: argparse.Namespace) -> None:
     from moetier.distributed.launch import spawn
 
@@ -277,7 +303,7 @@ def loopback(args: argparse.Namespace) -> None:
             "model": args.model,
             "native": "_native" in key, "device_experts": heavy if "_rank0_" in key else None,
             "threads": len(os.sched_getaffinity(0)) if key == "P1_native_all" else 1,
-            "points": [{"name": "decode", "batch": 1, "steps": args.tokens, "warmup": 3}]}))
+            "points": [point(args)]}))
     rounds = []
     load0 = os.getloadavg()
     for i in range(args.rounds):
@@ -362,7 +388,8 @@ def loopback(args: argparse.Namespace) -> None:
         ratios += ["ratio_native", "ratio_native_over_torch_P1", "ratio_P1_native_over_torch"]
     if "P1_native_all" in variants:
         ratios.append("ratio_native_over_all_threads")
-    res = {"model": args.model or "embedded", "dtype": args.dtype, "tokens": args.tokens, "rounds": rounds,
+    res = {"model": args.model or "embedded", "dtype": args.dtype, "tokens": args.tokens, "point": args.point,
+           "rounds": rounds,
            **{"median_" + k: statistics.median(r[k] for r in rounds) for k in ratios},
            "median_tokens_per_s": {k: statistics.median(r[k]["tokens_per_s"] for r in rounds) for k in variants},
            "loadavg_start": load0, "loadavg": load,
@@ -610,6 +637,9 @@ def main() -> int:
     lb.add_argument("--native", action="store_true",
                     help="also one native process and P = 2 direct with native decode on every rank")
     lb.add_argument("--no-replicated", action="store_true", help="leave out P = 2 replicated (shorter runs)")
+    lb.add_argument("--point", default="decode", metavar="KIND",
+                    help="the step measured: decode (default), batch:B (B sequences a token each) or prefill:N "
+                         "(an N-token prompt)")
     lb.add_argument("--rank0-experts", type=int, default=0, metavar="N",
                     help="with --native: also P = 2 native with rank 0 holding the N hottest experts (routing profile)")
     lb.add_argument("--transport", choices=("gloo", "shm", "auto", "both"), default="auto",

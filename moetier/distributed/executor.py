@@ -106,6 +106,7 @@ STEP_INLINE_WORDS = 32  # replicated: a step description this short travels in t
 SLOT_HEADER = 16  # replicated: an exchange message starts with (rows, routing check) as int64
 DEFAULT_TIMEOUT_S = 60.0  # step messages (MOETIER_EP_TIMEOUT): a dead or hung peer -> an error after this
 DEFAULT_START_TIMEOUT_S = 600.0  # start-up (MOETIER_EP_START_TIMEOUT): joining, hash check, loading
+DEFAULT_BULK_MB = 16.0  # MOETIER_EP_SHM_BULK_MB: shm buffers per follower and direction for multi-token rows
 DEFAULT_SPIN_US = 2000.0  # MOETIER_EP_SPIN_US: direct decode, a rank polls this long before sleeping (> a step gap)
 ANSWER_HEADER = 8  # direct decode answer: its number (int64, from 1), then top-k rows
 
@@ -338,6 +339,7 @@ class EPGroup:
         # direct + shm + native decode: the exchange inside the native step (native_ep.py), or None and why
         self.native_exchange: Any = None
         self.head_answer_bytes = 0  # shm: a head ring's slot (configure)
+        self.bulk_bytes = 0  # shm: each follower's multi-token buffers (configure)
         self.native_exchange_why = "not set up"
 
     # ----- messages (every failure becomes one clear line) -----
@@ -407,6 +409,21 @@ class EPGroup:
         # answer holds its slice of the logits (shm only)
         from moetier.distributed.native_ep import head_rows
 
+        # shm: each follower's buffers for a native multi-token step's rows beyond the control message
+        # (a prefill's, a server batch's), sized for the largest native call (MAX_CALL_TOKENS tokens x
+        # top-k rows), at most MOETIER_EP_SHM_BULK_MB (default 16; 0: those rows travel on gloo)
+        from moetier.native.prefill import MAX_CALL_TOKENS
+
+        mb = os.environ.get("MOETIER_EP_SHM_BULK_MB", str(DEFAULT_BULK_MB)).strip()
+        try:
+            cap = int(float(mb) * 2**20)
+        except ValueError:
+            raise DistributedError(f"MOETIER_EP_SHM_BULK_MB={mb!r}: expected a number of MiB (0: off)") from None
+        need = MAX_CALL_TOKENS * top_k * (4 * hidden + 8)
+        many = hasattr(native, "many_stepper") and self.exchange == "direct"  # the generic and MLA decoders
+        self.bulk_bytes = min(need, max(cap, 0)) if many else 0
+        if 0 < self.bulk_bytes < top_k * (4 * hidden + 8):  # less than a control message's rows: no use
+            self.bulk_bytes = 0
         V = getattr(native, "V", 0) if native is not None and self.exchange == "direct" else 0
         self.head_answer_bytes = ANSWER_HEADER + 4 * max(head_rows(V, self.world)[1:]) if V and self.world > 1 else 0
 
@@ -489,14 +506,16 @@ class EPGroup:
             return
         name = self.shm_name = shm.segment_name(shm.job_key(_groups_made))
         size = shm.ShmTransport.size(self.world, self.ctrl_bytes, self._answer_bytes(),
-                                     self.head_answer_bytes)
+                                     self.head_answer_bytes, self.bulk_bytes)
         err = ""
         mm = None
         try:
             if self.rank == 0:
                 mm = shm.create(name, size)
         except (OSError, shm.ShmError) as e:
-            err = f"rank 0: could not create the shm segment /dev/shm/{name} ({_first_line(e)})"
+            err = (f"rank 0: could not create the shm segment /dev/shm/{name} of {size / 2**20:.1f} MiB "
+                   f"({_first_line(e)}; MOETIER_EP_SHM_BULK_MB sets its multi-token buffers, "
+                   f"MOETIER_EP_TRANSPORT=gloo avoids it)")
         self._agree(err)
         try:
             try:
@@ -789,13 +808,13 @@ class EPGroup:
                     w: torch.Tensor, provider: Any, nth: int) -> None:
         """Rank 0, a native multi-token step (:meth:`ExpertParallelProvider.native_many`, called by
         ``ManyStepper._experts`` after the native router; ``st`` the stepper, routing ``ids`` / ``w``
-        [T, k]): :meth:`dispatch`'s messages with the float32 MoE inputs as rows
-        (``CMD_MOE_NATIVE_MANY``; each follower's pairs by expert, then pair). Rank 0 runs its own
+        [T, k]): each follower gets its pairs' float32 MoE inputs, each with its expert id
+        (``CMD_MOE_NATIVE_MANY``, by expert then pair; :meth:`_many_send`), rank 0 runs its own
         experts natively (``mt_moe_many`` without the combine) while the followers run theirs
-        (``mt_rows_many``), writes their rows into the scratch's slots, then the shared expert
-        and the combine run as in one process: the bits of one native process."""
-        P, k = self.world, ids.shape[1]
-        h4 = 4 * self.hidden
+        (``mt_rows_many``), writes their rows into the scratch's slots, then the shared expert and
+        the combine run as in one process: the bits of one native process."""
+        P, k, H = self.world, ids.shape[1], self.hidden
+        h4 = 4 * H
         h, _ = st.buffers(T, k)  # [T, H] the MoE inputs
         flat = ids.view(-1)  # [T*k]
         experts = flat.tolist()
@@ -808,36 +827,84 @@ class EPGroup:
         order_t = torch.tensor(order, dtype=torch.long)
         rem_t = order_t[n0:]
         send = pack(h[rem_t // k], flat[rem_t])  # [remote, 4H + 8], by destination rank
-        by_rank = [send[:0]] + list(torch.split(send, counts[1:]))
-        inline = [r > 0 and counts[r] <= self.inline_rows for r in range(P)]  # per follower: in the control message
-        y_rem = torch.empty(remote, self.hidden, dtype=torch.float32)  # the followers' outputs, by rank
+        y_rem = torch.empty(remote, H, dtype=torch.float32)  # the followers' outputs, by rank
+        rows = [send[:0]] + list(torch.split(send, counts[1:]))
+        outs = [y_rem[:0]] + list(torch.split(y_rem, counts[1:]))  # views [counts[r], H]
         mine = sorted({experts[i] for i in order[:n0]})
-        with self._lock:  # sends go out and receives are posted while rank 0 computes its own share
-            pending = self._send_ctrl(CMD_MOE_NATIVE_MANY, layer, counts,
-                                      [b if inline[r] else b[:0] for r, b in enumerate(by_rank)], wait=False)
-            followers = [r for r in range(1, P) if counts[r]]
-            pending += [self._p2p(by_rank[r], r, TAG_ROWS, send=True, wait=False) for r in followers if not inline[r]]
-            back = torch.split(y_rem, counts[1:])  # views [counts[r], H]
-            pending += [self._p2p(back[r - 1], r, TAG_COMBINE, send=False, wait=False) for r in followers]
+        per = self._many_rows_per_message()
+        parts = {r: [(a, min(per, counts[r] - a)) for a in range(0, counts[r], per)] for r in range(1, P)}
+        with self._lock:  # every follower's first message goes out before rank 0 computes its share
+            waits = {r: self._many_send(r, layer, rows[r], outs[r], *parts[r][0]) for r in parts if parts[r]}
             t0 = time.perf_counter()
             st.local_experts(layer, provider, desc, d, T, xp, ids, w, mine, False, nth)
             self.stats.compute_s += time.perf_counter() - t0
-            for wk in pending:
-                self._wait(wk)
+            for r, wait in waits.items():
+                for i, (a, n) in enumerate(parts[r]):
+                    if i:  # a batch larger than the shared-memory buffer: one message at a time
+                        wait = self._many_send(r, layer, rows[r], outs[r], a, n)
+                    self._many_wait(r, wait, outs[r], a, n)
         if remote:
             _, down = st.buffers(T, k)  # [T*k, H] by slot: experts ascending, pairs ascending within one
             slot_of = torch.empty(T * k, dtype=torch.long)
             slot_of[flat.argsort(stable=True)] = torch.arange(T * k)
             down[slot_of[rem_t]] = y_rem
         st.finish_experts(layer, desc, T, xp, ids, w, nth)
+        msgs = sum(len(v) for v in parts.values())
+        inline = sum(n for v in parts.values() for _, n in v if n <= self.inline_rows)
         s = self.stats
         s.dispatch_bytes_sent += remote * h4
         s.combine_bytes_recv += remote * h4
-        # ids; the inline rows were counted in the control messages
-        s.meta_bytes += remote * 8 - sum(counts[r] for r in range(P) if inline[r]) * h4
+        s.meta_bytes += msgs * self.ctrl_bytes + remote * 8 - inline * (h4 + 8)  # headers, ids, unused room
         s.remote_pairs += remote
         s.local_pairs += n0
         s.moe_calls += 1
+
+    # A CMD_MOE_NATIVE_MANY message of n rows [4H + 8]: the rows travel in the control message when
+    # n <= top-k, else in the follower's shared-memory buffer (shm with bulk_bytes > 0), else on
+    # gloo (TAG_ROWS); the outputs [n, H] float32 come back in an answer (shm: in it when n <= top-k,
+    # else in the follower's output buffer) or on gloo (TAG_COMBINE).
+    def _many_rows_per_message(self) -> int:
+        if self.transport == "shm" and self.bulk_bytes:
+            return max(self.inline_rows, self.bulk_bytes // (4 * self.hidden + 8))
+        return 1 << 62
+
+    def _many_ways(self, n: int) -> tuple[str, str]:
+        """(rows, outputs) of an n-row message: "inline" | "bulk" | "gloo" each."""
+        shm = self.transport == "shm"
+        bulk = shm and self.bulk_bytes > 0
+        rows = "inline" if n <= self.inline_rows else "bulk" if bulk else "gloo"
+        out = ("inline" if n <= self.inline_rows else "bulk" if bulk else "gloo") if shm else "gloo"
+        return rows, out
+
+    def _many_send(self, r: int, layer: int, rows: torch.Tensor, out: torch.Tensor, a: int, n: int) -> list[Any]:
+        """Rank 0 (under ``_lock``): rows ``[a, a + n)`` of follower ``r``'s ``rows`` as one message;
+        returns what :meth:`_many_wait` waits for."""
+        way_in, way_out = self._many_ways(n)
+        part = rows[a:a + n]
+        if way_in == "bulk":  # before the control message, which publishes it
+            self._tr.bulk_rows[r][:part.numel()].view(n, -1).copy_(part)
+        msg = torch.zeros(self.ctrl_bytes, dtype=torch.uint8)
+        struct.pack_into("<3q", msg.numpy(), 0, CMD_MOE_NATIVE_MANY, layer, n)
+        if way_in == "inline":
+            msg[HEADER:HEADER + part.numel()] = part.reshape(-1)
+        pending = self._tr.send([(r, msg)])
+        if way_in == "gloo":
+            pending.append(self._p2p(part, r, TAG_ROWS, send=True, wait=False))
+        if way_out == "gloo":
+            pending.append(self._p2p(out[a:a + n], r, TAG_COMBINE, send=False, wait=False))
+        return pending
+
+    def _many_wait(self, r: int, pending: list[Any], out: torch.Tensor, a: int, n: int) -> None:
+        """Rank 0: the outputs of follower ``r``'s message (rows ``[a, a + n)``) into ``out``."""
+        for p in pending:
+            self._wait(p)
+        way = self._many_ways(n)[1]
+        if way == "gloo":
+            return
+        ans = self._tr.answer(r)  # shm: the answer ring's next message
+        src = ans[ANSWER_HEADER:ANSWER_HEADER + 4 * n * self.hidden] if way == "inline" else \
+            self._tr.bulk_out[r][:4 * n * self.hidden]
+        out[a:a + n].copy_(src.view(torch.float32).view(n, self.hidden))
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
                  provider: Any, glu: Any) -> torch.Tensor:
@@ -1152,14 +1219,25 @@ class EPGroup:
                 row = self.row_bytes - 8
             elif cmd == CMD_MOE_NATIVE_MANY:  # float32 rows, each with its expert (a multi-token native step)
                 row = 4 * self.hidden
-                inline = n <= self.inline_rows
+                way_in, way_out = self._many_ways(n)
+                inline = way_in == "inline"
                 if inline:
                     recv = msg[HEADER:HEADER + n * (row + 8)].view(n, row + 8)
+                elif way_in == "bulk":
+                    recv = self._tr.bulk_rows[0][:n * (row + 8)].view(n, row + 8)
                 else:
                     recv = torch.empty(n, row + 8, dtype=torch.uint8)
                     if n:
                         self._p2p(recv, 0, TAG_ROWS, send=False)
                 y = self._compute_native_many(recv, layer, provider)
+                if n and way_out != "gloo":  # an answer on the ring (its rows in it, or in the output buffer)
+                    if self._ans_buf is None:
+                        self._ans_buf = torch.zeros(self._answer_bytes(), dtype=torch.uint8)
+                    ans = self._ans_buf
+                    dst = ans[ANSWER_HEADER:ANSWER_HEADER + n * row] if way_out == "inline" else \
+                        self._tr.bulk_out[0][:n * row]
+                    dst.view(torch.float32).view(n, self.hidden).copy_(y)
+                    self._send_answer(ans)
             else:
                 if cmd == CMD_MOE_INLINE:
                     recv = msg[HEADER:HEADER + n * self.row_bytes].view(n, self.row_bytes)
@@ -1174,7 +1252,7 @@ class EPGroup:
             if one and n:  # into the receive rank 0 posted ahead; then our next one
                 self._send_answer(ans)
                 self._post_ctrl()
-            elif n:  # rank 0 posted a receive for exactly these n rows
+            elif n and not (cmd == CMD_MOE_NATIVE_MANY and way_out != "gloo"):  # rank 0 posted a receive for these
                 self._p2p(y.contiguous(), 0, TAG_COMBINE, send=True)
             s = self.stats
             s.dispatch_bytes_recv += n * row

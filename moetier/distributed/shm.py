@@ -33,8 +33,14 @@ and the next :data:`NO_SPIN_S` of waits do not poll: with one CPU held by a busy
 native P = 2 decode 3-7x faster than always polling, quiet no slower (docs/expert-parallel.md,
 "Shared-memory transport", "Adaptive wait").
 
-Only the fixed-size messages travel here (control, decode answers); a batched step's dispatch
-and combine rows and the ``replicated`` exchange stay on gloo.
+Besides the rings, each follower has two bulk buffers of ``bulk_bytes`` (rank 0 -> r: a native
+multi-token step's rows that do not fit a control message; r -> rank 0: their outputs). The
+message that refers to a buffer publishes it (its bytes are written before the message's seq);
+the writer reuses a buffer only after the reply to the message that used it, which the direct
+exchange waits for before its next message. A larger batch goes in several messages. The torch
+path's batched rows and the ``replicated`` exchange stay on gloo. The segment's bytes are
+allocated at creation (``posix_fallocate``), so a /dev/shm too small fails there with one line,
+not with SIGBUS later.
 """
 
 from __future__ import annotations
@@ -210,6 +216,7 @@ def create(name: str, size: int) -> mmap.mmap:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)  # now, not as pages are first touched (SIGBUS on a full tmpfs)
         mm = mmap.mmap(fd, size)
     finally:
         os.close(fd)
@@ -350,12 +357,15 @@ class ShmTransport:
     def __init__(self, group: Any, mm: mmap.mmap, peers: dict[int, Peer], fail: Callable[[BaseException], None]):
         self.g, self.mm, self.fail = group, mm, fail
         g = group
-        ctrl, ans, head = g.ctrl_bytes, g._answer_bytes(), g.head_answer_bytes
-        per = ring_bytes(ctrl) + ring_bytes(ans) + (ring_bytes(head) if head else 0)
+        ctrl, ans, head, bulk = g.ctrl_bytes, g._answer_bytes(), g.head_answer_bytes, _up(g.bulk_bytes)
+        rings = ring_bytes(ctrl) + ring_bytes(ans) + (ring_bytes(head) if head else 0)
+        per = rings + 2 * bulk
         spin, tmo = g.spin_s, g.timeout_s
         self.ctrl: dict[int, Ring] = {}  # rank 0: by follower; a follower: {0: its ring}
         self.ans: dict[int, Ring] = {}
         self.head: dict[int, Ring] = {}  # the native exchange's split LM head (native_ep.py): answers
+        self.bulk_rows: dict[int, torch.Tensor] = {}  # rank 0 -> r: a multi-token step's rows [bulk_bytes] uint8
+        self.bulk_out: dict[int, torch.Tensor] = {}  # r -> rank 0: their outputs
         for r in range(1, g.world):
             if g.rank not in (0, r):
                 continue
@@ -367,12 +377,17 @@ class ShmTransport:
             if head:
                 self.head[peer.rank] = Ring(mm, base + ring_bytes(ans), head, peer, f"head rows of rank {r}", spin,
                                             tmo, g.rank)
+            if bulk:
+                at = HEADER_BYTES + (r - 1) * per + rings
+                self.bulk_rows[peer.rank] = torch.frombuffer(mm, dtype=torch.uint8, count=bulk, offset=at)
+                self.bulk_out[peer.rank] = torch.frombuffer(mm, dtype=torch.uint8, count=bulk, offset=at + bulk)
 
     @staticmethod
-    def size(world: int, ctrl_bytes: int, answer_bytes: int, head_bytes: int = 0) -> int:
-        """The segment's bytes: per follower a control, an answer and (``head_bytes`` > 0) a head ring."""
+    def size(world: int, ctrl_bytes: int, answer_bytes: int, head_bytes: int = 0, bulk_bytes: int = 0) -> int:
+        """The segment's bytes: per follower a control, an answer and (``head_bytes`` > 0) a head ring,
+        and two bulk buffers of ``bulk_bytes``."""
         return HEADER_BYTES + (world - 1) * (ring_bytes(ctrl_bytes) + ring_bytes(answer_bytes) +
-                                             (ring_bytes(head_bytes) if head_bytes else 0))
+                                             (ring_bytes(head_bytes) if head_bytes else 0) + 2 * _up(bulk_bytes))
 
     def _io(self, f: Callable[[Any], Any], arg: Any = None) -> Any:
         """``f(arg)`` (a ring's send or recv) counted as one step message; a failure -> the group's fault."""

@@ -212,7 +212,9 @@ def test_the_exchange_runs_inside_the_native_step_on_shared_memory(job, name):
         assert s[f"{kind}_bytes_{way}"] == rows[f"{kind}_{way}"] * row > 0
     # the follower answered every decode message of the run in C (the observed steps' too): its
     # other MoE calls are the layers of the four multi-token forwards (two prompts, two batched steps)
-    assert per[1]["native_calls"] > 0 and per[1]["moe_calls"] - per[1]["native_calls"] == 4 * layers
+    # that routed it pairs (a layer whose pairs all stay on rank 0 sends it nothing)
+    many = per[1]["moe_calls"] - per[1]["native_calls"]
+    assert per[1]["native_calls"] > 0 and (many == 4 * layers if "heavy" not in name else 0 < many <= 4 * layers)
 
 
 def check_native(c: dict, r: dict) -> None:
@@ -341,6 +343,27 @@ def test_transport_taken_and_no_segment_left(job):
         want = "shm" if job["transport"] == "auto" and c["exchange"] == "direct" else "gloo"
         assert r["transport"] == want, c["name"]
         assert not r["segment_left"], c["name"]
+
+
+@pytest.mark.parametrize("bulk_mb", ["0.01", "0"])
+def test_multi_token_rows_in_a_small_shm_buffer_or_on_gloo(tmp_path, bulk_mb):
+    """shm with multi-token buffers of 9 rows (``MOETIER_EP_SHM_BULK_MB=0.01``: the follower's ~20
+    rows of a 10-token prompt go in 3 messages, one at a time) or none (``0``: rows beyond the control
+    message on gloo): prefill, batched steps and decode still one native process's bits."""
+    c = {"name": "embedded/native", "model": str(EMBEDDED_DIR), "exchange": "direct", "native": True,
+         "prompt": PROMPT, "new": NEW}
+    spec_file, out = tmp_path / "cases.json", tmp_path / "out.pt"
+    spec_file.write_text(json.dumps([c]))
+    codes = spawn([sys.executable, "-m", "tests.distributed._worker", str(out), str(spec_file)], WORLD,
+                  {"MOETIER_EP_TIMEOUT": "20", "MOETIER_EP_TRANSPORT": "shm", "MOETIER_EP_SHM_BULK_MB": bulk_mb},
+                  quiet_followers=False, timeout_s=300)
+    assert codes == [0, 0]
+    (r,) = torch.load(out)
+    assert r["transport"] == "shm" and r["native_exchange"] == "native"
+    check_native(c, r)
+    per, layers = r["per_rank"], len(moetier.spec.load_spec(EMBEDDED_DIR).moe_layer_ids)
+    many = per[1]["moe_calls"] - per[1]["native_calls"]  # messages of the four multi-token forwards
+    assert many > 4 * layers if bulk_mb != "0" else many == 4 * layers
 
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
