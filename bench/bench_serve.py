@@ -9,6 +9,7 @@ samples the server's RSS once per second and reads /metrics for the mean batch s
 
     python bench/bench_serve.py                          # embedded model, N = 1, 4, 16
     python bench/bench_serve.py --model DIR --duration 20 --out bench/results/serve.json
+    python bench/bench_serve.py --ep 2 --clients 1,16 --dtypes float32   # expert parallelism, 2 local ranks
 
 Aggregate tokens/s at N is completion tokens of the requests finished in the window divided
 by the window; N = 1 is "serving the same requests one by one", so the batching gain at N is
@@ -183,6 +184,8 @@ def bench_one_server(args: argparse.Namespace, dtype: str, counts: list[int]) ->
     cmd += ["--log-level", "warning", "--dtype", dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.ep:
+        cmd += ["--ep", str(args.ep)]
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -234,6 +237,8 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--dtypes", default="auto,float32", help="server --dtype values to run, comma-separated")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the server (default: torch's)")
+    ap.add_argument("--ep", type=int, default=0, metavar="P",
+                    help="serve with expert parallelism over P local ranks (`moetier serve --ep P`)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = ap.parse_args()
     counts = [int(x) for x in args.clients.split(",")]

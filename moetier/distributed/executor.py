@@ -305,6 +305,7 @@ class EPGroup:
     stats: EPStats = field(default_factory=EPStats)
     _rr: dict[tuple[int, int], int] = field(default_factory=dict)
     _owners: list[list[int]] = field(default_factory=list)
+    _sole: torch.Tensor | None = None  # native_many: each expert's only rank, -1 when it has copies
 
     def __post_init__(self) -> None:
         if self.exchange not in EXCHANGES:
@@ -817,20 +818,21 @@ class EPGroup:
         h4 = 4 * H
         h, _ = st.buffers(T, k)  # [T, H] the MoE inputs
         flat = ids.view(-1)  # [T*k]
-        experts = flat.tolist()
-        dest = [self._owner(layer, e) for e in experts]
-        order = sorted(range(T * k), key=lambda i: (dest[i], experts[i], i))  # pairs by rank, then expert
-        counts = [0] * P
-        for r in dest:
-            counts[r] += 1
+        E = len(self._owners)
+        if self._sole is None:  # each expert's rank when it has one copy (-1: replicas)
+            self._sole = torch.tensor([o[0] if len(o) == 1 else -1 for o in self._owners], dtype=torch.long)
+        dest = self._sole[flat]
+        if bool((dest < 0).any()):  # replicas: the pair-order round robin of _owner
+            dest = torch.tensor([self._owner(layer, e) for e in flat.tolist()], dtype=torch.long)
+        order_t = torch.argsort(dest * E + flat, stable=True)  # pairs by rank, then expert, then pair
+        counts = torch.bincount(dest, minlength=P).tolist()
         n0, remote = counts[0], T * k - counts[0]
-        order_t = torch.tensor(order, dtype=torch.long)
         rem_t = order_t[n0:]
         send = pack(h[rem_t // k], flat[rem_t])  # [remote, 4H + 8], by destination rank
         y_rem = torch.empty(remote, H, dtype=torch.float32)  # the followers' outputs, by rank
         rows = [send[:0]] + list(torch.split(send, counts[1:]))
         outs = [y_rem[:0]] + list(torch.split(y_rem, counts[1:]))  # views [counts[r], H]
-        mine = sorted({experts[i] for i in order[:n0]})
+        mine = torch.unique(flat[order_t[:n0]]).tolist()
         per = self._many_rows_per_message()
         parts = {r: [(a, min(per, counts[r] - a)) for a in range(0, counts[r], per)] for r in range(1, P)}
         with self._lock:  # every follower's first message goes out before rank 0 computes its share
