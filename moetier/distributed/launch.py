@@ -284,6 +284,12 @@ def serve_rank(args: argparse.Namespace, load_kw: dict[str, Any], make_app: Any,
         ep.exit_after_fault(group.fault)
 
     threading.Thread(target=watch, name="moetier-ep-watch", daemon=True).start()
+    # uvicorn re-raises the SIGTERM / SIGINT it stopped on once it has shut down, to the handler it
+    # found: noted here, so that rank 0 releases the followers (a clean stop, no "rank 0 exited"
+    # error on their side) before it leaves
+    stopped_by: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stopped_by.append(signum))
     serve_app(app)
     try:  # release the followers (they may already be gone: a launcher stops every rank at once)
         group.stop()

@@ -143,3 +143,39 @@ def test_serve_ep_replicated_answers_like_one_process(tmp_path):
         assert float(prom[pre + "combine_bytes_recv"]) == float(prom[pre + "remote_pairs"]) * 256 * 4 > 0
     finally:
         stop(p, log)
+
+
+def test_serve_ep_batches_natively_like_one_process_and_stops_cleanly(tmp_path):
+    """``serve --ep 2`` (direct, native): concurrent requests run as batched native steps under
+    expert parallelism (rows exchanged per MoE layer) and answer exactly like one native process
+    serving them one at a time; SIGTERM stops the job cleanly: rank 0 releases the follower before
+    it leaves (uvicorn re-raises the signal it stopped on), so no rank reports a lost peer."""
+    import concurrent.futures
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "serve.log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "moetier", "serve", "--ep", "2", "--port", str(port), "--dtype",
+                          "float32", "--log-level", "warning", "--ep-restarts", "0"],
+                         env=dict(os.environ), stdout=log, stderr=log)
+    prompts = [PROMPT, "The little dog", "Once upon a time", "A cat sat"]
+    try:
+        wait_for(f"{base}/health", 200, 300)
+        ref = moetier.load(dtype="float32", threads=1)
+        want = [ref.generate(q, max_tokens=8) for q in prompts]
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(lambda q: get(f"{base}/v1/completions",
+                                              {"prompt": q, "max_tokens": 8, "temperature": 0}), prompts))
+        assert [c for c, _ in got] == [200] * len(prompts)
+        assert [b["choices"][0]["text"] for _, b in got] == want
+        with urllib.request.urlopen(f"{base}/metrics", timeout=60) as r:
+            prom = dict(line.rsplit(" ", 1) for line in r.read().decode().splitlines()
+                        if line.startswith("moetier_weights_expert_parallel_") or line.startswith("moetier_engine_"))
+        assert float(prom["moetier_weights_expert_parallel_remote_pairs"]) > 0
+        # requests were batched: more sequences than steps
+        assert float(prom["moetier_engine_step_sequences_total"]) > float(prom["moetier_engine_steps_total"])
+    finally:
+        stop(p, log)
+    assert p.returncode in (0, 130), p.returncode
+    text = (tmp_path / "serve.log").read_text()
+    assert "error" not in text.lower(), text
