@@ -283,7 +283,14 @@ def loopback(args: argparse.Namespace) -> None:
         from moetier.distributed.placement import profile_loads, rank0_heavy
         from moetier.runtime import EMBEDDED_DIR
 
-        loads = profile_loads(EMBEDDED_DIR / "routing_profile.json")
+        if args.model:  # another model: uniform loads over its experts (rank 0 holds experts 0..N-1)
+            import numpy as np
+
+            from moetier.spec import load_spec
+
+            loads = np.ones(load_spec(args.model).num_experts)
+        else:
+            loads = profile_loads(EMBEDDED_DIR / "routing_profile.json")
         heavy = [list(d) for d in rank0_heavy(loads, 2, args.rank0_experts).device_experts]
         variants[f"P2_native_rank0_{args.rank0_experts}"] = "direct"
     if args.unpinned:
