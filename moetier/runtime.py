@@ -299,7 +299,7 @@ class Model:
         why not native (``None`` when native), and how many such steps ran."""
         dec = self.net.native
         why_not = None if dec is not None else (self.native_reason or "no native decoder")
-        many = None if hasattr(dec, "step_many") else getattr(dec, "many_reason", None) or (
+        many = None if hasattr(dec, "step_many") else (
             f"native multi-token steps cover the generic, MLA, gpt-oss and Llama-4 families; "
             f"{type(dec).__name__} decodes natively one token at a time (torch path)")
         reasons = {

@@ -828,7 +828,7 @@ class EPGroup:
         counts = torch.bincount(dest, minlength=P).tolist()
         n0, remote = counts[0], T * k - counts[0]
         rem_t = order_t[n0:]
-        send = pack(h[rem_t // k], flat[rem_t])  # [remote, 4H + 8], by destination rank
+        send = pack(st.pair_inputs(layer, h, rem_t, k, w), flat[rem_t])  # [remote, 4H + 8], by destination rank
         y_rem = torch.empty(remote, H, dtype=torch.float32)  # the followers' outputs, by rank
         rows = [send[:0]] + list(torch.split(send, counts[1:]))
         outs = [y_rem[:0]] + list(torch.split(y_rem, counts[1:]))  # views [counts[r], H]

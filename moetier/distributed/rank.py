@@ -41,26 +41,16 @@ def install() -> None:
 
 
 class ExpertParallelDecode:
-    """``DecoderLM.native`` under expert parallelism: the native decoder's single-token ``step``
-    (its MoE layers exchange rows through the group: ``ExpertParallelProvider.native_moe``). No
-    ``step_many`` here, so prefill and batched steps take the torch path (whose ``dispatch`` the
-    group wraps): the gpt-oss / Llama-4 decoders' multi-token steps do not dispatch across ranks."""
+    """``DecoderLM.native`` under expert parallelism: the native decoder's single-token ``step`` (its
+    MoE layers exchange rows through the group: ``ExpertParallelProvider.native_moe``) and its
+    multi-token ``step_many`` (prompts, batched steps: ``ManyStepper._experts`` hands each MoE
+    layer's tokens to ``ExpertParallelProvider.native_many``), for every native decoder."""
 
     def __init__(self, dec: Any):
         self.dec = dec
-        self.many_reason = (f"native multi-token steps under expert parallelism cover the generic and MLA "
-                            f"decoders, not {type(dec).__name__} (torch path)")
 
     def step(self, seq: Any, token: int) -> torch.Tensor:
         return self.dec.step(seq, token)
-
-
-class ExpertParallelMany(ExpertParallelDecode):
-    """:class:`ExpertParallelDecode` with the native multi-token steps (the generic and MLA decoders:
-    ``ManyStepper._experts`` hands each MoE layer's tokens to ``ExpertParallelProvider.native_many``)."""
-
-    def __init__(self, dec: Any):
-        self.dec, self.many_reason = dec, None
 
     def step_many(self, items: Any, all_logits: bool = False) -> torch.Tensor:
         return self.dec.step_many(items, all_logits)
@@ -95,8 +85,7 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
     experts' float32 rows exchanged per MoE layer (bit-identical to one native process), when every
     rank can build the native decoder for the model (every family; Llama-4-style weighted expert
     inputs only with top-1; else the torch path everywhere, ``model.native_reason`` says why).
-    Prefill and batched steps run natively too for the generic and MLA decoders
-    (:class:`ExpertParallelMany`), else on the torch path.
+    Prompts and batched steps run natively too (:class:`ExpertParallelDecode`).
     """
     from moetier.models.base import InMemoryExpertProvider
     from moetier.runtime import EMBEDDED_DIR, resolve_dtype
@@ -152,8 +141,7 @@ def load(path: str | Path | None, rank: int, world: int, placement: EPPlacement 
                                "off: another rank could not build it")
     elif not native:
         model.native_reason = "off under expert parallelism (native=False, or --ep-exchange replicated)"
-    wrap = ExpertParallelMany if type(dec) in (NativeDecoder, MLADecoder) else ExpertParallelDecode
-    model.net.native = wrap(dec) if ok else None
+    model.net.native = ExpertParallelDecode(dec) if ok else None
     group.configure(spec.hidden_size, model.dtype, spec.top_k, native=dec if ok else None)
     if exchange == "replicated" and rank == 0:
         model.step = group.mirrored(model)  # every step is run by every rank

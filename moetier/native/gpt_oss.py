@@ -219,11 +219,15 @@ class ExtDecoder(_StepBase):
     def step_many(self, items: list[tuple[Sequence, torch.Tensor]], all_logits: bool = False) -> torch.Tensor:
         """A flat batch of several tokens / sequences (prefill, batched steps): see
         ``native/ext_prefill.py``. Float32 logits like ``DecoderLM.forward``."""
+        return self.many_stepper().step(items, all_logits)
+
+    def many_stepper(self) -> Any:
+        """This decoder's :class:`~moetier.native.ext_prefill.ExtManyStepper` (made on first use)."""
         if self.many is None:
             from moetier.native.ext_prefill import ExtManyStepper
 
             self.many = ExtManyStepper(self)
-        return self.many.step(items, all_logits)
+        return self.many
 
     def __del__(self) -> None:
         lib = getattr(self, "lib", None)

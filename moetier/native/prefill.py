@@ -303,6 +303,11 @@ class ManyStepper:
         H = self.dec.H
         return (_view(h.value, T * H).view(T, H), _view(dn.value, T * k * H).view(T * k, H))
 
+    def pair_inputs(self, i: int, h: torch.Tensor, pairs: torch.Tensor, k: int, w: torch.Tensor) -> torch.Tensor:
+        """Expert parallelism: the expert input rows of layer ``i``'s (token, j) ``pairs`` (flat
+        indices t * k + j) from the MoE inputs ``h`` [T, H]: the token's row."""
+        return h[pairs // k]
+
     def ffn_desc(self, i: int) -> tuple[int, Any]:
         """Layer ``i``'s feed-forward descriptor: (its address, the ``LayerDesc``)."""
         return self.dec.ffn_desc_ptrs[i], self.dec.ffn_descs[i]

@@ -152,15 +152,10 @@ def test_same_logits_and_tokens_as_one_process(job, name):
         assert copies == moetier.spec.load_spec(c["model"]).num_experts + c["redundant"]
 
 
-def reference_native(c: dict, prefill_native: bool) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-    """One native process (1 thread). ``prefill_native=False``: the prompt on the torch path and
-    each decode step native, as under expert parallelism (``rank.ExpertParallelDecode``)."""
-    from moetier.distributed.rank import ExpertParallelDecode
-
+def reference_native(c: dict) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """One native process (1 thread): prompt, greedy steps and a full prefill."""
     m = moetier.load(c["model"], dtype="float32", tokenizer=False, threads=1)
     assert m.native_reason is None
-    if not prefill_native:
-        m.net.native = ExpertParallelDecode(m.net.native)
     toks, steps = greedy(m, c)
     return m.logits(c["prompt"]), toks, steps
 
@@ -219,13 +214,11 @@ def test_the_exchange_runs_inside_the_native_step_on_shared_memory(job, name):
 
 def check_native(c: dict, r: dict) -> None:
     """A native-decode EP run ``r`` of case ``c`` against one process (see the test above). The
-    generic and MLA decoders' prefill and batched steps run natively under EP too: bit for bit one
-    native process (each (token, expert) row the same kernels' sum, whichever rank runs it, and
-    the combine in the single-process order), replicas or not; gpt-oss / Llama-4 prefill on the
-    torch path."""
-    many = c["name"].split("/")[0] not in ("gpt_oss", "llama4")
-    assert (r["decode_path"], r["prefill_path"], r["native_reason"]) == (
-        "native", "native" if many else "torch", None)
+    prefill and batched steps run natively under EP too (every family: the generic, MLA and
+    gpt-oss / Llama-4 steppers): bit for bit one native process (each (token, expert) row the same
+    kernels' sum, whichever rank runs it, and the combine in the single-process order), replicas
+    or not."""
+    assert (r["decode_path"], r["prefill_path"], r["native_reason"]) == ("native", "native", None)
     m = moetier.load(c["model"], dtype="float32", tokenizer=False, threads=1)
     seq = m.new_sequence(capacity=len(c["prompt"]) + c["new"] + 1)  # every token a native decode step
     assert torch.equal(r["one_by_one"], torch.cat([m.step([(seq, [t])]) for t in c["prompt"] + r["tokens"]]))
@@ -233,18 +226,14 @@ def check_native(c: dict, r: dict) -> None:
     half = len(c["prompt"]) // 2
     batch = torch.cat([m.step([(s1, c["prompt"][:half]), (s2, c["prompt"][half:])], all_logits=True),
                        m.step([(s1, r["tokens"][:1]), (s2, r["tokens"][1:2])], all_logits=True)])
-    if many:
-        assert torch.equal(r["batch"], batch)
-    else:
-        assert (r["batch"] - batch).abs().max().item() <= 1e-5
-    prefill, toks, steps = reference_native(c, prefill_native=many)
+    assert torch.equal(r["batch"], batch)
+    prefill, toks, steps = reference_native(c)
     assert r["tokens"] == toks
-    if many or not c.get("redundant"):  # replicas change the torch path's prefill batches (its KV cache) by an ulp
-        assert torch.equal(r["step_logits"], steps) and torch.equal(r["prefill"], prefill)
-    for ref in (reference_native(c, prefill_native=True), reference(c)):
-        assert r["tokens"] == ref[1]
-        assert (r["step_logits"] - ref[2]).abs().max().item() <= 1e-5
-        assert (r["prefill"] - ref[0]).abs().max().item() <= 1e-5
+    assert torch.equal(r["step_logits"], steps) and torch.equal(r["prefill"], prefill)
+    prefill, toks, steps = reference(c)  # the torch path
+    assert r["tokens"] == toks
+    assert (r["step_logits"] - steps).abs().max().item() <= 1e-5
+    assert (r["prefill"] - prefill).abs().max().item() <= 1e-5
 
 
 def test_llama4_and_gpt_oss_torch_path_under_ep(job):

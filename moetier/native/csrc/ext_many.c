@@ -226,3 +226,52 @@ int mt_ext_moe_many(const oss_desc *L, ext_many *M, int dt, long T, float *x, co
     }
     return 0;
 }
+
+/* Expert parallelism's follower side (ext_prefill.py: ExtManyStepper.expert_rows; prefill.c's
+ * mt_rows_many for these layers): n rows h [n, H] (the pairs' expert inputs rank 0 sent: a Llama-4
+ * pair's already scaled by its weight, as the slot input mt_ext_moe_many forms), row r for expert
+ * ids[r]; the experts listed run on their rows with mt_ext_moe_many's gemm items, biases and
+ * activation: out[r] = expert ids[r](h[r]), unweighted, for the rows of listed experts (others
+ * untouched). Each (row, expert) gets the bits the single-process call gives its (token, j).
+ * 0, -1 (out of memory) or -2 (more experts than the scratch was made for). */
+int mt_ext_rows_many(const oss_desc *L, ext_many *M, int dt, long n, const float *h, const int64_t *ids, int ne,
+                     const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
+                     const void *const *gub, const mt_weight *const *down, const void *const *db, float *out,
+                     int nth) {
+    long H = L->H, I = L->I, bsz = dt == DT_BF16 ? 2 : 4;
+    if (reserve(M, n)) return -1;
+    if (ne > M->E) return -2;
+    mt_group_slots(L->E, 1, n, ids, M->cnt, M->off, M->slot_tok, M->slot_of);
+    mt_gemm_item *items = M->items;
+    int m = 0;
+    for (int j = 0; j < ne; j++) {
+        long e = experts[j], c = M->cnt[e], o = M->off[e];
+        if (!c) continue;
+        float *g = M->gu + o * 2 * I;
+        items[m++] = (mt_gemm_item){gate[j], gub[j], dt, h, H, M->slot_tok + o, c, g, 2 * I};
+        if (up[j]) {
+            const void *ub = gub[j] ? (const char *)gub[j] + I * bsz : NULL;
+            items[m++] = (mt_gemm_item){up[j], ub, dt, h, H, M->slot_tok + o, c, g + I, 2 * I};
+        }
+    }
+    if (m) mt_run_gemms(items, m, nth);
+    m = 0;
+    for (int j = 0; j < ne; j++) {
+        long e = experts[j], c = M->cnt[e], o = M->off[e];
+        if (!c) continue;
+        for (long s = o; s < o + c; s++)
+            mt_oss_activate(L, M->gu + s * 2 * I, M->gu + s * 2 * I + I, M->act + s * I, I);
+        items[m++] = (mt_gemm_item){down[j], db[j], dt, M->act + o * I, I, NULL, c, M->down + o * H, H};
+    }
+    if (m) mt_run_gemms(items, m, nth);
+    for (int j = 0; j < ne; j++) {
+        long e = experts[j], c = M->cnt[e], o = M->off[e];
+        for (long s = o; s < o + c; s++) memcpy(out + (long)M->slot_tok[s] * H, M->down + s * H, H * sizeof(float));
+    }
+    return 0;
+}
+
+/* rank 0's view of the scratch (prefill.c: mt_many_bufs): h [cap, H], down [cap * topk, H] by slot */
+void mt_ext_many_bufs(const ext_many *M, float **h, float **down, int32_t **slot_of) {
+    *h = M->h, *down = M->down, *slot_of = M->slot_of;
+}
