@@ -73,6 +73,7 @@ class ExtManyStepper(ManyStepper):
             raise MemoryError("native prefill: could not allocate scratch buffers")
         self.ex_ids = (ctypes.c_int64 * E)()
         self.gu, self.up, self.gb, self.dn, self.db = ((ctypes.c_void_p * E)() for _ in range(5))
+        self.tables = (self.ex_ids, self.gu, self.up, self.gb, self.dn, self.db)
 
     def __del__(self) -> None:
         lib, xm = getattr(self, "lib", None), getattr(self, "x_m", None)
@@ -140,42 +141,21 @@ class ExtManyStepper(ManyStepper):
         lib.mt_ext_route_many(desc, M, dt, T, ids.data_ptr(), w.data_ptr(), nth)
         self._experts(i, layer.mlp, desc, d, T, xp, ids, w, nth)
 
-    # the expert-parallel interface of ManyStepper (_experts, local_experts, finish_experts, buffers,
-    # ffn_desc, pair_inputs, expert_rows) over this stepper's ext_many scratch and oss descriptors
-    def local_experts(self, i: int, provider: Any, desc: int, d: Any, T: int, xp: int, ids: torch.Tensor,
-                      w: torch.Tensor, experts: list[int], finish: bool, nth: int) -> None:
-        dec, lib = self.dec, self.lib
-        provider.require(i, experts)
-        get, ex, gu, up, gb, dn, db = dec.experts.get, self.ex_ids, self.gu, self.up, self.gb, self.dn, self.db
-        common = (desc, self.x_m, dec.dt, T, xp, ids.data_ptr(), w.data_ptr())
-        tables = (ex, gu, up, gb, dn, db)
-        if getattr(provider, "stable_gets", False):  # every get() stays valid: one call
-            for j, e in enumerate(experts):
-                ex[j] = e
-                gu[j], up[j], gb[j], dn[j], db[j] = get(provider.get(i, e), i, e, dec.H, d.I, dec.dtype)
-            rc = lib.mt_ext_moe_many(*common, len(experts), *tables, int(finish), nth)
-        else:  # a get() may recycle the previous one's slot: one expert per call (same bits)
-            rc = 0
-            for e in experts:
-                ex[0] = e
-                gu[0], up[0], gb[0], dn[0], db[0] = get(provider.get(i, e), i, e, dec.H, d.I, dec.dtype)
-                rc = rc or lib.mt_ext_moe_many(*common, 1, *tables, 0, nth)
-            if finish:
-                rc = rc or lib.mt_ext_moe_many(*common, 0, *tables, 1, nth)
-        if rc:
-            raise MemoryError(f"native prefill: out of memory in layer {i} experts ({T} tokens)")
+    # ManyStepper's expert calls over this stepper's ext_many scratch and oss descriptors
+    def _fill(self, j: int, i: int, e: int, d: Any, provider: Any) -> None:
+        dec = self.dec
+        self.ex_ids[j] = e
+        self.gu[j], self.up[j], self.gb[j], self.dn[j], self.db[j] = dec.experts.get(provider.get(i, e), i, e, dec.H,
+                                                                                     d.I, dec.dtype)
 
-    def finish_experts(self, i: int, desc: int, T: int, xp: int, ids: torch.Tensor, w: torch.Tensor, nth: int) -> None:
-        none = (None,) * 6
-        if self.lib.mt_ext_moe_many(desc, self.x_m, self.dec.dt, T, xp, ids.data_ptr(), w.data_ptr(), 0, *none, 1,
-                                    nth):
-            raise MemoryError(f"native prefill: out of memory in layer {i} experts ({T} tokens)")
+    def _moe(self) -> tuple[Any, int]:
+        return self.lib.mt_ext_moe_many, self.x_m
 
-    def buffers(self, T: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        h, dn, so = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-        self.lib.mt_ext_many_bufs(self.x_m, ctypes.byref(h), ctypes.byref(dn), ctypes.byref(so))
-        H = self.dec.H
-        return prefill._view(h.value, T * H).view(T, H), prefill._view(dn.value, T * k * H).view(T * k, H)
+    def _rows(self) -> Any:
+        return self.lib.mt_ext_rows_many
+
+    def _bufs(self) -> Any:
+        return self.lib.mt_ext_many_bufs
 
     def ffn_desc(self, i: int) -> tuple[int, Any]:
         return self.dec.desc_ptrs[i], self.dec.descs[i]
@@ -185,27 +165,3 @@ class ExtManyStepper(ManyStepper):
         ``mt_ext_moe_many`` forms for the slot; else the token's row."""
         x = h[pairs // k]
         return x * w.view(-1)[pairs, None] if self.dec.descs[i].scale_input else x
-
-    def expert_rows(self, i: int, provider: Any, x: torch.Tensor, ids: torch.Tensor, nth: int) -> torch.Tensor:
-        dec, lib = self.dec, self.lib
-        desc, d = self.ffn_desc(i)
-        n = x.shape[0]
-        out = torch.empty(n, dec.H, dtype=torch.float32)
-        experts = sorted(set(ids.tolist()))
-        provider.require(i, experts)
-        get, ex, gu, up, gb, dn, db = dec.experts.get, self.ex_ids, self.gu, self.up, self.gb, self.dn, self.db
-        common = (desc, self.x_m, dec.dt, n, x.data_ptr(), ids.data_ptr())
-        if getattr(provider, "stable_gets", False):
-            for j, e in enumerate(experts):
-                ex[j] = e
-                gu[j], up[j], gb[j], dn[j], db[j] = get(provider.get(i, e), i, e, dec.H, d.I, dec.dtype)
-            rc = lib.mt_ext_rows_many(*common, len(experts), ex, gu, up, gb, dn, db, out.data_ptr(), nth)
-        else:  # one expert per call (its rows only)
-            rc = 0
-            for e in experts:
-                ex[0] = e
-                gu[0], up[0], gb[0], dn[0], db[0] = get(provider.get(i, e), i, e, dec.H, d.I, dec.dtype)
-                rc = rc or lib.mt_ext_rows_many(*common, 1, ex, gu, up, gb, dn, db, out.data_ptr(), nth)
-        if rc:
-            raise MemoryError(f"native prefill: out of memory in layer {i} experts ({n} rows)")
-        return out

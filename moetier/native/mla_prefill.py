@@ -89,6 +89,7 @@ class MLAManyStepper(ManyStepper):
             raise MemoryError("native MLA prefill: could not allocate scratch buffers")
         self.ex_ids = (ctypes.c_int64 * E)()
         self.gu, self.up, self.dn = ((ctypes.c_void_p * E)() for _ in range(3))
+        self.tables = (self.ex_ids, self.gu, self.up, self.dn)
 
     def __del__(self) -> None:
         lib, a = getattr(self, "lib", None), getattr(self, "a", None)

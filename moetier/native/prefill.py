@@ -111,6 +111,7 @@ class ManyStepper:
             raise MemoryError("native prefill: could not allocate scratch buffers")
         self.ex_ids = (ctypes.c_int64 * E)()
         self.gu, self.up, self.dn = ((ctypes.c_void_p * E)() for _ in range(3))
+        self.tables = (self.ex_ids, self.gu, self.up, self.dn)  # the feed-forward call's expert tables
 
     def __del__(self) -> None:
         lib, m = getattr(self, "lib", None), getattr(self, "m", None)
@@ -260,82 +261,88 @@ class ManyStepper:
             return
         self.local_experts(i, provider, desc, d, T, xp, ids, w, sorted(set(ids.view(-1).tolist())), True, nth)
 
+    # ----- the feed-forward's expert calls (also expert parallelism's interface: local_experts,
+    # finish_experts, buffers, ffn_desc, pair_inputs, expert_rows); ExtManyStepper overrides
+    # the per-stepper pieces (_fill, _moe, _rows, _bufs, ffn_desc, pair_inputs)
+    def _fill(self, j: int, i: int, e: int, d: Any, provider: Any) -> None:
+        """Entry ``j`` of the expert tables (``self.tables``: ids, then descriptors) = expert ``e`` of layer ``i``."""
+        self.ex_ids[j] = e
+        self.gu[j], self.up[j], self.dn[j] = self.dec.experts.get(provider.get(i, e), i, e, d)
+
+    def _moe(self) -> tuple[Any, int]:
+        """(the multi-token feed-forward call, its scratch)."""
+        return self.lib.mt_moe_many, self.m
+
+    def _rows(self) -> Any:
+        return self.lib.mt_rows_many
+
+    def _bufs(self) -> Any:
+        return self.lib.mt_many_bufs
+
+    def _calls(self, i: int, provider: Any, experts: list[int], d: Any, call: Any) -> int:
+        """``call(n)`` with the first n table entries filled for ``experts`` of layer ``i`` (``require``,
+        then ``get``): once for all when every ``get`` stays valid, else once per expert (a ``get``
+        may recycle the previous one's slot; the same bits). The first nonzero return, or 0."""
+        provider.require(i, experts)
+        if getattr(provider, "stable_gets", False):
+            for j, e in enumerate(experts):
+                self._fill(j, i, e, d, provider)
+            return call(len(experts))
+        rc = 0
+        for e in experts:
+            self._fill(0, i, e, d, provider)
+            rc = rc or call(1)
+        return rc
+
     def local_experts(self, i: int, provider: Any, desc: int, d: Any, T: int, xp: int, ids: torch.Tensor,
                       w: torch.Tensor, experts: list[int], finish: bool, nth: int) -> None:
-        """``mt_moe_many`` for ``experts`` of layer ``i`` (from ``provider``: ``require``, then ``get``),
-        then with ``finish`` the shared expert and the combine into ``x``. Without ``finish`` the
-        other pairs' output rows may be written into the scratch (:meth:`buffers`) before
-        :meth:`finish_experts`."""
-        dec, lib = self.dec, self.lib
-        dt = dec.dt
-        provider.require(i, experts)
-        get, ex, gu, up, dn = dec.experts.get, self.ex_ids, self.gu, self.up, self.dn
-        common = (desc, self.m, dt, T, xp, ids.data_ptr(), w.data_ptr())
-        if getattr(provider, "stable_gets", False):  # every get() stays valid: one call
-            for j, e in enumerate(experts):
-                ex[j] = e
-                gu[j], up[j], dn[j] = get(provider.get(i, e), i, e, d)
-            rc = lib.mt_moe_many(*common, len(experts), ex, gu, up, dn, int(finish), nth)
-        else:  # a get() may recycle the previous one's slot: one expert per call (same bits)
-            rc = 0
-            for e in experts:
-                ex[0] = e
-                gu[0], up[0], dn[0] = get(provider.get(i, e), i, e, d)
-                rc = rc or lib.mt_moe_many(*common, 1, ex, gu, up, dn, 0, nth)
-            if finish:
-                rc = rc or lib.mt_moe_many(*common, 0, ex, gu, up, dn, 1, nth)
-        if rc:
+        """The feed-forward call for ``experts`` of layer ``i`` (from ``provider``), then with ``finish``
+        the shared expert and the combine into ``x``. Without ``finish`` the other pairs' output rows
+        may be written into the scratch (:meth:`buffers`) before :meth:`finish_experts`."""
+        fn, scratch = self._moe()
+        common = (desc, scratch, self.dec.dt, T, xp, ids.data_ptr(), w.data_ptr())
+        if self._calls(i, provider, experts, d, lambda n: fn(*common, n, *self.tables, 0, nth)):
             raise MemoryError(f"native prefill: out of memory in layer {i} experts ({T} tokens)")
+        if finish:
+            self.finish_experts(i, desc, T, xp, ids, w, nth)
 
     def finish_experts(self, i: int, desc: int, T: int, xp: int, ids: torch.Tensor, w: torch.Tensor, nth: int) -> None:
         """The shared expert and the combine of layer ``i``'s pairs into ``x`` (every pair's output row
         in the scratch: :meth:`local_experts` without ``finish``, the rest written in)."""
-        if self.lib.mt_moe_many(desc, self.m, self.dec.dt, T, xp, ids.data_ptr(), w.data_ptr(), 0, None, None, None,
-                                None, 1, nth):
+        fn, scratch = self._moe()
+        if fn(desc, scratch, self.dec.dt, T, xp, ids.data_ptr(), w.data_ptr(), 0, *(None,) * len(self.tables), 1,
+              nth):
             raise MemoryError(f"native prefill: out of memory in layer {i} experts ({T} tokens)")
 
     def buffers(self, T: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the scratch after a layer's router: the MoE inputs ``h`` [T, H] and the expert
         output rows [T * k, H] by slot (experts ascending, tokens ascending within one; the
-        ``mt_moe_many`` grouping), float32."""
+        feed-forward call's grouping), float32."""
         h, dn, so = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-        self.lib.mt_many_bufs(self.m, ctypes.byref(h), ctypes.byref(dn), ctypes.byref(so))
+        self._bufs()(self._moe()[1], ctypes.byref(h), ctypes.byref(dn), ctypes.byref(so))
         H = self.dec.H
         return (_view(h.value, T * H).view(T, H), _view(dn.value, T * k * H).view(T * k, H))
+
+    def ffn_desc(self, i: int) -> tuple[int, Any]:
+        """Layer ``i``'s feed-forward descriptor: (its address, the ``LayerDesc``)."""
+        return self.dec.ffn_desc_ptrs[i], self.dec.ffn_descs[i]
 
     def pair_inputs(self, i: int, h: torch.Tensor, pairs: torch.Tensor, k: int, w: torch.Tensor) -> torch.Tensor:
         """Expert parallelism: the expert input rows of layer ``i``'s (token, j) ``pairs`` (flat
         indices t * k + j) from the MoE inputs ``h`` [T, H]: the token's row."""
         return h[pairs // k]
 
-    def ffn_desc(self, i: int) -> tuple[int, Any]:
-        """Layer ``i``'s feed-forward descriptor: (its address, the ``LayerDesc``)."""
-        return self.dec.ffn_desc_ptrs[i], self.dec.ffn_descs[i]
-
     def expert_rows(self, i: int, provider: Any, x: torch.Tensor, ids: torch.Tensor, nth: int) -> torch.Tensor:
         """Expert parallelism's follower: rows ``x`` [n, H] float32, row r for expert ``ids[r]`` of
         layer ``i`` (held by ``provider``) -> their unweighted outputs [n, H] float32, each the bits
         rank 0's single-process call gives that (token, expert) (``mt_rows_many``)."""
-        dec, lib = self.dec, self.lib
         desc, d = self.ffn_desc(i)
         n = x.shape[0]
-        out = torch.empty(n, dec.H, dtype=torch.float32)
-        experts = sorted(set(ids.tolist()))
-        provider.require(i, experts)
-        get, ex, gu, up, dn = dec.experts.get, self.ex_ids, self.gu, self.up, self.dn
-        common = (desc, self.m, dec.dt, n, x.data_ptr(), ids.data_ptr())
-        if getattr(provider, "stable_gets", False):
-            for j, e in enumerate(experts):
-                ex[j] = e
-                gu[j], up[j], dn[j] = get(provider.get(i, e), i, e, d)
-            rc = lib.mt_rows_many(*common, len(experts), ex, gu, up, dn, out.data_ptr(), nth)
-        else:  # one expert per call (its rows only)
-            rc = 0
-            for e in experts:
-                ex[0] = e
-                gu[0], up[0], dn[0] = get(provider.get(i, e), i, e, d)
-                rc = rc or lib.mt_rows_many(*common, 1, ex, gu, up, dn, out.data_ptr(), nth)
-        if rc:
+        out = torch.empty(n, self.dec.H, dtype=torch.float32)
+        fn, scratch = self._rows(), self._moe()[1]
+        common = (desc, scratch, self.dec.dt, n, x.data_ptr(), ids.data_ptr())
+        if self._calls(i, provider, sorted(set(ids.tolist())), d,
+                       lambda m: fn(*common, m, *self.tables, out.data_ptr(), nth)):
             raise MemoryError(f"native prefill: out of memory in layer {i} experts ({n} rows)")
         return out
 

@@ -153,6 +153,43 @@ void mt_ext_route_many(const oss_desc *L, ext_many *M, int dt, long T, int64_t *
     for (long t = 0; t < T; t++) mt_oss_topk(L, M->rlog + t * E, ids + t * k, w + t * k);
 }
 
+/* The routed experts' gemm items over their slots (mt_group_slots), appended at items + m; returns
+ * the new count. Inputs: `scaled` -- slot s reads X + s H (Llama-4's per-slot h[t] * w[t, j], xin);
+ * else row X[slot_tok[s]]. routed_down applies the layer's activation per slot and adds the down
+ * items (with bias) into M->down by slot. Shared by mt_ext_moe_many and mt_ext_rows_many (expert
+ * parallelism's rows): the same items, the same bits per (row, expert). */
+static int routed_gate_up(mt_gemm_item *items, int m, const oss_desc *L, ext_many *M, int dt, const float *X,
+                          int scaled, int n, const int64_t *experts, const mt_weight *const *gate,
+                          const mt_weight *const *up, const void *const *gub) {
+    long H = L->H, I = L->I, bsz = dt == DT_BF16 ? 2 : 4;
+    for (int j = 0; j < n; j++) {
+        long e = experts[j], c = M->cnt[e], o = M->off[e];
+        if (!c) continue;
+        float *g = M->gu + o * 2 * I;
+        const float *Xe = scaled ? X + o * H : X;
+        const int32_t *idx = scaled ? NULL : M->slot_tok + o;
+        items[m++] = (mt_gemm_item){gate[j], gub[j], dt, Xe, H, idx, c, g, 2 * I};
+        if (up[j]) {
+            const void *ub = gub[j] ? (const char *)gub[j] + I * bsz : NULL;
+            items[m++] = (mt_gemm_item){up[j], ub, dt, Xe, H, idx, c, g + I, 2 * I};
+        }
+    }
+    return m;
+}
+
+static int routed_down(mt_gemm_item *items, int m, const oss_desc *L, ext_many *M, int dt, int n,
+                       const int64_t *experts, const mt_weight *const *down, const void *const *db) {
+    long H = L->H, I = L->I;
+    for (int j = 0; j < n; j++) {
+        long e = experts[j], c = M->cnt[e], o = M->off[e];
+        if (!c) continue;
+        for (long s = o; s < o + c; s++)
+            mt_oss_activate(L, M->gu + s * 2 * I, M->gu + s * 2 * I + I, M->act + s * I, I);
+        items[m++] = (mt_gemm_item){down[j], db[j], dt, M->act + o * I, I, NULL, c, M->down + o * H, H};
+    }
+    return m;
+}
+
 /* The feed-forward of T tokens (h = M->h, routed by ids / w [T, topk] from mt_ext_route_many;
  * ids NULL for a dense layer): the experts listed (experts[0..n): ids with descriptors gate /
  * up (NULL: gate is the fused gate_up [2I, H]), gate_up bias gub (gate then up, or NULL), down
@@ -166,8 +203,7 @@ int mt_ext_moe_many(const oss_desc *L, ext_many *M, int dt, long T, float *x, co
                     int n, const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
                     const void *const *gub, const mt_weight *const *down, const void *const *db, int finish,
                     int nth) {
-    long H = L->H, I = L->I, k = ids ? L->topk : 0, SI = finish ? L->SI : 0;
-    long bsz = dt == DT_BF16 ? 2 : 4;
+    long H = L->H, k = ids ? L->topk : 0, SI = finish ? L->SI : 0;
     if (reserve(M, T)) return -1;
     if (n > M->E) return -2;
     if (k) mt_group_slots(L->E, k, T, ids, M->cnt, M->off, M->slot_tok, M->slot_of);
@@ -180,32 +216,14 @@ int mt_ext_moe_many(const oss_desc *L, ext_many *M, int dt, long T, float *x, co
                 for (long i = 0; i < H; i++) xi[i] = ht[i] * wj;
             }
     mt_gemm_item *items = M->items;
-    int m = 0;
-    for (int j = 0; j < n; j++) {
-        long e = experts[j], c = M->cnt[e], o = M->off[e];
-        if (!c) continue;
-        float *g = M->gu + o * 2 * I;
-        const float *X = L->scale_input ? M->xin + o * H : M->h;
-        const int32_t *idx = L->scale_input ? NULL : M->slot_tok + o;
-        items[m++] = (mt_gemm_item){gate[j], gub[j], dt, X, H, idx, c, g, 2 * I};
-        if (up[j]) {
-            const void *ub = gub[j] ? (const char *)gub[j] + I * bsz : NULL;
-            items[m++] = (mt_gemm_item){up[j], ub, dt, X, H, idx, c, g + I, 2 * I};
-        }
-    }
+    int m = L->scale_input ? routed_gate_up(items, 0, L, M, dt, M->xin, 1, n, experts, gate, up, gub)
+                           : routed_gate_up(items, 0, L, M, dt, M->h, 0, n, experts, gate, up, gub);
     if (SI) {
         items[m++] = (mt_gemm_item){L->s_gate, NULL, dt, M->h, H, NULL, T, M->sgu, 2 * SI};
         items[m++] = (mt_gemm_item){L->s_up, NULL, dt, M->h, H, NULL, T, M->sgu + SI, 2 * SI};
     }
     if (m) mt_run_gemms(items, m, nth);
-    m = 0;
-    for (int j = 0; j < n; j++) {
-        long e = experts[j], c = M->cnt[e], o = M->off[e];
-        if (!c) continue;
-        for (long s = o; s < o + c; s++)
-            mt_oss_activate(L, M->gu + s * 2 * I, M->gu + s * 2 * I + I, M->act + s * I, I);
-        items[m++] = (mt_gemm_item){down[j], db[j], dt, M->act + o * I, I, NULL, c, M->down + o * H, H};
-    }
+    m = routed_down(items, 0, L, M, dt, n, experts, down, db);
     if (SI) {
         for (long t = 0; t < T; t++) swiglu(M->sgu + t * 2 * SI, M->sgu + t * 2 * SI + SI, M->sact + t * SI, SI);
         items[m++] = (mt_gemm_item){L->s_down, NULL, dt, M->sact, SI, NULL, T, M->sh, H};
@@ -230,40 +248,22 @@ int mt_ext_moe_many(const oss_desc *L, ext_many *M, int dt, long T, float *x, co
 /* Expert parallelism's follower side (ext_prefill.py: ExtManyStepper.expert_rows; prefill.c's
  * mt_rows_many for these layers): n rows h [n, H] (the pairs' expert inputs rank 0 sent: a Llama-4
  * pair's already scaled by its weight, as the slot input mt_ext_moe_many forms), row r for expert
- * ids[r]; the experts listed run on their rows with mt_ext_moe_many's gemm items, biases and
- * activation: out[r] = expert ids[r](h[r]), unweighted, for the rows of listed experts (others
+ * ids[r]; the experts listed run on their rows with mt_ext_moe_many's routed items (routed_gate_up /
+ * routed_down: biases, activation): out[r] = expert ids[r](h[r]), unweighted, for the rows of listed experts (others
  * untouched). Each (row, expert) gets the bits the single-process call gives its (token, j).
  * 0, -1 (out of memory) or -2 (more experts than the scratch was made for). */
 int mt_ext_rows_many(const oss_desc *L, ext_many *M, int dt, long n, const float *h, const int64_t *ids, int ne,
                      const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
                      const void *const *gub, const mt_weight *const *down, const void *const *db, float *out,
                      int nth) {
-    long H = L->H, I = L->I, bsz = dt == DT_BF16 ? 2 : 4;
+    long H = L->H;
     if (reserve(M, n)) return -1;
     if (ne > M->E) return -2;
     mt_group_slots(L->E, 1, n, ids, M->cnt, M->off, M->slot_tok, M->slot_of);
-    mt_gemm_item *items = M->items;
-    int m = 0;
-    for (int j = 0; j < ne; j++) {
-        long e = experts[j], c = M->cnt[e], o = M->off[e];
-        if (!c) continue;
-        float *g = M->gu + o * 2 * I;
-        items[m++] = (mt_gemm_item){gate[j], gub[j], dt, h, H, M->slot_tok + o, c, g, 2 * I};
-        if (up[j]) {
-            const void *ub = gub[j] ? (const char *)gub[j] + I * bsz : NULL;
-            items[m++] = (mt_gemm_item){up[j], ub, dt, h, H, M->slot_tok + o, c, g + I, 2 * I};
-        }
-    }
-    if (m) mt_run_gemms(items, m, nth);
-    m = 0;
-    for (int j = 0; j < ne; j++) {
-        long e = experts[j], c = M->cnt[e], o = M->off[e];
-        if (!c) continue;
-        for (long s = o; s < o + c; s++)
-            mt_oss_activate(L, M->gu + s * 2 * I, M->gu + s * 2 * I + I, M->act + s * I, I);
-        items[m++] = (mt_gemm_item){down[j], db[j], dt, M->act + o * I, I, NULL, c, M->down + o * H, H};
-    }
-    if (m) mt_run_gemms(items, m, nth);
+    int m = routed_gate_up(M->items, 0, L, M, dt, h, 0, ne, experts, gate, up, gub);
+    if (m) mt_run_gemms(M->items, m, nth);
+    m = routed_down(M->items, 0, L, M, dt, ne, experts, down, db);
+    if (m) mt_run_gemms(M->items, m, nth);
     for (int j = 0; j < ne; j++) {
         long e = experts[j], c = M->cnt[e], o = M->off[e];
         for (long s = o; s < o + c; s++) memcpy(out + (long)M->slot_tok[s] * H, M->down + s * H, H * sizeof(float));

@@ -197,6 +197,36 @@ void mt_group_slots(long E, long k, long T, const int64_t *ids, long *cnt, long 
         }
 }
 
+/* The routed experts' gemm items over their slots (M->cnt / off / slot_tok from mt_group_slots):
+ * gate (and up) of the listed experts on the rows X[slot_tok[s]] into M->gu, appended at items + m;
+ * returns the new count. routed_down then applies SwiGLU per slot and adds the down items (into
+ * M->down by slot). Shared by mt_moe_many (tokens, with the shared expert in the same batches) and
+ * mt_rows_many (expert parallelism's rows): the same items, so the same bits per (row, expert). */
+static int routed_gate_up(mt_gemm_item *items, int m, const layer_desc *L, many *M, int dt, const float *X, int n,
+                          const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up) {
+    long H = L->H, I = L->I;
+    for (int j = 0; j < n; j++) {
+        long e = experts[j], c = M->cnt[e], o = M->off[e];
+        if (!c) continue;
+        float *g = M->gu + o * 2 * I;
+        items[m++] = (mt_gemm_item){gate[j], NULL, dt, X, H, M->slot_tok + o, c, g, 2 * I};
+        if (up && up[j]) items[m++] = (mt_gemm_item){up[j], NULL, dt, X, H, M->slot_tok + o, c, g + I, 2 * I};
+    }
+    return m;
+}
+
+static int routed_down(mt_gemm_item *items, int m, const layer_desc *L, many *M, int dt, int n,
+                       const int64_t *experts, const mt_weight *const *down) {
+    long H = L->H, I = L->I;
+    for (int j = 0; j < n; j++) {
+        long e = experts[j], c = M->cnt[e], o = M->off[e];
+        if (!c) continue;
+        for (long s = o; s < o + c; s++) swiglu(M->gu + s * 2 * I, M->gu + s * 2 * I + I, M->act + s * I, I);
+        items[m++] = (mt_gemm_item){down[j], NULL, dt, M->act + o * I, I, NULL, c, M->down + o * H, H};
+    }
+    return m;
+}
+
 /* The feed-forward of T tokens (h = M->h, routed by ids / w [T, topk] from mt_route_many):
  * the experts listed (experts[0..n): ids with descriptors gate / up (NULL: gate is the fused
  * gate_up [2I, H]) / down) run on all the tokens routed to them, their outputs kept per
@@ -207,32 +237,19 @@ void mt_group_slots(long E, long k, long T, const int64_t *ids, long *cnt, long 
 int mt_moe_many(const layer_desc *L, many *M, int dt, long T, float *x, const int64_t *ids, const float *w, int n,
                 const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
                 const mt_weight *const *down, int finish, int nth) {
-    long H = L->H, I = L->I, k = L->mlp ? L->topk : 0, SI = finish ? L->SI : 0;
+    long H = L->H, k = L->mlp ? L->topk : 0, SI = finish ? L->SI : 0;
     if (mt_many_reserve(M, T)) return -1;
     if (n > M->E) return -2;
     if (k) mt_group_slots(L->E, k, T, ids, M->cnt, M->off, M->slot_tok, M->slot_of);
     mt_gemm_item *items = M->items;
-    int m = 0;
-    for (int j = 0; j < n; j++) {
-        long e = experts[j], c = M->cnt[e], o = M->off[e];
-        if (!c) continue;
-        float *g = M->gu + o * 2 * I;
-        items[m++] = (mt_gemm_item){gate[j], NULL, dt, M->h, H, M->slot_tok + o, c, g, 2 * I};
-        if (up && up[j]) items[m++] = (mt_gemm_item){up[j], NULL, dt, M->h, H, M->slot_tok + o, c, g + I, 2 * I};
-    }
+    int m = routed_gate_up(items, 0, L, M, dt, M->h, n, experts, gate, up);
     if (SI) {
         items[m++] = (mt_gemm_item){L->s_gate, NULL, dt, M->h, H, NULL, T, M->sgu, 2 * SI};
         items[m++] = (mt_gemm_item){L->s_up, NULL, dt, M->h, H, NULL, T, M->sgu + SI, 2 * SI};
         if (L->s_gate_gate) items[m++] = (mt_gemm_item){L->s_gate_gate, NULL, dt, M->h, H, NULL, T, M->sg, 1};
     }
     if (m) mt_run_gemms(items, m, nth);
-    m = 0;
-    for (int j = 0; j < n; j++) {
-        long e = experts[j], c = M->cnt[e], o = M->off[e];
-        if (!c) continue;
-        for (long s = o; s < o + c; s++) swiglu(M->gu + s * 2 * I, M->gu + s * 2 * I + I, M->act + s * I, I);
-        items[m++] = (mt_gemm_item){down[j], NULL, dt, M->act + o * I, I, NULL, c, M->down + o * H, H};
-    }
+    m = routed_down(items, 0, L, M, dt, n, experts, down);
     if (SI) {
         for (long t = 0; t < T; t++) swiglu(M->sgu + t * 2 * SI, M->sgu + t * 2 * SI + SI, M->sact + t * SI, SI);
         items[m++] = (mt_gemm_item){L->s_down, NULL, dt, M->sact, SI, NULL, T, M->sh, H};
@@ -257,35 +274,21 @@ int mt_moe_many(const layer_desc *L, many *M, int dt, long T, float *x, const in
 
 /* Expert parallelism's follower side of a multi-token layer: n rows h [n, H] (the MoE inputs rank 0
  * sent), row r for expert ids[r]; the experts listed (experts[0..ne), descriptors as for
- * mt_moe_many) run on their rows as mt_moe_many's routed part runs them (rows grouped by expert,
- * the same gemm items): out[r] = expert ids[r](h[r]), unweighted, for the rows of listed experts
- * (others untouched, so experts may come in several calls). Each (row, expert) gets the bits the
- * single-process call gives its (token, j). 0, -1 (out of memory) or -2 (more experts than E). */
+ * mt_moe_many) run on their rows with mt_moe_many's routed items (routed_gate_up / routed_down):
+ * out[r] = expert ids[r](h[r]), unweighted, for the rows of listed experts (others untouched, so
+ * experts may come in several calls). Each (row, expert) gets the bits the single-process call
+ * gives its (token, j). 0, -1 (out of memory) or -2 (more experts than E). */
 int mt_rows_many(const layer_desc *L, many *M, int dt, long n, const float *h, const int64_t *ids, int ne,
                  const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
                  const mt_weight *const *down, float *out, int nth) {
-    long H = L->H, I = L->I;
+    long H = L->H;
     if (mt_many_reserve(M, n)) return -1;
     if (ne > M->E) return -2;
     mt_group_slots(L->E, 1, n, ids, M->cnt, M->off, M->slot_tok, M->slot_of);
-    mt_gemm_item *items = M->items;
-    int m = 0;
-    for (int j = 0; j < ne; j++) {
-        long e = experts[j], c = M->cnt[e], o = M->off[e];
-        if (!c) continue;
-        float *g = M->gu + o * 2 * I;
-        items[m++] = (mt_gemm_item){gate[j], NULL, dt, h, H, M->slot_tok + o, c, g, 2 * I};
-        if (up && up[j]) items[m++] = (mt_gemm_item){up[j], NULL, dt, h, H, M->slot_tok + o, c, g + I, 2 * I};
-    }
-    if (m) mt_run_gemms(items, m, nth);
-    m = 0;
-    for (int j = 0; j < ne; j++) {
-        long e = experts[j], c = M->cnt[e], o = M->off[e];
-        if (!c) continue;
-        for (long s = o; s < o + c; s++) swiglu(M->gu + s * 2 * I, M->gu + s * 2 * I + I, M->act + s * I, I);
-        items[m++] = (mt_gemm_item){down[j], NULL, dt, M->act + o * I, I, NULL, c, M->down + o * H, H};
-    }
-    if (m) mt_run_gemms(items, m, nth);
+    int m = routed_gate_up(M->items, 0, L, M, dt, h, ne, experts, gate, up);
+    if (m) mt_run_gemms(M->items, m, nth);
+    m = routed_down(M->items, 0, L, M, dt, ne, experts, down);
+    if (m) mt_run_gemms(M->items, m, nth);
     for (int j = 0; j < ne; j++) {
         long e = experts[j], c = M->cnt[e], o = M->off[e];
         for (long s = o; s < o + c; s++) memcpy(out + (long)M->slot_tok[s] * H, M->down + s * H, H * sizeof(float));
