@@ -97,6 +97,7 @@ CMD_STEP = 6  # replicated: (CMD_STEP, words, all_logits) + the step's descripti
 CMD_MOE_NATIVE = 7  # direct, native decode of one token: CMD_MOE_ONE's layout with float32 rows (native/decode.py)
 CMD_HEAD_NATIVE = 8  # direct, native exchange: the normed hidden state [H] float32 -> a follower's rows of the LM head
 CMD_MOE_NATIVE_MANY = 9  # direct, native multi-token step: CMD_MOE's layout with float32 rows (inline when n <= top-k)
+CMD_HEAD_MANY = 10  # direct, native exchange: n normed hidden rows (shm buffer) -> a follower's logits of them (buffer)
 HEADER = 24  # bytes: (command, layer, rows) as int64
 TAG_CTRL, TAG_ROWS, TAG_COMBINE = 1, 2, 3  # point-to-point message tags (rank 0 <-> a follower)
 TAG_EXCHANGE = 4  # replicated: one message per (rank, other rank) per MoE layer
@@ -679,6 +680,24 @@ class EPGroup:
         self.stats.compute_s += time.perf_counter() - t0
         return y
 
+    def _head_rows(self, ex: Any, n: int) -> None:
+        """Follower, ``CMD_HEAD_MANY``: this rank's vocabulary rows of the n normed rows in its shm
+        buffer, into its output buffer, then an answer (:meth:`head_many`)."""
+        from moetier.native import prefill
+
+        H, nr, lib = self.hidden, ex.head_n[self.rank], ex.dec.lib
+        prefill._declare(lib)  # mt_gemm
+        x = self._tr.bulk_rows[0][:4 * n * H].view(torch.float32)
+        y = self._tr.bulk_out[0][:4 * n * nr].view(torch.float32)
+        t0 = time.perf_counter()
+        lib.mt_gemm(ctypes.addressof(ex.head_mine), None, 0, x.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
+        self.stats.compute_s += time.perf_counter() - t0
+        if self._ans_buf is None:
+            self._ans_buf = torch.zeros(self._answer_bytes(), dtype=torch.uint8)
+        self._send_answer(self._ans_buf)
+        self.stats.head_bytes += 4 * n * nr
+        self.stats.meta_bytes += self.ctrl_bytes + self._answer_bytes()
+
     def _owner(self, layer: int, e: int) -> int:
         own = self._owners[e]
         if len(own) == 1:
@@ -907,6 +926,43 @@ class EPGroup:
         src = ans[ANSWER_HEADER:ANSWER_HEADER + 4 * n * self.hidden] if way == "inline" else \
             self._tr.bulk_out[r][:4 * n * self.hidden]
         out[a:a + n].copy_(src.view(torch.float32).view(n, self.hidden))
+
+    def head_many_rows(self) -> int:
+        """Rows of a multi-token step's LM head per ``CMD_HEAD_MANY`` message (their normed rows and a
+        follower's logits of them fit its shm buffers; 0: the head stays on rank 0)."""
+        ex = self.native_exchange
+        if ex is None or not self.bulk_bytes:
+            return 0
+        return self.bulk_bytes // (4 * max(max(ex.head_n[1:self.world]), self.hidden))
+
+    def head_many(self, ex: Any, h: torch.Tensor, logits: torch.Tensor, nth: int) -> None:
+        """Rank 0, a multi-token step's LM head split over the ranks (``ManyStepper._head``): the
+        normed rows ``h`` [R, H] go to every follower's shm buffer (``CMD_HEAD_MANY``, at most
+        :meth:`head_many_rows` per message), each rank computes its vocabulary rows of them
+        (``mt_gemm`` on its slice: each logit one row kernel's sum, the bits of the whole head) and
+        the followers' slices come back in their output buffers -> ``logits`` [R, V]."""
+        R, H, P = h.shape[0], self.hidden, self.world
+        lib, per = ex.dec.lib, self.head_many_rows()
+        off, n = list(ex.head_off), list(ex.head_n)
+        mine = torch.empty(min(per, R), n[0], dtype=torch.float32)
+        with self._lock:
+            for a in range(0, R, per):
+                m = min(per, R - a)
+                for r in range(1, P):  # the rows into the follower's buffer, then the message publishes them
+                    self._tr.bulk_rows[r][:4 * m * H].view(torch.float32).view(m, H).copy_(h[a:a + m])
+                    msg = torch.zeros(self.ctrl_bytes, dtype=torch.uint8)
+                    struct.pack_into("<3q", msg.numpy(), 0, CMD_HEAD_MANY, 0, m)
+                    self._tr.send([(r, msg)])
+                t0 = time.perf_counter()
+                lib.mt_gemm(ctypes.addressof(ex.head_mine), None, 0, h[a:a + m].data_ptr(), m, mine.data_ptr(), nth)
+                logits[a:a + m, off[0]:off[0] + n[0]] = mine[:m]
+                self.stats.compute_s += time.perf_counter() - t0
+                for r in range(1, P):
+                    self._tr.answer(r)
+                    got = self._tr.bulk_out[r][:4 * m * n[r]].view(torch.float32).view(m, n[r])
+                    logits[a:a + m, off[r]:off[r] + n[r]] = got
+                self.stats.head_bytes += 4 * m * sum(n[1:])
+                self.stats.meta_bytes += (P - 1) * (self.ctrl_bytes + self._answer_bytes())
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int,
                  provider: Any, glu: Any) -> torch.Tensor:
@@ -1207,6 +1263,9 @@ class EPGroup:
             if not one or n == 0:  # (an answer goes out first: see below)
                 self._post_ctrl()
             if cmd == CMD_PING:
+                continue
+            if cmd == CMD_HEAD_MANY and ex is not None and self.bulk_bytes:  # rows of a multi-token step's head
+                self._head_rows(ex, n)
                 continue
             if cmd not in (CMD_MOE, CMD_MOE_INLINE, CMD_MOE_ONE, CMD_MOE_NATIVE, CMD_MOE_NATIVE_MANY) or \
                     layer not in blocks or (cmd in (CMD_MOE_NATIVE, CMD_MOE_NATIVE_MANY) and self.native is None):

@@ -85,7 +85,7 @@ class ExtManyStepper(ManyStepper):
     def _call(self, items: list[tuple[Sequence, torch.Tensor]], all_logits: bool) -> torch.Tensor:
         """One native call per layer piece for ``items`` (each sequence at most once, non-empty)."""
         dec, lib = self.dec, self.lib
-        dt, H, nth = dec.dt, dec.H, torch.get_num_threads()
+        H, nth = dec.H, torch.get_num_threads()
         toks, pos, seq_of, last = [], [], [], []
         start = 0
         for s, (seq, t) in enumerate(items):
@@ -111,11 +111,7 @@ class ExtManyStepper(ManyStepper):
         for seq, t in items:
             seq.length += t.shape[0]
         rows = torch.arange(T, dtype=torch.int32) if all_logits else torch.tensor(last, dtype=torch.int32)
-        logits = torch.empty(rows.shape[0], dec.V, dtype=torch.float32)
-        if lib.mt_head_many(dec.norm_w, dec.out_w, dec.norm_eps, dt, self.m, rows.shape[0], rows.data_ptr(),
-                            x.data_ptr(), logits.data_ptr(), nth):
-            raise MemoryError(f"native prefill: out of memory for {rows.shape[0]} logit rows")
-        return logits
+        return self._head(rows, x, nth)
 
     def _layer(self, i: int, layer: Any, T: int, x: torch.Tensor, args: tuple[int, int], kp: Any, vp: Any,
                caps: Any, cos: torch.Tensor, sin: torch.Tensor, nth: int) -> None:

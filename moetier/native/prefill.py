@@ -82,6 +82,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mt_moe_many": (I, [P, P, I, L, P, P, P, I, P, P, P, P, I, I]),
         "mt_embed_many": (None, [P, L, P, P]),
         "mt_head_many": (I, [P, P, F, I, P, L, P, P, P, I]),
+        "mt_norm_many": (I, [P, F, I, P, L, P, P]),
         "mt_gemm": (None, [P, P, I, P, L, P, I]),
         "mt_layers_many": (I, [P, I, P, I, L, P, P, P, L, P, P, P, P, P, P, P, P, L, P, P, I]),
         "mt_rows_many": (I, [P, P, I, L, P, P, I, P, P, P, P, P, I]),
@@ -209,14 +210,27 @@ class ManyStepper:
     def _finish(self, items: list[tuple[Sequence, torch.Tensor]], x: torch.Tensor, last: list[int],
                 all_logits: bool, nth: int) -> torch.Tensor:
         """Advance the sequences; the logits of every token or of each item's last."""
-        dec = self.dec
         for seq, t in items:
             seq.length += t.shape[0]
         rows = torch.arange(x.shape[0], dtype=torch.int32) if all_logits else torch.tensor(last, dtype=torch.int32)
-        logits = torch.empty(rows.shape[0], dec.V, dtype=torch.float32)
-        if self.lib.mt_head_many(dec.norm_w, dec.out_w, dec.norm_eps, dec.dt, self.m, rows.shape[0], rows.data_ptr(),
-                                 x.data_ptr(), logits.data_ptr(), nth):
-            raise MemoryError(f"native prefill: out of memory for {rows.shape[0]} logit rows")
+        return self._head(rows, x, nth)
+
+    def _head(self, rows: torch.Tensor, x: torch.Tensor, nth: int) -> torch.Tensor:
+        """Float32 logits [R, V] of the residual stream's ``rows`` (int32) of ``x`` [T, H]. Under
+        expert parallelism with the LM head split over the ranks (``distributed/native_ep.py``) each
+        rank computes its vocabulary rows of the normed rows (``EPGroup.head_many``): the same bits."""
+        dec, lib, R = self.dec, self.lib, rows.shape[0]
+        logits = torch.empty(R, dec.V, dtype=torch.float32)
+        ex = getattr(dec, "exchange", None)
+        if ex is not None and ex.head_split and ex.group.head_many_rows():
+            if lib.mt_norm_many(dec.norm_w, dec.norm_eps, dec.dt, self.m, R, rows.data_ptr(), x.data_ptr()):
+                raise MemoryError(f"native prefill: out of memory for {R} logit rows")
+            h, dn, so = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+            lib.mt_many_bufs(self.m, ctypes.byref(h), ctypes.byref(dn), ctypes.byref(so))
+            ex.group.head_many(ex, _view(h.value, R * dec.H).view(R, dec.H), logits, nth)
+        elif lib.mt_head_many(dec.norm_w, dec.out_w, dec.norm_eps, dec.dt, self.m, R, rows.data_ptr(), x.data_ptr(),
+                              logits.data_ptr(), nth):
+            raise MemoryError(f"native prefill: out of memory for {R} logit rows")
         return logits
 
     def _layer(self, i: int, layer: Any, T: int, x: torch.Tensor, args: tuple[int, int], S: int, kp: Any, vp: Any,

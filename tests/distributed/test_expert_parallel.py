@@ -198,6 +198,10 @@ def test_the_exchange_runs_inside_the_native_step_on_shared_memory(job, name):
     V = moetier.spec.load_spec(c["model"]).vocab_size
     assert [p["head_rows"] for p in per] == [-(-V // WORLD), V - -(-V // WORLD)]
     assert s["head_bytes"] == steps * 4 * per[1]["head_rows"] and per[1]["head_bytes"] == per[0]["head_bytes"]
+    # the whole run: the single-token steps' heads and the multi-token steps' logit rows (split too:
+    # the prompt's logits, the prompt's last, the two-sequence batch's all-logits steps)
+    many_rows = len(c["prompt"]) + 1 + len(c["prompt"]) + 2
+    assert per[0]["head_bytes"] == (steps + NEW + many_rows) * 4 * per[1]["head_rows"]
     assert s["native_calls"] == s["moe_calls"] == layers * steps
     rows = ep_step_rows("direct", WORLD, 0, s["local_pairs"], s["remote_pairs"])
     row = pair_bytes(r["hidden"], "fp32")

@@ -313,12 +313,19 @@ void mt_embed_many(const mt_weight *table, long T, const int64_t *tokens, float 
     for (long t = 0; t < T; t++) mt_embed(table, tokens[t], x + t * table->cols);
 }
 
+/* M->h [R, H] = norm(x[rows[r]]) (the head's input); 0 or -1 (out of memory) */
+int mt_norm_many(const void *norm_w, float eps, int dt, many *M, long R, const int32_t *rows, const float *x) {
+    long H = M->H;
+    if (mt_many_reserve(M, R)) return -1;
+    for (long r = 0; r < R; r++) rms_norm(x + (long)rows[r] * H, norm_w, dt, eps, M->h + r * H, H);
+    return 0;
+}
+
 /* logits [R, V] = out_w . norm(x[rows[r]]) */
 int mt_head_many(const void *norm_w, const mt_weight *out_w, float eps, int dt, many *M, long R, const int32_t *rows,
                  const float *x, float *logits, int nth) {
     long H = out_w->cols;
-    if (mt_many_reserve(M, R)) return -1;
-    for (long r = 0; r < R; r++) rms_norm(x + (long)rows[r] * H, norm_w, dt, eps, M->h + r * H, H);
+    if (mt_norm_many(norm_w, eps, dt, M, R, rows, x)) return -1;
     mt_gemm_item it = {out_w, NULL, dt, M->h, H, NULL, R, logits, out_w->rows};
     mt_run_gemms(&it, 1, nth);
     return 0;
