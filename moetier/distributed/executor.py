@@ -145,6 +145,26 @@ class EPStats:
         return {f.name: (int(x) if f.type in ("int", int) else float(x)) for f, x in zip(fields(cls), v)}
 
 
+def bulk_bytes(hidden: int, top_k: int, mb: str | None) -> int:
+    """Bytes of each shm buffer (per follower and direction) for a native multi-token step's rows
+    beyond the control message (a prompt's, a server batch's): enough for the largest native call
+    (``MAX_CALL_TOKENS`` tokens x top-k float32 rows with their ids), at most ``mb`` MiB
+    (``MOETIER_EP_SHM_BULK_MB``, default :data:`DEFAULT_BULK_MB`; 0: none, those rows travel on
+    gloo). Less than a control message's rows is no use: 0."""
+    from moetier.native.prefill import MAX_CALL_TOKENS
+
+    text = (mb or "").strip() or str(DEFAULT_BULK_MB)
+    try:
+        cap = float(text)
+    except ValueError:
+        cap = -1.0
+    if not cap >= 0 or cap == float("inf"):
+        raise DistributedError(f"MOETIER_EP_SHM_BULK_MB={text!r}: expected a number of MiB >= 0 (0: off)")
+    row = 4 * hidden + 8
+    got = min(MAX_CALL_TOKENS * top_k * row, int(cap * 2**20))
+    return got if got >= top_k * row else 0
+
+
 def pack(x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """Rows x [n, H] and their expert ids [n] (int64) as one byte tensor [n, H*bytes + 8]:
     one dispatch message instead of two (the bytes of x are sent unchanged)."""
@@ -411,21 +431,8 @@ class EPGroup:
         # answer holds its slice of the logits (shm only)
         from moetier.distributed.native_ep import head_rows
 
-        # shm: each follower's buffers for a native multi-token step's rows beyond the control message
-        # (a prefill's, a server batch's), sized for the largest native call (MAX_CALL_TOKENS tokens x
-        # top-k rows), at most MOETIER_EP_SHM_BULK_MB (default 16; 0: those rows travel on gloo)
-        from moetier.native.prefill import MAX_CALL_TOKENS
-
-        mb = os.environ.get("MOETIER_EP_SHM_BULK_MB", str(DEFAULT_BULK_MB)).strip()
-        try:
-            cap = int(float(mb) * 2**20)
-        except ValueError:
-            raise DistributedError(f"MOETIER_EP_SHM_BULK_MB={mb!r}: expected a number of MiB (0: off)") from None
-        need = MAX_CALL_TOKENS * top_k * (4 * hidden + 8)
-        many = hasattr(native, "many_stepper") and self.exchange == "direct"  # the generic and MLA decoders
-        self.bulk_bytes = min(need, max(cap, 0)) if many else 0
-        if 0 < self.bulk_bytes < top_k * (4 * hidden + 8):  # less than a control message's rows: no use
-            self.bulk_bytes = 0
+        many = hasattr(native, "many_stepper") and self.exchange == "direct"  # native multi-token steps
+        self.bulk_bytes = bulk_bytes(hidden, top_k, os.environ.get("MOETIER_EP_SHM_BULK_MB")) if many else 0
         V = getattr(native, "V", 0) if native is not None and self.exchange == "direct" else 0
         self.head_answer_bytes = ANSWER_HEADER + 4 * max(head_rows(V, self.world)[1:]) if V and self.world > 1 else 0
 

@@ -202,3 +202,19 @@ def test_a_reader_that_loses_its_cpu_while_polling_sleeps_at_once(seg, monkeypat
     t.start()
     assert torch.equal(r.recv(), msg(2)) and len(yields) == 1  # the next wait does not poll at all
     t.join()
+
+
+def test_multi_token_buffer_size_from_the_environment():
+    """``MOETIER_EP_SHM_BULK_MB``: the buffers hold the largest native call's rows (512 tokens x top-k
+    float32 rows and ids), at most the given MiB; 0 or less than a control message's rows: none; a
+    bad value is refused with one line naming the variable."""
+    from moetier.distributed.executor import DistributedError, bulk_bytes
+
+    row = 4 * 256 + 8
+    assert bulk_bytes(256, 4, None) == 512 * 4 * row  # 2.1 MB < the default 16 MiB
+    assert bulk_bytes(7168, 8, "") == 16 * 2**20  # DeepSeek-V3's rows: capped
+    assert bulk_bytes(256, 4, "0.01") == int(0.01 * 2**20)
+    assert bulk_bytes(256, 4, "0") == 0 and bulk_bytes(256, 4, "0.001") == 0  # 1048 B < 4 rows
+    for bad in ("abc", "-1", "nan", "inf"):
+        with pytest.raises(DistributedError, match=f"MOETIER_EP_SHM_BULK_MB='{bad}': expected a number of MiB"):
+            bulk_bytes(256, 4, bad)
