@@ -162,10 +162,10 @@ def test_serve_ep_batches_natively_like_one_process_and_stops_cleanly(tmp_path):
     try:
         wait_for(f"{base}/health", 200, 300)
         ref = moetier.load(dtype="float32", threads=1)
-        want = [ref.generate(q, max_tokens=8) for q in prompts]
+        want = [ref.generate(q, max_tokens=32) for q in prompts]  # long enough for the requests to overlap
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             got = list(pool.map(lambda q: get(f"{base}/v1/completions",
-                                              {"prompt": q, "max_tokens": 8, "temperature": 0}), prompts))
+                                              {"prompt": q, "max_tokens": 32, "temperature": 0}), prompts))
         assert [c for c, _ in got] == [200] * len(prompts)
         assert [b["choices"][0]["text"] for _, b in got] == want
         with urllib.request.urlopen(f"{base}/metrics", timeout=60) as r:
