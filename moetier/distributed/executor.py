@@ -431,7 +431,7 @@ class EPGroup:
         # answer holds its slice of the logits (shm only)
         from moetier.distributed.native_ep import head_rows
 
-        many = hasattr(native, "many_stepper") and self.exchange == "direct"  # native multi-token steps
+        many = native is not None and self.exchange == "direct"  # native multi-token steps (every decoder)
         self.bulk_bytes = bulk_bytes(hidden, top_k, os.environ.get("MOETIER_EP_SHM_BULK_MB")) if many else 0
         V = getattr(native, "V", 0) if native is not None and self.exchange == "direct" else 0
         self.head_answer_bytes = ANSWER_HEADER + 4 * max(head_rows(V, self.world)[1:]) if V and self.world > 1 else 0
@@ -842,7 +842,7 @@ class EPGroup:
         the combine run as in one process: the bits of one native process."""
         P, k, H = self.world, ids.shape[1], self.hidden
         h4 = 4 * H
-        h, _ = st.buffers(T, k)  # [T, H] the MoE inputs
+        h = st.buffers(T, k)[0]  # [T, H] the MoE inputs
         flat = ids.view(-1)  # [T*k]
         E = len(self._owners)
         if self._sole is None:  # each expert's rank when it has one copy (-1: replicas)
@@ -871,11 +871,9 @@ class EPGroup:
                     if i:  # a batch larger than the shared-memory buffer: one message at a time
                         wait = self._many_send(r, layer, rows[r], outs[r], a, n)
                     self._many_wait(r, wait, outs[r], a, n)
-        if remote:
-            _, down = st.buffers(T, k)  # [T*k, H] by slot: experts ascending, pairs ascending within one
-            slot_of = torch.empty(T * k, dtype=torch.long)
-            slot_of[flat.argsort(stable=True)] = torch.arange(T * k)
-            down[slot_of[rem_t]] = y_rem
+        if remote:  # into their slots of the scratch (the grouping the feed-forward call made)
+            _, down, slot_of = st.buffers(T, k)
+            down[slot_of[rem_t].long()] = y_rem
         st.finish_experts(layer, desc, T, xp, ids, w, nth)
         msgs = sum(len(v) for v in parts.values())
         inline = sum(n for v in parts.values() for _, n in v if n <= self.inline_rows)
@@ -897,12 +895,11 @@ class EPGroup:
         return 1 << 62
 
     def _many_ways(self, n: int) -> tuple[str, str]:
-        """(rows, outputs) of an n-row message: "inline" | "bulk" | "gloo" each."""
+        """(rows, outputs) of an n-row message: "inline" | "bulk" | "gloo" each (outputs: on gloo
+        unless shm)."""
         shm = self.transport == "shm"
-        bulk = shm and self.bulk_bytes > 0
-        rows = "inline" if n <= self.inline_rows else "bulk" if bulk else "gloo"
-        out = ("inline" if n <= self.inline_rows else "bulk" if bulk else "gloo") if shm else "gloo"
-        return rows, out
+        way = "inline" if n <= self.inline_rows else "bulk" if shm and self.bulk_bytes else "gloo"
+        return way, way if shm else "gloo"
 
     def _many_send(self, r: int, layer: int, rows: torch.Tensor, out: torch.Tensor, a: int, n: int) -> list[Any]:
         """Rank 0 (under ``_lock``): rows ``[a, a + n)`` of follower ``r``'s ``rows`` as one message;

@@ -225,9 +225,7 @@ class ManyStepper:
         if ex is not None and ex.head_split and ex.group.head_many_rows():
             if lib.mt_norm_many(dec.norm_w, dec.norm_eps, dec.dt, self.m, R, rows.data_ptr(), x.data_ptr()):
                 raise MemoryError(f"native prefill: out of memory for {R} logit rows")
-            h, dn, so = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-            lib.mt_many_bufs(self.m, ctypes.byref(h), ctypes.byref(dn), ctypes.byref(so))
-            ex.group.head_many(ex, _view(h.value, R * dec.H).view(R, dec.H), logits, nth)
+            ex.group.head_many(ex, _scratch_views(lib.mt_many_bufs, self.m, dec.H, R, 0)[0], logits, nth)
         elif lib.mt_head_many(dec.norm_w, dec.out_w, dec.norm_eps, dec.dt, self.m, R, rows.data_ptr(), x.data_ptr(),
                               logits.data_ptr(), nth):
             raise MemoryError(f"native prefill: out of memory for {R} logit rows")
@@ -328,14 +326,11 @@ class ManyStepper:
               nth):
             raise MemoryError(f"native prefill: out of memory in layer {i} experts ({T} tokens)")
 
-    def buffers(self, T: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of the scratch after a layer's router: the MoE inputs ``h`` [T, H] and the expert
-        output rows [T * k, H] by slot (experts ascending, tokens ascending within one; the
-        feed-forward call's grouping), float32."""
-        h, dn, so = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-        self._bufs()(self._moe()[1], ctypes.byref(h), ctypes.byref(dn), ctypes.byref(so))
-        H = self.dec.H
-        return (_view(h.value, T * H).view(T, H), _view(dn.value, T * k * H).view(T * k, H))
+    def buffers(self, T: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of the scratch after a layer's router: the MoE inputs ``h`` [T, H] float32, and after
+        a feed-forward call the expert output rows [T * k, H] float32 by slot and each (token, j)'s
+        slot [T * k] int32 (its grouping: experts ascending, tokens ascending within one)."""
+        return _scratch_views(self._bufs(), self._moe()[1], self.dec.H, T, k)
 
     def ffn_desc(self, i: int) -> tuple[int, Any]:
         """Layer ``i``'s feed-forward descriptor: (its address, the ``LayerDesc``)."""
@@ -361,6 +356,15 @@ class ManyStepper:
         return out
 
 
-def _view(addr: int, n: int) -> torch.Tensor:
-    """A float32 tensor over ``n`` floats at ``addr`` (native scratch; no copy)."""
-    return torch.frombuffer((ctypes.c_float * n).from_address(addr), dtype=torch.float32)
+def _scratch_views(bufs: Any, scratch: int, H: int, T: int, k: int) -> tuple[torch.Tensor, ...]:
+    """``bufs`` (``mt_many_bufs`` / ``mt_ext_many_bufs``) of ``scratch`` as tensors, no copies: h [T, H]
+    float32, down [T * k, H] float32, slot_of [T * k] int32."""
+    h, dn, so = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+    bufs(scratch, ctypes.byref(h), ctypes.byref(dn), ctypes.byref(so))
+
+    def view(addr: int | None, n: int, ct: Any, dt: torch.dtype) -> torch.Tensor:
+        return torch.frombuffer((ct * n).from_address(addr), dtype=dt) if n else torch.empty(0, dtype=dt)
+
+    return (view(h.value, T * H, ctypes.c_float, torch.float32).view(T, H),
+            view(dn.value, T * k * H, ctypes.c_float, torch.float32).view(T * k, H),
+            view(so.value, T * k, ctypes.c_int32, torch.int32))

@@ -256,7 +256,6 @@ int mt_ext_rows_many(const oss_desc *L, ext_many *M, int dt, long n, const float
                      const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
                      const void *const *gub, const mt_weight *const *down, const void *const *db, float *out,
                      int nth) {
-    long H = L->H;
     if (reserve(M, n)) return -1;
     if (ne > M->E) return -2;
     mt_group_slots(L->E, 1, n, ids, M->cnt, M->off, M->slot_tok, M->slot_of);
@@ -264,10 +263,7 @@ int mt_ext_rows_many(const oss_desc *L, ext_many *M, int dt, long n, const float
     if (m) mt_run_gemms(M->items, m, nth);
     m = routed_down(M->items, 0, L, M, dt, ne, experts, down, db);
     if (m) mt_run_gemms(M->items, m, nth);
-    for (int j = 0; j < ne; j++) {
-        long e = experts[j], c = M->cnt[e], o = M->off[e];
-        for (long s = o; s < o + c; s++) memcpy(out + (long)M->slot_tok[s] * H, M->down + s * H, H * sizeof(float));
-    }
+    mt_slots_out(ne, experts, M->cnt, M->off, M->slot_tok, M->down, L->H, out);
     return 0;
 }
 

@@ -61,6 +61,10 @@ int mt_rows_many(const layer_desc *L, many *M, int dt, long n, const float *h, c
                  const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
                  const mt_weight *const *down, float *out, int nth);
 void mt_many_bufs(const many *M, float **h, float **down, int32_t **slot_of);
+/* out[slot_tok[s]] = down[s] for every slot s of the listed experts (cnt / off / slot_tok of
+ * mt_group_slots): a rows call's outputs back in row order (mt_rows_many, mt_ext_rows_many) */
+void mt_slots_out(int ne, const int64_t *experts, const long *cnt, const long *off, const int32_t *slot_tok,
+                  const float *down, long H, float *out);
 
 /* Tokens grouped by expert (prefill.c): the T * k (token, j) routings ids [T, k] as slots sorted
  * by expert, tokens ascending within an expert: cnt[e] slots from off[e] (off [E + 1]),

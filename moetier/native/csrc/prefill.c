@@ -281,7 +281,6 @@ int mt_moe_many(const layer_desc *L, many *M, int dt, long T, float *x, const in
 int mt_rows_many(const layer_desc *L, many *M, int dt, long n, const float *h, const int64_t *ids, int ne,
                  const int64_t *experts, const mt_weight *const *gate, const mt_weight *const *up,
                  const mt_weight *const *down, float *out, int nth) {
-    long H = L->H;
     if (mt_many_reserve(M, n)) return -1;
     if (ne > M->E) return -2;
     mt_group_slots(L->E, 1, n, ids, M->cnt, M->off, M->slot_tok, M->slot_of);
@@ -289,11 +288,15 @@ int mt_rows_many(const layer_desc *L, many *M, int dt, long n, const float *h, c
     if (m) mt_run_gemms(M->items, m, nth);
     m = routed_down(M->items, 0, L, M, dt, ne, experts, down);
     if (m) mt_run_gemms(M->items, m, nth);
-    for (int j = 0; j < ne; j++) {
-        long e = experts[j], c = M->cnt[e], o = M->off[e];
-        for (long s = o; s < o + c; s++) memcpy(out + (long)M->slot_tok[s] * H, M->down + s * H, H * sizeof(float));
-    }
+    mt_slots_out(ne, experts, M->cnt, M->off, M->slot_tok, M->down, L->H, out);
     return 0;
+}
+
+void mt_slots_out(int ne, const int64_t *experts, const long *cnt, const long *off, const int32_t *slot_tok,
+                  const float *down, long H, float *out) {
+    for (int j = 0; j < ne; j++)
+        for (long s = off[experts[j]]; s < off[experts[j]] + cnt[experts[j]]; s++)
+            memcpy(out + (long)slot_tok[s] * H, down + s * H, H * sizeof(float));
 }
 
 /* The scratch's MoE input rows (h: [cap, H], written by the attention / router calls), expert
