@@ -18,10 +18,12 @@ no compiler is found or the build fails, :func:`library` returns ``None``, print
 (used by ``moetier doctor``) reports the compiler, the ISA it targets and the library's path.
 
 The weight kernels use the best instruction set the CPU has (``scalar`` < ``avx2`` < ``avx512`` <
-``avx512vnni``, see :func:`isa`; at ``avx512vnni`` the integer-weight formats that have kernels for it
-compute their dot products in integer arithmetic on x split into int8 digits, the others run their
-``avx512`` kernels); ``MOETIER_ISA=scalar|avx2|avx512|avx512vnni`` forces one (an ISA the CPU lacks
-makes the native path unavailable, with the reason).
+``avx512vnni`` < ``avx512bf16``, see :func:`isa`; at ``avx512vnni`` the integer-weight formats that have
+kernels for it compute their dot products in integer arithmetic on x split into int8 digits, the
+others run their ``avx512`` kernels; at ``avx512bf16`` bf16 weights use ``vdpbf16ps``, every other
+format its ``avx512vnni`` kernels); ``MOETIER_ISA=scalar|avx2|avx512|avx512vnni|avx512bf16`` forces one
+(an ISA the CPU lacks makes the native path unavailable, with the reason). bf16 weights multiply
+activations rounded to bf16 on every ISA (as torch's and llama.cpp's bf16 products do).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ FLAGS = ["-O3", "-fPIC", "-fno-math-errno", "-std=gnu11", "-fopenmp"]
 NATIVE_FLAGS = ["-march=native"]  # glue code (attention, ops, ...): tuned for this CPU
 KERNEL_FLAGS = ["-ffp-contract=off"]  # fmt_*.c: baseline ISA, explicit FMAs only (variants via target attributes)
 LIBS = ["-lm"]
-ISAS = ("scalar", "avx2", "avx512", "avx512vnni")  # MT_ISA_* order
+ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "avx512bf16")  # MT_ISA_* order
 FIX = "apt-get install gcc (or dnf install gcc / xcode-select --install), or set CC to a working C compiler"
 
 _lib: ctypes.CDLL | None = None
@@ -267,7 +269,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def isa() -> str | None:
-    """The instruction set the weight kernels use (``scalar``/``avx2``/``avx512``/``avx512vnni``), or ``None``
+    """The instruction set the weight kernels use (one of :data:`ISAS`), or ``None``
     when the native kernels are unavailable."""
     lib = library()
     return None if lib is None else ISAS[lib.mt_get_isa()]

@@ -25,8 +25,10 @@ formats in :data:`SUPPORTED_FORMATS`), dequantized in registers. Expert descript
 cached per ``ExpertWeights`` object.
 
 Numerics: activations are float32 throughout (the KV cache, norms and biases stay in the model
-dtype), so in bfloat16 a native step is closer to a float32 reference than the torch bf16
-path, and not bit-identical to it. Each output element is computed by one thread in a fixed
+dtype); a bfloat16 model's products round their input to bf16, as torch's bf16 matmul does
+(``native/weights.py: describe``; on AVX512-BF16 CPUs ``vdpbf16ps`` runs them at twice the
+float32 FMA's rate), and keep float32 sums and residual stream, so in bfloat16 a native step
+is closer to a float32 reference than the torch bf16 path, and not bit-identical to it. Each output element is computed by one thread in a fixed
 order: results do not depend on the thread count or on which provider served the experts.
 
 Hooks kept: the model's forward pre-hooks run (the native step is inside ``forward``);
@@ -178,8 +180,9 @@ class _ExpertDescs:
 
     LIMIT = 1 << 16  # entries; cleared when exceeded (providers that build a new object per get)
 
-    def __init__(self) -> None:
+    def __init__(self, x_f32: bool = False) -> None:
         self.cache: dict[int, tuple[Any, tuple[int, int | None, int], tuple[MtWeight, ...]]] = {}
+        self.x_f32 = x_f32  # float32 model: bf16 experts keep float32 activations (describe)
 
     def get(self, ew: Any, layer: int, expert: int, d: LayerDesc) -> tuple[int, int | None, int]:
         """(gate_up, up, down) descriptor addresses (up None: gate_up is fused [2I, H])."""
@@ -190,12 +193,13 @@ class _ExpertDescs:
         if ew.gate_up_bias is not None or ew.down_bias is not None:
             raise MoetierError(f"{where}: native decode has no expert biases (load with native=False)")
         split = getattr(ew, "split", None)  # (gate, up) stored separately (quantized experts)
-        dn = describe(ew.down, what=f"{where} down")
+        xf = self.x_f32
+        dn = describe(ew.down, what=f"{where} down", x_f32=xf)
         if split is None:
-            g, u = describe(ew.gate_up, what=f"{where} gate_up"), None
+            g, u = describe(ew.gate_up, what=f"{where} gate_up", x_f32=xf), None
             shapes = [(g.rows, g.cols, 2 * d.I, d.H)]
         else:
-            g, u = describe(split[0], what=f"{where} gate"), describe(split[1], what=f"{where} up")
+            g, u = describe(split[0], what=f"{where} gate", x_f32=xf), describe(split[1], what=f"{where} up", x_f32=xf)
             shapes = [(g.rows, g.cols, d.I, d.H), (u.rows, u.cols, d.I, d.H)]
         shapes.append((dn.rows, dn.cols, d.H, d.I))
         for rows, cols, want_r, want_c in shapes:
@@ -223,7 +227,7 @@ class _StepBase:
 
     def _w(self, t: torch.Tensor | QTensor, what: str) -> int:
         """Address of a descriptor of weight ``t`` (kept alive with the decoder)."""
-        d = describe(t, what=what)
+        d = describe(t, what=what, x_f32=self.dt == DT[torch.float32])  # bf16 in a float32 model: x float32
         self.keep.append(d)
         return ctypes.addressof(d)
 
@@ -421,7 +425,7 @@ class NativeDecoder(_StepBase):
         self.w = (ctypes.c_float * MAX_TOPK)()
         # per-call expert descriptor addresses: gate_up (or gate), up (NULL when fused), down
         self.gu, self.up, self.dn = ((ctypes.c_void_p * MAX_TOPK)() for _ in range(3))
-        self.experts = _ExpertDescs()
+        self.experts = _ExpertDescs(x_f32=net.dtype == torch.float32)
         self.desc_ptrs = [ctypes.addressof(d) for d in self.descs]
         self.norm_w = _ptr(net.norm.weight)
         self.norm_eps = net.norm.eps

@@ -134,12 +134,13 @@ class _OssExperts:
             return hit[1]
         where = f"layer {layer} expert {expert}"
         split = getattr(ew, "split", None)
-        dn = describe(ew.down, what=f"{where} down")
+        xf = dtype == torch.float32  # bf16 experts of a float32 model keep float32 activations
+        dn = describe(ew.down, what=f"{where} down", x_f32=xf)
         if split is None:
-            g, u = describe(ew.gate_up, what=f"{where} gate_up"), None
+            g, u = describe(ew.gate_up, what=f"{where} gate_up", x_f32=xf), None
             shapes = [(g.rows, g.cols, 2 * I, H)]
         else:
-            g, u = describe(split[0], what=f"{where} gate"), describe(split[1], what=f"{where} up")
+            g, u = describe(split[0], what=f"{where} gate", x_f32=xf), describe(split[1], what=f"{where} up", x_f32=xf)
             shapes = [(g.rows, g.cols, I, H), (u.rows, u.cols, I, H)]
         shapes.append((dn.rows, dn.cols, H, I))
         for rows, cols, want_r, want_c in shapes:

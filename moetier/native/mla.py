@@ -219,11 +219,12 @@ class MLADecoder(_StepBase):
             m.kva_w = self._w(_weight(a.kv_a_proj_with_mqa), f"layer {i} kv_a_proj_with_mqa")
             m.kva_b, m.kva_norm = _ptr(a.kv_a_proj_with_mqa.bias), _ptr(a.kv_a_layernorm.weight)
             uv = (MtWeight * m.nh)()
+            xf = net.dtype == torch.float32  # bf16 parts of a float32 model keep float32 activations
             if isinstance(a.kv_b_proj, SplitKVB):  # GGUF attn_k_b / attn_v_b as stored: products per head
                 uk, kb, vb = (MtWeight * m.nh)(), a.kv_b_proj.k_b, a.kv_b_proj.v_b  # [nh C, dn], [nh dv, C]
                 for h in range(m.nh):
-                    describe(rows(kb, h * m.C, m.C), out=uk[h], what=f"layer {i} attn_k_b head {h}")
-                    describe(rows(vb, h * m.dv, m.dv), out=uv[h], what=f"layer {i} attn_v_b head {h}")
+                    describe(rows(kb, h * m.C, m.C), out=uk[h], what=f"layer {i} attn_k_b head {h}", x_f32=xf)
+                    describe(rows(vb, h * m.dv, m.dv), out=uv[h], what=f"layer {i} attn_v_b head {h}", x_f32=xf)
                 self.keep += [uk, kb, vb]
                 m.uk = ctypes.addressof(uk)  # m.kvb, m.kvb_w stay NULL: prefill runs the absorbed form
             else:
@@ -234,7 +235,7 @@ class MLADecoder(_StepBase):
                 m.kvb, m.kvb_w = _ptr(kvb), self._w(kvb, f"layer {i} kv_b_proj")
                 blocks = kvb.view(m.nh, m.dn + m.dv, m.C)
                 for h in range(m.nh):
-                    describe(blocks[h, m.dn:], out=uv[h], what=f"layer {i} kv_b_proj (W_UV head {h})")
+                    describe(blocks[h, m.dn:], out=uv[h], what=f"layer {i} kv_b_proj (W_UV head {h})", x_f32=xf)
             self.keep.append(uv)
             m.uv = ctypes.addressof(uv)
             m.o_w, m.o_b = self._w(_weight(a.o_proj), f"layer {i} o_proj"), _ptr(a.o_proj.bias)
@@ -283,7 +284,7 @@ class MLADecoder(_StepBase):
         self.ids = (ctypes.c_int64 * MAX_TOPK)()
         self.w = (ctypes.c_float * MAX_TOPK)()
         self.gu, self.up, self.dn = ((ctypes.c_void_p * MAX_TOPK)() for _ in range(3))
-        self.experts = _ExpertDescs()
+        self.experts = _ExpertDescs(x_f32=net.dtype == torch.float32)
         self.mla_ptrs = [ctypes.addressof(m) for m in self.mla]
         self.ffn_ptrs = [ctypes.addressof(d) for d in self.ffn]
         self.route_ptrs = [None if r is None else ctypes.addressof(r) for r in self.routes]

@@ -18,6 +18,7 @@ from moetier.quant import QTensor
 __all__ = ["PLAIN_CODES", "MtWeight", "describe", "supported"]
 
 PLAIN_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # MT_FMT_F32 / BF16 / F16
+BF16_F32X = 3  # MT_FMT_BF16_F32X: bf16 weights, float32 activations
 SCALE_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3}  # DT_*: uint8 = e8m0
 
 # QTensor format name -> (MT_FMT_* code, block columns of the stored layout: 0 = free, bytes per
@@ -61,14 +62,18 @@ def rows(w: torch.Tensor | QTensor, a: int, n: int) -> torch.Tensor | QTensor:
     return w.row_slice(a, a + n) if isinstance(w, QTensor) else w[a:a + n]
 
 
-def describe(w: torch.Tensor | QTensor, out: MtWeight | None = None, what: str = "weight") -> MtWeight:
+def describe(w: torch.Tensor | QTensor, out: MtWeight | None = None, what: str = "weight",
+             x_f32: bool = False) -> MtWeight:
     """The descriptor of ``w`` (filled into ``out`` when given; then the caller keeps ``w``
-    alive). ``what`` names the weight in errors."""
+    alive). ``what`` names the weight in errors. A bfloat16 ``w`` multiplies activations
+    rounded to bf16 (the bf16 product rule of torch and llama.cpp; on AVX512-BF16 CPUs the
+    kernels run ``vdpbf16ps``), unless ``x_f32``: bf16 weights inside a float32 model (a GGUF
+    tensor read in place) keep float32 activations."""
     d = MtWeight() if out is None else out
     if isinstance(w, QTensor):
         _describe_q(w, d, what)
     else:
-        code = PLAIN_CODES.get(w.dtype)
+        code = BF16_F32X if x_f32 and w.dtype == torch.bfloat16 else PLAIN_CODES.get(w.dtype)
         if code is None:
             raise WeightError(f"{what}: dtype {w.dtype} is not a native weight dtype "
                               f"(expected float32, bfloat16 or float16)")

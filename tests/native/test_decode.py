@@ -240,23 +240,34 @@ def test_bf16_closer_to_f32_than_torch_bf16(lib, ckpt, name):
 
 
 def test_bf16_kv_rows_round_to_nearest(lib, ckpt):
-    """A bf16 checkpoint run in bf16 and in float32 computes the same float32 activations
-    natively (the weights are exact in both); layer 0's k/v do not depend on the cache, so the
-    bf16 model's cache rows must be the float32 model's rounded to nearest-even (like torch)."""
+    """Layer 0's k/v do not depend on the cache. The bf16 model computes them natively in float32
+    from bf16 weights and x rounded to bf16 (the bf16 product rule); the float32 torch path with
+    the same weights and its k/v projections' input rounded to bf16 computes the same values (up
+    to summation order), so the bf16 model's cache rows must be those rounded to nearest-even
+    (like torch), not truncated."""
     path = ckpt("qwen3_moe_mlp_only", dtype=torch.bfloat16)
     toks = [5, 17, 42, 7, 99, 3, 250, 11, 64, 128, 33, 8]
+    m = load(path, dtype="bfloat16")
+    t = load(path, dtype="float32", native=False)
+    assert m.native_reason is None
+    from moetier.layers.attention import Attention
+
+    hooked = [mod for mod in t.net.modules() if isinstance(mod, Attention)]  # its input x: the q/k/v products' input
+    assert hooked
+    for mod in hooked:
+        mod.register_forward_pre_hook(lambda _mod, args: (args[0].bfloat16().float(), *args[1:]))
     caches = {}
-    for dtype in ("bfloat16", "float32"):
-        m = load(path, dtype=dtype)
-        assert m.native_reason is None
-        seq = m.new_sequence()
-        for t in toks:
-            m.step([(seq, [t])])
-        caches[dtype] = [c[:, : len(toks)] for c in seq.layers[0]]
+    for name, model in (("bfloat16", m), ("float32", t)):
+        seq = model.new_sequence()
+        for tok in toks:
+            model.step([(seq, [tok])])
+        caches[name] = [c[:, : len(toks)] for c in seq.layers[0]]
     for b, f in zip(caches["bfloat16"], caches["float32"], strict=True):
         assert b.dtype == torch.bfloat16 and f.dtype == torch.float32
         same = (b == f.to(torch.bfloat16)).float().mean().item()
+        truncated = (b == (f.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)).float().mean()
         assert same >= 0.99, f"only {same:.1%} of the bf16 cache entries are the rounded float32 values"
+        assert truncated < 0.9, truncated  # the check tells nearest from truncation
 
 
 # ----------------------------------------------------------------------------------------
@@ -489,8 +500,9 @@ def test_gemv_awkward_shapes(lib, dtype, bias):
             W = torch.randn(rows, cols, generator=gen).to(dtype)
             x = torch.randn(cols, generator=gen)
             b = (0.5 * torch.randn(rows, generator=gen)).to(dtype) if bias else None
-            ref = W.double() @ x.double() + (b.double() if bias else 0.0)
-            mag = W.double().abs() @ x.double().abs() + (b.double().abs() if bias else 0.0)
+            xr = x.to(dtype).double()  # bf16 weights take x rounded to bf16
+            ref = W.double() @ xr + (b.double() if bias else 0.0)
+            mag = W.double().abs() @ xr.abs() + (b.double().abs() if bias else 0.0)
             y1 = _gemv(lib, W, b, x, rows, cols, 1)
             y2 = _gemv(lib, W, b, x, rows, cols, 2)
             assert torch.isfinite(y1).all(), (rows, cols)
@@ -508,8 +520,9 @@ def test_gemv_threaded_split(lib, dtype, shape):
     W = torch.randn(rows, cols, generator=gen).to(dtype)
     x = torch.randn(cols, generator=gen)
     b = torch.randn(rows, generator=gen).to(dtype)
-    ref = W.double() @ x.double() + b.double()
-    mag = W.double().abs() @ x.double().abs() + b.double().abs()
+    xr = x.to(dtype).double()  # bf16 weights take x rounded to bf16
+    ref = W.double() @ xr + b.double()
+    mag = W.double().abs() @ xr.abs() + b.double().abs()
     ys = {n: _gemv(lib, W, b, x, rows, cols, n) for n in (1, 2, 3, 5)}
     assert ((ys[1].double() - ref).abs() / mag).max().item() <= 1e-5
     for n in (2, 3, 5):

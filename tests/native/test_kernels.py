@@ -50,6 +50,11 @@ def run_gemv(lib, w, x: torch.Tensor, nth: int = 1, bias: torch.Tensor | None = 
     return ybuf[:rows].clone()
 
 
+def product_input(x: torch.Tensor, wdtype: torch.dtype) -> torch.Tensor:
+    """x as a product with weights of ``wdtype`` takes it: rounded to bf16 for bf16 weights."""
+    return x.bfloat16().float() if wdtype == torch.bfloat16 else x
+
+
 def rel_err(y: torch.Tensor, W64: torch.Tensor, x: torch.Tensor) -> float:
     """max |y - W x| / (|W| |x|) against float64."""
     ref = W64 @ x.double()
@@ -98,7 +103,7 @@ def test_plain_gemv_per_isa(lib, isa, dtype):
                 x = padded_x(torch.randn(cols, generator=gen))
                 y = run_gemv(lib, W, x)
                 assert torch.isfinite(y).all(), (isa, rows, cols)
-                assert rel_err(y, W.double(), x) <= 1e-5, (isa, rows, cols)
+                assert rel_err(y, W.double(), product_input(x, dtype)) <= 1e-5, (isa, rows, cols)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -107,7 +112,7 @@ def test_plain_isas_agree(lib, dtype):
     gen = torch.Generator().manual_seed(12)
     W = torch.randn(37, 1000, generator=gen).to(dtype)
     x = torch.randn(1000, generator=gen)
-    mag = W.double().abs() @ x.double().abs()
+    mag = W.double().abs() @ product_input(x, dtype).double().abs()
     ys = {}
     for isa in native.isas_supported():
         with forced(isa):
@@ -133,23 +138,24 @@ def test_plain_threads_and_strided_rows(lib, isa, dtype):
         yc = run_gemv(lib, W.contiguous(), x, 1, b)
     assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
     assert torch.equal(ys[0], yc)
-    ref = W.double() @ x.double() + b.double()
-    mag = W.double().abs() @ x.double().abs() + b.double().abs()
+    xr = product_input(x, dtype).double()
+    ref = W.double() @ xr + b.double()
+    mag = W.double().abs() @ xr.abs() + b.double().abs()
     assert ((ys[0].double() - ref).abs() / mag).max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_plain_scalar_is_the_exact_reference(lib, dtype):
     """The scalar kernel is bit-exact with its definition (8 lane sums, float32 products and adds
-    without FMA, combined pairwise) emulated in numpy: the compiler did not vectorise or contract
-    it into something else."""
+    without FMA, combined pairwise; bf16 weights take x rounded to bf16) emulated in numpy: the
+    compiler did not vectorise or contract it into something else."""
     import numpy as np
 
     gen = torch.Generator().manual_seed(14)
     for cols in (5, 64, 203):
         W = torch.randn(9, cols, generator=gen).to(dtype)
         x = torch.randn(cols, generator=gen)
-        w32, x32 = W.float().numpy(), x.numpy()
+        w32, x32 = W.float().numpy(), product_input(x, dtype).numpy()
         acc = np.zeros((9, 8), dtype=np.float32)
         for c in range(cols):
             acc[:, c & 7] = acc[:, c & 7] + w32[:, c] * x32[c]
@@ -158,6 +164,60 @@ def test_plain_scalar_is_the_exact_reference(lib, dtype):
         with forced("scalar"):
             got = run_gemv(lib, W, x)
         assert torch.equal(got, torch.from_numpy(want)), cols
+
+
+def test_bf16_dot_is_exactly_vdpbf16ps(lib):
+    """The avx512bf16 row kernel is bit-exact with its definition emulated in numpy: x rounded to
+    bf16 (nearest even); per 32-column chunk, float32 lane i adds the product of column 2i + 1 and
+    then that of column 2i (each product exact); 64-column steps alternate accumulators a0 / a1,
+    the rest and the masked tail go to a0; then sum(a0 + a1) as halves 8 + 8, 4 + 4, 2 + 2, 1 + 1.
+    This pins the instruction's order on the CPU the tests run on (Intel documents it; AMD
+    implements the same instruction)."""
+    import numpy as np
+
+    need("avx512bf16")
+    gen = torch.Generator().manual_seed(15)
+    for cols in (2, 33, 64, 96, 130, 1000):
+        W = torch.randn(7, cols, generator=gen).bfloat16()
+        x = torch.randn(cols, generator=gen)
+        cpad = (cols + 31) // 32 * 32
+        w = np.zeros((7, cpad), np.float32)
+        w[:, :cols] = W.float().numpy()
+        xr = np.zeros(cpad, np.float32)
+        xr[:cols] = x.bfloat16().float().numpy()
+        acc = np.zeros((7, 2, 16), np.float32)
+        cfull = cols & ~31
+        for c in range(0, cpad, 32):
+            k = 1 if (c % 64 == 32 and c + 32 <= cfull and (c - 32) + 64 <= cfull) else 0
+            ev, od = w[:, c:c + 32:2] * xr[c:c + 32:2], w[:, c + 1:c + 32:2] * xr[c + 1:c + 32:2]
+            acc[:, k] = (acc[:, k] + od) + ev
+        v = acc[:, 0] + acc[:, 1]
+        v = v[:, :8] + v[:, 8:]
+        v = v[:, :4] + v[:, 4:]
+        v = v[:, :2] + v[:, 2:]
+        want = v[:, 0] + v[:, 1]
+        with forced("avx512bf16"):
+            got = run_gemv(lib, W, x)
+        assert torch.equal(got, torch.from_numpy(want)), (cols, (got - torch.from_numpy(want)).abs().max())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_f32x_keeps_float32_activations(lib, isa):
+    """bf16 weights described with ``x_f32`` (a float32 model's bf16 parts, e.g. a GGUF tensor
+    read in place) multiply x unrounded: the float64 reference on x itself within 1e-5, where the
+    bf16 rule (x rounded) is ~1e-3 off it on these rows."""
+    need(isa)
+    gen = torch.Generator().manual_seed(16)
+    W = torch.randn(21, 777, generator=gen).bfloat16()
+    x = torch.randn(777, generator=gen)
+    with forced(isa):
+        d = describe(W, x_f32=True)
+        y = torch.empty(21)
+        lib.mt_gemv(ctypes.byref(d), None, 0, x.data_ptr(), y.data_ptr(), 1)
+        rounded = run_gemv(lib, W, x)
+    assert d.fmt == 3 and rel_err(y, W.double(), x) <= 1e-5
+    assert rel_err(rounded, W.double(), x) > 1e-4  # the other rule, told apart
+    assert rel_err(rounded, W.double(), product_input(x, torch.bfloat16)) <= 1e-5
 
 
 def test_describe_rejects(lib):

@@ -79,14 +79,16 @@ def test_prefill_is_single_steps(lib, ckpt, absorbed, name, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_plain_prefill_close_to_single_steps(lib, ckpt, name, dtype, monkeypatch):
     """The plain form (keys / values decompressed for the prompt; chosen by cost for a prompt, and
-    forced here too): the single steps' logits within float rounding (bfloat16: the later layers'
-    latents are rounded to bf16 from slightly different inputs), not their bits; the first layer's
-    latent cache (written before any attention) bit for bit theirs."""
+    forced here too): the single steps' logits within float rounding, not their bits (bfloat16: the
+    later layers' latents are rounded to bf16 from slightly different inputs, and bf16 products
+    round their input to bf16: the absorbed form's query before W_UK, the plain form's latents,
+    already bf16, not: ~2 bf16 steps of the largest logit); the first layer's latent cache
+    (written before any attention) bit for bit theirs."""
     from moetier.native import mla_prefill
 
     m = load(ckpt(name), dtype=dtype)
     want, ref = one_by_one(m, PROMPT)
-    tol = want.abs().max().item() * (1e-5 if dtype == "float32" else 1e-3)
+    tol = want.abs().max().item() * (1e-5 if dtype == "float32" else 1e-2)
     for mode in (None, True):
         monkeypatch.setattr(mla_prefill, "PLAIN", mode)
         seq = m.new_sequence()

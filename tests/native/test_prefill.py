@@ -186,7 +186,8 @@ def test_every_isa(lib, ckpt, isa):
         native.set_isa(None)
 
 
-def _gemm_vs_gemv(lib, w, T: int, bias: torch.Tensor | None, nth: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gemm_vs_gemv(lib, w, T: int, bias: torch.Tensor | None, nth: int,
+                  x_f32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(mt_gemm of T random rows, the same rows one mt_gemv each)."""
     import ctypes
 
@@ -194,7 +195,7 @@ def _gemm_vs_gemv(lib, w, T: int, bias: torch.Tensor | None, nth: int) -> tuple[
     from moetier.native.weights import describe
 
     _declare(lib)
-    d = describe(w)
+    d = describe(w, x_f32=x_f32)
     x = torch.randn(T, d.cols, generator=torch.Generator().manual_seed(T))
     got = torch.full((T + 1, d.rows), float("nan"))  # a sentinel row past the end
     b = None if bias is None else bias.data_ptr()
@@ -208,11 +209,14 @@ def _gemm_vs_gemv(lib, w, T: int, bias: torch.Tensor | None, nth: int) -> tuple[
 
 
 @pytest.mark.parametrize("isa", native.ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "bf16_f32x"])
 def test_gemm_is_gemv_per_row(lib, isa, dtype):
     """The multi-token engine (row blocks, register tiles of 2 rows x 3 or 2 tokens where a format
-    has them: T = 4, 5, 7, 8 split 2+2, 3+2, 3+2+2, 3+3+2; odd rows and tokens left over) gives
-    every (token, row) the single-token product's bits."""
+    has them: T = 4, 5, 7, 8 split 2+2, 3+2, 3+2+2, 3+3+2; the avx512bf16 tile 2 rows x up to 4
+    tokens; odd rows and tokens left over) gives every (token, row) the single-token product's
+    bits. bf16_f32x: bf16 weights with float32 activations (a float32 model's bf16 parts)."""
+    x_f32 = dtype == "bf16_f32x"
+    dtype = torch.bfloat16 if x_f32 else dtype
     if isa not in native.isas_supported():
         pytest.skip(f"this CPU does not run {isa}")
     native.set_isa(isa)
@@ -222,7 +226,7 @@ def test_gemm_is_gemv_per_row(lib, isa, dtype):
             for T in (1, 2, 3, 4, 5, 7, 8):
                 for bias in (None, torch.randn(rows).to(dtype)):
                     for nth in (1, 3):
-                        got, want = _gemm_vs_gemv(lib, w, T, bias, nth)
+                        got, want = _gemm_vs_gemv(lib, w, T, bias, nth, x_f32)
                         assert torch.equal(got, want), (isa, rows, cols, T, bias is not None, nth)
     finally:
         native.set_isa(None)

@@ -1,10 +1,21 @@
-/* bfloat16 weights: y[r] = W[r, :] . x
+/* bfloat16 weights, two formats:
+ *   bf16 (MT_FMT_BF16):          y[r] = W[r, :] . bf16(x)   the weights of a bfloat16 model
+ *   bf16_f32x (MT_FMT_BF16_F32X): y[r] = W[r, :] . x         bf16 weights inside a float32 model
  *
- * The vector kernels read 2 bf16 per dword: the low halves are the even columns (dword << 16),
- * the high halves the odd ones (dword & 0xffff0000), multiplied by x split into even (xe) and
- * odd (xo) columns (`prep`: mt_prep_evenodd, zero-padded past the end). */
+ * bf16 rounds the activations to bf16 (nearest even) at the product's input, on every ISA: the
+ * rule of torch's bf16 matmul and of llama.cpp's BF16 dot product. The products of two bf16 values
+ * are exact in float32; the sums are float32. Rounding x once per product is what lets the
+ * AVX512-BF16 kernels (vdpbf16ps: 32 products per instruction, 2x the float32 FMA's) give a
+ * prompt or a batch the bits of single-token steps: decode and prefill run the same rule.
+ *
+ * The avx2 / avx512 kernels read 2 bf16 per dword: the low halves are the even columns
+ * (dword << 16), the high halves the odd ones (dword & 0xffff0000), multiplied by x split into
+ * even (xe) and odd (xo) columns, rounded to bf16 (`prep`, zero-padded past the end). The
+ * avx512bf16 kernels take x as bf16 pairs, one dword per 2 columns, like the weights: vdpbf16ps
+ * adds, per float32 lane, the odd column's product and then the even one's. */
 #include "simd.h"
 
+/* x split into even / odd columns (the nibble formats' preparation, unrounded) */
 long mt_prep_evenodd_len(long cols, int isa) {
     (void)isa;
     return 2 * mt_evenodd_half(cols);
@@ -20,19 +31,50 @@ void mt_prep_evenodd(const float *x, long cols, float *xp, int isa) {
     }
 }
 
-/* reference: 8 interleaved partial sums, combined pairwise */
-static void rows_scalar(const mt_weight *W, const float *x, const float *xp, float *y, long r0, long r1) {
-    (void)xp;
+static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+/* bf16's prep. avx512bf16: mt_evenodd_half(cols) dwords of bf16 pairs; below: even / odd float32 halves */
+static long prep_len(long cols, int isa) { return isa >= MT_ISA_AVX512BF16 ? mt_evenodd_half(cols) : 2 * mt_evenodd_half(cols); }
+
+static void prep(const float *x, long cols, float *xp, int isa) {
+    long half = mt_evenodd_half(cols);
+    if (isa >= MT_ISA_AVX512BF16) {
+        uint32_t *xw = (uint32_t *)xp;
+        for (long j = 0; j < half; j++) {
+            uint32_t lo = 2 * j < cols ? f32_to_bf16(x[2 * j]) : 0, hi = 2 * j + 1 < cols ? f32_to_bf16(x[2 * j + 1]) : 0;
+            xw[j] = lo | hi << 16;
+        }
+        return;
+    }
+    float *xe = xp, *xo = xp + half;
+    for (long j = 0; j < half; j++) {
+        xe[j] = 2 * j < cols ? round_bf16(x[2 * j]) : 0.0f;
+        xo[j] = 2 * j + 1 < cols ? round_bf16(x[2 * j + 1]) : 0.0f;
+    }
+}
+
+/* reference: 8 interleaved partial sums, combined pairwise (x rounded to bf16 when `rx`) */
+static inline void rows_ref(const mt_weight *W, const float *x, float *y, long r0, long r1, int rx) {
     long cols = W->cols;
     for (long r = r0; r < r1; r++) {
         const bf16 *w = (const bf16 *)mt_row(W, r);
         float acc[8] = {0};
         long c = 0;
         for (; c + 8 <= cols; c += 8)
-            for (int j = 0; j < 8; j++) acc[j] += bf16_to_f32(w[c + j]) * x[c + j];
-        for (; c < cols; c++) acc[c & 7] += bf16_to_f32(w[c]) * x[c];
+            for (int j = 0; j < 8; j++) acc[j] += bf16_to_f32(w[c + j]) * (rx ? round_bf16(x[c + j]) : x[c + j]);
+        for (; c < cols; c++) acc[c & 7] += bf16_to_f32(w[c]) * (rx ? round_bf16(x[c]) : x[c]);
         y[r] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     }
+}
+
+static void rows_scalar(const mt_weight *W, const float *x, const float *xp, float *y, long r0, long r1) {
+    (void)xp;
+    rows_ref(W, x, y, r0, r1, 1);
+}
+
+static void rows_scalar_f32x(const mt_weight *W, const float *x, const float *xp, float *y, long r0, long r1) {
+    (void)xp;
+    rows_ref(W, x, y, r0, r1, 0);
 }
 
 /* 16 weights per step (8 dwords) */
@@ -113,5 +155,89 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
 #undef MT_BF16_STEP
 }
 
-const mt_fmt mt_fmt_bf16 = {MT_FMT_BF16, "bf16", {rows_scalar, rows_avx2, rows_avx512}, mt_prep_evenodd_len,
-                            mt_prep_evenodd, NULL};
+/* AVX512-BF16: 32 weights per vdpbf16ps; 64-column steps alternate accumulators a0 / a1, the
+ * 32-column rest and the masked tail go into a0; y = sum(a0 + a1) */
+#define MT_DPBF16(acc, w, x) _mm512_dpbf16_ps((acc), (__m512bh)(w), (__m512bh)(x))
+
+MT_TARGET_BF16 static void rows_avx512bf16(const mt_weight *W, const float *x, const float *xp, float *y, long r0,
+                                           long r1) {
+    (void)x;
+    long cols = W->cols, cfull = cols & ~31L, rem = cols - cfull;
+    const uint32_t *xw = (const uint32_t *)xp;
+    __mmask32 tail = rem ? (__mmask32)((1ull << rem) - 1) : 0;
+    for (long r = r0; r < r1; r++) {
+        const bf16 *w = (const bf16 *)mt_row(W, r);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        long c = 0;
+        for (; c + 64 <= cfull; c += 64) {
+            a0 = MT_DPBF16(a0, _mm512_loadu_si512((const void *)(w + c)), _mm512_loadu_si512((const void *)(xw + c / 2)));
+            a1 = MT_DPBF16(a1, _mm512_loadu_si512((const void *)(w + c + 32)),
+                           _mm512_loadu_si512((const void *)(xw + c / 2 + 16)));
+        }
+        for (; c < cfull; c += 32)
+            a0 = MT_DPBF16(a0, _mm512_loadu_si512((const void *)(w + c)), _mm512_loadu_si512((const void *)(xw + c / 2)));
+        if (tail)
+            a0 = MT_DPBF16(a0, _mm512_maskz_loadu_epi16(tail, w + c), _mm512_loadu_si512((const void *)(xw + c / 2)));
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+}
+
+/* The multi-token tile: 2 rows x NT tokens per pass, each (row, token) summed as rows_avx512bf16
+ * sums it (same accumulators, same steps: the same bits), each weight vector loaded once for
+ * the NT tokens. 2 x 4 x 2 accumulators. */
+#define MT_INLINE inline __attribute__((always_inline))
+MT_TARGET_BF16 static MT_INLINE void tile2_nt(const mt_weight *W, const float *const *xp, float *const *y, long r, const int NT) {
+    long cols = W->cols, cfull = cols & ~31L, rem = cols - cfull;
+    __mmask32 tail = rem ? (__mmask32)((1ull << rem) - 1) : 0;
+    const bf16 *wa = (const bf16 *)mt_row(W, r), *wb = (const bf16 *)mt_row(W, r + 1);
+    __m512 A[4][2], B[4][2];
+    _Pragma("GCC unroll 4") for (int j = 0; j < NT; j++) A[j][0] = A[j][1] = B[j][0] = B[j][1] = _mm512_setzero_ps();
+#define BF16_STEP(k, c, va, vb)                                                                          \
+    _Pragma("GCC unroll 4") for (int j = 0; j < NT; j++) {                                              \
+        __m512i xv = _mm512_loadu_si512((const void *)((const uint32_t *)xp[j] + (c) / 2));              \
+        A[j][k] = MT_DPBF16(A[j][k], va, xv);                                                           \
+        B[j][k] = MT_DPBF16(B[j][k], vb, xv);                                                           \
+    }
+    long c = 0;
+    for (; c + 64 <= cfull; c += 64) {
+        __m512i va = _mm512_loadu_si512((const void *)(wa + c)), vb = _mm512_loadu_si512((const void *)(wb + c));
+        BF16_STEP(0, c, va, vb);
+        va = _mm512_loadu_si512((const void *)(wa + c + 32));
+        vb = _mm512_loadu_si512((const void *)(wb + c + 32));
+        BF16_STEP(1, c + 32, va, vb);
+    }
+    for (; c < cfull; c += 32) {
+        __m512i va = _mm512_loadu_si512((const void *)(wa + c)), vb = _mm512_loadu_si512((const void *)(wb + c));
+        BF16_STEP(0, c, va, vb);
+    }
+    if (tail) {
+        __m512i va = _mm512_maskz_loadu_epi16(tail, wa + c), vb = _mm512_maskz_loadu_epi16(tail, wb + c);
+        BF16_STEP(0, c, va, vb);
+    }
+#undef BF16_STEP
+    _Pragma("GCC unroll 4") for (int j = 0; j < NT; j++) {
+        y[j][r] = _mm512_reduce_add_ps(_mm512_add_ps(A[j][0], A[j][1]));
+        y[j][r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(B[j][0], B[j][1]));
+    }
+}
+
+MT_TARGET_BF16 static void tile_avx512bf16(const mt_weight *W, const float *const *x, const float *const *xp,
+                                           float *const *y, int n, long r0, long r1) {
+    long r = r0;
+    for (; r + 2 <= r1; r += 2) switch (n) {
+        case 4: tile2_nt(W, xp, y, r, 4); break;
+        case 3: tile2_nt(W, xp, y, r, 3); break;
+        case 2: tile2_nt(W, xp, y, r, 2); break;
+        default: tile2_nt(W, xp, y, r, 1); break;
+        }
+    if (r < r1)
+        for (int j = 0; j < n; j++) rows_avx512bf16(W, x[j], xp[j], y[j], r, r1);
+}
+#undef MT_DPBF16
+
+/* the avx2 / avx512 row kernels serve both formats: their prepared halves are rounded for bf16
+ * (prep), not for bf16_f32x (mt_prep_evenodd); gemm.c's bf16 tile likewise */
+const mt_fmt mt_fmt_bf16 = {MT_FMT_BF16, "bf16", {rows_scalar, rows_avx2, rows_avx512, NULL, rows_avx512bf16}, prep_len,
+                            prep, NULL, {NULL, NULL, NULL, NULL, tile_avx512bf16}};
+const mt_fmt mt_fmt_bf16_f32x = {MT_FMT_BF16_F32X, "bf16_f32x", {rows_scalar_f32x, rows_avx2, rows_avx512},
+                                 mt_prep_evenodd_len, mt_prep_evenodd, NULL, {NULL}};

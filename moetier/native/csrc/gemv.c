@@ -8,7 +8,7 @@
 /* every format the kernels read, indexed by its code (MT_FMT_*, all < 256): mt_fmt_lookup is
  * one load (a decode step looks formats up ~100 times) */
 static const mt_fmt *const BY_CODE[256] = {
-    [MT_FMT_F32] = &mt_fmt_f32,   [MT_FMT_BF16] = &mt_fmt_bf16, [MT_FMT_F16] = &mt_fmt_f16,
+    [MT_FMT_F32] = &mt_fmt_f32,   [MT_FMT_BF16] = &mt_fmt_bf16, [MT_FMT_F16] = &mt_fmt_f16, [MT_FMT_BF16_F32X] = &mt_fmt_bf16_f32x,
     [MT_FMT_FP8_E4M3_BLOCK] = &mt_fmt_fp8, [MT_FMT_MXFP4] = &mt_fmt_mxfp4, [MT_FMT_INT4_GROUP] = &mt_fmt_int4,
     [MT_FMT_INT8_GROUP] = &mt_fmt_int8, [MT_FMT_Q4_0] = &mt_fmt_q4_0, [MT_FMT_Q4_1] = &mt_fmt_q4_1,
     [MT_FMT_Q5_0] = &mt_fmt_q5_0, [MT_FMT_Q5_1] = &mt_fmt_q5_1, [MT_FMT_Q8_0] = &mt_fmt_q8_0,
@@ -43,6 +43,8 @@ int mt_isa_supported(int isa) {
                __builtin_cpu_supports("avx512dq");
     case MT_ISA_AVX512VNNI:
         return mt_isa_supported(MT_ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
+    case MT_ISA_AVX512BF16:
+        return mt_isa_supported(MT_ISA_AVX512VNNI) && __builtin_cpu_supports("avx512bf16");
     default:
         return 0;
     }
@@ -193,7 +195,7 @@ int mt_dequant_rows(const mt_weight *W, long r0, long r1, float *out) {
             for (long c0 = 0; c0 < W->cols; c0 += DQ_CHUNK)
                 f->dequant(W, r, c0, W->cols - c0 < DQ_CHUNK ? W->cols - c0 : DQ_CHUNK, o + c0);
         } else {
-            for (long c = 0; c < W->cols; c++) o[c] = ld(mt_row(W, r), W->fmt == MT_FMT_BF16 ? DT_BF16 : DT_F32, c);
+            for (long c = 0; c < W->cols; c++) o[c] = ld(mt_row(W, r), W->fmt == MT_FMT_BF16 || W->fmt == MT_FMT_BF16_F32X ? DT_BF16 : DT_F32, c);
         }
     }
     return 0;

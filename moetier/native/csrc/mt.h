@@ -38,7 +38,7 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_E8M0 = 3 };
 
 /* weight formats: the codes of moetier/quant/__init__.py (keep in sync) */
 enum {
-    MT_FMT_F32 = 0, MT_FMT_BF16 = 1, MT_FMT_F16 = 2,
+    MT_FMT_F32 = 0, MT_FMT_BF16 = 1, MT_FMT_F16 = 2, MT_FMT_BF16_F32X = 3, /* fmt_bf16.c: x rounded / float32 */
     MT_FMT_FP8_E4M3_BLOCK = 10, MT_FMT_MXFP4 = 11, MT_FMT_INT4_GROUP = 12, MT_FMT_INT8_GROUP = 13,
     MT_FMT_Q4_0 = 102, MT_FMT_Q4_1 = 103, MT_FMT_Q5_0 = 106, MT_FMT_Q5_1 = 107, MT_FMT_Q8_0 = 108,
     MT_FMT_Q2_K = 110, MT_FMT_Q3_K = 111, MT_FMT_Q4_K = 112, MT_FMT_Q5_K = 113, MT_FMT_Q6_K = 114,
@@ -48,12 +48,14 @@ enum {
 /* instruction sets of the weight kernels (gemv.c picks one at run time). avx512vnni: AVX-512
  * plus VNNI (vpdpbusd: u8 x s8 dot products into int32); the integer-weight formats that have
  * kernels there multiply their codes with x decomposed into int8 digits (simd.h: digits of x)
- * in integer arithmetic; a format without them runs its avx512 kernels. */
-enum { MT_ISA_SCALAR = 0, MT_ISA_AVX2 = 1, MT_ISA_AVX512 = 2, MT_ISA_AVX512VNNI = 3, MT_N_ISA = 4 };
+ * in integer arithmetic; a format without them runs its avx512 kernels. avx512bf16: plus
+ * AVX512-BF16 (vdpbf16ps: bf16 pair dot products into float32), used by the bf16 weights. */
+enum { MT_ISA_SCALAR = 0, MT_ISA_AVX2 = 1, MT_ISA_AVX512 = 2, MT_ISA_AVX512VNNI = 3, MT_ISA_AVX512BF16 = 4, MT_N_ISA = 5 };
 
 #define MT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define MT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #define MT_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#define MT_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")))
 
 /* One 2-D weight [rows, cols] in its stored format (built in Python: native/weights.py).
  * Row r's packed values start at data + r * stride (bytes). Formats with separate scales:
@@ -109,13 +111,13 @@ typedef struct {
 } mt_fmt;
 
 /* the formats (fmt_*.c) */
-extern const mt_fmt mt_fmt_f32, mt_fmt_bf16, mt_fmt_f16, mt_fmt_fp8, mt_fmt_int4, mt_fmt_int8, mt_fmt_mxfp4,
+extern const mt_fmt mt_fmt_f32, mt_fmt_bf16, mt_fmt_bf16_f32x, mt_fmt_f16, mt_fmt_fp8, mt_fmt_int4, mt_fmt_int8, mt_fmt_mxfp4,
     mt_fmt_q8_0, mt_fmt_q4_0, mt_fmt_q4_1, mt_fmt_q5_0, mt_fmt_q5_1, mt_fmt_q2_k, mt_fmt_q3_k, mt_fmt_q4_k,
     mt_fmt_q5_k, mt_fmt_q6_k, mt_fmt_ggml_mxfp4;
 
 /* x split into its even and odd columns, xp = [xe | xo], each mt_evenodd_half(cols) floats,
- * zero past the end: the `prep` of bf16 (2 values per dword) and of the 2-codes-per-byte
- * nibble formats (int4_group, mxfp4; nibble.h). Defined in fmt_bf16.c. */
+ * zero past the end: the `prep` of the 2-codes-per-byte nibble formats (int4_group, mxfp4;
+ * nibble.h); bf16's own prep rounds the halves to bf16. Defined in fmt_bf16.c. */
 static inline long mt_evenodd_half(long cols) { return (cols / 2 + 16 + 15) & ~15L; }
 long mt_prep_evenodd_len(long cols, int isa);
 void mt_prep_evenodd(const float *x, long cols, float *xp, int isa);
