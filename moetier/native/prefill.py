@@ -22,6 +22,11 @@ bf16 (a different result from the single-token step), its f32 GEMM 31-48 GMAC/s 
 thread-count-dependent reduction order (and an f32 copy of bf16 weights). The own kernels keep the
 bits above; the cost is compute-bound prefill of long prompts in bf16 (512 tokens: 0.5-0.9x the
 torch path, ``bench/bench_prefill.py``), while short prompts and batched decode gain 2x or more.
+2026-12-03: a bfloat16 model's products now round x to bf16 as torch's and llama.cpp's do
+(``native/weights.py: describe``), in decode and here alike, so the bits above still hold; on
+AVX512-BF16 CPUs (Zen 4, Sapphire Rapids; ISA ``avx512bf16``) the row kernel and a 2-row x 4-token
+tile run ``vdpbf16ps``: ``mt_gemm`` on 1408 x 2048, 1 thread, 36 -> 74 GMAC/s at 64-512 tokens, with
+the tile's next-block prefetch into L2 (``bench/README.md``, the MLA BF16 row).
 Quantized GGUF formats (q4_k, q6_k, q8_0: the Q4_K_M and Q8_0 files) have their own tiles next to
 their row kernels (``mt_fmt.tiles``, AVX2 and AVX-512): one row for up to 4 tokens, each (row,
 token) summed exactly as the row kernel sums it (factored scales included), the nibbles / codes
