@@ -134,11 +134,11 @@ READ_STREAMS = 4  # sequential streams per reader thread (membw.c); why: bench/R
 
 def read_isa() -> str | None:
     """The loads the memory readers use: the weight kernels' instruction set (``native.isa()``;
-    at ``avx512vnni`` the AVX-512 loads), None without the native library."""
+    at ``avx512vnni`` / ``avx512bf16`` the AVX-512 loads), None without the native library."""
     from moetier import native
 
     isa = native.isa()
-    return "avx512" if isa == "avx512vnni" else isa
+    return "avx512" if isa in ("avx512vnni", "avx512bf16") else isa
 
 
 def read_buffer(nbytes: int) -> Any:
