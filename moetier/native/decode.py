@@ -28,8 +28,9 @@ Numerics: activations are float32 throughout (the KV cache, norms and biases sta
 dtype); a bfloat16 model's products round their input to bf16, as torch's bf16 matmul does
 (``native/weights.py: describe``; on AVX512-BF16 CPUs ``vdpbf16ps`` runs them at twice the
 float32 FMA's rate), and keep float32 sums and residual stream, so in bfloat16 a native step
-is closer to a float32 reference than the torch bf16 path, and not bit-identical to it. Each output element is computed by one thread in a fixed
-order: results do not depend on the thread count or on which provider served the experts.
+is closer to a float32 reference than the torch bf16 path, and not bit-identical to it. Each
+output element is computed by one thread in a fixed order: results do not depend on the thread
+count or on which provider served the experts.
 
 Hooks kept: the model's forward pre-hooks run (the native step is inside ``forward``);
 forward pre-hooks on a layer's ``post_attention_layernorm`` (the hierarchy's router
