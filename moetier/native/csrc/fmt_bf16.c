@@ -155,6 +155,7 @@ MT_TARGET_AVX512 static void rows_avx512(const mt_weight *W, const float *x, con
 #undef MT_BF16_STEP
 }
 
+#if MT_HAVE_BF16
 /* AVX512-BF16: 32 weights per vdpbf16ps; 64-column steps alternate accumulators a0 / a1, the
  * 32-column rest and the masked tail go into a0; y = sum(a0 + a1) */
 #define MT_DPBF16(acc, w, x) _mm512_dpbf16_ps((acc), (__m512bh)(w), (__m512bh)(x))
@@ -234,10 +235,16 @@ MT_TARGET_BF16 static void tile_avx512bf16(const mt_weight *W, const float *cons
         for (int j = 0; j < n; j++) rows_avx512bf16(W, x[j], xp[j], y[j], r, r1);
 }
 #undef MT_DPBF16
+#define BF16_ROWS rows_avx512bf16
+#define BF16_TILE tile_avx512bf16
+#else
+#define BF16_ROWS NULL
+#define BF16_TILE NULL
+#endif
 
 /* the avx2 / avx512 row kernels serve both formats: their prepared halves are rounded for bf16
  * (prep), not for bf16_f32x (mt_prep_evenodd); gemm.c's bf16 tile likewise */
-const mt_fmt mt_fmt_bf16 = {MT_FMT_BF16, "bf16", {rows_scalar, rows_avx2, rows_avx512, NULL, rows_avx512bf16}, prep_len,
-                            prep, NULL, {NULL, NULL, NULL, NULL, tile_avx512bf16}};
+const mt_fmt mt_fmt_bf16 = {MT_FMT_BF16, "bf16", {rows_scalar, rows_avx2, rows_avx512, NULL, BF16_ROWS}, prep_len,
+                            prep, NULL, {NULL, NULL, NULL, NULL, BF16_TILE}};
 const mt_fmt mt_fmt_bf16_f32x = {MT_FMT_BF16_F32X, "bf16_f32x", {rows_scalar_f32x, rows_avx2, rows_avx512},
                                  mt_prep_evenodd_len, mt_prep_evenodd, NULL, {NULL}};

@@ -44,7 +44,11 @@ int mt_isa_supported(int isa) {
     case MT_ISA_AVX512VNNI:
         return mt_isa_supported(MT_ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
     case MT_ISA_AVX512BF16:
+#if MT_HAVE_BF16
         return mt_isa_supported(MT_ISA_AVX512VNNI) && __builtin_cpu_supports("avx512bf16");
+#else
+        return 0;
+#endif
     default:
         return 0;
     }

@@ -56,6 +56,17 @@ enum { MT_ISA_SCALAR = 0, MT_ISA_AVX2 = 1, MT_ISA_AVX512 = 2, MT_ISA_AVX512VNNI 
 #define MT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #define MT_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #define MT_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")))
+/* the AVX512-BF16 kernels need GCC >= 10 or clang >= 9 (Ubuntu 20.04's GCC 9 has no vdpbf16ps
+ * intrinsics); built without them, the avx512bf16 level is absent and bf16 runs its avx512 kernels */
+#ifndef MT_HAVE_BF16
+#if defined(__clang__)
+#define MT_HAVE_BF16 (__clang_major__ >= 9)
+#elif defined(__GNUC__)
+#define MT_HAVE_BF16 (__GNUC__ >= 10)
+#else
+#define MT_HAVE_BF16 0
+#endif
+#endif
 
 /* One 2-D weight [rows, cols] in its stored format (built in Python: native/weights.py).
  * Row r's packed values start at data + r * stride (bytes). Formats with separate scales:
