@@ -119,7 +119,7 @@ class NativeExchange:
         self.head_n = (ctypes.c_long * P)(*counts)
         self.head_off = (ctypes.c_long * P)(*[sum(counts[:r]) for r in range(P)])
         mine = rows(dec.head_weight, self.head_off[g.rank], self.head_n[g.rank])
-        self.head_mine = describe(mine, what="output head rows", x_f32=dec.dt == 0)  # as dec._w describes the head
+        self.head_mine = describe(mine, what="output head rows", x_f32=dec.x_f32)
         g.stats.head_rows = counts[g.rank]
         own_n, own = (ctypes.c_int32 * E)(), (ctypes.c_int32 * (E * P))()
         for e, ranks in enumerate(g._owners):

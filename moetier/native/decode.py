@@ -183,7 +183,7 @@ class _ExpertDescs:
 
     def __init__(self, x_f32: bool = False) -> None:
         self.cache: dict[int, tuple[Any, tuple[int, int | None, int], tuple[MtWeight, ...]]] = {}
-        self.x_f32 = x_f32  # float32 model: bf16 experts keep float32 activations (describe)
+        self.x_f32 = x_f32  # the decoder's x_f32
 
     def get(self, ew: Any, layer: int, expert: int, d: LayerDesc) -> tuple[int, int | None, int]:
         """(gate_up, up, down) descriptor addresses (up None: gate_up is fused [2I, H])."""
@@ -226,9 +226,15 @@ class _StepBase:
         self.exchange, self.tables, self.table_for = ex, ex.tables, ex
         self._tables_bound()
 
+    @property
+    def x_f32(self) -> bool:
+        """A float32 model: its bf16 weights (GGUF tensors read in place) keep float32
+        activations (``describe``'s ``x_f32``); a bfloat16 model's round them to bf16."""
+        return self.dt == DT[torch.float32]
+
     def _w(self, t: torch.Tensor | QTensor, what: str) -> int:
         """Address of a descriptor of weight ``t`` (kept alive with the decoder)."""
-        d = describe(t, what=what, x_f32=self.dt == DT[torch.float32])  # bf16 in a float32 model: x float32
+        d = describe(t, what=what, x_f32=self.x_f32)
         self.keep.append(d)
         return ctypes.addressof(d)
 
@@ -426,7 +432,7 @@ class NativeDecoder(_StepBase):
         self.w = (ctypes.c_float * MAX_TOPK)()
         # per-call expert descriptor addresses: gate_up (or gate), up (NULL when fused), down
         self.gu, self.up, self.dn = ((ctypes.c_void_p * MAX_TOPK)() for _ in range(3))
-        self.experts = _ExpertDescs(x_f32=net.dtype == torch.float32)
+        self.experts = _ExpertDescs(self.x_f32)
         self.desc_ptrs = [ctypes.addressof(d) for d in self.descs]
         self.norm_w = _ptr(net.norm.weight)
         self.norm_eps = net.norm.eps

@@ -124,8 +124,9 @@ class _OssExperts:
 
     LIMIT = 1 << 16
 
-    def __init__(self) -> None:
+    def __init__(self, x_f32: bool = False) -> None:
         self.cache: dict[int, tuple[Any, tuple[Any, ...], tuple[MtWeight | None, ...]]] = {}
+        self.x_f32 = x_f32  # the decoder's x_f32
 
     def get(self, ew: Any, layer: int, expert: int, H: int, I: int, dtype: torch.dtype) -> tuple[Any, ...]:
         """(gate_up or gate, up or None, gate_up bias, down, down bias) addresses."""
@@ -134,7 +135,7 @@ class _OssExperts:
             return hit[1]
         where = f"layer {layer} expert {expert}"
         split = getattr(ew, "split", None)
-        xf = dtype == torch.float32  # bf16 experts of a float32 model keep float32 activations
+        xf = self.x_f32
         dn = describe(ew.down, what=f"{where} down", x_f32=xf)
         if split is None:
             g, u = describe(ew.gate_up, what=f"{where} gate_up", x_f32=xf), None
@@ -200,7 +201,7 @@ class ExtDecoder(_StepBase):
         self.ids = (ctypes.c_int64 * MAX_TOPK)()
         self.w = (ctypes.c_float * MAX_TOPK)()
         self.g, self.u, self.gb, self.dn, self.db = ((ctypes.c_void_p * MAX_TOPK)() for _ in range(5))
-        self.experts = _OssExperts()
+        self.experts = _OssExperts(self.x_f32)
         self.desc_ptrs = [ctypes.addressof(d) for d in self.descs]
         self.norm_w, self.norm_eps = _ptr(net.norm.weight), net.norm.eps
         head = net.embed_tokens if net.lm_head is None else net.lm_head

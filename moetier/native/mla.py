@@ -219,7 +219,7 @@ class MLADecoder(_StepBase):
             m.kva_w = self._w(_weight(a.kv_a_proj_with_mqa), f"layer {i} kv_a_proj_with_mqa")
             m.kva_b, m.kva_norm = _ptr(a.kv_a_proj_with_mqa.bias), _ptr(a.kv_a_layernorm.weight)
             uv = (MtWeight * m.nh)()
-            xf = net.dtype == torch.float32  # bf16 parts of a float32 model keep float32 activations
+            xf = self.x_f32
             if isinstance(a.kv_b_proj, SplitKVB):  # GGUF attn_k_b / attn_v_b as stored: products per head
                 uk, kb, vb = (MtWeight * m.nh)(), a.kv_b_proj.k_b, a.kv_b_proj.v_b  # [nh C, dn], [nh dv, C]
                 for h in range(m.nh):
@@ -284,7 +284,7 @@ class MLADecoder(_StepBase):
         self.ids = (ctypes.c_int64 * MAX_TOPK)()
         self.w = (ctypes.c_float * MAX_TOPK)()
         self.gu, self.up, self.dn = ((ctypes.c_void_p * MAX_TOPK)() for _ in range(3))
-        self.experts = _ExpertDescs(x_f32=net.dtype == torch.float32)
+        self.experts = _ExpertDescs(self.x_f32)
         self.mla_ptrs = [ctypes.addressof(m) for m in self.mla]
         self.ffn_ptrs = [ctypes.addressof(d) for d in self.ffn]
         self.route_ptrs = [None if r is None else ctypes.addressof(r) for r in self.routes]

@@ -46,9 +46,9 @@ int mt_dequant_rows(const mt_weight *W, long r0, long r1, float *out);
 
 /* x [H] = row `token` of the embedding table (any weight format) */
 void mt_embed(const mt_weight *table, long token, float *x) {
-    if (table->fmt == MT_FMT_F32 || table->fmt == MT_FMT_BF16 || table->fmt == MT_FMT_BF16_F32X) {
+    int dt = mt_plain_dt(table->fmt);
+    if (dt >= 0) {
         const void *row = mt_row(table, token);
-        int dt = table->fmt == MT_FMT_F32 ? DT_F32 : DT_BF16;
         for (long i = 0; i < table->cols; i++) x[i] = ld(row, dt, i);
     } else {
         mt_dequant_rows(table, token, token + 1, x);

@@ -186,8 +186,7 @@ MT_TARGET_BF16 static void rows_avx512bf16(const mt_weight *W, const float *x, c
 /* The multi-token tile: 2 rows x NT tokens per pass, each (row, token) summed as rows_avx512bf16
  * sums it (same accumulators, same steps: the same bits), each weight vector loaded once for
  * the NT tokens. 2 x 4 x 2 accumulators. */
-#define MT_INLINE inline __attribute__((always_inline))
-MT_TARGET_BF16 static MT_INLINE void tile2_nt(const mt_weight *W, const float *const *xp, float *const *y, long r, const int NT) {
+MT_TARGET_BF16 static inline __attribute__((always_inline)) void tile2_nt(const mt_weight *W, const float *const *xp, float *const *y, long r, const int NT) {
     long cols = W->cols, cfull = cols & ~31L, rem = cols - cfull;
     __mmask32 tail = rem ? (__mmask32)((1ull << rem) - 1) : 0;
     const bf16 *wa = (const bf16 *)mt_row(W, r), *wb = (const bf16 *)mt_row(W, r + 1);

@@ -142,7 +142,8 @@ MT_TARGET_AVX512 static void f32_tile_avx512(const mt_weight *W, const float *co
 /* the tile kernel of a format for an ISA (NULL: none; the row kernel runs per token) */
 static tile_fn tile_for(int fmt, int isa) {
     if (isa != MT_ISA_AVX512) return NULL;
-    return fmt == MT_FMT_BF16 || fmt == MT_FMT_BF16_F32X ? bf16_tile_avx512 : fmt == MT_FMT_F32 ? f32_tile_avx512 : NULL;
+    int dt = mt_plain_dt(fmt);
+    return dt == DT_BF16 ? bf16_tile_avx512 : dt == DT_F32 ? f32_tile_avx512 : NULL;
 }
 
 /* software prefetch of the next unit's weights, spread over this unit's tile calls: a unit's

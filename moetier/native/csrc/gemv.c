@@ -199,7 +199,7 @@ int mt_dequant_rows(const mt_weight *W, long r0, long r1, float *out) {
             for (long c0 = 0; c0 < W->cols; c0 += DQ_CHUNK)
                 f->dequant(W, r, c0, W->cols - c0 < DQ_CHUNK ? W->cols - c0 : DQ_CHUNK, o + c0);
         } else {
-            for (long c = 0; c < W->cols; c++) o[c] = ld(mt_row(W, r), W->fmt == MT_FMT_BF16 || W->fmt == MT_FMT_BF16_F32X ? DT_BF16 : DT_F32, c);
+            for (long c = 0; c < W->cols; c++) o[c] = ld(mt_row(W, r), mt_plain_dt(W->fmt) == DT_BF16 ? DT_BF16 : DT_F32, c);
         }
     }
     return 0;

@@ -141,6 +141,11 @@ void mt_rows_dequant(const mt_weight *W, const float *x, float *y, long r0, long
 /* ------------------------------------------------------------------------------------ */
 /* scalar conversions                                                                    */
 
+/* the element dtype (DT_F32 / DT_BF16) of a plain float weight format, -1 for the others */
+static inline int mt_plain_dt(int fmt) {
+    return fmt == MT_FMT_F32 ? DT_F32 : fmt == MT_FMT_BF16 || fmt == MT_FMT_BF16_F32X ? DT_BF16 : -1;
+}
+
 static inline float bf16_to_f32(bf16 v) {
     uint32_t u = (uint32_t)v << 16;
     float f;
