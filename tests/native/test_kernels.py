@@ -202,6 +202,27 @@ def test_bf16_dot_is_exactly_vdpbf16ps(lib):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_bf16_rounds_x_to_nearest_even(lib, isa):
+    """Each ISA's preparation of x (scalar, or the avx512bf16 level's vector one) rounds to bf16
+    as torch does: ties to even, both signs, the largest and small normal values, and a NaN stays
+    NaN. One-hot rows pick each rounded value out exactly (every other product is 0)."""
+    need(isa)
+    one = 1.0 + 2.0**-8  # halfway between bf16 1 and 1 + 2^-7: even is 1
+    vals = [one, 1.0 + 3 * 2.0**-8, -one, -(1.0 + 3 * 2.0**-8), 3.0e38, -3.38e38, 2.0**-120 * one, 0.0, -0.0]
+    gen = torch.Generator().manual_seed(17)
+    for cols in (9, 47, 100):  # tails of every width
+        x = torch.cat([torch.tensor(vals), torch.randn(cols, generator=gen) * 7])[:cols]
+        W = torch.eye(cols).bfloat16()
+        with forced(isa):
+            got = run_gemv(lib, W, x)
+        want = x.bfloat16().float()
+        assert torch.equal(got, want), (isa, cols, (got - want).abs().max())
+        x[cols // 2] = float("nan")
+        with forced(isa):
+            assert torch.isnan(run_gemv(lib, W, x)).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_bf16_f32x_keeps_float32_activations(lib, isa):
     """bf16 weights described with ``x_f32`` (a float32 model's bf16 parts, e.g. a GGUF tensor
     read in place) multiply x unrounded: the float64 reference on x itself within 1e-5, where the

@@ -36,14 +36,33 @@ static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 /* bf16's prep. avx512bf16: mt_evenodd_half(cols) dwords of bf16 pairs; below: even / odd float32 halves */
 static long prep_len(long cols, int isa) { return isa >= MT_ISA_AVX512BF16 ? mt_evenodd_half(cols) : 2 * mt_evenodd_half(cols); }
 
+/* 16 floats -> 16 bf16, f32_to_bf16's bits (nearest even; NaN quieted): integer ops, not
+ * vcvtneps2bf16, which treats denormal inputs as zero */
+MT_TARGET_AVX512 static inline __m256i bf16_16(__m512i u) {
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, absmask), inf);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* x as bf16 in column order (= mt_evenodd_half(cols) dwords of pairs), zero past the end */
+MT_TARGET_AVX512 static void prep_pairs(const float *x, long cols, uint32_t *xw) {
+    long half = mt_evenodd_half(cols); /* a multiple of 16 dwords: 32 columns per step */
+    for (long c = 0; c < 2 * half; c += 32) {
+        long n0 = cols - c, n1 = cols - c - 16;
+        __mmask16 m0 = n0 >= 16 ? 0xffff : n0 > 0 ? (__mmask16)((1u << n0) - 1) : 0;
+        __mmask16 m1 = n1 >= 16 ? 0xffff : n1 > 0 ? (__mmask16)((1u << n1) - 1) : 0;
+        __m256i lo = bf16_16(_mm512_maskz_loadu_epi32(m0, x + c)), hi = bf16_16(_mm512_maskz_loadu_epi32(m1, x + c + 16));
+        _mm512_storeu_si512((void *)(xw + c / 2), _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+    }
+}
+
 static void prep(const float *x, long cols, float *xp, int isa) {
     long half = mt_evenodd_half(cols);
     if (isa >= MT_ISA_AVX512BF16) {
-        uint32_t *xw = (uint32_t *)xp;
-        for (long j = 0; j < half; j++) {
-            uint32_t lo = 2 * j < cols ? f32_to_bf16(x[2 * j]) : 0, hi = 2 * j + 1 < cols ? f32_to_bf16(x[2 * j + 1]) : 0;
-            xw[j] = lo | hi << 16;
-        }
+        prep_pairs(x, cols, (uint32_t *)xp);
         return;
     }
     float *xe = xp, *xo = xp + half;

@@ -165,7 +165,11 @@ static inline void prefetch_step(prefetch_run *pf) {
 static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1, const char *next, long next_bytes) {
     if (it->qtile && t0 + 1 < t1) { /* up to MT_TILE_T tokens per pass over the rows, QTILE_ROWS rows per call */
         /* the tokens in passes of equal size (6: 3 + 3, 5: 3 + 2, not 4 + 2 / 4 + 1 row-kernel call) */
-        long passes = (t1 - t0 + MT_TILE_T - 1) / MT_TILE_T, calls = passes * ((r1 - r0 + QTILE_ROWS - 1) / QTILE_ROWS);
+        /* bf16's 2-row tile is called per row pair, so the next unit's prefetch is spread in
+         * small steps between them: in one burst per pass it stalled the core on full miss
+         * queues (DeepSeek-V2-Lite-shaped bf16 prefill of 64 tokens, 1 thread: ~1.1x) */
+        long qrows = it->W->fmt == MT_FMT_BF16 ? 2 : QTILE_ROWS;
+        long passes = (t1 - t0 + MT_TILE_T - 1) / MT_TILE_T, calls = passes * ((r1 - r0 + qrows - 1) / qrows);
         prefetch_run pf = {next, next + (next ? next_bytes : 0), calls ? ((next_bytes + 63) / 64 + calls - 1) / calls : 0};
         /* bf16 (the avx512bf16 tile): into L2, not L1. Its 4 tokens' x (4 KB per 2048 columns)
          * and the unit's rows (16 KB) fill L1 already; a next unit prefetched into L1 evicted
@@ -181,8 +185,8 @@ static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1,
                 xp[j] = it->XP ? it->XP + (t0 + j) * it->ldxp : NULL;
                 y[j] = it->Y + (t0 + j) * it->ldy;
             }
-            for (long r = r0; r < r1; r += QTILE_ROWS) {
-                it->qtile(it->W, x, xp, y, n, r, r + QTILE_ROWS < r1 ? r + QTILE_ROWS : r1);
+            for (long r = r0; r < r1; r += qrows) {
+                it->qtile(it->W, x, xp, y, n, r, r + qrows < r1 ? r + qrows : r1);
                 prefetch_step(&pf);
             }
             if (it->b)
@@ -269,6 +273,7 @@ static __thread long unit_cap = 0;
 static long block_rows(const mt_weight *W) {
     long row_bytes = W->stride > 0 ? W->stride : 1;
     long rb = BLOCK_BYTES / row_bytes;
+    rb &= ~1L; /* even: the 2-row tiles leave no row to the row kernel (2816-byte rows: 5 -> 4) */
     return rb < 4 ? 4 : rb > 64 ? 64 : rb;
 }
 
@@ -330,7 +335,11 @@ void mt_run_gemms(mt_gemm_item *items, int n, int nth) {
     }
     gemm_batch B = {items, n, unit_buf, unit_buf + unit_cap, unit_buf + 2 * unit_cap, 0, cum_buf, TOKEN_BLOCK};
     for (int i = 0; i < n; i++) { /* tokens per pass: the widest item's activation rows fit X_BLOCK_BYTES */
-        long tb = X_BLOCK_BYTES / (4 * (items[i].W->cols + items[i].ldxp)) & ~(long)(MT_TILE_T - 1);
+        /* the bf16 tile reads only the prepared bf16 pairs, not x itself: counting x too gave
+         * a dense down projection (10944 columns) 8 tokens per pass, its 45 MB weight re-read
+         * from memory every 8 tokens (1.5x slower) */
+        int only_xp = items[i].W->fmt == MT_FMT_BF16 && items[i].qtile;
+        long tb = X_BLOCK_BYTES / (4 * ((only_xp ? 0 : items[i].W->cols) + items[i].ldxp)) & ~(long)(MT_TILE_T - 1);
         if (tb < 2 * MT_TILE_T) tb = 2 * MT_TILE_T;
         if (items[i].T > 0 && tb < B.tblock) B.tblock = tb;
     }
