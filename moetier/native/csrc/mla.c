@@ -158,30 +158,43 @@ typedef struct {
  * float rows ld1 / ld2 apart, as wide as K1 / K2): 16 lane accumulators (lane j takes the
  * elements j, j + 16, ... of the first part, then of the second, one FMA each), reduced by
  * hsum16's tree. Each score's bits depend only on its row and key. */
+#ifdef MLA_AVX512
+/* one block: R rows x NS keys from key s0; inlined with constant R, NS for the full blocks so the
+ * accumulators stay in registers (with run-time bounds GCC kept them on the stack) */
+static inline __attribute__((always_inline)) void scores_blk(float scale, const float *q1, long ld1, const float *q2,
+                                                             long ld2, const int R, mla_rows K1, mla_rows K2, long s0,
+                                                             const int NS, float *sc, long ldsc) {
+    __m512 acc[MLA_ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < NS; k++) acc[r][k] = _mm512_setzero_ps();
+    for (int part = 0; part < 2; part++) {
+        mla_rows K = part ? K2 : K1;
+        const float *q = part ? q2 : q1;
+        long ldq = part ? ld2 : ld1;
+        for (long c = 0; c < K.D; c += 16) {
+            __mmask16 m = tail_mask(K.D - c);
+            __m512 kv[4];
+            for (int k = 0; k < NS; k++) kv[k] = ld16(K.p, K.dt, (s0 + k) * K.ld + c, m);
+            for (int r = 0; r < R; r++) {
+                __m512 qv = _mm512_maskz_loadu_ps(m, q + r * ldq + c);
+                for (int k = 0; k < NS; k++) acc[r][k] = _mm512_fmadd_ps(qv, kv[k], acc[r][k]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < NS; k++) sc[r * ldsc + s0 + k] = hsum16_v(acc[r][k]) * scale;
+}
+#endif
+
 static void mla_scores(float scale, const float *q1, long ld1, const float *q2, long ld2, int R, mla_rows K1,
                        mla_rows K2, long n, float *sc, long ldsc) {
 #ifdef MLA_AVX512
     for (long s0 = 0; s0 < n; s0 += 4) {
         int ns = n - s0 < 4 ? (int)(n - s0) : 4;
-        __m512 acc[MLA_ROWS][4];
-        for (int r = 0; r < MLA_ROWS; r++)
-            for (int k = 0; k < 4; k++) acc[r][k] = _mm512_setzero_ps();
-        for (int part = 0; part < 2; part++) {
-            mla_rows K = part ? K2 : K1;
-            const float *q = part ? q2 : q1;
-            long ldq = part ? ld2 : ld1;
-            for (long c = 0; c < K.D; c += 16) {
-                __mmask16 m = tail_mask(K.D - c);
-                __m512 kv[4];
-                for (int k = 0; k < ns; k++) kv[k] = ld16(K.p, K.dt, (s0 + k) * K.ld + c, m);
-                for (int r = 0; r < R; r++) {
-                    __m512 qv = _mm512_maskz_loadu_ps(m, q + r * ldq + c);
-                    for (int k = 0; k < ns; k++) acc[r][k] = _mm512_fmadd_ps(qv, kv[k], acc[r][k]);
-                }
-            }
-        }
-        for (int r = 0; r < R; r++)
-            for (int k = 0; k < ns; k++) sc[r * ldsc + s0 + k] = hsum16_v(acc[r][k]) * scale;
+        if (R == MLA_ROWS && ns == 4)
+            scores_blk(scale, q1, ld1, q2, ld2, MLA_ROWS, K1, K2, s0, 4, sc, ldsc);
+        else
+            scores_blk(scale, q1, ld1, q2, ld2, R, K1, K2, s0, ns, sc, ldsc);
     }
 #else
     for (int r = 0; r < R; r++)
@@ -194,6 +207,30 @@ static void mla_scores(float scale, const float *q1, long ld1, const float *q2, 
 #endif
 }
 
+#ifdef MLA_AVX512
+/* the 16-column chunks c0 .. c0 + 16 NC of R rows' outputs: keys s < nmin for every row, then
+ * row r's up to n[r]. Inlined with constant R, NC for the full blocks so the accumulators stay in
+ * registers (as scores_blk) */
+static inline __attribute__((always_inline)) void values_blk(const int R, const float *p, long ldp, const long *n,
+                                                             long nmin, long nmax, mla_rows V, long c0, const int NC,
+                                                             const __mmask16 *m, float *o, long ldo) {
+    __m512 acc[MLA_ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < NC; c++) acc[r][c] = _mm512_setzero_ps();
+    for (long s = 0; s < nmax; s++) {
+        __m512 v[4];
+        for (int c = 0; c < NC; c++) v[c] = ld16(V.p, V.dt, s * V.ld + c0 + 16 * c, m[c]);
+        for (int r = 0; r < R; r++) {
+            if (s >= nmin && s >= n[r]) continue;
+            __m512 pv = _mm512_set1_ps(p[r * ldp + s]);
+            for (int c = 0; c < NC; c++) acc[r][c] = _mm512_fmadd_ps(pv, v[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < NC; c++) _mm512_mask_storeu_ps(o + r * ldo + c0 + 16 * c, m[c], acc[r][c]);
+}
+#endif
+
 /* o[r][c] = sum_{s < n[r]} p[r][s] V[s][c] (s ascending, one FMA per term) for r < R */
 static void mla_values(int R, const float *p, long ldp, const long *n, mla_rows V, float *o, long ldo) {
     long nmin = n[0], nmax = n[0];
@@ -205,21 +242,11 @@ static void mla_values(int R, const float *p, long ldp, const long *n, mla_rows 
     for (long c0 = 0; c0 < V.D; c0 += 64) {
         int nc = (int)((V.D - c0 + 15) / 16 < 4 ? (V.D - c0 + 15) / 16 : 4);
         __mmask16 m[4];
-        __m512 acc[MLA_ROWS][4];
         for (int c = 0; c < nc; c++) m[c] = tail_mask(V.D - c0 - 16 * c);
-        for (int r = 0; r < MLA_ROWS; r++)
-            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
-        for (long s = 0; s < nmax; s++) {
-            __m512 v[4];
-            for (int c = 0; c < nc; c++) v[c] = ld16(V.p, V.dt, s * V.ld + c0 + 16 * c, m[c]);
-            for (int r = 0; r < R; r++) {
-                if (s >= nmin && s >= n[r]) continue;
-                __m512 pv = _mm512_set1_ps(p[r * ldp + s]);
-                for (int c = 0; c < nc; c++) acc[r][c] = _mm512_fmadd_ps(pv, v[c], acc[r][c]);
-            }
-        }
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < nc; c++) _mm512_mask_storeu_ps(o + r * ldo + c0 + 16 * c, m[c], acc[r][c]);
+        if (R == MLA_ROWS && nc == 4)
+            values_blk(MLA_ROWS, p, ldp, n, nmin, nmax, V, c0, 4, m, o, ldo);
+        else
+            values_blk(R, p, ldp, n, nmin, nmax, V, c0, nc, m, o, ldo);
     }
 #else
     (void)nmin;
