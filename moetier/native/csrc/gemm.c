@@ -162,31 +162,45 @@ static inline void prefetch_step(prefetch_run *pf) {
         for (long i = 0; i < pf->per_call && pf->p < pf->end; i++, pf->p += 64) _mm_prefetch(pf->p, _MM_HINT_T0);
 }
 
+/* How run_unit drives a format's own tile (mt_fmt.tiles). bf16's (avx512bf16, 2 rows x up to
+ * MT_TILE_T_BF16 tokens) differs from the quantized ones (1 row x up to MT_TILE_T tokens, called
+ * QTILE_ROWS rows at a time), measured on the DeepSeek-V2-Lite-shaped bf16 prefill, 1 thread:
+ * - called per row pair, so the next unit's prefetch is spread in small steps between calls: in
+ *   one burst per pass it stalled the core on full miss queues (64 tokens ~1.1x);
+ * - up to 6 tokens: an expert's ~6 tokens of a 64-token prompt in one pass over its rows instead
+ *   of 3 + 3 (mt_gemm of 1408 x 2048 at 6 tokens ~1.4x; 48-64 tokens ~1.08x);
+ * - the next unit prefetched into L2, not L1: the tokens' prepared x and the unit's rows fill L1
+ *   (64 tokens 150-160 -> 194 tok/s, 512 tokens 179-190 -> 231-234 when it came);
+ * - it reads only the prepared bf16 pairs, not x itself (tokens per pass: X_BLOCK_BYTES). */
+_Static_assert(MT_TILE_T_BF16 >= MT_TILE_T, "run_unit's token arrays hold the larger tile");
+typedef struct {
+    long rows, tokens; /* rows per call, most tokens per pass */
+    int pf_l2, only_xp;
+} tile_use;
+
+static tile_use tile_use_of(const mt_weight *W) {
+    if (W->fmt == MT_FMT_BF16) return (tile_use){2, MT_TILE_T_BF16, 1, 1};
+    return (tile_use){QTILE_ROWS, MT_TILE_T, 0, 0};
+}
+
 static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1, const char *next, long next_bytes) {
-    if (it->qtile && t0 + 1 < t1) { /* up to MT_TILE_T tokens per pass over the rows, QTILE_ROWS rows per call */
-        /* the tokens in passes of equal size (6: 3 + 3, 5: 3 + 2, not 4 + 2 / 4 + 1 row-kernel call) */
-        /* bf16's 2-row tile is called per row pair, so the next unit's prefetch is spread in
-         * small steps between them: in one burst per pass it stalled the core on full miss
-         * queues (DeepSeek-V2-Lite-shaped bf16 prefill of 64 tokens, 1 thread: ~1.1x) */
-        long qrows = it->W->fmt == MT_FMT_BF16 ? 2 : QTILE_ROWS;
-        long passes = (t1 - t0 + MT_TILE_T - 1) / MT_TILE_T, calls = passes * ((r1 - r0 + qrows - 1) / qrows);
-        prefetch_run pf = {next, next + (next ? next_bytes : 0), calls ? ((next_bytes + 63) / 64 + calls - 1) / calls : 0};
-        /* bf16 (the avx512bf16 tile): into L2, not L1. Its 4 tokens' x (4 KB per 2048 columns)
-         * and the unit's rows (16 KB) fill L1 already; a next unit prefetched into L1 evicted
-         * them (DeepSeek-V2-Lite-shaped bf16 prefill, 1 thread: 64 tokens 150-160 -> 194 tok/s,
-         * 512 tokens 179-190 -> 231-234; the avx512 float32-activation tile: no change either way) */
-        pf.l2 = it->W->fmt == MT_FMT_BF16;
+    if (it->qtile && t0 + 1 < t1) { /* the format's tile: passes of up to u.tokens tokens, u.rows rows per call */
+        tile_use u = tile_use_of(it->W);
+        /* the tokens in passes of equal size (4-token tiles: 6 as 3 + 3, 5 as 3 + 2, not 4 + 2 / 4 + 1) */
+        long passes = (t1 - t0 + u.tokens - 1) / u.tokens, calls = passes * ((r1 - r0 + u.rows - 1) / u.rows);
+        prefetch_run pf = {next, next + (next ? next_bytes : 0), calls ? ((next_bytes + 63) / 64 + calls - 1) / calls : 0,
+                           u.pf_l2};
         for (; t0 < t1; passes--) {
             int n = (int)((t1 - t0 + passes - 1) / passes);
-            const float *x[MT_TILE_T], *xp[MT_TILE_T];
-            float *y[MT_TILE_T];
+            const float *x[MT_TILE_T_BF16], *xp[MT_TILE_T_BF16];
+            float *y[MT_TILE_T_BF16];
             for (int j = 0; j < n; j++) {
                 x[j] = it->X + (it->idx ? it->idx[t0 + j] : t0 + j) * it->ldx;
                 xp[j] = it->XP ? it->XP + (t0 + j) * it->ldxp : NULL;
                 y[j] = it->Y + (t0 + j) * it->ldy;
             }
-            for (long r = r0; r < r1; r += qrows) {
-                it->qtile(it->W, x, xp, y, n, r, r + qrows < r1 ? r + qrows : r1);
+            for (long r = r0; r < r1; r += u.rows) {
+                it->qtile(it->W, x, xp, y, n, r, r + u.rows < r1 ? r + u.rows : r1);
                 prefetch_step(&pf);
             }
             if (it->b)
@@ -335,11 +349,12 @@ void mt_run_gemms(mt_gemm_item *items, int n, int nth) {
     }
     gemm_batch B = {items, n, unit_buf, unit_buf + unit_cap, unit_buf + 2 * unit_cap, 0, cum_buf, TOKEN_BLOCK};
     for (int i = 0; i < n; i++) { /* tokens per pass: the widest item's activation rows fit X_BLOCK_BYTES */
-        /* the bf16 tile reads only the prepared bf16 pairs, not x itself: counting x too gave
-         * a dense down projection (10944 columns) 8 tokens per pass, its 45 MB weight re-read
-         * from memory every 8 tokens (1.5x slower) */
-        int only_xp = items[i].W->fmt == MT_FMT_BF16 && items[i].qtile;
-        long tb = X_BLOCK_BYTES / (4 * ((only_xp ? 0 : items[i].W->cols) + items[i].ldxp)) & ~(long)(MT_TILE_T - 1);
+        /* only what the tile reads: counting x too gave bf16's dense down projection (10944
+         * columns) 8 tokens per pass, its 45 MB weight re-read from memory every 8 tokens (1.5x) */
+        tile_use u = tile_use_of(items[i].W);
+        long per_token = (u.only_xp && items[i].qtile ? 0 : items[i].W->cols) + items[i].ldxp;
+        long tb = X_BLOCK_BYTES / (4 * per_token);
+        tb -= tb % (items[i].qtile ? u.tokens : MT_TILE_T);
         if (tb < 2 * MT_TILE_T) tb = 2 * MT_TILE_T;
         if (items[i].T > 0 && tb < B.tblock) B.tblock = tb;
     }

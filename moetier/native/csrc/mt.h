@@ -99,11 +99,13 @@ typedef void (*mt_rows_fn)(const mt_weight *w, const float *x, const float *xp, 
  * GGUF block size divides it); c0 + n <= cols. */
 typedef void (*mt_dequant_fn)(const mt_weight *w, long r, long c0, long n, float *out);
 
-/* A format's multi-token tile (gemm.c): for n <= MT_TILE_T tokens j, y[j][r] = W[r, :] . x[j]
+/* A format's multi-token tile (gemm.c): for n <= MT_TILE_T tokens j (MT_TILE_T_BF16 for bf16's
+ * avx512bf16 tile), y[j][r] = W[r, :] . x[j]
  * for rows [r0, r1), each (row, token) summed exactly as the row kernel of the same ISA sums
  * it (same accumulators, same order, same final adds: the same bits), the weights read and
  * unpacked once for the n tokens. xp[j]: x[j] prepared (NULL entries if the format has no prep). */
 #define MT_TILE_T 4
+#define MT_TILE_T_BF16 6
 typedef void (*mt_tile_fn)(const mt_weight *w, const float *const *x, const float *const *xp, float *const *y,
                            int n, long r0, long r1);
 
