@@ -5,6 +5,7 @@
 
 #include <stdio.h>
 
+#define L1_BYTES (32L * 1024)     /* L1 data cache per core (Zen 4; Intel cores since Ice Lake have 48 KB) */
 #define BLOCK_BYTES (16L * 1024) /* weight bytes per row block: stays in L1 across the tokens */
 #define TOKEN_BLOCK 128          /* at most this many tokens per pass over a thread's row blocks */
 /* Bytes of the tokens' activation rows (x and prepared x) one pass keeps in L2 while the row
@@ -167,8 +168,8 @@ static inline void prefetch_step(prefetch_run *pf) {
  * QTILE_ROWS rows at a time), measured on the DeepSeek-V2-Lite-shaped bf16 prefill, 1 thread:
  * - called per row pair, so the next unit's prefetch is spread in small steps between calls: in
  *   one burst per pass it stalled the core on full miss queues (64 tokens ~1.1x);
- * - up to 6 tokens: an expert's ~6 tokens of a 64-token prompt in one pass over its rows instead
- *   of 3 + 3 (mt_gemm of 1408 x 2048 at 6 tokens ~1.4x; 48-64 tokens ~1.08x);
+ * - up to 6 tokens where their x fits L1 with the rows: an expert's ~6 tokens of a 64-token
+ *   prompt in one pass over its rows instead of 3 + 3 (DeepSeek-V2-Lite's down projection);
  * - the next unit prefetched into L2, not L1: the tokens' prepared x and the unit's rows fill L1
  *   (64 tokens 150-160 -> 194 tok/s, 512 tokens 179-190 -> 231-234 when it came);
  * - it reads only the prepared bf16 pairs, not x itself (tokens per pass: X_BLOCK_BYTES). */
@@ -179,7 +180,13 @@ typedef struct {
 } tile_use;
 
 static tile_use tile_use_of(const mt_weight *W) {
-    if (W->fmt == MT_FMT_BF16) return (tile_use){2, MT_TILE_T_BF16, 1, 1};
+    if (W->fmt == MT_FMT_BF16) {
+        /* as many tokens (4 to 6) as keep the pass's x and the 2 rows (2 bytes per column each)
+         * within 3/4 of L1: mt_gemm of 1408 x 2048 at 6 tokens ran 0.8x of 3 + 3 (32 KB: all of
+         * L1), 2048 x 1408 1.3x (22.5 KB), 4096 x 2560 0.64x; 2048 x 10944 at 128 tokens 0.88x of 4 */
+        long t = L1_BYTES * 3 / 4 / (2 * (W->cols > 0 ? W->cols : 1)) - 2;
+        return (tile_use){2, t < MT_TILE_T ? MT_TILE_T : t > MT_TILE_T_BF16 ? MT_TILE_T_BF16 : t, 1, 1};
+    }
     return (tile_use){QTILE_ROWS, MT_TILE_T, 0, 0};
 }
 
