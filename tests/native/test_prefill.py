@@ -213,7 +213,8 @@ def _gemm_vs_gemv(lib, w, T: int, bias: torch.Tensor | None, nth: int,
 def test_gemm_is_gemv_per_row(lib, isa, dtype):
     """The multi-token engine (row blocks, register tiles of 2 rows x 3 or 2 tokens where a format
     has them: T = 4, 5, 7, 8 split 2+2, 3+2, 3+2+2, 3+3+2; the avx512bf16 tile 2 rows x up to 6
-    tokens: T = 6, 11, 13 as 6, 6+5, 5+4+4; odd rows and tokens left over) gives every (token, row)
+    tokens: T = 6, 11, 13 as 6, 6+5, 5+4+4, or up to 4 on rows too wide for 6 in L1 (2600
+    columns); odd rows and tokens left over) gives every (token, row)
     the single-token product's bits. bf16_f32x: bf16 weights with float32 activations (a float32
     model's bf16 parts)."""
     x_f32 = dtype == "bf16_f32x"
@@ -222,7 +223,7 @@ def test_gemm_is_gemv_per_row(lib, isa, dtype):
         pytest.skip(f"this CPU does not run {isa}")
     native.set_isa(isa)
     try:
-        for rows, cols in [(1, 1), (2, 31), (3, 33), (7, 65), (9, 100), (64, 256), (33, 1031), (130, 96)]:
+        for rows, cols in [(1, 1), (2, 31), (3, 33), (7, 65), (9, 100), (64, 256), (33, 1031), (130, 96), (6, 2600)]:
             w = torch.randn(rows, cols).to(dtype)
             for T in (1, 2, 3, 4, 5, 6, 7, 8, 11, 13):
                 for bias in (None, torch.randn(rows).to(dtype)):
