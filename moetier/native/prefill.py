@@ -26,7 +26,10 @@ torch path, ``bench/bench_prefill.py``), while short prompts and batched decode 
 (``native/weights.py: describe``), in decode and here alike, so the bits above still hold; on
 AVX512-BF16 CPUs (Zen 4, Sapphire Rapids; ISA ``avx512bf16``) the row kernel and a 2-row x 4-token
 tile run ``vdpbf16ps``: ``mt_gemm`` on 1408 x 2048, 1 thread, 36 -> 74 GMAC/s at 64-512 tokens, with
-the tile's next-block prefetch into L2 (``bench/README.md``, the MLA BF16 row).
+the tile's next-block prefetch into L2 (``bench/README.md``, the MLA BF16 row). Later that day the
+tile took up to 6 tokens where they fit L1 with its rows, its prefetch spread between row pairs,
+tokens per pass counted on the bf16 x it reads, x rounded by vector code (``gemm.c: tile_use``):
+75-80 GMAC/s at 48-512 tokens, 2048 x 1408 at 6 tokens 34 -> 55, 2048 x 10944 at 128 tokens 31 -> 48.
 Quantized GGUF formats (q4_k, q6_k, q8_0: the Q4_K_M and Q8_0 files) have their own tiles next to
 their row kernels (``mt_fmt.tiles``, AVX2 and AVX-512): one row for up to 4 tokens, each (row,
 token) summed exactly as the row kernel sums it (factored scales included), the nibbles / codes
