@@ -163,7 +163,7 @@ static inline void prefetch_step(prefetch_run *pf) {
         for (long i = 0; i < pf->per_call && pf->p < pf->end; i++, pf->p += 64) _mm_prefetch(pf->p, _MM_HINT_T0);
 }
 
-/* How run_unit drives a format's own tile (mt_fmt.tiles). bf16's (avx512bf16, 2 rows x up to
+/* How run_unit drives a format's own tile (mt_fmt.tiles; once per item in mt_run_gemms). bf16's (avx512bf16, 2 rows x up to
  * MT_TILE_T_BF16 tokens) differs from the quantized ones (1 row x up to MT_TILE_T tokens, called
  * QTILE_ROWS rows at a time), measured on the DeepSeek-V2-Lite-shaped bf16 prefill, 1 thread:
  * - called per row pair, so the next unit's prefetch is spread in small steps between calls: in
@@ -174,29 +174,23 @@ static inline void prefetch_step(prefetch_run *pf) {
  *   (64 tokens 150-160 -> 194 tok/s, 512 tokens 179-190 -> 231-234 when it came);
  * - it reads only the prepared bf16 pairs, not x itself (tokens per pass: X_BLOCK_BYTES). */
 _Static_assert(MT_TILE_T_BF16 >= MT_TILE_T, "run_unit's token arrays hold the larger tile");
-typedef struct {
-    long rows, tokens; /* rows per call, most tokens per pass */
-    int pf_l2, only_xp;
-} tile_use;
-
-static tile_use tile_use_of(const mt_weight *W) {
+static mt_tile_use tile_use_of(const mt_weight *W) {
     if (W->fmt == MT_FMT_BF16) {
         /* as many tokens (4 to 6) as keep the pass's x and the 2 rows (2 bytes per column each)
          * within 3/4 of L1: mt_gemm of 1408 x 2048 at 6 tokens ran 0.8x of 3 + 3 (32 KB: all of
          * L1), 2048 x 1408 1.3x (22.5 KB), 4096 x 2560 0.64x; 2048 x 10944 at 128 tokens 0.88x of 4 */
         long t = L1_BYTES * 3 / 4 / (2 * (W->cols > 0 ? W->cols : 1)) - 2;
-        return (tile_use){2, t < MT_TILE_T ? MT_TILE_T : t > MT_TILE_T_BF16 ? MT_TILE_T_BF16 : t, 1, 1};
+        return (mt_tile_use){2, t < MT_TILE_T ? MT_TILE_T : t > MT_TILE_T_BF16 ? MT_TILE_T_BF16 : t, 1, 1};
     }
-    return (tile_use){QTILE_ROWS, MT_TILE_T, 0, 0};
+    return (mt_tile_use){QTILE_ROWS, MT_TILE_T, 0, 0};
 }
 
 static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1, const char *next, long next_bytes) {
-    if (it->qtile && t0 + 1 < t1) { /* the format's tile: passes of up to u.tokens tokens, u.rows rows per call */
-        tile_use u = tile_use_of(it->W);
+    if (it->qtile && t0 + 1 < t1) { /* the format's tile: passes of up to qu.tokens tokens, qu.rows rows per call */
         /* the tokens in passes of equal size (4-token tiles: 6 as 3 + 3, 5 as 3 + 2, not 4 + 2 / 4 + 1) */
-        long passes = (t1 - t0 + u.tokens - 1) / u.tokens, calls = passes * ((r1 - r0 + u.rows - 1) / u.rows);
+        long passes = (t1 - t0 + it->qu.tokens - 1) / it->qu.tokens, calls = passes * ((r1 - r0 + it->qu.rows - 1) / it->qu.rows);
         prefetch_run pf = {next, next + (next ? next_bytes : 0), calls ? ((next_bytes + 63) / 64 + calls - 1) / calls : 0,
-                           u.pf_l2};
+                           it->qu.pf_l2};
         for (; t0 < t1; passes--) {
             int n = (int)((t1 - t0 + passes - 1) / passes);
             const float *x[MT_TILE_T_BF16], *xp[MT_TILE_T_BF16];
@@ -206,8 +200,8 @@ static void run_unit(const mt_gemm_item *it, long r0, long r1, long t0, long t1,
                 xp[j] = it->XP ? it->XP + (t0 + j) * it->ldxp : NULL;
                 y[j] = it->Y + (t0 + j) * it->ldy;
             }
-            for (long r = r0; r < r1; r += u.rows) {
-                it->qtile(it->W, x, xp, y, n, r, r + u.rows < r1 ? r + u.rows : r1);
+            for (long r = r0; r < r1; r += it->qu.rows) {
+                it->qtile(it->W, x, xp, y, n, r, r + it->qu.rows < r1 ? r + it->qu.rows : r1);
                 prefetch_step(&pf);
             }
             if (it->b)
@@ -312,6 +306,7 @@ void mt_run_gemms(mt_gemm_item *items, int n, int nth) {
         items[i].fn = f->rows[fi];
         items[i].tile = tile_for(f->code, fi);
         items[i].qtile = f->tiles[fi]; /* a tile mirrors the row kernel of its ISA */
+        items[i].qu = tile_use_of(items[i].W);
         items[i].XP = NULL;
         items[i].ldxp = f->prep ? (f->prep_len(items[i].W->cols, fi) + 15) & ~15L : 0;
         need += items[i].ldxp * items[i].T;
@@ -358,10 +353,9 @@ void mt_run_gemms(mt_gemm_item *items, int n, int nth) {
     for (int i = 0; i < n; i++) { /* tokens per pass: the widest item's activation rows fit X_BLOCK_BYTES */
         /* only what the tile reads: counting x too gave bf16's dense down projection (10944
          * columns) 8 tokens per pass, its 45 MB weight re-read from memory every 8 tokens (1.5x) */
-        tile_use u = tile_use_of(items[i].W);
-        long per_token = (u.only_xp && items[i].qtile ? 0 : items[i].W->cols) + items[i].ldxp;
-        long tb = X_BLOCK_BYTES / (4 * per_token);
-        tb -= tb % (items[i].qtile ? u.tokens : MT_TILE_T);
+        int only_xp = items[i].qtile && items[i].qu.only_xp;
+        long tb = X_BLOCK_BYTES / (4 * ((only_xp ? 0 : items[i].W->cols) + items[i].ldxp));
+        tb -= tb % (items[i].qtile ? items[i].qu.tokens : MT_TILE_T);
         if (tb < 2 * MT_TILE_T) tb = 2 * MT_TILE_T;
         if (items[i].T > 0 && tb < B.tblock) B.tblock = tb;
     }

@@ -7,6 +7,12 @@
 
 #include "mt.h"
 
+/* How gemm.c's run_unit drives a format's own tile (gemm.c: tile_use_of) */
+typedef struct {
+    long rows, tokens; /* rows per call, most tokens per pass */
+    int pf_l2, only_xp; /* the next row block prefetched into L2 (else L1); the tile reads only prepared x */
+} mt_tile_use;
+
 /* Y[t, r] = W[r, :] . X[idx[t], :] (+ b[r]) for t < T, r < W->rows. X rows are ldx floats
  * apart (idx NULL: row t); Y rows ldy floats apart. */
 typedef struct {
@@ -24,7 +30,8 @@ typedef struct {
     long ldxp;
     mt_rows_fn fn;
     void (*tile)(const mt_weight *W, const float *const *p, float *const *y, int n, long r); /* 2 rows x n = 2, 3 tokens */
-    mt_tile_fn qtile; /* the format's own tile (mt_fmt.tiles: quantized formats), up to MT_TILE_T tokens */
+    mt_tile_fn qtile; /* the format's own tile (mt_fmt.tiles) */
+    mt_tile_use qu;   /* how run_unit drives qtile */
 } mt_gemm_item;
 
 /* A batch of independent products as one parallel region. Each weight is read in blocks of
