@@ -299,7 +299,7 @@ def test_int_groups(lib, isa, bits):
 # the avx512vnni kernels: x as int8 digits (csrc/simd.h), integer dot products
 
 # the formats with avx512vnni kernels; every other one runs its avx512 kernels at that level
-VNNI_FORMATS = ("int4_group", "q4_k", "q5_0", "q6_k", "mxfp4", "ggml_mxfp4")
+VNNI_FORMATS = ("int4_group", "int8_group", "q4_k", "q5_0", "q6_k", "mxfp4", "ggml_mxfp4")
 
 
 def test_vnni_dispatch(lib):
@@ -333,7 +333,8 @@ def test_quantized_gemv_heavy_tailed_x(lib, isa):
     for fmt, cols in (("q4_k", 1024), ("q8_0", 1024), ("q6_k", 1024), ("q5_0", 1024), ("q5_0", 416)):
         data = ggml_blocks(fmt, 37, cols, gen)
         cases.append((QTensor(fmt, (37, cols), data, block=(1, GGML_BLOCKS[fmt][1])), ggml_ref(fmt, data, cols)))
-    for bits, g, zero, cols in ((4, 32, False, 1024), (4, 128, True, 1000), (4, 64, True, 520), (8, 128, False, 1024)):
+    for bits, g, zero, cols in ((4, 32, False, 1024), (4, 128, True, 1000), (4, 64, True, 520), (8, 128, False, 1024),
+                                (8, 256, True, 1000), (8, 1024, False, 1024), (8, 128, True, 200)):
         packed, scale, z, ref = int_case(37, cols, bits, g, gen, torch.bfloat16, zero)
         cases.append((QTensor(f"int{bits}_group", (37, cols), packed, scale, z, block=(1, g)), ref))
     for q, ref in cases:
@@ -351,8 +352,10 @@ def test_vnni_nonfinite_x(lib):
     need("avx512vnni")
     gen = torch.Generator().manual_seed(22)
     packed, scale, z, ref = int_case(3, 256, 4, 32, gen, torch.float32, False)
+    packed8, scale8, z8, _ = int_case(3, 256, 8, 128, gen, torch.float32, True)
     data = ggml_blocks("q4_k", 3, 256, gen)
     for q in (QTensor("int4_group", (3, 256), packed, scale, z, block=(1, 32)),
+              QTensor("int8_group", (3, 256), packed8, scale8, z8, block=(1, 128)),
               QTensor("q4_k", (3, 256), data, block=(1, 256))):
         x = torch.randn(256, generator=gen)
         x[100] = float("nan")
