@@ -402,8 +402,7 @@ MT_TARGET_VNNI static void rows_vnni8(const mt_weight *W, const float *x, const 
         rows_avx512_8(W, x, xp, y, r0, r1);
         return;
     }
-    long cols = W->cols;
-    int gshift = (W->bcols & (W->bcols - 1)) ? -1 : __builtin_ctzl((unsigned long)W->bcols); /* power-of-two groups */
+    long cols = W->cols, per_group = W->bcols / 128; /* chunks per group */
     for (long r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)mt_row(W, r);
         const void *srow = mt_srow(W, r);
@@ -411,32 +410,30 @@ MT_TARGET_VNNI static void rows_vnni8(const mt_weight *W, const float *x, const 
         __m512 acc1 = _mm512_setzero_ps(), acc23 = acc1;
         float az = 0.0f;
         const chunk8 *C = (const chunk8 *)xp;
-        long gi = 0; /* the group of column c0 */
-        for (long c0 = 0; c0 < cols; c0 += 128, C++) {
-            if (gshift >= 0) gi = c0 >> gshift;
-            else
-                while (c0 >= (gi + 1) * W->bcols) gi++;
-            __m512i u0, u1;
-            _mm_prefetch((const char *)(row + c0 + VNNI8_PREFETCH), _MM_HINT_T0);
-            _mm_prefetch((const char *)(row + c0 + VNNI8_PREFETCH + 64), _MM_HINT_T0);
-            if (c0 + 128 <= cols) {
-                u0 = _mm512_loadu_si512((const void *)(row + c0));
-                u1 = _mm512_loadu_si512((const void *)(row + c0 + 64));
-            } else { /* the last chunk: bytes past the row are 0 (their digits are 0 too) */
-                long n = cols - c0;
-                u0 = _mm512_maskz_loadu_epi8(n >= 64 ? ~0ull : (1ull << n) - 1, row + c0);
-                u1 = n > 64 ? _mm512_maskz_loadu_epi8((1ull << (n - 64)) - 1, row + c0 + 64) : _mm512_setzero_si512();
+        for (long gi = 0, c0 = 0; c0 < cols; gi++) {
+            float sw = ld_scale(srow, W->sdt, gi), swz = z ? sw * (float)z[gi] : 0.0f;
+            for (long j = 0; j < per_group && c0 < cols; j++, c0 += 128, C++) {
+                __m512i u0, u1;
+                _mm_prefetch((const char *)(row + c0 + VNNI8_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(row + c0 + VNNI8_PREFETCH + 64), _MM_HINT_T0);
+                if (c0 + 128 <= cols) {
+                    u0 = _mm512_loadu_si512((const void *)(row + c0));
+                    u1 = _mm512_loadu_si512((const void *)(row + c0 + 64));
+                } else { /* the last chunk: bytes past the row are 0 (their digits are 0 too) */
+                    long n = cols - c0;
+                    u0 = _mm512_maskz_loadu_epi8(n >= 64 ? ~0ull : (1ull << n) - 1, row + c0);
+                    u1 = n > 64 ? _mm512_maskz_loadu_epi8((1ull << (n - 64)) - 1, row + c0 + 64) : _mm512_setzero_si512();
+                }
+                __m512i P[3];
+                for (int k = 0; k < 3; k++) /* |P| <= 8 * 128 * 127 */
+                    P[k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_load_si512((const void *)C->init[k]), u0,
+                                                                   _mm512_load_si512((const void *)C->a[k])),
+                                               u1, _mm512_load_si512((const void *)(C->a[k] + 64)));
+                __m512 L = _mm512_set1_ps(sw * C->s);
+                acc1 = _mm512_fmadd_ps(L, _mm512_cvtepi32_ps(P[0]), acc1);
+                acc23 = _mm512_fmadd_ps(L, _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(P[1], 8), P[2])), acc23);
+                if (z) az += swz * C->sum;
             }
-            __m512i P[3];
-            for (int k = 0; k < 3; k++) /* |P| <= 8 * 128 * 127 */
-                P[k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_load_si512((const void *)C->init[k]), u0,
-                                                               _mm512_load_si512((const void *)C->a[k])),
-                                           u1, _mm512_load_si512((const void *)(C->a[k] + 64)));
-            float sw = ld_scale(srow, W->sdt, gi);
-            __m512 L = _mm512_set1_ps(sw * C->s);
-            acc1 = _mm512_fmadd_ps(L, _mm512_cvtepi32_ps(P[0]), acc1);
-            acc23 = _mm512_fmadd_ps(L, _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(P[1], 8), P[2])), acc23);
-            if (z) az += sw * (float)z[gi] * C->sum;
         }
         y[r] = _mm512_reduce_add_ps(_mm512_fmadd_ps(acc23, _mm512_set1_ps(MT_DIGIT_UNIT), acc1)) - az;
     }
